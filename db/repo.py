@@ -1,0 +1,242 @@
+"""Small query functions: every read and write the API and the worker make goes through here.
+
+Writes are upserts keyed on the schema's unique constraints, so running one twice (a redelivered
+message, a retried request) never adds a second row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Insert, Table, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
+
+from db.tables import Case, CaseStatus, Priority, Score, Tenant, utcnow
+
+
+def _insert(session: Session, table: Table) -> Insert:
+    """The dialect's INSERT, which knows ON CONFLICT (PostgreSQL and SQLite spell it alike)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"medbatch supports PostgreSQL and SQLite, not {dialect}")
+
+
+def hash_api_key(api_key: str) -> str:
+    # Keys are 256-bit random tokens, so a plain sha256 is enough to make a stolen table useless.
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def create_tenant(session: Session, *, name: str, api_key: str | None = None) -> tuple[Tenant, str]:
+    """Create a tenant; return it with its API key (shown once: only its hash is stored)."""
+    key = api_key or "mbk_" + secrets.token_urlsafe(32)
+    tenant = Tenant(name=name, api_key_sha256=hash_api_key(key))
+    session.add(tenant)
+    session.flush()
+    return tenant, key
+
+
+def tenant_for_key(session: Session, *, api_key: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.api_key_sha256 == hash_api_key(api_key)))
+
+
+@dataclass(frozen=True)
+class NewCase:
+    external_id: str
+    model_name: str
+    model_version: str
+    priority: Priority
+    features: dict[str, float]
+
+
+class ExternalIdConflict(ValueError):
+    """External ids already used by this tenant for a case with other content."""
+
+    def __init__(self, external_ids: list[str]) -> None:
+        super().__init__(", ".join(external_ids))
+        self.external_ids = external_ids
+
+
+def add_cases(
+    session: Session, *, tenant_id: int, cases: Sequence[NewCase]
+) -> list[tuple[int, bool]]:
+    """Insert cases as ``queued``; return ``(case id, created)`` in input order.
+
+    Re-submitting an external id with the same model and features returns the existing case
+    (``created=False``); with anything else, raises :class:`ExternalIdConflict` and writes nothing.
+    """
+    ids = [c.external_id for c in cases]
+    existing = {
+        c.external_id: c
+        for c in session.scalars(
+            select(Case).where(Case.tenant_id == tenant_id, Case.external_id.in_(ids))
+        )
+    }
+    conflicts = [
+        c.external_id
+        for c in cases
+        if (old := existing.get(c.external_id)) is not None
+        and (old.model_name, old.model_version, old.features)
+        != (c.model_name, c.model_version, c.features)
+    ]
+    if conflicts:
+        raise ExternalIdConflict(conflicts)
+    now = utcnow()
+    new_rows = [
+        {
+            "tenant_id": tenant_id,
+            "external_id": c.external_id,
+            "model_name": c.model_name,
+            "model_version": c.model_version,
+            "priority": c.priority,
+            "features": c.features,
+            "status": CaseStatus.queued,
+            "delivery_count": 0,
+            "created_at": now,
+            "updated_at": now,
+            "enqueued_at": now,
+        }
+        for c in cases
+        if c.external_id not in existing
+    ]
+    created: set[str] = set()
+    if new_rows:
+        stmt = (
+            _insert(session, Case.__table__)  # type: ignore[arg-type]
+            .on_conflict_do_nothing(index_elements=["tenant_id", "external_id"])
+            .returning(Case.__table__.c.external_id)
+        )
+        created = set(session.scalars(stmt, new_rows))
+    id_by_external = dict(
+        session.execute(
+            select(Case.external_id, Case.id).where(
+                Case.tenant_id == tenant_id, Case.external_id.in_(ids)
+            )
+        ).tuples()
+    )
+    return [(id_by_external[x], x in created) for x in ids]
+
+
+def claim_cases(session: Session, *, case_ids: Sequence[int]) -> list[Case]:
+    """Count one delivery for each case and mark unfinished ones ``running``.
+
+    Returns every case that exists and has not failed; a case already ``done`` is returned too,
+    because scoring it again is harmless (the score upsert keeps the first row).
+    """
+    session.execute(
+        update(Case)
+        .where(Case.id.in_(case_ids))
+        .values(delivery_count=Case.delivery_count + 1, updated_at=utcnow())
+    )
+    session.execute(
+        update(Case)
+        .where(Case.id.in_(case_ids), Case.status.in_([CaseStatus.queued, CaseStatus.running]))
+        .values(status=CaseStatus.running)
+    )
+    return list(
+        session.scalars(
+            select(Case)
+            .where(Case.id.in_(case_ids), Case.status != CaseStatus.failed)
+            .order_by(Case.id)
+        )
+    )
+
+
+def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
+    """Upsert score rows; return how many were new. An existing (case, model, version) row wins."""
+    if not rows:
+        return 0
+    now = utcnow()
+    stmt = (
+        _insert(session, Score.__table__)  # type: ignore[arg-type]
+        .on_conflict_do_nothing(index_elements=["case_id", "model_name", "model_version"])
+        .returning(Score.__table__.c.id)
+    )
+    return len(list(session.scalars(stmt, [{"created_at": now, **r} for r in rows])))
+
+
+def mark_done(session: Session, *, case_ids: Iterable[int]) -> None:
+    session.execute(
+        update(Case)
+        .where(Case.id.in_(list(case_ids)))
+        .values(status=CaseStatus.done, last_error=None, updated_at=utcnow())
+    )
+
+
+def mark_failed(session: Session, *, errors: dict[int, str]) -> None:
+    """Mark each case ``failed`` with its own reason."""
+    for case_id, reason in errors.items():
+        session.execute(
+            update(Case)
+            .where(Case.id == case_id, Case.status != CaseStatus.done)
+            .values(status=CaseStatus.failed, last_error=reason[:2000], updated_at=utcnow())
+        )
+
+
+def get_case(session: Session, *, tenant_id: int, case_id: int) -> Case | None:
+    """A tenant's case with its scores; another tenant's case is as good as absent."""
+    return session.scalar(
+        select(Case)
+        .where(Case.id == case_id, Case.tenant_id == tenant_id)
+        .options(selectinload(Case.scores))
+    )
+
+
+def list_results(
+    session: Session,
+    *,
+    tenant_id: int,
+    model: str | None = None,
+    status: CaseStatus | None = None,
+    since: datetime | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> list[tuple[Case, Score | None]]:
+    """One row per case (with its score, if any), in case id order after ``after_id``."""
+    stmt = (
+        select(Case, Score)
+        .outerjoin(Score, Score.case_id == Case.id)
+        .where(Case.tenant_id == tenant_id, Case.id > after_id)
+        .order_by(Case.id)
+        .limit(limit)
+    )
+    if model is not None:
+        name, _, version = model.partition("@")
+        stmt = stmt.where(Case.model_name == name)
+        if version:
+            stmt = stmt.where(Case.model_version == version)
+    if status is not None:
+        stmt = stmt.where(Case.status == status)
+    if since is not None:
+        stmt = stmt.where(Case.updated_at >= since)
+    return [(row[0], row[1]) for row in session.execute(stmt)]
+
+
+def stale_queued_cases(
+    session: Session, *, enqueued_before: datetime, limit: int = 10_000
+) -> list[tuple[int, Priority]]:
+    """Cases still ``queued`` whose last message went out before ``enqueued_before``."""
+    rows = session.execute(
+        select(Case.id, Case.priority)
+        .where(
+            Case.status == CaseStatus.queued,
+            func.coalesce(Case.enqueued_at, Case.created_at) < enqueued_before,
+        )
+        .order_by(Case.id)
+        .limit(limit)
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | None = None) -> None:
+    session.execute(
+        update(Case).where(Case.id.in_(list(case_ids))).values(enqueued_at=at or utcnow())
+    )

@@ -1,0 +1,141 @@
+"""The schema: tenants, their cases, and the scores written for them. Same on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+# Stable constraint names, so Alembic migrations name the same things on every database.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone; we store UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class CaseStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class Priority(enum.StrEnum):
+    stat = "stat"
+    routine = "routine"
+    bulk = "bulk"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    #: Only the sha256 of the API key is stored; the key itself is shown once, at creation.
+    api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Case(Base):
+    __tablename__ = "cases"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "external_id", name="uq_cases_tenant_external"),
+        Index("ix_cases_status_enqueued_at", "status", "enqueued_at"),
+        Index("ix_cases_tenant_model", "tenant_id", "model_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    model_name: Mapped[str] = mapped_column(String(100))
+    #: Resolved at submission, so a case is always scored by the version it was accepted for.
+    model_version: Mapped[str] = mapped_column(String(50))
+    priority: Mapped[Priority] = mapped_column(
+        Enum(Priority, native_enum=False, create_constraint=True, name="priority", length=10)
+    )
+    features: Mapped[dict[str, Any]]
+    status: Mapped[CaseStatus] = mapped_column(
+        Enum(CaseStatus, native_enum=False, create_constraint=True, name="status", length=10),
+        default=CaseStatus.queued,
+    )
+    #: How many times a scoring message for this case reached a worker.
+    delivery_count: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: When the last scoring message for this case was sent; the sweeper re-sends stale ones.
+    enqueued_at: Mapped[datetime | None]
+
+    scores: Mapped[list[Score]] = relationship(back_populates="case", order_by="Score.id")
+
+
+class Score(Base):
+    __tablename__ = "scores"
+    __table_args__ = (
+        # A redelivered message can never add a second row for one case and model version.
+        UniqueConstraint("case_id", "model_name", "model_version", name="uq_scores_case_model"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(50))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float(precision=53))
+    label: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    case: Mapped[Case] = relationship(back_populates="scores")

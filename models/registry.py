@@ -1,0 +1,139 @@
+"""The model registry: which models exist, what they take, what they answer, and which bytes they are.
+
+The registry is a small JSON file (``models/registry.json``) listing each model version: name,
+version, architecture, artifact path and its sha256, the input schema (ordered feature names with
+units), what the output means and the decision threshold. Artifacts are verified by sha256 before
+any byte of them is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REGISTRY_PATH = Path(__file__).with_name("registry.json")
+
+Status = Literal["released", "candidate", "retired"]
+
+
+class RegistryError(LookupError):
+    """A model or version that the registry does not know."""
+
+
+class ArtifactIntegrityError(RuntimeError):
+    """An artifact whose bytes do not hash to the sha256 the registry records."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    unit: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    architecture: str
+    artifact: Path
+    sha256: str
+    inputs: tuple[FeatureSpec, ...]
+    output: str
+    threshold: float
+    labels: tuple[str, str] = ("negative", "positive")
+    status: Status = "released"
+    default: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    clinical_use: str = ""
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, the form submissions may pin."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.inputs)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_artifact(spec: ModelSpec) -> Path:
+    """Return the artifact path once its sha256 matches the registry; raise otherwise."""
+    if not spec.artifact.is_file():
+        raise ArtifactIntegrityError(f"{spec.ref}: artifact {spec.artifact} does not exist")
+    actual = sha256_file(spec.artifact)
+    if actual != spec.sha256:
+        raise ArtifactIntegrityError(
+            f"{spec.ref}: artifact {spec.artifact} has sha256 {actual}, "
+            f"the registry expects {spec.sha256}; refusing to load it"
+        )
+    return spec.artifact
+
+
+class Registry:
+    """All model versions listed in one registry file."""
+
+    def __init__(self, specs: list[ModelSpec], *, path: Path | None = None) -> None:
+        self.path = path
+        self._specs = {(s.name, s.version): s for s in specs}
+
+    @classmethod
+    def load(cls, path: Path = REGISTRY_PATH) -> Registry:
+        raw = json.loads(path.read_text())
+        specs = [_spec_from_json(entry, base=path.parent) for entry in raw["models"]]
+        return cls(specs, path=path)
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(sorted(self._specs.values(), key=lambda s: (s.name, s.version)))
+
+    def names(self) -> list[str]:
+        return sorted({name for name, _ in self._specs})
+
+    def resolve(self, ref: str) -> ModelSpec:
+        """Look up ``name`` (its default version) or ``name@version``."""
+        name, _, version = ref.partition("@")
+        if version:
+            spec = self._specs.get((name, version))
+            if spec is None:
+                known = ", ".join(s.ref for s in self if s.name == name) or "none"
+                raise RegistryError(f"unknown model version {ref!r} (known versions: {known})")
+            return spec
+        candidates = [s for s in self if s.name == name and s.status != "retired"]
+        if not candidates:
+            raise RegistryError(
+                f"unknown model {name!r} (known models: {', '.join(self.names()) or 'none'})"
+            )
+        defaults = [s for s in candidates if s.default]
+        return defaults[0] if defaults else candidates[-1]
+
+
+def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:
+    return ModelSpec(
+        name=entry["name"],
+        version=entry["version"],
+        architecture=entry["architecture"],
+        artifact=(base / entry["artifact"]).resolve(),
+        sha256=entry["sha256"],
+        inputs=tuple(FeatureSpec(**f) for f in entry["inputs"]),
+        output=entry["output"],
+        threshold=float(entry["threshold"]),
+        labels=tuple(entry.get("labels", ("negative", "positive"))),  # type: ignore[arg-type]
+        status=entry.get("status", "released"),
+        default=bool(entry.get("default", False)),
+        params=entry.get("params", {}),
+        training=entry.get("training", {}),
+        clinical_use=entry.get("clinical_use", ""),
+    )

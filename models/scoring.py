@@ -1,0 +1,111 @@
+"""The inference contract: ``featurize(cases) -> batch``, ``predict(batch) -> outputs``,
+``to_rows(outputs) -> result rows``, with the model loaded once and the device chosen once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from models.architectures import build
+from models.registry import ModelSpec, verify_artifact
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class FeatureError(ValueError):
+    """A case whose features do not fit the model's input schema."""
+
+
+@dataclass(frozen=True)
+class ScoreRow:
+    score: float
+    label: str
+
+
+def resolve_device(device: Device = "auto") -> torch.device:
+    """``auto`` means CUDA when a CUDA device is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("MEDBATCH_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def check_features(spec: ModelSpec, features: Mapping[str, object]) -> list[str]:
+    """Every problem with one case's features, as ``(feature, message)`` strings; empty if fine."""
+    problems: list[str] = []
+    expected = spec.feature_names
+    for name in expected:
+        if name not in features:
+            problems.append(f"{name}: missing feature")
+            continue
+        value = features[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{name}: expected a number, got {type(value).__name__}")
+        elif not math.isfinite(value):
+            problems.append(f"{name}: must be a finite number, got {value!r}")
+    extra = sorted(set(features) - set(expected))
+    problems += [f"{name}: unexpected feature (not in {spec.ref}'s input schema)" for name in extra]
+    return problems
+
+
+class LoadedModel:
+    """One model version on one device, ready to score batches.
+
+    Load once per process; every call after that is a forward pass.
+    """
+
+    def __init__(self, spec: ModelSpec, *, device: Device = "auto") -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        path = verify_artifact(spec)
+        module = build(spec.architecture, n_features=len(spec.inputs), params=spec.params)
+        module.load_state_dict(load_file(path))
+        self.module = module.to(self.device).eval()
+
+    @property
+    def sha256(self) -> str:
+        return self.spec.sha256
+
+    def featurize(self, cases: Sequence[Mapping[str, object]]) -> torch.Tensor:
+        """Stack cases' features in schema order into a float32 tensor of shape (N, F).
+
+        Raises :class:`FeatureError` naming every problem if any case does not fit the schema.
+        """
+        rows = []
+        for i, features in enumerate(cases):
+            problems = check_features(self.spec, features)
+            if problems:
+                raise FeatureError(f"case {i}: " + "; ".join(problems))
+            rows.append([float(features[name]) for name in self.spec.feature_names])  # type: ignore[arg-type]
+        array = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(self.spec.inputs))
+        return torch.from_numpy(array)
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities of shape (N,) for a feature batch of shape (N, F)."""
+        if batch.ndim != 2 or batch.shape[1] != len(self.spec.inputs):
+            raise ValueError(
+                f"{self.spec.ref} expects a batch of shape (N, {len(self.spec.inputs)}), "
+                f"got {tuple(batch.shape)}"
+            )
+        logits = self.module(batch.to(self.device))
+        return torch.sigmoid(logits.float()).cpu()
+
+    def to_rows(self, probabilities: torch.Tensor) -> list[ScoreRow]:
+        negative, positive = self.spec.labels
+        return [
+            ScoreRow(score=p, label=positive if p >= self.spec.threshold else negative)
+            for p in probabilities.double().tolist()
+        ]
+
+    def score(self, cases: Sequence[Mapping[str, object]]) -> list[ScoreRow]:
+        """featurize → predict → to_rows in one call."""
+        return self.to_rows(self.predict(self.featurize(cases)))
