@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Table, func, select, update
+from sqlalchemy import Insert, Table, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -65,10 +65,15 @@ class ExternalIdConflict(ValueError):
         self.external_ids = external_ids
 
 
-def add_cases(
-    session: Session, *, tenant_id: int, cases: Sequence[NewCase]
-) -> list[tuple[int, bool]]:
-    """Insert cases as ``queued``; return ``(case id, created)`` in input order.
+@dataclass(frozen=True)
+class AddedCase:
+    id: int
+    created: bool
+    status: CaseStatus
+
+
+def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> list[AddedCase]:
+    """Insert cases as ``queued``; return what became of each, in input order.
 
     Re-submitting an external id with the same model and features returns the existing case
     (``created=False``); with anything else, raises :class:`ExternalIdConflict` and writes nothing.
@@ -115,14 +120,15 @@ def add_cases(
             .returning(Case.__table__.c.external_id)
         )
         created = set(session.scalars(stmt, new_rows))
-    id_by_external = dict(
-        session.execute(
-            select(Case.external_id, Case.id).where(
+    stored = {
+        external_id: (case_id, case_status)
+        for external_id, case_id, case_status in session.execute(
+            select(Case.external_id, Case.id, Case.status).where(
                 Case.tenant_id == tenant_id, Case.external_id.in_(ids)
             )
         ).tuples()
-    )
-    return [(id_by_external[x], x in created) for x in ids]
+    }
+    return [AddedCase(stored[x][0], x in created, stored[x][1]) for x in ids]
 
 
 def claim_cases(session: Session, *, case_ids: Sequence[int]) -> list[Case]:
@@ -220,15 +226,22 @@ def list_results(
     return [(row[0], row[1]) for row in session.execute(stmt)]
 
 
-def stale_queued_cases(
-    session: Session, *, enqueued_before: datetime, limit: int = 10_000
+def stale_cases(
+    session: Session,
+    *,
+    queued_before: datetime,
+    running_before: datetime,
+    limit: int = 10_000,
 ) -> list[tuple[int, Priority]]:
-    """Cases still ``queued`` whose last message went out before ``enqueued_before``."""
+    """Cases whose message seems lost: still ``queued`` with their last message sent before
+    ``queued_before``, or ``running`` with no progress since ``running_before``."""
     rows = session.execute(
         select(Case.id, Case.priority)
         .where(
-            Case.status == CaseStatus.queued,
-            func.coalesce(Case.enqueued_at, Case.created_at) < enqueued_before,
+            or_(
+                and_(Case.status == CaseStatus.queued, Case.enqueued_at < queued_before),
+                and_(Case.status == CaseStatus.running, Case.updated_at < running_before),
+            )
         )
         .order_by(Case.id)
         .limit(limit)
@@ -238,5 +251,7 @@ def stale_queued_cases(
 
 def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | None = None) -> None:
     session.execute(
-        update(Case).where(Case.id.in_(list(case_ids))).values(enqueued_at=at or utcnow())
+        update(Case)
+        .where(Case.id.in_(list(case_ids)))
+        .values(enqueued_at=at or utcnow(), updated_at=at or utcnow())
     )

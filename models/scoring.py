@@ -4,23 +4,18 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from models.architectures import build
+from models.featurize import featurize
 from models.registry import ModelSpec, verify_artifact
 
 Device = Literal["auto", "cpu", "cuda"]
-
-
-class FeatureError(ValueError):
-    """A case whose features do not fit the model's input schema."""
 
 
 @dataclass(frozen=True)
@@ -36,24 +31,6 @@ def resolve_device(device: Device = "auto") -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("MEDBATCH_DEVICE=cuda but torch sees no CUDA device")
     return torch.device(device)
-
-
-def check_features(spec: ModelSpec, features: Mapping[str, object]) -> list[str]:
-    """Every problem with one case's features, as ``(feature, message)`` strings; empty if fine."""
-    problems: list[str] = []
-    expected = spec.feature_names
-    for name in expected:
-        if name not in features:
-            problems.append(f"{name}: missing feature")
-            continue
-        value = features[name]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"{name}: expected a number, got {type(value).__name__}")
-        elif not math.isfinite(value):
-            problems.append(f"{name}: must be a finite number, got {value!r}")
-    extra = sorted(set(features) - set(expected))
-    problems += [f"{name}: unexpected feature (not in {spec.ref}'s input schema)" for name in extra]
-    return problems
 
 
 class LoadedModel:
@@ -75,18 +52,8 @@ class LoadedModel:
         return self.spec.sha256
 
     def featurize(self, cases: Sequence[Mapping[str, object]]) -> torch.Tensor:
-        """Stack cases' features in schema order into a float32 tensor of shape (N, F).
-
-        Raises :class:`FeatureError` naming every problem if any case does not fit the schema.
-        """
-        rows = []
-        for i, features in enumerate(cases):
-            problems = check_features(self.spec, features)
-            if problems:
-                raise FeatureError(f"case {i}: " + "; ".join(problems))
-            rows.append([float(features[name]) for name in self.spec.feature_names])  # type: ignore[arg-type]
-        array = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(self.spec.inputs))
-        return torch.from_numpy(array)
+        """Cases' features as a float32 tensor of shape (N, F); see :func:`models.featurize.featurize`."""
+        return torch.from_numpy(featurize(self.spec, cases))
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,62 @@
+"""Request dependencies: a database session per request, the calling tenant, the broker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from db import repo
+from db.tables import Tenant
+from medbatch.settings import Settings
+from models.registry import Registry
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry  # type: ignore[no-any-return]
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+_bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
+
+
+def get_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    tenant = repo.tenant_for_key(session, api_key=credentials.credentials)
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

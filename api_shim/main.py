@@ -1,0 +1,95 @@
+"""The FastAPI app: submission, result queries, health and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api_shim.routes import cases, health, results
+from db.engine import make_engine, make_sessionmaker
+from medbatch.settings import Settings
+from models.registry import Registry
+from worker.app import create_app as create_celery
+
+
+class BodySizeLimit:
+    """Refuse bodies over ``max_bytes`` with 413 before anything parses them."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.max_bytes} bytes; split the submission"}, 413
+        )
+        await response({"type": "http"}, _empty_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # Name the field and the problem; never echo the input back (it may be patient data, or NaN,
+    # which JSON cannot carry).
+    detail: list[dict[str, Any]] = [
+        {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
+
+def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
+    app = FastAPI(
+        title="medbatch",
+        version="0.1.0",
+        summary="Batch scoring of patient cases by PyTorch models, through Celery and SQL.",
+    )
+    engine = make_engine(settings.database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.registry = Registry.load()
+    app.state.celery = create_celery(settings, broker_url=broker_url, include_tasks=False)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.include_router(cases.router)
+    app.include_router(results.router)
+    app.include_router(health.router)
+    app.mount("/metrics", make_asgi_app())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

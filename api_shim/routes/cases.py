@@ -1,0 +1,167 @@
+"""Submission: POST /v1/cases validates every case, commits them, then enqueues them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import TypeAdapter, ValidationError
+
+from api_shim.deps import CeleryDep, RegistryDep, SessionDep, SettingsDep, TenantDep
+from api_shim.metrics import CASES_SUBMITTED
+from api_shim.schemas import CaseAccepted, CaseCreate, CasesAccepted
+from db import repo
+from models.featurize import check_features
+from models.registry import Registry, RegistryError
+from worker.queues import enqueue_cases
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["cases"])
+
+_cases_adapter = TypeAdapter(list[CaseCreate])
+_case_adapter = TypeAdapter(CaseCreate)
+
+_BODY_SCHEMA = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/CaseCreate"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/CaseCreate"}},
+                ]
+            }
+        }
+    },
+}
+
+
+def _error(loc: tuple[Any, ...], msg: str, kind: str) -> dict[str, Any]:
+    return {"type": kind, "loc": loc, "msg": msg}
+
+
+def parse_cases(raw: Any, *, max_cases: int) -> tuple[list[CaseCreate], tuple[Any, ...]]:
+    """Validate the body's shape and types; return the cases and the location prefix of case i."""
+    if isinstance(raw, list):
+        if not raw:
+            raise RequestValidationError([_error(("body",), "expected at least one case", "too_short")])
+        if len(raw) > max_cases:
+            raise RequestValidationError(
+                [_error(("body",), f"at most {max_cases} cases per request, got {len(raw)}", "too_long")]
+            )
+        adapter, prefix = _cases_adapter, ("body",)
+    elif isinstance(raw, dict):
+        adapter, prefix, raw = _case_adapter, ("body",), raw
+    else:
+        raise RequestValidationError(
+            [_error(("body",), "expected a case object or a list of case objects", "model_type")]
+        )
+    try:
+        parsed = adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [_error((*prefix, *e["loc"]), e["msg"], e["type"]) for e in exc.errors()]
+        ) from None
+    return (parsed if isinstance(parsed, list) else [parsed]), (
+        prefix if isinstance(raw, list) else ()
+    )
+
+
+def check_against_registry(
+    cases: list[CaseCreate], registry: Registry, *, indexed: bool
+) -> list[repo.NewCase]:
+    """Resolve each case's model and check its features against the model's input schema."""
+    errors: list[dict[str, Any]] = []
+    new: list[repo.NewCase] = []
+    seen: set[str] = set()
+    for i, case in enumerate(cases):
+        loc: tuple[Any, ...] = ("body", i) if indexed else ("body",)
+        if case.external_id in seen:
+            errors.append(_error((*loc, "external_id"), "duplicate external_id in this request", "value_error"))
+        seen.add(case.external_id)
+        try:
+            spec = registry.resolve(case.model)
+        except RegistryError as exc:
+            errors.append(_error((*loc, "model"), str(exc.args[0]), "value_error"))
+            continue
+        for name, problem in check_features(spec, case.features).items():
+            errors.append(_error((*loc, "features", name), problem, "value_error"))
+        new.append(
+            repo.NewCase(
+                external_id=case.external_id,
+                model_name=spec.name,
+                model_version=spec.version,
+                priority=case.priority,
+                features=dict(case.features),
+            )
+        )
+    if errors:
+        raise RequestValidationError(errors)
+    return new
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as exc:
+        raise RequestValidationError(
+            [_error(("body",), f"body is not valid JSON: {exc}", "json_invalid")]
+        ) from None
+
+
+@router.post(
+    "/cases",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CasesAccepted,
+    openapi_extra={"requestBody": _BODY_SCHEMA},
+    responses={409: {"description": "an external_id is taken by a case with other content"}},
+)
+def submit_cases(
+    raw: Annotated[Any, Depends(_json_body)],
+    tenant: TenantDep,
+    session: SessionDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+) -> CasesAccepted:
+    """Accept one case or a list; all are validated before any is stored, and none is enqueued before its commit."""
+    cases, prefix = parse_cases(raw, max_cases=settings.max_cases_per_request)
+    new = check_against_registry(cases, registry, indexed=bool(prefix))
+    try:
+        results = repo.add_cases(session, tenant_id=tenant.id, cases=new)
+        session.commit()
+    except repo.ExternalIdConflict as exc:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            {
+                "msg": "external_id already used for a case with another model or other features",
+                "external_ids": exc.external_ids,
+            },
+        ) from None
+    to_send = [
+        (r.id, c.priority) for r, c in zip(results, new, strict=True) if r.created
+    ]
+    enqueued = True
+    if to_send:
+        try:
+            enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
+        except Exception as exc:
+            # The rows are committed: the sweeper sends them once the broker is back.
+            log.warning("broker unreachable, %d cases left for the sweeper: %s", len(to_send), exc)
+            enqueued = False
+    for c in new:
+        CASES_SUBMITTED.labels(model=c.model_name, priority=c.priority.value).inc()
+    accepted = [
+        CaseAccepted(
+            id=r.id,
+            external_id=c.external_id,
+            model=f"{c.model_name}@{c.model_version}",
+            status=r.status,
+            created=r.created,
+        )
+        for r, c in zip(results, new, strict=True)
+    ]
+    return CasesAccepted(count=len(accepted), enqueued=enqueued, cases=accepted)

@@ -1,0 +1,168 @@
+"""The ``medbatch`` command line: demo, api, worker, submit, models, db."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medbatch.settings import Settings, get_settings
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from db.migrate import upgrade
+
+    if args.db_command == "upgrade":
+        upgrade(settings.database_url, args.revision)
+        print(f"database at revision {args.revision}")
+        return 0
+    if args.db_command == "create-tenant":
+        from db.engine import make_engine, make_sessionmaker, session_scope
+        from db.repo import create_tenant
+
+        engine = make_engine(settings.database_url)
+        with session_scope(make_sessionmaker(engine)) as session:
+            tenant, key = create_tenant(session, name=args.name)
+            print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key}))
+        engine.dispose()
+        return 0
+    raise AssertionError(args.db_command)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    if args.models_command == "list":
+        from models.registry import Registry
+
+        for spec in Registry.load():
+            default = " (default)" if spec.default else ""
+            print(
+                f"{spec.ref}{default}\t{spec.status}\t{spec.architecture}\t"
+                f"{len(spec.inputs)} features\tthreshold {spec.threshold}\tsha256 {spec.sha256}"
+            )
+            print(f"    output: {spec.output}")
+        return 0
+    if args.models_command == "train":
+        from models.train import train
+
+        report = train(args.name, out_dir=args.out or settings.artifact_dir, install=args.install)
+        m = report.metrics
+        print(f"trained {report.name}@{report.version} -> {report.artifact}")
+        print(f"  sha256 {report.sha256}")
+        if report.committed_sha256 and not args.install:
+            same = "identical to" if report.sha256 == report.committed_sha256 else "differs from"
+            print(f"  {same} the packaged artifact ({report.committed_sha256[:12]}…)")
+        print(f"  held-out cases: {m['n_test']} (trained on {m['n_train']})")
+        print(f"  held-out ROC AUC  MLP: {m['mlp_held_out_roc_auc']:.4f}")
+        print(f"  held-out ROC AUC  LogisticRegression baseline: {m['logistic_regression_held_out_roc_auc']:.4f}")
+        return 0
+    raise AssertionError(args.models_command)
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from api_shim.main import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.app import create_app, worker_argv
+
+    app = create_app(settings)
+    queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    app.worker_main(worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
+    try:
+        body = json.loads(Path(args.file).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"medbatch submit: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    response = httpx.post(
+        f"{args.api.rstrip('/')}/v1/cases",
+        json=body,
+        headers={"Authorization": f"Bearer {args.api_key}"},
+        timeout=60,
+    )
+    print(json.dumps(response.json(), indent=2))
+    return 0 if response.status_code == 202 else 1
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from medbatch.demo import run_demo
+
+    return run_demo(settings, timeout_s=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker.queues import SCORE_QUEUES
+
+    parser = argparse.ArgumentParser(prog="medbatch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="embedded broker + API + worker; score the held-out cases")
+    demo.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for scores")
+    demo.set_defaults(func=cmd_demo)
+
+    api = sub.add_parser("api", help="run the HTTP shim")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (one per GPU or core group)")
+    worker.add_argument("--queues", default=",".join(SCORE_QUEUES))
+    worker.add_argument("--beat", action="store_true", help="also run the beat schedule (sweeper)")
+    worker.add_argument("--hostname", default=None, help="Celery node name")
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="POST a JSON file of cases to the API")
+    submit.add_argument("file")
+    submit.add_argument("--api", default="http://127.0.0.1:8000")
+    submit.add_argument("--api-key", required=True)
+    submit.set_defaults(func=cmd_submit)
+
+    models = sub.add_parser("models", help="the model registry")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="list registered model versions")
+    train = msub.add_parser("train", help="train a reference model reproducibly")
+    train.add_argument("name", choices=["breast-cancer"])
+    train.add_argument("--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)")
+    train.add_argument(
+        "--install", action="store_true", help="replace the packaged artifact and registry entry"
+    )
+    models.set_defaults(func=cmd_models)
+
+    db = sub.add_parser("db", help="database schema and tenants")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    up = dsub.add_parser("upgrade", help="run Alembic migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    tenant = dsub.add_parser("create-tenant", help="create a tenant and print its API key once")
+    tenant.add_argument("name")
+    db.set_defaults(func=cmd_db)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    _setup_logging(settings)
+    return int(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

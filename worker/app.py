@@ -1,0 +1,119 @@
+"""The Celery app: broker, queues, delivery guarantees and the beat schedule, all as configuration."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_sessionmaker
+from medbatch.settings import Settings
+from models.registry import Registry
+from models.scoring import LoadedModel
+from worker.queues import REQUEUE_TASK, SCORE_QUEUES, task_queues
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Per-process resources of a worker: one engine, one registry, each model loaded once."""
+
+    settings: Settings
+    _models: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def registry(self) -> Registry:
+        return Registry.load()
+
+    def model(self, name: str, version: str) -> LoadedModel:
+        key = (name, version)
+        if key not in self._models:
+            spec = self.registry.resolve(f"{name}@{version}")
+            self._models[key] = LoadedModel(spec, device=self.settings.device)
+            log.info("loaded model %s on %s", spec.ref, self._models[key].device)
+        return self._models[key]
+
+
+def resolve_broker_url(settings: Settings) -> str:
+    if settings.embedded_broker:
+        from worker.broker import embedded_broker_url
+
+        return embedded_broker_url(settings.var_dir)
+    return settings.broker_url
+
+
+def create_app(
+    settings: Settings, *, broker_url: str | None = None, include_tasks: bool = True
+) -> Celery:
+    """The Celery app. The API only sends by task name, so it asks for no tasks (and no torch)."""
+    app = Celery("medbatch", set_as_current=include_tasks)
+    app.conf.update(
+        broker_url=broker_url or resolve_broker_url(settings),
+        broker_connection_retry_on_startup=True,
+        # Redis holds an unacknowledged message invisible this long, then hands it out again:
+        # longer than any task runs, so a slow task is not run twice for nothing.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_queues=task_queues(),
+        task_default_queue="score.routine",
+        task_serializer="json",
+        accept_content=["json"],
+        # The database is where results go; no Celery result backend.
+        task_ignore_result=True,
+        # Acknowledge after the task (and its commit) finished; a worker killed mid-task
+        # leaves its message to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Hold one message at a time per worker process: never prefetch the queue away from
+        # other workers (Celery optimizing guide: prefetch 1 for long tasks with acks_late).
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "requeue-stale-cases": {
+                "task": REQUEUE_TASK,
+                "schedule": settings.sweep_interval_s,
+                "options": {"queue": "score.routine", "expires": settings.sweep_interval_s},
+            }
+        },
+    )
+    app.medbatch = WorkerContext(settings)  # type: ignore[attr-defined]
+    if include_tasks:
+        import worker.tasks.maintenance
+        import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
+
+        app.finalize()
+    return app
+
+
+def context(app: Celery) -> WorkerContext:
+    return app.medbatch  # type: ignore[attr-defined,no-any-return]
+
+
+def worker_argv(
+    settings: Settings,
+    *,
+    queues: tuple[str, ...] = SCORE_QUEUES,
+    beat: bool = False,
+    hostname: str | None = None,
+) -> list[str]:
+    """Arguments for ``app.worker_main``: one process per device (solo pool: no fork after CUDA)."""
+    argv = ["worker", "--pool=solo", f"--queues={','.join(queues)}"]
+    argv += [f"--loglevel={settings.log_level}", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    if beat:
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", f"--schedule={settings.var_dir / 'celerybeat-schedule'}"]
+    return argv

@@ -1,0 +1,47 @@
+"""Queues, routing and the one way cases are put on them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from celery import Celery
+from kombu import Queue
+
+from db.tables import Priority
+
+SCORE_TASK = "medbatch.score_cases"
+REQUEUE_TASK = "medbatch.requeue_stale_cases"
+
+#: One queue per priority, plus the genome queue; a scoring worker listens on the score queues.
+SCORE_QUEUES = tuple(f"score.{p.value}" for p in Priority)
+GENOME_QUEUE = "genome"
+ALL_QUEUES = (*SCORE_QUEUES, GENOME_QUEUE)
+
+
+def queue_for(priority: Priority | str) -> str:
+    return f"score.{Priority(priority).value}"
+
+
+def task_queues() -> list[Queue]:
+    return [Queue(name, routing_key=name) for name in ALL_QUEUES]
+
+
+def enqueue_cases(
+    app: Celery, cases: Iterable[tuple[int, Priority | str]], *, per_message: int
+) -> int:
+    """Send scoring messages for ``(case id, priority)`` pairs, ``per_message`` ids a message.
+
+    Call only after the cases' rows are committed: a worker must never receive an id it cannot read.
+    Returns the number of messages sent.
+    """
+    by_queue: dict[str, list[int]] = defaultdict(list)
+    for case_id, priority in cases:
+        by_queue[queue_for(priority)].append(int(case_id))
+    sent = 0
+    for queue, ids in by_queue.items():
+        for start in range(0, len(ids), per_message):
+            chunk = ids[start : start + per_message]
+            app.send_task(SCORE_TASK, args=[chunk], queue=queue, routing_key=queue)
+            sent += 1
+    return sent
