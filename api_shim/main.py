@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,8 +76,16 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    app.state.celery.close()
+    app.state.engine.dispose()
+
+
 def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="medbatch",
         version="0.1.0",
         summary="Batch scoring of patient cases by PyTorch models, through Celery and SQL.",

@@ -1,0 +1,382 @@
+"""POST /v1/cases and the result queries, against the real PostgreSQL and the real Redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_shim.main import create_app
+from db import repo
+from db.engine import session_scope
+from db.tables import Case, Score
+from medbatch.settings import Settings
+from tests.helpers import queued_case_ids, wdbc_cases
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
+    settings = Settings(database_url=pg_url, broker_url=redis_url, max_body_bytes=256 * 1024)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def key(pg_sessions: sessionmaker[Session]) -> str:
+    with session_scope(pg_sessions) as s:
+        return repo.create_tenant(s, name="hospital-a")[1]
+
+
+@pytest.fixture
+def other_key(pg_sessions: sessionmaker[Session]) -> str:
+    with session_scope(pg_sessions) as s:
+        return repo.create_tenant(s, name="hospital-b")[1]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def counts(sessions: sessionmaker[Session], broker: redis.Redis) -> tuple[int, int]:
+    """(case rows, case ids waiting in the queues)."""
+    with sessions() as s:
+        rows = s.scalar(select(func.count()).select_from(Case)) or 0
+    return rows, sum(len(v) for v in queued_case_ids(broker).values())
+
+
+def test_accepted_cases_are_committed_then_enqueued_by_priority(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """202 with the case ids; rows are queued in SQL and the ids sit in the queue of their priority."""
+    cases = wdbc_cases(3)
+    cases[0]["priority"] = "stat"
+    response = api.post("/v1/cases", json=cases, headers=auth(key))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    ids = [c["id"] for c in body["cases"]]
+    assert body["count"] == 3 and body["enqueued"] is True
+    assert [c["model"] for c in body["cases"]] == ["breast-cancer@1.0.0"] * 3
+    queued = queued_case_ids(redis_client)
+    assert queued["score.stat"] == ids[:1]
+    assert queued["score.routine"] == ids[1:]
+    with pg_sessions() as s:
+        rows = s.scalars(select(Case).order_by(Case.id)).all()
+    assert [r.id for r in rows] == ids and {r.status for r in rows} == {"queued"}
+
+
+def test_a_single_case_object_is_accepted(api: TestClient, key: str) -> None:
+    """The body may be one case instead of a list."""
+    response = api.post("/v1/cases", json=wdbc_cases(1)[0], headers=auth(key))
+    assert response.status_code == 202
+    assert response.json()["count"] == 1
+
+
+def test_identical_resubmission_creates_and_enqueues_nothing(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """Posting the same cases again returns the same ids with created=false."""
+    cases = wdbc_cases(2)
+    first = api.post("/v1/cases", json=cases, headers=auth(key)).json()
+    redis_client.flushdb()
+    second = api.post("/v1/cases", json=cases, headers=auth(key)).json()
+    assert [c["id"] for c in second["cases"]] == [c["id"] for c in first["cases"]]
+    assert [c["created"] for c in second["cases"]] == [False, False]
+    assert counts(pg_sessions, redis_client) == (2, 0)
+
+
+def test_conflicting_resubmission_is_409_and_writes_nothing(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """An external id reused with other features is refused, with the id named."""
+    cases = wdbc_cases(1)
+    api.post("/v1/cases", json=cases, headers=auth(key))
+    redis_client.flushdb()
+    changed = [*wdbc_cases(3, prefix="new"), {**cases[0], "features": wdbc_cases(2)[1]["features"]}]
+    response = api.post("/v1/cases", json=changed, headers=auth(key))
+    assert response.status_code == 409
+    assert response.json()["detail"]["external_ids"] == [cases[0]["external_id"]]
+    assert counts(pg_sessions, redis_client) == (1, 0)
+
+
+def _with(case: dict, **features: object) -> dict:
+    return {**case, "features": {**case["features"], **features}}
+
+
+def _without(case: dict, name: str) -> dict:
+    return {**case, "features": {k: v for k, v in case["features"].items() if k != name}}
+
+
+BAD_BODIES = {
+    "missing feature": (
+        lambda c: [c[0], _without(c[1], "mean_radius")],
+        ["body", 1, "features", "mean_radius"],
+        "missing feature",
+    ),
+    "extra feature": (
+        lambda c: [c[0], _with(c[1], shoe_size=42.0)],
+        ["body", 1, "features", "shoe_size"],
+        "unexpected feature",
+    ),
+    "wrong type": (
+        lambda c: [_with(c[0], mean_area="large"), c[1]],
+        ["body", 0, "features", "mean_area"],
+        "valid number",
+    ),
+    "number as string": (
+        lambda c: [_with(c[0], mean_area="12.5"), c[1]],
+        ["body", 0, "features", "mean_area"],
+        "valid number",
+    ),
+    "boolean": (
+        lambda c: [_with(c[0], mean_area=True), c[1]],
+        ["body", 0, "features", "mean_area"],
+        "valid number",
+    ),
+    "unknown model": (
+        lambda c: [c[0], {**c[1], "model": "heart-failure"}],
+        ["body", 1, "model"],
+        "unknown model 'heart-failure'",
+    ),
+    "unknown version": (
+        lambda c: [{**c[0], "model": "breast-cancer@7.0.0"}, c[1]],
+        ["body", 0, "model"],
+        "unknown model version",
+    ),
+    "unknown priority": (
+        lambda c: [{**c[0], "priority": "urgent"}, c[1]],
+        ["body", 0, "priority"],
+        "'stat', 'routine' or 'bulk'",
+    ),
+    "missing external id": (
+        lambda c: [{k: v for k, v in c[0].items() if k != "external_id"}, c[1]],
+        ["body", 0, "external_id"],
+        "Field required",
+    ),
+    "unknown top-level field": (
+        lambda c: [{**c[0], "mrn": "123"}, c[1]],
+        ["body", 0, "mrn"],
+        "Extra inputs are not permitted",
+    ),
+    "duplicate external id": (
+        lambda c: [c[0], {**c[1], "external_id": c[0]["external_id"]}],
+        ["body", 1, "external_id"],
+        "duplicate external_id",
+    ),
+    "empty list": (lambda c: [], ["body"], "at least one case"),
+    "not a case": (lambda c: 42, ["body"], "a case object or a list"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_BODIES)
+def test_bad_input_is_422_naming_the_field_and_nothing_is_written_or_enqueued(
+    kind: str,
+    api: TestClient,
+    key: str,
+    pg_sessions: sessionmaker[Session],
+    redis_client: redis.Redis,
+) -> None:
+    """Each bad input: 422, the field's location and the problem, no row, no message."""
+    make, loc, fragment = BAD_BODIES[kind]
+    response = api.post("/v1/cases", json=make(wdbc_cases(2)), headers=auth(key))
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_422(
+    literal: str,
+    api: TestClient,
+    key: str,
+    pg_sessions: sessionmaker[Session],
+    redis_client: redis.Redis,
+) -> None:
+    """NaN and ±Infinity (which Python's JSON parser lets through) are refused by name."""
+    case = wdbc_cases(1)[0]
+    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+    assert math.isnan(json.loads(text)[0]["features"]["mean_area"]) or literal != "NaN"
+    response = api.post(
+        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    assert "finite" in error["msg"]
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+def test_invalid_json_is_422(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A body that is not JSON is refused with a message that says so."""
+    response = api.post(
+        "/v1/cases", content=b"{not json", headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "not valid JSON" in response.json()["detail"][0]["msg"]
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+def test_too_many_cases_is_422(pg_url: str, key: str, redis_url: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """More cases than max_cases_per_request: refused whole, with the limit named."""
+    settings = Settings(database_url=pg_url, broker_url=redis_url, max_cases_per_request=5)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/cases", json=wdbc_cases(6), headers=auth(key))
+    assert response.status_code == 422
+    assert "at most 5 cases per request, got 6" in response.json()["detail"][0]["msg"]
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+def test_oversized_body_is_413(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """A body over max_body_bytes is refused before parsing, with a JSON message."""
+    response = api.post("/v1/cases", json=wdbc_cases(569), headers=auth(key))
+    assert response.status_code == 413
+    assert "over 262144 bytes" in response.json()["detail"]
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+def test_oversized_chunked_body_is_413(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Without a Content-Length the limit still holds, counted as the body streams in."""
+    payload = json.dumps(wdbc_cases(569)).encode()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(payload), 8192):
+            yield payload[i : i + 8192]
+
+    response = api.post(
+        "/v1/cases", content=chunks(), headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}])
+def test_without_a_valid_key_is_401(api: TestClient, headers: dict, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """No key, a wrong key or another scheme: 401 with a JSON reason, nothing written."""
+    response = api.post("/v1/cases", json=wdbc_cases(1), headers=headers)
+    assert response.status_code == 401
+    assert response.json()["detail"]
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
+def test_tenants_never_see_each_others_cases(api: TestClient, key: str, other_key: str) -> None:
+    """Another tenant's case id is a 404 and never appears in its listing."""
+    case_id = api.post("/v1/cases", json=wdbc_cases(1), headers=auth(key)).json()["cases"][0]["id"]
+    assert api.get(f"/v1/cases/{case_id}", headers=auth(key)).status_code == 200
+    response = api.get(f"/v1/cases/{case_id}", headers=auth(other_key))
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"case {case_id} not found"}
+    assert api.get("/v1/scores", headers=auth(other_key)).json()["items"] == []
+
+
+def test_case_id_must_be_an_integer(api: TestClient, key: str) -> None:
+    """GET /v1/cases/abc is a 422 naming the path parameter."""
+    response = api.get("/v1/cases/abc", headers=auth(key))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["path", "case_id"]
+
+
+def test_case_shows_its_score_with_provenance(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """GET /v1/cases/{id} returns status and scores with model version and sha256."""
+    case_id = api.post("/v1/cases", json=wdbc_cases(1), headers=auth(key)).json()["cases"][0]["id"]
+    with session_scope(pg_sessions) as s:
+        repo.save_scores(
+            s,
+            rows=[
+                {
+                    "case_id": case_id,
+                    "model_name": "breast-cancer",
+                    "model_version": "1.0.0",
+                    "model_sha256": "a" * 64,
+                    "score": 0.9,
+                    "label": "malignant",
+                }
+            ],
+        )
+        repo.mark_done(s, case_ids=[case_id])
+    body = api.get(f"/v1/cases/{case_id}", headers=auth(key)).json()
+    assert body["status"] == "done"
+    assert body["scores"] == [
+        {
+            "model": "breast-cancer",
+            "model_version": "1.0.0",
+            "model_sha256": "a" * 64,
+            "score": 0.9,
+            "label": "malignant",
+            "created_at": body["scores"][0]["created_at"],
+        }
+    ]
+    assert "features" not in body
+
+
+def test_scores_paginate_with_a_cursor_and_filter(api: TestClient, key: str) -> None:
+    """Pages of `limit` follow next_cursor to the end; filters narrow the list."""
+    ids = [c["id"] for c in api.post("/v1/cases", json=wdbc_cases(7), headers=auth(key)).json()["cases"]]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = api.get("/v1/scores", params=params, headers=auth(key)).json()
+        seen += [item["case_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids
+    assert api.get("/v1/scores", params={"status": "done"}, headers=auth(key)).json()["items"] == []
+    queued = api.get("/v1/scores", params={"status": "queued", "model": "breast-cancer"}, headers=auth(key))
+    assert len(queued.json()["items"]) == 7
+    since = api.get("/v1/scores", params={"since": "2999-01-01T00:00:00Z"}, headers=auth(key))
+    assert since.json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "loc", "fragment"),
+    [
+        ({"cursor": "garbage"}, ["query", "cursor"], "not a cursor"),
+        ({"limit": 100000}, ["query", "limit"], "at most 500"),
+        ({"limit": 0}, ["query", "limit"], "greater than or equal to 1"),
+        ({"status": "lost"}, ["query", "status"], "'queued', 'running', 'done' or 'failed'"),
+        ({"since": "yesterday"}, ["query", "since"], "datetime"),
+        ({"since": "2026-01-01T00:00:00"}, ["query", "since"], "timezone"),
+    ],
+)
+def test_bad_query_parameters_are_422(api: TestClient, key: str, params, loc, fragment) -> None:  # type: ignore[no-untyped-def]
+    """Each bad query parameter is named with its problem."""
+    response = api.get("/v1/scores", params=params, headers=auth(key))
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc and fragment in error["msg"], error
+
+
+def test_broker_down_keeps_the_cases_for_the_sweeper(
+    pg_url: str, key: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """With the broker unreachable, cases are still committed (enqueued=false) and stay queued."""
+    settings = Settings(database_url=pg_url, broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/cases", json=wdbc_cases(2), headers=auth(key))
+        ready = client.get("/readyz")
+    assert response.status_code == 202
+    assert response.json()["enqueued"] is False
+    with pg_sessions() as s:
+        assert s.scalars(select(Case.status)).all() == ["queued", "queued"]
+        assert s.scalar(select(func.count()).select_from(Score)) == 0
+    assert ready.status_code == 503
+    assert ready.json()["database"] == "ok" and ready.json()["broker"].startswith("unreachable")
+
+
+def test_health_ready_metrics_and_openapi(api: TestClient) -> None:
+    """healthz, readyz (both services up), /metrics and /openapi.json answer."""
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok"}
+    assert "medbatch_cases_submitted_total" in api.get("/metrics/").text
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/cases", "/v1/cases/{case_id}", "/v1/scores", "/healthz", "/readyz"} <= set(paths)
