@@ -1,0 +1,215 @@
+"""Real processes: the API (uvicorn) and a Celery worker, on the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repo
+from db.engine import session_scope
+from db.tables import Case, CaseStatus, Score
+from medbatch.settings import Settings
+from models.registry import Registry
+from models.scoring import LoadedModel
+from tests.helpers import wdbc_cases
+from worker.app import create_app
+from worker.queues import SCORE_TASK
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Processes:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.procs = env, logs, []  # type: ignore[var-annotated]
+
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medbatch.cli", *args],
+            env={**self.env, **env},
+            cwd=self.logs,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def processes(pg_url: str, pg_engine, redis_url: str, tmp_path: Path) -> Iterator[Processes]:  # type: ignore[no-untyped-def]
+    env = {
+        **os.environ,
+        "MEDBATCH_DATABASE_URL": pg_url,
+        "MEDBATCH_BROKER_URL": redis_url,
+        "MEDBATCH_DEVICE": "cpu",
+        "MEDBATCH_LOG_LEVEL": "INFO",
+    }
+    procs = Processes(env, tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture
+def api(processes: Processes, pg_sessions: sessionmaker[Session]) -> Iterator[httpx.Client]:
+    """The API as its own process, with a tenant's key in the client's headers."""
+    port = _free_port()
+    proc = processes.start("api", "api", "--port", str(port))
+    with session_scope(pg_sessions) as s:
+        key = repo.create_tenant(s, name="e2e")[1]
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, processes.log("api")
+        try:
+            if client.get("/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, processes.log("api")
+        time.sleep(0.2)
+    yield client
+    client.close()
+
+
+def start_worker(processes: Processes, **env: str) -> subprocess.Popen[bytes]:
+    return processes.start("worker", "worker", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h", **env)
+
+
+def wait_for(
+    condition: Callable[[], bool], *, worker: subprocess.Popen[bytes], processes: Processes, timeout: float = 120
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert worker.poll() is None, "worker exited:\n" + processes.log("worker")[-3000:]
+        assert time.monotonic() < deadline, "timed out; worker log:\n" + processes.log("worker")[-3000:]
+        time.sleep(0.25)
+
+
+def _count(sessions: sessionmaker[Session], *where) -> int:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(Case).where(*where)) or 0
+
+
+def test_200_cases_over_http_get_exactly_one_correct_score_each(
+    processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session]
+) -> None:
+    """200 real cases: each ends done with one score row equal to the in-process model to 1e-6."""
+    cases = wdbc_cases(200)
+    for i, case in enumerate(cases):
+        case["priority"] = ("stat", "routine", "bulk")[i % 3]
+    ids: list[int] = []
+    for start in range(0, 200, 50):
+        response = api.post("/v1/cases", json=cases[start : start + 50])
+        assert response.status_code == 202, response.text
+        ids += [c["id"] for c in response.json()["cases"]]
+    worker = start_worker(processes)
+    wait_for(
+        lambda: _count(pg_sessions, Case.status.in_([CaseStatus.done, CaseStatus.failed])) == 200,
+        worker=worker,
+        processes=processes,
+    )
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    expected = {case_id: row for case_id, row in zip(ids, model.score([c["features"] for c in cases]), strict=True)}
+    with pg_sessions() as s:
+        rows = s.scalars(select(Score)).all()
+        assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
+    assert sorted(r.case_id for r in rows) == sorted(ids)  # exactly one row per case
+    for r in rows:
+        assert abs(r.score - expected[r.case_id].score) <= 1e-6
+        assert r.label == expected[r.case_id].label
+    # And the API serves them back.
+    body = api.get(f"/v1/cases/{ids[0]}").json()
+    assert body["status"] == "done" and body["scores"][0]["score"] == pytest.approx(expected[ids[0]].score, abs=1e-6)
+    # No external ids or feature values in the worker's log.
+    log = processes.log("worker")
+    assert "scored" in log
+    assert not any(c["external_id"] in log for c in cases)
+    assert str(cases[0]["features"]["mean_area"]) not in log
+
+
+def test_the_same_message_delivered_twice_leaves_one_score_row(
+    processes: Processes, api: httpx.Client, pg_url: str, redis_url: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Send one task message twice (same task id): two deliveries counted, still one score row."""
+    worker = start_worker(processes)
+    case_id = api.post("/v1/cases", json=wdbc_cases(1)).json()["cases"][0]["id"]
+    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 1, worker=worker, processes=processes)
+    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
+    try:
+        task_id = str(uuid.uuid4())
+        for _ in range(2):
+            app.send_task(SCORE_TASK, args=[[case_id]], task_id=task_id, queue="score.routine")
+    finally:
+        app.close()
+    wait_for(lambda: _count(pg_sessions, Case.delivery_count == 3) == 1, worker=worker, processes=processes)
+    with pg_sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Score)) == 1
+        assert s.scalars(select(Case.status)).one() == CaseStatus.done
+
+
+def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
+    processes: Processes, api: httpx.Client, pg_url: str, redis_url: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Garbage on the queue is rejected with a log line; the next real case is scored."""
+    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
+    try:
+        app.send_task(SCORE_TASK, args=["not ids"], queue="score.stat")
+        app.send_task(SCORE_TASK, args=[[987654321]], queue="score.stat")  # an id with no row
+    finally:
+        app.close()
+    worker = start_worker(processes)
+    api.post("/v1/cases", json=wdbc_cases(3))
+    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 3, worker=worker, processes=processes)
+    assert "rejected malformed medbatch.score_cases message" in processes.log("worker")
+
+
+def test_lost_messages_are_found_by_the_sweeper_and_scored(
+    processes: Processes,
+    api: httpx.Client,
+    redis_client: redis.Redis,
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """Cases whose messages vanished from the broker are re-enqueued from SQL and scored."""
+    response = api.post("/v1/cases", json=wdbc_cases(10))
+    assert response.status_code == 202
+    redis_client.flushdb()  # the broker loses every message (a restart without persistence)
+    time.sleep(1.5)
+    worker = start_worker(processes, MEDBATCH_REQUEUE_AFTER_S="1")
+    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 10, worker=worker, processes=processes)
+    assert "re-enqueued 10 stale cases" in processes.log("worker")

@@ -1,0 +1,217 @@
+"""docker-compose.yml agrees with the CLI, the settings, the Dockerfile and STYLE.md's compose rules."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from medbatch.cli import build_parser
+from medbatch.settings import Settings
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Compose interpolation, as much as this file uses: ${NAME:-default} becomes its default (what a
+# bare `docker compose up` gets) and $$ is a literal $.
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}")
+
+
+def _interpolate(match: re.Match[str]) -> str:
+    if match.group(0) == "$$":
+        return "$"
+    if match.group("default") is None:
+        raise AssertionError(f"{match.group(0)} in docker-compose.yml needs a :-default")
+    return match.group("default")
+
+
+def _load_compose() -> dict[str, Any]:
+    text = (ROOT / "docker-compose.yml").read_text()
+    return dict(yaml.safe_load(_INTERPOLATION.sub(_interpolate, text)))
+
+
+COMPOSE = _load_compose()
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+#: Services that run the medbatch image, whose ``command`` is the argument list of ``medbatch``.
+APP_SERVICES = sorted(name for name, svc in SERVICES.items() if "build" in svc)
+#: Services others wait on to finish (exit 0) rather than to be healthy.
+ONE_SHOT = sorted(
+    {
+        target
+        for svc in SERVICES.values()
+        for target, dep in (svc.get("depends_on") or {}).items()
+        if isinstance(dep, dict) and dep.get("condition") == "service_completed_successfully"
+    }
+)
+LONG_RUNNING = sorted(set(SERVICES) - set(ONE_SHOT))
+LONG_RUNNING_APPS = sorted(set(APP_SERVICES) - set(ONE_SHOT))
+
+
+def _argv(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def _parse(name: str) -> Any:
+    argv = _argv(SERVICES[name]["command"])
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(
+            f"service {name}: `medbatch {shlex.join(argv)}` is not a valid medbatch command"
+        )
+
+
+def _environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _settings(name: str) -> Settings:
+    env = _environment(SERVICES[name])
+    return Settings(
+        **{
+            k.removeprefix("MEDBATCH_").lower(): v
+            for k, v in env.items()
+            if k.startswith("MEDBATCH_")
+        }
+    )
+
+
+def _healthcheck_command(svc: dict[str, Any]) -> str:
+    test = svc["healthcheck"]["test"]
+    return test if isinstance(test, str) else " ".join(str(part) for part in test)
+
+
+def test_there_are_app_services() -> None:
+    """The api, the migration and the workers are built from the medbatch image."""
+    assert {"api", "migrate", "worker", "beat"} <= set(APP_SERVICES)
+
+
+def test_dockerfile_entrypoint_is_medbatch() -> None:
+    """The image's entrypoint is `medbatch`, so a service's command is medbatch's argument list."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    entrypoints = [line.split(None, 1)[1] for line in lines if line.startswith("ENTRYPOINT")]
+    assert [json.loads(e) for e in entrypoints] == [["medbatch"]]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_command_parses(name: str) -> None:
+    """Each app service's command is accepted by medbatch's argument parser."""
+    _parse(name)
+
+
+def test_medbatch_env_vars_name_settings_fields() -> None:
+    """Every MEDBATCH_* variable in the file names a field of Settings."""
+    names = {
+        key
+        for svc in [
+            COMPOSE.get("x-medbatch-env", {}),
+            *(_environment(s) for s in SERVICES.values()),
+        ]
+        for key in svc
+        if key.startswith("MEDBATCH_")
+    }
+    assert names
+    unknown = {n for n in names if n.removeprefix("MEDBATCH_").lower() not in Settings.model_fields}
+    assert not unknown, f"not Settings fields: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_env_validates_and_uses_the_compose_services(name: str) -> None:
+    """The env builds a valid Settings pointing at the compose Redis and PostgreSQL, not defaults."""
+    settings = _settings(name)
+    db = make_url(settings.database_url)
+    assert db.get_backend_name() == "postgresql"
+    assert db.host in SERVICES
+    assert not settings.embedded_broker
+    broker = make_url(settings.broker_url)
+    assert broker.drivername == "redis"
+    assert broker.host in SERVICES
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_database_driver_is_installed(name: str) -> None:
+    """The database URL names a SQLAlchemy dialect whose DBAPI driver is installed."""
+    dialect = make_url(_settings(name).database_url).get_dialect()
+    dialect.import_dbapi()
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_artifact_dir_is_a_shared_named_volume(name: str) -> None:
+    """MEDBATCH_ARTIFACT_DIR is a named volume, the same one in every app service."""
+    target = str(_settings(name).artifact_dir)
+    mounts = [
+        tuple(v.split(":")[:2]) if isinstance(v, str) else (v.get("source"), v.get("target"))
+        for v in SERVICES[name].get("volumes", [])
+    ]
+    sources = {source for source, mounted_at in mounts if mounted_at == target}
+    assert len(sources) == 1
+    assert sources <= set(COMPOSE.get("volumes") or {})
+
+
+def test_redis_keeps_messages() -> None:
+    """Redis runs with an append-only file and refuses writes rather than evicting queued messages."""
+    argv = _argv(SERVICES["redis"]["command"])
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert options.get("--appendonly") == "yes"
+    assert options.get("--maxmemory-policy") == "noeviction"
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_service_has_healthcheck(name: str) -> None:
+    """Every service that keeps running has an enabled healthcheck."""
+    healthcheck = SERVICES[name].get("healthcheck") or {}
+    assert healthcheck.get("test") and not healthcheck.get("disable")
+
+
+@pytest.mark.parametrize("name", ONE_SHOT)
+def test_one_shot_service_does_not_restart(name: str) -> None:
+    """A service waited on to complete is never restarted."""
+    assert SERVICES[name].get("restart", "no") == "no"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in SERVICES.items() if s.get("depends_on")))
+def test_depends_on_uses_conditions(name: str) -> None:
+    """Each dependency waits on health (or on completion) of a service that can report it."""
+    depends_on = SERVICES[name]["depends_on"]
+    assert isinstance(depends_on, dict), "the list form of depends_on waits for nothing"
+    for target, dep in depends_on.items():
+        assert target in SERVICES
+        condition = dep.get("condition")
+        assert condition in {"service_healthy", "service_completed_successfully"}, target
+        if condition == "service_healthy":
+            assert "healthcheck" in SERVICES[target], target
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING_APPS)
+def test_app_waits_for_migrations(name: str) -> None:
+    """The api and the workers start only after `medbatch db upgrade` exited successfully."""
+    migrate = SERVICES[name]["depends_on"]["migrate"]
+    assert migrate["condition"] == "service_completed_successfully"
+    args = _parse("migrate")
+    assert (args.command, args.db_command) == ("db", "upgrade")
+
+
+def test_exactly_one_beat() -> None:
+    """Exactly one service embeds beat, and it runs as a single replica."""
+    beats = [name for name in APP_SERVICES if getattr(_parse(name), "beat", False)]
+    assert len(beats) == 1
+    assert SERVICES[beats[0]].get("deploy", {}).get("replicas") == 1
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in LONG_RUNNING_APPS if _argv(SERVICES[n]["command"])[0] == "worker"]
+)
+def test_worker_healthcheck_pings_its_own_node(name: str) -> None:
+    """A worker's healthcheck pings the Celery node name that its command gives it."""
+    hostname = _parse(name).hostname or "celery@%h"
+    node = hostname.replace("%h", "$HOSTNAME")
+    assert f'-d "{node}"' in _healthcheck_command(SERVICES[name])

@@ -1,0 +1,190 @@
+"""The scoring function and the sweeper, on the real PostgreSQL and the real Redis."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import redis
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repo
+from db.engine import session_scope
+from db.tables import Case, CaseStatus, Priority, Score
+from medbatch.settings import Settings
+from models.registry import Registry
+from models.scoring import LoadedModel
+from tests.helpers import queued_case_ids, wdbc_cases
+from worker.app import create_app
+from worker.tasks.maintenance import requeue_stale_cases
+from worker.tasks.scoring import parse_case_ids, score_cases
+
+pytestmark = pytest.mark.integration
+
+SPEC = Registry.load().resolve("breast-cancer")
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return LoadedModel(SPEC, device="cpu")
+
+
+def _add(sessions: sessionmaker[Session], cases: list[dict], *, version: str = "1.0.0") -> list[int]:
+    with session_scope(sessions) as s:
+        tenant, _ = repo.create_tenant(s, name=f"t-{cases[0]['external_id']}")
+        new = [
+            repo.NewCase(c["external_id"], "breast-cancer", version, Priority(c["priority"]), c["features"])
+            for c in cases
+        ]
+        return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+
+
+def _loader(model: LoadedModel):  # type: ignore[no-untyped-def]
+    def load(name: str, version: str) -> LoadedModel:
+        return LoadedModel(Registry.load().resolve(f"{name}@{version}"), device="cpu") if (
+            (name, version) != (model.spec.name, model.spec.version)
+        ) else model
+
+    return load
+
+
+def test_scores_are_the_models_output_with_provenance(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Each case gets one score row equal to the model's output, with name, version and sha256."""
+    cases = wdbc_cases(20)
+    ids = _add(pg_sessions, cases)
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    expected = model.score([c["features"] for c in cases])
+    with pg_sessions() as s:
+        scores = {r.case_id: r for r in s.scalars(select(Score))}
+        statuses = set(s.scalars(select(Case.status)))
+    assert statuses == {CaseStatus.done}
+    for case_id, row in zip(ids, expected, strict=True):
+        stored = scores[case_id]
+        assert stored.score == pytest.approx(row.score, abs=1e-12)
+        assert stored.label == row.label
+        assert (stored.model_name, stored.model_version, stored.model_sha256) == (
+            "breast-cancer",
+            "1.0.0",
+            SPEC.sha256,
+        )
+
+
+def test_scoring_the_same_cases_twice_keeps_one_row_each(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A redelivered message counts a delivery and adds no score row."""
+    ids = _add(pg_sessions, wdbc_cases(5))
+    first = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    second = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    assert first.new_score_rows == 5 and second.new_score_rows == 0
+    with pg_sessions() as s:
+        assert len(s.scalars(select(Score)).all()) == 5
+        assert set(s.scalars(select(Case.delivery_count))) == {2}
+        assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
+
+
+def test_a_case_that_does_not_fit_fails_alone_with_its_reason(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Features stored wrong (bypassing the API) fail that case, naming the feature; others score."""
+    cases = wdbc_cases(4)
+    del cases[2]["features"]["mean_texture"]
+    ids = _add(pg_sessions, cases)
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    assert sorted(outcome.scored) == [ids[0], ids[1], ids[3]]
+    with pg_sessions() as s:
+        bad = s.get(Case, ids[2])
+    assert bad is not None and bad.status == CaseStatus.failed
+    assert bad.last_error == "features do not fit the input schema: mean_texture: missing feature"
+
+
+def test_an_unavailable_model_version_fails_its_cases_readably(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A case accepted for a version that is gone fails with the registry's reason."""
+    ids = _add(pg_sessions, wdbc_cases(2), version="0.9.0")
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    assert outcome.scored == []
+    with pg_sessions() as s:
+        errors = set(s.scalars(select(Case.last_error)))
+    assert errors == {
+        "model breast-cancer@0.9.0 unavailable: unknown model version 'breast-cancer@0.9.0' "
+        "(known versions: breast-cancer@1.0.0)"
+    }
+
+
+class PoisonedModel(LoadedModel):
+    """The real model, made to raise on any batch holding the marked case (a crafted poison)."""
+
+    MARK = -1.0
+
+    def __init__(self) -> None:
+        super().__init__(SPEC, device="cpu")
+        self.calls = 0
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if (batch[:, 0] == self.MARK).any():
+            raise RuntimeError("poisoned input")
+        return super().predict(batch)
+
+
+def test_a_poisoned_case_fails_alone_in_few_forward_passes(pg_sessions: sessionmaker[Session]) -> None:
+    """64 cases, one of which makes the model raise: 63 scores, 1 failure, ≤ 1 + 2·log2(64) passes."""
+    cases = wdbc_cases(64)
+    cases[37]["features"]["mean_radius"] = PoisonedModel.MARK
+    ids = _add(pg_sessions, cases)
+    poisoned = PoisonedModel()
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: poisoned)
+    assert len(outcome.scored) == 63
+    assert outcome.failed == {ids[37]: "model raised RuntimeError: poisoned input"}
+    assert poisoned.calls <= 1 + 2 * math.log2(64)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ([],), ("1,2",), ([1, "2"],), ([0],), ([True],), ([1], [2]), ({"ids": [1]},)],
+)
+def test_malformed_messages_are_refused(args: tuple) -> None:
+    """A task message must carry one non-empty list of positive integer ids."""
+    with pytest.raises(ValueError):
+        parse_case_ids(args)
+
+
+def test_parse_keeps_order_and_drops_repeats() -> None:
+    """Repeated ids in one message are scored once."""
+    assert parse_case_ids(([3, 1, 3, 2],)) == [3, 1, 2]
+
+
+def test_sweeper_requeues_stale_cases_only(
+    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Cases queued longer than the threshold go back on their priority's queue; fresh ones do not."""
+    cases = wdbc_cases(3)
+    cases[0]["priority"] = "stat"
+    ids = _add(pg_sessions, cases)
+    with session_scope(pg_sessions) as s:
+        repo.mark_done(s, case_ids=[ids[2]])
+    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
+    try:
+        assert requeue_stale_cases(
+            app, sessions=pg_sessions, older_than_s=3600, running_grace_s=3600, per_message=10
+        ) == 0
+        assert sum(map(len, queued_case_ids(redis_client).values())) == 0
+        sent = requeue_stale_cases(
+            app, sessions=pg_sessions, older_than_s=0, running_grace_s=3600, per_message=10
+        )
+        assert sent == 2
+        queued = queued_case_ids(redis_client)
+        assert queued["score.stat"] == [ids[0]] and queued["score.routine"] == [ids[1]]
+        # Just re-sent: the next sweep leaves them alone.
+        assert requeue_stale_cases(
+            app, sessions=pg_sessions, older_than_s=1, running_grace_s=3600, per_message=10
+        ) == 0
+    finally:
+        app.close()
