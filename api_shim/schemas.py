@@ -16,10 +16,12 @@ FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 class CaseCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    external_id: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    model: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=160)] = (
-        Field(description="`name` (its default version) or `name@version`")
-    )
+    external_id: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
+    ]
+    model: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=160)
+    ] = Field(description="`name` (its default version) or `name@version`")
     priority: Priority = Priority.routine
     features: dict[str, FeatureValue]
 

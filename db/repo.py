@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Table, and_, or_, select, update
+from sqlalchemy import Table, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
 from db.tables import Case, CaseStatus, Priority, Score, Tenant, utcnow
 
 
-def _insert(session: Session, table: Table) -> Insert:
+def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
     """The dialect's INSERT, which knows ON CONFLICT (PostgreSQL and SQLite spell it alike)."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":

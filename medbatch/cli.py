@@ -62,7 +62,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  {same} the packaged artifact ({report.committed_sha256[:12]}…)")
         print(f"  held-out cases: {m['n_test']} (trained on {m['n_train']})")
         print(f"  held-out ROC AUC  MLP: {m['mlp_held_out_roc_auc']:.4f}")
-        print(f"  held-out ROC AUC  LogisticRegression baseline: {m['logistic_regression_held_out_roc_auc']:.4f}")
+        print(
+            f"  held-out ROC AUC  LogisticRegression baseline: {m['logistic_regression_held_out_roc_auc']:.4f}"
+        )
         return 0
     raise AssertionError(args.models_command)
 
@@ -72,7 +74,9 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
     from api_shim.main import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
+    )
     return 0
 
 
@@ -141,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list registered model versions")
     train = msub.add_parser("train", help="train a reference model reproducibly")
     train.add_argument("name", choices=["breast-cancer"])
-    train.add_argument("--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)")
+    train.add_argument(
+        "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)"
+    )
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
     )

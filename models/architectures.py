@@ -24,6 +24,9 @@ class StandardizedMLP(nn.Module):
         Dropout after each hidden layer (inactive in ``eval()``).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, n_features: int, hidden: Sequence[int] = (32, 16), dropout: float = 0.1):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))

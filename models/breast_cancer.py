@@ -56,7 +56,9 @@ def input_schema() -> list[FeatureSpec]:
         stat = "mean" if raw.startswith("mean ") else "worst" if raw.startswith("worst ") else "se"
         measure = raw.removeprefix("mean ").removeprefix("worst ").removesuffix(" error")
         what = {"mean": "mean", "worst": "mean of the three largest", "se": "standard error"}[stat]
-        specs.append(FeatureSpec(feature_name(raw), _UNITS[measure], f"{what} of nuclear {measure}"))
+        specs.append(
+            FeatureSpec(feature_name(raw), _UNITS[measure], f"{what} of nuclear {measure}")
+        )
     return specs
 
 

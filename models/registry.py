@@ -130,7 +130,7 @@ def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:
         inputs=tuple(FeatureSpec(**f) for f in entry["inputs"]),
         output=entry["output"],
         threshold=float(entry["threshold"]),
-        labels=tuple(entry.get("labels", ("negative", "positive"))),  # type: ignore[arg-type]
+        labels=tuple(entry.get("labels", ("negative", "positive"))),
         status=entry.get("status", "released"),
         default=bool(entry.get("default", False)),
         params=entry.get("params", {}),

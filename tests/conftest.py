@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import make_engine, make_sessionmaker
 from db.migrate import upgrade
 
-PG_ADMIN_URL = os.environ.get("MEDBATCH_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "MEDBATCH_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_TEST_URL = os.environ.get("MEDBATCH_TEST_REDIS", "redis://127.0.0.1:6379/11")
 
 

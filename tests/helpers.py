@@ -12,9 +12,9 @@ from worker.queues import ALL_QUEUES
 
 
 def wdbc_cases(n: int, *, prefix: str = "wdbc", priority: str = "routine") -> list[dict]:
-    """``n`` real held-out-then-training Wisconsin cases as POST /v1/cases items."""
+    """``n`` real Wisconsin cases (held-out ones first) as POST /v1/cases items."""
     split = breast_cancer.split()
-    rows = [*zip(split.test_index, split.x_test), *zip(range(1000, 2000), split.x_train)]
+    rows = [*split.x_test, *split.x_train]
     return [
         {
             "external_id": f"{prefix}-{i:04d}",
@@ -22,7 +22,7 @@ def wdbc_cases(n: int, *, prefix: str = "wdbc", priority: str = "routine") -> li
             "priority": priority,
             "features": dict(zip(split.feature_names, map(float, x), strict=True)),
         }
-        for i, (_, x) in enumerate(rows[:n])
+        for i, x in enumerate(rows[:n])
     ]
 
 

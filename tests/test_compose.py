@@ -1,4 +1,4 @@
-"""docker-compose.yml agrees with the CLI, the settings, the Dockerfile and STYLE.md's compose rules."""
+"""docker-compose.yml agrees with the CLI, the settings, the Dockerfile and STYLE.md point 12."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _environment(svc: dict[str, Any]) -> dict[str, str]:
 
 
 def _settings(name: str) -> Settings:
-    env = _environment(SERVICES[name])
+    env: dict[str, Any] = _environment(SERVICES[name])
     return Settings(
         **{
             k.removeprefix("MEDBATCH_").lower(): v
@@ -126,7 +126,7 @@ def test_medbatch_env_vars_name_settings_fields() -> None:
 
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_env_validates_and_uses_the_compose_services(name: str) -> None:
-    """The env builds a valid Settings pointing at the compose Redis and PostgreSQL, not defaults."""
+    """The env makes a valid Settings that uses the compose Redis and PostgreSQL, not defaults."""
     settings = _settings(name)
     db = make_url(settings.database_url)
     assert db.get_backend_name() == "postgresql"
@@ -158,7 +158,7 @@ def test_artifact_dir_is_a_shared_named_volume(name: str) -> None:
 
 
 def test_redis_keeps_messages() -> None:
-    """Redis runs with an append-only file and refuses writes rather than evicting queued messages."""
+    """Redis keeps an append-only file and refuses writes rather than evict queued messages."""
     argv = _argv(SERVICES["redis"]["command"])
     options = dict(zip(argv[1::2], argv[2::2], strict=False))
     assert options.get("--appendonly") == "yes"

@@ -88,7 +88,7 @@ def create_app(
             }
         },
     )
-    app.medbatch = WorkerContext(settings)  # type: ignore[attr-defined]
+    app.medbatch = WorkerContext(settings)
     if include_tasks:
         import worker.tasks.maintenance
         import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
@@ -98,7 +98,7 @@ def create_app(
 
 
 def context(app: Celery) -> WorkerContext:
-    return app.medbatch  # type: ignore[attr-defined,no-any-return]
+    return app.medbatch
 
 
 def worker_argv(

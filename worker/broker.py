@@ -8,6 +8,7 @@ install: the redis-server binary ships inside the wheel.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,7 @@ def shutdown_embedded_brokers() -> None:
 
     while _servers:
         _, server = _servers.popitem()
-        try:
+        # The server closes the connection as it goes: that error is the success.
+        with contextlib.suppress(redis.exceptions.ConnectionError):
             server.shutdown(nosave=True)
-        except redis.exceptions.ConnectionError:
-            pass  # the server closes the connection as it goes: that is success
         server.connection_pool.disconnect()

@@ -42,18 +42,26 @@ def _error(loc: tuple[Any, ...], msg: str, kind: str) -> dict[str, Any]:
     return {"type": kind, "loc": loc, "msg": msg}
 
 
-def parse_cases(raw: Any, *, max_cases: int) -> tuple[list[CaseCreate], tuple[Any, ...]]:
-    """Validate the body's shape and types; return the cases and the location prefix of case i."""
+def parse_cases(raw: Any, *, max_cases: int) -> list[CaseCreate]:
+    """Validate the body's shape and types: one case object, or a non-empty list of them."""
     if isinstance(raw, list):
         if not raw:
-            raise RequestValidationError([_error(("body",), "expected at least one case", "too_short")])
+            raise RequestValidationError(
+                [_error(("body",), "expected at least one case", "too_short")]
+            )
         if len(raw) > max_cases:
             raise RequestValidationError(
-                [_error(("body",), f"at most {max_cases} cases per request, got {len(raw)}", "too_long")]
+                [
+                    _error(
+                        ("body",),
+                        f"at most {max_cases} cases per request, got {len(raw)}",
+                        "too_long",
+                    )
+                ]
             )
-        adapter, prefix = _cases_adapter, ("body",)
+        adapter: TypeAdapter = _cases_adapter
     elif isinstance(raw, dict):
-        adapter, prefix, raw = _case_adapter, ("body",), raw
+        adapter = _case_adapter
     else:
         raise RequestValidationError(
             [_error(("body",), "expected a case object or a list of case objects", "model_type")]
@@ -62,11 +70,9 @@ def parse_cases(raw: Any, *, max_cases: int) -> tuple[list[CaseCreate], tuple[An
         parsed = adapter.validate_python(raw)
     except ValidationError as exc:
         raise RequestValidationError(
-            [_error((*prefix, *e["loc"]), e["msg"], e["type"]) for e in exc.errors()]
+            [_error(("body", *e["loc"]), e["msg"], e["type"]) for e in exc.errors()]
         ) from None
-    return (parsed if isinstance(parsed, list) else [parsed]), (
-        prefix if isinstance(raw, list) else ()
-    )
+    return parsed if isinstance(parsed, list) else [parsed]
 
 
 def check_against_registry(
@@ -79,7 +85,11 @@ def check_against_registry(
     for i, case in enumerate(cases):
         loc: tuple[Any, ...] = ("body", i) if indexed else ("body",)
         if case.external_id in seen:
-            errors.append(_error((*loc, "external_id"), "duplicate external_id in this request", "value_error"))
+            errors.append(
+                _error(
+                    (*loc, "external_id"), "duplicate external_id in this request", "value_error"
+                )
+            )
         seen.add(case.external_id)
         try:
             spec = registry.resolve(case.model)
@@ -127,8 +137,8 @@ def submit_cases(
     celery: CeleryDep,
 ) -> CasesAccepted:
     """Accept one case or a list; all are validated before any is stored, and none is enqueued before its commit."""
-    cases, prefix = parse_cases(raw, max_cases=settings.max_cases_per_request)
-    new = check_against_registry(cases, registry, indexed=bool(prefix))
+    cases = parse_cases(raw, max_cases=settings.max_cases_per_request)
+    new = check_against_registry(cases, registry, indexed=isinstance(raw, list))
     try:
         results = repo.add_cases(session, tenant_id=tenant.id, cases=new)
         session.commit()
@@ -141,9 +151,7 @@ def submit_cases(
                 "external_ids": exc.external_ids,
             },
         ) from None
-    to_send = [
-        (r.id, c.priority) for r, c in zip(results, new, strict=True) if r.created
-    ]
+    to_send = [(r.id, c.priority) for r, c in zip(results, new, strict=True) if r.created]
     enqueued = True
     if to_send:
         try:

@@ -32,4 +32,6 @@ def readyz(request: Request) -> JSONResponse:
     except Exception as exc:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503
+    )

@@ -61,7 +61,13 @@ def decode_cursor(cursor: str) -> int:
         after = None
     if not isinstance(after, int) or isinstance(after, bool) or after < 0:
         raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", "cursor"), "msg": "not a cursor from next_cursor"}]
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "cursor"),
+                    "msg": "not a cursor from next_cursor",
+                }
+            ]
         )
     return after
 
@@ -73,22 +79,42 @@ def list_scores(
     settings: SettingsDep,
     model: Annotated[str | None, Query(description="`name` or `name@version`")] = None,
     status_: Annotated[CaseStatus | None, Query(alias="status")] = None,
-    since: Annotated[datetime | None, Query(description="cases updated at or after (ISO 8601)")] = None,
+    since: Annotated[
+        datetime | None, Query(description="cases updated at or after (ISO 8601)")
+    ] = None,
     limit: Annotated[int, Query(ge=1)] = 100,
     cursor: str | None = None,
 ) -> ResultsPublic:
     """Results of this tenant's cases in case id order; follow `next_cursor` for the next page."""
     if limit > settings.max_page_size:
         raise RequestValidationError(
-            [{"type": "less_than_equal", "loc": ("query", "limit"), "msg": f"limit must be at most {settings.max_page_size}"}]
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("query", "limit"),
+                    "msg": f"limit must be at most {settings.max_page_size}",
+                }
+            ]
         )
     if since is not None and since.tzinfo is None:
         raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", "since"), "msg": "give a timezone, e.g. 2026-11-23T00:00:00Z"}]
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("query", "since"),
+                    "msg": "give a timezone, e.g. 2026-11-23T00:00:00Z",
+                }
+            ]
         )
     after = decode_cursor(cursor) if cursor else 0
     rows = repo.list_results(
-        session, tenant_id=tenant.id, model=model, status=status_, since=since, after_id=after, limit=limit
+        session,
+        tenant_id=tenant.id,
+        model=model,
+        status=status_,
+        since=since,
+        after_id=after,
+        limit=limit,
     )
     items = [
         ResultPublic(

@@ -224,7 +224,9 @@ def test_invalid_json_is_422(api: TestClient, key: str, pg_sessions, redis_clien
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
-def test_too_many_cases_is_422(pg_url: str, key: str, redis_url: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_too_many_cases_is_422(
+    pg_url: str, key: str, redis_url: str, pg_sessions, redis_client
+) -> None:  # type: ignore[no-untyped-def]
     """More cases than max_cases_per_request: refused whole, with the limit named."""
     settings = Settings(database_url=pg_url, broker_url=redis_url, max_cases_per_request=5)
     with TestClient(create_app(settings)) as client:
@@ -242,7 +244,9 @@ def test_oversized_body_is_413(api: TestClient, key: str, pg_sessions, redis_cli
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
-def test_oversized_chunked_body_is_413(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_chunked_body_is_413(
+    api: TestClient, key: str, pg_sessions, redis_client
+) -> None:  # type: ignore[no-untyped-def]
     """Without a Content-Length the limit still holds, counted as the body streams in."""
     payload = json.dumps(wdbc_cases(569)).encode()
 
@@ -257,8 +261,12 @@ def test_oversized_chunked_body_is_413(api: TestClient, key: str, pg_sessions, r
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}])
-def test_without_a_valid_key_is_401(api: TestClient, headers: dict, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}]
+)
+def test_without_a_valid_key_is_401(
+    api: TestClient, headers: dict, pg_sessions, redis_client
+) -> None:  # type: ignore[no-untyped-def]
     """No key, a wrong key or another scheme: 401 with a JSON reason, nothing written."""
     response = api.post("/v1/cases", json=wdbc_cases(1), headers=headers)
     assert response.status_code == 401
@@ -320,7 +328,10 @@ def test_case_shows_its_score_with_provenance(
 
 def test_scores_paginate_with_a_cursor_and_filter(api: TestClient, key: str) -> None:
     """Pages of `limit` follow next_cursor to the end; filters narrow the list."""
-    ids = [c["id"] for c in api.post("/v1/cases", json=wdbc_cases(7), headers=auth(key)).json()["cases"]]
+    ids = [
+        c["id"]
+        for c in api.post("/v1/cases", json=wdbc_cases(7), headers=auth(key)).json()["cases"]
+    ]
     seen, cursor = [], None
     while True:
         params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
@@ -331,7 +342,9 @@ def test_scores_paginate_with_a_cursor_and_filter(api: TestClient, key: str) -> 
             break
     assert seen == ids
     assert api.get("/v1/scores", params={"status": "done"}, headers=auth(key)).json()["items"] == []
-    queued = api.get("/v1/scores", params={"status": "queued", "model": "breast-cancer"}, headers=auth(key))
+    queued = api.get(
+        "/v1/scores", params={"status": "queued", "model": "breast-cancer"}, headers=auth(key)
+    )
     assert len(queued.json()["items"]) == 7
     since = api.get("/v1/scores", params={"since": "2999-01-01T00:00:00Z"}, headers=auth(key))
     assert since.json()["items"] == []

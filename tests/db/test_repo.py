@@ -53,7 +53,9 @@ def test_api_keys_are_stored_hashed(sessions: sessionmaker[Session]) -> None:
         assert repo.tenant_for_key(s, api_key=key + "x") is None
 
 
-def test_add_cases_is_idempotent_for_identical_resubmissions(sessions: sessionmaker[Session]) -> None:
+def test_add_cases_is_idempotent_for_identical_resubmissions(
+    sessions: sessionmaker[Session],
+) -> None:
     """The same external id with the same content returns the first case and adds no row."""
     tenant_id = _tenant(sessions)
     with session_scope(sessions) as s:
@@ -117,13 +119,20 @@ def test_save_scores_twice_keeps_one_row(sessions: sessionmaker[Session]) -> Non
         assert s.scalars(select(Score.score)).all() == [0.25]
 
 
-def test_the_unique_constraint_itself_refuses_a_second_score(sessions: sessionmaker[Session]) -> None:
+def test_the_unique_constraint_itself_refuses_a_second_score(
+    sessions: sessionmaker[Session],
+) -> None:
     """Even a plain INSERT cannot add a second score for one case and model version."""
     tenant_id = _tenant(sessions)
     with session_scope(sessions) as s:
         (added,) = repo.add_cases(s, tenant_id=tenant_id, cases=[_case("x1")])
     make = lambda: Score(  # noqa: E731
-        case_id=added.id, model_name="m", model_version="1", model_sha256="0" * 64, score=0.1, label="n"
+        case_id=added.id,
+        model_name="m",
+        model_version="1",
+        model_sha256="0" * 64,
+        score=0.1,
+        label="n",
     )
     with session_scope(sessions) as s:
         s.add(make())
@@ -165,7 +174,9 @@ def test_stale_cases_are_found_by_age_and_status(sessions: sessionmaker[Session]
             (ids[1], Priority.routine)
         ]
         later = now + timedelta(seconds=5)
-        assert [i for i, _ in repo.stale_cases(s, queued_before=later, running_before=later)] == ids[:2]
+        assert [
+            i for i, _ in repo.stale_cases(s, queued_before=later, running_before=later)
+        ] == ids[:2]
 
 
 def test_datetimes_come_back_aware_in_utc(sessions: sessionmaker[Session]) -> None:
@@ -188,9 +199,7 @@ def test_results_page_by_cursor_and_filter_by_status_and_model(
     with session_scope(sessions) as s:
         ids = [
             a.id
-            for a in repo.add_cases(
-                s, tenant_id=tenant_id, cases=[_case(str(i)) for i in range(5)]
-            )
+            for a in repo.add_cases(s, tenant_id=tenant_id, cases=[_case(str(i)) for i in range(5)])
         ]
         repo.mark_done(s, case_ids=ids[:3])
     with sessions() as s:

@@ -108,16 +108,24 @@ def api(processes: Processes, pg_sessions: sessionmaker[Session]) -> Iterator[ht
 
 
 def start_worker(processes: Processes, **env: str) -> subprocess.Popen[bytes]:
-    return processes.start("worker", "worker", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h", **env)
+    return processes.start(
+        "worker", "worker", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h", **env
+    )
 
 
 def wait_for(
-    condition: Callable[[], bool], *, worker: subprocess.Popen[bytes], processes: Processes, timeout: float = 120
+    condition: Callable[[], bool],
+    *,
+    worker: subprocess.Popen[bytes],
+    processes: Processes,
+    timeout: float = 120,
 ) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert worker.poll() is None, "worker exited:\n" + processes.log("worker")[-3000:]
-        assert time.monotonic() < deadline, "timed out; worker log:\n" + processes.log("worker")[-3000:]
+        assert time.monotonic() < deadline, (
+            "timed out; worker log:\n" + processes.log("worker")[-3000:]
+        )
         time.sleep(0.25)
 
 
@@ -145,7 +153,10 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
         processes=processes,
     )
     model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
-    expected = {case_id: row for case_id, row in zip(ids, model.score([c["features"] for c in cases]), strict=True)}
+    expected = {
+        case_id: row
+        for case_id, row in zip(ids, model.score([c["features"] for c in cases]), strict=True)
+    }
     with pg_sessions() as s:
         rows = s.scalars(select(Score)).all()
         assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
@@ -155,7 +166,9 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
         assert r.label == expected[r.case_id].label
     # And the API serves them back.
     body = api.get(f"/v1/cases/{ids[0]}").json()
-    assert body["status"] == "done" and body["scores"][0]["score"] == pytest.approx(expected[ids[0]].score, abs=1e-6)
+    assert body["status"] == "done" and body["scores"][0]["score"] == pytest.approx(
+        expected[ids[0]].score, abs=1e-6
+    )
     # No external ids or feature values in the worker's log.
     log = processes.log("worker")
     assert "scored" in log
@@ -164,12 +177,20 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
 
 
 def test_the_same_message_delivered_twice_leaves_one_score_row(
-    processes: Processes, api: httpx.Client, pg_url: str, redis_url: str, pg_sessions: sessionmaker[Session]
+    processes: Processes,
+    api: httpx.Client,
+    pg_url: str,
+    redis_url: str,
+    pg_sessions: sessionmaker[Session],
 ) -> None:
     """Send one task message twice (same task id): two deliveries counted, still one score row."""
     worker = start_worker(processes)
     case_id = api.post("/v1/cases", json=wdbc_cases(1)).json()["cases"][0]["id"]
-    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 1, worker=worker, processes=processes)
+    wait_for(
+        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 1,
+        worker=worker,
+        processes=processes,
+    )
     app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
     try:
         task_id = str(uuid.uuid4())
@@ -177,14 +198,22 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
             app.send_task(SCORE_TASK, args=[[case_id]], task_id=task_id, queue="score.routine")
     finally:
         app.close()
-    wait_for(lambda: _count(pg_sessions, Case.delivery_count == 3) == 1, worker=worker, processes=processes)
+    wait_for(
+        lambda: _count(pg_sessions, Case.delivery_count == 3) == 1,
+        worker=worker,
+        processes=processes,
+    )
     with pg_sessions() as s:
         assert s.scalar(select(func.count()).select_from(Score)) == 1
         assert s.scalars(select(Case.status)).one() == CaseStatus.done
 
 
 def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
-    processes: Processes, api: httpx.Client, pg_url: str, redis_url: str, pg_sessions: sessionmaker[Session]
+    processes: Processes,
+    api: httpx.Client,
+    pg_url: str,
+    redis_url: str,
+    pg_sessions: sessionmaker[Session],
 ) -> None:
     """Garbage on the queue is rejected with a log line; the next real case is scored."""
     app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
@@ -195,7 +224,11 @@ def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
         app.close()
     worker = start_worker(processes)
     api.post("/v1/cases", json=wdbc_cases(3))
-    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 3, worker=worker, processes=processes)
+    wait_for(
+        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 3,
+        worker=worker,
+        processes=processes,
+    )
     assert "rejected malformed medbatch.score_cases message" in processes.log("worker")
 
 
@@ -211,5 +244,9 @@ def test_lost_messages_are_found_by_the_sweeper_and_scored(
     redis_client.flushdb()  # the broker loses every message (a restart without persistence)
     time.sleep(1.5)
     worker = start_worker(processes, MEDBATCH_REQUEUE_AFTER_S="1")
-    wait_for(lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 10, worker=worker, processes=processes)
+    wait_for(
+        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 10,
+        worker=worker,
+        processes=processes,
+    )
     assert "re-enqueued 10 stale cases" in processes.log("worker")

@@ -25,7 +25,7 @@ def test_default_and_pinned_versions_resolve(registry: Registry) -> None:
 
 def test_unknown_model_and_version_say_what_exists(registry: Registry) -> None:
     """Errors name the known models or versions."""
-    with pytest.raises(RegistryError, match="unknown model 'nope'.*breast-cancer"):
+    with pytest.raises(RegistryError, match=r"unknown model 'nope'.*breast-cancer"):
         registry.resolve("nope")
     with pytest.raises(RegistryError, match=r"unknown model version 'breast-cancer@9\.9'.*1\.0\.0"):
         registry.resolve("breast-cancer@9.9")

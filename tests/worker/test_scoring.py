@@ -31,11 +31,15 @@ def model() -> LoadedModel:
     return LoadedModel(SPEC, device="cpu")
 
 
-def _add(sessions: sessionmaker[Session], cases: list[dict], *, version: str = "1.0.0") -> list[int]:
+def _add(
+    sessions: sessionmaker[Session], cases: list[dict], *, version: str = "1.0.0"
+) -> list[int]:
     with session_scope(sessions) as s:
         tenant, _ = repo.create_tenant(s, name=f"t-{cases[0]['external_id']}")
         new = [
-            repo.NewCase(c["external_id"], "breast-cancer", version, Priority(c["priority"]), c["features"])
+            repo.NewCase(
+                c["external_id"], "breast-cancer", version, Priority(c["priority"]), c["features"]
+            )
             for c in cases
         ]
         return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
@@ -43,9 +47,11 @@ def _add(sessions: sessionmaker[Session], cases: list[dict], *, version: str = "
 
 def _loader(model: LoadedModel):  # type: ignore[no-untyped-def]
     def load(name: str, version: str) -> LoadedModel:
-        return LoadedModel(Registry.load().resolve(f"{name}@{version}"), device="cpu") if (
-            (name, version) != (model.spec.name, model.spec.version)
-        ) else model
+        return (
+            LoadedModel(Registry.load().resolve(f"{name}@{version}"), device="cpu")
+            if ((name, version) != (model.spec.name, model.spec.version))
+            else model
+        )
 
     return load
 
@@ -134,7 +140,9 @@ class PoisonedModel(LoadedModel):
         return super().predict(batch)
 
 
-def test_a_poisoned_case_fails_alone_in_few_forward_passes(pg_sessions: sessionmaker[Session]) -> None:
+def test_a_poisoned_case_fails_alone_in_few_forward_passes(
+    pg_sessions: sessionmaker[Session],
+) -> None:
     """64 cases, one of which makes the model raise: 63 scores, 1 failure, ≤ 1 + 2·log2(64) passes."""
     cases = wdbc_cases(64)
     cases[37]["features"]["mean_radius"] = PoisonedModel.MARK
@@ -172,9 +180,12 @@ def test_sweeper_requeues_stale_cases_only(
         repo.mark_done(s, case_ids=[ids[2]])
     app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
     try:
-        assert requeue_stale_cases(
-            app, sessions=pg_sessions, older_than_s=3600, running_grace_s=3600, per_message=10
-        ) == 0
+        assert (
+            requeue_stale_cases(
+                app, sessions=pg_sessions, older_than_s=3600, running_grace_s=3600, per_message=10
+            )
+            == 0
+        )
         assert sum(map(len, queued_case_ids(redis_client).values())) == 0
         sent = requeue_stale_cases(
             app, sessions=pg_sessions, older_than_s=0, running_grace_s=3600, per_message=10
@@ -183,8 +194,11 @@ def test_sweeper_requeues_stale_cases_only(
         queued = queued_case_ids(redis_client)
         assert queued["score.stat"] == [ids[0]] and queued["score.routine"] == [ids[1]]
         # Just re-sent: the next sweep leaves them alone.
-        assert requeue_stale_cases(
-            app, sessions=pg_sessions, older_than_s=1, running_grace_s=3600, per_message=10
-        ) == 0
+        assert (
+            requeue_stale_cases(
+                app, sessions=pg_sessions, older_than_s=1, running_grace_s=3600, per_message=10
+            )
+            == 0
+        )
     finally:
         app.close()

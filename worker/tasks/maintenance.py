@@ -52,7 +52,7 @@ def requeue_stale_cases(
 
 
 @shared_task(bind=True, name=REQUEUE_TASK, ignore_result=True)
-def requeue_stale_cases_task(self) -> int:  # type: ignore[no-untyped-def]
+def requeue_stale_cases_task(self) -> int:
     ctx = context(self.app)
     return requeue_stale_cases(
         self.app,
@@ -64,7 +64,7 @@ def requeue_stale_cases_task(self) -> int:  # type: ignore[no-untyped-def]
 
 
 @worker_ready.connect
-def _sweep_on_start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
+def _sweep_on_start(sender, **_: object) -> None:
     """A worker starting after an outage picks up what was stranded, without waiting for beat."""
     app = sender.app
     if not hasattr(app, "medbatch"):

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from models.registry import ArtifactIntegrityError, RegistryError
 from models.featurize import check_features
+from models.registry import ArtifactIntegrityError, RegistryError
 from models.scoring import LoadedModel
 from worker.app import context
 from worker.queues import SCORE_TASK
@@ -70,7 +70,9 @@ def score_cases(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            outcome.failed.update({c.id: f"model {name}@{version} unavailable: {exc}" for c in cases})
+            outcome.failed.update(
+                {c.id: f"model {name}@{version} unavailable: {exc}" for c in cases}
+            )
             continue
         ready = []
         for case in cases:
@@ -104,7 +106,7 @@ def score_cases(
     return outcome
 
 
-def _predict_isolating(model: LoadedModel, ids: list[int], batch: torch.Tensor):  # type: ignore[no-untyped-def]
+def _predict_isolating(model: LoadedModel, ids: list[int], batch: torch.Tensor):
     """One forward pass for the batch; if it raises, split it so a bad case fails alone."""
     try:
         rows = model.to_rows(model.predict(batch))
