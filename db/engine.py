@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine; for SQLite, make the file's folder and set the pragmas concurrent use needs."""
+    # A failed statement's parameters are features and external ids: keep them out of exception
+    # messages, and so out of every log and traceback.
+    kwargs.setdefault("hide_parameters", True)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

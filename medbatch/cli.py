@@ -16,6 +16,8 @@ def _setup_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic announces each of its plugins at INFO on every import.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
@@ -29,11 +31,20 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         from db.engine import make_engine, make_sessionmaker, session_scope
         from db.repo import create_tenant
 
+        from sqlalchemy.exc import IntegrityError
+
         engine = make_engine(settings.database_url)
-        with session_scope(make_sessionmaker(engine)) as session:
-            tenant, key = create_tenant(session, name=args.name)
-            print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key}))
-        engine.dispose()
+        try:
+            with session_scope(make_sessionmaker(engine)) as session:
+                tenant, key = create_tenant(session, name=args.name)
+                print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key}))
+        except IntegrityError:
+            print(
+                f"medbatch db create-tenant: tenant {args.name!r} already exists", file=sys.stderr
+            )
+            return 1
+        finally:
+            engine.dispose()
         return 0
     raise AssertionError(args.db_command)
 

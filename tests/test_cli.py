@@ -1,0 +1,79 @@
+"""The `medbatch` command line: its database, model and submit commands, and their bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medbatch.cli import build_parser
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medbatch.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_db_upgrade_then_create_tenant_prints_a_key_once(tmp_path: Path) -> None:
+    """`db upgrade` builds the schema; `db create-tenant` prints the tenant and its new key."""
+    env = {"MEDBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite'}"}
+    assert run_cli("db", "upgrade", cwd=tmp_path, **env).returncode == 0
+    result = run_cli("db", "create-tenant", "hospital-a", cwd=tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["tenant"] == "hospital-a" and printed["api_key"].startswith("mbk_")
+    again = run_cli("db", "create-tenant", "hospital-a", cwd=tmp_path, **env)
+    assert again.returncode == 1
+    assert (
+        again.stderr.strip().splitlines()[-1]
+        == "medbatch db create-tenant: tenant 'hospital-a' already exists"
+    )
+    assert printed["api_key"] not in again.stderr
+
+
+def test_models_list_shows_version_schema_size_and_sha256(tmp_path: Path) -> None:
+    """`models list` names each version with its sha256."""
+    result = run_cli("models", "list", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "breast-cancer@1.0.0 (default)" in result.stdout
+    assert "30 features" in result.stdout
+
+
+def test_submit_with_an_unreadable_file_says_so(tmp_path: Path) -> None:
+    """`submit` with a missing or non-JSON file exits 2 naming the file; nothing is sent."""
+    missing = run_cli("submit", str(tmp_path / "nope.json"), "--api-key", "k", cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    result = run_cli("submit", str(bad), "--api-key", "k", cwd=tmp_path)
+    assert result.returncode == 2 and "bad.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models", "train", "nope"],
+        ["worker", "--nope"],
+        ["db"],
+        ["api", "--port", "eighty"],
+        ["submit", "cases.json"],
+    ],
+)
+def test_bad_arguments_exit_2_with_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse refuses unknown choices, flags and types with a usage line."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "usage: medbatch" in capsys.readouterr().err
