@@ -28,10 +28,10 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         print(f"database at revision {args.revision}")
         return 0
     if args.db_command == "create-tenant":
+        from sqlalchemy.exc import IntegrityError
+
         from db.engine import make_engine, make_sessionmaker, session_scope
         from db.repo import create_tenant
-
-        from sqlalchemy.exc import IntegrityError
 
         engine = make_engine(settings.database_url)
         try:
