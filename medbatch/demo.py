@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from rich.console import Console
@@ -191,7 +192,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
         f"true labels: [bold]{auc:.4f}[/]; accuracy at threshold 0.5: {correct / len(done):.3f}"
     )
     console.print("Query them yourself (the demo has stopped its processes; start the API again):")
-    console.print("  medbatch api --port 8000 &")
+    console.print(f"  {_medbatch_command()} api --port 8000 &")
     console.print(
         f"  curl -s -H 'Authorization: Bearer {api_key}' 'http://127.0.0.1:8000/v1/scores?model=breast-cancer&limit=5'"
     )
@@ -200,6 +201,15 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
     )
     console.print(f"demo finished in {time.monotonic() - started:.1f} s; everything shut down.")
     return 0 if not failed else 1
+
+
+def _medbatch_command() -> str:
+    """How to call medbatch again from here: ``.venv/bin/medbatch`` after ``make demo``."""
+    script = Path(sys.executable).parent / "medbatch"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script) if script.exists() else "medbatch"
 
 
 def _all_results(client: httpx.Client) -> list[dict]:
