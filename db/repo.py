@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, or_, select, update
+from sqlalchemy import Table, and_, case, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
-from db.tables import Case, CaseStatus, Priority, Score, Tenant, utcnow
+from db.tables import Batch, Case, CaseStatus, Priority, Score, Tenant, utcnow
 
 
 def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -131,29 +131,135 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
     return [AddedCase(stored[x][0], x in created, stored[x][1]) for x in ids]
 
 
-def claim_cases(session: Session, *, case_ids: Sequence[int]) -> list[Case]:
-    """Count one delivery for each case and mark unfinished ones ``running``.
+@dataclass(frozen=True)
+class ClaimedCase:
+    id: int
+    model_name: str
+    model_version: str
+    features: dict[str, Any]
+    enqueued_at: datetime | None
 
-    Returns every case that exists and has not failed; a case already ``done`` is returned too,
-    because scoring it again is harmless (the score upsert keeps the first row).
+
+def claim_cases(
+    session: Session, *, case_ids: Sequence[int], max_deliveries: int
+) -> tuple[list[ClaimedCase], list[int]]:
+    """Count one delivery for each unfailed case and mark unfinished ones ``running``.
+
+    Returns the cases to score, in id order (a case already ``done`` is among them: scoring it
+    again is harmless, the score upsert keeps the first row), and the ids of cases that have now
+    been delivered more than ``max_deliveries`` times without finishing: those end ``failed``
+    as dead letters, with their last error, instead of looping forever.
     """
-    session.execute(
+    now = utcnow()
+    rows = session.execute(
         update(Case)
-        .where(Case.id.in_(case_ids))
-        .values(delivery_count=Case.delivery_count + 1, updated_at=utcnow())
-    )
-    session.execute(
-        update(Case)
-        .where(Case.id.in_(case_ids), Case.status.in_([CaseStatus.queued, CaseStatus.running]))
-        .values(status=CaseStatus.running)
-    )
-    return list(
-        session.scalars(
-            select(Case)
-            .where(Case.id.in_(case_ids), Case.status != CaseStatus.failed)
-            .order_by(Case.id)
+        .where(Case.id.in_(list(case_ids)), Case.status != CaseStatus.failed)
+        .values(
+            delivery_count=Case.delivery_count + 1,
+            status=case((Case.status == CaseStatus.done, Case.status), else_=CaseStatus.running),
+            updated_at=now,
         )
+        .returning(
+            Case.id,
+            Case.model_name,
+            Case.model_version,
+            Case.features,
+            Case.enqueued_at,
+            Case.delivery_count,
+            Case.status,
+            Case.last_error,
+        ),
+        execution_options={"synchronize_session": False},
+    ).all()
+    claimed, dead = [], []
+    for row in sorted(rows, key=lambda r: r.id):
+        if row.status != CaseStatus.done and row.delivery_count > max_deliveries:
+            dead.append(row.id)
+            reason = row.last_error or "none recorded (the worker stopped mid-batch)"
+            session.execute(
+                update(Case)
+                .where(Case.id == row.id)
+                .values(
+                    status=CaseStatus.failed,
+                    dead_letter=True,
+                    last_error=f"dead letter: delivered {row.delivery_count} times without "
+                    f"finishing; last error: {reason}"[:2000],
+                ),
+                execution_options={"synchronize_session": False},
+            )
+        else:
+            claimed.append(
+                ClaimedCase(
+                    row.id, row.model_name, row.model_version, row.features, row.enqueued_at
+                )
+            )
+    return claimed, dead
+
+
+def add_batch(
+    session: Session,
+    *,
+    queue: str,
+    model_name: str,
+    model_version: str,
+    model_sha256: str,
+    device: str,
+    size: int,
+    inference_ms: float,
+) -> int:
+    """Record one forward pass; return its id for the scores it produced."""
+    batch = Batch(
+        queue=queue,
+        model_name=model_name,
+        model_version=model_version,
+        model_sha256=model_sha256,
+        device=device,
+        size=size,
+        inference_ms=inference_ms,
     )
+    session.add(batch)
+    session.flush()
+    return batch.id
+
+
+def record_error(session: Session, *, case_ids: Sequence[int], error: str) -> None:
+    """Note why a delivery did not finish, for the dead letter that may follow."""
+    session.execute(
+        update(Case)
+        .where(Case.id.in_(list(case_ids)), Case.status == CaseStatus.running)
+        .values(last_error=error[:2000]),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def replay_dead_letters(
+    session: Session, *, tenant_id: int | None = None, case_ids: Sequence[int] | None = None
+) -> list[tuple[int, Priority]]:
+    """Put dead-lettered cases back to ``queued`` with a fresh delivery count.
+
+    Returns ``(case id, priority)`` of each, to enqueue after the commit.
+    """
+    stmt = select(Case.id, Case.priority).where(Case.dead_letter.is_(True))
+    if tenant_id is not None:
+        stmt = stmt.where(Case.tenant_id == tenant_id)
+    if case_ids is not None:
+        stmt = stmt.where(Case.id.in_(list(case_ids)))
+    found = [(r[0], r[1]) for r in session.execute(stmt.order_by(Case.id))]
+    if found:
+        now = utcnow()
+        session.execute(
+            update(Case)
+            .where(Case.id.in_([i for i, _ in found]))
+            .values(
+                status=CaseStatus.queued,
+                dead_letter=False,
+                delivery_count=0,
+                updated_at=now,
+                enqueued_at=now,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+    return found
 
 
 def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
@@ -173,7 +279,8 @@ def mark_done(session: Session, *, case_ids: Iterable[int]) -> None:
     session.execute(
         update(Case)
         .where(Case.id.in_(list(case_ids)))
-        .values(status=CaseStatus.done, last_error=None, updated_at=utcnow())
+        .values(status=CaseStatus.done, last_error=None, updated_at=utcnow()),
+        execution_options={"synchronize_session": False},
     )
 
 

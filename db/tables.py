@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -113,6 +114,8 @@ class Case(Base):
     )
     #: How many times a scoring message for this case reached a worker.
     delivery_count: Mapped[int] = mapped_column(default=0)
+    #: Failed because it was delivered too often without finishing (``medbatch cases replay``).
+    dead_letter: Mapped[bool] = mapped_column(default=False, server_default=false())
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -120,6 +123,22 @@ class Case(Base):
     enqueued_at: Mapped[datetime | None]
 
     scores: Mapped[list[Score]] = relationship(back_populates="case", order_by="Score.id")
+
+
+class Batch(Base):
+    """One forward pass: which model on which device scored how many cases, and how fast."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    queue: Mapped[str] = mapped_column(String(50))
+    model_name: Mapped[str] = mapped_column(String(100))
+    model_version: Mapped[str] = mapped_column(String(50))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(20))
+    size: Mapped[int]
+    inference_ms: Mapped[float] = mapped_column(Float(precision=53))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Score(Base):
@@ -137,5 +156,12 @@ class Score(Base):
     score: Mapped[float] = mapped_column(Float(precision=53))
     label: Mapped[str] = mapped_column(String(50))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    #: The forward pass that produced this score (empty only for scores written before batches).
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"))
+    #: Row of this case in that forward pass.
+    position: Mapped[int | None]
+    #: From the case's last enqueue to the start of its forward pass.
+    queue_wait_ms: Mapped[float | None] = mapped_column(Float(precision=53))
 
     case: Mapped[Case] = relationship(back_populates="scores")
+    batch: Mapped[Batch | None] = relationship()

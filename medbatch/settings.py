@@ -44,6 +44,22 @@ class Settings(BaseSettings):
     cases_per_message: int = Field(default=64, ge=1)
     #: Page size limit of GET /v1/scores.
     max_page_size: int = Field(default=500, ge=1)
+    #: Dynamic batching, per queue: a forward pass starts when ``max_batch_size`` cases are
+    #: waiting or ``max_delay_ms`` after the first of them arrived, whichever comes first.
+    #: STAT: small and at once (latency first); routine: tens of ms buy full batches at a cost a
+    #: clinician cannot notice; bulk: large batches, throughput first.
+    stat_max_batch_size: int = Field(default=32, ge=1)
+    stat_max_delay_ms: float = Field(default=2.0, ge=0)
+    routine_max_batch_size: int = Field(default=256, ge=1)
+    routine_max_delay_ms: float = Field(default=20.0, ge=0)
+    bulk_max_batch_size: int = Field(default=1024, ge=1)
+    bulk_max_delay_ms: float = Field(default=100.0, ge=0)
+    #: A case delivered this many times without finishing ends ``failed`` as a dead letter.
+    max_deliveries: int = Field(default=5, ge=1)
+    #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
+    autocast: Literal["off", "bf16", "fp16"] = "off"
+    #: Port of the worker's Prometheus endpoint; 0 turns it off.
+    worker_metrics_port: int = Field(default=9108, ge=0, le=65535)
     #: Python logging level of the API, worker and CLI.
     log_level: str = "INFO"
 
@@ -54,6 +70,13 @@ class Settings(BaseSettings):
     @property
     def var_dir(self) -> Path:
         return Path("var")
+
+    def batching(self, queue: str) -> tuple[int, float]:
+        """``(max_batch_size, max_delay_ms)`` of a ``score.*`` queue (routine's for others)."""
+        kind = queue.removeprefix("score.")
+        if kind not in ("stat", "routine", "bulk"):
+            kind = "routine"
+        return getattr(self, f"{kind}_max_batch_size"), getattr(self, f"{kind}_max_delay_ms")
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,8 @@ from models.featurize import featurize
 from models.registry import ModelSpec, verify_artifact
 
 Device = Literal["auto", "cpu", "cuda"]
+Autocast = Literal["off", "bf16", "fp16"]
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,13 @@ class LoadedModel:
     Load once per process; every call after that is a forward pass.
     """
 
-    def __init__(self, spec: ModelSpec, *, device: Device = "auto") -> None:
+    def __init__(
+        self, spec: ModelSpec, *, device: Device = "auto", autocast: Autocast = "off"
+    ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
+        # Mixed precision only where it pays: tensor cores on CUDA. On the CPU, float32 throughout.
+        self.autocast_dtype = _AUTOCAST_DTYPES.get(autocast) if self.device.type == "cuda" else None
         path = verify_artifact(spec)
         module = build(spec.architecture, n_features=len(spec.inputs), params=spec.params)
         module.load_state_dict(load_file(path))
@@ -63,8 +69,20 @@ class LoadedModel:
                 f"{self.spec.ref} expects a batch of shape (N, {len(self.spec.inputs)}), "
                 f"got {tuple(batch.shape)}"
             )
-        logits = self.module(batch.to(self.device))
+        if self.device.type == "cuda":
+            # Page-locked host memory lets the copy overlap with work already queued on the GPU.
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            logits = self.module(batch)
         return torch.sigmoid(logits.float()).cpu()
+
+    def warm_up(self, batch_size: int = 8) -> None:
+        """One forward pass on zeros, so the first real batch pays no lazy initialisation."""
+        self.predict(torch.zeros(batch_size, len(self.spec.inputs)))
 
     def to_rows(self, probabilities: torch.Tensor) -> list[ScoreRow]:
         negative, positive = self.spec.labels

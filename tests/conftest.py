@@ -56,9 +56,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 def _empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("TRUNCATE scores, cases, tenants RESTART IDENTITY CASCADE"))
+            conn.execute(text("TRUNCATE scores, batches, cases, tenants RESTART IDENTITY CASCADE"))
         else:
-            for table in ("scores", "cases", "tenants"):
+            for table in ("scores", "batches", "cases", "tenants"):
                 conn.execute(text(f"DELETE FROM {table}"))
 
 

@@ -42,9 +42,17 @@ class WorkerContext:
         key = (name, version)
         if key not in self._models:
             spec = self.registry.resolve(f"{name}@{version}")
-            self._models[key] = LoadedModel(spec, device=self.settings.device)
-            log.info("loaded model %s on %s", spec.ref, self._models[key].device)
+            model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
+            model.warm_up()
+            self._models[key] = model
+            log.info("loaded model %s on %s", spec.ref, model.device)
         return self._models[key]
+
+    def warm_up(self) -> None:
+        """Load the default version of every released model before the first message."""
+        for spec in self.registry:
+            if spec.default and spec.status == "released":
+                self.model(spec.name, spec.version)
 
 
 def resolve_broker_url(settings: Settings) -> str:
@@ -63,9 +71,14 @@ def create_app(
     app.conf.update(
         broker_url=broker_url or resolve_broker_url(settings),
         broker_connection_retry_on_startup=True,
-        # Redis holds an unacknowledged message invisible this long, then hands it out again:
-        # longer than any task runs, so a slow task is not run twice for nothing.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            # Redis holds an unacknowledged message invisible this long, then hands it out
+            # again: longer than any task runs, so a slow task is not run twice for nothing.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Read the queues in the order given to --queues (stat, routine, bulk) instead of
+            # round robin: a STAT message is always the next one read.
+            "queue_order_strategy": "priority",
+        },
         task_queues=task_queues(),
         task_default_queue="score.routine",
         task_serializer="json",
@@ -76,9 +89,10 @@ def create_app(
         # leaves its message to be delivered again.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Hold one message at a time per worker process: never prefetch the queue away from
-        # other workers (Celery optimizing guide: prefetch 1 for long tasks with acks_late).
-        worker_prefetch_multiplier=1,
+        # The batcher holds messages unacknowledged until their batch is committed, so the
+        # prefetch limit is what bounds a batch: the sum of the per-queue batch sizes (a message
+        # carries at least one case). Never "the whole queue" (Celery's optimizing guide).
+        worker_prefetch_multiplier=sum(settings.batching(q)[0] for q in SCORE_QUEUES),
         worker_hijack_root_logger=False,
         beat_schedule={
             "requeue-stale-cases": {
@@ -90,6 +104,7 @@ def create_app(
     )
     app.medbatch = WorkerContext(settings)
     if include_tasks:
+        import worker.signals
         import worker.tasks.maintenance
         import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
 

@@ -148,12 +148,49 @@ def test_claim_counts_deliveries_and_skips_failed_cases(sessions: sessionmaker[S
         repo.mark_failed(s, errors={ids[1]: "bad"})
     for _ in range(2):
         with session_scope(sessions) as s:
-            claimed = repo.claim_cases(s, case_ids=ids)
-            assert [c.id for c in claimed] == [ids[0]]
+            claimed, dead = repo.claim_cases(s, case_ids=ids, max_deliveries=5)
+            assert [c.id for c in claimed] == [ids[0]] and dead == []
+            assert claimed[0].features == {"a": 1.0, "b": 2.5}
+            assert claimed[0].enqueued_at is not None and claimed[0].enqueued_at.tzinfo is not None
     with sessions() as s:
         rows = {c.id: c for c in s.scalars(select(Case))}
     assert rows[ids[0]].delivery_count == 2 and rows[ids[0]].status == CaseStatus.running
     assert rows[ids[1]].status == CaseStatus.failed and rows[ids[1]].last_error == "bad"
+    assert rows[ids[1]].delivery_count == 0
+
+
+def test_too_many_deliveries_make_a_dead_letter_and_replay_brings_it_back(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Past max_deliveries a case ends failed as a dead letter with its last error; replay
+    re-queues it with a fresh count; done cases are never dead-lettered."""
+    tenant_id = _tenant(sessions)
+    with session_scope(sessions) as s:
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant_id, cases=[_case("1"), _case("2")])]
+        repo.mark_done(s, case_ids=[ids[1]])
+    for delivery in range(1, 4):
+        with session_scope(sessions) as s:
+            claimed, dead = repo.claim_cases(s, case_ids=ids, max_deliveries=2)
+            repo.record_error(s, case_ids=ids, error=f"OperationalError: try {delivery}")
+        if delivery <= 2:
+            assert [c.id for c in claimed] == ids and dead == []
+        else:
+            assert [c.id for c in claimed] == [ids[1]] and dead == [ids[0]]
+    with sessions() as s:
+        case = s.get(Case, ids[0])
+        assert case is not None
+        assert case.status == CaseStatus.failed and case.dead_letter
+        assert case.last_error == (
+            "dead letter: delivered 3 times without finishing; last error: OperationalError: try 2"
+        )
+        assert s.get(Case, ids[1]).status == CaseStatus.done  # type: ignore[union-attr]
+    with session_scope(sessions) as s:
+        assert repo.replay_dead_letters(s, tenant_id=tenant_id + 1) == []
+        assert repo.replay_dead_letters(s, tenant_id=tenant_id) == [(ids[0], Priority.routine)]
+    with sessions() as s:
+        case = s.get(Case, ids[0])
+        assert case is not None
+        assert (case.status, case.dead_letter, case.delivery_count) == (CaseStatus.queued, False, 0)
 
 
 def test_stale_cases_are_found_by_age_and_status(sessions: sessionmaker[Session]) -> None:
@@ -166,7 +203,7 @@ def test_stale_cases_are_found_by_age_and_status(sessions: sessionmaker[Session]
                 s, tenant_id=tenant_id, cases=[_case("q"), _case("r"), _case("d")]
             )
         ]
-        repo.claim_cases(s, case_ids=[ids[1]])
+        repo.claim_cases(s, case_ids=[ids[1]], max_deliveries=5)
         repo.mark_done(s, case_ids=[ids[2]])
     now = datetime.now(UTC)
     with sessions() as s:

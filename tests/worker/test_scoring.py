@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from db.tables import Case, CaseStatus, Priority, Score
+from db.tables import Batch, Case, CaseStatus, Priority, Score
 from medbatch.settings import Settings
 from models.registry import Registry
 from models.scoring import LoadedModel
@@ -78,6 +78,30 @@ def test_scores_are_the_models_output_with_provenance(
             "1.0.0",
             SPEC.sha256,
         )
+
+
+def test_each_score_records_its_forward_pass(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Cases are cut into passes of at most max_batch_size; each score names its batch,
+    position, queue wait; each batch its size, device, sha256 and inference time."""
+    ids = _add(pg_sessions, wdbc_cases(20))
+    outcome = score_cases(
+        ids, sessions=pg_sessions, load_model=_loader(model), queue="score.bulk", max_batch_size=8
+    )
+    assert outcome.forward_passes == 3
+    with pg_sessions() as s:
+        batches = s.scalars(select(Batch).order_by(Batch.id)).all()
+        scores = s.scalars(select(Score).order_by(Score.case_id)).all()
+    assert [b.size for b in batches] == [8, 8, 4]
+    assert {(b.queue, b.device, b.model_sha256) for b in batches} == {
+        ("score.bulk", "cpu", SPEC.sha256)
+    }
+    assert all(b.inference_ms > 0 for b in batches)
+    assert [(sc.batch_id, sc.position) for sc in scores] == [
+        (batches[i // 8].id, i % 8) for i in range(20)
+    ]
+    assert all(sc.queue_wait_ms is not None and sc.queue_wait_ms >= 0 for sc in scores)
 
 
 def test_scoring_the_same_cases_twice_keeps_one_row_each(

@@ -6,7 +6,6 @@ import logging
 from datetime import timedelta
 
 from celery import Celery, shared_task
-from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
@@ -61,15 +60,3 @@ def requeue_stale_cases_task(self) -> int:
         running_grace_s=ctx.settings.visibility_timeout_s + ctx.settings.requeue_after_s,
         per_message=ctx.settings.cases_per_message,
     )
-
-
-@worker_ready.connect
-def _sweep_on_start(sender, **_: object) -> None:
-    """A worker starting after an outage picks up what was stranded, without waiting for beat."""
-    app = sender.app
-    if not hasattr(app, "medbatch"):
-        return
-    try:
-        requeue_stale_cases_task.apply()
-    except Exception:
-        log.exception("sweep at worker start failed; beat will try again")

@@ -1,24 +1,31 @@
-"""``medbatch.score_cases``: claim the cases, one forward pass per model, upsert scores, settle."""
+"""``medbatch.score_cases``: claim the cases, one forward pass per model and batch, upsert, settle.
+
+Messages of this task are not run one by one: :class:`worker.batching.Batcher` gathers them per
+queue and calls :func:`score_cases` once for all the case ids they carry.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import torch
 from celery import Task, shared_task
 from celery.exceptions import Reject
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
+from db.tables import utcnow
 from models.featurize import check_features
 from models.registry import ArtifactIntegrityError, RegistryError
-from models.scoring import LoadedModel
+from models.scoring import LoadedModel, ScoreRow
+from worker import metrics
 from worker.app import context
 from worker.queues import SCORE_TASK
 
@@ -31,15 +38,20 @@ ModelLoader = Callable[[str, str], LoadedModel]
 class Outcome:
     scored: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    dead_letters: list[int] = field(default_factory=list)
     new_score_rows: int = 0
+    forward_passes: int = 0
 
 
-@dataclass(frozen=True)
-class _Claimed:
-    id: int
-    model_name: str
-    model_version: str
-    features: dict
+@dataclass
+class _Pass:
+    """One forward pass and what it produced, waiting to be written."""
+
+    model: LoadedModel
+    size: int
+    inference_ms: float
+    started: datetime
+    rows: list[tuple[int, int, ScoreRow, float | None]]  # (case id, position, row, wait ms)
 
 
 def parse_case_ids(args: Sequence[object]) -> list[int]:
@@ -53,26 +65,31 @@ def parse_case_ids(args: Sequence[object]) -> list[int]:
 
 
 def score_cases(
-    case_ids: Sequence[int], *, sessions: sessionmaker[Session], load_model: ModelLoader
+    case_ids: Sequence[int],
+    *,
+    sessions: sessionmaker[Session],
+    load_model: ModelLoader,
+    queue: str = "score.routine",
+    max_batch_size: int = 1024,
+    max_deliveries: int = 5,
 ) -> Outcome:
-    """Score the given cases and persist the outcome; safe to run twice for the same ids."""
+    """Score the given cases and persist the outcome; safe to run twice for the same ids.
+
+    Cases are grouped by model version and cut into forward passes of at most ``max_batch_size``.
+    """
     with session_scope(sessions) as session:
-        claimed = [
-            _Claimed(c.id, c.model_name, c.model_version, dict(c.features))
-            for c in repo.claim_cases(session, case_ids=case_ids)
-        ]
-    outcome = Outcome()
-    rows: list[dict] = []
-    groups: dict[tuple[str, str], list[_Claimed]] = defaultdict(list)
+        claimed, dead = repo.claim_cases(session, case_ids=case_ids, max_deliveries=max_deliveries)
+    outcome = Outcome(dead_letters=dead)
+    passes: list[_Pass] = []
+    groups: dict[tuple[str, str], list[repo.ClaimedCase]] = defaultdict(list)
     for case in claimed:
         groups[(case.model_name, case.model_version)].append(case)
     for (name, version), cases in groups.items():
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            outcome.failed.update(
-                {c.id: f"model {name}@{version} unavailable: {exc}" for c in cases}
-            )
+            reason = f"model {name}@{version} unavailable: {exc}"
+            outcome.failed.update({c.id: reason for c in cases})
             continue
         ready = []
         for case in cases:
@@ -82,40 +99,77 @@ def score_cases(
                 outcome.failed[case.id] = f"features do not fit the input schema: {detail}"
             else:
                 ready.append(case)
-        if not ready:
-            continue
-        batch = model.featurize([c.features for c in ready])
-        probabilities, errors = _predict_isolating(model, [c.id for c in ready], batch)
-        outcome.failed.update(errors)
-        for case_id, row in probabilities.items():
-            rows.append(
-                {
-                    "case_id": case_id,
-                    "model_name": name,
-                    "model_version": version,
-                    "model_sha256": model.sha256,
-                    "score": row.score,
-                    "label": row.label,
-                }
-            )
-            outcome.scored.append(case_id)
+        for start in range(0, len(ready), max_batch_size):
+            chunk = ready[start : start + max_batch_size]
+            started = utcnow()
+            t0 = time.perf_counter()
+            batch = model.featurize([c.features for c in chunk])
+            counter = [0]
+            results, errors = _predict_isolating(model, [c.id for c in chunk], batch, counter)
+            inference_ms = (time.perf_counter() - t0) * 1000
+            outcome.forward_passes += counter[0]
+            outcome.failed.update(errors)
+            rows = [
+                (c.id, position, results[c.id], _wait_ms(c.enqueued_at, started))
+                for position, c in enumerate(chunk)
+                if c.id in results
+            ]
+            passes.append(_Pass(model, len(chunk), inference_ms, started, rows))
     with session_scope(sessions) as session:
-        outcome.new_score_rows = repo.save_scores(session, rows=rows)
+        score_rows = []
+        for p in passes:
+            batch_id = repo.add_batch(
+                session,
+                queue=queue,
+                model_name=p.model.spec.name,
+                model_version=p.model.spec.version,
+                model_sha256=p.model.sha256,
+                device=str(p.model.device),
+                size=p.size,
+                inference_ms=p.inference_ms,
+            )
+            for case_id, position, row, wait_ms in p.rows:
+                score_rows.append(
+                    {
+                        "case_id": case_id,
+                        "model_name": p.model.spec.name,
+                        "model_version": p.model.spec.version,
+                        "model_sha256": p.model.sha256,
+                        "score": row.score,
+                        "label": row.label,
+                        "batch_id": batch_id,
+                        "position": position,
+                        "queue_wait_ms": wait_ms,
+                    }
+                )
+                outcome.scored.append(case_id)
+        outcome.new_score_rows = repo.save_scores(session, rows=score_rows)
         repo.mark_done(session, case_ids=outcome.scored)
         repo.mark_failed(session, errors=outcome.failed)
+    _observe(queue, passes, outcome, claimed)
     return outcome
 
 
-def _predict_isolating(model: LoadedModel, ids: list[int], batch: torch.Tensor):
-    """One forward pass for the batch; if it raises, split it so a bad case fails alone."""
+def _wait_ms(enqueued_at: datetime | None, started: datetime) -> float | None:
+    if enqueued_at is None:
+        return None
+    return max(0.0, (started - enqueued_at).total_seconds() * 1000)
+
+
+def _predict_isolating(
+    model: LoadedModel, ids: list[int], batch: torch.Tensor, counter: list[int]
+) -> tuple[dict[int, ScoreRow], dict[int, str]]:
+    """One forward pass for the batch; if it raises, split it in halves until the bad case is
+    alone, so every other case is scored (at most 1 + 2·log2(n) passes for one bad case)."""
+    counter[0] += 1
     try:
         rows = model.to_rows(model.predict(batch))
     except Exception as exc:
         if len(ids) == 1:
             return {}, {ids[0]: f"model raised {type(exc).__name__}: {exc}"}
         mid = len(ids) // 2
-        left_rows, left_err = _predict_isolating(model, ids[:mid], batch[:mid])
-        right_rows, right_err = _predict_isolating(model, ids[mid:], batch[mid:])
+        left_rows, left_err = _predict_isolating(model, ids[:mid], batch[:mid], counter)
+        right_rows, right_err = _predict_isolating(model, ids[mid:], batch[mid:], counter)
         return {**left_rows, **right_rows}, {**left_err, **right_err}
     scored, errors = {}, {}
     for case_id, row in zip(ids, rows, strict=True):
@@ -126,33 +180,47 @@ def _predict_isolating(model: LoadedModel, ids: list[int], batch: torch.Tensor):
     return scored, errors
 
 
-class ScoringTask(Task):
-    """Thin task: decode ids, call the scoring function with this process's resources."""
+def _observe(
+    queue: str, passes: list[_Pass], outcome: Outcome, claimed: list[repo.ClaimedCase]
+) -> None:
+    for p in passes:
+        model = p.model.spec.ref
+        metrics.BATCH_SIZE.labels(queue, model).observe(p.size)
+        metrics.INFERENCE.labels(queue, model).observe(p.inference_ms / 1000)
+        metrics.CASES_SCORED.labels(queue, model).inc(len(p.rows))
+        for _, _, _, wait_ms in p.rows:
+            if wait_ms is not None:
+                metrics.QUEUE_WAIT.labels(queue).observe(wait_ms / 1000)
+    model_of = {c.id: f"{c.model_name}@{c.model_version}" for c in claimed}
+    for case_id in [*outcome.failed, *outcome.dead_letters]:
+        metrics.CASES_FAILED.labels(queue, model_of.get(case_id, "unknown")).inc()
 
-    #: The database may blink (failover, restart): retry with backoff, the message is not lost.
-    autoretry_for = (OperationalError,)
-    retry_backoff = True
-    retry_backoff_max = 60
-    max_retries = 10
+
+class ScoringTask(Task):
+    """The scoring task; its messages are gathered into batches by :class:`Batcher`."""
+
+    def Strategy(self, task: Task, app, consumer):
+        from worker.batching import Batcher
+
+        return Batcher(task, app, consumer).on_message
 
 
 @shared_task(bind=True, base=ScoringTask, name=SCORE_TASK)
 def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
+    """Run directly (``apply``) as one batch of the given ids; workers batch across messages."""
     try:
         case_ids = parse_case_ids(args)
     except ValueError as exc:
-        # A malformed message names no case we could fail; drop it loudly, never loop on it.
-        log.error("rejected malformed %s message %s: %s", SCORE_TASK, self.request.id, exc)
         raise Reject(str(exc), requeue=False) from exc
     ctx = context(self.app)
-    outcome = score_cases(case_ids, sessions=ctx.sessions, load_model=ctx.model)
-    # Counts and internal ids only: no external ids (they may be MRNs), no feature values.
-    log.info(
-        "message %s: %d cases, %d scored, %d new score rows, %d failed",
-        self.request.id,
-        len(case_ids),
-        len(outcome.scored),
-        outcome.new_score_rows,
-        len(outcome.failed),
+    queue = (self.request.delivery_info or {}).get("routing_key") or "score.routine"
+    max_batch_size, _ = ctx.settings.batching(queue)
+    outcome = score_cases(
+        case_ids,
+        sessions=ctx.sessions,
+        load_model=ctx.model,
+        queue=queue,
+        max_batch_size=max_batch_size,
+        max_deliveries=ctx.settings.max_deliveries,
     )
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}

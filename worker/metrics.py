@@ -1,0 +1,44 @@
+"""Prometheus metrics of a worker process (served on MEDBATCH_WORKER_METRICS_PORT)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = Histogram(
+    "medbatch_batch_size",
+    "Cases in one forward pass",
+    ["queue", "model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+QUEUE_WAIT = Histogram(
+    "medbatch_queue_wait_seconds",
+    "From a case's enqueue to the start of its forward pass",
+    ["queue"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+INFERENCE = Histogram(
+    "medbatch_inference_seconds",
+    "Duration of one forward pass (including poison isolation retries)",
+    ["queue", "model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+CASES_SCORED = Counter("medbatch_cases_scored_total", "Cases scored", ["queue", "model"])
+CASES_FAILED = Counter("medbatch_cases_failed_total", "Cases that ended failed", ["queue", "model"])
+MESSAGES_REJECTED = Counter(
+    "medbatch_messages_rejected_total", "Malformed scoring messages dropped", ["queue"]
+)
+
+
+def serve(port: int) -> None:
+    """Expose the metrics on ``port``; a taken port costs the metrics, never the worker."""
+    if not port:
+        return
+    try:
+        start_http_server(port)
+        log.info("worker metrics on :%d/metrics", port)
+    except OSError as exc:
+        log.warning("worker metrics not served: port %d: %s", port, exc)
