@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, case, or_, select, update
+from sqlalchemy import BigInteger, Table, and_, any_, bindparam, case, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
@@ -28,6 +28,14 @@ def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise NotImplementedError(f"medbatch supports PostgreSQL and SQLite, not {dialect}")
+
+
+def _among(session: Session, column: Any, ids: Iterable[int]) -> Any:
+    """``column IN ids``; on PostgreSQL as ``= ANY(array)``: one parameter, however many ids."""
+    values = list(ids)
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, values, type_=postgresql.ARRAY(BigInteger)))
+    return column.in_(values)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -153,7 +161,7 @@ def claim_cases(
     now = utcnow()
     rows = session.execute(
         update(Case)
-        .where(Case.id.in_(list(case_ids)), Case.status != CaseStatus.failed)
+        .where(_among(session, Case.id, case_ids), Case.status != CaseStatus.failed)
         .values(
             delivery_count=Case.delivery_count + 1,
             status=case((Case.status == CaseStatus.done, Case.status), else_=CaseStatus.running),
@@ -226,7 +234,7 @@ def record_error(session: Session, *, case_ids: Sequence[int], error: str) -> No
     """Note why a delivery did not finish, for the dead letter that may follow."""
     session.execute(
         update(Case)
-        .where(Case.id.in_(list(case_ids)), Case.status == CaseStatus.running)
+        .where(_among(session, Case.id, case_ids), Case.status == CaseStatus.running)
         .values(last_error=error[:2000]),
         execution_options={"synchronize_session": False},
     )
@@ -243,13 +251,13 @@ def replay_dead_letters(
     if tenant_id is not None:
         stmt = stmt.where(Case.tenant_id == tenant_id)
     if case_ids is not None:
-        stmt = stmt.where(Case.id.in_(list(case_ids)))
+        stmt = stmt.where(_among(session, Case.id, case_ids))
     found = [(r[0], r[1]) for r in session.execute(stmt.order_by(Case.id))]
     if found:
         now = utcnow()
         session.execute(
             update(Case)
-            .where(Case.id.in_([i for i, _ in found]))
+            .where(_among(session, Case.id, [i for i, _ in found]))
             .values(
                 status=CaseStatus.queued,
                 dead_letter=False,
@@ -262,11 +270,36 @@ def replay_dead_letters(
     return found
 
 
+_SCORE_ARRAYS = {
+    "case_id": "bigint[]",
+    "model_name": "text[]",
+    "model_version": "text[]",
+    "model_sha256": "text[]",
+    "score": "float8[]",
+    "label": "text[]",
+    "batch_id": "bigint[]",
+    "position": "int[]",
+    "queue_wait_ms": "float8[]",
+}
+# One INSERT over arrays, one parameter per column: a thousand-row batch is one short statement
+# instead of one with ten thousand placeholders (which psycopg spends longer parsing than
+# PostgreSQL spends inserting).
+_PG_SAVE_SCORES = text(
+    f"INSERT INTO scores ({', '.join(_SCORE_ARRAYS)}, created_at) "
+    f"SELECT u.*, :created_at FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {t})" for c, t in _SCORE_ARRAYS.items())
+    + ") AS u ON CONFLICT (case_id, model_name, model_version) DO NOTHING RETURNING id"
+)
+
+
 def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
     """Upsert score rows; return how many were new. An existing (case, model, version) row wins."""
     if not rows:
         return 0
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        params: dict[str, Any] = {c: [r.get(c) for r in rows] for c in _SCORE_ARRAYS}
+        return len(session.execute(_PG_SAVE_SCORES, {**params, "created_at": now}).all())
     stmt = (
         _insert(session, Score.__table__)  # type: ignore[arg-type]
         .on_conflict_do_nothing(index_elements=["case_id", "model_name", "model_version"])
@@ -278,7 +311,7 @@ def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
 def mark_done(session: Session, *, case_ids: Iterable[int]) -> None:
     session.execute(
         update(Case)
-        .where(Case.id.in_(list(case_ids)))
+        .where(_among(session, Case.id, case_ids))
         .values(status=CaseStatus.done, last_error=None, updated_at=utcnow()),
         execution_options={"synchronize_session": False},
     )
@@ -359,6 +392,6 @@ def stale_cases(
 def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | None = None) -> None:
     session.execute(
         update(Case)
-        .where(Case.id.in_(list(case_ids)))
+        .where(_among(session, Case.id, case_ids))
         .values(enqueued_at=at or utcnow(), updated_at=at or utcnow())
     )

@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,9 +58,13 @@ class ModelSpec:
         """``name@version``, the form submissions may pin."""
         return f"{self.name}@{self.version}"
 
-    @property
+    @cached_property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.inputs)
+
+    @cached_property
+    def feature_set(self) -> frozenset[str]:
+        return frozenset(self.feature_names)
 
 
 def sha256_file(path: Path) -> str:

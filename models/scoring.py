@@ -57,9 +57,11 @@ class LoadedModel:
     def sha256(self) -> str:
         return self.spec.sha256
 
-    def featurize(self, cases: Sequence[Mapping[str, object]]) -> torch.Tensor:
+    def featurize(
+        self, cases: Sequence[Mapping[str, object]], *, checked: bool = False
+    ) -> torch.Tensor:
         """Cases' features as a float32 tensor of shape (N, F); see :func:`models.featurize.featurize`."""
-        return torch.from_numpy(featurize(self.spec, cases))
+        return torch.from_numpy(featurize(self.spec, cases, checked=checked))
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:

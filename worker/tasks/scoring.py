@@ -103,7 +103,7 @@ def score_cases(
             chunk = ready[start : start + max_batch_size]
             started = utcnow()
             t0 = time.perf_counter()
-            batch = model.featurize([c.features for c in chunk])
+            batch = model.featurize([c.features for c in chunk], checked=True)
             counter = [0]
             results, errors = _predict_isolating(model, [c.id for c in chunk], batch, counter)
             inference_ms = (time.perf_counter() - t0) * 1000
