@@ -1,4 +1,4 @@
-"""The ``medbatch`` command line: demo, api, worker, submit, models, db."""
+"""The ``medbatch`` command line: demo, api, worker, submit, cases, models, db."""
 
 from __future__ import annotations
 
@@ -47,6 +47,44 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
             engine.dispose()
         return 0
     raise AssertionError(args.db_command)
+
+
+def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Tenant
+    from worker.app import create_app
+    from worker.queues import enqueue_cases
+
+    if args.cases_command != "replay":
+        raise AssertionError(args.cases_command)
+    if not (args.all or args.tenant or args.case_ids):
+        print("medbatch cases replay: say which: --all, --tenant NAME or case ids", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            tenant_id = None
+            if args.tenant:
+                tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+                if tenant_id is None:
+                    print(f"medbatch cases replay: no tenant {args.tenant!r}", file=sys.stderr)
+                    return 2
+            replayed = repo.replay_dead_letters(
+                session, tenant_id=tenant_id, case_ids=args.case_ids or None
+            )
+        if replayed:
+            app = create_app(settings, include_tasks=False)
+            try:
+                enqueue_cases(app, replayed, per_message=settings.cases_per_message)
+            finally:
+                app.close()
+    finally:
+        engine.dispose()
+    print(f"re-queued {len(replayed)} dead-lettered cases")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -150,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--api", default="http://127.0.0.1:8000")
     submit.add_argument("--api-key", required=True)
     submit.set_defaults(func=cmd_submit)
+
+    cases = sub.add_parser("cases", help="cases in the database")
+    csub = cases.add_subparsers(dest="cases_command", required=True)
+    replay = csub.add_parser("replay", help="re-queue dead-lettered cases with a fresh count")
+    replay.add_argument("case_ids", nargs="*", type=int, help="only these case ids")
+    replay.add_argument("--tenant", help="only this tenant's cases")
+    replay.add_argument("--all", action="store_true", help="every dead-lettered case")
+    cases.set_defaults(func=cmd_cases)
 
     models = sub.add_parser("models", help="the model registry")
     msub = models.add_subparsers(dest="models_command", required=True)

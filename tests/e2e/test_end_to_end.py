@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,121 +11,16 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
-from db.engine import session_scope
 from db.tables import Case, CaseStatus, Score
 from medbatch.settings import Settings
 from models.registry import Registry
 from models.scoring import LoadedModel
+from tests.e2e.support import Processes, count_cases, start_worker, wait_for
 from tests.helpers import wdbc_cases
 from worker.app import create_app
 from worker.queues import SCORE_TASK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Processes:
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs, self.procs = env, logs, []  # type: ignore[var-annotated]
-
-    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "medbatch.cli", *args],
-            env={**self.env, **env},
-            cwd=self.logs,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text()
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-def processes(pg_url: str, pg_engine, redis_url: str, tmp_path: Path) -> Iterator[Processes]:  # type: ignore[no-untyped-def]
-    env = {
-        **os.environ,
-        "MEDBATCH_DATABASE_URL": pg_url,
-        "MEDBATCH_BROKER_URL": redis_url,
-        "MEDBATCH_DEVICE": "cpu",
-        "MEDBATCH_LOG_LEVEL": "INFO",
-        "MEDBATCH_WORKER_METRICS_PORT": "0",
-    }
-    procs = Processes(env, tmp_path)
-    yield procs
-    procs.stop_all()
-
-
-@pytest.fixture
-def api(processes: Processes, pg_sessions: sessionmaker[Session]) -> Iterator[httpx.Client]:
-    """The API as its own process, with a tenant's key in the client's headers."""
-    port = _free_port()
-    proc = processes.start("api", "api", "--port", str(port))
-    with session_scope(pg_sessions) as s:
-        key = repo.create_tenant(s, name="e2e")[1]
-    client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, processes.log("api")
-        try:
-            if client.get("/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, processes.log("api")
-        time.sleep(0.2)
-    yield client
-    client.close()
-
-
-def start_worker(processes: Processes, **env: str) -> subprocess.Popen[bytes]:
-    return processes.start(
-        "worker", "worker", "--hostname", f"e2e-{uuid.uuid4().hex[:6]}@%h", **env
-    )
-
-
-def wait_for(
-    condition: Callable[[], bool],
-    *,
-    worker: subprocess.Popen[bytes],
-    processes: Processes,
-    timeout: float = 120,
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert worker.poll() is None, "worker exited:\n" + processes.log("worker")[-3000:]
-        assert time.monotonic() < deadline, (
-            "timed out; worker log:\n" + processes.log("worker")[-3000:]
-        )
-        time.sleep(0.25)
-
-
-def _count(sessions: sessionmaker[Session], *where) -> int:  # type: ignore[no-untyped-def]
-    with sessions() as s:
-        return s.scalar(select(func.count()).select_from(Case).where(*where)) or 0
 
 
 def test_200_cases_over_http_get_exactly_one_correct_score_each(
@@ -149,7 +37,9 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
         ids += [c["id"] for c in response.json()["cases"]]
     worker = start_worker(processes)
     wait_for(
-        lambda: _count(pg_sessions, Case.status.in_([CaseStatus.done, CaseStatus.failed])) == 200,
+        lambda: (
+            count_cases(pg_sessions, Case.status.in_([CaseStatus.done, CaseStatus.failed])) == 200
+        ),
         worker=worker,
         processes=processes,
     )
@@ -189,7 +79,7 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
     worker = start_worker(processes)
     case_id = api.post("/v1/cases", json=wdbc_cases(1)).json()["cases"][0]["id"]
     wait_for(
-        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 1,
+        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 1,
         worker=worker,
         processes=processes,
     )
@@ -203,7 +93,7 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
     # Both copies read and acknowledged (they may share a batch, which counts one delivery).
     wait_for(
         lambda: (
-            _count(pg_sessions, Case.delivery_count >= 2) == 1
+            count_cases(pg_sessions, Case.delivery_count >= 2) == 1
             and redis_client.llen("score.routine") == 0
             and redis_client.hlen("unacked") == 0
         ),
@@ -232,7 +122,7 @@ def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
     worker = start_worker(processes)
     api.post("/v1/cases", json=wdbc_cases(3))
     wait_for(
-        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 3,
+        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 3,
         worker=worker,
         processes=processes,
     )
@@ -252,7 +142,7 @@ def test_lost_messages_are_found_by_the_sweeper_and_scored(
     time.sleep(1.5)
     worker = start_worker(processes, MEDBATCH_REQUEUE_AFTER_S="1")
     wait_for(
-        lambda: _count(pg_sessions, Case.status == CaseStatus.done) == 10,
+        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 10,
         worker=worker,
         processes=processes,
     )
