@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from db.tables import CaseStatus, Priority
-
-#: JSON numbers only (no "1.5" strings, no booleans), and never NaN or ±Infinity.
-FeatureValue = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class CaseCreate(BaseModel):
@@ -23,7 +20,8 @@ class CaseCreate(BaseModel):
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=160)
     ] = Field(description="`name` (its default version) or `name@version`")
     priority: Priority = Priority.routine
-    features: dict[str, FeatureValue]
+    #: Checked against the model's input schema (numbers, series or codes), feature by feature.
+    features: dict[str, Any]
 
 
 class CaseAccepted(BaseModel):

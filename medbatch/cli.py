@@ -95,9 +95,12 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             default = " (default)" if spec.default else ""
             print(
                 f"{spec.ref}{default}\t{spec.status}\t{spec.architecture}\t"
-                f"{len(spec.inputs)} features\tthreshold {spec.threshold}\tsha256 {spec.sha256}"
+                f"{len(spec.inputs)} {spec.input_kind} inputs\tthreshold {spec.threshold}\t"
+                f"sha256 {spec.sha256}"
             )
             print(f"    output: {spec.output}")
+            if spec.clinical_use:
+                print(f"    clinical use: {spec.clinical_use}")
         return 0
     if args.models_command == "train":
         from models.train import train
@@ -106,6 +109,9 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         m = report.metrics
         print(f"trained {report.name}@{report.version} -> {report.artifact}")
         print(f"  sha256 {report.sha256}")
+        if not m:
+            print("  benchmark weights (seeded initialisation, untrained): not for clinical use")
+            return 0
         if report.committed_sha256 and not args.install:
             same = "identical to" if report.sha256 == report.committed_sha256 else "differs from"
             print(f"  {same} the packaged artifact ({report.committed_sha256[:12]}…)")
@@ -163,6 +169,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.train import TRAINABLE
     from worker.queues import SCORE_QUEUES
 
     parser = argparse.ArgumentParser(prog="medbatch", description=__doc__)
@@ -201,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="list registered model versions")
     train = msub.add_parser("train", help="train a reference model reproducibly")
-    train.add_argument("name", choices=["breast-cancer"])
+    train.add_argument("name", choices=list(TRAINABLE))
     train.add_argument(
         "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)"
     )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.registry import ModelSpec
+
 
 class StandardizedMLP(nn.Module):
     """A multilayer perceptron over raw features, with the training set's standardization inside.
@@ -45,8 +47,143 @@ class StandardizedMLP(nn.Module):
         return self.net(z).squeeze(-1)
 
 
+class VitalsRNN(nn.Module):
+    """A GRU (or LSTM) over variable-length multichannel series, e.g. hourly vital signs.
+
+    Padded steps never reach the recurrence: the batch is packed by length
+    (``pack_padded_sequence``), so a case scores the same alone or in a padded batch.
+
+    Parameters
+    ----------
+    n_channels
+        C, the channels per step.
+    hidden
+        Width of the recurrent state.
+    cell
+        ``"gru"`` or ``"lstm"``.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, n_channels: int, hidden: int = 64, layers: int = 1, cell: str = "gru"):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_channels))
+        self.register_buffer("std", torch.ones(n_channels))
+        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rnn = rnn(n_channels, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Series of shape (N, T, C) with valid lengths (N,) to logits of shape (N,)."""
+        z = (x - self.mean) / self.std
+        packed = nn.utils.rnn.pack_padded_sequence(
+            z, lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        _, state = self.rnn(packed)
+        h = state[0] if isinstance(state, tuple) else state  # LSTM returns (h, c)
+        return self.head(h[-1]).squeeze(-1)
+
+
+class SignalCNN(nn.Module):
+    """A 1-D CNN over fixed-length signal windows, e.g. one second of an ECG lead.
+
+    Parameters
+    ----------
+    n_channels
+        C, the leads.
+    widths
+        Output channels of the convolution blocks (each halves the length).
+    kernel
+        Convolution width in samples.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, n_channels: int, widths: Sequence[int] = (16, 32, 64), kernel: int = 7):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_channels))
+        self.register_buffer("std", torch.ones(n_channels))
+        blocks: list[nn.Module] = []
+        width = n_channels
+        for w in widths:
+            blocks += [
+                nn.Conv1d(width, w, kernel, padding=kernel // 2),
+                nn.BatchNorm1d(w),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            ]
+            width = w
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Windows of shape (N, T, C) (all of the schema's one length) to logits of shape (N,)."""
+        z = ((x - self.mean) / self.std).transpose(1, 2)
+        return self.head(self.features(z).mean(dim=-1)).squeeze(-1)
+
+
+class EventTransformer(nn.Module):
+    """A small Transformer encoder over sequences of coded clinical events.
+
+    Padding (token 0) is masked out of attention and out of the mean pooling.
+
+    Parameters
+    ----------
+    vocab_size
+        Codes are 1 .. vocab_size - 1; 0 is padding.
+    max_length
+        Longest sequence, for the learned positions.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        ff: int = 128,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model, padding_idx=0)
+        self.position = nn.Embedding(max_length, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.1, batch_first=True)
+        # No nested-tensor fast path: padded and unpadded batches take the same arithmetic.
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Codes of shape (N, T) with valid lengths (N,) to logits of shape (N,)."""
+        steps = torch.arange(tokens.shape[1], device=tokens.device)
+        padding = steps[None, :] >= lengths[:, None]
+        h = self.embed(tokens) + self.position(steps)[None]
+        h = self.encoder(h, src_key_padding_mask=padding)
+        h = h.masked_fill(padding[..., None], 0.0).sum(dim=1) / lengths[:, None].to(h.dtype)
+        return self.head(h).squeeze(-1)
+
+
+#: Architectures whose forward takes ``(x, lengths)``.
+SEQUENCE_ARCHITECTURES = frozenset({"rnn", "cnn1d", "transformer"})
+
+
+def build_for(spec: ModelSpec) -> nn.Module:
+    """The untrained module a registry entry describes (its weights are loaded after)."""
+    params = dict(spec.params)
+    if spec.architecture == "transformer":
+        params.update(vocab_size=spec.vocab_size, max_length=spec.max_length)
+    return build(spec.architecture, n_features=len(spec.inputs), params=params)
+
+
 def build(architecture: str, *, n_features: int, params: dict) -> nn.Module:
-    """Instantiate a registry entry's architecture with its hyper-parameters."""
+    """Instantiate an architecture with its hyper-parameters."""
     if architecture == "mlp":
         return StandardizedMLP(n_features, **params)
-    raise ValueError(f"unknown architecture {architecture!r} (known: mlp)")
+    if architecture == "rnn":
+        return VitalsRNN(n_features, **params)
+    if architecture == "cnn1d":
+        return SignalCNN(n_features, **params)
+    if architecture == "transformer":
+        return EventTransformer(**params)
+    raise ValueError(f"unknown architecture {architecture!r} (known: mlp, rnn, cnn1d, transformer)")

@@ -19,6 +19,9 @@ from typing import Any, Literal
 REGISTRY_PATH = Path(__file__).with_name("registry.json")
 
 Status = Literal["released", "candidate", "retired"]
+#: tabular: one number per input. series: per input (a channel) a list of numbers, all of one
+#: length. tokens: one input, a list of integer codes.
+InputKind = Literal["tabular", "series", "tokens"]
 
 
 class RegistryError(LookupError):
@@ -52,6 +55,12 @@ class ModelSpec:
     params: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     clinical_use: str = ""
+    input_kind: InputKind = "tabular"
+    #: Allowed sequence lengths (series and tokens).
+    min_length: int = 1
+    max_length: int | None = None
+    #: Codes are 1 .. vocab_size - 1 (tokens).
+    vocab_size: int | None = None
 
     @property
     def ref(self) -> str:
@@ -141,4 +150,8 @@ def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:
         params=entry.get("params", {}),
         training=entry.get("training", {}),
         clinical_use=entry.get("clinical_use", ""),
+        input_kind=entry.get("input_kind", "tabular"),
+        min_length=int(entry.get("min_length", 1)),
+        max_length=entry.get("max_length"),
+        vocab_size=entry.get("vocab_size"),
     )

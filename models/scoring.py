@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from models.architectures import build
+from models.architectures import build_for
 from models.featurize import featurize
 from models.registry import ModelSpec, verify_artifact
 
@@ -24,6 +24,27 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class ScoreRow:
     score: float
     label: str
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A featurized batch: ``values`` and, for sequence inputs, each case's valid ``lengths``.
+
+    Slicing keeps cases together with their lengths and trims padding no case in the slice needs.
+    """
+
+    values: torch.Tensor  # (N, F) | (N, T, C) | (N, T)
+    lengths: torch.Tensor | None = None  # (N,) int64
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def __getitem__(self, index: slice) -> ModelInput:
+        if self.lengths is None:
+            return ModelInput(self.values[index])
+        lengths = self.lengths[index]
+        steps = int(lengths.max()) if len(lengths) else 0
+        return ModelInput(self.values[index][:, :steps], lengths)
 
 
 def resolve_device(device: Device = "auto") -> torch.device:
@@ -49,7 +70,7 @@ class LoadedModel:
         # Mixed precision only where it pays: tensor cores on CUDA. On the CPU, float32 throughout.
         self.autocast_dtype = _AUTOCAST_DTYPES.get(autocast) if self.device.type == "cuda" else None
         path = verify_artifact(spec)
-        module = build(spec.architecture, n_features=len(spec.inputs), params=spec.params)
+        module = build_for(spec)
         module.load_state_dict(load_file(path))
         self.module = module.to(self.device).eval()
 
@@ -59,32 +80,59 @@ class LoadedModel:
 
     def featurize(
         self, cases: Sequence[Mapping[str, object]], *, checked: bool = False
-    ) -> torch.Tensor:
-        """Cases' features as a float32 tensor of shape (N, F); see :func:`models.featurize.featurize`."""
-        return torch.from_numpy(featurize(self.spec, cases, checked=checked))
+    ) -> ModelInput:
+        """Cases' features as tensors; see :func:`models.featurize.featurize` for the shapes."""
+        values, lengths = featurize(self.spec, cases, checked=checked)
+        return ModelInput(
+            torch.from_numpy(values), None if lengths is None else torch.from_numpy(lengths)
+        )
+
+    def _check_shape(self, batch: ModelInput) -> None:
+        kind, width = self.spec.input_kind, len(self.spec.inputs)
+        x = batch.values
+        expected = {"tabular": f"(N, {width})", "series": f"(N, T, {width})", "tokens": "(N, T)"}
+        ok = {
+            "tabular": x.ndim == 2 and x.shape[1] == width,
+            "series": x.ndim == 3 and x.shape[2] == width and batch.lengths is not None,
+            "tokens": x.ndim == 2 and batch.lengths is not None,
+        }[kind]
+        if not ok:
+            raise ValueError(
+                f"{self.spec.ref} expects a batch of shape {expected[kind]}"
+                f"{'' if kind == 'tabular' else ' with lengths'}, got {tuple(x.shape)}"
+            )
 
     @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """Probabilities of shape (N,) for a feature batch of shape (N, F)."""
-        if batch.ndim != 2 or batch.shape[1] != len(self.spec.inputs):
-            raise ValueError(
-                f"{self.spec.ref} expects a batch of shape (N, {len(self.spec.inputs)}), "
-                f"got {tuple(batch.shape)}"
-            )
+    def predict(self, batch: ModelInput | torch.Tensor) -> torch.Tensor:
+        """Probabilities of shape (N,) for a featurized batch."""
+        if isinstance(batch, torch.Tensor):
+            batch = ModelInput(batch)
+        self._check_shape(batch)
+        x, lengths = batch.values, batch.lengths
         if self.device.type == "cuda":
             # Page-locked host memory lets the copy overlap with work already queued on the GPU.
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            if lengths is not None:
+                lengths = lengths.to(self.device, non_blocking=True)
         with torch.autocast(
             self.device.type,
             dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            logits = self.module(batch)
+            logits = self.module(x) if lengths is None else self.module(x, lengths)
         return torch.sigmoid(logits.float()).cpu()
 
     def warm_up(self, batch_size: int = 8) -> None:
-        """One forward pass on zeros, so the first real batch pays no lazy initialisation."""
-        self.predict(torch.zeros(batch_size, len(self.spec.inputs)))
+        """One forward pass on a dummy batch, so the first real case pays no lazy initialisation."""
+        width, steps = len(self.spec.inputs), self.spec.max_length or 1
+        lengths = torch.full((batch_size,), steps, dtype=torch.int64)
+        if self.spec.input_kind == "series":
+            batch = ModelInput(torch.zeros(batch_size, steps, width), lengths)
+        elif self.spec.input_kind == "tokens":
+            batch = ModelInput(torch.ones(batch_size, steps, dtype=torch.int64), lengths)
+        else:
+            batch = ModelInput(torch.zeros(batch_size, width))
+        self.predict(batch)
 
     def to_rows(self, probabilities: torch.Tensor) -> list[ScoreRow]:
         negative, positive = self.spec.labels

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models import breast_cancer
+from models import breast_cancer, reference
 from models.registry import REGISTRY_PATH
 
-TRAINABLE = ("breast-cancer",)
+TRAINABLE = ("breast-cancer", *reference.RECIPES)
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class TrainReport:
 
 def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
     """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry."""
+    if name in reference.RECIPES:
+        return _benchmark_weights(name, out_dir=out_dir, install=install)
     if name != "breast-cancer":
         raise ValueError(f"no training recipe for {name!r} (trainable: {', '.join(TRAINABLE)})")
     filename = f"{breast_cancer.NAME}-{breast_cancer.VERSION}.safetensors"
@@ -60,3 +62,31 @@ def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
             "n_test": result.n_test,
         },
     )
+
+
+def _committed_sha256(registry: dict, name: str, version: str) -> str | None:
+    return next(
+        (m["sha256"] for m in registry["models"] if (m["name"], m["version"]) == (name, version)),
+        None,
+    )
+
+
+def _install(registry: dict, entry: dict) -> None:
+    key = (entry["name"], entry["version"])
+    registry["models"] = [
+        *(m for m in registry["models"] if (m["name"], m["version"]) != key),
+        entry,
+    ]
+    REGISTRY_PATH.write_text(json.dumps(registry, indent=2) + "\n")
+
+
+def _benchmark_weights(name: str, *, out_dir: Path, install: bool) -> TrainReport:
+    recipe = reference.RECIPES[name]
+    filename = f"{recipe.name}-{recipe.version}.safetensors"
+    target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
+    _, entry = reference.write(recipe, target)
+    registry = json.loads(REGISTRY_PATH.read_text())
+    committed = _committed_sha256(registry, recipe.name, recipe.version)
+    if install:
+        _install(registry, {**entry, "artifact": f"artifacts/{filename}"})
+    return TrainReport(recipe.name, recipe.version, target, entry["sha256"], committed, {})

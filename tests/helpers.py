@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
+import numpy as np
 import redis
 
 from models import breast_cancer
@@ -44,3 +46,27 @@ def queued_case_ids(client: redis.Redis) -> dict[str, list[int]]:
             ids += args[0]
         out[queue] = ids
     return out
+
+
+ECG_RECORD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg" / "100"
+
+
+def read_mitbih_212(record: Path = ECG_RECORD) -> np.ndarray:
+    """Both leads of an MIT-BIH record in WFDB format 212, in ADC units, shape (samples, 2).
+
+    Format 212: two 12-bit two's-complement samples in three bytes (PhysioNet's WFDB docs,
+    signal(5)). The tests check the decoding against the checksums in the record's header.
+    """
+    raw = np.fromfile(record.with_suffix(".dat"), dtype=np.uint8).reshape(-1, 3).astype(np.int16)
+    first = raw[:, 0] | ((raw[:, 1] & 0x0F) << 8)
+    second = raw[:, 2] | ((raw[:, 1] & 0xF0) << 4)
+    samples = np.stack([first, second], axis=1)
+    return np.where(samples >= 2048, samples - 4096, samples)
+
+
+def mitbih_windows(
+    n: int, *, length: int = 360, gain: float = 200.0, baseline: int = 1024
+) -> list[list[float]]:
+    """``n`` one-second windows of lead MLII in mV, every 10 s from the start of record 100."""
+    mlii = (read_mitbih_212()[:, 0] - baseline) / gain
+    return [[round(float(v), 4) for v in mlii[i * 3600 : i * 3600 + length]] for i in range(n)]

@@ -46,7 +46,9 @@ def test_models_list_shows_version_schema_size_and_sha256(tmp_path: Path) -> Non
     result = run_cli("models", "list", cwd=tmp_path)
     assert result.returncode == 0
     assert "breast-cancer@1.0.0 (default)" in result.stdout
-    assert "30 features" in result.stdout
+    assert "30 tabular inputs" in result.stdout
+    assert "vitals-gru@0.1.0 (default)\tcandidate" in result.stdout
+    assert "NOT FOR CLINICAL USE" in result.stdout
 
 
 def test_submit_with_an_unreadable_file_says_so(tmp_path: Path) -> None:

@@ -128,17 +128,17 @@ BAD_BODIES = {
     "wrong type": (
         lambda c: [_with(c[0], mean_area="large"), c[1]],
         ["body", 0, "features", "mean_area"],
-        "valid number",
+        "expected a number",
     ),
     "number as string": (
         lambda c: [_with(c[0], mean_area="12.5"), c[1]],
         ["body", 0, "features", "mean_area"],
-        "valid number",
+        "expected a number",
     ),
     "boolean": (
         lambda c: [_with(c[0], mean_area=True), c[1]],
         ["body", 0, "features", "mean_area"],
-        "valid number",
+        "expected a number",
     ),
     "unknown model": (
         lambda c: [c[0], {**c[1], "model": "heart-failure"}],
@@ -393,3 +393,28 @@ def test_health_ready_metrics_and_openapi(api: TestClient) -> None:
     assert "medbatch_cases_submitted_total" in api.get("/metrics/").text
     paths = api.get("/openapi.json").json()["paths"]
     assert {"/v1/cases", "/v1/cases/{case_id}", "/v1/scores", "/healthz", "/readyz"} <= set(paths)
+
+
+def test_series_cases_are_accepted_and_ragged_ones_named(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """A vital-sign series goes in as channels of equal length; a ragged one is a 422 naming it."""
+    from bench.workloads import vitals_series
+
+    good, bad = vitals_series(2, seed=1)
+    bad["spo2"] = bad["spo2"][:-1]
+    ok = api.post(
+        "/v1/cases",
+        json={"external_id": "icu-1", "model": "vitals-gru", "features": good},
+        headers=auth(key),
+    )
+    assert ok.status_code == 202 and ok.json()["cases"][0]["model"] == "vitals-gru@0.1.0"
+    refused = api.post(
+        "/v1/cases",
+        json={"external_id": "icu-2", "model": "vitals-gru", "features": bad},
+        headers=auth(key),
+    )
+    assert refused.status_code == 422
+    (error,) = refused.json()["detail"]
+    assert error["loc"] == ["body", "features", "spo2"] and "channels must align" in error["msg"]
+    assert counts(pg_sessions, redis_client) == (1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Priority, Score
 from medbatch.settings import Settings
 from models.registry import Registry
-from models.scoring import LoadedModel
+from models.scoring import LoadedModel, ModelInput
 from tests.helpers import queued_case_ids, wdbc_cases
 from worker.app import create_app
 from worker.tasks.maintenance import requeue_stale_cases
@@ -157,9 +158,10 @@ class PoisonedModel(LoadedModel):
         super().__init__(SPEC, device="cpu")
         self.calls = 0
 
-    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+    def predict(self, batch: ModelInput | torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if (batch[:, 0] == self.MARK).any():
+        assert isinstance(batch, ModelInput)
+        if (batch.values[:, 0] == self.MARK).any():
             raise RuntimeError("poisoned input")
         return super().predict(batch)
 
@@ -226,3 +228,33 @@ def test_sweeper_requeues_stale_cases_only(
         )
     finally:
         app.close()
+
+
+def test_sequence_cases_are_bucketed_by_length_and_scored_as_alone(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """vitals-gru cases of mixed lengths: passes hold neighbours in length, scores equal alone."""
+    from bench.workloads import vitals_series
+
+    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+    series = vitals_series(24, seed=9, min_length=1)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="icu")
+        new = [
+            repo.NewCase(f"icu-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
+            for i, f in enumerate(series)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: gru, max_batch_size=8)
+    assert len(outcome.scored) == 24 and outcome.forward_passes == 3
+    lengths = {case_id: len(f["heart_rate"]) for case_id, f in zip(ids, series, strict=True)}
+    with pg_sessions() as s:
+        scores = s.scalars(select(Score)).all()
+    by_batch: dict[int, list[int]] = {}
+    for sc in scores:
+        by_batch.setdefault(sc.batch_id, []).append(lengths[sc.case_id])  # type: ignore[arg-type]
+    spans = sorted((min(v), max(v)) for v in by_batch.values())
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # buckets do not overlap
+    alone = {case_id: gru.score([f])[0].score for case_id, f in zip(ids, series, strict=True)}
+    for sc in scores:
+        assert sc.score == pytest.approx(alone[sc.case_id], abs=1e-5)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import torch
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,9 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import utcnow
-from models.featurize import check_features
+from models.featurize import case_length, check_features
 from models.registry import ArtifactIntegrityError, RegistryError
-from models.scoring import LoadedModel, ScoreRow
+from models.scoring import LoadedModel, ModelInput, ScoreRow
 from worker import metrics
 from worker.app import context
 from worker.queues import SCORE_TASK
@@ -99,6 +98,9 @@ def score_cases(
                 outcome.failed[case.id] = f"features do not fit the input schema: {detail}"
             else:
                 ready.append(case)
+        # Bucket by length: neighbours in length share a pass, so padding stays short.
+        if model.spec.input_kind != "tabular":
+            ready.sort(key=lambda c: case_length(model.spec, c.features))
         for start in range(0, len(ready), max_batch_size):
             chunk = ready[start : start + max_batch_size]
             started = utcnow()
@@ -157,7 +159,7 @@ def _wait_ms(enqueued_at: datetime | None, started: datetime) -> float | None:
 
 
 def _predict_isolating(
-    model: LoadedModel, ids: list[int], batch: torch.Tensor, counter: list[int]
+    model: LoadedModel, ids: list[int], batch: ModelInput, counter: list[int]
 ) -> tuple[dict[int, ScoreRow], dict[int, str]]:
     """One forward pass for the batch; if it raises, split it in halves until the bad case is
     alone, so every other case is scored (at most 1 + 2·log2(n) passes for one bad case)."""
