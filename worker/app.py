@@ -68,8 +68,13 @@ def create_app(
 ) -> Celery:
     """The Celery app. The API only sends by task name, so it asks for no tasks (and no torch)."""
     app = Celery("medbatch", set_as_current=include_tasks)
+    url = broker_url or resolve_broker_url(settings)
     app.conf.update(
-        broker_url=broker_url or resolve_broker_url(settings),
+        broker_url=url,
+        # kombu's Redis transport, reusing one client per channel (see worker/transport.py).
+        broker_transport=(
+            "worker.transport:Transport" if url.split("://", 1)[0] in ("redis", "rediss") else None
+        ),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Redis holds an unacknowledged message invisible this long, then hands it out
