@@ -62,22 +62,23 @@ def _empty_tables(engine: Engine) -> None:
                 conn.execute(text(f"DELETE FROM {table}"))
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
+def _clean_engine(url: str) -> Iterator[Engine]:
+    """An engine on empty tables, emptied again afterwards."""
+    engine = make_engine(url)
     _empty_tables(engine)
     yield engine
     _empty_tables(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    yield from _clean_engine(db_url)
 
 
 @pytest.fixture
 def pg_engine(pg_url: str) -> Iterator[Engine]:
-    engine = make_engine(pg_url)
-    _empty_tables(engine)
-    yield engine
-    _empty_tables(engine)
-    engine.dispose()
+    yield from _clean_engine(pg_url)
 
 
 @pytest.fixture
