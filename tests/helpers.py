@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 
 from models import breast_cancer
@@ -48,7 +50,19 @@ def queued_case_ids(client: redis.Redis) -> dict[str, list[int]]:
     return out
 
 
-ECG_RECORD = Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg" / "100"
+#: The project's shared data (read-only, beside the repository: ../shared), or where
+#: MEDBATCH_SHARED_DIR points.
+SHARED_DIR = Path(
+    os.environ.get("MEDBATCH_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")
+)
+ECG_RECORD = SHARED_DIR / "data" / "ecg" / "100"
+
+
+def require_shared(path: Path) -> Path:
+    """Skip, saying where it looked, when the shared data set is not beside this checkout."""
+    if not path.parent.is_dir():
+        pytest.skip(f"shared data not found at {path.parent} (set MEDBATCH_SHARED_DIR)")
+    return path
 
 
 def read_mitbih_212(record: Path = ECG_RECORD) -> np.ndarray:
@@ -57,7 +71,11 @@ def read_mitbih_212(record: Path = ECG_RECORD) -> np.ndarray:
     Format 212: two 12-bit two's-complement samples in three bytes (PhysioNet's WFDB docs,
     signal(5)). The tests check the decoding against the checksums in the record's header.
     """
-    raw = np.fromfile(record.with_suffix(".dat"), dtype=np.uint8).reshape(-1, 3).astype(np.int16)
+    raw = (
+        np.fromfile(require_shared(record).with_suffix(".dat"), dtype=np.uint8)
+        .reshape(-1, 3)
+        .astype(np.int16)
+    )
     first = raw[:, 0] | ((raw[:, 1] & 0x0F) << 8)
     second = raw[:, 2] | ((raw[:, 1] & 0xF0) << 4)
     samples = np.stack([first, second], axis=1)

@@ -151,6 +151,7 @@ def test_the_ecg_decoder_reproduces_the_record_header() -> None:
 
     samples = read_mitbih_212()
     header = ECG_RECORD.with_suffix(".hea").read_text().splitlines()
+    assert len(header) > 2
     signals = [line.split() for line in header if line.startswith("100.dat")]
     assert samples.shape == (650_000, 2)
     for lead, fields in enumerate(signals):
