@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api_shim.routes import cases, health, results
+from api_shim.routes import cases, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import Registry
@@ -99,6 +99,7 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(cases.router)
     app.include_router(results.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -418,3 +418,29 @@ def test_series_cases_are_accepted_and_ragged_ones_named(
     (error,) = refused.json()["detail"]
     assert error["loc"] == ["body", "features", "spo2"] and "channels must align" in error["msg"]
     assert counts(pg_sessions, redis_client) == (1, 1)
+
+
+def test_models_are_listed_with_schema_threshold_status_and_sha256(
+    api: TestClient, key: str
+) -> None:
+    """GET /v1/models shows every registered version; GET /v1/models/{name} one model."""
+    body = api.get("/v1/models", headers=auth(key)).json()
+    names = [m["name"] for m in body["models"]]
+    assert names == ["breast-cancer", "ecg-cnn", "events-transformer", "vitals-gru"]
+    bc = api.get("/v1/models/breast-cancer", headers=auth(key)).json()
+    assert bc["default_version"] == "1.0.0"
+    (version,) = bc["versions"]
+    assert version["status"] == "released" and version["threshold"] == 0.5
+    assert [i["name"] for i in version["inputs"]][:2] == ["mean_radius", "mean_texture"]
+    assert version["inputs"][0]["unit"] == "px" and len(version["sha256"]) == 64
+    gru = api.get("/v1/models/vitals-gru", headers=auth(key)).json()["versions"][0]
+    assert (gru["input_kind"], gru["max_length"], gru["status"]) == ("series", 48, "candidate")
+    assert "NOT FOR CLINICAL USE" in gru["clinical_use"]
+
+
+def test_unknown_model_is_404_and_models_need_a_key(api: TestClient, key: str) -> None:
+    """An unknown name is a 404 naming the known ones; without a key, 401."""
+    response = api.get("/v1/models/heart-failure", headers=auth(key))
+    assert response.status_code == 404
+    assert "known models: breast-cancer" in response.json()["detail"]
+    assert api.get("/v1/models").status_code == 401

@@ -1,0 +1,92 @@
+"""The model registry over HTTP: which models exist, what they take and what they answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel
+
+from api_shim.deps import RegistryDep, TenantDep
+from models.registry import ModelSpec, Registry, RegistryError
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+class InputPublic(BaseModel):
+    name: str
+    unit: str
+    description: str
+
+
+class ModelVersionPublic(BaseModel):
+    version: str
+    status: str
+    default: bool
+    architecture: str
+    input_kind: str
+    inputs: list[InputPublic]
+    min_length: int | None
+    max_length: int | None
+    vocab_size: int | None
+    output: str
+    labels: list[str]
+    threshold: float
+    sha256: str
+    clinical_use: str
+
+
+class ModelPublic(BaseModel):
+    name: str
+    default_version: str | None
+    versions: list[ModelVersionPublic]
+
+
+class ModelsPublic(BaseModel):
+    models: list[ModelPublic]
+
+
+def _version(spec: ModelSpec) -> ModelVersionPublic:
+    sequence = spec.input_kind != "tabular"
+    return ModelVersionPublic(
+        version=spec.version,
+        status=spec.status,
+        default=spec.default,
+        architecture=spec.architecture,
+        input_kind=spec.input_kind,
+        inputs=[
+            InputPublic(name=f.name, unit=f.unit, description=f.description) for f in spec.inputs
+        ],
+        min_length=spec.min_length if sequence else None,
+        max_length=spec.max_length if sequence else None,
+        vocab_size=spec.vocab_size,
+        output=spec.output,
+        labels=list(spec.labels),
+        threshold=spec.threshold,
+        sha256=spec.sha256,
+        clinical_use=spec.clinical_use,
+    )
+
+
+def _model(registry: Registry, name: str) -> ModelPublic:
+    specs = [s for s in registry if s.name == name]
+    try:
+        default = registry.resolve(name).version
+    except RegistryError:
+        default = None  # every version retired
+    return ModelPublic(name=name, default_version=default, versions=[_version(s) for s in specs])
+
+
+@router.get("/models", response_model=ModelsPublic)
+def list_models(registry: RegistryDep, _: TenantDep) -> ModelsPublic:
+    """Every model with its versions, input schema, output meaning, threshold and status."""
+    return ModelsPublic(models=[_model(registry, name) for name in registry.names()])
+
+
+@router.get("/models/{name}", response_model=ModelPublic, responses={404: {}})
+def read_model(name: str, registry: RegistryDep, _: TenantDep) -> ModelPublic:
+    """One model and its versions."""
+    if name not in registry.names():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"unknown model {name!r} (known models: {', '.join(registry.names())})",
+        )
+    return _model(registry, name)
