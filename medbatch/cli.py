@@ -102,6 +102,22 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             if spec.clinical_use:
                 print(f"    clinical use: {spec.clinical_use}")
         return 0
+    if args.models_command == "evaluate":
+        from models.evaluation import NoEvaluationData, evaluate, report_dir
+        from models.registry import Registry, RegistryError
+
+        try:
+            spec = Registry.load().resolve(args.ref)
+            out = args.out or report_dir(settings.artifact_dir, spec)
+            evaluation = evaluate(spec, out)
+        except (RegistryError, NoEvaluationData) as exc:
+            print(f"medbatch models evaluate: {exc.args[0]}", file=sys.stderr)
+            return 2
+        metrics = evaluation["metrics"]
+        print(f"{spec.ref} on {metrics['n']} held-out cases -> {out}")
+        for key in ("roc_auc", "pr_auc", "accuracy", "recall", "precision", "f1", "brier"):
+            print(f"  {key:10} {metrics[key]:.4f}")
+        return 0
     if args.models_command == "train":
         from models.train import train
 
@@ -214,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
+    )
+    evaluate = msub.add_parser("evaluate", help="held-out metrics and plots of a model version")
+    evaluate.add_argument("ref", help="NAME or NAME@VERSION")
+    evaluate.add_argument(
+        "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR/reports/…)"
     )
     models.set_defaults(func=cmd_models)
 

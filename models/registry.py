@@ -76,6 +76,11 @@ class ModelSpec:
         return frozenset(self.feature_names)
 
 
+def report_dir(artifact_dir: Path, spec: ModelSpec) -> Path:
+    """Where ``medbatch models evaluate`` writes a version's report in the artifact store."""
+    return artifact_dir / "reports" / f"{spec.name}-{spec.version}"
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

@@ -79,3 +79,16 @@ def test_bad_arguments_exit_2_with_usage(
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert "usage: medbatch" in capsys.readouterr().err
+
+
+def test_models_evaluate_writes_a_report_and_refuses_unknown_or_unlabelled(tmp_path: Path) -> None:
+    """`models evaluate` prints the metrics and writes the folder; bad refs exit 2 with a reason."""
+    env = {"MEDBATCH_ARTIFACT_DIR": str(tmp_path / "artifacts")}
+    result = run_cli("models", "evaluate", "breast-cancer@1.0.0", cwd=tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert "roc_auc    0.9997" in result.stdout
+    assert (tmp_path / "artifacts" / "reports" / "breast-cancer-1.0.0" / "roc.png").is_file()
+    unknown = run_cli("models", "evaluate", "breast-cancer@9.9.9", cwd=tmp_path, **env)
+    assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
+    unlabelled = run_cli("models", "evaluate", "vitals-gru", cwd=tmp_path, **env)
+    assert unlabelled.returncode == 2 and "no labelled held-out data" in unlabelled.stderr

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
 
-from api_shim.deps import RegistryDep, TenantDep
-from models.registry import ModelSpec, Registry, RegistryError
+from api_shim.deps import RegistryDep, SettingsDep, TenantDep
+from models.registry import ModelSpec, Registry, RegistryError, report_dir
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -79,6 +82,25 @@ def _model(registry: Registry, name: str) -> ModelPublic:
 def list_models(registry: RegistryDep, _: TenantDep) -> ModelsPublic:
     """Every model with its versions, input schema, output meaning, threshold and status."""
     return ModelsPublic(models=[_model(registry, name) for name in registry.names()])
+
+
+@router.get("/models/{name}/{version}/report", responses={404: {}})
+def read_report(
+    name: str, version: str, registry: RegistryDep, settings: SettingsDep, _: TenantDep
+) -> dict[str, Any]:
+    """The held-out evaluation metrics of a model version (written by `medbatch models evaluate`)."""
+    try:
+        spec = registry.resolve(f"{name}@{version}")
+    except RegistryError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+    path = report_dir(settings.artifact_dir, spec) / "metrics.json"
+    if not path.is_file():
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"no evaluation report for {spec.ref} yet: run `medbatch models evaluate {spec.ref}`",
+        )
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
 
 
 @router.get("/models/{name}", response_model=ModelPublic, responses={404: {}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -444,3 +445,25 @@ def test_unknown_model_is_404_and_models_need_a_key(api: TestClient, key: str) -
     assert response.status_code == 404
     assert "known models: breast-cancer" in response.json()["detail"]
     assert api.get("/v1/models").status_code == 401
+
+
+def test_model_report_is_served_once_evaluated(
+    pg_url: str, redis_url: str, key: str, tmp_path: Path
+) -> None:
+    """GET /v1/models/{name}/{version}/report: 404 saying how to make it, then the metrics."""
+    from models.evaluation import evaluate
+    from models.registry import Registry, report_dir
+
+    settings = Settings(database_url=pg_url, broker_url=redis_url, artifact_dir=tmp_path)
+    with TestClient(create_app(settings)) as client:
+        missing = client.get("/v1/models/breast-cancer/1.0.0/report", headers=auth(key))
+        assert missing.status_code == 404
+        assert "medbatch models evaluate breast-cancer@1.0.0" in missing.json()["detail"]
+        spec = Registry.load().resolve("breast-cancer")
+        evaluate(spec, report_dir(tmp_path, spec))
+        report = client.get("/v1/models/breast-cancer/1.0.0/report", headers=auth(key)).json()
+        assert report["metrics"]["n"] == 114 and report["sha256"] == spec.sha256
+        assert (
+            client.get("/v1/models/breast-cancer/7.0.0/report", headers=auth(key)).status_code
+            == 404
+        )
