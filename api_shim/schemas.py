@@ -48,6 +48,10 @@ class ScorePublic(BaseModel):
     score: float
     label: str
     created_at: datetime
+    explanation: dict[str, Any] | None = Field(
+        default=None,
+        description="top feature attributions (integrated gradients on the log-odds)",
+    )
 
 
 class CasePublic(BaseModel):

@@ -7,6 +7,7 @@ message, a retried request) never adds a second row.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -283,12 +284,13 @@ _SCORE_ARRAYS = {
 }
 # One INSERT over arrays, one parameter per column: a thousand-row batch is one short statement
 # instead of one with ten thousand placeholders (which psycopg spends longer parsing than
-# PostgreSQL spends inserting).
+# PostgreSQL spends inserting). Explanations travel as JSON text.
 _PG_SAVE_SCORES = text(
-    f"INSERT INTO scores ({', '.join(_SCORE_ARRAYS)}, created_at) "
-    f"SELECT u.*, :created_at FROM unnest("
+    f"INSERT INTO scores ({', '.join(_SCORE_ARRAYS)}, explanation, created_at) "
+    f"SELECT {', '.join(_SCORE_ARRAYS)}, CAST(explanation AS json), :created_at FROM unnest("
     + ", ".join(f"CAST(:{c} AS {t})" for c, t in _SCORE_ARRAYS.items())
-    + ") AS u ON CONFLICT (case_id, model_name, model_version) DO NOTHING RETURNING id"
+    + f", CAST(:explanation AS text[])) AS u({', '.join(_SCORE_ARRAYS)}, explanation) "
+    "ON CONFLICT (case_id, model_name, model_version) DO NOTHING RETURNING id"
 )
 
 
@@ -299,6 +301,9 @@ def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
     now = utcnow()
     if session.get_bind().dialect.name == "postgresql":
         params: dict[str, Any] = {c: [r.get(c) for r in rows] for c in _SCORE_ARRAYS}
+        params["explanation"] = [
+            None if r.get("explanation") is None else json.dumps(r["explanation"]) for r in rows
+        ]
         return len(session.execute(_PG_SAVE_SCORES, {**params, "created_at": now}).all())
     stmt = (
         _insert(session, Score.__table__)  # type: ignore[arg-type]

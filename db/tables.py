@@ -162,6 +162,8 @@ class Score(Base):
     position: Mapped[int | None]
     #: From the case's last enqueue to the start of its forward pass.
     queue_wait_ms: Mapped[float | None] = mapped_column(Float(precision=53))
+    #: Top feature attributions (models/explain.py), or empty where none were computed.
+    explanation: Mapped[dict[str, Any] | None]
 
     case: Mapped[Case] = relationship(back_populates="scores")
     batch: Mapped[Batch | None] = relationship()

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
     autocast: Literal["off", "bf16", "fp16"] = "off"
+    #: Feature attributions stored with each score of a tabular model: the top K features by
+    #: integrated gradients on the log-odds (0 turns them off), with this many path steps.
+    explain_top_k: int = Field(default=5, ge=0)
+    explain_steps: int = Field(default=32, ge=2)
     #: Port of the worker's Prometheus endpoint; 0 turns it off.
     worker_metrics_port: int = Field(default=9108, ge=0, le=65535)
     #: Python logging level of the API, worker and CLI.

@@ -124,6 +124,8 @@ class Batcher:
                 queue=buffer.queue,
                 max_batch_size=buffer.max_cases,
                 max_deliveries=self.ctx.settings.max_deliveries,
+                explain_top_k=self.ctx.settings.explain_top_k,
+                explain_steps=self.ctx.settings.explain_steps,
             )
         except Exception as exc:
             # Nothing was committed for these cases (or a delivery was counted and nothing else):

@@ -44,6 +44,7 @@ def read_case(case_id: int, tenant: TenantDep, session: SessionDep) -> CasePubli
                 score=s.score,
                 label=s.label,
                 created_at=s.created_at,
+                explanation=s.explanation,
             )
             for s in case.scores
         ],

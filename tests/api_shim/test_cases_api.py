@@ -322,6 +322,7 @@ def test_case_shows_its_score_with_provenance(
             "score": 0.9,
             "label": "malignant",
             "created_at": body["scores"][0]["created_at"],
+            "explanation": None,
         }
     ]
     assert "features" not in body

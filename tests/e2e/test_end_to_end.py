@@ -57,6 +57,7 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
         assert r.label == expected[r.case_id].label
     # And the API serves them back.
     body = api.get(f"/v1/cases/{ids[0]}").json()
+    assert len(body["scores"][0]["explanation"]["top"]) == 5
     assert body["status"] == "done" and body["scores"][0]["score"] == pytest.approx(
         expected[ids[0]].score, abs=1e-6
     )

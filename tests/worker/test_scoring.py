@@ -258,3 +258,19 @@ def test_sequence_cases_are_bucketed_by_length_and_scored_as_alone(
     alone = {case_id: gru.score([f])[0].score for case_id, f in zip(ids, series, strict=True)}
     for sc in scores:
         assert sc.score == pytest.approx(alone[sc.case_id], abs=1e-5)
+
+
+def test_scores_carry_their_explanation_on_both_databases(
+    sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """With explanations on, each stored score holds its top-k attributions (PostgreSQL, SQLite)."""
+    ids = _add(sessions, wdbc_cases(6))
+    score_cases(ids, sessions=sessions, load_model=_loader(model), explain_top_k=3)
+    with sessions() as s:
+        stored = s.scalars(select(Score).order_by(Score.case_id)).all()
+    assert len(stored) == 6
+    for sc in stored:
+        assert sc.explanation is not None
+        assert sc.explanation["method"] == "integrated_gradients"
+        assert len(sc.explanation["top"]) == 3
+        assert {a["feature"] for a in sc.explanation["top"]} <= set(SPEC.feature_names)

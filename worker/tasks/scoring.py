@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import utcnow
+from models.explain import explain, explainable
 from models.featurize import case_length, check_features
 from models.registry import ArtifactIntegrityError, RegistryError
 from models.scoring import LoadedModel, ModelInput, ScoreRow
@@ -51,6 +52,7 @@ class _Pass:
     inference_ms: float
     started: datetime
     rows: list[tuple[int, int, ScoreRow, float | None]]  # (case id, position, row, wait ms)
+    explanations: dict[int, dict] = field(default_factory=dict)  # case id -> attributions
 
 
 def parse_case_ids(args: Sequence[object]) -> list[int]:
@@ -71,6 +73,8 @@ def score_cases(
     queue: str = "score.routine",
     max_batch_size: int = 1024,
     max_deliveries: int = 5,
+    explain_top_k: int = 0,
+    explain_steps: int = 32,
 ) -> Outcome:
     """Score the given cases and persist the outcome; safe to run twice for the same ids.
 
@@ -116,7 +120,10 @@ def score_cases(
                 for position, c in enumerate(chunk)
                 if c.id in results
             ]
-            passes.append(_Pass(model, len(chunk), inference_ms, started, rows))
+            explanations = {}
+            if explain_top_k and explainable(model) and rows:
+                explanations = _explain(model, batch, chunk, results, explain_top_k, explain_steps)
+            passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explanations))
     with session_scope(sessions) as session:
         score_rows = []
         for p in passes:
@@ -142,6 +149,7 @@ def score_cases(
                         "batch_id": batch_id,
                         "position": position,
                         "queue_wait_ms": wait_ms,
+                        "explanation": p.explanations.get(case_id),
                     }
                 )
                 outcome.scored.append(case_id)
@@ -150,6 +158,29 @@ def score_cases(
         repo.mark_failed(session, errors=outcome.failed)
     _observe(queue, passes, outcome, claimed)
     return outcome
+
+
+def _explain(
+    model: LoadedModel,
+    batch: ModelInput,
+    chunk: list[repo.ClaimedCase],
+    results: dict[int, ScoreRow],
+    top_k: int,
+    steps: int,
+) -> dict[int, dict]:
+    """Attributions for the scored cases of one pass; a failure costs the explanations only."""
+    keep = [i for i, c in enumerate(chunk) if c.id in results]
+    try:
+        found = explain(model, ModelInput(batch.values[keep]), top_k=top_k, n_steps=steps)
+    except Exception as exc:
+        log.warning(
+            "%s: no explanations for a pass of %d: %s",
+            model.spec.ref,
+            len(keep),
+            type(exc).__name__,
+        )
+        return {}
+    return {chunk[i].id: e for i, e in zip(keep, found, strict=True)}
 
 
 def _wait_ms(enqueued_at: datetime | None, started: datetime) -> float | None:
@@ -224,5 +255,7 @@ def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
         queue=queue,
         max_batch_size=max_batch_size,
         max_deliveries=ctx.settings.max_deliveries,
+        explain_top_k=ctx.settings.explain_top_k,
+        explain_steps=ctx.settings.explain_steps,
     )
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}
