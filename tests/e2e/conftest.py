@@ -25,6 +25,7 @@ def processes(pg_url: str, pg_engine, redis_url: str, tmp_path: Path) -> Iterato
         "MEDBATCH_DEVICE": "cpu",
         "MEDBATCH_LOG_LEVEL": "INFO",
         "MEDBATCH_WORKER_METRICS_PORT": "0",
+        "MEDBATCH_EXPLAIN_TOP_K": "5",
     }
     procs = Processes(env, tmp_path)
     yield procs
