@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api_shim.routes import cases, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.registry import Registry
+from models.registry import load_registry
 from worker.app import create_app as create_celery
 
 
@@ -94,7 +94,7 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
-    app.state.registry = Registry.load()
+    app.state.registry = load_registry(settings.artifact_dir)
     app.state.celery = create_celery(settings, broker_url=broker_url, include_tasks=False)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.include_router(cases.router)

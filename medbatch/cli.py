@@ -89,9 +89,9 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "list":
-        from models.registry import Registry
+        from models.registry import load_registry
 
-        for spec in Registry.load():
+        for spec in load_registry(settings.artifact_dir):
             default = " (default)" if spec.default else ""
             print(
                 f"{spec.ref}{default}\t{spec.status}\t{spec.architecture}\t"
@@ -101,6 +101,27 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"    output: {spec.output}")
             if spec.clinical_use:
                 print(f"    clinical use: {spec.clinical_use}")
+        return 0
+    if args.models_command == "register":
+        from models.byo import RegistrationError, register
+
+        try:
+            params = json.loads(args.params) if args.params else None
+            entry = register(
+                args.path,
+                name=args.name,
+                version=args.version,
+                schema_path=args.schema,
+                artifact_dir=settings.artifact_dir,
+                architecture=args.architecture,
+                params=params,
+            )
+        except (RegistrationError, ValueError) as exc:
+            print(f"medbatch models register: {exc}", file=sys.stderr)
+            return 2
+        print(f"registered {entry['name']}@{entry['version']} ({entry['architecture']})")
+        print(f"  artifact {settings.artifact_dir / entry['artifact']}")
+        print(f"  sha256 {entry['sha256']}")
         return 0
     if args.models_command == "evaluate":
         from models.evaluation import NoEvaluationData, evaluate, report_dir
@@ -231,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
     )
+    reg = msub.add_parser("register", help="validate and register your own model artifact")
+    reg.add_argument("path", type=Path, help="TorchScript, torch.export program or safetensors")
+    reg.add_argument("--name", required=True)
+    reg.add_argument("--version", required=True)
+    reg.add_argument("--schema", type=Path, required=True, help="JSON: inputs, output, threshold")
+    reg.add_argument("--architecture", help="for a safetensors state dict: a built-in (mlp)")
+    reg.add_argument("--params", help="JSON hyper-parameters of --architecture")
     evaluate = msub.add_parser("evaluate", help="held-out metrics and plots of a model version")
     evaluate.add_argument("ref", help="NAME or NAME@VERSION")
     evaluate.add_argument(

@@ -170,6 +170,8 @@ SEQUENCE_ARCHITECTURES = frozenset({"rnn", "cnn1d", "transformer"})
 
 def build_for(spec: ModelSpec) -> nn.Module:
     """The untrained module a registry entry describes (its weights are loaded after)."""
+    if spec.architecture in ("torchscript", "torch-export"):
+        raise ValueError(f"{spec.ref} is a whole {spec.architecture} artifact, not an architecture")
     params = dict(spec.params)
     if spec.architecture == "transformer":
         params.update(vocab_size=spec.vocab_size, max_length=spec.max_length)

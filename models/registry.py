@@ -115,6 +115,10 @@ class Registry:
         specs = [_spec_from_json(entry, base=path.parent) for entry in raw["models"]]
         return cls(specs, path=path)
 
+    def merged(self, other: Registry) -> Registry:
+        """This registry with ``other``'s versions added (a version in both keeps this one's)."""
+        return Registry([*other._specs.values(), *self._specs.values()], path=self.path)
+
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(sorted(self._specs.values(), key=lambda s: (s.name, s.version)))
 
@@ -137,6 +141,19 @@ class Registry:
             )
         defaults = [s for s in candidates if s.default]
         return defaults[0] if defaults else candidates[-1]
+
+
+def user_registry_path(artifact_dir: Path) -> Path:
+    """Models registered with ``medbatch models register`` are listed here, in the store."""
+    return artifact_dir / "registry.json"
+
+
+def load_registry(artifact_dir: Path | None) -> Registry:
+    """The packaged registry plus the models registered into ``artifact_dir``."""
+    registry = Registry.load(REGISTRY_PATH)
+    if artifact_dir is not None and user_registry_path(artifact_dir).is_file():
+        registry = registry.merged(Registry.load(user_registry_path(artifact_dir)))
+    return registry
 
 
 def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:

@@ -70,9 +70,19 @@ class LoadedModel:
         # Mixed precision only where it pays: tensor cores on CUDA. On the CPU, float32 throughout.
         self.autocast_dtype = _AUTOCAST_DTYPES.get(autocast) if self.device.type == "cuda" else None
         path = verify_artifact(spec)
-        module = build_for(spec)
-        module.load_state_dict(load_file(path))
-        self.module = module.to(self.device).eval()
+        if spec.architecture == "torchscript":
+            from models.byo import load_torchscript
+
+            module = load_torchscript(path, self.device)
+        elif spec.architecture == "torch-export":
+            # An exported graph is already in inference form and lives where it was exported.
+            module = torch.export.load(str(path)).module()
+        else:
+            module = build_for(spec)
+            module.load_state_dict(load_file(path))
+        if spec.architecture != "torch-export":
+            module = module.to(self.device).eval()
+        self.module = module
 
     @property
     def sha256(self) -> str:
@@ -120,6 +130,8 @@ class LoadedModel:
             enabled=self.autocast_dtype is not None,
         ):
             logits = self.module(x) if lengths is None else self.module(x, lengths)
+        if logits.ndim == 2 and logits.shape[1] == 1:  # registered models may answer (N, 1)
+            logits = logits[:, 0]
         return torch.sigmoid(logits.float()).cpu()
 
     def warm_up(self, batch_size: int = 8) -> None:

@@ -92,3 +92,56 @@ def test_models_evaluate_writes_a_report_and_refuses_unknown_or_unlabelled(tmp_p
     assert unknown.returncode == 2 and "unknown model version" in unknown.stderr
     unlabelled = run_cli("models", "evaluate", "vitals-gru", cwd=tmp_path, **env)
     assert unlabelled.returncode == 2 and "no labelled held-out data" in unlabelled.stderr
+
+
+def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None:
+    """`models register` stores a safetensors MLP and lists it; a bad file or schema exits 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    from models.architectures import StandardizedMLP
+
+    mlp = StandardizedMLP(2, hidden=())
+    weights = tmp_path / "mine.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(weights))
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {"inputs": [{"name": "x", "unit": "1"}, {"name": "y", "unit": "1"}], "output": "risk"}
+        )
+    )
+    env = {"MEDBATCH_ARTIFACT_DIR": str(tmp_path / "store")}
+    args = [
+        "models",
+        "register",
+        str(weights),
+        "--name",
+        "mine",
+        "--version",
+        "1",
+        "--schema",
+        str(schema),
+    ]
+    ok = run_cli(*args, "--architecture", "mlp", "--params", '{"hidden": []}', cwd=tmp_path, **env)
+    assert ok.returncode == 0, ok.stderr
+    assert "registered mine@1 (mlp)" in ok.stdout
+    assert "mine@1\tcandidate\tmlp" in run_cli("models", "list", cwd=tmp_path, **env).stdout
+    no_arch = run_cli(*args[:-2], "--version", "2", "--schema", str(schema), cwd=tmp_path, **env)
+    assert no_arch.returncode == 2 and "needs --architecture" in no_arch.stderr
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk" * 100)
+    bad = run_cli(
+        "models",
+        "register",
+        str(junk),
+        "--name",
+        "j",
+        "--version",
+        "1",
+        "--schema",
+        str(schema),
+        cwd=tmp_path,
+        **env,
+    )
+    assert bad.returncode == 2 and "is not a TorchScript archive" in bad.stderr
+    assert torch.isfinite(mlp.mean).all()

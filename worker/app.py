@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.registry import Registry
+from models.registry import Registry, load_registry
 from models.scoring import LoadedModel
 from worker.queues import REQUEUE_TASK, SCORE_QUEUES, task_queues
 
@@ -36,7 +36,7 @@ class WorkerContext:
 
     @cached_property
     def registry(self) -> Registry:
-        return Registry.load()
+        return load_registry(self.settings.artifact_dir)
 
     def model(self, name: str, version: str) -> LoadedModel:
         key = (name, version)

@@ -1,0 +1,151 @@
+"""`medbatch models register`: a hospital's own artifact, validated, stored, scored; bad ones refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.architectures import StandardizedMLP
+from models.byo import RegistrationError, register
+from models.registry import load_registry, sha256_file
+from models.scoring import LoadedModel
+
+FEATURES = [{"name": n, "unit": "1"} for n in ("a", "b", "c")]
+CASE = {"a": 1.0, "b": -2.0, "c": 0.5}
+
+
+@pytest.fixture
+def schema(tmp_path: Path) -> Path:
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps({"inputs": FEATURES, "output": "risk of X", "threshold": 0.3}))
+    return path
+
+
+def _linear() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(3, 1)).eval()
+
+
+def _expected(module: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return torch.sigmoid(module(torch.tensor([[1.0, -2.0, 0.5]]))).item()
+
+
+def test_torchscript_is_registered_stored_and_scored(tmp_path: Path, schema: Path) -> None:
+    """A TorchScript file becomes name@version with its sha256; scores equal the module's."""
+    module = _linear()
+    path = _script(tmp_path, module, "own.pt")
+    store = tmp_path / "store"
+    entry = register(path, name="own", version="1.0", schema_path=schema, artifact_dir=store)
+    assert entry["architecture"] == "torchscript" and entry["sha256"] == sha256_file(path)
+    spec = load_registry(store).resolve("own@1.0")
+    assert spec.threshold == 0.3 and spec.feature_names == ("a", "b", "c")
+    assert load_registry(store).resolve("breast-cancer").version == "1.0.0"  # packaged ones stay
+    (row,) = LoadedModel(spec, device="cpu").score([CASE])
+    assert row.score == pytest.approx(_expected(module), abs=1e-6)
+
+
+def test_torch_export_program_with_a_dynamic_batch_is_registered(
+    tmp_path: Path, schema: Path
+) -> None:
+    """A torch.export program exported with a dynamic batch dimension scores like the module."""
+    module = _linear()
+    program = torch.export.export(
+        module, (torch.zeros(2, 3),), dynamic_shapes={"input": {0: torch.export.Dim("batch")}}
+    )
+    path = tmp_path / "own.pt2"
+    torch.export.save(program, str(path))
+    store = tmp_path / "store"
+    register(path, name="own", version="2.0", schema_path=schema, artifact_dir=store)
+    (row,) = LoadedModel(load_registry(store).resolve("own@2.0"), device="cpu").score([CASE])
+    assert row.score == pytest.approx(_expected(module), abs=1e-6)
+
+
+def test_safetensors_state_dict_of_a_builtin_architecture(tmp_path: Path, schema: Path) -> None:
+    """A state dict for the built-in MLP registers with --architecture and its params."""
+    mlp = StandardizedMLP(3, hidden=(4,)).eval()
+    path = tmp_path / "own.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(path))
+    store = tmp_path / "store"
+    register(
+        path,
+        name="own",
+        version="3.0",
+        schema_path=schema,
+        artifact_dir=store,
+        architecture="mlp",
+        params={"hidden": [4]},
+    )
+    (row,) = LoadedModel(load_registry(store).resolve("own@3.0"), device="cpu").score([CASE])
+    assert row.score == pytest.approx(_expected(mlp), abs=1e-6)
+
+
+class _Nan(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=1) * float("nan")
+
+
+class _Wide(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(1, 2)
+
+
+def _script(tmp_path: Path, module: torch.nn.Module, name: str) -> Path:
+    """A TorchScript file, as hospitals hold them (PyTorch 2.13 deprecates making new ones)."""
+    path = tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (
+            lambda d: (d / "x.bin").write_bytes(b"\x00junk" * 40) and d / "x.bin",
+            "is not a TorchScript archive",
+        ),
+        (
+            lambda d: _script(d, torch.nn.Linear(29, 1), "w.pt"),
+            "dry run on a batch of shape (4, 3) failed",
+        ),
+        (lambda d: _script(d, _Nan(), "n.pt"), "NaN or infinite"),
+        (lambda d: _script(d, _Wide(), "o.pt"), "one logit per case"),
+        (lambda d: d / "missing.pt", "no such file"),
+    ],
+)
+def test_bad_artifacts_are_refused_with_the_reason(
+    tmp_path: Path, schema: Path, make, fragment
+) -> None:  # type: ignore[no-untyped-def]
+    """Not a model, the wrong input width, NaN outputs, the wrong output shape, no file."""
+    store = tmp_path / "store"
+    with pytest.raises(RegistrationError) as err:
+        register(make(tmp_path), name="bad", version="1", schema_path=schema, artifact_dir=store)
+    assert fragment in str(err.value)
+    assert not (store / "registry.json").exists()
+
+
+def test_bad_schema_and_duplicate_versions_are_refused(tmp_path: Path, schema: Path) -> None:
+    """A schema without output or with repeated inputs, and an existing name@version, are refused."""
+    path = _script(tmp_path, _linear(), "ok.pt")
+    store = tmp_path / "store"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"inputs": FEATURES}))
+    with pytest.raises(RegistrationError, match="'output'"):
+        register(path, name="own", version="1", schema_path=broken, artifact_dir=store)
+    broken.write_text(json.dumps({"inputs": FEATURES + FEATURES[:1], "output": "x"}))
+    with pytest.raises(RegistrationError, match="unique"):
+        register(path, name="own", version="1", schema_path=broken, artifact_dir=store)
+    register(path, name="own", version="1", schema_path=schema, artifact_dir=store)
+    with pytest.raises(RegistrationError, match="registered already"):
+        register(path, name="own", version="1", schema_path=schema, artifact_dir=store)
+    with pytest.raises(RegistrationError, match="registered already"):
+        register(
+            path, name="breast-cancer", version="1.0.0", schema_path=schema, artifact_dir=store
+        )
