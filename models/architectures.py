@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
 from models.registry import ModelSpec
+
+#: How SignalCNN's head reads the last feature map (see its docstring).
+Pool = Literal["mean", "flatten"]
 
 
 class StandardizedMLP(nn.Module):
@@ -45,6 +49,32 @@ class StandardizedMLP(nn.Module):
         """Map raw features of shape (N, F) to logits of shape (N,)."""
         z = (x - self.mean) / self.std
         return self.net(z).squeeze(-1)
+
+
+class CoxMLP(StandardizedMLP):
+    """An MLP whose output is a log hazard ratio, trained with the Cox partial likelihood.
+
+    ``forward`` turns it into the logit of the risk of the event by the model's horizon, so the
+    scoring contract (a sigmoid of the output is a probability) holds unchanged: with the
+    training set's Breslow cumulative baseline hazard at the horizon, ``H0``,
+    ``P(T <= horizon | x) = 1 - exp(-H0 * exp(log_hazard_ratio(x)))``.
+    """
+
+    baseline_cumhaz: torch.Tensor
+
+    def __init__(self, n_features: int, hidden: Sequence[int] = (16,), dropout: float = 0.1):
+        super().__init__(n_features, hidden, dropout)
+        self.register_buffer("baseline_cumhaz", torch.ones(()))
+
+    def log_hazard_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features (N, F) to log hazard ratios (N,), the quantity the Cox loss fits."""
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features (N, F) to logits of the risk by the horizon (N,)."""
+        cumhaz = self.baseline_cumhaz * torch.exp(self.log_hazard_ratio(x))
+        # logit(1 - exp(-H)) = log(1 - exp(-H)) + H, with expm1 for precision at small H.
+        return torch.log(-torch.expm1(-cumhaz)) + cumhaz
 
 
 class VitalsRNN(nn.Module):
@@ -96,12 +126,27 @@ class SignalCNN(nn.Module):
         Output channels of the convolution blocks (each halves the length).
     kernel
         Convolution width in samples.
+    pool
+        How the head reads the last feature map, of shape (N, widths[-1], T // 2**len(widths)).
+        ``"mean"`` averages it over time, so the head cannot tell where in the window a wave
+        lies; ``"flatten"`` hands the head every step, so it can (e.g. how long before the
+        centred R peak the previous beat came, which is what makes a beat premature).
+    length
+        T, the window length; ``"flatten"`` needs it to size the head, and windows of any other
+        length are refused.
     """
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, n_channels: int, widths: Sequence[int] = (16, 32, 64), kernel: int = 7):
+    def __init__(
+        self,
+        n_channels: int,
+        widths: Sequence[int] = (16, 32, 64),
+        kernel: int = 7,
+        pool: Pool = "mean",
+        length: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_channels))
         self.register_buffer("std", torch.ones(n_channels))
@@ -116,12 +161,32 @@ class SignalCNN(nn.Module):
             ]
             width = w
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(width, 1)
+        self.pool = pool
+        self.length = length
+        self.head = nn.Linear(width * _pooled_steps(pool, length, len(widths)), 1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Windows of shape (N, T, C) (all of the schema's one length) to logits of shape (N,)."""
-        z = ((x - self.mean) / self.std).transpose(1, 2)
-        return self.head(self.features(z).mean(dim=-1)).squeeze(-1)
+        if self.length is not None and x.shape[1] != self.length:
+            raise ValueError(
+                f"SignalCNN expects windows of shape (N, {self.length}, C), got {tuple(x.shape)}"
+            )
+        h = self.features(((x - self.mean) / self.std).transpose(1, 2))
+        return self.head(h.mean(dim=-1) if self.pool == "mean" else h.flatten(1)).squeeze(-1)
+
+
+def _pooled_steps(pool: str, length: int | None, blocks: int) -> int:
+    """Steps per channel that reach SignalCNN's head: 1 after mean pooling, else T // 2**blocks."""
+    if pool == "mean":
+        return 1
+    if pool != "flatten":
+        raise ValueError(f"pool must be 'mean' or 'flatten', got {pool!r}")
+    if length is None:
+        raise ValueError("pool='flatten' needs the window length (length=T)")
+    steps = length // 2**blocks
+    if steps < 1:
+        raise ValueError(f"a window of {length} steps does not survive {blocks} halvings")
+    return steps
 
 
 class EventTransformer(nn.Module):
@@ -182,10 +247,14 @@ def build(architecture: str, *, n_features: int, params: dict) -> nn.Module:
     """Instantiate an architecture with its hyper-parameters."""
     if architecture == "mlp":
         return StandardizedMLP(n_features, **params)
+    if architecture == "cox-mlp":
+        return CoxMLP(n_features, **params)
     if architecture == "rnn":
         return VitalsRNN(n_features, **params)
     if architecture == "cnn1d":
         return SignalCNN(n_features, **params)
     if architecture == "transformer":
         return EventTransformer(**params)
-    raise ValueError(f"unknown architecture {architecture!r} (known: mlp, rnn, cnn1d, transformer)")
+    raise ValueError(
+        f"unknown architecture {architecture!r} (known: mlp, cox-mlp, rnn, cnn1d, transformer)"
+    )

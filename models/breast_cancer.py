@@ -152,6 +152,16 @@ def train(out: Path, *, seed: int = SEED) -> TrainResult:
     )
 
 
+def metrics(result: TrainResult) -> dict[str, float]:
+    """Held-out figures of the model beside its baseline, as ``medbatch models train`` prints them."""
+    return {
+        "mlp_held_out_roc_auc": result.mlp_auc,
+        "logistic_regression_held_out_roc_auc": result.baseline_auc,
+        "n_train": result.n_train,
+        "n_test": result.n_test,
+    }
+
+
 def registry_entry(result: TrainResult, *, artifact: str) -> dict:
     """The registry.json entry describing a trained artifact."""
     return {
@@ -166,7 +176,7 @@ def registry_entry(result: TrainResult, *, artifact: str) -> dict:
         "output": "probability that the aspirated breast mass is malignant",
         "labels": ["benign", "malignant"],
         "threshold": 0.5,
-        "inputs": [vars(f) for f in input_schema()],
+        "inputs": [f.to_json() for f in input_schema()],
         "training": {
             "data": "Wisconsin Diagnostic Breast Cancer (sklearn.datasets.load_breast_cancer)",
             "seed": SEED,

@@ -7,12 +7,13 @@ Metrics come from scikit-learn; plots from matplotlib (Agg, no display needed).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models import breast_cancer
+from models import breast_cancer, survival
 from models.registry import ModelSpec, report_dir  # noqa: F401  (re-exported for the CLI)
 from models.scoring import LoadedModel
 
@@ -23,12 +24,33 @@ class NoEvaluationData(LookupError):
     """A model version with no labelled held-out data to evaluate on."""
 
 
-def held_out(spec: ModelSpec) -> tuple[list[dict[str, float]], np.ndarray]:
-    """The labelled held-out cases of ``spec``: feature dicts and 0/1 labels (1 = positive)."""
-    if spec.name == "breast-cancer":
-        data = breast_cancer.split(int(spec.training.get("seed", breast_cancer.SEED)))
+@dataclass(frozen=True)
+class HeldOut:
+    """Labelled held-out cases: feature dicts and 0/1 labels (1 = positive).
+
+    For a survival model, ``time`` and ``event`` are every case's follow-up; ``labels`` (status at
+    the horizon) are known only where ``known``.
+    """
+
+    cases: list[dict[str, Any]]
+    labels: np.ndarray
+    known: np.ndarray | None = None
+    time: np.ndarray | None = None
+    event: np.ndarray | None = None
+
+
+def held_out(spec: ModelSpec) -> HeldOut:
+    """The labelled held-out cases of ``spec``."""
+    seed = spec.training.get("seed")
+    if spec.name == breast_cancer.NAME:
+        data = breast_cancer.split(int(seed or breast_cancer.SEED))
         cases = [dict(zip(data.feature_names, map(float, x), strict=True)) for x in data.x_test]
-        return cases, data.y_test
+        return HeldOut(cases, data.y_test)
+    if spec.name == survival.NAME:
+        cases, time, event = survival.held_out(int(seed or survival.SEED))
+        horizon = float(spec.training.get("horizon_days", survival.HORIZON_DAYS))
+        known, died = survival.known_status(time, event, horizon)
+        return HeldOut(cases, died, known, time, event)
     raise NoEvaluationData(
         f"{spec.ref} has no labelled held-out data to evaluate on ({spec.clinical_use or 'no data'})"
     )
@@ -62,15 +84,26 @@ def evaluate(spec: ModelSpec, out_dir: Path) -> dict[str, Any]:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    cases, y = held_out(spec)
+    data = held_out(spec)
     model = LoadedModel(spec, device="cpu")
-    p = np.array([r.score for r in model.score(cases)])
+    p = np.array([r.score for r in model.score(data.cases)])
+    y = data.labels
+    metrics: dict[str, Any] = {}
+    if data.time is not None and data.event is not None and data.known is not None:
+        # Harrell's C over every held-out patient; the horizon metrics over those whose status
+        # at the horizon is known (censored earlier: unknown, left out).
+        metrics = {
+            "c_index": survival.c_index(data.time, p, data.event),
+            "horizon_days": spec.training.get("horizon_days"),
+            "censored_before_horizon": int((~data.known).sum()),
+        }
+        y, p = y[data.known], p[data.known]
     report = {
         "model": spec.name,
         "version": spec.version,
         "sha256": spec.sha256,
         "data": spec.training.get("data", ""),
-        "metrics": binary_metrics(y, p, threshold=spec.threshold),
+        "metrics": {**metrics, **binary_metrics(y, p, threshold=spec.threshold)},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")

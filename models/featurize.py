@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from models.registry import ModelSpec
+from models.registry import FeatureSpec, ModelSpec
 
 
 class FeatureError(ValueError):
@@ -29,18 +29,30 @@ def check_features(spec: ModelSpec, features: Mapping[str, object]) -> dict[str,
     if spec.input_kind == "tokens":
         return _check_tokens(spec, features)
     # The common case first, cheaply: exactly the schema's names, every value a finite number.
-    if features.keys() == spec.feature_set and all(
-        type(v) is float and math.isfinite(v) for v in features.values()
+    if (
+        not spec.constrained
+        and features.keys() == spec.feature_set
+        and all(type(v) is float and math.isfinite(v) for v in features.values())
     ):
         return {}
     problems: dict[str, str] = {}
-    for name in spec.feature_names:
+    for feature in spec.inputs:
+        name = feature.name
         if name not in features:
             problems[name] = "missing feature"
-        elif (problem := _number_problem(features[name])) is not None:
+        elif (problem := _number_problem(features[name])) is not None or (problem := _rule_problem(feature, features[name])) is not None:
             problems[name] = problem
     problems.update(_extra(spec, features))
     return problems
+
+
+def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
+    if feature.allowed is not None and value not in feature.allowed:
+        return f"expected one of {', '.join(f'{v:g}' for v in feature.allowed)}"
+    if feature.range is not None and not feature.range[0] <= value <= feature.range[1]:
+        low, high = feature.range
+        return f"outside the plausible range {low:g}..{high:g} {feature.unit}"
+    return None
 
 
 def _extra(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, str]:

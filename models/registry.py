@@ -34,9 +34,42 @@ class ArtifactIntegrityError(RuntimeError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
+    """One input of a model: its name, unit (UCUM where one exists) and, optionally, its rules.
+
+    ``source`` says where an EHR holds the value, e.g. ``{"resource": "Observation", "system":
+    "http://loinc.org", "codes": ["8867-4"]}``; ``missing`` what happens when a record lacks it
+    (``"reject"`` the case, or impute the stated number); ``allowed`` the only values accepted
+    (``[0, 1]`` for a condition's presence); ``range`` the plausible ``[low, high]``.
+    """
+
     name: str
     unit: str
     description: str = ""
+    source: dict[str, Any] | None = None
+    missing: float | Literal["reject"] | None = None
+    allowed: tuple[float, ...] | None = None
+    range: tuple[float, float] | None = None
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> FeatureSpec:
+        allowed, range_ = entry.get("allowed"), entry.get("range")
+        return cls(
+            **{k: v for k, v in entry.items() if k not in ("allowed", "range")},
+            allowed=None if allowed is None else tuple(float(v) for v in allowed),
+            range=None if range_ is None else (float(range_[0]), float(range_[1])),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The registry form: rules that are not set are left out."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(self).items()
+            if v is not None
+        }
+
+    @property
+    def constrained(self) -> bool:
+        return self.allowed is not None or self.range is not None
 
 
 @dataclass(frozen=True)
@@ -74,6 +107,11 @@ class ModelSpec:
     @cached_property
     def feature_set(self) -> frozenset[str]:
         return frozenset(self.feature_names)
+
+    @cached_property
+    def constrained(self) -> bool:
+        """Whether any input has allowed values or a plausible range to check."""
+        return any(f.constrained for f in self.inputs)
 
 
 def report_dir(artifact_dir: Path, spec: ModelSpec) -> Path:
@@ -163,7 +201,7 @@ def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:
         architecture=entry["architecture"],
         artifact=(base / entry["artifact"]).resolve(),
         sha256=entry["sha256"],
-        inputs=tuple(FeatureSpec(**f) for f in entry["inputs"]),
+        inputs=tuple(FeatureSpec.from_json(f) for f in entry["inputs"]),
         output=entry["output"],
         threshold=float(entry["threshold"]),
         labels=tuple(entry.get("labels", ("negative", "positive"))),

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from models import breast_cancer, reference
+from models import breast_cancer, reference, survival
 from models.registry import REGISTRY_PATH
 
-TRAINABLE = ("breast-cancer", *reference.RECIPES)
+#: Models trained on real data. Each module has NAME, VERSION, train(out) -> result,
+#: registry_entry(result, artifact=...) and metrics(result): the held-out figures beside the
+#: baseline's.
+TRAINED: dict[str, ModuleType] = {m.NAME: m for m in (breast_cancer, survival)}
+TRAINABLE = (*TRAINED, *reference.RECIPES)
 
 
 @dataclass(frozen=True)
@@ -26,41 +31,23 @@ def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
     """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry."""
     if name in reference.RECIPES:
         return _benchmark_weights(name, out_dir=out_dir, install=install)
-    if name != "breast-cancer":
+    module = TRAINED.get(name)
+    if module is None:
         raise ValueError(f"no training recipe for {name!r} (trainable: {', '.join(TRAINABLE)})")
-    filename = f"{breast_cancer.NAME}-{breast_cancer.VERSION}.safetensors"
+    filename = f"{module.NAME}-{module.VERSION}.safetensors"
     target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
-    result = breast_cancer.train(target)
-    registry = json.loads(REGISTRY_PATH.read_text()) if REGISTRY_PATH.exists() else {"models": []}
-    committed = next(
-        (
-            m["sha256"]
-            for m in registry["models"]
-            if (m["name"], m["version"]) == (breast_cancer.NAME, breast_cancer.VERSION)
-        ),
-        None,
-    )
+    result = module.train(target)
+    registry = json.loads(REGISTRY_PATH.read_text())
+    committed = _committed_sha256(registry, module.NAME, module.VERSION)
     if install:
-        entry = breast_cancer.registry_entry(result, artifact=f"artifacts/{filename}")
-        others = [
-            m
-            for m in registry["models"]
-            if (m["name"], m["version"]) != (breast_cancer.NAME, breast_cancer.VERSION)
-        ]
-        registry["models"] = [*others, entry]
-        REGISTRY_PATH.write_text(json.dumps(registry, indent=2) + "\n")
+        _install(registry, module.registry_entry(result, artifact=f"artifacts/{filename}"))
     return TrainReport(
-        name=breast_cancer.NAME,
-        version=breast_cancer.VERSION,
+        name=module.NAME,
+        version=module.VERSION,
         artifact=target,
         sha256=result.sha256,
         committed_sha256=committed,
-        metrics={
-            "mlp_held_out_roc_auc": result.mlp_auc,
-            "logistic_regression_held_out_roc_auc": result.baseline_auc,
-            "n_train": result.n_train,
-            "n_test": result.n_test,
-        },
+        metrics=module.metrics(result),
     )
 
 

@@ -18,6 +18,12 @@ class InputPublic(BaseModel):
     name: str
     unit: str
     description: str
+    #: Where an EHR holds it (FHIR resource, code system, codes).
+    source: dict[str, Any] | None = None
+    #: "reject", or the value imputed when a record lacks it.
+    missing: float | str | None = None
+    allowed: list[float] | None = None
+    range: list[float] | None = None
 
 
 class ModelVersionPublic(BaseModel):
@@ -55,9 +61,7 @@ def _version(spec: ModelSpec) -> ModelVersionPublic:
         default=spec.default,
         architecture=spec.architecture,
         input_kind=spec.input_kind,
-        inputs=[
-            InputPublic(name=f.name, unit=f.unit, description=f.description) for f in spec.inputs
-        ],
+        inputs=[InputPublic.model_validate(f.to_json()) for f in spec.inputs],
         min_length=spec.min_length if sequence else None,
         max_length=spec.max_length if sequence else None,
         vocab_size=spec.vocab_size,

@@ -428,7 +428,13 @@ def test_models_are_listed_with_schema_threshold_status_and_sha256(
     """GET /v1/models shows every registered version; GET /v1/models/{name} one model."""
     body = api.get("/v1/models", headers=auth(key)).json()
     names = [m["name"] for m in body["models"]]
-    assert names == ["breast-cancer", "ecg-cnn", "events-transformer", "vitals-gru"]
+    assert names == [
+        "breast-cancer",
+        "ecg-cnn",
+        "events-transformer",
+        "vitals-gru",
+        "whas500-mortality",
+    ]
     bc = api.get("/v1/models/breast-cancer", headers=auth(key)).json()
     assert bc["default_version"] == "1.0.0"
     (version,) = bc["versions"]
@@ -438,6 +444,37 @@ def test_models_are_listed_with_schema_threshold_status_and_sha256(
     gru = api.get("/v1/models/vitals-gru", headers=auth(key)).json()["versions"][0]
     assert (gru["input_kind"], gru["max_length"], gru["status"]) == ("series", 48, "candidate")
     assert "NOT FOR CLINICAL USE" in gru["clinical_use"]
+    whas = api.get("/v1/models/whas500-mortality", headers=auth(key)).json()["versions"][0]
+    hr = next(i for i in whas["inputs"] if i["name"] == "heart_rate")
+    assert hr["source"]["codes"] == ["8867-4"] and hr["range"] == [20.0, 300.0]
+    female = next(i for i in whas["inputs"] if i["name"] == "female")
+    assert (female["missing"], female["allowed"]) == ("reject", [0.0, 1.0])
+
+
+def test_implausible_survival_inputs_are_422_naming_the_rule(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """Schema rules (allowed values, plausible ranges) are enforced at the door."""
+    from models import survival
+
+    x, _, _ = survival.load()
+    features = dict(zip(survival.FEATURE_NAMES, map(float, x[0]), strict=True))
+    before = counts(pg_sessions, redis_client)
+    response = api.post(
+        "/v1/cases",
+        headers=auth(key),
+        json={
+            "model": "whas500-mortality",
+            "external_id": "whas-0",
+            "features": {**features, "systolic_bp": 3000.0},
+        },
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "features", "systolic_bp"]
+    assert error["msg"] == "outside the plausible range 40..300 mm[Hg]"
+    assert "3000" not in response.text  # values are never echoed back
+    assert counts(pg_sessions, redis_client) == before
 
 
 def test_unknown_model_is_404_and_models_need_a_key(api: TestClient, key: str) -> None:

@@ -44,9 +44,11 @@ def test_report_folder_holds_metrics_and_three_png_plots(tmp_path: Path) -> None
     assert saved == report and saved["sha256"] == spec.sha256
     assert saved["metrics"]["n"] == 114
     assert saved["metrics"]["roc_auc"] == pytest.approx(spec.training["held_out_roc_auc"], abs=1e-4)
-    cases, y = held_out(spec)
-    scores = [r.score for r in LoadedModel(spec, device="cpu").score(cases)]
-    assert saved["metrics"]["accuracy"] == pytest.approx(np.mean((np.array(scores) >= 0.5) == y))
+    data = held_out(spec)
+    scores = [r.score for r in LoadedModel(spec, device="cpu").score(data.cases)]
+    assert saved["metrics"]["accuracy"] == pytest.approx(
+        np.mean((np.array(scores) >= 0.5) == data.labels)
+    )
     for name in ("roc.png", "pr.png", "calibration.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
