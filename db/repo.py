@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Table, and_, any_, bindparam, case, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from db.tables import Batch, Case, CaseStatus, Priority, Score, Tenant, utcnow
 
@@ -281,6 +281,7 @@ _SCORE_ARRAYS = {
     "batch_id": "bigint[]",
     "position": "int[]",
     "queue_wait_ms": "float8[]",
+    "shadow": "boolean[]",
 }
 # One INSERT over arrays, one parameter per column: a thousand-row batch is one short statement
 # instead of one with ten thousand placeholders (which psycopg spends longer parsing than
@@ -301,6 +302,7 @@ def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
     now = utcnow()
     if session.get_bind().dialect.name == "postgresql":
         params: dict[str, Any] = {c: [r.get(c) for r in rows] for c in _SCORE_ARRAYS}
+        params["shadow"] = [bool(r.get("shadow", False)) for r in rows]
         params["explanation"] = [
             None if r.get("explanation") is None else json.dumps(r["explanation"]) for r in rows
         ]
@@ -351,10 +353,20 @@ def list_results(
     after_id: int = 0,
     limit: int = 100,
 ) -> list[tuple[Case, Score | None]]:
-    """One row per case (with its score, if any), in case id order after ``after_id``."""
+    """One row per case (with its score, if any), in case id order after ``after_id``.
+
+    The score is the one of the version the case was submitted to; shadow scores are not results.
+    """
     stmt = (
         select(Case, Score)
-        .outerjoin(Score, Score.case_id == Case.id)
+        .outerjoin(
+            Score,
+            and_(
+                Score.case_id == Case.id,
+                Score.model_name == Case.model_name,
+                Score.model_version == Case.model_version,
+            ),
+        )
         .where(Case.tenant_id == tenant_id, Case.id > after_id)
         .order_by(Case.id)
         .limit(limit)
@@ -369,6 +381,28 @@ def list_results(
     if since is not None:
         stmt = stmt.where(Case.updated_at >= since)
     return [(row[0], row[1]) for row in session.execute(stmt)]
+
+
+def shadow_pairs(
+    session: Session, *, name: str, released: str, candidate: str
+) -> list[tuple[float, float]]:
+    """(released score, candidate score) of every case the candidate shadowed, in case order."""
+    shadow = aliased(Score)
+    rows = session.execute(
+        select(Score.score, shadow.score)
+        .join(
+            shadow,
+            and_(
+                shadow.case_id == Score.case_id,
+                shadow.model_name == name,
+                shadow.model_version == candidate,
+                shadow.shadow.is_(True),
+            ),
+        )
+        .where(Score.model_name == name, Score.model_version == released, Score.shadow.is_(False))
+        .order_by(Score.case_id)
+    )
+    return [(r[0], r[1]) for r in rows]
 
 
 def stale_cases(

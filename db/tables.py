@@ -164,6 +164,8 @@ class Score(Base):
     queue_wait_ms: Mapped[float | None] = mapped_column(Float(precision=53))
     #: Top feature attributions (models/explain.py), or empty where none were computed.
     explanation: Mapped[dict[str, Any] | None]
+    #: Written by a candidate version shadowing the released one: kept for drift, never the result.
+    shadow: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     case: Mapped[Case] = relationship(back_populates="scores")
     batch: Mapped[Batch | None] = relationship()

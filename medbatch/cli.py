@@ -141,6 +141,22 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"  {key:10} {metrics[key]:.4f}")
         print(f"  {'brier':10} {metrics['brier']:.4f}")
         return 0
+    if args.models_command == "shadow":
+        from models.shadow import ShadowError, clear_shadow, set_shadow
+
+        if args.off:
+            previous = clear_shadow(settings.artifact_dir, args.ref.partition("@")[0])
+            print(f"{args.ref}: no shadow" + (f" (was {previous})" if previous else ""))
+            return 0
+        try:
+            released, candidate = set_shadow(settings.artifact_dir, args.ref)
+        except ShadowError as exc:
+            print(f"medbatch models shadow: {exc}", file=sys.stderr)
+            return 2
+        print(f"{candidate.ref} shadows {released.ref} (workers pick it up when they start)")
+        return 0
+    if args.models_command == "drift":
+        return _drift(args, settings)
     if args.models_command == "train":
         from models.train import train
 
@@ -158,6 +174,42 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
         return 0
     raise AssertionError(args.models_command)
+
+
+def _drift(args: argparse.Namespace, settings: Settings) -> int:
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from models.registry import RegistryError, load_registry
+    from models.shadow import ShadowError, drift
+
+    registry = load_registry(settings.artifact_dir)
+    try:
+        released = registry.resolve(f"{args.name}@{args.released}" if args.released else args.name)
+        version = args.candidate or registry.shadows.get(args.name)
+        if version is None:
+            raise ShadowError(f"{args.name} has no shadow; name one with --candidate VERSION")
+        candidate = registry.resolve(f"{args.name}@{version}")
+        engine = make_engine(settings.database_url)
+        with session_scope(make_sessionmaker(engine)) as session:
+            pairs = repo.shadow_pairs(
+                session, name=args.name, released=released.version, candidate=candidate.version
+            )
+        engine.dispose()
+        result = drift(released, candidate, pairs)
+    except (RegistryError, ShadowError) as exc:
+        print(f"medbatch models drift: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"{result.candidate} against {result.released} on {result.cases} cases scored by both")
+    print(f"  mean |difference|      {result.mean_abs_diff:.4f} (max {result.max_abs_diff:.4f})")
+    print(f"  Spearman rank corr.    {result.spearman:.4f}")
+    print(
+        f"  flips at the threshold {result.flips} ({result.flips / result.cases:.1%}): "
+        f"{result.flips_up} up, {result.flips_down} down"
+    )
+    return 0
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
@@ -258,6 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--schema", type=Path, required=True, help="JSON: inputs, output, threshold")
     reg.add_argument("--architecture", help="for a safetensors state dict: a built-in (mlp)")
     reg.add_argument("--params", help="JSON hyper-parameters of --architecture")
+    shadow = msub.add_parser(
+        "shadow", help="let a candidate version also score the released version's cases"
+    )
+    shadow.add_argument("ref", help="NAME@VERSION of a candidate (with --off: NAME)")
+    shadow.add_argument("--off", action="store_true", help="stop shadowing NAME")
+    drift = msub.add_parser("drift", help="compare a shadowing candidate with the released version")
+    drift.add_argument("name")
+    drift.add_argument("--candidate", help="version (default: the current shadow)")
+    drift.add_argument("--released", help="version (default: the default version)")
+    drift.add_argument("--json", action="store_true", help="one JSON object")
     evaluate = msub.add_parser("evaluate", help="held-out metrics and plots of a model version")
     evaluate.add_argument("ref", help="NAME or NAME@VERSION")
     evaluate.add_argument(

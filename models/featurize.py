@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -40,8 +41,12 @@ def check_features(spec: ModelSpec, features: Mapping[str, object]) -> dict[str,
         name = feature.name
         if name not in features:
             problems[name] = "missing feature"
-        elif (problem := _number_problem(features[name])) is not None or (problem := _rule_problem(feature, features[name])) is not None:
-            problems[name] = problem
+        else:
+            problem = _number_problem(features[name]) or _rule_problem(
+                feature, cast(float, features[name])
+            )
+            if problem is not None:
+                problems[name] = problem
     problems.update(_extra(spec, features))
     return problems
 

@@ -143,9 +143,17 @@ def verify_artifact(spec: ModelSpec) -> Path:
 class Registry:
     """All model versions listed in one registry file."""
 
-    def __init__(self, specs: list[ModelSpec], *, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        *,
+        path: Path | None = None,
+        shadows: dict[str, str] | None = None,
+    ) -> None:
         self.path = path
         self._specs = {(s.name, s.version): s for s in specs}
+        #: model name -> the candidate version that shadows its default version
+        self.shadows = dict(shadows or {})
 
     @classmethod
     def load(cls, path: Path = REGISTRY_PATH) -> Registry:
@@ -155,7 +163,11 @@ class Registry:
 
     def merged(self, other: Registry) -> Registry:
         """This registry with ``other``'s versions added (a version in both keeps this one's)."""
-        return Registry([*other._specs.values(), *self._specs.values()], path=self.path)
+        return Registry(
+            [*other._specs.values(), *self._specs.values()],
+            path=self.path,
+            shadows={**other.shadows, **self.shadows},
+        )
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(sorted(self._specs.values(), key=lambda s: (s.name, s.version)))
@@ -180,6 +192,18 @@ class Registry:
         defaults = [s for s in candidates if s.default]
         return defaults[0] if defaults else candidates[-1]
 
+    def shadow_for(self, name: str, version: str) -> ModelSpec | None:
+        """The candidate that also scores cases of ``name@version``, if that is the default."""
+        candidate = self.shadows.get(name)
+        if candidate is None or candidate == version:
+            return None
+        try:
+            if self.resolve(name).version != version:
+                return None
+        except RegistryError:
+            return None
+        return self._specs.get((name, candidate))
+
 
 def user_registry_path(artifact_dir: Path) -> Path:
     """Models registered with ``medbatch models register`` are listed here, in the store."""
@@ -191,7 +215,14 @@ def load_registry(artifact_dir: Path | None) -> Registry:
     registry = Registry.load(REGISTRY_PATH)
     if artifact_dir is not None and user_registry_path(artifact_dir).is_file():
         registry = registry.merged(Registry.load(user_registry_path(artifact_dir)))
+    if artifact_dir is not None and shadows_path(artifact_dir).is_file():
+        registry.shadows = json.loads(shadows_path(artifact_dir).read_text())
     return registry
+
+
+def shadows_path(artifact_dir: Path) -> Path:
+    """Which candidate shadows which model (``medbatch models shadow``), in the store."""
+    return artifact_dir / "shadows.json"
 
 
 def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:

@@ -48,6 +48,18 @@ class WorkerContext:
             log.info("loaded model %s on %s", spec.ref, model.device)
         return self._models[key]
 
+    def shadow(self, name: str, version: str) -> LoadedModel | None:
+        """The candidate shadowing ``name@version``, loaded; None if none, or if it cannot load
+        (a shadow must never cost the released model its cases)."""
+        spec = self.registry.shadow_for(name, version)
+        if spec is None:
+            return None
+        try:
+            return self.model(spec.name, spec.version)
+        except Exception as exc:
+            log.warning("shadow %s not loaded: %s", spec.ref, exc)
+            return None
+
     def warm_up(self) -> None:
         """Load the default version of every released model before the first message."""
         for spec in self.registry:

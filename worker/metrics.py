@@ -27,6 +27,9 @@ INFERENCE = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 CASES_SCORED = Counter("medbatch_cases_scored_total", "Cases scored", ["queue", "model"])
+SHADOW_SCORED = Counter(
+    "medbatch_shadow_scores_total", "Cases also scored by a shadowing candidate", ["model"]
+)
 CASES_FAILED = Counter("medbatch_cases_failed_total", "Cases that ended failed", ["queue", "model"])
 MESSAGES_REJECTED = Counter(
     "medbatch_messages_rejected_total", "Malformed scoring messages dropped", ["queue"]

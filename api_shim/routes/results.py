@@ -47,6 +47,7 @@ def read_case(case_id: int, tenant: TenantDep, session: SessionDep) -> CasePubli
                 explanation=s.explanation,
             )
             for s in case.scores
+            if not s.shadow
         ],
     )
 

@@ -32,6 +32,7 @@ from worker.queues import SCORE_TASK
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[str, str], LoadedModel]
+ShadowLoader = Callable[[str, str], LoadedModel | None]
 
 
 @dataclass
@@ -53,6 +54,7 @@ class _Pass:
     started: datetime
     rows: list[tuple[int, int, ScoreRow, float | None]]  # (case id, position, row, wait ms)
     explanations: dict[int, dict] = field(default_factory=dict)  # case id -> attributions
+    shadow: bool = False
 
 
 def parse_case_ids(args: Sequence[object]) -> list[int]:
@@ -75,10 +77,13 @@ def score_cases(
     max_deliveries: int = 5,
     explain_top_k: int = 0,
     explain_steps: int = 32,
+    load_shadow: ShadowLoader | None = None,
 ) -> Outcome:
     """Score the given cases and persist the outcome; safe to run twice for the same ids.
 
     Cases are grouped by model version and cut into forward passes of at most ``max_batch_size``.
+    Where ``load_shadow`` gives a candidate for a version, it scores the same batch too; its rows
+    are stored as shadow scores, and its failures cost nothing but its own rows.
     """
     with session_scope(sessions) as session:
         claimed, dead = repo.claim_cases(session, case_ids=case_ids, max_deliveries=max_deliveries)
@@ -94,6 +99,7 @@ def score_cases(
             reason = f"model {name}@{version} unavailable: {exc}"
             outcome.failed.update({c.id: reason for c in cases})
             continue
+        shadow = load_shadow(name, version) if load_shadow is not None else None
         ready = []
         for case in cases:
             problems = check_features(model.spec, case.features)
@@ -124,6 +130,8 @@ def score_cases(
             if explain_top_k and explainable(model) and rows:
                 explanations = _explain(model, batch, chunk, results, explain_top_k, explain_steps)
             passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explanations))
+            if shadow is not None and rows:
+                passes.extend(_shadow_pass(shadow, batch, chunk, results))
     with session_scope(sessions) as session:
         score_rows = []
         for p in passes:
@@ -150,14 +158,43 @@ def score_cases(
                         "position": position,
                         "queue_wait_ms": wait_ms,
                         "explanation": p.explanations.get(case_id),
+                        "shadow": p.shadow,
                     }
                 )
-                outcome.scored.append(case_id)
+                if not p.shadow:
+                    outcome.scored.append(case_id)
         outcome.new_score_rows = repo.save_scores(session, rows=score_rows)
         repo.mark_done(session, case_ids=outcome.scored)
         repo.mark_failed(session, errors=outcome.failed)
     _observe(queue, passes, outcome, claimed)
     return outcome
+
+
+def _shadow_pass(
+    shadow: LoadedModel,
+    batch: ModelInput,
+    chunk: list[repo.ClaimedCase],
+    results: dict[int, ScoreRow],
+) -> list[_Pass]:
+    """The candidate's scores of the cases the released version scored in this pass."""
+    keep = [i for i, c in enumerate(chunk) if c.id in results]
+    lengths = None if batch.lengths is None else batch.lengths[keep]
+    started = utcnow()
+    t0 = time.perf_counter()
+    try:
+        rows = shadow.to_rows(shadow.predict(ModelInput(batch.values[keep], lengths)))
+    except Exception as exc:
+        log.warning(
+            "shadow %s failed on a pass of %d: %s", shadow.spec.ref, len(keep), type(exc).__name__
+        )
+        return []
+    inference_ms = (time.perf_counter() - t0) * 1000
+    scored: list[tuple[int, int, ScoreRow, float | None]] = [
+        (chunk[i].id, position, row, None)
+        for position, (i, row) in enumerate(zip(keep, rows, strict=True))
+        if math.isfinite(row.score)
+    ]
+    return [_Pass(shadow, len(keep), inference_ms, started, scored, shadow=True)]
 
 
 def _explain(
@@ -217,6 +254,9 @@ def _observe(
     queue: str, passes: list[_Pass], outcome: Outcome, claimed: list[repo.ClaimedCase]
 ) -> None:
     for p in passes:
+        if p.shadow:
+            metrics.SHADOW_SCORED.labels(p.model.spec.ref).inc(len(p.rows))
+            continue
         model = p.model.spec.ref
         metrics.BATCH_SIZE.labels(queue, model).observe(p.size)
         metrics.INFERENCE.labels(queue, model).observe(p.inference_ms / 1000)
@@ -257,5 +297,6 @@ def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
         max_deliveries=ctx.settings.max_deliveries,
         explain_top_k=ctx.settings.explain_top_k,
         explain_steps=ctx.settings.explain_steps,
+        load_shadow=ctx.shadow,
     )
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}

@@ -1,0 +1,144 @@
+"""The registry through real processes: a hospital's own TorchScript and torch.export models, and
+a shadowing candidate, registered into the artifact store, submitted over HTTP, scored by a real
+worker on the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.tables import Case, CaseStatus, Score
+from models import breast_cancer
+from models.byo import register
+from models.registry import Registry
+from models.shadow import set_shadow
+from tests.e2e.support import Processes, count_cases, start_worker, wait_for
+from tests.helpers import wdbc_cases
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+FEATURES = [{"name": n, "unit": "1"} for n in ("a", "b", "c")]
+RELEASED = Registry.load().resolve("breast-cancer")
+
+
+def _own_module() -> torch.nn.Module:
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).eval()
+
+
+@pytest.fixture
+def processes(processes: Processes, tmp_path: Path) -> Processes:
+    """The e2e processes with an artifact store holding the hospital's models and a shadow."""
+    store = tmp_path / "store"
+    schema = tmp_path / "own.json"
+    schema.write_text(json.dumps({"inputs": FEATURES, "output": "risk of X", "status": "released"}))
+    module = _own_module()
+    scripted = tmp_path / "own.pt"
+    with warnings.catch_warnings():  # PyTorch 2.13 deprecates making new TorchScript files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module), str(scripted))
+    register(scripted, name="own", version="1.0", schema_path=schema, artifact_dir=store)
+    program = torch.export.export(
+        module, (torch.zeros(2, 3),), dynamic_shapes={"input": {0: torch.export.Dim("batch")}}
+    )
+    exported = tmp_path / "own.pt2"
+    torch.export.save(program, str(exported))
+    register(exported, name="own", version="2.0", schema_path=schema, artifact_dir=store)
+
+    candidate = tmp_path / "bc-1.1.0.safetensors"
+    breast_cancer.train(candidate, seed=7)
+    bc_schema = tmp_path / "bc.json"
+    bc_schema.write_text(
+        json.dumps(
+            {
+                "inputs": [f.to_json() for f in RELEASED.inputs],
+                "output": RELEASED.output,
+                "labels": list(RELEASED.labels),
+            }
+        )
+    )
+    register(
+        candidate,
+        name="breast-cancer",
+        version="1.1.0",
+        schema_path=bc_schema,
+        artifact_dir=store,
+        architecture="mlp",
+        params={"hidden": [32, 16], "dropout": 0.1},
+    )
+    set_shadow(store, "breast-cancer@1.1.0")
+    processes.env["MEDBATCH_ARTIFACT_DIR"] = str(store)
+    return processes
+
+
+def test_own_torchscript_and_torch_export_models_are_scored_by_the_worker(
+    processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session]
+) -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(40, 3))
+    payload = [
+        {
+            "external_id": f"own-{i}",
+            "model": "own@1.0" if i % 2 else "own@2.0",
+            "features": dict(zip("abc", map(float, row), strict=True)),
+        }
+        for i, row in enumerate(rows)
+    ]
+    response = api.post("/v1/cases", json=payload)
+    assert response.status_code == 202, response.text
+    ids = [c["id"] for c in response.json()["cases"]]
+    worker = start_worker(processes)
+    wait_for(
+        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 40,
+        worker=worker,
+        processes=processes,
+    )
+    with torch.no_grad():
+        expected = torch.sigmoid(_own_module()(torch.tensor(rows, dtype=torch.float32)))[:, 0]
+    with pg_sessions() as s:
+        scores = {r.case_id: r for r in s.scalars(select(Score))}
+    for i, case_id in enumerate(ids):
+        row = scores[case_id]
+        assert row.model_version == ("1.0" if i % 2 else "2.0")
+        assert row.score == pytest.approx(float(expected[i]), abs=1e-6)
+
+
+def test_a_shadowing_candidate_scores_beside_the_released_model(
+    processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session]
+) -> None:
+    response = api.post("/v1/cases", json=wdbc_cases(50))
+    assert response.status_code == 202, response.text
+    ids = [c["id"] for c in response.json()["cases"]]
+    worker = start_worker(processes)
+    wait_for(
+        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 50,
+        worker=worker,
+        processes=processes,
+    )
+    with pg_sessions() as s:
+        rows = s.execute(select(Score.model_version, Score.shadow)).all()
+    assert sorted(rows) == [("1.0.0", False)] * 50 + [("1.1.0", True)] * 50
+    body = api.get(f"/v1/cases/{ids[0]}").json()
+    assert [sc["model_version"] for sc in body["scores"]] == ["1.0.0"]
+    listed = api.get("/v1/scores", params={"limit": 100}).json()
+    assert len(listed["items"]) == 50
+    drift = subprocess.run(
+        [sys.executable, "-m", "medbatch.cli", "models", "drift", "breast-cancer", "--json"],
+        env=processes.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(drift.stdout)
+    assert report["cases"] == 50 and report["released"] == "breast-cancer@1.0.0"
+    assert 0 < report["mean_abs_diff"] < 0.2

@@ -1,0 +1,228 @@
+"""Shadow scoring on the real PostgreSQL: a candidate scores the released version's cases beside
+it, only the released score is the result, drift compares the two, and a broken shadow costs the
+released model nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import repo
+from db.engine import session_scope
+from db.tables import Case, CaseStatus, Priority, Score
+from medbatch.cli import main
+from medbatch.settings import Settings
+from models import breast_cancer
+from models.byo import register
+from models.registry import Registry, load_registry
+from models.scoring import LoadedModel
+from models.shadow import ShadowError, drift, set_shadow
+from tests.helpers import wdbc_cases
+from worker.app import WorkerContext
+from worker.tasks.scoring import score_cases
+
+pytestmark = pytest.mark.integration
+
+RELEASED = Registry.load().resolve("breast-cancer")
+
+
+@pytest.fixture(scope="module")
+def candidate_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """breast-cancer's recipe with another seed: a plausible next version that differs a little."""
+    out = tmp_path_factory.mktemp("candidate") / "bc-1.1.0.safetensors"
+    breast_cancer.train(out, seed=7)
+    return out
+
+
+def _schema(tmp_path: Path, **extra: object) -> Path:
+    path = tmp_path / "schema.json"
+    inputs = [f.to_json() for f in RELEASED.inputs]
+    path.write_text(json.dumps({"inputs": inputs, "output": RELEASED.output, **extra}))
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, candidate_weights: Path) -> Path:
+    """An artifact store holding breast-cancer@1.1.0, a candidate, set to shadow 1.0.0."""
+    store = tmp_path / "store"
+    register(
+        candidate_weights,
+        name="breast-cancer",
+        version="1.1.0",
+        schema_path=_schema(tmp_path, threshold=0.4, labels=list(RELEASED.labels)),
+        artifact_dir=store,
+        architecture="mlp",
+        params={"hidden": [32, 16], "dropout": 0.1},
+    )
+    released, candidate = set_shadow(store, "breast-cancer@1.1.0")
+    assert (released.ref, candidate.ref) == ("breast-cancer@1.0.0", "breast-cancer@1.1.0")
+    return store
+
+
+def _add(sessions: sessionmaker[Session], cases: list[dict], version: str = "1.0.0") -> list[int]:
+    with session_scope(sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="shadowed")
+        new = [
+            repo.NewCase(
+                c["external_id"], "breast-cancer", version, Priority.routine, c["features"]
+            )
+            for c in cases
+        ]
+        return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+
+
+def _context(pg_url: str, store: Path) -> WorkerContext:
+    return WorkerContext(Settings(database_url=pg_url, artifact_dir=store, device="cpu"))
+
+
+def test_candidate_scores_beside_the_released_version_and_only_released_is_the_result(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    cases = wdbc_cases(60)
+    ids = _add(pg_sessions, cases)
+    ctx = _context(pg_url, store)
+    outcome = score_cases(
+        ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow, max_batch_size=25
+    )
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    features = [c["features"] for c in cases]
+    released = [r.score for r in LoadedModel(RELEASED, device="cpu").score(features)]
+    spec = load_registry(store).resolve("breast-cancer@1.1.0")
+    shadowed = [r.score for r in LoadedModel(spec, device="cpu").score(features)]
+    with pg_sessions() as s:
+        rows = s.scalars(select(Score).order_by(Score.case_id, Score.shadow)).all()
+        assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
+        tenant_id = s.scalar(select(Case.tenant_id))
+        results = repo.list_results(s, tenant_id=tenant_id, limit=500)
+        case = repo.get_case(s, tenant_id=tenant_id, case_id=ids[0])
+        assert case is not None
+        listed = [(sc.model_version, sc.shadow) for sc in case.scores]
+    primary = [r for r in rows if not r.shadow]
+    shadow = [r for r in rows if r.shadow]
+    assert [r.case_id for r in primary] == ids and [r.case_id for r in shadow] == ids
+    assert {r.model_version for r in primary} == {"1.0.0"}
+    assert {(r.model_version, r.model_sha256) for r in shadow} == {("1.1.0", spec.sha256)}
+    np.testing.assert_allclose([r.score for r in primary], released, atol=1e-6)
+    np.testing.assert_allclose([r.score for r in shadow], shadowed, atol=1e-6)
+    assert [r.label for r in shadow] == [
+        "malignant" if p >= 0.4 else "benign" for p in (r.score for r in shadow)
+    ]
+    # The result is the released version's score, once per case.
+    assert [(c.id, sc.model_version) for c, sc in results if sc is not None] == [
+        (i, "1.0.0") for i in ids
+    ]
+    assert sorted(listed) == [("1.0.0", False), ("1.1.0", True)]
+
+
+def test_drift_against_a_plain_numpy_recomputation(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    ids = _add(pg_sessions, wdbc_cases(120))
+    ctx = _context(pg_url, store)
+    score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    with pg_sessions() as s:
+        pairs = repo.shadow_pairs(s, name="breast-cancer", released="1.0.0", candidate="1.1.0")
+    candidate = load_registry(store).resolve("breast-cancer@1.1.0")
+    result = drift(RELEASED, candidate, pairs)
+    a, b = np.array(pairs).T
+    assert result.cases == 120
+    assert result.mean_abs_diff == pytest.approx(np.mean(np.abs(a - b)))
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        """Ranks with ties given their mean rank (saturated scores tie at 1.0)."""
+        first = np.empty(len(x))
+        first[np.argsort(x, kind="stable")] = np.arange(len(x))
+        _, group = np.unique(x, return_inverse=True)
+        return (np.bincount(group, first) / np.bincount(group))[group]
+
+    assert result.spearman == pytest.approx(np.corrcoef(ranks(a), ranks(b))[0, 1])
+    up = int(np.sum((a < 0.5) & (b >= 0.4)))
+    down = int(np.sum((a >= 0.5) & (b < 0.4)))
+    assert (result.flips_up, result.flips_down, result.flips) == (up, down, up + down)
+    assert 0.0 < result.mean_abs_diff < 0.2 and result.spearman > 0.8  # a close relative
+
+
+def test_cases_pinned_to_another_version_are_not_shadowed(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    """Only the default version's cases are shadowed; a case pinned to the candidate is its own."""
+    ids = _add(pg_sessions, wdbc_cases(5), version="1.1.0")
+    ctx = _context(pg_url, store)
+    score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    with pg_sessions() as s:
+        rows = s.execute(select(Score.model_version, Score.shadow)).all()
+    assert sorted(rows) == [("1.1.0", False)] * 5
+
+
+def test_a_broken_shadow_costs_the_released_model_nothing(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    """A candidate whose artifact no longer matches its sha256 is skipped, with a warning."""
+    artifact = load_registry(store).resolve("breast-cancer@1.1.0").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    ids = _add(pg_sessions, wdbc_cases(10))
+    ctx = _context(pg_url, store)
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    with pg_sessions() as s:
+        assert s.execute(select(Score.model_version, Score.shadow)).all() == [("1.0.0", False)] * 10
+
+
+def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
+    store = tmp_path / "store"
+    with pytest.raises(ShadowError, match=r"name the candidate's version: breast-cancer@VERSION"):
+        set_shadow(store, "breast-cancer")
+    with pytest.raises(ShadowError, match=r"unknown model version 'breast-cancer@9\.0'"):
+        set_shadow(store, "breast-cancer@9.0")
+    with pytest.raises(ShadowError, match=r"breast-cancer@1\.0\.0 is released; only a candidate"):
+        set_shadow(store, "breast-cancer@1.0.0")
+    narrow = tmp_path / "narrow.json"
+    narrow.write_text(json.dumps({"inputs": [{"name": "a", "unit": "1"}], "output": "x"}))
+    from safetensors.torch import save_file
+
+    from models.architectures import StandardizedMLP
+
+    weights = tmp_path / "narrow.safetensors"
+    save_file(StandardizedMLP(1, hidden=[4]).state_dict(), str(weights))
+    register(
+        weights,
+        name="breast-cancer",
+        version="2.0.0",
+        schema_path=narrow,
+        artifact_dir=store,
+        architecture="mlp",
+        params={"hidden": [4]},
+    )
+    with pytest.raises(ShadowError, match=r"breast-cancer@2\.0\.0 takes other inputs"):
+        set_shadow(store, "breast-cancer@2.0.0")
+    assert not (store / "shadows.json").exists()
+
+
+def test_cli_shadow_and_drift(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MEDBATCH_ARTIFACT_DIR", str(store))
+    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
+    assert main(["models", "drift", "breast-cancer"]) == 2
+    assert "no case has been scored by both" in capsys.readouterr().err
+    ids = _add(pg_sessions, wdbc_cases(30))
+    ctx = _context(pg_url, store)
+    score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    assert main(["models", "drift", "breast-cancer", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cases"] == 30 and report["candidate"] == "breast-cancer@1.1.0"
+    assert main(["models", "shadow", "breast-cancer", "--off"]) == 0
+    assert "(was 1.1.0)" in capsys.readouterr().out
+    assert main(["models", "drift", "breast-cancer"]) == 2
+    assert "breast-cancer has no shadow" in capsys.readouterr().err
+    assert main(["models", "shadow", "breast-cancer@1.0.0"]) == 2
+    assert "only a candidate can shadow" in capsys.readouterr().err
