@@ -136,7 +136,17 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         metrics = evaluation["metrics"]
         print(f"{spec.ref} on {metrics['n']} held-out cases -> {out}")
-        for key in ("c_index", "roc_auc", "pr_auc", "accuracy", "recall", "precision", "f1"):
+        for key in (
+            "c_index",
+            "roc_auc",
+            "pr_auc",
+            "accuracy",
+            "recall",
+            "precision",
+            "f1",
+            "specificity",
+            "f1_negative",
+        ):
             if key in metrics:
                 print(f"  {key:10} {metrics[key]:.4f}")
         print(f"  {'brier':10} {metrics['brier']:.4f}")
@@ -160,7 +170,13 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "train":
         from models.train import train
 
-        report = train(args.name, out_dir=args.out or settings.artifact_dir, install=args.install)
+        try:
+            report = train(
+                args.name, out_dir=args.out or settings.artifact_dir, install=args.install
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"medbatch models train: {exc}", file=sys.stderr)
+            return 2
         m = report.metrics
         print(f"trained {report.name}@{report.version} -> {report.artifact}")
         print(f"  sha256 {report.sha256}")
@@ -296,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="list registered model versions")
     train = msub.add_parser("train", help="train a reference model reproducibly")
-    train.add_argument("name", choices=list(TRAINABLE))
+    train.add_argument("name", help=f"one of: {', '.join(TRAINABLE)}")
     train.add_argument(
         "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)"
     )

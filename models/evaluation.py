@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from models import breast_cancer, survival
+from models import breast_cancer, ecg, survival
 from models.registry import ModelSpec, report_dir  # noqa: F401  (re-exported for the CLI)
 from models.scoring import LoadedModel
 
@@ -51,6 +51,9 @@ def held_out(spec: ModelSpec) -> HeldOut:
         horizon = float(spec.training.get("horizon_days", survival.HORIZON_DAYS))
         known, died = survival.known_status(time, event, horizon)
         return HeldOut(cases, died, known, time, event)
+    if spec.name == ecg.NAME and spec.training.get("data", "none") != "none":
+        beats, labels = ecg.held_out()
+        return HeldOut(list(beats), labels)
     raise NoEvaluationData(
         f"{spec.ref} has no labelled held-out data to evaluate on ({spec.clinical_use or 'no data'})"
     )
@@ -71,6 +74,9 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float) -> dict[st
         "recall": float(metrics.recall_score(y, predicted)),
         "precision": float(metrics.precision_score(y, predicted, zero_division=0)),
         "f1": float(metrics.f1_score(y, predicted)),
+        # The negative class too: per-class figures matter where it is the large one (beats).
+        "specificity": float(metrics.recall_score(y, predicted, pos_label=0)),
+        "f1_negative": float(metrics.f1_score(y, predicted, pos_label=0)),
         "brier": float(metrics.brier_score_loss(y, p)),
     }
 

@@ -40,6 +40,8 @@ class Recipe:
     entry: dict[str, Any]
     buffers: dict[str, list[float]]
     seed: int
+    #: False where a version trained on real data has taken over as the default.
+    default: bool = True
 
 
 RECIPES = {
@@ -64,6 +66,7 @@ RECIPES = {
         version="0.1.0",
         architecture="cnn1d",
         seed=11,
+        default=False,
         buffers={"mean": [0.0], "std": [0.5]},
         entry={
             "input_kind": "series",
@@ -113,7 +116,7 @@ def write(recipe: Recipe, out: Path) -> tuple[ModelSpec, dict[str, Any]]:
     entry: dict[str, Any] = {
         "name": recipe.name,
         "version": recipe.version,
-        "default": True,
+        "default": recipe.default,
         "status": "candidate",
         "architecture": recipe.architecture,
         **recipe.entry,

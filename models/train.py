@@ -7,14 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from models import breast_cancer, reference, survival
+from models import breast_cancer, ecg, reference, survival
 from models.registry import REGISTRY_PATH
 
 #: Models trained on real data. Each module has NAME, VERSION, train(out) -> result,
 #: registry_entry(result, artifact=...) and metrics(result): the held-out figures beside the
 #: baseline's.
-TRAINED: dict[str, ModuleType] = {m.NAME: m for m in (breast_cancer, survival)}
-TRAINABLE = (*TRAINED, *reference.RECIPES)
+TRAINED: dict[str, ModuleType] = {m.NAME: m for m in (breast_cancer, survival, ecg)}
+#: What ``medbatch models train`` takes: a name, or name@version where versions differ in recipe.
+TRAINABLE = (
+    *TRAINED,
+    *(n if n not in TRAINED else f"{n}@{r.version}" for n, r in reference.RECIPES.items()),
+)
 
 
 @dataclass(frozen=True)
@@ -29,11 +33,13 @@ class TrainReport:
 
 def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
     """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry."""
-    if name in reference.RECIPES:
-        return _benchmark_weights(name, out_dir=out_dir, install=install)
-    module = TRAINED.get(name)
-    if module is None:
-        raise ValueError(f"no training recipe for {name!r} (trainable: {', '.join(TRAINABLE)})")
+    base, _, version = name.partition("@")
+    module = TRAINED.get(base)
+    if module is None or version not in ("", module.VERSION):
+        recipe = reference.RECIPES.get(base)
+        if recipe is None or version not in ("", recipe.version):
+            raise ValueError(f"no training recipe for {name!r} (trainable: {', '.join(TRAINABLE)})")
+        return _benchmark_weights(base, out_dir=out_dir, install=install)
     filename = f"{module.NAME}-{module.VERSION}.safetensors"
     target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
     result = module.train(target)

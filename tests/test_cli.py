@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medbatch.cli import build_parser
+from medbatch.cli import build_parser, main
 
 
 def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -61,10 +61,18 @@ def test_submit_with_an_unreadable_file_says_so(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bad.json" in result.stderr
 
 
+def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["models", "train", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no training recipe for 'nope'" in err and "whas500-mortality" in err
+    assert "ecg-cnn@0.1.0" in err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
-        ["models", "train", "nope"],
         ["worker", "--nope"],
         ["db"],
         ["api", "--port", "eighty"],

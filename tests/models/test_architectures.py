@@ -31,9 +31,19 @@ def _event_sequences(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
+def _beats(n: int) -> list[dict]:
+    """Real beats of record 100 as ecg-cnn@1.0.0 takes them (1.0 s before the R peak, 0.5 s after)."""
+    from models import ecg
+    from tests.helpers import ECG_RECORD, require_shared
+
+    cases, _ = ecg.held_out(require_shared(ECG_RECORD).parent)
+    return cases[:n]
+
+
 CASES = {
     "vitals-gru": lambda n: vitals_series(n, seed=3, min_length=1),
-    "ecg-cnn": _ecg_windows,
+    "ecg-cnn@0.1.0": _ecg_windows,
+    "ecg-cnn@1.0.0": _beats,
     "events-transformer": _event_sequences,
 }
 
@@ -48,7 +58,7 @@ def test_a_case_alone_and_in_a_padded_batch_of_32_agree(name: str) -> None:
     batched = [r.score for r in model.score(cases)]
     alone = [model.score([c])[0].score for c in cases]
     np.testing.assert_allclose(batched, alone, atol=1e-5)
-    if name != "ecg-cnn":  # really variable length, really padded
+    if not name.startswith("ecg-cnn"):  # really variable length, really padded
         assert len({len(next(iter(c.values()))) for c in cases}) > 10
 
 
@@ -115,10 +125,16 @@ def test_transformer_ignores_what_follows_the_length() -> None:
         ("vitals-gru", lambda c: {**c, "heart_rate": 80.0}, "heart_rate", "expected a list"),
         ("vitals-gru", lambda c: {**c, "lactate": [1.0]}, "lactate", "unexpected feature"),
         (
-            "ecg-cnn",
+            "ecg-cnn@0.1.0",
             lambda c: {"ecg_mlii": c["ecg_mlii"][:300]},
             "ecg_mlii",
             "length 300, expected 360",
+        ),
+        (
+            "ecg-cnn@1.0.0",
+            lambda c: {"ecg_mlii": c["ecg_mlii"][:360]},
+            "ecg_mlii",
+            "length 360, expected 540",
         ),
         ("events-transformer", lambda c: {"events": [*c["events"], 1024]}, "events", "1..1023"),
         ("events-transformer", lambda c: {"events": [0]}, "events", "1..1023"),
