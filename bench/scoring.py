@@ -9,6 +9,8 @@ One worker process, the same N cases, measured side by side in one run:
               process; reading N messages from Redis through kombu (the transport Celery uses) and
               acknowledging them; bulk-upserting N score rows into PostgreSQL. The limit is the
               slowest of the three.
+  plain       (b) on the bulk path again without explanations (MEDBATCH_EXPLAIN_TOP_K=0), with
+              its STAT latency: what storing attributions with every score costs.
   STAT        a trickle of STAT cases submitted while a bulk backlog of 3N cases (64 a message, as a
               nightly run sends them) is being scored: submit (row committed, message sent) to
               score row, p50 / p99.
@@ -137,10 +139,16 @@ class Bench:
                 .where(Case.tenant_id == tenant_id)
             )  # type: ignore[return-value]
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("wb")
         return subprocess.Popen(
-            argv, env=self.env, cwd=self.logs, stdout=log, stderr=subprocess.STDOUT
+            argv,
+            env={**self.env, **(env or {})},
+            cwd=self.logs,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def stop(self, proc: subprocess.Popen) -> None:
@@ -181,6 +189,26 @@ class Bench:
 
     # -- (b) batched and STAT latency -------------------------------------------------------------
 
+    def without_explanations(self) -> dict[str, float]:
+        """The bulk path and STAT latency again, with MEDBATCH_EXPLAIN_TOP_K=0: what the
+        explanations stored with every score cost."""
+
+        def send_bulk(ids: list[int]) -> None:
+            enqueue_cases(self.app, [(i, Priority.bulk) for i in ids], per_message=64)
+
+        worker = self.start(
+            "no-explanations",
+            [sys.executable, "-m", "medbatch.cli", "worker"],
+            env={"MEDBATCH_EXPLAIN_TOP_K": "0"},
+        )
+        try:
+            self.warm(worker, send_bulk)
+            out = {"cases_per_s": self.timed_run("plain-64", worker, send_bulk)}
+            out.update(self.stat_latency(worker, send_bulk))
+            return out
+        finally:
+            self.stop(worker)
+
     def batched(self) -> dict[str, float]:
         def send_one_per_message(ids: list[int]) -> None:
             enqueue_cases(self.app, [(i, Priority.bulk) for i in ids], per_message=1)
@@ -208,9 +236,11 @@ class Bench:
     ) -> dict[str, float]:  # type: ignore[no-untyped-def]
         # Three times the run's cases, so the backlog outlasts the trickle; only STAT cases scored
         # while backlog cases were still being scored count (reported).
-        backlog_tenant, backlog_ids = self.add_cases("backlog", Priority.bulk, self.cases * 3)
+        backlog_tenant, backlog_ids = self.add_cases(
+            f"backlog-{uuid.uuid4().hex[:6]}", Priority.bulk, self.cases * 3
+        )
         with session_scope(self.sessions) as s:
-            stat_tenant = repo.create_tenant(s, name="stat")[0].id
+            stat_tenant = repo.create_tenant(s, name=f"stat-{uuid.uuid4().hex[:6]}")[0].id
         send_backlog(backlog_ids)
         time.sleep(0.3)  # the worker is into the backlog
         submitted: dict[int, datetime] = {}
@@ -343,6 +373,9 @@ def main() -> None:
     parser.add_argument("--model", default="breast-cancer")
     parser.add_argument("--cases", type=int, default=20_000)
     parser.add_argument("--skip-naive", action="store_true", help="for quick tuning runs")
+    parser.add_argument(
+        "--skip-plain", action="store_true", help="skip the run without explanations"
+    )
     args = parser.parse_args()
     bench = Bench(args.model, args.cases)
     try:
@@ -370,6 +403,17 @@ def main() -> None:
             f"p99 {batched['stat_p99_ms']:.1f} ms",
             flush=True,
         )
+        nan = float("nan")
+        plain = (
+            {"cases_per_s": nan, "stat_p50_ms": nan, "stat_p99_ms": nan}
+            if args.skip_plain
+            else bench.without_explanations()
+        )
+        print(
+            f"  without explanations: bulk messages {plain['cases_per_s']:,.0f} cases/s; "
+            f"STAT p50 {plain['stat_p50_ms']:.1f} ms, p99 {plain['stat_p99_ms']:.1f} ms",
+            flush=True,
+        )
     finally:
         bench.close()
     limit = stages[limit_stage]
@@ -391,9 +435,17 @@ def main() -> None:
         "stat_p99_ms": round(batched["stat_p99_ms"], 1),
         "stat_cases": batched["stat_cases"],
         "backlog_cases_left_after_last_stat": batched["backlog_cases_left_after_last_stat"],
+        "explain_top_k": bench.settings.explain_top_k,
+        "explain_steps": bench.settings.explain_steps,
+        "without_explanations_bulk_cases_per_s": round(plain["cases_per_s"], 1),
+        "explanations_throughput_ratio": round(
+            batched["batched_bulk_messages_cases_per_s"] / plain["cases_per_s"], 3
+        ),
+        "without_explanations_stat_p50_ms": round(plain["stat_p50_ms"], 1),
+        "without_explanations_stat_p99_ms": round(plain["stat_p99_ms"], 1),
     }
     rows = [
-        ("(a) naive: one task per case", result["naive_cases_per_s"], "1.0x"),
+        ("(a) naive: one task per case, no explanations", result["naive_cases_per_s"], "1.0x"),
         (
             "(b) medbatch batched, one case per message",
             result["batched_cases_per_s"],
@@ -403,6 +455,11 @@ def main() -> None:
             "(b) medbatch batched, 64 cases per message",
             result["batched_bulk_messages_cases_per_s"],
             f"{result['batched_bulk_messages_cases_per_s'] / naive:.1f}x",
+        ),
+        (
+            "(b) 64 per message, without explanations",
+            result["without_explanations_bulk_cases_per_s"],
+            f"{result['without_explanations_bulk_cases_per_s'] / naive:.1f}x",
         ),
         ("(c) stage: featurize + forward", result["forward_cases_per_s"], ""),
         ("(c) stage: redis read + ack (kombu)", result["redis_read_cases_per_s"], ""),
@@ -417,6 +474,11 @@ def main() -> None:
     print(
         f"STAT ({result['stat_cases']} cases) while a {3 * args.cases}-case backlog runs: p50 {result['stat_p50_ms']} ms, p99 {result['stat_p99_ms']} ms "
         f"({result['backlog_cases_left_after_last_stat']} backlog cases scored after the last STAT case)"
+    )
+    print(
+        f"explanations (top {result['explain_top_k']}, {result['explain_steps']} steps) with every "
+        f"score: bulk throughput x{result['explanations_throughput_ratio']} of the run without; "
+        f"STAT p99 {result['stat_p99_ms']} ms vs {result['without_explanations_stat_p99_ms']} ms"
     )
     print(json.dumps(result))
 

@@ -60,12 +60,14 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
     autocast: Literal["off", "bf16", "fp16"] = "off"
-    #: Feature attributions stored with each score of a tabular model: the top K features by
-    #: integrated gradients on the log-odds (0: none), with this many path steps. Off by default
-    #: for now: computed in the scoring pass they cut bulk throughput ~4x and tripled STAT p99
-    #: (bench/scoring.py); they belong on a path of their own first.
-    explain_top_k: int = Field(default=0, ge=0)
-    explain_steps: int = Field(default=32, ge=2)
+    #: Feature attributions stored with each score: the top K inputs (and, for sequences, steps)
+    #: by integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path
+    #: steps. What they cost is measured by bench/scoring.py (see the README).
+    explain_top_k: int = Field(default=5, ge=0)
+    explain_steps: int = Field(default=16, ge=2)
+    #: Attributions for series and token models too. Off by default: a backward pass through a
+    #: recurrence per path step cut vitals-gru's bulk throughput ~20x (bench/scoring.py).
+    explain_sequences: bool = False
     #: Port of the worker's Prometheus endpoint; 0 turns it off.
     worker_metrics_port: int = Field(default=9108, ge=0, le=65535)
     #: Python logging level of the API, worker and CLI.

@@ -126,6 +126,7 @@ class Batcher:
                 max_deliveries=self.ctx.settings.max_deliveries,
                 explain_top_k=self.ctx.settings.explain_top_k,
                 explain_steps=self.ctx.settings.explain_steps,
+                explain_sequences=self.ctx.settings.explain_sequences,
                 load_shadow=self.ctx.shadow,
             )
         except Exception as exc:

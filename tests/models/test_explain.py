@@ -65,10 +65,51 @@ def test_mlp_attributions_are_complete_and_ranked() -> None:
         assert magnitudes == sorted(magnitudes, reverse=True) and len(magnitudes) == 5
 
 
-def test_sequence_models_are_not_explained() -> None:
-    """Attributions are for tabular inputs; a series model says so."""
-    model = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+@pytest.mark.parametrize("name", ["vitals-gru", "ecg-cnn@1.0.0", "events-transformer"])
+def test_sequence_attributions_are_complete(name: str) -> None:
+    """Series and token models: the attributions (over the case's own steps) sum to
+    logit(x) - logit(baseline) up to Captum's reported delta, which stays small."""
     from bench.workloads import vitals_series
 
-    with pytest.raises(ValueError, match="no attributions for series inputs"):
-        explain(model, model.featurize(vitals_series(2)))
+    model = LoadedModel(Registry.load().resolve(name), device="cpu")
+    if name == "vitals-gru":
+        cases = vitals_series(12, seed=2, min_length=1)
+    elif name == "events-transformer":
+        rng = np.random.default_rng(1)
+        cases = [{"events": [int(c) for c in rng.integers(1, 1024, size=n)]} for n in (3, 40, 128)]
+    else:
+        from models import ecg
+        from tests.helpers import ECG_RECORD, require_shared
+
+        beats, labels = ecg.held_out(require_shared(ECG_RECORD).parent)
+        cases = [beats[i] for i in np.flatnonzero(labels)[:4]] + beats[:4]
+    batch = model.featurize(cases)
+    found = explain(model, batch, top_k=3, n_steps=64)
+    with torch.no_grad():
+        logits = model.module(batch.values, batch.lengths).double().numpy()
+    for case, e, logit in zip(cases, found, logits, strict=True):
+        difference = logit - e["baseline_logit"]
+        assert e["total"] - e["convergence_delta"] == pytest.approx(difference, abs=1e-3)
+        assert abs(e["convergence_delta"]) < 0.05 * max(1.0, abs(difference))
+        steps = len(next(iter(case.values())))
+        assert all(0 <= s["step"] < steps for s in e["top_steps"]) and len(e["top_steps"]) == 3
+        magnitudes = [abs(s["attribution"]) for s in e["top_steps"]]
+        assert magnitudes == sorted(magnitudes, reverse=True)
+        if name == "events-transformer":
+            assert [s["code"] for s in e["top_steps"]] == [
+                case["events"][s["step"]] for s in e["top_steps"]
+            ]
+        else:
+            assert {a["feature"] for a in e["top"]} <= set(model.spec.feature_names)
+
+
+def test_padding_gets_no_attribution() -> None:
+    """A short series padded into a batch with a long one: its steps past its length get none."""
+    from bench.workloads import vitals_series
+
+    model = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+    short, long = vitals_series(2, seed=4, min_length=1)
+    short = {k: v[:3] for k, v in short.items()}
+    long = {k: (v * 48)[:48] for k, v in long.items()}
+    found = explain(model, model.featurize([short, long]), top_k=48, n_steps=16)
+    assert {s["step"] for s in found[0]["top_steps"] if s["attribution"] != 0} <= {0, 1, 2}

@@ -274,3 +274,41 @@ def test_scores_carry_their_explanation_on_both_databases(
         assert sc.explanation["method"] == "integrated_gradients"
         assert len(sc.explanation["top"]) == 3
         assert {a["feature"] for a in sc.explanation["top"]} <= set(SPEC.feature_names)
+
+
+@pytest.mark.parametrize("explain_sequences", [False, True])
+def test_sequence_explanations_follow_their_setting(
+    pg_sessions: sessionmaker[Session], explain_sequences: bool
+) -> None:
+    """Series models get attributions (channels and steps) only with explain_sequences."""
+    from bench.workloads import vitals_series
+
+    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+    series = vitals_series(6, seed=1, min_length=2)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="icu")
+        new = [
+            repo.NewCase(f"icu-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
+            for i, f in enumerate(series)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    score_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: gru,
+        explain_top_k=2,
+        explain_sequences=explain_sequences,
+    )
+    with pg_sessions() as s:
+        stored = s.scalars(select(Score).order_by(Score.case_id)).all()
+    assert len(stored) == 6
+    for sc, features in zip(stored, series, strict=True):
+        if not explain_sequences:
+            assert sc.explanation is None
+            continue
+        assert sc.explanation is not None
+        assert {a["feature"] for a in sc.explanation["top"]} <= set(features)
+        assert len(sc.explanation["top_steps"]) == 2
+        assert all(
+            0 <= t["step"] < len(features["heart_rate"]) for t in sc.explanation["top_steps"]
+        )

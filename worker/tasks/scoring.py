@@ -76,7 +76,8 @@ def score_cases(
     max_batch_size: int = 1024,
     max_deliveries: int = 5,
     explain_top_k: int = 0,
-    explain_steps: int = 32,
+    explain_steps: int = 16,
+    explain_sequences: bool = False,
     load_shadow: ShadowLoader | None = None,
 ) -> Outcome:
     """Score the given cases and persist the outcome; safe to run twice for the same ids.
@@ -127,7 +128,8 @@ def score_cases(
                 if c.id in results
             ]
             explanations = {}
-            if explain_top_k and explainable(model) and rows:
+            wanted = model.spec.input_kind == "tabular" or explain_sequences
+            if explain_top_k and wanted and explainable(model) and rows:
                 explanations = _explain(model, batch, chunk, results, explain_top_k, explain_steps)
             passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explanations))
             if shadow is not None and rows:
@@ -208,7 +210,8 @@ def _explain(
     """Attributions for the scored cases of one pass; a failure costs the explanations only."""
     keep = [i for i, c in enumerate(chunk) if c.id in results]
     try:
-        found = explain(model, ModelInput(batch.values[keep]), top_k=top_k, n_steps=steps)
+        lengths = None if batch.lengths is None else batch.lengths[keep]
+        found = explain(model, ModelInput(batch.values[keep], lengths), top_k=top_k, n_steps=steps)
     except Exception as exc:
         log.warning(
             "%s: no explanations for a pass of %d: %s",
@@ -297,6 +300,7 @@ def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
         max_deliveries=ctx.settings.max_deliveries,
         explain_top_k=ctx.settings.explain_top_k,
         explain_steps=ctx.settings.explain_steps,
+        explain_sequences=ctx.settings.explain_sequences,
         load_shadow=ctx.shadow,
     )
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}
