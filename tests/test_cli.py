@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from medbatch.cli import build_parser, main
+from medbatch.settings import get_settings
 
 
 def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -65,6 +66,7 @@ def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["models", "train", "nope"]) == 2
+    get_settings.cache_clear()
     err = capsys.readouterr().err
     assert "no training recipe for 'nope'" in err and "whas500-mortality" in err
     assert "ecg-cnn@0.1.0" in err

@@ -16,7 +16,7 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority, Score
 from medbatch.cli import main
-from medbatch.settings import Settings
+from medbatch.settings import Settings, get_settings
 from models import breast_cancer
 from models.byo import register
 from models.registry import Registry, load_registry
@@ -209,9 +209,12 @@ def test_cli_shadow_and_drift(
     store: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.setenv("MEDBATCH_ARTIFACT_DIR", str(store))
     monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
+    get_settings.cache_clear()  # main() reads the environment once per process
+    request.addfinalizer(get_settings.cache_clear)
     assert main(["models", "drift", "breast-cancer"]) == 2
     assert "no case has been scored by both" in capsys.readouterr().err
     ids = _add(pg_sessions, wdbc_cases(30))
