@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from models.registry import ModelSpec
+from models.registry import ModelSpec, sha256_file
 
 #: How SignalCNN's head reads the last feature map (see its docstring).
 Pool = Literal["mean", "flatten"]
@@ -258,3 +260,15 @@ def build(architecture: str, *, n_features: int, params: dict) -> nn.Module:
     raise ValueError(
         f"unknown architecture {architecture!r} (known: mlp, cox-mlp, rnn, cnn1d, transformer)"
     )
+
+
+def save_weights(module: nn.Module, out: Path) -> str:
+    """Write ``module``'s state dict to ``out`` as safetensors (world-readable); return its sha256.
+
+    No metadata: safetensors writes its metadata map in hash order, which would change the file's
+    sha256 from run to run; name, version and seed live in the registry entry instead.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out))
+    out.chmod(0o644)
+    return sha256_file(out)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from models.architectures import StandardizedMLP
-from models.registry import FeatureSpec, sha256_file
+from models.architectures import StandardizedMLP, save_weights
+from models.registry import FeatureSpec
 
 NAME = "breast-cancer"
 VERSION = "1.0.0"
@@ -136,15 +135,9 @@ def train(out: Path, *, seed: int = SEED) -> TrainResult:
     baseline.fit(data.x_train, data.y_train)
     p_base = baseline.predict_proba(data.x_test)[:, 1]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    # No metadata: safetensors writes its metadata map in hash order, which would change the
-    # file's sha256 from run to run; name, version and seed live in the registry entry instead.
-    save_file(state, str(out))
-    out.chmod(0o644)
     return TrainResult(
         artifact=out,
-        sha256=sha256_file(out),
+        sha256=save_weights(model, out),
         mlp_auc=float(roc_auc_score(data.y_test, p_test)),
         baseline_auc=float(roc_auc_score(data.y_test, p_base)),
         n_train=len(data.y_train),

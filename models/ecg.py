@@ -31,10 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from models.architectures import Pool, SignalCNN
-from models.registry import sha256_file
+from models.architectures import Pool, SignalCNN, save_weights
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -335,14 +333,9 @@ def train(out: Path, *, seed: int = SEED, directory: Path | None = None) -> Trai
     p_model = predict(model, data.x_test)
     p_baseline = fit_baseline(data.rr_train, data.y_train).predict_proba(data.rr_test)[:, 1]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # No metadata: safetensors writes its metadata map in hash order, which would change the
-    # file's sha256 from run to run; name, version and seed live in the registry entry instead.
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out))
-    out.chmod(0o644)
     return TrainResult(
         artifact=out,
-        sha256=sha256_file(out),
+        sha256=save_weights(model, out),
         seed=seed,
         model=held_out_metrics(data.y_test, p_model),
         baseline=held_out_metrics(data.y_test, p_baseline),

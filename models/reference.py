@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from models.architectures import build_for
-from models.registry import FeatureSpec, ModelSpec, sha256_file
+from models.architectures import build_for, save_weights
+from models.registry import FeatureSpec, ModelSpec
 
 NOT_FOR_CLINICAL_USE = "benchmark weights (seeded initialisation, untrained): NOT FOR CLINICAL USE"
 
@@ -143,8 +142,5 @@ def write(recipe: Recipe, out: Path) -> tuple[ModelSpec, dict[str, Any]]:
     with torch.no_grad():
         for name, values in recipe.buffers.items():
             getattr(module, name).copy_(torch.tensor(values))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(out))
-    out.chmod(0o644)
-    entry["sha256"] = sha256_file(out)
+    entry["sha256"] = save_weights(module, out)
     return spec, entry

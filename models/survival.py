@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from models.architectures import CoxMLP
-from models.registry import FeatureSpec, sha256_file
+from models.architectures import CoxMLP, save_weights
+from models.registry import FeatureSpec
 
 NAME = "whas500-mortality"
 VERSION = "1.0.0"
@@ -280,12 +279,9 @@ def train(out: Path, *, seed: int = SEED) -> TrainResult:
     cumhaz = breslow_cumhaz(train_lhr, data.time_train, data.event_train, HORIZON_DAYS)
     model.baseline_cumhaz.fill_(cumhaz)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out))
-    out.chmod(0o644)
     return TrainResult(
         artifact=out,
-        sha256=sha256_file(out),
+        sha256=save_weights(model, out),
         c_index=c_index(data.time_test, test_lhr.double().numpy(), data.event_test),
         baseline_c_index=c_index(data.time_test, baseline_risk(data), data.event_test),
         baseline_cumhaz=cumhaz,
