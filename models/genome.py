@@ -151,6 +151,25 @@ def _keep_index(
     return np.array(sorted(rows), dtype=np.intp)
 
 
+@dataclass(frozen=True)
+class FilesetInfo:
+    """What a PLINK fileset holds, checked without reading its genotypes."""
+
+    prefix: Path
+    fid: tuple[str, ...]
+    iid: tuple[str, ...]
+    n_variants: int
+
+
+def inspect_bed(prefix: str | Path) -> FilesetInfo:
+    """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
+    bed, bim, fam = _plink_paths(prefix)
+    fid, iid = _read_columns(fam, 6, (0, 1))
+    (variant_id,) = _read_columns(bim, 6, (1,))
+    _check_bed(bed, len(iid), len(variant_id), fam, bim)
+    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id))
+
+
 def read_bed(
     prefix: str | Path,
     *,
