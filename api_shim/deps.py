@@ -8,7 +8,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.tables import Tenant
@@ -25,6 +25,11 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    """The app's sessionmaker, for work that commits in steps of its own."""
+    return request.app.state.sessions
+
+
 def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
@@ -35,6 +40,7 @@ def get_celery(request: Request) -> Celery:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 

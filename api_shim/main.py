@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api_shim.routes import cases, health, models, results
+from api_shim.routes import cases, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import load_registry
@@ -100,6 +100,7 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(cases.router)
     app.include_router(results.router)
     app.include_router(models.router)
+    app.include_router(genome.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

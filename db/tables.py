@@ -169,3 +169,78 @@ class Score(Base):
 
     case: Mapped[Case] = relationship(back_populates="scores")
     batch: Mapped[Batch | None] = relationship()
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class GenomeJob(Base):
+    """A genome comparison: one cohort (or query samples against it), one metric, tiled."""
+
+    __tablename__ = "genome_jobs"
+    __table_args__ = (Index("ix_genome_jobs_tenant", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    metric: Mapped[str] = mapped_column(String(10))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
+    )
+    #: Where the genotypes are (PLINK prefixes) and the options: threshold, ibs_missing, tile_rows.
+    spec: Mapped[dict[str, Any]]
+    n_samples: Mapped[int]
+    #: Rows of the result: the query samples, or every sample for an all-pairs job.
+    n_rows: Mapped[int]
+    n_variants: Mapped[int]
+    tiles_total: Mapped[int]
+    tiles_done: Mapped[int] = mapped_column(default=0)
+    #: The artifact store's folder of this job; outputs are ``{output_prefix}.rel`` and so on.
+    output_prefix: Mapped[str] = mapped_column(String(500))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class GenomeTile(Base):
+    """Rows ``row_start:row_end`` of a job's matrix: one Celery task, written as it finishes."""
+
+    __tablename__ = "genome_tiles"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_genome_tiles_job_index"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("genome_jobs.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    row_start: Mapped[int]
+    row_end: Mapped[int]
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class RelatedPair(Base):
+    """A pair of samples above a job's kinship threshold, with the inferred degree."""
+
+    __tablename__ = "genome_pairs"
+    __table_args__ = (
+        UniqueConstraint("job_id", "row", "col", name="uq_genome_pairs_job_row_col"),
+        Index("ix_genome_pairs_job_kinship", "job_id", "kinship"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("genome_jobs.id", ondelete="CASCADE"))
+    #: Indices into the job's row samples and its cohort samples.
+    row: Mapped[int]
+    col: Mapped[int]
+    fid1: Mapped[str] = mapped_column(String(100))
+    iid1: Mapped[str] = mapped_column(String(100))
+    fid2: Mapped[str] = mapped_column(String(100))
+    iid2: Mapped[str] = mapped_column(String(100))
+    kinship: Mapped[float] = mapped_column(Float(precision=53))
+    degree: Mapped[str] = mapped_column(String(30))

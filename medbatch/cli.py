@@ -228,6 +228,88 @@ def _drift(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+
+    from sqlalchemy import select
+
+    from db import genome as jobs
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Tenant
+    from worker.tasks import genome as tasks
+
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    if args.genome_command == "status":
+        with session_scope(sessions) as session:
+            found = jobs.get_job(session, job_id=args.job_id)
+            if found is None:
+                print(f"medbatch genome status: no job {args.job_id}", file=sys.stderr)
+                return 2
+            print(json.dumps(tasks.describe(found), default=str, indent=2))
+        return 0
+    inline = args.inline or settings.embedded_broker
+    with session_scope(sessions) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+        if tenant_id is None:
+            tenant_id = repo.create_tenant(session, name=args.tenant)[0].id
+    app = None if inline else _celery(settings)
+    try:
+        job = tasks.submit(
+            sessions,
+            app,
+            tenant_id=tenant_id,
+            metric=args.metric,
+            bfile=args.bfile,
+            query=args.query,
+            threshold=args.threshold,
+            ibs_missing=args.ibs_missing,
+            tile_rows=args.tile_rows or settings.genome_tile_rows,
+            artifact_dir=settings.artifact_dir,
+        )
+    except tasks.SubmissionError as exc:
+        print(f"medbatch genome compare: --{exc.field.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    where = "in this process" if inline else "on the genome queue"
+    print(
+        f"genome comparison {job['id']}: {job['metric']}, {job['n_rows']} x {job['n_samples']} "
+        f"samples, {job['n_variants']} variants, {job['tiles_total']} tiles {where}"
+    )
+    if inline:
+        summary = tasks.run_inline(
+            sessions, job_id=job["id"], device=settings.device, progress=True
+        )
+    elif args.wait or args.out:
+        summary = tasks.wait(sessions, job_id=job["id"], progress=True)
+    else:
+        return 0
+    if summary["status"] != "done":
+        print(
+            f"medbatch genome compare: job {job['id']} failed: {summary['error']}", file=sys.stderr
+        )
+        return 1
+    for path in summary["outputs"]:
+        target = path
+        if args.out:
+            target = str(args.out) + Path(path).name.removeprefix(job["metric"])
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        print(f"  {target}")
+    with session_scope(sessions) as session:
+        pairs = jobs.list_pairs(session, job_id=job["id"], limit=10**9)
+    if job["metric"] == "king":
+        print(f"  {len(pairs)} pairs with kinship >= {args.threshold:.4f}")
+    engine.dispose()
+    return 0
+
+
+def _celery(settings: Settings):
+    from worker.app import create_app
+
+    return create_app(settings, include_tasks=False)
+
+
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -244,6 +326,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings)
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
+    if queues == ("genome",):
+        # A tile is seconds of work: take one at a time, so every genome worker gets its share.
+        app.conf.worker_prefetch_multiplier = 1
     app.worker_main(worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname))
     return 0
 
@@ -342,6 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR/reports/…)"
     )
     models.set_defaults(func=cmd_models)
+
+    genome = sub.add_parser("genome", help="genome comparisons: relationship matrices, relatives")
+    gsub = genome.add_subparsers(dest="genome_command", required=True)
+    compare = gsub.add_parser(
+        "compare", help="a relationship matrix (and related pairs) of a PLINK 1 fileset"
+    )
+    compare.add_argument("--bfile", type=Path, required=True, help="PLINK 1 fileset prefix")
+    compare.add_argument(
+        "--query", type=Path, help="new samples (same variants) to compare against --bfile only"
+    )
+    compare.add_argument("--metric", choices=["grm", "king", "ibs", "dot"], required=True)
+    compare.add_argument("--out", type=Path, help="copy the outputs to OUT.rel, … (waits)")
+    compare.add_argument(
+        "--threshold", type=float, default=2.0**-4.5, help="KING kinship of recorded pairs"
+    )
+    compare.add_argument("--ibs-missing", choices=["frequency", "flat"], default="frequency")
+    compare.add_argument("--tile-rows", type=int, default=0, help="result rows per tile task")
+    compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
+    compare.add_argument("--wait", action="store_true", help="show progress until it is done")
+    compare.add_argument(
+        "--inline",
+        action="store_true",
+        help="run the tiles in this process (the default with the embedded broker)",
+    )
+    gstatus = gsub.add_parser("status", help="a job's progress and outputs")
+    gstatus.add_argument("job_id", type=int)
+    genome.set_defaults(func=cmd_genome)
 
     db = sub.add_parser("db", help="database schema and tenants")
     dsub = db.add_subparsers(dest="db_command", required=True)

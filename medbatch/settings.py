@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Model weights and genome matrices live here; registered models are copied here.
     artifact_dir: Path = Path("var/artifacts")
+    #: Genotype filesets that POST /v1/genome-comparisons may name, as paths relative to this
+    #: folder (nothing outside it is read over HTTP; the CLI takes any path).
+    genotype_dir: Path = Path("var/genotypes")
+    #: Result rows per genome tile task (0: about 4 million matrix entries a tile).
+    genome_tile_rows: int = Field(default=0, ge=0)
     #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
     #: Longer than any task may run (a scoring batch takes seconds), short enough that a case
     #: held by a killed worker comes back within the quarter hour.

@@ -56,9 +56,22 @@ def db_url(request: pytest.FixtureRequest) -> str:
 def _empty_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("TRUNCATE scores, batches, cases, tenants RESTART IDENTITY CASCADE"))
+            conn.execute(
+                text(
+                    "TRUNCATE genome_pairs, genome_tiles, genome_jobs, scores, batches, cases, "
+                    "tenants RESTART IDENTITY CASCADE"
+                )
+            )
         else:
-            for table in ("scores", "batches", "cases", "tenants"):
+            for table in (
+                "genome_pairs",
+                "genome_tiles",
+                "genome_jobs",
+                "scores",
+                "batches",
+                "cases",
+                "tenants",
+            ):
                 conn.execute(text(f"DELETE FROM {table}"))
 
 

@@ -122,6 +122,7 @@ def create_app(
     app.medbatch = WorkerContext(settings)
     if include_tasks:
         import worker.signals
+        import worker.tasks.genome
         import worker.tasks.maintenance
         import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
 

@@ -1,0 +1,164 @@
+"""Genome comparisons over HTTP: submit a job, follow its tiles, read its related pairs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_shim.deps import CeleryDep, SessionDep, SessionsDep, SettingsDep, TenantDep
+from db import genome as jobs
+
+router = APIRouter(prefix="/v1", tags=["genome"])
+
+#: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
+THIRD_DEGREE = 2.0**-4.5
+
+
+class GenomeComparisonCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Literal["grm", "king", "ibs", "dot"]
+    #: A PLINK 1 fileset prefix, relative to the server's genotype folder.
+    bfile: str = Field(min_length=1, max_length=500)
+    #: Query samples (a fileset with the same variants) to compare against ``bfile`` only.
+    query: str | None = Field(default=None, min_length=1, max_length=500)
+    #: KING kinship above which pairs are recorded (default: third degree or closer).
+    threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
+    ibs_missing: Literal["frequency", "flat"] = "frequency"
+    tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class GenomeComparisonPublic(BaseModel):
+    id: int
+    metric: str
+    status: str
+    n_samples: int
+    n_rows: int
+    n_variants: int
+    tiles_total: int
+    tiles_done: int
+    query: bool
+    threshold: float | None
+    error: str | None
+    outputs: list[str]
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class PairPublic(BaseModel):
+    fid1: str
+    iid1: str
+    fid2: str
+    iid2: str
+    kinship: float
+    degree: str
+
+
+class PairsPublic(BaseModel):
+    items: list[PairPublic]
+    next_cursor: int | None
+
+
+def _inside(root: Path, name: str, field: str) -> Path:
+    """``root/name``, refused unless it stays inside ``root`` (no absolute paths, no ``..``)."""
+    base = root.resolve()
+    path = (base / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(base):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", field),
+                    "msg": "must be a fileset prefix inside the server's genotype folder",
+                }
+            ]
+        )
+    return path
+
+
+@router.post(
+    "/genome-comparisons",
+    response_model=GenomeComparisonPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def create_genome_comparison(
+    body: GenomeComparisonCreate,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    sessions: SessionsDep,
+) -> dict[str, Any]:
+    """Check the filesets, record the job with its tiles, and queue one task per tile."""
+    from worker.tasks.genome import SubmissionError, submit
+
+    bfile = _inside(settings.genotype_dir, body.bfile, "bfile")
+    query = None if body.query is None else _inside(settings.genotype_dir, body.query, "query")
+    try:
+        return submit(
+            sessions,
+            celery,
+            tenant_id=tenant.id,
+            metric=body.metric,
+            bfile=bfile,
+            query=query,
+            threshold=body.threshold,
+            ibs_missing=body.ibs_missing,
+            tile_rows=body.tile_rows or settings.genome_tile_rows,
+            artifact_dir=settings.artifact_dir,
+        )
+    except SubmissionError as exc:
+        # Paths are the server's: name the file by what the client sent, not where it lives.
+        message = str(exc).replace(str(settings.genotype_dir.resolve()) + "/", "")
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", exc.field), "msg": message}]
+        ) from None
+
+
+@router.get(
+    "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
+)
+def read_genome_comparison(job_id: int, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+    """A job's status and progress (tiles done of total); its output files once done."""
+    from worker.tasks.genome import describe
+
+    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+    return describe(job)
+
+
+@router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
+def list_related_pairs(
+    job_id: int,
+    tenant: TenantDep,
+    session: SessionDep,
+    min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+    cursor: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> PairsPublic:
+    """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
+    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+    rows = jobs.list_pairs(
+        session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
+    )
+    return PairsPublic(
+        items=[
+            PairPublic(
+                fid1=r.fid1,
+                iid1=r.iid1,
+                fid2=r.fid2,
+                iid2=r.iid2,
+                kinship=r.kinship,
+                degree=r.degree,
+            )
+            for r in rows
+        ],
+        next_cursor=rows[-1].id if len(rows) == limit else None,
+    )

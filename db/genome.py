@@ -1,0 +1,139 @@
+"""Queries of the genome-comparison jobs: create with their tiles, settle tiles, list pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.tables import GenomeJob, GenomeTile, JobStatus, RelatedPair, utcnow
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: int,
+    metric: str,
+    spec: dict[str, Any],
+    n_samples: int,
+    n_rows: int,
+    n_variants: int,
+    tile_rows: int,
+    artifact_root: str,
+) -> GenomeJob:
+    """A queued job with one tile per ``tile_rows`` rows of its result; flushed, not committed."""
+    starts = list(range(0, n_rows, tile_rows)) or [0]
+    job = GenomeJob(
+        tenant_id=tenant_id,
+        metric=metric,
+        spec=spec,
+        n_samples=n_samples,
+        n_rows=n_rows,
+        n_variants=n_variants,
+        tiles_total=len(starts),
+        output_prefix="",
+    )
+    session.add(job)
+    session.flush()
+    job.output_prefix = f"{artifact_root}/genome/{job.id}/{metric}"
+    session.add_all(
+        GenomeTile(job_id=job.id, index=i, row_start=s, row_end=min(s + tile_rows, n_rows))
+        for i, s in enumerate(starts)
+    )
+    session.flush()
+    return job
+
+
+def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> GenomeJob | None:
+    """A job; with ``tenant_id``, only that tenant's (another tenant's is as good as absent)."""
+    stmt = select(GenomeJob).where(GenomeJob.id == job_id)
+    if tenant_id is not None:
+        stmt = stmt.where(GenomeJob.tenant_id == tenant_id)
+    return session.scalar(stmt)
+
+
+def get_tile(session: Session, *, job_id: int, index: int) -> GenomeTile | None:
+    return session.scalar(
+        select(GenomeTile).where(GenomeTile.job_id == job_id, GenomeTile.index == index)
+    )
+
+
+def start_tile(session: Session, tile: GenomeTile) -> None:
+    tile.attempts += 1
+    tile.status = JobStatus.running
+    session.execute(
+        update(GenomeJob)
+        .where(GenomeJob.id == tile.job_id, GenomeJob.status == JobStatus.queued)
+        .values(status=JobStatus.running, updated_at=utcnow())
+    )
+
+
+def finish_tile(session: Session, *, job_id: int, index: int) -> int | None:
+    """Mark a tile done and count it on its job, once; return the job's tiles done, or None if
+    this tile had been counted before (a redelivered message)."""
+    changed = session.execute(
+        update(GenomeTile)
+        .where(
+            GenomeTile.job_id == job_id,
+            GenomeTile.index == index,
+            GenomeTile.status != JobStatus.done,
+        )
+        .values(status=JobStatus.done, updated_at=utcnow())
+        .returning(GenomeTile.id)
+    ).first()
+    if changed is None:
+        return None
+    return session.execute(
+        update(GenomeJob)
+        .where(GenomeJob.id == job_id)
+        .values(tiles_done=GenomeJob.tiles_done + 1, updated_at=utcnow())
+        .returning(GenomeJob.tiles_done)
+    ).scalar_one()
+
+
+def settle_job(session: Session, *, job_id: int, error: str | None = None) -> None:
+    """Mark a job done, or failed with ``error``."""
+    session.execute(
+        update(GenomeJob)
+        .where(GenomeJob.id == job_id)
+        .values(
+            status=JobStatus.failed if error else JobStatus.done,
+            error=None if error is None else error[:2000],
+            finished_at=utcnow(),
+            updated_at=utcnow(),
+        )
+    )
+
+
+def add_pairs(session: Session, *, job_id: int, pairs: Sequence[dict[str, Any]]) -> None:
+    """Insert related pairs; a pair already there (a tile run twice) is kept as it was."""
+    if not pairs:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    table = RelatedPair.__table__
+    session.execute(
+        dialect.insert(table).on_conflict_do_nothing(index_elements=["job_id", "row", "col"]),
+        [{"job_id": job_id, **p} for p in pairs],
+    )
+
+
+def list_pairs(
+    session: Session,
+    *,
+    job_id: int,
+    min_kinship: float | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> list[RelatedPair]:
+    stmt = (
+        select(RelatedPair)
+        .where(RelatedPair.job_id == job_id, RelatedPair.id > after_id)
+        .order_by(RelatedPair.id)
+        .limit(limit)
+    )
+    if min_kinship is not None:
+        stmt = stmt.where(RelatedPair.kinship >= min_kinship)
+    return list(session.scalars(stmt))

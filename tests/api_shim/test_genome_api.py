@@ -1,0 +1,155 @@
+"""POST/GET /v1/genome-comparisons on the real PostgreSQL and Redis: jobs queued as tile messages,
+bad input refused with the field named and nothing written, other tenants' jobs invisible."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_shim.main import create_app
+from db import repo
+from db.engine import session_scope
+from db.tables import GenomeJob
+from medbatch.settings import Settings
+from worker.queues import GENOME_QUEUE
+from worker.tasks import genome as tasks
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
+
+
+@pytest.fixture
+def genotypes(tmp_path: Path) -> Path:
+    """The server's genotype folder: the real HapMap3 slice, and it with constructed relatives."""
+    from tests.worker.test_genome_jobs import write_cohort_with_relatives
+
+    folder = tmp_path / "genotypes"
+    folder.mkdir()
+    for ext in (".bed", ".bim", ".fam"):
+        (folder / f"hm3_small{ext}").write_bytes((DATA / f"hm3_small{ext}").read_bytes())
+    write_cohort_with_relatives(folder)
+    return folder
+
+
+@pytest.fixture
+def api(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    redis_url: str,
+    tmp_path: Path,
+    genotypes: Path,
+) -> Iterator[TestClient]:
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=redis_url,
+        genotype_dir=genotypes,
+        artifact_dir=tmp_path / "store",
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _key(sessions: sessionmaker[Session], name: str) -> dict[str, str]:
+    with session_scope(sessions) as s:
+        return {"Authorization": f"Bearer {repo.create_tenant(s, name=name)[1]}"}
+
+
+def _tile_messages(broker: redis.Redis) -> list[list[int]]:
+    import base64
+
+    return [
+        json.loads(base64.b64decode(json.loads(m)["body"]))[0]
+        for m in broker.lrange(GENOME_QUEUE, 0, -1)
+    ]
+
+
+def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
+    api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    headers = _key(pg_sessions, "biobank")
+    response = api.post(
+        "/v1/genome-comparisons",
+        headers=headers,
+        json={"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["n_samples"], job["n_rows"], job["n_variants"]) == (60, 60, 2000)
+    assert (job["tiles_total"], job["tiles_done"], job["status"]) == (3, 0, "queued")
+    assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(3)]
+    # Progress and pairs are readable by the owner; another tenant sees nothing.
+    assert (
+        api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()["tiles_total"] == 3
+    )
+    other = _key(pg_sessions, "someone-else")
+    for path in (
+        f"/v1/genome-comparisons/{job['id']}",
+        f"/v1/genome-comparisons/{job['id']}/pairs",
+    ):
+        assert api.get(path, headers=other).status_code == 404
+    assert api.get(f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers).json() == {
+        "items": [],
+        "next_cursor": None,
+    }
+
+
+def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    headers = _key(pg_sessions, "biobank")
+    job = api.post(
+        "/v1/genome-comparisons", headers=headers, json={"metric": "king", "bfile": "relatives"}
+    ).json()
+    tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    body = api.get(
+        f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers, params={"min_kinship": 0.4}
+    ).json()
+    assert [(p["iid2"], p["degree"]) for p in body["items"]] == [("DUP3", "duplicate/MZ twin")]
+    done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
+    assert done["status"] == "done" and any(o.endswith(".king") for o in done["outputs"])
+
+
+@pytest.mark.parametrize(
+    ("body", "loc", "fragment"),
+    [
+        ({"metric": "kinship", "bfile": "hm3_small"}, ["body", "metric"], "Input should be"),
+        ({"metric": "grm", "bfile": "../../../etc/passwd"}, ["body", "bfile"], "inside the server"),
+        ({"metric": "grm", "bfile": "/etc/hosts"}, ["body", "bfile"], "inside the server"),
+        ({"metric": "grm", "bfile": "nope"}, ["body", "bfile"], "nope.bed not found"),
+        ({"metric": "grm", "bfile": "hm3_small", "query": "nope"}, ["body", "query"], "not found"),
+        ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
+        ({"metric": "grm", "bfile": "hm3_small", "extra": 1}, ["body", "extra"], "Extra inputs"),
+        ({"metric": "grm"}, ["body", "bfile"], "Field required"),
+    ],
+)
+def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
+    api: TestClient,
+    pg_sessions: sessionmaker[Session],
+    redis_client: redis.Redis,
+    genotypes: Path,
+    body: dict,
+    loc: list[str],
+    fragment: str,
+) -> None:
+    headers = _key(pg_sessions, "biobank")
+    response = api.post("/v1/genome-comparisons", headers=headers, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc and fragment in error["msg"], error
+    assert str(genotypes) not in response.text  # server paths are not disclosed
+    with pg_sessions() as s:
+        assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
+    assert redis_client.llen(GENOME_QUEUE) == 0
+
+
+def test_genome_routes_need_a_key(api: TestClient) -> None:
+    assert api.post("/v1/genome-comparisons", json={}).status_code == 401
+    assert api.get("/v1/genome-comparisons/1").status_code == 401

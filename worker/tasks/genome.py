@@ -1,0 +1,405 @@
+"""Genome comparisons as Celery tasks: one task per tile of rows, on the ``genome`` queue.
+
+A job's result (all pairs of a cohort, or query samples against it) is cut into tiles of rows.
+Each tile is its own message, so any number of workers on any number of machines share a job,
+and a lost worker costs its tile only (acks late: the message is delivered again). A tile writes
+its block to the artifact store as it finishes and counts itself on the job once; the tile that
+completes the count writes the PLINK-format outputs and settles the job. No Celery result backend
+is needed: the database is the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from celery import Celery, shared_task
+from celery.exceptions import Reject
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import genome as jobs
+from db.engine import session_scope
+from models import genome, genome_output
+from worker.app import context
+from worker.queues import GENOME_QUEUE, GENOME_TASK
+
+log = logging.getLogger(__name__)
+
+#: A tile that failed this many times fails its job.
+MAX_TILE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A job's inputs in memory: the cohort, the query rows (the cohort itself for all pairs)."""
+
+    cohort: genome.Genotypes
+    query: genome.Genotypes
+    frequencies: np.ndarray | None
+
+
+def _signature(prefix: str) -> tuple[str, float, int]:
+    bed = Path(prefix + ".bed")
+    stat = bed.stat()
+    return prefix, stat.st_mtime, stat.st_size
+
+
+@lru_cache(maxsize=4)
+def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
+    """A fileset read once per worker process (tiles of one job share it)."""
+    return genome.read_bed(signature[0])
+
+
+def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
+    cohort = _read(_signature(spec["bfile"]))
+    query = _read(_signature(spec["query"])) if spec.get("query") else cohort
+    if query.variant_id != cohort.variant_id:
+        raise ValueError(
+            f"{spec['query']} and {spec['bfile']} do not hold the same variants in the same order"
+        )
+    needs_frequencies = metric == "grm" or (
+        metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
+    )
+    frequencies = _frequencies(_signature(spec["bfile"])) if needs_frequencies else None
+    return Cohort(cohort, query, frequencies)
+
+
+@lru_cache(maxsize=4)
+def _frequencies(signature: tuple[str, float, int]) -> np.ndarray:
+    return genome.allele_frequencies(_read(signature).dosages)
+
+
+def job_dir(output_prefix: str) -> Path:
+    return Path(output_prefix).parent
+
+
+def tile_path(output_prefix: str, index: int) -> Path:
+    return job_dir(output_prefix) / "tiles" / f"{index:05d}.npy"
+
+
+def _save_atomically(path: Path, block: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, block)
+    tmp.replace(path)
+
+
+def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device: str) -> str:
+    """Compute, store and count one tile; finish the job if it was the last. Returns what it did."""
+    with session_scope(sessions) as session:
+        job = jobs.get_job(session, job_id=job_id)
+        tile = jobs.get_tile(session, job_id=job_id, index=index)
+        if job is None or tile is None:
+            return "unknown"
+        if tile.status == "done" or job.status in ("done", "failed"):
+            return "already done"
+        jobs.start_tile(session, tile)
+        spec, metric, prefix = dict(job.spec), job.metric, job.output_prefix
+        rows = slice(tile.row_start, tile.row_end)
+        attempts = tile.attempts
+    try:
+        inputs = load_inputs(spec, metric)
+        block = genome.pairwise_block(
+            inputs.query.dosages[rows],
+            inputs.cohort.dosages,
+            metric=metric,  # type: ignore[arg-type]
+            frequencies=inputs.frequencies,
+            ibs_missing=spec.get("ibs_missing", "frequency"),
+            device=device,  # type: ignore[arg-type]
+        )
+        _save_atomically(tile_path(prefix, index), block)
+        pairs = _pairs(spec, metric, inputs, block, rows.start) if metric == "king" else []
+    except Exception as exc:
+        reason = f"tile {index} (rows {rows.start}:{rows.stop}): {type(exc).__name__}: {exc}"
+        log.warning("genome job %d: %s (attempt %d)", job_id, reason, attempts)
+        if attempts >= MAX_TILE_ATTEMPTS or isinstance(exc, (ValueError, FileNotFoundError)):
+            with session_scope(sessions) as session:
+                jobs.settle_job(session, job_id=job_id, error=reason)
+            return "failed"
+        raise
+    with session_scope(sessions) as session:
+        jobs.add_pairs(session, job_id=job_id, pairs=pairs)
+        done = jobs.finish_tile(session, job_id=job_id, index=index)
+        total = session.get(jobs.GenomeJob, job_id).tiles_total  # type: ignore[union-attr]
+    if done is not None and done == total:
+        finish_job(sessions, job_id=job_id)
+        return "finished job"
+    return "tile done"
+
+
+def _pairs(
+    spec: dict[str, Any], metric: str, inputs: Cohort, block: np.ndarray, row_start: int
+) -> list[dict[str, Any]]:
+    """Pairs of this tile above the job's kinship threshold (each unordered pair once)."""
+    all_pairs = not spec.get("query")
+    found = genome_output.related_pairs(
+        block,
+        threshold=float(spec.get("threshold", genome_output.THIRD_DEGREE_MIN_KINSHIP)),
+        row_offset=row_start,
+        upper_only=all_pairs,
+    )
+    q, c = inputs.query, inputs.cohort
+    return [
+        {
+            "row": p.i,
+            "col": p.j,
+            "fid1": q.fid[p.i],
+            "iid1": q.iid[p.i],
+            "fid2": c.fid[p.j],
+            "iid2": c.iid[p.j],
+            "kinship": p.kinship,
+            # Below third degree (a threshold under 2^-4.5) there is no degree to infer.
+            "degree": p.degree or "unrelated",
+        }
+        for p in found
+    ]
+
+
+def finish_job(sessions: sessionmaker[Session], *, job_id: int) -> None:
+    """Write the PLINK-format outputs from the tiles, in order, and settle the job."""
+    with session_scope(sessions) as session:
+        job = jobs.get_job(session, job_id=job_id)
+        assert job is not None
+        spec, metric, prefix, tiles = dict(job.spec), job.metric, job.output_prefix, job.tiles_total
+    try:
+        inputs = load_inputs(spec, metric)
+        write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
+        if metric == "king":
+            with session_scope(sessions) as session:
+                rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
+                pairs = [genome_output.RelatedPair(r.row, r.col, r.kinship, None) for r in rows]
+            if not spec.get("query"):
+                ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
+                counts = genome_output.king_pair_counts(
+                    inputs.cohort.dosages, [(p.i, p.j) for p in pairs]
+                )
+                genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
+    except Exception as exc:
+        with session_scope(sessions) as session:
+            jobs.settle_job(session, job_id=job_id, error=f"writing outputs: {exc}")
+        raise
+    with session_scope(sessions) as session:
+        jobs.settle_job(session, job_id=job_id)
+    log.info("genome job %d done: %d tiles", job_id, tiles)
+
+
+#: PLINK's file kind of each metric's square matrix (``dot`` has none: .npy only).
+PLINK_KIND: dict[str, genome_output.MatrixKind] = {"grm": "rel", "king": "king", "ibs": "mibs"}
+
+
+def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query: bool) -> None:
+    """The job's matrix from its tiles, streamed in order: PLINK's square text format for an
+    all-pairs grm/king/ibs job (with its .id), and always ``{prefix}.npy`` (float64)."""
+    blocks = [tile_path(prefix, i) for i in range(tiles)]
+    n_cols = inputs.cohort.n_samples
+    n_rows = inputs.query.n_samples
+    npy = Path(prefix + ".npy")
+    tmp = npy.with_name(npy.name + ".part")
+    full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(n_rows, n_cols))
+    kind = PLINK_KIND.get(metric) if not query else None
+    ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
+    writer = genome_output.MatrixWriter(prefix, ids, kind=kind) if kind else None
+    try:
+        start = 0
+        for path in blocks:
+            block = np.load(path)
+            full[start : start + len(block)] = block
+            start += len(block)
+            if writer is not None:
+                writer.write_rows(block)
+        full.flush()
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        tmp.unlink(missing_ok=True)
+        raise
+    del full
+    tmp.replace(npy)
+    if query:
+        query_ids = list(zip(inputs.query.fid, inputs.query.iid, strict=True))
+        genome_output.write_ids(Path(prefix + ".rows.id"), query_ids, kind="rel")
+        genome_output.write_ids(Path(prefix + ".cols.id"), ids, kind="rel")
+
+
+def enqueue_tiles(app: Celery, job_id: int, tiles: int) -> None:
+    """One message per tile; call after the job's rows are committed."""
+    for index in range(tiles):
+        app.send_task(
+            GENOME_TASK, args=[job_id, index], queue=GENOME_QUEUE, routing_key=GENOME_QUEUE
+        )
+
+
+@shared_task(bind=True, name=GENOME_TASK, acks_late=True)
+def genome_tile_task(self: Any, *args: object) -> str:
+    ids = [a for a in args if isinstance(a, int) and not isinstance(a, bool) and a >= 0]
+    if len(args) != 2 or len(ids) != 2:
+        raise Reject("expected two arguments: job id and tile index", requeue=False)
+    ctx = context(self.app)
+    return run_tile(ctx.sessions, job_id=ids[0], index=ids[1], device=ctx.settings.device)
+
+
+class SubmissionError(ValueError):
+    """A genome comparison that cannot start; ``field`` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def default_tile_rows(n_rows: int, n_samples: int) -> int:
+    """About four million entries (32 MB of float64) a tile."""
+    return max(1, min(n_rows, 4_000_000 // max(n_samples, 1)))
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    app: Celery | None,
+    *,
+    tenant_id: int,
+    metric: str,
+    bfile: Path,
+    query: Path | None = None,
+    threshold: float = genome_output.THIRD_DEGREE_MIN_KINSHIP,
+    ibs_missing: str = "frequency",
+    tile_rows: int = 0,
+    artifact_dir: Path,
+) -> dict[str, Any]:
+    """Check the filesets, record the job and its tiles, then send one message per tile (none
+    without ``app``: :func:`run_inline` computes them)."""
+    if metric not in genome.METRICS:
+        raise SubmissionError("metric", f"unknown metric {metric!r} (one of {genome.METRICS})")
+    try:
+        cohort = genome.inspect_bed(bfile)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SubmissionError("bfile", str(exc)) from None
+    rows = cohort
+    if query is not None:
+        try:
+            rows = genome.inspect_bed(query)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SubmissionError("query", str(exc)) from None
+        if rows.n_variants != cohort.n_variants:
+            raise SubmissionError(
+                "query",
+                f"{query} holds {rows.n_variants} variants, {bfile} {cohort.n_variants}: "
+                "extract the same variants, in the same order, from both",
+            )
+    n_rows = len(rows.iid)
+    spec = {
+        "bfile": str(cohort.prefix),
+        "query": None if query is None else str(rows.prefix),
+        "threshold": threshold,
+        "ibs_missing": ibs_missing,
+    }
+    with session_scope(sessions) as session:
+        job = jobs.create_job(
+            session,
+            tenant_id=tenant_id,
+            metric=metric,
+            spec=spec,
+            n_samples=len(cohort.iid),
+            n_rows=n_rows,
+            n_variants=cohort.n_variants,
+            tile_rows=tile_rows or default_tile_rows(n_rows, len(cohort.iid)),
+            artifact_root=str(artifact_dir.resolve()),
+        )
+        summary = describe(job)
+    if app is not None:
+        enqueue_tiles(app, summary["id"], summary["tiles_total"])
+    return summary
+
+
+def run_inline(
+    sessions: sessionmaker[Session], *, job_id: int, device: str, progress: bool = False
+) -> dict[str, Any]:
+    """Compute every tile of a job in this process (no worker), the same way a worker does."""
+    with session_scope(sessions) as session:
+        job = jobs.get_job(session, job_id=job_id)
+        assert job is not None
+        tiles = job.tiles_total
+    with _progress(progress, tiles) as advance:
+        for index in range(tiles):
+            if run_tile(sessions, job_id=job_id, index=index, device=device) == "failed":
+                break
+            advance(1)
+    return _describe_id(sessions, job_id)
+
+
+def wait(
+    sessions: sessionmaker[Session], *, job_id: int, progress: bool = False, poll_s: float = 0.5
+) -> dict[str, Any]:
+    """Follow a job the workers run until it is done or failed."""
+    import time
+
+    summary = _describe_id(sessions, job_id)
+    with _progress(progress, summary["tiles_total"]) as advance:
+        seen = 0
+        while summary["status"] not in ("done", "failed"):
+            time.sleep(poll_s)
+            summary = _describe_id(sessions, job_id)
+            advance(summary["tiles_done"] - seen)
+            seen = summary["tiles_done"]
+    return summary
+
+
+def _describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
+    with session_scope(sessions) as session:
+        job = jobs.get_job(session, job_id=job_id)
+        assert job is not None
+        return describe(job)
+
+
+@contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar of tiles (or nothing)."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ) as bar:
+        task = bar.add_task("tiles", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def describe(job: jobs.GenomeJob) -> dict[str, Any]:
+    """A job as the API and the CLI show it (paths of its outputs once it is done)."""
+    outputs = []
+    if job.status == "done":
+        folder = job_dir(job.output_prefix)
+        outputs = sorted(
+            str(p)
+            for p in folder.iterdir()
+            if p.is_file() and not p.name.endswith((".tmp", ".part"))
+        )
+    return {
+        "id": job.id,
+        "metric": job.metric,
+        "status": str(job.status),
+        "n_samples": job.n_samples,
+        "n_rows": job.n_rows,
+        "n_variants": job.n_variants,
+        "tiles_total": job.tiles_total,
+        "tiles_done": job.tiles_done,
+        "query": job.spec.get("query") is not None,
+        "threshold": job.spec.get("threshold"),
+        "error": job.error,
+        "outputs": outputs,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    }
