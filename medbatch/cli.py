@@ -261,7 +261,7 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
             app,
             tenant_id=tenant_id,
             metric=args.metric,
-            bfile=args.bfile,
+            bfile=args.bfile or args.vcf,
             query=args.query,
             threshold=args.threshold,
             ibs_missing=args.ibs_missing,
@@ -269,7 +269,8 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
             artifact_dir=settings.artifact_dir,
         )
     except tasks.SubmissionError as exc:
-        print(f"medbatch genome compare: --{exc.field.replace('_', '-')}: {exc}", file=sys.stderr)
+        option = "vcf" if exc.field == "bfile" and args.vcf else exc.field.replace("_", "-")
+        print(f"medbatch genome compare: --{option}: {exc}", file=sys.stderr)
         return 2
     where = "in this process" if inline else "on the genome queue"
     print(
@@ -433,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare = gsub.add_parser(
         "compare", help="a relationship matrix (and related pairs) of a PLINK 1 fileset"
     )
-    compare.add_argument("--bfile", type=Path, required=True, help="PLINK 1 fileset prefix")
+    source = compare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bfile", type=Path, help="PLINK 1 fileset prefix (.bed/.bim/.fam)")
+    source.add_argument("--vcf", type=Path, help="VCF or BCF file (biallelic, diploid)")
     compare.add_argument(
-        "--query", type=Path, help="new samples (same variants) to compare against --bfile only"
+        "--query",
+        type=Path,
+        help="new samples (fileset prefix or VCF, same variants) to compare against the cohort only",
     )
     compare.add_argument("--metric", choices=["grm", "king", "ibs", "dot"], required=True)
     compare.add_argument("--out", type=Path, help="copy the outputs to OUT.rel, … (waits)")

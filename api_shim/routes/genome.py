@@ -23,9 +23,11 @@ class GenomeComparisonCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: Literal["grm", "king", "ibs", "dot"]
-    #: A PLINK 1 fileset prefix, relative to the server's genotype folder.
-    bfile: str = Field(min_length=1, max_length=500)
-    #: Query samples (a fileset with the same variants) to compare against ``bfile`` only.
+    #: A PLINK 1 fileset prefix, relative to the server's genotype folder ...
+    bfile: str | None = Field(default=None, min_length=1, max_length=500)
+    #: ... or a VCF/BCF file there (give exactly one of the two).
+    vcf: str | None = Field(default=None, min_length=1, max_length=500)
+    #: Query samples (a fileset prefix or VCF, same variants) to compare against the cohort only.
     query: str | None = Field(default=None, min_length=1, max_length=500)
     #: KING kinship above which pairs are recorded (default: third degree or closer).
     threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
@@ -96,7 +98,12 @@ def create_genome_comparison(
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
     from worker.tasks.genome import SubmissionError, submit
 
-    bfile = _inside(settings.genotype_dir, body.bfile, "bfile")
+    if (body.bfile is None) == (body.vcf is None):
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body",), "msg": "give exactly one of bfile and vcf"}]
+        )
+    field = "bfile" if body.bfile is not None else "vcf"
+    bfile = _inside(settings.genotype_dir, body.bfile or body.vcf or "", field)
     query = None if body.query is None else _inside(settings.genotype_dir, body.query, "query")
     try:
         return submit(
@@ -114,8 +121,9 @@ def create_genome_comparison(
     except SubmissionError as exc:
         # Paths are the server's: name the file by what the client sent, not where it lives.
         message = str(exc).replace(str(settings.genotype_dir.resolve()) + "/", "")
+        loc = field if exc.field == "bfile" else exc.field
         raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body", exc.field), "msg": message}]
+            [{"type": "value_error", "loc": ("body", loc), "msg": message}]
         ) from None
 
 

@@ -24,6 +24,13 @@ from worker.tasks import genome as tasks
 pytestmark = pytest.mark.integration
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
+MULTIALLELIC_VCF = (
+    "##fileformat=VCFv4.2\n##contig=<ID=1>\n"
+    '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+    "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\ts1\ts2\n"
+    "1\t100\trs1\tA\tG\t.\t.\t.\tGT\t0/1\t1/1\n"
+    "1\t200\trs2\tC\tT,G\t.\t.\t.\tGT\t0/2\t1/1\n"
+)
 
 
 @pytest.fixture
@@ -36,6 +43,8 @@ def genotypes(tmp_path: Path) -> Path:
     for ext in (".bed", ".bim", ".fam"):
         (folder / f"hm3_small{ext}").write_bytes((DATA / f"hm3_small{ext}").read_bytes())
     write_cohort_with_relatives(folder)
+    (folder / "hm3_small.vcf.gz").write_bytes((DATA / "hm3_small.vcf.gz").read_bytes())
+    (folder / "multi.vcf").write_text(MULTIALLELIC_VCF)
     return folder
 
 
@@ -127,7 +136,9 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         ({"metric": "grm", "bfile": "hm3_small", "query": "nope"}, ["body", "query"], "not found"),
         ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
         ({"metric": "grm", "bfile": "hm3_small", "extra": 1}, ["body", "extra"], "Extra inputs"),
-        ({"metric": "grm"}, ["body", "bfile"], "Field required"),
+        ({"metric": "grm"}, ["body"], "exactly one of bfile and vcf"),
+        ({"metric": "grm", "bfile": "hm3_small", "vcf": "x.vcf"}, ["body"], "exactly one"),
+        ({"metric": "grm", "vcf": "multi.vcf"}, ["body", "vcf"], "is not biallelic"),
     ],
 )
 def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
@@ -148,6 +159,22 @@ def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
     with pg_sessions() as s:
         assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
     assert redis_client.llen(GENOME_QUEUE) == 0
+
+
+def test_a_vcf_job_is_accepted_like_its_plink_fileset(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    headers = _key(pg_sessions, "biobank")
+    response = api.post(
+        "/v1/genome-comparisons", headers=headers, json={"metric": "grm", "vcf": "hm3_small.vcf.gz"}
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["n_samples"], job["n_variants"]) == (60, 2000)
+    summary = tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done"
+    rel = next(Path(p) for p in summary["outputs"] if p.endswith(".rel"))
+    assert rel.read_bytes() == (DATA / "hm3_small.rel").read_bytes()
 
 
 def test_genome_routes_need_a_key(api: TestClient) -> None:

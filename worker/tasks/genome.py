@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import genome as jobs
 from db.engine import session_scope
-from models import genome, genome_output
+from models import genome, genome_output, vcf
 from worker.app import context
 from worker.queues import GENOME_QUEUE, GENOME_TASK
 
@@ -45,16 +45,28 @@ class Cohort:
     frequencies: np.ndarray | None
 
 
-def _signature(prefix: str) -> tuple[str, float, int]:
-    bed = Path(prefix + ".bed")
-    stat = bed.stat()
-    return prefix, stat.st_mtime, stat.st_size
+def _signature(source: str) -> tuple[str, float, int]:
+    """A fileset prefix or VCF path, with its genotype file's mtime and size (a changed file is
+    read again)."""
+    data = Path(source) if vcf.is_vcf(source) else Path(source + ".bed")
+    stat = data.stat()
+    return source, stat.st_mtime, stat.st_size
 
 
 @lru_cache(maxsize=4)
 def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
-    """A fileset read once per worker process (tiles of one job share it)."""
-    return genome.read_bed(signature[0])
+    """Genotypes read once per worker process (tiles of one job share them)."""
+    source = signature[0]
+    return vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
+
+
+def inspect_input(path: Path) -> genome.FilesetInfo:
+    """Check a PLINK fileset (ids only) or a VCF/BCF (read whole: every record must be
+    biallelic) before a job is recorded."""
+    if vcf.is_vcf(path):
+        found = vcf.read_vcf(path)
+        return genome.FilesetInfo(path, found.fid, found.iid, found.n_variants)
+    return genome.inspect_bed(path)
 
 
 def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
@@ -274,18 +286,19 @@ def submit(
     tile_rows: int = 0,
     artifact_dir: Path,
 ) -> dict[str, Any]:
-    """Check the filesets, record the job and its tiles, then send one message per tile (none
-    without ``app``: :func:`run_inline` computes them)."""
+    """Check the inputs, record the job and its tiles, then send one message per tile (none
+    without ``app``: :func:`run_inline` computes them). ``bfile`` and ``query`` are PLINK 1
+    fileset prefixes or VCF/BCF files (by their suffix)."""
     if metric not in genome.METRICS:
         raise SubmissionError("metric", f"unknown metric {metric!r} (one of {genome.METRICS})")
     try:
-        cohort = genome.inspect_bed(bfile)
+        cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
     rows = cohort
     if query is not None:
         try:
-            rows = genome.inspect_bed(query)
+            rows = inspect_input(query)
         except (FileNotFoundError, ValueError) as exc:
             raise SubmissionError("query", str(exc)) from None
         if rows.n_variants != cohort.n_variants:
