@@ -254,6 +254,14 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
         if tenant_id is None:
             tenant_id = repo.create_tenant(session, name=args.tenant)[0].id
+    keep = None
+    if args.keep is not None:
+        try:
+            lines = [line.split() for line in args.keep.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            print(f"medbatch genome compare: --keep: {exc}", file=sys.stderr)
+            return 2
+        keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
     app = None if inline else _celery(settings)
     try:
         job = tasks.submit(
@@ -266,6 +274,8 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
             threshold=args.threshold,
             ibs_missing=args.ibs_missing,
             tile_rows=args.tile_rows or settings.genome_tile_rows,
+            keep=keep,
+            min_maf=args.min_maf,
             artifact_dir=settings.artifact_dir,
         )
     except tasks.SubmissionError as exc:
@@ -448,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=2.0**-4.5, help="KING kinship of recorded pairs"
     )
     compare.add_argument("--ibs-missing", choices=["frequency", "flat"], default="frequency")
+    compare.add_argument(
+        "--keep",
+        type=Path,
+        help="samples to keep: a file of 'IID' or 'FID IID' lines (plink --keep)",
+    )
+    compare.add_argument(
+        "--min-maf", type=float, help="drop variants with a lower minor allele frequency"
+    )
     compare.add_argument("--tile-rows", type=int, default=0, help="result rows per tile task")
     compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
     compare.add_argument("--wait", action="store_true", help="show progress until it is done")

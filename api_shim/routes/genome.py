@@ -33,6 +33,10 @@ class GenomeComparisonCreate(BaseModel):
     threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
     ibs_missing: Literal["frequency", "flat"] = "frequency"
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
+    #: Samples of the cohort to keep (IIDs), as ``plink --keep``.
+    keep: list[str] | None = Field(default=None, min_length=1, max_length=1_000_000)
+    #: Drop variants whose minor allele frequency in the kept samples is lower, as ``plink --maf``.
+    min_maf: float | None = Field(default=None, ge=0.0, le=0.5)
 
 
 class GenomeComparisonPublic(BaseModel):
@@ -116,6 +120,8 @@ def create_genome_comparison(
             threshold=body.threshold,
             ibs_missing=body.ibs_missing,
             tile_rows=body.tile_rows or settings.genome_tile_rows,
+            keep=list(body.keep) if body.keep is not None else None,
+            min_maf=body.min_maf,
             artifact_dir=settings.artifact_dir,
         )
     except SubmissionError as exc:

@@ -137,6 +137,8 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
         ({"metric": "grm", "bfile": "hm3_small", "extra": 1}, ["body", "extra"], "Extra inputs"),
         ({"metric": "grm"}, ["body"], "exactly one of bfile and vcf"),
+        ({"metric": "grm", "bfile": "hm3_small", "keep": ["NOPE"]}, ["body", "keep"], "NOPE"),
+        ({"metric": "grm", "bfile": "hm3_small", "min_maf": 0.7}, ["body", "min_maf"], "less"),
         ({"metric": "grm", "bfile": "hm3_small", "vcf": "x.vcf"}, ["body"], "exactly one"),
         ({"metric": "grm", "vcf": "multi.vcf"}, ["body", "vcf"], "is not biallelic"),
     ],

@@ -214,3 +214,44 @@ def test_query_samples_against_the_cohort_give_a_block_of_the_matrix(
         pairs = {(p.iid1, p.iid2): p.degree for p in jobs.list_pairs(s, job_id=job["id"])}
     assert pairs[("DUP3", cohort.iid[3])] == "duplicate/MZ twin"
     assert pairs[("CHILD", cohort.iid[10])] == "1st"
+
+
+@pytest.mark.parametrize("source", ["bed", "vcf"])
+def test_keep_and_min_maf_select_like_plink(
+    sessions: sessionmaker[Session], tmp_path: Path, source: str
+) -> None:
+    """--keep and --min-maf on a job equal read_bed's own keep/min_maf (plink --keep --maf)."""
+    all_iids = genome.read_bed(SMALL).iid
+    keep = [all_iids[i] for i in range(0, 60, 2)]
+    bfile = SMALL if source == "bed" else SMALL.with_name("hm3_small.vcf.gz")
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="grm", bfile=bfile, keep=keep,
+        min_maf=0.2, tile_rows=11, artifact_dir=tmp_path,
+    )  # fmt: skip
+    assert (job["n_samples"], job["n_rows"], job["tiles_total"]) == (30, 30, 3)
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    expected_input = genome.read_bed(SMALL, keep=keep, min_maf=0.2)
+    assert 0 < expected_input.n_variants < 2000
+    x = expected_input.dosages
+    expected = genome.pairwise(x, metric="grm", frequencies=genome.allele_frequencies(x))
+    npy = next(p for p in summary["outputs"] if p.endswith(".npy"))
+    np.testing.assert_array_equal(np.load(npy), expected)
+
+
+def test_unknown_keep_ids_and_bad_min_maf_are_refused(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    tenant_id = _tenant(sessions)
+    with pytest.raises(tasks.SubmissionError, match="sample 'NOPE' is not in the cohort") as e:
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, metric="king", bfile=SMALL,
+            keep=["NOPE"], artifact_dir=tmp_path,
+        )  # fmt: skip
+    assert e.value.field == "keep"
+    with pytest.raises(tasks.SubmissionError, match=r"between 0 and 0\.5") as e:
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, metric="king", bfile=SMALL,
+            min_maf=0.7, artifact_dir=tmp_path,
+        )  # fmt: skip
+    assert e.value.field == "min_maf"

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import genome as jobs
 from db.engine import session_scope
 from models import genome, genome_output, vcf
+from models.cohort import keep_rows, subset
 from worker.app import context
 from worker.queues import GENOME_QUEUE, GENOME_TASK
 
@@ -69,23 +70,49 @@ def inspect_input(path: Path) -> genome.FilesetInfo:
     return genome.inspect_bed(path)
 
 
+def _keep(spec: dict[str, Any]) -> tuple[str | tuple[str, str], ...] | None:
+    keep = spec.get("keep")
+    return None if keep is None else tuple(k if isinstance(k, str) else tuple(k) for k in keep)
+
+
 def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
-    cohort = _read(_signature(spec["bfile"]))
-    query = _read(_signature(spec["query"])) if spec.get("query") else cohort
-    if query.variant_id != cohort.variant_id:
-        raise ValueError(
-            f"{spec['query']} and {spec['bfile']} do not hold the same variants in the same order"
-        )
+    """The job's cohort (its ``keep`` samples and ``min_maf`` variants) and query rows."""
+    cohort = _cohort(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
+    query = cohort
+    if spec.get("query"):
+        query = _read(_signature(spec["query"]))
+        if query.variant_id != cohort.variant_id:
+            try:
+                query = subset(query, variants=cohort.variant_id)
+            except ValueError as exc:
+                raise ValueError(f"{spec['query']} against {spec['bfile']}: {exc}") from None
     needs_frequencies = metric == "grm" or (
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
-    frequencies = _frequencies(_signature(spec["bfile"])) if needs_frequencies else None
+    frequencies = (
+        _frequencies(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
+        if needs_frequencies
+        else None
+    )
     return Cohort(cohort, query, frequencies)
 
 
 @lru_cache(maxsize=4)
-def _frequencies(signature: tuple[str, float, int]) -> np.ndarray:
-    return genome.allele_frequencies(_read(signature).dosages)
+def _cohort(
+    signature: tuple[str, float, int],
+    keep: tuple[str | tuple[str, str], ...] | None,
+    min_maf: float | None,
+) -> genome.Genotypes:
+    return subset(_read(signature), keep=keep, min_maf=min_maf)
+
+
+@lru_cache(maxsize=4)
+def _frequencies(
+    signature: tuple[str, float, int],
+    keep: tuple[str | tuple[str, str], ...] | None,
+    min_maf: float | None,
+) -> np.ndarray:
+    return genome.allele_frequencies(_cohort(signature, keep, min_maf).dosages)
 
 
 def job_dir(output_prefix: str) -> Path:
@@ -284,6 +311,8 @@ def submit(
     threshold: float = genome_output.THIRD_DEGREE_MIN_KINSHIP,
     ibs_missing: str = "frequency",
     tile_rows: int = 0,
+    keep: list[str | tuple[str, str]] | None = None,
+    min_maf: float | None = None,
     artifact_dir: Path,
 ) -> dict[str, Any]:
     """Check the inputs, record the job and its tiles, then send one message per tile (none
@@ -295,6 +324,14 @@ def submit(
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
+    n_samples = len(cohort.iid)
+    if keep is not None:
+        try:
+            n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
+        except ValueError as exc:
+            raise SubmissionError("keep", str(exc)) from None
+    if min_maf is not None and not 0.0 <= min_maf <= 0.5:
+        raise SubmissionError("min_maf", f"must be between 0 and 0.5, got {min_maf}")
     rows = cohort
     if query is not None:
         try:
@@ -307,12 +344,14 @@ def submit(
                 f"{query} holds {rows.n_variants} variants, {bfile} {cohort.n_variants}: "
                 "extract the same variants, in the same order, from both",
             )
-    n_rows = len(rows.iid)
+    n_rows = len(rows.iid) if query is not None else n_samples
     spec = {
         "bfile": str(cohort.prefix),
         "query": None if query is None else str(rows.prefix),
         "threshold": threshold,
         "ibs_missing": ibs_missing,
+        "keep": None if keep is None else [list(k) if isinstance(k, tuple) else k for k in keep],
+        "min_maf": min_maf,
     }
     with session_scope(sessions) as session:
         job = jobs.create_job(
@@ -320,10 +359,10 @@ def submit(
             tenant_id=tenant_id,
             metric=metric,
             spec=spec,
-            n_samples=len(cohort.iid),
+            n_samples=n_samples,
             n_rows=n_rows,
             n_variants=cohort.n_variants,
-            tile_rows=tile_rows or default_tile_rows(n_rows, len(cohort.iid)),
+            tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
             artifact_root=str(artifact_dir.resolve()),
         )
         summary = describe(job)
