@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.idempotency import Idempotency
 from api_shim.routes import cases, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
@@ -103,5 +105,11 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(genome.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app())
+    app.add_middleware(
+        Idempotency,
+        sessions=app.state.sessions,
+        retention=timedelta(hours=settings.idempotency_retention_h),
+    )
+    # Added last, so outermost: a body over the limit is refused before anything reads it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

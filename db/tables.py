@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -244,3 +245,28 @@ class RelatedPair(Base):
     iid2: Mapped[str] = mapped_column(String(100))
     kinship: Mapped[float] = mapped_column(Float(precision=53))
     degree: Mapped[str] = mapped_column(String(30))
+
+
+class IdempotencyKey(Base):
+    """A POST made with an ``Idempotency-Key`` header, and the response it got.
+
+    IETF httpapi draft "The Idempotency-Key HTTP Header Field": the same key with the same request
+    gets the first response again; with another request, 422; while the first is running, 409.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key", name="uq_idempotency_keys_tenant_key"),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    #: sha256 of the method, path, query and body of the first request.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    #: None while the first request is being processed.
+    response_status: Mapped[int | None]
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    response_content_type: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

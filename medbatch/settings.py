@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     #: Requests larger than this are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: How long an Idempotency-Key and its response are kept (the draft asks for at least 24 h).
+    idempotency_retention_h: float = Field(default=48.0, ge=24.0)
     #: Most cases accepted in one POST /v1/cases.
     max_cases_per_request: int = Field(default=1000, ge=1)
     #: Cases carried by one scoring message (a bulk submission is split into messages this size).

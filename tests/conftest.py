@@ -58,12 +58,14 @@ def _empty_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(
                 text(
-                    "TRUNCATE genome_pairs, genome_tiles, genome_jobs, scores, batches, cases, "
+                    "TRUNCATE idempotency_keys, genome_pairs, genome_tiles, genome_jobs, scores, "
+                    "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
                 )
             )
         else:
             for table in (
+                "idempotency_keys",
                 "genome_pairs",
                 "genome_tiles",
                 "genome_jobs",

@@ -8,7 +8,7 @@ from datetime import timedelta
 from celery import Celery, shared_task
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
+from db import idempotency, repo
 from db.engine import session_scope
 from db.tables import utcnow
 from worker.app import context
@@ -50,9 +50,18 @@ def requeue_stale_cases(
     return len(stale)
 
 
+def forget_idempotency_keys(sessions: sessionmaker[Session], *, retention_h: float) -> int:
+    """Delete Idempotency-Key records older than their retention (they no longer answer)."""
+    with sessions() as session:
+        return idempotency.forget_older_than(
+            session, before=utcnow() - timedelta(hours=retention_h)
+        )
+
+
 @shared_task(bind=True, name=REQUEUE_TASK, ignore_result=True)
 def requeue_stale_cases_task(self) -> int:
     ctx = context(self.app)
+    forget_idempotency_keys(ctx.sessions, retention_h=ctx.settings.idempotency_retention_h)
     return requeue_stale_cases(
         self.app,
         sessions=ctx.sessions,

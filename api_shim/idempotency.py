@@ -1,0 +1,161 @@
+"""``Idempotency-Key`` on every POST (IETF httpapi draft "The Idempotency-Key HTTP Header Field").
+
+A client that retries a POST with the same key gets the first response again and creates nothing
+new; the same key with a different request is 422; a retry while the first is still running is
+409. Keys are scoped per tenant and kept ``retention`` (at least 24 hours). A first request that
+fails on our side (5xx) releases its key, so the retry runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+import anyio
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db import idempotency, repo
+
+HEADER = b"idempotency-key"
+
+
+class Idempotency:
+    def __init__(
+        self, app: ASGIApp, *, sessions: sessionmaker[Session], retention: timedelta
+    ) -> None:
+        self.app = app
+        self.sessions = sessions
+        self.retention = retention
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers", ())) if scope["type"] == "http" else {}
+        raw_key = headers.get(HEADER)
+        if scope["type"] != "http" or scope["method"] != "POST" or raw_key is None:
+            await self.app(scope, receive, send)
+            return
+        key = raw_key.decode("latin-1")
+        if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
+            await _json(send, 400, "Idempotency-Key must be 1 to 255 visible ASCII characters")
+            return
+        tenant_id = await anyio.to_thread.run_sync(self._tenant, headers.get(b"authorization"))
+        if tenant_id is None:  # the route answers 401
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        digest = hashlib.sha256()
+        for part in (scope["method"], scope["path"], scope.get("query_string", b"").decode()):
+            digest.update(part.encode() + b"\0")
+        digest.update(body)
+        found = await anyio.to_thread.run_sync(self._claim, tenant_id, key, digest.hexdigest())
+        if found.state == "mismatch":
+            await _json(send, 422, "this Idempotency-Key was used with a different request")
+            return
+        if found.state == "processing":
+            await _json(send, 409, "a request with this Idempotency-Key is still being processed")
+            return
+        if found.state == "done":
+            await _replay(send, found)
+            return
+        await self._run(scope, body, send, tenant_id, key)
+
+    async def _run(self, scope: Scope, body: bytes, send: Send, tenant_id: int, key: str) -> None:
+        sent = False
+        status, content_type, chunks = 500, "application/json", []
+
+        async def replay_receive() -> Message:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def capture(message: Message) -> None:
+            nonlocal status, content_type
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-type":
+                        content_type = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, replay_receive, capture)
+        except BaseException:
+            await anyio.to_thread.run_sync(self._release, tenant_id, key)
+            raise
+        if status >= 500:
+            await anyio.to_thread.run_sync(self._release, tenant_id, key)
+        else:
+            await anyio.to_thread.run_sync(
+                self._record, tenant_id, key, status, b"".join(chunks), content_type
+            )
+
+    def _tenant(self, authorization: bytes | None) -> int | None:
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        with self.sessions() as session:
+            tenant = repo.tenant_for_key(session, api_key=token.strip())
+            return None if tenant is None else tenant.id
+
+    def _claim(self, tenant_id: int, key: str, fingerprint: str) -> idempotency.Claim:
+        with self.sessions() as session:
+            return idempotency.claim(
+                session,
+                tenant_id=tenant_id,
+                key=key,
+                fingerprint=fingerprint,
+                retention=self.retention,
+            )
+
+    def _record(self, tenant_id: int, key: str, status: int, body: bytes, ctype: str) -> None:
+        with self.sessions() as session:
+            idempotency.record(
+                session, tenant_id=tenant_id, key=key, status=status, body=body, content_type=ctype
+            )
+
+    def _release(self, tenant_id: int, key: str) -> None:
+        with self.sessions() as session:
+            idempotency.release(session, tenant_id=tenant_id, key=key)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _json(send: Send, status: int, detail: str) -> None:
+    response = JSONResponse({"detail": detail}, status)
+    await response({"type": "http"}, _disconnected, send)
+
+
+async def _replay(send: Send, found: idempotency.Claim) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": found.status,
+            "headers": [
+                (b"content-type", (found.content_type or "application/json").encode("latin-1")),
+                (b"content-length", str(len(found.body or b"")).encode()),
+                (b"idempotent-replayed", b"true"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": found.body or b""})
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}
