@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from celery import Celery
@@ -47,22 +47,49 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 _bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
 
 
-def get_tenant(
+def get_caller(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Tenant:
+) -> repo.Caller:
     if credentials is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    tenant = repo.tenant_for_key(session, api_key=credentials.credentials)
-    if tenant is None:
+    caller = repo.caller_for_key(session, api_key=credentials.credentials)
+    if caller is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"}
         )
-    return tenant
+    # For the audit trail (api_shim/audit.py), which runs around the route.
+    request.state.caller = caller
+    return caller
+
+
+CallerDep = Annotated[repo.Caller, Depends(get_caller)]
+
+
+def get_tenant(caller: CallerDep) -> Tenant:
+    """Any authenticated caller's tenant (routes that need no particular scope)."""
+    return caller.tenant
+
+
+def require(scope: str) -> Callable[[repo.Caller], Tenant]:
+    """A dependency: the caller's tenant, if the caller holds ``scope`` (else 403)."""
+
+    def check(caller: CallerDep) -> Tenant:
+        if scope not in caller.scopes:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"this API client lacks the scope {scope!r}"
+            )
+        return caller.tenant
+
+    return check
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+SubmitterDep = Annotated[Tenant, Depends(require("cases:submit"))]
+ReaderDep = Annotated[Tenant, Depends(require("results:read"))]
+GenomeSubmitterDep = Annotated[Tenant, Depends(require("genome:submit"))]

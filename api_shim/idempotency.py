@@ -43,6 +43,7 @@ class Idempotency:
         if tenant_id is None:  # the route answers 401
             await self.app(scope, receive, send)
             return
+        scope.setdefault("state", {})["idempotency_tenant_id"] = tenant_id
         body = await _read_body(receive)
         digest = hashlib.sha256()
         for part in (scope["method"], scope["path"], scope.get("query_string", b"").decode()):

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.audit import AuditTrail
 from api_shim.idempotency import Idempotency
 from api_shim.routes import cases, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
@@ -110,6 +111,8 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
         sessions=app.state.sessions,
         retention=timedelta(hours=settings.idempotency_retention_h),
     )
+    # Around Idempotency, so replayed and refused retries are audited too.
+    app.add_middleware(AuditTrail, sessions=app.state.sessions)
     # Added last, so outermost: a body over the limit is refused before anything reads it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

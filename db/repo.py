@@ -18,7 +18,18 @@ from sqlalchemy import BigInteger, Table, and_, any_, bindparam, case, or_, sele
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from db.tables import Batch, Case, CaseStatus, Priority, Score, Tenant, utcnow
+from db.tables import (
+    SCOPES,
+    ApiClient,
+    AuditEvent,
+    Batch,
+    Case,
+    CaseStatus,
+    Priority,
+    Score,
+    Tenant,
+    utcnow,
+)
 
 
 def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
@@ -54,7 +65,53 @@ def create_tenant(session: Session, *, name: str, api_key: str | None = None) ->
 
 
 def tenant_for_key(session: Session, *, api_key: str) -> Tenant | None:
-    return session.scalar(select(Tenant).where(Tenant.api_key_sha256 == hash_api_key(api_key)))
+    caller = caller_for_key(session, api_key=api_key)
+    return None if caller is None else caller.tenant
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant, the API client (None for the tenant's own key), its scopes."""
+
+    tenant: Tenant
+    client_id: int | None
+    scopes: frozenset[str]
+    #: Plain ids, readable after the request's session is gone (the audit trail needs them).
+    tenant_id: int = 0
+
+
+def caller_for_key(session: Session, *, api_key: str) -> Caller | None:
+    """The tenant's own key holds every scope; a client's key the scopes it was given."""
+    digest = hash_api_key(api_key)
+    tenant = session.scalar(select(Tenant).where(Tenant.api_key_sha256 == digest))
+    if tenant is not None:
+        return Caller(tenant, None, frozenset(SCOPES), tenant.id)
+    client = session.scalar(select(ApiClient).where(ApiClient.api_key_sha256 == digest))
+    if client is None:
+        return None
+    tenant = session.get(Tenant, client.tenant_id)
+    assert tenant is not None
+    return Caller(tenant, client.id, frozenset(client.scopes), tenant.id)
+
+
+def create_client(
+    session: Session, *, tenant_id: int, name: str, scopes: Sequence[str]
+) -> tuple[ApiClient, str]:
+    """An API client of a tenant with ``scopes``; return it with its key (shown once)."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes)}")
+    key = "mbk_" + secrets.token_urlsafe(32)
+    client = ApiClient(
+        tenant_id=tenant_id, name=name, api_key_sha256=hash_api_key(key), scopes=sorted(scopes)
+    )
+    session.add(client)
+    session.flush()
+    return client, key
+
+
+def add_audit_event(session: Session, **fields: Any) -> None:
+    session.add(AuditEvent(**fields))
 
 
 @dataclass(frozen=True)

@@ -270,3 +270,44 @@ class IdempotencyKey(Base):
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
     response_content_type: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+#: What an API client may do. A tenant's own key (made with the tenant) holds every scope.
+SCOPES = ("cases:submit", "results:read", "genome:submit", "admin")
+
+
+class ApiClient(Base):
+    """A system that calls the API for a tenant (an integration engine, a nightly job), with the
+    scopes it holds; only the sha256 of its key is stored."""
+
+    __tablename__ = "api_clients"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """One API request, allowed or denied: who, what, which record, when, with what outcome.
+
+    Never a patient identifier or a feature value: records are named by internal ids.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_tenant_at", "tenant_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"))
+    #: None for a tenant's own key, or for a request without a valid key.
+    client_id: Mapped[int | None] = mapped_column(ForeignKey("api_clients.id", ondelete="SET NULL"))
+    #: e.g. ``POST /v1/cases``, ``GET /v1/cases/{case_id}``.
+    action: Mapped[str] = mapped_column(String(100))
+    #: The record asked for, by internal id (``case_id=12``), or empty.
+    resource: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[int]
+    #: ``ok``, ``denied`` (401/403), ``not_found``, ``invalid`` (other 4xx) or ``error`` (5xx).
+    outcome: Mapped[str] = mapped_column(String(20))

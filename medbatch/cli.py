@@ -46,6 +46,41 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             engine.dispose()
         return 0
+    if args.db_command == "create-client":
+        from sqlalchemy import select
+
+        from db.engine import make_engine, make_sessionmaker, session_scope
+        from db.repo import create_client
+        from db.tables import Tenant
+
+        engine = make_engine(settings.database_url)
+        try:
+            with session_scope(make_sessionmaker(engine)) as session:
+                tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+                if tenant_id is None:
+                    print(f"medbatch db create-client: no tenant {args.tenant!r}", file=sys.stderr)
+                    return 2
+                scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+                try:
+                    client, key = create_client(
+                        session, tenant_id=tenant_id, name=args.name, scopes=scopes
+                    )
+                except ValueError as exc:
+                    print(f"medbatch db create-client: --scopes: {exc}", file=sys.stderr)
+                    return 2
+                print(
+                    json.dumps(
+                        {
+                            "client": client.name,
+                            "id": client.id,
+                            "scopes": client.scopes,
+                            "api_key": key,
+                        }
+                    )
+                )
+        finally:
+            engine.dispose()
+        return 0
     raise AssertionError(args.db_command)
 
 
@@ -484,6 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("revision", nargs="?", default="head")
     tenant = dsub.add_parser("create-tenant", help="create a tenant and print its API key once")
     tenant.add_argument("name")
+    client = dsub.add_parser(
+        "create-client", help="an API client of a tenant with scopes; prints its key once"
+    )
+    client.add_argument("tenant")
+    client.add_argument("name")
+    client.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated: cases:submit, results:read, genome:submit, admin",
+    )
     db.set_defaults(func=cmd_db)
     return parser
 

@@ -58,13 +58,16 @@ def _empty_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(
                 text(
-                    "TRUNCATE idempotency_keys, genome_pairs, genome_tiles, genome_jobs, scores, "
+                    "TRUNCATE audit_events, api_clients, idempotency_keys, genome_pairs, genome_tiles, "
+                    "genome_jobs, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
                 )
             )
         else:
             for table in (
+                "audit_events",
+                "api_clients",
                 "idempotency_keys",
                 "genome_pairs",
                 "genome_tiles",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from api_shim.deps import CeleryDep, RegistryDep, SessionDep, SettingsDep, TenantDep
+from api_shim.deps import CeleryDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
 from api_shim.metrics import CASES_SUBMITTED
 from api_shim.schemas import CaseAccepted, CaseCreate, CasesAccepted
 from db import repo
@@ -130,7 +130,7 @@ async def _json_body(request: Request) -> Any:
 )
 def submit_cases(
     raw: Annotated[Any, Depends(_json_body)],
-    tenant: TenantDep,
+    tenant: SubmitterDep,
     session: SessionDep,
     registry: RegistryDep,
     settings: SettingsDep,

@@ -10,7 +10,14 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_shim.deps import CeleryDep, SessionDep, SessionsDep, SettingsDep, TenantDep
+from api_shim.deps import (
+    CeleryDep,
+    GenomeSubmitterDep,
+    ReaderDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+)
 from db import genome as jobs
 
 router = APIRouter(prefix="/v1", tags=["genome"])
@@ -94,7 +101,7 @@ def _inside(root: Path, name: str, field: str) -> Path:
 )
 def create_genome_comparison(
     body: GenomeComparisonCreate,
-    tenant: TenantDep,
+    tenant: GenomeSubmitterDep,
     settings: SettingsDep,
     celery: CeleryDep,
     sessions: SessionsDep,
@@ -136,7 +143,7 @@ def create_genome_comparison(
 @router.get(
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
-def read_genome_comparison(job_id: int, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+def read_genome_comparison(job_id: int, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.tasks.genome import describe
 
@@ -149,7 +156,7 @@ def read_genome_comparison(job_id: int, tenant: TenantDep, session: SessionDep) 
 @router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
 def list_related_pairs(
     job_id: int,
-    tenant: TenantDep,
+    tenant: ReaderDep,
     session: SessionDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     cursor: Annotated[int, Query(ge=0)] = 0,

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from api_shim.deps import SessionDep, SettingsDep, TenantDep
+from api_shim.deps import ReaderDep, SessionDep, SettingsDep
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
 from db import repo
 from db.tables import CaseStatus
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["results"])
 
 
 @router.get("/cases/{case_id}", response_model=CasePublic, responses={404: {}})
-def read_case(case_id: int, tenant: TenantDep, session: SessionDep) -> CasePublic:
+def read_case(case_id: int, tenant: ReaderDep, session: SessionDep) -> CasePublic:
     """One case: its status, delivery count, last error and scores."""
     case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
     if case is None:
@@ -76,7 +76,7 @@ def decode_cursor(cursor: str) -> int:
 
 @router.get("/scores", response_model=ResultsPublic)
 def list_scores(
-    tenant: TenantDep,
+    tenant: ReaderDep,
     session: SessionDep,
     settings: SettingsDep,
     model: Annotated[str | None, Query(description="`name` or `name@version`")] = None,

@@ -1,0 +1,126 @@
+"""API clients with scopes, and the audit trail of every request, allowed or denied."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_shim.main import create_app
+from db import repo
+from db.engine import session_scope
+from db.tables import AuditEvent
+from medbatch.settings import Settings
+from tests.helpers import wdbc_cases
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(database_url=pg_url, broker_url=redis_url))) as client:
+        yield client
+
+
+def _client(sessions: sessionmaker[Session], tenant: str, *scopes: str) -> dict[str, str]:
+    with session_scope(sessions) as s:
+        found = s.scalar(select(repo.Tenant).where(repo.Tenant.name == tenant))
+        tenant_id = found.id if found else repo.create_tenant(s, name=tenant)[0].id
+        key = repo.create_client(s, tenant_id=tenant_id, name="engine", scopes=scopes)[1]
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _events(sessions: sessionmaker[Session]) -> list[tuple]:
+    with sessions() as s:
+        return [
+            (e.action, e.resource, e.status, e.outcome, e.tenant_id is not None, e.client_id)
+            for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))
+        ]
+
+
+def test_scopes_decide_what_a_client_may_do(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    submitter = _client(pg_sessions, "hospital-a", "cases:submit")
+    reader = _client(pg_sessions, "hospital-a", "results:read")
+    accepted = api.post("/v1/cases", headers=submitter, json=wdbc_cases(1))
+    assert accepted.status_code == 202
+    case_id = accepted.json()["cases"][0]["id"]
+    denied = api.get(f"/v1/cases/{case_id}", headers=submitter)
+    assert denied.status_code == 403 and "results:read" in denied.json()["detail"]
+    assert api.get(f"/v1/cases/{case_id}", headers=reader).status_code == 200
+    assert api.post("/v1/cases", headers=reader, json=wdbc_cases(1)).status_code == 403
+    genome = api.post("/v1/genome-comparisons", headers=reader, json={"metric": "king"})
+    assert genome.status_code == 403 and "genome:submit" in genome.json()["detail"]
+
+
+def test_unknown_scopes_are_refused() -> None:
+    with pytest.raises(ValueError, match="scopes must be among"):
+        repo.create_client(None, tenant_id=1, name="x", scopes=["everything"])  # type: ignore[arg-type]
+
+
+def test_every_request_is_audited_with_who_what_which_and_outcome(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    a = _client(pg_sessions, "hospital-a", "cases:submit", "results:read")
+    b = _client(pg_sessions, "hospital-b", "results:read")
+    case_id = api.post("/v1/cases", headers=a, json=wdbc_cases(1)).json()["cases"][0]["id"]
+    api.get(f"/v1/cases/{case_id}", headers=a)
+    api.get(f"/v1/cases/{case_id}", headers=b)  # another tenant's case: 404
+    api.get(f"/v1/cases/{case_id}")  # no key: 401
+    api.post("/v1/cases", headers=b, json=wdbc_cases(1))  # no scope: 403
+    events = _events(pg_sessions)
+    assert [e[:4] for e in events] == [
+        ("POST /v1/cases", "", 202, "ok"),
+        ("GET /v1/cases/{case_id}", f"case_id={case_id}", 200, "ok"),
+        ("GET /v1/cases/{case_id}", f"case_id={case_id}", 404, "not_found"),
+        ("GET /v1/cases/{case_id}", f"case_id={case_id}", 401, "denied"),
+        ("POST /v1/cases", "", 403, "denied"),
+    ]
+    assert [e[4] for e in events] == [True, True, True, False, True]  # who, when known
+    assert all(e[5] is not None for i, e in enumerate(events) if i != 3)
+
+
+def test_the_audit_trail_holds_no_external_ids_or_values(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    key = _client(pg_sessions, "hospital-a", "cases:submit")
+    case = wdbc_cases(1, prefix="MRN-CANARY-4471")[0]
+    api.post("/v1/cases", headers=key, json=[case])
+    with pg_sessions() as s:
+        rows = [(e.action, e.resource) for e in s.scalars(select(AuditEvent))]
+    text = repr(rows)
+    assert "MRN-CANARY-4471" not in text and str(case["features"]["mean_area"]) not in text
+
+
+def test_cli_creates_a_client_with_scopes_or_says_why_not(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    api: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    import json
+
+    from medbatch.cli import main
+    from medbatch.settings import get_settings
+
+    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    assert main(["db", "create-client", "nobody", "engine", "--scopes", "results:read"]) == 2
+    assert "no tenant 'nobody'" in capsys.readouterr().err
+    assert main(["db", "create-tenant", "hospital-a"]) == 0
+    capsys.readouterr()
+    assert main(["db", "create-client", "hospital-a", "engine", "--scopes", "read:all"]) == 2
+    assert "scopes must be among" in capsys.readouterr().err
+    assert main(["db", "create-client", "hospital-a", "engine", "--scopes", "results:read"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["scopes"] == ["results:read"]
+    headers = {"Authorization": f"Bearer {made['api_key']}"}
+    assert api.get("/v1/cases/1", headers=headers).status_code == 404  # authenticated, allowed
+    assert api.post("/v1/cases", headers=headers, json=wdbc_cases(1)).status_code == 403
