@@ -1,0 +1,672 @@
+"""FHIR → whas500 features: the shared Synthea bundles and bulk export, each rule on hand-made
+resources, and malformed input reported as OperationOutcome issues."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+from models.fhir_features import (
+    FeatureResult,
+    FhirInputError,
+    Issue,
+    PatientRecord,
+    UnitError,
+    convert_quantity,
+    features_for,
+    iter_ndjson,
+    parse_bundle,
+)
+from models.registry import FeatureSpec, ModelSpec, Registry
+from tests.helpers import SHARED_DIR, require_shared
+
+SPEC = Registry.load().resolve("whas500-mortality")
+FHIR_DIR = SHARED_DIR / "data" / "fhir"
+AS_OF = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+SNOMED = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+
+#: The shared bundles, with their Observation and Condition counts from data/fhir/SOURCE.md.
+BUNDLES = {
+    "Alva958_Dickinson688_742fc10a-c565-f636-3c05-5dcd28672194.json": (156, 1),
+    "Bobbye345_Harris789_52604a6b-c99e-9116-b9a0-937b58032f7c.json": (178, 1),
+    "Georgianne697_Jerde200_ebf0d007-a52f-5364-5c32-2ba094b88f16.json": (213, 3),
+    "Lanell756_Goodwin327_988f3282-6014-affe-fb17-b051fe0380ee.json": (326, 2),
+}
+VITALS = ("heart_rate", "systolic_bp", "diastolic_bp", "bmi")
+
+
+# --- hand-made resources ----------------------------------------------------------------------
+
+
+def _ago(days: float) -> str:
+    return (AS_OF - timedelta(days=days)).isoformat()
+
+
+def patient(pid: str = "p1", **elements: Any) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": pid, **elements}
+
+
+def quantity(value: float, unit: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+
+def observation(
+    oid: str,
+    code: str,
+    value: float | None = None,
+    unit: str = "/min",
+    *,
+    days_ago: float = 1,
+    subject: str = "Patient/p1",
+    **extra: Any,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": subject},
+        "effectiveDateTime": _ago(days_ago),
+    }
+    if value is not None:
+        out["valueQuantity"] = quantity(value, unit)
+    return {**out, **extra}
+
+
+def bp_panel(oid: str, systolic: float, diastolic: float, *, days_ago: float = 1) -> dict[str, Any]:
+    components = [
+        {"code": {"coding": [{"system": LOINC, "code": c}]}, "valueQuantity": quantity(v, "mm[Hg]")}
+        for c, v in (("8480-6", systolic), ("8462-4", diastolic))
+    ]
+    return observation(oid, "85354-9", days_ago=days_ago, component=components)
+
+
+def condition(
+    cid: str,
+    code: str,
+    *,
+    status: str = "active",
+    onset_days_ago: float = 100,
+    subject: str = "Patient/p1",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "id": cid,
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                    "code": status,
+                }
+            ]
+        },
+        "code": {"coding": [{"system": SNOMED, "code": code}]},
+        "subject": {"reference": subject},
+        "onsetDateTime": _ago(onset_days_ago),
+        **extra,
+    }
+
+
+def bundle(*resources: dict[str, Any], kind: str = "collection") -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"resource": r} for r in resources],
+    }
+
+
+ADULT = patient(birthDate="1950-06-15", gender="male")
+
+
+def features(*resources: dict[str, Any], lookback_days: int = 365, spec: ModelSpec = SPEC):
+    """Parse ``resources`` as a Bundle and compute the only patient's features."""
+    record = _only(parse_bundle(bundle(*resources)).patients)
+    return features_for(
+        spec,
+        record.patient,
+        record.observations,
+        record.conditions,
+        as_of=AS_OF,
+        lookback_days=lookback_days,
+    )
+
+
+def _only(patients: dict[str, PatientRecord]) -> PatientRecord:
+    assert len(patients) == 1
+    return next(iter(patients.values()))
+
+
+def lab_spec(*inputs: FeatureSpec) -> ModelSpec:
+    return ModelSpec(
+        name="lab-test",
+        version="0",
+        architecture="none",
+        artifact=Path("none"),
+        sha256="0" * 64,
+        inputs=inputs,
+        output="",
+        threshold=0.5,
+    )
+
+
+# --- the shared Synthea data ------------------------------------------------------------------
+
+
+def _independent_age(birth: str, at: date) -> int:
+    born = date.fromisoformat(birth)
+    return at.year - born.year - (1 if (at.month, at.day) < (born.month, born.day) else 0)
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLES))
+def test_every_shared_bundle_parses_and_gives_whas500_features(name: str) -> None:
+    """Each Synthea transaction Bundle: one patient, all its resources, a full feature set."""
+    raw = json.loads(require_shared(FHIR_DIR / "bundles" / name).read_text())
+    parsed = parse_bundle(raw)
+    assert parsed.type == "transaction" and parsed.issues == []
+    record = _only(parsed.patients)
+    assert (len(record.observations), len(record.conditions)) == BUNDLES[name]
+    assert parsed.ignored["Encounter"] > 0 and "Observation" not in parsed.ignored
+
+    as_of = datetime(2021, 10, 15, tzinfo=UTC)  # the bundles were exported then (SOURCE.md)
+    result = features_for(
+        SPEC,
+        record.patient,
+        record.observations,
+        record.conditions,
+        as_of=as_of,
+        lookback_days=3650,
+    )
+    assert result.ok, result.problems
+    assert set(result.features) == SPEC.feature_set
+    source = raw["entry"][0]["resource"]
+    assert result.features["age"] == _independent_age(source["birthDate"], as_of.date())
+    assert result.features["female"] == {"female": 1.0, "male": 0.0}[source["gender"]]
+    # These Synthea-HIV bundles code vitals with OpenMRS concept ids ("5085AAAA...") under the
+    # LOINC system, so no LOINC vital is there: all four are imputed with the schema's values.
+    assert result.imputed == list(VITALS)
+    assert all(
+        result.features[v] == SPEC.inputs[SPEC.feature_names.index(v)].missing for v in VITALS
+    )
+    assert result.basis[0] == record.reference
+
+
+def test_shared_bundle_coronary_heart_disease_counts_as_cardiovascular_history() -> None:
+    """Lanell's active 53741008 Coronary Heart Disease sets cardiovascular_history, with its id."""
+    name = "Lanell756_Goodwin327_988f3282-6014-affe-fb17-b051fe0380ee.json"
+    record = _only(
+        parse_bundle(json.loads(require_shared(FHIR_DIR / "bundles" / name).read_text())).patients
+    )
+    chd = [c for c in record.conditions if c.code.coding[0].code == "53741008"]
+    result = features_for(
+        SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=365
+    )
+    assert result.features["cardiovascular_history"] == 1.0
+    assert f"Condition/{chd[0].id}" in result.basis
+    # Before its onset (2001-08-13) it did not count yet.
+    before = features_for(
+        SPEC,
+        record.patient,
+        record.observations,
+        record.conditions,
+        as_of=datetime(2001, 8, 1, tzinfo=UTC),
+        lookback_days=365,
+    )
+    assert before.features["cardiovascular_history"] == 0.0
+
+
+def _raw_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _latest_bp_and_bmi(ndjson: Path, ref: str, as_of: datetime, days: int) -> dict[str, float]:
+    """An independent reading of the raw JSON: the latest BP panel components and BMI in window."""
+    start, found = as_of - timedelta(days=days), {}
+    latest: dict[str, datetime] = {}
+    for obs in _raw_lines(ndjson / "Observation.ndjson"):
+        when = datetime.fromisoformat(obs["effectiveDateTime"])
+        if obs["subject"]["reference"] != ref or not start <= when <= as_of:
+            continue
+        code = obs["code"]["coding"][0]["code"]
+        values = {}
+        if code == "55284-4":
+            for comp in obs["component"]:
+                name = {"8480-6": "systolic_bp", "8462-4": "diastolic_bp"}[
+                    comp["code"]["coding"][0]["code"]
+                ]
+                values[name] = comp["valueQuantity"]["value"]
+        elif code == "39156-5":
+            values["bmi"] = obs["valueQuantity"]["value"]
+        for name, value in values.items():
+            if name not in latest or when > latest[name]:
+                latest[name], found[name] = when, value
+    return found
+
+
+def test_shared_ndjson_export_gives_whas500_features_for_all_nine_patients() -> None:
+    """The bulk export: 9 patients, BP from the panel components and BMI as read from the raw
+    JSON, no LOINC heart rate anywhere (imputed), and the same result as on every resource."""
+    ndjson = require_shared(FHIR_DIR / "ndjson" / "Patient.ndjson").parent
+    as_of, days = datetime(2020, 1, 1, tzinfo=UTC), 5 * 365
+    export = iter_ndjson(ndjson, SPEC, as_of=as_of, lookback_days=days)
+    records = list(export)
+    assert export.issues == []
+    assert dict(export.lines) == {"Patient": 9, "Observation": 1502, "Condition": 71}
+    assert len(records) == 9
+
+    all_obs = parse_bundle(
+        bundle(
+            *_raw_lines(ndjson / "Patient.ndjson"),
+            *_raw_lines(ndjson / "Observation.ndjson"),
+            *_raw_lines(ndjson / "Condition.ndjson"),
+        )
+    ).patients
+    with_vitals = 0
+    for record in records:
+        result = features_for(
+            SPEC,
+            record.patient,
+            record.observations,
+            record.conditions,
+            as_of=as_of,
+            lookback_days=days,
+        )
+        assert result.ok, result.problems
+        assert set(result.features) == SPEC.feature_set
+        assert "heart_rate" in result.imputed
+        expected = _latest_bp_and_bmi(ndjson, record.reference, as_of, days)
+        for name, value in expected.items():
+            assert result.features[name] == pytest.approx(value)
+        with_vitals += bool(expected)
+        # The export keeps one resource per feature, yet gives what all the resources give.
+        full = all_obs[record.reference]
+        assert len(record.observations) <= 2  # the BP panel and BMI (no heart rate)
+        reference = features_for(
+            SPEC, full.patient, full.observations, full.conditions, as_of=as_of, lookback_days=days
+        )
+        assert result == reference
+    assert with_vitals == 6  # the three others died before 2015
+
+
+def test_shared_ndjson_history_of_mi_sets_recurrent_mi() -> None:
+    """399211009 History of myocardial infarction feeds both recurrent_mi and CV history."""
+    ndjson = require_shared(FHIR_DIR / "ndjson" / "Patient.ndjson").parent
+    history = [
+        c
+        for c in _raw_lines(ndjson / "Condition.ndjson")
+        if c["code"]["coding"][0]["code"] == "399211009"
+    ]
+    assert len(history) == 1
+    export = iter_ndjson(ndjson, SPEC, as_of=AS_OF, lookback_days=365)
+    record = next(r for r in export if r.reference == history[0]["subject"]["reference"])
+    result = features_for(
+        SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=365
+    )
+    assert result.features["recurrent_mi"] == result.features["cardiovascular_history"] == 1.0
+    assert f"Condition/{history[0]['id']}" in result.basis
+
+
+# --- observation rules ------------------------------------------------------------------------
+
+
+def test_latest_observation_in_the_window_wins() -> None:
+    """Of several heart rates, the most recent one before as_of is used and cited."""
+    result = features(
+        ADULT,
+        observation("hr-old", "8867-4", 70, days_ago=10),
+        observation("hr-new", "8867-4", 90, days_ago=2),
+        observation("hr-mid", "8867-4", 80, days_ago=5),
+    )
+    assert result.features["heart_rate"] == 90
+    assert "Observation/hr-new" in result.basis and "Observation/hr-old" not in result.basis
+    assert "heart_rate" not in result.imputed
+
+
+def test_observations_outside_the_window_are_ignored() -> None:
+    """Too old (before the look-back) or after as_of: not used, so the value is imputed."""
+    result = features(
+        ADULT,
+        observation("hr-too-old", "8867-4", 70, days_ago=400),
+        observation("hr-future", "8867-4", 100, days_ago=-1),
+        lookback_days=365,
+    )
+    assert result.features["heart_rate"] == 84.5 and "heart_rate" in result.imputed
+    assert result.basis == ["Patient/p1"]
+    wider = features(
+        ADULT, observation("hr-too-old", "8867-4", 70, days_ago=400), lookback_days=500
+    )
+    assert wider.features["heart_rate"] == 70
+
+
+def test_unusable_observation_status_is_ignored() -> None:
+    """An entered-in-error reading does not win over an older final one."""
+    result = features(
+        ADULT,
+        observation("hr-final", "8867-4", 70, days_ago=5),
+        observation("hr-error", "8867-4", 150, days_ago=1, status="entered-in-error"),
+    )
+    assert result.features["heart_rate"] == 70
+
+
+def test_blood_pressure_comes_from_the_panel_components() -> None:
+    """Systolic and diastolic are the 8480-6 / 8462-4 components of the latest BP panel."""
+    result = features(ADULT, bp_panel("bp-1", 150, 95, days_ago=30), bp_panel("bp-2", 121, 81))
+    assert (result.features["systolic_bp"], result.features["diastolic_bp"]) == (121, 81)
+    assert result.basis == ["Patient/p1", "Observation/bp-2"]
+    standalone = features(ADULT, observation("sbp", "8480-6", 133, "mmHg"))
+    assert standalone.features["systolic_bp"] == 133  # mmHg is an alias of mm[Hg]
+
+
+def test_units_convert_through_the_table() -> None:
+    """Glucose mmol/L → mg/dL (x 18.016), °F → Cel, creatinine mg/dL → µmol/L, rate aliases."""
+    spec = lab_spec(
+        FeatureSpec(
+            "glucose",
+            "mg/dL",
+            source={"resource": "Observation", "system": LOINC, "codes": ["2345-7", "14749-6"]},
+            missing="reject",
+        ),
+        FeatureSpec(
+            "temperature",
+            "Cel",
+            source={"resource": "Observation", "system": LOINC, "codes": ["8310-5"]},
+            missing="reject",
+        ),
+        FeatureSpec(
+            "heart_rate",
+            "/min",
+            source={"resource": "Observation", "system": LOINC, "codes": ["8867-4"]},
+            missing="reject",
+        ),
+    )
+    result = features(
+        ADULT,
+        observation("glu", "14749-6", 5.5, "mmol/L"),
+        observation("temp", "8310-5", 98.6, "[degF]"),
+        observation("hr", "8867-4", 72, "{beats}/min"),
+        spec=spec,
+    )
+    assert result.ok, result.problems
+    assert result.features["glucose"] == pytest.approx(5.5 * 18.016)
+    assert result.features["temperature"] == pytest.approx(37.0)
+    assert result.features["heart_rate"] == 72
+    assert convert_quantity(1.0, "mg/dL", "umol/L", code="2160-0") == pytest.approx(88.42)
+    assert convert_quantity(100.0, "mg/dl", "mmol/L", code="2345-7") == pytest.approx(100 / 18.016)
+    assert convert_quantity(37.0, "Cel", "[degF]") == pytest.approx(98.6)
+    with pytest.raises(UnitError, match="'mmol/L' cannot be converted to 'mg/dL'"):
+        convert_quantity(5.5, "mmol/L", "mg/dL", code="2947-0")  # sodium: no factor known
+
+
+def test_an_unconvertible_unit_is_a_problem_naming_the_unit() -> None:
+    """BMI reported in kg cannot become kg/m2: the feature is rejected, the unit is named."""
+    result = features(ADULT, observation("bmi-kg", "39156-5", 80, "kg"))
+    assert "bmi" not in result.features and "bmi" not in result.imputed
+    assert "'kg'" in result.problems["bmi"] and "'kg/m2'" in result.problems["bmi"]
+    assert "Observation/bmi-kg" in result.problems["bmi"]
+
+
+def test_an_implausible_value_is_a_problem() -> None:
+    """A heart rate of 400/min is outside the schema's range 20..300: rejected, not clipped."""
+    result = features(ADULT, observation("hr", "8867-4", 400))
+    assert "outside the plausible range" in result.problems["heart_rate"]
+    assert not result.ok
+
+
+# --- patient rules ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("birth", "age"),
+    [("1950-01-01", 74), ("1950-01-02", 73), ("1949-12-31", 74), ("1950", 74), ("1950-06", 73)],
+)
+def test_age_is_completed_years_at_as_of(birth: str, age: int) -> None:
+    """Age counts birthdays reached by as_of (2024-01-01); a partial date starts its period."""
+    result = features(patient(birthDate=birth, gender="female"))
+    assert result.features["age"] == age and result.features["female"] == 1.0
+
+
+def test_missing_age_rejects_and_missing_vitals_are_imputed() -> None:
+    """No birthDate: age is a problem (the schema says reject); no vitals: each one imputed."""
+    result = features(patient(gender="female"))
+    assert "age" not in result.features
+    assert "reject" in result.problems["age"] and "birthDate" in result.problems["age"]
+    assert result.imputed == list(VITALS)
+    assert result.features["heart_rate"] == 84.5 and result.features["bmi"] == 26.06
+    assert result.features["heart_failure"] == 0.0 and "heart_failure" not in result.imputed
+
+
+def test_gender_without_a_mapping_is_a_problem() -> None:
+    """'other' is not in the schema's map {female, male}: rejected, not guessed."""
+    result = features(patient(birthDate="1950-01-01", gender="other"))
+    assert "no mapping" in result.problems["female"]
+
+
+def test_as_of_must_be_timezone_aware() -> None:
+    """A naive as_of is ambiguous against FHIR's offset-carrying times."""
+    record = _only(parse_bundle(bundle(ADULT)).patients)
+    with pytest.raises(ValueError, match="timezone"):
+        features_for(SPEC, record.patient, [], [], as_of=datetime(2024, 1, 1), lookback_days=1)
+
+
+# --- condition rules --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "present"),
+    [
+        ({}, True),
+        ({"status": "resolved"}, False),
+        ({"status": "resolved", "abatementDateTime": _ago(10)}, False),
+        ({"status": "resolved", "abatementDateTime": _ago(-10)}, True),  # resolved after as_of
+        ({"status": "inactive"}, False),
+        ({"onset_days_ago": -5}, False),  # begins after as_of
+        (
+            {
+                "verificationStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                            "code": "entered-in-error",
+                        }
+                    ]
+                }
+            },
+            False,
+        ),
+    ],
+)
+def test_condition_presence_at_as_of(extra: dict[str, Any], present: bool) -> None:
+    """Atrial fibrillation counts if verified, begun and not abated/resolved by as_of."""
+    result = features(ADULT, condition("af", "49436004", **extra))
+    assert result.features["atrial_fibrillation"] == float(present)
+    assert ("Condition/af" in result.basis) is present
+    assert "atrial_fibrillation" not in result.imputed
+
+
+def test_a_condition_with_another_code_does_not_count() -> None:
+    """Acute MI 22298006 is none of the whas500 codes (recurrent_mi needs a history code)."""
+    result = features(ADULT, condition("mi", "22298006"))
+    assert result.features["recurrent_mi"] == 0.0 and result.basis == ["Patient/p1"]
+
+
+# --- bundles: references and malformed input ------------------------------------------------
+
+
+def test_transaction_references_by_full_url_and_absolute_url() -> None:
+    """urn:uuid fullUrls, relative and absolute references all reach the right patient."""
+    data = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:aaa", "resource": patient("a", birthDate="1950-01-01")},
+            {"fullUrl": "https://ehr.example/fhir/Patient/b", "resource": patient("b")},
+            {"resource": observation("o1", "8867-4", 60, subject="urn:uuid:aaa")},
+            {"resource": observation("o2", "8867-4", 61, subject="Patient/a")},
+            {
+                "resource": observation(
+                    "o3", "8867-4", 62, subject="https://ehr.example/fhir/Patient/b"
+                )
+            },
+            {"resource": observation("o4", "8867-4", 63, subject="Patient/b")},
+            {"resource": observation("o5", "8867-4", 64, subject="Location/ward-1")},
+        ],
+    }
+    parsed = parse_bundle(data)
+    assert [o.id for o in parsed.patients["Patient/a"].observations] == ["o1", "o2"]
+    assert [o.id for o in parsed.patients["Patient/b"].observations] == ["o3", "o4"]
+    assert [(i.severity, i.expression) for i in parsed.issues] == [
+        ("warning", "Bundle.entry[6].resource.subject")
+    ]
+
+
+def _issues(data: object) -> list[Issue]:
+    with pytest.raises(FhirInputError) as caught:
+        parse_bundle(data)
+    outcome = OperationOutcome.model_validate(caught.value.to_operation_outcome())
+    assert len(outcome.issue) == len(caught.value.issues)  # a valid R4 OperationOutcome
+    return caught.value.issues
+
+
+@pytest.mark.parametrize("data", [[{"resourceType": "Bundle"}], "Bundle", None, 3])
+def test_input_that_is_not_a_json_object_is_refused(data: object) -> None:
+    """Lists, strings, null: one structure issue."""
+    [issue] = _issues(data)
+    assert issue.code == "structure"
+
+
+def test_a_resource_that_is_not_a_bundle_is_refused() -> None:
+    """A bare Patient where a Bundle belongs: an invalid issue on resourceType."""
+    [issue] = _issues(ADULT)
+    assert (issue.code, issue.expression) == ("invalid", "resourceType")
+
+
+def test_an_unsupported_bundle_type_and_missing_entries_are_reported_together() -> None:
+    """type 'document' and no entry: both issues, at their paths."""
+    issues = _issues({"resourceType": "Bundle", "type": "document"})
+    assert [(i.code, i.expression) for i in issues] == [
+        ("value", "Bundle.type"),
+        ("required", "Bundle.entry"),
+    ]
+
+
+def test_a_bundle_without_a_patient_is_refused() -> None:
+    """Observations alone cannot be scored: 'no Patient', and their subject is not found."""
+    issues = _issues(bundle(observation("o1", "8867-4", 70)))
+    assert ("required", "Bundle.entry") in [(i.code, i.expression) for i in issues]
+    assert any("no Patient" in i.diagnostics for i in issues)
+    assert ("not-found", "Bundle.entry[0].resource.subject") in [
+        (i.code, i.expression) for i in issues
+    ]
+
+
+def test_a_resource_failing_validation_is_an_issue_with_its_location() -> None:
+    """fhir.resources' errors become issues at entry paths, without pydantic's text or inputs."""
+    bad = observation("o1", "8867-4", 70)
+    bad["valueQuantity"]["value"] = "seventy"
+    bad["colour"] = "blue"
+    no_status = observation("o2", "8867-4", 70)
+    del no_status["status"]
+    issues = _issues(bundle(ADULT, bad, patient("p2", birthDate="1950-13-01"), no_status))
+    located = {(i.code, i.expression) for i in issues}
+    assert ("value", "Bundle.entry[1].resource.valueQuantity.value") in located
+    assert ("structure", "Bundle.entry[1].resource.colour") in located
+    assert ("value", "Bundle.entry[2].resource.birthDate") in located
+    # fhir.resources checks required elements after the element types, so only here:
+    assert ("required", "Bundle.entry[3].resource.status") in located
+    text = " ".join(i.diagnostics for i in issues)
+    assert "pydantic" not in text and "seventy" not in text and "Value error" not in text
+
+
+def test_unknown_resource_types_and_dangling_references_are_refused() -> None:
+    """A misspelt resourceType and a reference to an absent patient both fail the Bundle."""
+    typo = {**observation("o1", "8867-4", 70), "resourceType": "Observaton"}
+    dangling = observation("o2", "8867-4", 70, subject="Patient/nobody")
+    issues = _issues(bundle(ADULT, typo, dangling))
+    assert [(i.code, i.expression) for i in issues] == [
+        ("not-supported", "Bundle.entry[1].resource.resourceType"),
+        ("not-found", "Bundle.entry[2].resource.subject"),
+    ]
+
+
+# --- NDJSON -----------------------------------------------------------------------------------
+
+
+def _write(path: Path, lines: list[object]) -> None:
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    )
+
+
+def test_bad_ndjson_lines_are_reported_by_line_and_the_rest_is_read(tmp_path: Path) -> None:
+    """Broken JSON, an invalid resource, an unknown patient: skipped with file:line issues."""
+    _write(tmp_path / "Patient.ndjson", [ADULT, "{not json", patient("p2", birthDate="1960-01-01")])
+    invalid = observation("bad", "8867-4", 70)
+    invalid["valueQuantity"]["value"] = "fast"
+    _write(
+        tmp_path / "Observation.000.ndjson",
+        [
+            observation("hr-1", "8867-4", 71),
+            "",
+            invalid,
+            observation("hr-x", "8867-4", 72, subject="Patient/nobody"),
+            observation("pain", "72514-3", 3, "{score}"),  # no code the model reads
+        ],
+    )
+    _write(
+        tmp_path / "Observation.001.ndjson",
+        [observation("hr-2", "8867-4", 66, subject="Patient/p2")],
+    )
+    _write(tmp_path / "Condition.ndjson", [condition("af", "49436004"), ADULT])
+
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    records = {r.reference: r for r in export}
+    assert [(i.file, i.line, i.code) for i in export.issues] == [
+        ("Patient.ndjson", 2, "structure"),
+        ("Observation.000.ndjson", 3, "value"),
+        ("Observation.000.ndjson", 4, "not-found"),
+        ("Condition.ndjson", 2, "invalid"),
+    ]
+    assert export.issues[1].expression == "Observation.valueQuantity.value"
+    assert "Observation.000.ndjson:3:" in export.issues[1].to_fhir()["diagnostics"]
+
+    def heart_rate(ref: str) -> FeatureResult:
+        r = records[ref]
+        return features_for(
+            SPEC, r.patient, r.observations, r.conditions, as_of=AS_OF, lookback_days=30
+        )
+
+    assert heart_rate("Patient/p1").features["heart_rate"] == 71
+    assert heart_rate("Patient/p1").features["atrial_fibrillation"] == 1.0
+    assert heart_rate("Patient/p2").features["heart_rate"] == 66
+
+
+def test_ndjson_keeps_one_observation_per_feature(tmp_path: Path) -> None:
+    """A year of daily heart rates and BP panels: only the latest of each is held per patient."""
+    _write(tmp_path / "Patient.ndjson", [ADULT])
+    _write(
+        tmp_path / "Observation.ndjson",
+        [observation(f"hr-{d}", "8867-4", 60 + d % 30, days_ago=d) for d in range(365, 0, -1)]
+        + [bp_panel(f"bp-{d}", 120 + d % 20, 80, days_ago=d + 0.5) for d in range(365)],
+    )
+    [record] = list(iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30))
+    assert sorted(o.id for o in record.observations) == ["bp-0", "hr-1"]
+    result = features_for(
+        SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=30
+    )
+    assert result.features["heart_rate"] == 61 and result.features["systolic_bp"] == 120
+
+
+def test_an_export_without_patients_is_refused(tmp_path: Path) -> None:
+    """A folder with no Patient.ndjson cannot be read for scoring."""
+    ndjson = FHIR_DIR / "ndjson" / "Observation.ndjson"
+    if ndjson.is_file():
+        shutil.copy(ndjson, tmp_path / "Observation.ndjson")
+    with pytest.raises(FhirInputError, match=r"no Patient\.ndjson"):
+        list(iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30))
