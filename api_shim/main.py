@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -9,14 +10,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import make_asgi_app
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_shim.audit import AuditTrail
 from api_shim.idempotency import Idempotency
-from api_shim.routes import cases, genome, health, models, results
+from api_shim.routes import cases, fhir, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import load_registry
@@ -69,7 +72,27 @@ async def _empty_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+_FHIR_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported"}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FHIR routes answer errors with an OperationOutcome; the others as FastAPI does."""
+    if not request.url.path.startswith("/v1/fhir"):
+        return await http_exception_handler(request, exc)
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    code = _FHIR_CODES.get(exc.status_code, "processing")
+    return fhir.outcome(exc.status_code, [fhir.issue(code, detail)], headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if request.url.path.startswith("/v1/fhir"):
+        return fhir.outcome(
+            400,
+            [
+                fhir.issue("invalid", str(e.get("msg")), ".".join(map(str, e.get("loc", ()))))
+                for e in exc.errors()
+            ],
+        )
     # Name the field and the problem; never echo the input back (it may be patient data, or NaN,
     # which JSON cannot carry).
     detail: list[dict[str, Any]] = [
@@ -100,10 +123,12 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.state.registry = load_registry(settings.artifact_dir)
     app.state.celery = create_celery(settings, broker_url=broker_url, include_tasks=False)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.include_router(cases.router)
     app.include_router(results.router)
     app.include_router(models.router)
     app.include_router(genome.router)
+    app.include_router(fhir.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(

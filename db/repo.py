@@ -121,6 +121,8 @@ class NewCase:
     model_version: str
     priority: Priority
     features: dict[str, float]
+    subject: str | None = None
+    context: dict[str, Any] | None = None
 
 
 class ExternalIdConflict(ValueError):
@@ -169,6 +171,8 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
             "model_version": c.model_version,
             "priority": c.priority,
             "features": c.features,
+            "subject": c.subject,
+            "context": c.context,
             "status": CaseStatus.queued,
             "delivery_count": 0,
             "created_at": now,

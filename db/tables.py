@@ -97,6 +97,7 @@ class Case(Base):
         UniqueConstraint("tenant_id", "external_id", name="uq_cases_tenant_external"),
         Index("ix_cases_status_enqueued_at", "status", "enqueued_at"),
         Index("ix_cases_tenant_model", "tenant_id", "model_name"),
+        Index("ix_cases_tenant_subject", "tenant_id", "subject"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -122,6 +123,11 @@ class Case(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     #: When the last scoring message for this case was sent; the sweeper re-sends stale ones.
     enqueued_at: Mapped[datetime | None]
+    #: The FHIR patient the case was built from (``Patient/<id>``), for cases that came as FHIR.
+    subject: Mapped[str | None] = mapped_column(String(200))
+    #: How the features were obtained from FHIR: the resources used (``basis``), the imputed
+    #: features, the ``as_of`` time. No values: those are in ``features``.
+    context: Mapped[dict[str, Any] | None]
 
     scores: Mapped[list[Score]] = relationship(back_populates="case", order_by="Score.id")
 

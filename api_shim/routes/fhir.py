@@ -1,0 +1,251 @@
+"""FHIR R4 in and out: ``POST /v1/fhir`` takes a Bundle and queues one case per Patient for a
+model; ``GET /v1/fhir/RiskAssessment`` returns the scores as RiskAssessment resources.
+
+Errors on these routes are OperationOutcomes: 400 for input that is not FHIR (not JSON, not a
+Bundle, resources that fail validation), 422 for valid FHIR that breaks a rule (no Patient, a
+patient whose record lacks what the model requires). A ``transaction`` Bundle is all or nothing;
+a ``batch`` or ``collection`` queues the patients that can be scored and answers for each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from api_shim.deps import CeleryDep, ReaderDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
+from db import repo
+from db.tables import Case, Priority, Score
+from models.registry import ModelSpec, RegistryError
+from worker.queues import enqueue_cases
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/fhir", tags=["fhir"])
+
+FHIR_JSON = "application/fhir+json"
+#: Issue types that mean "valid FHIR, but a rule is broken" (422); the rest mean "not FHIR" (400).
+_RULE_CODES = frozenset({"business-rule", "required", "not-found", "not-supported", "incomplete"})
+
+
+def outcome(
+    status_code: int, issues: list[dict[str, Any]], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An OperationOutcome response."""
+    return JSONResponse(
+        {"resourceType": "OperationOutcome", "issue": issues},
+        status_code,
+        media_type=FHIR_JSON,
+        headers=headers,
+    )
+
+
+def issue(code: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": diagnostics}
+    if expression:
+        out["expression"] = [expression]
+    return out
+
+
+def _subject(record: Any) -> str:
+    patient_id = getattr(record.patient, "id", None)
+    return f"Patient/{patient_id}" if patient_id else record.reference
+
+
+def _content_id(subject: str, spec: ModelSpec, features: dict[str, float]) -> str:
+    """A case's external id: the same patient data for the same model is the same case."""
+    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{subject}|{spec.ref}|{digest}"
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=None)
+async def submit_bundle(
+    request: Request,
+    tenant: SubmitterDep,
+    session: SessionDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    model: Annotated[str, Query(min_length=1, max_length=150)] = "whas500-mortality",
+    as_of: Annotated[datetime | None, Query()] = None,
+    lookback_days: Annotated[int, Query(ge=1, le=36500)] = 730,
+) -> JSONResponse:
+    """Queue one case per Patient of a Bundle, its features taken from the Bundle's resources."""
+    from models.fhir_features import FhirInputError, features_for, parse_bundle
+
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return outcome(400, [issue("structure", f"the body is not JSON: {type(exc).__name__}")])
+    try:
+        spec = registry.resolve(model)
+    except RegistryError as exc:
+        return outcome(422, [issue("not-found", str(exc), "model")])
+    try:
+        bundle = parse_bundle(data)
+    except FhirInputError as exc:
+        code = 422 if all(i.code in _RULE_CODES for i in exc.issues) else 400
+        return outcome(code, [i.to_fhir() for i in exc.issues])
+    when = (as_of or datetime.now(UTC)).astimezone(UTC)
+    accepted: list[tuple[str, repo.NewCase]] = []
+    rejected: dict[str, list[dict[str, Any]]] = {}
+    for record in bundle.patients.values():
+        subject = _subject(record)
+        found = features_for(
+            spec,
+            record.patient,
+            record.observations,
+            record.conditions,
+            as_of=when,
+            lookback_days=lookback_days,
+        )
+        if not found.ok:
+            rejected[subject] = [
+                issue("business-rule", f"{subject}: {name}: {why}", f"{spec.ref}.{name}")
+                for name, why in found.problems.items()
+            ]
+            continue
+        context = {
+            "source": "fhir",
+            "as_of": when.isoformat(),
+            "lookback_days": lookback_days,
+            "basis": found.basis,
+            "imputed": found.imputed,
+        }
+        case = repo.NewCase(
+            _content_id(subject, spec, found.features),
+            spec.name,
+            spec.version,
+            Priority.routine,
+            found.features,
+            subject=subject,
+            context=context,
+        )
+        accepted.append((subject, case))
+    if rejected and (bundle.type == "transaction" or not accepted):
+        return outcome(422, [i for issues in rejected.values() for i in issues])
+    results = repo.add_cases(session, tenant_id=tenant.id, cases=[c for _, c in accepted])
+    session.commit()
+    to_send = [(r.id, Priority.routine) for r in results if r.created]
+    if to_send:
+        try:
+            enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
+        except Exception as exc:
+            log.warning("broker unreachable, %d cases left for the sweeper: %s", len(to_send), exc)
+    entries: list[dict[str, Any]] = [
+        {
+            "response": {
+                "status": "202 Accepted" if r.created else "200 OK",
+                "location": f"RiskAssessment?subject={subject}",
+                "etag": f'W/"case-{r.id}"',
+            }
+        }
+        for (subject, _), r in zip(accepted, results, strict=True)
+    ]
+    entries += [
+        {
+            "response": {
+                "status": "422 Unprocessable Entity",
+                "outcome": {"resourceType": "OperationOutcome", "issue": issues},
+            }
+        }
+        for issues in rejected.values()
+    ]
+    kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
+    body = {"resourceType": "Bundle", "type": kind, "entry": entries}
+    return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
+
+
+def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[str, Any]:
+    """A score as a FHIR R4 RiskAssessment."""
+    ref = f"{score.model_name}@{score.model_version}"
+    context = case.context or {}
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": str(score.id),
+        "status": "final",
+        "subject": {"reference": case.subject or case.external_id},
+        "occurrenceDateTime": score.created_at.isoformat(),
+        "method": {
+            "coding": [{"system": "urn:medbatch:model", "code": ref}],
+            "text": f"{ref} (artifact sha256 {score.model_sha256})",
+        },
+        "prediction": [
+            {
+                "outcome": {"text": spec.output if spec else ref},
+                "probabilityDecimal": score.score,
+                "qualitativeRisk": {"text": score.label},
+            }
+        ],
+    }
+    if context.get("basis"):
+        resource["basis"] = [{"reference": r} for r in context["basis"]]
+    notes = []
+    if context.get("imputed"):
+        notes.append("imputed (missing from the record): " + ", ".join(context["imputed"]))
+    explanation = score.explanation or {}
+    if explanation.get("top"):
+        top = ", ".join(f"{a['feature']} {a['attribution']:+.3f}" for a in explanation["top"])
+        notes.append(f"largest contributions to the log-odds ({explanation['method']}): {top}")
+    if notes:
+        resource["note"] = [{"text": n} for n in notes]
+    return resource
+
+
+def _spec(registry: Any, score: Score) -> ModelSpec | None:
+    try:
+        return registry.resolve(f"{score.model_name}@{score.model_version}")
+    except RegistryError:
+        return None
+
+
+@router.get("/RiskAssessment", response_model=None)
+def search_risk_assessments(
+    tenant: ReaderDep,
+    session: SessionDep,
+    registry: RegistryDep,
+    subject: Annotated[str, Query(pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$")],
+) -> JSONResponse:
+    """A searchset Bundle of the patient's scores (this tenant's only)."""
+    rows = session.execute(
+        select(Case, Score)
+        .join(Score, Score.case_id == Case.id)
+        .where(
+            Case.tenant_id == tenant.id,
+            Case.subject == subject,
+            Score.shadow.is_(False),
+            Score.model_version == Case.model_version,
+        )
+        .order_by(Score.id)
+    ).all()
+    entries = [
+        {
+            "fullUrl": f"RiskAssessment/{score.id}",
+            "resource": risk_assessment(case, score, _spec(registry, score)),
+            "search": {"mode": "match"},
+        }
+        for case, score in rows
+    ]
+    body = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+    return JSONResponse(body, media_type=FHIR_JSON)
+
+
+@router.get("/RiskAssessment/{score_id}", response_model=None)
+def read_risk_assessment(
+    score_id: int, tenant: ReaderDep, session: SessionDep, registry: RegistryDep
+) -> JSONResponse:
+    row = session.execute(
+        select(Case, Score)
+        .join(Score, Score.case_id == Case.id)
+        .where(Score.id == score_id, Case.tenant_id == tenant.id, Score.shadow.is_(False))
+    ).first()
+    if row is None:
+        return outcome(404, [issue("not-found", f"RiskAssessment/{score_id} not found")])
+    case, score = row
+    return JSONResponse(risk_assessment(case, score, _spec(registry, score)), media_type=FHIR_JSON)

@@ -1,0 +1,188 @@
+"""POST /v1/fhir and GET /v1/fhir/RiskAssessment on the real PostgreSQL and Redis, with the real
+Synthea Bundles: cases queued per patient, RiskAssessments that validate as FHIR R4, and every
+error an OperationOutcome with nothing written."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_shim.main import create_app
+from db import repo
+from db.engine import session_scope
+from db.tables import Case
+from medbatch.settings import Settings
+from models.registry import Registry
+from models.scoring import LoadedModel
+from tests.helpers import SHARED_DIR, require_shared
+from worker.tasks.scoring import score_cases
+
+pytestmark = pytest.mark.integration
+
+BUNDLES = SHARED_DIR / "data" / "fhir" / "bundles"
+AS_OF = "2020-01-01T00:00:00Z"
+
+
+@pytest.fixture
+def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(database_url=pg_url, broker_url=redis_url))) as client:
+        yield client
+
+
+def _key(sessions: sessionmaker[Session], name: str = "hospital-a", *scopes: str) -> dict:
+    with session_scope(sessions) as s:
+        tenant, key = repo.create_tenant(s, name=name)
+        if scopes:
+            key = repo.create_client(s, tenant_id=tenant.id, name="engine", scopes=scopes)[1]
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _bundles() -> list[Path]:
+    require_shared(BUNDLES / "x")
+    return sorted(BUNDLES.glob("*.json"))
+
+
+def _cases(sessions: sessionmaker[Session]) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(Case)) or 0
+
+
+def _post(api: TestClient, headers: dict, body: object, **params: str) -> object:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return api.post(
+        "/v1/fhir",
+        headers={**headers, "Content-Type": "application/fhir+json"},
+        content=raw,
+        params={"as_of": AS_OF, **params},
+    )
+
+
+def test_every_shared_bundle_becomes_one_case_per_patient_and_is_read_back_as_risk(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    from fhir.resources.R4B.bundle import Bundle
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    headers = _key(pg_sessions)
+    subjects = []
+    for path in _bundles():
+        response = _post(api, headers, json.loads(path.read_text()))
+        assert response.status_code == 202, response.text
+        assert response.headers["content-type"].startswith("application/fhir+json")
+        reply = Bundle.model_validate(response.json())
+        assert reply.type == "transaction-response"
+        (entry,) = reply.entry
+        assert entry.response.status == "202 Accepted"
+        subjects.append(entry.response.location.split("=", 1)[1])
+    assert _cases(pg_sessions) == len(subjects) == 4
+    # Score them as a worker would.
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    spec = Registry.load().resolve("whas500-mortality")
+    model = LoadedModel(spec, device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=3)
+    for subject in subjects:
+        found = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": subject})
+        assert found.status_code == 200
+        bundle = Bundle.model_validate(found.json())
+        assert bundle.type == "searchset" and bundle.total == 1
+        risk = RiskAssessment.model_validate(found.json()["entry"][0]["resource"])
+        assert risk.subject.reference == subject and risk.status == "final"
+        assert 0 < risk.prediction[0].probabilityDecimal < 1
+        assert risk.method.coding[0].code == "whas500-mortality@1.0.0"
+        assert spec.sha256 in risk.method.text
+        assert any(b.reference == subject for b in risk.basis)  # age and sex come from it
+        assert "imputed" in risk.note[0].text  # Synthea's bundles have no LOINC vitals
+        one = api.get(f"/v1/fhir/RiskAssessment/{risk.id}", headers=headers)
+        assert RiskAssessment.model_validate(one.json()).id == risk.id
+
+
+def test_resubmitting_the_same_patient_data_creates_nothing(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    headers = _key(pg_sessions)
+    body = json.loads(_bundles()[0].read_text())
+    assert _post(api, headers, body).status_code == 202
+    again = _post(api, headers, body)
+    assert again.json()["entry"][0]["response"]["status"] == "200 OK"
+    assert _cases(pg_sessions) == 1
+
+
+def _without_birth_date(body: dict) -> dict:
+    body = copy.deepcopy(body)
+    for entry in body["entry"]:
+        if entry["resource"]["resourceType"] == "Patient":
+            entry["resource"].pop("birthDate", None)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "code", "fragment"),
+    [
+        (lambda b: b"{not json", 400, "structure", "not JSON"),
+        (lambda b: {"hello": "world"}, 400, None, ""),
+        (lambda b: {"resourceType": "Patient", "id": "p1"}, 400, None, "Bundle"),
+        (
+            lambda b: {
+                **b,
+                "entry": [e for e in b["entry"] if e["resource"]["resourceType"] != "Patient"],
+            },
+            422,
+            None,
+            "no Patient",
+        ),
+        (_without_birth_date, 422, "business-rule", "age"),
+    ],
+)
+def test_bad_input_is_an_operation_outcome_and_writes_nothing(
+    api: TestClient, pg_sessions: sessionmaker[Session], make, status: int, code, fragment: str
+) -> None:  # type: ignore[no-untyped-def]
+    from fhir.resources.R4B.operationoutcome import OperationOutcome
+
+    headers = _key(pg_sessions)
+    response = _post(api, headers, make(json.loads(_bundles()[0].read_text())))
+    assert response.status_code == status, response.text
+    result = OperationOutcome.model_validate(response.json())
+    assert result.issue and all(i.severity in ("error", "fatal") for i in result.issue)
+    if code:
+        assert any(i.code == code for i in result.issue)
+    assert fragment in json.dumps(response.json())
+    assert _cases(pg_sessions) == 0
+
+
+def test_unknown_model_and_missing_scope_and_other_tenants(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    body = json.loads(_bundles()[0].read_text())
+    headers = _key(pg_sessions)
+    unknown = _post(api, headers, body, model="heart-failure")
+    assert unknown.status_code == 422 and unknown.json()["issue"][0]["code"] == "not-found"
+    reader = _key(pg_sessions, "hospital-b", "results:read")
+    denied = _post(api, reader, body)
+    assert denied.status_code == 403 and denied.json()["resourceType"] == "OperationOutcome"
+    assert denied.json()["issue"][0]["code"] == "forbidden"
+    anonymous = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/x"})
+    assert anonymous.status_code == 401 and anonymous.json()["issue"][0]["code"] == "login"
+    # hospital-a's patient is invisible to hospital-b.
+    subject = _post(api, headers, body).json()["entry"][0]["response"]["location"].split("=")[1]
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    model = LoadedModel(Registry.load().resolve("whas500-mortality"), device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model)
+    theirs = api.get("/v1/fhir/RiskAssessment", headers=reader, params={"subject": subject})
+    assert theirs.json()["total"] == 0
+    mine = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": subject})
+    score_id = mine.json()["entry"][0]["resource"]["id"]
+    missing = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=reader)
+    assert missing.status_code == 404 and missing.json()["issue"][0]["code"] == "not-found"
+    bad_subject = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": "x"})
+    assert (
+        bad_subject.status_code == 400 and bad_subject.json()["resourceType"] == "OperationOutcome"
+    )
