@@ -58,13 +58,15 @@ class AuditTrail:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         params = scope.get("path_params", {})
+        action = f"{scope['method']} {template}"[:100]
+        log.info("%s %d", action, status)
         try:
             with self.sessions() as session:
                 repo.add_audit_event(
                     session,
                     tenant_id=tenant_id,
                     client_id=None if caller is None else caller.client_id,
-                    action=f"{scope['method']} {template}"[:100],
+                    action=action,
                     resource=",".join(f"{k}={v}" for k, v in sorted(params.items()))[:200],
                     status=status,
                     outcome=outcome(status),

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from medbatch.settings import Settings, get_settings
@@ -350,6 +351,62 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Tenant
+    from models.registry import RegistryError, load_registry
+    from worker.fhir_intake import run_nightly, settle_counts
+
+    if not (args.input / "Patient.ndjson").is_file():
+        print(f"medbatch nightly: --input: no Patient.ndjson in {args.input}", file=sys.stderr)
+        return 2
+    try:
+        spec = load_registry(settings.artifact_dir).resolve(args.model)
+    except RegistryError as exc:
+        print(f"medbatch nightly: --model: {exc}", file=sys.stderr)
+        return 2
+    as_of = args.as_of or datetime.now(UTC)
+    if as_of.tzinfo is None:
+        print(
+            "medbatch nightly: --as-of needs a time zone, e.g. 2026-11-23T02:00:00Z",
+            file=sys.stderr,
+        )
+        return 2
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+        if tenant_id is None:
+            tenant_id = repo.create_tenant(session, name=args.tenant)[0].id
+    app = None if settings.embedded_broker else _celery(settings)
+    summary = run_nightly(
+        args.input,
+        spec,
+        sessions=sessions,
+        app=app,
+        tenant_id=tenant_id,
+        as_of=as_of,
+        lookback_days=args.lookback_days,
+        per_message=settings.cases_per_message,
+        progress=True,
+    )
+    if app is None:
+        print("embedded broker: cases are stored, not sent; start a worker on a real broker")
+    elif args.wait:
+        while not settle_counts(sessions, summary):
+            time.sleep(1.0)
+    settle_counts(sessions, summary)
+    engine.dispose()
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
 def _celery(settings: Settings):
     from worker.app import create_app
 
@@ -361,8 +418,14 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
     from api_shim.main import create_app
 
+    # No uvicorn access log: it prints query strings, which may name a patient
+    # (?subject=Patient/…). api_shim/audit.py logs each request by its route template instead.
     uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level=settings.log_level.lower()
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
     )
     return 0
 
@@ -512,6 +575,19 @@ def build_parser() -> argparse.ArgumentParser:
     gstatus = gsub.add_parser("status", help="a job's progress and outputs")
     gstatus.add_argument("job_id", type=int)
     genome.set_defaults(func=cmd_genome)
+
+    nightly = sub.add_parser(
+        "nightly", help="score a FHIR Bulk Data export (NDJSON folder) on score.bulk"
+    )
+    nightly.add_argument("--input", type=Path, required=True, help="folder with Patient.ndjson, …")
+    nightly.add_argument("--model", default="whas500-mortality")
+    nightly.add_argument("--tenant", default="local", help="owner of the cases (created if new)")
+    nightly.add_argument(
+        "--as-of", type=datetime.fromisoformat, help="the moment to score at (default: now)"
+    )
+    nightly.add_argument("--lookback-days", type=int, default=730)
+    nightly.add_argument("--wait", action="store_true", help="wait until every case is scored")
+    nightly.set_defaults(func=cmd_nightly)
 
     db = sub.add_parser("db", help="database schema and tenants")
     dsub = db.add_subparsers(dest="db_command", required=True)

@@ -9,7 +9,6 @@ a ``batch`` or ``collection`` queues the patients that can be scored and answers
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -53,17 +52,6 @@ def issue(code: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
     return out
 
 
-def _subject(record: Any) -> str:
-    patient_id = getattr(record.patient, "id", None)
-    return f"Patient/{patient_id}" if patient_id else record.reference
-
-
-def _content_id(subject: str, spec: ModelSpec, features: dict[str, float]) -> str:
-    """A case's external id: the same patient data for the same model is the same case."""
-    digest = hashlib.sha256(json.dumps(features, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{subject}|{spec.ref}|{digest}"
-
-
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=None)
 async def submit_bundle(
     request: Request,
@@ -77,7 +65,8 @@ async def submit_bundle(
     lookback_days: Annotated[int, Query(ge=1, le=36500)] = 730,
 ) -> JSONResponse:
     """Queue one case per Patient of a Bundle, its features taken from the Bundle's resources."""
-    from models.fhir_features import FhirInputError, features_for, parse_bundle
+    from models.fhir_features import FhirInputError, parse_bundle
+    from worker.fhir_intake import case_from_record
 
     try:
         data = json.loads(await request.body())
@@ -96,38 +85,16 @@ async def submit_bundle(
     accepted: list[tuple[str, repo.NewCase]] = []
     rejected: dict[str, list[dict[str, Any]]] = {}
     for record in bundle.patients.values():
-        subject = _subject(record)
-        found = features_for(
-            spec,
-            record.patient,
-            record.observations,
-            record.conditions,
-            as_of=when,
-            lookback_days=lookback_days,
+        subject, case, problems = case_from_record(
+            spec, record, as_of=when, lookback_days=lookback_days
         )
-        if not found.ok:
+        if case is None:
             rejected[subject] = [
                 issue("business-rule", f"{subject}: {name}: {why}", f"{spec.ref}.{name}")
-                for name, why in found.problems.items()
+                for name, why in problems.items()
             ]
-            continue
-        context = {
-            "source": "fhir",
-            "as_of": when.isoformat(),
-            "lookback_days": lookback_days,
-            "basis": found.basis,
-            "imputed": found.imputed,
-        }
-        case = repo.NewCase(
-            _content_id(subject, spec, found.features),
-            spec.name,
-            spec.version,
-            Priority.routine,
-            found.features,
-            subject=subject,
-            context=context,
-        )
-        accepted.append((subject, case))
+        else:
+            accepted.append((subject, case))
     if rejected and (bundle.type == "transaction" or not accepted):
         return outcome(422, [i for issues in rejected.values() for i in issues])
     results = repo.add_cases(session, tenant_id=tenant.id, cases=[c for _, c in accepted])
