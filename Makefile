@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring clean
+.PHONY: demo test test-fast lint bench bench-scoring bench-genome clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 # Needs the real PostgreSQL and Redis (as make test does). MODEL=vitals-gru for the GRU.
 bench-scoring: $(STAMP)
 	$(BIN)/python bench/scoring.py --model $(or $(MODEL),breast-cancer)
+
+# Needs plink2 and plink1.9 on PATH, and libopenblas0-pthread for a fair plink2 (see the script).
+bench-genome: $(STAMP)
+	$(BIN)/python bench/genome.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
