@@ -1,7 +1,7 @@
 """The audit trail: every request under /v1, allowed or denied, becomes one ``audit_events`` row.
 
 Who (tenant and API client, from the key the route checked), what (method and route template),
-which record (path parameters: internal ids only, never external ids or feature values), when,
+which record (path parameters: internal ids; for a FHIR search, its ``subject``), when,
 and the outcome. Written after the response, in a thread; a failure to write is logged (without
 the request's content) and does not turn an answered request into an error.
 """
@@ -9,6 +9,7 @@ the request's content) and does not turn an answered request into an error.
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qs
 
 import anyio
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,7 +58,11 @@ class AuditTrail:
         tenant_id = caller.tenant_id if caller is not None else state.get("idempotency_tenant_id")
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        params = scope.get("path_params", {})
+        params = dict(scope.get("path_params", {}))
+        # A FHIR search names its patient in the query: the audit trail (not the log) keeps it.
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "subject" in query:
+            params["subject"] = query["subject"][0]
         action = f"{scope['method']} {template}"[:100]
         log.info("%s %d", action, status)
         try:

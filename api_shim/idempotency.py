@@ -2,7 +2,7 @@
 
 A client that retries a POST with the same key gets the first response again and creates nothing
 new; the same key with a different request is 422; a retry while the first is still running is
-409. Keys are scoped per tenant and kept ``retention`` (at least 24 hours). A first request that
+409. Keys are scoped per API client (the key it authenticates with) and kept ``retention`` (at least 24 hours). A first request that
 fails on our side (5xx) releases its key, so the retry runs.
 """
 
@@ -39,17 +39,20 @@ class Idempotency:
         if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
             await _json(send, 400, "Idempotency-Key must be 1 to 255 visible ASCII characters")
             return
-        tenant_id = await anyio.to_thread.run_sync(self._tenant, headers.get(b"authorization"))
-        if tenant_id is None:  # the route answers 401
+        caller = await anyio.to_thread.run_sync(self._caller, headers.get(b"authorization"))
+        if caller is None:  # the route answers 401
             await self.app(scope, receive, send)
             return
+        tenant_id, client = caller
         scope.setdefault("state", {})["idempotency_tenant_id"] = tenant_id
         body = await _read_body(receive)
         digest = hashlib.sha256()
         for part in (scope["method"], scope["path"], scope.get("query_string", b"").decode()):
             digest.update(part.encode() + b"\0")
         digest.update(body)
-        found = await anyio.to_thread.run_sync(self._claim, tenant_id, key, digest.hexdigest())
+        found = await anyio.to_thread.run_sync(
+            self._claim, tenant_id, client, key, digest.hexdigest()
+        )
         if found.state == "mismatch":
             await _json(send, 422, "this Idempotency-Key was used with a different request")
             return
@@ -59,9 +62,9 @@ class Idempotency:
         if found.state == "done":
             await _replay(send, found)
             return
-        await self._run(scope, body, send, tenant_id, key)
+        await self._run(scope, body, send, client, key)
 
-    async def _run(self, scope: Scope, body: bytes, send: Send, tenant_id: int, key: str) -> None:
+    async def _run(self, scope: Scope, body: bytes, send: Send, client: str, key: str) -> None:
         sent = False
         status, content_type, chunks = 500, "application/json", []
 
@@ -86,44 +89,48 @@ class Idempotency:
         try:
             await self.app(scope, replay_receive, capture)
         except BaseException:
-            await anyio.to_thread.run_sync(self._release, tenant_id, key)
+            await anyio.to_thread.run_sync(self._release, client, key)
             raise
         if status >= 500:
-            await anyio.to_thread.run_sync(self._release, tenant_id, key)
+            await anyio.to_thread.run_sync(self._release, client, key)
         else:
             await anyio.to_thread.run_sync(
-                self._record, tenant_id, key, status, b"".join(chunks), content_type
+                self._record, client, key, status, b"".join(chunks), content_type
             )
 
-    def _tenant(self, authorization: bytes | None) -> int | None:
+    def _caller(self, authorization: bytes | None) -> tuple[int, str] | None:
+        """(tenant id, the API key's sha256): keys are scoped per API client."""
         if authorization is None:
             return None
         scheme, _, token = authorization.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
         with self.sessions() as session:
-            tenant = repo.tenant_for_key(session, api_key=token.strip())
-            return None if tenant is None else tenant.id
+            caller = repo.caller_for_key(session, api_key=token.strip())
+            if caller is None:
+                return None
+            return caller.tenant_id, repo.hash_api_key(token.strip())
 
-    def _claim(self, tenant_id: int, key: str, fingerprint: str) -> idempotency.Claim:
+    def _claim(self, tenant_id: int, client: str, key: str, fingerprint: str) -> idempotency.Claim:
         with self.sessions() as session:
             return idempotency.claim(
                 session,
                 tenant_id=tenant_id,
+                client=client,
                 key=key,
                 fingerprint=fingerprint,
                 retention=self.retention,
             )
 
-    def _record(self, tenant_id: int, key: str, status: int, body: bytes, ctype: str) -> None:
+    def _record(self, client: str, key: str, status: int, body: bytes, ctype: str) -> None:
         with self.sessions() as session:
             idempotency.record(
-                session, tenant_id=tenant_id, key=key, status=status, body=body, content_type=ctype
+                session, client=client, key=key, status=status, body=body, content_type=ctype
             )
 
-    def _release(self, tenant_id: int, key: str) -> None:
+    def _release(self, client: str, key: str) -> None:
         with self.sessions() as session:
-            idempotency.release(session, tenant_id=tenant_id, key=key)
+            idempotency.release(session, client=client, key=key)
 
 
 async def _read_body(receive: Receive) -> bytes:

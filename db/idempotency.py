@@ -27,7 +27,13 @@ class Claim:
 
 
 def claim(
-    session: Session, *, tenant_id: int, key: str, fingerprint: str, retention: timedelta
+    session: Session,
+    *,
+    tenant_id: int,
+    client: str,
+    key: str,
+    fingerprint: str,
+    retention: timedelta,
 ) -> Claim:
     """Claim ``key`` for this request, or say why not; commits."""
     now = utcnow()
@@ -36,7 +42,11 @@ def claim(
             with session.begin_nested():
                 session.add(
                     IdempotencyKey(
-                        tenant_id=tenant_id, key=key, fingerprint=fingerprint, created_at=now
+                        tenant_id=tenant_id,
+                        client_sha256=client,
+                        key=key,
+                        fingerprint=fingerprint,
+                        created_at=now,
                     )
                 )
             session.commit()
@@ -45,7 +55,7 @@ def claim(
             pass
         row = session.scalar(
             select(IdempotencyKey).where(
-                IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
+                IdempotencyKey.client_sha256 == client, IdempotencyKey.key == key
             )
         )
         if row is None:  # released between our insert and our read: try again
@@ -63,11 +73,11 @@ def claim(
 
 
 def record(
-    session: Session, *, tenant_id: int, key: str, status: int, body: bytes, content_type: str
+    session: Session, *, client: str, key: str, status: int, body: bytes, content_type: str
 ) -> None:
     row = session.scalar(
         select(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
+            IdempotencyKey.client_sha256 == client, IdempotencyKey.key == key
         )
     )
     if row is not None:
@@ -76,11 +86,11 @@ def record(
     session.commit()
 
 
-def release(session: Session, *, tenant_id: int, key: str) -> None:
+def release(session: Session, *, client: str, key: str) -> None:
     """Forget a key whose request failed on our side, so a retry can run."""
     session.execute(
         delete(IdempotencyKey).where(
-            IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
+            IdempotencyKey.client_sha256 == client, IdempotencyKey.key == key
         )
     )
     session.commit()

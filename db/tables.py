@@ -262,12 +262,14 @@ class IdempotencyKey(Base):
 
     __tablename__ = "idempotency_keys"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "key", name="uq_idempotency_keys_tenant_key"),
+        UniqueConstraint("client_sha256", "key", name="uq_idempotency_keys_client_key"),
         Index("ix_idempotency_keys_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    #: Keys are scoped per API client: the sha256 of the API key the request came with.
+    client_sha256: Mapped[str] = mapped_column(String(64))
     key: Mapped[str] = mapped_column(String(255))
     #: sha256 of the method, path, query and body of the first request.
     fingerprint: Mapped[str] = mapped_column(String(64))

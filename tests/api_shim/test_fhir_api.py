@@ -186,3 +186,74 @@ def test_unknown_model_and_missing_scope_and_other_tenants(
     assert (
         bad_subject.status_code == 400 and bad_subject.json()["resourceType"] == "OperationOutcome"
     )
+
+
+def _two_patient_bundle(kind: str) -> dict:
+    """The first two shared bundles' entries in one Bundle of ``kind``; the second patient has no
+    birthDate, so it cannot be scored (age is required)."""
+    first, second = (json.loads(p.read_text()) for p in _bundles()[:2])
+    return {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": first["entry"] + _without_birth_date(second)["entry"],
+    }
+
+
+def test_a_transaction_is_all_or_nothing_a_batch_answers_per_patient(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    headers = _key(pg_sessions)
+    refused = _post(api, headers, _two_patient_bundle("transaction"))
+    assert refused.status_code == 422
+    assert any("age" in i["diagnostics"] for i in refused.json()["issue"])
+    assert _cases(pg_sessions) == 0
+    batch = _post(api, headers, _two_patient_bundle("batch"))
+    assert batch.status_code == 202
+    statuses = [e["response"]["status"] for e in batch.json()["entry"]]
+    assert statuses == ["202 Accepted", "422 Unprocessable Entity"]
+    assert _cases(pg_sessions) == 1
+
+
+def test_a_value_in_a_unit_the_schema_cannot_convert_is_refused_by_name(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A BMI in kg (not kg/m2): 422 naming the feature and the unit, nothing written."""
+    body = json.loads(_bundles()[0].read_text())
+    patient = next(e for e in body["entry"] if e["resource"]["resourceType"] == "Patient")
+    body["entry"].append(
+        {
+            "fullUrl": "urn:uuid:0b6f2a50-0000-4000-8000-00000000b0e1",
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "39156-5"}]},
+                "subject": {"reference": patient["fullUrl"]},
+                "effectiveDateTime": "2019-06-01T10:00:00Z",
+                "valueQuantity": {
+                    "value": 81.0,
+                    "unit": "kg",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "kg",
+                },
+            },
+            "request": {"method": "POST", "url": "Observation"},
+        }
+    )
+    response = _post(api, _key(pg_sessions), body)
+    assert response.status_code == 422, response.text
+    text = json.dumps(response.json())
+    assert "bmi" in text and "kg" in text and "81" not in text  # the value is not echoed
+    assert _cases(pg_sessions) == 0
+
+
+def test_the_audit_trail_names_the_patient_a_search_was_for(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    from db.tables import AuditEvent
+
+    headers = _key(pg_sessions)
+    api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": "Patient/abc-1"})
+    with pg_sessions() as s:
+        (event,) = s.scalars(select(AuditEvent)).all()
+    assert event.action == "GET /v1/fhir/RiskAssessment"
+    assert event.resource == "subject=Patient/abc-1" and event.outcome == "ok"

@@ -86,21 +86,26 @@ def test_a_retry_while_the_first_is_running_is_409(
     assert response.status_code == 409 and "still being processed" in response.json()["detail"]
 
 
-def test_keys_are_per_tenant_and_expire(
+def test_keys_are_per_client_and_expire(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
     a = _headers(pg_sessions, "hospital-a", "shared-key")
     b = _headers(pg_sessions, "hospital-b", "shared-key")
+    with session_scope(pg_sessions) as s:  # a second client of hospital-a, same key string
+        tenant_id = repo.tenant_for_key(s, api_key=a["Authorization"].split()[1]).id  # type: ignore[union-attr]
+        second = repo.create_client(s, tenant_id=tenant_id, name="e2", scopes=["cases:submit"])[1]
+    a2 = {"Authorization": f"Bearer {second}", "Idempotency-Key": "shared-key"}
+    assert api.post("/v1/cases", headers=a2, json=wdbc_cases(1, prefix="c2")).status_code == 202
     assert api.post("/v1/cases", headers=a, json=wdbc_cases(1)).status_code == 202
     other_tenant = api.post("/v1/cases", headers=b, json=wdbc_cases(1))
     assert other_tenant.status_code == 202 and "idempotent-replayed" not in other_tenant.headers
-    assert _cases(pg_sessions) == 2
+    assert _cases(pg_sessions) == 3
     with session_scope(pg_sessions) as s:  # tenant a's key is now older than its retention
         for row in s.scalars(select(IdempotencyKey)):
             row.created_at = utcnow() - timedelta(hours=49)
     later = api.post("/v1/cases", headers=a, json=wdbc_cases(2, prefix="later"))
     assert later.status_code == 202 and "idempotent-replayed" not in later.headers
-    assert _cases(pg_sessions) == 4
+    assert _cases(pg_sessions) == 5
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 256, "del\x7f"])
