@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(default=60.0, gt=0)
     #: Requests larger than this are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: A drop folder of FHIR Bulk Data exports (one per subfolder, or the folder itself) that
+    #: beat scores every night at ``nightly_hour_utc``; unset: no nightly run.
+    nightly_dir: Path | None = None
+    nightly_model: str = "whas500-mortality"
+    nightly_tenant: str = "nightly"
+    nightly_hour_utc: int = Field(default=2, ge=0, le=23)
+    nightly_lookback_days: int = Field(default=730, ge=1)
     #: How long an Idempotency-Key and its response are kept (the draft asks for at least 24 h).
     idempotency_retention_h: float = Field(default=48.0, ge=24.0)
     #: Most cases accepted in one POST /v1/cases.

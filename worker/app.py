@@ -14,7 +14,7 @@ from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import Registry, load_registry
 from models.scoring import LoadedModel
-from worker.queues import REQUEUE_TASK, SCORE_QUEUES, task_queues
+from worker.queues import NIGHTLY_TASK, REQUEUE_TASK, SCORE_QUEUES, task_queues
 
 log = logging.getLogger(__name__)
 
@@ -111,23 +111,38 @@ def create_app(
         # carries at least one case). Never "the whole queue" (Celery's optimizing guide).
         worker_prefetch_multiplier=sum(settings.batching(q)[0] for q in SCORE_QUEUES),
         worker_hijack_root_logger=False,
-        beat_schedule={
-            "requeue-stale-cases": {
-                "task": REQUEUE_TASK,
-                "schedule": settings.sweep_interval_s,
-                "options": {"queue": "score.routine", "expires": settings.sweep_interval_s},
-            }
-        },
+        beat_schedule=beat_schedule(settings),
     )
     app.medbatch = WorkerContext(settings)
     if include_tasks:
         import worker.signals
         import worker.tasks.genome
         import worker.tasks.maintenance
+        import worker.tasks.nightly
         import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
 
         app.finalize()
     return app
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict]:
+    """The sweeper every ``sweep_interval_s``; the nightly run when a drop folder is set."""
+    from celery.schedules import crontab
+
+    schedule: dict[str, dict] = {
+        "requeue-stale-cases": {
+            "task": REQUEUE_TASK,
+            "schedule": settings.sweep_interval_s,
+            "options": {"queue": "score.routine", "expires": settings.sweep_interval_s},
+        }
+    }
+    if settings.nightly_dir is not None:
+        schedule["nightly-fhir-export"] = {
+            "task": NIGHTLY_TASK,
+            "schedule": crontab(minute=0, hour=settings.nightly_hour_utc),
+            "options": {"queue": "score.routine"},
+        }
+    return schedule
 
 
 def context(app: Celery) -> WorkerContext:

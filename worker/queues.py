@@ -13,6 +13,7 @@ from db.tables import Priority
 SCORE_TASK = "medbatch.score_cases"
 REQUEUE_TASK = "medbatch.requeue_stale_cases"
 GENOME_TASK = "medbatch.genome_tile"
+NIGHTLY_TASK = "medbatch.nightly_drop"
 
 #: One queue per priority, plus the genome queue; a scoring worker listens on the score queues.
 SCORE_QUEUES = tuple(f"score.{p.value}" for p in Priority)

@@ -1,0 +1,59 @@
+"""Beat's nightly run over a drop folder of FHIR exports, on the real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.tables import Case
+from medbatch.settings import Settings
+from tests.helpers import SHARED_DIR, queued_case_ids, require_shared
+from worker.app import WorkerContext, beat_schedule, create_app
+from worker.queues import NIGHTLY_TASK
+from worker.tasks.nightly import MARKER, run_drop
+
+pytestmark = pytest.mark.integration
+
+
+def test_beat_schedules_the_nightly_run_only_with_a_drop_folder(tmp_path: Path) -> None:
+    assert "nightly-fhir-export" not in beat_schedule(Settings())
+    entry = beat_schedule(Settings(nightly_dir=tmp_path, nightly_hour_utc=3))["nightly-fhir-export"]
+    assert entry["task"] == NIGHTLY_TASK
+    assert entry["schedule"].hour == {3} and entry["schedule"].minute == {0}
+
+
+def test_each_export_in_the_drop_folder_is_queued_once(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    drop = tmp_path / "drop"
+    shutil.copytree(source, drop / "2026-11-22")
+    settings = Settings(
+        database_url=pg_url, broker_url=redis_url, nightly_dir=drop, nightly_lookback_days=36500
+    )
+    app = create_app(settings, broker_url=redis_url, include_tasks=False)
+    ctx = WorkerContext(settings)
+    try:
+        (record,) = run_drop(app, ctx, settings)
+        assert record["patients_read"] == 9 and record["accepted"] + record["rejected"] == 9
+        marker = json.loads((drop / "2026-11-22" / MARKER).read_text())
+        assert marker["accepted"] == record["accepted"]
+        queued = queued_case_ids(redis_client)["score.bulk"]
+        with pg_sessions() as s:
+            assert s.scalar(select(func.count()).select_from(Case)) == record["accepted"]
+        assert len(queued) == record["accepted"]
+        assert run_drop(app, ctx, settings) == []  # marked: not run again
+        assert len(queued_case_ids(redis_client)["score.bulk"]) == len(queued)
+    finally:
+        app.close()
+        ctx.engine.dispose()
