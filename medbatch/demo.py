@@ -6,6 +6,7 @@ in over HTTP, their stored scores come back over HTTP and are checked against th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -164,6 +166,9 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
                 }
                 progress.update(bar, completed=len(results))
                 time.sleep(0.3)
+        risk = _fhir_round_trip(client, worker, time.monotonic() + 60)
+        if risk is None:
+            return 1
 
     done = [r for r in results.values() if r["status"] == "done"]
     failed = [r for r in results.values() if r["status"] == "failed"]
@@ -199,6 +204,89 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
     )
     console.print(f"demo finished in {time.monotonic() - started:.1f} s; everything shut down.")
     return 0 if not failed else 1
+
+
+#: A stand-in when the shared Synthea data is not beside the checkout: one synthetic patient.
+_DEMO_BUNDLE = {
+    "resourceType": "Bundle",
+    "type": "transaction",
+    "entry": [
+        {
+            "fullUrl": "urn:uuid:7d3c1b6e-0d30-4c7a-9e1f-000000000001",
+            "resource": {
+                "resourceType": "Patient",
+                "id": "demo-1",
+                "gender": "male",
+                "birthDate": "1948-03-02",
+            },
+            "request": {"method": "POST", "url": "Patient"},
+        },
+        {
+            "fullUrl": "urn:uuid:7d3c1b6e-0d30-4c7a-9e1f-000000000002",
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+                "subject": {"reference": "urn:uuid:7d3c1b6e-0d30-4c7a-9e1f-000000000001"},
+                "effectiveDateTime": "2019-11-02T09:30:00Z",
+                "component": [
+                    {
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                        "valueQuantity": {"value": 152, "unit": "mm[Hg]"},
+                    },
+                    {
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                        "valueQuantity": {"value": 91, "unit": "mm[Hg]"},
+                    },
+                ],
+            },
+            "request": {"method": "POST", "url": "Observation"},
+        },
+    ],
+}
+
+
+def _demo_bundle() -> tuple[dict, str]:
+    """The first shared Synthea Bundle, or the built-in synthetic one."""
+    shared = Path(os.environ.get("MEDBATCH_SHARED_DIR", Path.cwd().parent / "shared"))
+    bundles = sorted((shared / "data" / "fhir" / "bundles").glob("*.json"))
+    if bundles:
+        return json.loads(bundles[0].read_text()), f"Synthea Bundle {bundles[0].name[:24]}…"
+    return _DEMO_BUNDLE, "a built-in synthetic Bundle (shared data not found)"
+
+
+def _fhir_round_trip(client: httpx.Client, worker: Any, deadline: float) -> dict | None:
+    """A FHIR Bundle in, a RiskAssessment out, through the same API and worker."""
+    bundle, name = _demo_bundle()
+    response = client.post(
+        "/v1/fhir",
+        params={"model": "whas500-mortality", "as_of": "2020-01-01T00:00:00Z"},
+        content=json.dumps(bundle).encode(),
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    if response.status_code != 202:
+        console.print(f"[red]FHIR Bundle refused ({response.status_code}): {response.text}")
+        return None
+    subject = response.json()["entry"][0]["response"]["location"].split("=", 1)[1]
+    console.print(f"FHIR: posted {name} to /v1/fhir for whas500-mortality")
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            console.print("[red]the worker exited; see var/demo-worker.log")
+            return None
+        found = client.get("/v1/fhir/RiskAssessment", params={"subject": subject}).json()
+        if found.get("total"):
+            risk = found["entry"][0]["resource"]
+            prediction = risk["prediction"][0]
+            console.print(
+                f"FHIR: RiskAssessment/{risk['id']} for {subject}: "
+                f"P = {prediction['probabilityDecimal']:.3f} ({prediction['outcome']['text']}); "
+                f"{risk['method']['coding'][0]['code']}; basis {len(risk.get('basis', []))} "
+                f"resources; {'; '.join(n['text'] for n in risk.get('note', []))[:160]}"
+            )
+            return risk
+        time.sleep(0.3)
+    console.print("[red]timed out waiting for the RiskAssessment")
+    return None
 
 
 def _medbatch_command() -> str:
