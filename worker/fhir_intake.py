@@ -45,8 +45,13 @@ def case_from_record(
     lookback_days: int,
     priority: Priority = Priority.routine,
 ) -> tuple[str, repo.NewCase | None, dict[str, str]]:
-    """``(subject, the case, {})``, or ``(subject, None, {feature: why})`` when it cannot be."""
+    """``(subject, the case, {})``, or ``(subject, None, {feature: why})`` when it cannot be.
+
+    A patient who died before ``as_of`` is not scored: a risk of death means nothing for them.
+    """
     subject = subject_of(record)
+    if _deceased_by(record.patient, as_of):
+        return subject, None, {"patient": "deceased before as_of"}
     found = features_for(
         spec,
         record.patient,
@@ -75,6 +80,18 @@ def case_from_record(
         context=context,
     )
     return subject, case, {}
+
+
+def _deceased_by(patient: Any, as_of: datetime) -> bool:
+    if getattr(patient, "deceasedBoolean", None) is True:
+        return True
+    died = getattr(patient, "deceasedDateTime", None)
+    if died is None:
+        return False
+    when = died if isinstance(died, datetime) else datetime.fromisoformat(str(died))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=as_of.tzinfo)
+    return bool(when <= as_of)
 
 
 @dataclass

@@ -257,3 +257,16 @@ def test_the_audit_trail_names_the_patient_a_search_was_for(
         (event,) = s.scalars(select(AuditEvent)).all()
     assert event.action == "GET /v1/fhir/RiskAssessment"
     assert event.resource == "subject=Patient/abc-1" and event.outcome == "ok"
+
+
+def test_a_patient_who_died_before_as_of_is_not_scored(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    body = json.loads(_bundles()[0].read_text())
+    for entry in body["entry"]:
+        if entry["resource"]["resourceType"] == "Patient":
+            entry["resource"]["deceasedDateTime"] = "2015-03-01T00:00:00+00:00"
+    response = _post(api, _key(pg_sessions), body)
+    assert response.status_code == 422
+    assert "deceased before as_of" in response.json()["issue"][0]["diagnostics"]
+    assert _cases(pg_sessions) == 0
