@@ -776,8 +776,9 @@ def _raw_codes(raw: dict[str, Any]) -> set[tuple[str, str]] | None:
 class NdjsonExport:
     """A Bulk Data export folder read for one model: iterate for :class:`PatientRecord`\\ s.
 
-    Each record holds the patient's ``id``, ``birthDate`` and ``gender`` and, per feature, only
-    the Observation that wins it (latest in the window) and the Condition that makes it present:
+    Each record holds the patient's ``id``, ``birthDate``, ``gender`` and ``deceased[x]`` and, per
+    feature, only the Observation that wins it (latest in the window) and the Condition that makes
+    it present:
     :func:`features_for` on a record gives what it would give on all the patient's resources.
     Lines that cannot matter (no code the model reads) are not validated. ``issues`` lists the
     lines skipped, with file and line number; it is complete once iteration has ended.
@@ -872,7 +873,14 @@ class NdjsonExport:
                     yield raw, number, path.name
 
     def _index_patients(self) -> dict[str, Patient]:
-        keep = {"resourceType", "id", "birthDate", "gender"} | {
+        keep = {
+            "resourceType",
+            "id",
+            "birthDate",
+            "gender",
+            "deceasedBoolean",
+            "deceasedDateTime",
+        } | {
             str((f.source or {}).get("element"))
             for f in self.spec.inputs
             if (f.source or {}).get("resource") == "Patient"

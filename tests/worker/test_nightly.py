@@ -57,3 +57,33 @@ def test_each_export_in_the_drop_folder_is_queued_once(
     finally:
         app.close()
         ctx.engine.dispose()
+
+
+def test_the_shared_export_rejects_the_patients_who_died_before_as_of(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Four of the nine exported patients died before 2020 (Patient.deceasedDateTime)."""
+    from datetime import UTC, datetime
+
+    from db import repo
+    from db.engine import session_scope
+    from models.registry import Registry
+    from worker.fhir_intake import run_nightly
+
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    with session_scope(pg_sessions) as s:
+        tenant_id = repo.create_tenant(s, name="nightly")[0].id
+    summary = run_nightly(
+        source,
+        Registry.load().resolve("whas500-mortality"),
+        sessions=pg_sessions,
+        app=None,
+        tenant_id=tenant_id,
+        as_of=datetime(2020, 1, 1, tzinfo=UTC),
+        lookback_days=730,
+    )
+    assert summary.as_dict()["patients_read"] == 9
+    assert (summary.accepted, dict(summary.rejected)) == (
+        5,
+        {"patient: deceased before as_of": 4},
+    )
