@@ -42,7 +42,7 @@ def check_features(spec: ModelSpec, features: Mapping[str, object]) -> dict[str,
         if name not in features:
             problems[name] = "missing feature"
         else:
-            problem = _number_problem(features[name]) or _rule_problem(
+            problem = _number_problem(features[name]) or rule_problem(
                 feature, cast(float, features[name])
             )
             if problem is not None:
@@ -51,7 +51,9 @@ def check_features(spec: ModelSpec, features: Mapping[str, object]) -> dict[str,
     return problems
 
 
-def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
+def rule_problem(feature: FeatureSpec, value: float) -> str | None:
+    """What is wrong with a number for ``feature``'s allowed values or plausible range; the
+    message never repeats the value (it may be patient data)."""
     if feature.allowed is not None and value not in feature.allowed:
         return f"expected one of {', '.join(f'{v:g}' for v in feature.allowed)}"
     if feature.range is not None and not feature.range[0] <= value <= feature.range[1]:

@@ -44,6 +44,7 @@ from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
+from models.featurize import rule_problem
 from models.registry import FeatureSpec, ModelSpec
 
 Severity = Literal["fatal", "error", "warning", "information"]
@@ -616,12 +617,7 @@ class FeatureResult:
 def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
     if not math.isfinite(value):
         return "is not a finite number"
-    if feature.allowed is not None and value not in feature.allowed:
-        return f"{value:g} is not one of {', '.join(f'{v:g}' for v in feature.allowed)}"
-    if feature.range is not None and not feature.range[0] <= value <= feature.range[1]:
-        low, high = feature.range
-        return f"{value:g} {feature.unit} is outside the plausible range {low:g}..{high:g}"
-    return None
+    return rule_problem(feature, value)
 
 
 def _describe(source: dict[str, Any]) -> str:

@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +25,7 @@ from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority
 from models.fhir_features import PatientRecord, features_for, iter_ndjson
 from models.registry import ModelSpec
+from worker.progress import progress_bar
 from worker.queues import enqueue_cases
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ def run_nightly(
             enqueue_cases(app, [(i, Priority.bulk) for i in new], per_message=per_message)
         pending.clear()
 
-    with _bar(progress, _count_patients(directory)) as advance:
+    with progress_bar(progress, _count_patients(directory), "patients") as advance:
         for record in export:
             summary.patients += 1
             _, case, problems = case_from_record(
@@ -198,21 +197,3 @@ def _count_patients(directory: Path) -> int | None:
         return None
     with path.open("rb") as fh:
         return sum(1 for line in fh if line.strip())
-
-
-@contextmanager
-def _bar(show: bool, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar of patients (or nothing)."""
-    if not show:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ) as progress_bar:
-        task = progress_bar.add_task("patients", total=total)
-        yield lambda n: progress_bar.advance(task, n)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +27,7 @@ from db.engine import session_scope
 from models import genome, genome_output, vcf
 from models.cohort import keep_rows, subset
 from worker.app import context
+from worker.progress import progress_bar
 from worker.queues import GENOME_QUEUE, GENOME_TASK
 
 log = logging.getLogger(__name__)
@@ -379,7 +378,7 @@ def run_inline(
         job = jobs.get_job(session, job_id=job_id)
         assert job is not None
         tiles = job.tiles_total
-    with _progress(progress, tiles) as advance:
+    with progress_bar(progress, tiles, "tiles") as advance:
         for index in range(tiles):
             if run_tile(sessions, job_id=job_id, index=index, device=device) == "failed":
                 break
@@ -394,7 +393,7 @@ def wait(
     import time
 
     summary = _describe_id(sessions, job_id)
-    with _progress(progress, summary["tiles_total"]) as advance:
+    with progress_bar(progress, summary["tiles_total"], "tiles") as advance:
         seen = 0
         while summary["status"] not in ("done", "failed"):
             time.sleep(poll_s)
@@ -409,24 +408,6 @@ def _describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]
         job = jobs.get_job(session, job_id=job_id)
         assert job is not None
         return describe(job)
-
-
-@contextmanager
-def _progress(show: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar of tiles (or nothing)."""
-    if not show:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ) as bar:
-        task = bar.add_task("tiles", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def describe(job: jobs.GenomeJob) -> dict[str, Any]:
