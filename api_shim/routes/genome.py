@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim.deps import (
@@ -58,6 +59,7 @@ class GenomeComparisonPublic(BaseModel):
     query: bool
     threshold: float | None
     error: str | None
+    #: Output files once done, as download paths under this job (no server paths).
     outputs: list[str]
     created_at: datetime
     finished_at: datetime | None
@@ -117,19 +119,21 @@ def create_genome_comparison(
     bfile = _inside(settings.genotype_dir, body.bfile or body.vcf or "", field)
     query = None if body.query is None else _inside(settings.genotype_dir, body.query, "query")
     try:
-        return submit(
-            sessions,
-            celery,
-            tenant_id=tenant.id,
-            metric=body.metric,
-            bfile=bfile,
-            query=query,
-            threshold=body.threshold,
-            ibs_missing=body.ibs_missing,
-            tile_rows=body.tile_rows or settings.genome_tile_rows,
-            keep=list(body.keep) if body.keep is not None else None,
-            min_maf=body.min_maf,
-            artifact_dir=settings.artifact_dir,
+        return _public(
+            submit(
+                sessions,
+                celery,
+                tenant_id=tenant.id,
+                metric=body.metric,
+                bfile=bfile,
+                query=query,
+                threshold=body.threshold,
+                ibs_missing=body.ibs_missing,
+                tile_rows=body.tile_rows or settings.genome_tile_rows,
+                keep=list(body.keep) if body.keep is not None else None,
+                min_maf=body.min_maf,
+                artifact_dir=settings.artifact_dir,
+            )
         )
     except SubmissionError as exc:
         # Paths are the server's: name the file by what the client sent, not where it lives.
@@ -150,7 +154,29 @@ def read_genome_comparison(job_id: int, tenant: ReaderDep, session: SessionDep) 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
-    return describe(job)
+    return _public(describe(job))
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as clients see it: outputs as download paths, not where the server keeps them."""
+    names = [Path(p).name for p in job["outputs"]]
+    return {**job, "outputs": [f"/v1/genome-comparisons/{job['id']}/files/{n}" for n in names]}
+
+
+@router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
+def download_output(job_id: int, name: str, tenant: ReaderDep, session: SessionDep) -> FileResponse:
+    """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
+    from worker.tasks.genome import describe
+
+    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+    files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
+    if name not in files:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"no output {name!r} (outputs: {', '.join(sorted(files))})"
+        )
+    return FileResponse(files[name], filename=name, media_type="application/octet-stream")
 
 
 @router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})

@@ -123,7 +123,17 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
     ).json()
     assert [(p["iid2"], p["degree"]) for p in body["items"]] == [("DUP3", "duplicate/MZ twin")]
     done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
-    assert done["status"] == "done" and any(o.endswith(".king") for o in done["outputs"])
+    assert done["status"] == "done"
+    assert f"/v1/genome-comparisons/{job['id']}/files/king.king" in done["outputs"]
+    king = api.get(f"/v1/genome-comparisons/{job['id']}/files/king.king", headers=headers)
+    assert king.status_code == 200 and king.content.count(b"\n") == 62
+    other = _key(pg_sessions, "elsewhere")
+    assert (
+        api.get(f"/v1/genome-comparisons/{job['id']}/files/king.king", headers=other).status_code
+        == 404
+    )
+    missing = api.get(f"/v1/genome-comparisons/{job['id']}/files/..%2Fsecret", headers=headers)
+    assert missing.status_code == 404
 
 
 @pytest.mark.parametrize(
