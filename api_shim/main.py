@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_shim.audit import AuditTrail
 from api_shim.idempotency import Idempotency
-from api_shim.routes import cases, fhir, genome, health, models, results
+from api_shim.routes import cases, compounds, fhir, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import load_registry
@@ -128,6 +128,7 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(results.router)
     app.include_router(models.router)
     app.include_router(genome.router)
+    app.include_router(compounds.router)
     app.include_router(fhir.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app())

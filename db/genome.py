@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.tables import GenomeJob, GenomeTile, JobStatus, RelatedPair, utcnow
+from db.tables import (
+    CompoundJob,
+    CompoundTile,
+    GenomeJob,
+    GenomeTile,
+    JobStatus,
+    RelatedPair,
+    utcnow,
+)
 
 
 def create_job(
@@ -55,50 +63,57 @@ def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> G
     return session.scalar(stmt)
 
 
-def get_tile(session: Session, *, job_id: int, index: int) -> GenomeTile | None:
-    return session.scalar(
-        select(GenomeTile).where(GenomeTile.job_id == job_id, GenomeTile.index == index)
-    )
+# The tile ledger below serves every tiled job kind (genome comparisons, compound searches):
+# ``job``/``tile`` name the ORM classes, which share the columns used here.
+Job = type[GenomeJob] | type[CompoundJob]
+Tile = type[GenomeTile] | type[CompoundTile]
 
 
-def start_tile(session: Session, tile: GenomeTile) -> None:
-    tile.attempts += 1
-    tile.status = JobStatus.running
+def get_tile(
+    session: Session, *, job_id: int, index: int, tile: Tile = GenomeTile
+) -> GenomeTile | CompoundTile | None:
+    found = session.scalar(select(tile).where(tile.job_id == job_id, tile.index == index))
+    return cast(GenomeTile | CompoundTile | None, found)
+
+
+def start_tile(session: Session, row: GenomeTile | CompoundTile, *, job: Job = GenomeJob) -> None:
+    row.attempts += 1
+    row.status = JobStatus.running
     session.execute(
-        update(GenomeJob)
-        .where(GenomeJob.id == tile.job_id, GenomeJob.status == JobStatus.queued)
+        update(job)
+        .where(job.id == row.job_id, job.status == JobStatus.queued)
         .values(status=JobStatus.running, updated_at=utcnow())
     )
 
 
-def finish_tile(session: Session, *, job_id: int, index: int) -> int | None:
+def finish_tile(
+    session: Session, *, job_id: int, index: int, job: Job = GenomeJob, tile: Tile = GenomeTile
+) -> int | None:
     """Mark a tile done and count it on its job, once; return the job's tiles done, or None if
     this tile had been counted before (a redelivered message)."""
     changed = session.execute(
-        update(GenomeTile)
-        .where(
-            GenomeTile.job_id == job_id,
-            GenomeTile.index == index,
-            GenomeTile.status != JobStatus.done,
-        )
+        update(tile)
+        .where(tile.job_id == job_id, tile.index == index, tile.status != JobStatus.done)
         .values(status=JobStatus.done, updated_at=utcnow())
-        .returning(GenomeTile.id)
+        .returning(tile.id)
     ).first()
     if changed is None:
         return None
     return session.execute(
-        update(GenomeJob)
-        .where(GenomeJob.id == job_id)
-        .values(tiles_done=GenomeJob.tiles_done + 1, updated_at=utcnow())
-        .returning(GenomeJob.tiles_done)
+        update(job)
+        .where(job.id == job_id)
+        .values(tiles_done=job.tiles_done + 1, updated_at=utcnow())
+        .returning(job.tiles_done)
     ).scalar_one()
 
 
-def settle_job(session: Session, *, job_id: int, error: str | None = None) -> None:
+def settle_job(
+    session: Session, *, job_id: int, error: str | None = None, job: Job = GenomeJob
+) -> None:
     """Mark a job done, or failed with ``error``."""
     session.execute(
-        update(GenomeJob)
-        .where(GenomeJob.id == job_id)
+        update(job)
+        .where(job.id == job_id)
         .values(
             status=JobStatus.failed if error else JobStatus.done,
             error=None if error is None else error[:2000],

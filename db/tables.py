@@ -281,7 +281,7 @@ class IdempotencyKey(Base):
 
 
 #: What an API client may do. A tenant's own key (made with the tenant) holds every scope.
-SCOPES = ("cases:submit", "results:read", "genome:submit", "admin")
+SCOPES = ("cases:submit", "results:read", "genome:submit", "compounds:submit", "admin")
 
 
 class ApiClient(Base):
@@ -319,3 +319,66 @@ class AuditEvent(Base):
     status: Mapped[int]
     #: ``ok``, ``denied`` (401/403), ``not_found``, ``invalid`` (other 4xx) or ``error`` (5xx).
     outcome: Mapped[str] = mapped_column(String(20))
+
+
+class CompoundJob(Base):
+    """A compound-similarity search: queries against a library (or a set against itself), by
+    top-k neighbours or a similarity threshold, in tiles of query rows."""
+
+    __tablename__ = "compound_jobs"
+    __table_args__ = (Index("ix_compound_jobs_tenant", "tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
+    )
+    #: Inputs and options: query, library, fingerprint kind/radius/size, metric, k or threshold,
+    #: all_pairs; and the records RDKit could not read (reported, skipped).
+    spec: Mapped[dict[str, Any]]
+    n_query: Mapped[int]
+    n_library: Mapped[int]
+    tiles_total: Mapped[int]
+    tiles_done: Mapped[int] = mapped_column(default=0)
+    #: The artifact store's folder of this job.
+    output_dir: Mapped[str] = mapped_column(String(500))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class CompoundTile(Base):
+    __tablename__ = "compound_tiles"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_compound_tiles_job_index"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("compound_jobs.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    row_start: Mapped[int]
+    row_end: Mapped[int]
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
+    )
+    attempts: Mapped[int] = mapped_column(default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Neighbour(Base):
+    """One (query, library) pair a compound job found, with its similarity and rank."""
+
+    __tablename__ = "compound_neighbours"
+    __table_args__ = (
+        UniqueConstraint("job_id", "query_index", "library_index", name="uq_neighbours_pair"),
+        Index("ix_compound_neighbours_job_query", "job_id", "query_index", "rank"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("compound_jobs.id", ondelete="CASCADE"))
+    query_index: Mapped[int]
+    library_index: Mapped[int]
+    query_id: Mapped[str] = mapped_column(String(200))
+    library_id: Mapped[str] = mapped_column(String(200))
+    similarity: Mapped[float] = mapped_column(Float(precision=53))
+    #: 1 = most similar for its query (ties: lower library index first).
+    rank: Mapped[int]

@@ -407,6 +407,90 @@ def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_compounds(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Tenant
+    from worker.tasks import compounds as tasks
+
+    if args.all_pairs == (args.query is not None):
+        print("medbatch compounds search: give --query FILE or --all-pairs", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+        if tenant_id is None:
+            tenant_id = repo.create_tenant(session, name=args.tenant)[0].id
+    inline = args.inline or settings.embedded_broker
+    try:
+        job = tasks.submit(
+            sessions,
+            None if inline else _celery(settings),
+            tenant_id=tenant_id,
+            library=args.library,
+            query=args.query,
+            top_k=args.top_k,
+            threshold=args.threshold,
+            metric=args.metric,
+            kind=args.fingerprint,
+            radius=args.radius,
+            fp_size=args.bits,
+            smiles_column=args.smiles_column,
+            tile_rows=args.tile_rows,
+            artifact_dir=settings.artifact_dir,
+        )
+    except tasks.SubmissionError as exc:
+        print(f"medbatch compounds search: --{exc.field.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"compound search {job['id']}: {job['n_query']} queries x {job['n_library']} library "
+        f"molecules ({job['fingerprint']}), {job['tiles_total']} tiles; "
+        f"{job['unreadable']} records RDKit could not read"
+    )
+    for example in job["unreadable_examples"]:
+        print(f"  skipped: {example}")
+    if inline:
+        summary = tasks.run_inline(
+            sessions, job_id=job["id"], device=settings.device, progress=True
+        )
+    else:
+        summary = _wait_compounds(sessions, job["id"])
+    engine.dispose()
+    if summary["status"] != "done":
+        print(
+            f"medbatch compounds search: job {job['id']} failed: {summary['error']}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(summary["output"], args.out)
+    print(f"  {args.out or summary['output']}")
+    return 0
+
+
+def _wait_compounds(sessions, job_id: int) -> dict:
+    import time
+
+    from db import compounds as jobs
+    from db.engine import session_scope
+    from worker.tasks.compounds import describe
+
+    while True:
+        with session_scope(sessions) as session:
+            found = jobs.get_job(session, job_id=job_id)
+            assert found is not None
+            summary = describe(found)
+        if summary["status"] in ("done", "failed"):
+            return summary
+        time.sleep(0.5)
+
+
 def _celery(settings: Settings):
     from worker.app import create_app
 
@@ -435,7 +519,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     app = create_app(settings)
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
-    if queues == ("genome",):
+    if queues in (("genome",), ("chem",), ("genome", "chem"), ("chem", "genome")):
         # A tile is seconds of work: take one at a time, so every genome worker gets its share.
         app.conf.worker_prefetch_multiplier = 1
     app.worker_main(worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname))
@@ -575,6 +659,32 @@ def build_parser() -> argparse.ArgumentParser:
     gstatus = gsub.add_parser("status", help="a job's progress and outputs")
     gstatus.add_argument("job_id", type=int)
     genome.set_defaults(func=cmd_genome)
+
+    compounds = sub.add_parser("compounds", help="compound similarity (Tanimoto, Dice)")
+    csub = compounds.add_subparsers(dest="compounds_command", required=True)
+    search = csub.add_parser(
+        "search", help="nearest neighbours or threshold hits of queries in a library"
+    )
+    search.add_argument("--library", type=Path, required=True, help=".smi, .sdf or .csv")
+    search.add_argument("--query", type=Path, help="queries (.smi, .sdf, .csv)")
+    search.add_argument("--all-pairs", action="store_true", help="the library against itself")
+    mode = search.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--top-k", type=int, help="the K most similar per query")
+    mode.add_argument("--threshold", type=float, help="every pair at or above this")
+    search.add_argument("--metric", choices=["tanimoto", "dice"], default="tanimoto")
+    search.add_argument(
+        "--fingerprint",
+        choices=["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"],
+        default="morgan",
+    )
+    search.add_argument("--radius", type=int, default=2)
+    search.add_argument("--bits", type=int, default=2048)
+    search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
+    search.add_argument("--tile-rows", type=int, default=0)
+    search.add_argument("--tenant", default="local")
+    search.add_argument("--out", type=Path, help="copy the neighbours CSV here")
+    search.add_argument("--inline", action="store_true", help="no worker: compute here")
+    compounds.set_defaults(func=cmd_compounds)
 
     nightly = sub.add_parser(
         "nightly", help="score a FHIR Bulk Data export (NDJSON folder) on score.bulk"

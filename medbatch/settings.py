@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     #: Genotype filesets that POST /v1/genome-comparisons may name, as paths relative to this
     #: folder (nothing outside it is read over HTTP; the CLI takes any path).
     genotype_dir: Path = Path("var/genotypes")
+    #: Molecule files (.smi, .sdf, .csv) POST /v1/compound-similarity may name, relative to this.
+    compound_dir: Path = Path("var/compounds")
     #: Result rows per genome tile task (0: about 4 million matrix entries a tile).
     genome_tile_rows: int = Field(default=0, ge=0)
     #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.

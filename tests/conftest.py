@@ -58,7 +58,8 @@ def _empty_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(
                 text(
-                    "TRUNCATE audit_events, api_clients, idempotency_keys, genome_pairs, genome_tiles, "
+                    "TRUNCATE compound_neighbours, compound_tiles, compound_jobs, audit_events, "
+                    "api_clients, idempotency_keys, genome_pairs, genome_tiles, "
                     "genome_jobs, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
@@ -66,6 +67,9 @@ def _empty_tables(engine: Engine) -> None:
             )
         else:
             for table in (
+                "compound_neighbours",
+                "compound_tiles",
+                "compound_jobs",
                 "audit_events",
                 "api_clients",
                 "idempotency_keys",

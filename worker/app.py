@@ -116,6 +116,7 @@ def create_app(
     app.medbatch = WorkerContext(settings)
     if include_tasks:
         import worker.signals
+        import worker.tasks.compounds
         import worker.tasks.genome
         import worker.tasks.maintenance
         import worker.tasks.nightly

@@ -14,11 +14,13 @@ SCORE_TASK = "medbatch.score_cases"
 REQUEUE_TASK = "medbatch.requeue_stale_cases"
 GENOME_TASK = "medbatch.genome_tile"
 NIGHTLY_TASK = "medbatch.nightly_drop"
+CHEM_TASK = "medbatch.compound_tile"
 
 #: One queue per priority, plus the genome queue; a scoring worker listens on the score queues.
 SCORE_QUEUES = tuple(f"score.{p.value}" for p in Priority)
 GENOME_QUEUE = "genome"
-ALL_QUEUES = (*SCORE_QUEUES, GENOME_QUEUE)
+CHEM_QUEUE = "chem"
+ALL_QUEUES = (*SCORE_QUEUES, GENOME_QUEUE, CHEM_QUEUE)
 
 
 def queue_for(priority: Priority | str) -> str:

@@ -1,0 +1,178 @@
+"""Compound similarity over HTTP: submit a search, follow its tiles, read its neighbours."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_shim.deps import (
+    CeleryDep,
+    CompoundSubmitterDep,
+    ReaderDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+)
+from api_shim.routes.genome import _inside
+from db import compounds as jobs
+
+router = APIRouter(prefix="/v1", tags=["compounds"])
+
+
+class CompoundSearchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Molecule files relative to the server's compound folder: .smi (SMILES id), .sdf, .csv.
+    library: str = Field(min_length=1, max_length=500)
+    #: Queries; without them, the library is searched against itself (all pairs, self excluded).
+    query: str | None = Field(default=None, min_length=1, max_length=500)
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    metric: Literal["tanimoto", "dice"] = "tanimoto"
+    fingerprint: Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"] = "morgan"
+    radius: int = Field(default=2, ge=0, le=6)
+    bits: int = Field(default=2048, ge=64, le=16384)
+    smiles_column: str = Field(default="smiles", min_length=1, max_length=100)
+    tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class CompoundSearchPublic(BaseModel):
+    id: int
+    status: str
+    mode: str
+    top_k: int | None
+    threshold: float | None
+    metric: str
+    fingerprint: str
+    all_pairs: bool
+    n_query: int
+    n_library: int
+    unreadable: int
+    unreadable_examples: list[str]
+    tiles_total: int
+    tiles_done: int
+    error: str | None
+    #: The neighbours CSV once done, as a download path.
+    output: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class NeighbourPublic(BaseModel):
+    query_id: str
+    library_id: str
+    similarity: float
+    rank: int
+
+
+class NeighboursPublic(BaseModel):
+    items: list[NeighbourPublic]
+    next_cursor: int | None
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
+    # Names of unreadable records come with the server's path: keep only the file name.
+    examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
+    return {**job, "output": output, "unreadable_examples": examples}
+
+
+@router.post(
+    "/compound-similarity",
+    response_model=CompoundSearchPublic,
+    status_code=status.HTTP_202_ACCEPTED,
+)
+def create_compound_search(
+    body: CompoundSearchCreate,
+    tenant: CompoundSubmitterDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    sessions: SessionsDep,
+) -> dict[str, Any]:
+    """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
+    from worker.tasks.compounds import SubmissionError, submit
+
+    library = _inside(settings.compound_dir, body.library, "library")
+    query = None if body.query is None else _inside(settings.compound_dir, body.query, "query")
+    try:
+        return _public(
+            submit(
+                sessions,
+                celery,
+                tenant_id=tenant.id,
+                library=library,
+                query=query,
+                top_k=body.top_k,
+                threshold=body.threshold,
+                metric=body.metric,
+                kind=body.fingerprint,
+                radius=body.radius,
+                fp_size=body.bits,
+                smiles_column=body.smiles_column,
+                tile_rows=body.tile_rows or 0,
+                artifact_dir=settings.artifact_dir,
+            )
+        )
+    except SubmissionError as exc:
+        message = str(exc).replace(str(settings.compound_dir.resolve()) + "/", "")
+        loc = ("body",) if exc.field == "mode" else ("body", exc.field)
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": loc, "msg": message}]
+        ) from None
+
+
+@router.get(
+    "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
+)
+def read_compound_search(job_id: int, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+    from worker.tasks.compounds import describe
+
+    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"compound search {job_id} not found")
+    return _public(describe(job))
+
+
+@router.get(
+    "/compound-similarity/{job_id}/neighbours",
+    response_model=NeighboursPublic,
+    responses={404: {}},
+)
+def list_job_neighbours(
+    job_id: int,
+    tenant: ReaderDep,
+    session: SessionDep,
+    query_id: Annotated[str | None, Query(max_length=200)] = None,
+    cursor: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> NeighboursPublic:
+    """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
+    if jobs.get_job(session, job_id=job_id, tenant_id=tenant.id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"compound search {job_id} not found")
+    rows = jobs.list_neighbours(
+        session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
+    )
+    return NeighboursPublic(
+        items=[
+            NeighbourPublic(
+                query_id=r.query_id, library_id=r.library_id, similarity=r.similarity, rank=r.rank
+            )
+            for r in rows
+        ],
+        next_cursor=rows[-1].id if len(rows) == limit else None,
+    )
+
+
+@router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})
+def download_neighbours(job_id: int, tenant: ReaderDep, session: SessionDep) -> FileResponse:
+    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    path = None if job is None else Path(job.output_dir) / "neighbours.csv"
+    if job is None or job.status != "done" or path is None or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no neighbours file for search {job_id}")
+    return FileResponse(path, filename=f"neighbours-{job_id}.csv", media_type="text/csv")
