@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -94,3 +96,20 @@ SubmitterDep = Annotated[Tenant, Depends(require("cases:submit"))]
 ReaderDep = Annotated[Tenant, Depends(require("results:read"))]
 GenomeSubmitterDep = Annotated[Tenant, Depends(require("genome:submit"))]
 CompoundSubmitterDep = Annotated[Tenant, Depends(require("compounds:submit"))]
+
+
+def path_inside(root: Path, name: str, field: str) -> Path:
+    """``root/name``, refused unless it stays inside ``root`` (no absolute paths, no ``..``)."""
+    base = root.resolve()
+    path = (base / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(base):
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", field),
+                    "msg": "must be a fileset prefix inside the server's genotype folder",
+                }
+            ]
+        )
+    return path

@@ -18,8 +18,8 @@ from api_shim.deps import (
     SessionDep,
     SessionsDep,
     SettingsDep,
+    path_inside,
 )
-from api_shim.routes.genome import _inside
 from db import compounds as jobs
 
 router = APIRouter(prefix="/v1", tags=["compounds"])
@@ -98,8 +98,8 @@ def create_compound_search(
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.tasks.compounds import SubmissionError, submit
 
-    library = _inside(settings.compound_dir, body.library, "library")
-    query = None if body.query is None else _inside(settings.compound_dir, body.query, "query")
+    library = path_inside(settings.compound_dir, body.library, "library")
+    query = None if body.query is None else path_inside(settings.compound_dir, body.query, "query")
     try:
         return _public(
             submit(

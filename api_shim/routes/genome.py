@@ -18,6 +18,7 @@ from api_shim.deps import (
     SessionDep,
     SessionsDep,
     SettingsDep,
+    path_inside,
 )
 from db import genome as jobs
 
@@ -79,23 +80,6 @@ class PairsPublic(BaseModel):
     next_cursor: int | None
 
 
-def _inside(root: Path, name: str, field: str) -> Path:
-    """``root/name``, refused unless it stays inside ``root`` (no absolute paths, no ``..``)."""
-    base = root.resolve()
-    path = (base / name).resolve()
-    if Path(name).is_absolute() or not path.is_relative_to(base):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("body", field),
-                    "msg": "must be a fileset prefix inside the server's genotype folder",
-                }
-            ]
-        )
-    return path
-
-
 @router.post(
     "/genome-comparisons",
     response_model=GenomeComparisonPublic,
@@ -116,8 +100,8 @@ def create_genome_comparison(
             [{"type": "value_error", "loc": ("body",), "msg": "give exactly one of bfile and vcf"}]
         )
     field = "bfile" if body.bfile is not None else "vcf"
-    bfile = _inside(settings.genotype_dir, body.bfile or body.vcf or "", field)
-    query = None if body.query is None else _inside(settings.genotype_dir, body.query, "query")
+    bfile = path_inside(settings.genotype_dir, body.bfile or body.vcf or "", field)
+    query = None if body.query is None else path_inside(settings.genotype_dir, body.query, "query")
     try:
         return _public(
             submit(
