@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring bench-genome clean
+.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-compounds clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench-scoring: $(STAMP)
 # Needs plink2 and plink1.9 on PATH, and libopenblas0-pthread for a fair plink2 (see the script).
 bench-genome: $(STAMP)
 	$(BIN)/python bench/genome.py
+
+# RDKit vs FPSim2 vs medbatch on real MOSES molecules. FPSim2 and the MOSES data (molsets: its
+# data file only, so --no-deps) are installed for the benchmark alone.
+bench-compounds: $(STAMP)
+	$(BIN)/python -m pip install --quiet FPSim2==0.7.4
+	$(BIN)/python -m pip install --quiet --no-deps molsets==0.3.1
+	$(BIN)/python bench/compounds.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
