@@ -459,7 +459,7 @@ def cmd_compounds(args: argparse.Namespace, settings: Settings) -> int:
             sessions, job_id=job["id"], device=settings.device, progress=True
         )
     else:
-        summary = _wait_compounds(sessions, job["id"])
+        summary = tasks.wait(sessions, job_id=job["id"], progress=True)
     engine.dispose()
     if summary["status"] != "done":
         print(
@@ -472,23 +472,6 @@ def cmd_compounds(args: argparse.Namespace, settings: Settings) -> int:
         shutil.copyfile(summary["output"], args.out)
     print(f"  {args.out or summary['output']}")
     return 0
-
-
-def _wait_compounds(sessions, job_id: int) -> dict:
-    import time
-
-    from db import compounds as jobs
-    from db.engine import session_scope
-    from worker.tasks.compounds import describe
-
-    while True:
-        with session_scope(sessions) as session:
-            found = jobs.get_job(session, job_id=job_id)
-            assert found is not None
-            summary = describe(found)
-        if summary["status"] in ("done", "failed"):
-            return summary
-        time.sleep(0.5)
 
 
 def _celery(settings: Settings):

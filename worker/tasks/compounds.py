@@ -23,8 +23,8 @@ from db.engine import session_scope
 from db.tables import CompoundJob, CompoundTile
 from models import chem
 from models.scoring import Device
+from worker import tiles as tiled
 from worker.app import context
-from worker.progress import progress_bar
 from worker.queues import CHEM_QUEUE, CHEM_TASK
 
 log = logging.getLogger(__name__)
@@ -262,19 +262,24 @@ def submit(
 def run_inline(
     sessions: sessionmaker[Session], *, job_id: int, device: Device, progress: bool = False
 ) -> dict[str, Any]:
+    """Compute every tile of a job in this process (no worker), the same way a worker does."""
+    return tiled.run_inline(
+        lambda index: run_tile(sessions, job_id=job_id, index=index, device=device),
+        lambda: describe_id(sessions, job_id),
+        progress=progress,
+    )
+
+
+def wait(sessions: sessionmaker[Session], *, job_id: int, progress: bool = False) -> dict[str, Any]:
+    """Follow a job the workers run until it is done or failed."""
+    return tiled.follow(lambda: describe_id(sessions, job_id), progress=progress)
+
+
+def describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
     with session_scope(sessions) as session:
         job = jobs.get_job(session, job_id=job_id)
         assert job is not None
-        tiles = job.tiles_total
-    with progress_bar(progress, tiles, "tiles") as advance:
-        for index in range(tiles):
-            if run_tile(sessions, job_id=job_id, index=index, device=device) == "failed":
-                break
-            advance(1)
-    with session_scope(sessions) as session:
-        found = jobs.get_job(session, job_id=job_id)
-        assert found is not None
-        return describe(found)
+        return describe(job)
 
 
 def describe(job: CompoundJob) -> dict[str, Any]:

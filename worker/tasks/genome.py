@@ -26,8 +26,8 @@ from db import genome as jobs
 from db.engine import session_scope
 from models import genome, genome_output, vcf
 from models.cohort import keep_rows, subset
+from worker import tiles as tiled
 from worker.app import context
-from worker.progress import progress_bar
 from worker.queues import GENOME_QUEUE, GENOME_TASK
 
 log = logging.getLogger(__name__)
@@ -374,33 +374,16 @@ def run_inline(
     sessions: sessionmaker[Session], *, job_id: int, device: str, progress: bool = False
 ) -> dict[str, Any]:
     """Compute every tile of a job in this process (no worker), the same way a worker does."""
-    with session_scope(sessions) as session:
-        job = jobs.get_job(session, job_id=job_id)
-        assert job is not None
-        tiles = job.tiles_total
-    with progress_bar(progress, tiles, "tiles") as advance:
-        for index in range(tiles):
-            if run_tile(sessions, job_id=job_id, index=index, device=device) == "failed":
-                break
-            advance(1)
-    return _describe_id(sessions, job_id)
+    return tiled.run_inline(
+        lambda index: run_tile(sessions, job_id=job_id, index=index, device=device),
+        lambda: _describe_id(sessions, job_id),
+        progress=progress,
+    )
 
 
-def wait(
-    sessions: sessionmaker[Session], *, job_id: int, progress: bool = False, poll_s: float = 0.5
-) -> dict[str, Any]:
+def wait(sessions: sessionmaker[Session], *, job_id: int, progress: bool = False) -> dict[str, Any]:
     """Follow a job the workers run until it is done or failed."""
-    import time
-
-    summary = _describe_id(sessions, job_id)
-    with progress_bar(progress, summary["tiles_total"], "tiles") as advance:
-        seen = 0
-        while summary["status"] not in ("done", "failed"):
-            time.sleep(poll_s)
-            summary = _describe_id(sessions, job_id)
-            advance(summary["tiles_done"] - seen)
-            seen = summary["tiles_done"]
-    return summary
+    return tiled.follow(lambda: _describe_id(sessions, job_id), progress=progress)
 
 
 def _describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
