@@ -11,9 +11,10 @@ and ``b``. Tanimoto is ``c / (a + b - c)``, Dice ``2c / (a + b)``, each divided 
 RDKit divides (0 when the denominator is 0, which is what ``BulkTanimotoSimilarity`` and
 ``BulkDiceSimilarity`` return for two empty fingerprints), so every score is bit-identical to
 RDKit's. The shared-bit counts of a block of queries against a block of the library are one GEMM
-of their unpacked 0/1 matrices: bfloat16 on AMX when no count can exceed 256 (every integer up to
-256 is a bfloat16, so every partial sum is exact in any order), else int8 with int32 sums
-(``torch._int_mm``), exact. Searches stream over library blocks (the full matrix is built only by
+of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when no count
+can exceed 256 (every integer up to 256 is a bfloat16, so every partial sum is exact in any order),
+else int8 with int32 sums (``torch._int_mm``, on a CPU with AMX or VNNI), else float32, which holds
+every count up to 2²⁴; each is exact (:mod:`models.cpu_features` picks). Searches stream over library blocks (the full matrix is built only by
 :func:`similarity`) in popcount order, and skip blocks by the Swamidass-Baldi bound
 ``min(a, b) / max(a, b)`` (as FPSim2 does), and pick candidates by an integer cut on the counts
 before the exact float64 check:
@@ -40,6 +41,7 @@ from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
 from models.scoring import Device, resolve_device
+from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
 
 Metric = Literal["tanimoto", "dice"]
 FingerprintKind = Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"]
@@ -469,9 +471,10 @@ class _Gemm:
     def __init__(self, query: Fingerprints, library: Fingerprints, device: torch.device) -> None:
         self.device = device
         most = min(_max(query.popcounts), _max(library.popcounts))
-        if most <= _BF16_EXACT_COUNT:
+        on_cpu = device.type == "cpu"
+        if most <= _BF16_EXACT_COUNT and (not on_cpu or fast_bf16_gemm()):
             self.dtype = torch.bfloat16
-        elif device.type == "cpu" and query.bits.shape[1] * 8 >= _INT_MM_MIN_K:
+        elif on_cpu and fast_int8_gemm() and query.bits.shape[1] * 8 >= _INT_MM_MIN_K:
             self.dtype = torch.int8  # int32 sums: exact below 2³¹ bits
         else:
             if query.n_bits > 2**24:

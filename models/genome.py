@@ -2,12 +2,15 @@
 
 A cohort is an (N, M) matrix of allele dosages (0, 1, 2 copies of A1; missing calls allowed). Each
 metric is a sum over variants, so it is computed as a few matrix products over indicator or
-standardized matrices, streamed over chunks of variants (peak memory O(N² + N·chunk)), on the CPU
-or a CUDA device; never a loop over pairs. Counts are integers, so their products are exact: int8
-GEMMs summing in int32 (AMX/VNNI on x86; float32 on CUDA) within a chunk, integers across chunks.
+standardized matrices, streamed over chunks of variants, on the CPU or a CUDA device; never a
+Python loop over pairs. Counts are integers and exact. On the CPU they come from popcounts over
+bit planes, as PLINK counts them (:mod:`models.genome_bits`, the ``bitplanes`` engine); on CUDA
+(and with ``engine="gemm"``) from GEMMs of 0/1 and 0/1/2 indicator matrices: int8 summing in int32
+on a CPU with AMX/VNNI, float32 elsewhere (exact below 2²⁴ per chunk), integers across chunks.
 The GRM's standardized products are float64; over one cohort only the blocks on and above the
-diagonal are multiplied. Missing-call corrections are products over only the columns that hold
-one, and PLINK 1.9's weighted IBS correction is a sparse product while missing calls are rare.
+diagonal are multiplied. In the GEMM engine, missing-call corrections are products over only the
+columns that hold one, and PLINK 1.9's weighted IBS correction is a sparse product while missing
+calls are rare.
 The results match the PLINK builds to the last digit or two:
 
 - ``grm``: ``plink2 --make-rel`` (variance-standardized, missing calls excluded pairwise).
@@ -34,11 +37,15 @@ import numpy as np
 import torch
 from bed_reader import open_bed
 
+from models.cpu_features import fast_int8_gemm
+from models.genome_bits import MAX_CHUNK, WORD, Counter
 from models.scoring import Device, resolve_device
 
 Metric = Literal["grm", "king", "ibs", "dot"]
 IbsMissing = Literal["frequency", "flat"]
+Engine = Literal["auto", "bitplanes", "gemm"]
 METRICS: tuple[Metric, ...] = ("grm", "king", "ibs", "dot")
+ENGINES: tuple[Engine, ...] = ("auto", "bitplanes", "gemm")
 
 #: Variants per streamed chunk. The largest operands are (N, 3·chunk) int8 (KING and IBS
 #: indicators, 25 MB at N = 1,000); the GRM's float64 operands are cut to 2,048 variants. Int8
@@ -68,6 +75,8 @@ _INT_MM_MIN_K = 8
 _SPARSE_JOINT_RATIO = 1024
 #: Query rows per sparse product (its output is dense).
 _SPARSE_ROW_BLOCK = 512
+#: The weight of IBS0 in each metric's pair distance (see models.genome_bits).
+_HOM_WEIGHT = {"king": 4, "ibs": 2}
 
 
 @dataclass(frozen=True)
@@ -386,7 +395,7 @@ def _int_products(left: torch.Tensor, right: torch.Tensor, term_bound: int) -> t
     variants, so every sum fits int32, and float32 (the CUDA path: torch's int8 GEMM there wants
     multiples of 8) is exact while k·term_bound ≤ 2²⁴.
     """
-    if left.device.type == "cpu" and left.shape[1] >= _INT_MM_MIN_K:
+    if left.device.type == "cpu" and left.shape[1] >= _INT_MM_MIN_K and fast_int8_gemm():
         return torch._int_mm(left, right.T)
     dtype = torch.float32 if left.shape[1] * term_bound <= 2**24 else torch.float64
     return (left.to(dtype) @ right.to(dtype).T).round().to(torch.int32)
@@ -394,14 +403,14 @@ def _int_products(left: torch.Tensor, right: torch.Tensor, term_bound: int) -> t
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
     """Row sums of an int8 (n, k) chunk as int64; a GEMM with a ones block is the fast way on x86."""
-    if x.device.type == "cpu" and x.shape[1] >= _INT_MM_MIN_K:
+    if x.device.type == "cpu" and x.shape[1] >= _INT_MM_MIN_K and fast_int8_gemm():
         return torch._int_mm(x, x.new_ones(x.shape[1], 8))[:, 0].to(torch.int64)
     return x.sum(1, dtype=torch.int64)
 
 
 def _column_sums(x: torch.Tensor) -> torch.Tensor:
     """Column sums of an int8 (n, k) chunk as int64, the same way as :func:`_row_sums`."""
-    if x.device.type == "cpu" and x.shape[0] >= _INT_MM_MIN_K and x.shape[0] < 2**24:
+    if x.device.type == "cpu" and 8 <= x.shape[0] < 2**24 and fast_int8_gemm():
         return torch._int_mm(x.new_ones(8, x.shape[0]), x)[0].to(torch.int64)
     return x.sum(0, dtype=torch.int64)
 
@@ -564,6 +573,22 @@ def _sparse_joint(
     return out
 
 
+def _add_standardized_products(
+    num: torch.Tensor, q: torch.Tensor, a: torch.Tensor, p: torch.Tensor, offset: int
+) -> None:
+    """``num += Z_q Z_aᵀ`` for one chunk (on and above the diagonal when ``a is q``)."""
+    _check_monomorphic(q, p, offset)
+    if a is not q:
+        _check_monomorphic(a, p, offset)
+    for start in range(0, q.shape[1], _FLOAT64_BLOCK):  # float64 operands stay small
+        part = slice(start, start + _FLOAT64_BLOCK)
+        zq = _standardized(q[:, part], p[part])
+        if a is q:
+            _add_gram(num, zq)
+        else:
+            num.addmm_(zq, _standardized(a[:, part], p[part]).T)
+
+
 def _accumulate(
     metric: Metric,
     q: torch.Tensor,
@@ -586,18 +611,9 @@ def _accumulate(
 
     if metric == "grm":
         assert p is not None
-        _check_monomorphic(q, p, offset)
-        if not symmetric:
-            _check_monomorphic(a, p, offset)
         if "num" not in acc:
             acc["num"] = q.new_zeros(q.shape[0], a.shape[0], dtype=torch.float64)
-        for start in range(0, q.shape[1], _FLOAT64_BLOCK):  # float64 operands stay small
-            part = slice(start, start + _FLOAT64_BLOCK)
-            zq = _standardized(q[:, part], p[part])
-            if symmetric:
-                _add_gram(acc["num"], zq)
-            else:
-                acc["num"].addmm_(zq, _standardized(a[:, part], p[part]).T)
+        _add_standardized_products(acc["num"], q, a, p, offset)
         both = torch.nonzero(missing_q & missing_a).flatten()
         _add_missing(acc, mq, ma, both, None, symmetric, offset)
     elif metric == "dot":
@@ -692,7 +708,54 @@ def _finish(
     # (total weight) / (weight of jointly called variants), then IBS = 1 - dist / (2·M).
     total = float(n_variants) if w_total is None else w_total
     dist = pair("sum").sub_(cross())
-    return 1.0 - dist * (total / called_in_both()) / (2.0 * n_variants)
+    den = called_in_both()
+    scale = torch.full_like(den, total).div_(den)  # a true division (torch's scalar / tensor
+    return 1.0 - dist * scale / (2.0 * n_variants)  # multiplies by a reciprocal: 1 ulp off)
+
+
+def _pairwise_cpu(
+    metric: Metric,
+    query: np.ndarray,
+    against: np.ndarray,
+    p_all: np.ndarray | None,
+    weights: np.ndarray | None,
+    variant_chunk: int,
+) -> np.ndarray:
+    """KING, IBS and the GRM on the CPU: the counts from bit planes (:mod:`models.genome_bits`),
+    the GRM's standardized products in float64 BLAS; the same finishing arithmetic as on CUDA."""
+    symmetric = against is query
+    n_variants = query.shape[1]
+    counter = Counter(
+        query.shape[0],
+        against.shape[0],
+        n_variants,
+        symmetric=symmetric,
+        hom_weight=_HOM_WEIGHT.get(metric),
+        joint=metric != "king",
+    )
+    num = torch.zeros(query.shape[0], against.shape[0], dtype=torch.float64)
+    chunk = min(max(WORD, variant_chunk - variant_chunk % WORD), MAX_CHUNK)
+    with torch.inference_mode():
+        for cols in _chunks(n_variants, chunk):
+            q = _chunk_codes(query, cols, "query")
+            a = q if symmetric else _chunk_codes(against, cols, "against")
+            counter.add(q, a, cols.start, None if weights is None else weights[cols])
+            if metric == "grm":
+                assert p_all is not None
+                tq = torch.from_numpy(q)
+                ta = tq if symmetric else torch.from_numpy(a)
+                _add_standardized_products(num, tq, ta, torch.from_numpy(p_all[cols]), cols.start)
+    total = float(n_variants) if weights is None else float(weights.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):  # PLINK's 0/0 and x/0: NaN and inf
+        if metric == "grm":
+            numerator = (_mirror(num) if symmetric else num).numpy()
+            return numerator / counter.called_in_both(total)
+        if metric == "king":
+            het_ij, het_ji = counter.het_where_called()
+            return 0.5 - counter.distance() / (4.0 * np.minimum(het_ij, het_ji))
+        return 1.0 - counter.distance() * (total / counter.called_in_both(total)) / (
+            2.0 * n_variants
+        )
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -707,6 +770,7 @@ def pairwise_block(
     ibs_missing: IbsMissing = "frequency",
     device: Device = "auto",
     variant_chunk: int = DEFAULT_VARIANT_CHUNK,
+    engine: Engine = "auto",
 ) -> np.ndarray:
     """One metric between every query sample and every cohort sample.
 
@@ -731,6 +795,11 @@ def pairwise_block(
     variant_chunk
         Variants per streamed chunk; results do not depend on it beyond float rounding.
         Passing the same array as ``query`` and ``against`` shares the per-chunk work.
+    engine
+        ``"bitplanes"``: popcounts over bit planes for the counts (:mod:`models.genome_bits`),
+        the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
+        the CUDA path); ``"auto"``: bit planes on the CPU, GEMMs on CUDA and for ``dot``. Both
+        give the same numbers (the GRM's float64 products to rounding).
 
     Returns
     -------
@@ -740,6 +809,8 @@ def pairwise_block(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if ibs_missing not in ("frequency", "flat"):
         raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
     query, against = _check_matrix(query, "query"), _check_matrix(against, "against")
@@ -761,6 +832,10 @@ def pairwise_block(
     dev = resolve_device(device)
     symmetric = against is query
     shape = (query.shape[0], against.shape[0])
+    if engine == "bitplanes" and (dev.type != "cpu" or metric == "dot"):
+        raise ValueError("engine 'bitplanes' runs on the CPU, for grm, king and ibs")
+    if engine == "bitplanes" or (engine == "auto" and dev.type == "cpu" and metric != "dot"):
+        return _pairwise_cpu(metric, query, against, p_all, weights, variant_chunk)
     with torch.inference_mode():
         acc = _Sums(n_variants)
         # One empty chunk when there are no variants, so that every sum exists (as zeros).
@@ -783,6 +858,7 @@ def pairwise(
     ibs_missing: IbsMissing = "frequency",
     device: Device = "auto",
     variant_chunk: int = DEFAULT_VARIANT_CHUNK,
+    engine: Engine = "auto",
 ) -> np.ndarray:
     """The square matrix of one metric over a cohort, as PLINK writes it.
 
@@ -790,7 +866,7 @@ def pairwise(
     ----------
     genotypes
         (N, M) dosages of A1: 0, 1, 2; missing as NaN or a negative value (-1, -127).
-    metric, ibs_missing, device, variant_chunk
+    metric, ibs_missing, device, variant_chunk, engine
         As in :func:`pairwise_block`.
     frequencies
         (M,) A1 frequencies; by default computed from ``genotypes`` (PLINK's own default).
@@ -812,6 +888,7 @@ def pairwise(
         ibs_missing=ibs_missing,
         device=device,
         variant_chunk=variant_chunk,
+        engine=engine,
     )
     if metric == "king":
         np.fill_diagonal(out, 0.5)
