@@ -122,16 +122,33 @@ def write_bed(prefix: Path, dosages: np.ndarray) -> None:
             handle.write(f"fam{i}\tind{i}\t0\t0\t0\t-9\n")
 
 
-def cohort(n: int, m: int, seed: int) -> Path:
-    prefix = CACHE / f"sim_n{n}_m{m}_s{seed}"
+def simulate_independent(n: int, m: int, seed: int) -> np.ndarray:
+    """(M, N) int8 dosages without msprime: independent variants in Hardy-Weinberg equilibrium,
+    A1 frequencies from the neutral site-frequency spectrum (density ∝ 1/p on [1/2N, 1/2]),
+    1% missing. For machines without msprime (the GPU box); the kernels' time does not depend
+    on linkage."""
+    rng = np.random.default_rng(seed)
+    low = 1.0 / (2 * n)
+    p = low * np.exp(rng.random(m) * np.log(0.5 / low))
+    dosages = np.empty((m, n), dtype=np.int8)
+    for start in range(0, m, 4096):
+        stop = min(m, start + 4096)
+        dosages[start:stop] = rng.binomial(2, p[start:stop, None], size=(stop - start, n))
+    dosages[rng.random(dosages.shape, dtype=np.float32) < MISSING_RATE] = -1
+    return dosages
+
+
+def cohort(n: int, m: int, seed: int, simulator: str = "msprime") -> Path:
+    suffix = "" if simulator == "msprime" else f"_{simulator}"
+    prefix = CACHE / f"sim_n{n}_m{m}_s{seed}{suffix}"
     if not Path(f"{prefix}.fam").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        dosages = simulate(n, m, seed)
+        dosages = (simulate if simulator == "msprime" else simulate_independent)(n, m, seed)
         write_bed(prefix, dosages)
         missing = float((dosages < 0).mean())
         print(
-            f"simulated {n} x {m} with msprime in {time.perf_counter() - start:.1f} s "
+            f"simulated {n} x {m} with {simulator} in {time.perf_counter() - start:.1f} s "
             f"({missing:.2%} missing) -> {prefix}.bed",
             flush=True,
         )
@@ -180,26 +197,64 @@ def run_plink(metric: str, prefix: Path, out: Path, threads: int) -> tuple[Run, 
     return run, np.fromfile(f"{out}{suffix}", dtype="<f8")
 
 
-def run_medbatch(metric: str, prefix: Path, out: Path, threads: int) -> tuple[Run, np.ndarray]:
+def run_medbatch(
+    metric: str, prefix: Path, out: Path, threads: int, device: str, tile_rows: int, keep: bool
+) -> tuple[Run, np.ndarray | None]:
     child = [sys.executable, str(Path(__file__).resolve()), "--engine", metric, str(prefix)]
-    run = measured([*child, str(out), "--threads", str(threads)], dict(os.environ))
-    return run, np.fromfile(out, dtype="<f8")
+    child += [str(out), "--threads", str(threads), "--device", device]
+    child += ["--tile-rows", str(tile_rows)] + ([] if keep else ["--discard"])
+    run = measured(child, dict(os.environ))
+    return run, (np.fromfile(out, dtype="<f8") if keep else None)
 
 
-def engine(metric: str, prefix: str, out: str, threads: int) -> None:
-    """The medbatch side, in its own process: read the fileset, compute, write raw float64."""
+def engine(
+    metric: str, prefix: str, out: str, threads: int, device: str, tile_rows: int, keep: bool
+) -> None:
+    """The medbatch side, in its own process: read the fileset, compute, write raw float64.
+
+    With ``tile_rows``, the square is computed as the worker's tiles are (row blocks against the
+    whole cohort, with the cohort's frequencies), one after the other, each written as it ends.
+    """
+    import numba
     import torch
 
-    from models.genome import pairwise, read_bed
+    from models.genome import allele_frequencies, pairwise, pairwise_block, read_bed
 
     torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     start = time.perf_counter()
     genotypes = read_bed(prefix)
     read = time.perf_counter()
-    matrix = pairwise(genotypes.dosages, metric=metric, device="cpu")  # type: ignore[arg-type]
-    computed = time.perf_counter()
-    matrix.tofile(out)
-    print(json.dumps({"read_s": read - start, "compute_s": computed - read}))
+    x = genotypes.dosages
+    with open(out, "wb") as sink:
+        if tile_rows and tile_rows < len(x):
+            p = allele_frequencies(x)
+            for row in range(0, len(x), tile_rows):
+                block = pairwise_block(
+                    x[row : row + tile_rows],
+                    x,
+                    metric=metric,
+                    frequencies=p,
+                    device=device,  # type: ignore[arg-type]
+                )
+                if metric in ("king", "ibs"):  # the diagonal PLINK writes
+                    np.fill_diagonal(block[:, row:], 0.5 if metric == "king" else 1.0)
+                if keep:
+                    block.tofile(sink)
+        else:
+            matrix = pairwise(x, metric=metric, device=device)  # type: ignore[arg-type]
+            if keep:
+                matrix.tofile(sink)
+    done = time.perf_counter()
+    print(json.dumps({"read_s": read - start, "compute_s": done - read}))
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({os.cpu_count()} cores seen)"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -212,24 +267,36 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--metrics", default="grm,king,ibs", help="comma-separated")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="medbatch's")
+    parser.add_argument(
+        "--tile-rows", type=int, default=0, help="medbatch computes row tiles of this many samples"
+    )
+    parser.add_argument(
+        "--simulator", choices=["msprime", "independent"], default="msprime", help="the cohort"
+    )
+    parser.add_argument(
+        "--no-plink", action="store_true", help="time medbatch alone (its matrix is not kept)"
+    )
+    parser.add_argument("--discard", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--engine", nargs=3, metavar=("METRIC", "PREFIX", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.engine:
         metric, prefix, out = args.engine
-        engine(metric, prefix, out, threads=args.threads)
+        engine(metric, prefix, out, args.threads, args.device, args.tile_rows, not args.discard)
         return
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(PLINK))
     if unknown:
         parser.error(f"unknown metrics {unknown}; choose from {sorted(PLINK)}")
-    for tool in {PLINK[m][0][0] for m in metrics}:
+    for tool in set() if args.no_plink else {PLINK[m][0][0] for m in metrics}:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not on PATH (apt-get install plink2 plink1.9)")
-    prefix = cohort(args.n, args.m, args.seed)
+    prefix = cohort(args.n, args.m, args.seed, args.simulator)
     print(
-        f"cohort {args.n} samples x {args.m} variants, seed {args.seed}, {args.threads} threads",
+        f"cohort {args.n} samples x {args.m} variants ({args.simulator}), seed {args.seed}, "
+        f"{args.threads} threads, medbatch on {_device_name(args.device)}",
         flush=True,
     )
     result: dict[str, object] = {
@@ -237,15 +304,33 @@ def main() -> None:
         "m": args.m,
         "seed": args.seed,
         "threads": args.threads,
+        "device": _device_name(args.device),
+        "simulator": args.simulator,
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="medbatch-bench-genome-") as tmp:
         for metric in metrics:
-            plink, theirs = run_plink(metric, prefix, Path(tmp) / f"plink_{metric}", args.threads)
             ours_run, ours = run_medbatch(
-                metric, prefix, Path(tmp) / f"ours_{metric}.bin", args.threads
-            )
+                metric, prefix, Path(tmp) / f"ours_{metric}.bin", args.threads, args.device,
+                args.tile_rows, keep=not args.no_plink,
+            )  # fmt: skip
             phases = json.loads(ours_run.stdout.strip().splitlines()[-1])
+            result.update(
+                {
+                    f"{metric}_medbatch_s": round(ours_run.wall_s, 3),
+                    f"{metric}_medbatch_compute_s": round(phases["compute_s"], 3),
+                    f"{metric}_medbatch_rss_mb": round(ours_run.peak_rss_mb, 1),
+                }
+            )
+            if args.no_plink:
+                print(
+                    f"  {metric}: medbatch {ours_run.wall_s:.2f} s (read {phases['read_s']:.2f} "
+                    f"s, compute {phases['compute_s']:.2f} s) {ours_run.peak_rss_mb:.0f} MB",
+                    flush=True,
+                )
+                continue
+            assert ours is not None
+            plink, theirs = run_plink(metric, prefix, Path(tmp) / f"plink_{metric}", args.threads)
             diff = np.abs(ours - theirs)
             same_nan = bool(np.array_equal(np.isnan(ours), np.isnan(theirs)))
             max_diff = float(np.nanmax(diff)) if diff.size else 0.0
@@ -264,12 +349,10 @@ def main() -> None:
                     f"{metric}_max_abs_diff": max_diff,
                     f"{metric}_nan_agree": same_nan,
                     f"{metric}_plink_s": round(plink.wall_s, 3),
-                    f"{metric}_medbatch_s": round(ours_run.wall_s, 3),
-                    f"{metric}_medbatch_compute_s": round(phases["compute_s"], 3),
                     f"{metric}_plink_rss_mb": round(plink.peak_rss_mb, 1),
-                    f"{metric}_medbatch_rss_mb": round(ours_run.peak_rss_mb, 1),
                 }
             )
+            del ours, theirs, diff
     print(
         f"\n{'metric':6} {'PLINK command':22} {'PLINK s':>8} {'PLINK MB':>9} "
         f"{'medbatch s':>11} {'medbatch MB':>12} {'PLINK/medbatch':>15} {'max |diff|':>11}"

@@ -40,8 +40,8 @@ import torch
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
-from models.scoring import Device, resolve_device
 from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
+from models.scoring import Device, resolve_device
 
 Metric = Literal["tanimoto", "dice"]
 FingerprintKind = Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"]

@@ -398,6 +398,15 @@ def _int_products(left: torch.Tensor, right: torch.Tensor, term_bound: int) -> t
     if left.device.type == "cpu" and left.shape[1] >= _INT_MM_MIN_K and fast_int8_gemm():
         return torch._int_mm(left, right.T)
     dtype = torch.float32 if left.shape[1] * term_bound <= 2**24 else torch.float64
+    if dtype == torch.float32 and left.device.type == "cuda":
+        # Tensor cores in TF32: its 11-bit significand holds every operand here (|value| ≤ 127)
+        # exactly and the products sum in float32, so the counts stay exact.
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return (left.to(dtype) @ right.to(dtype).T).round().to(torch.int32)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
     return (left.to(dtype) @ right.to(dtype).T).round().to(torch.int32)
 
 

@@ -24,15 +24,14 @@ With ``x`` the A1 dosage and both samples called:
   2·HETHET``.
 
 The kernels are compiled by numba (``cache=True``: once per install) and run on numba's threads.
-On an AVX2 CPU (AMD EPYC, Zen 3, 2 threads) the pair kernel covers about 2.4·10⁹ pairs × 64
+On an AVX2 CPU (AMD EPYC, Zen 3, 2 threads) the pair kernel covers about 2.4·10⁹ pairs x 64
 variants per second, where a float32 GEMM of 0/1 indicators reaches 0.08·10⁹·64 and the int8 GEMM
 of torch 2.13 (no VNNI there) a tenth of that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -112,35 +111,96 @@ def _pair_counts(het_q, hom_q, het_a, hom_a, c_ibs0, c_hethet, symmetric, out): 
             ai = hom_q[i]
             for j in range(max(j0, i) if symmetric else j0, j1, 2):
                 k = min(j + 1, j1 - 1)
-                vj, vk = _two_pairs(hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k], c_ibs0, c_hethet)
+                vj, vk = _two_pairs(
+                    hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k], c_ibs0, c_hethet
+                )
                 out[i, j] = vj
                 out[i, k] = vk
 
 
 @njit(parallel=True, cache=True)
-def _missing_sums(codes_t, starts, variants, c_hom, weighted, hets):  # type: ignore[no-untyped-def]
-    """For each cohort sample j, add up the query's calls over j's missing variants in a chunk.
+def _variant_major(codes, hom_weight, weighted, hets):  # type: ignore[no-untyped-def]
+    """``weighted[v, i] = hom_weight·[x=2] + [x=1]`` and ``hets[v, i] = [x=1]`` (uint8), from one
+    chunk's sample-major codes, a block of 64 x 64 at a time (a plain transpose is cache-bound)."""
+    n, m = codes.shape
+    for vb in prange((m + 63) // 64):
+        v0 = vb * 64
+        v1 = min(m, v0 + 64)
+        for i0 in range(0, n, 64):
+            for i in range(i0, min(n, i0 + 64)):
+                for v in range(v0, v1):
+                    c = codes[i, v]
+                    het = np.uint8(c == 1)
+                    hets[v, i] = het
+                    weighted[v, i] = het + np.uint8(hom_weight) * np.uint8(c == 2)
 
-    ``codes_t`` is the chunk's query codes, variant-major (variants, N_q); ``variants[starts[j]:
-    starts[j+1]]`` are j's missing variants (rows of ``codes_t``). Adds ``c_hom·hom + het`` to
-    ``weighted[j]`` and ``het`` to ``hets[j]`` (int32 rows of N_q), through uint16 rows: a chunk
-    holds at most 2¹⁴ variants.
+
+@njit(parallel=True, cache=True)
+def _missing_by_sample(codes):  # type: ignore[no-untyped-def]
+    """CSR of each sample's missing calls (variant indices within the chunk)."""
+    n, m = codes.shape
+    starts = np.zeros(n + 1, np.int64)
+    for i in prange(n):
+        k = 0
+        for v in range(m):
+            k += codes[i, v] < 0
+        starts[i + 1] = k
+    for i in range(n):
+        starts[i + 1] += starts[i]
+    variants = np.empty(starts[n], np.int64)
+    for i in prange(n):
+        k = starts[i]
+        for v in range(m):
+            if codes[i, v] < 0:
+                variants[k] = v
+                k += 1
+    return starts, variants
+
+
+@njit(cache=True)
+def _missing_by_variant(codes):  # type: ignore[no-untyped-def]
+    """CSR of each variant's missing calls (sample indices), samples ascending."""
+    n, m = codes.shape
+    starts = np.zeros(m + 1, np.int64)
+    for i in range(n):
+        for v in range(m):
+            if codes[i, v] < 0:
+                starts[v + 1] += 1
+    for v in range(m):
+        starts[v + 1] += starts[v]
+    fill = starts[:-1].copy()
+    samples = np.empty(starts[m], np.int64)
+    for i in range(n):
+        for v in range(m):
+            if codes[i, v] < 0:
+                samples[fill[v]] = i
+                fill[v] += 1
+    return starts, samples
+
+
+@njit(parallel=True, cache=True)
+def _missing_sums(weighted, hets, starts, variants, out_weighted, out_hets):  # type: ignore[no-untyped-def]
+    """For each sample j of one side, add up the other side's calls over j's missing variants.
+
+    ``weighted``/``hets`` are the other side's chunk, variant-major (:func:`_variant_major`);
+    ``variants[starts[j]:starts[j+1]]`` are j's missing variants in the chunk. Sums go through
+    uint16 rows (a chunk holds at most 2¹³ variants, so 4·2¹³ fits) into the int32 totals.
     """
-    n_q = codes_t.shape[1]
+    n_other = weighted.shape[1]
     for j in prange(starts.shape[0] - 1):
         if starts[j] == starts[j + 1]:
             continue
-        row_w = np.zeros(n_q, np.uint16)
-        row_h = np.zeros(n_q, np.uint16)
+        row_w = np.zeros(n_other, np.uint16)
+        row_h = np.zeros(n_other, np.uint16)
         for t in range(starts[j], starts[j + 1]):
-            calls = codes_t[variants[t]]
-            for i in range(n_q):
-                het = np.uint16(calls[i] == 1)
-                row_h[i] += het
-                row_w[i] += het + np.uint16(c_hom) * np.uint16(calls[i] == 2)
-        for i in range(n_q):
-            weighted[j, i] += row_w[i]
-            hets[j, i] += row_h[i]
+            w = weighted[variants[t]]
+            h = hets[variants[t]]
+            for i in range(n_other):
+                row_w[i] += w[i]
+                row_h[i] += h[i]
+        for i in range(n_other):
+            out_weighted[j, i] += row_w[i]
+            out_hets[j, i] += row_h[i]
 
 
 @njit(parallel=True, cache=True)
@@ -156,13 +216,6 @@ def _joint_missing(q_starts, q_samples, a_starts, a_samples, weight, threads, ou
                     continue
                 for u in range(a_starts[v], a_starts[v + 1]):
                     out[i, a_samples[u]] += weight[v]
-
-
-def _starts(owner: np.ndarray, n: int) -> np.ndarray:
-    """CSR starts of entries grouped by ``owner`` (sorted ascending), for owners 0…n-1."""
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=n), out=starts[1:])
-    return starts
 
 
 #: Variants per chunk at most: a uint16 row of ``_missing_sums`` holds 4·chunk.
@@ -249,28 +302,30 @@ class Counter:
         self.query.add(query, start, weights)
         if not self.symmetric:
             self.against.add(against, start, weights)
-        if self.miss_wq is None and self.joint is None:
-            return
-        query_t = np.ascontiguousarray(query.T)  # variant-major: a missing call adds one row
-        against_t = query_t if self.symmetric else np.ascontiguousarray(against.T)
         if self.miss_wq is not None:
-            self._corrections(against, query_t, self.miss_wq, self.miss_hq)
+            self._corrections(against, query, self.miss_wq, self.miss_hq)
             if self.miss_wa is not None:
-                self._corrections(query, against_t, self.miss_wa, self.miss_ha)
+                self._corrections(query, against, self.miss_wa, self.miss_ha)
         if self.joint is not None:
             w = np.ones(query.shape[1]) if weights is None else np.asarray(weights, np.float64)
-            qv, qs = np.nonzero(query_t < 0)  # by variant
-            av, as_ = (qv, qs) if self.symmetric else np.nonzero(against_t < 0)
-            n = query.shape[1]
+            q_starts, q_samples = _missing_by_variant(query)
+            a_starts, a_samples = (
+                (q_starts, q_samples) if self.symmetric else _missing_by_variant(against)
+            )
             threads = numba.get_num_threads()
-            _joint_missing(_starts(qv, n), qs, _starts(av, n), as_, w, threads, self.joint)
+            _joint_missing(q_starts, q_samples, a_starts, a_samples, w, threads, self.joint)
 
     def _corrections(
-        self, owner: np.ndarray, other_t: np.ndarray, weighted: np.ndarray, hets: np.ndarray
+        self, owner: np.ndarray, other: np.ndarray, weighted: np.ndarray, hets: np.ndarray
     ) -> None:
-        samples, variants = np.nonzero(owner < 0)  # by sample
-        starts = _starts(samples, owner.shape[0])
-        _missing_sums(other_t, starts, variants, self.hom_weight, weighted, hets)
+        """Sums of ``other``'s calls over each ``owner`` sample's missing variants."""
+        starts, variants = _missing_by_sample(owner)
+        if not len(variants):
+            return
+        other_w = np.empty((other.shape[1], other.shape[0]), np.uint8)
+        other_h = np.empty_like(other_w)
+        _variant_major(other, self.hom_weight, other_w, other_h)
+        _missing_sums(other_w, other_h, starts, variants, weighted, hets)
 
     # --- results: float64 (N_q, N_a) ---------------------------------------------------------
 

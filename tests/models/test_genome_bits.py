@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from models.genome import allele_frequencies, pairwise, pairwise_block
 from models.genome_bits import Counter
@@ -45,9 +46,7 @@ def test_counter_equals_numpy_counts(symmetric, n, m, missing) -> None:
     y = x if symmetric else _cohort(n + 3, m, missing / 2, seed=n * m + 1)
     expected = _numpy_counts(x, y)
     for hom_weight, name in [(4, "sq"), (2, "abs")]:
-        counter = Counter(
-            len(x), len(y), m, symmetric=symmetric, hom_weight=hom_weight, joint=True
-        )
+        counter = Counter(len(x), len(y), m, symmetric=symmetric, hom_weight=hom_weight, joint=True)
         for start in range(0, m, 64):  # chunks of one word: every chunk boundary is exercised
             cols = slice(start, min(start + 64, m))
             counter.add(x[:, cols], x[:, cols] if symmetric else y[:, cols], start, None)
@@ -95,3 +94,20 @@ def test_bitplanes_refuse_dot_and_cuda() -> None:
         pairwise(x, metric="dot", engine="bitplanes", device="cpu")
     with pytest.raises(ValueError, match="engine must be one of"):
         pairwise(x, metric="king", engine="popcount", device="cpu")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("metric", "ibs_missing"), CASES)
+@pytest.mark.parametrize("missing", [0.01, 0.3])
+def test_cuda_gemm_equals_cpu_bitplanes(metric, ibs_missing, missing) -> None:
+    """The CUDA path (TF32 tensor-core products of indicators) against the CPU's popcounts."""
+    x = _cohort(300, 5000, missing, seed=3)
+    kwargs = dict(metric=metric, ibs_missing=ibs_missing, frequencies=allele_frequencies(x))
+    cpu = pairwise(x, device="cpu", **kwargs)
+    cuda = pairwise(x, device="cuda", **kwargs)
+    cpu_block = pairwise_block(x[:37], x[100:], device="cpu", **kwargs)
+    cuda_block = pairwise_block(x[:37], x[100:], device="cuda", **kwargs)
+    atol = 1e-14 if metric != "grm" else 1e-13
+    np.testing.assert_allclose(cuda, cpu, rtol=1e-12, atol=atol)
+    np.testing.assert_allclose(cuda_block, cpu_block, rtol=1e-12, atol=atol)
