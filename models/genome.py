@@ -558,6 +558,7 @@ def _sparse_joint(
     out = torch.zeros(shape, dtype=torch.float64, device=rq.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support", UserWarning)
+        warnings.filterwarnings("ignore", "Sparse invariant checks", UserWarning)  # torch ≥ 2.11
         ones = torch.ones_like(va, dtype=torch.float64)
         right = torch.sparse_coo_tensor(
             torch.stack([va, ra]), ones, (n_variants, shape[1]), check_invariants=False
