@@ -743,21 +743,22 @@ def _pairwise_cpu(
         hom_weight=_HOM_WEIGHT.get(metric),
         joint=metric != "king",
     )
-    num = torch.zeros(query.shape[0], against.shape[0], dtype=torch.float64)
+    grm = metric == "grm"  # the only metric with products beside the counts
+    num = torch.zeros(query.shape[0] if grm else 0, against.shape[0], dtype=torch.float64)
     chunk = min(max(WORD, variant_chunk - variant_chunk % WORD), MAX_CHUNK)
     with torch.inference_mode():
         for cols in _chunks(n_variants, chunk):
             q = _chunk_codes(query, cols, "query")
             a = q if symmetric else _chunk_codes(against, cols, "against")
             counter.add(q, a, cols.start, None if weights is None else weights[cols])
-            if metric == "grm":
+            if grm:
                 assert p_all is not None
                 tq = torch.from_numpy(q)
                 ta = tq if symmetric else torch.from_numpy(a)
                 _add_standardized_products(num, tq, ta, torch.from_numpy(p_all[cols]), cols.start)
     total = float(n_variants) if weights is None else float(weights.sum())
     with np.errstate(divide="ignore", invalid="ignore"):  # PLINK's 0/0 and x/0: NaN and inf
-        if metric == "grm":
+        if grm:
             numerator = (_mirror(num) if symmetric else num).numpy()
             return numerator / counter.called_in_both(total)
         if metric == "king":
