@@ -32,6 +32,7 @@ of torch 2.13 (no VNNI there) a tenth of that.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -44,11 +45,10 @@ WORD = 64
 _BLOCK = 16
 
 
-@intrinsic
-def _popcount(typingctx, x):  # type: ignore[no-untyped-def]  # numba's intrinsic protocol
+def _ctpop(typingctx, x):
     """LLVM's ctpop on a uint64: vectorized by LLVM (vpshufb on AVX2, vpopcntq on AVX-512)."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         import llvmlite.ir as ir
 
         fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
@@ -57,8 +57,11 @@ def _popcount(typingctx, x):  # type: ignore[no-untyped-def]  # numba's intrinsi
     return types.uint64(types.uint64), codegen
 
 
+_popcount: Any = intrinsic(_ctpop)
+
+
 @njit(parallel=True, cache=True)
-def _pack(codes, het, hom, word0):  # type: ignore[no-untyped-def]
+def _pack(codes, het, hom, word0):
     """Set bits of ``het``/``hom`` words ``word0…`` from int8 codes (-1 missing) of one chunk."""
     n, m = codes.shape
     for i in prange(n):
@@ -77,7 +80,7 @@ def _pack(codes, het, hom, word0):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=True, inline="always")
-def _two_pairs(hi, ai, hj, aj, hk, ak, c_ibs0, c_hethet):  # type: ignore[no-untyped-def]
+def _two_pairs(hi, ai, hj, aj, hk, ak, c_ibs0, c_hethet):
     """``c_ibs0·IBS0' + c_hethet·HETHET`` of row i against rows j and k, over all words."""
     z = np.uint64(0)
     ibs0_j, hh_j, ibs0_k, hh_k = z, z, z, z
@@ -96,7 +99,7 @@ def _two_pairs(hi, ai, hj, aj, hk, ak, c_ibs0, c_hethet):  # type: ignore[no-unt
 
 
 @njit(parallel=True, cache=True)
-def _pair_counts(het_q, hom_q, het_a, hom_a, c_ibs0, c_hethet, symmetric, out):  # type: ignore[no-untyped-def]
+def _pair_counts(het_q, hom_q, het_a, hom_a, c_ibs0, c_hethet, symmetric, out):
     """``out[i, j] = c_ibs0·IBS0'(i, j) + c_hethet·HETHET(i, j)``; on and above the diagonal only
     when ``symmetric`` (the caller mirrors). Blocks of ``_BLOCK`` cohort rows run in parallel;
     each query row meets the block two rows at a time."""
@@ -119,7 +122,7 @@ def _pair_counts(het_q, hom_q, het_a, hom_a, c_ibs0, c_hethet, symmetric, out): 
 
 
 @njit(parallel=True, cache=True)
-def _variant_major(codes, hom_weight, weighted, hets):  # type: ignore[no-untyped-def]
+def _variant_major(codes, hom_weight, weighted, hets):
     """``weighted[v, i] = hom_weight·[x=2] + [x=1]`` and ``hets[v, i] = [x=1]`` (uint8), from one
     chunk's sample-major codes, a block of 64 x 64 at a time (a plain transpose is cache-bound)."""
     n, m = codes.shape
@@ -136,7 +139,7 @@ def _variant_major(codes, hom_weight, weighted, hets):  # type: ignore[no-untype
 
 
 @njit(parallel=True, cache=True)
-def _missing_by_sample(codes):  # type: ignore[no-untyped-def]
+def _missing_by_sample(codes):
     """CSR of each sample's missing calls (variant indices within the chunk)."""
     n, m = codes.shape
     starts = np.zeros(n + 1, np.int64)
@@ -158,7 +161,7 @@ def _missing_by_sample(codes):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _missing_by_variant(codes):  # type: ignore[no-untyped-def]
+def _missing_by_variant(codes):
     """CSR of each variant's missing calls (sample indices), samples ascending."""
     n, m = codes.shape
     starts = np.zeros(m + 1, np.int64)
@@ -179,7 +182,7 @@ def _missing_by_variant(codes):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, cache=True)
-def _missing_sums(weighted, hets, starts, variants, out_weighted, out_hets):  # type: ignore[no-untyped-def]
+def _missing_sums(weighted, hets, starts, variants, out_weighted, out_hets):
     """For each sample j of one side, add up the other side's calls over j's missing variants.
 
     ``weighted``/``hets`` are the other side's chunk, variant-major (:func:`_variant_major`);
@@ -204,7 +207,7 @@ def _missing_sums(weighted, hets, starts, variants, out_weighted, out_hets):  # 
 
 
 @njit(parallel=True, cache=True)
-def _joint_missing(q_starts, q_samples, a_starts, a_samples, weight, threads, out):  # type: ignore[no-untyped-def]
+def _joint_missing(q_starts, q_samples, a_starts, a_samples, weight, threads, out):
     """``out[i, j] += weight[v]`` for every variant v of the chunk where query i and cohort j both
     miss the call (``*_samples[*_starts[v]:*_starts[v+1]]`` list who misses variant v). Threads
     own interleaved query rows, so no two write the same row."""
@@ -302,9 +305,9 @@ class Counter:
         self.query.add(query, start, weights)
         if not self.symmetric:
             self.against.add(against, start, weights)
-        if self.miss_wq is not None:
+        if self.miss_wq is not None and self.miss_hq is not None:
             self._corrections(against, query, self.miss_wq, self.miss_hq)
-            if self.miss_wa is not None:
+            if self.miss_wa is not None and self.miss_ha is not None:
                 self._corrections(query, against, self.miss_wa, self.miss_ha)
         if self.joint is not None:
             w = np.ones(query.shape[1]) if weights is None else np.asarray(weights, np.float64)
