@@ -28,6 +28,7 @@ agree with it bit for bit and the GRM to rounding.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,10 @@ MAX_MISSING_IBS = (2**16 - 1) // 2
 _MONOMORPHIC_VARIANCE = 2.0**-44
 
 _KING, _IBS = 0, 1
+
+
+class TooManyMissing(ValueError):
+    """A sample has more missing calls than the correction fields hold."""
 
 
 # --- planes ------------------------------------------------------------------------------------
@@ -526,15 +531,15 @@ def counts_metric(
     """KING or IBS (``metric``) from planes: ``against=None`` for a cohort against itself.
 
     Returns (N_q, N_a) float64, or with ``packed`` (square only) the lower triangle, row by row.
-    Raises ValueError when a sample has more missing calls than the uint16 fields hold (the
-    caller then takes the general engine).
+    Raises :class:`TooManyMissing` when a sample has more missing calls than the uint16 fields
+    hold (the caller then takes :class:`models.genome_bits.Counter`).
     """
     code = _KING if metric == "king" else _IBS
     hom_weight = 4 if code == _KING else 2
     limit = MAX_MISSING_KING if code == _KING else MAX_MISSING_IBS
     sides = [query] if against is None else [query, against]
     if max(side.max_missing() for side in sides) > limit:
-        raise ValueError(f"a sample misses more than {limit} calls")
+        raise TooManyMissing(f"a sample misses more than {limit} calls")
     n_var = query.n_variants
     total = float(n_var) if weights is None else float(weights.sum())
     w = np.ones(n_var, np.uint32) if weights is None else weights.astype(np.uint32)
@@ -576,3 +581,219 @@ def counts_metric(
                 query.n_missing(weights), against.n_missing(weights), total, float(n_var), out,
                 f16, f32)  # fmt: skip
     return out.reshape(n_q, n_a)
+
+
+# --- the GRM -----------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _variant_counts(codes, variant_major, called, alt):
+    """Per variant of one chunk: called samples and A1 copies (``codes`` (c, N) or (N, c))."""
+    c = codes.shape[0] if variant_major else codes.shape[1]
+    n = codes.shape[1] if variant_major else codes.shape[0]
+    for v in prange(c):
+        k = 0
+        s = 0
+        for i in range(n):
+            x = codes[v, i] if variant_major else codes[i, v]
+            if x >= 0:
+                k += 1
+                s += x
+        called[v] = k
+        alt[v] = s
+
+
+def frequencies_from_chunks(chunks: Iterator[tuple[int, np.ndarray]], n_variants: int) -> np.ndarray:
+    """A1 frequency over observed calls per variant (NaN without calls), from variant-major chunks."""
+    called = np.zeros(n_variants, np.int64)
+    alt = np.zeros(n_variants, np.int64)
+    for start, codes in chunks:
+        c = codes.shape[0]
+        _variant_counts(codes, True, called[start : start + c], alt[start : start + c])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return alt / (2.0 * called)
+
+
+@njit(parallel=True, cache=True)
+def _standardize(codes, variant_major, mean2, scale, zt, missing):
+    """``zt[v, i] = (x - 2p)·scale`` for called x, 0 for missing (``missing[v, i]`` set)."""
+    c = zt.shape[0]
+    n = zt.shape[1]
+    if variant_major:
+        for v in prange(c):
+            for i in range(n):
+                x = codes[v, i]
+                zt[v, i] = (np.float64(x) - mean2[v]) * scale[v] if x >= 0 else 0.0
+                missing[v, i] = x < 0
+    else:
+        for i0 in prange((n + 63) // 64):
+            for v0 in range(0, c, 64):
+                for i in range(i0 * 64, min(n, i0 * 64 + 64)):
+                    for v in range(v0, min(c, v0 + 64)):
+                        x = codes[i, v]
+                        zt[v, i] = (np.float64(x) - mean2[v]) * scale[v] if x >= 0 else 0.0
+                        missing[v, i] = x < 0
+
+
+@njit(cache=True)
+def _missing_csr(missing):
+    """CSR of each variant's missing samples from a (c, N) bool matrix."""
+    c, n = missing.shape
+    starts = np.zeros(c + 1, np.int64)
+    for v in range(c):
+        starts[v + 1] = starts[v] + missing[v].sum()
+    samples = np.empty(starts[c], np.int32)
+    for v in range(c):
+        k = starts[v]
+        for i in range(n):
+            if missing[v, i]:
+                samples[k] = i
+                k += 1
+    return starts, samples
+
+
+@njit(parallel=True, cache=True)
+def _joint_upper(starts, samples, threads, out):
+    """``out[i, j] += 1`` (i < j) for every variant both miss; threads own interleaved rows."""
+    for part in prange(threads):
+        for v in range(starts.shape[0] - 1):
+            for t in range(starts[v], starts[v + 1]):
+                i = samples[t]
+                if i % threads != part:
+                    continue
+                for u in range(t + 1, starts[v + 1]):
+                    out[i, samples[u]] += 1.0
+
+
+@njit(parallel=True, cache=True)
+def _grm_finish_square(out, n_missing, total):
+    """Numerator below the diagonal, joint-missing counts above: the GRM, mirrored."""
+    n = out.shape[0]
+    for r in prange(n):
+        for c in range(r):
+            den = (total - (n_missing[r] + n_missing[c])) + out[c, r]
+            value = out[r, c] / den
+            out[r, c] = value
+            out[c, r] = value
+        out[r, r] = out[r, r] / ((total - (n_missing[r] + n_missing[r])) + n_missing[r])
+
+
+def _standardizer(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(2p, 1/sqrt(2p(1-p)) or 0 where monomorphic), as the GEMM engine computes them."""
+    variance = 2.0 * p * (1.0 - p)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        usable = variance >= _MONOMORPHIC_VARIANCE
+        scale = np.where(usable, 1.0 / np.sqrt(np.where(usable, variance, 1.0)), 0.0)
+    return 2.0 * p, scale
+
+
+def check_monomorphic(codes: np.ndarray, p: np.ndarray, offset: int, variant_major: bool) -> None:
+    """PLINK 2 stops on a variant its frequencies call monomorphic whose calls vary."""
+    flat = np.flatnonzero(2.0 * p * (1.0 - p) < _MONOMORPHIC_VARIANCE)
+    if not flat.size:
+        return
+    calls = codes[flat] if variant_major else codes[:, flat].T
+    expected = np.round(2.0 * p[flat]).astype(np.int8)[:, None]
+    wrong = ((calls >= 0) & (calls != expected)).any(axis=1)
+    if wrong.any():
+        j = offset + int(flat[np.flatnonzero(wrong)[0]])
+        raise ValueError(f"variant {j}: the frequencies call it monomorphic but its calls vary")
+
+
+def grm_square(
+    chunks: Iterator[tuple[int, np.ndarray]],
+    n: int,
+    p: np.ndarray,
+    *,
+    variant_major: bool,
+) -> np.ndarray:
+    """plink2 --make-rel square from chunks of codes ((c, N) when ``variant_major``, else (N, c)):
+    ``dsyrk`` into the lower triangle, jointly missing counts in the upper, then divided."""
+    out = np.zeros((n, n), np.float64)
+    n_missing = np.zeros(n, np.float64)
+    threads = numba.get_num_threads()
+    for start, codes in chunks:
+        c = codes.shape[0] if variant_major else codes.shape[1]
+        pc = p[start : start + c]
+        check_monomorphic(codes, pc, start, variant_major)
+        mean2, scale = _standardizer(pc)
+        zt = np.empty((c, n), np.float64)
+        missing = np.empty((c, n), np.bool_)
+        _standardize(codes, variant_major, mean2, scale, zt, missing)
+        # out.T is Fortran-ordered: its upper triangle is out's lower one.
+        blas.dsyrk(1.0, zt.T, beta=1.0, c=out.T, trans=0, lower=0, overwrite_c=1)
+        del zt
+        starts, samples = _missing_csr(missing)
+        n_missing += missing.sum(axis=0)
+        _joint_upper(starts, samples, threads, out)
+    _grm_finish_square(out, n_missing, float(len(p)))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _joint_rect(q_starts, q_samples, a_starts, a_samples, threads, out):
+    for part in prange(threads):
+        for v in range(q_starts.shape[0] - 1):
+            for t in range(q_starts[v], q_starts[v + 1]):
+                i = q_samples[t]
+                if i % threads != part:
+                    continue
+                for u in range(a_starts[v], a_starts[v + 1]):
+                    out[i, a_samples[u]] += 1.0
+
+
+def grm_block(
+    query: Iterator[tuple[int, np.ndarray]],
+    against: Iterator[tuple[int, np.ndarray]],
+    n_q: int,
+    n_a: int,
+    p: np.ndarray,
+) -> np.ndarray:
+    """The GRM between two sample sets from aligned chunks of sample-major codes: ``dgemm``."""
+    num = np.zeros((n_q, n_a), np.float64)
+    joint = np.zeros((n_q, n_a), np.float64)
+    miss_q = np.zeros(n_q, np.float64)
+    miss_a = np.zeros(n_a, np.float64)
+    for (start, q), (_, a) in zip(query, against, strict=True):
+        c = q.shape[1]
+        pc = p[start : start + c]
+        check_monomorphic(q, pc, start, False)
+        check_monomorphic(a, pc, start, False)
+        mean2, scale = _standardizer(pc)
+        zq, mq = np.empty((c, n_q)), np.empty((c, n_q), np.bool_)
+        za, ma = np.empty((c, n_a)), np.empty((c, n_a), np.bool_)
+        _standardize(q, False, mean2, scale, zq, mq)
+        _standardize(a, False, mean2, scale, za, ma)
+        # num.T (Fortran) += Z_a Z_qᵀ
+        blas.dgemm(1.0, za.T, zq.T, beta=1.0, c=num.T, trans_b=1, overwrite_c=1)
+        miss_q += mq.sum(axis=0)
+        miss_a += ma.sum(axis=0)
+        _joint_rect(*_missing_csr(mq), *_missing_csr(ma), numba.get_num_threads(), joint)
+    total = float(len(p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = total - (miss_q[:, None] + miss_a[None, :])
+        den += joint
+        return num / den
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _rows_from_packed(tri, n, r0, buf):
+    for r in prange(r0, r0 + buf.shape[0]):
+        row = buf[r - r0]
+        base = r * (r + 1) // 2
+        for c in range(r + 1):
+            row[c] = tri[base + c]
+        for c in range(r + 1, n):
+            row[c] = tri[c * (c + 1) // 2 + r]
+
+
+def write_square(tri: np.ndarray, n: int, sink: BinaryIO, rows: int = 256) -> None:
+    """Write a packed lower triangle as the full square, little-endian float64, row by row."""
+    buf = np.empty((min(rows, max(n, 1)), n), np.float64)
+    for r0 in range(0, n, rows):
+        part = buf[: min(rows, n - r0)]
+        _rows_from_packed(tri, n, r0, part)
+        sink.write(part.astype("<f8", copy=False).tobytes())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import genome
+from models import genome, genome_gemm
 from models.genome import (
     MISSING_INT8,
     allele_frequencies,
@@ -292,7 +292,7 @@ def test_int8_products_equal_int64_matmul(k) -> None:
     left = torch.from_numpy(rng.integers(-128, 128, size=(37, k), dtype=np.int8))
     right = torch.from_numpy(rng.integers(-128, 128, size=(19, k), dtype=np.int8))
     expected = left.long() @ right.long().T
-    assert torch.equal(genome._int_products(left, right, 128 * 128).long(), expected)
+    assert torch.equal(genome_gemm._int_products(left, right, 128 * 128).long(), expected)
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
@@ -300,20 +300,24 @@ def test_int8_products_equal_int64_matmul(k) -> None:
 def test_small_blocks_and_both_missing_paths_equal_plink(
     monkeypatch, cohort, metric, ibs_missing, name, path
 ) -> None:
-    """Upper-triangle blocks, narrow float64 blocks, sparse or digit-split weighted IBS: PLINK's."""
-    monkeypatch.setattr(genome, "_TRIANGLE_BLOCK", 7)
-    monkeypatch.setattr(genome, "_FLOAT64_BLOCK", 300)
-    monkeypatch.setattr(genome, "_SPARSE_JOINT_RATIO", 1 if path == "sparse" else 10**9)
-    ours = pairwise(cohort.dosages, metric=metric, ibs_missing=ibs_missing, device="cpu")
+    """The GEMM engine's upper-triangle blocks, narrow float64 blocks, sparse or digit-split
+    weighted IBS: PLINK's."""
+    monkeypatch.setattr(genome_gemm, "_TRIANGLE_BLOCK", 7)
+    monkeypatch.setattr(genome_gemm, "_FLOAT64_BLOCK", 300)
+    monkeypatch.setattr(genome_gemm, "_SPARSE_JOINT_RATIO", 1 if path == "sparse" else 10**9)
+    ours = pairwise(
+        cohort.dosages, metric=metric, ibs_missing=ibs_missing, device="cpu", engine="gemm"
+    )
     np.testing.assert_allclose(ours, _golden_bin(name, cohort.n_samples), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
 def test_weighted_ibs_tiles_take_either_missing_path(monkeypatch, cohort, path) -> None:
-    """Query-by-cohort tiles of weighted IBS equal the square on both joint-missing paths."""
-    monkeypatch.setattr(genome, "_SPARSE_JOINT_RATIO", 1 if path == "sparse" else 10**9)
+    """GEMM-engine query-by-cohort tiles of weighted IBS equal the square on both joint-missing
+    paths."""
+    monkeypatch.setattr(genome_gemm, "_SPARSE_JOINT_RATIO", 1 if path == "sparse" else 10**9)
     x, p = cohort.dosages, allele_frequencies(cohort.dosages)
-    block = pairwise_block(x[:25], x[10:], metric="ibs", frequencies=p, device="cpu")
+    block = pairwise_block(x[:25], x[10:], metric="ibs", frequencies=p, device="cpu", engine="gemm")
     full = pairwise(x, metric="ibs", device="cpu", variant_chunk=300)
     np.testing.assert_allclose(block, full[:25, 10:], rtol=1e-12, atol=1e-14)
 
