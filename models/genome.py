@@ -580,3 +580,56 @@ def pairwise(
     elif metric == "ibs":
         np.fill_diagonal(out, 1.0)
     return out
+
+
+def pairwise_bed(
+    prefix: str | Path,
+    *,
+    metric: Literal["grm", "king", "ibs"],
+    ibs_missing: IbsMissing = "frequency",
+    out: str | Path | None = None,
+) -> np.ndarray | None:
+    """The square of one metric straight from a PLINK 1 fileset, on the CPU, in PLINK's memory.
+
+    The .bed is decoded chunk by chunk into bit planes (KING, IBS: 2 bits per call) or into
+    standardized float64 blocks (GRM), never into an N x M dosage matrix. With ``out``, KING and
+    IBS are held as the lower triangle only and the square goes to ``out`` as PLINK's ``.bin``
+    (little-endian float64, row-major, what ``--make-king square bin`` writes); nothing is
+    returned. Without it, the (N, N) matrix is returned, as :func:`pairwise` gives it.
+
+    Raises
+    ------
+    ValueError
+        As :func:`read_bed` for a malformed fileset; an unknown metric.
+    """
+    if metric not in ("grm", "king", "ibs"):
+        raise ValueError(f"metric must be 'grm', 'king' or 'ibs', got {metric!r}")
+    if ibs_missing not in ("frequency", "flat"):
+        raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
+    bed, bim, fam = _plink_paths(prefix)
+    (iid,) = _read_columns(fam, 6, (1,))
+    (variant_id,) = _read_columns(bim, 6, (1,))
+    n, m = len(iid), len(variant_id)
+    _check_bed(bed, n, m, fam, bim)
+    p = None
+    if metric == "grm" or (metric == "ibs" and ibs_missing == "frequency"):
+        p = genome_cpu.frequencies_from_chunks(genome_cpu.iter_bed(bed, n, m), m)
+    if metric == "grm":
+        assert p is not None
+        square = genome_cpu.grm_square(genome_cpu.iter_bed(bed, n, m), n, p, variant_major=True)
+        if out is None:
+            return square
+        square.tofile(out)  # float64 is little-endian on every platform torch and numba run on
+        return None
+    builder = genome_cpu.PlaneBuilder(n, m)
+    for start, codes in genome_cpu.iter_bed(bed, n, m):
+        builder.add_variant_major(codes, start)
+    planes = builder.finish()
+    weights = None if p is None else ibs_missing_weights(p)
+    if out is None:
+        return genome_cpu.counts_metric(metric, planes, None, weights=weights)
+    tri = genome_cpu.counts_metric(metric, planes, None, weights=weights, packed=True)
+    del planes
+    with open(out, "wb") as sink:
+        genome_cpu.write_square(tri, n, sink)
+    return None
