@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from bed_reader import open_bed
 
 from models import genome_cpu
 from models.genome_bits import MAX_CHUNK, WORD, Counter
@@ -217,6 +216,8 @@ def read_bed(
     variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
     rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
+    from bed_reader import open_bed
+
     with open_bed(bed, iid_count=len(iid), sid_count=len(variant_id), count_A1=True) as reader:
         dosages = reader.read(index=np.s_[rows, :], dtype="int8", order="C")
     columns = np.arange(len(variant_id))

@@ -35,7 +35,6 @@ from pathlib import Path
 import numba
 import numpy as np
 from numba import njit, prange
-from scipy.linalg import blas
 
 from models.genome_bits import _BLOCK, WORD, _pack, _popcount
 
@@ -709,6 +708,8 @@ def grm_square(
 ) -> np.ndarray:
     """plink2 --make-rel square from chunks of codes ((c, N) when ``variant_major``, else (N, c)):
     ``dsyrk`` into the lower triangle, jointly missing counts in the upper, then divided."""
+    from scipy.linalg import blas  # loaded for the GRM only (17 MB resident)
+
     out = np.zeros((n, n), np.float64)
     n_missing = np.zeros(n, np.float64)
     threads = numba.get_num_threads()
@@ -750,6 +751,8 @@ def grm_block(
     p: np.ndarray,
 ) -> np.ndarray:
     """The GRM between two sample sets from aligned chunks of sample-major codes: ``dgemm``."""
+    from scipy.linalg import blas
+
     num = np.zeros((n_q, n_a), np.float64)
     joint = np.zeros((n_q, n_a), np.float64)
     miss_q = np.zeros(n_q, np.float64)

@@ -1,0 +1,121 @@
+"""The torch-free CPU engine (models/genome_cpu.py): its layouts, its fallback and its .bed path.
+
+Its numbers are checked against the GEMM engine in test_genome_bits.py and against PLINK's own
+outputs in test_genome.py; here: the packed triangle and the square written from it, planes
+decoded from the .bed against planes packed from dosages, the fallback taken when a sample misses
+more calls than the uint16 correction fields hold, and ``pairwise_bed`` end to end.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import genome_cpu
+from models.genome import (
+    allele_frequencies,
+    ibs_missing_weights,
+    pairwise,
+    pairwise_bed,
+    read_bed,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PREFIX = ROOT / "tests" / "data" / "genome" / "hm3_small"
+
+
+def _cohort(n: int, m: int, missing: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.binomial(2, rng.uniform(0.02, 0.98, size=m), size=(n, m)).astype(np.int8)
+    x[rng.random((n, m)) < missing] = -1
+    return x
+
+
+def _planes(x: np.ndarray, variant_major: bool, chunk: int = 320) -> genome_cpu.Planes:
+    builder = genome_cpu.PlaneBuilder(*x.shape)
+    for start in range(0, x.shape[1], chunk):
+        part = np.ascontiguousarray(x[:, start : start + chunk])
+        if variant_major:
+            builder.add_variant_major(np.ascontiguousarray(part.T), start)
+        else:
+            builder.add_sample_major(part, start)
+    return builder.finish()
+
+
+def test_variant_major_planes_equal_sample_major_planes() -> None:
+    x = _cohort(131, 1000, 0.05, seed=3)
+    a, b = _planes(x, False), _planes(x, True)
+    for name in ("het", "hom", "n_het", "miss_starts", "miss_variants"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.n_het.tolist() == (x == 1).sum(axis=1).tolist()
+    assert np.diff(a.miss_starts).tolist() == (x < 0).sum(axis=1).tolist()
+
+
+@pytest.mark.parametrize("metric", ["king", "ibs"])
+def test_packed_triangle_and_written_square_equal_the_square(metric) -> None:
+    x = _cohort(150, 1300, 0.05, seed=4)
+    weights = ibs_missing_weights(allele_frequencies(x)) if metric == "ibs" else None
+    planes = _planes(x, False)
+    square = genome_cpu.counts_metric(metric, planes, None, weights=weights)
+    tri = genome_cpu.counts_metric(metric, planes, None, weights=weights, packed=True)
+    rows, cols = np.tril_indices(150)
+    np.testing.assert_array_equal(tri, square[rows, cols])
+    np.testing.assert_array_equal(square, square.T)
+    sink = io.BytesIO()
+    genome_cpu.write_square(tri, 150, sink, rows=64)  # blocks of rows that do not divide N
+    np.testing.assert_array_equal(np.frombuffer(sink.getvalue(), "<f8").reshape(150, 150), square)
+
+
+@pytest.mark.parametrize("metric", ["king", "ibs"])
+def test_more_missing_calls_than_the_fields_hold_take_the_counter(metric) -> None:
+    """A sample missing 17,000 calls overflows KING's uint16 field (4·16,383): the engine refuses
+    it, and pairwise falls back to the N x N int32 counter with the same numbers as the GEMMs."""
+    x = _cohort(5, 17_100, 0.01, seed=5)
+    x[2, :17_000] = -1
+    with pytest.raises(genome_cpu.TooManyMissing):
+        genome_cpu.counts_metric("king", _planes(x, False, chunk=4096), None)
+    ours = pairwise(x, metric=metric, device="cpu")
+    gemm = pairwise(x, metric=metric, device="cpu", engine="gemm")
+    np.testing.assert_array_equal(ours, gemm)
+
+
+@pytest.mark.parametrize("metric", ["grm", "king", "ibs"])
+def test_pairwise_bed_equals_pairwise_of_read_bed(tmp_path, metric) -> None:
+    expected = pairwise(read_bed(PREFIX).dosages, metric=metric, device="cpu")
+    returned = pairwise_bed(PREFIX, metric=metric)
+    assert returned is not None
+    np.testing.assert_array_equal(returned, expected)
+    out = tmp_path / f"{metric}.bin"
+    assert pairwise_bed(PREFIX, metric=metric, out=out) is None
+    n = expected.shape[0]
+    np.testing.assert_array_equal(np.fromfile(out, "<f8").reshape(n, n), expected)
+
+
+def test_pairwise_bed_bad_input(tmp_path) -> None:
+    with pytest.raises(ValueError, match="metric must be"):
+        pairwise_bed(PREFIX, metric="dot")  # type: ignore[arg-type]
+    for ext in (".bim", ".fam"):
+        (tmp_path / f"set{ext}").write_bytes(PREFIX.with_suffix(ext).read_bytes())
+    (tmp_path / "set.bed").write_bytes(PREFIX.with_suffix(".bed").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="bytes"):
+        pairwise_bed(tmp_path / "set", metric="king")
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_the_cpu_engine_does_not_load_torch() -> None:
+    """KING, IBS and the GRM on the CPU run without importing torch (277 MB resident here)."""
+    code = (
+        "import sys\n"
+        "from models.genome import pairwise_bed\n"
+        f"for metric in ('grm', 'king', 'ibs'): pairwise_bed({str(PREFIX)!r}, metric=metric)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
