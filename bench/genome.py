@@ -216,7 +216,6 @@ def engine(
     whole cohort, with the cohort's frequencies), one after the other, each written as it ends.
     """
     import numba
-
     from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

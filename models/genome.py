@@ -1,16 +1,18 @@
 """Genome comparisons: PLINK 1 binary genotypes in, relationship matrices out, numbers as PLINK's.
 
 A cohort is an (N, M) matrix of allele dosages (0, 1, 2 copies of A1; missing calls allowed). Each
-metric is a sum over variants, so it is computed as a few matrix products over indicator or
-standardized matrices, streamed over chunks of variants, on the CPU or a CUDA device; never a
-Python loop over pairs. Counts are integers and exact. On the CPU they come from popcounts over
-bit planes, as PLINK counts them (:mod:`models.genome_bits`, the ``bitplanes`` engine); on CUDA
-(and with ``engine="gemm"``) from GEMMs of 0/1 and 0/1/2 indicator matrices: int8 summing in int32
-on a CPU with AMX/VNNI, float32 elsewhere (exact below 2²⁴ per chunk), integers across chunks.
-The GRM's standardized products are float64; over one cohort only the blocks on and above the
-diagonal are multiplied. In the GEMM engine, missing-call corrections are products over only the
-columns that hold one, and PLINK 1.9's weighted IBS correction is a sparse product while missing
-calls are rare.
+metric is a sum over variants, streamed over chunks of variants, on the CPU or a CUDA device; never
+a Python loop over pairs. Counts are integers and exact. Two engines:
+
+- ``bitplanes`` (the CPU's, :mod:`models.genome_cpu`; numpy, numba and BLAS, torch is not loaded):
+  KING and IBS from popcounts over bit planes as PLINK counts them, each pair finished in place
+  with its missing-call corrections; the GRM's standardized products through BLAS ``dsyrk``.
+  :func:`pairwise_bed` runs it straight from a .bed, without the dosage matrix.
+- ``gemm`` (:mod:`models.genome_gemm`, torch; CUDA, ``dot``, and on request): GEMMs of 0/1 and
+  0/1/2 indicator matrices (TF32 on CUDA; int8 on a CPU with AMX/VNNI, float32 elsewhere, exact
+  below 2²⁴ per chunk), float64 standardized products, missing-call corrections as products over
+  the columns that hold one, and PLINK 1.9's weighted IBS correction as a sparse product.
+
 The results match the PLINK builds to the last digit or two:
 
 - ``grm``: ``plink2 --make-rel`` (variance-standardized, missing calls excluded pairwise).
@@ -27,7 +29,6 @@ used, so filter beforehand.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,6 +443,7 @@ def _pairwise_counter(
         return 1.0 - counter.distance() * (total / counter.called_in_both(total)) / (
             2.0 * n_variants
         )
+
 
 # --- public API -------------------------------------------------------------------------------
 

@@ -28,9 +28,9 @@ agree with it bit for bit and the GRM to rounding.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numba
 import numpy as np
@@ -170,7 +170,7 @@ class Planes:
         return np.bincount(owner, weights=weights[self.miss_variants], minlength=self.n)
 
     def by_variant(self) -> tuple[np.ndarray, np.ndarray]:
-        return _by_variant(self.miss_starts, self.miss_variants, self.n_variants)  # type: ignore[no-any-return]
+        return _by_variant(self.miss_starts, self.miss_variants, self.n_variants)
 
 
 class PlaneBuilder:
@@ -602,7 +602,9 @@ def _variant_counts(codes, variant_major, called, alt):
         alt[v] = s
 
 
-def frequencies_from_chunks(chunks: Iterator[tuple[int, np.ndarray]], n_variants: int) -> np.ndarray:
+def frequencies_from_chunks(
+    chunks: Iterator[tuple[int, np.ndarray]], n_variants: int
+) -> np.ndarray:
     """A1 frequency over observed calls per variant (NaN without calls), from variant-major chunks."""
     called = np.zeros(n_variants, np.int64)
     alt = np.zeros(n_variants, np.int64)
@@ -771,7 +773,9 @@ def grm_block(
         blas.dgemm(1.0, za.T, zq.T, beta=1.0, c=num.T, trans_b=1, overwrite_c=1)
         miss_q += mq.sum(axis=0)
         miss_a += ma.sum(axis=0)
-        _joint_rect(*_missing_csr(mq), *_missing_csr(ma), numba.get_num_threads(), joint)
+        q_starts, q_samples = _missing_csr(mq)
+        a_starts, a_samples = _missing_csr(ma)
+        _joint_rect(q_starts, q_samples, a_starts, a_samples, numba.get_num_threads(), joint)
     total = float(len(p))
     with np.errstate(divide="ignore", invalid="ignore"):
         den = total - (miss_q[:, None] + miss_a[None, :])

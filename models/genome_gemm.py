@@ -379,7 +379,6 @@ def _finish(
     return 1.0 - dist * scale / (2.0 * n_variants)  # multiplies by a reciprocal: 1 ulp off)
 
 
-
 def pairwise_gemm(
     metric: Metric,
     query: np.ndarray,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import genome, genome_gemm
+from models import genome_gemm
 from models.genome import (
     MISSING_INT8,
     allele_frequencies,

@@ -78,8 +78,8 @@ def test_bitplanes_equal_gemm_engine(metric, ibs_missing, n, missing) -> None:
                   variant_chunk=384)  # fmt: skip
     bits = pairwise(x, engine="bitplanes", **kwargs)
     gemm = pairwise(x, engine="gemm", **kwargs)
-    bits_block = pairwise_block(x[5:n // 2], x[20:], engine="bitplanes", **kwargs)
-    gemm_block = pairwise_block(x[5:n // 2], x[20:], engine="gemm", **kwargs)
+    bits_block = pairwise_block(x[5 : n // 2], x[20:], engine="bitplanes", **kwargs)
+    gemm_block = pairwise_block(x[5 : n // 2], x[20:], engine="gemm", **kwargs)
     if metric == "grm":  # float64 BLAS products summed in another order
         np.testing.assert_allclose(bits, gemm, rtol=0, atol=1e-14)
         np.testing.assert_allclose(bits_block, gemm_block, rtol=0, atol=1e-14)
