@@ -616,7 +616,7 @@ def pairwise_bed(
     _check_bed(bed, n, m, fam, bim)
     p = None
     if metric == "grm" or (metric == "ibs" and ibs_missing == "frequency"):
-        p = genome_cpu.frequencies_from_chunks(genome_cpu.iter_bed(bed, n, m), m)
+        p = genome_cpu.bed_frequencies(bed, n, m)
     if metric == "grm":
         assert p is not None
         square = genome_cpu.grm_square(genome_cpu.iter_bed(bed, n, m), n, p, variant_major=True)
@@ -625,8 +625,8 @@ def pairwise_bed(
         square.tofile(out)  # float64 is little-endian on every platform torch and numba run on
         return None
     builder = genome_cpu.PlaneBuilder(n, m)
-    for start, codes in genome_cpu.iter_bed(bed, n, m):
-        builder.add_variant_major(codes, start)
+    for start, raw in genome_cpu.iter_bed_raw(bed, n, m):
+        builder.add_bed(raw, start)
     planes = builder.finish()
     weights = None if p is None else ibs_missing_weights(p)
     if out is None:

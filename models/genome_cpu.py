@@ -182,11 +182,22 @@ class PlaneBuilder:
         self.het = np.zeros((n, words), np.uint64)
         self.hom = np.zeros((n, words), np.uint64)
         self.miss = np.zeros((n, words), np.uint64)
+        self._rows: np.ndarray | None = None
 
     def add_sample_major(self, codes: np.ndarray, start: int) -> None:
         """(N, c) int8 codes, -1 missing."""
         _pack(codes, self.het, self.hom, start // WORD)
         _pack_missing(codes, self.miss, start // WORD)
+
+    def add_bed(self, raw: np.ndarray, start: int) -> None:
+        """(c, ceil(N/4)) uint8 rows of a SNP-major .bed."""
+        n = self.het.shape[0]
+        words = 2 * -(-n // WORD)  # 16 bytes per 64 samples
+        if self._rows is None or self._rows.shape[0] < raw.shape[0]:
+            self._rows = np.zeros((raw.shape[0], words), np.uint64)
+        rows = self._rows[: raw.shape[0]]
+        rows.view(np.uint8)[:, : raw.shape[1]] = raw
+        _pack_bed(rows, n, self.het, self.hom, self.miss, start // WORD)
 
     def add_variant_major(self, codes: np.ndarray, start: int) -> None:
         """(c, N) int8 codes, -1 missing."""
@@ -195,6 +206,7 @@ class PlaneBuilder:
     def finish(self) -> Planes:
         starts, variants = _missing_lists(self.miss)
         del self.miss
+        self._rows = None
         n_het = _row_popcounts(self.het)
         return Planes(self.het, self.hom, n_het, starts, variants, self.n_variants)
 
@@ -238,13 +250,12 @@ def _decode_bed(raw, table, n, out):
             out[v, i] = table[row[i // 4], i % 4]
 
 
-def iter_bed(
+def iter_bed_raw(
     bed_path: str | Path, n: int, n_variants: int, chunk: int = CHUNK
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, codes)``: variant-major int8 codes (c, n) of a SNP-major .bed, chunk by
-    chunk, read straight from the file (the whole matrix is never held)."""
+    """Yield ``(start, raw)``: the (c, ceil(n/4)) uint8 rows of a SNP-major .bed, chunk by chunk,
+    read straight from the file (the whole matrix is never held)."""
     per_variant = (n + 3) // 4
-    out = np.empty((chunk, n), np.int8)
     with open(bed_path, "rb") as handle:
         handle.seek(3)
         for start in range(0, n_variants, chunk):
@@ -252,8 +263,85 @@ def iter_bed(
             raw = np.frombuffer(handle.read(c * per_variant), np.uint8)
             if raw.size != c * per_variant:
                 raise ValueError(f"{bed_path}: truncated at variant {start}")
-            _decode_bed(raw.reshape(c, per_variant), _BED_TABLE, n, out)
-            yield start, out[:c]
+            yield start, raw.reshape(c, per_variant)
+
+
+def iter_bed(
+    bed_path: str | Path, n: int, n_variants: int, chunk: int = CHUNK
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, codes)``: variant-major int8 codes (c, n), -1 missing, chunk by chunk."""
+    out = np.empty((chunk, n), np.int8)
+    for start, raw in iter_bed_raw(bed_path, n, n_variants, chunk):
+        _decode_bed(raw, _BED_TABLE, n, out)
+        yield start, out[: raw.shape[0]]
+
+
+@njit(inline="always")
+def _even_bits(x):
+    """The 32 even-position bits of ``x``, packed into the low half (a software pext)."""
+    x &= np.uint64(0x5555555555555555)
+    x = (x | (x >> np.uint64(1))) & np.uint64(0x3333333333333333)
+    x = (x | (x >> np.uint64(2))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    x = (x | (x >> np.uint64(4))) & np.uint64(0x00FF00FF00FF00FF)
+    x = (x | (x >> np.uint64(8))) & np.uint64(0x0000FFFF0000FFFF)
+    return (x | (x >> np.uint64(16))) & np.uint64(0x00000000FFFFFFFF)
+
+
+@njit(parallel=True, cache=True)
+def _pack_bed(rows, n, het, hom, miss, word0):
+    """Planes straight from .bed rows, as uint64 words (c, 2·ceil(n/64)): two words hold 64
+    samples' 2-bit codes (00 two copies of A1, 10 one, 11 none, 01 missing). Each variant gives
+    one 64-sample mask per plane; 64 of them are transposed into the samples' plane words."""
+    c = rows.shape[0]
+    low = np.uint64(0x5555555555555555)
+    for block in prange((n + WORD - 1) // WORD):
+        i0 = block * WORD
+        lanes = min(WORD, n - i0)
+        keep = (
+            np.uint64(0xFFFFFFFFFFFFFFFF)
+            if lanes == WORD
+            else ((np.uint64(1) << np.uint64(lanes)) - np.uint64(1))
+        )
+        th = np.zeros(WORD, np.uint64)
+        ta = np.zeros(WORD, np.uint64)
+        tm = np.zeros(WORD, np.uint64)
+        for w in range((c + WORD - 1) // WORD):
+            th[:] = 0
+            ta[:] = 0
+            tm[:] = 0
+            v0 = w * WORD
+            for b in range(min(WORD, c - v0)):
+                x0 = rows[v0 + b, 2 * block]
+                x1 = rows[v0 + b, 2 * block + 1]
+                lo0, hi0 = x0 & low, (x0 >> np.uint64(1)) & low
+                lo1, hi1 = x1 & low, (x1 >> np.uint64(1)) & low
+                th[b] = (_even_bits(hi0 & ~lo0) | (_even_bits(hi1 & ~lo1) << np.uint64(32))) & keep
+                ta[b] = (
+                    _even_bits(~(hi0 | lo0)) | (_even_bits(~(hi1 | lo1)) << np.uint64(32))
+                ) & keep
+                tm[b] = (_even_bits(lo0 & ~hi0) | (_even_bits(lo1 & ~hi1) << np.uint64(32))) & keep
+            _transpose64(th)
+            _transpose64(ta)
+            _transpose64(tm)
+            for lane in range(lanes):
+                het[i0 + lane, word0 + w] = th[lane]
+                hom[i0 + lane, word0 + w] = ta[lane]
+                miss[i0 + lane, word0 + w] = tm[lane]
+
+
+@njit(parallel=True, cache=True)
+def _bed_counts(raw, n, called, alt):
+    """Per variant of .bed rows: called samples and A1 copies."""
+    for v in prange(raw.shape[0]):
+        k = 0
+        s = 0
+        row = raw[v]
+        for i in range(n):
+            code = (row[i >> 2] >> ((i & 3) << 1)) & 3
+            k += code != 1
+            s += (code == 0) * 2 + (code == 2)
+        called[v] = k
+        alt[v] = s
 
 
 # --- corrections -------------------------------------------------------------------------------
@@ -602,15 +690,13 @@ def _variant_counts(codes, variant_major, called, alt):
         alt[v] = s
 
 
-def frequencies_from_chunks(
-    chunks: Iterator[tuple[int, np.ndarray]], n_variants: int
-) -> np.ndarray:
-    """A1 frequency over observed calls per variant (NaN without calls), from variant-major chunks."""
+def bed_frequencies(bed_path: str | Path, n: int, n_variants: int) -> np.ndarray:
+    """A1 frequency over observed calls per variant (NaN without calls), from the .bed's bytes."""
     called = np.zeros(n_variants, np.int64)
     alt = np.zeros(n_variants, np.int64)
-    for start, codes in chunks:
-        c = codes.shape[0]
-        _variant_counts(codes, True, called[start : start + c], alt[start : start + c])
+    for start, raw in iter_bed_raw(bed_path, n, n_variants):
+        c = raw.shape[0]
+        _bed_counts(raw, n, called[start : start + c], alt[start : start + c])
     with np.errstate(invalid="ignore", divide="ignore"):
         return alt / (2.0 * called)
 

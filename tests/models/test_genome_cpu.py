@@ -96,6 +96,28 @@ def test_pairwise_bed_equals_pairwise_of_read_bed(tmp_path, metric) -> None:
     np.testing.assert_array_equal(np.fromfile(out, "<f8").reshape(n, n), expected)
 
 
+def _write_bed(prefix: Path, x: np.ndarray) -> None:
+    """A SNP-major PLINK 1 fileset of (N, M) dosages (-1 missing); padding bits left 00."""
+    n, m = x.shape
+    code = np.array([3, 2, 0, 1], np.uint8)[np.where(x < 0, 3, x)].T  # (M, N) 2-bit codes
+    padded = np.zeros((m, 4 * -(-n // 4)), np.uint8)
+    padded[:, :n] = code
+    quads = padded.reshape(m, -1, 4)
+    packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
+    Path(f"{prefix}.bed").write_bytes(b"\x6c\x1b\x01" + packed.astype(np.uint8).tobytes())
+    Path(f"{prefix}.bim").write_text("".join(f"1\tv{j}\t0\t{j + 1}\tA\tG\n" for j in range(m)))
+    Path(f"{prefix}.fam").write_text("".join(f"f{i}\ti{i}\t0\t0\t0\t-9\n" for i in range(n)))
+
+
+@pytest.mark.parametrize("metric", ["grm", "king", "ibs"])
+def test_pairwise_bed_decodes_partial_bytes_and_blocks(tmp_path, metric) -> None:
+    """131 samples: a last .bed byte holding 3 samples and padding, a last 64-sample block of 3."""
+    x = _cohort(131, 1100, 0.02, seed=6)
+    _write_bed(tmp_path / "c", x)
+    ours = pairwise_bed(tmp_path / "c", metric=metric)
+    np.testing.assert_array_equal(ours, pairwise(x, metric=metric, device="cpu"))
+
+
 def test_pairwise_bed_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="metric must be"):
         pairwise_bed(PREFIX, metric="dot")  # type: ignore[arg-type]
