@@ -284,7 +284,7 @@ def _check_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _chunk_codes(x: np.ndarray, cols: slice, what: str) -> np.ndarray:
+def _chunk_codes(x: np.ndarray, cols: slice | np.ndarray, what: str) -> np.ndarray:
     """``_codes(x[:, cols])``; int8 input (what :func:`read_bed` returns) in two passes."""
     block = x[:, cols]
     if x.dtype != np.int8 or (block > 2).any():
@@ -373,11 +373,28 @@ def _code_chunks(x: np.ndarray, chunk: int, what: str) -> Iterator[tuple[int, np
         yield cols.start, np.ascontiguousarray(_chunk_codes(x, cols, what))
 
 
-def _planes(x: np.ndarray, chunk: int, what: str) -> genome_cpu.Planes:
-    builder = genome_cpu.PlaneBuilder(x.shape[0], x.shape[1])
-    for start, codes in _code_chunks(x, chunk, what):
-        builder.add_sample_major(codes, start)
-    return builder.finish()
+def _planes(x: np.ndarray, chunk: int, what: str, *, rare: bool) -> genome_cpu.Planes:
+    """Bit planes of ``x``; with ``rare``, of its common variants only, the rare ones as lists."""
+    if not rare:
+        builder = genome_cpu.PlaneBuilder(x.shape[0], x.shape[1])
+        for start, codes in _code_chunks(x, chunk, what):
+            builder.add_sample_major(codes, start)
+        return builder.finish()
+    parts = [genome_cpu.code_counts(codes) for _, codes in _code_chunks(x, chunk, what)]
+    counts = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
+    is_rare, flip = genome_cpu.classify(counts, x.shape[0])
+    dense, rare_variants = np.flatnonzero(~is_rare), np.flatnonzero(is_rare)
+    builder = genome_cpu.PlaneBuilder(x.shape[0], len(dense))
+    for start in range(0, len(dense), chunk):
+        codes = _chunk_codes(x, dense[start : start + chunk], what)
+        builder.add_sample_major(np.ascontiguousarray(codes), start)
+    rares = genome_cpu.RareBuilder()
+    for start in range(0, len(rare_variants), chunk):
+        cols = rare_variants[start : start + chunk]
+        rares.add(np.ascontiguousarray(_chunk_codes(x, cols, what).T), cols, flip[cols])
+    planes = builder.finish()
+    planes.variants, planes.rare = dense, rares.finish()
+    return planes
 
 
 def _pairwise_cpu(
@@ -403,13 +420,16 @@ def _pairwise_cpu(
             against.shape[0],
             p_all,
         )
-    planes_q = _planes(query, chunk, "query")
-    planes_a = None if symmetric else _planes(against, chunk, "against")
-    try:
-        return genome_cpu.counts_metric(metric, planes_q, planes_a, weights=weights)
-    except genome_cpu.TooManyMissing:
-        del planes_q, planes_a
-        return _pairwise_counter(metric, query, against, weights, chunk)
+    # Rare variants as lists for a cohort against itself; if their terms overflow the uint16
+    # correction fields, all variants in the planes; past that, N x N int32 counters.
+    for rare in (True, False) if symmetric else (False,):
+        planes_q = _planes(query, chunk, "query", rare=rare)
+        planes_a = None if symmetric else _planes(against, chunk, "against", rare=False)
+        try:
+            return genome_cpu.counts_metric(metric, planes_q, planes_a, weights=weights)
+        except genome_cpu.TooManyMissing:
+            del planes_q, planes_a
+    return _pairwise_counter(metric, query, against, weights, chunk)
 
 
 def _pairwise_counter(
@@ -614,9 +634,10 @@ def pairwise_bed(
     (variant_id,) = _read_columns(bim, 6, (1,))
     n, m = len(iid), len(variant_id)
     _check_bed(bed, n, m, fam, bim)
+    counts = genome_cpu.bed_genotype_counts(bed, n, m)
     p = None
     if metric == "grm" or (metric == "ibs" and ibs_missing == "frequency"):
-        p = genome_cpu.bed_frequencies(bed, n, m)
+        p = genome_cpu.frequencies(counts, n)
     if metric == "grm":
         assert p is not None
         square = genome_cpu.grm_square(genome_cpu.iter_bed(bed, n, m), n, p, variant_major=True)
@@ -624,15 +645,27 @@ def pairwise_bed(
             return square
         square.tofile(out)  # float64 is little-endian on every platform torch and numba run on
         return None
-    builder = genome_cpu.PlaneBuilder(n, m)
-    for start, raw in genome_cpu.iter_bed_raw(bed, n, m):
-        builder.add_bed(raw, start)
-    planes = builder.finish()
     weights = None if p is None else ibs_missing_weights(p)
-    if out is None:
-        return genome_cpu.counts_metric(metric, planes, None, weights=weights)
-    tri = genome_cpu.counts_metric(metric, planes, None, weights=weights, packed=True)
+    for rare in (True, False):  # as in _pairwise_cpu
+        planes = genome_cpu.cohort_from_bed(bed, n, m, counts, rare=rare)
+        try:
+            result = genome_cpu.counts_metric(
+                metric, planes, None, weights=weights, packed=out is not None
+            )
+            break
+        except genome_cpu.TooManyMissing:
+            del planes
+    else:  # more missing calls than the uint16 fields hold: the N x N int32 counters
+        dosages = read_bed(prefix).dosages
+        result = pairwise(dosages, metric=metric, frequencies=p, ibs_missing=ibs_missing,
+                          device="cpu")  # fmt: skip
+        if out is None:
+            return result
+        result.tofile(out)
+        return None
     del planes
+    if out is None:
+        return result
     with open(out, "wb") as sink:
-        genome_cpu.write_square(tri, n, sink)
+        genome_cpu.write_square(result, n, sink)
     return None

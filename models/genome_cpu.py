@@ -40,10 +40,6 @@ from models.genome_bits import _BLOCK, WORD, _pack, _popcount
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024
-#: KING's fields are uint16: W(o→j) ≤ 4·(o's missing calls) must fit.
-MAX_MISSING_KING = (2**16 - 1) // 4
-#: IBS's W(o→j) ≤ 2·(o's missing calls).
-MAX_MISSING_IBS = (2**16 - 1) // 2
 #: PLINK 2's threshold below which 2p(1-p) makes a variant monomorphic (see models.genome).
 _MONOMORPHIC_VARIANCE = 2.0**-44
 
@@ -52,6 +48,11 @@ _KING, _IBS = 0, 1
 
 class TooManyMissing(ValueError):
     """A sample has more missing calls than the correction fields hold."""
+
+
+def _uint32_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
+    """PLINK 1.9's integer weights (their sum is below 2³²) or ones, as uint32."""
+    return np.ones(n, np.uint32) if weights is None else weights.astype(np.uint32)
 
 
 # --- planes ------------------------------------------------------------------------------------
@@ -152,25 +153,84 @@ class Planes:
     n_het: np.ndarray  # (N,) int64
     miss_starts: np.ndarray  # (N + 1,) int64
     miss_variants: np.ndarray  # int32, ascending within each sample
-    n_variants: int
+    n_variants: int  # variants in the planes
+    #: With rare variants taken out (:func:`cohort_from_bed`): the cohort's index of each variant
+    #: in the planes, and the rare ones as lists of carriers.
+    variants: np.ndarray | None = None
+    rare: Rare | None = None
 
     @property
     def n(self) -> int:
         return int(self.het.shape[0])
 
     def max_missing(self) -> int:
-        return int(np.diff(self.miss_starts).max()) if self.n else 0
+        counts = np.diff(self.miss_starts)
+        if self.rare is not None:
+            counts = counts + self.rare.missing_per_sample(self.n)
+        return int(counts.max()) if self.n else 0
+
+    def plane_weights(self, weights: np.ndarray | None) -> np.ndarray | None:
+        if weights is None or self.variants is None:
+            return weights
+        return weights[self.variants]
 
     def n_missing(self, weights: np.ndarray | None) -> np.ndarray:
-        """(N,) float64: missing calls, or the sum of their variants' weights."""
+        """(N,) float64: missing calls, or the sum of their variants' weights (all variants)."""
         counts = np.diff(self.miss_starts)
-        if weights is None:
-            return counts.astype(np.float64)
-        owner = np.repeat(np.arange(self.n), counts)
-        return np.bincount(owner, weights=weights[self.miss_variants], minlength=self.n)
+        dense = self.plane_weights(weights)
+        if dense is None:
+            out = counts.astype(np.float64)
+        else:
+            owner = np.repeat(np.arange(self.n), counts)
+            sums = np.bincount(owner, weights=dense[self.miss_variants], minlength=self.n)
+            out = sums.astype(np.float64)  # bincount of nothing is int64
+        if self.rare is not None:
+            out += self.rare.missing_weights(self.n, weights)
+        return out
 
     def by_variant(self) -> tuple[np.ndarray, np.ndarray]:
         return _by_variant(self.miss_starts, self.miss_variants, self.n_variants)
+
+
+@dataclass
+class Rare:
+    """Variants with few carriers of their minor allele, as lists: PLINK 2's "initial scan".
+
+    A pair meets at such a variant only if one of them carries the minor allele, so its
+    contribution to the pair's distance is a per-sample total plus a term for each pair of carriers
+    (and of carrier and missing call): Σ k² work for k carriers, where the planes would cost N²/64.
+    Genotypes are counted in minor-allele copies (1 het, 2 hom); KING and IBS do not change when
+    a variant's alleles are swapped.
+    """
+
+    variants: np.ndarray  # (R,) the cohort's index of each rare variant
+    c_starts: np.ndarray  # (R + 1,) int64
+    c_samples: np.ndarray  # int32, ascending within each variant: the carriers
+    c_copies: np.ndarray  # int8: 1 or 2 copies of the minor allele
+    m_starts: np.ndarray  # (R + 1,) int64
+    m_samples: np.ndarray  # int32, ascending: the samples missing the call
+
+    def missing_per_sample(self, n: int) -> np.ndarray:
+        return np.bincount(self.m_samples, minlength=n)
+
+    def missing_weights(self, n: int, weights: np.ndarray | None) -> np.ndarray:
+        if weights is None:
+            return self.missing_per_sample(n).astype(np.float64)
+        w = weights[self.variants]
+        per_call = np.repeat(w, np.diff(self.m_starts))
+        return np.bincount(self.m_samples, weights=per_call, minlength=n).astype(np.float64)
+
+    def totals(self, n: int, hom_weight: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Σ over rare variants carried of hom_weight·[hom] + [het], heterozygous calls)."""
+        het = self.c_copies == 1
+        value = np.where(het, 1, hom_weight)
+        return (
+            np.bincount(self.c_samples, weights=value, minlength=n).astype(np.int64),
+            np.bincount(self.c_samples[het], minlength=n).astype(np.int64),
+        )
+
+    def carried(self, n: int) -> np.ndarray:
+        return np.bincount(self.c_samples, minlength=n)
 
 
 class PlaneBuilder:
@@ -209,6 +269,151 @@ class PlaneBuilder:
         self._rows = None
         n_het = _row_popcounts(self.het)
         return Planes(self.het, self.hom, n_het, starts, variants, self.n_variants)
+
+
+#: A variant is "rare" (left out of the planes, see :class:`Rare`) when its k carriers of the minor
+#: allele and m missing calls make at most N² / this pair updates (k(k-1)/2 + k·m), each a random
+#: read-modify-write of a slot: measured on a 2-core AVX2 EPYC at N = 4,000, one costs about as
+#: much as 1/4,096 of a variant's N²/128 pair-words in the planes (48% of 50,000 msprime variants
+#: then go to the lists, and the KING pair work drops from 2.7 s to 1.9 s).
+RARE_COST = 4096
+
+
+def classify(counts: np.ndarray, n: int, rare: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(rare, flip) per variant from its (two copies, missing, het, no copies) counts: ``flip``
+    where A1 is the major allele (its minor allele is then A2)."""
+    hom2, missing, het, hom0 = counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3]
+    flip = hom2 > hom0
+    if not rare:
+        return np.zeros(len(counts), np.bool_), flip
+    k = het + np.minimum(hom2, hom0)
+    return k * (k - 1) // 2 + k * missing <= n * n // RARE_COST, flip
+
+
+def code_counts(codes: np.ndarray) -> np.ndarray:
+    """(c, 4) int64 per variant of sample-major (N, c) int8 codes: two copies, missing, het, none."""
+    return np.stack(
+        [(codes == 2).sum(0), (codes < 0).sum(0), (codes == 1).sum(0), (codes == 0).sum(0)], axis=1
+    ).astype(np.int64)
+
+
+@njit(cache=True)
+def _rare_lists(codes, flip):
+    """Carriers (sample, minor-allele copies) and missing samples of each variant-major row."""
+    r, n = codes.shape
+    c_counts = np.zeros(r, np.int64)
+    m_counts = np.zeros(r, np.int64)
+    for v in range(r):
+        for i in range(n):
+            x = codes[v, i]
+            if x < 0:
+                m_counts[v] += 1
+            elif (2 - x if flip[v] else x) > 0:
+                c_counts[v] += 1
+    c_samples = np.empty(c_counts.sum(), np.int32)
+    c_copies = np.empty(c_counts.sum(), np.int8)
+    m_samples = np.empty(m_counts.sum(), np.int32)
+    k = 0
+    t = 0
+    for v in range(r):
+        for i in range(n):
+            x = codes[v, i]
+            if x < 0:
+                m_samples[t] = i
+                t += 1
+            else:
+                copies = 2 - x if flip[v] else x
+                if copies > 0:
+                    c_samples[k] = i
+                    c_copies[k] = copies
+                    k += 1
+    return c_counts, c_samples, c_copies, m_counts, m_samples
+
+
+@njit(inline="always")
+def _bed_code(row, i):
+    return (row[i >> 2] >> ((i & 3) << 1)) & 3
+
+
+@njit(parallel=True, cache=True)
+def _rare_lists_bed(raw, n, flip):
+    """:func:`_rare_lists` straight from .bed rows, skipping the bytes whose four samples all
+    hold the major homozygote (0x00 where A1 is the major allele, else 0xFF)."""
+    r = raw.shape[0]
+    full = n // 4
+    c_counts = np.zeros(r, np.int64)
+    m_counts = np.zeros(r, np.int64)
+    for v in prange(r):
+        row = raw[v]
+        major = np.uint8(0x00) if flip[v] else np.uint8(0xFF)
+        hom_major = 0 if flip[v] else 3
+        for b in range(full + (n % 4 > 0)):
+            if b < full and row[b] == major:
+                continue
+            for i in range(4 * b, min(n, 4 * b + 4)):
+                code = _bed_code(row, i)
+                if code == 1:
+                    m_counts[v] += 1
+                elif code != hom_major:
+                    c_counts[v] += 1
+    c_starts = np.zeros(r + 1, np.int64)
+    m_starts = np.zeros(r + 1, np.int64)
+    for v in range(r):
+        c_starts[v + 1] = c_starts[v] + c_counts[v]
+        m_starts[v + 1] = m_starts[v] + m_counts[v]
+    c_samples = np.empty(c_starts[r], np.int32)
+    c_copies = np.empty(c_starts[r], np.int8)
+    m_samples = np.empty(m_starts[r], np.int32)
+    for v in prange(r):
+        row = raw[v]
+        major = np.uint8(0x00) if flip[v] else np.uint8(0xFF)
+        hom_major = 0 if flip[v] else 3
+        k = c_starts[v]
+        t = m_starts[v]
+        for b in range(full + (n % 4 > 0)):
+            if b < full and row[b] == major:
+                continue
+            for i in range(4 * b, min(n, 4 * b + 4)):
+                code = _bed_code(row, i)
+                if code == 1:
+                    m_samples[t] = i
+                    t += 1
+                elif code != hom_major:
+                    c_samples[k] = i
+                    # het (10) is one copy; the minor homozygote two
+                    c_copies[k] = 1 if code == 2 else 2
+                    k += 1
+    return c_counts, c_samples, c_copies, m_counts, m_samples
+
+
+class RareBuilder:
+    """Collects :class:`Rare` from variant-major int8 code rows, in the cohort's variant order."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, codes: np.ndarray, variants: np.ndarray, flip: np.ndarray) -> None:
+        if len(variants):
+            self.parts.append((variants, *_rare_lists(codes, flip)))
+
+    def add_bed(self, raw: np.ndarray, n: int, variants: np.ndarray, flip: np.ndarray) -> None:
+        """(r, ceil(n/4)) .bed rows of the rare variants ``variants``."""
+        if len(variants):
+            self.parts.append((variants, *_rare_lists_bed(raw, n, flip)))
+
+    def finish(self) -> Rare:
+        def cat(k: int, dtype: type) -> np.ndarray:
+            return np.concatenate([p[k] for p in self.parts]) if self.parts else np.zeros(0, dtype)
+
+        variants, c_counts, m_counts = cat(0, np.int64), cat(1, np.int64), cat(4, np.int64)
+        return Rare(
+            variants=variants,
+            c_starts=np.concatenate([[0], np.cumsum(c_counts)]).astype(np.int64),
+            c_samples=cat(2, np.int32),
+            c_copies=cat(3, np.int8),
+            m_starts=np.concatenate([[0], np.cumsum(m_counts)]).astype(np.int64),
+            m_samples=cat(5, np.int32),
+        )
 
 
 @njit(parallel=True, cache=True)
@@ -327,21 +532,6 @@ def _pack_bed(rows, n, het, hom, miss, word0):
                 het[i0 + lane, word0 + w] = th[lane]
                 hom[i0 + lane, word0 + w] = ta[lane]
                 miss[i0 + lane, word0 + w] = tm[lane]
-
-
-@njit(parallel=True, cache=True)
-def _bed_counts(raw, n, called, alt):
-    """Per variant of .bed rows: called samples and A1 copies."""
-    for v in prange(raw.shape[0]):
-        k = 0
-        s = 0
-        row = raw[v]
-        for i in range(n):
-            code = (row[i >> 2] >> ((i & 3) << 1)) & 3
-            k += code != 1
-            s += (code == 0) * 2 + (code == 2)
-        called[v] = k
-        alt[v] = s
 
 
 # --- corrections -------------------------------------------------------------------------------
@@ -527,21 +717,23 @@ def _pair2(hi, ai, hj, aj, hk, ak):
 
 
 @njit(inline="always", error_model="numpy")
-def _finish(metric, ibs0, hethet, nh_i, nh_j, f16, f32, slot, own_i, nm_i, nm_j, total, n_var):
-    """The metric of one pair from its counts and its slot's correction fields (``own_i``: the
-    field index of owner i; owner j's is ``1 - own_i``)."""
+def _finish(metric, ibs0, hethet, b_i, b_j, nh_i, nh_j, f16, f32, slot, own_i, nm_i, nm_j, total,
+            n_var):  # fmt: skip
+    """The metric of one pair from its counts, its slot's correction fields (``own_i``: the field
+    index of owner i; owner j's is ``1 - own_i``), each sample's distance base ``b`` (its het calls
+    in the planes, plus its rare variants' total) and heterozygous calls ``nh``."""
     if metric == _KING:
-        d = 4 * ibs0 - 2 * hethet + nh_i + nh_j - f16[4 * slot + 2] - f16[4 * slot + 3]
+        d = 4 * ibs0 - 2 * hethet + b_i + b_j - f16[4 * slot + 2] - f16[4 * slot + 3]
         het_ij = nh_i - np.int64(f16[4 * slot + 1 - own_i])  # i's hets where j is called
         het_ji = nh_j - np.int64(f16[4 * slot + own_i])
         return 0.5 - np.float64(d) / (4.0 * np.float64(min(het_ij, het_ji)))
-    d = 2 * ibs0 - 2 * hethet + nh_i + nh_j - f16[4 * slot] - f16[4 * slot + 1]
+    d = 2 * ibs0 - 2 * hethet + b_i + b_j - f16[4 * slot] - f16[4 * slot + 1]
     den = (total - (nm_i + nm_j)) + np.float64(f32[2 * slot + 1])
     return 1.0 - np.float64(d) * (total / den) / (2.0 * n_var)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _pairs_square(metric, het, hom, n_het, n_miss, total, n_var, packed, out, f16, f32):
+def _pairs_square(metric, het, hom, base, n_het, n_miss, total, n_var, packed, out, f16, f32):
     """Every pair i < j of one cohort, finished into slot (j, i); blocks of cohort rows j run in
     parallel and meet each earlier row i two at a time."""
     n = het.shape[0]
@@ -555,13 +747,13 @@ def _pairs_square(metric, het, hom, n_het, n_miss, total, n_var, packed, out, f1
                 k = min(j + 1, j1 - 1)
                 ibs0_j, hh_j, ibs0_k, hh_k = _pair2(hi, ai, het[j], hom[j], het[k], hom[k])
                 s = _slot(j, i, n, packed)
-                value = _finish(metric, ibs0_j, hh_j, n_het[i], n_het[j], f16, f32, s, 1,
-                                n_miss[i], n_miss[j], total, n_var)  # fmt: skip
+                value = _finish(metric, ibs0_j, hh_j, base[i], base[j], n_het[i], n_het[j], f16,
+                                f32, s, 1, n_miss[i], n_miss[j], total, n_var)  # fmt: skip
                 out[s] = value
                 if k != j:
                     s = _slot(k, i, n, packed)
-                    value = _finish(metric, ibs0_k, hh_k, n_het[i], n_het[k], f16, f32, s, 1,
-                                    n_miss[i], n_miss[k], total, n_var)  # fmt: skip
+                    value = _finish(metric, ibs0_k, hh_k, base[i], base[k], n_het[i], n_het[k],
+                                    f16, f32, s, 1, n_miss[i], n_miss[k], total, n_var)  # fmt: skip
                     out[s] = value
 
 
@@ -581,12 +773,44 @@ def _pairs_rect(metric, het_q, hom_q, het_a, hom_a, nh_q, nh_a, nm_q, nm_a, tota
                 k = min(j + 1, j1 - 1)
                 ibs0_j, hh_j, ibs0_k, hh_k = _pair2(hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k])
                 s = i * n_a + j
-                out[s] = _finish(metric, ibs0_j, hh_j, nh_q[i], nh_a[j], f16, f32, s, 0,
-                                 nm_q[i], nm_a[j], total, n_var)  # fmt: skip
+                out[s] = _finish(metric, ibs0_j, hh_j, nh_q[i], nh_a[j], nh_q[i], nh_a[j], f16,
+                                 f32, s, 0, nm_q[i], nm_a[j], total, n_var)  # fmt: skip
                 if k != j:
                     s = i * n_a + k
-                    out[s] = _finish(metric, ibs0_k, hh_k, nh_q[i], nh_a[k], f16, f32, s, 0,
-                                     nm_q[i], nm_a[k], total, n_var)  # fmt: skip
+                    out[s] = _finish(metric, ibs0_k, hh_k, nh_q[i], nh_a[k], nh_q[i], nh_a[k],
+                                     f16, f32, s, 0, nm_q[i], nm_a[k], total, n_var)  # fmt: skip
+
+
+@njit(parallel=True, cache=True)
+def _rare_pairs(c_starts, c_samples, c_copies, m_starts, m_samples, king, w_field, packed, n,
+                threads, f16):  # fmt: skip
+    """The pair terms of the rare variants, into the square's correction fields: for two carriers
+    ``2·x_i·x_j`` (KING) or ``2·min(x_i, x_j)`` (IBS) into the row owner's W field; for a carrier
+    i and a sample o missing the call, ``W(o→i) += hom_weight·[x_i=2] + [x_i=1]`` and, for KING,
+    ``Hc(o→i) += [x_i=1]``. Threads own interleaved slot rows, so no two write the same slot."""
+    for part in prange(threads):
+        for v in range(c_starts.shape[0] - 1):
+            c0 = c_starts[v]
+            c1 = c_starts[v + 1]
+            for t in range(c0, c1):
+                i = c_samples[t]
+                xi = np.int64(c_copies[t])
+                if i % threads == part:  # pairs (i, j < i): slot row i
+                    for u in range(c0, t):
+                        xj = np.int64(c_copies[u])
+                        slot = _slot(i, c_samples[u], n, packed)
+                        f16[4 * slot + w_field] += 2 * (xi * xj if king else min(xi, xj))
+                value = xi * xi if king else xi
+                for u in range(m_starts[v], m_starts[v + 1]):
+                    o = m_samples[u]
+                    row = max(o, i)
+                    if row % threads != part:
+                        continue
+                    slot = _slot(row, min(o, i), n, packed)
+                    side = 0 if o > i else 1  # the owner o's fields
+                    f16[4 * slot + w_field + side] += value
+                    if king and xi == 1:
+                        f16[4 * slot + side] += 1
 
 
 @njit(parallel=True, cache=True)
@@ -623,26 +847,46 @@ def counts_metric(
     """
     code = _KING if metric == "king" else _IBS
     hom_weight = 4 if code == _KING else 2
-    limit = MAX_MISSING_KING if code == _KING else MAX_MISSING_IBS
+    limit = 2**16 - 1
     sides = [query] if against is None else [query, against]
-    if max(side.max_missing() for side in sides) > limit:
-        raise TooManyMissing(f"a sample misses more than {limit} calls")
-    n_var = query.n_variants
+    bound = max(int(hom_weight * side.max_missing()) for side in sides)
+    if query.rare is not None:  # and two carriers' terms, both ways
+        bound += 2 * hom_weight * int(query.rare.carried(query.n).max(initial=0))
+    if bound > limit:
+        raise TooManyMissing(f"correction fields would reach {bound} (uint16)")
+    n_var = query.n_variants if query.variants is None else len(query.variants)
+    if query.rare is not None:
+        n_var += len(query.rare.variants)
     total = float(n_var) if weights is None else float(weights.sum())
-    w = np.ones(n_var, np.uint32) if weights is None else weights.astype(np.uint32)
     threads = numba.get_num_threads()
     if against is None:
         n = query.n
         out = np.zeros(n * (n + 1) // 2 if packed else n * n, np.float64)
         f16, f32 = out.view(np.uint16), out.view(np.uint32)
+        king = code == _KING
+        w_field = 2 if king else 0
         _corrections(query.miss_starts, query.miss_variants, query.het, query.hom, hom_weight,
-                     code == _KING, 2 if code == _KING else 0, 0, n, packed, f16)  # fmt: skip
+                     king, w_field, 0, n, packed, f16)  # fmt: skip
         nm = query.n_missing(weights)
+        base, n_het = query.n_het, query.n_het
+        rare = query.rare
+        if rare is not None:
+            r_base, r_het = rare.totals(n, hom_weight)
+            base, n_het = base + r_base, n_het + r_het
+            _rare_pairs(rare.c_starts, rare.c_samples, rare.c_copies, rare.m_starts,
+                        rare.m_samples, king, w_field, packed, n, threads, f16)  # fmt: skip
         if code == _IBS:
+            joint = f32[1::2]
             v_starts, v_samples = query.by_variant()
+            w = _uint32_weights(query.plane_weights(weights), query.n_variants)
             _joint_counts(v_starts, v_samples, v_starts, v_samples, w, True, packed, n, threads,
-                          f32[1::2])  # fmt: skip
-        _pairs_square(code, query.het, query.hom, query.n_het, nm, total, float(n_var), packed,
+                          joint)  # fmt: skip
+            if rare is not None:
+                w = _uint32_weights(None if weights is None else weights[rare.variants],
+                                    len(rare.variants))  # fmt: skip
+                _joint_counts(rare.m_starts, rare.m_samples, rare.m_starts, rare.m_samples, w,
+                              True, packed, n, threads, joint)  # fmt: skip
+        _pairs_square(code, query.het, query.hom, base, n_het, nm, total, float(n_var), packed,
                       out, f16, f32)  # fmt: skip
         _set_diagonal(out, n, packed, 0.5 if code == _KING else 1.0)
         if packed:
@@ -650,6 +894,9 @@ def counts_metric(
         square = out.reshape(n, n)
         _mirror_lower(square)
         return square
+    if query.rare is not None or against.rare is not None:
+        raise ValueError("rare-variant lists are for a cohort against itself")
+    w = _uint32_weights(weights, n_var)
     n_q, n_a = query.n, against.n
     out = np.zeros(n_q * n_a, np.float64)
     f16, f32 = out.view(np.uint16), out.view(np.uint32)
@@ -690,15 +937,93 @@ def _variant_counts(codes, variant_major, called, alt):
         alt[v] = s
 
 
-def bed_frequencies(bed_path: str | Path, n: int, n_variants: int) -> np.ndarray:
-    """A1 frequency over observed calls per variant (NaN without calls), from the .bed's bytes."""
-    called = np.zeros(n_variants, np.int64)
-    alt = np.zeros(n_variants, np.int64)
+def _bed_count_table() -> np.ndarray:
+    """Byte → how many of its 4 samples have each 2-bit code (00, 01, 10, 11)."""
+    byte = np.arange(256)
+    return np.stack([sum(((byte >> (2 * k)) & 3) == code for k in range(4)) for code in range(4)],
+                    axis=1).astype(np.int64)  # fmt: skip
+
+
+_BED_COUNT_TABLE = _bed_count_table()
+
+
+@njit(parallel=True, cache=True)
+def _bed_genotype_counts(raw, n, table, out):
+    """Per variant of .bed rows: samples with two copies of A1 (00), missing (01), het (10),
+    none (11); the padding of the last byte is not counted."""
+    full = n // 4
+    for v in prange(raw.shape[0]):
+        row = raw[v]
+        c0 = 0
+        c1 = 0
+        c2 = 0
+        c3 = 0
+        for b in range(full):
+            t = table[row[b]]
+            c0 += t[0]
+            c1 += t[1]
+            c2 += t[2]
+            c3 += t[3]
+        for i in range(4 * full, n):
+            code = (row[i >> 2] >> ((i & 3) << 1)) & 3
+            c0 += code == 0
+            c1 += code == 1
+            c2 += code == 2
+            c3 += code == 3
+        out[v, 0] = c0
+        out[v, 1] = c1
+        out[v, 2] = c2
+        out[v, 3] = c3
+
+
+def bed_genotype_counts(bed_path: str | Path, n: int, n_variants: int) -> np.ndarray:
+    """(M, 4) int64: per variant, samples with two copies of A1, missing, het, none."""
+    counts = np.zeros((n_variants, 4), np.int64)
     for start, raw in iter_bed_raw(bed_path, n, n_variants):
-        c = raw.shape[0]
-        _bed_counts(raw, n, called[start : start + c], alt[start : start + c])
+        _bed_genotype_counts(raw, n, _BED_COUNT_TABLE, counts[start : start + raw.shape[0]])
+    return counts
+
+
+def frequencies(counts: np.ndarray, n: int) -> np.ndarray:
+    """A1 frequency over observed calls (NaN without calls) from :func:`bed_genotype_counts`."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return alt / (2.0 * called)
+        return (2 * counts[:, 0] + counts[:, 2]) / (2.0 * (n - counts[:, 1]))
+
+
+def cohort_from_bed(
+    bed_path: str | Path, n: int, n_variants: int, counts: np.ndarray, *, rare: bool = True
+) -> Planes:
+    """The planes of a .bed's common variants and the lists of its rare ones (:class:`Rare`)."""
+    is_rare, flip = classify(counts, n, rare)
+    dense = np.flatnonzero(~is_rare)
+    builder = PlaneBuilder(n, len(dense))
+    rares = RareBuilder()
+    per_variant = (n + 3) // 4
+    buffer = np.empty((CHUNK, per_variant), np.uint8)
+    filled = 0
+    done = 0  # dense variants already in the planes
+    for start, raw in iter_bed_raw(bed_path, n, n_variants):
+        chunk_rare = is_rare[start : start + raw.shape[0]]
+        picked = raw[~chunk_rare]
+        while len(picked):
+            take = min(CHUNK - filled, len(picked))
+            buffer[filled : filled + take] = picked[:take]
+            filled += take
+            picked = picked[take:]
+            if filled == CHUNK:
+                builder.add_bed(buffer, done)
+                done += CHUNK
+                filled = 0
+        if chunk_rare.any():
+            index = start + np.flatnonzero(chunk_rare)
+            rares.add_bed(raw[chunk_rare], n, index, flip[index])
+    if filled:
+        builder.add_bed(buffer[:filled], done)
+    planes = builder.finish()
+    if rare:
+        planes.variants = dense
+        planes.rare = rares.finish()
+    return planes
 
 
 @njit(parallel=True, cache=True)

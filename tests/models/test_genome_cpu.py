@@ -47,6 +47,12 @@ def _planes(x: np.ndarray, variant_major: bool, chunk: int = 320) -> genome_cpu.
     return builder.finish()
 
 
+def _planes_with_rare(x: np.ndarray) -> genome_cpu.Planes:
+    from models.genome import _planes as planes
+
+    return planes(x, 4096, "x", rare=True)
+
+
 def test_variant_major_planes_equal_sample_major_planes() -> None:
     x = _cohort(131, 1000, 0.05, seed=3)
     a, b = _planes(x, False), _planes(x, True)
@@ -116,6 +122,56 @@ def test_pairwise_bed_decodes_partial_bytes_and_blocks(tmp_path, metric) -> None
     _write_bed(tmp_path / "c", x)
     ours = pairwise_bed(tmp_path / "c", metric=metric)
     np.testing.assert_array_equal(ours, pairwise(x, metric=metric, device="cpu"))
+
+
+def _rare_cohort(n: int, m: int, missing: float, seed: int) -> np.ndarray:
+    """Mostly rare variants (minor allele frequency 0.1-5%), A1 the minor allele at half of them
+    and the major one at the other half."""
+    rng = np.random.default_rng(seed)
+    maf = rng.uniform(0.001, 0.05, size=m)
+    x = rng.binomial(2, np.where(rng.random(m) < 0.5, maf, 1 - maf), size=(n, m)).astype(np.int8)
+    x[rng.random((n, m)) < missing] = -1
+    return x
+
+
+@pytest.mark.parametrize("cost", [4096, 64, 1])
+@pytest.mark.parametrize(("metric", "ibs_missing"), [("king", "frequency"), ("ibs", "frequency"),
+                                                     ("ibs", "flat")])  # fmt: skip
+@pytest.mark.parametrize("missing", [0.02, 0.3])
+def test_rare_variant_lists_equal_the_gemm_engine(
+    monkeypatch, tmp_path, cost, metric, ibs_missing, missing
+) -> None:
+    """Rare variants (at most N²/cost pair updates; 1: every variant) taken out of the planes and
+    counted from their carriers give the GEMM engine's numbers, bit for bit, from dosages and
+    from a .bed."""
+    monkeypatch.setattr(genome_cpu, "RARE_COST", cost)
+    x = _rare_cohort(150, 1500, missing, seed=cost)
+    rare = genome_cpu.classify(genome_cpu.code_counts(x), 150)[0]
+    assert rare.sum() > {4096: 0, 64: 500, 1: 1499}[cost]
+    p = allele_frequencies(x)
+    kwargs = dict(metric=metric, ibs_missing=ibs_missing, frequencies=p, device="cpu")
+    ours = pairwise(x, **kwargs)  # type: ignore[arg-type]
+    gemm = pairwise(x, engine="gemm", **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(ours, gemm)
+    _write_bed(tmp_path / "r", x)
+    np.testing.assert_array_equal(
+        pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing), gemm
+    )
+
+
+def test_rare_terms_past_the_fields_fall_back_to_the_planes(monkeypatch) -> None:
+    """One sample carries 5,000 singletons and another misses 10,000 calls: the rare-variant
+    terms would pass uint16 (4·10,000 + 8·5,000), all-planes KING fits, and gives the same."""
+    x = np.zeros((40, 20_000), np.int8)
+    x[0, :5_000] = 1
+    x[1, 5_000:15_000] = -1
+    x[2:, 15_000:] = np.random.default_rng(7).binomial(2, 0.4, size=(38, 5_000))
+    rare = genome_cpu.classify(genome_cpu.code_counts(x), 40)[0]
+    assert rare[:15_000].all()
+    with pytest.raises(genome_cpu.TooManyMissing):
+        genome_cpu.counts_metric("king", _planes_with_rare(x), None)
+    ours = pairwise(x, metric="king", device="cpu")
+    np.testing.assert_array_equal(ours, pairwise(x, metric="king", device="cpu", engine="gemm"))
 
 
 def test_pairwise_bed_bad_input(tmp_path) -> None:
