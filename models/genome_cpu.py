@@ -175,21 +175,48 @@ class Planes:
         return weights[self.variants]
 
     def n_missing(self, weights: np.ndarray | None) -> np.ndarray:
-        """(N,) float64: missing calls, or the sum of their variants' weights (all variants)."""
-        counts = np.diff(self.miss_starts)
+        """(N,) float64: missing calls, or the sum of their variants' weights (all variants; the
+        weights are integers, so every order of summing gives the same float64)."""
+        out = np.zeros(self.n, np.float64)
+        ones = np.ones(self.n_variants, np.float64)
         dense = self.plane_weights(weights)
-        if dense is None:
-            out = counts.astype(np.float64)
-        else:
-            owner = np.repeat(np.arange(self.n), counts)
-            sums = np.bincount(owner, weights=dense[self.miss_variants], minlength=self.n)
-            out = sums.astype(np.float64)  # bincount of nothing is int64
+        _owner_sums(self.miss_starts, self.miss_variants, ones if dense is None else dense, out)
         if self.rare is not None:
-            out += self.rare.missing_weights(self.n, weights)
+            r = self.rare
+            w = np.ones(len(r.variants)) if weights is None else weights[r.variants]
+            _variant_sums(r.m_starts, r.m_samples, w.astype(np.float64), out)
         return out
 
     def by_variant(self) -> tuple[np.ndarray, np.ndarray]:
         return _by_variant(self.miss_starts, self.miss_variants, self.n_variants)
+
+
+@njit(cache=True)
+def _owner_sums(starts, index, weights, out):
+    """``out[o] += Σ weights[index[t]]`` over owner o's entries of a CSR."""
+    for o in range(starts.shape[0] - 1):
+        total = 0.0
+        for t in range(starts[o], starts[o + 1]):
+            total += weights[index[t]]
+        out[o] += total
+
+
+@njit(cache=True)
+def _variant_sums(starts, samples, weights, out):
+    """``out[s] += weights[v]`` for every sample s listed under variant v."""
+    for v in range(starts.shape[0] - 1):
+        for t in range(starts[v], starts[v + 1]):
+            out[samples[t]] += weights[v]
+
+
+@njit(cache=True)
+def _carrier_totals(samples, copies, hom_weight, base, het):
+    for t in range(samples.shape[0]):
+        if copies[t] == 1:
+            base[samples[t]] += 1
+            het[samples[t]] += 1
+        else:
+            base[samples[t]] += hom_weight
 
 
 @dataclass
@@ -213,21 +240,12 @@ class Rare:
     def missing_per_sample(self, n: int) -> np.ndarray:
         return np.bincount(self.m_samples, minlength=n)
 
-    def missing_weights(self, n: int, weights: np.ndarray | None) -> np.ndarray:
-        if weights is None:
-            return self.missing_per_sample(n).astype(np.float64)
-        w = weights[self.variants]
-        per_call = np.repeat(w, np.diff(self.m_starts))
-        return np.bincount(self.m_samples, weights=per_call, minlength=n).astype(np.float64)
-
     def totals(self, n: int, hom_weight: int) -> tuple[np.ndarray, np.ndarray]:
         """(Σ over rare variants carried of hom_weight·[hom] + [het], heterozygous calls)."""
-        het = self.c_copies == 1
-        value = np.where(het, 1, hom_weight)
-        return (
-            np.bincount(self.c_samples, weights=value, minlength=n).astype(np.int64),
-            np.bincount(self.c_samples[het], minlength=n).astype(np.int64),
-        )
+        base = np.zeros(n, np.int64)
+        het = np.zeros(n, np.int64)
+        _carrier_totals(self.c_samples, self.c_copies, hom_weight, base, het)
+        return base, het
 
     def carried(self, n: int) -> np.ndarray:
         return np.bincount(self.c_samples, minlength=n)
@@ -570,27 +588,41 @@ def _ripple(levels, x, k):
 
 
 @njit(inline="always")
-def _count_masks(masks, variants, lo, hi, levels):
-    """Bit-sliced per-lane counts of ``masks[variants[lo:hi]]`` into ``levels`` (zeroed)."""
-    ones = np.uint64(0)
-    twos = np.uint64(0)
-    fours = np.uint64(0)
+def _count_masks(hv, av, variants, lo, hi, lh, la):
+    """Bit-sliced per-lane counts of ``hv[variants[lo:hi]]`` into ``lh`` and of ``av[…]`` into
+    ``la`` (both zeroed): a carry-save tree of 8 inputs per step, the eights rippled on."""
+    h1 = np.uint64(0)
+    h2 = np.uint64(0)
+    h4 = np.uint64(0)
+    a1 = np.uint64(0)
+    a2 = np.uint64(0)
+    a4 = np.uint64(0)
     t = lo
     while t + 8 <= hi:
-        twos_a, ones = _csa(ones, masks[variants[t]], masks[variants[t + 1]])
-        twos_b, ones = _csa(ones, masks[variants[t + 2]], masks[variants[t + 3]])
-        fours_a, twos = _csa(twos, twos_a, twos_b)
-        twos_a, ones = _csa(ones, masks[variants[t + 4]], masks[variants[t + 5]])
-        twos_b, ones = _csa(ones, masks[variants[t + 6]], masks[variants[t + 7]])
-        fours_b, twos = _csa(twos, twos_a, twos_b)
-        eights, fours = _csa(fours, fours_a, fours_b)
-        _ripple(levels, eights, 3)
+        v0, v1, v2, v3 = variants[t], variants[t + 1], variants[t + 2], variants[t + 3]
+        v4, v5, v6, v7 = variants[t + 4], variants[t + 5], variants[t + 6], variants[t + 7]
+        c_a, h1 = _csa(h1, hv[v0], hv[v1])
+        c_b, h1 = _csa(h1, hv[v2], hv[v3])
+        f_a, h2 = _csa(h2, c_a, c_b)
+        c_a, h1 = _csa(h1, hv[v4], hv[v5])
+        c_b, h1 = _csa(h1, hv[v6], hv[v7])
+        f_b, h2 = _csa(h2, c_a, c_b)
+        eights, h4 = _csa(h4, f_a, f_b)
+        _ripple(lh, eights, 3)
+        c_a, a1 = _csa(a1, av[v0], av[v1])
+        c_b, a1 = _csa(a1, av[v2], av[v3])
+        f_a, a2 = _csa(a2, c_a, c_b)
+        c_a, a1 = _csa(a1, av[v4], av[v5])
+        c_b, a1 = _csa(a1, av[v6], av[v7])
+        f_b, a2 = _csa(a2, c_a, c_b)
+        eights, a4 = _csa(a4, f_a, f_b)
+        _ripple(la, eights, 3)
         t += 8
-    levels[0] = ones
-    levels[1] = twos
-    levels[2] = fours
+    lh[0], lh[1], lh[2] = h1, h2, h4
+    la[0], la[1], la[2] = a1, a2, a4
     while t < hi:
-        _ripple(levels, masks[variants[t]], 0)
+        _ripple(lh, hv[variants[t]], 0)
+        _ripple(la, av[variants[t]], 0)
         t += 1
 
 
@@ -654,8 +686,7 @@ def _corrections(
                 continue
             lh[:] = 0
             la[:] = 0
-            _count_masks(hv, own_vars, lo, hi, lh)
-            _count_masks(av, own_vars, lo, hi, la)
+            _count_masks(hv, av, own_vars, lo, hi, lh, la)
             _lane_values(lh, vh)
             _lane_values(la, va)
             for lane in range(lanes):
@@ -861,18 +892,19 @@ def counts_metric(
     threads = numba.get_num_threads()
     if against is None:
         n = query.n
-        out = np.zeros(n * (n + 1) // 2 if packed else n * n, np.float64)
-        f16, f32 = out.view(np.uint16), out.view(np.uint32)
         king = code == _KING
         w_field = 2 if king else 0
-        _corrections(query.miss_starts, query.miss_variants, query.het, query.hom, hom_weight,
-                     king, w_field, 0, n, packed, f16)  # fmt: skip
-        nm = query.n_missing(weights)
+        nm = query.n_missing(weights)  # the per-sample sums first: they do not add to the peak
         base, n_het = query.n_het, query.n_het
         rare = query.rare
         if rare is not None:
             r_base, r_het = rare.totals(n, hom_weight)
             base, n_het = base + r_base, n_het + r_het
+        out = np.zeros(n * (n + 1) // 2 if packed else n * n, np.float64)
+        f16, f32 = out.view(np.uint16), out.view(np.uint32)
+        _corrections(query.miss_starts, query.miss_variants, query.het, query.hom, hom_weight,
+                     king, w_field, 0, n, packed, f16)  # fmt: skip
+        if rare is not None:
             _rare_pairs(rare.c_starts, rare.c_samples, rare.c_copies, rare.m_starts,
                         rare.m_samples, king, w_field, packed, n, threads, f16)  # fmt: skip
         if code == _IBS:
@@ -1214,4 +1246,4 @@ def write_square(tri: np.ndarray, n: int, sink: BinaryIO, rows: int = 256) -> No
     for r0 in range(0, n, rows):
         part = buf[: min(rows, n - r0)]
         _rows_from_packed(tri, n, r0, part)
-        sink.write(part.astype("<f8", copy=False).tobytes())
+        sink.write(memoryview(part.astype("<f8", copy=False)).cast("B"))
