@@ -1246,4 +1246,4 @@ def write_square(tri: np.ndarray, n: int, sink: BinaryIO, rows: int = 256) -> No
     for r0 in range(0, n, rows):
         part = buf[: min(rows, n - r0)]
         _rows_from_packed(tri, n, r0, part)
-        sink.write(memoryview(part.astype("<f8", copy=False)).cast("B"))
+        sink.write(part.astype("<f8", copy=False).data)  # a view: no copy
