@@ -359,6 +359,16 @@ def ibs_missing_weights(frequencies: np.ndarray) -> np.ndarray:
     return np.floor(raw * scale + 0.5)
 
 
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same elements of the same buffer (two views of one array)."""
+    return (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype == b.dtype
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
 def _device_type(device: Device) -> str:
     """``cpu`` without loading torch; otherwise torch decides (``auto``: CUDA when present)."""
     if device == "cpu":
@@ -373,16 +383,24 @@ def _code_chunks(x: np.ndarray, chunk: int, what: str) -> Iterator[tuple[int, np
         yield cols.start, np.ascontiguousarray(_chunk_codes(x, cols, what))
 
 
-def _planes(x: np.ndarray, chunk: int, what: str, *, rare: bool) -> genome_cpu.Planes:
-    """Bit planes of ``x``; with ``rare``, of its common variants only, the rare ones as lists."""
-    if not rare:
+def _split(x: np.ndarray, chunk: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rare, flip) per variant of ``x`` (:func:`models.genome_cpu.classify`)."""
+    parts = [genome_cpu.code_counts(codes) for _, codes in _code_chunks(x, chunk, what)]
+    counts = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
+    return genome_cpu.classify(counts, x.shape[0])
+
+
+def _planes(
+    x: np.ndarray, chunk: int, what: str, split: tuple[np.ndarray, np.ndarray] | None
+) -> genome_cpu.Planes:
+    """Bit planes of ``x``; with a ``split`` (:func:`_split`), of its common variants only, the
+    rare ones as lists."""
+    if split is None:
         builder = genome_cpu.PlaneBuilder(x.shape[0], x.shape[1])
         for start, codes in _code_chunks(x, chunk, what):
             builder.add_sample_major(codes, start)
         return builder.finish()
-    parts = [genome_cpu.code_counts(codes) for _, codes in _code_chunks(x, chunk, what)]
-    counts = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
-    is_rare, flip = genome_cpu.classify(counts, x.shape[0])
+    is_rare, flip = split
     dense, rare_variants = np.flatnonzero(~is_rare), np.flatnonzero(is_rare)
     builder = genome_cpu.PlaneBuilder(x.shape[0], len(dense))
     for start in range(0, len(dense), chunk):
@@ -420,11 +438,12 @@ def _pairwise_cpu(
             against.shape[0],
             p_all,
         )
-    # Rare variants as lists for a cohort against itself; if their terms overflow the uint16
+    # Rare variants as lists (split by the cohort's counts); if their terms overflow the uint16
     # correction fields, all variants in the planes; past that, N x N int32 counters.
-    for rare in (True, False) if symmetric else (False,):
-        planes_q = _planes(query, chunk, "query", rare=rare)
-        planes_a = None if symmetric else _planes(against, chunk, "against", rare=False)
+    for rare in (True, False):
+        split = _split(against, chunk, "against") if rare else None
+        planes_q = _planes(query, chunk, "query", split)
+        planes_a = None if symmetric else _planes(against, chunk, "against", split)
         try:
             return genome_cpu.counts_metric(metric, planes_q, planes_a, weights=weights)
         except genome_cpu.TooManyMissing:
@@ -521,6 +540,8 @@ def pairwise_block(
     if ibs_missing not in ("frequency", "flat"):
         raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
     query, against = _check_matrix(query, "query"), _check_matrix(against, "against")
+    if query is not against and _same_array(query, against):
+        against = query  # a worker's single tile: rows 0…N of the cohort, a view of it
     if query.shape[1] != against.shape[1]:
         raise ValueError(f"query has {query.shape[1]} variants, against has {against.shape[1]}")
     n_variants = query.shape[1]

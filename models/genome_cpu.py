@@ -789,8 +789,8 @@ def _pairs_square(metric, het, hom, base, n_het, n_miss, total, n_var, packed, o
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _pairs_rect(metric, het_q, hom_q, het_a, hom_a, nh_q, nh_a, nm_q, nm_a, total, n_var, out,
-                f16, f32):  # fmt: skip
+def _pairs_rect(metric, het_q, hom_q, het_a, hom_a, b_q, b_a, nh_q, nh_a, nm_q, nm_a, total, n_var,
+                out, f16, f32):  # fmt: skip
     """Every query row i against every cohort column j, finished into slot (i, j)."""
     n_q = het_q.shape[0]
     n_a = het_a.shape[0]
@@ -804,11 +804,11 @@ def _pairs_rect(metric, het_q, hom_q, het_a, hom_a, nh_q, nh_a, nm_q, nm_a, tota
                 k = min(j + 1, j1 - 1)
                 ibs0_j, hh_j, ibs0_k, hh_k = _pair2(hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k])
                 s = i * n_a + j
-                out[s] = _finish(metric, ibs0_j, hh_j, nh_q[i], nh_a[j], nh_q[i], nh_a[j], f16,
+                out[s] = _finish(metric, ibs0_j, hh_j, b_q[i], b_a[j], nh_q[i], nh_a[j], f16,
                                  f32, s, 0, nm_q[i], nm_a[j], total, n_var)  # fmt: skip
                 if k != j:
                     s = i * n_a + k
-                    out[s] = _finish(metric, ibs0_k, hh_k, nh_q[i], nh_a[k], nh_q[i], nh_a[k],
+                    out[s] = _finish(metric, ibs0_k, hh_k, b_q[i], b_a[k], nh_q[i], nh_a[k],
                                      f16, f32, s, 0, nm_q[i], nm_a[k], total, n_var)  # fmt: skip
 
 
@@ -842,6 +842,40 @@ def _rare_pairs(c_starts, c_samples, c_copies, m_starts, m_samples, king, w_fiel
                     f16[4 * slot + w_field + side] += value
                     if king and xi == 1:
                         f16[4 * slot + side] += 1
+
+
+@njit(parallel=True, cache=True)
+def _rare_pairs_rect(q_cs, q_c, q_x, q_ms, q_m, a_cs, a_c, a_x, a_ms, a_m, king, w_field, n_a,
+                     threads, f16):  # fmt: skip
+    """:func:`_rare_pairs` between query rows and cohort columns, slot (i, j) = i·N_a + j, with
+    the query owner's fields 0/2 and the cohort owner's 1/3; threads own interleaved query rows."""
+    for part in prange(threads):
+        for v in range(q_cs.shape[0] - 1):
+            for t in range(q_cs[v], q_cs[v + 1]):  # query carriers
+                i = q_c[t]
+                if i % threads != part:
+                    continue
+                xi = np.int64(q_x[t])
+                for u in range(a_cs[v], a_cs[v + 1]):  # against cohort carriers
+                    xj = np.int64(a_x[u])
+                    slot = i * n_a + a_c[u]
+                    f16[4 * slot + w_field] += 2 * (xi * xj if king else min(xi, xj))
+                value = xi * xi if king else xi
+                for u in range(a_ms[v], a_ms[v + 1]):  # cohort samples missing: owner o
+                    slot = i * n_a + a_m[u]
+                    f16[4 * slot + w_field + 1] += value
+                    if king and xi == 1:
+                        f16[4 * slot + 1] += 1
+            for t in range(q_ms[v], q_ms[v + 1]):  # query samples missing: owner i
+                i = q_m[t]
+                if i % threads != part:
+                    continue
+                for u in range(a_cs[v], a_cs[v + 1]):
+                    xj = np.int64(a_x[u])
+                    slot = i * n_a + a_c[u]
+                    f16[4 * slot + w_field] += xj * xj if king else xj
+                    if king and xj == 1:
+                        f16[4 * slot] += 1
 
 
 @njit(parallel=True, cache=True)
@@ -881,11 +915,12 @@ def counts_metric(
     limit = 2**16 - 1
     sides = [query] if against is None else [query, against]
     bound = max(int(hom_weight * side.max_missing()) for side in sides)
-    if query.rare is not None:  # and two carriers' terms, both ways
-        bound += 2 * hom_weight * int(query.rare.carried(query.n).max(initial=0))
+    carried = [int(side.rare.carried(side.n).max(initial=0)) for side in sides if side.rare]
+    if carried:  # and the terms of two carriers (a query row's own, in a rectangle)
+        bound += 2 * hom_weight * max(carried)
     if bound > limit:
         raise TooManyMissing(f"correction fields would reach {bound} (uint16)")
-    n_var = query.n_variants if query.variants is None else len(query.variants)
+    n_var = query.n_variants
     if query.rare is not None:
         n_var += len(query.rare.variants)
     total = float(n_var) if weights is None else float(weights.sum())
@@ -926,26 +961,45 @@ def counts_metric(
         square = out.reshape(n, n)
         _mirror_lower(square)
         return square
-    if query.rare is not None or against.rare is not None:
-        raise ValueError("rare-variant lists are for a cohort against itself")
+    if (query.rare is None) != (against.rare is None) or (
+        query.variants is not None
+        and (against.variants is None or not np.array_equal(query.variants, against.variants))
+    ):
+        raise ValueError("query and against must split the variants the same way")
     w = _uint32_weights(weights, n_var)
     n_q, n_a = query.n, against.n
-    out = np.zeros(n_q * n_a, np.float64)
-    f16, f32 = out.view(np.uint16), out.view(np.uint32)
     is_king = code == _KING
     w_field = 2 if is_king else 0
+    nm_q, nm_a = query.n_missing(weights), against.n_missing(weights)
+    b_q, nh_q, b_a, nh_a = query.n_het, query.n_het, against.n_het, against.n_het
+    rq, ra = query.rare, against.rare
+    if rq is not None and ra is not None:
+        (rb_q, rh_q), (rb_a, rh_a) = rq.totals(n_q, hom_weight), ra.totals(n_a, hom_weight)
+        b_q, nh_q, b_a, nh_a = b_q + rb_q, nh_q + rh_q, b_a + rb_a, nh_a + rh_a
+    out = np.zeros(n_q * n_a, np.float64)
+    f16, f32 = out.view(np.uint16), out.view(np.uint32)
     _corrections(query.miss_starts, query.miss_variants, against.het, against.hom, hom_weight,
                  is_king, w_field, 1, n_a, False, f16)  # fmt: skip
     _corrections(against.miss_starts, against.miss_variants, query.het, query.hom, hom_weight,
                  is_king, w_field, 2, n_a, False, f16)  # fmt: skip
+    if rq is not None and ra is not None:
+        _rare_pairs_rect(rq.c_starts, rq.c_samples, rq.c_copies, rq.m_starts, rq.m_samples,
+                         ra.c_starts, ra.c_samples, ra.c_copies, ra.m_starts, ra.m_samples,
+                         is_king, w_field, n_a, threads, f16)  # fmt: skip
     if code == _IBS:
+        joint = f32[1::2]
         q_starts, q_samples = query.by_variant()
         a_starts, a_samples = against.by_variant()
-        _joint_counts(q_starts, q_samples, a_starts, a_samples, w, False, False, n_a, threads,
-                      f32[1::2])  # fmt: skip
-    _pairs_rect(code, query.het, query.hom, against.het, against.hom, query.n_het, against.n_het,
-                query.n_missing(weights), against.n_missing(weights), total, float(n_var), out,
-                f16, f32)  # fmt: skip
+        w_dense = _uint32_weights(query.plane_weights(weights), query.n_variants)
+        _joint_counts(q_starts, q_samples, a_starts, a_samples, w_dense, False, False, n_a,
+                      threads, joint)  # fmt: skip
+        if rq is not None and ra is not None:
+            w_rare = _uint32_weights(None if weights is None else weights[rq.variants],
+                                     len(rq.variants))  # fmt: skip
+            _joint_counts(rq.m_starts, rq.m_samples, ra.m_starts, ra.m_samples, w_rare, False,
+                          False, n_a, threads, joint)  # fmt: skip
+    _pairs_rect(code, query.het, query.hom, against.het, against.hom, b_q, b_a, nh_q, nh_a, nm_q,
+                nm_a, total, float(n_var), out, f16, f32)  # fmt: skip
     return out.reshape(n_q, n_a)
 
 

@@ -22,6 +22,7 @@ from models.genome import (
     ibs_missing_weights,
     pairwise,
     pairwise_bed,
+    pairwise_block,
     read_bed,
 )
 
@@ -48,9 +49,9 @@ def _planes(x: np.ndarray, variant_major: bool, chunk: int = 320) -> genome_cpu.
 
 
 def _planes_with_rare(x: np.ndarray) -> genome_cpu.Planes:
-    from models.genome import _planes as planes
+    from models.genome import _planes, _split
 
-    return planes(x, 4096, "x", rare=True)
+    return _planes(x, 4096, "x", _split(x, 4096, "x"))
 
 
 def test_variant_major_planes_equal_sample_major_planes() -> None:
@@ -153,6 +154,8 @@ def test_rare_variant_lists_equal_the_gemm_engine(
     ours = pairwise(x, **kwargs)  # type: ignore[arg-type]
     gemm = pairwise(x, engine="gemm", **kwargs)  # type: ignore[arg-type]
     np.testing.assert_array_equal(ours, gemm)
+    tile = pairwise_block(x[40:97], x, **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(tile, pairwise_block(x[40:97], x, engine="gemm", **kwargs))  # type: ignore[arg-type]
     _write_bed(tmp_path / "r", x)
     np.testing.assert_array_equal(
         pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing), gemm
@@ -197,3 +200,14 @@ def test_the_cpu_engine_does_not_load_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("metric", ["grm", "king", "ibs"])
+def test_a_tile_of_every_row_is_the_square(metric) -> None:
+    """A worker's single tile (rows 0…N, a view of the cohort) takes the square's path."""
+    x = _rare_cohort(90, 900, 0.02, seed=8)
+    p = allele_frequencies(x)
+    tile = pairwise_block(x[0:90], x, metric=metric, frequencies=p, device="cpu")
+    np.testing.assert_array_equal(tile, pairwise(x, metric=metric, frequencies=p, device="cpu"))
+    gemm = pairwise_block(x[0:90], x, metric=metric, frequencies=p, device="cpu", engine="gemm")
+    np.testing.assert_allclose(tile, gemm, rtol=0, atol=1e-14 if metric == "grm" else 0)
