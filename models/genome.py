@@ -383,36 +383,17 @@ def _code_chunks(x: np.ndarray, chunk: int, what: str) -> Iterator[tuple[int, np
         yield cols.start, np.ascontiguousarray(_chunk_codes(x, cols, what))
 
 
-def _split(x: np.ndarray, chunk: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rare, flip) per variant of ``x`` (:func:`models.genome_cpu.classify`)."""
-    parts = [genome_cpu.code_counts(codes) for _, codes in _code_chunks(x, chunk, what)]
-    counts = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
-    return genome_cpu.classify(counts, x.shape[0])
-
-
-def _planes(
-    x: np.ndarray, chunk: int, what: str, split: tuple[np.ndarray, np.ndarray] | None
-) -> genome_cpu.Planes:
-    """Bit planes of ``x``; with a ``split`` (:func:`_split`), of its common variants only, the
-    rare ones as lists."""
-    if split is None:
-        builder = genome_cpu.PlaneBuilder(x.shape[0], x.shape[1])
-        for start, codes in _code_chunks(x, chunk, what):
-            builder.add_sample_major(codes, start)
-        return builder.finish()
-    is_rare, flip = split
-    dense, rare_variants = np.flatnonzero(~is_rare), np.flatnonzero(is_rare)
-    builder = genome_cpu.PlaneBuilder(x.shape[0], len(dense))
-    for start in range(0, len(dense), chunk):
-        codes = _chunk_codes(x, dense[start : start + chunk], what)
-        builder.add_sample_major(np.ascontiguousarray(codes), start)
-    rares = genome_cpu.RareBuilder()
-    for start in range(0, len(rare_variants), chunk):
-        cols = rare_variants[start : start + chunk]
-        rares.add(np.ascontiguousarray(_chunk_codes(x, cols, what).T), cols, flip[cols])
-    planes = builder.finish()
-    planes.variants, planes.rare = dense, rares.finish()
-    return planes
+def _int8_codes(x: np.ndarray, what: str) -> np.ndarray:
+    """``x`` as int8 dosages, any negative value a missing call: int8 input (what
+    :func:`read_bed` returns) as it is, after a check; anything else converted."""
+    if x.dtype == np.int8:
+        bad = int(genome_cpu._first_above_two(x))
+        if bad:
+            raise ValueError(
+                f"{what}: dosages must be 0, 1, 2 or missing (NaN/negative), found {bad}"
+            )
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    return _codes(x, what=what)
 
 
 def _pairwise_cpu(
@@ -440,10 +421,13 @@ def _pairwise_cpu(
         )
     # Rare variants as lists (split by the cohort's counts); if their terms overflow the uint16
     # correction fields, all variants in the planes; past that, N x N int32 counters.
+    q = _int8_codes(query, "query")
+    a = q if symmetric else _int8_codes(against, "against")
+    counts = genome_cpu.dosage_counts(a)
     for rare in (True, False):
-        split = _split(against, chunk, "against") if rare else None
-        planes_q = _planes(query, chunk, "query", split)
-        planes_a = None if symmetric else _planes(against, chunk, "against", split)
+        split = genome_cpu.classify(counts, a.shape[0], rare)
+        planes_q = genome_cpu.cohort_from_dosages(q, split if rare else None)
+        planes_a = None if symmetric else genome_cpu.cohort_from_dosages(a, split if rare else None)
         try:
             return genome_cpu.counts_metric(metric, planes_q, planes_a, weights=weights)
         except genome_cpu.TooManyMissing:

@@ -36,7 +36,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from models.genome_bits import _BLOCK, WORD, _pack, _popcount
+from models.genome_bits import _BLOCK, WORD, _popcount
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024
@@ -56,48 +56,6 @@ def _uint32_weights(weights: np.ndarray | None, n: int) -> np.ndarray:
 
 
 # --- planes ------------------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True)
-def _pack_variant_major(codes, het, hom, miss, word0):
-    """Planes from one chunk of variant-major int8 codes (c, N), -1 missing, 64 samples at once."""
-    c, n = codes.shape
-    for block in prange((n + WORD - 1) // WORD):
-        i0 = block * WORD
-        lanes = min(WORD, n - i0)
-        h = np.zeros(WORD, np.uint64)
-        a = np.zeros(WORD, np.uint64)
-        m = np.zeros(WORD, np.uint64)
-        for w in range((c + WORD - 1) // WORD):
-            h[:] = 0
-            a[:] = 0
-            m[:] = 0
-            v0 = w * WORD
-            for b in range(min(WORD, c - v0)):
-                row = codes[v0 + b]
-                shift = np.uint64(b)
-                for lane in range(lanes):
-                    x = row[i0 + lane]
-                    h[lane] |= np.uint64(x == 1) << shift
-                    a[lane] |= np.uint64(x == 2) << shift
-                    m[lane] |= np.uint64(x < 0) << shift
-            for lane in range(lanes):
-                het[i0 + lane, word0 + w] = h[lane]
-                hom[i0 + lane, word0 + w] = a[lane]
-                miss[i0 + lane, word0 + w] = m[lane]
-
-
-@njit(parallel=True, cache=True)
-def _pack_missing(codes, miss, word0):
-    """The missing-call plane from one chunk of sample-major codes (n, c)."""
-    n, m = codes.shape
-    for i in prange(n):
-        for w in range((m + WORD - 1) // WORD):
-            bits = np.uint64(0)
-            start = w * WORD
-            for b in range(min(WORD, m - start)):
-                bits |= np.uint64(codes[i, start + b] < 0) << np.uint64(b)
-            miss[i, word0 + w] = bits
 
 
 @njit(parallel=True, cache=True)
@@ -262,11 +220,6 @@ class PlaneBuilder:
         self.miss = np.zeros((n, words), np.uint64)
         self._rows: np.ndarray | None = None
 
-    def add_sample_major(self, codes: np.ndarray, start: int) -> None:
-        """(N, c) int8 codes, -1 missing."""
-        _pack(codes, self.het, self.hom, start // WORD)
-        _pack_missing(codes, self.miss, start // WORD)
-
     def add_bed(self, raw: np.ndarray, start: int) -> None:
         """(c, ceil(N/4)) uint8 rows of a SNP-major .bed."""
         n = self.het.shape[0]
@@ -276,10 +229,6 @@ class PlaneBuilder:
         rows = self._rows[: raw.shape[0]]
         rows.view(np.uint8)[:, : raw.shape[1]] = raw
         _pack_bed(rows, n, self.het, self.hom, self.miss, start // WORD)
-
-    def add_variant_major(self, codes: np.ndarray, start: int) -> None:
-        """(c, N) int8 codes, -1 missing."""
-        _pack_variant_major(codes, self.het, self.hom, self.miss, start // WORD)
 
     def finish(self) -> Planes:
         starts, variants = _missing_lists(self.miss)
@@ -308,46 +257,6 @@ def classify(counts: np.ndarray, n: int, rare: bool = True) -> tuple[np.ndarray,
     return k * (k - 1) // 2 + k * missing <= n * n // RARE_COST, flip
 
 
-def code_counts(codes: np.ndarray) -> np.ndarray:
-    """(c, 4) int64 per variant of sample-major (N, c) int8 codes: two copies, missing, het, none."""
-    return np.stack(
-        [(codes == 2).sum(0), (codes < 0).sum(0), (codes == 1).sum(0), (codes == 0).sum(0)], axis=1
-    ).astype(np.int64)
-
-
-@njit(cache=True)
-def _rare_lists(codes, flip):
-    """Carriers (sample, minor-allele copies) and missing samples of each variant-major row."""
-    r, n = codes.shape
-    c_counts = np.zeros(r, np.int64)
-    m_counts = np.zeros(r, np.int64)
-    for v in range(r):
-        for i in range(n):
-            x = codes[v, i]
-            if x < 0:
-                m_counts[v] += 1
-            elif (2 - x if flip[v] else x) > 0:
-                c_counts[v] += 1
-    c_samples = np.empty(c_counts.sum(), np.int32)
-    c_copies = np.empty(c_counts.sum(), np.int8)
-    m_samples = np.empty(m_counts.sum(), np.int32)
-    k = 0
-    t = 0
-    for v in range(r):
-        for i in range(n):
-            x = codes[v, i]
-            if x < 0:
-                m_samples[t] = i
-                t += 1
-            else:
-                copies = 2 - x if flip[v] else x
-                if copies > 0:
-                    c_samples[k] = i
-                    c_copies[k] = copies
-                    k += 1
-    return c_counts, c_samples, c_copies, m_counts, m_samples
-
-
 @njit(inline="always")
 def _bed_code(row, i):
     return (row[i >> 2] >> ((i & 3) << 1)) & 3
@@ -355,7 +264,8 @@ def _bed_code(row, i):
 
 @njit(parallel=True, cache=True)
 def _rare_lists_bed(raw, n, flip):
-    """:func:`_rare_lists` straight from .bed rows, skipping the bytes whose four samples all
+    """Carriers (sample, minor-allele copies) and missing samples of each rare variant, straight
+    from .bed rows, skipping the bytes whose four samples all
     hold the major homozygote (0x00 where A1 is the major allele, else 0xFF)."""
     r = raw.shape[0]
     full = n // 4
@@ -404,15 +314,141 @@ def _rare_lists_bed(raw, n, flip):
     return c_counts, c_samples, c_copies, m_counts, m_samples
 
 
+# --- sample-major int8 dosages (what read_bed returns; any negative value is a missing call) ----
+
+
+@njit(parallel=True, cache=True)
+def _first_above_two(x):
+    """The first value above 2 in an int8 matrix, or 0 when there is none."""
+    n = x.shape[0]
+    found = np.zeros(n, np.int8)
+    for i in prange(n):
+        for v in range(x.shape[1]):
+            if x[i, v] > 2:
+                found[i] = x[i, v]
+                break
+    for i in range(n):
+        if found[i]:
+            return found[i]
+    return np.int8(0)
+
+
+@njit(parallel=True, cache=True)
+def _sm_counts(x, threads, out):
+    """(M, 4) per variant: two copies, missing, het, none; rows read in order, per-thread
+    counts over interleaved row stripes, added up at the end."""
+    n, m = x.shape
+    parts = np.zeros((threads, m, 4), np.int64)
+    for part in prange(threads):
+        for i in range(part, n, threads):
+            row = x[i]
+            for v in range(m):
+                c = row[v]
+                if c < 0:
+                    parts[part, v, 1] += 1
+                elif c == 2:
+                    parts[part, v, 0] += 1
+                elif c == 1:
+                    parts[part, v, 2] += 1
+                else:
+                    parts[part, v, 3] += 1
+    for part in range(threads):
+        out += parts[part]
+
+
+@njit(parallel=True, cache=True)
+def _pack_columns(x, cols, het, hom, miss):
+    """Planes of the variants ``cols`` (in that order) of sample-major int8 dosages."""
+    n = x.shape[0]
+    k = cols.shape[0]
+    for i in prange(n):
+        row = x[i]
+        for w in range((k + WORD - 1) // WORD):
+            h = np.uint64(0)
+            a = np.uint64(0)
+            m = np.uint64(0)
+            for b in range(min(WORD, k - w * WORD)):
+                c = row[cols[w * WORD + b]]
+                shift = np.uint64(b)
+                h |= np.uint64(c == 1) << shift
+                a |= np.uint64(c == 2) << shift
+                m |= np.uint64(c < 0) << shift
+            het[i, w] = h
+            hom[i, w] = a
+            miss[i, w] = m
+
+
+@njit(cache=True)
+def _rare_lists_columns(x, cols, flip):
+    """Carriers (sample, minor-allele copies) and missing samples of the variants ``cols`` of
+    sample-major int8 dosages, rows in order (so each variant's samples come out ascending)."""
+    n = x.shape[0]
+    r = cols.shape[0]
+    c_counts = np.zeros(r, np.int64)
+    m_counts = np.zeros(r, np.int64)
+    for i in range(n):
+        row = x[i]
+        for k in range(r):
+            c = row[cols[k]]
+            if c < 0:
+                m_counts[k] += 1
+            elif (2 - c if flip[k] else c) > 0:
+                c_counts[k] += 1
+    c_next = np.zeros(r + 1, np.int64)
+    m_next = np.zeros(r + 1, np.int64)
+    for k in range(r):
+        c_next[k + 1] = c_next[k] + c_counts[k]
+        m_next[k + 1] = m_next[k] + m_counts[k]
+    c_samples = np.empty(c_next[r], np.int32)
+    c_copies = np.empty(c_next[r], np.int8)
+    m_samples = np.empty(m_next[r], np.int32)
+    for i in range(n):
+        row = x[i]
+        for k in range(r):
+            c = row[cols[k]]
+            if c < 0:
+                m_samples[m_next[k]] = i
+                m_next[k] += 1
+            else:
+                copies = 2 - c if flip[k] else c
+                if copies > 0:
+                    c_samples[c_next[k]] = i
+                    c_copies[c_next[k]] = copies
+                    c_next[k] += 1
+    return c_counts, c_samples, c_copies, m_counts, m_samples
+
+
+def dosage_counts(x: np.ndarray) -> np.ndarray:
+    """(M, 4) int64 of sample-major int8 dosages: two copies, missing, het, none."""
+    threads = numba.get_num_threads()
+    out = np.zeros((x.shape[1], 4), np.int64)
+    _sm_counts(x, threads, out)
+    return out
+
+
+def cohort_from_dosages(x: np.ndarray, split: tuple[np.ndarray, np.ndarray] | None) -> Planes:
+    """Planes of sample-major int8 dosages (negative: missing); with a ``split`` (rare, flip) per
+    variant (:func:`classify`), of the common variants only, the rare ones as lists."""
+    n, m = x.shape
+    dense = np.arange(m) if split is None else np.flatnonzero(~split[0])
+    builder = PlaneBuilder(n, len(dense))
+    _pack_columns(x, dense, builder.het, builder.hom, builder.miss)
+    planes = builder.finish()
+    if split is not None:
+        is_rare, flip = split
+        rare = np.flatnonzero(is_rare)
+        rares = RareBuilder()
+        if len(rare):
+            rares.parts.append((rare, *_rare_lists_columns(x, rare, flip[rare])))
+        planes.variants, planes.rare = dense, rares.finish()
+    return planes
+
+
 class RareBuilder:
     """Collects :class:`Rare` from variant-major int8 code rows, in the cohort's variant order."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, ...]] = []
-
-    def add(self, codes: np.ndarray, variants: np.ndarray, flip: np.ndarray) -> None:
-        if len(variants):
-            self.parts.append((variants, *_rare_lists(codes, flip)))
 
     def add_bed(self, raw: np.ndarray, n: int, variants: np.ndarray, flip: np.ndarray) -> None:
         """(r, ceil(n/4)) .bed rows of the rare variants ``variants``."""

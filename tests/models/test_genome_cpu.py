@@ -37,37 +37,45 @@ def _cohort(n: int, m: int, missing: float, seed: int) -> np.ndarray:
     return x
 
 
-def _planes(x: np.ndarray, variant_major: bool, chunk: int = 320) -> genome_cpu.Planes:
-    builder = genome_cpu.PlaneBuilder(*x.shape)
-    for start in range(0, x.shape[1], chunk):
-        part = np.ascontiguousarray(x[:, start : start + chunk])
-        if variant_major:
-            builder.add_variant_major(np.ascontiguousarray(part.T), start)
-        else:
-            builder.add_sample_major(part, start)
-    return builder.finish()
+def _planes(x: np.ndarray) -> genome_cpu.Planes:
+    return genome_cpu.cohort_from_dosages(x, None)
 
 
 def _planes_with_rare(x: np.ndarray) -> genome_cpu.Planes:
-    from models.genome import _planes, _split
-
-    return _planes(x, 4096, "x", _split(x, 4096, "x"))
+    return genome_cpu.cohort_from_dosages(x, genome_cpu.classify(_counts(x), x.shape[0]))
 
 
-def test_variant_major_planes_equal_sample_major_planes() -> None:
+def _counts(x: np.ndarray) -> np.ndarray:
+    return genome_cpu.dosage_counts(x)
+
+
+def test_planes_from_the_bed_equal_planes_from_dosages(tmp_path) -> None:
+    """131 samples: a last .bed byte with 3 samples and padding, a last 64-sample block of 3."""
     x = _cohort(131, 1000, 0.05, seed=3)
-    a, b = _planes(x, False), _planes(x, True)
-    for name in ("het", "hom", "n_het", "miss_starts", "miss_variants"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    assert a.n_het.tolist() == (x == 1).sum(axis=1).tolist()
-    assert np.diff(a.miss_starts).tolist() == (x < 0).sum(axis=1).tolist()
+    _write_bed(tmp_path / "p", x)
+    counts = genome_cpu.bed_genotype_counts(tmp_path / "p.bed", 131, 1000)
+    np.testing.assert_array_equal(counts, _counts(x))
+    assert counts[:, 2].tolist() == (x == 1).sum(axis=0).tolist()
+    for rare in (False, True):
+        split = genome_cpu.classify(counts, 131, rare)
+        a = genome_cpu.cohort_from_dosages(x, split if rare else None)
+        b = genome_cpu.cohort_from_bed(tmp_path / "p.bed", 131, 1000, counts, rare=rare)
+        for name in ("het", "hom", "n_het", "miss_starts", "miss_variants"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        if rare:
+            assert a.rare is not None and b.rare is not None
+            for name in ("variants", "c_starts", "c_samples", "c_copies", "m_starts", "m_samples"):
+                np.testing.assert_array_equal(getattr(a.rare, name), getattr(b.rare, name))
+    plain = _planes(x)
+    assert plain.n_het.tolist() == (x == 1).sum(axis=1).tolist()
+    assert np.diff(plain.miss_starts).tolist() == (x < 0).sum(axis=1).tolist()
 
 
 @pytest.mark.parametrize("metric", ["king", "ibs"])
 def test_packed_triangle_and_written_square_equal_the_square(metric) -> None:
     x = _cohort(150, 1300, 0.05, seed=4)
     weights = ibs_missing_weights(allele_frequencies(x)) if metric == "ibs" else None
-    planes = _planes(x, False)
+    planes = _planes(x)
     square = genome_cpu.counts_metric(metric, planes, None, weights=weights)
     tri = genome_cpu.counts_metric(metric, planes, None, weights=weights, packed=True)
     rows, cols = np.tril_indices(150)
@@ -85,7 +93,7 @@ def test_more_missing_calls_than_the_fields_hold_take_the_counter(metric) -> Non
     x = _cohort(5, 17_100, 0.01, seed=5)
     x[2, :17_000] = -1
     with pytest.raises(genome_cpu.TooManyMissing):
-        genome_cpu.counts_metric("king", _planes(x, False, chunk=4096), None)
+        genome_cpu.counts_metric("king", _planes(x), None)
     ours = pairwise(x, metric=metric, device="cpu")
     gemm = pairwise(x, metric=metric, device="cpu", engine="gemm")
     np.testing.assert_array_equal(ours, gemm)
@@ -147,7 +155,7 @@ def test_rare_variant_lists_equal_the_gemm_engine(
     from a .bed."""
     monkeypatch.setattr(genome_cpu, "RARE_COST", cost)
     x = _rare_cohort(150, 1500, missing, seed=cost)
-    rare = genome_cpu.classify(genome_cpu.code_counts(x), 150)[0]
+    rare = genome_cpu.classify(_counts(x), 150)[0]
     assert rare.sum() > {4096: 0, 64: 500, 1: 1499}[cost]
     p = allele_frequencies(x)
     kwargs = dict(metric=metric, ibs_missing=ibs_missing, frequencies=p, device="cpu")
@@ -169,7 +177,7 @@ def test_rare_terms_past_the_fields_fall_back_to_the_planes(monkeypatch) -> None
     x[0, :5_000] = 1
     x[1, 5_000:15_000] = -1
     x[2:, 15_000:] = np.random.default_rng(7).binomial(2, 0.4, size=(38, 5_000))
-    rare = genome_cpu.classify(genome_cpu.code_counts(x), 40)[0]
+    rare = genome_cpu.classify(_counts(x), 40)[0]
     assert rare[:15_000].all()
     with pytest.raises(genome_cpu.TooManyMissing):
         genome_cpu.counts_metric("king", _planes_with_rare(x), None)
