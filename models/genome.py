@@ -422,17 +422,42 @@ def _pairwise_cpu(
     # Rare variants as lists (split by the cohort's counts); if their terms overflow the uint16
     # correction fields, all variants in the planes; past that, N x N int32 counters.
     q = _int8_codes(query, "query")
-    a = q if symmetric else _int8_codes(against, "against")
-    counts = genome_cpu.dosage_counts(a)
     for rare in (True, False):
-        split = genome_cpu.classify(counts, a.shape[0], rare)
-        planes_q = genome_cpu.cohort_from_dosages(q, split if rare else None)
-        planes_a = None if symmetric else genome_cpu.cohort_from_dosages(a, split if rare else None)
+        split, cohort = _cohort_planes(q if symmetric else against, rare)
+        planes_q = cohort if symmetric else genome_cpu.cohort_from_dosages(q, split)
+        planes_a = None if symmetric else cohort
         try:
             return genome_cpu.counts_metric(metric, planes_q, planes_a, weights=weights)
         except genome_cpu.TooManyMissing:
             del planes_q, planes_a
     return _pairwise_counter(metric, query, against, weights, chunk)
+
+
+#: The last read-only cohort's planes: a worker computes tile after tile of rows against the same
+#: cohort (its genotypes are read-only there, so they cannot change between tiles).
+_COHORT: dict[str, object] = {}
+
+
+def _cohort_planes(
+    against: np.ndarray, rare: bool
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, genome_cpu.Planes]:
+    """The cohort's variant split (or None) and planes; kept for the next call when ``against``
+    is read-only (held here, so its buffer cannot be freed and reused while cached)."""
+    held = _COHORT.get("array")
+    if (
+        isinstance(held, np.ndarray)
+        and not against.flags.writeable
+        and _same_array(held, against)
+        and _COHORT["rare"] == rare
+    ):
+        return _COHORT["split"], _COHORT["planes"]  # type: ignore[return-value]
+    _COHORT.clear()
+    a = _int8_codes(against, "against")
+    split = genome_cpu.classify(genome_cpu.dosage_counts(a), a.shape[0]) if rare else None
+    planes = genome_cpu.cohort_from_dosages(a, split)
+    if not against.flags.writeable:
+        _COHORT.update(array=against, rare=rare, split=split, planes=planes)
+    return split, planes
 
 
 def _pairwise_counter(

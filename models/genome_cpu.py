@@ -378,44 +378,53 @@ def _pack_columns(x, cols, het, hom, miss):
             miss[i, w] = m
 
 
-@njit(cache=True)
-def _rare_lists_columns(x, cols, flip):
+@njit(parallel=True, cache=True)
+def _rare_lists_columns(x, cols, flip, threads):
     """Carriers (sample, minor-allele copies) and missing samples of the variants ``cols`` of
-    sample-major int8 dosages, rows in order (so each variant's samples come out ascending)."""
+    sample-major int8 dosages. Threads take stripes of rows in order, so each variant's samples
+    come out ascending: thread t's go after those of threads before it."""
     n = x.shape[0]
     r = cols.shape[0]
-    c_counts = np.zeros(r, np.int64)
-    m_counts = np.zeros(r, np.int64)
-    for i in range(n):
-        row = x[i]
-        for k in range(r):
-            c = row[cols[k]]
-            if c < 0:
-                m_counts[k] += 1
-            elif (2 - c if flip[k] else c) > 0:
-                c_counts[k] += 1
-    c_next = np.zeros(r + 1, np.int64)
-    m_next = np.zeros(r + 1, np.int64)
+    stripe = (n + threads - 1) // threads
+    c_counts = np.zeros((threads, r), np.int64)
+    m_counts = np.zeros((threads, r), np.int64)
+    for part in prange(threads):
+        for i in range(part * stripe, min(n, (part + 1) * stripe)):
+            row = x[i]
+            for k in range(r):
+                c = row[cols[k]]
+                if c < 0:
+                    m_counts[part, k] += 1
+                elif (2 - c if flip[k] else c) > 0:
+                    c_counts[part, k] += 1
+    c_next = np.zeros((threads, r), np.int64)
+    m_next = np.zeros((threads, r), np.int64)
+    c_total = 0
+    m_total = 0
     for k in range(r):
-        c_next[k + 1] = c_next[k] + c_counts[k]
-        m_next[k + 1] = m_next[k] + m_counts[k]
-    c_samples = np.empty(c_next[r], np.int32)
-    c_copies = np.empty(c_next[r], np.int8)
-    m_samples = np.empty(m_next[r], np.int32)
-    for i in range(n):
-        row = x[i]
-        for k in range(r):
-            c = row[cols[k]]
-            if c < 0:
-                m_samples[m_next[k]] = i
-                m_next[k] += 1
-            else:
-                copies = 2 - c if flip[k] else c
-                if copies > 0:
-                    c_samples[c_next[k]] = i
-                    c_copies[c_next[k]] = copies
-                    c_next[k] += 1
-    return c_counts, c_samples, c_copies, m_counts, m_samples
+        for part in range(threads):
+            c_next[part, k] = c_total
+            m_next[part, k] = m_total
+            c_total += c_counts[part, k]
+            m_total += m_counts[part, k]
+    c_samples = np.empty(c_total, np.int32)
+    c_copies = np.empty(c_total, np.int8)
+    m_samples = np.empty(m_total, np.int32)
+    for part in prange(threads):
+        for i in range(part * stripe, min(n, (part + 1) * stripe)):
+            row = x[i]
+            for k in range(r):
+                c = row[cols[k]]
+                if c < 0:
+                    m_samples[m_next[part, k]] = i
+                    m_next[part, k] += 1
+                else:
+                    copies = 2 - c if flip[k] else c
+                    if copies > 0:
+                        c_samples[c_next[part, k]] = i
+                        c_copies[c_next[part, k]] = copies
+                        c_next[part, k] += 1
+    return c_counts.sum(axis=0), c_samples, c_copies, m_counts.sum(axis=0), m_samples
 
 
 def dosage_counts(x: np.ndarray) -> np.ndarray:
@@ -439,7 +448,8 @@ def cohort_from_dosages(x: np.ndarray, split: tuple[np.ndarray, np.ndarray] | No
         rare = np.flatnonzero(is_rare)
         rares = RareBuilder()
         if len(rare):
-            rares.parts.append((rare, *_rare_lists_columns(x, rare, flip[rare])))
+            lists = _rare_lists_columns(x, rare, flip[rare], numba.get_num_threads())
+            rares.parts.append((rare, *lists))
         planes.variants, planes.rare = dense, rares.finish()
     return planes
 

@@ -219,3 +219,18 @@ def test_a_tile_of_every_row_is_the_square(metric) -> None:
     np.testing.assert_array_equal(tile, pairwise(x, metric=metric, frequencies=p, device="cpu"))
     gemm = pairwise_block(x[0:90], x, metric=metric, frequencies=p, device="cpu", engine="gemm")
     np.testing.assert_allclose(tile, gemm, rtol=0, atol=1e-14 if metric == "grm" else 0)
+
+
+def test_the_cohort_planes_are_kept_only_for_a_read_only_cohort() -> None:
+    """Tiles against a read-only cohort reuse its planes; a writeable one is read afresh, so
+    changing it between calls changes the result."""
+    x = _rare_cohort(70, 700, 0.02, seed=9)
+    first = pairwise_block(x[:10], x, metric="king", device="cpu")
+    x[20:, :] = x[0]  # every later sample a duplicate of the first
+    second = pairwise_block(x[:10], x, metric="king", device="cpu")
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(second, pairwise_block(x[:10], x, metric="king", device="cpu",
+                                                         engine="gemm"))  # fmt: skip
+    x.flags.writeable = False
+    tiles = [pairwise_block(x[r : r + 25], x, metric="king", device="cpu") for r in (0, 25, 50)]
+    np.testing.assert_array_equal(np.vstack(tiles), pairwise(x, metric="king", device="cpu"))

@@ -55,9 +55,12 @@ def _signature(source: str) -> tuple[str, float, int]:
 
 @lru_cache(maxsize=4)
 def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
-    """Genotypes read once per worker process (tiles of one job share them)."""
+    """Genotypes read once per worker process (tiles of one job share them), read-only: the
+    engine then keeps the cohort's bit planes from one tile to the next."""
     source = signature[0]
-    return vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
+    genotypes = vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
+    genotypes.dosages.flags.writeable = False
+    return genotypes
 
 
 def inspect_input(path: Path) -> genome.FilesetInfo:
