@@ -13,13 +13,16 @@ written once as a PLINK 1 fileset under var/bench/ and reused by later runs with
 and seed.
 
 Every contender is its own process, timed from start to exit (medbatch's includes the Python and
-torch start-up, reading the .bed and writing the float64 matrix, as PLINK's does) with its peak
-RSS from ``/usr/bin/time -v``. PLINK runs with ``--threads T``; plink2 with
+numba start-up, reading the .bed and writing the float64 matrix, as PLINK's does) with its peak
+RSS from ``/usr/bin/time -v``. On the CPU medbatch runs ``models.genome.pairwise_bed`` (the .bed
+decoded straight into bit planes or standardized blocks; torch is not loaded); with ``--device
+cuda`` or ``--tile-rows`` it reads the dosages and runs ``pairwise`` / ``pairwise_block``, as a
+worker does. PLINK runs with ``--threads T``; plink2 with
 ``OPENBLAS_NUM_THREADS=1`` as it threads its own work, and with Debian's OpenBLAS
 (``apt-get install libopenblas0-pthread``) put first on its library path: Debian's plink2 links the
 generic libblas.so.3, and the reference BLAS makes its GRM about 12x slower. The system-wide BLAS
 alternative is left alone (plink2's last digits depend on it; the stored goldens were written
-with the reference BLAS). medbatch runs with ``torch.set_num_threads(T)``. The ratio is PLINK's wall
+with the reference BLAS). medbatch runs with T numba threads and T BLAS threads. The ratio is PLINK's wall
 time over medbatch's, so above 1 means medbatch is faster; the difference is the largest absolute
 difference between the two float64 matrices.
 
@@ -235,6 +238,7 @@ def engine(
 
         torch.set_num_threads(threads)
         genotypes = read_bed(prefix)
+        genotypes.dosages.flags.writeable = False  # as the worker holds them
         read = time.perf_counter()
         x = genotypes.dosages
         with open(out, "wb") as sink:
