@@ -80,8 +80,8 @@ def _pack(codes, het, hom, word0):
 
 
 @njit(fastmath=True, inline="always")
-def _two_pairs(hi, ai, hj, aj, hk, ak, c_ibs0, c_hethet):
-    """``c_ibs0·IBS0' + c_hethet·HETHET`` of row i against rows j and k, over all words."""
+def _pair2(hi, ai, hj, aj, hk, ak):
+    """(IBS0', HETHET) of row i against rows j and k, over all words."""
     z = np.uint64(0)
     ibs0_j, hh_j, ibs0_k, hh_k = z, z, z, z
     for w in range(hi.shape[0]):
@@ -92,10 +92,7 @@ def _two_pairs(hi, ai, hj, aj, hk, ak, c_ibs0, c_hethet):
         hh_j += _popcount(h & hj[w])
         ibs0_k += _popcount((a & ~(hk[w] | ak[w])) | (none_i & ak[w]))
         hh_k += _popcount(h & hk[w])
-    return (
-        c_ibs0 * np.int64(ibs0_j) + c_hethet * np.int64(hh_j),
-        c_ibs0 * np.int64(ibs0_k) + c_hethet * np.int64(hh_k),
-    )
+    return np.int64(ibs0_j), np.int64(hh_j), np.int64(ibs0_k), np.int64(hh_k)
 
 
 @njit(parallel=True, cache=True)
@@ -114,11 +111,9 @@ def _pair_counts(het_q, hom_q, het_a, hom_a, c_ibs0, c_hethet, symmetric, out):
             ai = hom_q[i]
             for j in range(max(j0, i) if symmetric else j0, j1, 2):
                 k = min(j + 1, j1 - 1)
-                vj, vk = _two_pairs(
-                    hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k], c_ibs0, c_hethet
-                )
-                out[i, j] = vj
-                out[i, k] = vk
+                ibs0_j, hh_j, ibs0_k, hh_k = _pair2(hi, ai, het_a[j], hom_a[j], het_a[k], hom_a[k])
+                out[i, j] = c_ibs0 * ibs0_j + c_hethet * hh_j
+                out[i, k] = c_ibs0 * ibs0_k + c_hethet * hh_k
 
 
 @njit(parallel=True, cache=True)

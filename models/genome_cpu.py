@@ -36,7 +36,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from models.genome_bits import _BLOCK, WORD, _popcount
+from models.genome_bits import _BLOCK, WORD, _pair2, _popcount
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024
@@ -634,34 +634,29 @@ def _ripple(levels, x, k):
 
 
 @njit(inline="always")
+def _csa8(masks, variants, t, ones, twos, fours):
+    """Eight masks into the carry-save counters: (eights, ones, twos, fours)."""
+    c_a, ones = _csa(ones, masks[variants[t]], masks[variants[t + 1]])
+    c_b, ones = _csa(ones, masks[variants[t + 2]], masks[variants[t + 3]])
+    f_a, twos = _csa(twos, c_a, c_b)
+    c_a, ones = _csa(ones, masks[variants[t + 4]], masks[variants[t + 5]])
+    c_b, ones = _csa(ones, masks[variants[t + 6]], masks[variants[t + 7]])
+    f_b, twos = _csa(twos, c_a, c_b)
+    eights, fours = _csa(fours, f_a, f_b)
+    return eights, ones, twos, fours
+
+
+@njit(inline="always")
 def _count_masks(hv, av, variants, lo, hi, lh, la):
     """Bit-sliced per-lane counts of ``hv[variants[lo:hi]]`` into ``lh`` and of ``av[…]`` into
     ``la`` (both zeroed): a carry-save tree of 8 inputs per step, the eights rippled on."""
-    h1 = np.uint64(0)
-    h2 = np.uint64(0)
-    h4 = np.uint64(0)
-    a1 = np.uint64(0)
-    a2 = np.uint64(0)
-    a4 = np.uint64(0)
+    z = np.uint64(0)
+    h1, h2, h4, a1, a2, a4 = z, z, z, z, z, z
     t = lo
     while t + 8 <= hi:
-        v0, v1, v2, v3 = variants[t], variants[t + 1], variants[t + 2], variants[t + 3]
-        v4, v5, v6, v7 = variants[t + 4], variants[t + 5], variants[t + 6], variants[t + 7]
-        c_a, h1 = _csa(h1, hv[v0], hv[v1])
-        c_b, h1 = _csa(h1, hv[v2], hv[v3])
-        f_a, h2 = _csa(h2, c_a, c_b)
-        c_a, h1 = _csa(h1, hv[v4], hv[v5])
-        c_b, h1 = _csa(h1, hv[v6], hv[v7])
-        f_b, h2 = _csa(h2, c_a, c_b)
-        eights, h4 = _csa(h4, f_a, f_b)
+        eights, h1, h2, h4 = _csa8(hv, variants, t, h1, h2, h4)
         _ripple(lh, eights, 3)
-        c_a, a1 = _csa(a1, av[v0], av[v1])
-        c_b, a1 = _csa(a1, av[v2], av[v3])
-        f_a, a2 = _csa(a2, c_a, c_b)
-        c_a, a1 = _csa(a1, av[v4], av[v5])
-        c_b, a1 = _csa(a1, av[v6], av[v7])
-        f_b, a2 = _csa(a2, c_a, c_b)
-        eights, a4 = _csa(a4, f_a, f_b)
+        eights, a1, a2, a4 = _csa8(av, variants, t, a1, a2, a4)
         _ripple(la, eights, 3)
         t += 8
     lh[0], lh[1], lh[2] = h1, h2, h4
@@ -775,22 +770,6 @@ def _joint_counts(q_starts, q_samples, a_starts, a_samples, weights, symmetric, 
 
 
 # --- the pair kernel, finished in place --------------------------------------------------------
-
-
-@njit(fastmath=True, inline="always")
-def _pair2(hi, ai, hj, aj, hk, ak):
-    """(IBS0', HETHET) of row i against rows j and k, over all words."""
-    z = np.uint64(0)
-    ibs0_j, hh_j, ibs0_k, hh_k = z, z, z, z
-    for w in range(hi.shape[0]):
-        h = hi[w]
-        a = ai[w]
-        none_i = ~(h | a)
-        ibs0_j += _popcount((a & ~(hj[w] | aj[w])) | (none_i & aj[w]))
-        hh_j += _popcount(h & hj[w])
-        ibs0_k += _popcount((a & ~(hk[w] | ak[w])) | (none_i & ak[w]))
-        hh_k += _popcount(h & hk[w])
-    return np.int64(ibs0_j), np.int64(hh_j), np.int64(ibs0_k), np.int64(hh_k)
 
 
 @njit(inline="always", error_model="numpy")
