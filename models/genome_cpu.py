@@ -15,9 +15,16 @@ The corrections are computed per block of 64 samples: the block's planes are tra
 counters (a Harley-Seal carry-save tree: about five logic operations per missing call and
 plane, for 64 samples at once).
 
+Rare variants (few carriers of the minor allele; :data:`RARE_COST`) stay out of the planes, as
+PLINK 2's "initial scan" keeps them out of its dense pass: each adds a per-sample total and, into
+the same correction fields, a term for each pair of its carriers and for each carrier and sample
+missing the call (:class:`Rare`). Where those terms could overflow a uint16 field, the caller
+retries with every variant in the planes, then with :class:`models.genome_bits.Counter`.
+
 A square result is either a full (N, N) array, computed on and below the diagonal and mirrored,
 or a packed lower triangle (N(N+1)/2 float64, half the memory) written out as the square by
-:func:`write_square`.
+:func:`write_square`. Planes come straight from a .bed's bytes (:func:`cohort_from_bed`) or from
+sample-major int8 dosages (:func:`cohort_from_dosages`).
 
 GRM: the standardized genotypes of each variant chunk go through BLAS ``dsyrk`` (``dgemm`` for a
 rectangle) straight into the float64 numerator, and the variants called in both samples come from
