@@ -531,8 +531,8 @@ def pairwise_block(
         Variants per streamed chunk; results do not depend on it beyond float rounding.
         Passing the same array as ``query`` and ``against`` shares the per-chunk work.
     engine
-        ``"bitplanes"``: popcounts over bit planes for the counts (:mod:`models.genome_bits`),
-        the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
+        ``"bitplanes"``: popcounts over bit planes for the counts and BLAS for the GRM
+        (:mod:`models.genome_cpu`, no torch), the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
         the CUDA path); ``"auto"``: bit planes on the CPU, GEMMs on CUDA and for ``dot``. Both
         give the same numbers (the GRM's float64 products to rounding).
 

@@ -47,7 +47,8 @@ from models.genome_bits import _BLOCK, WORD, _pair2, _popcount
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024
-#: PLINK 2's threshold below which 2p(1-p) makes a variant monomorphic (see models.genome).
+#: PLINK 2 treats a variant as monomorphic when 2p(1-p) falls below kSmallEpsilon and gives it a
+#: zero column (plink2_matrix_calc.cc, ExpandCenteredVarmaj); it still counts in the denominators.
 _MONOMORPHIC_VARIANCE = 2.0**-44
 
 _KING, _IBS = 0, 1
