@@ -168,6 +168,8 @@ def test_rare_variant_lists_equal_the_gemm_engine(
     np.testing.assert_array_equal(
         pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing), gemm
     )
+    pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing, out=tmp_path / "r.bin")
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "r.bin", "<f8").reshape(150, 150), gemm)
 
 
 def test_rare_terms_past_the_fields_fall_back_to_the_planes(monkeypatch) -> None:
