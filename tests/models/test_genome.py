@@ -393,6 +393,17 @@ def test_dosages_outside_0_1_2_are_rejected(bad) -> None:
         pairwise(x, metric="king", device="cpu")
 
 
+@pytest.mark.parametrize("metric", ["king", "ibs"])
+def test_int8_dosages_above_2_are_rejected_on_both_sides(metric) -> None:
+    """int8 input (read_bed's) is checked in place by the CPU engine, query and cohort alike."""
+    x = np.zeros((3, 70), np.int8)
+    x[2, 65] = 5
+    with pytest.raises(ValueError, match=r"dosages must be 0, 1, 2 or missing.*found 5"):
+        pairwise(x, metric=metric, device="cpu")
+    with pytest.raises(ValueError, match=r"against: dosages must be 0, 1, 2 .*found 5"):
+        pairwise_block(x[:2], x, metric=metric, frequencies=np.full(70, 0.5), device="cpu")
+
+
 def test_shapes_and_arguments_are_checked() -> None:
     """1-D input, variant mismatch, absent or misshapen frequencies and unknown metrics fail."""
     x = np.zeros((3, 4))
