@@ -27,6 +27,9 @@ RUN pip install "$TORCH_SPEC" . \
     && chown medbatch:medbatch /app/var /var/lib/medbatch/artifacts
 
 ENV MEDBATCH_ARTIFACT_DIR=/var/lib/medbatch/artifacts
+# numba caches the genome kernels it compiles next to their source, which is read-only here:
+# keep them in a folder the non-root user owns, so each process after the first loads them.
+ENV NUMBA_CACHE_DIR=/app/var/numba-cache
 
 USER medbatch
 

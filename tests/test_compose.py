@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +218,22 @@ def test_worker_healthcheck_pings_its_own_node(name: str) -> None:
     hostname = _parse(name).hostname or "celery@%h"
     node = hostname.replace("%h", "$HOSTNAME")
     assert f'-d "{node}"' in _healthcheck_command(SERVICES[name])
+
+
+def test_numba_caches_the_genome_kernels_where_the_image_user_can_write(tmp_path) -> None:
+    """The image's site-packages are read-only to its user, so NUMBA_CACHE_DIR points into
+    /app/var (which the image hands to that user), and numba does write the kernels there."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    envs = dict(
+        line.split(None, 1)[1].split("=", 1) for line in lines if line.startswith("ENV NUMBA_")
+    )
+    assert envs["NUMBA_CACHE_DIR"].startswith("/app/var/")
+    assert any("chown medbatch:medbatch /app/var" in line for line in lines)
+    code = (
+        "import numpy as np\n"
+        "from models import genome_cpu\n"
+        "genome_cpu.dosage_counts(np.zeros((3, 5), np.int8))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+    assert list(tmp_path.rglob("*.nbi")), "numba wrote no kernel index there"
