@@ -641,22 +641,31 @@ def pairwise_bed(
     metric: Literal["grm", "king", "ibs"],
     ibs_missing: IbsMissing = "frequency",
     out: str | Path | None = None,
+    layout: Literal["triangle", "rows"] | None = None,
 ) -> np.ndarray | None:
     """The square of one metric straight from a PLINK 1 fileset, on the CPU, in PLINK's memory.
 
     The .bed is decoded chunk by chunk into bit planes (KING, IBS: 2 bits per call) or into
-    standardized float64 blocks (GRM), never into an N x M dosage matrix. With ``out``, KING and
-    IBS are held as the lower triangle only and the square goes to ``out`` as PLINK's ``.bin``
-    (little-endian float64, row-major, what ``--make-king square bin`` writes); nothing is
-    returned. Without it, the (N, N) matrix is returned, as :func:`pairwise` gives it.
+    standardized float64 blocks (GRM), never into an N x M dosage matrix. With ``out``, the square
+    goes to ``out`` as PLINK's ``.bin`` (little-endian float64, row-major, what ``--make-king
+    square bin`` writes) and nothing is returned; without it, the (N, N) matrix is returned, as
+    :func:`pairwise` gives it.
+
+    ``layout`` (KING and IBS with ``out``): ``"triangle"`` holds the lower triangle (N²/2 float64)
+    and does each pair once; ``"rows"`` holds blocks of 256 rows, each against the whole cohort,
+    and does each pair twice. The default is the triangle for KING and rows for IBS: PLINK 1.9's
+    IBS runs in 134 MB, where plink2's KING takes 183 MB, and IBS has the time to spare.
 
     Raises
     ------
     ValueError
-        As :func:`read_bed` for a malformed fileset; an unknown metric.
+        As :func:`read_bed` for a malformed fileset; an unknown metric or layout.
     """
     if metric not in ("grm", "king", "ibs"):
         raise ValueError(f"metric must be 'grm', 'king' or 'ibs', got {metric!r}")
+    if layout not in (None, "triangle", "rows"):
+        raise ValueError(f"layout must be 'triangle' or 'rows', got {layout!r}")
+    layout = layout or ("rows" if metric == "ibs" else "triangle")
     if ibs_missing not in ("frequency", "flat"):
         raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
     bed, bim, fam = _plink_paths(prefix)
@@ -679,6 +688,10 @@ def pairwise_bed(
     for rare in (True, False):  # as in _pairwise_cpu
         planes = genome_cpu.cohort_from_bed(bed, n, m, counts, rare=rare)
         try:
+            if out is not None and layout == "rows":
+                with open(out, "wb") as sink:
+                    genome_cpu.write_square_by_rows(metric, planes, sink, weights=weights)
+                return None
             result = genome_cpu.counts_metric(
                 metric, planes, None, weights=weights, packed=out is not None
             )

@@ -156,6 +156,20 @@ class Planes:
     def by_variant(self) -> tuple[np.ndarray, np.ndarray]:
         return _by_variant(self.miss_starts, self.miss_variants, self.n_variants)
 
+    def rows(self, start: int, stop: int) -> Planes:
+        """The planes of samples ``start…stop`` (views of the planes; the lists re-indexed)."""
+        s = self.miss_starts
+        return Planes(
+            het=self.het[start:stop],
+            hom=self.hom[start:stop],
+            n_het=self.n_het[start:stop],
+            miss_starts=s[start : stop + 1] - s[start],
+            miss_variants=self.miss_variants[s[start] : s[stop]],
+            n_variants=self.n_variants,
+            variants=self.variants,
+            rare=None if self.rare is None else self.rare.rows(start, stop),
+        )
+
 
 @njit(cache=True)
 def _owner_sums(starts, index, weights, out):
@@ -202,6 +216,25 @@ class Rare:
     c_copies: np.ndarray  # int8: 1 or 2 copies of the minor allele
     m_starts: np.ndarray  # (R + 1,) int64
     m_samples: np.ndarray  # int32, ascending: the samples missing the call
+
+    def rows(self, start: int, stop: int) -> Rare:
+        """The carriers and missing calls of samples ``start…stop``, renumbered from 0."""
+
+        def part(starts: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            keep = (samples >= start) & (samples < stop)
+            kept = np.concatenate([[0], np.cumsum(keep)])[starts]  # kept entries before each start
+            return kept.astype(np.int64), keep
+
+        c_starts, c_keep = part(self.c_starts, self.c_samples)
+        m_starts, m_keep = part(self.m_starts, self.m_samples)
+        return Rare(
+            variants=self.variants,
+            c_starts=c_starts,
+            c_samples=(self.c_samples[c_keep] - start).astype(np.int32),
+            c_copies=self.c_copies[c_keep],
+            m_starts=m_starts,
+            m_samples=(self.m_samples[m_keep] - start).astype(np.int32),
+        )
 
     def missing_per_sample(self, n: int) -> np.ndarray:
         return np.bincount(self.m_samples, minlength=n)
@@ -1314,6 +1347,26 @@ def grm_block(
 
 
 # --- writing -----------------------------------------------------------------------------------
+
+
+def write_square_by_rows(
+    metric: str,
+    planes: Planes,
+    sink: BinaryIO,
+    *,
+    weights: np.ndarray | None = None,
+    rows: int = 256,
+) -> None:
+    """KING or IBS over a cohort, written as the square row block by row block (little-endian
+    float64): each block of ``rows`` samples against the whole cohort, so only that block is held
+    (8 MB at N = 4,000, where the triangle is 64 MB), for twice the pair work of the triangle.
+    Raises :class:`TooManyMissing` as :func:`counts_metric` does, before anything is written."""
+    n = planes.n
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = counts_metric(metric, planes.rows(start, stop), planes, weights=weights)
+        block[np.arange(stop - start), np.arange(start, stop)] = 0.5 if metric == "king" else 1.0
+        sink.write(block.data)
 
 
 @njit(parallel=True, cache=True)

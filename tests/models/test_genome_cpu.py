@@ -168,8 +168,10 @@ def test_rare_variant_lists_equal_the_gemm_engine(
     np.testing.assert_array_equal(
         pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing), gemm
     )
-    pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing, out=tmp_path / "r.bin")
-    np.testing.assert_array_equal(np.fromfile(tmp_path / "r.bin", "<f8").reshape(150, 150), gemm)
+    for layout in ("triangle", "rows"):  # rows: blocks of 256 rows, so 150 is one partial block
+        out = tmp_path / f"r_{layout}.bin"
+        pairwise_bed(tmp_path / "r", metric=metric, ibs_missing=ibs_missing, out=out, layout=layout)
+        np.testing.assert_array_equal(np.fromfile(out, "<f8").reshape(150, 150), gemm)
 
 
 def test_rare_terms_past_the_fields_fall_back_to_the_planes(monkeypatch) -> None:
@@ -187,9 +189,23 @@ def test_rare_terms_past_the_fields_fall_back_to_the_planes(monkeypatch) -> None
     np.testing.assert_array_equal(ours, pairwise(x, metric="king", device="cpu", engine="gemm"))
 
 
+@pytest.mark.parametrize("metric", ["king", "ibs"])
+def test_rows_written_block_by_block_equal_the_square(tmp_path, metric) -> None:
+    """Blocks of rows that do not divide N, each against the whole cohort, rare lists and all."""
+    x = _rare_cohort(150, 900, 0.05, seed=11)
+    weights = ibs_missing_weights(allele_frequencies(x)) if metric == "ibs" else None
+    planes = _planes_with_rare(x)
+    square = genome_cpu.counts_metric(metric, planes, None, weights=weights)
+    sink = io.BytesIO()
+    genome_cpu.write_square_by_rows(metric, planes, sink, weights=weights, rows=64)
+    np.testing.assert_array_equal(np.frombuffer(sink.getvalue(), "<f8").reshape(150, 150), square)
+
+
 def test_pairwise_bed_bad_input(tmp_path) -> None:
     with pytest.raises(ValueError, match="metric must be"):
         pairwise_bed(PREFIX, metric="dot")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layout must be"):
+        pairwise_bed(PREFIX, metric="ibs", out=tmp_path / "x.bin", layout="square")  # type: ignore[arg-type]
     for ext in (".bim", ".fam"):
         (tmp_path / f"set{ext}").write_bytes(PREFIX.with_suffix(ext).read_bytes())
     (tmp_path / "set.bed").write_bytes(PREFIX.with_suffix(".bed").read_bytes()[:-5])
