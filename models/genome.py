@@ -322,7 +322,7 @@ def allele_frequencies(
     alt = np.zeros(genotypes.shape[1], dtype=np.int64)
     for cols in _chunks(genotypes.shape[1], variant_chunk):
         codes = _chunk_codes(genotypes, cols, "genotypes")
-        genome_cpu._variant_counts(codes, False, observed[cols], alt[cols])
+        genome_cpu._variant_counts(codes, observed[cols], alt[cols])
     with np.errstate(invalid="ignore", divide="ignore"):
         return alt / (2.0 * observed)
 

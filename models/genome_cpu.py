@@ -1073,15 +1073,14 @@ def counts_metric(
 
 
 @njit(parallel=True, cache=True)
-def _variant_counts(codes, variant_major, called, alt):
-    """Per variant of one chunk: called samples and A1 copies (``codes`` (c, N) or (N, c))."""
-    c = codes.shape[0] if variant_major else codes.shape[1]
-    n = codes.shape[1] if variant_major else codes.shape[0]
+def _variant_counts(codes, called, alt):
+    """Per variant of one chunk of sample-major codes (N, c): called samples and A1 copies."""
+    n, c = codes.shape
     for v in prange(c):
         k = 0
         s = 0
         for i in range(n):
-            x = codes[v, i] if variant_major else codes[i, v]
+            x = codes[i, v]
             if x >= 0:
                 k += 1
                 s += x
