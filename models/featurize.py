@@ -56,10 +56,19 @@ def rule_problem(feature: FeatureSpec, value: float) -> str | None:
     message never repeats the value (it may be patient data)."""
     if feature.allowed is not None and value not in feature.allowed:
         return f"expected one of {', '.join(f'{v:g}' for v in feature.allowed)}"
-    if feature.range is not None and not feature.range[0] <= value <= feature.range[1]:
-        low, high = feature.range
-        return f"outside the plausible range {low:g}..{high:g} {feature.unit}"
+    for bound in feature.reject_ranges:
+        if not bound.low <= value <= bound.high:
+            return f"outside the plausible range {bound.low:g}..{bound.high:g} {feature.unit}"
     return None
+
+
+def rule_flags(feature: FeatureSpec, value: float) -> list[str]:
+    """The ``flag`` ranges a number lies outside: accepted, and said so (no value repeated)."""
+    return [
+        f"outside {bound.low:g}..{bound.high:g} {feature.unit} ({bound.source})"
+        for bound in feature.flag_ranges
+        if not bound.low <= value <= bound.high
+    ]
 
 
 def _extra(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, str]:

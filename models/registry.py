@@ -28,18 +28,59 @@ class RegistryError(LookupError):
     """A model or version that the registry does not know."""
 
 
+class SchemaError(ValueError):
+    """A model's input schema that breaks a mapping rule; ``problems`` lists every one."""
+
+    def __init__(self, ref: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{ref}: input schema: " + "; ".join(problems))
+
+
 class ArtifactIntegrityError(RuntimeError):
     """An artifact whose bytes do not hash to the sha256 the registry records."""
+
+
+RangePolicy = Literal["reject", "flag"]
+#: How a Observation or Condition feature picks its value over time (see docs/fhir.md).
+TimeRule = Literal["latest", "first", "ever", "present"]
+TIME_RULES: dict[str, tuple[str, ...]] = {
+    "Observation": ("latest", "first"),
+    "Condition": ("ever", "present"),
+    "Patient": ("present",),
+}
+WINDOWS = ("lookback", "encounter")
+
+
+@dataclass(frozen=True)
+class RangeRule:
+    """A ``[low, high]`` bound on a feature's value: ``reject`` refuses a case outside it, ``flag``
+    accepts it and says so. ``source`` says where the bound comes from (a reviewer checks it)."""
+
+    low: float
+    high: float
+    policy: RangePolicy | None = None
+    source: str | None = None
+
+    @classmethod
+    def from_json(cls, entry: Any) -> RangeRule:
+        if isinstance(entry, list | tuple):  # the old form: [low, high], no policy, no source
+            return cls(float(entry[0]), float(entry[1]))
+        return cls(float(entry["low"]), float(entry["high"]), entry.get("policy"), entry.get("source"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
 class FeatureSpec:
     """One input of a model: its name, unit (UCUM where one exists) and, optionally, its rules.
 
-    ``source`` says where an EHR holds the value, e.g. ``{"resource": "Observation", "system":
-    "http://loinc.org", "codes": ["8867-4"]}``; ``missing`` what happens when a record lacks it
-    (``"reject"`` the case, or impute the stated number); ``allowed`` the only values accepted
-    (``[0, 1]`` for a condition's presence); ``range`` the plausible ``[low, high]``.
+    ``source`` says where an EHR holds the value and how it is chosen, e.g. ``{"resource":
+    "Observation", "codes": [{"system": "http://loinc.org", "code": "8867-4"}], "time": "first",
+    "window": "encounter", "unusable": "reject"}`` (docs/fhir.md); ``missing`` what happens when a
+    record lacks it (``"reject"`` the case, or impute the stated number, whose origin
+    ``missing_source`` states); ``allowed`` the only values accepted (``[0, 1]`` for a
+    condition's presence); ``ranges`` the bounds, each with its policy and source.
     """
 
     name: str
@@ -47,29 +88,46 @@ class FeatureSpec:
     description: str = ""
     source: dict[str, Any] | None = None
     missing: float | Literal["reject"] | None = None
+    missing_source: str | None = None
     allowed: tuple[float, ...] | None = None
-    range: tuple[float, float] | None = None
+    ranges: tuple[RangeRule, ...] | None = None
 
     @classmethod
     def from_json(cls, entry: dict[str, Any]) -> FeatureSpec:
-        allowed, range_ = entry.get("allowed"), entry.get("range")
+        allowed = entry.get("allowed")
+        ranges = entry.get("ranges")
+        if ranges is None and entry.get("range") is not None:
+            ranges = [entry["range"]]
         return cls(
-            **{k: v for k, v in entry.items() if k not in ("allowed", "range")},
+            **{k: v for k, v in entry.items() if k not in ("allowed", "range", "ranges")},
             allowed=None if allowed is None else tuple(float(v) for v in allowed),
-            range=None if range_ is None else (float(range_[0]), float(range_[1])),
+            ranges=None if ranges is None else tuple(RangeRule.from_json(r) for r in ranges),
         )
 
     def to_json(self) -> dict[str, Any]:
         """The registry form: rules that are not set are left out."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in vars(self).items()
-            if v is not None
-        }
+        out: dict[str, Any] = {}
+        for k, v in vars(self).items():
+            if v is None:
+                continue
+            if k == "ranges":
+                out[k] = [r.to_json() for r in v]
+            else:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
     @property
     def constrained(self) -> bool:
-        return self.allowed is not None or self.range is not None
+        return self.allowed is not None or bool(self.ranges)
+
+    @property
+    def reject_ranges(self) -> tuple[RangeRule, ...]:
+        """Bounds that refuse a case (a bound without a policy counts as one)."""
+        return tuple(r for r in self.ranges or () if r.policy != "flag")
+
+    @property
+    def flag_ranges(self) -> tuple[RangeRule, ...]:
+        return tuple(r for r in self.ranges or () if r.policy == "flag")
 
 
 @dataclass(frozen=True)
@@ -159,6 +217,9 @@ class Registry:
     def load(cls, path: Path = REGISTRY_PATH) -> Registry:
         raw = json.loads(path.read_text())
         specs = [_spec_from_json(entry, base=path.parent) for entry in raw["models"]]
+        for spec in specs:
+            if problems := schema_problems(spec.inputs):
+                raise SchemaError(f"{path}: {spec.ref}", problems)
         return cls(specs, path=path)
 
     def merged(self, other: Registry) -> Registry:
@@ -246,3 +307,109 @@ def _spec_from_json(entry: dict[str, Any], *, base: Path) -> ModelSpec:
         max_length=entry.get("max_length"),
         vocab_size=entry.get("vocab_size"),
     )
+
+
+# --- schema checks ----------------------------------------------------------------------------
+
+
+def source_codes(source: dict[str, Any]) -> list[dict[str, Any]]:
+    """A source's code entries as ``{"system", "code", ...}`` dicts (the old form, one
+    ``system`` and a list of code strings, is read as such entries)."""
+    codes = source.get("codes") or []
+    if "system" in source:
+        display = source.get("display")
+        return [
+            {
+                "system": source["system"],
+                "code": str(c),
+                **({"display": display.get(str(c))} if isinstance(display, dict) else {}),
+            }
+            for c in codes
+        ]
+    return [c for c in codes if isinstance(c, dict)]
+
+
+def schema_problems(inputs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> list[str]:
+    """Every broken mapping rule of an input schema (empty when it is sound).
+
+    Checked: each source names a supported resource, codes with a system, a time rule the
+    resource allows (and a window); one code feeds one feature unless both features list each
+    other under the code's ``also_feeds``; each range has ``low <= high``, a policy (``reject``
+    or ``flag``) and a source; an imputed value states its origin (``missing_source``);
+    ``map`` values are among ``allowed``; a sourced Observation feature's unit is UCUM.
+    """
+    from models.terminology import canonical_system, normal_code
+
+    problems: list[str] = []
+    names = {f.name for f in inputs}
+    fed_by: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for f in inputs:
+        for r in f.ranges or ():
+            if not r.low <= r.high:
+                problems.append(f"{f.name}: range low {r.low:g} is above high {r.high:g}")
+            if r.policy not in ("reject", "flag"):
+                problems.append(f"{f.name}: each range needs a policy, 'reject' or 'flag'")
+            if not isinstance(r.source, str) or not r.source.strip():
+                problems.append(f"{f.name}: each range needs a source (where its bounds come from)")
+        if f.missing is not None and not (
+            f.missing == "reject" or isinstance(f.missing, int | float)
+        ):
+            problems.append(f"{f.name}: missing must be 'reject' or a number")
+        source = f.source
+        if source is None:
+            continue
+        resource = source.get("resource")
+        if resource not in TIME_RULES:
+            problems.append(f"{f.name}: source resource must be one of {', '.join(TIME_RULES)}")
+            continue
+        time_rule = source.get("time", "present" if resource != "Observation" else "latest")
+        if time_rule not in TIME_RULES[resource]:
+            allowed = " or ".join(TIME_RULES[resource])
+            problems.append(f"{f.name}: time {time_rule!r} is not one of {allowed} for a {resource}")
+        if source.get("window", "lookback") not in WINDOWS:
+            problems.append(f"{f.name}: window must be 'lookback' or 'encounter'")
+        if source.get("unusable", "reject") not in ("reject", "ignore"):
+            problems.append(f"{f.name}: unusable must be 'reject' or 'ignore'")
+        if isinstance(f.missing, int | float) and resource != "Condition" and not f.missing_source:
+            problems.append(f"{f.name}: an imputed value needs missing_source (its origin)")
+        mapping = source.get("map")
+        if isinstance(mapping, dict) and f.allowed is not None:
+            for key, value in mapping.items():
+                if float(value) not in f.allowed:
+                    problems.append(f"{f.name}: map value for {key!r} is not among allowed")
+        if resource == "Patient":
+            if not isinstance(source.get("element"), str):
+                problems.append(f"{f.name}: a Patient source names its element")
+            continue
+        codes = source_codes(source)
+        if not codes:
+            problems.append(f"{f.name}: a {resource} source lists its codes")
+        for entry in codes:
+            system, code = entry.get("system"), entry.get("code")
+            if not isinstance(system, str) or not isinstance(code, str) or not code:
+                problems.append(f"{f.name}: each code needs a system and a code")
+                continue
+            uri = canonical_system(system) or system
+            fed_by.setdefault((uri, normal_code(uri, code)), []).append((f.name, entry))
+            for other in entry.get("also_feeds", []):
+                if other not in names or other == f.name:
+                    problems.append(f"{f.name}: code {code}: also_feeds names no other feature")
+        if resource == "Observation":
+            from models.ucum import UnitError, parse_unit
+
+            try:
+                parse_unit(f.unit)
+            except UnitError as exc:
+                problems.append(f"{f.name}: {exc}")
+    for (uri, code), users in fed_by.items():
+        features = sorted({name for name, _ in users})
+        if len(features) < 2:
+            continue
+        for name, entry in users:
+            missing = [o for o in features if o != name and o not in entry.get("also_feeds", [])]
+            if missing:
+                problems.append(
+                    f"{name}: code {code} of {uri} also feeds {', '.join(missing)}; list them "
+                    "under that code's also_feeds if it is meant to"
+                )
+    return problems

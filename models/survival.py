@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models.architectures import CoxMLP, save_weights
-from models.registry import FeatureSpec
+from models.registry import FeatureSpec, RangeRule
 
 NAME = "whas500-mortality"
 VERSION = "1.0.0"
@@ -39,46 +39,82 @@ WEIGHT_DECAY = 0.3
 
 _LOINC = "http://loinc.org"
 _SNOMED = "http://snomed.info/sct"
+_ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+
+#: Where the flag ranges come from; the reject ranges are wider and catch entry or unit errors.
+_TRAINING_RANGE = (
+    "WHAS500 training split (sksurv.datasets.load_whas500, seed 20261123): smallest and largest "
+    "value; outside it the model extrapolates"
+)
+_NOT_HUMAN = "no sustained human {what} lies outside it: a unit or entry error (project rule)"
+_MEDIAN = "median of the 350 training patients (WHAS500 training split, seed 20261123)"
 
 
-def _observation(code: str, display: str) -> dict[str, Any]:
-    return {"resource": "Observation", "system": _LOINC, "codes": [code], "display": display}
+def _observation(code: str, display: str, *, time: str, window: str) -> dict[str, Any]:
+    return {
+        "resource": "Observation",
+        "codes": [{"system": _LOINC, "code": code, "display": display}],
+        "time": time,
+        "window": window,
+        "unusable": "reject",
+    }
 
 
-def _condition(codes: dict[str, str]) -> dict[str, Any]:
-    return {"resource": "Condition", "system": _SNOMED, "codes": list(codes), "display": codes}
+def _condition(time: str, snomed: dict[str, str], icd10cm: dict[str, str]) -> dict[str, Any]:
+    codes = [{"system": _SNOMED, "code": c, "display": d} for c, d in snomed.items()]
+    codes += [{"system": _ICD10CM, "code": c, "display": d} for c, d in icd10cm.items()]
+    return {"resource": "Condition", "codes": codes, "time": time, "unusable": "ignore"}
 
 
-def _binary(name: str, column: str, description: str, codes: dict[str, str]) -> dict[str, Any]:
+def _ranges(reject: tuple[float, float], flag: tuple[float, float], what: str) -> tuple:
+    return (
+        RangeRule(*reject, policy="reject", source=_NOT_HUMAN.format(what=what)),
+        RangeRule(*flag, policy="flag", source=_TRAINING_RANGE),
+    )
+
+
+def _binary(name: str, column: str, description: str, source: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": name,
         "column": column,
         "unit": "1",
         "description": f"{description} (1 = recorded, 0 = not)",
-        "source": _condition(codes),
+        "source": source,
         "missing": 0.0,
+        "missing_source": "no matching Condition on record counts as not recorded (0)",
         "allowed": (0.0, 1.0),
     }
 
 
 #: WHAS500 column → feature. ``missing`` for a vital sign is the training median (stated here
 #: and in the registry); an absent condition counts as not present; age and sex are required.
+#: Vital signs are the *initial* ones of the admission (WHAS500's hr, sysbp, diasbp): the first
+#: reading of the encounter. History features (cvd, miord) count whatever was recorded before
+#: as_of, resolved or not; the others describe the admission: present at as_of.
 _FEATURES: list[dict[str, Any]] = [
     {
         "name": "age",
         "column": "age",
         "unit": "a",
         "description": "age at admission, in years",
-        "source": {"resource": "Patient", "element": "birthDate"},
+        "source": {"resource": "Patient", "element": "birthDate", "time": "present"},
         "missing": "reject",
-        "range": (18.0, 120.0),
+        "ranges": (
+            RangeRule(18.0, 120.0, "reject", "an adult cohort; no verified human age exceeds 120"),
+            RangeRule(32.0, 104.0, "flag", _TRAINING_RANGE),
+        ),
     },
     {
         "name": "female",
         "column": "gender",
         "unit": "1",
         "description": "administrative sex (1 = female, 0 = male)",
-        "source": {"resource": "Patient", "element": "gender", "map": {"female": 1, "male": 0}},
+        "source": {
+            "resource": "Patient",
+            "element": "gender",
+            "map": {"female": 1, "male": 0},
+            "time": "present",
+        },
         "missing": "reject",
         "allowed": (0.0, 1.0),
     },
@@ -86,77 +122,142 @@ _FEATURES: list[dict[str, Any]] = [
         "name": "heart_rate",
         "column": "hr",
         "unit": "/min",
-        "description": "initial heart rate",
-        "source": _observation("8867-4", "Heart rate"),
-        "range": (20.0, 300.0),
+        "description": "initial heart rate: the first reading of the admission",
+        "source": _observation("8867-4", "Heart rate", time="first", window="encounter"),
+        "ranges": _ranges((20.0, 300.0), (35.0, 186.0), "heart rate"),
     },
     {
         "name": "systolic_bp",
         "column": "sysbp",
         "unit": "mm[Hg]",
-        "description": "initial systolic blood pressure",
-        "source": _observation("8480-6", "Systolic blood pressure"),
-        "range": (40.0, 300.0),
+        "description": "initial systolic blood pressure: the first reading of the admission",
+        "source": _observation(
+            "8480-6", "Systolic blood pressure", time="first", window="encounter"
+        ),
+        "ranges": _ranges((20.0, 300.0), (63.0, 244.0), "systolic pressure"),
     },
     {
         "name": "diastolic_bp",
         "column": "diasbp",
         "unit": "mm[Hg]",
-        "description": "initial diastolic blood pressure",
-        "source": _observation("8462-4", "Diastolic blood pressure"),
-        "range": (10.0, 200.0),
+        "description": "initial diastolic blood pressure: the first reading of the admission",
+        "source": _observation(
+            "8462-4", "Diastolic blood pressure", time="first", window="encounter"
+        ),
+        # WHAS500 holds a diastolic pressure of 6 mmHg (in shock): the reject bound is below it.
+        "ranges": _ranges((1.0, 250.0), (6.0, 198.0), "diastolic pressure"),
     },
     {
         "name": "bmi",
         "column": "bmi",
         "unit": "kg/m2",
-        "description": "body mass index",
-        "source": _observation("39156-5", "Body mass index (BMI) [Ratio]"),
-        "range": (10.0, 80.0),
+        "description": "body mass index: the latest in the look-back window",
+        "source": _observation(
+            "39156-5", "Body mass index (BMI) [Ratio]", time="latest", window="lookback"
+        ),
+        "ranges": _ranges((10.0, 80.0), (13.04, 44.84), "body mass index"),
     },
     _binary(
         "heart_failure",
         "chf",
         "congestive heart failure",
-        {
-            "42343007": "Congestive heart failure",
-            "88805009": "Chronic congestive heart failure",
-            "84114007": "Heart failure",
-        },
+        _condition(
+            "present",
+            {
+                "42343007": "Congestive heart failure",
+                "88805009": "Chronic congestive heart failure",
+                "84114007": "Heart failure",
+            },
+            {
+                "I50.1": "Left ventricular failure, unspecified",
+                "I50.9": "Heart failure, unspecified",
+                "I50.20": "Unspecified systolic (congestive) heart failure",
+                "I50.21": "Acute systolic (congestive) heart failure",
+                "I50.22": "Chronic systolic (congestive) heart failure",
+                "I50.23": "Acute on chronic systolic (congestive) heart failure",
+                "I50.30": "Unspecified diastolic (congestive) heart failure",
+                "I50.31": "Acute diastolic (congestive) heart failure",
+                "I50.32": "Chronic diastolic (congestive) heart failure",
+                "I50.33": "Acute on chronic diastolic (congestive) heart failure",
+                "I50.40": "Unspecified combined systolic and diastolic heart failure",
+                "I50.41": "Acute combined systolic and diastolic heart failure",
+                "I50.42": "Chronic combined systolic and diastolic heart failure",
+                "I50.43": "Acute on chronic combined systolic and diastolic heart failure",
+            },
+        ),
     ),
     _binary(
-        "atrial_fibrillation", "afb", "atrial fibrillation", {"49436004": "Atrial fibrillation"}
+        "atrial_fibrillation",
+        "afb",
+        "atrial fibrillation",
+        _condition(
+            "present",
+            {"49436004": "Atrial fibrillation"},
+            {
+                "I48.0": "Paroxysmal atrial fibrillation",
+                "I48.1": "Persistent atrial fibrillation (before FY2020)",
+                "I48.11": "Longstanding persistent atrial fibrillation",
+                "I48.19": "Other persistent atrial fibrillation",
+                "I48.2": "Chronic atrial fibrillation (before FY2020)",
+                "I48.20": "Chronic atrial fibrillation, unspecified",
+                "I48.21": "Permanent atrial fibrillation",
+                "I48.91": "Unspecified atrial fibrillation",
+            },
+        ),
     ),
     _binary(
         "cardiovascular_history",
         "cvd",
         "history of cardiovascular disease",
-        {
-            "49601007": "Disorder of cardiovascular system",
-            "53741008": "Coronary arteriosclerosis",
-            "414545008": "Ischemic heart disease",
-            "230690007": "Cerebrovascular accident",
-            "399211009": "History of myocardial infarction",
-        },
+        # Not "history of myocardial infarction": in WHAS500, 23 of the 171 patients with an
+        # earlier MI have cvd = 0, so that code feeds recurrent_mi alone.
+        _condition(
+            "ever",
+            {
+                "49601007": "Disorder of cardiovascular system",
+                "53741008": "Coronary arteriosclerosis",
+                "414545008": "Ischemic heart disease",
+                "230690007": "Cerebrovascular accident",
+            },
+            {
+                "I25.10": "Atherosclerotic heart disease of native coronary artery without angina",
+                "I25.9": "Chronic ischemic heart disease, unspecified",
+                "I63.9": "Cerebral infarction, unspecified",
+                "Z86.73": "Personal history of TIA and cerebral infarction without residual deficits",
+            },
+        ),
     ),
     _binary(
         "complete_heart_block",
         "av3",
         "complete atrioventricular block",
-        {"27885002": "Complete atrioventricular block"},
+        _condition(
+            "present",
+            {"27885002": "Complete atrioventricular block"},
+            {"I44.2": "Atrioventricular block, complete"},
+        ),
     ),
-    _binary("cardiogenic_shock", "sho", "cardiogenic shock", {"89138009": "Cardiogenic shock"}),
+    _binary(
+        "cardiogenic_shock",
+        "sho",
+        "cardiogenic shock",
+        _condition("present", {"89138009": "Cardiogenic shock"}, {"R57.0": "Cardiogenic shock"}),
+    ),
     _binary(
         "recurrent_mi",
         "miord",
         "recurrent myocardial infarction (an earlier one on record)",
-        {"399211009": "History of myocardial infarction", "1755008": "Old myocardial infarction"},
+        _condition(
+            "ever",
+            {"399211009": "History of myocardial infarction", "1755008": "Old myocardial infarction"},
+            {"I25.2": "Old myocardial infarction"},
+        ),
     ),
     _binary(
         "q_wave_mi",
         "mitype",
         "Q-wave myocardial infarction",
-        {"304914007": "Acute Q wave myocardial infarction"},
+        _condition("present", {"304914007": "Acute Q wave myocardial infarction"}, {}),
     ),
 ]
 
@@ -209,6 +310,7 @@ def input_schema(medians: dict[str, float]) -> list[FeatureSpec]:
         fields = {k: v for k, v in f.items() if k != "column"}
         if "missing" not in fields:
             fields["missing"] = round(medians[f["name"]], 2)
+            fields["missing_source"] = _MEDIAN
         specs.append(FeatureSpec(**fields))
     return specs
 
