@@ -66,6 +66,12 @@ class CasePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     scores: list[ScorePublic]
+    fhir: dict[str, Any] | None = Field(
+        default=None,
+        description="for a case built from FHIR: how its features were read — the resources "
+        "used (basis), each imputed value and why, each sent value ignored and why, values "
+        "outside a flag range, and the as_of and look-back",
+    )
 
 
 class ResultPublic(BaseModel):

@@ -25,6 +25,7 @@ from db.tables import (
     Batch,
     Case,
     CaseStatus,
+    PatientIdentifier,
     Priority,
     Score,
     Tenant,
@@ -495,3 +496,42 @@ def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | N
         .where(_among(session, Case.id, case_ids))
         .values(enqueued_at=at or utcnow(), updated_at=at or utcnow())
     )
+
+
+def identifier_digest(value: str) -> str:
+    """How an identifier value is kept: its sha256, hex."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def add_patient_identifiers(
+    session: Session, *, tenant_id: int, subject: str, identifiers: Sequence[tuple[str, str]]
+) -> None:
+    """Remember ``(system, value)`` identifiers of ``subject`` (each once)."""
+    rows = [
+        {
+            "tenant_id": tenant_id,
+            "subject": subject,
+            "system": system[:300],
+            "value_sha256": identifier_digest(value),
+        }
+        for system, value in dict.fromkeys(identifiers)
+    ]
+    if rows:
+        stmt = _insert(session, PatientIdentifier.__table__).on_conflict_do_nothing(  # type: ignore[arg-type]
+            index_elements=["tenant_id", "subject", "system", "value_sha256"]
+        )
+        session.execute(stmt, rows)
+
+
+def subjects_with_identifier(
+    session: Session, *, tenant_id: int, system: str | None, value: str
+) -> list[str]:
+    """The subjects (``Patient/<id>``) of this tenant that carry an identifier; ``system`` None
+    matches any system, "" only identifiers sent without one (FHIR token search)."""
+    query = select(PatientIdentifier.subject).where(
+        PatientIdentifier.tenant_id == tenant_id,
+        PatientIdentifier.value_sha256 == identifier_digest(value),
+    )
+    if system is not None:
+        query = query.where(PatientIdentifier.system == system)
+    return sorted(set(session.scalars(query)))

@@ -382,3 +382,25 @@ class Neighbour(Base):
     similarity: Mapped[float] = mapped_column(Float(precision=53))
     #: 1 = most similar for its query (ties: lower library index first).
     rank: Mapped[int]
+
+
+class PatientIdentifier(Base):
+    """A FHIR Patient.identifier of a case's subject, so that ``subject:identifier`` searches
+    find the patient. The value is kept only as its sha256 (a medical record number need not be
+    readable here to be matched); the system is a URI, not patient data."""
+
+    __tablename__ = "patient_identifiers"
+    __table_args__ = (
+        UniqueConstraint(
+            "tenant_id", "subject", "system", "value_sha256", name="uq_patient_identifiers"
+        ),
+        Index("ix_patient_identifiers_lookup", "tenant_id", "value_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
+    #: ``Patient/<id>``, as in ``cases.subject``.
+    subject: Mapped[str] = mapped_column(String(200))
+    #: ``Identifier.system`` ("" when the feed sent none).
+    system: Mapped[str] = mapped_column(String(300))
+    value_sha256: Mapped[str] = mapped_column(String(64))

@@ -1,25 +1,28 @@
-"""FHIR R4 resources → one model's input features, with the resources each value came from.
+"""FHIR R4 resources → one model's input features, with the resources each value came from and
+every sent value that could not be used.
 
 Two readers and one rule book:
 
 - :func:`parse_bundle` reads a Bundle (transaction, batch, collection or searchset) and groups its
-  Patients, Observations and Conditions by patient. A Bundle with structural problems is refused
+  Patients, Observations, Conditions and Encounters by patient, each with the reference that cites
+  it (``Type/id``, else the entry's ``fullUrl``). A Bundle with structural problems is refused
   whole with a :class:`FhirInputError` that lists every problem found, as OperationOutcome issues.
-- :func:`iter_ndjson` streams a Bulk Data export folder (``Patient.ndjson``, ``Observation.ndjson``,
-  ``Condition.ndjson``, or ``<Type>.000.ndjson`` parts). Patients are indexed first; Observation
-  and Condition lines are then read one at a time and only the resource that wins each feature is
-  kept, so memory grows with patients times features, not with the size of the export. A bad line is
-  reported with its file and line number and skipped; the rest is still read.
-- :func:`features_for` applies a model's registry rules (``source``, ``unit``, ``missing``,
-  ``allowed``, ``range``) at one instant ``as_of``: the latest Observation value in the look-back
-  window (the value itself or the matching ``component`` of a panel, converted to the schema's UCUM
-  unit), age in completed years from ``birthDate``, a coded element through the schema's ``map``,
-  a Condition's presence (1/0) at ``as_of``; then imputation or rejection of what is missing.
+- :func:`iter_ndjson` streams a Bulk Data export folder (``Patient.ndjson``, ``Encounter``,
+  ``Observation``, ``Condition``, or ``<Type>.000.ndjson`` parts). Per patient and feature it keeps
+  only the resource that wins and the resources that must be reported, so memory grows with
+  patients times features, not with the size of the export. A bad line is reported with its file
+  and line number and skipped; the rest is still read.
+- :func:`features_for` applies a model's mapping (each input's ``source``: codes in any spelling
+  of their code system, a time rule, a window, the unit, what to do with a value that cannot be
+  read; then ``missing``, ``allowed`` and ``ranges``) at one instant ``as_of``. docs/fhir.md
+  states the rules for a clinical reviewer. Nothing is silent: every resource that carries a
+  feature's code but cannot be used is listed in :attr:`FeatureResult.ignored` with the reason,
+  every imputed value in :attr:`FeatureResult.imputations`, every flagged range in ``flagged``.
 
 Resources are parsed with ``fhir.resources.R4B``: fhir.resources 7+ puts FHIR R5 at the top level,
 and R5 refuses R4 data (Synthea's ``Encounter.class`` is a Coding in R4, a list in R5), while R4B is
-wire-compatible with R4 for the resources read here. Only Patient, Observation and Condition are
-validated; other entries (Encounter, Claim, ...) are counted and left alone.
+wire-compatible with R4 for the resources read here. Only Patient, Observation, Condition and
+Encounter are validated; other entries (Claim, Provenance, ...) are counted and left alone.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ from typing import Any, Literal, cast
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.encounter import Encounter
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
-from models.featurize import rule_problem
-from models.registry import FeatureSpec, ModelSpec
+from models.featurize import rule_flags, rule_problem
+from models.registry import FeatureSpec, ModelSpec, source_codes
+from models.terminology import UCUM, canonical_system, coding_key, normal_code, system_name
+from models.ucum import UnitError, convert
 
 Severity = Literal["fatal", "error", "warning", "information"]
 #: FHIR IssueType codes used here (https://hl7.org/fhir/R4/valueset-issue-type.html).
@@ -59,20 +65,27 @@ IssueType = Literal[
     "not-supported",
     "duplicate",
     "business-rule",
+    "informational",
 ]
 BundleType = Literal["transaction", "batch", "collection", "searchset"]
 BUNDLE_TYPES: tuple[str, ...] = ("transaction", "batch", "collection", "searchset")
 
 #: Resource types whose content can feed a feature; every other entry is counted, not validated.
-USED_TYPES = ("Patient", "Observation", "Condition")
-#: Observation statuses whose value counts (registered, cancelled, entered-in-error, unknown don't).
+USED_TYPES = ("Patient", "Observation", "Condition", "Encounter")
+#: Observation statuses whose value counts (https://hl7.org/fhir/R4/valueset-observation-status.html).
 USABLE_OBSERVATION_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
 #: Condition.clinicalStatus codes meaning "not present now" (when no abatement date says when).
 INACTIVE_CLINICAL_STATUS = frozenset({"inactive", "remission", "resolved"})
-#: Condition.verificationStatus codes meaning "never was".
+#: Condition.verificationStatus codes meaning "never was": reported, never counted.
 VOID_VERIFICATION_STATUS = frozenset({"refuted", "entered-in-error"})
+#: verificationStatus codes of a diagnosis not (yet) confirmed: reported, not counted.
+UNCONFIRMED_VERIFICATION_STATUS = frozenset({"unconfirmed", "provisional", "differential"})
+#: Encounter.class codes (v3 ActCode) of a hospital admission: the encounter a ``window:
+#: "encounter"`` feature reads (https://terminology.hl7.org/ValueSet-v3-ActEncounterCode.html).
+ADMISSION_CLASSES = frozenset({"IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "SS"})
+#: Encounter statuses that never happened.
+VOID_ENCOUNTER_STATUS = frozenset({"planned", "cancelled", "entered-in-error"})
 
-UCUM = "http://unitsofmeasure.org"
 LOINC = "http://loinc.org"
 
 
@@ -187,11 +200,25 @@ class PatientRecord:
     patient: Patient
     observations: list[Observation] = field(default_factory=list)
     conditions: list[Condition] = field(default_factory=list)
+    encounters: list[Encounter] = field(default_factory=list)
+    #: ``id(resource)`` → how it is cited: ``Type/<id>``, else its entry's ``fullUrl``, else
+    #: ``Bundle.entry[i]`` (shown as text: such a resource cannot be referenced).
+    references: dict[int, str] = field(default_factory=dict)
+    #: The Patient's ``identifier`` values as ``(system, value)`` (system "" when absent).
+    identifiers: list[tuple[str, str]] = field(default_factory=list)
+
+    def cite(self, resource: Resource) -> str:
+        """The reference to ``resource`` in a RiskAssessment's ``basis``."""
+        found = self.references.get(id(resource))
+        if found is not None:
+            return found
+        rid = getattr(resource, "id", None)
+        return f"{resource.get_resource_type()}/{rid}" if rid else resource.get_resource_type()
 
 
 @dataclass
 class ParsedBundle:
-    """A Bundle's patients, each with the Observations and Conditions that reference it."""
+    """A Bundle's patients, each with the resources that reference it."""
 
     type: BundleType
     #: Keyed by :attr:`PatientRecord.reference`, in Bundle order.
@@ -202,13 +229,17 @@ class ParsedBundle:
     ignored: dict[str, int] = field(default_factory=dict)
 
 
-def _reference_of(resource: Resource) -> str:
-    return f"{resource.get_resource_type()}/{resource.id or '?'}"
-
-
 def _subject(raw: dict[str, Any]) -> object:
     ref = raw.get("subject") or raw.get("patient")
     return ref.get("reference") if isinstance(ref, dict) else None
+
+
+def _identifiers(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for ident in raw.get("identifier") or []:
+        if isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]:
+            out.append((str(ident.get("system") or ""), ident["value"]))
+    return out
 
 
 _ABSOLUTE_PATIENT = re.compile(r"^https?://.*/(Patient/[A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
@@ -220,7 +251,7 @@ def parse_bundle(data: object) -> ParsedBundle:
     References to patients may be relative (``Patient/<id>``), absolute, or point at an entry's
     ``fullUrl`` (``urn:uuid:...`` in transaction Bundles). Raises :class:`FhirInputError` listing
     every problem when the Bundle is not one, is of another type, holds no Patient, has an entry
-    failing validation, or has an Observation/Condition whose patient is not in the Bundle.
+    failing validation, or has a resource whose patient is not in the Bundle.
     """
     if not isinstance(data, dict):
         raise FhirInputError([Issue("fatal", "structure", "expected a JSON object (a Bundle)")])
@@ -240,12 +271,13 @@ def parse_bundle(data: object) -> ParsedBundle:
         raise FhirInputError(issues)
 
     ignored: Counter[str] = Counter()
-    parsed: list[tuple[int, Resource, dict[str, Any]]] = []
+    parsed: list[tuple[int, Resource, dict[str, Any], str]] = []
     types_by_url: dict[str, str] = {}
     #: Every way a Patient entry can be referenced -> its key (valid entries or not, so that an
     #: Observation of a Patient that failed validation is not also reported as "not found").
     alias: dict[str, str] = {}
     patients: dict[str, PatientRecord] = {}
+    warnings: list[Issue] = []
     for i, entry in enumerate(entries):
         where = f"Bundle.entry[{i}]"
         if not isinstance(entry, dict):
@@ -279,11 +311,16 @@ def parse_bundle(data: object) -> ParsedBundle:
             continue
         resource, problems = _validate(raw, prefix=f"{where}.resource")
         issues += problems
+        rid = raw.get("id")
+        # basis cites the logical id where there is one, else the entry's fullUrl.
+        cite = f"{rtype}/{rid}" if isinstance(rid, str) and rid else full_url or where
         if rtype != "Patient":
             if resource is not None:
-                parsed.append((i, resource, raw))
+                if cite == where:
+                    diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"
+                    warnings.append(Issue("warning", "business-rule", diag, where))
+                parsed.append((i, resource, raw, cite))
             continue
-        rid = raw.get("id")
         if not isinstance(rid, str) and full_url is None:
             diag = "a Patient needs an id or a fullUrl to be referenced"
             issues.append(Issue("error", "required", diag, f"{where}.resource.id"))
@@ -300,12 +337,13 @@ def parse_bundle(data: object) -> ParsedBundle:
             if match := _ABSOLUTE_PATIENT.match(full_url):
                 alias.setdefault(match.group(1), key)
         if isinstance(resource, Patient):
-            patients[key] = PatientRecord(reference=key, patient=resource)
+            record = PatientRecord(reference=key, patient=resource, identifiers=_identifiers(raw))
+            record.references[id(resource)] = key
+            patients[key] = record
     if not alias:
         issues.append(Issue("error", "required", "the Bundle holds no Patient", "Bundle.entry"))
 
-    warnings: list[Issue] = []
-    for i, resource, raw in parsed:
+    for i, resource, raw, cite in parsed:
         where = f"Bundle.entry[{i}].resource.subject"
         ref = _subject(raw)
         if not isinstance(ref, str):
@@ -324,13 +362,16 @@ def parse_bundle(data: object) -> ParsedBundle:
                 diag = f"subject is a {target}, not a Patient: not read"
                 warnings.append(Issue("warning", "business-rule", diag, where))
             continue
-        record = patients.get(target_key)
-        if record is None:  # the Patient itself failed validation, reported above
+        owner = patients.get(target_key)
+        if owner is None:  # the Patient itself failed validation, reported above
             continue
+        owner.references[id(resource)] = cite
         if isinstance(resource, Observation):
-            record.observations.append(resource)
+            owner.observations.append(resource)
         elif isinstance(resource, Condition):
-            record.conditions.append(resource)
+            owner.conditions.append(resource)
+        elif isinstance(resource, Encounter):
+            owner.encounters.append(resource)
 
     if issues:
         raise FhirInputError(issues)
@@ -344,88 +385,20 @@ def parse_bundle(data: object) -> ParsedBundle:
 
 # --- units ------------------------------------------------------------------------------------
 
-#: Spellings seen in EHR feeds for one UCUM unit → the UCUM code. Covers blood pressure
-#: (``mmHg``), rates (``{beats}/min``, ``beats/minute``, ``bpm``), BMI (``kg/m^2``), temperature
-#: (``°C``, ``°F``), glucose/creatinine concentrations (case and micro-sign variants) and years.
-#: Plain ``C`` is left out on purpose: in UCUM it is the coulomb.
-UNIT_ALIASES: dict[str, str] = {
-    "mmHg": "mm[Hg]",
-    "mm Hg": "mm[Hg]",
-    "{beats}/min": "/min",
-    "{beat}/min": "/min",
-    "beats/min": "/min",
-    "beats/minute": "/min",
-    "bpm": "/min",
-    "1/min": "/min",
-    "kg/m^2": "kg/m2",
-    "kg/m²": "kg/m2",
-    "°C": "Cel",
-    "degC": "Cel",
-    "°F": "[degF]",
-    "degF": "[degF]",
-    "mg/dl": "mg/dL",
-    "mmol/l": "mmol/L",
-    "µmol/L": "umol/L",
-    "μmol/L": "umol/L",
-    "umol/l": "umol/L",
-    "yr": "a",
-    "years": "a",
-}
-
-#: Unit changes that hold for any quantity: ``to = from * scale + offset``.
-LINEAR_CONVERSIONS: dict[tuple[str, str], tuple[float, float]] = {
-    ("[degF]", "Cel"): (5 / 9, -32 * 5 / 9),
-    ("Cel", "[degF]"): (9 / 5, 32.0),
-}
-
-#: Molar ↔ mass concentration depends on the analyte: ``to = from * factor``. Glucose: 1 mmol/L
-#: = 18.016 mg/dL (molar mass 180.16 g/mol); creatinine: 1 mg/dL = 88.42 µmol/L (113.12 g/mol).
-ANALYTE_CONVERSIONS: dict[str, dict[tuple[str, str], float]] = {
-    "glucose": {("mmol/L", "mg/dL"): 18.016, ("mg/dL", "mmol/L"): 1 / 18.016},
-    "creatinine": {("mg/dL", "umol/L"): 88.42, ("umol/L", "mg/dL"): 1 / 88.42},
-}
-
-#: The analyte an Observation's LOINC code measures (mass and molar codes alike).
-ANALYTE_BY_LOINC: dict[str, str] = {
-    "2339-0": "glucose",  # Glucose [Mass/volume] in Blood
-    "2345-7": "glucose",  # Glucose [Mass/volume] in Serum or Plasma
-    "15074-8": "glucose",  # Glucose [Moles/volume] in Blood
-    "14749-6": "glucose",  # Glucose [Moles/volume] in Serum or Plasma
-    "2160-0": "creatinine",  # Creatinine [Mass/volume] in Serum or Plasma
-    "38483-4": "creatinine",  # Creatinine [Mass/volume] in Blood
-    "14682-9": "creatinine",  # Creatinine [Moles/volume] in Serum or Plasma
-    "59826-8": "creatinine",  # Creatinine [Moles/volume] in Blood
-}
-
-
-class UnitError(ValueError):
-    """A quantity whose unit cannot be converted to the one a model expects."""
-
-
-def normalize_unit(unit: str) -> str:
-    """The UCUM code for a unit spelling in :data:`UNIT_ALIASES` (others pass unchanged)."""
-    unit = unit.strip()
-    return UNIT_ALIASES.get(unit, unit)
-
 
 def convert_quantity(value: float, unit: str, to: str, *, code: str | None = None) -> float:
-    """``value`` in ``unit`` expressed in ``to``; ``code`` (LOINC) picks an analyte's factor.
+    """``value`` in ``unit`` expressed in ``to`` by UCUM's meaning (:func:`models.ucum.convert`);
+    ``code`` (LOINC) supplies a molar mass for mass ↔ substance concentrations."""
+    return convert(value, unit, to, loinc=code)
 
-    Raises :class:`UnitError` naming both units when :data:`UNIT_ALIASES`,
-    :data:`LINEAR_CONVERSIONS` and :data:`ANALYTE_CONVERSIONS` hold no way between them.
-    """
-    source, target = normalize_unit(unit), normalize_unit(to)
-    if source == target:
-        return value
-    if (source, target) in LINEAR_CONVERSIONS:
-        scale, offset = LINEAR_CONVERSIONS[(source, target)]
-        return value * scale + offset
-    analyte = ANALYTE_BY_LOINC.get(code or "")
-    factor = ANALYTE_CONVERSIONS.get(analyte or "", {}).get((source, target))
-    if factor is not None:
-        return value * factor
-    about = f" for {analyte}" if analyte else ""
-    raise UnitError(f"unit {unit!r} cannot be converted to {to!r}{about}")
+
+def _quantity_unit(quantity: Quantity) -> str:
+    # Quantity.code is the computable unit when the system is UCUM (or unstated); unit is the
+    # display. A code in another system is not UCUM: the display is tried instead.
+    system = canonical_system(quantity.system) if quantity.system else UCUM
+    if quantity.code and system == UCUM:
+        return quantity.code
+    return quantity.unit or quantity.code or ""
 
 
 # --- time -------------------------------------------------------------------------------------
@@ -455,29 +428,96 @@ def completed_years(born: date, at: date) -> int:
 
 
 def _observation_time(obs: Observation) -> datetime | None:
+    """The clinically relevant time: effective[x] (a Period counts at its start). ``issued`` is
+    when the result was released, not when it was measured, so it is not used."""
     period = obs.effectivePeriod
     return (
         _instant(obs.effectiveDateTime)
         or _instant(obs.effectiveInstant)
-        or (_instant(period.end) or _instant(period.start) if period is not None else None)
-        or _instant(obs.issued)
+        or (_instant(period.start) or _instant(period.end) if period is not None else None)
     )
 
 
-# --- codes ------------------------------------------------------------------------------------
+# --- the mapping ------------------------------------------------------------------------------
+
+TimeRule = Literal["latest", "first", "ever", "present"]
 
 
-def _codes(source: dict[str, Any]) -> frozenset[tuple[str, str]]:
-    system = str(source.get("system", ""))
-    return frozenset((system, str(c)) for c in source.get("codes", ()))
+@dataclass(frozen=True)
+class FeatureMapping:
+    """One feature's ``source``, read once: what to match and how to choose over time."""
+
+    resource: str
+    #: ``(canonical system, normal code)`` pairs that feed the feature.
+    codes: frozenset[tuple[str, str]]
+    #: Code strings alone (as sent and in ICD's dotless form): a coding with one of these under
+    #: an unknown system is a near miss, reported rather than dropped.
+    bare_codes: frozenset[str]
+    systems: tuple[str, ...]
+    time: TimeRule
+    window: Literal["lookback", "encounter"]
+    #: What a matched value that cannot be read (unit, system spelling, no time) does: refuse
+    #: the case, or be ignored (reported) so the other values or the missing rule decide.
+    unusable: Literal["reject", "ignore"]
+    element: str = ""
+    value_map: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        codes = ", ".join(sorted(c for _, c in self.codes))
+        systems = "/".join(system_name(s) for s in self.systems)
+        return f"{self.resource} {systems} {codes}"
 
 
-def _matching_code(
-    concept: CodeableConcept | None, codes: frozenset[tuple[str, str]]
-) -> str | None:
-    for coding in (concept.coding or []) if concept is not None else []:
-        if (coding.system or "", coding.code or "") in codes:
-            return coding.code
+def mapping_of(feature: FeatureSpec) -> FeatureMapping | None:
+    """The feature's mapping, or None when it has no ``source``."""
+    source = feature.source
+    if not source:
+        return None
+    resource = str(source.get("resource", ""))
+    keys: set[tuple[str, str]] = set()
+    bare: set[str] = set()
+    systems: list[str] = []
+    for entry in source_codes(source):
+        uri = canonical_system(str(entry["system"])) or str(entry["system"])
+        code = normal_code(uri, str(entry["code"]))
+        keys.add((uri, code))
+        bare |= {str(entry["code"]).strip(), code, code.replace(".", "").upper()}
+        if uri not in systems:
+            systems.append(uri)
+    default_time = "latest" if resource == "Observation" else "present"
+    mapping = source.get("map")
+    return FeatureMapping(
+        resource=resource,
+        codes=frozenset(keys),
+        bare_codes=frozenset(bare),
+        systems=tuple(systems),
+        time=cast(TimeRule, source.get("time", default_time)),
+        window=source.get("window", "lookback"),
+        unusable=source.get("unusable", "reject"),
+        element=str(source.get("element", "")),
+        value_map=mapping if isinstance(mapping, dict) else None,
+    )
+
+
+def _match(concept: CodeableConcept | None, mapping: FeatureMapping) -> str | bool | None:
+    """True when a coding matches; a reason (str) for a near miss; None when unrelated.
+
+    A near miss carries one of the feature's codes under a system that is none of the known
+    spellings of the feature's code systems (or under no system at all).
+    """
+    codings = (concept.coding or []) if concept is not None else []
+    for coding in codings:
+        if coding_key(coding.system, coding.code) in mapping.codes:
+            return True
+    for coding in codings:
+        code = (coding.code or "").strip()
+        if code and (
+            code in mapping.bare_codes or code.replace(".", "").upper() in mapping.bare_codes
+        ):
+            expected = " or ".join(system_name(s) for s in mapping.systems)
+            if not coding.system:
+                return f"code {code} has no system (expected {expected})"
+            return f"code {code} under system {coding.system!r}, not a known spelling of {expected}"
     return None
 
 
@@ -488,62 +528,145 @@ def _status_code(concept: CodeableConcept | None) -> str | None:
     return None
 
 
-# --- observations -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """The time span a ``latest``/``first`` feature reads, and how it was set."""
+
+    start: datetime
+    end: datetime
+    #: Set when a ``window: encounter`` feature found no admission and read the look-back.
+    note: str = ""
+
+
+def index_encounter(
+    encounters: Iterable[Encounter], *, start: datetime, as_of: datetime
+) -> Encounter | None:
+    """The admission a ``window: encounter`` feature reads: of the Encounters of an admission
+    class (:data:`ADMISSION_CLASSES`) that began in ``[start, as_of]``, the latest to begin."""
+    best: tuple[datetime, Encounter] | None = None
+    for enc in encounters:
+        if enc.status in VOID_ENCOUNTER_STATUS or enc.period is None:
+            continue
+        cls = enc.class_fhir
+        if cls is None or cls.code not in ADMISSION_CLASSES:
+            continue
+        began = _instant(enc.period.start)
+        if began is None or not start <= began <= as_of:
+            continue
+        if best is None or began > best[0]:
+            best = (began, enc)
+    return None if best is None else best[1]
+
+
+def window_for(
+    mapping: FeatureMapping,
+    encounters: Sequence[Encounter],
+    *,
+    as_of: datetime,
+    lookback_days: int,
+) -> Window:
+    start = as_of - timedelta(days=lookback_days)
+    if mapping.window != "encounter":
+        return Window(start, as_of)
+    enc = index_encounter(encounters, start=start, as_of=as_of)
+    if enc is None:
+        note = (
+            f"no admission Encounter began within {lookback_days} days before as_of: "
+            "the look-back window was read instead"
+        )
+        return Window(start, as_of, note)
+    assert enc.period is not None
+    began = _instant(enc.period.start) or start
+    ended = _instant(enc.period.end)
+    return Window(began, min(ended, as_of) if ended is not None else as_of)
+
+
+# --- one resource against one feature ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Reading:
-    """One Observation value that could feed a feature."""
+class Reading:
+    """A usable value for a feature: in the schema's unit, with when it was taken."""
 
-    #: Orders readings: latest effective time, then latest issued, then id (for determinism).
-    key: tuple[datetime, datetime, str]
+    when: datetime
     value: float
-    unit: str
-    code: str
-    observation: Observation
+    resource: Resource
 
 
-def _reading(
-    obs: Observation,
-    codes: frozenset[tuple[str, str]],
-    *,
-    start: datetime,
-    end: datetime,
-) -> _Reading | None:
-    """The value of ``obs`` for ``codes`` if it was taken in ``[start, end]`` and counts."""
-    if obs.status not in USABLE_OBSERVATION_STATUS:
-        return None
-    when = _observation_time(obs)
-    if when is None or not start <= when <= end:
-        return None
+@dataclass(frozen=True)
+class Unusable:
+    """A resource that carries the feature's code but whose value is not used, and why.
+
+    ``void`` ones say themselves that they are no value (entered-in-error, cancelled, a
+    dataAbsentReason, a refuted diagnosis): reported, never a reason to refuse. The others (a
+    unit, a system spelling, a missing time, an unconfirmed diagnosis) follow the feature's
+    ``unusable`` rule. ``when`` is their time where known: one that would have won the time rule
+    is what a ``reject`` rule refuses.
+    """
+
+    reason: str
+    resource: Resource
+    void: bool
+    when: datetime | None = None
+
+
+def classify_observation(
+    obs: Observation, feature: FeatureSpec, mapping: FeatureMapping, window: Window
+) -> Reading | Unusable | None:
+    """What ``obs`` is to ``feature``: a reading, an unusable match, or nothing (no code of the
+    feature, or taken outside the window)."""
     # The Observation's own value, else the first matching component's (a panel such as
     # 85354-9 blood pressure carries systolic 8480-6 and diastolic 8462-4 as components).
-    candidates = [(obs.code, obs.valueQuantity)]
-    candidates += [(c.code, c.valueQuantity) for c in obs.component or []]
-    for concept, quantity in candidates:
-        code = _matching_code(concept, codes)
-        if code is not None and quantity is not None and quantity.value is not None:
-            key = (when, _instant(obs.issued) or when, obs.id or "")
-            return _Reading(key, float(quantity.value), _quantity_unit(quantity), code, obs)
-    return None
+    parts: list[tuple[CodeableConcept | None, Any]] = [(obs.code, obs)]
+    parts += [(c.code, c) for c in obs.component or []]
+    near: str | None = None
+    for concept, holder in parts:
+        matched = _match(concept, mapping)
+        if matched is True:
+            return _observation_value(obs, holder, feature, window)
+        if isinstance(matched, str) and near is None:
+            near = matched
+    if near is None:
+        return None
+    when = _observation_time(obs)
+    if when is not None and not window.start <= when <= window.end:
+        return None
+    return Unusable(near, obs, void=False, when=when)
 
 
-def _latest(readings: Iterable[_Reading | None]) -> _Reading | None:
-    best: _Reading | None = None
-    for reading in readings:
-        if reading is not None and (best is None or reading.key > best.key):
-            best = reading
-    return best
-
-
-def _quantity_unit(quantity: Quantity) -> str:
-    # Quantity.code is the machine unit when the system is UCUM (or unstated); unit is display.
-    if quantity.code and quantity.system in (None, UCUM):
-        return quantity.code
-    return quantity.unit or quantity.code or ""
-
-
-# --- conditions -------------------------------------------------------------------------------
+def _observation_value(
+    obs: Observation, holder: Any, feature: FeatureSpec, window: Window
+) -> Reading | Unusable | None:
+    when = _observation_time(obs)
+    if obs.status not in USABLE_OBSERVATION_STATUS:
+        if when is not None and not window.start <= when <= window.end:
+            return None
+        return Unusable(f"status {obs.status}: not a result", obs, void=True, when=when)
+    if when is None:
+        return Unusable("no effective time: cannot be placed in the window", obs, void=False)
+    if not window.start <= when <= window.end:
+        return None
+    absent = _status_code(holder.dataAbsentReason)
+    quantity = holder.valueQuantity
+    if quantity is None or quantity.value is None:
+        if absent is not None:
+            return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
+        kind = next(
+            (k for k in ("valueString", "valueCodeableConcept", "valueInteger", "valueRange",
+                         "valueRatio", "valueBoolean") if getattr(holder, k, None) is not None),
+            None,
+        )  # fmt: skip
+        what = f"a {kind[5:]}" if kind else "no value"
+        return Unusable(f"{what} where a Quantity in {feature.unit!r} is needed", obs, False, when)
+    unit = _quantity_unit(quantity)
+    code = next((c.code for c in (obs.code.coding or []) if c.code), None)
+    try:
+        value = convert_quantity(float(quantity.value), unit, feature.unit, code=code)
+    except UnitError as exc:
+        return Unusable(str(exc), obs, void=False, when=when)
+    if not math.isfinite(value):
+        return Unusable("the value is not a finite number", obs, void=False, when=when)
+    return Reading(when, value, obs)
 
 
 def _condition_onset(cond: Condition) -> datetime | None:
@@ -556,17 +679,11 @@ def _condition_onset(cond: Condition) -> datetime | None:
 
 
 def _condition_present(cond: Condition, as_of: datetime) -> bool:
-    """Whether ``cond`` held at ``as_of``: verified, begun, and not abated by then.
+    """Whether ``cond`` held at ``as_of``: begun and not abated by then.
 
     An abatement date decides when there is one (a condition resolved after ``as_of`` was still
     present at ``as_of``); without one, ``clinicalStatus`` inactive/remission/resolved means absent.
-    Onset is ``onset[x]`` (dateTime or Period.start), else ``recordedDate``; unknown counts as begun.
     """
-    if _status_code(cond.verificationStatus) in VOID_VERIFICATION_STATUS:
-        return False
-    onset = _condition_onset(cond)
-    if onset is not None and onset > as_of:
-        return False
     period = cond.abatementPeriod
     abated = _instant(cond.abatementDateTime) or (
         _instant(period.end or period.start) if period is not None else None
@@ -576,21 +693,45 @@ def _condition_present(cond: Condition, as_of: datetime) -> bool:
     return _status_code(cond.clinicalStatus) not in INACTIVE_CLINICAL_STATUS
 
 
-def _condition_key(cond: Condition) -> tuple[datetime, str]:
-    return (_condition_onset(cond) or datetime.min.replace(tzinfo=UTC), cond.id or "")
+def classify_condition(
+    cond: Condition, mapping: FeatureMapping, as_of: datetime
+) -> Reading | Unusable | None:
+    """A Condition that counts (a Reading of 1), an unusable match, or nothing.
+
+    ``ever``: recorded with an onset (else ``recordedDate``; unknown counts as before) no later
+    than ``as_of``, resolved or not. ``present``: the same, and not abated or inactive at as_of.
+    """
+    matched = _match(cond.code, mapping)
+    if matched is None:
+        return None
+    onset = _condition_onset(cond)
+    if onset is not None and onset > as_of:
+        return None
+    if isinstance(matched, str):
+        return Unusable(matched, cond, void=False, when=onset)
+    verification = _status_code(cond.verificationStatus)
+    if verification in VOID_VERIFICATION_STATUS:
+        return Unusable(f"verificationStatus {verification}", cond, void=True, when=onset)
+    if verification in UNCONFIRMED_VERIFICATION_STATUS:
+        reason = f"verificationStatus {verification}: not a confirmed diagnosis"
+        return Unusable(reason, cond, void=False, when=onset)
+    if mapping.time == "present" and not _condition_present(cond, as_of):
+        return None
+    return Reading(onset or datetime.min.replace(tzinfo=UTC), 1.0, cond)
 
 
-def _present_condition(
-    conditions: Iterable[Condition], codes: frozenset[tuple[str, str]], as_of: datetime
-) -> Condition | None:
-    """The matching condition present at ``as_of`` with the latest onset, if any."""
-    best: Condition | None = None
-    for cond in conditions:
-        if _matching_code(cond.code, codes) is None or not _condition_present(cond, as_of):
-            continue
-        if best is None or _condition_key(cond) > _condition_key(best):
-            best = cond
-    return best
+def _order(item: Reading | Unusable) -> tuple[datetime, str]:
+    return (item.when or datetime.min.replace(tzinfo=UTC), str(item.resource.id or ""))
+
+
+def better(rule: TimeRule, new: Reading | Unusable, old: Reading | None) -> bool:
+    """Whether ``new`` wins over ``old`` under ``rule``: the first or the latest in time (ties:
+    the smaller or larger id); ``ever`` and ``present`` cite the latest onset."""
+    if old is None:
+        return True
+    if rule == "first":
+        return _order(new) < _order(old)
+    return _order(new) > _order(old)
 
 
 # --- features ---------------------------------------------------------------------------------
@@ -602,10 +743,19 @@ class FeatureResult:
 
     #: Feature values in the schema's units, for every feature without a problem.
     features: dict[str, float] = field(default_factory=dict)
-    #: References of the resources used (``Patient/1``, ``Observation/abc``), in schema order.
+    #: References of the resources used (``Patient/1``, ``Observation/abc``, ``urn:uuid:...``).
     basis: list[str] = field(default_factory=list)
     #: Features that were missing and took the schema's stated value.
     imputed: list[str] = field(default_factory=list)
+    #: Each imputation: ``{"feature", "value", "unit", "source", "why"}`` (value: the schema's).
+    imputations: list[dict[str, Any]] = field(default_factory=list)
+    #: Each sent resource that matched a feature's code but was not used:
+    #: ``{"feature", "resource", "reason"}``. Reasons name units and statuses, never values.
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    #: Values accepted outside a ``flag`` range: ``{"feature", "reason"}``.
+    flagged: list[dict[str, str]] = field(default_factory=list)
+    #: How a rule was applied where it needed saying (an encounter window that fell back).
+    notes: list[str] = field(default_factory=list)
     #: Features that could not be set, with the reason; the case should not be scored.
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -613,45 +763,42 @@ class FeatureResult:
     def ok(self) -> bool:
         return not self.problems
 
-
-def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
-    if not math.isfinite(value):
-        return "is not a finite number"
-    return rule_problem(feature, value)
-
-
-def _describe(source: dict[str, Any]) -> str:
-    codes = ", ".join(str(c) for c in source.get("codes", ()))
-    system = {LOINC: "LOINC", "http://snomed.info/sct": "SNOMED CT"}.get(
-        str(source.get("system")), str(source.get("system"))
-    )
-    display = source.get("display")
-    label = f" ({display})" if isinstance(display, str) else ""
-    return f"{source.get('resource')} {system} {codes}{label}"
+    def report(self) -> dict[str, Any]:
+        """What a case record keeps of how its features were read (no patient values)."""
+        return {
+            "basis": self.basis,
+            "imputed": self.imputed,
+            "imputations": self.imputations,
+            "ignored": self.ignored,
+            "flagged": self.flagged,
+            "notes": self.notes,
+        }
 
 
-def _patient_value(feature: FeatureSpec, patient: Patient, as_of: datetime) -> float | str | None:
+def _patient_value(
+    feature: FeatureSpec, mapping: FeatureMapping, patient: Patient, as_of: datetime
+) -> float | str | None:
     """The value, a problem (str), or None when the element is absent."""
-    source = feature.source or {}
-    element = str(source.get("element", ""))
+    element = mapping.element
     if element == "birthDate":
         born = _birth_date(patient.birthDate)
         if born is None:
             return None
-        if normalize_unit(feature.unit) != "a":
-            return f"age is computed in years ('a'), the schema asks for {feature.unit!r}"
+        try:
+            years = convert(1.0, "a", feature.unit)
+        except UnitError as exc:
+            return f"age is computed in years ('a'): {exc}"
         if born > as_of.date():
             return "birthDate is after as_of"
-        return float(completed_years(born, as_of.date()))
+        return float(completed_years(born, as_of.date())) * years
     raw = getattr(patient, element, None) if element in type(patient).model_fields else None
     if raw is None:
         return None
-    mapping = source.get("map")
-    if isinstance(mapping, dict):
-        if str(raw) not in mapping:
-            known = ", ".join(map(str, mapping))
+    if mapping.value_map is not None:
+        if str(raw) not in mapping.value_map:
+            known = ", ".join(map(str, mapping.value_map))
             return f"Patient.{element} {raw!r} has no mapping (known: {known})"
-        return float(mapping[str(raw)])
+        return float(mapping.value_map[str(raw)])
     if isinstance(raw, int | float | Decimal) and not isinstance(raw, bool):
         return float(raw)
     return f"Patient.{element} is not a number and the schema gives no map"
@@ -665,20 +812,25 @@ def features_for(
     *,
     as_of: datetime,
     lookback_days: int,
+    encounters: Iterable[Encounter] = (),
+    record: PatientRecord | None = None,
 ) -> FeatureResult:
     """One patient's features for ``spec``, as they stood at ``as_of``.
 
     Parameters
     ----------
     spec
-        The model; each input's ``source`` says where its value is (inputs without one are
-        treated as missing).
-    patient, observations, conditions
+        The model; each input's ``source`` says where its value is and how it is chosen (inputs
+        without one are treated as missing).
+    patient, observations, conditions, encounters
         One patient's resources (a :class:`PatientRecord`'s fields).
     as_of
         The scoring instant (timezone-aware). Nothing dated after it is used.
     lookback_days
-        Observations older than ``as_of - lookback_days`` are ignored.
+        The look-back window: ``latest``/``first`` features read ``[as_of - lookback_days,
+        as_of]`` (or the admission within it, for ``window: encounter``).
+    record
+        Where the resources came from, to cite them (``Type/id``, else the entry's fullUrl).
 
     Returns
     -------
@@ -689,45 +841,88 @@ def features_for(
         raise ValueError("as_of must be timezone-aware")
     if lookback_days < 0:
         raise ValueError("lookback_days must be >= 0")
-    start = as_of - timedelta(days=lookback_days)
     observations, conditions = list(observations), list(conditions)
+    encounters = list(encounters)
     result = FeatureResult()
-    patient_ref = _reference_of(patient)
+
+    def cite(resource: Resource) -> str:
+        if record is not None:
+            return record.cite(resource)
+        rid = getattr(resource, "id", None)
+        return f"{resource.get_resource_type()}/{rid}" if rid else resource.get_resource_type()
 
     for feature in spec.inputs:
-        name, source = feature.name, feature.source or {}
-        resource = source.get("resource")
+        name, mapping = feature.name, mapping_of(feature)
         value: float | str | None = None
         absent = "the registry gives no FHIR source"
-        if resource == "Patient":
-            value = _patient_value(feature, patient, as_of)
-            absent = f"Patient.{source.get('element')} is absent"
+        winner: Reading | None = None
+        unusable: list[Unusable] = []
+        if mapping is None:
+            pass
+        elif mapping.resource == "Patient":
+            value = _patient_value(feature, mapping, patient, as_of)
+            absent = f"Patient.{mapping.element} is absent"
             if value is not None:
-                result.basis.append(patient_ref)
-        elif resource == "Observation":
-            codes = _codes(source)
-            best = _latest(_reading(o, codes, start=start, end=as_of) for o in observations)
-            absent = f"no {_describe(source)} within {lookback_days} days before as_of"
-            if best is not None:
-                try:
-                    value = convert_quantity(best.value, best.unit, feature.unit, code=best.code)
-                except UnitError as exc:
-                    value = f"{_reference_of(best.observation)}: {exc}"
-                result.basis.append(_reference_of(best.observation))
-        elif resource == "Condition":
-            present = _present_condition(conditions, _codes(source), as_of)
-            value = 0.0 if present is None else 1.0
-            if present is not None:
-                result.basis.append(_reference_of(present))
-        elif resource is not None:
-            absent = f"source resource {resource!r} is not supported"
+                result.basis.append(cite(patient))
+        elif mapping.resource in ("Observation", "Condition"):
+            if mapping.resource == "Observation":
+                window = window_for(mapping, encounters, as_of=as_of, lookback_days=lookback_days)
+                if window.note:
+                    result.notes.append(f"{name}: {window.note}")
+                items = [classify_observation(o, feature, mapping, window) for o in observations]
+                where = (
+                    f"within {lookback_days} days before as_of"
+                    if mapping.window == "lookback" or window.note
+                    else "in the admission Encounter"
+                )
+            else:
+                items = [classify_condition(c, mapping, as_of) for c in conditions]
+                where = "before as_of" if mapping.time == "ever" else "present at as_of"
+            for item in items:
+                if isinstance(item, Reading):
+                    if better(mapping.time, item, winner):
+                        winner = item
+                elif isinstance(item, Unusable):
+                    unusable.append(item)
+            unusable.sort(key=lambda u: (cite(u.resource), u.reason))
+            for u in unusable:
+                result.ignored.append(
+                    {"feature": name, "resource": cite(u.resource), "reason": u.reason}
+                )
+            blocking = _blocking(mapping, winner, unusable)
+            if blocking is not None:
+                value = (
+                    f"{cite(blocking.resource)}: {blocking.reason}; the schema refuses a "
+                    "value it cannot read (unusable: reject)"
+                )
+            elif winner is not None:
+                value = winner.value
+                result.basis.append(cite(winner.resource))
+            elif mapping.resource == "Condition":
+                absent = f"no {mapping.describe()} {where}"
+            else:
+                absent = f"no usable {mapping.describe()} {where}"
+                if unusable:
+                    absent += f" ({len(unusable)} sent but ignored, listed under ignored)"
+        else:
+            absent = f"source resource {mapping.resource!r} is not supported"
 
         if isinstance(value, str):
             result.problems[name] = value
         elif value is None:
             if isinstance(feature.missing, int | float):
                 result.features[name] = float(feature.missing)
-                result.imputed.append(name)
+                if mapping is None or mapping.resource != "Condition":
+                    result.imputed.append(name)
+                    result.imputations.append(
+                        {
+                            "feature": name,
+                            "value": float(feature.missing),
+                            "unit": feature.unit,
+                            "source": feature.missing_source or "the registry's stated value",
+                            "why": absent,
+                        }
+                    )
             elif feature.missing == "reject":
                 result.problems[name] = f"{absent}; the model rejects a missing value"
             else:
@@ -736,9 +931,51 @@ def features_for(
             result.problems[name] = problem
         else:
             result.features[name] = value
+            result.flagged += [{"feature": name, "reason": r} for r in rule_flags(feature, value)]
 
     result.basis = list(dict.fromkeys(result.basis))
     return result
+
+
+def features_of(
+    spec: ModelSpec, record: PatientRecord, *, as_of: datetime, lookback_days: int
+) -> FeatureResult:
+    """:func:`features_for` on a :class:`PatientRecord`, citing its resources as they came."""
+    return features_for(
+        spec,
+        record.patient,
+        record.observations,
+        record.conditions,
+        encounters=record.encounters,
+        as_of=as_of,
+        lookback_days=lookback_days,
+        record=record,
+    )
+
+
+def _blocking(
+    mapping: FeatureMapping, winner: Reading | None, unusable: Sequence[Unusable]
+) -> Unusable | None:
+    """The unreadable value a ``reject`` rule refuses the case for: one that would have won
+    the time rule (or whose time is unknown), or any when nothing usable was sent."""
+    if mapping.unusable != "reject":
+        return None
+    for u in unusable:
+        if u.void:
+            continue
+        if winner is None:
+            return u
+        if mapping.resource == "Observation" and (
+            u.when is None or better(mapping.time, u, winner)
+        ):
+            return u
+    return None
+
+
+def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
+    if not math.isfinite(value):
+        return "is not a finite number"
+    return rule_problem(feature, value)
 
 
 # --- NDJSON bulk export -----------------------------------------------------------------------
@@ -748,9 +985,10 @@ def _ndjson_files(directory: Path, rtype: str) -> list[Path]:
     return sorted({*directory.glob(f"{rtype}.ndjson"), *directory.glob(f"{rtype}.*.ndjson")})
 
 
-def _raw_codes(raw: dict[str, Any]) -> set[tuple[str, str]] | None:
-    """(system, code) pairs of ``code`` and ``component[].code``; None when oddly shaped."""
-    out: set[tuple[str, str]] = set()
+def _raw_codes(raw: dict[str, Any]) -> set[str] | None:
+    """Code strings of ``code`` and ``component[].code`` (as sent and dotless, upper case);
+    None when oddly shaped (then the line is validated, and the validator says what is wrong)."""
+    out: set[str] = set()
     concepts = [raw.get("code")]
     components = raw.get("component", [])
     if not isinstance(components, list):
@@ -765,19 +1003,28 @@ def _raw_codes(raw: dict[str, Any]) -> set[tuple[str, str]] | None:
         for coding in codings:
             if not isinstance(coding, dict):
                 return None
-            out.add((str(coding.get("system", "")), str(coding.get("code", ""))))
+            code = str(coding.get("code", "")).strip()
+            out |= {code, code.replace(".", "").upper()}
     return out
+
+
+@dataclass
+class _Slot:
+    """What one patient's export holds for one feature: the winner and what must be reported."""
+
+    winner: Reading | None = None
+    reported: list[Unusable] = field(default_factory=list)
 
 
 class NdjsonExport:
     """A Bulk Data export folder read for one model: iterate for :class:`PatientRecord`\\ s.
 
-    Each record holds the patient's ``id``, ``birthDate``, ``gender`` and ``deceased[x]`` and, per
-    feature, only the Observation that wins it (latest in the window) and the Condition that makes
-    it present:
-    :func:`features_for` on a record gives what it would give on all the patient's resources.
-    Lines that cannot matter (no code the model reads) are not validated. ``issues`` lists the
-    lines skipped, with file and line number; it is complete once iteration has ended.
+    Each record holds the patient's ``id``, ``birthDate``, ``gender``, ``deceased[x]`` and
+    ``identifier``, the admission Encounters, and per feature only the resource that wins it
+    under its time rule plus every resource that carries its code but cannot be used (those are
+    reported): :func:`features_of` on a record gives what it would give on all the patient's
+    resources. Lines that cannot matter (no code the model reads) are not validated. ``issues``
+    lists the lines skipped, with file and line number; it is complete once iteration has ended.
     """
 
     def __init__(
@@ -799,51 +1046,60 @@ class NdjsonExport:
             raise FhirInputError(
                 [Issue("fatal", "not-found", f"no Patient.ndjson in {self.directory}")]
             )
-        patients = self._index_patients()
-        start = self.as_of - timedelta(days=self.lookback_days)
-        observed = [
-            (f.name, _codes(f.source or {}))
-            for f in self.spec.inputs
-            if (f.source or {}).get("resource") == "Observation"
-        ]
-        coded = [
-            (f.name, _codes(f.source or {}))
-            for f in self.spec.inputs
-            if (f.source or {}).get("resource") == "Condition"
-        ]
-        best_obs: dict[tuple[str, str], _Reading] = {}
-        best_cond: dict[tuple[str, str], Condition] = {}
+        records = self._index_patients()
+        mapped = [(f, m) for f in self.spec.inputs if (m := mapping_of(f)) is not None]
+        observed = [(f, m) for f, m in mapped if m.resource == "Observation"]
+        coded = [(f, m) for f, m in mapped if m.resource == "Condition"]
+        if any(m.window == "encounter" for _, m in observed):
+            for resource, subject in self._relevant(records, "Encounter", None):
+                assert isinstance(resource, Encounter)
+                cls = resource.class_fhir
+                if cls is not None and cls.code in ADMISSION_CLASSES:
+                    records[subject].encounters.append(resource)
+        windows = {
+            (ref, f.name): window_for(
+                m, record.encounters, as_of=self.as_of, lookback_days=self.lookback_days
+            )
+            for ref, record in records.items()
+            for f, m in observed
+        }
+        slots: dict[tuple[str, str], _Slot] = {}
 
-        for resource, subject in self._relevant(patients, "Observation", observed):
+        def keep(subject: str, name: str, rule: TimeRule, item: Reading | Unusable | None) -> None:
+            if item is None:
+                return
+            slot = slots.setdefault((subject, name), _Slot())
+            if isinstance(item, Unusable):
+                slot.reported.append(item)
+            elif better(rule, item, slot.winner):
+                slot.winner = item
+
+        wanted = frozenset().union(*(m.bare_codes for _, m in observed)) if observed else None
+        for resource, subject in self._relevant(records, "Observation", wanted or frozenset()):
             assert isinstance(resource, Observation)
-            for name, codes in observed:
-                reading = _reading(resource, codes, start=start, end=self.as_of)
-                slot = (subject, name)
-                if reading is not None and (
-                    slot not in best_obs or reading.key > best_obs[slot].key
-                ):
-                    best_obs[slot] = reading
-        for resource, subject in self._relevant(patients, "Condition", coded):
+            for f, m in observed:
+                item = classify_observation(resource, f, m, windows[(subject, f.name)])
+                keep(subject, f.name, m.time, item)
+        wanted = frozenset().union(*(m.bare_codes for _, m in coded)) if coded else None
+        for resource, subject in self._relevant(records, "Condition", wanted or frozenset()):
             assert isinstance(resource, Condition)
-            for name, codes in coded:
-                slot = (subject, name)
-                current = [best_cond[slot]] if slot in best_cond else []
-                chosen = _present_condition([*current, resource], codes, self.as_of)
-                if chosen is not None:
-                    best_cond[slot] = chosen
+            for f, m in coded:
+                keep(subject, f.name, m.time, classify_condition(resource, m, self.as_of))
 
-        for ref, patient in patients.items():
-            record = PatientRecord(reference=ref, patient=patient)
-            for name, _ in observed:
-                if (ref, name) in best_obs:
-                    obs = best_obs[(ref, name)].observation
-                    if all(o is not obs for o in record.observations):
-                        record.observations.append(obs)
-            for name, _ in coded:
-                if (ref, name) in best_cond:
-                    cond = best_cond[(ref, name)]
-                    if all(c is not cond for c in record.conditions):
-                        record.conditions.append(cond)
+        for ref, record in records.items():
+            kept: dict[int, Resource] = {}
+            for f, _ in mapped:
+                slot = slots.get((ref, f.name))
+                if slot is None:
+                    continue
+                chosen: list[Reading | Unusable] = [slot.winner] if slot.winner else []
+                for item in [*chosen, *slot.reported]:
+                    kept.setdefault(id(item.resource), item.resource)
+            for resource in kept.values():
+                if isinstance(resource, Observation):
+                    record.observations.append(resource)
+                elif isinstance(resource, Condition):
+                    record.conditions.append(resource)
             yield record
 
     def _lines(self, rtype: str) -> Iterator[tuple[dict[str, Any], int, str]]:
@@ -868,7 +1124,7 @@ class NdjsonExport:
                         continue
                     yield raw, number, path.name
 
-    def _index_patients(self) -> dict[str, Patient]:
+    def _index_patients(self) -> dict[str, PatientRecord]:
         keep = {
             "resourceType",
             "id",
@@ -881,7 +1137,7 @@ class NdjsonExport:
             for f in self.spec.inputs
             if (f.source or {}).get("resource") == "Patient"
         }
-        patients: dict[str, Patient] = {}
+        records: dict[str, PatientRecord] = {}
         for raw, number, file in self._lines("Patient"):
             resource, problems = _validate(raw, prefix="Patient", file=file, line=number)
             self.issues += problems
@@ -893,32 +1149,36 @@ class NdjsonExport:
                 )
                 continue
             ref = f"Patient/{resource.id}"
-            if ref in patients:
+            if ref in records:
                 diag = f"{ref} appears twice; the first is kept"
                 self.issues.append(Issue("error", "duplicate", diag, "Patient.id", file, number))
                 continue
             # Only the elements the model reads are kept: memory stays per patient, not per line.
-            patients[ref] = Patient.model_validate({k: v for k, v in raw.items() if k in keep})
-        return patients
+            patient = Patient.model_validate({k: v for k, v in raw.items() if k in keep})
+            records[ref] = PatientRecord(
+                reference=ref, patient=patient, identifiers=_identifiers(raw)
+            )
+        return records
 
     def _relevant(
         self,
-        patients: dict[str, Patient],
+        records: dict[str, PatientRecord],
         rtype: str,
-        wanted: Sequence[tuple[str, frozenset[tuple[str, str]]]],
+        codes: frozenset[str] | None,
     ) -> Iterator[tuple[Resource, str]]:
-        """Validated ``rtype`` resources that carry a wanted code and point at a known patient."""
-        codes = frozenset().union(*(c for _, c in wanted)) if wanted else frozenset()
+        """Validated ``rtype`` resources that carry a wanted code (any, when ``codes`` is None)
+        and point at a known patient."""
         for raw, number, file in self._lines(rtype):
-            found = _raw_codes(raw)
-            if found is not None and not found & codes:
-                continue
+            if codes is not None:
+                found = _raw_codes(raw)
+                if found is not None and not found & codes:
+                    continue
             resource, problems = _validate(raw, prefix=rtype, file=file, line=number)
             self.issues += problems
             if resource is None:
                 continue
             ref = _subject(raw)
-            if not isinstance(ref, str) or ref not in patients:
+            if not isinstance(ref, str) or ref not in records:
                 diag = (
                     f"{rtype} has no subject reference"
                     if not isinstance(ref, str)
@@ -937,7 +1197,7 @@ def iter_ndjson(
 
     >>> export = iter_ndjson(folder, spec, as_of=now, lookback_days=365)  # doctest: +SKIP
     >>> for record in export:  # doctest: +SKIP
-    ...     features_for(spec, record.patient, record.observations, record.conditions, ...)
+    ...     features_of(spec, record, as_of=now, lookback_days=365)
     >>> export.issues  # doctest: +SKIP
     """
     return NdjsonExport(Path(directory), spec, as_of=as_of, lookback_days=lookback_days)

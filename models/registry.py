@@ -65,7 +65,9 @@ class RangeRule:
     def from_json(cls, entry: Any) -> RangeRule:
         if isinstance(entry, list | tuple):  # the old form: [low, high], no policy, no source
             return cls(float(entry[0]), float(entry[1]))
-        return cls(float(entry["low"]), float(entry["high"]), entry.get("policy"), entry.get("source"))
+        return cls(
+            float(entry["low"]), float(entry["high"]), entry.get("policy"), entry.get("source")
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -365,7 +367,9 @@ def schema_problems(inputs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> list
         time_rule = source.get("time", "present" if resource != "Observation" else "latest")
         if time_rule not in TIME_RULES[resource]:
             allowed = " or ".join(TIME_RULES[resource])
-            problems.append(f"{f.name}: time {time_rule!r} is not one of {allowed} for a {resource}")
+            problems.append(
+                f"{f.name}: time {time_rule!r} is not one of {allowed} for a {resource}"
+            )
         if source.get("window", "lookback") not in WINDOWS:
             problems.append(f"{f.name}: window must be 'lookback' or 'encounter'")
         if source.get("unusable", "reject") not in ("reject", "ignore"):

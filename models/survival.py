@@ -249,7 +249,10 @@ _FEATURES: list[dict[str, Any]] = [
         "recurrent myocardial infarction (an earlier one on record)",
         _condition(
             "ever",
-            {"399211009": "History of myocardial infarction", "1755008": "Old myocardial infarction"},
+            {
+                "399211009": "History of myocardial infarction",
+                "1755008": "Old myocardial infarction",
+            },
             {"I25.2": "Old myocardial infarction"},
         ),
     ),

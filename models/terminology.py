@@ -76,7 +76,13 @@ def _key(identifier: str) -> str:
 def _spellings() -> dict[str, CodeSystem]:
     table: dict[str, CodeSystem] = {}
     for system in CODE_SYSTEMS:
-        for spelling in (system.uri, system.oid, f"urn:oid:{system.oid}", *system.v2, *system.legacy):
+        for spelling in (
+            system.uri,
+            system.oid,
+            f"urn:oid:{system.oid}",
+            *system.v2,
+            *system.legacy,
+        ):
             table[_key(spelling)] = system
     return table
 

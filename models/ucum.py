@@ -98,7 +98,7 @@ def _registry() -> Any:
     import ucumvert
     from ucumvert import UcumToPintTransformer, get_ucum_parser
 
-    registry = pint.UnitRegistry()
+    registry: Any = pint.UnitRegistry()
     registry.load_definitions(Path(ucumvert.__file__).with_name("pint_ucum_defs.txt"))
     registry.ucum_parser = get_ucum_parser()
     registry.ucum_transform = UcumToPintTransformer(ureg=registry).transform
@@ -107,7 +107,7 @@ def _registry() -> Any:
 
 @dataclass(frozen=True)
 class Unit:
-    """A parsed unit: the UCUM code it was read as, and its pint quantity (magnitude × units)."""
+    """A parsed unit: the UCUM code it was read as, and its pint quantity (magnitude times units)."""
 
     code: str
     quantity: Any

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority
-from models.fhir_features import PatientRecord, features_for, iter_ndjson
+from models.fhir_features import FeatureResult, PatientRecord, features_of, iter_ndjson
 from models.registry import ModelSpec
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
@@ -31,9 +31,31 @@ from worker.queues import enqueue_cases
 log = logging.getLogger(__name__)
 
 
+def assigned_id(record: PatientRecord) -> str:
+    """The id the server gives a Patient sent without one: from its identifiers when it has
+    some (the same patient sent again gets the same id, so its case is found again), else from
+    the entry's fullUrl. 'mb-' and 32 hex digits: a valid FHIR id."""
+    basis = sorted(record.identifiers) if record.identifiers else [("fullUrl", record.reference)]
+    return "mb-" + hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:32]
+
+
 def subject_of(record: PatientRecord) -> str:
+    """``Patient/<id>``: the logical id sent, else the one :func:`assigned_id` gives."""
     patient_id = getattr(record.patient, "id", None)
-    return f"Patient/{patient_id}" if patient_id else record.reference
+    return f"Patient/{patient_id or assigned_id(record)}"
+
+
+@dataclass
+class Intake:
+    """What became of one patient: a case, or the problems that refused it; and how its
+    features were read (``found``: basis, imputations, ignored values, flags)."""
+
+    subject: str
+    case: repo.NewCase | None
+    problems: dict[str, str]
+    found: FeatureResult | None = None
+    #: True when the Patient came without an id and :func:`assigned_id` gave it one.
+    assigned: bool = False
 
 
 def case_from_record(
@@ -43,32 +65,29 @@ def case_from_record(
     as_of: datetime,
     lookback_days: int,
     priority: Priority = Priority.routine,
-) -> tuple[str, repo.NewCase | None, dict[str, str]]:
-    """``(subject, the case, {})``, or ``(subject, None, {feature: why})`` when it cannot be.
+) -> Intake:
+    """The patient's case, or why it cannot be one.
 
     A patient who died before ``as_of`` is not scored: a risk of death means nothing for them.
+    The case's ``context`` keeps how each feature was read (no values: those are ``features``).
     """
     subject = subject_of(record)
+    assigned = not getattr(record.patient, "id", None)
     if _deceased_by(record.patient, as_of):
-        return subject, None, {"patient": "deceased before as_of"}
-    found = features_for(
-        spec,
-        record.patient,
-        record.observations,
-        record.conditions,
-        as_of=as_of,
-        lookback_days=lookback_days,
-    )
+        return Intake(subject, None, {"patient": "deceased before as_of"}, assigned=assigned)
+    found = features_of(spec, record, as_of=as_of, lookback_days=lookback_days)
     if not found.ok:
-        return subject, None, found.problems
+        return Intake(subject, None, found.problems, found, assigned)
     digest = hashlib.sha256(json.dumps(found.features, sort_keys=True).encode()).hexdigest()
     context = {
         "source": "fhir",
         "as_of": as_of.isoformat(),
         "lookback_days": lookback_days,
-        "basis": found.basis,
-        "imputed": found.imputed,
+        "patient": record.reference,
+        **found.report(),
     }
+    if assigned:
+        context["assigned_id"] = True
     case = repo.NewCase(
         f"{subject}|{spec.ref}|{digest[:16]}",
         spec.name,
@@ -78,7 +97,7 @@ def case_from_record(
         subject=subject,
         context=context,
     )
-    return subject, case, {}
+    return Intake(subject, case, {}, found, assigned)
 
 
 def _deceased_by(patient: Any, as_of: datetime) -> bool:
@@ -99,6 +118,9 @@ class NightlySummary:
     accepted: int = 0
     already_there: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    #: Imputed values by feature, and ignored sent values by feature and reason.
+    imputed: Counter[str] = field(default_factory=Counter)
+    ignored: Counter[str] = field(default_factory=Counter)
     bad_lines: int = 0
     case_ids: list[int] = field(default_factory=list)
     scored: int = 0
@@ -111,6 +133,8 @@ class NightlySummary:
             "already_there": self.already_there,
             "rejected": sum(self.rejected.values()),
             "rejected_by_reason": dict(self.rejected),
+            "imputed_by_feature": dict(self.imputed),
+            "ignored_by_reason": dict(self.ignored),
             "bad_lines": self.bad_lines,
             "scored": self.scored,
             "failed": self.failed,
@@ -135,12 +159,17 @@ def run_nightly(
     summary = NightlySummary()
     export = iter_ndjson(directory, spec, as_of=as_of, lookback_days=lookback_days)
     pending: list[repo.NewCase] = []
+    identifiers: list[tuple[str, list[tuple[str, str]]]] = []
 
     def flush() -> None:
         if not pending:
             return
         with session_scope(sessions) as session:
             added = repo.add_cases(session, tenant_id=tenant_id, cases=pending)
+            for subject, pairs in identifiers:
+                repo.add_patient_identifiers(
+                    session, tenant_id=tenant_id, subject=subject, identifiers=pairs
+                )
         new = [a.id for a in added if a.created]
         summary.accepted += len(new)
         summary.already_there += len(added) - len(new)
@@ -148,18 +177,26 @@ def run_nightly(
         if app is not None and new:
             enqueue_cases(app, [(i, Priority.bulk) for i in new], per_message=per_message)
         pending.clear()
+        identifiers.clear()
 
     with progress_bar(progress, _count_patients(directory), "patients") as advance:
         for record in export:
             summary.patients += 1
-            _, case, problems = case_from_record(
+            intake = case_from_record(
                 spec, record, as_of=as_of, lookback_days=lookback_days, priority=Priority.bulk
             )
-            if case is None:
-                for name, why in problems.items():
-                    summary.rejected[f"{name}: {why}"] += 1
+            if intake.found is not None:
+                summary.imputed.update(i["feature"] for i in intake.found.imputations)
+                summary.ignored.update(
+                    f"{i['feature']}: {i['reason']}" for i in intake.found.ignored
+                )
+            if intake.case is None:
+                for name, why in intake.problems.items():
+                    summary.rejected[f"{name}: {_without_reference(why)}"] += 1
             else:
-                pending.append(case)
+                pending.append(intake.case)
+                if record.identifiers:
+                    identifiers.append((intake.subject, record.identifiers))
                 if len(pending) >= chunk:
                     flush()
             advance(1)
@@ -174,6 +211,12 @@ def run_nightly(
         sum(summary.rejected.values()),
     )
     return summary
+
+
+def _without_reference(why: str) -> str:
+    """A reason without the resource it names, so that equal reasons count together."""
+    head, sep, rest = why.partition(": ")
+    return rest if sep and "/" in head and " " not in head else why
 
 
 def settle_counts(sessions: sessionmaker[Session], summary: NightlySummary) -> bool:

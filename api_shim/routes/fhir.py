@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
@@ -24,6 +24,9 @@ from db import repo
 from db.tables import Case, Priority, Score
 from models.registry import ModelSpec, RegistryError
 from worker.queues import enqueue_cases
+
+if TYPE_CHECKING:
+    from worker.fhir_intake import Intake
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fhir", tags=["fhir"])
@@ -82,22 +85,30 @@ async def submit_bundle(
         code = 422 if all(i.code in _RULE_CODES for i in exc.issues) else 400
         return outcome(code, [i.to_fhir() for i in exc.issues])
     when = (as_of or datetime.now(UTC)).astimezone(UTC)
-    accepted: list[tuple[str, repo.NewCase]] = []
-    rejected: dict[str, list[dict[str, Any]]] = {}
+    accepted: list[tuple[Intake, list[tuple[str, str]]]] = []
+    rejected: list[Intake] = []
     for record in bundle.patients.values():
-        subject, case, problems = case_from_record(
-            spec, record, as_of=when, lookback_days=lookback_days
-        )
-        if case is None:
-            rejected[subject] = [
-                issue("business-rule", f"{subject}: {name}: {why}", f"{spec.ref}.{name}")
-                for name, why in problems.items()
-            ]
+        intake = case_from_record(spec, record, as_of=when, lookback_days=lookback_days)
+        if intake.case is None:
+            rejected.append(intake)
         else:
-            accepted.append((subject, case))
+            accepted.append((intake, record.identifiers))
+    refusals = {
+        intake.subject: [
+            issue("business-rule", f"{intake.subject}: {name}: {why}", f"{spec.ref}.{name}")
+            for name, why in intake.problems.items()
+        ]
+        + _reported(intake)
+        for intake in rejected
+    }
     if rejected and (bundle.type == "transaction" or not accepted):
-        return outcome(422, [i for issues in rejected.values() for i in issues])
-    results = repo.add_cases(session, tenant_id=tenant.id, cases=[c for _, c in accepted])
+        return outcome(422, [i for issues in refusals.values() for i in issues])
+    cases = [intake.case for intake, _ in accepted if intake.case is not None]
+    results = repo.add_cases(session, tenant_id=tenant.id, cases=cases)
+    for intake, identifiers in accepted:
+        repo.add_patient_identifiers(
+            session, tenant_id=tenant.id, subject=intake.subject, identifiers=identifiers
+        )
     session.commit()
     to_send = [(r.id, Priority.routine) for r in results if r.created]
     if to_send:
@@ -105,16 +116,16 @@ async def submit_bundle(
             enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
         except Exception as exc:
             log.warning("broker unreachable, %d cases left for the sweeper: %s", len(to_send), exc)
-    entries: list[dict[str, Any]] = [
-        {
-            "response": {
-                "status": "202 Accepted" if r.created else "200 OK",
-                "location": f"RiskAssessment?subject={subject}",
-                "etag": f'W/"case-{r.id}"',
-            }
+    entries: list[dict[str, Any]] = []
+    for (intake, _), r in zip(accepted, results, strict=True):
+        response: dict[str, Any] = {
+            "status": "202 Accepted" if r.created else "200 OK",
+            "location": f"RiskAssessment?subject={intake.subject}",
+            "etag": f'W/"case-{r.id}"',
         }
-        for (subject, _), r in zip(accepted, results, strict=True)
-    ]
+        if reported := _reported(intake):
+            response["outcome"] = {"resourceType": "OperationOutcome", "issue": reported}
+        entries.append({"response": response})
     entries += [
         {
             "response": {
@@ -122,11 +133,40 @@ async def submit_bundle(
                 "outcome": {"resourceType": "OperationOutcome", "issue": issues},
             }
         }
-        for issues in rejected.values()
+        for issues in refusals.values()
     ]
     kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
     body = {"resourceType": "Bundle", "type": kind, "entry": entries}
     return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
+
+
+def _note(severity: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
+    out = issue("informational", diagnostics, expression)
+    out["severity"] = severity
+    return out
+
+
+def _reported(intake: Intake) -> list[dict[str, Any]]:
+    """What the sender must be told about one patient, besides a refusal: the id the server
+    gave it, each sent value that was ignored and why, each imputation, each flagged value."""
+    out = []
+    if intake.assigned:
+        diag = f"the Patient had no id: the server assigned {intake.subject}"
+        out.append(_note("information", diag, "Patient.id"))
+    found = intake.found
+    if found is None:
+        return out
+    for i in found.ignored:
+        diag = f"{intake.subject}: {i['feature']}: {i['resource']} not used: {i['reason']}"
+        out.append(_note("warning", diag, i["resource"]))
+    for i in found.imputations:
+        diag = f"{intake.subject}: {i['feature']} imputed ({i['source']}): {i['why']}"
+        out.append(_note("warning", diag))
+    for f in found.flagged:
+        out.append(_note("warning", f"{intake.subject}: {f['feature']} {f['reason']}"))
+    for n in found.notes:
+        out.append(_note("information", f"{intake.subject}: {n}"))
+    return out
 
 
 def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[str, Any]:
@@ -152,10 +192,24 @@ def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[st
         ],
     }
     if context.get("basis"):
-        resource["basis"] = [{"reference": r} for r in context["basis"]]
+        resource["basis"] = [
+            {"display": f"{r} (no id or fullUrl was sent)"}
+            if r.startswith("Bundle.")
+            else {"reference": r}
+            for r in context["basis"]
+        ]
     notes = []
-    if context.get("imputed"):
+    for i in context.get("imputations") or []:
+        notes.append(
+            f"imputed {i['feature']} = {i['value']:g} {i['unit']} ({i['source']}): {i['why']}"
+        )
+    if context.get("imputed") and not context.get("imputations"):  # cases from before 0012
         notes.append("imputed (missing from the record): " + ", ".join(context["imputed"]))
+    for i in context.get("ignored") or []:
+        notes.append(f"ignored for {i['feature']}: {i['resource']}: {i['reason']}")
+    for f in context.get("flagged") or []:
+        notes.append(f"flagged {f['feature']}: {f['reason']}")
+    notes += list(context.get("notes") or [])
     explanation = score.explanation or {}
     if explanation.get("top"):
         top = ", ".join(f"{a['feature']} {a['attribution']:+.3f}" for a in explanation["top"])
@@ -177,15 +231,38 @@ def search_risk_assessments(
     tenant: ReaderDep,
     session: SessionDep,
     registry: RegistryDep,
-    subject: Annotated[str, Query(pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$")],
+    subject: Annotated[str | None, Query(pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$")] = None,
+    subject_identifier: Annotated[
+        str | None, Query(alias="subject:identifier", min_length=1, max_length=500)
+    ] = None,
+    patient_identifier: Annotated[
+        str | None, Query(alias="patient.identifier", min_length=1, max_length=500)
+    ] = None,
 ) -> JSONResponse:
-    """A searchset Bundle of the patient's scores (this tenant's only)."""
+    """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or by
+    the patient's identifier (``subject:identifier`` / ``patient.identifier``, ``system|value``,
+    ``|value`` or ``value``)."""
+    given = [p for p in (subject, subject_identifier, patient_identifier) if p is not None]
+    if len(given) != 1:
+        diag = "give exactly one of subject, subject:identifier, patient.identifier"
+        return outcome(400, [issue("required" if not given else "invalid", diag)])
+    if subject is not None:
+        subjects = [subject]
+    else:
+        token = str(subject_identifier or patient_identifier)
+        system, bar, value = token.rpartition("|") if "|" in token else (None, "", token)
+        if not value:
+            diag = "an identifier search needs a value: system|value, |value or value"
+            return outcome(400, [issue("invalid", diag)])
+        subjects = repo.subjects_with_identifier(
+            session, tenant_id=tenant.id, system=system if bar else None, value=value
+        )
     rows = session.execute(
         select(Case, Score)
         .join(Score, Score.case_id == Case.id)
         .where(
             Case.tenant_id == tenant.id,
-            Case.subject == subject,
+            Case.subject.in_(subjects),
             Score.shadow.is_(False),
             Score.model_version == Case.model_version,
         )

@@ -49,6 +49,7 @@ def read_case(case_id: int, tenant: ReaderDep, session: SessionDep) -> CasePubli
             for s in case.scores
             if not s.shadow
         ],
+        fhir=case.context,
     )
 
 

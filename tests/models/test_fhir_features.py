@@ -20,6 +20,7 @@ from models.fhir_features import (
     UnitError,
     convert_quantity,
     features_for,
+    features_of,
     iter_ndjson,
     parse_bundle,
 )
@@ -129,14 +130,7 @@ ADULT = patient(birthDate="1950-06-15", gender="male")
 def features(*resources: dict[str, Any], lookback_days: int = 365, spec: ModelSpec = SPEC):
     """Parse ``resources`` as a Bundle and compute the only patient's features."""
     record = _only(parse_bundle(bundle(*resources)).patients)
-    return features_for(
-        spec,
-        record.patient,
-        record.observations,
-        record.conditions,
-        as_of=AS_OF,
-        lookback_days=lookback_days,
-    )
+    return features_of(spec, record, as_of=AS_OF, lookback_days=lookback_days)
 
 
 def _only(patients: dict[str, PatientRecord]) -> PatientRecord:
@@ -173,17 +167,11 @@ def test_every_shared_bundle_parses_and_gives_whas500_features(name: str) -> Non
     assert parsed.type == "transaction" and parsed.issues == []
     record = _only(parsed.patients)
     assert (len(record.observations), len(record.conditions)) == BUNDLES[name]
-    assert parsed.ignored["Encounter"] > 0 and "Observation" not in parsed.ignored
+    assert parsed.ignored["Claim"] > 0 and "Observation" not in parsed.ignored
+    assert "Encounter" not in parsed.ignored and record.encounters  # read for admissions
 
     as_of = datetime(2021, 10, 15, tzinfo=UTC)  # the bundles were exported then (SOURCE.md)
-    result = features_for(
-        SPEC,
-        record.patient,
-        record.observations,
-        record.conditions,
-        as_of=as_of,
-        lookback_days=3650,
-    )
+    result = features_of(SPEC, record, as_of=as_of, lookback_days=3650)
     assert result.ok, result.problems
     assert set(result.features) == SPEC.feature_set
     source = raw["entry"][0]["resource"]
@@ -195,6 +183,10 @@ def test_every_shared_bundle_parses_and_gives_whas500_features(name: str) -> Non
     assert all(
         result.features[v] == SPEC.inputs[SPEC.feature_names.index(v)].missing for v in VITALS
     )
+    # Each imputation is reported with the schema's source, and nothing was silently dropped:
+    # an OpenMRS code under the LOINC system is no LOINC code of the schema, so not a near miss.
+    assert [i["feature"] for i in result.imputations] == list(VITALS)
+    assert all("training" in i["source"] for i in result.imputations)
     assert result.basis[0] == record.reference
 
 
@@ -205,20 +197,11 @@ def test_shared_bundle_coronary_heart_disease_counts_as_cardiovascular_history()
         parse_bundle(json.loads(require_shared(FHIR_DIR / "bundles" / name).read_text())).patients
     )
     chd = [c for c in record.conditions if c.code.coding[0].code == "53741008"]
-    result = features_for(
-        SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=365
-    )
+    result = features_of(SPEC, record, as_of=AS_OF, lookback_days=365)
     assert result.features["cardiovascular_history"] == 1.0
-    assert f"Condition/{chd[0].id}" in result.basis
+    assert record.cite(chd[0]) in result.basis
     # Before its onset (2001-08-13) it did not count yet.
-    before = features_for(
-        SPEC,
-        record.patient,
-        record.observations,
-        record.conditions,
-        as_of=datetime(2001, 8, 1, tzinfo=UTC),
-        lookback_days=365,
-    )
+    before = features_of(SPEC, record, as_of=datetime(2001, 8, 1, tzinfo=UTC), lookback_days=365)
     assert before.features["cardiovascular_history"] == 0.0
 
 
@@ -226,27 +209,47 @@ def _raw_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _latest_bp_and_bmi(ndjson: Path, ref: str, as_of: datetime, days: int) -> dict[str, float]:
-    """An independent reading of the raw JSON: the latest BP panel components and BMI in window."""
-    start, found = as_of - timedelta(days=days), {}
-    latest: dict[str, datetime] = {}
+def _expected_bp_and_bmi(ndjson: Path, ref: str, as_of: datetime, days: int) -> dict[str, float]:
+    """An independent reading of the raw JSON under docs/fhir.md's rules: systolic/diastolic
+    are the first BP panel components of the latest admission (IMP/EMER/... Encounter begun in
+    the look-back), or of the whole look-back when there is none; BMI the latest in the look-back."""
+    start = as_of - timedelta(days=days)
+    admissions = [
+        datetime.fromisoformat(e["period"]["start"])
+        for e in _raw_lines(ndjson / "Encounter.ndjson")
+        if e["subject"]["reference"] == ref
+        and e["class"]["code"] in ("IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "SS")
+        and start <= datetime.fromisoformat(e["period"]["start"]) <= as_of
+    ]
+    bp_start, bp_end = start, as_of
+    if admissions:
+        began = max(admissions)
+        enc = next(
+            e
+            for e in _raw_lines(ndjson / "Encounter.ndjson")
+            if e["subject"]["reference"] == ref
+            and datetime.fromisoformat(e["period"]["start"]) == began
+        )
+        ended = enc["period"].get("end")
+        bp_start = began
+        bp_end = min(datetime.fromisoformat(ended), as_of) if ended else as_of
+    found: dict[str, float] = {}
+    chosen: dict[str, datetime] = {}
     for obs in _raw_lines(ndjson / "Observation.ndjson"):
         when = datetime.fromisoformat(obs["effectiveDateTime"])
-        if obs["subject"]["reference"] != ref or not start <= when <= as_of:
+        if obs["subject"]["reference"] != ref:
             continue
         code = obs["code"]["coding"][0]["code"]
-        values = {}
-        if code == "55284-4":
+        if code == "55284-4" and bp_start <= when <= bp_end:
             for comp in obs["component"]:
                 name = {"8480-6": "systolic_bp", "8462-4": "diastolic_bp"}[
                     comp["code"]["coding"][0]["code"]
                 ]
-                values[name] = comp["valueQuantity"]["value"]
-        elif code == "39156-5":
-            values["bmi"] = obs["valueQuantity"]["value"]
-        for name, value in values.items():
-            if name not in latest or when > latest[name]:
-                latest[name], found[name] = when, value
+                if name not in chosen or when < chosen[name]:
+                    chosen[name], found[name] = when, comp["valueQuantity"]["value"]
+        elif code == "39156-5" and start <= when <= as_of:
+            if "bmi" not in chosen or when > chosen["bmi"]:
+                chosen["bmi"], found["bmi"] = when, obs["valueQuantity"]["value"]
     return found
 
 
@@ -258,45 +261,42 @@ def test_shared_ndjson_export_gives_whas500_features_for_all_nine_patients() -> 
     export = iter_ndjson(ndjson, SPEC, as_of=as_of, lookback_days=days)
     records = list(export)
     assert export.issues == []
-    assert dict(export.lines) == {"Patient": 9, "Observation": 1502, "Condition": 71}
+    assert dict(export.lines) == {
+        "Patient": 9,
+        "Encounter": 217,
+        "Observation": 1502,
+        "Condition": 71,
+    }
     assert len(records) == 9
 
-    all_obs = parse_bundle(
+    everything = parse_bundle(
         bundle(
             *_raw_lines(ndjson / "Patient.ndjson"),
+            *_raw_lines(ndjson / "Encounter.ndjson"),
             *_raw_lines(ndjson / "Observation.ndjson"),
             *_raw_lines(ndjson / "Condition.ndjson"),
         )
     ).patients
     with_vitals = 0
     for record in records:
-        result = features_for(
-            SPEC,
-            record.patient,
-            record.observations,
-            record.conditions,
-            as_of=as_of,
-            lookback_days=days,
-        )
+        result = features_of(SPEC, record, as_of=as_of, lookback_days=days)
         assert result.ok, result.problems
         assert set(result.features) == SPEC.feature_set
         assert "heart_rate" in result.imputed
-        expected = _latest_bp_and_bmi(ndjson, record.reference, as_of, days)
+        expected = _expected_bp_and_bmi(ndjson, record.reference, as_of, days)
         for name, value in expected.items():
             assert result.features[name] == pytest.approx(value)
         with_vitals += bool(expected)
         # The export keeps one resource per feature, yet gives what all the resources give.
-        full = all_obs[record.reference]
         assert len(record.observations) <= 2  # the BP panel and BMI (no heart rate)
-        reference = features_for(
-            SPEC, full.patient, full.observations, full.conditions, as_of=as_of, lookback_days=days
-        )
+        reference = features_of(SPEC, everything[record.reference], as_of=as_of, lookback_days=days)
         assert result == reference
     assert with_vitals == 6  # the three others died before 2015
 
 
-def test_shared_ndjson_history_of_mi_sets_recurrent_mi() -> None:
-    """399211009 History of myocardial infarction feeds both recurrent_mi and CV history."""
+def test_shared_ndjson_history_of_mi_sets_recurrent_mi_only() -> None:
+    """399211009 History of myocardial infarction feeds recurrent_mi, and no longer also the
+    cardiovascular-history feature (in WHAS500 23 of 171 patients with an earlier MI have cvd 0)."""
     ndjson = require_shared(FHIR_DIR / "ndjson" / "Patient.ndjson").parent
     history = [
         c
@@ -306,27 +306,57 @@ def test_shared_ndjson_history_of_mi_sets_recurrent_mi() -> None:
     assert len(history) == 1
     export = iter_ndjson(ndjson, SPEC, as_of=AS_OF, lookback_days=365)
     record = next(r for r in export if r.reference == history[0]["subject"]["reference"])
-    result = features_for(
-        SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=365
-    )
-    assert result.features["recurrent_mi"] == result.features["cardiovascular_history"] == 1.0
+    result = features_of(SPEC, record, as_of=AS_OF, lookback_days=365)
+    assert result.features["recurrent_mi"] == 1.0
     assert f"Condition/{history[0]['id']}" in result.basis
+    alone = features(ADULT, condition("h", "399211009"))
+    assert (alone.features["recurrent_mi"], alone.features["cardiovascular_history"]) == (1, 0)
 
 
 # --- observation rules ------------------------------------------------------------------------
 
 
-def test_latest_observation_in_the_window_wins() -> None:
-    """Of several heart rates, the most recent one before as_of is used and cited."""
+def encounter(eid: str, start_days_ago: float, end_days_ago: float | None = None, cls: str = "IMP"):
+    period = {"start": _ago(start_days_ago)}
+    if end_days_ago is not None:
+        period["end"] = _ago(end_days_ago)
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "in-progress" if end_days_ago is None else "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": cls},
+        "subject": {"reference": "Patient/p1"},
+        "period": period,
+    }
+
+
+def test_the_initial_heart_rate_is_the_first_of_the_admission() -> None:
+    """heart_rate is 'first' in the admission Encounter: older readings (before it) and later
+    ones (in it) do not count; a clinic visit after it is not an admission."""
+    readings = (
+        observation("hr-before", "8867-4", 60, days_ago=20),
+        observation("hr-first", "8867-4", 110, days_ago=3),
+        observation("hr-later", "8867-4", 90, days_ago=2),
+    )
+    result = features(ADULT, encounter("adm", 3.5), encounter("visit", 1, 0.9, "AMB"), *readings)
+    assert result.features["heart_rate"] == 110
+    assert "Observation/hr-first" in result.basis and "Observation/hr-later" not in result.basis
+    assert result.notes == []
+    # Without an admission, the look-back window is read instead, and that is said.
+    fallback = features(ADULT, *readings)
+    assert fallback.features["heart_rate"] == 60
+    assert any("look-back window was read instead" in n for n in fallback.notes)
+
+
+def test_bmi_is_the_latest_in_the_look_back() -> None:
+    """bmi is 'latest' in the look-back window, admission or not."""
     result = features(
         ADULT,
-        observation("hr-old", "8867-4", 70, days_ago=10),
-        observation("hr-new", "8867-4", 90, days_ago=2),
-        observation("hr-mid", "8867-4", 80, days_ago=5),
+        encounter("adm", 3.5),
+        observation("bmi-old", "39156-5", 31, "kg/m2", days_ago=200),
+        observation("bmi-new", "39156-5", 29, "kg/m2", days_ago=30),
     )
-    assert result.features["heart_rate"] == 90
-    assert "Observation/hr-new" in result.basis and "Observation/hr-old" not in result.basis
-    assert "heart_rate" not in result.imputed
+    assert result.features["bmi"] == 29 and "Observation/bmi-new" in result.basis
 
 
 def test_observations_outside_the_window_are_ignored() -> None:
@@ -345,19 +375,32 @@ def test_observations_outside_the_window_are_ignored() -> None:
     assert wider.features["heart_rate"] == 70
 
 
-def test_unusable_observation_status_is_ignored() -> None:
-    """An entered-in-error reading does not win over an older final one."""
+def test_unusable_observation_status_is_ignored_and_reported() -> None:
+    """An entered-in-error first reading does not count, and is listed with its reason."""
     result = features(
         ADULT,
+        encounter("adm", 10),
+        observation("hr-error", "8867-4", 150, days_ago=6, status="entered-in-error"),
         observation("hr-final", "8867-4", 70, days_ago=5),
-        observation("hr-error", "8867-4", 150, days_ago=1, status="entered-in-error"),
     )
-    assert result.features["heart_rate"] == 70
+    assert result.features["heart_rate"] == 70 and result.ok
+    assert result.ignored == [
+        {
+            "feature": "heart_rate",
+            "resource": "Observation/hr-error",
+            "reason": "status entered-in-error: not a result",
+        }
+    ]
 
 
 def test_blood_pressure_comes_from_the_panel_components() -> None:
-    """Systolic and diastolic are the 8480-6 / 8462-4 components of the latest BP panel."""
-    result = features(ADULT, bp_panel("bp-1", 150, 95, days_ago=30), bp_panel("bp-2", 121, 81))
+    """Systolic and diastolic are the 8480-6 / 8462-4 components of the admission's first panel."""
+    result = features(
+        ADULT,
+        encounter("adm", 2),
+        bp_panel("bp-1", 150, 95, days_ago=30),
+        bp_panel("bp-2", 121, 81),
+    )
     assert (result.features["systolic_bp"], result.features["diastolic_bp"]) == (121, 81)
     assert result.basis == ["Patient/p1", "Observation/bp-2"]
     standalone = features(ADULT, observation("sbp", "8480-6", 133, "mmHg"))
@@ -397,10 +440,12 @@ def test_units_convert_through_the_table() -> None:
     assert result.features["glucose"] == pytest.approx(5.5 * 18.016)
     assert result.features["temperature"] == pytest.approx(37.0)
     assert result.features["heart_rate"] == 72
-    assert convert_quantity(1.0, "mg/dL", "umol/L", code="2160-0") == pytest.approx(88.42)
+    assert convert_quantity(1.0, "mg/dL", "umol/L", code="2160-0") == pytest.approx(1e4 / 113.12)
     assert convert_quantity(100.0, "mg/dl", "mmol/L", code="2345-7") == pytest.approx(100 / 18.016)
     assert convert_quantity(37.0, "Cel", "[degF]") == pytest.approx(98.6)
-    with pytest.raises(UnitError, match="'mmol/L' cannot be converted to 'mg/dL'"):
+    with pytest.raises(
+        UnitError, match=r"'mmol/L' \(\[substance\].*\) cannot be converted to 'mg/dL'"
+    ):
         convert_quantity(5.5, "mmol/L", "mg/dL", code="2947-0")  # sodium: no factor known
 
 
@@ -648,7 +693,7 @@ def test_bad_ndjson_lines_are_reported_by_line_and_the_rest_is_read(tmp_path: Pa
 
 
 def test_ndjson_keeps_one_observation_per_feature(tmp_path: Path) -> None:
-    """A year of daily heart rates and BP panels: only the latest of each is held per patient."""
+    """A year of daily heart rates and BP panels: only the winner of each is held per patient."""
     _write(tmp_path / "Patient.ndjson", [ADULT])
     _write(
         tmp_path / "Observation.ndjson",
@@ -656,11 +701,12 @@ def test_ndjson_keeps_one_observation_per_feature(tmp_path: Path) -> None:
         + [bp_panel(f"bp-{d}", 120 + d % 20, 80, days_ago=d + 0.5) for d in range(365)],
     )
     [record] = list(iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30))
-    assert sorted(o.id for o in record.observations) == ["bp-0", "hr-1"]
+    # No admission Encounter: the first of each in the 30-day look-back.
+    assert sorted(o.id for o in record.observations) == ["bp-29", "hr-30"]
     result = features_for(
         SPEC, record.patient, record.observations, record.conditions, as_of=AS_OF, lookback_days=30
     )
-    assert result.features["heart_rate"] == 61 and result.features["systolic_bp"] == 120
+    assert result.features["heart_rate"] == 60 and result.features["systolic_bp"] == 129
 
 
 def test_an_export_without_patients_is_refused(tmp_path: Path) -> None:

@@ -113,13 +113,17 @@ def test_schema_names_fhir_codes_units_and_missing_rules() -> None:
     by_name = {f.name: f for f in spec.inputs}
     assert by_name["heart_rate"].source == {
         "resource": "Observation",
-        "system": "http://loinc.org",
-        "codes": ["8867-4"],
-        "display": "Heart rate",
+        "codes": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}],
+        "time": "first",
+        "window": "encounter",
+        "unusable": "reject",
     }
     assert by_name["systolic_bp"].unit == "mm[Hg]" and by_name["bmi"].unit == "kg/m2"
-    assert by_name["atrial_fibrillation"].source["system"] == "http://snomed.info/sct"
-    assert "49436004" in by_name["atrial_fibrillation"].source["codes"]
+    af_codes = {(c["system"], c["code"]) for c in by_name["atrial_fibrillation"].source["codes"]}
+    assert ("http://snomed.info/sct", "49436004") in af_codes
+    assert ("http://hl7.org/fhir/sid/icd-10-cm", "I48.91") in af_codes
+    assert by_name["cardiovascular_history"].source["time"] == "ever"
+    assert by_name["heart_failure"].source["time"] == "present"
     assert by_name["age"].missing == "reject" and by_name["female"].missing == "reject"
     assert by_name["heart_failure"].missing == 0.0
     # A vital sign's stated imputation is its training median.
@@ -127,6 +131,33 @@ def test_schema_names_fhir_codes_units_and_missing_rules() -> None:
     median = float(np.median(survival.split().x_train[:, column]))
     assert by_name["heart_rate"].missing == pytest.approx(median, abs=0.01)
     assert "los" not in by_name  # known only at discharge
+    assert (
+        by_name["heart_rate"].missing_source and "training" in by_name["heart_rate"].missing_source
+    )
+
+
+def test_registry_schema_is_what_training_writes() -> None:
+    """registry.json's inputs are survival.input_schema on the training medians, so a retrain
+    reproduces the reviewed mapping."""
+    spec = REGISTRY.resolve("whas500-mortality")
+    written = survival.input_schema(survival.split().medians)
+    assert [f.to_json() for f in spec.inputs] == [f.to_json() for f in written]
+
+
+def test_every_whas500_patient_passes_its_own_ranges() -> None:
+    """The reference model's reject ranges hold its whole cohort (training and held out), and
+    its flag ranges hold the training split: a case from its own data is never refused."""
+    from models.featurize import rule_flags, rule_problem
+
+    spec = REGISTRY.resolve("whas500-mortality")
+    x, _, _ = survival.load()
+    for row in x:
+        for feature, value in zip(spec.inputs, row, strict=True):
+            assert rule_problem(feature, float(value)) is None, feature.name
+    for row in survival.split().x_train:
+        for feature, value in zip(spec.inputs, row, strict=True):
+            assert rule_flags(feature, float(value)) == [], feature.name
+    assert min(x[:, survival.FEATURE_NAMES.index("diastolic_bp")]) == 6.0  # the old rule's victim
 
 
 def _case(**overrides: float) -> dict[str, float]:
