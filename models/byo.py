@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from models.registry import load_registry, sha256_file, user_registry_path
+from models.registry import (
+    FeatureSpec,
+    load_registry,
+    schema_problems,
+    sha256_file,
+    user_registry_path,
+)
 
 FORMATS = {"torchscript": ".pt", "torch-export": ".pt2", "safetensors": ".safetensors"}
 
@@ -47,12 +53,31 @@ def _schema(path: Path) -> dict[str, Any]:
         )
     if len({i["name"] for i in inputs}) != len(inputs):
         raise RegistrationError(f"schema {path}: input names must be unique")
+    try:
+        specs = [FeatureSpec.from_json(_input_entry(i)) for i in inputs]
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise RegistrationError(f"schema {path}: an input is malformed ({exc})") from None
+    if problems := schema_problems(specs):
+        raise RegistrationError(f"schema {path}: " + "; ".join(problems))
     if not isinstance(schema.get("output"), str):
         raise RegistrationError(f"schema {path}: 'output' (what the score means) is required")
     threshold = schema.get("threshold", 0.5)
     if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
         raise RegistrationError(f"schema {path}: 'threshold' must be a probability in [0, 1]")
     return schema
+
+
+#: What an input of a registered schema may state: its mapping from FHIR and its rules.
+INPUT_FIELDS = (
+    "name", "unit", "description", "source", "missing", "missing_source", "allowed", "ranges",
+)  # fmt: skip
+
+
+def _input_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(entry) - set(INPUT_FIELDS) - {"range"})
+    if unknown:
+        raise ValueError(f"{entry.get('name')}: unknown fields {', '.join(unknown)}")
+    return {k: v for k, v in entry.items() if k in INPUT_FIELDS or k == "range"}
 
 
 def _load_any(path: Path) -> tuple[str, torch.nn.Module]:
@@ -161,7 +186,7 @@ def register(
         "artifact": str(target.relative_to(artifact_dir)),
         "sha256": sha256_file(target),
         "inputs": [
-            {"name": i["name"], "unit": i["unit"], "description": i.get("description", "")}
+            {"description": "", **FeatureSpec.from_json(_input_entry(i)).to_json()}
             for i in schema["inputs"]
         ],
         "output": schema["output"],

@@ -247,9 +247,12 @@ def _expected_bp_and_bmi(ndjson: Path, ref: str, as_of: datetime, days: int) -> 
                 ]
                 if name not in chosen or when < chosen[name]:
                     chosen[name], found[name] = when, comp["valueQuantity"]["value"]
-        elif code == "39156-5" and start <= when <= as_of:
-            if "bmi" not in chosen or when > chosen["bmi"]:
-                chosen["bmi"], found["bmi"] = when, obs["valueQuantity"]["value"]
+        elif (
+            code == "39156-5"
+            and start <= when <= as_of
+            and ("bmi" not in chosen or when > chosen["bmi"])
+        ):
+            chosen["bmi"], found["bmi"] = when, obs["valueQuantity"]["value"]
     return found
 
 

@@ -1,0 +1,374 @@
+"""The declarative FHIR mapping: code-system spellings, UCUM units, the schema checks at load and
+at registration, and the rules that keep every sent value accounted for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.byo import RegistrationError, register
+from models.registry import FeatureSpec, RangeRule, Registry, SchemaError, schema_problems
+from models.terminology import CODE_SYSTEMS, ICD10CM, LOINC, SNOMED, canonical_system, coding_key
+from models.ucum import UnitError, convert
+from tests.models.test_fhir_features import (
+    ADULT,
+    AS_OF,
+    condition,
+    encounter,
+    features,
+    observation,
+    patient,
+    quantity,
+)
+
+# --- code systems -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spelling", "uri"),
+    [
+        ("http://loinc.org", LOINC),
+        ("urn:oid:2.16.840.1.113883.6.1", LOINC),
+        ("2.16.840.1.113883.6.1", LOINC),
+        ("LN", LOINC),
+        ("http://loinc.org/", LOINC),
+        ("http://www.loinc.org", LOINC),
+        ("urn:oid:2.16.840.1.113883.6.96", SNOMED),
+        ("SCT", SNOMED),
+        ("http://snomed.info/sct/731000124108", SNOMED),  # US edition URI sent as the system
+        ("urn:oid:2.16.840.1.113883.6.90", ICD10CM),
+        ("I10C", ICD10CM),
+        ("http://hospital.example/codes", None),
+        ("", None),
+    ],
+)
+def test_every_spelling_of_a_code_system_is_one_system(spelling: str, uri: str | None) -> None:
+    """URI, OID (bare and urn:oid:), HL7 v2 mnemonic and legacy forms all normalise."""
+    assert canonical_system(spelling) == uri
+
+
+def test_the_table_has_one_row_per_system_and_no_spelling_twice() -> None:
+    spellings = [
+        s.lower() for row in CODE_SYSTEMS for s in (row.uri, row.oid, *row.v2, *row.legacy)
+    ]
+    duplicated = {s for s in spellings if spellings.count(s) > 1}
+    assert duplicated <= {"ucum"}  # UCUM's v2 mnemonic and its legacy name are the same word
+    assert coding_key("I10C", "i509") == coding_key(ICD10CM, "I50.9") == (ICD10CM, "I509")
+
+
+# --- units ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "unit", ["/min", "{beat}/min", "{beats}/min", "{Beats}/min", "beats per minute", "BPM",
+             "bpm", "beats/minute", "1/min"],
+)  # fmt: skip
+def test_heart_rate_spellings_all_mean_per_minute(unit: str) -> None:
+    assert convert(72.0, unit, "/min") == 72.0
+
+
+def test_units_convert_by_their_ucum_meaning() -> None:
+    """kPa → mm[Hg] (UCUM: 1 mm[Hg] = 133.3220 Pa; pint's conventional 133.322387 Pa is 3e-6
+    away), °F → Cel, lb/in2 → kg/m2, and display spellings of mm[Hg] and kg/m2."""
+    assert convert(16.0, "kPa", "mm[Hg]") == pytest.approx(16000 / 133.3220, rel=5e-6)
+    assert convert(98.6, "[degF]", "Cel") == pytest.approx(37.0)
+    assert convert(1.0, "[lb_av]/[in_i]2", "kg/m2") == pytest.approx(0.45359237 / 0.0254**2)
+    assert convert(120.0, "mmHg", "mm[Hg]") == convert(120.0, "mm Hg", "mm[Hg]") == 120.0
+    assert convert(24.2, "kg/m^2", "kg/m2") == 24.2
+
+
+@pytest.mark.parametrize(
+    ("unit", "to", "named"),
+    [
+        ("kg", "kg/m2", "'kg' ([mass])"),
+        ("C", "Cel", "'C' ([current] * [time])"),  # UCUM's C is the coulomb, not Celsius
+        ("mm[Hg]", "/min", "'mm[Hg]'"),
+        ("beats", "/min", "'beats' is neither a UCUM code nor a known spelling"),
+    ],
+)
+def test_incompatible_or_unknown_units_are_refused_by_name(unit: str, to: str, named: str) -> None:
+    with pytest.raises(UnitError) as caught:
+        convert(1.0, unit, to)
+    assert named in str(caught.value)
+
+
+# --- schema checks ----------------------------------------------------------------------------
+
+
+def _condition_feature(name: str, codes: list[dict[str, Any]]) -> FeatureSpec:
+    return FeatureSpec(
+        name,
+        "1",
+        source={"resource": "Condition", "codes": codes, "time": "ever"},
+        missing=0.0,
+        allowed=(0.0, 1.0),
+    )
+
+
+def test_one_code_feeds_one_feature_unless_both_say_so() -> None:
+    """The same SNOMED code in two features (even spelt as an OID) is refused, until each
+    feature's entry lists the other under also_feeds."""
+    a = _condition_feature("a", [{"system": SNOMED, "code": "399211009"}])
+    b = _condition_feature("b", [{"system": "urn:oid:2.16.840.1.113883.6.96", "code": "399211009"}])
+    problems = schema_problems([a, b])
+    assert len(problems) == 2 and all("also feeds" in p for p in problems)
+    only_one_side = _condition_feature(
+        "a", [{"system": SNOMED, "code": "399211009", "also_feeds": ["b"]}]
+    )
+    assert len(schema_problems([only_one_side, b])) == 1
+    b_too = _condition_feature("b", [{"system": SNOMED, "code": "399211009", "also_feeds": ["a"]}])
+    assert schema_problems([only_one_side, b_too]) == []
+
+
+def test_ranges_need_a_policy_and_a_source_and_imputations_an_origin() -> None:
+    hr = FeatureSpec(
+        "hr",
+        "/min",
+        source={"resource": "Observation", "codes": [{"system": LOINC, "code": "8867-4"}]},
+        missing=80.0,
+        ranges=(RangeRule(20, 300), RangeRule(300, 20, "flag", "x")),
+    )
+    problems = schema_problems([hr])
+    assert "hr: each range needs a policy, 'reject' or 'flag'" in problems
+    assert any("needs a source" in p for p in problems)
+    assert any("low 300 is above high 20" in p for p in problems)
+    assert any("missing_source" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ({"resource": "Observation", "codes": [{"system": LOINC, "code": "1"}], "time": "ever"},
+         "time 'ever' is not one of latest or first"),
+        ({"resource": "Condition", "codes": [{"system": SNOMED, "code": "1"}], "time": "first"},
+         "time 'first' is not one of ever or present"),
+        ({"resource": "Observation", "codes": []}, "lists its codes"),
+        ({"resource": "Procedure", "codes": []}, "source resource must be one of"),
+        ({"resource": "Observation", "codes": [{"system": LOINC, "code": "1"}],
+          "window": "shift"}, "window must be"),
+    ],
+)  # fmt: skip
+def test_malformed_sources_are_named(source: dict[str, Any], fragment: str) -> None:
+    assert any(fragment in p for p in schema_problems([FeatureSpec("x", "1", source=source)]))
+
+
+def test_an_observation_unit_must_be_ucum() -> None:
+    source = {"resource": "Observation", "codes": [{"system": LOINC, "code": "8867-4"}]}
+    problems = schema_problems([FeatureSpec("hr", "beats", source=source, missing="reject")])
+    assert problems == ["hr: unit 'beats' is neither a UCUM code nor a known spelling of one"]
+
+
+def test_the_registry_refuses_to_load_a_schema_that_breaks_a_rule(tmp_path: Path) -> None:
+    raw = json.loads(Path("models/registry.json").read_text())
+    whas = next(m for m in raw["models"] if m["name"] == "whas500-mortality")
+    cvd = next(i for i in whas["inputs"] if i["name"] == "cardiovascular_history")
+    cvd["source"]["codes"].append({"system": SNOMED, "code": "399211009"})  # the old overlap
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SchemaError, match=r"code 399211009 .* also feeds recurrent_mi"):
+        Registry.load(path)
+
+
+def test_registration_checks_the_mapping_and_keeps_it(tmp_path: Path) -> None:
+    """A hospital's schema may carry a mapping; registration refuses a broken one (a range
+    without policy) before copying anything, and keeps a sound one in the store's registry."""
+    from safetensors.torch import save_file
+
+    from models.architectures import StandardizedMLP
+
+    mlp = StandardizedMLP(1, hidden=(2,)).eval()
+    artifact = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(artifact))
+    kw: dict[str, Any] = {"architecture": "mlp", "params": {"hidden": [2]}}
+    source = {"resource": "Observation", "codes": [{"system": "LN", "code": "8867-4"}]}
+    bad = {"output": "risk", "inputs": [{"name": "hr", "unit": "/min", "source": source,
+                                         "missing": "reject", "range": [20, 300]}]}  # fmt: skip
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(bad))
+    store = tmp_path / "store"
+    with pytest.raises(RegistrationError, match="each range needs a policy"):
+        register(
+            artifact, name="hr-model", version="1", schema_path=schema, artifact_dir=store, **kw
+        )
+    assert not (store / "models").exists()
+    good = {**bad, "inputs": [{**bad["inputs"][0], "range": None,
+            "ranges": [{"low": 20, "high": 300, "policy": "reject", "source": "ours"}]}]}  # fmt: skip
+    del good["inputs"][0]["range"]
+    schema.write_text(json.dumps(good))
+    entry = register(
+        artifact, name="hr-model", version="1", schema_path=schema, artifact_dir=store, **kw
+    )
+    assert entry["inputs"][0]["source"] == source and entry["inputs"][0]["ranges"][0]["policy"]
+    spec = Registry.load(store / "registry.json").resolve("hr-model")
+    hr = features(ADULT, observation("hr", "8867-4", 72, "BPM"), spec=spec)
+    assert hr.features == {"hr": 72.0}
+
+
+# --- never silent -----------------------------------------------------------------------------
+
+
+def _coded_hr(oid: str, system: str, value: float = 72, days_ago: float = 1) -> dict[str, Any]:
+    obs = observation(oid, "8867-4", value, days_ago=days_ago)
+    obs["code"]["coding"][0]["system"] = system
+    return obs
+
+
+def test_a_heart_rate_coded_with_loincs_oid_is_used() -> None:
+    """urn:oid:2.16.840.1.113883.6.1 is LOINC: the value sent is used, nothing imputed."""
+    result = features(
+        ADULT,
+        encounter("adm", 2),
+        _coded_hr("hr", "urn:oid:2.16.840.1.113883.6.1", 104, days_ago=1.5),
+    )
+    assert result.features["heart_rate"] == 104 and "heart_rate" not in result.imputed
+    assert result.ignored == [] and "Observation/hr" in result.basis
+
+
+def test_a_heart_rate_under_an_unknown_system_refuses_the_case_by_name() -> None:
+    """8867-4 under a local system is a near miss: reported, and heart_rate's 'unusable:
+    reject' refuses the case rather than impute over a value that was sent."""
+    result = features(ADULT, encounter("adm", 2), _coded_hr("hr", "http://hospital.example/v"))
+    assert "heart_rate" not in result.features and "heart_rate" not in result.imputed
+    assert "Observation/hr" in result.problems["heart_rate"]
+    assert (
+        "'http://hospital.example/v', not a known spelling of LOINC"
+        in result.problems["heart_rate"]
+    )
+    assert result.ignored[0]["resource"] == "Observation/hr"
+    # Beside a LOINC coding of the same concept, the local coding is simply another name.
+    both = _coded_hr("hr2", LOINC, 80)
+    both["code"]["coding"].append({"system": "http://hospital.example/v", "code": "HR"})
+    assert features(ADULT, encounter("adm", 2), both).features["heart_rate"] == 80
+
+
+def test_a_later_unreadable_reading_is_reported_but_does_not_refuse() -> None:
+    """The first reading decides the initial heart rate; a later one in kg is listed, no more."""
+    result = features(
+        ADULT,
+        encounter("adm", 3),
+        observation("hr-1", "8867-4", 90, days_ago=2),
+        observation("hr-2", "8867-4", 91, "kg", days_ago=1),
+    )
+    assert result.ok and result.features["heart_rate"] == 90
+    assert result.ignored == [
+        {
+            "feature": "heart_rate",
+            "resource": "Observation/hr-2",
+            "reason": "unit 'kg' ([mass]) cannot be converted to '/min' (1 / [time])",
+        }
+    ]
+
+
+def test_a_value_absent_for_a_reason_is_imputed_and_both_are_reported() -> None:
+    """US Core lets a vital sign carry dataAbsentReason instead of a value: the reading is
+    listed as ignored, and the imputation says what was used and why."""
+    hr = observation("hr", "8867-4", days_ago=1)
+    hr["dataAbsentReason"] = {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                "code": "not-performed",
+            }
+        ]
+    }
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert result.ok and result.features["heart_rate"] == 84.5
+    assert result.ignored == [
+        {
+            "feature": "heart_rate",
+            "resource": "Observation/hr",
+            "reason": "no value (dataAbsentReason not-performed)",
+        }
+    ]
+    (imputation,) = [i for i in result.imputations if i["feature"] == "heart_rate"]
+    assert imputation["value"] == 84.5 and "median" in imputation["source"]
+    assert "1 sent but ignored" in imputation["why"]
+
+
+def test_history_counts_resolved_conditions_and_icd10cm_codes() -> None:
+    """A resolved stroke is a history of cardiovascular disease ('ever'); a resolved atrial
+    fibrillation is not present; ICD-10-CM codes count, with or without their dot."""
+    icd = condition("old-mi", "I252", status="resolved")
+    icd["code"]["coding"][0]["system"] = "http://hl7.org/fhir/sid/icd-10-cm"
+    result = features(
+        ADULT,
+        condition("stroke", "230690007", status="resolved", abatementDateTime="2015-01-01"),
+        condition("af", "49436004", status="resolved", abatementDateTime="2015-01-01"),
+        icd,
+    )
+    assert result.features["cardiovascular_history"] == 1.0
+    assert result.features["atrial_fibrillation"] == 0.0
+    assert result.features["recurrent_mi"] == 1.0 and "Condition/old-mi" in result.basis
+
+
+def test_unconfirmed_and_refuted_diagnoses_are_reported_not_counted() -> None:
+    def verified(cid: str, code: str, status: str) -> dict[str, Any]:
+        system = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+        return condition(
+            cid, code, verificationStatus={"coding": [{"system": system, "code": status}]}
+        )
+
+    result = features(
+        ADULT, verified("chf", "42343007", "provisional"), verified("af", "49436004", "refuted")
+    )
+    assert result.ok
+    assert (result.features["heart_failure"], result.features["atrial_fibrillation"]) == (0, 0)
+    assert {(i["resource"], i["reason"]) for i in result.ignored} == {
+        ("Condition/chf", "verificationStatus provisional: not a confirmed diagnosis"),
+        ("Condition/af", "verificationStatus refuted"),
+    }
+
+
+def test_a_value_outside_a_flag_range_is_accepted_and_flagged() -> None:
+    """A heart rate of 190/min is plausible (reject bounds 20..300) but above every training
+    patient's (flag bounds 35..186): scored, and flagged with the range's source."""
+    result = features(ADULT, encounter("adm", 2), observation("hr", "8867-4", 190, days_ago=1))
+    assert result.ok and result.features["heart_rate"] == 190
+    (flag,) = result.flagged
+    assert flag["feature"] == "heart_rate" and "training" in flag["reason"]
+    assert "190" not in flag["reason"]
+
+
+def test_basis_cites_the_id_else_the_full_url() -> None:
+    """Entries without an id are cited by their urn:uuid fullUrl, never 'Observation/?'."""
+    from models.fhir_features import features_of, parse_bundle
+
+    pid, oid = (
+        "urn:uuid:6a1f0c1e-0000-4000-8000-000000000001",
+        "urn:uuid:6a1f0c1e-0000-4000-8000-000000000002",
+    )
+    hr = observation("x", "8867-4", 77, subject=pid)
+    del hr["id"]
+    data = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": pid, "resource": {k: v for k, v in ADULT.items() if k != "id"}},
+            {"fullUrl": oid, "resource": hr},
+            {"fullUrl": "urn:uuid:6a1f0c1e-0000-4000-8000-000000000003",
+             "resource": observation("named", "39156-5", 27, "kg/m2", subject=pid)},
+        ],
+    }  # fmt: skip
+    (record,) = parse_bundle(data).patients.values()
+    assert record.reference == pid
+    spec = Registry.load().resolve("whas500-mortality")
+    result = features_of(spec, record, as_of=AS_OF, lookback_days=30)
+    assert result.basis == [pid, oid, "Observation/named"]
+    assert all("?" not in b for b in result.basis)
+
+
+def test_a_quantity_without_a_ucum_code_is_read_from_its_display_unit() -> None:
+    hr = observation("hr", "8867-4", days_ago=1)
+    hr["valueQuantity"] = {"value": 66, "unit": "beats per minute"}
+    kpa = observation("sbp", "8480-6", days_ago=1)
+    kpa["valueQuantity"] = quantity(16.0, "kPa")
+    result = features(ADULT, encounter("adm", 2), hr, kpa)
+    assert result.features["heart_rate"] == 66
+    assert result.features["systolic_bp"] == pytest.approx(16000 / 133.3220, rel=5e-6)
+
+
+def test_partial_patient_is_still_refused_for_age() -> None:
+    assert "age" in features(patient(gender="male")).problems
