@@ -134,7 +134,7 @@ _FEATURES: list[dict[str, Any]] = [
         "source": _observation(
             "8480-6", "Systolic blood pressure", time="first", window="encounter"
         ),
-        "ranges": _ranges((20.0, 300.0), (63.0, 244.0), "systolic pressure"),
+        "ranges": _ranges((40.0, 300.0), (63.0, 244.0), "systolic pressure"),
     },
     {
         "name": "diastolic_bp",

@@ -98,7 +98,14 @@ async def submit_bundle(
             issue("business-rule", f"{intake.subject}: {name}: {why}", f"{spec.ref}.{name}")
             for name, why in intake.problems.items()
         ]
-        + _reported(intake)
+        + [
+            _note(
+                "information",
+                f"{intake.subject}: {i['feature']}: {i['resource']} not used: {i['reason']}",
+                i["resource"],
+            )
+            for i in (intake.found.ignored if intake.found is not None else [])
+        ]
         for intake in rejected
     }
     if rejected and (bundle.type == "transaction" or not accepted):

@@ -18,12 +18,15 @@ class InputPublic(BaseModel):
     name: str
     unit: str
     description: str
-    #: Where an EHR holds it (FHIR resource, code system, codes).
+    #: Where an EHR holds it and how it is chosen (FHIR resource, codes with their systems,
+    #: time rule, window, what an unreadable value does): docs/fhir.md.
     source: dict[str, Any] | None = None
-    #: "reject", or the value imputed when a record lacks it.
+    #: "reject", or the value imputed when a record lacks it, and where that value comes from.
     missing: float | str | None = None
+    missing_source: str | None = None
     allowed: list[float] | None = None
-    range: list[float] | None = None
+    #: Bounds, each {"low", "high", "policy": "reject" | "flag", "source"}.
+    ranges: list[dict[str, Any]] | None = None
 
 
 class ModelVersionPublic(BaseModel):

@@ -446,7 +446,11 @@ def test_models_are_listed_with_schema_threshold_status_and_sha256(
     assert "NOT FOR CLINICAL USE" in gru["clinical_use"]
     whas = api.get("/v1/models/whas500-mortality", headers=auth(key)).json()["versions"][0]
     hr = next(i for i in whas["inputs"] if i["name"] == "heart_rate")
-    assert hr["source"]["codes"] == ["8867-4"] and hr["range"] == [20.0, 300.0]
+    assert hr["source"]["codes"][0]["code"] == "8867-4" and hr["source"]["time"] == "first"
+    assert [(r["low"], r["high"], r["policy"]) for r in hr["ranges"]] == [
+        (20.0, 300.0, "reject"),
+        (35.0, 186.0, "flag"),
+    ]
     female = next(i for i in whas["inputs"] if i["name"] == "female")
     assert (female["missing"], female["allowed"]) == ("reject", [0.0, 1.0])
 
