@@ -12,10 +12,10 @@ met in feeds to UCUM codes, each from a published example: HL7 FHIR R4 vital-sig
 the mis-encodings of ``°`` and ``µ``. It is a table of spellings, not of conversions: every
 conversion goes through UCUM's definitions.
 
-Two known differences from the UCUM essence: pint's ``millimeter_Hg`` is 133.322387415 Pa (the
-conventional value, NIST SP 811) where UCUM defines ``m[Hg]`` as 133.3220 kPa, 2.9e-6 relative;
-and mass ↔ amount-of-substance needs the analyte's molar mass, which UCUM does not hold
-(:data:`MOLAR_MASS_G_PER_MOL`).
+pint's own value for the millimetre of mercury (the conventional 133.322387415 Pa, NIST SP 811)
+is 2.9e-6 away from UCUM's (``m[Hg]`` = 133.3220 kPa): the registry here takes UCUM's, read from
+the UCUM essence file ucumvert ships. Mass ↔ amount-of-substance needs the analyte's molar mass,
+which UCUM does not hold (:data:`MOLAR_MASS_G_PER_MOL`).
 """
 
 from __future__ import annotations
@@ -98,11 +98,31 @@ def _registry() -> Any:
     import ucumvert
     from ucumvert import UcumToPintTransformer, get_ucum_parser
 
-    registry: Any = pint.UnitRegistry()
+    registry: Any = pint.UnitRegistry(on_redefinition="ignore")
     registry.load_definitions(Path(ucumvert.__file__).with_name("pint_ucum_defs.txt"))
+    # pint's meter_Hg is the conventional 133.322387415 kPa; UCUM defines m[Hg] as 133.3220 kPa.
+    # UCUM's value, read from the essence file ucumvert ships, is the one used.
+    registry.define(f"meter_Hg = {_essence_value('m[Hg]', 'kPa')} * kilopascal = mHg = m_Hg")
     registry.ucum_parser = get_ucum_parser()
     registry.ucum_transform = UcumToPintTransformer(ureg=registry).transform
     return registry
+
+
+def _essence_value(code: str, unit: str) -> float:
+    """A unit's defining value from ucum-essence.xml (the UCUM table of units)."""
+    import xml.etree.ElementTree as ElementTree
+    from pathlib import Path
+
+    import ucumvert
+
+    essence = Path(ucumvert.__file__).parent / "vendor" / "ucum-essence.xml"
+    root = ElementTree.parse(essence).getroot()
+    for element in root.findall("{*}unit"):
+        if element.get("Code") == code:
+            value = element.find("{*}value")
+            if value is not None and value.get("Unit") == unit:
+                return float(value.get("value", "nan"))
+    raise LookupError(f"{code} in {unit} is not in {essence}")
 
 
 @dataclass(frozen=True)

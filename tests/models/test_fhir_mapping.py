@@ -71,9 +71,9 @@ def test_heart_rate_spellings_all_mean_per_minute(unit: str) -> None:
 
 
 def test_units_convert_by_their_ucum_meaning() -> None:
-    """kPa → mm[Hg] (UCUM: 1 mm[Hg] = 133.3220 Pa; pint's conventional 133.322387 Pa is 3e-6
-    away), °F → Cel, lb/in2 → kg/m2, and display spellings of mm[Hg] and kg/m2."""
-    assert convert(16.0, "kPa", "mm[Hg]") == pytest.approx(16000 / 133.3220, rel=5e-6)
+    """kPa → mm[Hg] by UCUM's 133.3220 Pa (not pint's conventional 133.322387), °F → Cel,
+    lb/in2 → kg/m2, and display spellings of mm[Hg] and kg/m2."""
+    assert convert(16.0, "kPa", "mm[Hg]") == pytest.approx(16000 / 133.3220, rel=1e-12)
     assert convert(98.6, "[degF]", "Cel") == pytest.approx(37.0)
     assert convert(1.0, "[lb_av]/[in_i]2", "kg/m2") == pytest.approx(0.45359237 / 0.0254**2)
     assert convert(120.0, "mmHg", "mm[Hg]") == convert(120.0, "mm Hg", "mm[Hg]") == 120.0
@@ -367,7 +367,7 @@ def test_a_quantity_without_a_ucum_code_is_read_from_its_display_unit() -> None:
     kpa["valueQuantity"] = quantity(16.0, "kPa")
     result = features(ADULT, encounter("adm", 2), hr, kpa)
     assert result.features["heart_rate"] == 66
-    assert result.features["systolic_bp"] == pytest.approx(16000 / 133.3220, rel=5e-6)
+    assert result.features["systolic_bp"] == pytest.approx(16000 / 133.3220, rel=1e-12)
 
 
 def test_partial_patient_is_still_refused_for_age() -> None:
