@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
-from db.tables import Case
+from db.tables import Case, PatientIdentifier
 from medbatch.settings import Settings
 from models.registry import Registry
 from models.scoring import LoadedModel
@@ -272,3 +273,115 @@ def test_a_patient_who_died_before_as_of_is_not_scored(
     assert response.status_code == 422
     assert "deceased before as_of" in response.json()["issue"][0]["diagnostics"]
     assert _cases(pg_sessions) == 0
+
+
+def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An id-less Patient (urn:uuid only) gets a server-assigned id in the response; its
+    RiskAssessment is found by subject, subject:identifier and patient.identifier, by this
+    tenant only; the same patient sent again gets the same id (and no second case)."""
+    body = json.loads(_bundles()[0].read_text())
+    for entry in body["entry"]:
+        if entry["resource"]["resourceType"] == "Patient":
+            entry["resource"].pop("id")
+            entry["resource"]["identifier"] = [{"system": "urn:mrn:a", "value": "MRN-77"}]
+    headers = _key(pg_sessions)
+    first = _post(api, headers, body).json()["entry"][0]["response"]
+    subject = first["location"].split("=", 1)[1]
+    assert re.fullmatch(r"Patient/mb-[0-9a-f]{32}", subject)
+    assert any(subject in i["diagnostics"] for i in first["outcome"]["issue"])
+    again = _post(api, headers, body).json()["entry"][0]["response"]
+    assert again["location"] == first["location"] and again["status"] == "200 OK"
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    model = LoadedModel(Registry.load().resolve("whas500-mortality"), device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model)
+    for params in (
+        {"subject": subject},
+        {"subject:identifier": "urn:mrn:a|MRN-77"},
+        {"patient.identifier": "MRN-77"},
+    ):
+        found = api.get("/v1/fhir/RiskAssessment", headers=headers, params=params).json()
+        assert found["total"] == 1, params
+        assert found["entry"][0]["resource"]["subject"]["reference"] == subject
+    for params in ({"subject:identifier": "urn:mrn:b|MRN-77"}, {"patient.identifier": "|MRN-77"}):
+        assert (
+            api.get("/v1/fhir/RiskAssessment", headers=headers, params=params).json()["total"] == 0
+        )
+    other = _key(pg_sessions, "hospital-b")
+    theirs = api.get(
+        "/v1/fhir/RiskAssessment", headers=other, params={"patient.identifier": "MRN-77"}
+    )
+    assert theirs.json()["total"] == 0
+    with pg_sessions() as s:
+        stored = s.scalars(select(PatientIdentifier.value_sha256)).all()
+    assert stored and all("MRN-77" not in v for v in stored)  # kept as a digest only
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"subject": "Patient/a", "subject:identifier": "urn:mrn:a|1"},
+        {"subject:identifier": "urn:mrn:a|"},
+        {"patient.identifier": "x" * 501},
+    ],
+)
+def test_a_search_needs_exactly_one_patient_criterion(
+    api: TestClient, pg_sessions: sessionmaker[Session], params: dict[str, str]
+) -> None:
+    response = api.get("/v1/fhir/RiskAssessment", headers=_key(pg_sessions), params=params)
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert "MRN" not in response.text
+
+
+def test_the_risk_assessment_and_the_case_record_list_what_was_imputed_and_ignored(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Synthea's bundle has no LOINC vitals; add an entered-in-error BMI: both the
+    RiskAssessment and GET /v1/cases/{id} say which values were imputed and which was ignored."""
+    body = json.loads(_bundles()[0].read_text())
+    patient = next(e for e in body["entry"] if e["resource"]["resourceType"] == "Patient")
+    body["entry"].append(
+        {
+            "fullUrl": "urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1",
+            "resource": {
+                "resourceType": "Observation",
+                "status": "entered-in-error",
+                "code": {
+                    "coding": [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "39156-5"}]
+                },
+                "subject": {"reference": patient["fullUrl"]},
+                "effectiveDateTime": "2019-12-31T10:00:00Z",
+                "valueQuantity": {"value": 250, "unit": "kg/m^2"},
+            },
+        }
+    )
+    headers = _key(pg_sessions)
+    response = _post(api, headers, body)
+    assert response.status_code == 202, response.text
+    case_id = int(response.json()["entry"][0]["response"]["etag"].split("-")[1].rstrip('"'))
+    model = LoadedModel(Registry.load().resolve("whas500-mortality"), device="cpu")
+    score_cases([case_id], sessions=pg_sessions, load_model=lambda n, v: model)
+    record = api.get(f"/v1/cases/{case_id}", headers=headers).json()["fhir"]
+    assert [i["feature"] for i in record["imputations"]] == [
+        "heart_rate",
+        "systolic_bp",
+        "diastolic_bp",
+        "bmi",
+    ]
+    assert record["ignored"] == [
+        {
+            "feature": "bmi",
+            "resource": "urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1",
+            "reason": "status entered-in-error: not a result",
+        }
+    ]
+    subject = response.json()["entry"][0]["response"]["location"].split("=", 1)[1]
+    risk = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": subject}).json()
+    notes = [n["text"] for n in risk["entry"][0]["resource"]["note"]]
+    assert sum(n.startswith("imputed ") for n in notes) == 4
+    assert any("urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1" in n for n in notes)
+    assert "250" not in json.dumps(notes)
