@@ -102,7 +102,6 @@ async def submit_bundle(
             _note(
                 "information",
                 f"{intake.subject}: {i['feature']}: {i['resource']} not used: {i['reason']}",
-                i["resource"],
             )
             for i in (intake.found.ignored if intake.found is not None else [])
         ]
@@ -165,7 +164,7 @@ def _reported(intake: Intake) -> list[dict[str, Any]]:
         return out
     for i in found.ignored:
         diag = f"{intake.subject}: {i['feature']}: {i['resource']} not used: {i['reason']}"
-        out.append(_note("warning", diag, i["resource"]))
+        out.append(_note("warning", diag))
     for i in found.imputations:
         diag = f"{intake.subject}: {i['feature']} imputed ({i['source']}): {i['why']}"
         out.append(_note("warning", diag))
