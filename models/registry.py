@@ -220,7 +220,7 @@ class Registry:
         raw = json.loads(path.read_text())
         specs = [_spec_from_json(entry, base=path.parent) for entry in raw["models"]]
         for spec in specs:
-            if problems := schema_problems(spec.inputs):
+            if problems := schema_problems(spec.inputs, check_units=False):
                 raise SchemaError(f"{path}: {spec.ref}", problems)
         return cls(specs, path=path)
 
@@ -331,14 +331,18 @@ def source_codes(source: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in codes if isinstance(c, dict)]
 
 
-def schema_problems(inputs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> list[str]:
+def schema_problems(
+    inputs: tuple[FeatureSpec, ...] | list[FeatureSpec], *, check_units: bool = True
+) -> list[str]:
     """Every broken mapping rule of an input schema (empty when it is sound).
 
     Checked: each source names a supported resource, codes with a system, a time rule the
     resource allows (and a window); one code feeds one feature unless both features list each
     other under the code's ``also_feeds``; each range has ``low <= high``, a policy (``reject``
     or ``flag``) and a source; an imputed value states its origin (``missing_source``);
-    ``map`` values are among ``allowed``; a sourced Observation feature's unit is UCUM.
+    ``map`` values are among ``allowed``; a sourced Observation feature's unit is UCUM
+    (``check_units``: parsing units loads the UCUM tables, about half a second, so a registry
+    load leaves it to registration and the tests).
     """
     from models.terminology import canonical_system, normal_code
 
@@ -398,7 +402,7 @@ def schema_problems(inputs: tuple[FeatureSpec, ...] | list[FeatureSpec]) -> list
             for other in entry.get("also_feeds", []):
                 if other not in names or other == f.name:
                     problems.append(f"{f.name}: code {code}: also_feeds names no other feature")
-        if resource == "Observation":
+        if resource == "Observation" and check_units:
             from models.ucum import UnitError, parse_unit
 
             try:

@@ -155,6 +155,12 @@ def test_malformed_sources_are_named(source: dict[str, Any], fragment: str) -> N
     assert any(fragment in p for p in schema_problems([FeatureSpec("x", "1", source=source)]))
 
 
+def test_every_packaged_schema_passes_every_check() -> None:
+    """Including the UCUM check on units that a registry load leaves out (it is slow)."""
+    for spec in Registry.load():
+        assert schema_problems(spec.inputs) == [], spec.ref
+
+
 def test_an_observation_unit_must_be_ucum() -> None:
     source = {"resource": "Observation", "codes": [{"system": LOINC, "code": "8867-4"}]}
     problems = schema_problems([FeatureSpec("hr", "beats", source=source, missing="reject")])
