@@ -541,12 +541,11 @@ def bed_samples(
 ) -> tuple[BedSamples, genome.FilesetInfo]:
     """A fileset as :class:`BedSamples` with ``keep`` samples and ``min_maf`` variants (as
     :func:`models.genome.read_bed`, without reading the genotypes), and its ids."""
+    from models.cohort import keep_rows
+
     info = genome.inspect_bed(prefix)
     bed = genome._plink_paths(prefix)[0]
-    rows = None
-    if keep is not None:
-        fam = genome._plink_paths(prefix)[2]
-        rows = genome._keep_index(keep, info.fid, info.iid, fam)
+    rows = None if keep is None else np.asarray(keep_rows(info.fid, info.iid, keep), np.int64)
     source = BedSamples(bed, len(info.iid), info.n_variants, samples=rows)
     if min_maf is not None:
         counts = source.counts()
