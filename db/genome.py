@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -57,7 +57,7 @@ def create_job(
     else:
         # Thousands of tiles at biobank scale: one multi-row INSERT, not one ORM object each.
         session.execute(
-            GenomeTile.__table__.insert(),
+            insert(GenomeTile),
             [
                 {"job_id": job.id, "index": i, "row_start": r0, "row_end": r1,
                  "col_start": c0, "col_end": c1, "status": JobStatus.queued, "attempts": 0,

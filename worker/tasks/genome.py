@@ -148,7 +148,8 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
         jobs.start_tile(session, tile)
         spec, metric, prefix = dict(job.spec), job.metric, job.output_prefix
         rows = slice(tile.row_start, tile.row_end)
-        cols = None if tile.col_start is None else slice(tile.col_start, tile.col_end)
+        col_start = getattr(tile, "col_start", None)
+        cols = None if col_start is None else slice(col_start, tile.col_end)  # type: ignore[union-attr]
         attempts = tile.attempts
     try:
         if spec.get("output") == "pairs":
