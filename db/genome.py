@@ -182,20 +182,12 @@ def iter_pairs(
     session: Session, *, job_id: int, later_first: bool, batch: int = 10_000
 ) -> Iterator[list[RelatedPair]]:
     """A job's pairs in batches, in plink2's ``.kin0`` order: by column then row
-    (``later_first``: all pairs, row < column), or by row then column (query mode)."""
+    (``later_first``: all pairs, row < column), or by row then column (query mode). One sorted
+    query, read ``batch`` rows at a time (a server-side cursor on PostgreSQL)."""
     order = (
         (RelatedPair.col, RelatedPair.row) if later_first else (RelatedPair.row, RelatedPair.col)
     )
-    after: tuple[int, int] | None = None
-    while True:
-        stmt = select(RelatedPair).where(RelatedPair.job_id == job_id)
-        if after is not None:  # keyset pagination: past the last (first key, second key)
-            stmt = stmt.where(
-                (order[0] > after[0]) | ((order[0] == after[0]) & (order[1] > after[1]))
-            )
-        found = list(session.scalars(stmt.order_by(*order).limit(batch)))
-        if not found:
-            return
-        yield found
-        last = found[-1]
-        after = (last.col, last.row) if later_first else (last.row, last.col)
+    stmt = select(RelatedPair).where(RelatedPair.job_id == job_id).order_by(*order)
+    result = session.execute(stmt.execution_options(yield_per=batch))
+    for part in result.scalars().partitions(batch):
+        yield list(part)
