@@ -431,6 +431,7 @@ def tile_pairs(
     *,
     cutoff: float = DEFAULT_CUTOFF,
     all_pairs: bool = True,
+    device: str = "cpu",
 ) -> PairTable:
     """The pairs of one tile with kinship ≥ ``cutoff`` (plink2's ``--king-table-filter``).
 
@@ -444,6 +445,9 @@ def tile_pairs(
         (rare, flip) per variant, the same for both sides (:meth:`BedSamples.split`).
     all_pairs
         The tile is part of a cohort's triangle: on a diagonal tile keep only row < column.
+    device
+        ``"cpu"``: the bit-plane kernel (:func:`king_tile`); ``"cuda"``: the blocks' dosages
+        through integer GEMMs on the GPU (:func:`models.genome_pairs_gpu.king_tile_gemm`).
 
     Returns
     -------
@@ -453,7 +457,16 @@ def tile_pairs(
     r0, r1, c0, c1 = tile.row_start, tile.row_end, tile.col_start, tile.col_end
     diagonal = all_pairs and tile.diagonal
     block = None
-    for rare in (True, False):  # as models.genome._pairwise_cpu: lists, then dense planes only
+    if device != "cpu":
+        from models.genome_pairs_gpu import king_tile_gemm  # torch, for this engine only
+
+        q = rows.codes(np.arange(r0, r1))
+        block = king_tile_gemm(
+            q, None if diagonal else cols.codes(np.arange(c0, c1)), device=device
+        )
+    for rare in (
+        (True, False) if block is None else ()
+    ):  # as models.genome._pairwise_cpu: lists, then dense planes only
         p_rows = rows.planes(r0, r1, split, rare)
         p_cols = None if diagonal else cols.planes(c0, c1, split, rare)
         try:

@@ -154,7 +154,7 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
     try:
         if spec.get("output") == "pairs":
             assert cols is not None
-            pairs = _pair_tile(spec, rows, cols)
+            pairs = _pair_tile(spec, rows, cols, device)
             return _count_tile(sessions, job_id=job_id, index=index, pairs=pairs)
         inputs = load_inputs(spec, metric)
         block = genome.pairwise_block(
@@ -244,8 +244,9 @@ def pair_inputs(spec: dict[str, Any]) -> PairInputs:
     return _pair_inputs(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"), query)
 
 
-def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice) -> list[dict[str, Any]]:
-    """The pairs of one 2-D tile at or above the job's cut-off, as rows for the database."""
+def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[dict[str, Any]]:
+    """The pairs of one 2-D tile at or above the job's cut-off, as rows for the database: on the
+    CPU by bit planes, on CUDA by integer GEMMs (``auto``: CUDA when present)."""
     inputs = pair_inputs(spec)
     query = inputs.query
     tile = genome_pairs.Tile(rows.start, rows.stop, cols.start, cols.stop)
@@ -256,6 +257,7 @@ def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice) -> list[dict[str,
         inputs.split,
         cutoff=float(spec["threshold"]),
         all_pairs=query is None,
+        device=genome._device_type(device),  # type: ignore[arg-type]
     )
     row_ids = inputs.cohort_ids if query is None else inputs.query_ids
     return [
