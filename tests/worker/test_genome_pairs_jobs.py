@@ -160,3 +160,45 @@ def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
     assert summary["status"] == "failed"
     assert "tile 0 (rows 0:48, cols 0:48)" in summary["error"]
     assert summary["outputs"] == []
+
+
+def test_a_100000_sample_job_is_thousands_of_tiles_each_holding_only_its_blocks(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """100,000 samples (16 variants, so the fileset is small): 4,851 tiles of 1,024, progress
+    counted tile by tile, and a tile's traced allocations are its blocks', not the cohort's."""
+    import tracemalloc
+
+    n, m = 100_000, 16
+    rng = np.random.default_rng(5)
+    body = rng.integers(0, 256, size=(m, n // 4), dtype=np.uint8)
+    prefix = tmp_path / "biobank"
+    prefix.with_suffix(".bed").write_bytes(b"\x6c\x1b\x01" + body.tobytes())
+    prefix.with_suffix(".fam").write_text("".join(f"S{i} S{i} 0 0 0 -9\n" for i in range(n)))
+    prefix.with_suffix(".bim").write_text("".join(f"1 v{j} 0 {j + 1} A G\n" for j in range(m)))
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=prefix,
+        output="pairs", block=1024, threshold=0.5, artifact_dir=tmp_path / "store",
+    )  # fmt: skip
+    assert job["tiles_total"] == 98 * 99 // 2 == 4851
+    tasks.pair_inputs(_spec(sessions, job["id"]))  # the worker's one pass: split and sample ids
+    tracemalloc.start()
+    try:
+        for index in (0, 1, 4850):
+            tracemalloc.reset_peak()
+            assert tasks.run_tile(sessions, job_id=job["id"], index=index, device="cpu") == (
+                "tile done"
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak < 16 * 2**20  # the 100,000² square would be 80 GB; a 1,024² tile 8 MB
+    finally:
+        tracemalloc.stop()
+    summary = tasks._describe_id(sessions, job["id"])
+    assert (summary["tiles_done"], summary["status"]) == (3, "running")
+
+
+def _spec(sessions: sessionmaker[Session], job_id: int) -> dict:
+    with session_scope(sessions) as s:
+        job = jobs.get_job(s, job_id=job_id)
+        assert job is not None
+        return dict(job.spec)
