@@ -458,15 +458,14 @@ def tile_pairs(
     diagonal = all_pairs and tile.diagonal
     block = None
     if device != "cpu":
-        from models.genome_pairs_gpu import king_tile_gemm  # torch, for this engine only
+        from models.genome_pairs_gpu import king_tile_pairs_gemm  # torch, for this engine only
 
         q = rows.codes(np.arange(r0, r1))
-        block = king_tile_gemm(
-            q, None if diagonal else cols.codes(np.arange(c0, c1)), device=device
-        )
-    for rare in (
-        (True, False) if block is None else ()
-    ):  # as models.genome._pairwise_cpu: lists, then dense planes only
+        a = None if diagonal else cols.codes(np.arange(c0, c1))
+        r, c, kinship = king_tile_pairs_gemm(q, a, cutoff=cutoff, device=device)
+        row, col = r.astype(np.int64) + r0, c.astype(np.int64) + c0
+        return PairTable(row, col, kinship, pair_counts(rows, cols, row, col))
+    for rare in (True, False):  # as models.genome._pairwise_cpu: lists, then dense planes only
         p_rows = rows.planes(r0, r1, split, rare)
         p_cols = None if diagonal else cols.planes(c0, c1, split, rare)
         try:

@@ -96,13 +96,46 @@ def king_tile_gemm(
         (B_r, B_c) float64, equal to :func:`models.genome_pairs.king_tile` (0.5 on a block's own
         diagonal).
     """
+    with torch.inference_mode():
+        return _kinship(rows, cols, torch.device(device), variant_chunk).cpu().numpy()
+
+
+def king_tile_pairs_gemm(
+    rows: np.ndarray,
+    cols: np.ndarray | None = None,
+    *,
+    cutoff: float,
+    device: str | torch.device = "cuda",
+    variant_chunk: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of a tile with kinship ≥ ``cutoff``, selected on the device, so that only they
+    cross back to the host (a tile of 8,192² would be 512 MB of float64).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        (P,) row and column positions within the blocks (row < column for a block against
+        itself) and (P,) float64 kinships, in row-major order.
+    """
+    with torch.inference_mode():
+        kinship = _kinship(rows, cols, torch.device(device), variant_chunk)
+        keep = kinship >= cutoff
+        if cols is None:
+            keep = torch.triu(keep, diagonal=1)
+        r, c = torch.nonzero(keep, as_tuple=True)
+        return r.cpu().numpy(), c.cpu().numpy(), kinship[r, c].cpu().numpy()
+
+
+def _kinship(
+    rows: np.ndarray, cols: np.ndarray | None, device: torch.device, variant_chunk: int | None
+) -> torch.Tensor:
+    """(B_r, B_c) float64 kinships on ``device`` (see :func:`king_tile_gemm`)."""
     rows = np.asarray(rows)
     if rows.ndim != 2 or (cols is not None and (cols.ndim != 2 or cols.shape[1] != rows.shape[1])):
         raise ValueError(
             f"rows and cols: expected (B, M) blocks over the same variants, got {rows.shape} and "
             f"{None if cols is None else cols.shape}"
         )
-    device = torch.device(device)
     chunk = variant_chunk or (CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
     if chunk * _TERM_BOUND * 3 > 2**24:
         raise ValueError(f"variant_chunk {chunk}: chunk sums could pass 2^24 in float32")
@@ -112,26 +145,25 @@ def king_tile_gemm(
     distance = torch.zeros((n_r, n_c), dtype=torch.int64, device=device)
     het_rc = torch.zeros_like(distance)
     het_cr = torch.zeros_like(distance)
-    with torch.inference_mode():
-        for v0 in range(0, m, chunk):
-            r = torch.from_numpy(np.ascontiguousarray(rows[:, v0 : v0 + chunk], np.int8)).to(device)
-            x2_r, c_r, x_r, h_r = _sides(r)
-            if same:
-                x2_c, c_c, x_c, h_c = x2_r, c_r, x_r, h_r
-            else:
-                assert cols is not None
-                c = torch.from_numpy(np.ascontiguousarray(cols[:, v0 : v0 + chunk], np.int8))
-                x2_c, c_c, x_c, h_c = _sides(c.to(device))
-            left = torch.cat([x2_r, c_r, x_r], dim=1)
-            right = torch.cat([c_c, x2_c, -2 * x_c], dim=1)
-            distance += _products(left, right)
-            het_rc += _products(h_r, c_c)
-            if not same:
-                het_cr += _products(c_r, h_c)
+    for v0 in range(0, m, chunk):
+        r = torch.from_numpy(np.ascontiguousarray(rows[:, v0 : v0 + chunk], np.int8)).to(device)
+        x2_r, c_r, x_r, h_r = _sides(r)
         if same:
-            het_cr = het_rc.T
-        den = 4.0 * torch.minimum(het_rc, het_cr).to(torch.float64)
-        kinship = 0.5 - distance.to(torch.float64) / den
-        if same:
-            kinship.fill_diagonal_(0.5)
-    return kinship.cpu().numpy()
+            x2_c, c_c, x_c, h_c = x2_r, c_r, x_r, h_r
+        else:
+            assert cols is not None
+            c = torch.from_numpy(np.ascontiguousarray(cols[:, v0 : v0 + chunk], np.int8))
+            x2_c, c_c, x_c, h_c = _sides(c.to(device))
+        left = torch.cat([x2_r, c_r, x_r], dim=1)
+        right = torch.cat([c_c, x2_c, -2 * x_c], dim=1)
+        distance += _products(left, right)
+        het_rc += _products(h_r, c_c)
+        if not same:
+            het_cr += _products(c_r, h_c)
+    if same:
+        het_cr = het_rc.T
+    den = 4.0 * torch.minimum(het_rc, het_cr).to(torch.float64)
+    kinship = 0.5 - distance.to(torch.float64) / den
+    if same:
+        kinship.fill_diagonal_(0.5)
+    return kinship

@@ -11,7 +11,7 @@ import torch
 
 from models import genome
 from models.genome_pairs import bed_samples, king_pairs, tile_pairs, triangle_tiles
-from models.genome_pairs_gpu import king_tile_gemm
+from models.genome_pairs_gpu import king_tile_gemm, king_tile_pairs_gemm
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
 SMALL = DATA / "hm3_small"
@@ -68,6 +68,20 @@ def test_pairs_job_tiles_on_the_gemm_engine_equal_the_bit_planes(device: str) ->
         np.testing.assert_array_equal(other.kinship, cpu.kinship)
         np.testing.assert_array_equal(other.counts, cpu.counts)
     assert len(king_pairs(source, cutoff=0.0442, block=40)) == 64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pairs_are_selected_on_the_device(dosages: np.ndarray, device: str) -> None:
+    """Only pairs ≥ the cut-off come back; a block against itself gives row < column only."""
+    square = genome.pairwise(dosages, metric="king", device="cpu")
+    r, c, k = king_tile_pairs_gemm(dosages, None, cutoff=0.0, device=device)
+    er, ec = np.nonzero(np.triu(square >= 0.0, 1))
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_array_equal(c, ec)
+    np.testing.assert_array_equal(k, square[er, ec])
+    r, c, k = king_tile_pairs_gemm(dosages[:10], dosages[10:], cutoff=-0.05, device=device)
+    er, ec = np.nonzero(square[:10, 10:] >= -0.05)
+    np.testing.assert_array_equal(k, square[:10, 10:][er, ec])
 
 
 def test_blocks_over_different_variants_are_refused() -> None:
