@@ -308,9 +308,12 @@ def run_medbatch(
     prefix: Path, workdir: Path, workers: int, threads: int, block: int
 ) -> MedbatchRun:
     """Start W workers on the embedded broker, submit the pairs-only job, wait for its .kin0."""
+    from sqlalchemy import select
+
     from db.engine import make_engine, make_sessionmaker, session_scope
     from db.migrate import upgrade
     from db.repo import create_tenant
+    from db.tables import GenomeJob
     from medbatch.settings import Settings
     from worker.app import create_app
     from worker.broker import embedded_broker_url, shutdown_embedded_brokers
@@ -352,19 +355,23 @@ def run_medbatch(
             output="pairs", block=block, artifact_dir=workdir / "store",
         )  # fmt: skip
         last = 0.0
+        status = select(GenomeJob.status, GenomeJob.tiles_done).where(GenomeJob.id == job["id"])
         while True:
-            summary = tasks._describe_id(sessions, job["id"])
-            if summary["status"] in ("done", "failed"):
+            # One light query a second: the poller must not take CPU from the workers.
+            with sessions() as s:
+                state, tiles_done = s.execute(status).one()
+            if state in ("done", "failed"):
                 break
             for proc in procs:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a worker exited; see {workdir}/worker*.log")
-            if time.perf_counter() - last > 30:
+            if time.perf_counter() - last > 60:
                 last = time.perf_counter()
-                print(f"  medbatch: {summary['tiles_done']}/{summary['tiles_total']} tiles, "
+                print(f"  medbatch: {tiles_done}/{job['tiles_total']} tiles, "
                       f"{last - start:.0f} s", flush=True)  # fmt: skip
-            time.sleep(0.2)
+            time.sleep(1.0)
         wall = time.perf_counter() - start
+        summary = tasks._describe_id(sessions, job["id"])
         if summary["status"] != "done":
             raise RuntimeError(f"medbatch job failed: {summary['error']}")
         rss = [peak_rss_mb(p.pid) for p in procs]
@@ -403,6 +410,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=0, help="samples per tile side")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    # Stopped from outside: unwind, so that the workers and the broker are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from models.genome_output import kinship_degree
     from models.genome_pairs import default_block
 
