@@ -42,7 +42,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,23 +268,13 @@ def cpu_name() -> str:
 
 
 def run_plink2(prefix: Path, out: Path, threads: int) -> tuple[float, float]:
-    """plink2's pair table: wall seconds and peak RSS (MB)."""
-    with tempfile.NamedTemporaryFile(suffix=".time") as report:
-        start = time.perf_counter()
-        done = subprocess.run(
-            ["/usr/bin/time", "-v", "-o", report.name, "plink2", "--bfile", str(prefix),
-             "--make-king-table", "--king-table-filter", repr(CUTOFF), "--threads", str(threads),
-             "--out", str(out)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"plink2 failed:\n{done.stdout}\n{done.stderr}")
-        rss = re.search(
-            r"Maximum resident set size \(kbytes\): (\d+)", Path(report.name).read_text()
-        )
-    assert rss is not None
-    return wall, int(rss.group(1)) / 1024
+    """plink2's pair table: wall seconds and peak RSS (MB), from ``/usr/bin/time -v``."""
+    from bench.genome import measured
+
+    cmd = ["plink2", "--bfile", str(prefix), "--make-king-table", "--king-table-filter",
+           repr(CUTOFF), "--threads", str(threads), "--out", str(out)]  # fmt: skip
+    run = measured(cmd, dict(os.environ))
+    return run.wall_s, run.peak_rss_mb
 
 
 @dataclass
