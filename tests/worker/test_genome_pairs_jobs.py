@@ -202,3 +202,27 @@ def _spec(sessions: sessionmaker[Session], job_id: int) -> dict:
         job = jobs.get_job(s, job_id=job_id)
         assert job is not None
         return dict(job.spec)
+
+
+@pytest.mark.parametrize(
+    ("panel", "golden"),
+    [
+        ("HM3_thinned_autosomal_overlap", "hm3_full_0.0442.kin0"),
+        ("1kg.ref.phase1_release_v3.20101123_thinned_autosomal_overlap", "1kg_full_0.0442.kin0"),
+    ],
+)
+def test_pairs_jobs_on_the_whole_real_panels_write_plink2s_kin0(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, panel: str, golden: str
+) -> None:
+    """HapMap3 (957) and 1000 Genomes (1,092) x 14,079 SNPs in blocks of 128 (36 and 45 tiles):
+    plink2 --make-king-table --king-table-filter 0.0442, byte for byte."""
+    from tests.helpers import SHARED_DIR, require_shared
+
+    prefix = require_shared(SHARED_DIR / "data" / "genotypes" / f"{panel}.bed").with_suffix("")
+    job = tasks.submit(
+        pg_sessions, None, tenant_id=_tenant(pg_sessions), metric="king", bfile=prefix,
+        threshold=0.0442, output="pairs", block=128, artifact_dir=tmp_path,
+    )  # fmt: skip
+    summary = tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    assert Path(summary["outputs"][0]).read_text() == (DATA / golden).read_text()
