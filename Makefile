@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-compounds clean
+.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-biobank bench-compounds clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench-scoring: $(STAMP)
 # Needs plink2 and plink1.9 on PATH, and libopenblas0-pthread for a fair plink2 (see the script).
 bench-genome: $(STAMP)
 	$(BIN)/python bench/genome.py
+
+# Pairs-only KING at N = 50,000 x M = 20,000 on 2 worker processes vs plink2 --make-king-table
+# (needs plink2 on PATH; the cohort is simulated once into var/bench/biobank/, a few minutes).
+bench-biobank: $(STAMP)
+	$(BIN)/python bench/biobank.py
 
 # RDKit vs FPSim2 vs medbatch on real MOSES molecules. FPSim2 and the MOSES data (molsets: its
 # data file only, so --no-deps) are installed for the benchmark alone.

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -31,8 +31,10 @@ def create_job(
     n_variants: int,
     tile_rows: int,
     artifact_root: str,
+    tiles: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> GenomeJob:
-    """A queued job with one tile per ``tile_rows`` rows of its result; flushed, not committed."""
+    """A queued job with one tile per ``tile_rows`` rows of its result, or the 2-D ``tiles``
+    (row start, row end, column start, column end) of a pairs-only job; flushed, not committed."""
     starts = list(range(0, n_rows, tile_rows)) or [0]
     job = GenomeJob(
         tenant_id=tenant_id,
@@ -41,16 +43,28 @@ def create_job(
         n_samples=n_samples,
         n_rows=n_rows,
         n_variants=n_variants,
-        tiles_total=len(starts),
+        tiles_total=len(starts) if tiles is None else len(tiles),
         output_prefix="",
     )
     session.add(job)
     session.flush()
     job.output_prefix = f"{artifact_root}/genome/{job.id}/{metric}"
-    session.add_all(
-        GenomeTile(job_id=job.id, index=i, row_start=s, row_end=min(s + tile_rows, n_rows))
-        for i, s in enumerate(starts)
-    )
+    if tiles is None:
+        session.add_all(
+            GenomeTile(job_id=job.id, index=i, row_start=s, row_end=min(s + tile_rows, n_rows))
+            for i, s in enumerate(starts)
+        )
+    else:
+        # Thousands of tiles at biobank scale: one multi-row INSERT, not one ORM object each.
+        session.execute(
+            insert(GenomeTile),
+            [
+                {"job_id": job.id, "index": i, "row_start": r0, "row_end": r1,
+                 "col_start": c0, "col_end": c1, "status": JobStatus.queued, "attempts": 0,
+                 "updated_at": utcnow()}
+                for i, (r0, r1, c0, c1) in enumerate(tiles)
+            ],
+        )  # fmt: skip
     session.flush()
     return job
 
@@ -152,3 +166,28 @@ def list_pairs(
     if min_kinship is not None:
         stmt = stmt.where(RelatedPair.kinship >= min_kinship)
     return list(session.scalars(stmt))
+
+
+def degree_counts(session: Session, *, job_id: int) -> dict[str, int]:
+    """How many of a job's pairs fall in each degree (``duplicate/MZ twin``, ``1st``, ...)."""
+    rows = session.execute(
+        select(RelatedPair.degree, func.count())
+        .where(RelatedPair.job_id == job_id)
+        .group_by(RelatedPair.degree)
+    )
+    return {str(degree): int(count) for degree, count in rows}
+
+
+def iter_pairs(
+    session: Session, *, job_id: int, later_first: bool, batch: int = 10_000
+) -> Iterator[list[RelatedPair]]:
+    """A job's pairs in batches, in plink2's ``.kin0`` order: by column then row
+    (``later_first``: all pairs, row < column), or by row then column (query mode). One sorted
+    query, read ``batch`` rows at a time (a server-side cursor on PostgreSQL)."""
+    order = (
+        (RelatedPair.col, RelatedPair.row) if later_first else (RelatedPair.row, RelatedPair.col)
+    )
+    stmt = select(RelatedPair).where(RelatedPair.job_id == job_id).order_by(*order)
+    result = session.execute(stmt.execution_options(yield_per=batch))
+    for part in result.scalars().partitions(batch):
+        yield list(part)

@@ -214,7 +214,10 @@ class GenomeJob(Base):
 
 
 class GenomeTile(Base):
-    """Rows ``row_start:row_end`` of a job's matrix: one Celery task, written as it finishes."""
+    """Rows ``row_start:row_end`` of a job's matrix: one Celery task, written as it finishes.
+
+    A pairs-only job's tile is 2-D: those rows against the samples ``col_start:col_end``.
+    """
 
     __tablename__ = "genome_tiles"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_genome_tiles_job_index"),)
@@ -224,6 +227,9 @@ class GenomeTile(Base):
     index: Mapped[int]
     row_start: Mapped[int]
     row_end: Mapped[int]
+    #: Pairs-only jobs: the tile's column block (None: the rows against every sample).
+    col_start: Mapped[int | None]
+    col_end: Mapped[int | None]
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
     )
@@ -251,6 +257,11 @@ class RelatedPair(Base):
     iid2: Mapped[str] = mapped_column(String(100))
     kinship: Mapped[float] = mapped_column(Float(precision=53))
     degree: Mapped[str] = mapped_column(String(30))
+    #: plink2's .kin0 counts (pairs-only jobs): variants called in both, both heterozygous,
+    #: opposite homozygotes.
+    nsnp: Mapped[int | None]
+    hethet: Mapped[int | None]
+    ibs0: Mapped[int | None]
 
 
 class IdempotencyKey(Base):

@@ -313,15 +313,20 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
             keep=keep,
             min_maf=args.min_maf,
             artifact_dir=settings.artifact_dir,
+            output="pairs" if args.table else "square",
+            block=args.block,
         )
     except tasks.SubmissionError as exc:
         option = "vcf" if exc.field == "bfile" and args.vcf else exc.field.replace("_", "-")
+        option = "table" if option == "output" else option
         print(f"medbatch genome compare: --{option}: {exc}", file=sys.stderr)
         return 2
     where = "in this process" if inline else "on the genome queue"
+    shape = "pairs only, " if args.table else ""
     print(
-        f"genome comparison {job['id']}: {job['metric']}, {job['n_rows']} x {job['n_samples']} "
-        f"samples, {job['n_variants']} variants, {job['tiles_total']} tiles {where}"
+        f"genome comparison {job['id']}: {job['metric']}, {shape}{job['n_rows']} x "
+        f"{job['n_samples']} samples, {job['n_variants']} variants, {job['tiles_total']} tiles "
+        f"{where}"
     )
     if inline:
         summary = tasks.run_inline(
@@ -343,10 +348,12 @@ def cmd_genome(args: argparse.Namespace, settings: Settings) -> int:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
         print(f"  {target}")
-    with session_scope(sessions) as session:
-        pairs = jobs.list_pairs(session, job_id=job["id"], limit=10**9)
     if job["metric"] == "king":
-        print(f"  {len(pairs)} pairs with kinship >= {args.threshold:.4f}")
+        degrees = summary["degree_counts"] or {}
+        relation = ">=" if args.table else ">"
+        print(f"  {sum(degrees.values())} pairs with kinship {relation} {args.threshold:.4f}")
+        for degree, count in degrees.items():
+            print(f"    {degree:<18} {count}")
     engine.dispose()
     return 0
 
@@ -632,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-maf", type=float, help="drop variants with a lower minor allele frequency"
     )
     compare.add_argument("--tile-rows", type=int, default=0, help="result rows per tile task")
+    compare.add_argument(
+        "--table",
+        action="store_true",
+        help="KING pairs only (kinship >= --threshold) as plink2's .kin0, in 2-D tiles: no "
+        "N x N matrix (plink2 --make-king-table --king-table-filter)",
+    )
+    compare.add_argument(
+        "--block", type=int, default=0, help="with --table: samples per side of a tile"
+    )
     compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
     compare.add_argument("--wait", action="store_true", help="show progress until it is done")
     compare.add_argument(

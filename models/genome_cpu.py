@@ -1145,7 +1145,24 @@ def cohort_from_bed(
     bed_path: str | Path, n: int, n_variants: int, counts: np.ndarray, *, rare: bool = True
 ) -> Planes:
     """The planes of a .bed's common variants and the lists of its rare ones (:class:`Rare`)."""
-    is_rare, flip = classify(counts, n, rare)
+    return planes_from_raw(
+        iter_bed_raw(bed_path, n, n_variants), n, classify(counts, n, rare), rare
+    )
+
+
+def planes_from_raw(
+    chunks: Iterator[tuple[int, np.ndarray]],
+    n: int,
+    split: tuple[np.ndarray, np.ndarray],
+    rare: bool = True,
+) -> Planes:
+    """Planes (and, with ``rare``, the rare variants' lists) from ``(start, raw)`` chunks of
+    .bed-coded rows of ``n`` samples, (c, ceil(n/4)) uint8, in variant order, with the
+    (rare, flip) ``split`` of every variant (:func:`classify`; from the whole cohort's counts
+    when these rows are a block of its samples, so that every block splits alike)."""
+    is_rare, flip = split
+    if not rare:
+        is_rare = np.zeros_like(is_rare)
     dense = np.flatnonzero(~is_rare)
     builder = PlaneBuilder(n, len(dense))
     rares = RareBuilder()
@@ -1153,7 +1170,7 @@ def cohort_from_bed(
     buffer = np.empty((CHUNK, per_variant), np.uint8)
     filled = 0
     done = 0  # dense variants already in the planes
-    for start, raw in iter_bed_raw(bed_path, n, n_variants):
+    for start, raw in chunks:
         chunk_rare = is_rare[start : start + raw.shape[0]]
         picked = raw[~chunk_rare]
         while len(picked):

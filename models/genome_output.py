@@ -554,6 +554,50 @@ def king_pair_counts(genotypes: np.ndarray, pairs: Iterable[tuple[int, int]]) ->
     return out
 
 
+def kin0_header(with_counts: bool) -> str:
+    """The header line of plink2's ``.kin0``: its default columns, or ``maybefid,id,kinship``."""
+    if with_counts:
+        return "#FID1\tIID1\tFID2\tIID2\tNSNP\tHETHET\tIBS0\tKINSHIP\n"
+    return "#FID1\tIID1\tFID2\tIID2\tKINSHIP\n"
+
+
+def kin0_lines(
+    first: Sequence[SampleId],
+    second: Sequence[SampleId],
+    kinship: np.ndarray,
+    counts: np.ndarray | None = None,
+) -> list[str]:
+    """``.kin0`` lines, in the order given: ``FID1 IID1 FID2 IID2 [NSNP HETHET IBS0] KINSHIP``.
+
+    Parameters
+    ----------
+    first, second
+        (P,) ``(FID, IID)`` of each pair's first and second sample (plink2 puts the later sample
+        of the file first).
+    kinship
+        (P,) float64.
+    counts
+        (P, 3) NSNP, HETHET and IBS0 as counts (printed as plink2 prints them: NSNP, then the
+        other two as proportions of NSNP), or None for the kinship-only columns.
+    """
+    kinships = format_plink(np.asarray(kinship, dtype=np.float64))
+    if counts is not None:
+        counts = np.asarray(counts).reshape(-1, 3)
+        nsnp = counts[:, 0].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            hethet = format_plink(counts[:, 1] / nsnp)
+            ibs0 = format_plink(counts[:, 2] / nsnp)
+        extra = [
+            f"\t{int(s)}\t{h}\t{z}" for s, h, z in zip(counts[:, 0], hethet, ibs0, strict=True)
+        ]
+    else:
+        extra = [""] * len(kinships)
+    return [
+        f"{f1}\t{i1}\t{f2}\t{i2}{tail}\t{k}\n"
+        for (f1, i1), (f2, i2), tail, k in zip(first, second, extra, kinships, strict=True)
+    ]
+
+
 def write_kin0(
     path: str | Path,
     pairs: Iterable[RelatedPair],
@@ -606,24 +650,11 @@ def write_kin0(
             continue
         order.append((max(i, j), min(i, j), kinship, n))
     order.sort()
-    kinships = format_plink([k for _, _, k, _ in order])
-    if counts is not None:
-        picked = counts[[n for *_, n in order]].reshape(-1, 3)
-        nsnp = picked[:, 0].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            hethet = format_plink(picked[:, 1] / nsnp)
-            ibs0 = format_plink(picked[:, 2] / nsnp)
-        header = "#FID1\tIID1\tFID2\tIID2\tNSNP\tHETHET\tIBS0\tKINSHIP\n"
-        extra = [
-            f"\t{int(s)}\t{h}\t{z}" for s, h, z in zip(picked[:, 0], hethet, ibs0, strict=True)
-        ]
-    else:
-        header = "#FID1\tIID1\tFID2\tIID2\tKINSHIP\n"
-        extra = [""] * len(order)
-    lines = [header]
-    for (first, second, _, _), tail, kinship_text in zip(order, extra, kinships, strict=True):
-        (f1, i1), (f2, i2) = checked[first], checked[second]
-        lines.append(f"{f1}\t{i1}\t{f2}\t{i2}{tail}\t{kinship_text}\n")
+    first = [checked[a] for a, _, _, _ in order]
+    second = [checked[b] for _, b, _, _ in order]
+    values = np.array([k for _, _, k, _ in order], dtype=np.float64)
+    picked = None if counts is None else counts[[n for *_, n in order]].reshape(-1, 3)
+    lines = [kin0_header(counts is not None), *kin0_lines(first, second, values, picked)]
     path = Path(path)
     part = path.with_name(path.name + ".part")
     part.write_text("".join(lines), encoding="utf-8", newline="\n")

@@ -155,3 +155,30 @@ def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None
     )
     assert bad.returncode == 2 and "is not a TorchScript archive" in bad.stderr
     assert torch.isfinite(mlp.mean).all()
+
+
+def test_genome_compare_table_writes_the_kin0_and_counts_per_degree(tmp_path: Path) -> None:
+    """`genome compare --table` in an empty folder: plink2's .kin0 and a count per degree; a
+    square-only metric with --table exits 2 naming the option."""
+    data = Path(__file__).resolve().parent / "data" / "genome"
+    env = {"MEDBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.sqlite'}"}
+    assert run_cli("db", "upgrade", cwd=tmp_path, **env).returncode == 0
+    result = run_cli(
+        "genome", "compare", "--bfile", str(data / "hm3_relatives"), "--metric", "king",
+        "--table", "--block", "48", "--threshold", "0.0442", "--out", "out/cohort",
+        cwd=tmp_path, **env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "pairs only, 96 x 96 samples, 14079 variants, 3 tiles" in result.stdout
+    assert (tmp_path / "out" / "cohort.kin0").read_text() == (
+        data / "hm3_relatives_0.0442.kin0"
+    ).read_text()
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["64", "pairs", "with", "kinship", ">=", "0.0442"] in lines
+    for degree, count in (("duplicate/MZ", "4"), ("1st", "36"), ("2nd", "20"), ("3rd", "4")):
+        assert any(line[:1] == [degree] and line[-1] == count for line in lines), result.stdout
+    bad = run_cli(
+        "genome", "compare", "--bfile", str(data / "hm3_relatives"), "--metric", "grm",
+        "--table", cwd=tmp_path, **env,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--table" in bad.stderr and "king" in bad.stderr

@@ -46,11 +46,18 @@ class GenomeComparisonCreate(BaseModel):
     keep: list[str] | None = Field(default=None, min_length=1, max_length=1_000_000)
     #: Drop variants whose minor allele frequency in the kept samples is lower, as ``plink --maf``.
     min_maf: float | None = Field(default=None, ge=0.0, le=0.5)
+    #: ``square``: the matrix (and, for KING, its related pairs); ``pairs`` (KING, PLINK 1
+    #: filesets): only the pairs with kinship ≥ ``threshold`` (plink2 --make-king-table
+    #: --king-table-filter), in 2-D tiles, never an N x N matrix.
+    output: Literal["square", "pairs"] = "square"
+    #: Pairs output: samples per side of a tile (default: 2,048, fewer for many variants).
+    block: int | None = Field(default=None, ge=4, le=65_536, multiple_of=4)
 
 
 class GenomeComparisonPublic(BaseModel):
     id: int
     metric: str
+    output: str
     status: str
     n_samples: int
     n_rows: int
@@ -60,6 +67,8 @@ class GenomeComparisonPublic(BaseModel):
     query: bool
     threshold: float | None
     error: str | None
+    #: KING jobs: pairs found so far per degree (duplicate/MZ twin, 1st, 2nd, 3rd, unrelated).
+    degree_counts: dict[str, int] | None
     #: Output files once done, as download paths under this job (no server paths).
     outputs: list[str]
     created_at: datetime
@@ -117,6 +126,8 @@ def create_genome_comparison(
                 keep=list(body.keep) if body.keep is not None else None,
                 min_maf=body.min_maf,
                 artifact_dir=settings.artifact_dir,
+                output=body.output,
+                block=body.block or 0,
             )
         )
     except SubmissionError as exc:

@@ -42,6 +42,7 @@ def genotypes(tmp_path: Path) -> Path:
     folder.mkdir()
     for ext in (".bed", ".bim", ".fam"):
         (folder / f"hm3_small{ext}").write_bytes((DATA / f"hm3_small{ext}").read_bytes())
+        (folder / f"hm3_relatives{ext}").write_bytes((DATA / f"hm3_relatives{ext}").read_bytes())
     write_cohort_with_relatives(folder)
     (folder / "hm3_small.vcf.gz").write_bytes((DATA / "hm3_small.vcf.gz").read_bytes())
     (folder / "multi.vcf").write_text(MULTIALLELIC_VCF)
@@ -151,6 +152,18 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         ({"metric": "grm", "bfile": "hm3_small", "min_maf": 0.7}, ["body", "min_maf"], "less"),
         ({"metric": "grm", "bfile": "hm3_small", "vcf": "x.vcf"}, ["body"], "exactly one"),
         ({"metric": "grm", "vcf": "multi.vcf"}, ["body", "vcf"], "is not biallelic"),
+        ({"metric": "grm", "bfile": "hm3_small", "output": "pairs"}, ["body", "output"], "king"),
+        ({"metric": "king", "bfile": "hm3_small", "output": "table"}, ["body", "output"], "Input"),
+        (
+            {"metric": "king", "vcf": "hm3_small.vcf.gz", "output": "pairs"},
+            ["body", "vcf"],
+            "PLINK 1 .bed",
+        ),
+        (
+            {"metric": "king", "bfile": "hm3_small", "output": "pairs", "block": 6},
+            ["body", "block"],
+            "multiple of 4",
+        ),
     ],
 )
 def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
@@ -171,6 +184,36 @@ def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
     with pg_sessions() as s:
         assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
     assert redis_client.llen(GENOME_QUEUE) == 0
+
+
+def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
+    api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """ "output": "pairs": 2-D tile messages, then only the .kin0 and the degree summary."""
+    headers = _key(pg_sessions, "biobank")
+    response = api.post(
+        "/v1/genome-comparisons",
+        headers=headers,
+        json={"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 32,
+              "threshold": 0.0442},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["output"], job["tiles_total"], job["n_samples"]) == ("pairs", 6, 96)
+    assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(6)]
+    tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
+    assert done["status"] == "done"
+    assert done["degree_counts"] == {
+        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0,
+    }  # fmt: skip
+    assert done["outputs"] == [f"/v1/genome-comparisons/{job['id']}/files/king.kin0"]
+    kin0 = api.get(done["outputs"][0], headers=headers)
+    assert kin0.content == (DATA / "hm3_relatives_0.0442.kin0").read_bytes()
+    pairs = api.get(
+        f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers, params={"min_kinship": 0.4}
+    ).json()["items"]
+    assert sorted(p["degree"] for p in pairs) == ["duplicate/MZ twin"] * 4
 
 
 def test_a_vcf_job_is_accepted_like_its_plink_fileset(

@@ -54,6 +54,30 @@ def test_king_job_over_http_is_run_by_a_worker_and_matches_plink(
     assert "king.kin0" in outputs and "king.npy" in outputs
 
 
+def test_pairs_job_is_shared_by_two_workers_and_is_plink2s_table(
+    processes: Processes, api: httpx.Client
+) -> None:
+    """ "output": "pairs" over HTTP: 2-D tiles taken by two real workers; plink2's .kin0."""
+    workers = [_genome_worker(processes), _genome_worker(processes)]
+    response = api.post(
+        "/v1/genome-comparisons",
+        json={"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 16,
+              "threshold": 0.0442},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 180
+    while (job := api.get(f"/v1/genome-comparisons/{job_id}").json())["status"] != "done":
+        assert job["status"] != "failed", job["error"]
+        assert all(w.poll() is None for w in workers), processes.log("worker")[-3000:]
+        assert time.monotonic() < deadline, processes.log("worker")[-3000:]
+        time.sleep(0.3)
+    assert job["tiles_done"] == job["tiles_total"] == 6 * 7 // 2
+    assert job["degree_counts"]["1st"] == 36
+    (kin0,) = job["outputs"]
+    assert api.get(kin0).content == (DATA / "hm3_relatives_0.0442.kin0").read_bytes()
+
+
 def test_cli_compare_waits_for_the_workers_and_copies_the_outputs(
     processes: Processes, tmp_path: Path
 ) -> None:

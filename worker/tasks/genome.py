@@ -1,6 +1,9 @@
-"""Genome comparisons as Celery tasks: one task per tile of rows, on the ``genome`` queue.
+"""Genome comparisons as Celery tasks: one task per tile, on the ``genome`` queue.
 
-A job's result (all pairs of a cohort, or query samples against it) is cut into tiles of rows.
+A job's result (all pairs of a cohort, or query samples against it) is cut into tiles of rows;
+a pairs-only KING job (``output="pairs"``, :mod:`models.genome_pairs`) into 2-D tiles of the upper
+triangle (row block x column block), each of which reads only its two blocks of samples from the
+.bed and stores only its pairs at or above the cut-off, never a matrix.
 Each tile is its own message, so any number of workers on any number of machines share a job,
 and a lost worker costs its tile only (acks late: the message is delivered again). A tile writes
 its block to the artifact store as it finishes and counts itself on the job once; the tile that
@@ -20,11 +23,11 @@ from typing import Any
 import numpy as np
 from celery import Celery, shared_task
 from celery.exceptions import Reject
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from db import genome as jobs
 from db.engine import session_scope
-from models import genome, genome_output, vcf
+from models import genome, genome_output, genome_pairs, vcf
 from models.cohort import keep_rows, subset
 from worker import tiles as tiled
 from worker.app import context
@@ -145,8 +148,14 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
         jobs.start_tile(session, tile)
         spec, metric, prefix = dict(job.spec), job.metric, job.output_prefix
         rows = slice(tile.row_start, tile.row_end)
+        col_start = getattr(tile, "col_start", None)
+        cols = None if col_start is None else slice(col_start, tile.col_end)  # type: ignore[union-attr]
         attempts = tile.attempts
     try:
+        if spec.get("output") == "pairs":
+            assert cols is not None
+            pairs = _pair_tile(spec, rows, cols, device)
+            return _count_tile(sessions, job_id=job_id, index=index, pairs=pairs)
         inputs = load_inputs(spec, metric)
         block = genome.pairwise_block(
             inputs.query.dosages[rows],
@@ -159,13 +168,23 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
         _save_atomically(tile_path(prefix, index), block)
         pairs = _pairs(spec, metric, inputs, block, rows.start) if metric == "king" else []
     except Exception as exc:
-        reason = f"tile {index} (rows {rows.start}:{rows.stop}): {type(exc).__name__}: {exc}"
+        where = f"rows {rows.start}:{rows.stop}" + (
+            f", cols {cols.start}:{cols.stop}" if cols else ""
+        )
+        reason = f"tile {index} ({where}): {type(exc).__name__}: {exc}"
         log.warning("genome job %d: %s (attempt %d)", job_id, reason, attempts)
         if attempts >= MAX_TILE_ATTEMPTS or isinstance(exc, (ValueError, FileNotFoundError)):
             with session_scope(sessions) as session:
                 jobs.settle_job(session, job_id=job_id, error=reason)
             return "failed"
         raise
+    return _count_tile(sessions, job_id=job_id, index=index, pairs=pairs)
+
+
+def _count_tile(
+    sessions: sessionmaker[Session], *, job_id: int, index: int, pairs: list[dict[str, Any]]
+) -> str:
+    """Store a tile's pairs and count the tile on its job, once; the last tile finishes the job."""
     with session_scope(sessions) as session:
         jobs.add_pairs(session, job_id=job_id, pairs=pairs)
         done = jobs.finish_tile(session, job_id=job_id, index=index)
@@ -174,6 +193,116 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
         finish_job(sessions, job_id=job_id)
         return "finished job"
     return "tile done"
+
+
+# --- pairs-only KING jobs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """A pairs-only job's sides: the cohort read block by block from its .bed, query samples (in
+    memory: new samples are few), the variant split both share, and each side's (FID, IID)."""
+
+    cohort: genome_pairs.BedSamples
+    split: genome_pairs.Split
+    cohort_ids: list[tuple[str, str]]
+    query: genome_pairs.DosageSamples | None
+    query_ids: list[tuple[str, str]]
+
+
+@lru_cache(maxsize=2)
+def _pair_inputs(
+    signature: tuple[str, float, int],
+    keep: tuple[str | tuple[str, str], ...] | None,
+    min_maf: float | None,
+    query: tuple[str, float, int] | None,
+) -> PairInputs:
+    """Per worker process: one pass over the .bed for the variant split (and ``min_maf``), then
+    blocks as tiles ask for them (the last few are kept: a worker's tiles share blocks)."""
+    prefix = signature[0]
+    cohort, info = genome_pairs.bed_samples(prefix, keep=keep, min_maf=min_maf)
+    rows = range(len(info.iid)) if cohort.samples is None else cohort.samples.tolist()
+    cohort_ids = [(info.fid[r], info.iid[r]) for r in rows]
+    split = cohort.split()
+    query_side, query_ids = None, []
+    if query is not None:
+        found = _read(query)
+        (variant_id,) = genome._read_columns(genome._plink_paths(prefix)[1], 6, (1,))
+        used = variant_id if cohort.variants is None else [variant_id[v] for v in cohort.variants]
+        if found.variant_id != tuple(used):
+            try:
+                found = subset(found, variants=used)
+            except ValueError as exc:
+                raise ValueError(f"{query[0]} against {prefix}: {exc}") from None
+        query_side = genome_pairs.DosageSamples(found.dosages)
+        query_ids = list(zip(found.fid, found.iid, strict=True))
+    return PairInputs(cohort, split, cohort_ids, query_side, query_ids)
+
+
+def pair_inputs(spec: dict[str, Any]) -> PairInputs:
+    query = _signature(spec["query"]) if spec.get("query") else None
+    return _pair_inputs(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"), query)
+
+
+def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[dict[str, Any]]:
+    """The pairs of one 2-D tile at or above the job's cut-off, as rows for the database: on the
+    CPU by bit planes, on CUDA by integer GEMMs (``auto``: CUDA when present)."""
+    inputs = pair_inputs(spec)
+    query = inputs.query
+    tile = genome_pairs.Tile(rows.start, rows.stop, cols.start, cols.stop)
+    found = genome_pairs.tile_pairs(
+        inputs.cohort if query is None else query,
+        inputs.cohort,
+        tile,
+        inputs.split,
+        cutoff=float(spec["threshold"]),
+        all_pairs=query is None,
+        device=genome._device_type(device),  # type: ignore[arg-type]
+    )
+    row_ids = inputs.cohort_ids if query is None else inputs.query_ids
+    return [
+        {
+            "row": r,
+            "col": c,
+            "fid1": row_ids[r][0],
+            "iid1": row_ids[r][1],
+            "fid2": inputs.cohort_ids[c][0],
+            "iid2": inputs.cohort_ids[c][1],
+            "kinship": k,
+            "degree": d,
+            "nsnp": n,
+            "hethet": h,
+            "ibs0": z,
+        }
+        for r, c, k, d, (n, h, z) in zip(
+            found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
+            found.counts.tolist(), strict=True,
+        )
+    ]  # fmt: skip
+
+
+def write_pairs_table(
+    sessions: sessionmaker[Session], *, job_id: int, path: Path, query: bool
+) -> None:
+    """The job's pairs as plink2's ``.kin0`` (default columns), streamed from the database in
+    plink2's order: for all pairs the later sample first, ordered by it; for a query job the query
+    sample first. Written under a ``.part`` name and renamed when complete."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with part.open("w", encoding="utf-8", newline="\n") as sink, session_scope(sessions) as s:
+            sink.write(genome_output.kin0_header(True))
+            for batch in jobs.iter_pairs(s, job_id=job_id, later_first=not query):
+                first = [(p.fid1, p.iid1) for p in batch]
+                second = [(p.fid2, p.iid2) for p in batch]
+                if not query:
+                    first, second = second, first
+                kinship = np.array([p.kinship for p in batch], np.float64)
+                counts = np.array([(p.nsnp, p.hethet, p.ibs0) for p in batch], np.int64)
+                sink.write("".join(genome_output.kin0_lines(first, second, kinship, counts)))
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(path)
 
 
 def _pairs(
@@ -211,6 +340,15 @@ def finish_job(sessions: sessionmaker[Session], *, job_id: int) -> None:
         assert job is not None
         spec, metric, prefix, tiles = dict(job.spec), job.metric, job.output_prefix, job.tiles_total
     try:
+        if spec.get("output") == "pairs":
+            job_dir(prefix).mkdir(parents=True, exist_ok=True)
+            write_pairs_table(
+                sessions, job_id=job_id, path=Path(prefix + ".kin0"), query=bool(spec.get("query"))
+            )
+            with session_scope(sessions) as session:
+                jobs.settle_job(session, job_id=job_id)
+            log.info("genome job %d done: %d tiles, pairs only", job_id, tiles)
+            return
         inputs = load_inputs(spec, metric)
         write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
         if metric == "king":
@@ -297,6 +435,10 @@ class SubmissionError(ValueError):
         self.field = field
 
 
+#: What a job writes: the square matrix (and, for KING, its related pairs), or only the pairs.
+OUTPUTS = ("square", "pairs")
+
+
 def default_tile_rows(n_rows: int, n_samples: int) -> int:
     """About four million entries (32 MB of float64) a tile."""
     return max(1, min(n_rows, 4_000_000 // max(n_samples, 1)))
@@ -316,12 +458,33 @@ def submit(
     keep: list[str | tuple[str, str]] | None = None,
     min_maf: float | None = None,
     artifact_dir: Path,
+    output: str = "square",
+    block: int = 0,
 ) -> dict[str, Any]:
     """Check the inputs, record the job and its tiles, then send one message per tile (none
     without ``app``: :func:`run_inline` computes them). ``bfile`` and ``query`` are PLINK 1
-    fileset prefixes or VCF/BCF files (by their suffix)."""
+    fileset prefixes or VCF/BCF files (by their suffix).
+
+    ``output="pairs"`` (KING only): every pair with kinship ≥ ``threshold`` and nothing else, in
+    2-D tiles of ``block`` samples a side (default :func:`models.genome_pairs.default_block`);
+    the cohort must then be a PLINK 1 fileset, which tiles read block by block."""
     if metric not in genome.METRICS:
         raise SubmissionError("metric", f"unknown metric {metric!r} (one of {genome.METRICS})")
+    if output not in OUTPUTS:
+        raise SubmissionError("output", f"unknown output {output!r} (one of {OUTPUTS})")
+    if output == "pairs":
+        if metric != "king":
+            raise SubmissionError(
+                "output", f"pairs output is KING kinship: metric must be 'king', got {metric!r}"
+            )
+        if vcf.is_vcf(bfile):
+            raise SubmissionError(
+                "bfile",
+                f"{bfile}: pairs output reads the cohort block by block from a PLINK 1 .bed; "
+                "convert it first (plink2 --vcf ... --make-bed)",
+            )
+        if block and (block < 4 or block % 4):
+            raise SubmissionError("block", f"must be a positive multiple of 4, got {block}")
     try:
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
@@ -347,7 +510,7 @@ def submit(
                 "extract the same variants, in the same order, from both",
             )
     n_rows = len(rows.iid) if query is not None else n_samples
-    spec = {
+    spec: dict[str, Any] = {
         "bfile": str(cohort.prefix),
         "query": None if query is None else str(rows.prefix),
         "threshold": threshold,
@@ -355,6 +518,16 @@ def submit(
         "keep": None if keep is None else [list(k) if isinstance(k, tuple) else k for k in keep],
         "min_maf": min_maf,
     }
+    tiles = None
+    if output == "pairs":
+        block = block or genome_pairs.default_block(cohort.n_variants)
+        planned = (
+            genome_pairs.rectangle_tiles(n_rows, n_samples, block)
+            if query is not None
+            else genome_pairs.triangle_tiles(n_samples, block)
+        )
+        tiles = [(t.row_start, t.row_end, t.col_start, t.col_end) for t in planned]
+        spec.update(output="pairs", block=block)
     with session_scope(sessions) as session:
         job = jobs.create_job(
             session,
@@ -366,6 +539,7 @@ def submit(
             n_variants=cohort.n_variants,
             tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
             artifact_root=str(artifact_dir.resolve()),
+            tiles=tiles,
         )
         summary = describe(job)
     if app is not None:
@@ -406,9 +580,15 @@ def describe(job: jobs.GenomeJob) -> dict[str, Any]:
             for p in folder.iterdir()
             if p.is_file() and not p.name.endswith((".tmp", ".part"))
         )
+    degrees = None
+    session = object_session(job)
+    if job.metric == "king" and session is not None:
+        found = jobs.degree_counts(session, job_id=job.id)
+        degrees = {d: found.get(d, 0) for d in genome_pairs.DEGREES}
     return {
         "id": job.id,
         "metric": job.metric,
+        "output": job.spec.get("output", "square"),
         "status": str(job.status),
         "n_samples": job.n_samples,
         "n_rows": job.n_rows,
@@ -418,6 +598,7 @@ def describe(job: jobs.GenomeJob) -> dict[str, Any]:
         "query": job.spec.get("query") is not None,
         "threshold": job.spec.get("threshold"),
         "error": job.error,
+        "degree_counts": degrees,
         "outputs": outputs,
         "created_at": job.created_at,
         "finished_at": job.finished_at,

@@ -1,0 +1,468 @@
+"""Biobank-scale relatedness: medbatch's pairs-only KING job against plink2 (``make bench-biobank``).
+
+One cohort of N samples x M variants with constructed relatives, and on it, side by side:
+
+  medbatch  a pairs-only KING job (``output="pairs"``): 2-D tiles of the upper triangle, run by
+            W real worker processes (``medbatch worker --queues genome``, T numba threads each)
+            over the embedded broker and a SQLite database, timed from submission to the .kin0
+  plink2    ``--make-king-table --king-table-filter 2^-4.5 --threads W·T``
+
+The cohort (cached under var/bench/biobank/): for each of 22 autosomes msprime simulates 10,000
+haplotypes (one population that grew from 10,000 to 1,000,000 over the last 400 generations)
+over a stretch long enough for the autosome's share of M variants with minor allele frequency
+≥ 1 %, as on a genotyping array; each founder haplotype is then a mosaic of tracts of those
+(about 8 variants a tract, Li and Stephens' copying model), so that LD holds within tracts and
+founders are not related to one another (one msprime stretch per autosome spans a few hundred
+kb: its LD would make all founders look like cousins). Then families built by meiosis over a human
+genetic map (each autosome given its sex-averaged length, 35 Morgans in all, crossovers as a
+Poisson process along the kept variants): duplicates (0.1 % of calls changed), and two kinds of
+family: parents A, B with full siblings C1, C2 and a half-sibling C3 by A and D; and parents A, B
+with children C1, C2 and a grandchild G of C1 and E (grandparents and an uncle or aunt: second
+degree). 1 % of calls are then set missing at random, and the sample order is shuffled, so
+relatives land in every tile.
+
+Every constructed pair has a degree: duplicates, parent-offspring and full siblings are KING's
+duplicate/MZ and 1st degree; half-siblings, grandparents and avuncular pairs 2nd. A relative is
+found when medbatch's table holds the pair in that degree. Kinships are compared with plink2's
+table on the pairs both report (the .kin0 files are also compared byte for byte).
+
+Memory: each worker's peak RSS (VmHWM of its process, start-up included); plink2's from
+``/usr/bin/time -v``. The last line is one JSON object. Usage:
+python bench/biobank.py [--n 50000] [--m 20000] [--workers 2] [--threads 1] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CACHE = ROOT / "var" / "bench" / "biobank"
+#: Sex-averaged genetic lengths of the autosomes in Morgans (deCODE map, Kong et al. 2010).
+MORGANS = (2.78, 2.63, 2.24, 2.14, 2.04, 1.92, 1.87, 1.70, 1.68, 1.79, 1.59,
+           1.74, 1.26, 1.20, 1.41, 1.34, 1.29, 1.20, 1.07, 1.08, 0.62, 0.74)  # fmt: skip
+MISSING_RATE = 0.01
+MIN_MAF = 0.01
+#: KING's third-degree bound: the cut-off of both tables.
+CUTOFF = 2.0**-4.5
+#: PLINK 1 .bed 2-bit code for 0, 1, 2 copies of A1 and (index 3) a missing call.
+BED_CODE = np.array([3, 2, 0, 1], dtype=np.uint8)
+
+
+# --- the cohort -------------------------------------------------------------------------------
+
+
+#: Haplotypes msprime simulates per autosome; founders copy tracts of them (see below).
+POOL = 10_000
+#: Mean tract length, in kept variants, of a founder haplotype's copy of one pool haplotype.
+TRACT = 8
+
+
+def pool_haplotypes(want: int, chrom: int, seed: int) -> np.ndarray:
+    """(want, POOL) uint8 haplotypes of one autosome's common variants (MAF ≥ 1 %), msprime."""
+    import msprime
+
+    demography = msprime.Demography()
+    demography.add_population(name="pop", initial_size=1e6, growth_rate=np.log(100) / 400)
+    demography.add_population_parameters_change(time=400, growth_rate=0, population="pop")
+    length = max(10_000, int(want / 1.5e-3))  # about 1.8 common sites per kb (measured)
+    while True:
+        ts = msprime.sim_ancestry(
+            samples=POOL // 2, demography=demography, sequence_length=length,
+            recombination_rate=1e-8, random_seed=seed * 100 + chrom,
+        )  # fmt: skip
+        ts = msprime.sim_mutations(
+            ts, rate=1e-8, model=msprime.BinaryMutationModel(), discrete_genome=False,
+            random_seed=seed * 100 + chrom,
+        )  # fmt: skip
+        n = ts.num_samples
+        common = [
+            site.id
+            for tree in ts.trees()
+            for site in tree.sites()
+            if MIN_MAF <= tree.num_samples(site.mutations[0].node) / n <= 1 - MIN_MAF
+        ]
+        if len(common) >= want:
+            break
+        length = int(length * 1.5)
+    picked = np.array(common)[np.linspace(0, len(common) - 1, want).round().astype(int)]
+    drop = np.setdiff1d(np.arange(ts.num_sites), picked)
+    return ts.delete_sites(drop).genotype_matrix().astype(np.uint8)
+
+
+def founder_haplotypes(pool: np.ndarray, n_haplotypes: int, rng: np.random.Generator) -> np.ndarray:
+    """(sites, n_haplotypes) mosaics of the pool (Li and Stephens' copying model): each founder
+    haplotype copies one pool haplotype for a tract of about TRACT variants, then another. The
+    pool's LD holds within a tract; two founders share a pool haplotype only by chance, at
+    1/POOL of their tracts, so founders are not relatives of one another."""
+    sites = pool.shape[0]
+    out = np.empty((sites, n_haplotypes), np.uint8)
+    for c0 in range(0, n_haplotypes, 8192):
+        c1 = min(n_haplotypes, c0 + 8192)
+        tract = np.cumsum(rng.random((sites, c1 - c0)) < 1.0 / TRACT, axis=0, dtype=np.int32)
+        source = rng.integers(0, pool.shape[1], (int(tract.max()) + 1, c1 - c0), dtype=np.int32)
+        copied = np.take_along_axis(source, tract, axis=0)
+        out[:, c0:c1] = np.take_along_axis(pool, copied, axis=1)
+    return out
+
+
+@dataclass
+class Pedigree:
+    """Who descends from whom: each relative's parents (indices into all samples), and the
+    constructed pairs with their KING degree."""
+
+    parents: list[tuple[int, int]]  # per relative: (mother, father), or (source, -1) for a copy
+    names: list[str]
+    pairs: list[tuple[int, int, str]]
+
+
+def pedigree(n: int, seed: int) -> tuple[int, Pedigree]:
+    """Founders first, then the relatives: 1.5 % of N in families of 3 new samples, 0.2 %
+    duplicates. Returns the number of founders and the pedigree."""
+    rng = np.random.default_rng(seed)
+    families = max(2, n // 200)
+    duplicates = max(1, n // 500)
+    relatives = 3 * families + duplicates
+    founders = n - relatives
+    unused = iter(rng.permutation(founders).tolist())
+    names = [f"F{i}" for i in range(founders)]
+    parents: list[tuple[int, int]] = []
+    pairs: list[tuple[int, int, str]] = []
+
+    def child(mother: int, father: int, name: str) -> int:
+        parents.append((mother, father))
+        names.append(name)
+        return len(names) - 1
+
+    for f in range(families):
+        a, b, e = next(unused), next(unused), next(unused)
+        c1, c2 = child(a, b, f"FAM{f}_C1"), child(a, b, f"FAM{f}_C2")
+        pairs += [(a, c1, "1st"), (b, c1, "1st"), (a, c2, "1st"), (b, c2, "1st"), (c1, c2, "1st")]
+        if f % 2 == 0:  # a half-sibling by A and D
+            d = e
+            c3 = child(a, d, f"FAM{f}_C3")
+            pairs += [(a, c3, "1st"), (d, c3, "1st"), (c1, c3, "2nd"), (c2, c3, "2nd")]
+        else:  # a grandchild of A and B through C1 and E
+            g = child(c1, e, f"FAM{f}_G")
+            pairs += [(c1, g, "1st"), (e, g, "1st"), (a, g, "2nd"), (b, g, "2nd"), (c2, g, "2nd")]
+    for k in range(duplicates):
+        source = next(unused)
+        parents.append((source, -1))
+        names.append(f"DUP{k}_{names[source]}")
+        pairs.append((source, len(names) - 1, "duplicate/MZ twin"))
+    assert len(names) == n
+    return founders, Pedigree(parents, names, pairs)
+
+
+def gamete(h0: np.ndarray, h1: np.ndarray, morgans: float, rng: np.random.Generator) -> np.ndarray:
+    """One meiosis over a chromosome whose sites sit evenly along ``morgans``: Poisson crossovers."""
+    sites = len(h0)
+    crossings = np.sort(rng.uniform(0, morgans, rng.poisson(morgans)))
+    switch = np.zeros(sites, np.int64)
+    cut = np.searchsorted(np.linspace(0, morgans, sites), crossings)
+    np.add.at(switch, cut[cut < sites], 1)
+    strand = (np.cumsum(switch) + rng.integers(2)) % 2
+    return np.where(strand == 1, h1, h0)
+
+
+def write_bed_rows(handle, dosages: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Append (c, N) variant-major dosages (-1 missing) as .bed rows."""
+    c, n = dosages.shape
+    codes = BED_CODE[np.where(dosages < 0, 3, dosages)]
+    padded = np.full((c, 4 * ((n + 3) // 4)), 3, dtype=np.uint8)
+    padded[:, :n] = codes
+    quads = padded.reshape(c, -1, 4)
+    packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
+    handle.write(np.ascontiguousarray(packed, dtype=np.uint8).tobytes())
+
+
+def cohort(n: int, m: int, seed: int) -> tuple[Path, list[tuple[str, str, str]]]:
+    """The fileset (written once, then reused) and its constructed pairs (IID, IID, degree)."""
+    prefix = CACHE / f"n{n}_m{m}_s{seed}"
+    pairs_file = prefix.with_suffix(".relatives.tsv")
+    if not pairs_file.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        founders, ped = pedigree(n, seed)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)  # file row of each sample
+        per_chrom = np.diff(np.round(np.cumsum([0, *MORGANS]) / sum(MORGANS) * m).astype(int))
+        bed, bim = prefix.with_suffix(".bed.part"), prefix.with_suffix(".bim")
+        with open(bed, "wb") as out, open(bim, "w") as bim_out:
+            out.write(b"\x6c\x1b\x01")
+            for chrom, want in enumerate(per_chrom, start=1):
+                t0 = time.perf_counter()
+                haps = founder_haplotypes(
+                    pool_haplotypes(int(want), chrom, seed), 2 * founders, rng
+                )
+                morgans = MORGANS[chrom - 1]
+                h = np.empty((int(want), 2 * n), np.uint8)
+                h[:, : 2 * founders] = haps
+                del haps
+                for r, (mother, father) in enumerate(ped.parents):
+                    s = founders + r
+                    if father < 0:  # a duplicate: the same haplotypes
+                        h[:, 2 * s], h[:, 2 * s + 1] = h[:, 2 * mother], h[:, 2 * mother + 1]
+                        continue
+                    for k, parent in enumerate((mother, father)):
+                        h[:, 2 * s + k] = gamete(
+                            h[:, 2 * parent], h[:, 2 * parent + 1], morgans, rng
+                        )
+                x = (h[:, 0::2] + h[:, 1::2]).astype(np.int8)
+                del h
+                for _, dup in ((p, s) for p, s, d in ped.pairs if d == "duplicate/MZ twin"):
+                    changed = rng.random(len(x)) < 0.001
+                    x[changed, dup] = np.where(x[changed, dup] == 2, 1, x[changed, dup] + 1)
+                x[rng.random(x.shape) < MISSING_RATE] = -1
+                rows = np.empty_like(x)
+                rows[:, order] = x
+                write_bed_rows(out, rows)
+                del x, rows
+                positions = np.linspace(1, 10_000_000 * morgans, int(want)).round().astype(int)
+                bim_out.writelines(
+                    f"{chrom}\tchr{chrom}_{i}\t{100 * morgans * i / want:.6f}\t{pos}\tT\tC\n"
+                    for i, pos in enumerate(positions)
+                )
+                print(f"  chromosome {chrom}: {want} variants, {time.perf_counter() - t0:.1f} s",
+                      flush=True)  # fmt: skip
+        by_row = sorted(range(n), key=lambda s: order[s])
+        prefix.with_suffix(".fam").write_text(
+            "".join(f"{ped.names[s]}\t{ped.names[s]}\t0\t0\t0\t-9\n" for s in by_row)
+        )
+        bed.replace(prefix.with_suffix(".bed"))
+        pairs_file.write_text(
+            "".join(f"{ped.names[a]}\t{ped.names[b]}\t{d}\n" for a, b, d in ped.pairs)
+        )
+    pairs = [tuple(line.split("\t")) for line in pairs_file.read_text().splitlines()]
+    return prefix, pairs  # type: ignore[return-value]
+
+
+# --- the contenders ---------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    model = re.search(r"model name\s*:\s*(.+)", text)
+    found = re.search(r"flags\s*:\s*(.+)", text)
+    flags = set(found.group(1).split()) if found else set()
+    extras = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq", "amx_int8") if f in flags]
+    return (
+        f"{model.group(1) if model else 'CPU'} ({os.cpu_count()} cores seen; {', '.join(extras)})"
+    )
+
+
+def run_plink2(prefix: Path, out: Path, threads: int) -> tuple[float, float]:
+    """plink2's pair table: wall seconds and peak RSS (MB), from ``/usr/bin/time -v``."""
+    from bench.genome import measured
+
+    cmd = ["plink2", "--bfile", str(prefix), "--make-king-table", "--king-table-filter",
+           repr(CUTOFF), "--threads", str(threads), "--out", str(out)]  # fmt: skip
+    run = measured(cmd, dict(os.environ))
+    return run.wall_s, run.peak_rss_mb
+
+
+@dataclass
+class MedbatchRun:
+    wall_s: float
+    tiles: int
+    peak_rss_mb: list[float]
+    kin0: Path
+    degree_counts: dict[str, int]
+
+
+def peak_rss_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"VmHWM:\s+(\d+) kB", text)
+    assert found is not None
+    return int(found.group(1)) / 1024
+
+
+def run_medbatch(
+    prefix: Path, workdir: Path, workers: int, threads: int, block: int
+) -> MedbatchRun:
+    """Start W workers on the embedded broker, submit the pairs-only job, wait for its .kin0."""
+    from sqlalchemy import select
+
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.migrate import upgrade
+    from db.repo import create_tenant
+    from db.tables import GenomeJob
+    from medbatch.settings import Settings
+    from worker.app import create_app
+    from worker.broker import embedded_broker_url, shutdown_embedded_brokers
+    from worker.tasks import genome as tasks
+
+    database = f"sqlite:///{workdir / 'medbatch.sqlite'}"
+    upgrade(database)
+    broker = embedded_broker_url(workdir / "var")
+    env = {
+        **os.environ,
+        "MEDBATCH_DATABASE_URL": database,
+        "MEDBATCH_BROKER_URL": broker,
+        "MEDBATCH_ARTIFACT_DIR": str(workdir / "store"),
+        "MEDBATCH_DEVICE": "cpu",
+        "MEDBATCH_LOG_LEVEL": "WARNING",
+        "NUMBA_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
+    procs = []
+    for k in range(workers):
+        log = (workdir / f"worker{k}.log").open("wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "medbatch.cli", "worker", "--queues", "genome",
+             "--hostname", f"biobank{k}@%h"],
+            env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+        log.close()
+    settings = Settings(database_url=database, broker_url=broker, artifact_dir=workdir / "store")
+    sessions = make_sessionmaker(make_engine(database))
+    app = create_app(settings, include_tasks=False)
+    try:
+        time.sleep(5)  # the workers connect (they would be running already in a deployment)
+        with session_scope(sessions) as s:
+            tenant = create_tenant(s, name="biobank")[0].id
+        start = time.perf_counter()
+        job = tasks.submit(
+            sessions, app, tenant_id=tenant, metric="king", bfile=prefix, threshold=CUTOFF,
+            output="pairs", block=block, artifact_dir=workdir / "store",
+        )  # fmt: skip
+        last = 0.0
+        status = select(GenomeJob.status, GenomeJob.tiles_done).where(GenomeJob.id == job["id"])
+        while True:
+            # One light query a second: the poller must not take CPU from the workers.
+            with sessions() as s:
+                state, tiles_done = s.execute(status).one()
+            if state in ("done", "failed"):
+                break
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a worker exited; see {workdir}/worker*.log")
+            if time.perf_counter() - last > 60:
+                last = time.perf_counter()
+                print(f"  medbatch: {tiles_done}/{job['tiles_total']} tiles, "
+                      f"{last - start:.0f} s", flush=True)  # fmt: skip
+            time.sleep(1.0)
+        wall = time.perf_counter() - start
+        summary = tasks._describe_id(sessions, job["id"])
+        if summary["status"] != "done":
+            raise RuntimeError(f"medbatch job failed: {summary['error']}")
+        rss = [peak_rss_mb(p.pid) for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutdown_embedded_brokers()
+    kin0 = next(Path(p) for p in summary["outputs"] if p.endswith(".kin0"))
+    return MedbatchRun(wall, job["tiles_total"], rss, kin0, summary["degree_counts"])
+
+
+def read_kin0(path: Path) -> dict[frozenset[str], tuple[str, float]]:
+    """Pair → (kinship as printed, kinship)."""
+    out = {}
+    for line in path.read_text().splitlines()[1:]:
+        f = line.split("\t")
+        out[frozenset((f[1], f[3]))] = (f[-1], float(f[-1]))
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=50_000, help="samples")
+    parser.add_argument("--m", type=int, default=20_000, help="variants")
+    parser.add_argument("--workers", type=int, default=2, help="medbatch worker processes")
+    parser.add_argument("--threads", type=int, default=1, help="numba threads per worker")
+    parser.add_argument("--block", type=int, default=0, help="samples per tile side")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    # Stopped from outside: unwind, so that the workers and the broker are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from models.genome_output import kinship_degree
+    from models.genome_pairs import default_block
+
+    print(f"CPU: {cpu_name()}")
+    print(f"cohort: {args.n} samples x {args.m} variants (seed {args.seed})", flush=True)
+    t0 = time.perf_counter()
+    prefix, constructed = cohort(args.n, args.m, args.seed)
+    print(f"  ready in {time.perf_counter() - t0:.0f} s: {prefix}", flush=True)
+    block = args.block or default_block(args.m)
+    threads = args.workers * args.threads
+    workdir = CACHE / f"run-n{args.n}_m{args.m}_s{args.seed}"  # kept: logs and both tables
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    print(f"medbatch: pairs-only KING, {args.workers} workers x {args.threads} thread(s), "
+          f"blocks of {block}", flush=True)  # fmt: skip
+    ours = run_medbatch(prefix, workdir, args.workers, args.threads, block)
+    print(f"  {ours.wall_s:.1f} s, {ours.tiles} tiles", flush=True)
+    print(f"plink2 --make-king-table --king-table-filter {CUTOFF:.6g} --threads {threads}",
+          flush=True)  # fmt: skip
+    plink_s, plink_rss = run_plink2(prefix, workdir / "plink2", threads)
+    print(f"  {plink_s:.1f} s", flush=True)
+    mine, theirs = read_kin0(ours.kin0), read_kin0(workdir / "plink2.kin0")
+    identical = ours.kin0.read_bytes() == (workdir / "plink2.kin0").read_bytes()
+    both = mine.keys() & theirs.keys()
+    diff = max((abs(mine[p][1] - theirs[p][1]) for p in both), default=0.0)
+    found = sum(
+        1
+        for a, b, degree in constructed
+        if frozenset((a, b)) in mine and kinship_degree(mine[frozenset((a, b))][1]) == degree
+    )
+    pairs_total = args.n * (args.n - 1) // 2
+    rate = pairs_total / ours.wall_s / threads
+    rows = [
+        ("pairs (all)", f"{pairs_total:,}", ""),
+        ("tiles", f"{ours.tiles:,} of {block} x {block}", ""),
+        ("wall s", f"{ours.wall_s:.1f}", f"{plink_s:.1f}"),
+        ("pairs / s / thread", f"{rate:,.0f}", f"{pairs_total / plink_s / threads:,.0f}"),
+        ("peak RSS MB", " / ".join(f"{r:.0f}" for r in ours.peak_rss_mb), f"{plink_rss:.0f}"),
+        ("pairs reported", f"{len(mine):,}", f"{len(theirs):,}"),
+        (".kin0 identical", "yes" if identical else "no", ""),
+        ("constructed found", f"{found} of {len(constructed)}", ""),
+    ]
+    print(f"\n| N = {args.n:,}, M = {args.m:,} | medbatch | plink2 |\n| --- | ---: | ---: |")
+    for name, a, b in rows:
+        print(f"| {name} | {a} | {b} |")
+    print(f"degrees (medbatch): {ours.degree_counts}")
+    print(json.dumps({
+        "n": args.n,
+        "m": args.m,
+        "workers": args.workers,
+        "tiles": ours.tiles,
+        "peak_rss_mb_per_worker": round(max(ours.peak_rss_mb), 1),
+        "medbatch_s": round(ours.wall_s, 2),
+        "plink2_s": round(plink_s, 2),
+        "ratio_vs_plink2": round(plink_s / ours.wall_s, 3),
+        "relatives_expected": len(constructed),
+        "relatives_found": found,
+        "pairs_medbatch": len(mine),
+        "pairs_plink2": len(theirs),
+        "kinship_max_abs_diff": diff,
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

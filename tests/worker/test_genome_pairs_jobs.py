@@ -1,0 +1,228 @@
+"""Pairs-only KING jobs on the real databases: 2-D tiles counted once, plink2's .kin0 streamed
+from the stored pairs, degree counts, query mode, and submissions refused with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import genome as jobs
+from db import repo
+from db.engine import session_scope
+from db.tables import GenomeJob, GenomeTile, RelatedPair
+from models import genome
+from worker.tasks import genome as tasks
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
+RELATIVES = DATA / "hm3_relatives"
+GOLDEN = DATA / "hm3_relatives_0.0442.kin0"
+
+
+def _tenant(sessions: sessionmaker[Session]) -> int:
+    with session_scope(sessions) as s:
+        return repo.create_tenant(s, name="biobank")[0].id
+
+
+def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """96 samples in blocks of 32: 6 tiles; the .kin0 is plink2's to the byte, and only it."""
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=RELATIVES,
+        threshold=0.0442, output="pairs", block=32, artifact_dir=tmp_path,
+    )  # fmt: skip
+    assert (job["output"], job["tiles_total"], job["n_samples"]) == ("pairs", 6, 96)
+    with session_scope(sessions) as s:
+        tiles = s.scalars(select(GenomeTile).where(GenomeTile.job_id == job["id"])).all()
+        assert sorted((t.row_start, t.col_start) for t in tiles) == [
+            (0, 0), (0, 32), (0, 64), (32, 32), (32, 64), (64, 64),
+        ]  # fmt: skip
+    assert tasks.run_tile(sessions, job_id=job["id"], index=1, device="cpu") == "tile done"
+    assert tasks.run_tile(sessions, job_id=job["id"], index=1, device="cpu") == "already done"
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    assert summary["tiles_done"] == 6
+    assert [Path(p).name for p in summary["outputs"]] == ["king.kin0"]  # no matrix, no .npy
+    assert Path(summary["outputs"][0]).read_text() == GOLDEN.read_text()
+    assert summary["degree_counts"] == {
+        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0,
+    }  # fmt: skip
+    with session_scope(sessions) as s:
+        n = s.scalar(
+            select(func.count()).select_from(RelatedPair).where(RelatedPair.job_id == job["id"])
+        )
+        assert n == 64
+        assert not list((tmp_path / "genome" / str(job["id"])).glob("tiles/*"))
+
+
+def test_pairs_below_third_degree_are_kept_as_unrelated(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A cut-off under 2^-4.5 keeps more pairs; those get the degree "unrelated"."""
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=RELATIVES,
+        threshold=0.02, output="pairs", block=48, artifact_dir=tmp_path,
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    counts = summary["degree_counts"]
+    assert counts["unrelated"] > 0 and counts["3rd"] >= 4
+    with session_scope(sessions) as s:
+        low = [
+            p for p in jobs.list_pairs(s, job_id=job["id"], limit=10_000) if p.kinship <= 2**-4.5
+        ]
+    assert low and all(p.degree == "unrelated" and p.kinship >= 0.02 for p in low)
+
+
+def test_query_pairs_are_the_new_samples_against_the_cohort(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The 20 constructed relatives as a query against the 76 founders: exactly the golden's
+    relative-founder pairs, each kinship printed as plink2 printed it."""
+    from bed_reader import to_bed
+
+    whole = genome.read_bed(RELATIVES)
+    x = whole.dosages.astype(np.float64)
+    x[x < 0] = np.nan
+    for name, rows in (("founders", range(76)), ("new", range(76, 96))):
+        to_bed(
+            tmp_path / f"{name}.bed", x[list(rows)],
+            properties={
+                "fid": [whole.fid[r] for r in rows], "iid": [whole.iid[r] for r in rows],
+                "sid": list(whole.variant_id), "allele_1": list(whole.a1),
+                "allele_2": list(whole.a2),
+            },
+        )  # fmt: skip
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=tmp_path / "founders",
+        query=tmp_path / "new", threshold=0.0442, output="pairs", block=16,
+        artifact_dir=tmp_path / "store",
+    )  # fmt: skip
+    assert job["tiles_total"] == 2 * 5 and job["query"]
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    founders = set(whole.iid[:76])
+    expected = {}
+    for line in GOLDEN.read_text().splitlines()[1:]:
+        f = line.split("\t")
+        (a, b), kinship = (f[1], f[3]), f[7]
+        if (a in founders) != (b in founders):
+            new, old = (a, b) if b in founders else (b, a)
+            expected[(new, old)] = kinship
+    got = {}
+    for line in Path(summary["outputs"][0]).read_text().splitlines()[1:]:
+        f = line.split("\t")
+        got[(f[1], f[3])] = f[7]
+    assert got == expected and len(got) == 4 + 4 * 9  # duplicates; 9 per family
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "fragment"),
+    [
+        ({"metric": "grm"}, "output", "metric must be 'king'"),
+        ({"metric": "king", "block": 6}, "block", "multiple of 4"),
+        ({"metric": "king", "output": "matrix"}, "output", "unknown output"),
+        ({"metric": "king", "bfile": DATA / "hm3_small.vcf.gz"}, "bfile", "PLINK 1 .bed"),
+    ],
+)
+def test_bad_pairs_submissions_are_refused_and_record_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path, options: dict, field: str, fragment: str
+) -> None:
+    kwargs = {"bfile": RELATIVES, "output": "pairs", **options}
+    with pytest.raises(tasks.SubmissionError, match=fragment) as error:
+        tasks.submit(sessions, None, tenant_id=_tenant(sessions), artifact_dir=tmp_path, **kwargs)
+    assert error.value.field == field
+    with session_scope(sessions) as s:
+        assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
+
+
+def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A .bed truncated after submission: the job fails naming the tile; no pairs, no .kin0."""
+    import shutil
+
+    for ext in (".bed", ".bim", ".fam"):
+        shutil.copy(RELATIVES.with_suffix(ext), tmp_path / f"cohort{ext}")
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=tmp_path / "cohort",
+        output="pairs", block=48, artifact_dir=tmp_path / "store",
+    )  # fmt: skip
+    bed = tmp_path / "cohort.bed"
+    bed.write_bytes(bed.read_bytes()[:1000])
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert "tile 0 (rows 0:48, cols 0:48)" in summary["error"]
+    assert summary["outputs"] == []
+
+
+def test_a_100000_sample_job_is_thousands_of_tiles_each_holding_only_its_blocks(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """100,000 samples (16 variants, so the fileset is small): 4,851 tiles of 1,024, progress
+    counted tile by tile, and a tile's traced allocations are its blocks', not the cohort's."""
+    import tracemalloc
+
+    n, m = 100_000, 16
+    rng = np.random.default_rng(5)
+    body = rng.integers(0, 256, size=(m, n // 4), dtype=np.uint8)
+    prefix = tmp_path / "biobank"
+    prefix.with_suffix(".bed").write_bytes(b"\x6c\x1b\x01" + body.tobytes())
+    prefix.with_suffix(".fam").write_text("".join(f"S{i} S{i} 0 0 0 -9\n" for i in range(n)))
+    prefix.with_suffix(".bim").write_text("".join(f"1 v{j} 0 {j + 1} A G\n" for j in range(m)))
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=prefix,
+        output="pairs", block=1024, threshold=0.5, artifact_dir=tmp_path / "store",
+    )  # fmt: skip
+    assert job["tiles_total"] == 98 * 99 // 2 == 4851
+    tasks.pair_inputs(_spec(sessions, job["id"]))  # the worker's one pass: split and sample ids
+    tracemalloc.start()
+    try:
+        for index in (0, 1, 4850):
+            tracemalloc.reset_peak()
+            assert tasks.run_tile(sessions, job_id=job["id"], index=index, device="cpu") == (
+                "tile done"
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak < 16 * 2**20  # the 100,000² square would be 80 GB; a 1,024² tile 8 MB
+    finally:
+        tracemalloc.stop()
+    summary = tasks._describe_id(sessions, job["id"])
+    assert (summary["tiles_done"], summary["status"]) == (3, "running")
+
+
+def _spec(sessions: sessionmaker[Session], job_id: int) -> dict:
+    with session_scope(sessions) as s:
+        job = jobs.get_job(s, job_id=job_id)
+        assert job is not None
+        return dict(job.spec)
+
+
+@pytest.mark.parametrize(
+    ("panel", "golden"),
+    [
+        ("HM3_thinned_autosomal_overlap", "hm3_full_0.0442.kin0"),
+        ("1kg.ref.phase1_release_v3.20101123_thinned_autosomal_overlap", "1kg_full_0.0442.kin0"),
+    ],
+)
+def test_pairs_jobs_on_the_whole_real_panels_write_plink2s_kin0(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, panel: str, golden: str
+) -> None:
+    """HapMap3 (957) and 1000 Genomes (1,092) x 14,079 SNPs in blocks of 128 (36 and 45 tiles):
+    plink2 --make-king-table --king-table-filter 0.0442, byte for byte."""
+    from tests.helpers import SHARED_DIR, require_shared
+
+    prefix = require_shared(SHARED_DIR / "data" / "genotypes" / f"{panel}.bed").with_suffix("")
+    job = tasks.submit(
+        pg_sessions, None, tenant_id=_tenant(pg_sessions), metric="king", bfile=prefix,
+        threshold=0.0442, output="pairs", block=128, artifact_dir=tmp_path,
+    )  # fmt: skip
+    summary = tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    assert Path(summary["outputs"][0]).read_text() == (DATA / golden).read_text()
