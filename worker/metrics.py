@@ -36,12 +36,12 @@ MESSAGES_REJECTED = Counter(
 )
 
 
-def serve(port: int) -> None:
-    """Expose the metrics on ``port``; a taken port costs the metrics, never the worker."""
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Expose the metrics on ``host:port``; a taken port costs the metrics, never the worker."""
     if not port:
         return
     try:
-        start_http_server(port)
-        log.info("worker metrics on :%d/metrics", port)
+        start_http_server(port, addr=host)
+        log.info("worker metrics on %s:%d/metrics", host, port)
     except OSError as exc:
-        log.warning("worker metrics not served: port %d: %s", port, exc)
+        log.warning("worker metrics not served: %s:%d: %s", host, port, exc)
