@@ -62,6 +62,10 @@ DEFAULT_KEY_LIFETIME = timedelta(days=365)
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
+def _make_key() -> str:
+    return "mbk_" + secrets.token_urlsafe(32)
+
+
 def _new_key(
     session: Session,
     *,
@@ -70,7 +74,7 @@ def _new_key(
     lifetime: timedelta | None,
     api_key: str | None = None,
 ) -> tuple[ApiKey, str]:
-    key = api_key or "mbk_" + secrets.token_urlsafe(32)
+    key = api_key or _make_key()
     now = utcnow()
     row = ApiKey(
         tenant_id=tenant_id,
@@ -93,7 +97,8 @@ def create_tenant(
 ) -> tuple[Tenant, str]:
     """Create a tenant with its own key (every scope); return both (the key is shown once: only
     its hash is stored). ``lifetime`` None: the key never expires."""
-    tenant = Tenant(name=name)
+    api_key = api_key or _make_key()
+    tenant = Tenant(name=name, api_key_sha256=hash_api_key(api_key))
     session.add(tenant)
     session.flush()
     _, key = _new_key(
@@ -187,10 +192,13 @@ def create_client(
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes)}")
-    client = ApiClient(tenant_id=tenant_id, name=name, scopes=sorted(scopes))
+    key = _make_key()
+    client = ApiClient(
+        tenant_id=tenant_id, name=name, api_key_sha256=hash_api_key(key), scopes=sorted(scopes)
+    )
     session.add(client)
     session.flush()
-    _, key = _new_key(session, tenant_id=tenant_id, client_id=client.id, lifetime=lifetime)
+    _new_key(session, tenant_id=tenant_id, client_id=client.id, lifetime=lifetime, api_key=key)
     return client, key
 
 

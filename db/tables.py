@@ -86,6 +86,10 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    #: The sha256 of the key made with this row. Authentication reads :class:`ApiKey` (which
+    #: holds this key too, and any later ones); the column stays because SQLite cannot drop a
+    #: UNIQUE column without rebuilding a table that others reference (migration 0011).
+    api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -291,6 +295,10 @@ class ApiClient(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
+    #: The sha256 of the key made with this row. Authentication reads :class:`ApiKey` (which
+    #: holds this key too, and any later ones); the column stays because SQLite cannot drop a
+    #: UNIQUE column without rebuilding a table that others reference (migration 0011).
+    api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Set by ``medbatch db revoke-client``: every key of the client stops working at once.

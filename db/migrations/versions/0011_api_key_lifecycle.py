@@ -47,36 +47,14 @@ def upgrade() -> None:
         "INSERT INTO api_keys (tenant_id, client_id, sha256, created_at) "
         "SELECT tenant_id, id, api_key_sha256, created_at FROM api_clients"
     )
-    with op.batch_alter_table('api_clients', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('revoked_at', sa.DateTime(timezone=True), nullable=True))
-        batch_op.drop_constraint('uq_api_clients_api_key_sha256', type_='unique')
-        batch_op.drop_column('api_key_sha256')
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.drop_constraint('uq_tenants_api_key_sha256', type_='unique')
-        batch_op.drop_column('api_key_sha256')
+    # Added, never rebuilt: rebuilding api_clients or tenants on SQLite (batch mode) would fire
+    # the foreign keys that reference them. Their api_key_sha256 columns stay, unused for auth.
+    op.add_column('api_clients', sa.Column('revoked_at', sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
-    # The newest key of each holder goes back into its row (older keys are lost).
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('api_key_sha256', sa.String(length=64), nullable=True))
-    with op.batch_alter_table('api_clients', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('api_key_sha256', sa.String(length=64), nullable=True))
-    op.execute(
-        "UPDATE tenants SET api_key_sha256 = (SELECT k.sha256 FROM api_keys k WHERE "
-        "k.tenant_id = tenants.id AND k.client_id IS NULL ORDER BY k.id DESC LIMIT 1)"
-    )
-    op.execute(
-        "UPDATE api_clients SET api_key_sha256 = (SELECT k.sha256 FROM api_keys k WHERE "
-        "k.client_id = api_clients.id ORDER BY k.id DESC LIMIT 1)"
-    )
-    with op.batch_alter_table('api_clients', schema=None) as batch_op:
-        batch_op.drop_column('revoked_at')
-        batch_op.alter_column('api_key_sha256', existing_type=sa.String(length=64), nullable=False)
-        batch_op.create_unique_constraint('uq_api_clients_api_key_sha256', ['api_key_sha256'])
-    with op.batch_alter_table('tenants', schema=None) as batch_op:
-        batch_op.alter_column('api_key_sha256', existing_type=sa.String(length=64), nullable=False)
-        batch_op.create_unique_constraint('uq_tenants_api_key_sha256', ['api_key_sha256'])
+    # Keys made after the upgrade are lost; each row keeps the key it was made with.
+    op.execute("ALTER TABLE api_clients DROP COLUMN revoked_at")
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_index('ix_api_keys_tenant_client')
     op.drop_table('api_keys')
