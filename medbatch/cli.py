@@ -118,9 +118,12 @@ def _iso(moment: datetime | None) -> str | None:
 def _expiry(session: Session, key: str) -> dict[str, str | None]:
     from db import repo
 
-    found = repo.authenticate(session, api_key=key)
-    row = session.get(repo.ApiKey, found.key_id)
-    return {"expires_at": _iso(row.expires_at)}
+    from sqlalchemy import select
+
+    expires = session.scalar(
+        select(repo.ApiKey.expires_at).where(repo.ApiKey.sha256 == repo.hash_api_key(key))
+    )
+    return {"expires_at": _iso(expires)}
 
 
 def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
