@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Query, Request, status
@@ -157,3 +157,13 @@ def to_utc(moment: datetime) -> datetime:
     except OverflowError:
         edge = datetime.min if moment.year == 1 else datetime.max
         return edge.replace(tzinfo=UTC)
+
+
+def exactly_one(a: str, b: str) -> dict[str, Any]:
+    """JSON Schema for "give exactly one of the properties ``a`` and ``b``"."""
+    return {
+        "oneOf": [
+            {"required": [a], "not": {"required": [b]}},
+            {"required": [b], "not": {"required": [a]}},
+        ]
+    }

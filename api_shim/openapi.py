@@ -74,13 +74,24 @@ _BUNDLE_IN = {
     "description": "A FHIR R4 Bundle (transaction, batch or collection) holding Patient "
     "resources and their Observations, Conditions, ...; validated as FHIR by the server.",
     "type": "object",
-    "required": ["resourceType"],
+    "required": ["resourceType", "type", "entry"],
     "properties": {
         "resourceType": {"const": "Bundle"},
-        "type": {"type": "string"},
+        "type": {"enum": ["transaction", "batch", "collection"]},
         "entry": {
             "type": "array",
-            "items": {"type": "object", "properties": {"resource": {"type": "object"}}},
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["resource"],
+                "properties": {
+                    "resource": {
+                        "type": "object",
+                        "required": ["resourceType"],
+                        "properties": {"resourceType": {"type": "string", "minLength": 1}},
+                    }
+                },
+            },
         },
     },
 }

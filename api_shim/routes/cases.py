@@ -52,7 +52,13 @@ def parse_cases(raw: Any, *, max_cases: int) -> list[CaseCreate]:
             )
         if len(raw) > max_cases:
             raise RequestValidationError(
-                [_error(("body",), f"at most {max_cases} cases per request, got {len(raw)}", "too_long")]
+                [
+                    _error(
+                        ("body",),
+                        f"at most {max_cases} cases per request, got {len(raw)}",
+                        "too_long",
+                    )
+                ]
             )
         adapter: TypeAdapter = _cases_adapter
     elif isinstance(raw, dict):

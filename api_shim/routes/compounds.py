@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim.deps import (
+    TEXT,
     CeleryDep,
     CompoundSubmitterDep,
     CursorQuery,
@@ -20,6 +21,7 @@ from api_shim.deps import (
     SessionDep,
     SessionsDep,
     SettingsDep,
+    exactly_one,
 )
 from api_shim.paths import confine, public_message
 from db import compounds as jobs
@@ -30,19 +32,19 @@ _NOT_FOUND = "no compound search with this id for this tenant"
 
 
 class CompoundSearchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one("top_k", "threshold"))
 
     #: Molecule files relative to the server's compound folder: .smi (SMILES id), .sdf, .csv.
-    library: str = Field(min_length=1, max_length=500)
+    library: str = Field(min_length=1, max_length=500, pattern=TEXT)
     #: Queries; without them, the library is searched against itself (all pairs, self excluded).
-    query: str | None = Field(default=None, min_length=1, max_length=500)
+    query: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     top_k: int | None = Field(default=None, ge=1, le=1000)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     metric: Literal["tanimoto", "dice"] = "tanimoto"
     fingerprint: Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"] = "morgan"
     radius: int = Field(default=2, ge=0, le=6)
     bits: int = Field(default=2048, ge=64, le=16384)
-    smiles_column: str = Field(default="smiles", min_length=1, max_length=100)
+    smiles_column: str = Field(default="smiles", min_length=1, max_length=100, pattern=TEXT)
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
@@ -155,7 +157,7 @@ def list_job_neighbours(
     job_id: IdPath,
     tenant: ReaderDep,
     session: SessionDep,
-    query_id: Annotated[str | None, Query(max_length=200)] = None,
+    query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
     cursor: CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:

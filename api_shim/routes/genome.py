@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim.deps import (
+    TEXT,
     CeleryDep,
     CursorQuery,
     GenomeSubmitterDep,
@@ -20,6 +21,7 @@ from api_shim.deps import (
     SessionDep,
     SessionsDep,
     SettingsDep,
+    exactly_one,
 )
 from api_shim.paths import confine, public_message
 from db import genome as jobs
@@ -33,21 +35,23 @@ THIRD_DEGREE = 2.0**-4.5
 
 
 class GenomeComparisonCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one("bfile", "vcf"))
 
     metric: Literal["grm", "king", "ibs", "dot"]
     #: A PLINK 1 fileset prefix, relative to the server's genotype folder ...
-    bfile: str | None = Field(default=None, min_length=1, max_length=500)
+    bfile: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: ... or a VCF/BCF file there (give exactly one of the two).
-    vcf: str | None = Field(default=None, min_length=1, max_length=500)
+    vcf: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: Query samples (a fileset prefix or VCF, same variants) to compare against the cohort only.
-    query: str | None = Field(default=None, min_length=1, max_length=500)
+    query: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: KING kinship above which pairs are recorded (default: third degree or closer).
     threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
     ibs_missing: Literal["frequency", "flat"] = "frequency"
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
     #: Samples of the cohort to keep (IIDs), as ``plink --keep``.
-    keep: list[str] | None = Field(default=None, min_length=1, max_length=1_000_000)
+    keep: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT)]] | None = Field(
+        default=None, min_length=1, max_length=1_000_000
+    )
     #: Drop variants whose minor allele frequency in the kept samples is lower, as ``plink --maf``.
     min_maf: float | None = Field(default=None, ge=0.0, le=0.5)
 
@@ -129,14 +133,22 @@ def create_genome_comparison(
     except SubmissionError as exc:
         loc = field if exc.field == "bfile" else exc.field
         raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body", loc), "msg": _message(exc, loc, settings.genotype_dir, given)}]
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", loc),
+                    "msg": _message(exc, loc, settings.genotype_dir, given),
+                }
+            ]
         ) from None
 
 
 def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:
     """A refusal in words that hold neither a server path nor the caller's values."""
     if field == "keep":  # the message would name the caller's sample ids
-        return "names a sample that is not in the cohort, or an IID not unique there (give [FID, IID])"
+        return (
+            "names a sample that is not in the cohort, or an IID not unique there (give [FID, IID])"
+        )
     return public_message(str(exc), root, given, kind="genotypes")
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from api_shim.deps import MAX_ID, IdPath, Moment, ReaderDep, SessionDep, SettingsDep, to_utc
+from api_shim.deps import CursorQuery, IdPath, Moment, ReaderDep, SessionDep, SettingsDep, to_utc
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
 from db import repo
 from db.tables import CaseStatus
@@ -51,28 +48,6 @@ def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePu
     )
 
 
-def encode_cursor(after_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        after = json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        after = None
-    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_ID:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "cursor"),
-                    "msg": "not a cursor from next_cursor",
-                }
-            ]
-        )
-    return after
-
-
 @router.get("/scores", response_model=ResultsPublic)
 def list_scores(
     tenant: ReaderDep,
@@ -88,7 +63,9 @@ def list_scores(
     limit: Annotated[
         int, Query(ge=1, description="page size, at most MEDBATCH_MAX_PAGE_SIZE (500)")
     ] = 100,
-    cursor: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    # The last page's last case id (the cursor was base64 JSON before; any string of digits that
+    # fits a 64-bit id is a valid cursor now, so the schema can say which cursors are accepted).
+    cursor: CursorQuery = 0,
 ) -> ResultsPublic:
     """Results of this tenant's cases in case id order; follow `next_cursor` for the next page."""
     if limit > settings.max_page_size:
@@ -101,14 +78,13 @@ def list_scores(
                 }
             ]
         )
-    after = decode_cursor(cursor) if cursor else 0
     rows = repo.list_results(
         session,
         tenant_id=tenant.id,
         model=model,
         status=status_,
         since=None if since is None else to_utc(since),
-        after_id=after,
+        after_id=cursor,
         limit=limit,
     )
     items = [
@@ -126,5 +102,5 @@ def list_scores(
         )
         for case, score in rows
     ]
-    next_cursor = encode_cursor(rows[-1][0].id) if len(rows) == limit else None
+    next_cursor = str(rows[-1][0].id) if len(rows) == limit else None
     return ResultsPublic(items=items, next_cursor=next_cursor)

@@ -356,7 +356,8 @@ def test_scores_paginate_with_a_cursor_and_filter(api: TestClient, key: str) -> 
 @pytest.mark.parametrize(
     ("params", "loc", "fragment"),
     [
-        ({"cursor": "garbage"}, ["query", "cursor"], "not a cursor"),
+        ({"cursor": "garbage"}, ["query", "cursor"], "valid integer"),
+        ({"cursor": str(2**64)}, ["query", "cursor"], "less than or equal to 9223372036854775807"),
         ({"limit": 100000}, ["query", "limit"], "at most 500"),
         ({"limit": 0}, ["query", "limit"], "greater than or equal to 1"),
         ({"status": "lost"}, ["query", "status"], "'queued', 'running', 'done' or 'failed'"),
