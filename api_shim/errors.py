@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from models.registry import ModelSpec, Registry, RegistryError
 
 FHIR_JSON = "application/fhir+json"
+#: Extension of an OperationOutcome that lists only some issues: how many there were.
+TOTAL_EXTENSION = "urn:medbatch:issues-total"
 
 
 class SafeJSONResponse(JSONResponse):
@@ -49,17 +51,12 @@ def _loc(part: Any) -> str | int:
 
 
 def outcome_body(issues: Iterable[Mapping[str, Any]], limit: int) -> dict[str, Any]:
-    """An OperationOutcome with at most ``limit`` issues; the count of all in a last one."""
+    """An OperationOutcome with at most ``limit`` issues; when there were more, the count of all
+    in an extension (``urn:medbatch:issues-total``)."""
     listed = list(issues)
     body: dict[str, Any] = {"resourceType": "OperationOutcome", "issue": listed[:limit]}
     if len(listed) > limit:
-        body["issue"].append(
-            {
-                "severity": "information",
-                "code": "too-costly",
-                "diagnostics": f"{len(listed)} issues in all; the first {limit} are listed",
-            }
-        )
+        body["extension"] = [{"url": TOTAL_EXTENSION, "valueInteger": len(listed)}]
     return body
 
 

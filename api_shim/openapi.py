@@ -54,6 +54,7 @@ _OUTCOME = {
     "required": ["resourceType", "issue"],
     "properties": {
         "resourceType": {"const": "OperationOutcome"},
+        "extension": {"type": "array", "items": {"type": "object"}},
         "issue": {
             "type": "array",
             "items": {
