@@ -94,8 +94,6 @@ def error_response(
             )
             for p in problems
         ]
-        # FHIR routes keep 422 for valid FHIR that breaks a rule; malformed input is 400.
-        status = 400 if status == 422 else status
         return SafeJSONResponse(outcome_body(issues, limit), status, media_type=FHIR_JSON)
     if status in _SENTENCE and len(problems) == 1:
         # Not about a field: a sentence, as FastAPI answers an HTTPException.

@@ -256,6 +256,8 @@ class InputGuard:
         return parse_json(body, max_depth=self.max_depth)
 
     async def _answer(self, scope: Scope, send: Send, status: int, found: dict[str, Any]) -> None:
+        if status == 422 and scope["path"].startswith("/v1/fhir"):
+            status = 400  # FHIR routes keep 422 for valid FHIR that breaks a rule
         response = error_response(scope["path"], status, [found], limit=self.max_problems)
         await response(scope, _disconnected, send)
 
