@@ -116,9 +116,9 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def _expiry(session: Session, key: str) -> dict[str, str | None]:
-    from db import repo
-
     from sqlalchemy import select
+
+    from db import repo
 
     expires = session.scalar(
         select(repo.ApiKey.expires_at).where(repo.ApiKey.sha256 == repo.hash_api_key(key))
