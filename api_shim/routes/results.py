@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from api_shim.deps import CursorQuery, IdPath, Moment, ReaderDep, SessionDep, SettingsDep, to_utc
+from api_shim.deps import (
+    MODEL_REF,
+    CursorQuery,
+    IdPath,
+    Moment,
+    ReaderDep,
+    SessionDep,
+    SettingsDep,
+    to_utc,
+)
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
 from db import repo
 from db.tables import CaseStatus
@@ -54,7 +63,10 @@ def list_scores(
     session: SessionDep,
     settings: SettingsDep,
     model: Annotated[
-        str | None, Query(description="`name` or `name@version`", min_length=1, max_length=160)
+        str | None,
+        Query(
+            description="`name` or `name@version`", min_length=1, max_length=160, pattern=MODEL_REF
+        ),
     ] = None,
     status_: Annotated[CaseStatus | None, Query(alias="status")] = None,
     since: Annotated[
