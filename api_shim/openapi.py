@@ -223,5 +223,45 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
         "description": "the database or the broker is unreachable (named in the body)",
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
+    _examples_and_links(doc)
     app.openapi_schema = doc
     return doc
+
+
+#: What a created record's id in a 202 answer leads to (OpenAPI links: clients and Schemathesis's
+#: stateful phase follow them).
+_LINKS = {
+    ("/v1/cases", "$response.body#/cases/0/id"): [("/v1/cases/{case_id}", "case_id")],
+    ("/v1/genome-comparisons", "$response.body#/id"): [
+        ("/v1/genome-comparisons/{job_id}", "job_id"),
+        ("/v1/genome-comparisons/{job_id}/pairs", "job_id"),
+    ],
+    ("/v1/compound-similarity", "$response.body#/id"): [
+        ("/v1/compound-similarity/{job_id}", "job_id"),
+        ("/v1/compound-similarity/{job_id}/neighbours", "job_id"),
+    ],
+}
+
+
+def _examples_and_links(doc: dict[str, Any]) -> None:
+    paths = doc["paths"]
+    body = paths["/v1/cases"]["post"]["requestBody"]["content"]["application/json"]
+    body["example"] = case_example()
+    for (source, value), targets in _LINKS.items():
+        answer = paths[source]["post"]["responses"]["202"]
+        answer["links"] = {
+            paths[target]["get"]["operationId"]: {
+                "operationId": paths[target]["get"]["operationId"],
+                "parameters": {name: value},
+            }
+            for target, name in targets
+        }
+
+
+def case_example() -> dict[str, Any]:
+    """A real held-out Wisconsin case (public data), as POST /v1/cases takes it."""
+    from models import breast_cancer
+
+    split = breast_cancer.split()
+    features = dict(zip(split.feature_names, (float(v) for v in split.x_test[0]), strict=True))
+    return {"external_id": "wdbc-0000", "model": "breast-cancer", "features": features}

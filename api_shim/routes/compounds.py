@@ -32,7 +32,13 @@ _NOT_FOUND = "no compound search with this id for this tenant"
 
 
 class CompoundSearchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one("top_k", "threshold"))
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            **exactly_one("top_k", "threshold"),
+            "examples": [{"library": "library.smi", "top_k": 5}],
+        },
+    )
 
     #: Molecule files relative to the server's compound folder: .smi (SMILES id), .sdf, .csv.
     library: str = Field(min_length=1, max_length=500, pattern=TEXT)

@@ -35,7 +35,13 @@ THIRD_DEGREE = 2.0**-4.5
 
 
 class GenomeComparisonCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one("bfile", "vcf"))
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            **exactly_one("bfile", "vcf"),
+            "examples": [{"metric": "king", "bfile": "cohort"}],
+        },
+    )
 
     metric: Literal["grm", "king", "ibs", "dot"]
     #: A PLINK 1 fileset prefix, relative to the server's genotype folder ...

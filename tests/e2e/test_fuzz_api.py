@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -32,6 +36,10 @@ from tests.e2e.support import Processes, free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+GENOME = Path(__file__).resolve().parents[1] / "data" / "genome"
+MOLECULES = (
+    "CCO ethanol\nc1ccccc1O phenol\nCC(=O)Oc1ccccc1C(=O)O aspirin\nCN1CCC[C@H]1c1cccnc1 nicotine\n"
+)
 SEED = 14
 
 
@@ -52,6 +60,13 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         engine.dispose()
         for sub in ("genotypes", "compounds", "artifacts"):
             (folder / sub).mkdir()
+        # The files the schema's examples name, so the examples phase gets its jobs accepted and
+        # the stateful phase follows the links to real records.
+        for ext in (".bed", ".bim", ".fam"):
+            (folder / "genotypes" / f"cohort{ext}").write_bytes(
+                (GENOME / f"hm3_small{ext}").read_bytes()
+            )
+        (folder / "compounds" / "library.smi").write_text(MOLECULES)
         env = {
             **os.environ,
             "MEDBATCH_DATABASE_URL": url,
@@ -124,8 +139,20 @@ def test_schemathesis_finds_nothing_on_any_operation(live_api: tuple[str, str, P
     assert summary["operations"]["tested"] == summary["operations"]["total"] == n_operations
     assert summary["failures"] == [] and summary["errors"] == []
     assert summary["test_cases"]["generated"] > 20 * n_operations
-    # Nothing it got back names the server's folders, and the API logged no traceback.
+    assert summary["phases"]["examples"]["status"] == "success"
+    # The examples reached real records (accepted submissions, then reads of them by link) ...
     answered = har.read_text()
+    statuses = _statuses(json.loads(answered))
+    for operation, status in [
+        ("POST /v1/cases", 202),
+        ("POST /v1/genome-comparisons", 202),
+        ("POST /v1/compound-similarity", 202),
+        ("GET /v1/cases/{id}", 200),
+        ("GET /v1/genome-comparisons/{id}", 200),
+        ("GET /v1/compound-similarity/{id}/neighbours", 200),
+    ]:
+        assert statuses[operation, status] > 0, (operation, status)
+    # ... nothing it got back names the server's folders, and the API logged no traceback.
     assert str(folder) not in answered
     assert "Traceback" not in (folder / "api.log").read_text()
     phases = ", ".join(f"{k}={v['status']}" for k, v in summary["phases"].items())
@@ -134,3 +161,12 @@ def test_schemathesis_finds_nothing_on_any_operation(live_api: tuple[str, str, P
         f"{summary['test_cases']['generated']} generated cases, phases {phases}, "
         f"{summary['running_time']:.0f} s"
     )
+
+
+def _statuses(har: dict[str, Any]) -> Counter[tuple[str, int]]:
+    """How often each operation (ids written ``{id}``) answered each status."""
+    found: Counter[tuple[str, int]] = Counter()
+    for entry in har["log"]["entries"]:
+        path = re.sub(r"/\d+(?=/|$)", "/{id}", urlsplit(entry["request"]["url"]).path)
+        found[f"{entry['request']['method']} {path}", entry["response"]["status"]] += 1
+    return found
