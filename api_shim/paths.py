@@ -63,11 +63,21 @@ def confine(root: Path, name: str, field: str, *, kind: Kind) -> Path:
     return base / passed
 
 
-def public_message(text: str, root: Path, given: dict[str, str | None], *, kind: Kind) -> str:
+def public_message(
+    text: str,
+    root: Path,
+    given: dict[str, str | None],
+    *,
+    kind: Kind,
+    values: dict[str, str] | None = None,
+) -> str:
     """A worker's refusal, its server paths written as the field they came from (``<bfile>``) or
-    as the folder: neither the server's layout nor the caller's file names are echoed."""
+    as the folder, and other ``values`` the caller sent as their field: neither the server's
+    layout nor the caller's input is echoed."""
     base = str(root.resolve())
     for field, name in given.items():
         if name:
             text = text.replace(f"{base}/{files_read(name, kind)[0]}", f"<{field}>")
+    for field, value in (values or {}).items():
+        text = text.replace(repr(value), f"<{field}>")
     return text.replace(base, f"<{_FOLDER[kind]}>")

@@ -135,7 +135,13 @@ def create_compound_search(
         )
     except SubmissionError as exc:
         given = {"library": body.library, "query": body.query}
-        message = public_message(str(exc), settings.compound_dir, given, kind="molecules")
+        message = public_message(
+            str(exc),
+            settings.compound_dir,
+            given,
+            kind="molecules",
+            values={"smiles_column": body.smiles_column},
+        )
         loc = ("body",) if exc.field == "mode" else ("body", exc.field)
         raise RequestValidationError(
             [{"type": "value_error", "loc": loc, "msg": message}]

@@ -46,11 +46,15 @@ _RULE_CODES = frozenset({"business-rule", "required", "not-found", "not-supporte
 
 
 def outcome(
-    status_code: int, issues: list[dict[str, Any]], headers: Mapping[str, str] | None = None
+    status_code: int,
+    issues: list[dict[str, Any]],
+    headers: Mapping[str, str] | None = None,
+    *,
+    limit: int = 20,
 ) -> JSONResponse:
-    """An OperationOutcome response (at most 20 issues listed, with the count of all)."""
+    """An OperationOutcome response (at most ``limit`` issues listed, with the count of all)."""
     return SafeJSONResponse(
-        outcome_body(issues, 20), status_code, media_type=FHIR_JSON, headers=headers
+        outcome_body(issues, limit), status_code, media_type=FHIR_JSON, headers=headers
     )
 
 
@@ -109,7 +113,9 @@ async def submit_bundle(
     parsed = await anyio.to_thread.run_sync(intake)
     if isinstance(parsed, FhirInputError):
         code = 422 if all(i.code in _RULE_CODES for i in parsed.issues) else 400
-        return outcome(code, [i.to_fhir() for i in parsed.issues])
+        return outcome(
+            code, [i.to_fhir() for i in parsed.issues], limit=settings.max_reported_problems
+        )
     bundle, found = parsed
     accepted: list[tuple[str, repo.NewCase]] = []
     rejected: dict[str, list[dict[str, Any]]] = {}
@@ -127,7 +133,11 @@ async def submit_bundle(
         else:
             accepted.append((subject, case))
     if rejected and (bundle.type == "transaction" or not accepted):
-        return outcome(422, [i for issues in rejected.values() for i in issues])
+        return outcome(
+            422,
+            [i for issues in rejected.values() for i in issues],
+            limit=settings.max_reported_problems,
+        )
     results = repo.add_cases(session, tenant_id=tenant.id, cases=[c for _, c in accepted])
     session.commit()
     to_send = [(r.id, Priority.routine) for r in results if r.created]

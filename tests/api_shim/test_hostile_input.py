@@ -37,6 +37,7 @@ def folders(tmp_path: Path) -> Path:
     root.mkdir()
     outside.mkdir()
     (tmp_path / "compounds").mkdir()
+    (tmp_path / "compounds" / "lib.csv").write_text("id,smiles\nethanol,CCO\nphenol,c1ccccc1O\n")
     for ext in (".bed", ".bim", ".fam"):
         data = (DATA / f"hm3_small{ext}").read_bytes()
         (root / f"hm3_small{ext}").write_bytes(data)
@@ -524,6 +525,11 @@ def test_error_bodies_do_not_echo_the_callers_values(api: TestClient, auth: dict
             "/v1/cases", json={**case, "features": {**case["features"], canary: 1}}, headers=auth
         ),
         _genome(api, auth, bfile="hm3_small", keep=[canary]),
+        api.post(
+            "/v1/compound-similarity",
+            json={"library": "lib.csv", "top_k": 3, "smiles_column": canary},
+            headers=auth,
+        ),
         api.get(f"/v1/models/{canary}", headers=auth),
         api.get(f"/v1/models/breast-cancer/{canary}/report", headers=auth),
         api.post(
