@@ -183,7 +183,44 @@ def test_unbalanced_brackets_are_refused(api: TestClient, auth: dict[str, str]) 
 
 def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert json_depth(b'{"a": "[[[[{{{{", "b": [[1]], "c": "\\"[[["}') == 3
-    assert json_depth(b"[]") == 1 and json_depth(b'"x"') == 0
+    assert json_depth(b"[]") == 1 and json_depth(b'"x"') == 0 and json_depth(b"") == 0
+    assert json_depth(b'"\\\\"[[') == 2  # an escaped backslash, then a real quote
+    assert json_depth(b'"\\\\\\"[["') == 0  # an escaped quote: still inside the string
+
+
+def test_json_depth_matches_the_parsed_depth_on_random_documents() -> None:
+    import random
+
+    def depth(value: Any) -> int:
+        if isinstance(value, dict | list):
+            items = value.values() if isinstance(value, dict) else value
+            return 1 + max((depth(v) for v in items), default=0)
+        return 0
+
+    def document(level: int) -> Any:
+        r = random.random()
+        if level > 6 or r < 0.3:
+            return random.choice(['a"[\\', "]}\\\\", "x", 1, None, '\\"{'])
+        if r < 0.65:
+            return [document(level + 1) for _ in range(random.randint(0, 3))]
+        keys = ["k[", 'q\\"', "{x"]
+        return {
+            random.choice(keys) + str(i): document(level + 1) for i in range(random.randint(0, 3))
+        }
+
+    random.seed(14)
+    for _ in range(2_000):
+        value = document(0)
+        raw = json.dumps(value, ensure_ascii=random.random() < 0.5).encode()
+        assert json_depth(raw) == depth(value), raw
+
+
+def test_escaped_quotes_do_not_cost_quadratic_time(api: TestClient, auth: dict[str, str]) -> None:
+    """200 KB of escaped quotes: a regex that strips strings spent minutes on this (it would hit
+    the test timeout); the bracket count is linear."""
+    raw = b'"' + b'\\"' * 100_000
+    response = _json_post(api, "/v1/cases", raw, auth)
+    assert response.status_code == 422 and "not valid JSON" in response.text
 
 
 # -- 4. text PostgreSQL cannot store, and 5. strings UTF-8 cannot encode -------------------------
