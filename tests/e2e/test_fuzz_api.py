@@ -99,6 +99,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.mark.timeout(900)  # about two minutes here; the suite's 300 s default is too close
 def test_schemathesis_finds_nothing_on_any_operation(live_api: tuple[str, str, Path]) -> None:
     """All operations, all default checks, fixed seed and budget: zero failures, zero errors."""
     base, key, folder = live_api
