@@ -1,7 +1,8 @@
 """Schemathesis against a live API: every operation of /openapi.json, every built-in check.
 
 The API runs as its own uvicorn process on a free port, on a PostgreSQL database of its own and
-the test Redis (the broker it enqueues to); Schemathesis runs as its CLI, with the pinned version,
+the test Redis, with a worker on every queue (so submitted cases are scored and jobs finish, and
+their results and files are read back too); Schemathesis runs as its CLI, with the pinned version,
 a fixed seed and example budget (tests/e2e/schemathesis.toml), in its four phases (examples,
 coverage, fuzzing, stateful). It must find nothing: no 5xx, no undocumented status, media type or
 body shape, no schema-violating request accepted, no schema-valid one refused (but for the rules
@@ -80,6 +81,16 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
         procs = Processes(env, folder)
         port = free_port()
         proc = procs.start("api", "api", "--port", str(port))
+        worker = procs.start(
+            "worker",
+            "worker",
+            "--queues",
+            "score.stat,score.routine,score.bulk,genome,chem",
+            "--hostname",
+            f"fuzz-{uuid.uuid4().hex[:6]}@%h",
+            MEDBATCH_LOG_LEVEL="INFO",
+            MEDBATCH_WORKER_METRICS_PORT="0",
+        )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
@@ -91,6 +102,10 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
                 pass
             assert time.monotonic() < deadline, procs.log("api")
             time.sleep(0.2)
+        while " ready." not in procs.log("worker"):
+            assert worker.poll() is None, procs.log("worker")
+            assert time.monotonic() < deadline + 60, procs.log("worker")
+            time.sleep(0.5)
         yield base, key, folder
     finally:
         if procs is not None:
@@ -156,6 +171,7 @@ def test_schemathesis_finds_nothing_on_any_operation(live_api: tuple[str, str, P
     # ... nothing it got back names the server's folders, and the API logged no traceback.
     assert str(folder) not in answered
     assert "Traceback" not in (folder / "api.log").read_text()
+    assert "Traceback" not in (folder / "worker.log").read_text()
     phases = ", ".join(f"{k}={v['status']}" for k, v in summary["phases"].items())
     print(
         f"\nschemathesis {summary['schemathesis_version']}: {n_operations} operations, "
