@@ -1,23 +1,32 @@
 """The audit trail: every request under /v1, allowed or denied, becomes one ``audit_events`` row.
 
-Who (tenant and API client, from the key the route checked), what (method and route template),
-which record (path parameters: internal ids; for a FHIR search, its ``subject``), when,
-and the outcome. Written after the response, in a thread; a failure to write is logged (without
-the request's content) and does not turn an answered request into an error.
+Who (tenant, API client and key, from the key the route checked), what (method and route
+template), which record (path parameters: internal ids; and what a route says it answered for,
+such as a FHIR search's ``subject``), when, and the outcome.
+
+It fails closed: the row is committed when the route has decided its answer and before the first
+byte of it leaves (the ASGI ``http.response.start`` message is held back until then). If the row
+cannot be written, the client gets 503 and none of the answer: no data is released unaudited.
+The key's ``last_used_at`` is touched in the same transaction.
 """
 
 from __future__ import annotations
 
 import logging
-from urllib.parse import parse_qs
+from typing import Any
+from urllib.parse import parse_qsl
 
 import anyio
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.errors import error_response, problem
 from db import repo
 
 log = logging.getLogger(__name__)
+
+#: ``request.state`` key where a route names what it answered for (``{"subject": ...}``).
+STATE_KEY = "audit_resource"
 
 
 def outcome(status: int) -> str:
@@ -30,6 +39,13 @@ def outcome(status: int) -> str:
     return "invalid" if status < 500 else "error"
 
 
+def record_resource(request_state: Any, **what: str) -> None:
+    """Name, for the audit row, what this request answers for (call it from the route)."""
+    found = getattr(request_state, STATE_KEY, None) or {}
+    found.update(what)
+    setattr(request_state, STATE_KEY, found)
+
+
 class AuditTrail:
     def __init__(self, app: ASGIApp, *, sessions: sessionmaker[Session]) -> None:
         self.app = app
@@ -39,30 +55,47 @@ class AuditTrail:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        status = 500
+        recorded = False
+        withheld = False
 
-        async def watch(message: Message) -> None:
-            nonlocal status
+        async def audited_send(message: Message) -> None:
+            nonlocal recorded, withheld
             if message["type"] == "http.response.start":
-                status = message["status"]
+                recorded = True
+                written = await anyio.to_thread.run_sync(self._record, scope, message["status"])
+                if not written:
+                    withheld = True
+                    await _unavailable(scope, send)
+                    return
+            if withheld:
+                return
             await send(message)
 
         try:
-            await self.app(scope, receive, watch)
-        finally:
-            await anyio.to_thread.run_sync(self._record, scope, status)
+            await self.app(scope, receive, audited_send)
+        except BaseException:
+            if not recorded:
+                await anyio.to_thread.run_sync(self._record, scope, 500)
+            raise
 
-    def _record(self, scope: Scope, status: int) -> None:
+    def _record(self, scope: Scope, status: int) -> bool:
+        """Write the row; False if it could not be written."""
         state = scope.get("state", {})
         caller = state.get("caller")
         tenant_id = caller.tenant_id if caller is not None else state.get("idempotency_tenant_id")
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        params = dict(scope.get("path_params", {}))
-        # A FHIR search names its patient in the query: the audit trail (not the log) keeps it.
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        if "subject" in query:
-            params["subject"] = query["subject"][0]
+        params = {k: str(v) for k, v in dict(scope.get("path_params", {})).items()}
+        answered = state.get(STATE_KEY)
+        if answered:
+            params.update(answered)
+        else:
+            # Not answered (refused before the route ran): the patient asked for, if any. The
+            # guard refuses repeated parameters, so there is one value to name.
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            if "subject" in query:
+                params["subject"] = query["subject"]
+        params = {k: _exact(v) for k, v in params.items()}
         action = f"{scope['method']} {template}"[:100]
         log.info("%s %d", action, status)
         try:
@@ -76,6 +109,33 @@ class AuditTrail:
                     status=status,
                     outcome=outcome(status),
                 )
+                if caller is not None and caller.key_id is not None:
+                    repo.touch_api_key(session, key_id=caller.key_id)
                 session.commit()
         except Exception as exc:
-            log.error("audit event not written: %s", type(exc).__name__)
+            log.error("audit event not written, answer withheld: %s", type(exc).__name__)
+            return False
+        return True
+
+
+def _exact(value: str) -> str:
+    """The value as it came, with unprintable characters (a NUL in a path) written as escapes."""
+    return value if value.isprintable() else value.encode("unicode_escape").decode("ascii")
+
+
+async def _unavailable(scope: Scope, send: Send) -> None:
+    response = error_response(
+        scope["path"],
+        503,
+        [
+            problem(
+                (), "the audit trail cannot be written; nothing was released, try again", "audit"
+            )
+        ],
+        limit=1,
+    )
+    await response(scope, _disconnected, send)
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}

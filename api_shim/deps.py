@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Annotated
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator, WithJsonSchema
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
@@ -60,11 +62,14 @@ def get_caller(
             "missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    caller = repo.caller_for_key(session, api_key=credentials.credentials)
-    if caller is None:
+    try:
+        caller = repo.authenticate(session, api_key=credentials.credentials)
+    except repo.KeyRejected as exc:
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "unknown API key", headers={"WWW-Authenticate": "Bearer"}
-        )
+            status.HTTP_401_UNAUTHORIZED,
+            exc.reason,
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        ) from None
     # For the audit trail (api_shim/audit.py), which runs around the route.
     request.state.caller = caller
     return caller
@@ -98,18 +103,67 @@ GenomeSubmitterDep = Annotated[Tenant, Depends(require("genome:submit"))]
 CompoundSubmitterDep = Annotated[Tenant, Depends(require("compounds:submit"))]
 
 
-def path_inside(root: Path, name: str, field: str) -> Path:
-    """``root/name``, refused unless it stays inside ``root`` (no absolute paths, no ``..``)."""
-    base = root.resolve()
-    path = (base / name).resolve()
-    if Path(name).is_absolute() or not path.is_relative_to(base):
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("body", field),
-                    "msg": "must be a fileset prefix inside the server's genotype folder",
-                }
-            ]
-        )
-    return path
+#: A model reference: ``name`` or ``name@version`` (the registry's names are of this shape).
+MODEL_REF = r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9.+_-]*)?$"
+#: Free text that a database column stores: no control characters (PostgreSQL refuses NUL).
+TEXT = r"^[^\x00-\x1f\x7f]*$"
+#: The same, without whitespace at either end (identifiers).
+TRIMMED_TEXT = r"^[^\s\x00-\x1f\x7f]([^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$"
+
+#: Ids are 64-bit columns: a larger one is refused (422) instead of reaching the database.
+MAX_ID = 2**63 - 1
+#: A record's id in a path.
+IdPath = Annotated[int, PathParam(ge=1, le=MAX_ID, description="an id this API gave out")]
+#: A page's cursor (0: the first page).
+CursorQuery = Annotated[int, Query(ge=0, le=MAX_ID, description="`next_cursor` of the last page")]
+
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
+def _rfc3339(value: object) -> object:
+    """Only RFC 3339 date-times with an offset (no bare dates, no Unix seconds, no naive times)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-11-23T00:00:00Z")
+    try:
+        # Python keeps microseconds: a longer fraction is cut to six digits.
+        head, dot, tail = value.partition(".")
+        if dot:
+            digits = len(tail) - len(tail.lstrip("0123456789"))
+            value = f"{head}.{tail[: min(digits, 6)].ljust(6, '0')}{tail[digits:]}"
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            "not a calendar date-time (month 1-12, day of that month, hour 0-23)"
+        ) from None
+
+
+#: A moment with its offset, as RFC 3339 writes it.
+Moment = Annotated[
+    datetime,
+    BeforeValidator(_rfc3339),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+def to_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; one whose UTC time falls outside years 1..9999 (``0001-01-01T00:00+01:00``)
+    is clamped to the first or last representable moment, which every comparison treats alike."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        edge = datetime.min if moment.year == 1 else datetime.max
+        return edge.replace(tzinfo=UTC)
+
+
+def exactly_one(a: str, b: str) -> dict[str, Any]:
+    """JSON Schema for "give exactly one of the properties ``a`` and ``b``"."""
+    return {
+        "oneOf": [
+            {"required": [a], "not": {"required": [b]}},
+            {"required": [b], "not": {"required": [a]}},
+        ]
+    }

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.errors import FHIR_JSON, SafeJSONResponse, fhir_issue, outcome_body
 from db import idempotency, repo
 
 HEADER = b"idempotency-key"
@@ -37,7 +38,9 @@ class Idempotency:
             return
         key = raw_key.decode("latin-1")
         if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
-            await _json(send, 400, "Idempotency-Key must be 1 to 255 visible ASCII characters")
+            await _json(
+                scope, send, 400, "Idempotency-Key must be 1 to 255 visible ASCII characters"
+            )
             return
         caller = await anyio.to_thread.run_sync(self._caller, headers.get(b"authorization"))
         if caller is None:  # the route answers 401
@@ -54,10 +57,12 @@ class Idempotency:
             self._claim, tenant_id, client, key, digest.hexdigest()
         )
         if found.state == "mismatch":
-            await _json(send, 422, "this Idempotency-Key was used with a different request")
+            await _json(scope, send, 422, "this Idempotency-Key was used with a different request")
             return
         if found.state == "processing":
-            await _json(send, 409, "a request with this Idempotency-Key is still being processed")
+            await _json(
+                scope, send, 409, "a request with this Idempotency-Key is still being processed"
+            )
             return
         if found.state == "done":
             await _replay(send, found)
@@ -145,8 +150,17 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _json(send: Send, status: int, detail: str) -> None:
-    response = JSONResponse({"detail": detail}, status)
+async def _json(scope: Scope, send: Send, status: int, detail: str) -> None:
+    """``{"detail": ...}``, or an OperationOutcome on a FHIR route."""
+    if scope["path"].startswith("/v1/fhir"):
+        code = {409: "conflict", 422: "business-rule"}.get(status, "invalid")
+        response: JSONResponse = SafeJSONResponse(
+            outcome_body([fhir_issue(code, detail, "Idempotency-Key")], 1),
+            status,
+            media_type=FHIR_JSON,
+        )
+    else:
+        response = SafeJSONResponse({"detail": detail}, status)
     await response({"type": "http"}, _disconnected, send)
 
 

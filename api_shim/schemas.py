@@ -7,21 +7,40 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from api_shim.deps import MODEL_REF, TEXT, TRIMMED_TEXT
 from db.tables import CaseStatus, Priority
+
+
+def _names_by_pattern(schema: dict[str, Any]) -> None:
+    """Pydantic writes a key pattern as patternProperties, which lets other keys through; the
+    rule is on every name (propertyNames)."""
+    patterns = schema.pop("patternProperties", None)
+    if patterns:
+        schema.setdefault("propertyNames", {})["pattern"] = next(iter(patterns))
+
+
+#: Most features one case may carry (the largest input schema has a few dozen).
+MAX_FEATURES = 1024
 
 
 class CaseCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     external_id: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)
-    ]
-    model: Annotated[
-        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=160)
-    ] = Field(description="`name` (its default version) or `name@version`")
+        str, StringConstraints(min_length=1, max_length=200, pattern=TRIMMED_TEXT)
+    ] = Field(description="the sender's id of the case; no control characters or edge spaces")
+    model: Annotated[str, StringConstraints(min_length=1, max_length=160, pattern=MODEL_REF)] = (
+        Field(description="`name` (its default version) or `name@version`")
+    )
     priority: Priority = Priority.routine
     #: Checked against the model's input schema (numbers, series or codes), feature by feature.
-    features: dict[str, Any]
+    features: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=TEXT)], Any
+    ] = Field(
+        max_length=MAX_FEATURES,
+        description="feature name to value, as GET /v1/models lists",
+        json_schema_extra=_names_by_pattern,
+    )
 
 
 class CaseAccepted(BaseModel):

@@ -11,7 +11,7 @@ import json
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import BigInteger, Table, and_, any_, bindparam, case, or_, select, text, update
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from db.tables import (
     SCOPES,
     ApiClient,
+    ApiKey,
     AuditEvent,
     Batch,
     Case,
@@ -56,12 +57,54 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
-def create_tenant(session: Session, *, name: str, api_key: str | None = None) -> tuple[Tenant, str]:
-    """Create a tenant; return it with its API key (shown once: only its hash is stored)."""
-    key = api_key or "mbk_" + secrets.token_urlsafe(32)
-    tenant = Tenant(name=name, api_key_sha256=hash_api_key(key))
+#: How long a new key works unless told otherwise (Settings.api_key_lifetime_days is the knob).
+DEFAULT_KEY_LIFETIME = timedelta(days=365)
+#: ``last_used_at`` is written at most this often per key (each write is a row lock).
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+
+
+def _make_key() -> str:
+    return "mbk_" + secrets.token_urlsafe(32)
+
+
+def _new_key(
+    session: Session,
+    *,
+    tenant_id: int,
+    client_id: int | None,
+    lifetime: timedelta | None,
+    api_key: str | None = None,
+) -> tuple[ApiKey, str]:
+    key = api_key or _make_key()
+    now = utcnow()
+    row = ApiKey(
+        tenant_id=tenant_id,
+        client_id=client_id,
+        sha256=hash_api_key(key),
+        created_at=now,
+        expires_at=None if lifetime is None else now + lifetime,
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def create_tenant(
+    session: Session,
+    *,
+    name: str,
+    api_key: str | None = None,
+    lifetime: timedelta | None = DEFAULT_KEY_LIFETIME,
+) -> tuple[Tenant, str]:
+    """Create a tenant with its own key (every scope); return both (the key is shown once: only
+    its hash is stored). ``lifetime`` None: the key never expires."""
+    api_key = api_key or _make_key()
+    tenant = Tenant(name=name, api_key_sha256=hash_api_key(api_key))
     session.add(tenant)
     session.flush()
+    _, key = _new_key(
+        session, tenant_id=tenant.id, client_id=None, lifetime=lifetime, api_key=api_key
+    )
     return tenant, key
 
 
@@ -79,36 +122,180 @@ class Caller:
     scopes: frozenset[str]
     #: Plain ids, readable after the request's session is gone (the audit trail needs them).
     tenant_id: int = 0
+    key_id: int | None = None
+
+
+class KeyRejected(Exception):
+    """A key that does not authenticate; ``reason`` says why in words fit for the caller."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def authenticate(session: Session, *, api_key: str, now: datetime | None = None) -> Caller:
+    """The caller a key stands for; :class:`KeyRejected` if it is unknown, expired or revoked.
+
+    The tenant's own key holds every scope; a client's key the scopes it was given."""
+    now = now or utcnow()
+    key = session.scalar(select(ApiKey).where(ApiKey.sha256 == hash_api_key(api_key)))
+    if key is None:
+        raise KeyRejected("unknown API key")
+    client = None if key.client_id is None else session.get(ApiClient, key.client_id)
+    revoked = key.revoked_at or (client.revoked_at if client is not None else None)
+    if revoked is not None:
+        raise KeyRejected(
+            f"API key revoked at {revoked.isoformat(timespec='seconds')}; "
+            "ask the tenant's administrator for a new one"
+        )
+    if key.expires_at is not None and key.expires_at <= now:
+        raise KeyRejected(
+            f"API key expired at {key.expires_at.isoformat(timespec='seconds')}; "
+            "ask the tenant's administrator for a new one (medbatch db rotate-key)"
+        )
+    tenant = session.get(Tenant, key.tenant_id)
+    assert tenant is not None
+    scopes = frozenset(SCOPES) if client is None else frozenset(client.scopes)
+    return Caller(tenant, key.client_id, scopes, tenant.id, key.id)
 
 
 def caller_for_key(session: Session, *, api_key: str) -> Caller | None:
-    """The tenant's own key holds every scope; a client's key the scopes it was given."""
-    digest = hash_api_key(api_key)
-    tenant = session.scalar(select(Tenant).where(Tenant.api_key_sha256 == digest))
-    if tenant is not None:
-        return Caller(tenant, None, frozenset(SCOPES), tenant.id)
-    client = session.scalar(select(ApiClient).where(ApiClient.api_key_sha256 == digest))
-    if client is None:
+    """:func:`authenticate`, with None for a key that does not authenticate."""
+    try:
+        return authenticate(session, api_key=api_key)
+    except KeyRejected:
         return None
-    tenant = session.get(Tenant, client.tenant_id)
-    assert tenant is not None
-    return Caller(tenant, client.id, frozenset(client.scopes), tenant.id)
+
+
+def touch_api_key(session: Session, *, key_id: int) -> None:
+    """Record a use of the key (to :data:`LAST_USED_RESOLUTION`)."""
+    now = utcnow()
+    session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id == key_id,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - LAST_USED_RESOLUTION),
+        )
+        .values(last_used_at=now),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def create_client(
-    session: Session, *, tenant_id: int, name: str, scopes: Sequence[str]
+    session: Session,
+    *,
+    tenant_id: int,
+    name: str,
+    scopes: Sequence[str],
+    lifetime: timedelta | None = DEFAULT_KEY_LIFETIME,
 ) -> tuple[ApiClient, str]:
     """An API client of a tenant with ``scopes``; return it with its key (shown once)."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes)}")
-    key = "mbk_" + secrets.token_urlsafe(32)
+    key = _make_key()
     client = ApiClient(
         tenant_id=tenant_id, name=name, api_key_sha256=hash_api_key(key), scopes=sorted(scopes)
     )
     session.add(client)
     session.flush()
+    _new_key(session, tenant_id=tenant_id, client_id=client.id, lifetime=lifetime, api_key=key)
     return client, key
+
+
+@dataclass(frozen=True)
+class Rotated:
+    key: str
+    key_id: int
+    expires_at: datetime | None
+    #: The holder's earlier keys that still work, and until when.
+    overlapping: list[tuple[int, datetime | None]]
+
+
+def rotate_key(
+    session: Session,
+    *,
+    tenant_id: int,
+    client_id: int | None,
+    overlap: timedelta,
+    lifetime: timedelta | None = DEFAULT_KEY_LIFETIME,
+) -> Rotated:
+    """A new key for the tenant (``client_id`` None) or one of its clients; the holder's other
+    keys stop working ``overlap`` from now (or earlier, if they expire before)."""
+    now = utcnow()
+    cut = now + overlap
+    holder = and_(
+        ApiKey.tenant_id == tenant_id,
+        ApiKey.client_id.is_(None) if client_id is None else ApiKey.client_id == client_id,
+        ApiKey.revoked_at.is_(None),
+    )
+    session.execute(
+        update(ApiKey)
+        .where(holder, or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > cut))
+        .values(expires_at=cut),
+        execution_options={"synchronize_session": False},
+    )
+    overlapping = [
+        (k.id, k.expires_at)
+        for k in session.scalars(
+            select(ApiKey).where(holder, ApiKey.expires_at > now).order_by(ApiKey.id)
+        )
+    ]
+    row, key = _new_key(session, tenant_id=tenant_id, client_id=client_id, lifetime=lifetime)
+    return Rotated(key, row.id, row.expires_at, overlapping)
+
+
+def revoke_client(session: Session, *, client_id: int) -> int:
+    """Stop every key of a client now; return how many keys were still unrevoked."""
+    now = utcnow()
+    session.execute(
+        update(ApiClient)
+        .where(ApiClient.id == client_id, ApiClient.revoked_at.is_(None))
+        .values(revoked_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    result = session.execute(
+        update(ApiKey)
+        .where(ApiKey.client_id == client_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def list_keys(session: Session, *, tenant_id: int) -> list[dict[str, Any]]:
+    """Every key of a tenant and its clients (never the key itself), oldest first."""
+    rows = session.execute(
+        select(ApiKey, ApiClient)
+        .outerjoin(ApiClient, ApiClient.id == ApiKey.client_id)
+        .where(ApiKey.tenant_id == tenant_id)
+        .order_by(ApiKey.client_id.is_not(None), ApiClient.name, ApiKey.id)
+    ).all()
+    now = utcnow()
+    out = []
+    for key, client in rows:
+        revoked = key.revoked_at or (client.revoked_at if client is not None else None)
+        state = (
+            "revoked"
+            if revoked is not None
+            else "expired"
+            if key.expires_at is not None and key.expires_at <= now
+            else "active"
+        )
+        out.append(
+            {
+                "client": None if client is None else client.name,
+                "client_id": key.client_id,
+                "scopes": sorted(SCOPES) if client is None else list(client.scopes),
+                "key_id": key.id,
+                "state": state,
+                "created_at": key.created_at,
+                "expires_at": key.expires_at,
+                "revoked_at": revoked,
+                "last_used_at": key.last_used_at,
+            }
+        )
+    return out
 
 
 def add_audit_event(session: Session, **fields: Any) -> None:

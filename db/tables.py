@@ -86,7 +86,9 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    #: Only the sha256 of the API key is stored; the key itself is shown once, at creation.
+    #: The sha256 of the key made with this row. Authentication reads :class:`ApiKey` (which
+    #: holds this key too, and any later ones); the column stays because SQLite cannot drop a
+    #: UNIQUE column without rebuilding a table that others reference (migration 0011).
     api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -297,16 +299,43 @@ SCOPES = ("cases:submit", "results:read", "genome:submit", "compounds:submit", "
 
 class ApiClient(Base):
     """A system that calls the API for a tenant (an integration engine, a nightly job), with the
-    scopes it holds; only the sha256 of its key is stored."""
+    scopes it holds. Its keys are :class:`ApiKey` rows."""
 
     __tablename__ = "api_clients"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(100))
+    #: The sha256 of the key made with this row. Authentication reads :class:`ApiKey` (which
+    #: holds this key too, and any later ones); the column stays because SQLite cannot drop a
+    #: UNIQUE column without rebuilding a table that others reference (migration 0011).
     api_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Set by ``medbatch db revoke-client``: every key of the client stops working at once.
+    revoked_at: Mapped[datetime | None]
+
+
+class ApiKey(Base):
+    """An API key of a tenant (``client_id`` None: the tenant's own key, every scope) or of one of
+    its clients. Only its sha256 is stored; the key itself is shown once.
+
+    Rotation adds a key and gives the holder's older keys an ``expires_at`` at the end of the
+    overlap window, so callers can switch over without a gap."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_tenant_client", "tenant_id", "client_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    client_id: Mapped[int | None] = mapped_column(ForeignKey("api_clients.id", ondelete="CASCADE"))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: None: never (keys made before expiry existed; or a lifetime of 0 days, on purpose).
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    #: When a request last authenticated with it (to the minute: touched at most once a minute).
+    last_used_at: Mapped[datetime | None]
 
 
 class AuditEvent(Base):

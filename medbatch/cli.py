@@ -8,8 +8,14 @@ import logging
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medbatch.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -37,8 +43,13 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
         engine = make_engine(settings.database_url)
         try:
             with session_scope(make_sessionmaker(engine)) as session:
-                tenant, key = create_tenant(session, name=args.name)
-                print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key}))
+                tenant, key = create_tenant(
+                    session, name=args.name, lifetime=_key_lifetime(args, settings)
+                )
+                expires = _expiry(session, key)
+                print(
+                    json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires})
+                )
         except IntegrityError:
             print(
                 f"medbatch db create-tenant: tenant {args.name!r} already exists", file=sys.stderr
@@ -64,7 +75,11 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
                 scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
                 try:
                     client, key = create_client(
-                        session, tenant_id=tenant_id, name=args.name, scopes=scopes
+                        session,
+                        tenant_id=tenant_id,
+                        name=args.name,
+                        scopes=scopes,
+                        lifetime=_key_lifetime(args, settings),
                     )
                 except ValueError as exc:
                     print(f"medbatch db create-client: --scopes: {exc}", file=sys.stderr)
@@ -76,13 +91,117 @@ def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
                             "id": client.id,
                             "scopes": client.scopes,
                             "api_key": key,
+                            **_expiry(session, key),
                         }
                     )
                 )
         finally:
             engine.dispose()
         return 0
+    if args.db_command in ("rotate-key", "revoke-client", "list-clients"):
+        return _key_lifecycle(args, settings)
     raise AssertionError(args.db_command)
+
+
+def _key_lifetime(args: argparse.Namespace, settings: Settings) -> timedelta | None:
+    """--lifetime-days, else MEDBATCH_API_KEY_LIFETIME_DAYS; 0 means never."""
+    from datetime import timedelta
+
+    days = settings.api_key_lifetime_days if args.lifetime_days is None else args.lifetime_days
+    return None if days == 0 else timedelta(days=days)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
+
+
+def _expiry(session: Session, key: str) -> dict[str, str | None]:
+    from sqlalchemy import select
+
+    from db import repo
+
+    expires = session.scalar(
+        select(repo.ApiKey.expires_at).where(repo.ApiKey.sha256 == repo.hash_api_key(key))
+    )
+    return {"expires_at": _iso(expires)}
+
+
+def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
+    """rotate-key, revoke-client, list-clients: a tenant's keys, never printed but once."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import ApiClient, Tenant
+
+    command = f"medbatch db {args.db_command}"
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+            if tenant_id is None:
+                print(f"{command}: no tenant {args.tenant!r}", file=sys.stderr)
+                return 2
+            if args.db_command == "list-clients":
+                for row in repo.list_keys(session, tenant_id=tenant_id):
+                    print(
+                        json.dumps(
+                            {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
+                        )
+                    )
+                return 0
+            client = None
+            name = getattr(args, "client", None)
+            if name is not None:
+                client = session.scalar(
+                    select(ApiClient).where(
+                        ApiClient.tenant_id == tenant_id, ApiClient.name == name
+                    )
+                )
+                if client is None:
+                    print(
+                        f"{command}: tenant {args.tenant!r} has no client {name!r}", file=sys.stderr
+                    )
+                    return 2
+            if args.db_command == "revoke-client":
+                assert client is not None
+                keys = repo.revoke_client(session, client_id=client.id)
+                print(json.dumps({"client": client.name, "id": client.id, "keys_revoked": keys}))
+                return 0
+            if client is not None and client.revoked_at is not None:
+                print(f"{command}: client {name!r} is revoked; create a new one", file=sys.stderr)
+                return 2
+            hours = (
+                settings.api_key_rotation_overlap_h
+                if args.overlap_hours is None
+                else args.overlap_hours
+            )
+            rotated = repo.rotate_key(
+                session,
+                tenant_id=tenant_id,
+                client_id=None if client is None else client.id,
+                overlap=timedelta(hours=hours),
+                lifetime=_key_lifetime(args, settings),
+            )
+            print(
+                json.dumps(
+                    {
+                        "tenant": args.tenant,
+                        "client": name,
+                        "key_id": rotated.key_id,
+                        "api_key": rotated.key,
+                        "expires_at": _iso(rotated.expires_at),
+                        "previous_keys_work_until": {
+                            str(k): _iso(until) for k, until in rotated.overlapping
+                        },
+                    }
+                )
+            )
+            return 0
+    finally:
+        engine.dispose()
 
 
 def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
@@ -702,18 +821,48 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = db.add_subparsers(dest="db_command", required=True)
     up = dsub.add_parser("upgrade", help="run Alembic migrations")
     up.add_argument("revision", nargs="?", default="head")
-    tenant = dsub.add_parser("create-tenant", help="create a tenant and print its API key once")
+    lifetime = argparse.ArgumentParser(add_help=False)
+    lifetime.add_argument(
+        "--lifetime-days",
+        type=int,
+        help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
+    )
+    tenant = dsub.add_parser(
+        "create-tenant", parents=[lifetime], help="create a tenant and print its API key once"
+    )
     tenant.add_argument("name")
     client = dsub.add_parser(
-        "create-client", help="an API client of a tenant with scopes; prints its key once"
+        "create-client",
+        parents=[lifetime],
+        help="an API client of a tenant with scopes; prints its key once",
     )
     client.add_argument("tenant")
     client.add_argument("name")
     client.add_argument(
         "--scopes",
         required=True,
-        help="comma-separated: cases:submit, results:read, genome:submit, admin",
+        help="comma-separated: cases:submit, results:read, genome:submit, compounds:submit, admin",
     )
+    rotate = dsub.add_parser(
+        "rotate-key",
+        parents=[lifetime],
+        help="a new key for a tenant (or --client); the old ones work until the overlap ends",
+    )
+    rotate.add_argument("tenant")
+    rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
+    rotate.add_argument(
+        "--overlap-hours",
+        type=float,
+        help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
+        "24; 0: they stop now)",
+    )
+    revoke = dsub.add_parser("revoke-client", help="stop every key of a client, now")
+    revoke.add_argument("tenant")
+    revoke.add_argument("client")
+    listing = dsub.add_parser(
+        "list-clients", help="a tenant's keys: client, scopes, state, expiry, last use (no keys)"
+    )
+    listing.add_argument("tenant")
     db.set_defaults(func=cmd_db)
     return parser
 

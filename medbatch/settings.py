@@ -43,8 +43,17 @@ class Settings(BaseSettings):
     requeue_after_s: int = Field(default=300, ge=1)
     #: How often the beat schedule runs the sweeper.
     sweep_interval_s: float = Field(default=60.0, gt=0)
-    #: Requests larger than this are refused with 413 before they are parsed.
+    #: Requests larger than this are refused with 413 before they are parsed (chunked too).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    #: JSON bodies nested deeper than this are refused with 422 (a FHIR Bundle needs about 10).
+    max_json_depth: int = Field(default=32, ge=2, le=200)
+    #: An error body lists at most this many problems, with the count of all of them.
+    max_reported_problems: int = Field(default=20, ge=1, le=1000)
+    #: Days a new API key works (``medbatch db create-tenant|create-client|rotate-key``);
+    #: 0: it never expires.
+    api_key_lifetime_days: int = Field(default=365, ge=0, le=36500)
+    #: Hours an old key keeps working after ``medbatch db rotate-key`` (the switch-over window).
+    api_key_rotation_overlap_h: float = Field(default=24.0, ge=0, le=24 * 90)
     #: A drop folder of FHIR Bulk Data exports (one per subfolder, or the folder itself) that
     #: beat scores every night at ``nightly_hour_utc``; unset: no nightly run.
     nightly_dir: Path | None = None
@@ -86,6 +95,8 @@ class Settings(BaseSettings):
     explain_sequences: bool = False
     #: Port of the worker's Prometheus endpoint; 0 turns it off.
     worker_metrics_port: int = Field(default=9108, ge=0, le=65535)
+    #: Address it listens on: loopback unless told otherwise (compose opens it to its network).
+    worker_metrics_host: str = "127.0.0.1"
     #: Python logging level of the API, worker and CLI.
     log_level: str = "INFO"
 

@@ -59,7 +59,7 @@ def _empty_tables(engine: Engine) -> None:
             conn.execute(
                 text(
                     "TRUNCATE compound_neighbours, compound_tiles, compound_jobs, audit_events, "
-                    "api_clients, idempotency_keys, genome_pairs, genome_tiles, "
+                    "api_keys, api_clients, idempotency_keys, genome_pairs, genome_tiles, "
                     "genome_jobs, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
@@ -71,6 +71,7 @@ def _empty_tables(engine: Engine) -> None:
                 "compound_tiles",
                 "compound_jobs",
                 "audit_events",
+                "api_keys",
                 "api_clients",
                 "idempotency_keys",
                 "genome_pairs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -36,12 +37,16 @@ MESSAGES_REJECTED = Counter(
 )
 
 
-def serve(port: int) -> None:
-    """Expose the metrics on ``port``; a taken port costs the metrics, never the worker."""
+def serve(port: int, host: str = "127.0.0.1") -> WSGIServer | None:
+    """Expose the metrics on ``host:port`` (loopback unless told otherwise: they name models and
+    queues, and nothing outside the machine needs them unless a scraper is set up for it).
+    A taken port costs the metrics, never the worker. Returns the server (None if not serving)."""
     if not port:
-        return
+        return None
     try:
-        start_http_server(port)
-        log.info("worker metrics on :%d/metrics", port)
+        server, _ = start_http_server(port, addr=host)
     except OSError as exc:
-        log.warning("worker metrics not served: port %d: %s", port, exc)
+        log.warning("worker metrics not served: %s:%d: %s", host, port, exc)
+        return None
+    log.info("worker metrics on %s:%d/metrics", host, port)
+    return server

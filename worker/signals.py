@@ -19,7 +19,7 @@ def _on_worker_ready(sender: Any, **_: object) -> None:
     if not hasattr(app, "medbatch"):
         return
     ctx = context(app)
-    metrics.serve(ctx.settings.worker_metrics_port)
+    metrics.serve(ctx.settings.worker_metrics_port, ctx.settings.worker_metrics_host)
     ctx.warm_up()
     # A worker starting after an outage picks up what was stranded, without waiting for beat.
     from worker.tasks.maintenance import requeue_stale_cases_task

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
 from api_shim.deps import CeleryDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
+from api_shim.errors import model_problem
 from api_shim.metrics import CASES_SUBMITTED
 from api_shim.schemas import CaseAccepted, CaseCreate, CasesAccepted
 from db import repo
@@ -93,11 +94,27 @@ def check_against_registry(
         seen.add(case.external_id)
         try:
             spec = registry.resolve(case.model)
-        except RegistryError as exc:
-            errors.append(_error((*loc, "model"), str(exc.args[0]), "value_error"))
+        except RegistryError:
+            errors.append(
+                _error((*loc, "model"), model_problem(registry, case.model), "value_error")
+            )
             continue
+        unexpected = 0
         for name, problem in check_features(spec, case.features).items():
-            errors.append(_error((*loc, "features", name), problem, "value_error"))
+            if name in spec.feature_set:
+                errors.append(_error((*loc, "features", name), problem, "value_error"))
+            else:
+                unexpected += 1
+        if unexpected:
+            # Counted, not listed: the names are the caller's, and there may be very many.
+            errors.append(
+                _error(
+                    (*loc, "features"),
+                    f"{unexpected} feature name(s) not in the input schema of {spec.ref} "
+                    f"(GET /v1/models/{spec.name} lists them)",
+                    "extra_forbidden",
+                )
+            )
         new.append(
             repo.NewCase(
                 external_id=case.external_id,
@@ -112,13 +129,17 @@ def check_against_registry(
     return new
 
 
-async def _json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError as exc:
-        raise RequestValidationError(
-            [_error(("body",), f"body is not valid JSON: {exc}", "json_invalid")]
-        ) from None
+def _json_body(request: Request) -> Any:
+    """The body, parsed and checked by api_shim/guard.py (depth, numbers, storable strings)."""
+    if "json_body" not in request.scope.get("state", {}):
+        raise RequestValidationError([_error(("body",), "a body is required", "missing")])
+    return request.state.json_body
+
+
+def _positions(raw: Any, external_ids: list[str]) -> list[int]:
+    taken = set(external_ids)
+    cases = raw if isinstance(raw, list) else [raw]
+    return [i for i, c in enumerate(cases) if c.get("external_id") in taken]
 
 
 @router.post(
@@ -148,7 +169,8 @@ def submit_cases(
             status.HTTP_409_CONFLICT,
             {
                 "msg": "external_id already used for a case with another model or other features",
-                "external_ids": exc.external_ids,
+                # Positions in the request, not the ids themselves (they may identify patients).
+                "positions": _positions(raw, exc.external_ids),
             },
         ) from None
     to_send = [(r.id, c.priority) for r, c in zip(results, new, strict=True) if r.created]

@@ -12,33 +12,45 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim.deps import (
+    TEXT,
     CeleryDep,
     CompoundSubmitterDep,
+    CursorQuery,
+    IdPath,
     ReaderDep,
     SessionDep,
     SessionsDep,
     SettingsDep,
-    path_inside,
+    exactly_one,
 )
+from api_shim.paths import confine, public_message
 from db import compounds as jobs
 
 router = APIRouter(prefix="/v1", tags=["compounds"])
 
+_NOT_FOUND = "no compound search with this id for this tenant"
+
 
 class CompoundSearchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            **exactly_one("top_k", "threshold"),
+            "examples": [{"library": "library.smi", "top_k": 5}],
+        },
+    )
 
     #: Molecule files relative to the server's compound folder: .smi (SMILES id), .sdf, .csv.
-    library: str = Field(min_length=1, max_length=500)
+    library: str = Field(min_length=1, max_length=500, pattern=TEXT)
     #: Queries; without them, the library is searched against itself (all pairs, self excluded).
-    query: str | None = Field(default=None, min_length=1, max_length=500)
+    query: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     top_k: int | None = Field(default=None, ge=1, le=1000)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     metric: Literal["tanimoto", "dice"] = "tanimoto"
     fingerprint: Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"] = "morgan"
     radius: int = Field(default=2, ge=0, le=6)
     bits: int = Field(default=2048, ge=64, le=16384)
-    smiles_column: str = Field(default="smiles", min_length=1, max_length=100)
+    smiles_column: str = Field(default="smiles", min_length=1, max_length=100, pattern=TEXT)
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
@@ -98,8 +110,10 @@ def create_compound_search(
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.tasks.compounds import SubmissionError, submit
 
-    library = path_inside(settings.compound_dir, body.library, "library")
-    query = None if body.query is None else path_inside(settings.compound_dir, body.query, "query")
+    library = confine(settings.compound_dir, body.library, "library", kind="molecules")
+    query = None
+    if body.query is not None:
+        query = confine(settings.compound_dir, body.query, "query", kind="molecules")
     try:
         return _public(
             submit(
@@ -120,7 +134,14 @@ def create_compound_search(
             )
         )
     except SubmissionError as exc:
-        message = str(exc).replace(str(settings.compound_dir.resolve()) + "/", "")
+        given = {"library": body.library, "query": body.query}
+        message = public_message(
+            str(exc),
+            settings.compound_dir,
+            given,
+            kind="molecules",
+            values={"smiles_column": body.smiles_column},
+        )
         loc = ("body",) if exc.field == "mode" else ("body", exc.field)
         raise RequestValidationError(
             [{"type": "value_error", "loc": loc, "msg": message}]
@@ -130,12 +151,12 @@ def create_compound_search(
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(job_id: int, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
     from worker.tasks.compounds import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"compound search {job_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     return _public(describe(job))
 
 
@@ -145,16 +166,16 @@ def read_compound_search(job_id: int, tenant: ReaderDep, session: SessionDep) ->
     responses={404: {}},
 )
 def list_job_neighbours(
-    job_id: int,
+    job_id: IdPath,
     tenant: ReaderDep,
     session: SessionDep,
-    query_id: Annotated[str | None, Query(max_length=200)] = None,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
+    cursor: CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
     if jobs.get_job(session, job_id=job_id, tenant_id=tenant.id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"compound search {job_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     rows = jobs.list_neighbours(
         session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
     )
@@ -170,9 +191,9 @@ def list_job_neighbours(
 
 
 @router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})
-def download_neighbours(job_id: int, tenant: ReaderDep, session: SessionDep) -> FileResponse:
+def download_neighbours(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> FileResponse:
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     path = None if job is None else Path(job.output_dir) / "neighbours.csv"
     if job is None or job.status != "done" or path is None or not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no neighbours file for search {job_id}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no neighbours file for this search (yet)")
     return FileResponse(path, filename=f"neighbours-{job_id}.csv", media_type="text/csv")

@@ -9,17 +9,29 @@ a ``batch`` or ``collection`` queues the patients that can be scored and answers
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from api_shim.deps import CeleryDep, ReaderDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
+from api_shim.audit import record_resource
+from api_shim.deps import (
+    MODEL_REF,
+    CeleryDep,
+    IdPath,
+    Moment,
+    ReaderDep,
+    RegistryDep,
+    SessionDep,
+    SettingsDep,
+    SubmitterDep,
+)
+from api_shim.errors import SafeJSONResponse, model_problem, outcome_body
 from db import repo
 from db.tables import Case, Priority, Score
 from models.registry import ModelSpec, RegistryError
@@ -37,14 +49,15 @@ _RULE_CODES = frozenset({"business-rule", "required", "not-found", "not-supporte
 
 
 def outcome(
-    status_code: int, issues: list[dict[str, Any]], headers: Mapping[str, str] | None = None
+    status_code: int,
+    issues: list[dict[str, Any]],
+    headers: Mapping[str, str] | None = None,
+    *,
+    limit: int = 20,
 ) -> JSONResponse:
-    """An OperationOutcome response."""
-    return JSONResponse(
-        {"resourceType": "OperationOutcome", "issue": issues},
-        status_code,
-        media_type=FHIR_JSON,
-        headers=headers,
+    """An OperationOutcome response (at most ``limit`` issues listed, with the count of all)."""
+    return SafeJSONResponse(
+        outcome_body(issues, limit), status_code, media_type=FHIR_JSON, headers=headers
     )
 
 
@@ -63,52 +76,86 @@ async def submit_bundle(
     registry: RegistryDep,
     settings: SettingsDep,
     celery: CeleryDep,
-    model: Annotated[str, Query(min_length=1, max_length=150)] = "whas500-mortality",
-    as_of: Annotated[datetime | None, Query()] = None,
+    model: Annotated[str, Query(min_length=1, max_length=150, pattern=MODEL_REF)] = (
+        "whas500-mortality"
+    ),
+    as_of: Annotated[
+        Moment | None,
+        Query(description="the moment to score at (RFC 3339, years 1900 to 2199; default now)"),
+    ] = None,
     lookback_days: Annotated[int, Query(ge=1, le=36500)] = 730,
 ) -> JSONResponse:
     """Queue one case per Patient of a Bundle, its features taken from the Bundle's resources."""
     from models.fhir_features import FhirInputError, parse_bundle
     from worker.fhir_intake import case_from_record
 
-    try:
-        data = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as exc:
-        return outcome(400, [issue("structure", f"the body is not JSON: {type(exc).__name__}")])
+    # Parsed (depth, numbers and strings checked) by api_shim/guard.py.
+    data = getattr(request.state, "json_body", None)
+    if data is None:
+        return outcome(400, [issue("required", "send a FHIR Bundle as the body")])
     try:
         spec = registry.resolve(model)
-    except RegistryError as exc:
-        return outcome(422, [issue("not-found", str(exc), "model")])
-    try:
-        bundle = parse_bundle(data)
-    except FhirInputError as exc:
-        code = 422 if all(i.code in _RULE_CODES for i in exc.issues) else 400
-        return outcome(code, [i.to_fhir() for i in exc.issues])
-    when = (as_of or datetime.now(UTC)).astimezone(UTC)
+    except RegistryError:
+        return outcome(422, [issue("not-found", model_problem(registry, model), "model")])
+    when = (as_of or datetime.now(UTC)).astimezone(UTC) if _in_range(as_of) else None
+    if when is None:
+        return outcome(400, [issue("value", "must lie in the years 1900 to 2199", "as_of")])
+
+    def intake() -> Any:
+        # Off the event loop: validating a large Bundle takes a while, /healthz must not wait.
+        try:
+            bundle = parse_bundle(data)
+        except FhirInputError as exc:
+            return exc
+        found = [
+            (
+                case_from_record(spec, record, as_of=when, lookback_days=lookback_days),
+                record.identifiers,
+            )
+            for record in bundle.patients.values()
+        ]
+        return bundle, found
+
+    parsed = await anyio.to_thread.run_sync(intake)
+    if isinstance(parsed, FhirInputError):
+        code = 422 if all(i.code in _RULE_CODES for i in parsed.issues) else 400
+        return outcome(
+            code, [i.to_fhir() for i in parsed.issues], limit=settings.max_reported_problems
+        )
+    bundle, found = parsed
     accepted: list[tuple[Intake, list[tuple[str, str]]]] = []
-    rejected: list[Intake] = []
-    for record in bundle.patients.values():
-        intake = case_from_record(spec, record, as_of=when, lookback_days=lookback_days)
+    # A refused patient is named by its place in the Bundle: its subject is the caller's value.
+    rejected: list[tuple[int, Intake]] = []
+    for n, (intake, identifiers) in enumerate(found, start=1):
         if intake.case is None:
-            rejected.append(intake)
+            rejected.append((n, intake))
         else:
-            accepted.append((intake, record.identifiers))
+            accepted.append((intake, identifiers))
     refusals = {
         intake.subject: [
-            issue("business-rule", f"{intake.subject}: {name}: {why}", f"{spec.ref}.{name}")
+            issue(
+                "business-rule",
+                f"patient {n} of the Bundle: {name}: {why}",
+                f"{spec.ref}.{name}",
+            )
             for name, why in intake.problems.items()
         ]
         + [
             _note(
                 "information",
-                f"{intake.subject}: {i['feature']}: {i['resource']} not used: {i['reason']}",
+                f"patient {n} of the Bundle: {i['feature']}: {i['resource']} not used: "
+                f"{i['reason']}",
             )
             for i in (intake.found.ignored if intake.found is not None else [])
         ]
-        for intake in rejected
+        for n, intake in rejected
     }
     if rejected and (bundle.type == "transaction" or not accepted):
-        return outcome(422, [i for issues in refusals.values() for i in issues])
+        return outcome(
+            422,
+            [i for issues in refusals.values() for i in issues],
+            limit=settings.max_reported_problems,
+        )
     cases = [intake.case for intake, _ in accepted if intake.case is not None]
     results = repo.add_cases(session, tenant_id=tenant.id, cases=cases)
     for intake, identifiers in accepted:
@@ -175,6 +222,11 @@ def _reported(intake: Intake) -> list[dict[str, Any]]:
     return out
 
 
+def _in_range(moment: datetime | None) -> bool:
+    """None (now), or a moment from 1900 to 2199: lookback windows before it stay in the calendar."""
+    return moment is None or 1900 <= moment.year <= 2199
+
+
 def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[str, Any]:
     """A score as a FHIR R4 RiskAssessment."""
     ref = f"{score.model_name}@{score.model_version}"
@@ -234,6 +286,7 @@ def _spec(registry: Any, score: Score) -> ModelSpec | None:
 
 @router.get("/RiskAssessment", response_model=None)
 def search_risk_assessments(
+    request: Request,
     tenant: ReaderDep,
     session: SessionDep,
     registry: RegistryDep,
@@ -263,6 +316,8 @@ def search_risk_assessments(
         subjects = repo.subjects_with_identifier(
             session, tenant_id=tenant.id, system=system if bar else None, value=value
         )
+    # The audit row names the patients this answer is about (api_shim/audit.py).
+    record_resource(request.state, subject=",".join(subjects))
     rows = session.execute(
         select(Case, Score)
         .join(Score, Score.case_id == Case.id)
@@ -288,7 +343,7 @@ def search_risk_assessments(
 
 @router.get("/RiskAssessment/{score_id}", response_model=None)
 def read_risk_assessment(
-    score_id: int, tenant: ReaderDep, session: SessionDep, registry: RegistryDep
+    score_id: IdPath, tenant: ReaderDep, session: SessionDep, registry: RegistryDep
 ) -> JSONResponse:
     row = session.execute(
         select(Case, Score)
@@ -296,6 +351,6 @@ def read_risk_assessment(
         .where(Score.id == score_id, Case.tenant_id == tenant.id, Score.shadow.is_(False))
     ).first()
     if row is None:
-        return outcome(404, [issue("not-found", f"RiskAssessment/{score_id} not found")])
+        return outcome(404, [issue("not-found", "no RiskAssessment with this id for this tenant")])
     case, score = row
     return JSONResponse(risk_assessment(case, score, _spec(registry, score)), media_type=FHIR_JSON)

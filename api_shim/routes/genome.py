@@ -12,38 +12,52 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim.deps import (
+    TEXT,
     CeleryDep,
+    CursorQuery,
     GenomeSubmitterDep,
+    IdPath,
     ReaderDep,
     SessionDep,
     SessionsDep,
     SettingsDep,
-    path_inside,
+    exactly_one,
 )
+from api_shim.paths import confine, public_message
 from db import genome as jobs
 
 router = APIRouter(prefix="/v1", tags=["genome"])
+
+_NOT_FOUND = "no genome comparison with this id for this tenant"
 
 #: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
 THIRD_DEGREE = 2.0**-4.5
 
 
 class GenomeComparisonCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            **exactly_one("bfile", "vcf"),
+            "examples": [{"metric": "king", "bfile": "cohort"}],
+        },
+    )
 
     metric: Literal["grm", "king", "ibs", "dot"]
     #: A PLINK 1 fileset prefix, relative to the server's genotype folder ...
-    bfile: str | None = Field(default=None, min_length=1, max_length=500)
+    bfile: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: ... or a VCF/BCF file there (give exactly one of the two).
-    vcf: str | None = Field(default=None, min_length=1, max_length=500)
+    vcf: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: Query samples (a fileset prefix or VCF, same variants) to compare against the cohort only.
-    query: str | None = Field(default=None, min_length=1, max_length=500)
+    query: str | None = Field(default=None, min_length=1, max_length=500, pattern=TEXT)
     #: KING kinship above which pairs are recorded (default: third degree or closer).
     threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
     ibs_missing: Literal["frequency", "flat"] = "frequency"
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
     #: Samples of the cohort to keep (IIDs), as ``plink --keep``.
-    keep: list[str] | None = Field(default=None, min_length=1, max_length=1_000_000)
+    keep: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT)]] | None = Field(
+        default=None, min_length=1, max_length=1_000_000
+    )
     #: Drop variants whose minor allele frequency in the kept samples is lower, as ``plink --maf``.
     min_maf: float | None = Field(default=None, ge=0.0, le=0.5)
     #: ``square``: the matrix (and, for KING, its related pairs); ``pairs`` (KING, PLINK 1
@@ -109,8 +123,11 @@ def create_genome_comparison(
             [{"type": "value_error", "loc": ("body",), "msg": "give exactly one of bfile and vcf"}]
         )
     field = "bfile" if body.bfile is not None else "vcf"
-    bfile = path_inside(settings.genotype_dir, body.bfile or body.vcf or "", field)
-    query = None if body.query is None else path_inside(settings.genotype_dir, body.query, "query")
+    given = {field: body.bfile or body.vcf or "", "query": body.query}
+    bfile = confine(settings.genotype_dir, given[field] or "", field, kind="genotypes")
+    query = None
+    if body.query is not None:
+        query = confine(settings.genotype_dir, body.query, "query", kind="genotypes")
     try:
         return _public(
             submit(
@@ -131,24 +148,39 @@ def create_genome_comparison(
             )
         )
     except SubmissionError as exc:
-        # Paths are the server's: name the file by what the client sent, not where it lives.
-        message = str(exc).replace(str(settings.genotype_dir.resolve()) + "/", "")
         loc = field if exc.field == "bfile" else exc.field
         raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body", loc), "msg": message}]
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("body", loc),
+                    "msg": _message(exc, loc, settings.genotype_dir, given),
+                }
+            ]
         ) from None
+
+
+def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:
+    """A refusal in words that hold neither a server path nor the caller's values."""
+    if field == "keep":  # the message would name the caller's sample ids
+        return (
+            "names a sample that is not in the cohort, or an IID not unique there (give [FID, IID])"
+        )
+    return public_message(str(exc), root, given, kind="genotypes")
 
 
 @router.get(
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
-def read_genome_comparison(job_id: int, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+def read_genome_comparison(
+    job_id: IdPath, tenant: ReaderDep, session: SessionDep
+) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.tasks.genome import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     return _public(describe(job))
 
 
@@ -159,34 +191,36 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
-def download_output(job_id: int, name: str, tenant: ReaderDep, session: SessionDep) -> FileResponse:
+def download_output(
+    job_id: IdPath, name: str, tenant: ReaderDep, session: SessionDep
+) -> FileResponse:
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
     from worker.tasks.genome import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
     if name not in files:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"no output {name!r} (outputs: {', '.join(sorted(files))})"
+            status.HTTP_404_NOT_FOUND, f"no such output (outputs: {', '.join(sorted(files))})"
         )
     return FileResponse(files[name], filename=name, media_type="application/octet-stream")
 
 
 @router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
 def list_related_pairs(
-    job_id: int,
+    job_id: IdPath,
     tenant: ReaderDep,
     session: SessionDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-    cursor: Annotated[int, Query(ge=0)] = 0,
+    cursor: CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"genome comparison {job_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     rows = jobs.list_pairs(
         session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )

@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel
 
 from api_shim.deps import RegistryDep, SettingsDep, TenantDep
+from api_shim.errors import model_problem
 from models.registry import ModelSpec, Registry, RegistryError, report_dir
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -98,8 +99,9 @@ def read_report(
     """The held-out evaluation metrics of a model version (written by `medbatch models evaluate`)."""
     try:
         spec = registry.resolve(f"{name}@{version}")
-    except RegistryError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+    except RegistryError:
+        ref = f"{name}@{version}"
+        raise HTTPException(status.HTTP_404_NOT_FOUND, model_problem(registry, ref)) from None
     path = report_dir(settings.artifact_dir, spec) / "metrics.json"
     if not path.is_file():
         raise HTTPException(
@@ -114,8 +116,5 @@ def read_report(
 def read_model(name: str, registry: RegistryDep, _: TenantDep) -> ModelPublic:
     """One model and its versions."""
     if name not in registry.names():
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            f"unknown model {name!r} (known models: {', '.join(registry.names())})",
-        )
+        raise HTTPException(status.HTTP_404_NOT_FOUND, model_problem(registry, name))
     return _model(registry, name)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from api_shim.deps import ReaderDep, SessionDep, SettingsDep
+from api_shim.deps import (
+    MODEL_REF,
+    CursorQuery,
+    IdPath,
+    Moment,
+    ReaderDep,
+    SessionDep,
+    SettingsDep,
+    to_utc,
+)
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
 from db import repo
 from db.tables import CaseStatus
@@ -20,11 +25,11 @@ router = APIRouter(prefix="/v1", tags=["results"])
 
 
 @router.get("/cases/{case_id}", response_model=CasePublic, responses={404: {}})
-def read_case(case_id: int, tenant: ReaderDep, session: SessionDep) -> CasePublic:
+def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePublic:
     """One case: its status, delivery count, last error and scores."""
     case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
     if case is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"case {case_id} not found")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no case with this id for this tenant")
     return CasePublic(
         id=case.id,
         external_id=case.external_id,
@@ -53,40 +58,27 @@ def read_case(case_id: int, tenant: ReaderDep, session: SessionDep) -> CasePubli
     )
 
 
-def encode_cursor(after_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after_id}).encode()).decode()
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        after = json.loads(base64.urlsafe_b64decode(cursor.encode()))["after"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        after = None
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "cursor"),
-                    "msg": "not a cursor from next_cursor",
-                }
-            ]
-        )
-    return after
-
-
 @router.get("/scores", response_model=ResultsPublic)
 def list_scores(
     tenant: ReaderDep,
     session: SessionDep,
     settings: SettingsDep,
-    model: Annotated[str | None, Query(description="`name` or `name@version`")] = None,
+    model: Annotated[
+        str | None,
+        Query(
+            description="`name` or `name@version`", min_length=1, max_length=160, pattern=MODEL_REF
+        ),
+    ] = None,
     status_: Annotated[CaseStatus | None, Query(alias="status")] = None,
     since: Annotated[
-        datetime | None, Query(description="cases updated at or after (ISO 8601)")
+        Moment | None, Query(description="cases updated at or after (RFC 3339, with offset)")
     ] = None,
-    limit: Annotated[int, Query(ge=1)] = 100,
-    cursor: str | None = None,
+    limit: Annotated[
+        int, Query(ge=1, description="page size, at most MEDBATCH_MAX_PAGE_SIZE (500)")
+    ] = 100,
+    # The last page's last case id (the cursor was base64 JSON before; any string of digits that
+    # fits a 64-bit id is a valid cursor now, so the schema can say which cursors are accepted).
+    cursor: CursorQuery = 0,
 ) -> ResultsPublic:
     """Results of this tenant's cases in case id order; follow `next_cursor` for the next page."""
     if limit > settings.max_page_size:
@@ -99,24 +91,13 @@ def list_scores(
                 }
             ]
         )
-    if since is not None and since.tzinfo is None:
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("query", "since"),
-                    "msg": "give a timezone, e.g. 2026-11-23T00:00:00Z",
-                }
-            ]
-        )
-    after = decode_cursor(cursor) if cursor else 0
     rows = repo.list_results(
         session,
         tenant_id=tenant.id,
         model=model,
         status=status_,
-        since=since,
-        after_id=after,
+        since=None if since is None else to_utc(since),
+        after_id=cursor,
         limit=limit,
     )
     items = [
@@ -134,5 +115,5 @@ def list_scores(
         )
         for case, score in rows
     ]
-    next_cursor = encode_cursor(rows[-1][0].id) if len(rows) == limit else None
+    next_cursor = str(rows[-1][0].id) if len(rows) == limit else None
     return ResultsPublic(items=items, next_cursor=next_cursor)

@@ -124,3 +124,142 @@ def test_cli_creates_a_client_with_scopes_or_says_why_not(
     headers = {"Authorization": f"Bearer {made['api_key']}"}
     assert api.get("/v1/cases/1", headers=headers).status_code == 404  # authenticated, allowed
     assert api.post("/v1/cases", headers=headers, json=wdbc_cases(1)).status_code == 403
+
+
+# -- key lifecycle: expiry, revocation, rotation with overlap, last use -------------------------
+
+
+def _tenant_key(sessions: sessionmaker[Session], **kw) -> str:  # type: ignore[no-untyped-def]
+    with session_scope(sessions) as s:
+        return repo.create_tenant(s, name="hospital-a", **kw)[1]
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_new_keys_expire_after_the_default_lifetime(pg_sessions: sessionmaker[Session]) -> None:
+    from datetime import timedelta
+
+    from db.tables import ApiKey, utcnow
+
+    _tenant_key(pg_sessions)
+    with pg_sessions() as s:
+        (expires,) = s.scalars(select(ApiKey.expires_at)).all()
+    assert expires is not None
+    assert abs(expires - (utcnow() + timedelta(days=365))) < timedelta(minutes=1)
+
+
+def test_an_expired_key_is_401_and_says_so(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    from datetime import timedelta
+
+    key = _tenant_key(pg_sessions, lifetime=timedelta(seconds=-1))
+    response = api.get("/v1/models", headers=_bearer(key))
+    assert response.status_code == 401
+    assert "expired" in response.json()["detail"] and "rotate-key" in response.json()["detail"]
+    # An expired key's POST with an Idempotency-Key is not processed either.
+    again = api.post(
+        "/v1/cases", json=wdbc_cases(1), headers={**_bearer(key), "Idempotency-Key": "k1"}
+    )
+    assert again.status_code == 401
+
+
+def test_a_revoked_client_is_401_and_says_so(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    headers = _client(pg_sessions, "hospital-a", "results:read")
+    assert api.get("/v1/models", headers=headers).status_code == 200
+    with session_scope(pg_sessions) as s:
+        (client_id,) = s.scalars(select(repo.ApiClient.id)).all()
+        assert repo.revoke_client(s, client_id=client_id) == 1
+    response = api.get("/v1/models", headers=headers)
+    assert response.status_code == 401 and "revoked" in response.json()["detail"]
+
+
+def test_rotation_keeps_the_old_key_for_the_overlap_only(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    from datetime import timedelta
+
+    old = _tenant_key(pg_sessions)
+    with session_scope(pg_sessions) as s:
+        tenant_id = s.scalar(select(repo.Tenant.id))
+        first = repo.rotate_key(s, tenant_id=tenant_id, client_id=None, overlap=timedelta(hours=1))
+    assert len(first.overlapping) == 1  # the old key, until the overlap ends
+    for key in (old, first.key):
+        assert api.get("/v1/models", headers=_bearer(key)).status_code == 200
+    with session_scope(pg_sessions) as s:
+        second = repo.rotate_key(s, tenant_id=tenant_id, client_id=None, overlap=timedelta(0))
+    assert second.overlapping == []
+    for key in (old, first.key):
+        response = api.get("/v1/models", headers=_bearer(key))
+        assert response.status_code == 401 and "expired" in response.json()["detail"]
+    assert api.get("/v1/models", headers=_bearer(second.key)).status_code == 200
+
+
+def test_last_use_is_recorded_with_the_audit_row(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    key = _tenant_key(pg_sessions)
+    with pg_sessions() as s:
+        tenant_id = s.scalar(select(repo.Tenant.id))
+        assert repo.list_keys(s, tenant_id=tenant_id)[0]["last_used_at"] is None
+    assert api.get("/v1/models", headers=_bearer(key)).status_code == 200
+    with pg_sessions() as s:
+        (row,) = repo.list_keys(s, tenant_id=tenant_id)
+        event = s.scalars(select(AuditEvent)).one()
+    assert row["last_used_at"] is not None and row["state"] == "active"
+    assert abs(row["last_used_at"] - event.at).total_seconds() < 5
+
+
+def test_cli_rotates_revokes_and_lists_keys(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    api: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    import json
+
+    from medbatch.cli import main
+    from medbatch.settings import get_settings
+
+    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
+    monkeypatch.setenv("MEDBATCH_API_KEY_LIFETIME_DAYS", "7")
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    assert main(["db", "create-tenant", "hospital-a"]) == 0
+    tenant = json.loads(capsys.readouterr().out)
+    assert tenant["expires_at"] is not None  # 7 days, from the setting
+    assert main(["db", "create-client", "hospital-a", "engine", "--scopes", "results:read"]) == 0
+    engine = json.loads(capsys.readouterr().out)
+    assert (
+        main(["db", "rotate-key", "hospital-a", "--client", "engine", "--overlap-hours", "0"]) == 0
+    )
+    rotated = json.loads(capsys.readouterr().out)
+    assert rotated["api_key"] != engine["api_key"] and rotated["previous_keys_work_until"] == {}
+    assert api.get("/v1/models", headers=_bearer(engine["api_key"])).status_code == 401
+    assert api.get("/v1/models", headers=_bearer(rotated["api_key"])).status_code == 200
+    assert main(["db", "rotate-key", "hospital-a", "--lifetime-days", "0"]) == 0
+    never = json.loads(capsys.readouterr().out)
+    assert never["expires_at"] is None and len(never["previous_keys_work_until"]) == 1
+    assert main(["db", "revoke-client", "hospital-a", "engine"]) == 0
+    assert json.loads(capsys.readouterr().out)["keys_revoked"] == 2
+    assert api.get("/v1/models", headers=_bearer(rotated["api_key"])).status_code == 401
+    assert main(["db", "rotate-key", "hospital-a", "--client", "engine"]) == 2
+    assert "revoked" in capsys.readouterr().err
+    assert main(["db", "list-clients", "hospital-a"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["client"], r["state"]) for r in listed] == [
+        (None, "active"),
+        (None, "active"),
+        ("engine", "revoked"),
+        ("engine", "revoked"),
+    ]
+    assert all("api_key" not in r for r in listed)
+    assert tenant["api_key"] not in json.dumps(listed)
+    assert main(["db", "revoke-client", "hospital-a", "nobody"]) == 2
+    assert main(["db", "list-clients", "nobody"]) == 2

@@ -99,7 +99,7 @@ def test_a_search_is_queued_then_served(
         ({"library": "library.smi", "top_k": 3, "threshold": 0.5}, ["body"], "exactly one"),
         ({"library": "library.smi"}, ["body"], "exactly one"),
         ({"library": "../../etc/passwd", "top_k": 3}, ["body", "library"], "inside the server"),
-        ({"library": "nope.smi", "top_k": 3}, ["body", "library"], "nope.smi not found"),
+        ({"library": "nope.smi", "top_k": 3}, ["body", "library"], "<library> not found"),
         ({"library": "library.smi", "top_k": 0}, ["body", "top_k"], "greater"),
         ({"library": "library.smi", "threshold": 2}, ["body", "threshold"], "less"),
         (

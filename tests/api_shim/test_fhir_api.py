@@ -127,7 +127,7 @@ def _without_birth_date(body: dict) -> dict:
 @pytest.mark.parametrize(
     ("make", "status", "code", "fragment"),
     [
-        (lambda b: b"{not json", 400, "structure", "not JSON"),
+        (lambda b: b"{not json", 400, "structure", "not valid JSON"),
         (lambda b: {"hello": "world"}, 400, None, ""),
         (lambda b: {"resourceType": "Patient", "id": "p1"}, 400, None, "Bundle"),
         (

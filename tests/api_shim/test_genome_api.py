@@ -143,12 +143,16 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         ({"metric": "kinship", "bfile": "hm3_small"}, ["body", "metric"], "Input should be"),
         ({"metric": "grm", "bfile": "../../../etc/passwd"}, ["body", "bfile"], "inside the server"),
         ({"metric": "grm", "bfile": "/etc/hosts"}, ["body", "bfile"], "inside the server"),
-        ({"metric": "grm", "bfile": "nope"}, ["body", "bfile"], "nope.bed not found"),
+        ({"metric": "grm", "bfile": "nope"}, ["body", "bfile"], "<bfile>.bed not found"),
         ({"metric": "grm", "bfile": "hm3_small", "query": "nope"}, ["body", "query"], "not found"),
         ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
         ({"metric": "grm", "bfile": "hm3_small", "extra": 1}, ["body", "extra"], "Extra inputs"),
         ({"metric": "grm"}, ["body"], "exactly one of bfile and vcf"),
-        ({"metric": "grm", "bfile": "hm3_small", "keep": ["NOPE"]}, ["body", "keep"], "NOPE"),
+        (
+            {"metric": "grm", "bfile": "hm3_small", "keep": ["NOPE"]},
+            ["body", "keep"],
+            "not in the cohort",
+        ),
         ({"metric": "grm", "bfile": "hm3_small", "min_maf": 0.7}, ["body", "min_maf"], "less"),
         ({"metric": "grm", "bfile": "hm3_small", "vcf": "x.vcf"}, ["body"], "exactly one"),
         ({"metric": "grm", "vcf": "multi.vcf"}, ["body", "vcf"], "is not biallelic"),
@@ -181,6 +185,7 @@ def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
     (error,) = response.json()["detail"]
     assert error["loc"] == loc and fragment in error["msg"], error
     assert str(genotypes) not in response.text  # server paths are not disclosed
+    assert "NOPE" not in response.text and "nope" not in response.text  # nor the caller's values
     with pg_sessions() as s:
         assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
     assert redis_client.llen(GENOME_QUEUE) == 0
