@@ -1,0 +1,523 @@
+"""The popcount engine of :mod:`models.chem`: shared bits as AND + popcount on packed uint64 words.
+
+A fingerprint of ``n_bits`` bits is ``W = ceil(n_bits / 64)`` uint64 words (zero-padded; a zero
+word adds nothing to any count). The shared-bit count of a query and a library molecule is
+``Σ_w popcount(q[w] & l[w])``: 32 words at 2,048 bits, where a GEMM of 0/1 matrices spends 2,048
+multiply-adds.
+
+The library is stored in blocks of :data:`LANES` molecules, word-interleaved: word ``w`` of the
+block's 8 molecules lie side by side, so one 512-bit load holds it for all 8, and a query word
+broadcast against it gives 8 counts at once without a horizontal sum. :func:`_count8` writes that
+inner loop as LLVM IR on ``<8 x i64>`` vectors (``llvm.ctpop.v8i64``), and LLVM lowers it for the
+CPU numba compiles for: ``vpopcntq`` on 512-bit registers with AVX-512 VPOPCNTDQ (Intel Ice Lake
+and later, AMD Zen 4), a ``vpshufb`` nibble table with AVX2, ``cnt`` on ARM NEON, scalar
+``popcnt`` elsewhere (:func:`count8_assembly` shows it; tests check each).
+
+Searches keep the library sorted by popcount and prune by the Swamidass-Baldi bound ``min(a,
+b) / max(a, b)`` (Tanimoto; Dice ``2 min / (a + b)``): a query of popcount ``a`` only meets the
+library rows whose popcount lies in the window where the bound reaches its current k-th best
+score (top-k) or the threshold. For cache reuse, queries run in groups of similar popcount
+(:data:`GROUP` at a time) against chunks of the library that stay in L1/L2
+(:data:`CHUNK_BYTES`); top-k visits the chunks outwards from the group's popcounts, so the
+k-th best scores rise early and the windows close. A cheap integer cut on the counts (a little
+under the smallest count that could reach the score sought) picks candidates; each is then
+scored exactly as RDKit scores, in float64 (numba compiles IEEE division: no fastmath here).
+
+Work is spread over threads by a pool of Python threads calling ``nogil`` kernels, each on its
+own groups of queries (they write disjoint rows), ``numba.get_num_threads()`` of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import llvmlite.ir as ir
+import numba
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: Library molecules per interleaved block: one 512-bit vector of uint64 counts.
+LANES = 8
+#: Queries per group (sorted by popcount): they share each library chunk while it is in cache.
+GROUP = 32
+#: Library bytes per chunk a group works through (a fraction of L2, most of it in L1).
+CHUNK_BYTES = 64 * 1024
+#: Relative slack on the integer count cut, far above float64 rounding, far below the gap between
+#: two scores (≥ 1/n_bits²); the exact check removes what it lets through.
+_CUT_SLACK = 1e-6
+_NO_INDEX = np.iinfo(np.int64).max
+
+T = TypeVar("T")
+
+
+# --- the inner loop, as LLVM IR -----------------------------------------------------------------
+
+
+def _emit_count8(
+    builder: ir.IRBuilder, q: ir.Value, t: ir.Value, n_words: ir.Value, cut: ir.Value
+) -> tuple[ir.Value, ir.Value]:
+    """IR for the 8 counts ``Σ_w ctpop(q[w] & t[8w + l])`` and the i64 bitmask of ``count >= cut``.
+
+    ``q`` and ``t`` are ``i64*``; ``n_words`` and ``cut`` are i64.
+    """
+    i64 = ir.IntType(64)
+    vec = ir.VectorType(i64, LANES)
+    ctpop = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vec, [vec]), f"llvm.ctpop.v{LANES}i64"
+    )
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+    undef = ir.Constant(vec, ir.Undefined)
+    acc = cgutils.alloca_once_value(builder, ir.Constant(vec, None))
+    with cgutils.for_range(builder, n_words) as loop:
+        word = builder.load(builder.gep(q, [loop.index]))
+        splat = builder.shuffle_vector(
+            builder.insert_element(undef, word, ir.Constant(ir.IntType(32), 0)), undef, zeros
+        )
+        row = builder.gep(t, [builder.mul(loop.index, ir.Constant(i64, LANES))])
+        lanes = builder.load(builder.bitcast(row, vec.as_pointer()), align=8)
+        total = builder.add(builder.load(acc), builder.call(ctpop, [builder.and_(splat, lanes)]))
+        builder.store(total, acc)
+    counts = builder.load(acc)
+    cut_v = builder.shuffle_vector(
+        builder.insert_element(undef, cut, ir.Constant(ir.IntType(32), 0)), undef, zeros
+    )
+    hit = builder.icmp_signed(">=", counts, cut_v)
+    mask = builder.zext(builder.bitcast(hit, ir.IntType(LANES)), i64)
+    return counts, mask
+
+
+def _count8_ir(typingctx: Any, q: Any, q0: Any, t: Any, t0: Any, n_words: Any, cut: Any, out: Any):
+    """``out[:8]`` = the shared-bit counts of query words ``q[q0 : q0 + n_words]`` with the
+    interleaved block at ``t[t0 :]``; returns the bitmask of the lanes whose count is ``>= cut``."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, sig: Any, args: Sequence[ir.Value]) -> Any:
+        q_arr = context.make_array(sig.args[0])(context, builder, args[0])
+        t_arr = context.make_array(sig.args[2])(context, builder, args[2])
+        out_arr = context.make_array(sig.args[6])(context, builder, args[6])
+        q_ptr = builder.gep(q_arr.data, [args[1]])
+        t_ptr = builder.gep(t_arr.data, [args[3]])
+        counts, mask = _emit_count8(builder, q_ptr, t_ptr, args[4], args[5])
+        builder.store(counts, builder.bitcast(out_arr.data, counts.type.as_pointer()), align=8)
+        return mask
+
+    return types.int64(q, types.int64, t, types.int64, types.int64, types.int64, out), codegen
+
+
+_count8: Any = intrinsic(_count8_ir)
+
+
+def count8_assembly(triple: str = "", cpu: str = "", features: str = "") -> str:
+    """The machine code LLVM makes of :func:`_count8`'s loop for a target (default: this CPU,
+    as numba compiles it), to check which popcount instruction it uses."""
+    import llvmlite.binding as llvm
+
+    i64 = ir.IntType(64)
+    module = ir.Module(name="count8")
+    fn = ir.Function(
+        module, ir.FunctionType(i64, [i64.as_pointer(), i64.as_pointer(), i64, i64]), "count8"
+    )
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    counts, mask = _emit_count8(builder, fn.args[0], fn.args[1], fn.args[2], fn.args[3])
+    builder.store(counts, builder.bitcast(fn.args[0], counts.type.as_pointer()))
+    builder.ret(mask)
+    triple = triple or llvm.get_process_triple()
+    if not cpu:
+        cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    parsed = llvm.parse_assembly(str(module))
+    machine = llvm.Target.from_triple(triple).create_target_machine(
+        cpu=cpu, features=features, opt=3
+    )
+    parsed.triple = triple
+    return str(machine.emit_assembly(parsed))
+
+
+# --- exact scores, bounds and cuts --------------------------------------------------------------
+
+
+@njit(inline="always")
+def _score(c: int, a: int, b: int, dice: bool) -> float:
+    """RDKit's float64 division: Tanimoto ``c / (a + b - c)``, Dice ``2c / (a + b)``, 0 for 0/0."""
+    if dice:
+        num = 2.0 * c
+        den = float(a + b)
+    else:
+        num = float(c)
+        den = float(a + b - c)
+    if den == 0.0:
+        return 0.0
+    return num / den
+
+
+@njit(inline="always")
+def _bound(a: int, b: int, dice: bool) -> float:
+    """The best score a popcount-``a`` query can reach against popcount ``b`` (Swamidass-Baldi)."""
+    return _score(min(a, b), a, b, dice)
+
+
+@njit(inline="always")
+def _window(a: int, best: float, lo: int, hi: int, dice: bool) -> tuple[int, int]:
+    """Shrink [lo, hi] (around ``a``) to the popcounts whose bound reaches ``best``; empty
+    (lo > hi) when even ``b = a`` cannot. The bound rises to ``b = a`` and falls after it."""
+    while lo <= a and lo <= hi and _bound(a, lo, dice) < best:
+        lo += 1
+    while hi >= a and hi >= lo and _bound(a, hi, dice) < best:
+        hi -= 1
+    if lo > a or hi < a:
+        return a + 1, a
+    return lo, hi
+
+
+@njit(inline="always")
+def _cut(best: float, a: int, b_lo: int, dice: bool) -> int:
+    """A little under the smallest count that can score ``>= best`` against any ``b >= b_lo``:
+    Tanimoto ``c ≥ best/(1+best)·(a+b)``, Dice ``c ≥ best/2·(a+b)``."""
+    if not best > 0.0:
+        return 0
+    key = best / 2.0 if dice else best / (1.0 + best)
+    return int(np.ceil(key * (a + b_lo) * (1.0 - _CUT_SLACK)))
+
+
+@njit(inline="always")
+def _better(s: float, j: int, s_ref: float, j_ref: int) -> bool:
+    """Ranks above: a higher score, or an equal one at a lower library index."""
+    return s > s_ref or (s == s_ref and j < j_ref)
+
+
+# --- layouts ------------------------------------------------------------------------------------
+
+
+def words(bits: np.ndarray) -> np.ndarray:
+    """(N, n_bytes) uint8 → (N, W) uint64, zero-padded to whole words (C-contiguous)."""
+    n, n_bytes = bits.shape
+    n_words = max(1, (n_bytes + 7) // 8)
+    out = np.zeros((n, n_words * 8), dtype=np.uint8)
+    out[:, :n_bytes] = bits
+    return out.view(np.uint64)
+
+
+def _interleave(w: np.ndarray) -> np.ndarray:
+    """(N, W) uint64 → flat blocks of LANES rows, word-major inside a block (zero rows pad)."""
+    n, n_words = w.shape
+    n_pad = -(-n // LANES) * LANES
+    padded = np.zeros((n_pad, n_words), dtype=np.uint64)
+    padded[:n] = w
+    blocks = padded.reshape(n_pad // LANES, LANES, n_words).transpose(0, 2, 1)
+    return np.ascontiguousarray(blocks).ravel()
+
+
+@dataclass(frozen=True)
+class Library:
+    """A library sorted by popcount, interleaved for :func:`_count8`.
+
+    ``rows`` (N,) original indices in sorted order, ``pop`` (N,) int64 popcounts ascending,
+    ``start`` (n_bits + 2,) the first sorted row of each popcount (``start[b]`` = rows below b).
+    """
+
+    blocks: np.ndarray  # flat uint64, (ceil(N / 8) * W * 8,)
+    rows: np.ndarray
+    pop: np.ndarray
+    start: np.ndarray
+    n_words: int
+
+    @classmethod
+    def build(cls, bits: np.ndarray, popcounts: np.ndarray, n_bits: int) -> Library:
+        pop = popcounts.astype(np.int64)
+        order = np.argsort(pop, kind="stable")
+        w = words(bits[order])
+        start = np.searchsorted(pop[order], np.arange(n_bits + 2), side="left").astype(np.int64)
+        return cls(_interleave(w), order.astype(np.int64), pop[order], start, w.shape[1])
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(LANES, CHUNK_BYTES // (self.n_words * 8) // LANES * LANES)
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Queries sorted by popcount: ``words`` (N, W) flat, ``rows`` original indices, ``pop``."""
+
+    words: np.ndarray
+    rows: np.ndarray
+    pop: np.ndarray
+    n_words: int
+
+    @classmethod
+    def build(cls, bits: np.ndarray, popcounts: np.ndarray) -> Queries:
+        pop = popcounts.astype(np.int64)
+        order = np.argsort(pop, kind="stable")
+        w = words(bits[order])
+        return cls(w.ravel(), order.astype(np.int64), pop[order], w.shape[1])
+
+
+def _groups(n: int, threads: int) -> list[tuple[int, int]]:
+    """Runs of at most GROUP sorted queries, small enough that every thread gets several."""
+    size = max(1, min(GROUP, -(-n // (4 * threads))))
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _threads() -> int:
+    return max(1, int(numba.get_num_threads()))
+
+
+def _run(work: Callable[[int, int], T], groups: list[tuple[int, int]]) -> list[T]:
+    """``work(i0, i1)`` for every group, on :func:`_threads` threads (kernels release the GIL)."""
+    threads = min(_threads(), len(groups))
+    if threads <= 1:
+        return [work(i0, i1) for i0, i1 in groups]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medbatch-popcount") as pool:
+        return list(pool.map(lambda g: work(*g), groups))
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def _similarity_rows(
+    q, q_pop, i0, i1, n_words, blocks, l_pop, n_lib, dice, out
+):  # pragma: no cover
+    """``out[i]`` = scores of query rows i0..i1 against the whole library (original order)."""
+    counts = np.empty(LANES, np.int64)
+    block_words = n_words * LANES
+    n_blocks = (n_lib + LANES - 1) // LANES
+    for i in range(i0, i1):
+        a = q_pop[i]
+        for blk in range(n_blocks):
+            _count8(q, i * n_words, blocks, blk * block_words, n_words, 0, counts)
+            for lane in range(min(LANES, n_lib - blk * LANES)):
+                j = blk * LANES + lane
+                out[i, j] = _score(counts[lane], a, l_pop[j], dice)
+
+
+@njit(nogil=True, cache=True)
+def _top_k_group(
+    q, q_pop, q_rows, i0, i1, n_words, blocks, l_pop, l_rows, start, chunk, same, dice, best, index
+):  # pragma: no cover
+    """Fold the library into the running k best of sorted queries i0..i1 (rows ``q_rows``)."""
+    n_lib = l_pop.shape[0]
+    n_bits = start.shape[0] - 2
+    k = best.shape[1]
+    counts = np.empty(LANES, np.int64)
+    block_words = n_words * LANES
+    n = i1 - i0
+    lo = np.zeros(n, np.int64)
+    hi = np.full(n, n_bits, np.int64)
+    for i in range(n):
+        a = q_pop[i0 + i]
+        lo[i], hi[i] = _window(a, best[q_rows[i0 + i], k - 1], lo[i], hi[i], dice)
+    middle = q_pop[(i0 + i1 - 1) // 2]
+    n_chunks = (n_lib + chunk - 1) // chunk
+    right = min(start[middle] // chunk, n_chunks - 1)
+    left = right - 1
+    while True:
+        g_lo = lo.min()
+        g_hi = hi.max()
+        go_right = right < n_chunks and l_pop[right * chunk] <= g_hi
+        go_left = left >= 0 and l_pop[min(n_lib, (left + 1) * chunk) - 1] >= g_lo
+        if not (go_right or go_left):
+            break
+        if go_right and (
+            not go_left
+            or l_pop[right * chunk] - middle <= middle - l_pop[min(n_lib, (left + 1) * chunk) - 1]
+        ):
+            c = right
+            right += 1
+        else:
+            c = left
+            left -= 1
+        r_lo = c * chunk
+        r_hi = min(n_lib, r_lo + chunk)
+        for i in range(n):
+            if lo[i] > hi[i]:
+                continue
+            row_lo = max(r_lo, start[lo[i]])
+            row_hi = min(r_hi, start[hi[i] + 1])
+            if row_lo >= row_hi:
+                continue
+            qi = i0 + i
+            a = q_pop[qi]
+            r = q_rows[qi]
+            kth = best[r, k - 1]
+            for blk in range(row_lo // LANES, (row_hi - 1) // LANES + 1):
+                first = blk * LANES
+                cut = _cut(kth, a, l_pop[max(first, row_lo)], dice)
+                mask = _count8(q, qi * n_words, blocks, blk * block_words, n_words, cut, counts)
+                if mask == 0:
+                    continue
+                for lane in range(max(0, row_lo - first), min(LANES, row_hi - first)):
+                    if not (mask >> lane) & 1:
+                        continue
+                    j = l_rows[first + lane]
+                    if same and j == r:
+                        continue
+                    s = _score(counts[lane], a, l_pop[first + lane], dice)
+                    if not _better(s, j, kth, index[r, k - 1]):
+                        continue
+                    pos = k - 1
+                    while pos > 0 and _better(s, j, best[r, pos - 1], index[r, pos - 1]):
+                        best[r, pos] = best[r, pos - 1]
+                        index[r, pos] = index[r, pos - 1]
+                        pos -= 1
+                    best[r, pos] = s
+                    index[r, pos] = j
+                    kth = best[r, k - 1]
+            lo[i], hi[i] = _window(a, kth, lo[i], hi[i], dice)
+
+
+@njit(nogil=True, cache=True)
+def _threshold_group(
+    q, q_pop, q_rows, i0, i1, n_words, blocks, l_pop, l_rows, start, chunk, same, dice, t
+):  # pragma: no cover
+    """Every (query row, library index, score) with score >= t, for sorted queries i0..i1."""
+    n_bits = start.shape[0] - 2
+    counts = np.empty(LANES, np.int64)
+    block_words = n_words * LANES
+    n = i1 - i0
+    lo = np.zeros(n, np.int64)
+    hi = np.full(n, n_bits, np.int64)
+    for i in range(n):
+        lo[i], hi[i] = _window(q_pop[i0 + i], t, 0, n_bits, dice)
+    size = 0
+    hit_q = np.empty(1024, np.int64)
+    hit_l = np.empty(1024, np.int64)
+    hit_s = np.empty(1024, np.float64)
+    g_lo = lo.min()
+    g_hi = hi.max()
+    if g_lo > g_hi:
+        return hit_q[:0], hit_l[:0], hit_s[:0]
+    for r_lo in range(start[g_lo] // chunk * chunk, start[g_hi + 1], chunk):
+        r_hi = r_lo + chunk
+        for i in range(n):
+            if lo[i] > hi[i]:
+                continue
+            row_lo = max(r_lo, start[lo[i]])
+            row_hi = min(r_hi, start[hi[i] + 1])
+            if row_lo >= row_hi:
+                continue
+            qi = i0 + i
+            a = q_pop[qi]
+            r = q_rows[qi]
+            for blk in range(row_lo // LANES, (row_hi - 1) // LANES + 1):
+                first = blk * LANES
+                cut = _cut(t, a, l_pop[max(first, row_lo)], dice)
+                mask = _count8(q, qi * n_words, blocks, blk * block_words, n_words, cut, counts)
+                if mask == 0:
+                    continue
+                for lane in range(max(0, row_lo - first), min(LANES, row_hi - first)):
+                    if not (mask >> lane) & 1:
+                        continue
+                    j = l_rows[first + lane]
+                    if same and j == r:
+                        continue
+                    s = _score(counts[lane], a, l_pop[first + lane], dice)
+                    if s >= t:
+                        if size == hit_q.shape[0]:
+                            hit_q = np.concatenate((hit_q, np.empty(size, np.int64)))
+                            hit_l = np.concatenate((hit_l, np.empty(size, np.int64)))
+                            hit_s = np.concatenate((hit_s, np.empty(size, np.float64)))
+                        hit_q[size] = r
+                        hit_l[size] = j
+                        hit_s[size] = s
+                        size += 1
+    return hit_q[:size], hit_l[:size], hit_s[:size]
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def similarity(
+    q_bits: np.ndarray,
+    q_pop: np.ndarray,
+    l_bits: np.ndarray,
+    l_pop: np.ndarray,
+    *,
+    dice: bool,
+) -> np.ndarray:
+    """(N_q, N_lib) float64 scores, as RDKit's ``Bulk*Similarity``."""
+    q = words(q_bits)
+    n_words = q.shape[1]
+    blocks = _interleave(words(l_bits))
+    a = q_pop.astype(np.int64)
+    b = l_pop.astype(np.int64)
+    out = np.empty((q.shape[0], b.shape[0]), dtype=np.float64)
+    flat = q.ravel()
+
+    def work(i0: int, i1: int) -> None:
+        _similarity_rows(flat, a, i0, i1, n_words, blocks, b, b.shape[0], dice, out)
+
+    if out.size:
+        _run(work, _groups(q.shape[0], _threads()))
+    return out
+
+
+def top_k(
+    queries: Queries, library: Library, k: int, *, same: bool, dice: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N_q, k) scores (-inf where fewer than k) and library indices (int64 max there), best
+    first, equal scores by lower library index; with ``same``, query row i never meets library
+    row i."""
+    n = queries.rows.shape[0]
+    best = np.full((n, k), -np.inf)
+    index = np.full((n, k), _NO_INDEX, dtype=np.int64)
+    if n == 0 or library.rows.shape[0] == 0:
+        return best, index
+
+    def work(i0: int, i1: int) -> None:
+        _top_k_group(
+            queries.words,
+            queries.pop,
+            queries.rows,
+            i0,
+            i1,
+            queries.n_words,
+            library.blocks,
+            library.pop,
+            library.rows,
+            library.start,
+            library.chunk_rows,
+            same,
+            dice,
+            best,
+            index,
+        )
+
+    _run(work, _groups(n, _threads()))
+    return best, index
+
+
+def threshold(
+    queries: Queries, library: Library, t: float, *, same: bool, dice: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query row, library index, score) with score >= t, unordered."""
+    n = queries.rows.shape[0]
+    if n == 0 or library.rows.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+
+    def work(i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _threshold_group(
+            queries.words,
+            queries.pop,
+            queries.rows,
+            i0,
+            i1,
+            queries.n_words,
+            library.blocks,
+            library.pop,
+            library.rows,
+            library.start,
+            library.chunk_rows,
+            same,
+            dice,
+            float(t),
+        )
+
+    parts = _run(work, _groups(n, _threads()))
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+    )
