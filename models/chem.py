@@ -47,16 +47,8 @@ import torch
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
-from models import chem_popcount
-from models.cpu_features import (
-    ENGINE_FLAGS,
-    cpu_flags,
-    cpu_model,
-    engine_flags,
-    fast_bf16_gemm,
-    fast_int8_gemm,
-    has_amx,
-)
+from models import chem_popcount, cpu_features
+from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
 from models.scoring import Device, resolve_device
 
 Metric = Literal["tanimoto", "dice"]
@@ -704,15 +696,15 @@ class EngineChoice:
         times = ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in self.probe.items())
         return (
             f"compound similarity engine: {self.engine} ({self.reason}{'; probe: ' + times if times else ''}); "
-            f"CPU {self.cpu}, flags {' '.join(self.flags) or 'none of ' + ' '.join(ENGINE_FLAGS)}"
+            f"CPU {self.cpu}, flags {' '.join(self.flags) or 'none of ' + ' '.join(cpu_features.ENGINE_FLAGS)}"
         )
 
 
 def _probe_key() -> str:
     return json.dumps(
         {
-            "cpu": cpu_model(),
-            "flags": engine_flags(),
+            "cpu": cpu_features.cpu_model(),
+            "flags": cpu_features.engine_flags(),
             "torch": torch.__version__,
             "numba": numba.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -765,8 +757,10 @@ def choose_engine(cache: Path | None = None) -> EngineChoice:
     with _CHOICE_LOCK:
         if key in _CHOICES:
             return _CHOICES[key]
-        flags = cpu_flags()
-        gemm_units = has_amx() or ("avx512_bf16" in flags and "avx512_vpopcntdq" not in flags)
+        flags = cpu_features.cpu_flags()
+        gemm_units = cpu_features.has_amx() or (
+            "avx512_bf16" in flags and "avx512_vpopcntdq" not in flags
+        )
         probe: dict[str, float] = {}
         if not gemm_units:
             engine: Literal["gemm", "popcount"] = "popcount"
@@ -777,7 +771,9 @@ def choose_engine(cache: Path | None = None) -> EngineChoice:
             engine = "popcount" if probe["popcount"] <= probe["gemm"] else "gemm"
             if not cached:
                 _write_probe(cache, key, probe)
-        choice = EngineChoice(engine, reason, probe, cpu_model(), tuple(engine_flags()))
+        choice = EngineChoice(
+            engine, reason, probe, cpu_features.cpu_model(), tuple(cpu_features.engine_flags())
+        )
         log.info("%s", choice.describe())
         _CHOICES[key] = choice
         return choice
@@ -789,7 +785,7 @@ def _read_probe(cache: Path | None, key: str) -> dict[str, float] | None:
     try:
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
-            return {str(name): float(t) for name, t in saved["probe"].items()}
+            return {name: float(saved["probe"][name]) for name in ("popcount", "gemm")}
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass  # no cache, or another machine's: probe again
     return None
@@ -837,7 +833,7 @@ class _Plan:
     dtype: GemmDtype | None = None
 
 
-def _plan(engine: Engine, device: Device) -> _Plan:
+def _plan(engine: Engine, device: Device, cache: Path | None = None) -> _Plan:
     cpu = torch.device("cpu")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -848,13 +844,27 @@ def _plan(engine: Engine, device: Device) -> _Plan:
     if engine in ("gemm-bf16", "gemm-int8"):
         return _Plan("gemm", cpu, "bf16" if engine == "gemm-bf16" else "int8")
     if engine == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device")
+        if not torch.cuda.is_available():  # a setting that cannot work here: no retry helps
+            raise ValueError("MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device")
         return _Plan("gemm", torch.device("cuda"))
     dev = resolve_device(device)
     if dev.type == "cuda":
         return _Plan("gemm", dev)
-    return _Plan(choose_engine().engine, cpu)
+    return _Plan(choose_engine(cache).engine, cpu)
+
+
+def resolve_engine(
+    engine: Engine = "auto", *, device: Device = "auto", cache: Path | None = None
+) -> Engine:
+    """The engine a setting comes to here: ``popcount``, ``gemm`` (or a forced dtype) or
+    ``cuda``. ``auto`` runs :func:`choose_engine` (with ``cache``) unless ``device`` gives CUDA;
+    ``cuda`` without a GPU is refused."""
+    plan = _plan(engine, device, cache)
+    if plan.device.type == "cuda":
+        return "cuda"
+    if plan.kind == "popcount":
+        return "popcount"
+    return "gemm" if plan.dtype is None else f"gemm-{plan.dtype}"  # type: ignore[return-value]
 
 
 def engine_name(

@@ -406,9 +406,9 @@ class Library(NamedTuple):
 
     @property
     def chunk_rows(self) -> int:
-        """Rows a query group works through together: their 32-bit segment popcounts fill
+        """Rows a query group works through together: their 64-bit segment popcounts fill
         CHUNK_BYTES."""
-        return max(BOUND_LANES, CHUNK_BYTES // (2 * self.n_words) // BOUND_LANES * BOUND_LANES)
+        return max(BOUND_LANES, CHUNK_BYTES // self.n_words // BOUND_LANES * BOUND_LANES)
 
 
 class Queries(NamedTuple):
@@ -498,7 +498,7 @@ def _candidates(q64, q32, qi, l64, l32, n_words, blk, cut, row_lo, row_hi, fine)
 
 
 @njit(nogil=True, cache=True)
-def _top_k_group(queries, i0, i1, lib, same, dice, best, index):  # pragma: no cover
+def _top_k_group(queries, i0, i1, lib, chunk, same, dice, best, index):  # pragma: no cover
     """Fold the library into the running k best of sorted queries i0..i1."""
     q, q64, q32, q_rows, q_pop = (
         queries.words,
@@ -518,7 +518,6 @@ def _top_k_group(queries, i0, i1, lib, same, dice, best, index):  # pragma: no c
     n_words = lib.n_words
     n_lib = l_pop.shape[0]
     n_bits = start.shape[0] - 2
-    chunk = max(BOUND_LANES, CHUNK_BYTES // n_words // BOUND_LANES * BOUND_LANES)
     k = best.shape[1]
     n = i1 - i0
     lo = np.zeros(n, np.int64)
@@ -586,7 +585,7 @@ def _top_k_group(queries, i0, i1, lib, same, dice, best, index):  # pragma: no c
 
 
 @njit(nogil=True, cache=True)
-def _threshold_group(queries, i0, i1, lib, same, dice, t):  # pragma: no cover
+def _threshold_group(queries, i0, i1, lib, chunk, same, dice, t):  # pragma: no cover
     """Every (query row, library index, score) with score >= t, for sorted queries i0..i1."""
     q, q64, q32, q_rows, q_pop = (
         queries.words,
@@ -605,7 +604,6 @@ def _threshold_group(queries, i0, i1, lib, same, dice, t):  # pragma: no cover
     )
     n_words = lib.n_words
     n_bits = start.shape[0] - 2
-    chunk = max(BOUND_LANES, CHUNK_BYTES // n_words // BOUND_LANES * BOUND_LANES)
     n = i1 - i0
     lo = np.zeros(n, np.int64)
     hi = np.full(n, n_bits, np.int64)
@@ -700,7 +698,7 @@ def top_k(
         return best, index
 
     def work(i0: int, i1: int) -> None:
-        _top_k_group(queries, i0, i1, library, same, dice, best, index)
+        _top_k_group(queries, i0, i1, library, library.chunk_rows, same, dice, best, index)
 
     _run(work, _groups(n, _threads()))
     return best, index
@@ -715,7 +713,7 @@ def threshold(
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
 
     def work(i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _threshold_group(queries, i0, i1, library, same, dice, float(t))
+        return _threshold_group(queries, i0, i1, library, library.chunk_rows, same, dice, float(t))
 
     parts = _run(work, _groups(n, _threads()))
     return (
