@@ -245,6 +245,9 @@ def run_fpsim2(args: argparse.Namespace, sets: Sets) -> tuple[dict[str, dict[str
             )
             status = f"FPSim2's process failed ({how})"
             print(f"  {status}; its stderr ends:\n{done.stderr[-2000:]}", flush=True)
+        if (folder / "modules.json").is_file():
+            imported = json.loads((folder / "modules.json").read_text())
+            status += f"; it imported torch: {imported['torch']}"
         results = {}
         for task, name in FPSIM2_FILES.items():
             path = folder / f"{name}.npz"

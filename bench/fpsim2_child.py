@@ -124,8 +124,10 @@ def main() -> None:
         )
         np.savez(out / "allpairs.npz", seconds=seconds, ids=ids, coeff=coeff)
         done("allpairs")
-    # What this process is for: FPSim2 apart from torch.
-    print(f"torch imported: {'torch' in sys.modules}", flush=True)
+    # What this process is for: FPSim2 apart from torch (and numba, and medbatch).
+    apart = {name: name in sys.modules for name in ("torch", "numba", "models")}
+    (out / "modules.json").write_text(json.dumps(apart))
+    print(f"FPSim2's process imported: {apart}", flush=True)
 
 
 if __name__ == "__main__":

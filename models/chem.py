@@ -10,14 +10,22 @@ Similarity is a ratio of integers: the bits two fingerprints share ``c`` and the
 and ``b``. Tanimoto is ``c / (a + b - c)``, Dice ``2c / (a + b)``, each divided once in float64 as
 RDKit divides (0 when the denominator is 0, which is what ``BulkTanimotoSimilarity`` and
 ``BulkDiceSimilarity`` return for two empty fingerprints), so every score is bit-identical to
-RDKit's. The shared-bit counts of a block of queries against a block of the library are one GEMM
-of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when no count
-can exceed 256 (every integer up to 256 is a bfloat16, so every partial sum is exact in any order),
-else int8 with int32 sums (``torch._int_mm``, on a CPU with AMX or VNNI), else float32, which holds
-every count up to 2²⁴; each is exact (:mod:`models.cpu_features` picks). Searches stream over library blocks (the full matrix is built only by
-:func:`similarity`) in popcount order, and skip blocks by the Swamidass-Baldi bound
-``min(a, b) / max(a, b)`` (as FPSim2 does), and pick candidates by an integer cut on the counts
-before the exact float64 check:
+RDKit's, whichever engine counts ``c`` (all count it exactly; docs/compounds.md compares them):
+
+- ``popcount`` (:mod:`models.chem_popcount`): AND + popcount on packed uint64 words, with the
+  vector popcount where the CPU has one; fast on every CPU.
+- ``gemm``: the shared-bit counts of a block of queries against a block of the library are one
+  GEMM of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when
+  no count can exceed 256 (every integer up to 256 is a bfloat16, so every partial sum is exact
+  in any order), else int8 with int32 sums (``torch._int_mm``, on a CPU with AMX or VNNI), else
+  float32, which holds every count up to 2²⁴ (:mod:`models.cpu_features` picks). ``cuda`` is
+  the same on the GPU.
+- ``auto`` (:func:`choose_engine`): CUDA where the device is CUDA; on the CPU ``popcount``
+  unless the CPU has AMX, where a short timing probe (cached) decides.
+
+Searches stream over the library in popcount order, skip what the Swamidass-Baldi bound
+``min(a, b) / max(a, b)`` rules out (as FPSim2 does), and pick candidates by an integer cut on
+the counts before the exact float64 check:
 
 - :func:`top_k`: the ``k`` most similar library molecules per query; equal scores are ordered by
   library index, lower first.

@@ -1,30 +1,37 @@
 """The popcount engine of :mod:`models.chem`: shared bits as AND + popcount on packed uint64 words.
 
-A fingerprint of ``n_bits`` bits is ``W = ceil(n_bits / 64)`` uint64 words (zero-padded; a zero
-word adds nothing to any count). The shared-bit count of a query and a library molecule is
-``Σ_w popcount(q[w] & l[w])``: 32 words at 2,048 bits, where a GEMM of 0/1 matrices spends 2,048
-multiply-adds.
+A fingerprint of ``n_bits`` bits is ``W`` uint64 words, zero-padded to a multiple of 8 (a zero
+word adds nothing to a count). The shared-bit count of a query and a library molecule is
+``c = Σ_w popcount(q[w] & l[w])``: 32 words at 2,048 bits, where a GEMM of 0/1 matrices spends
+2,048 multiply-adds.
 
-The library is stored in blocks of :data:`LANES` molecules, word-interleaved: word ``w`` of the
-block's 8 molecules lie side by side, so one 512-bit load holds it for all 8, and a query word
-broadcast against it gives 8 counts at once without a horizontal sum. :func:`_count8` writes that
-inner loop as LLVM IR on ``<8 x i64>`` vectors (``llvm.ctpop.v8i64``), and LLVM lowers it for the
-CPU numba compiles for: ``vpopcntq`` on 512-bit registers with AVX-512 VPOPCNTDQ (Intel Ice Lake
-and later, AMD Zen 4), a ``vpshufb`` nibble table with AVX2, ``cnt`` on ARM NEON, scalar
-``popcnt`` elsewhere (:func:`count8_assembly` shows it; tests check each).
+Searches (:func:`top_k`, :func:`threshold`) keep the library sorted by popcount and count only
+what two bounds let through:
 
-Searches keep the library sorted by popcount and prune by the Swamidass-Baldi bound ``min(a,
-b) / max(a, b)`` (Tanimoto; Dice ``2 min / (a + b)``): a query of popcount ``a`` only meets the
-library rows whose popcount lies in the window where the bound reaches its current k-th best
-score (top-k) or the threshold. For cache reuse, queries run in groups of similar popcount
-(:data:`GROUP` at a time) against chunks of the library that stay in L1/L2
-(:data:`CHUNK_BYTES`); top-k visits the chunks outwards from the group's popcounts, so the
-k-th best scores rise early and the windows close. A cheap integer cut on the counts (a little
-under the smallest count that could reach the score sought) picks candidates; each is then
-scored exactly as RDKit scores, in float64 (numba compiles IEEE division: no fastmath here).
+- Swamidass-Baldi, ``c ≤ min(a, b)``: a query of popcount ``a`` meets only the library rows whose
+  popcount lies in the window where ``min(a, b) / max(a, b)`` (Tanimoto; Dice ``2 min / (a + b)``)
+  reaches the threshold or the query's current k-th best score; one contiguous run of rows.
+- the segment bound ``c ≤ Σ_s min(a_s, b_s)`` over the popcounts of 64-bit (coarse) or 32-bit
+  (fine) segments, stored as uint8 for 64 library rows side by side, so one vector
+  ``min`` + saturating ``add`` per segment bounds 64 pairs (:func:`_bound64`). It is compared
+  with a cut a little under the smallest count that can reach the score sought.
 
-Work is spread over threads by a pool of Python threads calling ``nogil`` kernels, each on its
-own groups of queries (they write disjoint rows), ``numba.get_num_threads()`` of them.
+The rows it lets through are counted exactly (:func:`_count1`, 8 words a vector) and scored as
+RDKit scores, in float64 (numba compiles IEEE division; no fastmath here). The full matrix
+(:func:`similarity`) counts 8 library rows at once from a word-interleaved layout
+(:func:`_count8`: a broadcast query word against word ``w`` of 8 rows, no horizontal sum).
+
+The inner loops are LLVM IR on ``<8 x i64>`` and ``<64 x i8>`` vectors (``llvm.ctpop``,
+``llvm.umin``, ``llvm.uadd.sat``), which LLVM lowers for the CPU numba compiles for:
+``vpopcntq`` on 512-bit registers with AVX-512 VPOPCNTDQ (Intel Ice Lake and later, AMD Zen 4),
+a ``vpshufb`` nibble table with AVX2, ``cnt`` on ARM (:func:`kernel_assembly` shows the code for
+any target; the tests check it).
+
+For cache reuse, queries run in groups of similar popcount (:data:`GROUP` at a time) through
+chunks of the library (:data:`CHUNK_BYTES`); top-k visits the chunks outwards from the group's
+popcount, so the k-th best scores rise early and windows and cuts tighten. Groups are spread
+over ``numba.get_num_threads()`` Python threads calling ``nogil`` kernels (each writes its own
+queries' rows).
 """
 
 from __future__ import annotations
