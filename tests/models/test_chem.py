@@ -332,3 +332,15 @@ def test_shapes_are_checked(nci: chem.Molecules) -> None:
         chem.threshold_search(fps, fps, 0.5, metric="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k must be"):
         chem.top_k(fps, fps, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_sets_give_empty_results(nci: chem.Molecules, engine: chem.Engine) -> None:
+    fps = chem.fingerprints(nci.mols[:20])
+    none = fps.take([])
+    assert chem.top_k(none, fps, 3, engine=engine).index.shape == (0, 3)
+    got = chem.top_k(fps, none, 2, engine=engine)
+    assert (got.index == -1).all() and np.isnan(got.score).all()
+    assert len(chem.threshold_search(none, fps, 0.5, engine=engine)) == 0
+    assert len(chem.threshold_search(fps, none, 0.5, engine=engine)) == 0
+    assert chem.similarity(none, fps, engine=engine).shape == (0, 20)
