@@ -568,7 +568,7 @@ def _top_k_group(queries, i0, i1, lib, chunk, same, dice, best, index):  # pragm
             qi = i0 + i
             a = q_pop[qi]
             r = q_rows[qi]
-            fine = True
+            fine = True  # at top-k cuts the 32-bit bound pays for itself (docs/compounds.md)
             for blk in range(row_lo // BOUND_LANES, (row_hi - 1) // BOUND_LANES + 1):
                 cut = _cut(best[r, k - 1], a, l_pop[max(blk * BOUND_LANES, row_lo)], dice)
                 mask, fine = _candidates(
