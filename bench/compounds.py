@@ -7,23 +7,37 @@ each task computed side by side in one run:
   thr0.7     the same sets, every pair with Tanimoto >= 0.7
   allpairs   20,000 molecules against themselves, the 10 most similar per molecule (self excluded)
 
-Contenders: medbatch (``models/chem.py``, ``torch.set_num_threads(T)``), RDKit's
-``DataStructs.BulkTanimotoSimilarity`` one query at a time on one thread (with numpy selecting the
-top 10 or the hits, equal scores by lower index), and FPSim2's in-memory engine with
-``n_workers=T`` (its ``top_k`` and ``similarity``) in a process of its own. medbatch and FPSim2 run each task ``--repeat``
-times (the median is reported; one warm-up call of medbatch on 8 queries comes first); RDKit,
-whose runs take seconds, once. Fingerprints are made once, before any timing;
-RDKit gets its ``ExplicitBitVect`` s, FPSim2 its own database built from the same molecules.
+It first prints the CPU (model and the flags that decide the engine: AMX, AVX-512 VPOPCNTDQ,
+BF16, VNNI) and the engine medbatch's ``auto`` chooses there, with why. Then every engine this
+machine has runs every task (``models/chem.py``, ``engine=``): ``popcount`` (AND + popcount,
+numba), the CPU GEMM as it ran before the popcount engine existed (``gemm-bf16`` where the CPU
+multiplies bfloat16 in hardware, else int8 or float32), ``gemm-int8`` where the CPU has int8 dot
+products (AMX, VNNI), and ``cuda`` where torch sees a GPU. The ``medbatch`` figures are those
+of the engine ``auto`` chose; the others are listed beside them.
 
-Results are checked: medbatch's scores and indices against RDKit's float64 scores exactly (same
-top 10 under the tie rule, same hit set); FPSim2's float32 coefficients against medbatch's scores
-rounded to float32 and its ids against medbatch's, counting rows where the two differ only in
-which of equally scored molecules fill the last places. RDKit on the 20,000 x 20,000 all-pairs
+Other contenders: RDKit's ``DataStructs.BulkTanimotoSimilarity`` one query at a time on one
+thread (with numpy selecting the top 10 or the hits, equal scores by lower index), and FPSim2's
+in-memory engine with ``n_workers=T`` (its ``top_k`` and ``similarity``) in a process of its own
+that never imports torch (bench/fpsim2_child.py); if that process dies, the tasks it had not
+finished are reported with FPSim2 absent, and every other figure stands. medbatch's engines and
+FPSim2 run each task ``--repeat`` times (the median is reported; each engine first runs each search on 8
+queries, a warm-up); RDKit, whose runs take seconds, once. medbatch uses ``T`` threads
+(``torch.set_num_threads`` and ``numba.set_num_threads``). Fingerprints are made once, before
+any timing; RDKit gets its ``ExplicitBitVect`` s, FPSim2 its own database built from the same
+molecules.
+
+Results are checked: every engine's scores and indices against RDKit's float64 scores exactly
+(same top 10 under the tie rule, same hit set); FPSim2's float32 coefficients against medbatch's
+scores rounded to float32 and its ids against medbatch's, counting rows where the two differ only
+in which of equally scored molecules fill the last places. RDKit on the 20,000 x 20,000 all-pairs
 task runs on a sample of rows and is extrapolated (printed as such), as is FPSim2 there.
-Throughput is pairs compared / wall seconds (million pairs/s); the ratio is the other tool's time
+Throughput is pairs compared / wall seconds (million pairs/s); a ratio is the other tool's time
 over medbatch's.
 
-The last line is one JSON object. Usage:
+The last line is one JSON object: per task the keys of earlier versions (``medbatch_s``,
+``medbatch_mpairs_s``, ``ratio_vs_rdkit``, …, for the engine ``auto`` chose) and ``engines``
+(each engine's seconds, Mpairs/s, ratios, identity with RDKit); at the top ``cpu``, ``flags``,
+``engine`` and ``engine_reason``. Usage:
 python bench/compounds.py [--queries 1000] [--library 100000] [--all-pairs 20000] [--threads 2] [--repeat 3]
 """
 
@@ -32,6 +46,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,13 +61,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import chem  # noqa: E402
+from models import chem, cpu_features  # noqa: E402
 
 K = 10
-#: All-pairs rows RDKit and FPSim2 run (set from the command line).
-SAMPLES = {"rdkit": 1000, "fpsim2": 5000}
 T = TypeVar("T")
 THRESHOLD = 0.7
+TASKS = ("top10", f"thr{THRESHOLD}", "allpairs")
+#: FPSim2's result file of each task (bench/fpsim2_child.py).
+FPSIM2_FILES = {"top10": "top10", f"thr{THRESHOLD}": "threshold", "allpairs": "allpairs"}
 
 
 def moses_path() -> Path:
@@ -66,13 +82,6 @@ def moses_path() -> Path:
     if not path.is_file():
         sys.exit(f"{path} not found (pip install --no-deps molsets)")
     return path
-
-
-def molecules(n: int) -> chem.Molecules:
-    mols = chem.read_csv(moses_path(), smiles_column="SMILES", limit=n)
-    if mols.failures:
-        print(f"  {len(mols.failures)} MOSES records skipped, first: {mols.failures[0]}")
-    return mols
 
 
 def timed(fn: Callable[[], T], repeat: int = 1) -> tuple[float, T]:
@@ -116,63 +125,21 @@ def rdkit_threshold(
         q.append(np.full(hit.size, row))
         lib.append(hit)
         sc.append(s[hit])
-    return np.concatenate(q), np.concatenate(lib), np.concatenate(sc)
+    q_all, lib_all, s_all = np.concatenate(q), np.concatenate(lib), np.concatenate(sc)
+    order = np.lexsort((lib_all, -s_all, q_all))
+    return q_all[order], lib_all[order], s_all[order]
 
 
-def fpsim2_engine(mols: chem.Molecules, rows: range, directory: Path) -> Any:
-    from FPSim2 import FPSim2Engine
-    from FPSim2.io import create_db_file
-    from FPSim2.io.backends import pytables
-
-    # FPSim2 0.7.4 finds each popcount's rows with one PyTables query per possible popcount
-    # (17 s for 3,000 molecules here); the same bins from the sorted column, for building only.
-    def popcount_bins(table: Any, fp_length: int) -> list[tuple[int, tuple[int, int]]]:
-        counts = table.col("popcnt")
-        values, first = np.unique(counts, return_index=True)
-        ends = [*first[1:].tolist(), len(counts)]
-        return [(int(v), (int(f), int(e))) for v, f, e in zip(values, first, ends, strict=True)]
-
-    pytables.calc_popcnt_bins_pytables = popcount_bins
-    path = directory / f"fpsim2_{rows.start}_{rows.stop}.h5"
-    create_db_file(
-        [(mols.mols[i], i - rows.start) for i in rows],
-        str(path),
-        mol_format="rdkit",
-        fp_type="Morgan",
-        fp_params={"radius": 2, "fpSize": 2048},
-    )
-    return FPSim2Engine(str(path))
-
-
-def fpsim2_top_k(
-    engine: Any, query_bvs: list[Any], k: int, threads: int, self_ids: list[int] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(query_bvs), k), -1, dtype=np.int64)
-    coeff = np.full((len(query_bvs), k), np.nan, dtype=np.float32)
-    for row, bv in enumerate(query_bvs):
-        want = k + (self_ids is not None)
-        found = engine.top_k(bv, k=want, threshold=0.0, n_workers=threads)
-        got_ids = found["mol_id"].astype(np.int64)
-        got = found["coeff"]
-        if self_ids is not None:
-            keep = got_ids != self_ids[row]
-            got_ids, got = got_ids[keep][:k], got[keep][:k]
-        ids[row, : got_ids.size], coeff[row, : got.size] = got_ids, got
-    return ids, coeff
-
-
-def fpsim2_threshold(
-    engine: Any, query_bvs: list[Any], t: float, threads: int
-) -> set[tuple[int, int]]:
-    pairs: set[tuple[int, int]] = set()
-    for row, bv in enumerate(query_bvs):
-        found = engine.similarity(bv, t, n_workers=threads)
-        pairs.update((row, int(i)) for i in found["mol_id"])
-    return pairs
-
-
-def compare_top_k(ours: chem.Neighbours, index: np.ndarray, score: np.ndarray) -> bool:
+def same_neighbours(ours: chem.Neighbours, index: np.ndarray, score: np.ndarray) -> bool:
     return bool(np.array_equal(ours.index, index) and np.array_equal(ours.score, score))
+
+
+def same_hits(ours: chem.Hits, q: np.ndarray, lib: np.ndarray, s: np.ndarray) -> bool:
+    return bool(
+        np.array_equal(ours.query, q)
+        and np.array_equal(ours.library, lib)
+        and np.array_equal(ours.score, s)
+    )
 
 
 def compare_fpsim2(ours: chem.Neighbours, ids: np.ndarray, coeff: np.ndarray) -> dict[str, object]:
@@ -199,81 +166,109 @@ def compare_fpsim2(ours: chem.Neighbours, ids: np.ndarray, coeff: np.ndarray) ->
 class Sets:
     """The molecules and their fingerprints, split into library, queries and the all-pairs set."""
 
-    mols: chem.Molecules
+    smiles: list[str]
     bvs: list[Any]
     fps: chem.Fingerprints
     lib_rows: range
     q_rows: range
     ap_rows: range
-
-    @property
-    def ap_samples(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the all-pairs set RDKit and FPSim2 run (the same in every process)."""
-        n = len(self.ap_rows)
-        rdkit = np.random.default_rng(0).choice(n, size=min(SAMPLES["rdkit"], n), replace=False)
-        fpsim2 = np.random.default_rng(1).choice(n, size=min(SAMPLES["fpsim2"], n), replace=False)
-        return np.sort(rdkit), np.sort(fpsim2)
+    #: All-pairs rows RDKit and FPSim2 run (extrapolated to the whole set).
+    rdkit_sample: np.ndarray
+    fpsim2_sample: np.ndarray
 
 
 def load_sets(args: argparse.Namespace) -> Sets:
-    SAMPLES.update(rdkit=args.rdkit_sample, fpsim2=args.fpsim2_sample)
-    mols = molecules(args.library + args.queries + args.all_pairs)
+    import csv
+    import gzip
+    import itertools
+
+    n = args.library + args.queries + args.all_pairs
+    with gzip.open(moses_path(), "rt", newline="") as fh:
+        rows = [row["SMILES"] for row in itertools.islice(csv.DictReader(fh), n)]
+    mols = chem.as_molecules(rows)
+    if mols.failures:
+        print(f"  {len(mols.failures)} MOSES records skipped, first: {mols.failures[0]}")
+    # The SMILES of the molecules read, for FPSim2's process (it reads them again with RDKit).
+    smiles = [rows[record - 1] for record in mols.records]
     generator = chem.fingerprint_generator("morgan", radius=2, fp_size=2048)
     bvs = list(generator.GetFingerprints(list(mols.mols), numThreads=1))
     lib_rows = range(0, args.library)
     q_rows = range(args.library, args.library + args.queries)
     ap_rows = range(args.library + args.queries, len(bvs))
-    return Sets(mols, bvs, chem.Fingerprints.from_bitvects(bvs), lib_rows, q_rows, ap_rows)
-
-
-def fpsim2_child(args: argparse.Namespace, out: str) -> None:
-    """FPSim2's side, in its own process (its threaded C++ search crashed this benchmark's
-    process twice in seven runs, inside later numpy calls: heap corruption), results to ``out``."""
-    sets = load_sets(args)
-    q_bvs = sets.bvs[sets.q_rows.start : sets.q_rows.stop]
-    ap_bvs = sets.bvs[sets.ap_rows.start :]
-    _, sample = sets.ap_samples
-    with tempfile.TemporaryDirectory(prefix="medbatch-bench-fpsim2-") as tmp:
-        start = time.perf_counter()
-        engine_lib = fpsim2_engine(sets.mols, sets.lib_rows, Path(tmp))
-        engine_ap = fpsim2_engine(sets.mols, sets.ap_rows, Path(tmp))
-        print(f"FPSim2 databases built in {time.perf_counter() - start:.1f} s", flush=True)
-        t_top, (ids, coeff) = timed(
-            lambda: fpsim2_top_k(engine_lib, q_bvs, K, args.threads), args.repeat
-        )
-        t_thr, pairs = timed(
-            lambda: fpsim2_threshold(engine_lib, q_bvs, THRESHOLD, args.threads), args.repeat
-        )
-        t_ap, (ap_ids, ap_coeff) = timed(
-            lambda: fpsim2_top_k(
-                engine_ap, [ap_bvs[i] for i in sample], K, args.threads, sample.tolist()
-            ),
-            args.repeat,
-        )
-    np.savez(
-        out,
-        times=np.array([t_top, t_thr, t_ap]),
-        ids=ids,
-        coeff=coeff,
-        pairs=np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2),
-        ap_ids=ap_ids,
-        ap_coeff=ap_coeff,
+    m = len(ap_rows)
+    rdkit = np.random.default_rng(0).choice(m, size=min(args.rdkit_sample, m), replace=False)
+    fpsim2 = np.random.default_rng(1).choice(m, size=min(args.fpsim2_sample, m), replace=False)
+    return Sets(
+        smiles,
+        bvs,
+        chem.Fingerprints.from_bitvects(bvs),
+        lib_rows,
+        q_rows,
+        ap_rows,
+        np.sort(rdkit),
+        np.sort(fpsim2),
     )
 
 
-def run_fpsim2(args: argparse.Namespace) -> dict[str, np.ndarray]:
+def run_fpsim2(args: argparse.Namespace, sets: Sets) -> tuple[dict[str, dict[str, Any]], str]:
+    """FPSim2's results per task it finished, and what became of its process."""
     with tempfile.TemporaryDirectory(prefix="medbatch-bench-compounds-") as tmp:
-        out = str(Path(tmp) / "fpsim2.npz")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--fpsim2-child", out]
-        for name in ("queries", "library", "all_pairs", "rdkit_sample", "fpsim2_sample"):
-            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        cmd += ["--threads", str(args.threads), "--repeat", str(args.repeat)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"FPSim2 run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        folder = Path(tmp)
+        (folder / "mols.smi").write_text("\n".join(sets.smiles) + "\n")
+        plan = {
+            "smiles": str(folder / "mols.smi"),
+            "library": [sets.lib_rows.start, sets.lib_rows.stop],
+            "queries": [sets.q_rows.start, sets.q_rows.stop],
+            "ap": [sets.ap_rows.start, sets.ap_rows.stop],
+            "ap_sample": sets.fpsim2_sample.tolist(),
+            "threads": args.threads,
+            "repeat": args.repeat,
+            "k": K,
+            "threshold": THRESHOLD,
+            "crash_after": args.fpsim2_crash_after,
+        }
+        (folder / "plan.json").write_text(json.dumps(plan))
+        child = Path(__file__).resolve().with_name("fpsim2_child.py")
+        done = subprocess.run(
+            [sys.executable, str(child), str(folder / "plan.json"), str(folder)],
+            capture_output=True,
+            text=True,
+        )
         print("\n".join("  " + line for line in done.stdout.strip().splitlines()), flush=True)
-        with np.load(out) as data:
-            return {name: data[name] for name in data.files}
+        if done.returncode == 0:
+            status = "ran"
+        else:
+            how = (
+                f"killed by {signal.Signals(-done.returncode).name}"
+                if done.returncode < 0
+                else f"exit status {done.returncode}"
+            )
+            status = f"FPSim2's process failed ({how})"
+            print(f"  {status}; its stderr ends:\n{done.stderr[-2000:]}", flush=True)
+        if (folder / "modules.json").is_file():
+            imported = json.loads((folder / "modules.json").read_text())
+            status += f"; it imported torch: {imported['torch']}"
+        results = {}
+        for task, name in FPSIM2_FILES.items():
+            path = folder / f"{name}.npz"
+            if path.is_file():
+                with np.load(path) as data:
+                    results[task] = {key: data[key] for key in data.files}
+        return results, status
+
+
+def available_engines(fps: chem.Fingerprints) -> list[tuple[str, chem.Engine]]:
+    """(label, engine) of each engine this machine runs, the CPU GEMM as it runs by default."""
+    import torch
+
+    engines: list[tuple[str, chem.Engine]] = [("popcount", "popcount")]
+    gemm = chem.engine_name(fps, fps, engine="gemm")
+    engines.append((gemm, "gemm"))
+    if cpu_features.fast_int8_gemm() and gemm != "gemm-int8":
+        engines.append(("gemm-int8", "gemm-int8"))
+    if torch.cuda.is_available():
+        engines.append((chem.engine_name(fps, fps, engine="cuda"), "cuda"))
+    return engines
 
 
 def main() -> None:
@@ -289,16 +284,19 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="medbatch and FPSim2 runs per task (median)"
     )
-    parser.add_argument("--fpsim2-child", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--fpsim2-crash-after",
+        choices=["top10", "threshold", "allpairs"],
+        help="make FPSim2's process die of SIGSEGV after this task (checks the report survives)",
+    )
     args = parser.parse_args()
-    faulthandler.enable()  # a crash inside RDKit, FPSim2 or torch says where
-    if args.fpsim2_child:
-        fpsim2_child(args, args.fpsim2_child)
-        return
+    faulthandler.enable()  # a crash inside RDKit or torch says where
 
+    import numba
     import torch
 
     torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
     start = time.perf_counter()
     sets = load_sets(args)
     fps = sets.fps
@@ -313,123 +311,193 @@ def main() -> None:
         f"{args.threads} threads for medbatch and FPSim2, 1 for RDKit",
         flush=True,
     )
-    rows: list[tuple[str, int, dict[str, float], dict[str, str]]] = []
-    result: dict[str, object] = {
+    choice = chem.choose_engine()
+    auto = chem.engine_name(query, library)
+    engines = available_engines(library)
+    print(f"CPU: {cpu_features.cpu_model()}", flush=True)
+    print(f"flags: {' '.join(cpu_features.engine_flags()) or '(none of the engine flags)'}")
+    print(f"engine (auto): {auto}: {choice.describe()}", flush=True)
+    print(f"engines measured: {', '.join(label for label, _ in engines)}", flush=True)
+    if auto not in {label for label, _ in engines}:
+        sys.exit(f"auto chose {auto}, which is not among the engines measured")
+
+    n = len(pairs_set)
+    pairs = {"top10": len(query) * len(library), TASKS[1]: len(query) * len(library)}
+    pairs["allpairs"] = n * (n - 1)
+
+    # --- RDKit, one query at a time, one thread
+    rdkit_s: dict[str, float] = {}
+    rdkit_s["top10"], (r_index, r_score) = timed(lambda: rdkit_top_k(q_bvs, lib_bvs, K))
+    rdkit_s[TASKS[1]], (rq, rl, rs) = timed(lambda: rdkit_threshold(q_bvs, lib_bvs, THRESHOLD))
+    sample = sets.rdkit_sample
+    t_sample, (ri, rsc) = timed(
+        lambda: rdkit_top_k([ap_bvs[i] for i in sample], ap_bvs, K, exclude=sample.tolist())
+    )
+    rdkit_s["allpairs"] = t_sample * n / sample.size
+    print(f"  RDKit: {len(rq)} hits at {THRESHOLD}", flush=True)
+
+    # --- every medbatch engine
+    seconds: dict[str, dict[str, float]] = {task: {} for task in TASKS}
+    exact: dict[str, dict[str, bool]] = {task: {} for task in TASKS}
+    results: dict[str, dict[str, Any]] = {task: {} for task in TASKS}
+    for label, engine in engines:
+        # Warm-up: numba loads (or compiles) its kernels, oneDNN builds its GEMM kernels.
+        chem.top_k(query.take(range(8)), library, K, engine=engine)
+        chem.threshold_search(query.take(range(8)), library, THRESHOLD, engine=engine)
+        chem.top_k_all_pairs(pairs_set.take(range(64)), K, engine=engine)
+        t, ours = timed(lambda e=engine: chem.top_k(query, library, K, engine=e), args.repeat)
+        seconds["top10"][label], results["top10"][label] = t, ours
+        exact["top10"][label] = same_neighbours(ours, r_index, r_score)
+        t, hits = timed(
+            lambda e=engine: chem.threshold_search(query, library, THRESHOLD, engine=e),
+            args.repeat,
+        )
+        seconds[TASKS[1]][label], results[TASKS[1]][label] = t, hits
+        exact[TASKS[1]][label] = same_hits(hits, rq, rl, rs)
+        t, ours_ap = timed(
+            lambda e=engine: chem.top_k_all_pairs(pairs_set, K, engine=e), args.repeat
+        )
+        seconds["allpairs"][label], results["allpairs"][label] = t, ours_ap
+        exact["allpairs"][label] = same_neighbours(
+            chem.Neighbours(ours_ap.index[sample], ours_ap.score[sample]), ri, rsc
+        )
+        print(
+            f"  {label}: identical to RDKit: "
+            + ", ".join(f"{task} {exact[task][label]}" for task in TASKS),
+            flush=True,
+        )
+    first = engines[0][0]
+    engines_agree = all(
+        same_neighbours(
+            results[task][label], results[task][first].index, results[task][first].score
+        )
+        for task in ("top10", "allpairs")
+        for label, _ in engines
+    ) and all(
+        same_hits(
+            results[TASKS[1]][label],
+            results[TASKS[1]][first].query,
+            results[TASKS[1]][first].library,
+            results[TASKS[1]][first].score,
+        )
+        for label, _ in engines
+    )
+    print(f"  every engine gives the same results on every row: {engines_agree}", flush=True)
+
+    # --- FPSim2 in its own process, without torch
+    fp, fp_status = run_fpsim2(args, sets)
+    fpsim2_s: dict[str, float | None] = {task: None for task in TASKS}
+    checks: dict[str, dict[str, object]] = {task: {} for task in TASKS}
+    if "top10" in fp:
+        fpsim2_s["top10"] = float(fp["top10"]["seconds"])
+        checks["top10"] = compare_fpsim2(
+            results["top10"][auto], fp["top10"]["ids"], fp["top10"]["coeff"]
+        )
+    if TASKS[1] in fp:
+        fpsim2_s[TASKS[1]] = float(fp[TASKS[1]]["seconds"])
+        hits = results[TASKS[1]][auto]
+        ours_set = set(zip(hits.query.tolist(), hits.library.tolist(), strict=True))
+        f_pairs = {(int(q), int(lib)) for q, lib in fp[TASKS[1]]["pairs"]}
+        checks[TASKS[1]] = {"fpsim2_same_hits": ours_set == f_pairs}
+    f_sample = sets.fpsim2_sample
+    if "allpairs" in fp:
+        fpsim2_s["allpairs"] = float(fp["allpairs"]["seconds"]) * n / f_sample.size
+        ours_ap = results["allpairs"][auto]
+        checks["allpairs"] = compare_fpsim2(
+            chem.Neighbours(ours_ap.index[f_sample], ours_ap.score[f_sample]),
+            fp["allpairs"]["ids"],
+            fp["allpairs"]["coeff"],
+        )
+    for task in TASKS:
+        print(f"  FPSim2 {task}: {checks[task] or 'absent'}", flush=True)
+
+    # --- the report
+    result: dict[str, Any] = {
         "molecules": len(fps),
         "threads": args.threads,
         "rdkit": __import__("rdkit").__version__,
+        "cpu": cpu_features.cpu_model(),
+        "flags": cpu_features.engine_flags(),
+        "engine": auto,
+        "engine_reason": choice.describe(),
+        "engines_identical": engines_agree,
+        "fpsim2": fp_status,
     }
+    labels = [label for label, _ in engines]
 
-    # --- medbatch and RDKit in this process
-    chem.top_k(query.take(range(8)), library, K)  # warm-up (oneDNN kernels)
-    t_ours, ours = timed(lambda: chem.top_k(query, library, K), args.repeat)
-    t_rdkit, (r_index, r_score) = timed(lambda: rdkit_top_k(q_bvs, lib_bvs, K))
-    exact = compare_top_k(ours, r_index, r_score)
-    print(f"  top10: identical to RDKit: {exact}", flush=True)
+    def rate(task: str, t: float | None) -> float | None:
+        return None if t is None else pairs[task] / t / 1e6
 
-    t_ours_h, hits = timed(lambda: chem.threshold_search(query, library, THRESHOLD), args.repeat)
-    t_rdkit_h, (rq, rl, rs) = timed(lambda: rdkit_threshold(q_bvs, lib_bvs, THRESHOLD))
-    order = np.lexsort((rl, -rs, rq))
-    exact_h = bool(
-        np.array_equal(hits.query, rq[order])
-        and np.array_equal(hits.library, rl[order])
-        and np.array_equal(hits.score, rs[order])
-    )
-    print(f"  thr{THRESHOLD}: {len(hits)} hits; identical to RDKit: {exact_h}", flush=True)
+    def ratio(other: float | None, ours: float) -> float | None:
+        return None if other is None else other / ours
 
-    n = len(pairs_set)
-    pairs_ap = n * (n - 1)
-    t_ours_ap, ours_ap = timed(lambda: chem.top_k_all_pairs(pairs_set, K), args.repeat)
-    sample, f_sample = sets.ap_samples
-    t_rdkit_s, (ri, rsc) = timed(
-        lambda: rdkit_top_k([ap_bvs[i] for i in sample], ap_bvs, K, exclude=sample.tolist())
-    )
-    t_rdkit_ap = t_rdkit_s * n / sample.size
-    exact_ap = compare_top_k(chem.Neighbours(ours_ap.index[sample], ours_ap.score[sample]), ri, rsc)
-    print(f"  allpairs: identical to RDKit on {sample.size} sampled rows: {exact_ap}", flush=True)
+    def fmt(x: float | None, spec: str, unit: str = "") -> str:
+        return "absent" if x is None else format(x, spec) + unit
 
-    # --- FPSim2 in its own process
-    fp = run_fpsim2(args)
-    t_fp, t_fp_h, t_fp_s = (float(t) for t in fp["times"])
-    t_fp_ap = t_fp_s * n / f_sample.size
-    f_check = compare_fpsim2(ours, fp["ids"], fp["coeff"])
-    f_pairs = {(int(q), int(lib)) for q, lib in fp["pairs"]}
-    ours_set = set(zip(hits.query.tolist(), hits.library.tolist(), strict=True))
-    f_sub = chem.Neighbours(ours_ap.index[f_sample], ours_ap.score[f_sample])
-    f_check_ap = compare_fpsim2(f_sub, fp["ap_ids"], fp["ap_coeff"])
-    print(f"  FPSim2 top10: {f_check}", flush=True)
-    print(f"  FPSim2 thr{THRESHOLD}: same hits: {ours_set == f_pairs}", flush=True)
-    print(f"  FPSim2 allpairs: {f_check_ap}", flush=True)
-
-    rows.append(
-        (
-            "top10",
-            len(query) * len(library),
-            {"medbatch": t_ours, "rdkit": t_rdkit, "fpsim2": t_fp},
-            {},
+    header = f"{'task':9} {'pairs':>13} {'RDKit':>7} {'FPSim2':>7}"
+    header += "".join(f" {label:>11}" for label in labels)
+    print(f"\nMpairs/s ({auto} is what auto runs here); ratios: the other tool's time over ours")
+    print(header)
+    for task in TASKS:
+        line = f"{task:9} {pairs[task]:13,} {fmt(rate(task, rdkit_s[task]), '7.1f')} "
+        line += f"{fmt(rate(task, fpsim2_s[task]), '7.1f')}"
+        line += "".join(f" {rate(task, seconds[task][label]):11.0f}" for label in labels)
+        print(line)
+    for task in TASKS:
+        line = f"{task:9} vs RDKit " + "".join(
+            f" {label} {fmt(ratio(rdkit_s[task], seconds[task][label]), '.1f', 'x')}"
+            for label in labels
         )
-    )
-    result["top10"] = {"identical_to_rdkit": exact, **f_check}
-    rows.append(
-        (
-            f"thr{THRESHOLD}",
-            len(query) * len(library),
-            {"medbatch": t_ours_h, "rdkit": t_rdkit_h, "fpsim2": t_fp_h},
-            {},
+        line += " | vs FPSim2 " + "".join(
+            f" {label} {fmt(ratio(fpsim2_s[task], seconds[task][label]), '.1f', 'x')}"
+            for label in labels
         )
-    )
-    result[f"thr{THRESHOLD}"] = {
-        "hits": len(hits),
-        "identical_to_rdkit": exact_h,
-        "fpsim2_same_hits": ours_set == f_pairs,
-    }
-    notes = {
-        "rdkit": f"{sample.size} of {n} rows, x{n / sample.size:.0f}",
-        "fpsim2": f"{f_sample.size} of {n} rows, x{n / f_sample.size:.0f}",
-    }
-    rows.append(
-        (
-            "allpairs",
-            pairs_ap,
-            {"medbatch": t_ours_ap, "rdkit": t_rdkit_ap, "fpsim2": t_fp_ap},
-            notes,
-        )
-    )
-    result["allpairs"] = {
-        "identical_to_rdkit_on_sampled_rows": exact_ap,
-        "rdkit_sampled_rows": int(sample.size),
-        "fpsim2_sampled_rows": int(f_sample.size),
-        **f_check_ap,
-    }
-
+        print(line)
     print(
-        f"\n{'task':9} {'pairs':>14} {'medbatch Mp/s':>14} {'RDKit Mp/s':>11} {'FPSim2 Mp/s':>12} "
-        f"{'vs RDKit':>9} {'vs FPSim2':>10}  notes"
+        f"all-pairs: RDKit extrapolated from {sample.size} of {n} rows, "
+        f"FPSim2 from {f_sample.size} of {n} rows"
     )
-    for name, n_pairs, times, notes in rows:
-        rate = {tool: n_pairs / t / 1e6 for tool, t in times.items()}
-        vs_rdkit = times["rdkit"] / times["medbatch"]
-        vs_fpsim2 = times["fpsim2"] / times["medbatch"]
-        note = "; ".join(f"{tool} extrapolated from {text}" for tool, text in notes.items())
-        print(
-            f"{name:9} {n_pairs:14,} {rate['medbatch']:14.0f} {rate['rdkit']:11.1f} "
-            f"{rate['fpsim2']:12.1f} {vs_rdkit:9.1f} {vs_fpsim2:10.1f}  {note}"
-        )
-        entry = result.setdefault(name, {})
-        assert isinstance(entry, dict)
+
+    for task in TASKS:
+        ours_t = seconds[task][auto]
+        entry: dict[str, Any] = {}
+        if task == "allpairs":
+            entry["identical_to_rdkit_on_sampled_rows"] = exact[task][auto]
+            entry["rdkit_sampled_rows"] = int(sample.size)
+            entry["fpsim2_sampled_rows"] = int(f_sample.size)
+        else:
+            entry["identical_to_rdkit"] = exact[task][auto]
+        if task == TASKS[1]:
+            entry["hits"] = len(results[task][auto])
+        entry.update(checks[task])
         entry.update(
             {
-                "medbatch_s": round(times["medbatch"], 3),
-                "rdkit_s": round(times["rdkit"], 3),
-                "fpsim2_s": round(times["fpsim2"], 3),
-                "medbatch_mpairs_s": round(rate["medbatch"], 1),
-                "rdkit_mpairs_s": round(rate["rdkit"], 2),
-                "fpsim2_mpairs_s": round(rate["fpsim2"], 2),
-                "ratio_vs_rdkit": round(vs_rdkit, 2),
-                "ratio_vs_fpsim2": round(vs_fpsim2, 2),
+                "medbatch_s": round(ours_t, 3),
+                "rdkit_s": round(rdkit_s[task], 3),
+                "fpsim2_s": None if fpsim2_s[task] is None else round(fpsim2_s[task], 3),
+                "medbatch_mpairs_s": round(pairs[task] / ours_t / 1e6, 1),
+                "rdkit_mpairs_s": round(pairs[task] / rdkit_s[task] / 1e6, 2),
+                "fpsim2_mpairs_s": _round(rate(task, fpsim2_s[task]), 2),
+                "ratio_vs_rdkit": round(rdkit_s[task] / ours_t, 2),
+                "ratio_vs_fpsim2": _round(ratio(fpsim2_s[task], ours_t), 2),
+                "engines": {
+                    label: {
+                        "s": round(seconds[task][label], 3),
+                        "mpairs_s": round(pairs[task] / seconds[task][label] / 1e6, 1),
+                        "ratio_vs_rdkit": round(rdkit_s[task] / seconds[task][label], 2),
+                        "ratio_vs_fpsim2": _round(ratio(fpsim2_s[task], seconds[task][label]), 2),
+                        "identical_to_rdkit": exact[task][label],
+                    }
+                    for label in labels
+                },
             }
         )
+        result[task] = entry
     print(json.dumps(result))
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 if __name__ == "__main__":

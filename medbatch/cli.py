@@ -582,7 +582,12 @@ def cmd_compounds(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  skipped: {example}")
     if inline:
         summary = tasks.run_inline(
-            sessions, job_id=job["id"], device=settings.device, progress=True
+            sessions,
+            job_id=job["id"],
+            device=settings.device,
+            progress=True,
+            engine=settings.chem_engine,
+            engine_cache=settings.chem_engine_cache,
         )
     else:
         summary = tasks.wait(sessions, job_id=job["id"], progress=True)

@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     genotype_dir: Path = Path("var/genotypes")
     #: Molecule files (.smi, .sdf, .csv) POST /v1/compound-similarity may name, relative to this.
     compound_dir: Path = Path("var/compounds")
+    #: How compound similarity counts shared bits: ``popcount`` (AND + popcount on any CPU),
+    #: ``gemm`` (a GEMM of 0/1 bits on the CPU: AMX bfloat16 or int8), ``cuda`` (that GEMM on
+    #: the GPU), or ``auto``: CUDA where ``device`` gives it, else by the CPU's flags and, where
+    #: they do not settle it (AMX), a timing probe cached in ``var/chem-engine.json``.
+    chem_engine: Literal["auto", "gemm", "popcount", "cuda"] = "auto"
     #: Result rows per genome tile task (0: about 4 million matrix entries a tile).
     genome_tile_rows: int = Field(default=0, ge=0)
     #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
@@ -107,6 +112,11 @@ class Settings(BaseSettings):
     @property
     def var_dir(self) -> Path:
         return Path("var")
+
+    @property
+    def chem_engine_cache(self) -> Path:
+        """Where the compound-similarity engine probe keeps its verdict for this machine."""
+        return self.var_dir / "chem-engine.json"
 
     def batching(self, queue: str) -> tuple[int, float]:
         """``(max_batch_size, max_delay_ms)`` of a ``score.*`` queue (routine's for others)."""

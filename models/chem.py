@@ -10,14 +10,22 @@ Similarity is a ratio of integers: the bits two fingerprints share ``c`` and the
 and ``b``. Tanimoto is ``c / (a + b - c)``, Dice ``2c / (a + b)``, each divided once in float64 as
 RDKit divides (0 when the denominator is 0, which is what ``BulkTanimotoSimilarity`` and
 ``BulkDiceSimilarity`` return for two empty fingerprints), so every score is bit-identical to
-RDKit's. The shared-bit counts of a block of queries against a block of the library are one GEMM
-of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when no count
-can exceed 256 (every integer up to 256 is a bfloat16, so every partial sum is exact in any order),
-else int8 with int32 sums (``torch._int_mm``, on a CPU with AMX or VNNI), else float32, which holds
-every count up to 2²⁴; each is exact (:mod:`models.cpu_features` picks). Searches stream over library blocks (the full matrix is built only by
-:func:`similarity`) in popcount order, and skip blocks by the Swamidass-Baldi bound
-``min(a, b) / max(a, b)`` (as FPSim2 does), and pick candidates by an integer cut on the counts
-before the exact float64 check:
+RDKit's, whichever engine counts ``c`` (all count it exactly; docs/compounds.md compares them):
+
+- ``popcount`` (:mod:`models.chem_popcount`): AND + popcount on packed uint64 words, with the
+  vector popcount where the CPU has one; fast on every CPU.
+- ``gemm``: the shared-bit counts of a block of queries against a block of the library are one
+  GEMM of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when
+  no count can exceed 256 (every integer up to 256 is a bfloat16, so every partial sum is exact
+  in any order), else int8 with int32 sums (``torch._int_mm``, on a CPU with AMX or VNNI), else
+  float32, which holds every count up to 2²⁴ (:mod:`models.cpu_features` picks). ``cuda`` is
+  the same on the GPU.
+- ``auto`` (:func:`choose_engine`): CUDA where the device is CUDA; on the CPU ``popcount``
+  unless the CPU has AMX, where a short timing probe (cached) decides.
+
+Searches stream over the library in popcount order, skip what the Swamidass-Baldi bound
+``min(a, b) / max(a, b)`` rules out (as FPSim2 does), and pick candidates by an integer cut on
+the counts before the exact float64 check:
 
 - :func:`top_k`: the ``k`` most similar library molecules per query; equal scores are ordered by
   library index, lower first.
@@ -29,17 +37,25 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
+import logging
+import os
 import re
+import threading
+import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+import numba
 import numpy as np
 import torch
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
+from models import chem_popcount, cpu_features
 from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
 from models.scoring import Device, resolve_device
 
@@ -75,6 +91,7 @@ _INT_MM_MIN_K = 8
 _CUT_SLACK = 1e-6
 _NO_INDEX = np.iinfo(np.int64).max
 _TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ?", re.MULTILINE)
+log = logging.getLogger(__name__)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -466,15 +483,35 @@ def _check_pair(query: Fingerprints, library: Fingerprints, metric: Metric) -> N
 
 
 class _Gemm:
-    """Unpacks 0/1 bits for one GEMM dtype and multiplies them into exact shared-bit counts."""
+    """Unpacks 0/1 bits for one GEMM dtype and multiplies them into exact shared-bit counts.
 
-    def __init__(self, query: Fingerprints, library: Fingerprints, device: torch.device) -> None:
+    ``dtype`` forces one (``"bf16"`` only where every count is exact in it); by default bfloat16
+    where exact and fast, else int8 where fast, else float32.
+    """
+
+    def __init__(
+        self,
+        query: Fingerprints,
+        library: Fingerprints,
+        device: torch.device,
+        dtype: GemmDtype | None = None,
+    ) -> None:
         self.device = device
         most = min(_max(query.popcounts), _max(library.popcounts))
         on_cpu = device.type == "cpu"
-        if most <= _BF16_EXACT_COUNT and (not on_cpu or fast_bf16_gemm()):
+        int8_ok = on_cpu and query.bits.shape[1] * 8 >= _INT_MM_MIN_K
+        if dtype == "bf16" and most > _BF16_EXACT_COUNT:
+            raise ValueError(
+                f"the bfloat16 GEMM is exact for counts up to {_BF16_EXACT_COUNT}; "
+                f"these fingerprints share up to {most} bits"
+            )
+        if dtype == "int8" and not int8_ok:
+            raise ValueError("the int8 GEMM runs on the CPU, for fingerprints of 8 bits or more")
+        if dtype == "bf16" or (
+            dtype is None and most <= _BF16_EXACT_COUNT and (not on_cpu or fast_bf16_gemm())
+        ):
             self.dtype = torch.bfloat16
-        elif on_cpu and fast_int8_gemm() and query.bits.shape[1] * 8 >= _INT_MM_MIN_K:
+        elif dtype == "int8" or (dtype is None and int8_ok and fast_int8_gemm()):
             self.dtype = torch.int8  # int32 sums: exact below 2³¹ bits
         else:
             if query.n_bits > 2**24:
@@ -528,7 +565,7 @@ def _tiles(
     library: Fingerprints,
     *,
     same: bool,
-    device: torch.device,
+    gemm: _Gemm,
     reach: Callable[[_Block, _Block], np.ndarray],
     library_block: int,
     query_block: int,
@@ -543,13 +580,12 @@ def _tiles(
     molecule's count with itself is set to -1, below every count cut.
     """
     if same and len(query) <= QUERY_CHUNK:
-        yield from _symmetric_tiles(query, device=device, reach=reach, block=library_block)
+        yield from _symmetric_tiles(query, gemm=gemm, reach=reach, block=library_block)
         return
     q_pop = query.popcounts.astype(np.int64)
     l_pop = library.popcounts.astype(np.int64)
     q_order = np.argsort(q_pop, kind="stable")
     l_order = q_order if same else np.argsort(l_pop, kind="stable")
-    gemm = _Gemm(query, library, device)
     for chunk in range(0, len(query), QUERY_CHUNK):
         stop = min(chunk + QUERY_CHUNK, len(query))
         q_blocks = _blocks(q_order, q_pop, chunk, stop, query_block)
@@ -588,7 +624,7 @@ def _tiles(
 def _symmetric_tiles(
     fps: Fingerprints,
     *,
-    device: torch.device,
+    gemm: _Gemm,
     reach: Callable[[_Block, _Block], np.ndarray],
     block: int,
 ) -> Iterator[Tile]:
@@ -598,7 +634,6 @@ def _symmetric_tiles(
     pop = fps.popcounts.astype(np.int64)
     order = np.argsort(pop, kind="stable")
     blocks = _blocks(order, pop, 0, len(fps), block)
-    gemm = _Gemm(fps, fps, device)
     bits = gemm.unpack(fps.bits[order])
     pairs = sorted(
         ((i, j) for i in range(len(blocks)) for j in range(i, len(blocks))),
@@ -632,6 +667,225 @@ def _candidates(counts: torch.Tensor, cut: np.ndarray) -> tuple[np.ndarray, np.n
         rows, cols = torch.nonzero(counts >= cut_t[:, None], as_tuple=True)
     values = counts[rows, cols].to(torch.int64)
     return rows.cpu().numpy(), cols.cpu().numpy(), values.cpu().numpy()
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+#: What ``MEDBATCH_CHEM_ENGINE`` may say: ``gemm`` is the GEMM of 0/1 bits on the CPU (bfloat16 on
+#: AMX where exact, else int8 ``_int_mm``), ``cuda`` the same GEMM on the GPU, ``popcount`` the
+#: AND + popcount kernels of :mod:`models.chem_popcount`, ``auto`` chooses.
+EngineSetting = Literal["auto", "gemm", "popcount", "cuda"]
+#: What the search functions accept: a setting, or the CPU GEMM with its dtype forced.
+Engine = Literal["auto", "gemm", "gemm-bf16", "gemm-int8", "popcount", "cuda"]
+ENGINE_SETTINGS: tuple[EngineSetting, ...] = ("auto", "gemm", "popcount", "cuda")
+ENGINES: tuple[Engine, ...] = ("auto", "gemm", "gemm-bf16", "gemm-int8", "popcount", "cuda")
+GemmDtype = Literal["bf16", "int8"]
+#: The probe: top-10 of 128 queries in 8,192 molecules, 2,048-bit fingerprints of ~48 bits in
+#: families of 16 that share most of them (as analogues do: top-10 scores near 0.5).
+_PROBE_SHAPE = (128, 8192, 48)
+_PROBE_BUDGET_S = 0.2
+_CHOICES: dict[str, EngineChoice] = {}
+_CHOICE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine ``auto`` runs on this machine's CPU, and why."""
+
+    engine: Literal["gemm", "popcount"]
+    #: How it was chosen, in words.
+    reason: str
+    #: Seconds each engine took on the probe (empty where the CPU's features decided).
+    probe: dict[str, float]
+    cpu: str
+    flags: tuple[str, ...]
+
+    def describe(self) -> str:
+        times = ", ".join(f"{name} {1e3 * t:.1f} ms" for name, t in self.probe.items())
+        return (
+            f"compound similarity engine: {self.engine} ({self.reason}{'; probe: ' + times if times else ''}); "
+            f"CPU {self.cpu}, flags {' '.join(self.flags) or 'none of ' + ' '.join(cpu_features.ENGINE_FLAGS)}"
+        )
+
+
+def _probe_key() -> str:
+    return json.dumps(
+        {
+            "cpu": cpu_features.cpu_model(),
+            "flags": cpu_features.engine_flags(),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "numba_threads": numba.get_num_threads(),
+        },
+        sort_keys=True,
+    )
+
+
+def _probe_fingerprints() -> tuple[Fingerprints, Fingerprints]:
+    n_q, n_lib, on = _PROBE_SHAPE
+    n, family = n_q + n_lib, 16
+    rng = np.random.default_rng(20)
+    centres = rng.integers(0, 2048, size=(n // family + 1, on))
+    cols = centres[rng.permutation(n) // family]
+    moved = rng.integers(0, on, size=(n, on // 6))
+    cols[np.arange(n)[:, None], moved] = rng.integers(0, 2048, size=moved.shape)
+    ones = np.zeros((n, 2048), dtype=np.uint8)
+    np.put_along_axis(ones, cols, 1, axis=1)
+    fps = Fingerprints.from_packed(np.packbits(ones, axis=1, bitorder="little"), 2048)
+    return fps.take(range(n_q)), fps.take(range(n_q, n))
+
+
+def _probe() -> dict[str, float]:
+    """Seconds per CPU engine on the probe's search: after a warm-up, the best of three runs, or
+    of fewer where they add up to more than :data:`_PROBE_BUDGET_S`."""
+    query, library = _probe_fingerprints()
+    times: dict[str, float] = {}
+    for engine in ("popcount", "gemm"):
+        top_k(query, library, 10, engine=engine)
+        runs: list[float] = []
+        while len(runs) < 3 and sum(runs) < _PROBE_BUDGET_S:
+            start = time.perf_counter()
+            top_k(query, library, 10, engine=engine)
+            runs.append(time.perf_counter() - start)
+        times[engine] = min(runs)
+    return times
+
+
+def choose_engine(cache: Path | None = None) -> EngineChoice:
+    """The CPU engine ``auto`` runs here, chosen once per process (and logged once).
+
+    From the CPU's flags where they settle it: without AMX, a GEMM of 0/1 bits spends a
+    multiply-add per bit while the popcount engine counts 64 (or 512, with AVX-512 VPOPCNTDQ) per
+    instruction, so ``popcount``. With AMX (or AVX-512 BF16 without the vector popcount), a short
+    probe times both (a fraction of a second); ``cache`` names a JSON file that keeps its verdict
+    for this CPU, these library versions and thread counts, so the next process reads it instead.
+    """
+    key = _probe_key()
+    with _CHOICE_LOCK:
+        if key in _CHOICES:
+            return _CHOICES[key]
+        flags = cpu_features.cpu_flags()
+        gemm_units = cpu_features.has_amx() or (
+            "avx512_bf16" in flags and "avx512_vpopcntdq" not in flags
+        )
+        probe: dict[str, float] = {}
+        if not gemm_units:
+            engine: Literal["gemm", "popcount"] = "popcount"
+            reason = "no AMX on this CPU: a GEMM of 0/1 bits would do a multiply-add per bit"
+        else:
+            cached = _read_probe(cache, key)
+            probe, reason = (cached, f"probe cached in {cache}") if cached else (_probe(), "probe")
+            engine = "popcount" if probe["popcount"] <= probe["gemm"] else "gemm"
+            if not cached:
+                _write_probe(cache, key, probe)
+        choice = EngineChoice(
+            engine, reason, probe, cpu_features.cpu_model(), tuple(cpu_features.engine_flags())
+        )
+        log.info("%s", choice.describe())
+        _CHOICES[key] = choice
+        return choice
+
+
+def _read_probe(cache: Path | None, key: str) -> dict[str, float] | None:
+    if cache is None:
+        return None
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return {name: float(saved["probe"][name]) for name in ("popcount", "gemm")}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass  # no cache, or another machine's: probe again
+    return None
+
+
+def _write_probe(cache: Path | None, key: str, probe: dict[str, float]) -> None:
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        part = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+        part.write_text(json.dumps({"key": key, "probe": probe}))
+        part.replace(cache)
+    except OSError as exc:  # a read-only folder costs a probe per process, nothing else
+        log.debug("chem engine probe not cached in %s: %s", cache, exc)
+
+
+_LAYOUTS: dict[int, tuple[weakref.ref[np.ndarray], chem_popcount.Library]] = {}
+_LAYOUTS_KEPT = 2
+_LAYOUT_LOCK = threading.Lock()
+
+
+def _layout(library: Fingerprints) -> chem_popcount.Library:
+    """The popcount engine's layout of a library, kept for the last few libraries searched (a
+    worker runs every tile of a job against the same library)."""
+    key = id(library.bits)
+    with _LAYOUT_LOCK:
+        kept = _LAYOUTS.get(key)
+        if kept is not None and kept[0]() is library.bits:
+            return kept[1]
+    layout = chem_popcount.Library.build(library.bits, library.popcounts, library.n_bits)
+    with _LAYOUT_LOCK:
+        while len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            del _LAYOUTS[next(iter(_LAYOUTS))]
+        _LAYOUTS[key] = (weakref.ref(library.bits), layout)
+    return layout
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one search runs: ``popcount``, or the GEMM on ``device`` with ``dtype`` (None: by rule)."""
+
+    kind: Literal["gemm", "popcount"]
+    device: torch.device
+    dtype: GemmDtype | None = None
+
+
+def _plan(engine: Engine, device: Device, cache: Path | None = None) -> _Plan:
+    cpu = torch.device("cpu")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "popcount":
+        return _Plan("popcount", cpu)
+    if engine == "gemm":
+        return _Plan("gemm", cpu)
+    if engine in ("gemm-bf16", "gemm-int8"):
+        return _Plan("gemm", cpu, "bf16" if engine == "gemm-bf16" else "int8")
+    if engine == "cuda":
+        if not torch.cuda.is_available():  # a setting that cannot work here: no retry helps
+            raise ValueError("MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device")
+        return _Plan("gemm", torch.device("cuda"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return _Plan("gemm", dev)
+    return _Plan(choose_engine(cache).engine, cpu)
+
+
+def resolve_engine(
+    engine: Engine = "auto", *, device: Device = "auto", cache: Path | None = None
+) -> Engine:
+    """The engine a setting comes to here: ``popcount``, ``gemm`` (or a forced dtype) or
+    ``cuda``. ``auto`` runs :func:`choose_engine` (with ``cache``) unless ``device`` gives CUDA;
+    ``cuda`` without a GPU is refused."""
+    plan = _plan(engine, device, cache)
+    if plan.device.type == "cuda":
+        return "cuda"
+    if plan.kind == "popcount":
+        return "popcount"
+    return "gemm" if plan.dtype is None else f"gemm-{plan.dtype}"  # type: ignore[return-value]
+
+
+def engine_name(
+    query: Fingerprints, library: Fingerprints, *, engine: Engine = "auto", device: Device = "auto"
+) -> str:
+    """What a search of ``query`` against ``library`` runs on: ``popcount``, or ``gemm-bf16`` /
+    ``gemm-int8`` / ``gemm-float32`` (CPU), ``cuda-bf16`` / ``cuda-float32``."""
+    plan = _plan(engine, device)
+    if plan.kind == "popcount":
+        return "popcount"
+    dtype = _Gemm(query, library, plan.device, plan.dtype).dtype
+    where = "cuda" if plan.device.type == "cuda" else "gemm"
+    return f"{where}-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')}"
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -668,6 +922,7 @@ def similarity(
     *,
     metric: Metric = "tanimoto",
     device: Device = "auto",
+    engine: Engine = "auto",
     library_block: int = LIBRARY_BLOCK,
 ) -> np.ndarray:
     """The full (N_q, N_lib) float64 similarity matrix, as ``DataStructs.Bulk*Similarity``.
@@ -675,11 +930,15 @@ def similarity(
     Only for sets whose matrix fits in memory; :func:`top_k` and :func:`threshold_search` stream.
     """
     _check_pair(query, library, metric)
-    dev = resolve_device(device)
+    plan = _plan(engine, device)
+    if plan.kind == "popcount":
+        return chem_popcount.similarity(
+            query.bits, query.popcounts, library.bits, library.popcounts, dice=metric == "dice"
+        )
     out = np.empty((len(query), len(library)), dtype=np.float64)
     if out.size == 0:
         return out
-    gemm = _Gemm(query, library, dev)
+    gemm = _Gemm(query, library, plan.device, plan.dtype)
     a = query.popcounts.astype(np.int64)
     b = library.popcounts.astype(np.int64)
     with torch.inference_mode():
@@ -702,6 +961,7 @@ def _top_k(
     same: bool,
     metric: Metric,
     device: Device,
+    engine: Engine,
     library_block: int,
     query_block: int,
 ) -> Neighbours:
@@ -710,6 +970,14 @@ def _top_k(
         raise ValueError(f"{query.n_bits}-bit fingerprints: at most 65,536 bits")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
+    plan = _plan(engine, device)
+    if plan.kind == "popcount":
+        queries = chem_popcount.Queries.build(query.bits, query.popcounts)
+        best, best_index = chem_popcount.top_k(
+            queries, _layout(library), k, same=same, dice=metric == "dice"
+        )
+        empty = np.isneginf(best)
+        return Neighbours(np.where(empty, -1, best_index), np.where(empty, np.nan, best))
     n_q = len(query)
     best = np.full((n_q, k), -np.inf)
     best_index = np.full((n_q, k), _NO_INDEX, dtype=np.int64)
@@ -725,7 +993,7 @@ def _top_k(
                 query,
                 library,
                 same=same,
-                device=resolve_device(device),
+                gemm=_Gemm(query, library, plan.device, plan.dtype),
                 reach=reach,
                 library_block=library_block,
                 query_block=query_block,
@@ -806,6 +1074,7 @@ def _threshold(
     same: bool,
     metric: Metric,
     device: Device,
+    engine: Engine,
     library_block: int,
     query_block: int,
 ) -> Hits:
@@ -814,7 +1083,13 @@ def _threshold(
     if not np.isfinite(t):
         raise ValueError(f"threshold must be finite, got {threshold}")
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    if len(query) and len(library):
+    plan = _plan(engine, device)
+    if plan.kind == "popcount":
+        queries = chem_popcount.Queries.build(query.bits, query.popcounts)
+        found.append(
+            chem_popcount.threshold(queries, _layout(library), t, same=same, dice=metric == "dice")
+        )
+    elif len(query) and len(library):
 
         def reach(qb: _Block, lb: _Block) -> np.ndarray:
             return _bound(qb.pop, lb.lo, lb.hi, metric) >= t
@@ -825,7 +1100,7 @@ def _threshold(
                 query,
                 library,
                 same=same,
-                device=resolve_device(device),
+                gemm=_Gemm(query, library, plan.device, plan.dtype),
                 reach=reach,
                 library_block=library_block,
                 query_block=query_block,
@@ -849,6 +1124,7 @@ def top_k(
     *,
     metric: Metric = "tanimoto",
     device: Device = "auto",
+    engine: Engine = "auto",
     library_block: int = LIBRARY_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> Neighbours:
@@ -865,9 +1141,13 @@ def top_k(
     metric
         ``"tanimoto"`` or ``"dice"``, scores bit-identical to RDKit's ``Bulk*Similarity``.
     device
-        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present).
+        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present): where ``engine="auto"`` runs.
+    engine
+        ``"auto"`` (CUDA where ``device`` resolves to it, else :func:`choose_engine`'s CPU
+        engine), ``"gemm"``, ``"popcount"``, ``"cuda"``, or ``"gemm-bf16"`` / ``"gemm-int8"``
+        (the CPU GEMM in that dtype). Every engine gives the same result.
     library_block, query_block
-        Streaming sizes; the result does not depend on them.
+        The GEMM engines' streaming sizes; the result does not depend on them.
 
     Returns
     -------
@@ -881,6 +1161,7 @@ def top_k(
         same=False,
         metric=metric,
         device=device,
+        engine=engine,
         library_block=library_block,
         query_block=query_block,
     )
@@ -892,6 +1173,7 @@ def top_k_all_pairs(
     *,
     metric: Metric = "tanimoto",
     device: Device = "auto",
+    engine: Engine = "auto",
     library_block: int = LIBRARY_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> Neighbours:
@@ -903,6 +1185,7 @@ def top_k_all_pairs(
         same=True,
         metric=metric,
         device=device,
+        engine=engine,
         library_block=library_block,
         query_block=query_block,
     )
@@ -915,6 +1198,7 @@ def threshold_search(
     *,
     metric: Metric = "tanimoto",
     device: Device = "auto",
+    engine: Engine = "auto",
     library_block: int = LIBRARY_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> Hits:
@@ -936,6 +1220,7 @@ def threshold_search(
         same=False,
         metric=metric,
         device=device,
+        engine=engine,
         library_block=library_block,
         query_block=query_block,
     )
@@ -947,6 +1232,7 @@ def threshold_all_pairs(
     *,
     metric: Metric = "tanimoto",
     device: Device = "auto",
+    engine: Engine = "auto",
     library_block: int = LIBRARY_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> Hits:
@@ -958,6 +1244,7 @@ def threshold_all_pairs(
         same=True,
         metric=metric,
         device=device,
+        engine=engine,
         library_block=library_block,
         query_block=query_block,
     )

@@ -6,12 +6,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from rdkit import Chem, DataStructs, RDConfig
 
-from models import chem
+from models import chem, chem_popcount
 
 NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
 N_QUERIES = 300
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ],
+)
+#: Every engine, forced: the popcount kernels, the CPU GEMM as it runs by default (bfloat16 on
+#: AMX, else int8 or float32), the int8 GEMM, and the GEMM on CUDA.
+ENGINES = ["popcount", "gemm", "gemm-int8", CUDA]
 
 
 @pytest.fixture(scope="module")
@@ -57,38 +68,59 @@ def test_packed_bits_are_rdkits(nci: chem.Molecules, kind: chem.FingerprintKind)
     assert all(a == b for a, b in zip(fps.to_bitvects(), reference, strict=True))
 
 
+_REFERENCE: dict[tuple[str, str], tuple[list, np.ndarray]] = {}
+
+
+def _reference(nci: chem.Molecules, kind: chem.FingerprintKind, metric: chem.Metric):
+    """RDKit's fingerprints of the NCI set and its scores for the first N_QUERIES (cached)."""
+    if (kind, metric) not in _REFERENCE:
+        bvs = _bitvects(nci, kind)
+        _REFERENCE[kind, metric] = bvs, _rdkit(bvs[:N_QUERIES], bvs, metric)
+    return _REFERENCE[kind, metric]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("metric", ["tanimoto", "dice"])
 @pytest.mark.parametrize("kind", ["morgan", "rdkit", "atom-pair"])
 def test_similarity_is_bit_identical_to_rdkit(
-    nci: chem.Molecules, kind: chem.FingerprintKind, metric: chem.Metric
+    nci: chem.Molecules, kind: chem.FingerprintKind, metric: chem.Metric, engine: chem.Engine
 ) -> None:
-    """Every score equals DataStructs.Bulk*Similarity's float64, bit for bit."""
-    bvs = _bitvects(nci, kind)
+    """Every score equals DataStructs.Bulk*Similarity's float64, bit for bit, on every engine."""
+    bvs, reference = _reference(nci, kind, metric)
     fps = chem.Fingerprints.from_bitvects(bvs)
-    if kind == "rdkit":  # paths up to 7 bonds: popcounts above 256, so the int8 GEMM
+    if kind == "rdkit":  # paths up to 7 bonds: popcounts above 256, beyond the bfloat16 GEMM
         assert fps.popcounts.max() > 256
-    ours = chem.similarity(fps.take(range(N_QUERIES)), fps, metric=metric, device="cpu")
-    assert np.array_equal(ours, _rdkit(bvs[:N_QUERIES], bvs, metric))
+    ours = chem.similarity(fps.take(range(N_QUERIES)), fps, metric=metric, engine=engine)
+    assert np.array_equal(ours, reference)
 
 
-def test_int8_path_matches_bf16_path(nci: chem.Molecules, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Morgan counts fit bfloat16; forcing the int8 GEMM gives the same numbers."""
-    fps = chem.fingerprints(nci)
+def test_bf16_gemm_matches_rdkit_where_exact_and_refuses_otherwise(nci: chem.Molecules) -> None:
+    """Morgan counts fit bfloat16; RDKit-path counts (above 256) do not, and are refused."""
+    bvs, reference = _reference(nci, "morgan", "tanimoto")
+    fps = chem.Fingerprints.from_bitvects(bvs)
     query = fps.take(range(N_QUERIES))
-    bf16 = chem.similarity(query, fps, device="cpu")
-    monkeypatch.setattr(chem, "_BF16_EXACT_COUNT", 0)
-    assert np.array_equal(chem.similarity(query, fps, device="cpu"), bf16)
+    assert np.array_equal(chem.similarity(query, fps, engine="gemm-bf16"), reference)
+    paths = chem.Fingerprints.from_bitvects(_reference(nci, "rdkit", "tanimoto")[0])
+    with pytest.raises(ValueError, match="exact for counts up to 256"):
+        chem.top_k(paths.take(range(5)), paths, 3, engine="gemm-bf16")
 
 
-def test_empty_fingerprints_score_as_rdkit() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_fingerprints_score_as_rdkit(engine: chem.Engine) -> None:
     """RDKit returns 0 for two empty fingerprints (0/0), for Tanimoto and Dice."""
     empty, one = DataStructs.ExplicitBitVect(64), DataStructs.ExplicitBitVect(64)
     one.SetBit(5)
     bvs = [empty, one, DataStructs.ExplicitBitVect(64)]
     fps = chem.Fingerprints.from_bitvects(bvs)
     for metric in chem.METRICS:
-        assert np.array_equal(chem.similarity(fps, fps, metric=metric), _rdkit(bvs, bvs, metric))
-    assert chem.similarity(fps, fps)[0, 2] == 0.0
+        full = chem.similarity(fps, fps, metric=metric, engine=engine)
+        assert np.array_equal(full, _rdkit(bvs, bvs, metric))
+        got = chem.top_k(fps, fps, 3, metric=metric, engine=engine)
+        index, score = _brute_top_k(full, 3)
+        assert np.array_equal(got.index, index) and np.array_equal(got.score, score)
+        hits = chem.threshold_all_pairs(fps, 0.0, metric=metric, engine=engine)
+        assert len(hits) == 6 and (hits.score == 0.0).all()
+    assert chem.similarity(fps, fps, engine=engine)[0, 2] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -101,48 +133,65 @@ def with_duplicates(nci: chem.Molecules) -> chem.Fingerprints:
     return fps.take(np.concatenate([rows, copies])[order])
 
 
-@pytest.mark.parametrize(("library_block", "query_block"), [(97, 31), (2048, 512)])
+@pytest.fixture(params=["default", "small"])
+def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Streaming sizes: the defaults, or small ones that put block edges everywhere (the GEMM's
+    library and query blocks; the popcount engine's query groups and library chunks)."""
+    if request.param == "default":
+        return {}
+    monkeypatch.setattr(chem_popcount, "GROUP", 3)
+    monkeypatch.setattr(chem_popcount, "CHUNK_BYTES", 64 * 32)  # 64-row chunks at 2,048 bits
+    return {"library_block": 97, "query_block": 31}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("metric", ["tanimoto", "dice"])
 def test_top_k_equals_brute_force_with_ties(
-    with_duplicates: chem.Fingerprints, metric: chem.Metric, library_block: int, query_block: int
+    with_duplicates: chem.Fingerprints,
+    metric: chem.Metric,
+    engine: chem.Engine,
+    blocks: dict[str, int],
 ) -> None:
     """Top 10 as a full sort would give it: best first, equal scores by lower library index."""
     library = with_duplicates
     query = library.take(range(0, len(library), 7))
-    full = chem.similarity(query, library, metric=metric)
+    full = chem.similarity(query, library, metric=metric, engine="gemm")
     index, score = _brute_top_k(full, 10)
     assert (score[:, :-1] == score[:, 1:]).any()  # the ties are there
-    got = chem.top_k(
-        query, library, 10, metric=metric, library_block=library_block, query_block=query_block
-    )
+    got = chem.top_k(query, library, 10, metric=metric, engine=engine, **blocks)
     assert np.array_equal(got.index, index)
     assert np.array_equal(got.score, score)
 
 
-def test_top_k_all_pairs_excludes_only_self(with_duplicates: chem.Fingerprints) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_top_k_all_pairs_excludes_only_self(
+    with_duplicates: chem.Fingerprints, engine: chem.Engine, blocks: dict[str, int]
+) -> None:
     """Each molecule's own row is left out; its duplicates stay (score 1, lowest index first)."""
     fps = with_duplicates.take(range(800))
-    full = chem.similarity(fps, fps)
+    full = chem.similarity(fps, fps, engine="gemm")
     np.fill_diagonal(full, -np.inf)
     index, score = _brute_top_k(full, 5)
-    got = chem.top_k_all_pairs(fps, 5, library_block=64, query_block=40)
+    got = chem.top_k_all_pairs(fps, 5, engine=engine, **blocks)
     assert np.array_equal(got.index, index)
     assert np.array_equal(got.score, score)
     assert not (got.index == np.arange(len(fps))[:, None]).any()
 
 
-def test_top_k_pads_a_short_library(nci: chem.Molecules) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_top_k_pads_a_short_library(nci: chem.Molecules, engine: chem.Engine) -> None:
     fps = chem.fingerprints(nci)
-    got = chem.top_k(fps.take(range(3)), fps.take(range(4)), 6)
+    got = chem.top_k(fps.take(range(3)), fps.take(range(4)), 6, engine=engine)
     assert (got.index[:, 4:] == -1).all() and np.isnan(got.score[:, 4:]).all()
     index, score = _brute_top_k(chem.similarity(fps.take(range(3)), fps.take(range(4))), 4)
     assert np.array_equal(got.index[:, :4], index) and np.array_equal(got.score[:, :4], score)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("threshold", [0.0, 0.35, 0.7, 1.0])
 @pytest.mark.parametrize("metric", ["tanimoto", "dice"])
 def test_threshold_hits_equal_rdkits(
-    nci: chem.Molecules, metric: chem.Metric, threshold: float
+    nci: chem.Molecules, metric: chem.Metric, threshold: float, engine: chem.Engine
 ) -> None:
     """Pairs with RDKit's score >= threshold, no more, no fewer, in query/score/index order."""
     bvs = _bitvects(nci, "morgan")
@@ -152,22 +201,64 @@ def test_threshold_hits_equal_rdkits(
     q, lib = np.nonzero(reference >= threshold)
     s = reference[q, lib]
     order = np.lexsort((lib, -s, q))
-    got = chem.threshold_search(query, fps, threshold, metric=metric, library_block=500)
+    got = chem.threshold_search(
+        query, fps, threshold, metric=metric, engine=engine, library_block=500
+    )
     assert np.array_equal(got.query, q[order])
     assert np.array_equal(got.library, lib[order])
     assert np.array_equal(got.score, s[order])
 
 
-def test_threshold_all_pairs_without_self(with_duplicates: chem.Fingerprints) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threshold_all_pairs_without_self(
+    with_duplicates: chem.Fingerprints, engine: chem.Engine, blocks: dict[str, int]
+) -> None:
     fps = with_duplicates.take(range(900))
-    full = chem.similarity(fps, fps)
+    full = chem.similarity(fps, fps, engine="gemm")
     np.fill_diagonal(full, -1.0)
-    got = chem.threshold_all_pairs(fps, 0.6, library_block=128, query_block=100)
+    got = chem.threshold_all_pairs(fps, 0.6, engine=engine, **blocks)
     q, lib = np.nonzero(full >= 0.6)
     assert set(zip(got.query.tolist(), got.library.tolist(), strict=True)) == set(
         zip(q.tolist(), lib.tolist(), strict=True)
     )
     assert len(got) == q.size
+
+
+@pytest.mark.parametrize("kind", ["rdkit", "atom-pair"])
+def test_popcount_searches_on_dense_fingerprints_equal_rdkits(
+    nci: chem.Molecules, kind: chem.FingerprintKind
+) -> None:
+    """Fingerprints whose shared bits pass 255 (RDKit paths) skip the uint8 segment bound;
+    top-k and threshold still equal RDKit's brute force."""
+    bvs, reference = _reference(nci, kind, "tanimoto")
+    fps = chem.Fingerprints.from_bitvects(bvs)
+    query = fps.take(range(N_QUERIES))
+    index, score = _brute_top_k(reference, 7)
+    got = chem.top_k(query, fps, 7, engine="popcount")
+    assert np.array_equal(got.index, index) and np.array_equal(got.score, score)
+    hits = chem.threshold_search(query, fps, 0.55, engine="popcount")
+    q, lib = np.nonzero(reference >= 0.55)
+    assert set(zip(hits.query.tolist(), hits.library.tolist(), strict=True)) == set(
+        zip(q.tolist(), lib.tolist(), strict=True)
+    )
+    assert np.array_equal(np.sort(hits.score), np.sort(reference[q, lib]))
+
+
+@pytest.mark.parametrize("fp_size", [167, 1000, 4096])
+def test_popcount_engine_on_other_lengths(nci: chem.Molecules, fp_size: int) -> None:
+    """Lengths that are no multiple of 64 (or of 512) are padded with zero words that count
+    nothing: scores, top-k and hits equal RDKit's."""
+    mols = nci.mols[:1500]
+    bvs = list(chem.fingerprint_generator("morgan", fp_size=fp_size).GetFingerprints(mols))
+    fps = chem.Fingerprints.from_bitvects(bvs)
+    query = fps.take(range(100))
+    reference = _rdkit(bvs[:100], bvs, "tanimoto")
+    assert np.array_equal(chem.similarity(query, fps, engine="popcount"), reference)
+    index, score = _brute_top_k(reference, 5)
+    got = chem.top_k(query, fps, 5, engine="popcount")
+    assert np.array_equal(got.index, index) and np.array_equal(got.score, score)
+    hits = chem.threshold_search(query, fps, 0.5, engine="popcount")
+    assert len(hits) == int((reference >= 0.5).sum())
 
 
 def test_bad_smiles_are_reported_and_skipped(tmp_path: Path) -> None:
@@ -241,3 +332,15 @@ def test_shapes_are_checked(nci: chem.Molecules) -> None:
         chem.threshold_search(fps, fps, 0.5, metric="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k must be"):
         chem.top_k(fps, fps, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_empty_sets_give_empty_results(nci: chem.Molecules, engine: chem.Engine) -> None:
+    fps = chem.fingerprints(nci.mols[:20])
+    none = fps.take([])
+    assert chem.top_k(none, fps, 3, engine=engine).index.shape == (0, 3)
+    got = chem.top_k(fps, none, 2, engine=engine)
+    assert (got.index == -1).all() and np.isnan(got.score).all()
+    assert len(chem.threshold_search(none, fps, 0.5, engine=engine)) == 0
+    assert len(chem.threshold_search(fps, none, 0.5, engine=engine)) == 0
+    assert chem.similarity(none, fps, engine=engine).shape == (0, 20)

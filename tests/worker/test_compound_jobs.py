@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from rdkit import DataStructs, RDConfig
 from rdkit.Chem import rdFingerprintGenerator
 from sqlalchemy import func, select
@@ -68,9 +69,11 @@ def _brute_top_k(query: list, library: list, k: int, skip_self: bool) -> list[li
     return out
 
 
+@pytest.mark.parametrize("chem_engine", ["auto", "popcount", "gemm"])
 def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
-    sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
+    sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path], chem_engine: str
 ) -> None:
+    """The same on every engine (MEDBATCH_CHEM_ENGINE reaches the tiles)."""
     library, query = files
     job = tasks.submit(
         sessions, None, tenant_id=_tenant(sessions), library=library, query=query, top_k=5,
@@ -78,7 +81,13 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     )  # fmt: skip
     assert (job["n_query"], job["n_library"], job["tiles_total"]) == (12, 301, 3)
     assert job["unreadable"] == 1 and "line 7" in job["unreadable_examples"][0]
-    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    summary = tasks.run_inline(
+        sessions,
+        job_id=job["id"],
+        device="cpu",
+        engine=chem_engine,  # type: ignore[arg-type]
+        engine_cache=tmp_path / "chem-engine.json",
+    )
     assert summary["status"] == "done", summary["error"]
     q_ids, q_fps = _rdkit(query)
     _, l_fps = _rdkit(library)
@@ -93,6 +102,24 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     assert {r.query_id for r in rows} == set(q_ids)
     csv_lines = Path(summary["output"]).read_text().splitlines()
     assert csv_lines[0] == "query_id,library_id,similarity,rank" and len(csv_lines) == 61
+
+
+def test_the_chem_engine_setting_reaches_the_tiles(
+    sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    """MEDBATCH_CHEM_ENGINE=cuda: the job runs on the GPU where there is one, else it fails at
+    once with the reason (a setting no retry can mend)."""
+    library, query = files
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), library=library, query=query, top_k=3,
+        artifact_dir=tmp_path / "store",
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="auto", engine="cuda")
+    if torch.cuda.is_available():
+        assert summary["status"] == "done", summary["error"]
+    else:
+        assert summary["status"] == "failed"
+        assert "MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device" in summary["error"]
 
 
 def test_all_pairs_excludes_each_molecule_itself_and_breaks_ties_by_index(

@@ -76,8 +76,18 @@ def _rows(fps: chem.Fingerprints, rows: slice) -> chem.Fingerprints:
     return chem.Fingerprints(fps.bits[rows], fps.popcounts[rows], fps.n_bits, tuple(fps.ids[rows]))
 
 
-def search_tile(spec: dict[str, Any], rows: slice, device: Device) -> list[dict[str, Any]]:
-    """The neighbours of query rows ``rows``: top-k (ranked) or everything ≥ the threshold."""
+def search_tile(
+    spec: dict[str, Any],
+    rows: slice,
+    device: Device,
+    engine: chem.Engine = "auto",
+    engine_cache: Path | None = None,
+) -> list[dict[str, Any]]:
+    """The neighbours of query rows ``rows``: top-k (ranked) or everything ≥ the threshold.
+
+    ``engine`` is ``MEDBATCH_CHEM_ENGINE``; ``auto`` is settled once per process (its probe
+    verdict kept in ``engine_cache``)."""
+    engine = chem.resolve_engine(engine, device=device, cache=engine_cache)
     library, _ = load(spec, "library")
     query = library if spec["all_pairs"] else load(spec, "query")[0]
     block = _rows(query, rows)
@@ -85,7 +95,7 @@ def search_tile(spec: dict[str, Any], rows: slice, device: Device) -> list[dict[
     metric = spec["metric"]
     if spec["mode"] == "top_k":
         k = int(spec["k"]) + (1 if spec["all_pairs"] else 0)  # room for the query itself
-        result = chem.top_k(block, library, k, metric=metric, device=device)
+        result = chem.top_k(block, library, k, metric=metric, device=device, engine=engine)
         for i in range(len(block.popcounts)):
             q = rows.start + i
             rank = 0
@@ -96,7 +106,7 @@ def search_tile(spec: dict[str, Any], rows: slice, device: Device) -> list[dict[
                 found.append(_row(q, int(j), float(score), rank, query, library))
         return found
     hits = chem.threshold_search(
-        block, library, float(spec["threshold"]), metric=metric, device=device
+        block, library, float(spec["threshold"]), metric=metric, device=device, engine=engine
     )
     rank, last = 0, -1
     for qi, j, score in zip(hits.query, hits.library, hits.score, strict=True):
@@ -122,7 +132,15 @@ def _row(
     }
 
 
-def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device: Device) -> str:
+def run_tile(
+    sessions: sessionmaker[Session],
+    *,
+    job_id: int,
+    index: int,
+    device: Device,
+    engine: chem.Engine = "auto",
+    engine_cache: Path | None = None,
+) -> str:
     with session_scope(sessions) as session:
         job = jobs.get_job(session, job_id=job_id)
         tile = ledger.get_tile(session, job_id=job_id, index=index, tile=CompoundTile)
@@ -133,7 +151,7 @@ def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device
         ledger.start_tile(session, tile, job=CompoundJob)
         spec, rows, attempts = dict(job.spec), slice(tile.row_start, tile.row_end), tile.attempts
     try:
-        found = search_tile(spec, rows, device)
+        found = search_tile(spec, rows, device, engine, engine_cache)
     except Exception as exc:
         reason = f"tile {index} (queries {rows.start}:{rows.stop}): {type(exc).__name__}: {exc}"
         log.warning("compound job %d: %s (attempt %d)", job_id, reason, attempts)
@@ -260,11 +278,24 @@ def submit(
 
 
 def run_inline(
-    sessions: sessionmaker[Session], *, job_id: int, device: Device, progress: bool = False
+    sessions: sessionmaker[Session],
+    *,
+    job_id: int,
+    device: Device,
+    progress: bool = False,
+    engine: chem.Engine = "auto",
+    engine_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Compute every tile of a job in this process (no worker), the same way a worker does."""
     return tiled.run_inline(
-        lambda index: run_tile(sessions, job_id=job_id, index=index, device=device),
+        lambda index: run_tile(
+            sessions,
+            job_id=job_id,
+            index=index,
+            device=device,
+            engine=engine,
+            engine_cache=engine_cache,
+        ),
         lambda: describe_id(sessions, job_id),
         progress=progress,
     )
@@ -313,4 +344,12 @@ def compound_tile_task(self: Any, *args: object) -> str:
     if len(args) != 2 or len(ids) != 2:
         raise Reject("expected two arguments: job id and tile index", requeue=False)
     ctx = context(self.app)
-    return run_tile(ctx.sessions, job_id=ids[0], index=ids[1], device=ctx.settings.device)
+    settings = ctx.settings
+    return run_tile(
+        ctx.sessions,
+        job_id=ids[0],
+        index=ids[1],
+        device=settings.device,
+        engine=settings.chem_engine,
+        engine_cache=settings.chem_engine_cache,
+    )

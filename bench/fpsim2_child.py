@@ -1,0 +1,134 @@
+"""FPSim2's side of ``make bench-compounds``, in a process of its own that never imports torch.
+
+FPSim2's threaded C++ search crashed the benchmark's process twice in seven runs (heap corruption
+seen later in numpy calls), and once with SIGSEGV after the other contenders had finished. Here
+it runs apart from torch, numba and medbatch: RDKit, numpy and FPSim2 only. Each task's results
+go to their own file as soon as the task ends, so a crash loses only the tasks after it; the
+parent reports what is missing as absent.
+
+Usage (the parent, bench/compounds.py, writes the plan): python bench/fpsim2_child.py PLAN OUT_DIR
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
+    """Median wall seconds of ``repeat`` calls, and the last call's result."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+def build_engine(mols: list[Any], rows: range, directory: Path) -> Any:
+    from FPSim2 import FPSim2Engine
+    from FPSim2.io import create_db_file
+    from FPSim2.io.backends import pytables
+
+    # FPSim2 0.7.4 finds each popcount's rows with one PyTables query per possible popcount
+    # (17 s for 3,000 molecules here); the same bins from the sorted column, for building only.
+    def popcount_bins(table: Any, fp_length: int) -> list[tuple[int, tuple[int, int]]]:
+        counts = table.col("popcnt")
+        values, first = np.unique(counts, return_index=True)
+        ends = [*first[1:].tolist(), len(counts)]
+        return [(int(v), (int(f), int(e))) for v, f, e in zip(values, first, ends, strict=True)]
+
+    pytables.calc_popcnt_bins_pytables = popcount_bins
+    path = directory / f"fpsim2_{rows.start}_{rows.stop}.h5"
+    create_db_file(
+        [(mols[i], i - rows.start) for i in rows],
+        str(path),
+        mol_format="rdkit",
+        fp_type="Morgan",
+        fp_params={"radius": 2, "fpSize": 2048},
+    )
+    return FPSim2Engine(str(path))
+
+
+def top_k(
+    engine: Any, query_bvs: list[Any], k: int, threads: int, self_ids: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(query_bvs), k), -1, dtype=np.int64)
+    coeff = np.full((len(query_bvs), k), np.nan, dtype=np.float32)
+    for row, bv in enumerate(query_bvs):
+        want = k + (self_ids is not None)
+        found = engine.top_k(bv, k=want, threshold=0.0, n_workers=threads)
+        got_ids = found["mol_id"].astype(np.int64)
+        got = found["coeff"]
+        if self_ids is not None:
+            keep = got_ids != self_ids[row]
+            got_ids, got = got_ids[keep][:k], got[keep][:k]
+        ids[row, : got_ids.size], coeff[row, : got.size] = got_ids, got
+    return ids, coeff
+
+
+def threshold(engine: Any, query_bvs: list[Any], t: float, threads: int) -> np.ndarray:
+    pairs: set[tuple[int, int]] = set()
+    for row, bv in enumerate(query_bvs):
+        found = engine.similarity(bv, t, n_workers=threads)
+        pairs.update((row, int(i)) for i in found["mol_id"])
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
+
+def main() -> None:
+    faulthandler.enable()  # a crash inside RDKit or FPSim2 says where
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    from rdkit import Chem
+    from rdkit.Chem import rdFingerprintGenerator
+
+    mols = [Chem.MolFromSmiles(s) for s in Path(plan["smiles"]).read_text().splitlines()]
+    if any(m is None for m in mols):
+        sys.exit("a SMILES the parent read could not be read again")
+    generator = rdFingerprintGenerator.GetMorganGenerator(radius=2, fpSize=2048)
+    lib_rows, q_rows, ap_rows = (range(*plan[name]) for name in ("library", "queries", "ap"))
+    q_bvs = [generator.GetFingerprint(mols[i]) for i in q_rows]
+    ap_bvs = [generator.GetFingerprint(mols[i]) for i in ap_rows]
+    sample = plan["ap_sample"]
+    threads, repeat, k, t = plan["threads"], plan["repeat"], plan["k"], plan["threshold"]
+
+    def done(task: str) -> None:
+        if plan.get("crash_after") == task:  # --fpsim2-crash-after: the parent must survive this
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    with tempfile.TemporaryDirectory(prefix="medbatch-bench-fpsim2-") as tmp:
+        start = time.perf_counter()
+        engine_lib = build_engine(mols, lib_rows, Path(tmp))
+        engine_ap = build_engine(mols, ap_rows, Path(tmp))
+        print(f"FPSim2 databases built in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds, (ids, coeff) = timed(lambda: top_k(engine_lib, q_bvs, k, threads), repeat)
+        np.savez(out / "top10.npz", seconds=seconds, ids=ids, coeff=coeff)
+        done("top10")
+        seconds, pairs = timed(lambda: threshold(engine_lib, q_bvs, t, threads), repeat)
+        np.savez(out / "threshold.npz", seconds=seconds, pairs=pairs)
+        done("threshold")
+        seconds, (ids, coeff) = timed(
+            lambda: top_k(engine_ap, [ap_bvs[i] for i in sample], k, threads, sample), repeat
+        )
+        np.savez(out / "allpairs.npz", seconds=seconds, ids=ids, coeff=coeff)
+        done("allpairs")
+    # What this process is for: FPSim2 apart from torch (and numba, and medbatch).
+    apart = {name: name in sys.modules for name in ("torch", "numba", "models")}
+    (out / "modules.json").write_text(json.dumps(apart))
+    print(f"FPSim2's process imported: {apart}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
