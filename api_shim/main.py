@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_shim.audit import AuditTrail
 from api_shim.idempotency import Idempotency
+from api_shim.outage import OutageAs503
 from api_shim.routes import cases, compounds, fhir, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
@@ -139,6 +140,8 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     )
     # Around Idempotency, so replayed and refused retries are audited too.
     app.add_middleware(AuditTrail, sessions=app.state.sessions)
-    # Added last, so outermost: a body over the limit is refused before anything reads it.
+    # Outermost but one: a body over the limit is refused before anything reads it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: a database or broker outage met anywhere inside is a 503 (api_shim/outage.py).
+    app.add_middleware(OutageAs503)
     return app
