@@ -351,15 +351,14 @@ def renew_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> 
 def release_cases(
     session: Session, *, case_ids: Sequence[int], owner: str, uncount: bool = False
 ) -> None:
-    """Give back cases this worker holds, ``queued`` and unleased, their messages returned to
-    the broker. ``uncount`` takes back the delivery a claim counted (an outage, not the case,
-    stopped the batch)."""
+    """Give back cases this worker holds: ``queued`` again, the lease expired at once, so the
+    sweeper sends them at its next sweep (and any worker may claim them before that).
+    ``uncount`` takes back the delivery a claim counted (an outage, not the case, stopped the
+    batch)."""
     now = utcnow()
     values: dict[str, Any] = {
         "status": CaseStatus.queued,
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "enqueued_at": now,
+        "lease_expires_at": now,
         "updated_at": now,
     }
     if uncount:

@@ -87,6 +87,8 @@ class Batcher:
         self.timer = consumer.timer
         self.connection_errors = consumer.connection_errors
         self.failures = 0
+        #: Cases an outage stopped and the database could not take back yet.
+        self.to_release: set[int] = set()
         settings = self.ctx.settings
         self.buffers: dict[str, _Buffer] = {}
         for queue in SCORE_QUEUES:
@@ -157,6 +159,8 @@ class Batcher:
         messages = buffer.take()
         case_ids = list(dict.fromkeys(i for m in messages for i in m.case_ids))
         keeper = self.ctx.leases
+        if self.to_release:
+            self._release(sorted(self.to_release))
         try:
             outcome = score_cases(
                 case_ids,
@@ -231,14 +235,18 @@ class Batcher:
                 return
 
     def _release(self, case_ids: list[int]) -> None:
+        """Give the cases back (the sweeper sends them at once); if the database is still away,
+        try again before the next batch (meanwhile their leases run out all the same)."""
         try:
             with session_scope(self.ctx.sessions) as session:
                 repo.release_cases(
                     session, case_ids=case_ids, owner=self.ctx.leases.owner, uncount=True
                 )
         except Exception as exc:
-            # Still away: the leases lapse and the sweeper sends the cases again later.
             log.warning("could not give back %d cases: %s", len(case_ids), type(exc).__name__)
+            self.to_release.update(case_ids)
+        else:
+            self.to_release.difference_update(case_ids)
 
     def _note_error(self, case_ids: list[int], exc: Exception) -> None:
         try:

@@ -116,7 +116,8 @@ def test_settle_marks_each_case_and_ends_its_lease_and_never_undoes_done(
 
 def test_hold_renew_and_release(sessions: sessionmaker[Session]) -> None:
     """Held queued cases carry the lease; renewal extends only the owner's; release after an
-    outage gives them back queued and unleased, with the claim's delivery taken back."""
+    outage gives them back queued with the lease run out (the sweeper's to send at once) and
+    the claim's delivery taken back."""
     ids = _add(sessions, 3)
     a = repo.Lease("A", timedelta(seconds=5))
     with session_scope(sessions) as s:
@@ -137,8 +138,11 @@ def test_hold_renew_and_release(sessions: sessionmaker[Session]) -> None:
         repo.release_cases(s, case_ids=ids, owner="A", uncount=True)
     released = _cases(sessions, ids)
     assert [(c.status, c.lease_owner, c.delivery_count) for c in released] == [
-        (CaseStatus.queued, None, 0)
-    ] * 3
+        (CaseStatus.queued, "A", 0),
+        (CaseStatus.queued, "A", 0),
+        (CaseStatus.queued, None, 0),
+    ]
+    assert _take(sessions, _rules(datetime.now(UTC))) == ids[:2]
 
 
 def _rules(now: datetime, **overrides: object) -> repo.Stranded:

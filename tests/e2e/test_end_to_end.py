@@ -147,4 +147,4 @@ def test_lost_messages_are_found_by_the_sweeper_and_scored(
         worker=worker,
         processes=processes,
     )
-    assert "re-enqueued 10 stale cases" in processes.log("worker")
+    assert "sweeper: sent again 10 cases" in processes.log("worker")
