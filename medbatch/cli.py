@@ -498,7 +498,7 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.app import context, create_app, worker_argv
+    from worker.app import context, create_app, run_worker, worker_argv
 
     app = create_app(settings)
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
@@ -509,10 +509,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         from worker.sweeper import Sweeper
 
         Sweeper(settings, app=app, sessions=context(app).sessions).start_thread()
-    # app.start, not app.worker_main: worker_main drops the worker's exit status, and a worker
-    # that stopped on an error must never exit 0 (restart-on-failure policies rely on it).
-    status = app.start(worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname))
-    return int(status or 0)
+    return run_worker(
+        app, worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname)
+    )
 
 
 def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:

@@ -167,3 +167,24 @@ def worker_argv(
         settings.var_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.var_dir / 'celerybeat-schedule'}"]
     return argv
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` with ``argv`` and return its exit status.
+
+    Not ``app.worker_main``: it drops the status, and so does ``app.start`` with click 8.2+
+    (its ``main(standalone_mode=False)`` returns the code instead of raising it, and Celery 5.7
+    discards the return value). A worker that stopped on an error ("Unrecoverable error")
+    must never exit 0: restart-on-failure policies rely on it.
+    """
+    from celery.bin.celery import celery as celery_command
+    from click.exceptions import Exit
+
+    celery_command.params[0].default = app
+    try:
+        status = celery_command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        status = exc.exit_code
+    finally:
+        celery_command.params[0].default = None
+    return int(status or 0)

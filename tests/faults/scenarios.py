@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from db import repo
 from db.engine import session_scope
-from db.tables import Case, Priority, Score
+from db.tables import Case, Priority, Score, Tenant
 from tests.faults.harness import Cluster, Servers, make_cases
 
 Result = dict[str, Any]
@@ -162,7 +162,7 @@ def c_settings(c: Cluster) -> Any:
 def _store(c: Cluster, cases: list[dict[str, Any]], *, unsent: bool) -> list[int]:
     """Cases committed as the API would (``unsent``: as if the broker had been down)."""
     with session_scope(c.sessions) as s:
-        tenant_id = s.scalar(select(Case.tenant_id).limit(1))
+        tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == "faults"))
         added = repo.add_cases(
             s,
             tenant_id=tenant_id,
