@@ -79,6 +79,7 @@ def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
         ["db"],
         ["api", "--port", "eighty"],
         ["submit", "cases.json"],
+        ["sweeper", "--every", "5"],
     ],
 )
 def test_bad_arguments_exit_2_with_usage(
@@ -155,3 +156,28 @@ def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None
     )
     assert bad.returncode == 2 and "is not a TorchScript archive" in bad.stderr
     assert torch.isfinite(mlp.mean).all()
+
+
+def test_sweeper_runs_in_an_empty_folder_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """`medbatch sweeper` with the embedded defaults: it sweeps (the new database has no schema,
+    so each sweep fails and is logged), marks itself alive, and exits 0 on SIGTERM."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medbatch.cli", "sweeper"],
+        cwd=tmp_path,
+        env={**os.environ, "MEDBATCH_SWEEP_INTERVAL_S": "0.2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    alive = tmp_path / "var" / "sweeper.alive"
+    deadline = time.monotonic() + 90
+    while not alive.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert alive.exists()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "sweep failed, trying again later" in out
