@@ -94,6 +94,15 @@ class Batcher:
         for queue in SCORE_QUEUES:
             size, delay_ms = settings.batching(queue)
             self.buffers[queue] = _Buffer(queue, size, delay_ms / 1000)
+        # The newest batcher of the process is the one whose waiting cases keep their leases.
+        self.ctx.leases.waiting = self.waiting_case_ids
+        self.ctx.leases.start()
+
+    def waiting_case_ids(self) -> list[int]:
+        """Cases of the messages waiting in the buffers (read by the lease keeper's thread)."""
+        return [
+            i for b in list(self.buffers.values()) for m in list(b.messages) for i in m.case_ids
+        ]
 
     def on_message(self, message: Any, payload: Any, ack: Any, reject: Any, callbacks: Any) -> None:
         """Celery's consumer calls this for every ``medbatch.score_cases`` message it receives."""
@@ -146,14 +155,11 @@ class Batcher:
         ]
         if not waiting:
             return
-        keeper = self.ctx.leases
         try:
             with session_scope(self.ctx.sessions) as session:
-                repo.hold_cases(session, case_ids=waiting, lease=keeper.lease)
+                repo.hold_cases(session, case_ids=waiting, lease=self.ctx.leases.lease)
         except Exception as exc:
             log.warning("could not lease %d waiting cases: %s", len(waiting), type(exc).__name__)
-            return
-        keeper.hold(waiting)
 
     def _score(self, buffer: _Buffer) -> None:
         messages = buffer.take()

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -41,6 +41,9 @@ class LeaseKeeper:
         self.renew_every_s = ttl_s / 3
         self._cases: set[int] = set()
         self._tiles: set[tile_leases.TileKey] = set()
+        #: The cases waiting unclaimed in the buffers of this process's current batcher (a
+        #: batcher replaced after a broker reconnect holds nothing: its leases run out).
+        self.waiting: Callable[[], Iterable[int]] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -38,26 +39,20 @@ def _close_after_crash(url: str, transport: str | None, server: PrivateRedis) ->
     Consumer(conn.channel(), [broadcast], callbacks=[lambda body, message: None]).consume()
     Consumer(conn, [work], callbacks=[lambda body, message: held.append(message)]).consume()
     for _ in range(50):
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=0.1)
-        except TimeoutError:
-            pass
         if held:
             break
     assert len(held) == 1
     for _ in range(100):
-        try:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=0.05)
-        except TimeoutError:
-            pass
         if conn.default_channel._in_poll:
             break
     assert conn.default_channel._in_poll, "no BRPOP in flight: the reproducer's state not reached"
     server.kill()
-    try:
+    with contextlib.suppress(Exception):
         conn.collect(socket_timeout=0.1)
-    except Exception:
-        pass
     try:
         conn.close()
     except conn.connection_errors:
