@@ -28,6 +28,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # Plain postgresql:// would mean psycopg2; medbatch ships psycopg 3.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if parsed.get_backend_name() == "postgresql":
+        # A server that does not answer (a partition, a stopped VM) fails a connection attempt
+        # after 10 s instead of hanging: the API answers 503, a worker waits and retries.
+        kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
