@@ -36,7 +36,7 @@ def _holds(result: dict) -> None:
 def test_workers_sigkilled_mid_batch_with_default_timings(servers: Servers) -> None:
     """Twice, a worker is killed mid-batch: what it held is scored again within 60 s (30 s
     leases, 10 s sweeps, the broker's 900 s visibility timeout untouched)."""
-    result = scenarios.worker_sigkill(servers, cases=1200, kills=2)
+    result = scenarios.worker_sigkill(servers, cases=800, kills=2)
     _holds(result)
     assert result["cases_held_by_killed_workers"] > 0
     assert result["recover_s"] is not None and result["recover_s"] <= 60, result
@@ -46,7 +46,7 @@ def test_workers_sigkilled_mid_batch_with_default_timings(servers: Servers) -> N
 def test_redis_killed_and_restarted_empty(servers: Servers) -> None:
     """Workers holding unacknowledged messages outlive the broker; what it lost, and what was
     accepted while it was down, is sent again and scored."""
-    result = scenarios.redis_crash(servers, cases=1500)
+    result = scenarios.redis_crash(servers, cases=800)
     _holds(result)
     assert result["unacked_at_crash"] > 0
     assert result["workers_alive"] and not result["worker_unrecoverable_errors"], result
@@ -55,7 +55,7 @@ def test_redis_killed_and_restarted_empty(servers: Servers) -> None:
 def test_postgres_stopped_and_started(servers: Servers) -> None:
     """During the outage every request gets a 503 with Retry-After and JSON; afterwards the
     workers go on, STAT first, and nothing is lost or dead-lettered."""
-    result = scenarios.postgres_outage(servers, cases=2000, down_s=8)
+    result = scenarios.postgres_outage(servers, cases=1000, down_s=6)
     _holds(result)
     assert result["api_problems"] == [], result
     assert result["workers_alive"]
@@ -65,7 +65,7 @@ def test_postgres_stopped_and_started(servers: Servers) -> None:
 def test_poison_cases_of_every_kind_fail_alone(servers: Servers) -> None:
     """Overflow refused at the door; NaN forward pass, infinite attributions and unfit stored
     features each fail their own case only."""
-    result = scenarios.poison(servers, cases=300)
+    result = scenarios.poison(servers, cases=150)
     _holds(result)
     assert result["refused_with_422"] and result["settled"]
 
@@ -73,7 +73,7 @@ def test_poison_cases_of_every_kind_fail_alone(servers: Servers) -> None:
 def test_the_sweeper_is_not_starved_by_a_routine_backlog(servers: Servers) -> None:
     """Cases accepted while the broker was down are sent at the next sweep (every 10 s) even
     while the routine queue holds a backlog."""
-    result = scenarios.sweeper_backlog(servers, backlog=2000, stranded=50)
+    result = scenarios.sweeper_backlog(servers, backlog=1500, stranded=50)
     _holds(result)
     assert result["resend_s"] is not None and result["resend_s"] <= 10 + 5, result
     assert result["backlog_left_at_resend"] > 0, result
