@@ -100,11 +100,10 @@ class LeaseKeeper:
                 self._tiles.discard(key)
 
     def renew(self) -> None:
+        waiting = set(self.waiting()) if self.waiting is not None else set()
         with self._lock:
-            cases, tiles = (
-                sorted(self._cases),
-                sorted(self._tiles, key=lambda k: (k.kind, k.job_id, k.index)),
-            )
+            cases = sorted(self._cases | waiting)
+            tiles = sorted(self._tiles, key=lambda k: (k.kind, k.job_id, k.index))
         if not cases and not tiles:
             return
         with session_scope(self.sessions) as session:
