@@ -698,11 +698,3 @@ def take_stranded_cases(
         execution_options={"synchronize_session": False},
     ).all()
     return sorted((r[0], r[1]) for r in rows)
-
-
-def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | None = None) -> None:
-    session.execute(
-        update(Case)
-        .where(_among(session, Case.id, case_ids))
-        .values(enqueued_at=at or utcnow(), updated_at=at or utcnow())
-    )

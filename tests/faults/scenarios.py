@@ -360,16 +360,19 @@ def _external_ids(c: Cluster, ids: list[int]) -> dict[int, str]:
 
 
 def sweeper_backlog(servers: Servers, *, backlog: int, stranded: int) -> Result:
-    """A routine backlog keeps the only worker busy while cases accepted during a broker outage
-    (never sent) wait; the sweeper, a process of its own, sends them at its next sweeps whatever
-    the backlog. ``resend_s``: from their arrival to their sending; ``backlog_left``: routine
-    messages still queued at that moment."""
+    """Cases accepted during a broker outage (never sent) wait behind a routine backlog that the
+    only worker is just starting on; the sweeper, a process of its own, sends them at its next
+    sweep whatever the backlog (its predecessor, a task on score.routine, expired unrun behind
+    such a backlog). ``resend_s``: from their arrival to their sending; ``backlog_left_at_resend``:
+    routine messages still queued at that moment."""
     with Cluster.fresh(servers, "backlog") as c:
-        # One slow worker (one case a forward pass), so the backlog outlasts several sweeps.
-        c.start("w1", MEDBATCH_ROUTINE_MAX_BATCH_SIZE="1")
+        # The backlog is queued before the (only) worker starts, and that worker scores one case
+        # a forward pass: the routine queue stays long for several sweep intervals.
+        c.start()
         accepted = c.submit(make_cases(backlog, prefix="backlog", priority="routine"))
         ids = _store(c, make_cases(stranded, prefix="stranded", priority="routine"), unsent=True)
         arrived = time.monotonic()
+        c.start_worker("w1", MEDBATCH_ROUTINE_MAX_BATCH_SIZE="1")
         broker = servers.redis.client()
         resent_at, backlog_left = math.nan, -1
         while time.monotonic() - arrived < 120:
