@@ -59,7 +59,9 @@ def test_postgres_stopped_and_started(servers: Servers) -> None:
     _holds(result)
     assert result["api_problems"] == [], result
     assert result["workers_alive"]
-    assert result["bulk_before_stat"] is not None and result["bulk_before_stat"] <= 2 * 256
+    # At most the bulk batch each of the two workers held (256 cases, and the message that
+    # crossed the limit) goes before the STAT cases.
+    assert result["bulk_before_stat"] is not None and result["bulk_before_stat"] <= 2 * (256 + 63)
 
 
 def test_poison_cases_of_every_kind_fail_alone(servers: Servers) -> None:
