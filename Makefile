@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-biobank bench-compounds clean
+.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench-compounds: $(STAMP)
 	$(BIN)/python -m pip install --quiet FPSim2==0.7.4
 	$(BIN)/python -m pip install --quiet --no-deps molsets==0.3.1
 	$(BIN)/python bench/compounds.py
+
+# The fault scenarios of tests/faults/ at a larger size. Starts a Redis and a PostgreSQL of its
+# own (needs redis-server and PostgreSQL's initdb, /usr/lib/postgresql/*/bin), never the shared ones.
+bench-faults: $(STAMP)
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

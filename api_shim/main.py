@@ -20,6 +20,7 @@ from api_shim.errors import FHIR_JSON, SafeJSONResponse, error_response, fhir_is
 from api_shim.guard import InputGuard
 from api_shim.idempotency import Idempotency
 from api_shim.openapi import openapi_document
+from api_shim.outage import OutageAs503
 from api_shim.routes import cases, compounds, fhir, genome, health, models, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
@@ -95,7 +96,9 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
         max_depth=settings.max_json_depth,
         max_problems=settings.max_reported_problems,
     )
-    # Added last, so outermost: every answer, refusals included, is audited before it leaves.
+    # Outermost but one: every answer, refusals included, is audited before it leaves.
     app.add_middleware(AuditTrail, sessions=app.state.sessions)
     app.openapi = partial(openapi_document, app, settings)  # type: ignore[method-assign]
+    # Outermost: a database or broker outage met anywhere inside is a 503 (api_shim/outage.py).
+    app.add_middleware(OutageAs503)
     return app

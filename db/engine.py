@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +28,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # Plain postgresql:// would mean psycopg2; medbatch ships psycopg 3.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if parsed.get_backend_name() == "postgresql":
+        # A server that does not answer (a partition, a stopped VM) fails a connection attempt
+        # after 10 s instead of hanging: the API answers 503, a worker waits and retries.
+        kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
@@ -48,3 +53,27 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database could not be reached or could not answer (refused or
+    lost connections, a server shutting down, a pool or lock timeout, a deadlock to retry), as
+    opposed to a database that answered and refused the data (integrity, value, type errors):
+    only the first is worth waiting for, the second is the case's own failure."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(
+        exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError | TimeoutError
+    )
+
+
+def database_answers(engine: Engine) -> bool:
+    """One ``SELECT 1``: whether the database is back."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False

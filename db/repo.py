@@ -14,7 +14,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Table, and_, any_, bindparam, case, or_, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -398,23 +412,77 @@ class ClaimedCase:
     enqueued_at: datetime | None
 
 
-def claim_cases(
-    session: Session, *, case_ids: Sequence[int], max_deliveries: int
-) -> tuple[list[ClaimedCase], list[int]]:
-    """Count one delivery for each unfailed case and mark unfinished ones ``running``.
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a case or tile (a worker process: ``host:pid:token``) and for how long."""
 
-    Returns the cases to score, in id order (a case already ``done`` is among them: scoring it
-    again is harmless, the score upsert keeps the first row), and the ids of cases that have now
-    been delivered more than ``max_deliveries`` times without finishing: those end ``failed``
-    as dead letters, with their last error, instead of looping forever.
+    owner: str
+    ttl: timedelta
+
+    def expiry(self, now: datetime) -> datetime:
+        return now + self.ttl
+
+
+_UNRECORDED = "none recorded (the worker stopped mid-batch)"
+
+
+def claim_cases(
+    session: Session,
+    *,
+    case_ids: Sequence[int],
+    max_deliveries: int,
+    lease: Lease | None = None,
+) -> tuple[list[ClaimedCase], list[int]]:
+    """Claim a batch in one statement: count a delivery, mark ``running``, take the lease.
+
+    A case is claimable when it is ``queued``, or ``running`` with no live lease of another
+    worker. Cases ``done`` or ``failed``, and cases another worker holds, are left as they are: a
+    redelivered message for them is settled without a forward pass. Returns the cases to score,
+    in id order, and the ids of cases now delivered more than ``max_deliveries`` times without
+    finishing: those end ``failed`` as dead letters, with their last error, instead of looping.
     """
     now = utcnow()
+    owner = lease.owner if lease is not None else None
+    expires = lease.expiry(now) if lease is not None else None
+    deliveries = Case.delivery_count + 1
+    dead = deliveries > max_deliveries
+    claimable = or_(
+        Case.status == CaseStatus.queued,
+        and_(
+            Case.status == CaseStatus.running,
+            or_(
+                Case.lease_owner.is_(None),
+                Case.lease_expires_at.is_(None),
+                Case.lease_expires_at < now,
+                *([Case.lease_owner == owner] if owner is not None else []),
+            ),
+        ),
+    )
     rows = session.execute(
         update(Case)
-        .where(_among(session, Case.id, case_ids), Case.status != CaseStatus.failed)
+        .where(_among(session, Case.id, case_ids), claimable)
         .values(
-            delivery_count=Case.delivery_count + 1,
-            status=case((Case.status == CaseStatus.done, Case.status), else_=CaseStatus.running),
+            delivery_count=deliveries,
+            status=case((dead, CaseStatus.failed.value), else_=CaseStatus.running.value),
+            dead_letter=dead,
+            last_error=case(
+                (
+                    dead,
+                    func.substr(
+                        "dead letter: delivered "
+                        + cast(deliveries, String)
+                        + " times without finishing; last error: "
+                        + func.coalesce(Case.last_error, _UNRECORDED),
+                        1,
+                        2000,
+                    ),
+                ),
+                else_=Case.last_error,
+            ),
+            lease_owner=case((dead, None), else_=owner),
+            lease_expires_at=case(
+                (dead, None), else_=bindparam(None, expires, type_=Case.lease_expires_at.type)
+            ),
             updated_at=now,
         )
         .returning(
@@ -423,35 +491,79 @@ def claim_cases(
             Case.model_version,
             Case.features,
             Case.enqueued_at,
-            Case.delivery_count,
             Case.status,
-            Case.last_error,
         ),
         execution_options={"synchronize_session": False},
     ).all()
-    claimed, dead = [], []
+    claimed, dead_ids = [], []
     for row in sorted(rows, key=lambda r: r.id):
-        if row.status != CaseStatus.done and row.delivery_count > max_deliveries:
-            dead.append(row.id)
-            reason = row.last_error or "none recorded (the worker stopped mid-batch)"
-            session.execute(
-                update(Case)
-                .where(Case.id == row.id)
-                .values(
-                    status=CaseStatus.failed,
-                    dead_letter=True,
-                    last_error=f"dead letter: delivered {row.delivery_count} times without "
-                    f"finishing; last error: {reason}"[:2000],
-                ),
-                execution_options={"synchronize_session": False},
-            )
+        if row.status == CaseStatus.failed:
+            dead_ids.append(row.id)
         else:
             claimed.append(
                 ClaimedCase(
                     row.id, row.model_name, row.model_version, row.features, row.enqueued_at
                 )
             )
-    return claimed, dead
+    return claimed, dead_ids
+
+
+def hold_cases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> None:
+    """Lease ``queued`` cases a worker holds unclaimed (their messages wait in its buffers)."""
+    now = utcnow()
+    session.execute(
+        update(Case)
+        .where(_among(session, Case.id, case_ids), Case.status == CaseStatus.queued)
+        .values(lease_owner=lease.owner, lease_expires_at=lease.expiry(now)),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def renew_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> int:
+    """Extend this worker's leases on the given cases; returns how many it still held."""
+    if not case_ids:
+        return 0
+    result = session.execute(
+        update(Case)
+        .where(
+            _among(session, Case.id, case_ids),
+            Case.lease_owner == lease.owner,
+            Case.status.in_((CaseStatus.queued, CaseStatus.running)),
+        )
+        .values(lease_expires_at=lease.expiry(utcnow())),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_cases(
+    session: Session, *, case_ids: Sequence[int], owner: str, uncount: bool = False
+) -> None:
+    """Give back cases this worker holds: ``queued`` again, the lease expired at once, so the
+    sweeper sends them at its next sweep (and any worker may claim them before that).
+    ``uncount`` takes back the delivery a claim counted (an outage, not the case, stopped the
+    batch)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": CaseStatus.queued,
+        "lease_expires_at": now,
+        "updated_at": now,
+    }
+    if uncount:
+        values["delivery_count"] = case(
+            (Case.status == CaseStatus.running, Case.delivery_count - 1),
+            else_=Case.delivery_count,
+        )
+    session.execute(
+        update(Case)
+        .where(
+            _among(session, Case.id, case_ids),
+            Case.lease_owner == owner,
+            Case.status.in_((CaseStatus.queued, CaseStatus.running)),
+        )
+        .values(**values),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def add_batch(
@@ -564,23 +676,67 @@ def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
     return len(list(session.scalars(stmt, [{"created_at": now, **r} for r in rows])))
 
 
-def mark_done(session: Session, *, case_ids: Iterable[int]) -> None:
+def settle_cases(
+    session: Session, *, done: Iterable[int] = (), failed: dict[int, str] | None = None
+) -> None:
+    """Settle a batch in one statement: each case ``done``, or ``failed`` with its own reason;
+    its lease ends. A case already ``done`` stays ``done`` (another delivery finished it)."""
+    done_ids = list(done)
+    failures = failed or {}
+    ids = done_ids + list(failures)
+    if not ids:
+        return
+    statuses = [CaseStatus.done.value] * len(done_ids) + [CaseStatus.failed.value] * len(failures)
+    reasons: list[str | None] = [None] * len(done_ids) + [r[:2000] for r in failures.values()]
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _PG_SETTLE,
+            {"ids": ids, "statuses": statuses, "reasons": reasons, "now": now},
+        )
+        return
+    status_of = dict(zip(ids, statuses, strict=True))
+    reason_of = dict(zip(ids, reasons, strict=True))
     session.execute(
         update(Case)
-        .where(_among(session, Case.id, case_ids))
-        .values(status=CaseStatus.done, last_error=None, updated_at=utcnow()),
+        .where(_among(session, Case.id, ids), Case.status != CaseStatus.done)
+        .values(
+            status=case(status_of, value=Case.id),
+            last_error=case(reason_of, value=Case.id),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        ),
         execution_options={"synchronize_session": False},
     )
 
 
+_PG_SETTLE = text(
+    "UPDATE cases SET status = v.status, last_error = v.reason, lease_owner = NULL, "
+    "lease_expires_at = NULL, updated_at = :now "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:reasons AS text[])) "
+    "AS v(id, status, reason) WHERE cases.id = v.id AND cases.status <> 'done'"
+)
+
+
+def mark_done(session: Session, *, case_ids: Iterable[int]) -> None:
+    settle_cases(session, done=case_ids)
+
+
 def mark_failed(session: Session, *, errors: dict[int, str]) -> None:
     """Mark each case ``failed`` with its own reason."""
-    for case_id, reason in errors.items():
-        session.execute(
-            update(Case)
-            .where(Case.id == case_id, Case.status != CaseStatus.done)
-            .values(status=CaseStatus.failed, last_error=reason[:2000], updated_at=utcnow())
-        )
+    settle_cases(session, failed=errors)
+
+
+def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
+    """Cases committed but not sent (the broker was unreachable): the sweeper sends them as
+    soon as the broker is back."""
+    session.execute(
+        update(Case)
+        .where(_among(session, Case.id, case_ids), Case.status == CaseStatus.queued)
+        .values(enqueued_at=None),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def get_case(session: Session, *, tenant_id: int, case_id: int) -> Case | None:
@@ -654,35 +810,82 @@ def shadow_pairs(
     return [(r[0], r[1]) for r in rows]
 
 
-def stale_cases(
-    session: Session,
-    *,
-    queued_before: datetime,
-    running_before: datetime,
-    limit: int = 10_000,
+@dataclass(frozen=True)
+class Stranded:
+    """When a case (or tile) waiting for a worker is stranded and must be sent again.
+
+    Always: its lease expired (the worker holding it died or stalled), or it was never sent.
+    And while ``queued`` without a lease: it was sent before ``broker_started_at`` (the broker
+    restarted since, and may have lost it); or before ``quiet_before`` on a queue the broker
+    reports empty (``quiet_priorities``: no message of its is waiting, so it sits with a dead
+    worker or was lost); or, whatever the broker says, before ``lost_before``.
+    """
+
+    now: datetime
+    lost_before: datetime
+    broker_started_at: datetime | None = None
+    quiet_before: datetime | None = None
+    quiet_priorities: tuple[Priority, ...] = ()
+
+
+def stranded_clause(table: Any, rules: Stranded, *, sent_at: Any, quiet: Any = None) -> Any:
+    """The WHERE clause of :class:`Stranded` on ``table`` (cases or a tile ledger)."""
+    unleased_queued = and_(table.status == "queued", table.lease_owner.is_(None))
+    conditions = [
+        and_(table.lease_owner.is_not(None), table.lease_expires_at < rules.now),
+        and_(table.status == "queued", sent_at.is_(None)),
+        and_(unleased_queued, sent_at < rules.lost_before),
+        # A row left running without a lease (written before leases existed).
+        and_(
+            table.status == "running",
+            table.lease_owner.is_(None),
+            table.updated_at < rules.lost_before,
+        ),
+    ]
+    if rules.broker_started_at is not None:
+        conditions.append(and_(unleased_queued, sent_at < rules.broker_started_at))
+    if rules.quiet_before is not None and quiet is not None:
+        conditions.append(and_(unleased_queued, sent_at < rules.quiet_before, quiet))
+    return and_(table.status.in_(("queued", "running")), or_(*conditions))
+
+
+def take_stranded_cases(
+    session: Session, *, rules: Stranded, limit: int = 5_000
 ) -> list[tuple[int, Priority]]:
-    """Cases whose message seems lost: still ``queued`` with their last message sent before
-    ``queued_before``, or ``running`` with no progress since ``running_before``."""
-    rows = session.execute(
-        select(Case.id, Case.priority)
-        .where(
-            or_(
-                and_(Case.status == CaseStatus.queued, Case.enqueued_at < queued_before),
-                and_(Case.status == CaseStatus.running, Case.updated_at < running_before),
-            )
-        )
+    """Mark up to ``limit`` stranded cases as sent now (``queued``, lease cleared) and return
+    ``(case id, priority)`` of each, for the caller to send before it commits.
+
+    Safe with several sweepers at once: on PostgreSQL the rows are locked ``FOR UPDATE SKIP
+    LOCKED``, so two sweepers take disjoint cases and, once one commits, the cases no longer
+    match; SQLite runs one writer at a time.
+    """
+    quiet = (
+        Case.priority.in_([p.value for p in rules.quiet_priorities])
+        if rules.quiet_priorities
+        else None
+    )
+    chosen = (
+        select(Case.id)
+        .where(stranded_clause(Case, rules, sent_at=Case.enqueued_at, quiet=quiet))
         .order_by(Case.id)
         .limit(limit)
     )
-    return [(r[0], r[1]) for r in rows]
-
-
-def mark_enqueued(session: Session, *, case_ids: Sequence[int], at: datetime | None = None) -> None:
-    session.execute(
+    if session.get_bind().dialect.name == "postgresql":
+        chosen = chosen.with_for_update(skip_locked=True)
+    rows = session.execute(
         update(Case)
-        .where(_among(session, Case.id, case_ids))
-        .values(enqueued_at=at or utcnow(), updated_at=at or utcnow())
-    )
+        .where(Case.id.in_(chosen.scalar_subquery()))
+        .values(
+            status=CaseStatus.queued,
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=rules.now,
+            updated_at=rules.now,
+        )
+        .returning(Case.id, Case.priority),
+        execution_options={"synchronize_session": False},
+    ).all()
+    return sorted((r[0], r[1]) for r in rows)
 
 
 def identifier_digest(value: str) -> str:

@@ -100,6 +100,7 @@ class Case(Base):
         Index("ix_cases_status_enqueued_at", "status", "enqueued_at"),
         Index("ix_cases_tenant_model", "tenant_id", "model_name"),
         Index("ix_cases_tenant_subject", "tenant_id", "subject"),
+        Index("ix_cases_status_lease_expires_at", "status", "lease_expires_at"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -124,7 +125,12 @@ class Case(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     #: When the last scoring message for this case was sent; the sweeper re-sends stale ones.
+    #: Empty while a case waits for a message (the broker was down when it was accepted).
     enqueued_at: Mapped[datetime | None]
+    #: The worker process that holds the case (``host:pid:token``) and until when: renewed while
+    #: its batch runs; an expired lease is handed back by the sweeper (worker/sweeper.py).
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
     #: The FHIR patient the case was built from (``Patient/<id>``), for cases that came as FHIR.
     subject: Mapped[str | None] = mapped_column(String(200))
     #: How the features were obtained from FHIR: the resources used (``basis``), the imputed
@@ -236,6 +242,9 @@ class GenomeTile(Base):
         Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
     )
     attempts: Mapped[int] = mapped_column(default=0)
+    #: The worker process computing the tile and until when (see ``Case.lease_owner``).
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -401,6 +410,9 @@ class CompoundTile(Base):
         Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
     )
     attempts: Mapped[int] = mapped_column(default=0)
+    #: The worker process computing the tile and until when (see ``Case.lease_owner``).
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

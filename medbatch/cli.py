@@ -1,4 +1,4 @@
-"""The ``medbatch`` command line: demo, api, worker, submit, cases, models, db."""
+"""The ``medbatch`` command line: demo, api, worker, sweeper, submit, cases, models, db."""
 
 from __future__ import annotations
 
@@ -629,15 +629,26 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.app import create_app, worker_argv
+    from worker.app import context, create_app, run_worker, worker_argv
 
     app = create_app(settings)
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())
     if queues in (("genome",), ("chem",), ("genome", "chem"), ("chem", "genome")):
         # A tile is seconds of work: take one at a time, so every genome worker gets its share.
         app.conf.worker_prefetch_multiplier = 1
-    app.worker_main(worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname))
-    return 0
+    if args.sweeper or args.beat:
+        from worker.sweeper import Sweeper
+
+        Sweeper(settings, app=app, sessions=context(app).sessions).start_thread()
+    return run_worker(
+        app, worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname)
+    )
+
+
+def cmd_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.sweeper import run_sweeper
+
+    return run_sweeper(settings)
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -682,9 +693,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker (one per GPU or core group)")
     worker.add_argument("--queues", default=",".join(SCORE_QUEUES))
-    worker.add_argument("--beat", action="store_true", help="also run the beat schedule (sweeper)")
+    worker.add_argument(
+        "--beat", action="store_true", help="also run the beat schedule (nightly) and a sweeper"
+    )
+    worker.add_argument(
+        "--sweeper", action="store_true", help="also run the sweeper, in a thread of its own"
+    )
     worker.add_argument("--hostname", default=None, help="Celery node name")
     worker.set_defaults(func=cmd_worker)
+
+    sweeper = sub.add_parser(
+        "sweeper",
+        help="hand back what dead workers held and what the broker lost (safe to run several)",
+    )
+    sweeper.set_defaults(func=cmd_sweeper)
 
     submit = sub.add_parser("submit", help="POST a JSON file of cases to the API")
     submit.add_argument("file")

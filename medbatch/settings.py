@@ -40,14 +40,18 @@ class Settings(BaseSettings):
     chem_engine: Literal["auto", "gemm", "popcount", "cuda"] = "auto"
     #: Result rows per genome tile task (0: about 4 million matrix entries a tile).
     genome_tile_rows: int = Field(default=0, ge=0)
-    #: Seconds an unacknowledged Redis message stays invisible before it is redelivered.
-    #: Longer than any task may run (a scoring batch takes seconds), short enough that a case
-    #: held by a killed worker comes back within the quarter hour.
+    #: Seconds an unacknowledged Redis message stays invisible before it is redelivered: the
+    #: last resort only. Recovery does not wait for it: the leases below and the sweeper bring a
+    #: dead worker's cases back within about ``lease_ttl_s + sweep_interval_s``.
     visibility_timeout_s: int = Field(default=900, ge=10)
-    #: A case still ``queued`` this long after its last enqueue is enqueued again by the sweeper.
+    #: A worker's lease on the cases (and tiles) it holds lasts this long, renewed every third
+    #: of it while their batch runs; the sweeper hands back what an expired lease held.
+    lease_ttl_s: float = Field(default=30.0, ge=3)
+    #: A case still ``queued`` this long after its last message, whatever the broker says, is
+    #: sent again (sooner when the broker restarted or its queue is empty: worker/sweeper.py).
     requeue_after_s: int = Field(default=300, ge=1)
-    #: How often the beat schedule runs the sweeper.
-    sweep_interval_s: float = Field(default=60.0, gt=0)
+    #: How often the sweeper runs (``medbatch sweeper``, or a worker started with --sweeper).
+    sweep_interval_s: float = Field(default=10.0, gt=0)
     #: Requests larger than this are refused with 413 before they are parsed (chunked too).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     #: JSON bodies nested deeper than this are refused with 422 (a FHIR Bundle needs about 10).

@@ -15,11 +15,21 @@ class FeatureError(ValueError):
     """A case whose features do not fit the model's input schema."""
 
 
+#: The largest finite float32: models compute in 32-bit floats, where anything larger is inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number_problem(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"expected a number, got {type(value).__name__}"
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not math.isfinite(number):
         return "must be a finite number"
+    if abs(number) > FLOAT32_MAX:
+        return "too large: models compute in 32-bit floats (at most 3.4e38 in magnitude)"
     return None
 
 
@@ -33,7 +43,7 @@ def check_features(spec: ModelSpec, features: Mapping[str, object]) -> dict[str,
     if (
         not spec.constrained
         and features.keys() == spec.feature_set
-        and all(type(v) is float and math.isfinite(v) for v in features.values())
+        and all(type(v) is float and abs(v) <= FLOAT32_MAX for v in features.values())
     ):
         return {}
     problems: dict[str, str] = {}

@@ -79,6 +79,7 @@ def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
         ["db"],
         ["api", "--port", "eighty"],
         ["submit", "cases.json"],
+        ["sweeper", "--every", "5"],
     ],
 )
 def test_bad_arguments_exit_2_with_usage(
@@ -182,3 +183,28 @@ def test_genome_compare_table_writes_the_kin0_and_counts_per_degree(tmp_path: Pa
         "--table", cwd=tmp_path, **env,
     )  # fmt: skip
     assert bad.returncode == 2 and "--table" in bad.stderr and "king" in bad.stderr
+
+
+def test_sweeper_runs_in_an_empty_folder_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """`medbatch sweeper` with the embedded defaults: it sweeps (the new database has no schema,
+    so each sweep fails and is logged), marks itself alive, and exits 0 on SIGTERM."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medbatch.cli", "sweeper"],
+        cwd=tmp_path,
+        env={**os.environ, "MEDBATCH_SWEEP_INTERVAL_S": "0.2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    alive = tmp_path / "var" / "sweeper.alive"
+    deadline = time.monotonic() + 90
+    while not alive.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert alive.exists()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "sweep failed, trying again later" in out

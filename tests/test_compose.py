@@ -95,7 +95,7 @@ def _healthcheck_command(svc: dict[str, Any]) -> str:
 
 def test_there_are_app_services() -> None:
     """The api, the migration and the workers are built from the medbatch image."""
-    assert {"api", "migrate", "worker", "beat"} <= set(APP_SERVICES)
+    assert {"api", "migrate", "worker", "beat", "sweeper"} <= set(APP_SERVICES)
 
 
 def test_dockerfile_entrypoint_is_medbatch() -> None:
@@ -173,6 +173,20 @@ def test_long_running_service_has_healthcheck(name: str) -> None:
     """Every service that keeps running has an enabled healthcheck."""
     healthcheck = SERVICES[name].get("healthcheck") or {}
     assert healthcheck.get("test") and not healthcheck.get("disable")
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_service_restarts(name: str) -> None:
+    """Every service that keeps running is restarted when it stops (a worker that stops on an
+    error exits non-zero, so even an on-failure policy would restart it)."""
+    assert SERVICES[name].get("restart") in {"always", "unless-stopped", "on-failure"}
+
+
+def test_the_sweeper_runs_apart_from_the_workers() -> None:
+    """A service of its own runs `medbatch sweeper`, so no queue backlog and no worker's death
+    stops the safety net."""
+    sweepers = [name for name in APP_SERVICES if _parse(name).command == "sweeper"]
+    assert sweepers and all(name not in ("worker", "beat") for name in sweepers)
 
 
 @pytest.mark.parametrize("name", ONE_SHOT)

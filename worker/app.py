@@ -14,7 +14,8 @@ from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.registry import Registry, load_registry
 from models.scoring import LoadedModel
-from worker.queues import NIGHTLY_TASK, REQUEUE_TASK, SCORE_QUEUES, task_queues
+from worker.leases import LeaseKeeper
+from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, task_queues
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class WorkerContext:
     @cached_property
     def sessions(self) -> sessionmaker[Session]:
         return make_sessionmaker(self.engine)
+
+    @cached_property
+    def leases(self) -> LeaseKeeper:
+        """This process's leases (one identity per worker process), renewed in a thread."""
+        return LeaseKeeper(self.sessions, ttl_s=self.settings.lease_ttl_s)
 
     @cached_property
     def registry(self) -> Registry:
@@ -127,16 +133,11 @@ def create_app(
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict]:
-    """The sweeper every ``sweep_interval_s``; the nightly run when a drop folder is set."""
+    """The nightly run when a drop folder is set. (The sweeper is no beat task: a task waits in
+    its queue behind any backlog, and beat dies with its worker; see worker/sweeper.py.)"""
     from celery.schedules import crontab
 
-    schedule: dict[str, dict] = {
-        "requeue-stale-cases": {
-            "task": REQUEUE_TASK,
-            "schedule": settings.sweep_interval_s,
-            "options": {"queue": "score.routine", "expires": settings.sweep_interval_s},
-        }
-    }
+    schedule: dict[str, dict] = {}
     if settings.nightly_dir is not None:
         schedule["nightly-fhir-export"] = {
             "task": NIGHTLY_TASK,
@@ -166,3 +167,24 @@ def worker_argv(
         settings.var_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", f"--schedule={settings.var_dir / 'celerybeat-schedule'}"]
     return argv
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` with ``argv`` and return its exit status.
+
+    Not ``app.worker_main``: it drops the status, and so does ``app.start`` with click 8.2+
+    (its ``main(standalone_mode=False)`` returns the code instead of raising it, and Celery 5.7
+    discards the return value). A worker that stopped on an error ("Unrecoverable error")
+    must never exit 0: restart-on-failure policies rely on it.
+    """
+    from celery.bin.celery import celery as celery_command
+    from click.exceptions import Exit
+
+    celery_command.params[0].default = app
+    try:
+        status = celery_command.main(args=argv, standalone_mode=False)
+    except Exit as exc:
+        status = exc.exit_code
+    finally:
+        celery_command.params[0].default = None
+    return int(status or 0)

@@ -12,7 +12,17 @@ Bounded: Celery's prefetch limit (set to the sum of the per-queue batch sizes, e
 at least one case) caps the unacknowledged messages a worker holds. Priority: the transport reads
 queues in the order given to ``--queues`` (kombu's ``priority`` queue order), and a flush runs the
 STAT buffer first, so STAT cases never wait behind a bulk backlog for more than one batch.
-A worker that dies with messages in its buffers never acknowledged them: Redis hands them out again.
+
+Leases: a flush claims its cases with this worker's lease, and leases the cases waiting in the
+other buffers too; a thread renews both while the batch runs (worker/leases.py). A worker that
+dies holds nothing for longer than ``lease_ttl_s``: the sweeper sends its cases again. Its
+unacknowledged messages come back from Redis too, later; they find their cases done and are
+settled without a forward pass.
+
+Failures: one case's failure is that case's (worker/tasks/scoring.py). Only a database outage
+fails a batch: the batcher then waits until the database answers again (up to a pause that grows
+while the outage lasts), gives back the cases it claimed without counting the delivery, and
+returns the messages to their queues, which it reads again STAT first.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from typing import Any
 
 from celery import Celery, Task
 
+from db import repo
+from db.engine import database_answers, is_outage, session_scope
 from worker import metrics
 from worker.app import context
 from worker.queues import SCORE_QUEUES
@@ -32,8 +44,13 @@ from worker.tasks.scoring import parse_case_ids, score_cases
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait before handing a batch back after the database failed, doubling to this cap.
+#: Longest wait for the database after an outage failed a batch (doubling from 0.5 s to this).
 MAX_BACKOFF_S = 30.0
+#: How often the database is asked whether it is back, during that wait.
+PROBE_EVERY_S = 0.5
+#: Pause before handing back a batch that failed for a reason that is neither a case's nor an
+#: outage (a defect): each delivery counts, so such cases end as dead letters, not in a loop.
+DEFECT_PAUSE_S = 1.0
 
 
 @dataclass
@@ -70,11 +87,22 @@ class Batcher:
         self.timer = consumer.timer
         self.connection_errors = consumer.connection_errors
         self.failures = 0
+        #: Cases an outage stopped and the database could not take back yet.
+        self.to_release: set[int] = set()
         settings = self.ctx.settings
         self.buffers: dict[str, _Buffer] = {}
         for queue in SCORE_QUEUES:
             size, delay_ms = settings.batching(queue)
             self.buffers[queue] = _Buffer(queue, size, delay_ms / 1000)
+        # The newest batcher of the process is the one whose waiting cases keep their leases.
+        self.ctx.leases.waiting = self.waiting_case_ids
+        self.ctx.leases.start()
+
+    def waiting_case_ids(self) -> list[int]:
+        """Cases of the messages waiting in the buffers (read by the lease keeper's thread)."""
+        return [
+            i for b in list(self.buffers.values()) for m in list(b.messages) for i in m.case_ids
+        ]
 
     def on_message(self, message: Any, payload: Any, ack: Any, reject: Any, callbacks: Any) -> None:
         """Celery's consumer calls this for every ``medbatch.score_cases`` message it receives."""
@@ -106,6 +134,7 @@ class Batcher:
 
     def flush(self, queue: str) -> None:
         """Score what ``queue`` holds; first, whatever waits in the queues ahead of it."""
+        self._hold_others(queue)
         for name in SCORE_QUEUES:
             buffer = self.buffers[name]
             if buffer.messages:
@@ -113,9 +142,31 @@ class Batcher:
             if name == queue:
                 break
 
+    def _hold_others(self, queue: str) -> None:
+        """Lease the cases waiting in the buffers this flush leaves (one statement), so a worker
+        killed mid-batch strands none of them for longer than a lease."""
+        ahead = SCORE_QUEUES[: SCORE_QUEUES.index(queue) + 1] if queue in SCORE_QUEUES else ()
+        waiting = [
+            case_id
+            for name, buffer in self.buffers.items()
+            if name not in ahead
+            for m in buffer.messages
+            for case_id in m.case_ids
+        ]
+        if not waiting:
+            return
+        try:
+            with session_scope(self.ctx.sessions) as session:
+                repo.hold_cases(session, case_ids=waiting, lease=self.ctx.leases.lease)
+        except Exception as exc:
+            log.warning("could not lease %d waiting cases: %s", len(waiting), type(exc).__name__)
+
     def _score(self, buffer: _Buffer) -> None:
         messages = buffer.take()
         case_ids = list(dict.fromkeys(i for m in messages for i in m.case_ids))
+        keeper = self.ctx.leases
+        if self.to_release:
+            self._release(sorted(self.to_release))
         try:
             outcome = score_cases(
                 case_ids,
@@ -128,31 +179,20 @@ class Batcher:
                 explain_steps=self.ctx.settings.explain_steps,
                 explain_sequences=self.ctx.settings.explain_sequences,
                 load_shadow=self.ctx.shadow,
+                keeper=keeper,
             )
         except Exception as exc:
-            # Nothing was committed for these cases (or a delivery was counted and nothing else):
-            # hand the messages back for another delivery, after a pause that grows while the
-            # failure lasts. The delivery counter turns a case that always fails into a dead letter.
-            self.failures += 1
-            pause = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.failures - 1))
-            log.exception(
-                "batch of %d cases from %s failed; returning %d messages in %.1f s",
-                len(case_ids),
-                buffer.queue,
-                len(messages),
-                pause,
-            )
-            self._note_error(case_ids, exc)
-            time.sleep(pause)
-            for m in messages:
-                m.reject(True)
+            self._hand_back(buffer, messages, case_ids, exc)
             return
+        finally:
+            keeper.drop(case_ids)
         self.failures = 0
         for m in messages:
             m.ack()
         # Counts and internal ids only: no external ids (they may be MRNs), no feature values.
         log.info(
-            "%s: %d messages, %d cases, %d scored in %d forward passes, %d failed, %d dead letters",
+            "%s: %d messages, %d cases, %d scored in %d forward passes, %d failed, "
+            "%d dead letters, %d settled as they were",
             buffer.queue,
             len(messages),
             len(case_ids),
@@ -160,12 +200,61 @@ class Batcher:
             outcome.forward_passes,
             len(outcome.failed),
             len(outcome.dead_letters),
+            outcome.skipped,
         )
 
-    def _note_error(self, case_ids: list[int], exc: Exception) -> None:
-        from db import repo
-        from db.engine import session_scope
+    def _hand_back(
+        self, buffer: _Buffer, messages: list[_Message], case_ids: list[int], exc: Exception
+    ) -> None:
+        """Return a failed batch's messages to their queue: after the database is back, with
+        the deliveries uncounted, if it was an outage; after a short pause otherwise."""
+        outage = is_outage(exc)
+        if outage:
+            self.failures += 1
+            cap = min(MAX_BACKOFF_S, 0.5 * 2 ** (self.failures - 1))
+            log.warning(
+                "database unreachable (%s): %d cases from %s wait for it (up to %.1f s)",
+                type(exc).__name__,
+                len(case_ids),
+                buffer.queue,
+                cap,
+            )
+            self._wait_for_database(cap)
+            self._release(case_ids)
+        else:
+            log.exception(
+                "batch of %d cases from %s failed; returning %d messages",
+                len(case_ids),
+                buffer.queue,
+                len(messages),
+            )
+            self._note_error(case_ids, exc)
+            time.sleep(DEFECT_PAUSE_S)
+        for m in messages:
+            m.reject(True)
 
+    def _wait_for_database(self, cap_s: float) -> None:
+        deadline = time.monotonic() + cap_s
+        while time.monotonic() < deadline:
+            time.sleep(min(PROBE_EVERY_S, max(0.0, deadline - time.monotonic())))
+            if database_answers(self.ctx.engine):
+                return
+
+    def _release(self, case_ids: list[int]) -> None:
+        """Give the cases back (the sweeper sends them at once); if the database is still away,
+        try again before the next batch (meanwhile their leases run out all the same)."""
+        try:
+            with session_scope(self.ctx.sessions) as session:
+                repo.release_cases(
+                    session, case_ids=case_ids, owner=self.ctx.leases.owner, uncount=True
+                )
+        except Exception as exc:
+            log.warning("could not give back %d cases: %s", len(case_ids), type(exc).__name__)
+            self.to_release.update(case_ids)
+        else:
+            self.to_release.difference_update(case_ids)
+
+    def _note_error(self, case_ids: list[int], exc: Exception) -> None:
         try:
             with session_scope(self.ctx.sessions) as session:
                 repo.record_error(session, case_ids=case_ids, error=f"{type(exc).__name__}: {exc}")

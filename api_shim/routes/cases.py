@@ -179,9 +179,16 @@ def submit_cases(
         try:
             enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
         except Exception as exc:
-            # The rows are committed: the sweeper sends them once the broker is back.
-            log.warning("broker unreachable, %d cases left for the sweeper: %s", len(to_send), exc)
+            # The rows are committed: marked unsent, the sweeper sends them once the broker is
+            # back (at its next sweep, not after requeue_after_s).
+            log.warning(
+                "broker unreachable, %d cases left for the sweeper: %s",
+                len(to_send),
+                type(exc).__name__,
+            )
             enqueued = False
+            repo.mark_unsent(session, case_ids=[case_id for case_id, _ in to_send])
+            session.commit()
     for c in new:
         CASES_SUBMITTED.labels(model=c.model_name, priority=c.priority.value).inc()
     accepted = [

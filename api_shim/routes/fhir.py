@@ -101,7 +101,7 @@ async def submit_bundle(
     if when is None:
         return outcome(400, [issue("value", "must lie in the years 1900 to 2199", "as_of")])
 
-    def intake() -> Any:
+    def read_bundle() -> Any:
         # Off the event loop: validating a large Bundle takes a while, /healthz must not wait.
         try:
             bundle = parse_bundle(data)
@@ -116,7 +116,7 @@ async def submit_bundle(
         ]
         return bundle, found
 
-    parsed = await anyio.to_thread.run_sync(intake)
+    parsed = await anyio.to_thread.run_sync(read_bundle)
     if isinstance(parsed, FhirInputError):
         code = 422 if all(i.code in _RULE_CODES for i in parsed.issues) else 400
         return outcome(

@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api_shim.outage import RETRY_AFTER_S
+
 router = APIRouter(tags=["health"])
 
 
@@ -33,5 +35,7 @@ def readyz(request: Request) -> JSONResponse:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not ready", **checks}, 200 if ready else 503
+        {"status": "ready" if ready else "not ready", **checks},
+        200 if ready else 503,
+        headers=None if ready else {"Retry-After": str(RETRY_AFTER_S)},
     )

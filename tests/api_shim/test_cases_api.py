@@ -216,6 +216,28 @@ def test_non_finite_numbers_are_422(
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
+@pytest.mark.parametrize("literal", ["1e39", "-3.5e38", "1" + "0" * 400])
+def test_numbers_past_float32_are_422(
+    literal: str,
+    api: TestClient,
+    key: str,
+    pg_sessions: sessionmaker[Session],
+    redis_client: redis.Redis,
+) -> None:
+    """Values a model's float32 would turn into infinity are refused, without echoing them."""
+    case = wdbc_cases(1)[0]
+    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+    response = api.post(
+        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    assert "32-bit" in error["msg"] or "finite" in error["msg"]
+    assert literal[:4] not in response.text.replace("3.4e38", "")
+    assert counts(pg_sessions, redis_client) == (0, 0)
+
+
 def test_invalid_json_is_422(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
     """A body that is not JSON is refused with a message that says so."""
     response = api.post(
@@ -378,7 +400,8 @@ def test_bad_query_parameters_are_422(api: TestClient, key: str, params, loc, fr
 def test_broker_down_keeps_the_cases_for_the_sweeper(
     pg_url: str, key: str, pg_sessions: sessionmaker[Session]
 ) -> None:
-    """With the broker unreachable, cases are still committed (enqueued=false) and stay queued."""
+    """With the broker unreachable, cases are still committed (enqueued=false), queued and
+    marked unsent (the sweeper sends them at its first sweep once the broker is back)."""
     settings = Settings(database_url=pg_url, broker_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/cases", json=wdbc_cases(2), headers=auth(key))
@@ -387,8 +410,9 @@ def test_broker_down_keeps_the_cases_for_the_sweeper(
     assert response.json()["enqueued"] is False
     with pg_sessions() as s:
         assert s.scalars(select(Case.status)).all() == ["queued", "queued"]
+        assert s.scalars(select(Case.enqueued_at)).all() == [None, None]
         assert s.scalar(select(func.count()).select_from(Score)) == 0
-    assert ready.status_code == 503
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
     assert ready.json()["database"] == "ok" and ready.json()["broker"].startswith("unreachable")
 
 

@@ -151,14 +151,26 @@ def test_genome_submissions_are_idempotent_too(
 
 
 def test_the_sweeper_forgets_keys_past_their_retention(
-    api: TestClient, pg_sessions: sessionmaker[Session]
+    api: TestClient, pg_url: str, redis_url: str, pg_sessions: sessionmaker[Session]
 ) -> None:
-    from worker.tasks.maintenance import forget_idempotency_keys
+    from worker.app import create_app as create_celery
+    from worker.sweeper import BrokerState, sweep
+
+    settings = Settings(database_url=pg_url, broker_url=redis_url, idempotency_retention_h=48)
+    app = create_celery(settings, include_tasks=False)
+
+    def forgotten() -> int:
+        return sweep(
+            app, sessions=pg_sessions, settings=settings, broker=BrokerState()
+        ).idempotency_keys
 
     headers = _headers(pg_sessions, "hospital-a", "old")
-    assert api.post("/v1/cases", headers=headers, json=wdbc_cases(1)).status_code == 202
-    assert forget_idempotency_keys(pg_sessions, retention_h=48) == 0
-    with session_scope(pg_sessions) as s:
-        for row in s.scalars(select(IdempotencyKey)):
-            row.created_at = utcnow() - timedelta(hours=49)
-    assert forget_idempotency_keys(pg_sessions, retention_h=48) == 1
+    try:
+        assert api.post("/v1/cases", headers=headers, json=wdbc_cases(1)).status_code == 202
+        assert forgotten() == 0
+        with session_scope(pg_sessions) as s:
+            for row in s.scalars(select(IdempotencyKey)):
+                row.created_at = utcnow() - timedelta(hours=49)
+        assert forgotten() == 1
+    finally:
+        app.close()

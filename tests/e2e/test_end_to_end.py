@@ -76,7 +76,8 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
     redis_client: redis.Redis,
     pg_sessions: sessionmaker[Session],
 ) -> None:
-    """Send one task message twice (same task id): both are consumed, still one score row."""
+    """Send one task message twice (same task id) for a done case: both are consumed and
+    settled without a forward pass (no delivery counted); still one score row."""
     worker = start_worker(processes)
     case_id = api.post("/v1/cases", json=wdbc_cases(1)).json()["cases"][0]["id"]
     wait_for(
@@ -91,10 +92,10 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
             app.send_task(SCORE_TASK, args=[[case_id]], task_id=task_id, queue="score.routine")
     finally:
         app.close()
-    # Both copies read and acknowledged (they may share a batch, which counts one delivery).
+    # Both copies read and acknowledged (they may share a batch).
     wait_for(
         lambda: (
-            count_cases(pg_sessions, Case.delivery_count >= 2) == 1
+            "1 settled as they were" in processes.log("worker")
             and redis_client.llen("score.routine") == 0
             and redis_client.hlen("unacked") == 0
         ),
@@ -104,6 +105,7 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
     with pg_sessions() as s:
         assert s.scalar(select(func.count()).select_from(Score)) == 1
         assert s.scalars(select(Case.status)).one() == CaseStatus.done
+        assert s.scalars(select(Case.delivery_count)).one() == 1
 
 
 def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
@@ -147,4 +149,4 @@ def test_lost_messages_are_found_by_the_sweeper_and_scored(
         worker=worker,
         processes=processes,
     )
-    assert "re-enqueued 10 stale cases" in processes.log("worker")
+    assert "sweeper: sent again 10 cases" in processes.log("worker")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from datetime import timedelta
 
 import pytest
-import redis
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,12 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Priority, Score
-from medbatch.settings import Settings
 from models.registry import Registry
 from models.scoring import LoadedModel, ModelInput
-from tests.helpers import queued_case_ids, wdbc_cases
-from worker.app import create_app
-from worker.tasks.maintenance import requeue_stale_cases
+from tests.helpers import wdbc_cases
 from worker.tasks.scoring import parse_case_ids, score_cases
 
 pytestmark = pytest.mark.integration
@@ -105,17 +102,35 @@ def test_each_score_records_its_forward_pass(
     assert all(sc.queue_wait_ms is not None and sc.queue_wait_ms >= 0 for sc in scores)
 
 
-def test_scoring_the_same_cases_twice_keeps_one_row_each(
+def test_a_redelivered_message_for_done_cases_is_settled_without_a_forward_pass(
     pg_sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
-    """A redelivered message counts a delivery and adds no score row."""
+    """The second delivery of done cases claims nothing, runs no pass and adds no row."""
     ids = _add(pg_sessions, wdbc_cases(5))
     first = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
     second = score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
-    assert first.new_score_rows == 5 and second.new_score_rows == 0
+    assert (first.new_score_rows, first.forward_passes) == (5, 1)
+    assert (second.new_score_rows, second.forward_passes, second.skipped) == (0, 0, 5)
     with pg_sessions() as s:
         assert len(s.scalars(select(Score)).all()) == 5
-        assert set(s.scalars(select(Case.delivery_count))) == {2}
+        assert set(s.scalars(select(Case.delivery_count))) == {1}
+        assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
+
+
+def test_two_workers_scoring_the_same_cases_write_one_row_each(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A worker whose lease ran out and the one that took over both finish: one row per case."""
+    ids = _add(pg_sessions, wdbc_cases(4))
+    with session_scope(pg_sessions) as s:
+        repo.claim_cases(
+            s, case_ids=ids, max_deliveries=5, lease=repo.Lease("gone", timedelta(seconds=-1))
+        )
+    score_cases(ids, sessions=pg_sessions, load_model=_loader(model))
+    with session_scope(pg_sessions) as s:
+        repo.settle_cases(s, done=ids)  # the first worker settles late
+    with pg_sessions() as s:
+        assert len(s.scalars(select(Score)).all()) == 4
         assert set(s.scalars(select(Case.status))) == {CaseStatus.done}
 
 
@@ -193,41 +208,6 @@ def test_malformed_messages_are_refused(args: tuple) -> None:
 def test_parse_keeps_order_and_drops_repeats() -> None:
     """Repeated ids in one message are scored once."""
     assert parse_case_ids(([3, 1, 3, 2],)) == [3, 1, 2]
-
-
-def test_sweeper_requeues_stale_cases_only(
-    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, redis_client: redis.Redis
-) -> None:
-    """Cases queued longer than the threshold go back on their priority's queue; fresh ones do not."""
-    cases = wdbc_cases(3)
-    cases[0]["priority"] = "stat"
-    ids = _add(pg_sessions, cases)
-    with session_scope(pg_sessions) as s:
-        repo.mark_done(s, case_ids=[ids[2]])
-    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
-    try:
-        assert (
-            requeue_stale_cases(
-                app, sessions=pg_sessions, older_than_s=3600, running_grace_s=3600, per_message=10
-            )
-            == 0
-        )
-        assert sum(map(len, queued_case_ids(redis_client).values())) == 0
-        sent = requeue_stale_cases(
-            app, sessions=pg_sessions, older_than_s=0, running_grace_s=3600, per_message=10
-        )
-        assert sent == 2
-        queued = queued_case_ids(redis_client)
-        assert queued["score.stat"] == [ids[0]] and queued["score.routine"] == [ids[1]]
-        # Just re-sent: the next sweep leaves them alone.
-        assert (
-            requeue_stale_cases(
-                app, sessions=pg_sessions, older_than_s=1, running_grace_s=3600, per_message=10
-            )
-            == 0
-        )
-    finally:
-        app.close()
 
 
 def test_sequence_cases_are_bucketed_by_length_and_scored_as_alone(

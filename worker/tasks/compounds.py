@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import compounds as jobs
 from db import genome as ledger
 from db.engine import session_scope
+from db.leases import TileKey
 from db.tables import CompoundJob, CompoundTile
 from models import chem
 from models.scoring import Device
@@ -345,11 +346,15 @@ def compound_tile_task(self: Any, *args: object) -> str:
         raise Reject("expected two arguments: job id and tile index", requeue=False)
     ctx = context(self.app)
     settings = ctx.settings
-    return run_tile(
-        ctx.sessions,
-        job_id=ids[0],
-        index=ids[1],
-        device=settings.device,
-        engine=settings.chem_engine,
-        engine_cache=settings.chem_engine_cache,
-    )
+    # Leased while it runs: a dead worker's tile goes back to the queue (worker/sweeper.py).
+    with ctx.leases.tile(TileKey("chem", ids[0], ids[1])) as held:
+        if not held:
+            return "done or held by another worker"
+        return run_tile(
+            ctx.sessions,
+            job_id=ids[0],
+            index=ids[1],
+            device=settings.device,
+            engine=settings.chem_engine,
+            engine_cache=settings.chem_engine_cache,
+        )

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from db import genome as jobs
 from db.engine import session_scope
+from db.leases import TileKey
 from models import genome, genome_output, genome_pairs, vcf
 from models.cohort import keep_rows, subset
 from worker import tiles as tiled
@@ -424,7 +425,11 @@ def genome_tile_task(self: Any, *args: object) -> str:
     if len(args) != 2 or len(ids) != 2:
         raise Reject("expected two arguments: job id and tile index", requeue=False)
     ctx = context(self.app)
-    return run_tile(ctx.sessions, job_id=ids[0], index=ids[1], device=ctx.settings.device)
+    # Leased while it runs: a dead worker's tile goes back to the queue (worker/sweeper.py).
+    with ctx.leases.tile(TileKey("genome", ids[0], ids[1])) as held:
+        if not held:
+            return "done or held by another worker"
+        return run_tile(ctx.sessions, job_id=ids[0], index=ids[1], device=ctx.settings.device)
 
 
 class SubmissionError(ValueError):

@@ -2,10 +2,16 @@
 
 Messages of this task are not run one by one: :class:`worker.batching.Batcher` gathers them per
 queue and calls :func:`score_cases` once for all the case ids they carry.
+
+One bad case never costs another: every step that touches a case (its features, the forward
+pass, its explanation, its serialization, its row in the database) is isolated, and a failure or
+a non-finite number there is that case's failure, with its reason. Only a database outage fails
+the batch (:func:`db.engine.is_outage`); the batcher then hands it back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -13,13 +19,16 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+import torch
 from celery import Task, shared_task
 from celery.exceptions import Reject
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
-from db.engine import session_scope
+from db.engine import is_outage, session_scope
 from db.tables import utcnow
 from models.explain import explain, explainable
 from models.featurize import case_length, check_features
@@ -27,6 +36,7 @@ from models.registry import ArtifactIntegrityError, RegistryError
 from models.scoring import LoadedModel, ModelInput, ScoreRow
 from worker import metrics
 from worker.app import context
+from worker.leases import LeaseKeeper
 from worker.queues import SCORE_TASK
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,9 @@ class Outcome:
     scored: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     dead_letters: list[int] = field(default_factory=list)
+    #: Cases of the messages that were done, failed or held by another worker: settled as they
+    #: were, without a forward pass.
+    skipped: int = 0
     new_score_rows: int = 0
     forward_passes: int = 0
 
@@ -79,16 +92,61 @@ def score_cases(
     explain_steps: int = 16,
     explain_sequences: bool = False,
     load_shadow: ShadowLoader | None = None,
+    keeper: LeaseKeeper | None = None,
 ) -> Outcome:
     """Score the given cases and persist the outcome; safe to run twice for the same ids.
 
-    Cases are grouped by model version and cut into forward passes of at most ``max_batch_size``.
-    Where ``load_shadow`` gives a candidate for a version, it scores the same batch too; its rows
-    are stored as shadow scores, and its failures cost nothing but its own rows.
+    One statement claims the batch (with ``keeper``'s lease, renewed while the batch runs) and
+    one settles it. Cases are grouped by model version and cut into forward passes of at most
+    ``max_batch_size``. Where ``load_shadow`` gives a candidate for a version, it scores the
+    same batch too; its rows are stored as shadow scores, and its failures cost nothing but its
+    own rows.
     """
     with session_scope(sessions) as session:
-        claimed, dead = repo.claim_cases(session, case_ids=case_ids, max_deliveries=max_deliveries)
-    outcome = Outcome(dead_letters=dead)
+        claimed, dead = repo.claim_cases(
+            session,
+            case_ids=case_ids,
+            max_deliveries=max_deliveries,
+            lease=keeper.lease if keeper is not None else None,
+        )
+    outcome = Outcome(dead_letters=dead, skipped=len(case_ids) - len(claimed) - len(dead))
+    if not claimed:
+        _observe(queue, [], outcome, claimed)
+        return outcome
+    held = [c.id for c in claimed]
+    if keeper is not None:
+        keeper.hold(held)
+    try:
+        passes = _compute(
+            claimed,
+            outcome,
+            load_model=load_model,
+            max_batch_size=max_batch_size,
+            explain_top_k=explain_top_k,
+            explain_steps=explain_steps,
+            explain_sequences=explain_sequences,
+            load_shadow=load_shadow,
+        )
+        _write(sessions, passes, outcome, queue=queue)
+    finally:
+        if keeper is not None:
+            keeper.drop(held)
+    _observe(queue, passes, outcome, claimed)
+    return outcome
+
+
+def _compute(
+    claimed: list[repo.ClaimedCase],
+    outcome: Outcome,
+    *,
+    load_model: ModelLoader,
+    max_batch_size: int,
+    explain_top_k: int,
+    explain_steps: int,
+    explain_sequences: bool,
+    load_shadow: ShadowLoader | None,
+) -> list[_Pass]:
+    """The forward passes of the claimed cases; each case's failure goes to ``outcome``."""
     passes: list[_Pass] = []
     groups: dict[tuple[str, str], list[repo.ClaimedCase]] = defaultdict(list)
     for case in claimed:
@@ -103,39 +161,135 @@ def score_cases(
         shadow = load_shadow(name, version) if load_shadow is not None else None
         ready = []
         for case in cases:
-            problems = check_features(model.spec, case.features)
-            if problems:
-                detail = "; ".join(f"{k}: {v}" for k, v in problems.items())
-                outcome.failed[case.id] = f"features do not fit the input schema: {detail}"
-            else:
+            problem = _feature_problem(model, case)
+            if problem is None:
                 ready.append(case)
+            else:
+                outcome.failed[case.id] = problem
         # Bucket by length: neighbours in length share a pass, so padding stays short.
         if model.spec.input_kind != "tabular":
             ready.sort(key=lambda c: case_length(model.spec, c.features))
         for start in range(0, len(ready), max_batch_size):
-            chunk = ready[start : start + max_batch_size]
             started = utcnow()
             t0 = time.perf_counter()
-            batch = model.featurize([c.features for c in chunk], checked=True)
+            chunk, batch = _featurize_isolating(model, ready[start : start + max_batch_size])
+            for case_id, reason in _featurize_errors(ready[start : start + max_batch_size], chunk):
+                outcome.failed[case_id] = reason
+            if not chunk:
+                continue
             counter = [0]
             results, errors = _predict_isolating(model, [c.id for c in chunk], batch, counter)
             inference_ms = (time.perf_counter() - t0) * 1000
             outcome.forward_passes += counter[0]
             outcome.failed.update(errors)
+            explanations: dict[int, dict] = {}
+            wanted = model.spec.input_kind == "tabular" or explain_sequences
+            if explain_top_k and wanted and explainable(model) and results:
+                explanations, errors = _explain(
+                    model, batch, chunk, results, explain_top_k, explain_steps
+                )
+                outcome.failed.update(errors)
+                for case_id in errors:
+                    results.pop(case_id, None)
+            for case_id, reason in _unserializable(results, explanations).items():
+                outcome.failed[case_id] = reason
+                results.pop(case_id, None)
             rows = [
                 (c.id, position, results[c.id], _wait_ms(c.enqueued_at, started))
                 for position, c in enumerate(chunk)
                 if c.id in results
             ]
-            explanations = {}
-            wanted = model.spec.input_kind == "tabular" or explain_sequences
-            if explain_top_k and wanted and explainable(model) and rows:
-                explanations = _explain(model, batch, chunk, results, explain_top_k, explain_steps)
             passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explanations))
             if shadow is not None and rows:
                 passes.extend(_shadow_pass(shadow, batch, chunk, results))
+    return passes
+
+
+def _feature_problem(model: LoadedModel, case: repo.ClaimedCase) -> str | None:
+    try:
+        problems = check_features(model.spec, case.features)
+    except Exception as exc:
+        return f"features could not be checked: {type(exc).__name__}"
+    if not problems:
+        return None
+    detail = "; ".join(f"{k}: {v}" for k, v in problems.items())
+    return f"features do not fit the input schema: {detail}"
+
+
+def _featurize_isolating(
+    model: LoadedModel, cases: list[repo.ClaimedCase]
+) -> tuple[list[repo.ClaimedCase], ModelInput]:
+    """The cases that featurize, and their batch: all at once, or, if that raises, each alone
+    to find the ones that cannot (then the others together)."""
+    try:
+        return cases, model.featurize([c.features for c in cases], checked=True)
+    except Exception:
+        good = []
+        for case in cases:
+            try:
+                model.featurize([case.features], checked=True)
+            except Exception:
+                continue
+            good.append(case)
+        if not good:
+            return [], ModelInput(torch.empty(0))
+        return good, model.featurize([c.features for c in good], checked=True)
+
+
+def _featurize_errors(
+    cases: list[repo.ClaimedCase], featurized: list[repo.ClaimedCase]
+) -> list[tuple[int, str]]:
+    kept = {c.id for c in featurized}
+    return [
+        (c.id, "features could not be prepared for the model (featurize raised)")
+        for c in cases
+        if c.id not in kept
+    ]
+
+
+def _unserializable(results: dict[int, ScoreRow], explanations: dict[int, dict]) -> dict[int, str]:
+    """Cases whose row cannot be stored as it is: a non-finite number, or JSON that fails."""
+    errors = {}
+    for case_id, row in results.items():
+        if not (isinstance(row.score, float) and math.isfinite(row.score)):
+            errors[case_id] = "model produced a non-finite score"
+            continue
+        explanation = explanations.get(case_id)
+        if explanation is None:
+            continue
+        where = _non_finite(explanation)
+        if where is not None:
+            errors[case_id] = f"explanation holds a non-finite number at {where}"
+            continue
+        try:
+            json.dumps(explanation, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            errors[case_id] = f"explanation cannot be stored as JSON: {type(exc).__name__}"
+    return errors
+
+
+def _non_finite(value: object, path: str = "explanation") -> str | None:
+    """Where ``value`` holds a NaN or an infinity (a path such as ``explanation.top[2].value``)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _non_finite(item, f"{path}.{key}")) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := _non_finite(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
+def _write(
+    sessions: sessionmaker[Session], passes: list[_Pass], outcome: Outcome, *, queue: str
+) -> None:
+    """Record the passes, insert their score rows and settle every case, in one transaction.
+    A row the database refuses fails its case alone (its reason names the error, not the value)."""
     with session_scope(sessions) as session:
-        score_rows = []
+        score_rows: list[dict[str, Any]] = []
         for p in passes:
             batch_id = repo.add_batch(
                 session,
@@ -163,13 +317,39 @@ def score_cases(
                         "shadow": p.shadow,
                     }
                 )
-                if not p.shadow:
-                    outcome.scored.append(case_id)
-        outcome.new_score_rows = repo.save_scores(session, rows=score_rows)
-        repo.mark_done(session, case_ids=outcome.scored)
-        repo.mark_failed(session, errors=outcome.failed)
-    _observe(queue, passes, outcome, claimed)
-    return outcome
+        outcome.new_score_rows, refused = save_isolating(session, score_rows)
+        for stored in score_rows:
+            case_id = int(stored["case_id"])
+            if stored["shadow"]:
+                continue
+            if case_id in refused:
+                outcome.failed[case_id] = refused[case_id]
+            else:
+                outcome.scored.append(case_id)
+        repo.settle_cases(session, done=outcome.scored, failed=outcome.failed)
+
+
+def save_isolating(session: Session, rows: list[dict]) -> tuple[int, dict[int, str]]:
+    """Insert score rows; if the database refuses the lot (a data error, not an outage), split
+    them in halves until each refused row is alone. Returns the new rows and, for each refused
+    released-model row, its case's reason (a refused shadow row is dropped, nothing more)."""
+    if not rows:
+        return 0, {}
+    try:
+        with session.begin_nested():
+            return repo.save_scores(session, rows=rows), {}
+    except DBAPIError as exc:
+        if is_outage(exc):
+            raise
+        if len(rows) == 1:
+            if rows[0]["shadow"]:
+                return 0, {}
+            kind = type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__
+            return 0, {rows[0]["case_id"]: f"the database refused its score row: {kind}"}
+    mid = len(rows) // 2
+    new_left, refused_left = save_isolating(session, rows[:mid])
+    new_right, refused_right = save_isolating(session, rows[mid:])
+    return new_left + new_right, {**refused_left, **refused_right}
 
 
 def _shadow_pass(
@@ -206,21 +386,33 @@ def _explain(
     results: dict[int, ScoreRow],
     top_k: int,
     steps: int,
-) -> dict[int, dict]:
-    """Attributions for the scored cases of one pass; a failure costs the explanations only."""
+) -> tuple[dict[int, dict], dict[int, str]]:
+    """Attributions for the scored cases of one pass: all at once or, if that raises, split in
+    halves until the case it raises on is alone. Returns them and each such case's reason."""
     keep = [i for i, c in enumerate(chunk) if c.id in results]
+    return _explain_isolating(model, batch, [chunk[i].id for i in keep], keep, top_k, steps)
+
+
+def _explain_isolating(
+    model: LoadedModel,
+    batch: ModelInput,
+    ids: list[int],
+    rows: list[int],
+    top_k: int,
+    steps: int,
+) -> tuple[dict[int, dict], dict[int, str]]:
     try:
-        lengths = None if batch.lengths is None else batch.lengths[keep]
-        found = explain(model, ModelInput(batch.values[keep], lengths), top_k=top_k, n_steps=steps)
+        lengths = None if batch.lengths is None else batch.lengths[rows]
+        found = explain(model, ModelInput(batch.values[rows], lengths), top_k=top_k, n_steps=steps)
     except Exception as exc:
-        log.warning(
-            "%s: no explanations for a pass of %d: %s",
-            model.spec.ref,
-            len(keep),
-            type(exc).__name__,
-        )
-        return {}
-    return {chunk[i].id: e for i, e in zip(keep, found, strict=True)}
+        if len(ids) == 1:
+            log.warning("%s: no explanation for one case: %s", model.spec.ref, type(exc).__name__)
+            return {}, {ids[0]: f"explanation failed: {type(exc).__name__}"}
+        mid = len(ids) // 2
+        left, left_err = _explain_isolating(model, batch, ids[:mid], rows[:mid], top_k, steps)
+        right, right_err = _explain_isolating(model, batch, ids[mid:], rows[mid:], top_k, steps)
+        return {**left, **right}, {**left_err, **right_err}
+    return dict(zip(ids, found, strict=True)), {}
 
 
 def _wait_ms(enqueued_at: datetime | None, started: datetime) -> float | None:
@@ -302,5 +494,6 @@ def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
         explain_steps=ctx.settings.explain_steps,
         explain_sequences=ctx.settings.explain_sequences,
         load_shadow=ctx.shadow,
+        keeper=ctx.leases,
     )
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}

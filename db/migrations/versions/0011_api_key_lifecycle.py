@@ -1,7 +1,7 @@
 """api key lifecycle: keys in their own table with expiry, revocation and last use
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-03 08:00:00
 
 Existing keys move over with no expiry (nobody chose one for them); `medbatch db list-clients`
@@ -15,7 +15,7 @@ from alembic import op
 
 
 revision: str = '0011'
-down_revision: str | None = '0009'
+down_revision: str | None = '0010'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,127 @@
+"""Leases on the tiles of tiled jobs (genome comparisons, compound searches).
+
+A worker claims a tile before it computes it: the tile's row names the worker process and an
+expiry that the worker renews while it runs. A message for a tile that is done, or that another
+live worker holds, is settled without computing anything. An expired lease (the worker died) is
+handed back by the sweeper. Cases have the same on ``cases`` (db/repo.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import or_, select, true, update
+from sqlalchemy.orm import Session
+
+from db.repo import Lease, Stranded, stranded_clause
+from db.tables import CompoundJob, CompoundTile, GenomeJob, GenomeTile, JobStatus, utcnow
+
+#: The tile ledgers, by the name the sweeper and the lease keeper use for them.
+LEDGERS: dict[str, tuple[Any, Any]] = {
+    "genome": (GenomeJob, GenomeTile),
+    "chem": (CompoundJob, CompoundTile),
+}
+
+
+@dataclass(frozen=True)
+class TileKey:
+    kind: str  # a key of LEDGERS
+    job_id: int
+    index: int
+
+
+def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
+    """Take the lease on a tile that is not done and that no other live worker holds (and mark
+    it ``running``); False if there is none to take."""
+    _, tile = LEDGERS[key.kind]
+    now = utcnow()
+    row = session.execute(
+        update(tile)
+        .where(
+            tile.job_id == key.job_id,
+            tile.index == key.index,
+            tile.status != JobStatus.done,
+            or_(
+                tile.lease_owner.is_(None),
+                tile.lease_owner == lease.owner,
+                tile.lease_expires_at.is_(None),
+                tile.lease_expires_at < now,
+            ),
+        )
+        .values(
+            status=JobStatus.running, lease_owner=lease.owner, lease_expires_at=lease.expiry(now)
+        )
+        .returning(tile.id),
+        execution_options={"synchronize_session": False},
+    ).first()
+    return row is not None
+
+
+def renew_tile_leases(session: Session, *, keys: Sequence[TileKey], lease: Lease) -> None:
+    now = utcnow()
+    for key in keys:
+        _, tile = LEDGERS[key.kind]
+        session.execute(
+            update(tile)
+            .where(
+                tile.job_id == key.job_id,
+                tile.index == key.index,
+                tile.lease_owner == lease.owner,
+                tile.status != JobStatus.done,
+            )
+            .values(lease_expires_at=lease.expiry(now)),
+            execution_options={"synchronize_session": False},
+        )
+
+
+def release_tile(session: Session, *, key: TileKey, owner: str) -> None:
+    """Give a tile back (its computation raised): the sweeper sends it again at its next sweep."""
+    _, tile = LEDGERS[key.kind]
+    session.execute(
+        update(tile)
+        .where(
+            tile.job_id == key.job_id,
+            tile.index == key.index,
+            tile.lease_owner == owner,
+            tile.status != JobStatus.done,
+        )
+        .values(lease_expires_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def take_stranded_tiles(
+    session: Session, *, kind: str, rules: Stranded, quiet: bool = False, limit: int = 1_000
+) -> list[tuple[int, int]]:
+    """Mark up to ``limit`` stranded tiles of unfinished jobs as sent now (``queued``, lease
+    cleared) and return ``(job id, tile index)`` of each, to send before the caller commits.
+    ``quiet``: the broker reports this kind's queue empty. Locking as in
+    :func:`db.repo.take_stranded_cases`."""
+    job, tile = LEDGERS[kind]
+    chosen = (
+        select(tile.id)
+        .join(job, job.id == tile.job_id)
+        .where(
+            job.status.in_((JobStatus.queued, JobStatus.running)),
+            stranded_clause(tile, rules, sent_at=tile.updated_at, quiet=true() if quiet else None),
+        )
+        .order_by(tile.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        chosen = chosen.with_for_update(of=tile, skip_locked=True)
+    rows = session.execute(
+        update(tile)
+        .where(tile.id.in_(chosen.scalar_subquery()))
+        .values(
+            status=JobStatus.queued,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=rules.now,
+        )
+        .returning(tile.job_id, tile.index),
+        execution_options={"synchronize_session": False},
+    ).all()
+    return sorted((r[0], r[1]) for r in rows)

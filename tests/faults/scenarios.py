@@ -1,0 +1,400 @@
+"""The fault scenarios, sized by their arguments: small in tests/faults/, large in bench/faults.py.
+
+Each starts real processes (``medbatch api``, ``worker``, ``sweeper``) on a fresh database of the
+suite's PostgreSQL and its empty Redis, injects its fault, waits for every accepted case to settle
+and returns the invariant's counts (tests/faults/harness.py ``Cluster.report``) with
+``recover_s``: seconds from the end of the fault until the last case it touched was settled.
+Timing settings are the defaults unless a scenario says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from db import repo
+from db.engine import session_scope
+from db.tables import Case, Priority, Score, Tenant
+from tests.faults.harness import Cluster, Servers, make_cases
+
+Result = dict[str, Any]
+
+
+def _round(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(seconds, 1)
+
+
+def worker_sigkill(servers: Servers, *, cases: int, kills: int) -> Result:
+    """Two workers score a bulk load; ``kills`` times, one is SIGKILLed in the middle of a batch
+    and a new one started. Defaults: 30 s leases, a sweep every 10 s, 900 s visibility timeout.
+    ``recover_s``: the longest wait, from a kill to the score of the last case the killed worker
+    held."""
+    with Cluster.fresh(servers, "sigkill") as c:
+        c.start("w1", "w2")
+        live = [c.workers["w1"], c.workers["w2"]]
+        accepted: list[int] = []
+        kills_done: list[tuple[datetime, list[int]]] = []
+        per_round = max(1, cases // kills)
+        for k in range(kills):
+            # Kill after kill, each while a worker is mid-batch; the recoveries overlap.
+            accepted += c.submit(make_cases(per_round, prefix=f"kill{k}"))
+            victim, killed_at, held = c.kill_mid_batch(live)
+            kills_done.append((killed_at, held))
+            live.remove(victim)
+            live.append(c.start_worker(f"w{k + 3}"))
+            # One worker stays up throughout (as with any second replica): the next kill waits
+            # for the replacement, so what is measured is the leases' and the sweeper's delay,
+            # not a worker's start-up.
+            c.wait_ready(f"w{k + 3}")
+        waits = []
+        for killed_at, held in kills_done:
+            c.wait_settled(held, timeout=180)
+            scored = c.scored_at(held)
+            complete = bool(held) and len(scored) == len(held)
+            waits.append((max(scored) - killed_at).total_seconds() if complete else math.nan)
+        held_total = sum(len(held) for _, held in kills_done)
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+        deliveries = _max_deliveries(c, accepted)
+        survivors = [proc.poll() for proc in live]
+    return {
+        **report,
+        "recover_s": _round(max(waits)) if waits else None,
+        "kills": kills,
+        "cases_held_by_killed_workers": held_total,
+        "max_deliveries_of_a_case": deliveries,
+        "other_workers_alive": all(status is None for status in survivors),
+    }
+
+
+def redis_crash(servers: Servers, *, cases: int, crashes: int = 1, down_s: float = 1.0) -> Result:
+    """``crashes`` times, Redis is SIGKILLed while workers hold unacknowledged messages and
+    restarted empty after ``down_s``; cases submitted while it is down are accepted and sent
+    once it is back. ``recover_s``: the longest wait from a restart until every case accepted
+    so far was settled."""
+    with Cluster.fresh(servers, "redis") as c:
+        c.start("w1", "w2")
+        accepted: list[int] = []
+        unacked: list[int] = []
+        during: list[int] = []
+        waits: list[float] = []
+        for k in range(crashes):
+            accepted += c.submit(make_cases(max(1, cases // crashes), prefix=f"redis{k}"))
+            broker = servers.redis.client()
+            deadline = time.monotonic() + 60
+            while broker.hlen("unacked") == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            unacked.append(int(broker.hlen("unacked")))
+            broker.close()
+            servers.redis.kill()
+            # Accepted while the broker is down: stored, answered 202, sent later.
+            during += c.submit(make_cases(50, prefix=f"redis{k}-down"), chunk=25)
+            time.sleep(down_s)
+            servers.redis.start()
+            back = time.monotonic()
+            accepted = [*accepted, *during[-50:]]
+            waits.append(c.wait_settled(accepted) - back)
+        report = c.report(accepted)
+        alive = c.workers_alive()
+        unrecoverable = any("Unrecoverable error" in c.processes.log(name) for name in c.workers)
+    return {
+        **report,
+        "recover_s": _round(max(waits)),
+        "crashes": crashes,
+        "unacked_at_crash": min(unacked),
+        "accepted_while_down": len(during),
+        "workers_alive": all(s is None for s in alive.values()),
+        "worker_unrecoverable_errors": unrecoverable,
+    }
+
+
+def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
+    """PostgreSQL is stopped for ``down_s`` while two workers score a bulk load; STAT cases
+    (committed just before) reach the workers during the outage; the API is asked for
+    everything meanwhile. ``recover_s``: from the restart until every accepted case is settled.
+    ``api_answers``: status codes seen during the outage (each must be a 503 with Retry-After
+    and JSON); ``bulk_before_stat``: bulk cases scored after the restart before the last STAT
+    case was (a worker finishes at most the pass it holds before it serves STAT)."""
+    from worker.app import create_app
+    from worker.queues import enqueue_cases
+
+    with Cluster.fresh(servers, "postgres") as c:
+        api = c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="pg"))
+        stat_ids = _store(c, make_cases(20, prefix="pg-stat", priority="stat"), unsent=False)
+        servers.pg.stop("fast")
+        stopped = time.monotonic()
+        sender = create_app(c_settings(c), include_tasks=False)
+        try:
+            enqueue_cases(sender, [(i, Priority.stat) for i in stat_ids], per_message=1)
+        finally:
+            sender.close()
+        answers: dict[str, int] = {}
+        problems: list[str] = []
+        while time.monotonic() - stopped < down_s:
+            for name, status, ok in _probe(api):
+                answers[f"{name} {status}"] = answers.get(f"{name} {status}", 0) + 1
+                if not ok:
+                    problems.append(f"{name}: {status}")
+            time.sleep(0.5)
+        servers.pg.start()
+        back, back_at = time.monotonic(), datetime.now(UTC)
+        accepted += stat_ids
+        settled = c.wait_settled(accepted)
+        report = c.report(accepted)
+        bulk_before_stat = _bulk_before_stat(c, stat_ids, after=back_at)
+        alive = c.workers_alive()
+    return {
+        **report,
+        "recover_s": _round(settled - back),
+        "down_s": down_s,
+        "api_answers": answers,
+        "api_problems": sorted(set(problems))[:10],
+        "bulk_before_stat": bulk_before_stat,
+        "workers_alive": all(s is None for s in alive.values()),
+    }
+
+
+def c_settings(c: Cluster) -> Any:
+    from medbatch.settings import Settings
+
+    return Settings(database_url=c.db_url, broker_url=c.servers.redis.url)
+
+
+def _store(c: Cluster, cases: list[dict[str, Any]], *, unsent: bool) -> list[int]:
+    """Cases committed as the API would (``unsent``: as if the broker had been down)."""
+    with session_scope(c.sessions) as s:
+        tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == "faults"))
+        added = repo.add_cases(
+            s,
+            tenant_id=tenant_id,
+            cases=[
+                repo.NewCase(
+                    w["external_id"],
+                    "breast-cancer",
+                    "1.0.0",
+                    Priority(w["priority"]),
+                    w["features"],
+                )
+                for w in cases
+            ],
+        )
+        ids = [a.id for a in added]
+        if unsent:
+            repo.mark_unsent(s, case_ids=ids)
+    return ids
+
+
+def _probe(api: httpx.Client) -> list[tuple[str, int | str, bool]]:
+    """Every kind of request during an outage: each must be a 503 with Retry-After and JSON (an
+    OperationOutcome on FHIR routes); ``readyz`` must name the database."""
+    found = []
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": []}
+    requests = [
+        ("POST /v1/cases", "POST", "/v1/cases", make_cases(1, prefix="probe")),
+        ("GET /v1/cases/1", "GET", "/v1/cases/1", None),
+        ("GET /v1/scores", "GET", "/v1/scores", None),
+        ("POST /v1/fhir", "POST", "/v1/fhir", bundle),
+        ("GET /readyz", "GET", "/readyz", None),
+    ]
+    for name, method, path, body in requests:
+        try:
+            response = api.request(method, path, json=body, timeout=30)
+        except httpx.TransportError as exc:
+            found.append((name, type(exc).__name__, False))
+            continue
+        ok = response.status_code == 503 and response.headers.get("retry-after") is not None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload, ok = None, False
+        if ok and path.startswith("/v1/fhir"):
+            ok = payload.get("resourceType") == "OperationOutcome"
+        if ok and path == "/readyz":
+            ok = str(payload.get("database", "")).startswith("unreachable")
+        found.append((name, response.status_code, ok))
+    return found
+
+
+def _bulk_before_stat(c: Cluster, stat_ids: list[int], *, after: datetime) -> int | None:
+    """Bulk cases scored after ``after`` and before the last of ``stat_ids`` was."""
+    with c.sessions() as s:
+        last_stat = s.scalar(select(func.max(Score.created_at)).where(Score.case_id.in_(stat_ids)))
+        if last_stat is None:
+            return None
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(Score)
+                .join(Case, Case.id == Score.case_id)
+                .where(
+                    Case.priority == Priority.bulk,
+                    Score.created_at > after,
+                    Score.created_at < last_stat,
+                )
+            )
+            or 0
+        )
+
+
+def _max_deliveries(c: Cluster, ids: list[int]) -> int:
+    with c.sessions() as s:
+        return int(s.scalar(select(func.max(Case.delivery_count)).where(Case.id.in_(ids))) or 0)
+
+
+SPIKY_SCHEMA = {
+    "inputs": [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}],
+    "output": "fault-suite model whose attributions overflow when b is far above 1e6",
+    "threshold": 0.5,
+}
+
+SPIKY_SOURCE = '''
+import torch
+
+class Spiky(torch.nn.Module):
+    """logit = 0.1 a + 1e38 relu(b - 1e6): finite scores, attributions past float32 for big b."""
+
+    def forward(self, x):
+        return 0.1 * x[:, 0] + torch.relu(x[:, 1] - 1e6) * 1e38
+
+torch.jit.save(torch.jit.script(Spiky()), __import__("sys").argv[1])
+'''
+
+
+def _register_spiky(c: Cluster) -> None:
+    """A registered TorchScript model (a hospital's own) that scores every case but cannot
+    explain some: the poison whose attributions are infinite while its score is finite."""
+    artifact, schema, source = c.root / "spiky.pt", c.root / "spiky.json", c.root / "spiky.py"
+    schema.write_text(json.dumps(SPIKY_SCHEMA))
+    source.write_text(SPIKY_SOURCE)  # TorchScript compiles from source files
+    subprocess.run([sys.executable, str(source), str(artifact)], check=True)
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "medbatch.cli", "models", "register", str(artifact)),
+            *("--name", "spiky", "--version", "1.0", "--schema", str(schema)),
+        ],
+        env=c.env,
+        cwd=c.root,
+        check=True,
+        capture_output=True,
+    )
+
+
+def poison(servers: Servers, *, cases: int) -> Result:
+    """Clean cases and poison cases of every kind in the same requests and batches: a value past
+    float32 (refused with 422, never stored), a case whose forward pass is NaN, a case whose
+    attributions are infinite (score finite), a stored case whose features do not fit. Every
+    poison case fails with its own reason; every clean one is scored."""
+    with Cluster.fresh(servers, "poison") as c:
+        _register_spiky(c)
+        api = c.start("w1")
+        misfit = _store_misfit(c)
+        clean = make_cases(cases, prefix="clean")
+        nan = make_cases(5, prefix="nan")
+        for case in nan:
+            for name in list(case["features"])[:5]:
+                case["features"][name] = -3e38
+        spiky = [
+            {"external_id": f"spiky-{i}", "model": "spiky", "features": {"a": i, "b": 0.5}}
+            for i in range(cases // 10 or 1)
+        ]
+        inf = [
+            {"external_id": f"inf-{i}", "model": "spiky", "features": {"a": 1.0, "b": 2e6}}
+            for i in range(3)
+        ]
+        overflow = make_cases(1, prefix="overflow")[0]
+        overflow["features"]["mean_area"] = 1e39
+        refused = api.post("/v1/cases", json=[*clean[:5], overflow])
+        refused_ok = refused.status_code == 422 and "1e+39" not in refused.text
+        mixed = [*clean[: len(clean) // 2], *nan, *clean[len(clean) // 2 :]]
+        accepted = c.submit(mixed, chunk=400)
+        accepted_spiky = c.submit([*spiky[:1], *inf, *spiky[1:]])
+        everything = [*accepted, *accepted_spiky, misfit]
+        by_external = _external_ids(c, everything)
+        reasons = {}
+        for case_id, external_id in by_external.items():
+            if external_id.startswith("nan-"):
+                reasons[case_id] = "model produced a non-finite score"
+            elif external_id.startswith("inf-"):
+                reasons[case_id] = "explanation holds a non-finite number"
+            elif external_id.startswith("misfit-"):
+                reasons[case_id] = "features do not fit the input schema"
+        settled_at = c.wait_settled(everything)
+        report = c.report(everything, reasons)
+        with c.sessions() as s:
+            stored_overflow = s.scalar(
+                select(func.count()).select_from(Case).where(Case.external_id.like("overflow-%"))
+            )
+    return {
+        **report,
+        # Nothing stops, so nothing recovers: each poison case fails in its own batch.
+        "recover_s": None,
+        "poison_cases": len(reasons) + 1,
+        "refused_with_422": bool(refused_ok and not stored_overflow),
+        "settled": not math.isnan(settled_at),
+    }
+
+
+def _store_misfit(c: Cluster) -> int:
+    """A case stored with a feature missing (as if written around the API), never sent: the
+    sweeper sends it, the worker fails it."""
+    case = make_cases(1, prefix="misfit", priority="routine")[0]
+    del case["features"]["mean_texture"]
+    (case_id,) = _store(c, [case], unsent=True)
+    return case_id
+
+
+def _external_ids(c: Cluster, ids: list[int]) -> dict[int, str]:
+    with c.sessions() as s:
+        return dict(
+            s.execute(select(Case.id, Case.external_id).where(Case.id.in_(ids))).tuples().all()
+        )
+
+
+def sweeper_backlog(servers: Servers, *, backlog: int, stranded: int) -> Result:
+    """Cases accepted during a broker outage (never sent) wait behind a routine backlog that the
+    only worker is just starting on; the sweeper, a process of its own, sends them at its next
+    sweep whatever the backlog (its predecessor, a task on score.routine, expired unrun behind
+    such a backlog). ``resend_s``: from their arrival to their sending; ``backlog_left_at_resend``:
+    routine messages still queued at that moment."""
+    with Cluster.fresh(servers, "backlog") as c:
+        # The backlog is queued before the (only) worker starts, and that worker scores one case
+        # a forward pass: the routine queue stays long for several sweep intervals.
+        c.start()
+        accepted = c.submit(make_cases(backlog, prefix="backlog", priority="routine"))
+        ids = _store(c, make_cases(stranded, prefix="stranded", priority="routine"), unsent=True)
+        arrived = time.monotonic()
+        c.start_worker("w1", MEDBATCH_ROUTINE_MAX_BATCH_SIZE="1")
+        broker = servers.redis.client()
+        resent_at, backlog_left = math.nan, -1
+        while time.monotonic() - arrived < 120:
+            with c.sessions() as s:
+                unsent = s.scalar(
+                    select(func.count())
+                    .select_from(Case)
+                    .where(Case.id.in_(ids), Case.enqueued_at.is_(None))
+                )
+            if unsent == 0:
+                resent_at = time.monotonic()
+                backlog_left = int(broker.llen("score.routine"))
+                break
+            time.sleep(0.1)
+        broker.close()
+        accepted += ids
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+    return {
+        **report,
+        # The safety net's recovery: from the cases' arrival until the sweeper sent them.
+        "recover_s": _round(resent_at - arrived),
+        "resend_s": _round(resent_at - arrived),
+        "backlog_left_at_resend": backlog_left,
+    }

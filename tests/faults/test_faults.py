@@ -1,0 +1,81 @@
+"""Fault injection: real API, worker and sweeper processes on a Redis and a PostgreSQL of the
+suite's own, which it kills, stops and restarts. Every scenario holds the invariant: each
+accepted case ends with exactly one score row or ``failed`` with its own reason; no clean case
+failed or was dead-lettered; no duplicate row. ``make bench-faults`` runs them larger."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults import scenarios
+from tests.faults.harness import Servers
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    with (
+        tempfile.TemporaryDirectory(prefix="medbatch-faults-") as root,
+        Servers.started(Path(root)) as started,
+    ):
+        yield started
+
+
+def _holds(result: dict) -> None:
+    assert result["lost"] == 0, result
+    assert result["duplicated"] == 0, result
+    assert result["wrongly_failed"] == 0, result
+    assert result["exactly_one"] == result["accepted"], result
+
+
+def test_workers_sigkilled_mid_batch_with_default_timings(servers: Servers) -> None:
+    """Twice, a worker is killed mid-batch: what it held is scored again within 60 s (30 s
+    leases, 10 s sweeps, the broker's 900 s visibility timeout untouched)."""
+    result = scenarios.worker_sigkill(servers, cases=800, kills=2)
+    _holds(result)
+    assert result["cases_held_by_killed_workers"] > 0
+    assert result["recover_s"] is not None and result["recover_s"] <= 60, result
+    assert result["other_workers_alive"]
+
+
+def test_redis_killed_and_restarted_empty(servers: Servers) -> None:
+    """Workers holding unacknowledged messages outlive the broker; what it lost, and what was
+    accepted while it was down, is sent again and scored."""
+    result = scenarios.redis_crash(servers, cases=800)
+    _holds(result)
+    assert result["unacked_at_crash"] > 0
+    assert result["workers_alive"] and not result["worker_unrecoverable_errors"], result
+
+
+def test_postgres_stopped_and_started(servers: Servers) -> None:
+    """During the outage every request gets a 503 with Retry-After and JSON; afterwards the
+    workers go on, STAT first, and nothing is lost or dead-lettered."""
+    result = scenarios.postgres_outage(servers, cases=1000, down_s=6)
+    _holds(result)
+    assert result["api_problems"] == [], result
+    assert result["workers_alive"]
+    # At most the bulk batch each of the two workers held (256 cases, and the message that
+    # crossed the limit) goes before the STAT cases.
+    assert result["bulk_before_stat"] is not None and result["bulk_before_stat"] <= 2 * (256 + 63)
+
+
+def test_poison_cases_of_every_kind_fail_alone(servers: Servers) -> None:
+    """Overflow refused at the door; NaN forward pass, infinite attributions and unfit stored
+    features each fail their own case only."""
+    result = scenarios.poison(servers, cases=150)
+    _holds(result)
+    assert result["refused_with_422"] and result["settled"]
+
+
+def test_the_sweeper_is_not_starved_by_a_routine_backlog(servers: Servers) -> None:
+    """Cases accepted while the broker was down are sent at the next sweep (every 10 s) even
+    while the routine queue holds a backlog."""
+    result = scenarios.sweeper_backlog(servers, backlog=1500, stranded=50)
+    _holds(result)
+    assert result["resend_s"] is not None and result["resend_s"] <= 10 + 5, result
+    assert result["backlog_left_at_resend"] > 0, result
