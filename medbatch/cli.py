@@ -677,7 +677,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from models.train import TRAINABLE
-    from worker.queues import SCORE_QUEUES
+    from worker.queues import SCORING_WORKER_QUEUES
 
     parser = argparse.ArgumentParser(prog="medbatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -692,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a Celery worker (one per GPU or core group)")
-    worker.add_argument("--queues", default=",".join(SCORE_QUEUES))
+    worker.add_argument("--queues", default=",".join(SCORING_WORKER_QUEUES))
     worker.add_argument(
         "--beat", action="store_true", help="also run the beat schedule (nightly) and a sweeper"
     )

@@ -18,7 +18,7 @@ from api_shim.deps import (
     to_utc,
 )
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
-from db import repo
+from db import explanations, repo
 from db.tables import CaseStatus
 
 router = APIRouter(prefix="/v1", tags=["results"])
@@ -30,6 +30,7 @@ def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePu
     case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
     if case is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no case with this id for this tenant")
+    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
     return CasePublic(
         id=case.id,
         external_id=case.external_id,
@@ -54,6 +55,8 @@ def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePu
             for s in case.scores
             if not s.shadow
         ],
+        explanation_status=explained.status if explained else None,
+        explanation_error=explained.error if explained else None,
         fhir=case.context,
     )
 
@@ -100,6 +103,7 @@ def list_scores(
         after_id=cursor,
         limit=limit,
     )
+    explained = explanations.states(session, case_ids=[case.id for case, _ in rows])
     items = [
         ResultPublic(
             case_id=case.id,
@@ -112,6 +116,8 @@ def list_scores(
             model_sha256=score.model_sha256 if score else None,
             last_error=case.last_error,
             updated_at=case.updated_at,
+            explanation_status=e.status if (e := explained.get(case.id)) else None,
+            explanation=score.explanation if score and e and e.status == "done" else None,
         )
         for case, score in rows
     ]
