@@ -514,7 +514,7 @@ def main() -> None:
     parser.add_argument("--model", default="breast-cancer")
     parser.add_argument("--cases", type=int, default=20_000)
     parser.add_argument(
-        "--http-cases", type=int, default=4_000, help="cases posted one per request (HTTP mode)"
+        "--http-cases", type=int, default=2_000, help="cases posted one per request (HTTP mode)"
     )
     parser.add_argument("--http-clients", type=int, default=32, help="concurrent HTTP clients")
     parser.add_argument("--skip-naive", action="store_true", help="for quick tuning runs")

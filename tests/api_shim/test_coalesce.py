@@ -156,3 +156,19 @@ def test_single_posts_through_the_api_are_accepted_each_alone_and_tenants_stay_a
     ids = [body["cases"][0]["id"] for _, body in answers]
     assert sorted(queued_case_ids(redis_client)["score.routine"]) == sorted(ids)
     assert len(queued_messages(redis_client)["score.routine"]) < len(ids)
+
+
+@pytest.mark.parametrize(
+    "env", [{"MEDBATCH_COALESCE_STAT_MS": "-1"}, {"MEDBATCH_COALESCE_ROUTINE_MS": "soon"}]
+)
+def test_bad_windows_are_refused_with_their_name(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A negative or non-numeric window is a settings error naming the variable."""
+    from pydantic import ValidationError
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert next(iter(env)).removeprefix("MEDBATCH_").lower() in str(refused.value)
