@@ -208,8 +208,12 @@ _PG_STORE = text(
 )
 
 
-def release_explanations(session: Session, *, case_ids: Sequence[int], owner: str) -> None:
-    """Give back rows this worker holds (an outage stopped it), the attempt uncounted."""
+def release_explanations(
+    session: Session, *, case_ids: Sequence[int], owner: str, resend: bool = False
+) -> None:
+    """Give back rows this worker holds, the attempt uncounted: ``queued`` again, marked unsent
+    for the sweeper, or (``resend``) marked sent now, for the caller to send after the commit."""
+    now = utcnow()
     session.execute(
         update(Explanation)
         .where(
@@ -220,8 +224,10 @@ def release_explanations(session: Session, *, case_ids: Sequence[int], owner: st
         .values(
             status=JobStatus.queued,
             attempts=Explanation.attempts - 1,
-            lease_expires_at=utcnow(),
-            enqueued_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=now if resend else None,
+            updated_at=now,
         ),
         execution_options={"synchronize_session": False},
     )

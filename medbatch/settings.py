@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     #: Cases per explain message, so per explain batch: a worker finishes the explain batch in
     #: progress before it serves a STAT case, so this bounds what explanations add to STAT latency.
     explain_max_batch_size: int = Field(default=64, ge=1)
+    #: An explain message that has run this long hands its remaining cases back as a new
+    #: message (at the back of the explain queue), so a STAT case waits for at most one chunk
+    #: of attributions beyond it (8 sequences, or 64 tabular cases) whatever the model.
+    explain_yield_ms: float = Field(default=50.0, gt=0)
     #: Single-case submissions ride batches: each API process gathers the case ids that
     #: concurrent requests committed, per queue, and sends one message when it holds
     #: ``cases_per_message`` ids or this many ms after the first of them, whichever comes first

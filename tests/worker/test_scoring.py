@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
 from db.engine import session_scope
-from db.tables import Batch, Case, CaseStatus, Priority, Score
+from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
 from models.registry import Registry
 from models.scoring import LoadedModel, ModelInput
 from tests.helpers import wdbc_cases
@@ -341,3 +341,52 @@ def test_sequence_explanations_follow_their_setting(
         assert all(
             0 <= t["step"] < len(features["heart_rate"]) for t in sc.explanation["top_steps"]
         )
+
+
+def test_a_long_explain_message_hands_the_rest_back_in_chunks(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """Past its time, an explain message stores the chunk it finished and hands the rest back
+    (queued, attempt uncounted, for a new message); explaining those finishes the job."""
+    from bench.workloads import vitals_series
+
+    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+    series = vitals_series(20, seed=2, min_length=2)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="icu-yield")
+        new = [
+            repo.NewCase(f"y-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
+            for i, f in enumerate(series)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    sent: list[list[int]] = []
+    score_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: gru,
+        explain_top_k=2,
+        send_explanations=sent.append,
+    )
+    rest: list[list[int]] = []
+    lease = repo.Lease("test:1:yield", timedelta(seconds=30))
+    first = explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=lambda n, v: gru,
+        lease=lease,
+        top_k=2,
+        yield_after_s=0.0,
+        send_rest=rest.append,
+    )
+    assert len(first.done) == 8 and first.handed_back == ids[8:] and rest == [ids[8:]]
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+        attempts = set(
+            s.scalars(select(Explanation.attempts).where(Explanation.case_id.in_(ids[8:])))
+        )
+    assert {states[i].status for i in ids[:8]} == {"done"}
+    assert {states[i].status for i in ids[8:]} == {"pending"} and attempts == {0}
+    second = explain_cases(
+        rest[0], sessions=pg_sessions, load_model=lambda n, v: gru, lease=lease, top_k=2
+    )
+    assert second.done == ids[8:] and second.handed_back == []

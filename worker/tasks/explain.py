@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from models.registry import ArtifactIntegrityError, RegistryError
 from models.scoring import LoadedModel, ModelInput
 from worker import metrics
 from worker.app import context
-from worker.queues import EXPLAIN_TASK
+from worker.queues import EXPLAIN_TASK, enqueue_explanations
 from worker.tasks.scoring import parse_case_ids
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,46 @@ class ExplainOutcome:
     failed: dict[int, str] = field(default_factory=dict)
     #: Cases whose explanation was done, failed or held by another worker: left as they were.
     skipped: int = 0
+    #: Cases left for a new message, the time given to this one being spent.
+    handed_back: list[int] = field(default_factory=list)
+
+
+#: Cases per attribution pass: a recurrence's backward pass per path step makes a sequence case
+#: ~50x a tabular one (bench/scoring.py), so sequences go in small chunks.
+TABULAR_CHUNK = 64
+SEQUENCE_CHUNK = 8
+
+
+def chunk_size(model: LoadedModel) -> int:
+    return TABULAR_CHUNK if model.spec.input_kind == "tabular" else SEQUENCE_CHUNK
+
+
+def _explain_chunk(
+    model: LoadedModel,
+    cases: list[ledger.ClaimedExplanation],
+    top_k: int,
+    steps: int,
+    found: dict[int, tuple[int, dict]],
+    failed: dict[int, str],
+) -> None:
+    """Attributions of one chunk of a model's cases, into ``found`` or ``failed``."""
+    batch, cases, unprepared = _featurize_isolating(model, cases)
+    failed.update(unprepared)
+    if not cases:
+        return
+    attributions, errors = _explain_isolating(
+        model, batch, [c.case_id for c in cases], list(range(len(cases))), top_k, steps
+    )
+    failed.update(errors)
+    for c in cases:
+        e = attributions.get(c.case_id)
+        if e is None:
+            continue
+        problem = storable(e)
+        if problem is None:
+            found[c.case_id] = (c.score_id, e)
+        else:
+            failed[c.case_id] = problem
 
 
 def explain_cases(
@@ -59,8 +100,13 @@ def explain_cases(
     top_k: int = 5,
     steps: int = 16,
     max_deliveries: int = 5,
+    yield_after_s: float | None = None,
+    send_rest: Callable[[list[int]], object] | None = None,
 ) -> ExplainOutcome:
-    """Compute and store the attributions of the given cases' scores; safe to run twice."""
+    """Compute and store the attributions of the given cases' scores; safe to run twice.
+
+    Cases are explained in chunks (:func:`chunk_size`); once ``yield_after_s`` has passed, the
+    cases left are handed back and given to ``send_rest`` (a new explain message) instead."""
     with session_scope(sessions) as session:
         claimed, dead = ledger.claim_explanations(
             session, case_ids=case_ids, lease=lease, max_deliveries=max_deliveries
@@ -73,7 +119,10 @@ def explain_cases(
     groups: dict[tuple[str, str], list[ledger.ClaimedExplanation]] = defaultdict(list)
     for c in claimed:
         groups[(c.model_name, c.model_version)].append(c)
-    for (name, version), cases in groups.items():
+    started = time.monotonic()
+    todo = [(key, cases) for key, cases in groups.items()]
+    while todo:
+        (name, version), cases = todo.pop(0)
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
@@ -86,28 +135,32 @@ def explain_cases(
                 {c.case_id: f"{model.spec.ref} has no attributions" for c in cases}
             )
             continue
-        batch, cases, unprepared = _featurize_isolating(model, cases)
-        outcome.failed.update(unprepared)
-        if not cases:
-            continue
-        attributions, errors = _explain_isolating(
-            model, batch, [c.case_id for c in cases], list(range(len(cases))), top_k, steps
-        )
-        outcome.failed.update(errors)
-        for c in cases:
-            e = attributions.get(c.case_id)
-            if e is None:
-                continue
-            problem = storable(e)
-            if problem is None:
-                found[c.case_id] = (c.score_id, e)
-            else:
-                outcome.failed[c.case_id] = problem
+        size = chunk_size(model)
+        chunk, rest = cases[:size], cases[size:]
+        if rest:
+            todo.insert(0, ((name, version), rest))
+        _explain_chunk(model, chunk, top_k, steps, found, outcome.failed)
+        if todo and yield_after_s is not None and time.monotonic() - started > yield_after_s:
+            # Long enough: hand the rest back (as a new message, at the back of the explain
+            # queue), so a scoring message never waits behind more than one such stretch.
+            outcome.handed_back = [c.case_id for _, left in todo for c in left]
+            break
     with session_scope(sessions) as session:
         # The dead are settled by the claim already; settling them again changes nothing.
         ledger.settle_explanations(
             session, done=found, failed={k: v for k, v in outcome.failed.items() if k not in dead}
         )
+        if outcome.handed_back:
+            ledger.release_explanations(
+                session, case_ids=outcome.handed_back, owner=lease.owner, resend=True
+            )
+    if outcome.handed_back and send_rest is not None:
+        try:
+            send_rest(outcome.handed_back)
+        except Exception as exc:
+            log.warning("could not send back %d explanations: %s", len(outcome.handed_back), exc)
+            with session_scope(sessions) as session:
+                ledger.mark_unsent(session, case_ids=outcome.handed_back)
     outcome.done = sorted(found)
     metrics.EXPLANATIONS.labels("done").inc(len(found))
     metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
@@ -203,6 +256,9 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
             top_k=max(1, ctx.settings.explain_top_k),
             steps=ctx.settings.explain_steps,
             max_deliveries=ctx.settings.max_deliveries,
+            yield_after_s=ctx.settings.explain_yield_ms / 1000,
+            # What is handed back goes in messages of one chunk each: never claimed twice.
+            send_rest=lambda ids: enqueue_explanations(self.app, ids, per_message=SEQUENCE_CHUNK),
         )
     except Exception as exc:
         # The database is away (or a defect): the cases keep their lease until it expires, then
@@ -210,10 +266,11 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
         log.warning("explain batch of %d cases failed: %s", len(case_ids), type(exc).__name__)
         return {"done": 0, "failed": 0}
     log.info(
-        "explain: %d cases, %d explained, %d failed, %d settled as they were",
+        "explain: %d cases, %d explained, %d failed, %d settled as they were, %d handed back",
         len(case_ids),
         len(outcome.done),
         len(outcome.failed),
         outcome.skipped,
+        len(outcome.handed_back),
     )
     return {"done": len(outcome.done), "failed": len(outcome.failed)}
