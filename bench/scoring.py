@@ -43,7 +43,7 @@ import numpy as np
 import psycopg
 import redis
 from kombu import Queue
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -117,6 +117,28 @@ class Bench:
             ids = [a.id for a in repo.add_cases(s, tenant_id=tenant_id, cases=new)]
         return tenant_id, ids
 
+    def retire(self, tenant_id: int) -> None:
+        """End a tenant's cases that are never meant to be scored (the upsert stage's, the API's
+        accept-only run): a worker's sweep at start would otherwise send them again, and the
+        next timed run would score them too."""
+        with session_scope(self.sessions) as s:
+            s.execute(
+                update(Case)
+                .where(Case.tenant_id == tenant_id, Case.status == CaseStatus.queued)
+                .values(status=CaseStatus.failed, last_error="benchmark: stored, never sent")
+            )
+
+    def drop_explanations(self) -> None:
+        """Drop the explanations still to come (their messages and ledger rows), so they cost
+        the next timed run nothing (a worker's sweep at start would send them again)."""
+        self.redis.delete(EXPLAIN_QUEUE)
+        with session_scope(self.sessions) as s:
+            s.execute(
+                update(Explanation)
+                .where(Explanation.status.in_([JobStatus.queued, JobStatus.running]))
+                .values(status=JobStatus.failed, error="benchmark: dropped")
+            )
+
     def done(self, tenant_id: int) -> int:
         with self.sessions() as s:
             return (
@@ -170,6 +192,7 @@ class Bench:
             proc.kill()
         # What the stopped process left queued (explain messages) must not run in the next one.
         self.redis.flushdb()
+        self.drop_explanations()
 
     def warm(self, worker: subprocess.Popen, send) -> None:  # type: ignore[no-untyped-def]
         """Score a few cases first, so model load and imports are not timed."""
@@ -270,7 +293,7 @@ class Bench:
         try:
             self.warm(worker, send_one_per_message)
             one, _, _ = self.timed("batched-1", worker, send_one_per_message)
-            self.redis.delete(EXPLAIN_QUEUE)  # that run's explanations would slow the next
+            self.drop_explanations()  # that run's explanations would slow the next
             bulk, tenant_id, _ = self.timed("batched-64", worker, send_bulk)
             # The explain stage reads its queue only when no scoring message waits: its rate is
             # from its first settled explanation to the last of a sample (the first
@@ -278,7 +301,7 @@ class Bench:
             sample = min(self.n, self.explain_sample)
             first, last = self.wait_explained(tenant_id, sample, worker)
             count = self.explained(tenant_id)[0]
-            self.redis.delete(EXPLAIN_QUEUE)
+            self.drop_explanations()
             out = {
                 "batched_cases_per_s": one,
                 "batched_bulk_messages_cases_per_s": bulk,
@@ -384,7 +407,8 @@ class Bench:
             accept = n / (time.perf_counter() - t0)
             if accepted != n:
                 raise RuntimeError(f"{accepted}/{n} accepted; see {self.logs}")
-            self.redis.flushdb()  # those cases are never scored (another tenant, no sweeper)
+            self.redis.flushdb()  # those cases are never scored
+            self.retire(tenant_id)
             worker = self.start("http-worker", [sys.executable, "-m", "medbatch.cli", "worker"])
             try:
                 warm_tenant, warm_key = self.tenant("http-warm")
@@ -456,7 +480,8 @@ class Bench:
         return kombu_rate, raw_rate
 
     def stage_pg_upsert(self) -> float:
-        _, ids = self.add_cases("upsert", Priority.bulk)
+        tenant_id, ids = self.add_cases("upsert", Priority.bulk)
+        self.retire(tenant_id)
         size = self.settings.batching("score.bulk")[0]
         rows = [
             {
