@@ -70,7 +70,7 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], deadline: f
     raise TimeoutError("the API did not become ready; see var/demo-api.log")
 
 
-def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
+def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "var/demo") -> int:
     from sklearn.metrics import roc_auc_score
 
     started = time.monotonic()

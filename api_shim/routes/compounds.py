@@ -70,6 +70,10 @@ class CompoundSearchPublic(BaseModel):
     tiles_total: int
     tiles_done: int
     error: str | None
+    detail: str | None = Field(
+        default=None,
+        description="why a job still waits, e.g. that no live worker listens on its queue",
+    )
     #: The neighbours CSV once done, as a download path.
     output: str | None
     created_at: datetime
@@ -151,13 +155,21 @@ def create_compound_search(
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+def read_compound_search(
+    job_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
+) -> dict[str, Any]:
     from worker.tasks.compounds import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
-    return _public(describe(job))
+    found = describe(job)
+    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
+        from worker.heartbeat import waiting_detail
+        from worker.queues import CHEM_QUEUE
+
+        found["detail"] = waiting_detail(celery, CHEM_QUEUE)
+    return _public(found)
 
 
 @router.get(
