@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         fail(f"cannot read {args.file}: {exc}")
     chunks = (
-        [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+        [body[i : i + CHUNK] for i in range(0, max(len(body), 1), CHUNK)]
         if isinstance(body, list)
         else [body]
     )
