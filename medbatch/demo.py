@@ -166,7 +166,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
                 }
                 progress.update(bar, completed=len(results))
                 time.sleep(0.3)
-        risk = _fhir_round_trip(client, worker, time.monotonic() + 60)
+        risk = _fhir_round_trip(client, worker, time.monotonic() + 60, settings.shared_data)
         if risk is None:
             return 1
 
@@ -246,18 +246,19 @@ _DEMO_BUNDLE = {
 }
 
 
-def _demo_bundle() -> tuple[dict, str]:
+def _demo_bundle(shared_data: Path) -> tuple[dict, str]:
     """The first shared Synthea Bundle, or the built-in synthetic one."""
-    shared = Path(os.environ.get("MEDBATCH_SHARED_DIR", Path.cwd().parent / "shared"))
-    bundles = sorted((shared / "data" / "fhir" / "bundles").glob("*.json"))
+    bundles = sorted((shared_data / "fhir" / "bundles").glob("*.json"))
     if bundles:
         return json.loads(bundles[0].read_text()), f"Synthea Bundle {bundles[0].name[:24]}…"
     return _DEMO_BUNDLE, "a built-in synthetic Bundle (shared data not found)"
 
 
-def _fhir_round_trip(client: httpx.Client, worker: Any, deadline: float) -> dict | None:
+def _fhir_round_trip(
+    client: httpx.Client, worker: Any, deadline: float, shared_data: Path
+) -> dict | None:
     """A FHIR Bundle in, a RiskAssessment out, through the same API and worker."""
-    bundle, name = _demo_bundle()
+    bundle, name = _demo_bundle(shared_data)
     response = client.post(
         "/v1/fhir",
         params={"model": "whas500-mortality", "as_of": "2020-01-01T00:00:00Z"},

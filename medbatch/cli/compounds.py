@@ -31,10 +31,13 @@ def add_parsers(sub: Any) -> None:
         formatter_class=HelpFormatter,
     )
     search.add_argument(
-        "--library", type=Path, required=True, help=".smi, .sdf or .csv (examples/library.sdf)"
+        "--library",
+        type=Path,
+        required=True,
+        help=".smi, .sdf or .csv (examples/compounds/library.sdf)",
     )
     search.add_argument(
-        "--query", type=Path, help="queries: .smi, .sdf or .csv (examples/hits.smi)"
+        "--query", type=Path, help="queries: .smi, .sdf or .csv (examples/compounds/hits.smi)"
     )
     search.add_argument("--all-pairs", action="store_true", help="the library against itself")
     mode = search.add_mutually_exclusive_group(required=True)
