@@ -70,6 +70,9 @@ class CompoundSearchPublic(BaseModel):
     tiles_total: int
     tiles_done: int
     error: str | None
+    plots: list[str] = Field(
+        default_factory=list, description="links to pictures of the result, once it is done"
+    )
     detail: str | None = Field(
         default=None,
         description="why a job still waits, e.g. that no live worker listens on its queue",
@@ -96,7 +99,8 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
     # Names of unreadable records come with the server's path: keep only the file name.
     examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
-    return {**job, "output": output, "unreadable_examples": examples}
+    plots = [f"/v1/compound-similarity/{job['id']}/plots/similarity.png"] if output else []
+    return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
 
 @router.post(

@@ -81,6 +81,9 @@ class GenomeComparisonPublic(BaseModel):
     query: bool
     threshold: float | None
     error: str | None
+    plots: list[str] = Field(
+        default_factory=list, description="links to pictures of the result, once it is done"
+    )
     detail: str | None = Field(
         default=None,
         description="why a job still waits, e.g. that no live worker listens on its queue",
@@ -197,7 +200,9 @@ def read_genome_comparison(
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     """A job as clients see it: outputs as download paths, not where the server keeps them."""
     names = [Path(p).name for p in job["outputs"]]
-    return {**job, "outputs": [f"/v1/genome-comparisons/{job['id']}/files/{n}" for n in names]}
+    base = f"/v1/genome-comparisons/{job['id']}"
+    plots = [f"{base}/plots/kinship.png"] if any(n.endswith(".kin0") for n in names) else []
+    return {**job, "outputs": [f"{base}/files/{n}" for n in names], "plots": plots}
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
