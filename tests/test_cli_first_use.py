@@ -160,3 +160,20 @@ def test_missing_required_arguments_exit_2_with_usage(
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
     assert "usage: medbatch" in capsys.readouterr().err
+
+
+def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> None:
+    """No worker listens: `nightly --wait` says so, runs one for the run, and every case is
+    scored (it used to print `scored: 0` at once); `rejected` counts patients."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "nightly"
+    result = run_cli(
+        "nightly", "--input", str(examples), "--as-of", "2020-01-01T00:00:00Z", "--wait",
+        "--json", cwd=tmp_path, MEDBATCH_WORKER_METRICS_PORT="0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert (summary["patients_read"], summary["accepted"], summary["rejected"]) == (3, 2, 1)
+    assert summary["scored"] == 2 and summary["failed"] == 0
+    assert sum(summary["rejected_by_reason"].values()) >= summary["rejected"]
+    assert "no worker is listening on queue score.bulk" in result.stderr
+    assert not (tmp_path / "var" / "broker.sock").exists()

@@ -113,3 +113,31 @@ def test_a_queued_case_and_job_say_no_worker_listens_until_one_does(
     heartbeat._cache.clear()
     assert api.get(f"/v1/genome-comparisons/{job['id']}").json()["detail"] is None
     app.close()
+
+
+def test_genome_wait_says_no_worker_listens(redis_url: str, tmp_path: Path) -> None:
+    """`genome compare --wait` on a real broker with no genome worker prints the status detail
+    instead of a silent progress bar."""
+    env = {
+        **os.environ,
+        "MEDBATCH_BROKER_URL": redis_url,
+        "MEDBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'g.sqlite'}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medbatch.cli", "genome", "compare", "--bfile",
+         str(DATA / "hm3_small"), "--metric", "king", "--wait"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "no worker is listening" not in seen and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen += line
+        assert "no worker is listening on queue genome" in seen, seen
+    finally:
+        proc.kill()
+        proc.communicate()
