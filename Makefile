@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
+.PHONY: demo test test-fast lint bench bench-cli bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# `medbatch --help` and every command's help against a bare interpreter and eager imports.
+bench-cli: $(STAMP)
+	$(BIN)/python bench/cli_help.py
 
 # Needs the real PostgreSQL and Redis (as make test does). MODEL=vitals-gru for the GRU.
 bench-scoring: $(STAMP)
