@@ -84,7 +84,8 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
     engine = make_engine(settings.database_url)
     tenant_name = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     with session_scope(make_sessionmaker(engine)) as session:
-        _, api_key = create_tenant(session, name=tenant_name)
+        tenant, api_key = create_tenant(session, name=tenant_name)
+        tenant_id = tenant.id
     engine.dispose()
     genotypes = _genotypes(settings.shared_data)
 
@@ -129,7 +130,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
         risk = _fhir_round_trip(client, worker, time.monotonic() + 60, settings.shared_data)
         if risk is None:
             return 1
-        if not _nightly(settings, broker_url, worker):
+        if not _nightly(settings, broker_url, worker, tenant_id):
             return 1
         if not _genome(client, worker, genotypes, pictures, pictures_dir):
             return 1
@@ -138,7 +139,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
 
     table = Table(title="pictures (written here; the API serves the same at these links)")
     for column in ("what", "file", "API link"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for what, path, link in pictures:
         table.add_row(what, str(path), link)
     console.print(table)
@@ -296,9 +297,10 @@ def _cases(
     return failed
 
 
-def _nightly(settings: Settings, broker_url: str, worker: subprocess.Popen[bytes]) -> bool:
+def _nightly(
+    settings: Settings, broker_url: str, worker: subprocess.Popen[bytes], tenant_id: int
+) -> bool:
     """A FHIR Bulk Data export (NDJSON) on score.bulk, scored by the same worker."""
-    from db.tables import Tenant
     from models.registry import load_registry
     from worker.app import create_app
     from worker.fhir_intake import run_nightly, settle_counts
@@ -311,16 +313,12 @@ def _nightly(settings: Settings, broker_url: str, worker: subprocess.Popen[bytes
     sessions = make_sessionmaker(engine)
     app = create_app(settings, broker_url=broker_url, include_tasks=False)
     try:
-        from sqlalchemy import select
-
-        with session_scope(sessions) as session:
-            tenant_id = session.scalar(select(Tenant.id).order_by(Tenant.id.desc()).limit(1))
         summary = run_nightly(
             folder,
             spec,
             sessions=sessions,
             app=app,
-            tenant_id=int(tenant_id or 0),
+            tenant_id=tenant_id,
             as_of=datetime(2020, 1, 1, tzinfo=UTC),
             lookback_days=730,
             per_message=settings.cases_per_message,
