@@ -99,6 +99,10 @@ class CasePublic(BaseModel):
     explanation_error: str | None = Field(
         default=None, description="why the explanation failed (the score stands)"
     )
+    detail: str | None = Field(
+        default=None,
+        description="while queued: why it may wait, e.g. that no live worker listens on its queue",
+    )
     fhir: dict[str, Any] | None = Field(
         default=None,
         description="for a case built from FHIR: how its features were read — the resources "

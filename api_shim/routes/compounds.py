@@ -70,6 +70,13 @@ class CompoundSearchPublic(BaseModel):
     tiles_total: int
     tiles_done: int
     error: str | None
+    plots: list[str] = Field(
+        default_factory=list, description="links to pictures of the result, once it is done"
+    )
+    detail: str | None = Field(
+        default=None,
+        description="why a job still waits, e.g. that no live worker listens on its queue",
+    )
     #: The neighbours CSV once done, as a download path.
     output: str | None
     created_at: datetime
@@ -92,7 +99,8 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
     # Names of unreadable records come with the server's path: keep only the file name.
     examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
-    return {**job, "output": output, "unreadable_examples": examples}
+    plots = [f"/v1/compound-similarity/{job['id']}/plots/similarity.png"] if output else []
+    return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
 
 @router.post(
@@ -151,13 +159,21 @@ def create_compound_search(
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+def read_compound_search(
+    job_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
+) -> dict[str, Any]:
     from worker.tasks.compounds import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
-    return _public(describe(job))
+    found = describe(job)
+    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
+        from worker.heartbeat import waiting_detail
+        from worker.queues import CHEM_QUEUE
+
+        found["detail"] = waiting_detail(celery, CHEM_QUEUE)
+    return _public(found)
 
 
 @router.get(

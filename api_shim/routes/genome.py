@@ -81,6 +81,13 @@ class GenomeComparisonPublic(BaseModel):
     query: bool
     threshold: float | None
     error: str | None
+    plots: list[str] = Field(
+        default_factory=list, description="links to pictures of the result, once it is done"
+    )
+    detail: str | None = Field(
+        default=None,
+        description="why a job still waits, e.g. that no live worker listens on its queue",
+    )
     #: KING jobs: pairs found so far per degree (duplicate/MZ twin, 1st, 2nd, 3rd, unrelated).
     degree_counts: dict[str, int] | None
     #: Output files once done, as download paths under this job (no server paths).
@@ -173,7 +180,7 @@ def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
 def read_genome_comparison(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep
+    job_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
 ) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.tasks.genome import describe
@@ -181,13 +188,21 @@ def read_genome_comparison(
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
-    return _public(describe(job))
+    found = describe(job)
+    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
+        from worker.heartbeat import waiting_detail
+        from worker.queues import GENOME_QUEUE
+
+        found["detail"] = waiting_detail(celery, GENOME_QUEUE)
+    return _public(found)
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     """A job as clients see it: outputs as download paths, not where the server keeps them."""
     names = [Path(p).name for p in job["outputs"]]
-    return {**job, "outputs": [f"/v1/genome-comparisons/{job['id']}/files/{n}" for n in names]}
+    base = f"/v1/genome-comparisons/{job['id']}"
+    plots = [f"{base}/plots/kinship.png"] if any(n.endswith(".kin0") for n in names) else []
+    return {**job, "outputs": [f"{base}/files/{n}" for n in names], "plots": plots}
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
