@@ -60,7 +60,7 @@ def _empty_tables(engine: Engine) -> None:
                 text(
                     "TRUNCATE compound_neighbours, compound_tiles, compound_jobs, audit_events, "
                     "api_keys, api_clients, idempotency_keys, genome_pairs, genome_tiles, "
-                    "genome_jobs, scores, "
+                    "genome_jobs, explanations, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
                 )
@@ -77,6 +77,7 @@ def _empty_tables(engine: Engine) -> None:
                 "genome_pairs",
                 "genome_tiles",
                 "genome_jobs",
+                "explanations",
                 "scores",
                 "batches",
                 "cases",

@@ -15,7 +15,7 @@ from medbatch.settings import Settings
 from models.registry import Registry, load_registry
 from models.scoring import LoadedModel
 from worker.leases import LeaseKeeper
-from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, task_queues
+from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, SCORING_WORKER_QUEUES, task_queues
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def create_app(
             # Redis holds an unacknowledged message invisible this long, then hands it out
             # again: longer than any task runs, so a slow task is not run twice for nothing.
             "visibility_timeout": settings.visibility_timeout_s,
-            # Read the queues in the order given to --queues (stat, routine, bulk) instead of
-            # round robin: a STAT message is always the next one read.
+            # Read the queues in the order given to --queues (stat, routine, bulk, explain)
+            # instead of round robin: a STAT message is always the next one read, and an
+            # explain message only when no scoring message waits.
             "queue_order_strategy": "priority",
         },
         task_queues=task_queues(),
@@ -123,6 +124,7 @@ def create_app(
     if include_tasks:
         import worker.signals
         import worker.tasks.compounds
+        import worker.tasks.explain
         import worker.tasks.genome
         import worker.tasks.maintenance
         import worker.tasks.nightly
@@ -154,7 +156,7 @@ def context(app: Celery) -> WorkerContext:
 def worker_argv(
     settings: Settings,
     *,
-    queues: tuple[str, ...] = SCORE_QUEUES,
+    queues: tuple[str, ...] = SCORING_WORKER_QUEUES,
     beat: bool = False,
     hostname: str | None = None,
 ) -> list[str]:

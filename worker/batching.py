@@ -40,7 +40,7 @@ from db.engine import database_answers, is_outage, session_scope
 from worker import metrics
 from worker.app import context
 from worker.queues import SCORE_QUEUES
-from worker.tasks.scoring import parse_case_ids, score_cases
+from worker.tasks.scoring import explain_sender, parse_case_ids, score_cases
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Batcher:
         self.timer = consumer.timer
         self.connection_errors = consumer.connection_errors
         self.failures = 0
+        self.send_explanations = explain_sender(app)
         #: Cases an outage stopped and the database could not take back yet.
         self.to_release: set[int] = set()
         settings = self.ctx.settings
@@ -176,10 +177,10 @@ class Batcher:
                 max_batch_size=buffer.max_cases,
                 max_deliveries=self.ctx.settings.max_deliveries,
                 explain_top_k=self.ctx.settings.explain_top_k,
-                explain_steps=self.ctx.settings.explain_steps,
                 explain_sequences=self.ctx.settings.explain_sequences,
                 load_shadow=self.ctx.shadow,
                 keeper=keeper,
+                send_explanations=self.send_explanations,
             )
         except Exception as exc:
             self._hand_back(buffer, messages, case_ids, exc)
