@@ -93,15 +93,15 @@ class CasePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     scores: list[ScorePublic]
+    detail: str | None = Field(
+        default=None,
+        description="while queued: why it may wait, e.g. that no live worker listens on its queue",
+    )
     explanation_status: ExplanationStatus | None = Field(
         default=None, description=_EXPLANATION_STATUS
     )
     explanation_error: str | None = Field(
         default=None, description="why the explanation failed (the score stands)"
-    )
-    detail: str | None = Field(
-        default=None,
-        description="while queued: why it may wait, e.g. that no live worker listens on its queue",
     )
     fhir: dict[str, Any] | None = Field(
         default=None,

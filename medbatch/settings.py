@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     #: Feature attributions for each score: the top K inputs (and, for sequences, steps) by
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
     #: They are computed off the scoring path: the score commits first, then the explain stage
-    #: (queue ``explain``, read after every scoring queue) stores them (docs/explanations.md).
+    #: (queue ``explain``, read after every scoring queue) stores them (docs/scoring-path.md).
     explain_top_k: int = Field(default=5, ge=0)
     explain_steps: int = Field(default=16, ge=2)
     #: Attributions for series and token models too (on: they no longer slow scoring).

@@ -25,8 +25,7 @@ CHEM_QUEUE = "chem"
 EXPLAIN_QUEUE = "explain"
 #: What a scoring worker listens to by default, in the order it reads them.
 SCORING_WORKER_QUEUES = (*SCORE_QUEUES, EXPLAIN_QUEUE)
-#: In the order a worker that takes every queue reads them: explanations last.
-ALL_QUEUES = (*SCORE_QUEUES, GENOME_QUEUE, CHEM_QUEUE, EXPLAIN_QUEUE)
+ALL_QUEUES = (*SCORE_QUEUES, EXPLAIN_QUEUE, GENOME_QUEUE, CHEM_QUEUE)
 
 
 def queue_for(priority: Priority | str) -> str:

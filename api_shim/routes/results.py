@@ -33,13 +33,13 @@ def read_case(
     case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
     if case is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no case with this id for this tenant")
-    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
     detail = None
     if case.status == CaseStatus.queued:
         from worker.heartbeat import waiting_detail
         from worker.queues import queue_for
 
         detail = waiting_detail(celery, queue_for(case.priority))
+    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
     return CasePublic(
         id=case.id,
         external_id=case.external_id,
@@ -64,9 +64,9 @@ def read_case(
             for s in case.scores
             if not s.shadow
         ],
+        detail=detail,
         explanation_status=explained.status if explained else None,
         explanation_error=explained.error if explained else None,
-        detail=detail,
         fhir=case.context,
     )
 

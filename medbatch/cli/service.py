@@ -36,9 +36,8 @@ def add_parsers(sub: Any) -> None:
     worker.add_argument(
         "--queues",
         default=",".join(ALL_QUEUES),
-        help="comma-separated queues to consume, read in this order (default: every queue, "
-        "explain last); production splits them: score.stat,score.routine,score.bulk,explain | "
-        "genome | chem",
+        help="comma-separated queues to consume; production splits them "
+        "(score.stat,score.routine,score.bulk,explain | genome | chem)",
     )
     worker.add_argument(
         "--beat", action="store_true", help="also run the beat schedule (nightly) and a sweeper"
