@@ -15,7 +15,8 @@ from celery import Task
 
 from bench.workloads import NAIVE_QUEUE, NAIVE_TASK
 from medbatch.settings import get_settings
-from worker.app import context, create_app
+from worker.app import create_app
+from worker.context import context
 from worker.tasks.scoring import score_cases
 
 app = create_app(get_settings())

@@ -629,7 +629,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.app import context, create_app, run_worker, worker_argv
+    from worker.app import create_app, run_worker, worker_argv
+    from worker.context import context
 
     app = create_app(settings)
     queues = tuple(q.strip() for q in args.queues.split(",") if q.strip())

@@ -57,7 +57,7 @@ from rdkit.Chem import rdFingerprintGenerator
 
 from models import chem_popcount, cpu_features
 from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
-from models.scoring import Device, resolve_device
+from models.device import Device, resolve_device
 
 Metric = Literal["tanimoto", "dice"]
 FingerprintKind = Literal["morgan", "feature-morgan", "rdkit", "atom-pair", "torsion"]

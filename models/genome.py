@@ -37,12 +37,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from models import genome_cpu
+from models.device import Device, device_type, resolve_device
 from models.genome_bits import MAX_CHUNK, WORD, Counter
+from models.genome_cpu import Metric
 
-if TYPE_CHECKING:
-    from models.scoring import Device
-
-Metric = Literal["grm", "king", "ibs", "dot"]
 IbsMissing = Literal["frequency", "flat"]
 Engine = Literal["auto", "bitplanes", "gemm"]
 METRICS: tuple[Metric, ...] = ("grm", "king", "ibs", "dot")
@@ -369,15 +367,6 @@ def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _device_type(device: Device) -> str:
-    """``cpu`` without loading torch; otherwise torch decides (``auto``: CUDA when present)."""
-    if device == "cpu":
-        return "cpu"
-    from models.scoring import resolve_device
-
-    return resolve_device(device).type
-
-
 def _code_chunks(x: np.ndarray, chunk: int, what: str) -> Iterator[tuple[int, np.ndarray]]:
     for cols in _chunks(x.shape[1], chunk):
         yield cols.start, np.ascontiguousarray(_chunk_codes(x, cols, what))
@@ -566,13 +555,12 @@ def pairwise_block(
         if p_all.shape != (n_variants,):
             raise ValueError(f"frequencies: expected shape ({n_variants},), got {p_all.shape}")
     weights = ibs_missing_weights(p_all) if metric == "ibs" and p_all is not None else None
-    device_type = _device_type(device)
+    device_type = device_type(device)
     if engine == "bitplanes" and (device_type != "cpu" or metric == "dot"):
         raise ValueError("engine 'bitplanes' runs on the CPU, for grm, king and ibs")
     if engine == "bitplanes" or (engine == "auto" and device_type == "cpu" and metric != "dot"):
         return _pairwise_cpu(metric, query, against, p_all, weights, variant_chunk)
     from models import genome_gemm  # torch, loaded only for this engine
-    from models.scoring import resolve_device
 
     # One empty chunk when there are no variants, so that every sum exists (as zeros).
     spans = list(_chunks(n_variants, min(variant_chunk, genome_gemm._EXACT_CHUNK)))

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from models.cpu_features import fast_int8_gemm
-from models.genome_cpu import _MONOMORPHIC_VARIANCE
+from models.genome_cpu import _MONOMORPHIC_VARIANCE, Metric
 
-if TYPE_CHECKING:
-    from models.genome import Metric
 #: Chunks are cut to at most this many variants, so that int8 products of up to ±127 per variant
 #: sum exactly in int32 (and indicator products in float32 where there is no int8 GEMM).
 _EXACT_CHUNK = 2**20

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from models.architectures import build_for
+from models.device import Device, resolve_device
 from models.featurize import featurize
 from models.registry import ModelSpec, verify_artifact
 
-Device = Literal["auto", "cpu", "cuda"]
 Autocast = Literal["off", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,15 +45,6 @@ class ModelInput:
         lengths = self.lengths[index]
         steps = int(lengths.max()) if len(lengths) else 0
         return ModelInput(self.values[index][:, :steps], lengths)
-
-
-def resolve_device(device: Device = "auto") -> torch.device:
-    """``auto`` means CUDA when a CUDA device is present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("MEDBATCH_DEVICE=cuda but torch sees no CUDA device")
-    return torch.device(device)
 
 
 class LoadedModel:

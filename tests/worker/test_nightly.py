@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.tables import Case
 from medbatch.settings import Settings
 from tests.helpers import SHARED_DIR, queued_case_ids, require_shared
-from worker.app import WorkerContext, beat_schedule, create_app
+from worker.app import beat_schedule, create_app
+from worker.context import WorkerContext
 from worker.queues import NIGHTLY_TASK
 from worker.tasks.nightly import MARKER, run_drop
 

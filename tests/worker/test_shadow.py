@@ -23,7 +23,7 @@ from models.registry import Registry, load_registry
 from models.scoring import LoadedModel
 from models.shadow import ShadowError, drift, set_shadow
 from tests.helpers import wdbc_cases
-from worker.app import WorkerContext
+from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
 pytestmark = pytest.mark.integration

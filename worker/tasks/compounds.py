@@ -23,9 +23,9 @@ from db.engine import session_scope
 from db.leases import TileKey
 from db.tables import CompoundJob, CompoundTile
 from models import chem
-from models.scoring import Device
+from models.device import Device
 from worker import tiles as tiled
-from worker.app import context
+from worker.context import context
 from worker.queues import CHEM_QUEUE, CHEM_TASK
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,9 @@ from db.engine import session_scope
 from db.leases import TileKey
 from models import genome, genome_output, genome_pairs, vcf
 from models.cohort import keep_rows, subset
+from models.device import device_type
 from worker import tiles as tiled
-from worker.app import context
+from worker.context import context
 from worker.queues import GENOME_QUEUE, GENOME_TASK
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,7 @@ def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> l
         inputs.split,
         cutoff=float(spec["threshold"]),
         all_pairs=query is None,
-        device=genome._device_type(device),  # type: ignore[arg-type]
+        device=device_type(device),  # type: ignore[arg-type]
     )
     row_ids = inputs.cohort_ids if query is None else inputs.query_ids
     return [
