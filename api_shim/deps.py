@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.tables import Tenant
 from medbatch.settings import Settings
-from models.registry import Registry
+from models.cases.registry import Registry
 
 
 def get_settings(request: Request) -> Settings:

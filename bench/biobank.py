@@ -401,8 +401,8 @@ def main() -> None:
     args = parser.parse_args()
     # Stopped from outside: unwind, so that the workers and the broker are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from models.genome_output import kinship_degree
-    from models.genome_pairs import default_block
+    from models.genome.io.output import kinship_degree
+    from models.genome.pairs import default_block
 
     print(f"CPU: {cpu_name()}")
     print(f"cohort: {args.n} samples x {args.m} variants (seed {args.seed})", flush=True)

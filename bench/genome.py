@@ -14,7 +14,7 @@ and seed.
 
 Every contender is its own process, timed from start to exit (medbatch's includes the Python and
 numba start-up, reading the .bed and writing the float64 matrix, as PLINK's does) with its peak
-RSS from ``/usr/bin/time -v``. On the CPU medbatch runs ``models.genome.pairwise_bed`` (the .bed
+RSS from ``/usr/bin/time -v``. On the CPU medbatch runs ``models.genome.api.pairwise_bed`` (the .bed
 decoded straight into bit planes or standardized blocks; torch is not loaded); with ``--device
 cuda`` or ``--tile-rows`` it reads the dosages and runs ``pairwise`` / ``pairwise_block``, as a
 worker does. PLINK runs with ``--threads T``; plink2 with
@@ -226,7 +226,7 @@ def engine(
     if device == "cpu" and not tile_rows:
         # What a CPU worker runs for a whole cohort: the .bed decoded straight into bit planes
         # or standardized blocks, and the square written to disk as it is assembled.
-        from models.genome import pairwise_bed
+        from models.genome.api import pairwise_bed
 
         threadpool_limits(threads)  # the OpenBLAS of numpy and scipy (the GRM's dsyrk)
         read = start
@@ -234,7 +234,7 @@ def engine(
     else:
         import torch
 
-        from models.genome import allele_frequencies, pairwise, pairwise_block, read_bed
+        from models.genome.api import allele_frequencies, pairwise, pairwise_block, read_bed
 
         torch.set_num_threads(threads)
         genotypes = read_bed(prefix)
@@ -268,7 +268,7 @@ def engine(
 _WARM_UP = """
 import time, numpy as np
 import os
-from models.genome import pairwise, pairwise_bed
+from models.genome.api import pairwise, pairwise_bed
 start = time.perf_counter()
 x = np.random.default_rng(0).integers(-1, 3, size=(40, 700)).astype(np.int8)
 for metric in ("grm", "king", "ibs"):

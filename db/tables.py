@@ -177,7 +177,7 @@ class Score(Base):
     position: Mapped[int | None]
     #: From the case's last enqueue to the start of its forward pass.
     queue_wait_ms: Mapped[float | None] = mapped_column(Float(precision=53))
-    #: Top feature attributions (models/explain.py), or empty where none were computed.
+    #: Top feature attributions (models/cases/explain.py), or empty where none were computed.
     explanation: Mapped[dict[str, Any] | None]
     #: Written by a candidate version shadowing the released one: kept for drift, never the result.
     shadow: Mapped[bool] = mapped_column(default=False, server_default=false())

@@ -244,7 +244,7 @@ def cmd_cases(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "list":
-        from models.registry import load_registry
+        from models.cases.registry import load_registry
 
         for spec in load_registry(settings.artifact_dir):
             default = " (default)" if spec.default else ""
@@ -258,7 +258,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"    clinical use: {spec.clinical_use}")
         return 0
     if args.models_command == "register":
-        from models.byo import RegistrationError, register
+        from models.cases.byo import RegistrationError, register
 
         try:
             params = json.loads(args.params) if args.params else None
@@ -279,8 +279,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  sha256 {entry['sha256']}")
         return 0
     if args.models_command == "evaluate":
-        from models.evaluation import NoEvaluationData, evaluate, report_dir
-        from models.registry import Registry, RegistryError
+        from models.cases.registry import Registry, RegistryError
+        from models.reference.evaluation import NoEvaluationData, evaluate, report_dir
 
         try:
             spec = Registry.load().resolve(args.ref)
@@ -307,7 +307,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {'brier':10} {metrics['brier']:.4f}")
         return 0
     if args.models_command == "shadow":
-        from models.shadow import ShadowError, clear_shadow, set_shadow
+        from models.cases.shadow import ShadowError, clear_shadow, set_shadow
 
         if args.off:
             previous = clear_shadow(settings.artifact_dir, args.ref.partition("@")[0])
@@ -323,7 +323,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "drift":
         return _drift(args, settings)
     if args.models_command == "train":
-        from models.train import train
+        from models.reference.train import train
 
         try:
             report = train(
@@ -350,8 +350,8 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 def _drift(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
     from db.engine import make_engine, make_sessionmaker, session_scope
-    from models.registry import RegistryError, load_registry
-    from models.shadow import ShadowError, drift
+    from models.cases.registry import RegistryError, load_registry
+    from models.cases.shadow import ShadowError, drift
 
     registry = load_registry(settings.artifact_dir)
     try:
@@ -486,7 +486,7 @@ def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
     from db.engine import make_engine, make_sessionmaker, session_scope
     from db.tables import Tenant
-    from models.registry import RegistryError, load_registry
+    from models.cases.registry import RegistryError, load_registry
     from worker.fhir_intake import run_nightly, settle_counts
 
     if not (args.input / "Patient.ndjson").is_file():
@@ -677,7 +677,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.train import TRAINABLE
+    from models.reference.train import TRAINABLE
     from worker.queues import SCORE_QUEUES
 
     parser = argparse.ArgumentParser(prog="medbatch", description=__doc__)

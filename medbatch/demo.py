@@ -28,7 +28,7 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.migrate import upgrade
 from db.repo import create_tenant
 from medbatch.settings import Settings
-from models import breast_cancer
+from models.reference import breast_cancer
 
 # Piped output (CI logs, `make demo | tee`) gets a wide console and unbroken curl lines.
 console = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from models import breast_cancer
+from models.reference import breast_cancer
 from worker.queues import ALL_QUEUES
 
 

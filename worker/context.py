@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.registry import Registry, load_registry
+from models.cases.registry import Registry, load_registry
 from worker.leases import LeaseKeeper
 
 if TYPE_CHECKING:
-    from models.scoring import LoadedModel
+    from models.cases.inference import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class WorkerContext:
         key = (name, version)
         if key not in self._models:
             spec = self.registry.resolve(f"{name}@{version}")
-            from models.scoring import LoadedModel  # torch: loaded by workers only
+            from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
             model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
             model.warm_up()
@@ -80,7 +80,6 @@ class WorkerContext:
         for spec in self.registry:
             if spec.default and spec.status == "released":
                 self.model(spec.name, spec.version)
-
 
 
 def context(app: Celery) -> WorkerContext:

@@ -1,4 +1,4 @@
-"""The torch-free CPU engine (models/genome_cpu.py): its layouts, its fallback and its .bed path.
+"""The torch-free CPU engine (models/genome/_cpu.py): its layouts, its fallback and its .bed path.
 
 Its numbers are checked against the GEMM engine in test_genome_bits.py and against PLINK's own
 outputs in test_genome.py; here: the packed triangle and the square written from it, planes
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import genome_cpu
-from models.genome import (
+from models.genome import _cpu as genome_cpu
+from models.genome.api import (
     allele_frequencies,
     ibs_missing_weights,
     pairwise,
@@ -218,7 +218,7 @@ def test_the_cpu_engine_does_not_load_torch() -> None:
     """KING, IBS and the GRM on the CPU run without importing torch (277 MB resident here)."""
     code = (
         "import sys\n"
-        "from models.genome import pairwise_bed\n"
+        "from models.genome.api import pairwise_bed\n"
         f"for metric in ('grm', 'king', 'ibs'): pairwise_bed({str(PREFIX)!r}, metric=metric)\n"
         "print('torch' in sys.modules)\n"
     )

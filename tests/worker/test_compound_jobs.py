@@ -17,7 +17,7 @@ from db import compounds as jobs
 from db import repo
 from db.engine import session_scope
 from db.tables import CompoundJob
-from models import chem
+from models.compounds import chem
 from worker.tasks import compounds as tasks
 
 pytestmark = pytest.mark.integration

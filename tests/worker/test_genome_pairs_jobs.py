@@ -14,7 +14,7 @@ from db import genome as jobs
 from db import repo
 from db.engine import session_scope
 from db.tables import GenomeJob, GenomeTile, RelatedPair
-from models import genome
+from models.genome import api as genome
 from worker.tasks import genome as tasks
 
 pytestmark = pytest.mark.integration

@@ -68,7 +68,7 @@ def test_the_shared_export_rejects_the_patients_who_died_before_as_of(
 
     from db import repo
     from db.engine import session_scope
-    from models.registry import Registry
+    from models.cases.registry import Registry
     from worker.fhir_intake import run_nightly
 
     source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import is_outage, make_engine, make_sessionmaker, session_scope
 from db.tables import Case, CaseStatus, Priority, Score
-from models.registry import Registry
-from models.scoring import LoadedModel, ModelInput, ScoreRow
+from models.cases.inference import LoadedModel, ModelInput, ScoreRow
+from models.cases.registry import Registry
 from tests.helpers import wdbc_cases
 from worker.tasks import scoring
 from worker.tasks.scoring import save_isolating, score_cases

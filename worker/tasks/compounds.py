@@ -22,7 +22,7 @@ from db import genome as ledger
 from db.engine import session_scope
 from db.leases import TileKey
 from db.tables import CompoundJob, CompoundTile
-from models import chem
+from models.compounds import chem
 from models.device import Device
 from worker import tiles as tiled
 from worker.context import context

@@ -1,7 +1,7 @@
 """Genome comparisons as Celery tasks: one task per tile, on the ``genome`` queue.
 
 A job's result (all pairs of a cohort, or query samples against it) is cut into tiles of rows;
-a pairs-only KING job (``output="pairs"``, :mod:`models.genome_pairs`) into 2-D tiles of the upper
+a pairs-only KING job (``output="pairs"``, :mod:`models.genome.pairs`) into 2-D tiles of the upper
 triangle (row block x column block), each of which reads only its two blocks of samples from the
 .bed and stores only its pairs at or above the cut-off, never a matrix.
 Each tile is its own message, so any number of workers on any number of machines share a job,
@@ -28,9 +28,12 @@ from sqlalchemy.orm import Session, object_session, sessionmaker
 from db import genome as jobs
 from db.engine import session_scope
 from db.leases import TileKey
-from models import genome, genome_output, genome_pairs, vcf
-from models.cohort import keep_rows, subset
 from models.device import device_type
+from models.genome import api as genome
+from models.genome import pairs as genome_pairs
+from models.genome.cohort import keep_rows, subset
+from models.genome.io import output as genome_output
+from models.genome.io import vcf
 from worker import tiles as tiled
 from worker.context import context
 from worker.queues import GENOME_QUEUE, GENOME_TASK
@@ -472,7 +475,7 @@ def submit(
     fileset prefixes or VCF/BCF files (by their suffix).
 
     ``output="pairs"`` (KING only): every pair with kinship ≥ ``threshold`` and nothing else, in
-    2-D tiles of ``block`` samples a side (default :func:`models.genome_pairs.default_block`);
+    2-D tiles of ``block`` samples a side (default :func:`models.genome.pairs.default_block`);
     the cohort must then be a PLINK 1 fileset, which tiles read block by block."""
     if metric not in genome.METRICS:
         raise SubmissionError("metric", f"unknown metric {metric!r} (one of {genome.METRICS})")

@@ -30,10 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import is_outage, session_scope
 from db.tables import utcnow
-from models.explain import explain, explainable
-from models.featurize import case_length, check_features
-from models.registry import ArtifactIntegrityError, RegistryError
-from models.scoring import LoadedModel, ModelInput, ScoreRow
+from models.cases.explain import explain, explainable
+from models.cases.featurize import case_length, check_features
+from models.cases.inference import LoadedModel, ModelInput, ScoreRow
+from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper

@@ -1,6 +1,6 @@
-"""The GEMM engine of :mod:`models.genome`: every metric as integer and float64 matrix products in
+"""The GEMM engine of :mod:`models.genome.api`: every metric as integer and float64 matrix products in
 torch, on CUDA (tensor cores) or the CPU. Imported only when it runs, so that the CPU engine
-(:mod:`models.genome_cpu`) does not load torch."""
+(:mod:`models.genome._cpu`) does not load torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from models.cpu_features import fast_int8_gemm
-from models.genome_cpu import _MONOMORPHIC_VARIANCE, Metric
+from models.genome._cpu import _MONOMORPHIC_VARIANCE, Metric
 
 #: Chunks are cut to at most this many variants, so that int8 products of up to ±127 per variant
 #: sum exactly in int32 (and indicator products in float32 where there is no int8 GEMM).

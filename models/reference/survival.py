@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.architectures import CoxMLP, save_weights
-from models.registry import FeatureSpec, RangeRule
+from models.cases.architectures import CoxMLP, save_weights
+from models.cases.registry import FeatureSpec, RangeRule
 
 NAME = "whas500-mortality"
 VERSION = "1.0.0"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.registry import ModelSpec, sha256_file
+from models.cases.registry import ModelSpec, sha256_file
 
 #: How SignalCNN's head reads the last feature map (see its docstring).
 Pool = Literal["mean", "flatten"]

@@ -9,7 +9,7 @@ needs only its two blocks of samples:
 - :class:`BedSamples` reads a block of samples from a PLINK 1 .bed, a chunk of variants at a time
   through a memory map, touching only the bytes that hold those samples (a SNP-major .bed keeps
   4 samples a byte in each variant's row, so a contiguous block is a contiguous byte range of each
-  row), and packs them into bit planes (:mod:`models.genome_cpu`);
+  row), and packs them into bit planes (:mod:`models.genome._cpu`);
 - :func:`king_tile` runs the CPU engine's pair kernel on the two blocks' planes, PLINK-exact
   (integer counts, one float64 division);
 - :func:`tile_pairs` keeps the pairs at or above the cut-off, and their NSNP / HETHET / IBS0
@@ -18,11 +18,11 @@ needs only its two blocks of samples:
 What a tile holds is in proportion to its block sizes times the variants: the planes of two blocks
 (2 bits per call), the block's kinships (B_r x B_c float64) and a chunk of the .bed's rows
 (:data:`READ_BYTES`), whatever the cohort's size. Every block splits its variants into dense
-planes and rare-variant lists (:class:`models.genome_cpu.Rare`) by the whole cohort's counts
+planes and rare-variant lists (:class:`models.genome._cpu.Rare`) by the whole cohort's counts
 (:meth:`BedSamples.split`, one pass over the .bed), so that any two blocks meet; the counts, and
 so the kinships, do not depend on the split, only the speed does.
 
-The CUDA tile kernel is :mod:`models.genome_pairs_gpu`.
+The CUDA tile kernel is :mod:`models.genome._pairs_gpu`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from typing import Protocol
 import numpy as np
 from numba import njit, prange
 
-from models import genome, genome_cpu
-from models.genome_output import (
+from models.genome import _cpu as genome_cpu
+from models.genome import api as genome
+from models.genome.io.output import (
     DUPLICATE_MIN_KINSHIP,
     FIRST_DEGREE_MIN_KINSHIP,
     SECOND_DEGREE_MIN_KINSHIP,
@@ -61,7 +62,7 @@ READ_BYTES = 64 * 2**20
 #: Blocks' planes a :class:`BedSamples` keeps for the next tiles (a worker's tiles share blocks).
 CACHED_BLOCKS = 3
 
-#: The degree names of :func:`models.genome_output.kinship_degree`, closest first, and "unrelated"
+#: The degree names of :func:`models.genome.io.output.kinship_degree`, closest first, and "unrelated"
 #: for pairs kept below third degree (a cut-off under 2^(-9/2)).
 DEGREES = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated")
 
@@ -169,7 +170,7 @@ class Samples(Protocol):
         ...
 
 
-#: Per variant: (rare, flip), from :func:`models.genome_cpu.classify` over the whole cohort.
+#: Per variant: (rare, flip), from :func:`models.genome._cpu.classify` over the whole cohort.
 Split = tuple[np.ndarray, np.ndarray]
 
 
@@ -179,7 +180,7 @@ class BedSamples:
     Parameters
     ----------
     bed_path
-        The .bed (SNP-major, checked by the caller: :func:`models.genome.inspect_bed`).
+        The .bed (SNP-major, checked by the caller: :func:`models.genome.api.inspect_bed`).
     n_samples, n_variants
         Samples and variants in the file (.fam and .bim lines).
     samples
@@ -267,7 +268,7 @@ class BedSamples:
 
     def counts(self) -> np.ndarray:
         """(M, 4) int64 per used variant over the used samples: two copies of A1, missing, het,
-        none (:func:`models.genome_cpu.bed_genotype_counts`), in one pass over the .bed."""
+        none (:func:`models.genome._cpu.bed_genotype_counts`), in one pass over the .bed."""
         out = np.zeros((self.n_variants, 4), np.int64)
         for start, packed in self._chunks(np.arange(self.n)):
             genome_cpu._bed_genotype_counts(
@@ -351,14 +352,14 @@ def king_tile(rows: genome_cpu.Planes, cols: genome_cpu.Planes | None) -> np.nda
 
     Raises
     ------
-    models.genome_cpu.TooManyMissing
+    models.genome._cpu.TooManyMissing
         A sample misses more calls than the kernel's 16-bit corrections hold.
     """
     return genome_cpu.counts_metric("king", rows, cols)
 
 
 def _king_counter(rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
-    """KING with int32 counters (:class:`models.genome_bits.Counter`), for samples with more
+    """KING with int32 counters (:class:`models.genome._bits.Counter`), for samples with more
     missing calls than :func:`king_tile` holds; ``cols=None`` for a block against itself."""
     against = rows if cols is None else cols
     chunk = genome.DEFAULT_VARIANT_CHUNK
@@ -402,7 +403,7 @@ class PairTable:
         return len(self.row)
 
     def degrees(self) -> list[str]:
-        """Each pair's KING degree (:func:`models.genome_output.kinship_degree`), "unrelated"
+        """Each pair's KING degree (:func:`models.genome.io.output.kinship_degree`), "unrelated"
         below third degree."""
         return [d or "unrelated" for d in kinship_degree(self.kinship).tolist()]
 
@@ -447,7 +448,7 @@ def tile_pairs(
         The tile is part of a cohort's triangle: on a diagonal tile keep only row < column.
     device
         ``"cpu"``: the bit-plane kernel (:func:`king_tile`); ``"cuda"``: the blocks' dosages
-        through integer GEMMs on the GPU (:func:`models.genome_pairs_gpu.king_tile_gemm`).
+        through integer GEMMs on the GPU (:func:`models.genome._pairs_gpu.king_tile_gemm`).
 
     Returns
     -------
@@ -458,14 +459,14 @@ def tile_pairs(
     diagonal = all_pairs and tile.diagonal
     block = None
     if device != "cpu":
-        from models.genome_pairs_gpu import king_tile_pairs_gemm  # torch, for this engine only
+        from models.genome._pairs_gpu import king_tile_pairs_gemm  # torch, for this engine only
 
         q = rows.codes(np.arange(r0, r1))
         a = None if diagonal else cols.codes(np.arange(c0, c1))
         r, c, kinship = king_tile_pairs_gemm(q, a, cutoff=cutoff, device=device)
         row, col = r.astype(np.int64) + r0, c.astype(np.int64) + c0
         return PairTable(row, col, kinship, pair_counts(rows, cols, row, col))
-    for rare in (True, False):  # as models.genome._pairwise_cpu: lists, then dense planes only
+    for rare in (True, False):  # as models.genome.api._pairwise_cpu: lists, then dense planes only
         p_rows = rows.planes(r0, r1, split, rare)
         p_cols = None if diagonal else cols.planes(c0, c1, split, rare)
         try:
@@ -488,7 +489,7 @@ def tile_pairs(
 
 def pair_counts(rows: Samples, cols: Samples, row: np.ndarray, col: np.ndarray) -> np.ndarray:
     """(P, 3) NSNP, HETHET, IBS0 of the pairs (``row[p]``, ``col[p]``), from those samples' calls
-    only (:func:`models.genome_output.king_pair_counts`)."""
+    only (:func:`models.genome.io.output.king_pair_counts`)."""
     if not len(row):
         return np.zeros((0, 3), np.int64)
     row_ids, row_at = np.unique(row, return_inverse=True)
@@ -552,8 +553,8 @@ def bed_samples(
     min_maf: float | None = None,
 ) -> tuple[BedSamples, genome.FilesetInfo]:
     """A fileset as :class:`BedSamples` with ``keep`` samples and ``min_maf`` variants (as
-    :func:`models.genome.read_bed`, without reading the genotypes), and its ids."""
-    from models.cohort import keep_rows
+    :func:`models.genome.api.read_bed`, without reading the genotypes), and its ids."""
+    from models.genome.cohort import keep_rows
 
     info = genome.inspect_bed(prefix)
     bed = genome._plink_paths(prefix)[0]

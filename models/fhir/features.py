@@ -48,10 +48,10 @@ from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
-from models.featurize import rule_flags, rule_problem
-from models.registry import FeatureSpec, ModelSpec, source_codes
-from models.terminology import UCUM, canonical_system, coding_key, normal_code, system_name
-from models.ucum import UnitError, convert
+from models.cases.featurize import rule_flags, rule_problem
+from models.cases.registry import FeatureSpec, ModelSpec, source_codes
+from models.terminology.codes import UCUM, canonical_system, coding_key, normal_code, system_name
+from models.terminology.ucum import UnitError, convert
 
 Severity = Literal["fatal", "error", "warning", "information"]
 #: FHIR IssueType codes used here (https://hl7.org/fhir/R4/valueset-issue-type.html).
@@ -387,7 +387,7 @@ def parse_bundle(data: object) -> ParsedBundle:
 
 
 def convert_quantity(value: float, unit: str, to: str, *, code: str | None = None) -> float:
-    """``value`` in ``unit`` expressed in ``to`` by UCUM's meaning (:func:`models.ucum.convert`);
+    """``value`` in ``unit`` expressed in ``to`` by UCUM's meaning (:func:`models.terminology.ucum.convert`);
     ``code`` (LOINC) supplies a molar mass for mass ↔ substance concentrations."""
     return convert(value, unit, to, loinc=code)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from models.registry import (
+from models.cases.registry import (
     FeatureSpec,
     load_registry,
     schema_problems,
@@ -146,7 +146,7 @@ def register(
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate ``artifact`` and register it as ``name@version``; return its registry entry."""
-    from models.architectures import build
+    from models.cases.architectures import build
 
     if not artifact.is_file():
         raise RegistrationError(f"{artifact}: no such file")

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from models.architectures import StandardizedMLP, save_weights
-from models.registry import FeatureSpec
+from models.cases.registry import FeatureSpec
 
 NAME = "breast-cancer"
 VERSION = "1.0.0"
@@ -107,10 +105,13 @@ class TrainResult:
 
 def train(out: Path, *, seed: int = SEED) -> TrainResult:
     """Train the MLP, save it as safetensors at ``out``, and evaluate it beside a logistic baseline."""
+    import torch  # the held-out split (demo, OpenAPI example) needs none of this
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from models.cases.architectures import StandardizedMLP, save_weights
 
     data = split(seed)
     torch.manual_seed(seed)

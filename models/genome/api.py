@@ -4,11 +4,11 @@ A cohort is an (N, M) matrix of allele dosages (0, 1, 2 copies of A1; missing ca
 metric is a sum over variants, streamed over chunks of variants, on the CPU or a CUDA device; never
 a Python loop over pairs. Counts are integers and exact. Two engines:
 
-- ``bitplanes`` (the CPU's, :mod:`models.genome_cpu`; numpy, numba and BLAS, torch is not loaded):
+- ``bitplanes`` (the CPU's, :mod:`models.genome._cpu`; numpy, numba and BLAS, torch is not loaded):
   KING and IBS from popcounts over bit planes as PLINK counts them, each pair finished in place
   with its missing-call corrections; the GRM's standardized products through BLAS ``dsyrk``.
   :func:`pairwise_bed` runs it straight from a .bed, without the dosage matrix.
-- ``gemm`` (:mod:`models.genome_gemm`, torch; CUDA, ``dot``, and on request): GEMMs of 0/1 and
+- ``gemm`` (:mod:`models.genome._gemm`, torch; CUDA, ``dot``, and on request): GEMMs of 0/1 and
   0/1/2 indicator matrices (TF32 on CUDA; int8 on a CPU with AMX/VNNI, float32 elsewhere, exact
   below 2²⁴ per chunk), float64 standardized products, missing-call corrections as products over
   the columns that hold one, and PLINK 1.9's weighted IBS correction as a sparse product.
@@ -29,300 +29,64 @@ used, so filter beforehand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
-from models import genome_cpu
 from models.device import Device, device_type, resolve_device
-from models.genome_bits import MAX_CHUNK, WORD, Counter
-from models.genome_cpu import Metric
+from models.genome import _cpu as genome_cpu
+from models.genome._bits import MAX_CHUNK, WORD, Counter
+from models.genome._codes import (
+    DEFAULT_VARIANT_CHUNK,
+    _check_matrix,
+    _chunk_codes,
+    _chunks,
+    _codes,
+    allele_frequencies,
+)
+from models.genome._cpu import Metric
+from models.genome.io.plink import (
+    MISSING_INT8,
+    FilesetInfo,
+    Genotypes,
+    _check_bed,
+    _plink_paths,
+    _read_columns,
+    inspect_bed,
+    read_bed,
+    read_npy,
+)
+
+#: The public API of genome comparisons; the engines (``_cpu``, ``_gemm``, ``_bits``) are private.
+__all__ = [
+    "DEFAULT_VARIANT_CHUNK",
+    "ENGINES",
+    "METRICS",
+    "MISSING_INT8",
+    "Engine",
+    "FilesetInfo",
+    "Genotypes",
+    "IbsMissing",
+    "Metric",
+    "allele_frequencies",
+    "ibs_missing_weights",
+    "inspect_bed",
+    "pairwise",
+    "pairwise_bed",
+    "pairwise_block",
+    "read_bed",
+    "read_npy",
+]
 
 IbsMissing = Literal["frequency", "flat"]
 Engine = Literal["auto", "bitplanes", "gemm"]
 METRICS: tuple[Metric, ...] = ("grm", "king", "ibs", "dot")
 ENGINES: tuple[Engine, ...] = ("auto", "bitplanes", "gemm")
 
-#: Variants per streamed chunk. The largest operands are (N, 3·chunk) int8 (KING and IBS
-#: indicators, 25 MB at N = 1,000); the GRM's float64 operands are cut to 2,048 variants. Int8
-#: GEMMs run faster the longer the chunk (KING at N = 4,000: 8,192 takes ~0.6x the time of 2,048).
-DEFAULT_VARIANT_CHUNK = 8192
-#: bed-reader's int8 code for a missing call.
-MISSING_INT8 = -127
-#: SNP-major PLINK 1 .bed: magic 0x6c 0x1b, then 0x01 (the PLINK 1.9 file-format spec).
-BED_MAGIC = b"\x6c\x1b\x01"
-
-#: The weight of IBS0 in each metric's pair distance (see models.genome_bits).
+#: The weight of IBS0 in each metric's pair distance (see models.genome._bits).
 _HOM_WEIGHT = {"king": 4, "ibs": 2}
-
-
-@dataclass(frozen=True)
-class Genotypes:
-    """A cohort read from disk: dosages plus the ids PLINK writes beside its matrices.
-
-    ``dosages`` is (N, M) int8: copies of A1 (the .bim's fifth column, which PLINK 2 calls ALT),
-    :data:`MISSING_INT8` for a missing call.
-    """
-
-    dosages: np.ndarray  # (N, M) int8
-    fid: tuple[str, ...]  # (N,)
-    iid: tuple[str, ...]  # (N,)
-    variant_id: tuple[str, ...]  # (M,)
-    a1: tuple[str, ...]  # (M,)
-    a2: tuple[str, ...]  # (M,)
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.dosages.shape[0])
-
-    @property
-    def n_variants(self) -> int:
-        return int(self.dosages.shape[1])
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def _plink_paths(prefix: str | Path) -> tuple[Path, Path, Path]:
-    prefix = Path(prefix)
-    if prefix.suffix in (".bed", ".bim", ".fam"):
-        prefix = prefix.with_suffix("")
-    # Not with_suffix: names such as "1kg.ref.phase1_release_v3.20101123_..." hold dots.
-    bed, bim, fam = (prefix.with_name(prefix.name + ext) for ext in (".bed", ".bim", ".fam"))
-    for path in (bed, bim, fam):
-        if not path.is_file():
-            raise FileNotFoundError(f"PLINK fileset {prefix}: {path} not found")
-    return bed, bim, fam
-
-
-def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tuple[str, ...]]:
-    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width."""
-    rows: list[list[str]] = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != expected:
-                raise ValueError(
-                    f"{path}, line {number}: expected {expected} fields, found {len(fields)}"
-                )
-            rows.append([fields[i] for i in names])
-    return [tuple(column) for column in zip(*rows, strict=True)] or [() for _ in names]
-
-
-def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
-    with path.open("rb") as handle:
-        magic = handle.read(3)
-    if magic[:2] != BED_MAGIC[:2]:
-        raise ValueError(
-            f"{path}: not a PLINK 1 .bed (magic bytes {magic.hex(' ')}, "
-            f"expected {BED_MAGIC.hex(' ')})"
-        )
-    if magic[2:] != BED_MAGIC[2:]:
-        raise ValueError(
-            f"{path}: sample-major .bed (mode byte {magic[2:].hex()}) "
-            "is not supported; rewrite it with plink --make-bed"
-        )
-    expected = 3 + n_variants * ((n_samples + 3) // 4)
-    actual = path.stat().st_size
-    if actual != expected:
-        raise ValueError(
-            f"{path}: {actual} bytes, expected {expected} = 3 + {n_variants} variants ({bim}) "
-            f"* ceil({n_samples} samples ({fam}) / 4); truncated, or .bim/.fam not its own"
-        )
-
-
-def _keep_index(
-    keep: Iterable[str | tuple[str, str]], fid: tuple[str, ...], iid: tuple[str, ...], fam: Path
-) -> np.ndarray:
-    """Row numbers of the kept samples, in file order (as ``plink --keep``)."""
-    wanted = [(k if isinstance(k, tuple) else (None, k)) for k in keep]
-    by_pair = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
-    by_iid: dict[str, list[int]] = {}
-    for n, i in enumerate(iid):
-        by_iid.setdefault(i, []).append(n)
-    rows: set[int] = set()
-    for f, i in wanted:
-        if f is None:
-            found = by_iid.get(i, [])
-            if len(found) > 1:
-                raise ValueError(f"{fam}: IID {i!r} is not unique; keep (FID, IID) pairs")
-        else:
-            found = [by_pair[(f, i)]] if (f, i) in by_pair else []
-        if not found:
-            raise ValueError(f"{fam}: sample {i if f is None else (f, i)!r} not found")
-        rows.update(found)
-    return np.array(sorted(rows), dtype=np.intp)
-
-
-@dataclass(frozen=True)
-class FilesetInfo:
-    """What a PLINK fileset holds, checked without reading its genotypes."""
-
-    prefix: Path
-    fid: tuple[str, ...]
-    iid: tuple[str, ...]
-    n_variants: int
-
-
-def inspect_bed(prefix: str | Path) -> FilesetInfo:
-    """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
-    bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
-    (variant_id,) = _read_columns(bim, 6, (1,))
-    _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id))
-
-
-def read_bed(
-    prefix: str | Path,
-    *,
-    keep: Iterable[str | tuple[str, str]] | None = None,
-    min_maf: float | None = None,
-) -> Genotypes:
-    """Read a PLINK 1 binary fileset (``prefix.bed/.bim/.fam``) into A1 dosages.
-
-    Parameters
-    ----------
-    prefix
-        The fileset path without extension (a path ending in .bed/.bim/.fam is accepted).
-    keep
-        Samples to keep, as IIDs or (FID, IID) pairs; file order is kept, like ``plink --keep``.
-    min_maf
-        Drop variants whose minor allele frequency over the kept samples' observed calls is below
-        this, like ``plink --maf``.
-
-    Returns
-    -------
-    Genotypes
-        ``dosages`` (N, M) int8 counting A1 (the .bed's ``00`` code is 2 copies, ``10`` one,
-        ``11`` none, ``01`` missing = :data:`MISSING_INT8`), with the sample and variant ids.
-
-    Raises
-    ------
-    FileNotFoundError
-        A file of the set is missing.
-    ValueError
-        Wrong magic bytes, a .bed whose size is not ``3 + M·ceil(N/4)`` (truncated, or .bim/.fam
-        line counts that are not its own), malformed .bim/.fam lines, unknown ``keep`` ids.
-    """
-    bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
-    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
-    _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
-    from bed_reader import open_bed
-
-    with open_bed(bed, iid_count=len(iid), sid_count=len(variant_id), count_A1=True) as reader:
-        dosages = reader.read(index=np.s_[rows, :], dtype="int8", order="C")
-    columns = np.arange(len(variant_id))
-    if min_maf is not None:
-        p = allele_frequencies(dosages)
-        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
-        dosages = np.ascontiguousarray(dosages[:, columns])
-    return Genotypes(
-        dosages=dosages,
-        fid=tuple(fid[r] for r in rows),
-        iid=tuple(iid[r] for r in rows),
-        variant_id=tuple(variant_id[c] for c in columns),
-        a1=tuple(a1[c] for c in columns),
-        a2=tuple(a2[c] for c in columns),
-    )
-
-
-def read_npy(path: str | Path) -> Genotypes:
-    """An (N, M) ``.npy`` of 0/1/2 dosages (NaN or -1 for missing) as :class:`Genotypes`.
-
-    Samples are named ``"0" … "N-1"`` (FID = IID), variants ``"v0" … "v{M-1}"``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    array = np.load(path, allow_pickle=False)
-    if array.ndim != 2:
-        raise ValueError(f"{path}: expected an (N, M) array, got shape {array.shape}")
-    codes = _codes(array, what=str(path))
-    dosages = np.where(codes < 0, MISSING_INT8, codes).astype(np.int8)
-    names = tuple(str(i) for i in range(array.shape[0]))
-    variants = tuple(f"v{j}" for j in range(array.shape[1]))
-    return Genotypes(dosages, names, names, variants, ("",) * len(variants), ("",) * len(variants))
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-
-def _codes(x: np.ndarray, *, what: str = "genotypes") -> np.ndarray:
-    """0/1/2 as int8, -1 for missing (NaN or any negative value); anything else is an error."""
-    if x.dtype.kind == "f":
-        missing = np.isnan(x) | (x < 0)
-        filled = np.where(missing, 0.0, x)
-        bad = (filled != np.round(filled)) | (filled > 2)
-    elif x.dtype.kind in "iub":
-        missing = x < 0
-        filled = np.where(missing, 0, x)
-        bad = filled > 2
-    else:
-        raise ValueError(f"{what}: dtype {x.dtype} is not numeric")
-    if bad.any():
-        value = x[bad].flat[0]
-        raise ValueError(
-            f"{what}: dosages must be 0, 1, 2 or missing (NaN/negative), found {value}"
-        )
-    return np.where(missing, -1, filled).astype(np.int8)
-
-
-def _check_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected an (N, M) genotype matrix, got shape {x.shape}")
-    return x
-
-
-def _chunk_codes(x: np.ndarray, cols: slice | np.ndarray, what: str) -> np.ndarray:
-    """``_codes(x[:, cols])``; int8 input (what :func:`read_bed` returns) in two passes."""
-    block = x[:, cols]
-    if x.dtype != np.int8 or (block > 2).any():
-        return _codes(block, what=what)
-    return np.maximum(block, -1)
-
-
-def _chunks(n_variants: int, variant_chunk: int) -> Iterator[slice]:
-    if variant_chunk < 1:
-        raise ValueError(f"variant_chunk must be ≥ 1, got {variant_chunk}")
-    for start in range(0, n_variants, variant_chunk):
-        yield slice(start, min(start + variant_chunk, n_variants))
-
-
-def allele_frequencies(
-    genotypes: np.ndarray, *, variant_chunk: int = DEFAULT_VARIANT_CHUNK
-) -> np.ndarray:
-    """A1 frequency per variant over the observed calls, NaN where a variant has none.
-
-    This is what PLINK computes when no ``--read-freq`` is given (all samples here are treated as
-    founders; PLINK counts founders only).
-
-    Parameters
-    ----------
-    genotypes
-        (N, M) dosages, missing as NaN or a negative value.
-
-    Returns
-    -------
-    np.ndarray
-        (M,) float64.
-    """
-    genotypes = _check_matrix(genotypes, "genotypes")
-    observed = np.zeros(genotypes.shape[1], dtype=np.int64)
-    alt = np.zeros(genotypes.shape[1], dtype=np.int64)
-    for cols in _chunks(genotypes.shape[1], variant_chunk):
-        codes = _chunk_codes(genotypes, cols, "genotypes")
-        genome_cpu._variant_counts(codes, observed[cols], alt[cols])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return alt / (2.0 * observed)
 
 
 def ibs_missing_weights(frequencies: np.ndarray) -> np.ndarray:
@@ -393,7 +157,7 @@ def _pairwise_cpu(
     weights: np.ndarray | None,
     variant_chunk: int,
 ) -> np.ndarray:
-    """KING, IBS and the GRM on the CPU (:mod:`models.genome_cpu`), without torch."""
+    """KING, IBS and the GRM on the CPU (:mod:`models.genome._cpu`), without torch."""
     symmetric = against is query
     chunk = min(max(WORD, variant_chunk - variant_chunk % WORD), MAX_CHUNK)
     if metric == "grm":
@@ -456,8 +220,8 @@ def _pairwise_counter(
     weights: np.ndarray | None,
     chunk: int,
 ) -> np.ndarray:
-    """KING and IBS with N x N int32 correction arrays (:class:`models.genome_bits.Counter`): for
-    samples with more missing calls than :mod:`models.genome_cpu`'s uint16 fields hold."""
+    """KING and IBS with N x N int32 correction arrays (:class:`models.genome._bits.Counter`): for
+    samples with more missing calls than :mod:`models.genome._cpu`'s uint16 fields hold."""
     symmetric = against is query
     n_variants = query.shape[1]
     counter = Counter(
@@ -521,7 +285,7 @@ def pairwise_block(
         Passing the same array as ``query`` and ``against`` shares the per-chunk work.
     engine
         ``"bitplanes"``: popcounts over bit planes for the counts and BLAS for the GRM
-        (:mod:`models.genome_cpu`, no torch), the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
+        (:mod:`models.genome._cpu`, no torch), the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
         the CUDA path); ``"auto"``: bit planes on the CPU, GEMMs on CUDA and for ``dot``. Both
         give the same numbers (the GRM's float64 products to rounding).
 
@@ -555,12 +319,12 @@ def pairwise_block(
         if p_all.shape != (n_variants,):
             raise ValueError(f"frequencies: expected shape ({n_variants},), got {p_all.shape}")
     weights = ibs_missing_weights(p_all) if metric == "ibs" and p_all is not None else None
-    device_type = device_type(device)
-    if engine == "bitplanes" and (device_type != "cpu" or metric == "dot"):
+    kind = device_type(device)
+    if engine == "bitplanes" and (kind != "cpu" or metric == "dot"):
         raise ValueError("engine 'bitplanes' runs on the CPU, for grm, king and ibs")
-    if engine == "bitplanes" or (engine == "auto" and device_type == "cpu" and metric != "dot"):
+    if engine == "bitplanes" or (engine == "auto" and kind == "cpu" and metric != "dot"):
         return _pairwise_cpu(metric, query, against, p_all, weights, variant_chunk)
-    from models import genome_gemm  # torch, loaded only for this engine
+    from models.genome import _gemm as genome_gemm  # torch, loaded only for this engine
 
     # One empty chunk when there are no variants, so that every sum exists (as zeros).
     spans = list(_chunks(n_variants, min(variant_chunk, genome_gemm._EXACT_CHUNK)))

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from models.architectures import Pool, SignalCNN, save_weights
+from models.cases.architectures import Pool, SignalCNN, save_weights
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline

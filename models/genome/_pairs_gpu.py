@@ -9,7 +9,7 @@ in both samples of a pair is one product of small integer matrices:
 - ``HET_i|j = h_i · c_j`` (i's heterozygous calls where j is called) and ``HET_j|i = c_i · h_j``.
 
 Then ``kinship = 0.5 - Σ(x_i - x_j)² / (4·min(HET_i|j, HET_j|i))`` in float64, the same division
-as plink2 and :mod:`models.genome_cpu`, so the kinships are equal bit for bit (IEEE-754 division
+as plink2 and :mod:`models.genome._cpu`, so the kinships are equal bit for bit (IEEE-754 division
 is correctly rounded on CUDA as on the CPU; 0/0 and x/0 give NaN and -inf as there).
 
 On CUDA the products are int8 tensor-core GEMMs (``torch._int_mm``, int32 out), with rows and
@@ -93,7 +93,7 @@ def king_tile_gemm(
     Returns
     -------
     np.ndarray
-        (B_r, B_c) float64, equal to :func:`models.genome_pairs.king_tile` (0.5 on a block's own
+        (B_r, B_c) float64, equal to :func:`models.genome.pairs.king_tile` (0.5 on a block's own
         diagonal).
     """
     with torch.inference_mode():

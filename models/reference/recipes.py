@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from models.architectures import build_for, save_weights
-from models.registry import FeatureSpec, ModelSpec
+from models.cases.architectures import build_for, save_weights
+from models.cases.registry import FeatureSpec, ModelSpec
 
 NOT_FOR_CLINICAL_USE = "benchmark weights (seeded initialisation, untrained): NOT FOR CLINICAL USE"
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from models import breast_cancer, ecg, reference, survival
-from models.registry import REGISTRY_PATH
+from models.cases.registry import REGISTRY_PATH
+from models.reference import breast_cancer, ecg, survival
+from models.reference import recipes as reference
 
 #: Models trained on real data. Each module has NAME, VERSION, train(out) -> result,
 #: registry_entry(result, artifact=...) and metrics(result): the held-out figures beside the

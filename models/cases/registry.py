@@ -344,7 +344,7 @@ def schema_problems(
     (``check_units``: parsing units loads the UCUM tables, about half a second, so a registry
     load leaves it to registration and the tests).
     """
-    from models.terminology import canonical_system, normal_code
+    from models.terminology.codes import canonical_system, normal_code
 
     problems: list[str] = []
     names = {f.name for f in inputs}
@@ -403,7 +403,7 @@ def schema_problems(
                 if other not in names or other == f.name:
                     problems.append(f"{f.name}: code {code}: also_feeds names no other feature")
         if resource == "Observation" and check_units:
-            from models.ucum import UnitError, parse_unit
+            from models.terminology.ucum import UnitError, parse_unit
 
             try:
                 parse_unit(f.unit)

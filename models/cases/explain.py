@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from models.scoring import LoadedModel, ModelInput
+from models.cases.inference import LoadedModel, ModelInput
 
 METHOD = "integrated_gradients"
 

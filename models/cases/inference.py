@@ -11,10 +11,10 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from models.architectures import build_for
+from models.cases.architectures import build_for
+from models.cases.featurize import featurize
+from models.cases.registry import ModelSpec, verify_artifact
 from models.device import Device, resolve_device
-from models.featurize import featurize
-from models.registry import ModelSpec, verify_artifact
 
 Autocast = Literal["off", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,7 +62,7 @@ class LoadedModel:
         self.autocast_dtype = _AUTOCAST_DTYPES.get(autocast) if self.device.type == "cuda" else None
         path = verify_artifact(spec)
         if spec.architecture == "torchscript":
-            from models.byo import load_torchscript
+            from models.cases.byo import load_torchscript
 
             module = load_torchscript(path, self.device)
         elif spec.architecture == "torch-export":
@@ -82,7 +82,7 @@ class LoadedModel:
     def featurize(
         self, cases: Sequence[Mapping[str, object]], *, checked: bool = False
     ) -> ModelInput:
-        """Cases' features as tensors; see :func:`models.featurize.featurize` for the shapes."""
+        """Cases' features as tensors; see :func:`models.cases.featurize.featurize` for the shapes."""
         values, lengths = featurize(self.spec, cases, checked=checked)
         return ModelInput(
             torch.from_numpy(values), None if lengths is None else torch.from_numpy(lengths)

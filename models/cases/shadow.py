@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.registry import ModelSpec, RegistryError, load_registry, shadows_path
+from models.cases.registry import ModelSpec, RegistryError, load_registry, shadows_path
 
 
 class ShadowError(ValueError):

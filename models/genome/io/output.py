@@ -1,6 +1,6 @@
 """PLINK-compatible files for relationship matrices, and KING relationship degrees.
 
-The writers take what :mod:`models.genome` computes (float64 matrices, or row blocks of them, and
+The writers take what :mod:`models.genome.api` computes (float64 matrices, or row blocks of them, and
 the ``(FID, IID)`` of each sample) and write the files the reference tools write:
 
 - ``.rel`` / ``.rel.bin`` + ``.rel.id``: ``plink2 --make-rel square [bin]``.
@@ -525,7 +525,7 @@ def king_pair_counts(genotypes: np.ndarray, pairs: Iterable[tuple[int, int]]) ->
     Parameters
     ----------
     genotypes
-        (N, M) dosages 0/1/2, missing as NaN or a negative value (as :mod:`models.genome`).
+        (N, M) dosages 0/1/2, missing as NaN or a negative value (as :mod:`models.genome.api`).
     pairs
         (P,) ``(i, j)`` row indices.
 

@@ -1,4 +1,4 @@
-"""Sample and variant selection on :class:`models.genome.Genotypes`, whatever file they came from
+"""Sample and variant selection on :class:`models.genome.api.Genotypes`, whatever file they came from
 (``plink --keep``, ``--maf`` and ``--extract`` semantics)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.genome import Genotypes, allele_frequencies
+from models.genome._codes import allele_frequencies
+from models.genome.io.plink import Genotypes
 
 
 def keep_rows(

@@ -1,4 +1,4 @@
-"""VCF/BCF genotypes (read with cyvcf2, htslib underneath) as :class:`models.genome.Genotypes`.
+"""VCF/BCF genotypes (read with cyvcf2, htslib underneath) as :class:`models.genome.api.Genotypes`.
 
 Each record must be biallelic with diploid GT calls; the dosage counts the ALT allele (what
 PLINK 2 counts when it imports a VCF, and what it writes as A1 when it exports one). A call with
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.genome import MISSING_INT8, Genotypes
+from models.genome.io.plink import MISSING_INT8, Genotypes
 
 #: cyvcf2's gt_types with gts012=True: 0 hom REF, 1 het, 2 hom ALT, 3 unknown.
 _UNKNOWN = 3

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from models import breast_cancer, ecg, survival
-from models.registry import ModelSpec, report_dir  # noqa: F401  (re-exported for the CLI)
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import ModelSpec, report_dir  # noqa: F401  (re-exported for the CLI)
+from models.reference import breast_cancer, ecg, survival
 
 REPORT_FILES = ("metrics.json", "roc.png", "pr.png", "calibration.png")
 

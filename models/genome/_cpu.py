@@ -1,6 +1,6 @@
 """The CPU engine for ``grm``, ``king`` and ``ibs``: numpy, numba and BLAS, no torch.
 
-KING and IBS (:mod:`models.genome_bits` explains the counts): the pair kernel counts two popcounts
+KING and IBS (:mod:`models.genome._bits` explains the counts): the pair kernel counts two popcounts
 per pair and 64 variants from each sample's ``het`` and ``hom`` bit planes, reading a missing call
 as no copies, and finishes each pair in place: the per-pair corrections that take the missing calls
 back out are written into the output slots beforehand, as four uint16 fields (KING) or two uint16
@@ -19,7 +19,7 @@ Rare variants (few carriers of the minor allele; :data:`RARE_COST`) stay out of 
 PLINK 2's "initial scan" keeps them out of its dense pass: each adds a per-sample total and, into
 the same correction fields, a term for each pair of its carriers and for each carrier and sample
 missing the call (:class:`Rare`). Where those terms could overflow a uint16 field, the caller
-retries with every variant in the planes, then with :class:`models.genome_bits.Counter`.
+retries with every variant in the planes, then with :class:`models.genome._bits.Counter`.
 
 A square result is either a full (N, N) array, computed on and below the diagonal and mirrored,
 or a packed lower triangle (N(N+1)/2 float64, half the memory) written out as the square by
@@ -43,9 +43,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from models.genome_bits import _BLOCK, WORD, _pair2, _popcount
+from models.genome._bits import _BLOCK, WORD, _pair2, _popcount
 
-#: The relationship metrics (see :mod:`models.genome`); here so that every engine names them
+#: The relationship metrics (see :mod:`models.genome.api`); here so that every engine names them
 #: without importing the public module.
 Metric = Literal["grm", "king", "ibs", "dot"]
 
@@ -978,7 +978,7 @@ def counts_metric(
 
     Returns (N_q, N_a) float64, or with ``packed`` (square only) the lower triangle, row by row.
     Raises :class:`TooManyMissing` when a sample has more missing calls than the uint16 fields
-    hold (the caller then takes :class:`models.genome_bits.Counter`).
+    hold (the caller then takes :class:`models.genome._bits.Counter`).
     """
     code = _KING if metric == "king" else _IBS
     hom_weight = 4 if code == _KING else 2

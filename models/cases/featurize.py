@@ -8,7 +8,7 @@ from typing import cast
 
 import numpy as np
 
-from models.registry import FeatureSpec, ModelSpec
+from models.cases.registry import FeatureSpec, ModelSpec
 
 
 class FeatureError(ValueError):

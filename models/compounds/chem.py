@@ -12,7 +12,7 @@ RDKit divides (0 when the denominator is 0, which is what ``BulkTanimotoSimilari
 ``BulkDiceSimilarity`` return for two empty fingerprints), so every score is bit-identical to
 RDKit's, whichever engine counts ``c`` (all count it exactly; docs/compounds.md compares them):
 
-- ``popcount`` (:mod:`models.chem_popcount`): AND + popcount on packed uint64 words, with the
+- ``popcount`` (:mod:`models.compounds._popcount`): AND + popcount on packed uint64 words, with the
   vector popcount where the CPU has one; fast on every CPU.
 - ``gemm``: the shared-bit counts of a block of queries against a block of the library are one
   GEMM of their unpacked 0/1 matrices: bfloat16 (on CUDA, or a CPU with AMX / AVX-512 BF16) when
@@ -55,7 +55,8 @@ import torch
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
-from models import chem_popcount, cpu_features
+from models import cpu_features
+from models.compounds import _popcount as chem_popcount
 from models.cpu_features import fast_bf16_gemm, fast_int8_gemm
 from models.device import Device, resolve_device
 
@@ -84,7 +85,7 @@ _ONE_KEY_ROWS = 4096
 _ROW_QUANTUM = 64
 #: The largest count a bfloat16 GEMM holds exactly: every integer up to 2⁸ is a bfloat16.
 _BF16_EXACT_COUNT = 256
-#: torch._int_mm on the CPU (torch 2.13) returns garbage for k = 1; see models/genome.py.
+#: torch._int_mm on the CPU (torch 2.13) returns garbage for k = 1; see models/genome/api.py.
 _INT_MM_MIN_K = 8
 #: Relative slack on the integer count cut, far above float64 (and float32 seed) rounding, far
 #: below the gap between two scores (≥ 1/n_bits²); the exact check removes what it lets in.
@@ -673,7 +674,7 @@ def _candidates(counts: torch.Tensor, cut: np.ndarray) -> tuple[np.ndarray, np.n
 
 #: What ``MEDBATCH_CHEM_ENGINE`` may say: ``gemm`` is the GEMM of 0/1 bits on the CPU (bfloat16 on
 #: AMX where exact, else int8 ``_int_mm``), ``cuda`` the same GEMM on the GPU, ``popcount`` the
-#: AND + popcount kernels of :mod:`models.chem_popcount`, ``auto`` chooses.
+#: AND + popcount kernels of :mod:`models.compounds._popcount`, ``auto`` chooses.
 EngineSetting = Literal["auto", "gemm", "popcount", "cuda"]
 #: What the search functions accept: a setting, or the CPU GEMM with its dtype forced.
 Engine = Literal["auto", "gemm", "gemm-bf16", "gemm-int8", "popcount", "cuda"]

@@ -1,4 +1,4 @@
-"""The popcount engine of :mod:`models.chem`: shared bits as AND + popcount on packed uint64 words.
+"""The popcount engine of :mod:`models.compounds.chem`: shared bits as AND + popcount on packed uint64 words.
 
 A fingerprint of ``n_bits`` bits is ``W`` uint64 words, zero-padded to a multiple of 8 (a zero
 word adds nothing to a count). The shared-bit count of a query and a library molecule is
