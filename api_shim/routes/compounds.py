@@ -108,7 +108,7 @@ def create_compound_search(
     sessions: SessionsDep,
 ) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
-    from worker.tasks.compounds import SubmissionError, submit
+    from worker.jobs.compounds import SubmissionError, submit
 
     library = confine(settings.compound_dir, body.library, "library", kind="molecules")
     query = None
@@ -152,7 +152,7 @@ def create_compound_search(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
 def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
-    from worker.tasks.compounds import describe
+    from worker.jobs.compounds import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:

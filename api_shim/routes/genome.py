@@ -116,7 +116,7 @@ def create_genome_comparison(
     sessions: SessionsDep,
 ) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
-    from worker.tasks.genome import SubmissionError, submit
+    from worker.jobs.genome import SubmissionError, submit
 
     if (body.bfile is None) == (body.vcf is None):
         raise RequestValidationError(
@@ -176,7 +176,7 @@ def read_genome_comparison(
     job_id: IdPath, tenant: ReaderDep, session: SessionDep
 ) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
-    from worker.tasks.genome import describe
+    from worker.jobs.genome import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
@@ -195,7 +195,7 @@ def download_output(
     job_id: IdPath, name: str, tenant: ReaderDep, session: SessionDep
 ) -> FileResponse:
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
-    from worker.tasks.genome import describe
+    from worker.jobs.genome import describe
 
     job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:

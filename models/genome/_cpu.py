@@ -37,17 +37,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from models.genome._bits import _BLOCK, WORD, _pair2, _popcount
-
-#: The relationship metrics (see :mod:`models.genome.api`); here so that every engine names them
-#: without importing the public module.
-Metric = Literal["grm", "king", "ibs", "dot"]
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024

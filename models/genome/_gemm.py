@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from models.cpu_features import fast_int8_gemm
-from models.genome._cpu import _MONOMORPHIC_VARIANCE, Metric
+from models.genome._cpu import _MONOMORPHIC_VARIANCE
+from models.genome.metrics import Metric
 
 #: Chunks are cut to at most this many variants, so that int8 products of up to ±127 per variant
 #: sum exactly in int32 (and indicator products in float32 where there is no int8 GEMM).

@@ -46,7 +46,6 @@ from models.genome._codes import (
     _codes,
     allele_frequencies,
 )
-from models.genome._cpu import Metric
 from models.genome.io.plink import (
     MISSING_INT8,
     FilesetInfo,
@@ -58,6 +57,7 @@ from models.genome.io.plink import (
     read_bed,
     read_npy,
 )
+from models.genome.metrics import METRICS, Metric
 
 #: The public API of genome comparisons; the engines (``_cpu``, ``_gemm``, ``_bits``) are private.
 __all__ = [
@@ -82,7 +82,6 @@ __all__ = [
 
 IbsMissing = Literal["frequency", "flat"]
 Engine = Literal["auto", "bitplanes", "gemm"]
-METRICS: tuple[Metric, ...] = ("grm", "king", "ibs", "dot")
 ENGINES: tuple[Engine, ...] = ("auto", "bitplanes", "gemm")
 
 #: The weight of IBS0 in each metric's pair distance (see models.genome._bits).

@@ -193,7 +193,7 @@ def test_a_100000_sample_job_is_thousands_of_tiles_each_holding_only_its_blocks(
             assert peak < 16 * 2**20  # the 100,000² square would be 80 GB; a 1,024² tile 8 MB
     finally:
         tracemalloc.stop()
-    summary = tasks._describe_id(sessions, job["id"])
+    summary = tasks.describe_id(sessions, job["id"])
     assert (summary["tiles_done"], summary["status"]) == (3, "running")
 
 
