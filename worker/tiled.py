@@ -23,8 +23,7 @@ from typing import Any
 
 from celery import Celery, shared_task
 from celery.exceptions import Reject
-from sqlalchemy import inspect
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, class_mapper, sessionmaker
 
 from db import tiles
 from db.engine import session_scope
@@ -118,7 +117,7 @@ def run_tile(
             job_id=job_id,
             index=index,
             spec=dict(job.spec),
-            job={c.key: getattr(job, c.key) for c in inspect(job).mapper.column_attrs},
+            job={c.key: getattr(job, c.key) for c in class_mapper(type(job)).column_attrs},
             rows=slice(row.row_start, row.row_end),
             cols=None if row.col_start is None else slice(row.col_start, row.col_end),
         )

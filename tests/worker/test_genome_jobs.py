@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import genome as jobs
 from db import repo
 from db.engine import session_scope
-from db.tables import GenomeJob, GenomeTile, RelatedPair
+from db.tables import GenomeJob, JobTile, RelatedPair
 from models.genome import api as genome
 from worker.tasks import genome as tasks
 
@@ -189,7 +189,7 @@ def test_a_fileset_that_breaks_after_submission_fails_the_job_not_done(
     assert summary["outputs"] == []
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(RelatedPair)) == 0
-        statuses = set(s.scalars(select(GenomeTile.status)))
+        statuses = set(s.scalars(select(JobTile.status)))
     assert "done" not in statuses
 
 
