@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,11 +23,13 @@ from api_shim.deps import (
     exactly_one,
 )
 from api_shim.paths import confine, public_message
+from api_shim.routes.tiled import next_cursor, owned_or_404, refused
 from db import compounds as jobs
+from db.tables import CompoundJob
 
 router = APIRouter(prefix="/v1", tags=["compounds"])
 
-_NOT_FOUND = "no compound search with this id for this tenant"
+_WHAT = "compound search"
 
 
 class CompoundSearchCreate(BaseModel):
@@ -143,9 +144,7 @@ def create_compound_search(
             values={"smiles_column": body.smiles_column},
         )
         loc = ("body",) if exc.field == "mode" else ("body", exc.field)
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": loc, "msg": message}]
-        ) from None
+        raise refused(loc, message) from None
 
 
 @router.get(
@@ -154,9 +153,7 @@ def create_compound_search(
 def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
     from worker.jobs.compounds import describe
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    job = owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -174,8 +171,7 @@ def list_job_neighbours(
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    if jobs.get_job(session, job_id=job_id, tenant_id=tenant.id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_neighbours(
         session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
     )
@@ -186,7 +182,7 @@ def list_job_neighbours(
             )
             for r in rows
         ],
-        next_cursor=rows[-1].id if len(rows) == limit else None,
+        next_cursor=next_cursor(rows, limit),
     )
 
 

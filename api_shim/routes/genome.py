@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,11 +23,13 @@ from api_shim.deps import (
     exactly_one,
 )
 from api_shim.paths import confine, public_message
+from api_shim.routes.tiled import next_cursor, owned_or_404, refused
 from db import genome as jobs
+from db.tables import GenomeJob
 
 router = APIRouter(prefix="/v1", tags=["genome"])
 
-_NOT_FOUND = "no genome comparison with this id for this tenant"
+_WHAT = "genome comparison"
 
 #: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
 THIRD_DEGREE = 2.0**-4.5
@@ -119,9 +120,7 @@ def create_genome_comparison(
     from worker.jobs.genome import SubmissionError, submit
 
     if (body.bfile is None) == (body.vcf is None):
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body",), "msg": "give exactly one of bfile and vcf"}]
-        )
+        raise refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
     bfile = confine(settings.genotype_dir, given[field] or "", field, kind="genotypes")
@@ -149,15 +148,7 @@ def create_genome_comparison(
         )
     except SubmissionError as exc:
         loc = field if exc.field == "bfile" else exc.field
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("body", loc),
-                    "msg": _message(exc, loc, settings.genotype_dir, given),
-                }
-            ]
-        ) from None
+        raise refused(("body", loc), _message(exc, loc, settings.genotype_dir, given)) from None
 
 
 def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:
@@ -178,9 +169,7 @@ def read_genome_comparison(
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.jobs.genome import describe
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    job = owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -197,9 +186,7 @@ def download_output(
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
     from worker.jobs.genome import describe
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    job = owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
     if name not in files:
         raise HTTPException(
@@ -218,9 +205,7 @@ def list_related_pairs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_pairs(
         session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
@@ -236,5 +221,5 @@ def list_related_pairs(
             )
             for r in rows
         ],
-        next_cursor=rows[-1].id if len(rows) == limit else None,
+        next_cursor=next_cursor(rows, limit),
     )

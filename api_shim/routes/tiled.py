@@ -1,0 +1,34 @@
+"""What the routes of every tiled job kind share: the tenant's job or a 404, a refused submission
+as a 422 that names its field, and cursor pages (worker/tiled.py holds the rest of the framework)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from fastapi import HTTPException, status
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from db import tiles
+from db.tables import TiledJob
+
+J = TypeVar("J", bound=TiledJob)
+
+
+def owned_or_404(session: Session, table: type[J], *, job_id: int, tenant_id: int, what: str) -> J:
+    """The tenant's job; another tenant's is as good as absent (404, never 403)."""
+    job = tiles.get_job(session, table, job_id=job_id, tenant_id=tenant_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} with this id for this tenant")
+    return job
+
+
+def refused(loc: Sequence[str], message: str) -> RequestValidationError:
+    """A submission that cannot start, as the API's 422 (raise it ``from None``)."""
+    return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": message}])
+
+
+def next_cursor(rows: Sequence[Any], limit: int) -> int | None:
+    """The cursor of the page after ``rows`` (ordered by id), or None on the last page."""
+    return rows[-1].id if len(rows) == limit else None
