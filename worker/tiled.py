@@ -1,14 +1,15 @@
 """Tiled jobs, whatever their kind: a kind declares what is its own, the rest is written here once.
 
-A kind (:class:`JobKind`) declares its job table (with :class:`db.tables.TiledJob`'s columns), how a
-tile is computed, how a tile's results are stored, and how the job is finished; its submission
-checks the spec and cuts the job into tiles (:func:`db.tiles.add_job`). Shared:
+A kind is two declarations. :class:`Kind` is what its submission, the API and the CLI see: its job
+table (with :class:`db.tables.TiledJob`'s columns), its tile task and queue, how a job is described;
+it sends a recorded job's tiles (one message a tile, after the commit) and follows a job with a
+progress bar. :class:`JobKind` adds what workers run: a tile's compute, how a tile's results are
+stored, how the job is finished. Shared by every kind:
 
 - the ledger (:mod:`db.tiles`): tiles in one table, each counted on its job once;
 - one tile task body (:func:`tile_task`): a message ``[job_id, index]``, leased while it runs, a
   failed tile retried and then failing its job, the last tile finishing the job;
-- :func:`enqueue` (one message a tile, after the commit), :func:`run_inline` (the CLI computes the
-  tiles itself) and :func:`follow` (the CLI follows workers, with a progress bar).
+- computing a job's tiles in the CLI's own process (:meth:`JobKind.run_inline`).
 
 docs/adding-a-job-kind.md shows a third kind end to end.
 """
@@ -63,8 +64,8 @@ class Tile:
 
 
 @dataclass(frozen=True)
-class JobKind:
-    """What a tiled job kind declares."""
+class Kind:
+    """A kind as its submission, the API and the CLI's follower see it (nothing computes here)."""
 
     #: The kind's name in the ledger and in tile leases (``genome``, ``chem``, ...).
     name: str
@@ -73,6 +74,36 @@ class JobKind:
     #: The Celery task name of its tiles, and their queue.
     task: str
     queue: str
+    #: A job as the API and the CLI show it.
+    describe: Callable[[Any], dict[str, Any]]
+
+    def submitted(self, app: Celery | None, summary: dict[str, Any]) -> dict[str, Any]:
+        """Send a just-committed job's tiles (none without ``app``: the CLI runs them inline)."""
+        if app is not None:
+            for index in range(summary["tiles_total"]):
+                app.send_task(
+                    self.task, args=[summary["id"], index], queue=self.queue, routing_key=self.queue
+                )
+        return summary
+
+    def describe_id(self, sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
+        with session_scope(sessions) as session:
+            job = tiles.get_job(session, self.table, job_id=job_id)
+            assert job is not None
+            return self.describe(job)
+
+    def wait(
+        self, sessions: sessionmaker[Session], *, job_id: int, progress: bool = False
+    ) -> dict[str, Any]:
+        """Follow a job the workers run until it is done or failed."""
+        return follow(lambda: self.describe_id(sessions, job_id), progress=progress)
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What a tiled job kind declares to be computed: everything else is shared."""
+
+    kind: Kind
     #: A tile's compute: (tile, options) -> the tile's results (anything ``store`` takes).
     compute: Callable[[Tile, Mapping[str, Any]], Any]
     #: Store a tile's results, in the transaction that counts the tile (so, once).
@@ -89,10 +120,35 @@ class JobKind:
     max_attempts: int = 3
     fatal: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    def run_tile(
+        self, sessions: sessionmaker[Session], *, job_id: int, index: int, **options: Any
+    ) -> str:
+        """Compute, store and count one tile in this process, as a worker does."""
+        return run_tile(self, sessions, job_id=job_id, index=index, options=options)
+
+    def run_inline(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        job_id: int,
+        progress: bool = False,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Compute every tile of a job in this process (no worker), the way a worker does."""
+        return run_inline(
+            lambda index: self.run_tile(sessions, job_id=job_id, index=index, **options),
+            lambda: self.kind.describe_id(sessions, job_id),
+            progress=progress,
+        )
+
 
 def register(kind: JobKind) -> Any:
     """Add a kind: its job table to the ledger and its tile task to Celery's shared tasks."""
-    tiles.register(kind.name, kind.table)
+    tiles.register(kind.name, kind.kind.table)
     return tile_task(kind)
 
 
@@ -106,7 +162,7 @@ def run_tile(
 ) -> str:
     """Compute, store and count one tile; finish the job if it was the last. Returns what it did."""
     with session_scope(sessions) as session:
-        job = tiles.get_job(session, kind.table, job_id=job_id)
+        job = tiles.get_job(session, kind.kind.table, job_id=job_id)
         row = tiles.get_tile(session, kind=kind.name, job_id=job_id, index=index)
         if job is None or row is None:
             return "unknown"
@@ -160,7 +216,7 @@ def tile_task(kind: JobKind) -> Any:
     """The kind's tile task: one message per tile, ``[job_id, index]``, leased while it runs (a
     dead worker's tile goes back to the queue: worker/sweeper.py)."""
 
-    @shared_task(bind=True, name=kind.task, acks_late=True)
+    @shared_task(bind=True, name=kind.kind.task, acks_late=True)
     def run(self: Any, *args: object) -> str:
         ids = [a for a in args if isinstance(a, int) and not isinstance(a, bool) and a >= 0]
         if len(args) != 2 or len(ids) != 2:
@@ -174,24 +230,6 @@ def tile_task(kind: JobKind) -> Any:
             )
 
     return run
-
-
-def enqueue(app: Celery, *, task: str, queue: str, job_id: int, tiles_total: int) -> None:
-    """One message per tile; call after the job's rows are committed."""
-    for index in range(tiles_total):
-        app.send_task(task, args=[job_id, index], queue=queue, routing_key=queue)
-
-
-def describe_id(
-    sessions: sessionmaker[Session],
-    table: type[TiledJob],
-    describe: Callable[[Any], dict[str, Any]],
-    job_id: int,
-) -> dict[str, Any]:
-    with session_scope(sessions) as session:
-        job = tiles.get_job(session, table, job_id=job_id)
-        assert job is not None
-        return describe(job)
 
 
 def run_inline(
@@ -217,15 +255,4 @@ def follow(describe: Describe, *, progress: bool = False, poll_s: float = 0.5) -
             summary = describe()
             advance(summary["tiles_done"] - seen)
             seen = summary["tiles_done"]
-    return summary
-
-
-def submitted(
-    app: Celery | None, *, task: str, queue: str, summary: dict[str, Any]
-) -> dict[str, Any]:
-    """Send a just-committed job's tiles (none without ``app``: :func:`run_inline` runs them)."""
-    if app is not None:
-        enqueue(
-            app, task=task, queue=queue, job_id=summary["id"], tiles_total=summary["tiles_total"]
-        )
     return summary

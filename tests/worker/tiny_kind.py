@@ -69,10 +69,8 @@ def finish(sessions: sessionmaker[Session], job_id: int) -> None:
     (folder / "sum.txt").write_text(f"{total}\n")
 
 
-KIND_SPEC = tiled.JobKind(
-    name=KIND, table=TinyJob, task=TASK, queue=QUEUE, compute=compute, store=store, finish=finish
-)
-tiny_tile_task = tiled.register(KIND_SPEC)
+TINY = tiled.Kind(KIND, TinyJob, TASK, QUEUE, lambda job: describe(job))
+tiny_tile_task = tiled.register(tiled.JobKind(TINY, compute, store, finish))
 
 
 def submit(
@@ -91,7 +89,7 @@ def submit(
         job = TinyJob(tenant_id=tenant_id, spec={"n": n, "fail_at": fail_at}, output_dir=str(out))
         tiles.add_job(session, job, kind=KIND, tiles=tiles.row_tiles(n, tile_rows))
         summary = describe(job)
-    return tiled.submitted(app, task=TASK, queue=QUEUE, summary=summary)
+    return TINY.submitted(app, summary)
 
 
 def describe(job: TinyJob) -> dict[str, Any]:
@@ -105,7 +103,7 @@ def describe(job: TinyJob) -> dict[str, Any]:
 
 
 def describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
-    return tiled.describe_id(sessions, TinyJob, describe, job_id)
+    return TINY.describe_id(sessions, job_id)
 
 
 def main() -> None:

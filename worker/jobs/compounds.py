@@ -139,16 +139,7 @@ def submit(
             artifact_root=str(artifact_dir.resolve()),
         )
         summary = describe(job)
-    return tiled.submitted(app, task=CHEM_TASK, queue=CHEM_QUEUE, summary=summary)
-
-
-def wait(sessions: sessionmaker[Session], *, job_id: int, progress: bool = False) -> dict[str, Any]:
-    """Follow a job the workers run until it is done or failed."""
-    return tiled.follow(lambda: describe_id(sessions, job_id), progress=progress)
-
-
-def describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
-    return tiled.describe_id(sessions, CompoundJob, describe, job_id)
+    return COMPOUNDS.submitted(app, summary)
 
 
 def describe(job: CompoundJob) -> dict[str, Any]:
@@ -174,3 +165,8 @@ def describe(job: CompoundJob) -> dict[str, Any]:
         "created_at": job.created_at,
         "finished_at": job.finished_at,
     }
+
+
+COMPOUNDS = tiled.Kind(jobs.KIND, CompoundJob, CHEM_TASK, CHEM_QUEUE, describe)
+describe_id = COMPOUNDS.describe_id
+wait = COMPOUNDS.wait

@@ -146,16 +146,7 @@ def submit(
             tiles_2d=tiles,
         )
         summary = describe(job)
-    return tiled.submitted(app, task=GENOME_TASK, queue=GENOME_QUEUE, summary=summary)
-
-
-def wait(sessions: sessionmaker[Session], *, job_id: int, progress: bool = False) -> dict[str, Any]:
-    """Follow a job the workers run until it is done or failed."""
-    return tiled.follow(lambda: describe_id(sessions, job_id), progress=progress)
-
-
-def describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
-    return tiled.describe_id(sessions, GenomeJob, describe, job_id)
+    return GENOME.submitted(app, summary)
 
 
 def describe(job: jobs.GenomeJob) -> dict[str, Any]:
@@ -191,3 +182,8 @@ def describe(job: jobs.GenomeJob) -> dict[str, Any]:
         "created_at": job.created_at,
         "finished_at": job.finished_at,
     }
+
+
+GENOME = tiled.Kind(jobs.KIND, GenomeJob, GENOME_TASK, GENOME_QUEUE, describe)
+describe_id = GENOME.describe_id
+wait = GENOME.wait

@@ -16,11 +16,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import compounds as jobs
 from db.engine import session_scope
-from db.tables import CompoundJob
 from models.compounds import chem
 from models.device import Device
 from worker import tiled
 from worker.jobs.compounds import (  # noqa: F401  (the kind's API, used with its tasks)
+    COMPOUNDS,
     SubmissionError,
     describe,
     describe_id,
@@ -29,7 +29,6 @@ from worker.jobs.compounds import (  # noqa: F401  (the kind's API, used with it
     submit,
     wait,
 )
-from worker.queues import CHEM_QUEUE, CHEM_TASK
 
 
 def _rows(fps: chem.Fingerprints, rows: slice) -> chem.Fingerprints:
@@ -126,22 +125,19 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         part.replace(target)
 
 
-KIND = tiled.JobKind(
-    name=jobs.KIND,
-    table=CompoundJob,
-    task=CHEM_TASK,
-    queue=CHEM_QUEUE,
-    compute=compute_tile,
-    store=store_neighbours,
-    finish=finish_job,
-    options=lambda settings: {
-        "device": settings.device,
-        "engine": settings.chem_engine,
-        "engine_cache": settings.chem_engine_cache,
+TILES = tiled.JobKind(
+    COMPOUNDS,
+    compute_tile,
+    store_neighbours,
+    finish_job,
+    options=lambda s: {
+        "device": s.device,
+        "engine": s.chem_engine,
+        "engine_cache": s.chem_engine_cache,
     },
     rows_name="queries",
 )
-compound_tile_task = tiled.register(KIND)
+compound_tile_task = tiled.register(TILES)
 
 
 def run_tile(
@@ -153,9 +149,8 @@ def run_tile(
     engine: chem.Engine = "auto",
     engine_cache: Path | None = None,
 ) -> str:
-    """Compute, store and count one tile here, as a worker does (see worker/tiled.py)."""
     options = {"device": device, "engine": engine, "engine_cache": engine_cache}
-    return tiled.run_tile(KIND, sessions, job_id=job_id, index=index, options=options)
+    return TILES.run_tile(sessions, job_id=job_id, index=index, **options)
 
 
 def run_inline(
@@ -167,16 +162,5 @@ def run_inline(
     engine: chem.Engine = "auto",
     engine_cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Compute every tile of a job in this process (no worker), the same way a worker does."""
-    return tiled.run_inline(
-        lambda index: run_tile(
-            sessions,
-            job_id=job_id,
-            index=index,
-            device=device,
-            engine=engine,
-            engine_cache=engine_cache,
-        ),
-        lambda: describe_id(sessions, job_id),
-        progress=progress,
-    )
+    options = {"device": device, "engine": engine, "engine_cache": engine_cache}
+    return TILES.run_inline(sessions, job_id=job_id, progress=progress, **options)

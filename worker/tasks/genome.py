@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import genome as jobs
 from db.engine import session_scope
-from db.tables import GenomeJob
 from models.device import device_type
 from models.genome import api as genome
 from models.genome import pairs as genome_pairs
@@ -35,6 +34,7 @@ from models.genome.io import output as genome_output
 from models.genome.io import vcf
 from worker import tiled
 from worker.jobs.genome import (  # noqa: F401  (the kind's API, used with its tasks)
+    GENOME,
     SubmissionError,
     describe,
     describe_id,
@@ -43,7 +43,6 @@ from worker.jobs.genome import (  # noqa: F401  (the kind's API, used with its t
     submit,
     wait,
 )
-from worker.queues import GENOME_QUEUE, GENOME_TASK
 
 log = logging.getLogger(__name__)
 
@@ -357,30 +356,17 @@ def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query
         genome_output.write_ids(Path(prefix + ".cols.id"), ids, kind="rel")
 
 
-KIND = tiled.JobKind(
-    name=jobs.KIND,
-    table=GenomeJob,
-    task=GENOME_TASK,
-    queue=GENOME_QUEUE,
-    compute=compute_tile,
-    store=store_pairs,
-    finish=finish_job,
-    options=lambda settings: {"device": settings.device},
+TILES = tiled.JobKind(
+    GENOME, compute_tile, store_pairs, finish_job, options=lambda s: {"device": s.device}
 )
-genome_tile_task = tiled.register(KIND)
+genome_tile_task = tiled.register(TILES)
 
 
 def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device: str) -> str:
-    """Compute, store and count one tile here, as a worker does (see worker/tiled.py)."""
-    return tiled.run_tile(KIND, sessions, job_id=job_id, index=index, options={"device": device})
+    return TILES.run_tile(sessions, job_id=job_id, index=index, device=device)
 
 
 def run_inline(
     sessions: sessionmaker[Session], *, job_id: int, device: str, progress: bool = False
 ) -> dict[str, Any]:
-    """Compute every tile of a job in this process (no worker), the same way a worker does."""
-    return tiled.run_inline(
-        lambda index: run_tile(sessions, job_id=job_id, index=index, device=device),
-        lambda: describe_id(sessions, job_id),
-        progress=progress,
-    )
+    return TILES.run_inline(sessions, job_id=job_id, progress=progress, device=device)
