@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db import tiles
@@ -48,19 +47,8 @@ def add_neighbours(session: Session, *, job_id: int, rows: Sequence[dict[str, An
 
 
 def list_neighbours(
-    session: Session,
-    *,
-    job_id: int,
-    query_id: str | None = None,
-    after_id: int = 0,
-    limit: int = 100,
+    session: Session, *, job_id: int, query_id: str | None = None, **page: int
 ) -> list[Neighbour]:
-    stmt = (
-        select(Neighbour)
-        .where(Neighbour.job_id == job_id, Neighbour.id > after_id)
-        .order_by(Neighbour.id)
-        .limit(limit)
-    )
-    if query_id is not None:
-        stmt = stmt.where(Neighbour.query_id == query_id)
-    return list(session.scalars(stmt))
+    """A page of a job's neighbours (``after_id``, ``limit``), or of one query's."""
+    where = [] if query_id is None else [Neighbour.query_id == query_id]
+    return tiles.result_page(session, Neighbour, job_id=job_id, where=where, **page)

@@ -60,22 +60,11 @@ def add_pairs(session: Session, *, job_id: int, pairs: Sequence[dict[str, Any]])
 
 
 def list_pairs(
-    session: Session,
-    *,
-    job_id: int,
-    min_kinship: float | None = None,
-    after_id: int = 0,
-    limit: int = 100,
+    session: Session, *, job_id: int, min_kinship: float | None = None, **page: int
 ) -> list[RelatedPair]:
-    stmt = (
-        select(RelatedPair)
-        .where(RelatedPair.job_id == job_id, RelatedPair.id > after_id)
-        .order_by(RelatedPair.id)
-        .limit(limit)
-    )
-    if min_kinship is not None:
-        stmt = stmt.where(RelatedPair.kinship >= min_kinship)
-    return list(session.scalars(stmt))
+    """A page of a job's pairs (``after_id``, ``limit``), those of ``min_kinship`` or more."""
+    where = [] if min_kinship is None else [RelatedPair.kinship >= min_kinship]
+    return tiles.result_page(session, RelatedPair, job_id=job_id, where=where, **page)
 
 
 def degree_counts(session: Session, *, job_id: int) -> dict[str, int]:

@@ -128,6 +128,25 @@ def settle_job(session: Session, *, kind: str, job_id: int, error: str | None = 
     )
 
 
+def result_page(
+    session: Session,
+    table: Any,
+    *,
+    job_id: int,
+    after_id: int = 0,
+    limit: int = 100,
+    where: Sequence[Any] = (),
+) -> list[Any]:
+    """A page of a job's result rows in id order, after the cursor ``after_id``."""
+    stmt = (
+        select(table)
+        .where(table.job_id == job_id, table.id > after_id, *where)
+        .order_by(table.id)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
 def insert_ignoring_duplicates(
     session: Session, table: Any, rows: Sequence[dict[str, Any]], *, key: Sequence[str]
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,20 +9,10 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_shim.deps import (
-    TEXT,
-    CeleryDep,
-    CompoundSubmitterDep,
-    CursorQuery,
-    IdPath,
-    ReaderDep,
-    SessionDep,
-    SessionsDep,
-    SettingsDep,
-    exactly_one,
-)
+from api_shim import deps
+from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import next_cursor, owned_or_404, refused
+from api_shim.routes.tiled import TiledJobPublic, next_cursor, owned_or_404, refused
 from db import compounds as jobs
 from db.tables import CompoundJob
 
@@ -36,7 +25,7 @@ class CompoundSearchCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            **exactly_one("top_k", "threshold"),
+            **deps.exactly_one("top_k", "threshold"),
             "examples": [{"library": "library.smi", "top_k": 5}],
         },
     )
@@ -55,9 +44,7 @@ class CompoundSearchCreate(BaseModel):
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
-class CompoundSearchPublic(BaseModel):
-    id: int
-    status: str
+class CompoundSearchPublic(TiledJobPublic):
     mode: str
     top_k: int | None
     threshold: float | None
@@ -68,13 +55,8 @@ class CompoundSearchPublic(BaseModel):
     n_library: int
     unreadable: int
     unreadable_examples: list[str]
-    tiles_total: int
-    tiles_done: int
-    error: str | None
     #: The neighbours CSV once done, as a download path.
     output: str | None
-    created_at: datetime
-    finished_at: datetime | None
 
 
 class NeighbourPublic(BaseModel):
@@ -103,10 +85,10 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 )
 def create_compound_search(
     body: CompoundSearchCreate,
-    tenant: CompoundSubmitterDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    sessions: SessionsDep,
+    tenant: deps.CompoundSubmitterDep,
+    settings: deps.SettingsDep,
+    celery: deps.CeleryDep,
+    sessions: deps.SessionsDep,
 ) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.jobs.compounds import SubmissionError, submit
@@ -167,7 +149,7 @@ def list_job_neighbours(
     tenant: ReaderDep,
     session: SessionDep,
     query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
-    cursor: CursorQuery = 0,
+    cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""

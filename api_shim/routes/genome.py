@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,20 +9,10 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_shim.deps import (
-    TEXT,
-    CeleryDep,
-    CursorQuery,
-    GenomeSubmitterDep,
-    IdPath,
-    ReaderDep,
-    SessionDep,
-    SessionsDep,
-    SettingsDep,
-    exactly_one,
-)
+from api_shim import deps
+from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import next_cursor, owned_or_404, refused
+from api_shim.routes.tiled import TiledJobPublic, next_cursor, owned_or_404, refused
 from db import genome as jobs
 from db.tables import GenomeJob
 
@@ -39,7 +28,7 @@ class GenomeComparisonCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            **exactly_one("bfile", "vcf"),
+            **deps.exactly_one("bfile", "vcf"),
             "examples": [{"metric": "king", "bfile": "cohort"}],
         },
     )
@@ -69,25 +58,18 @@ class GenomeComparisonCreate(BaseModel):
     block: int | None = Field(default=None, ge=4, le=65_536, multiple_of=4)
 
 
-class GenomeComparisonPublic(BaseModel):
-    id: int
+class GenomeComparisonPublic(TiledJobPublic):
     metric: str
     output: str
-    status: str
     n_samples: int
     n_rows: int
     n_variants: int
-    tiles_total: int
-    tiles_done: int
     query: bool
     threshold: float | None
-    error: str | None
     #: KING jobs: pairs found so far per degree (duplicate/MZ twin, 1st, 2nd, 3rd, unrelated).
     degree_counts: dict[str, int] | None
     #: Output files once done, as download paths under this job (no server paths).
     outputs: list[str]
-    created_at: datetime
-    finished_at: datetime | None
 
 
 class PairPublic(BaseModel):
@@ -111,10 +93,10 @@ class PairsPublic(BaseModel):
 )
 def create_genome_comparison(
     body: GenomeComparisonCreate,
-    tenant: GenomeSubmitterDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    sessions: SessionsDep,
+    tenant: deps.GenomeSubmitterDep,
+    settings: deps.SettingsDep,
+    celery: deps.CeleryDep,
+    sessions: deps.SessionsDep,
 ) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
     from worker.jobs.genome import SubmissionError, submit
@@ -201,7 +183,7 @@ def list_related_pairs(
     tenant: ReaderDep,
     session: SessionDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-    cursor: CursorQuery = 0,
+    cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""

@@ -4,16 +4,30 @@ as a 422 that names its field, and cursor pages (worker/tiled.py holds the rest 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from fastapi import HTTPException, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from db import tiles
 from db.tables import TiledJob
 
 J = TypeVar("J", bound=TiledJob)
+
+
+class TiledJobPublic(BaseModel):
+    """What every tiled job shows: its status and progress (tiles done of total)."""
+
+    id: int
+    status: str
+    tiles_total: int
+    tiles_done: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 def owned_or_404(session: Session, table: type[J], *, job_id: int, tenant_id: int, what: str) -> J:
