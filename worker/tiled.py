@@ -86,6 +86,14 @@ class Kind:
                 )
         return summary
 
+    def record(
+        self, sessions: sessionmaker[Session], app: Celery | None, create: Callable[[Session], Any]
+    ) -> dict[str, Any]:
+        """Record a job (``create`` adds it and its tiles), commit, then send its tiles."""
+        with session_scope(sessions) as session:
+            summary = self.describe(create(session))
+        return self.submitted(app, summary)
+
     def describe_id(self, sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
         with session_scope(sessions) as session:
             job = tiles.get_job(session, self.table, job_id=job_id)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import TiledJobPublic, next_cursor, owned_or_404, refused
+from api_shim.routes.tiled import TiledJobPublic, owned_or_404, page, refused
 from db import compounds as jobs
 from db.tables import CompoundJob
 
@@ -157,15 +157,7 @@ def list_job_neighbours(
     rows = jobs.list_neighbours(
         session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
     )
-    return NeighboursPublic(
-        items=[
-            NeighbourPublic(
-                query_id=r.query_id, library_id=r.library_id, similarity=r.similarity, rank=r.rank
-            )
-            for r in rows
-        ],
-        next_cursor=next_cursor(rows, limit),
-    )
+    return NeighboursPublic(**page(NeighbourPublic, rows, limit))
 
 
 @router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})

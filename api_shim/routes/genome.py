@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import TiledJobPublic, next_cursor, owned_or_404, refused
+from api_shim.routes.tiled import TiledJobPublic, owned_or_404, page, refused
 from db import genome as jobs
 from db.tables import GenomeJob
 
@@ -191,17 +191,4 @@ def list_related_pairs(
     rows = jobs.list_pairs(
         session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
-    return PairsPublic(
-        items=[
-            PairPublic(
-                fid1=r.fid1,
-                iid1=r.iid1,
-                fid2=r.fid2,
-                iid2=r.iid2,
-                kinship=r.kinship,
-                degree=r.degree,
-            )
-            for r in rows
-        ],
-        next_cursor=next_cursor(rows, limit),
-    )
+    return PairsPublic(**page(PairPublic, rows, limit))

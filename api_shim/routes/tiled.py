@@ -46,3 +46,11 @@ def refused(loc: Sequence[str], message: str) -> RequestValidationError:
 def next_cursor(rows: Sequence[Any], limit: int) -> int | None:
     """The cursor of the page after ``rows`` (ordered by id), or None on the last page."""
     return rows[-1].id if len(rows) == limit else None
+
+
+def page(item: type[BaseModel], rows: Sequence[Any], limit: int) -> dict[str, Any]:
+    """A page of result rows as ``item`` models (read from the rows' attributes), with its cursor."""
+    return {
+        "items": [item.model_validate(r, from_attributes=True) for r in rows],
+        "next_cursor": next_cursor(rows, limit),
+    }

@@ -85,11 +85,9 @@ def submit(
 ) -> dict[str, Any]:
     if n < 1:
         raise tiled.SubmissionError("n", f"must be at least 1, got {n}")
-    with session_scope(sessions) as session:
-        job = TinyJob(tenant_id=tenant_id, spec={"n": n, "fail_at": fail_at}, output_dir=str(out))
-        tiles.add_job(session, job, kind=KIND, tiles=tiles.row_tiles(n, tile_rows))
-        summary = describe(job)
-    return TINY.submitted(app, summary)
+    job = TinyJob(tenant_id=tenant_id, spec={"n": n, "fail_at": fail_at}, output_dir=str(out))
+    bounds = tiles.row_tiles(n, tile_rows)
+    return TINY.record(sessions, app, lambda s: tiles.add_job(s, job, kind=KIND, tiles=bounds))
 
 
 def describe(job: TinyJob) -> dict[str, Any]:

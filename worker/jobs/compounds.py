@@ -16,7 +16,6 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import compounds as jobs
-from db.engine import session_scope
 from db.tables import CompoundJob
 from worker import tiled
 from worker.queues import CHEM_QUEUE, CHEM_TASK
@@ -127,19 +126,17 @@ def submit(
         failures += [str(f) for f in failed]
     spec["unreadable"] = len(failures)
     spec["unreadable_examples"] = failures[:MAX_REPORTED_FAILURES]
-    n_query = counts.get("query", counts["library"])
-    with session_scope(sessions) as session:
-        job = jobs.create_job(
-            session,
-            tenant_id=tenant_id,
-            spec=spec,
-            n_query=n_query,
-            n_library=counts["library"],
-            tile_rows=tile_rows or default_tile_rows(counts["library"]),
-            artifact_root=str(artifact_dir.resolve()),
-        )
-        summary = describe(job)
-    return COMPOUNDS.submitted(app, summary)
+    n_library = counts["library"]
+    sizes = {"n_query": counts.get("query", n_library), "n_library": n_library}
+    root = str(artifact_dir.resolve())
+    rows = tile_rows or default_tile_rows(n_library)
+    return COMPOUNDS.record(
+        sessions,
+        app,
+        lambda s: jobs.create_job(
+            s, tenant_id=tenant_id, spec=spec, tile_rows=rows, artifact_root=root, **sizes
+        ),
+    )
 
 
 def describe(job: CompoundJob) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from celery import Celery
 from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from db import genome as jobs
-from db.engine import session_scope
 from db.tables import GenomeJob
 from models.genome import plan
 from models.genome.cohort import keep_rows
@@ -132,8 +131,10 @@ def submit(
         )
         tiles = [(t.row_start, t.row_end, t.col_start, t.col_end) for t in planned]
         spec.update(output="pairs", block=block)
-    with session_scope(sessions) as session:
-        job = jobs.create_job(
+    return GENOME.record(
+        sessions,
+        app,
+        lambda session: jobs.create_job(
             session,
             tenant_id=tenant_id,
             metric=metric,
@@ -144,9 +145,8 @@ def submit(
             tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
             artifact_root=str(artifact_dir.resolve()),
             tiles_2d=tiles,
-        )
-        summary = describe(job)
-    return GENOME.submitted(app, summary)
+        ),
+    )
 
 
 def describe(job: jobs.GenomeJob) -> dict[str, Any]:
