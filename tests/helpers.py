@@ -111,11 +111,17 @@ def new_tenant(sessions: sessionmaker[Session], name: str) -> int:
 
 
 @contextmanager
-def api_client(**settings: Any) -> Iterator[TestClient]:
-    """The API in this process (lifespan run), on the given settings."""
+def api_client(
+    database_url: str, broker_url: str, tmp: Path, **settings: Any
+) -> Iterator[TestClient]:
+    """The API in this process (lifespan run), its artifact store under ``tmp``."""
     from api_shim.main import create_app
 
-    with TestClient(create_app(Settings(**settings))) as client:
+    store = tmp / "store"
+    config = Settings(
+        database_url=database_url, broker_url=broker_url, artifact_dir=store, **settings
+    )
+    with TestClient(create_app(config)) as client:
         yield client
 
 

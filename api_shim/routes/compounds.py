@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import TiledJobPublic, owned_or_404, page, refused
+from api_shim.routes.tiled import (
+    SubmissionDep,
+    TiledJobPublic,
+    owned_or_404,
+    page,
+    refused,
+    submit_route,
+)
 from db import compounds as jobs
 from db.tables import CompoundJob
 
@@ -78,30 +85,24 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "output": output, "unreadable_examples": examples}
 
 
-@router.post(
-    "/compound-similarity",
-    response_model=CompoundSearchPublic,
-    status_code=status.HTTP_202_ACCEPTED,
-)
+@submit_route(router, "/compound-similarity", CompoundSearchPublic)
 def create_compound_search(
     body: CompoundSearchCreate,
     tenant: deps.CompoundSubmitterDep,
-    settings: deps.SettingsDep,
-    celery: deps.CeleryDep,
-    sessions: deps.SessionsDep,
+    job: SubmissionDep,
 ) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.jobs.compounds import SubmissionError, submit
 
-    library = confine(settings.compound_dir, body.library, "library", kind="molecules")
+    library = confine(job.settings.compound_dir, body.library, "library", kind="molecules")
     query = None
     if body.query is not None:
-        query = confine(settings.compound_dir, body.query, "query", kind="molecules")
+        query = confine(job.settings.compound_dir, body.query, "query", kind="molecules")
     try:
         return _public(
             submit(
-                sessions,
-                celery,
+                job.sessions,
+                job.celery,
                 tenant_id=tenant.id,
                 library=library,
                 query=query,
@@ -113,14 +114,14 @@ def create_compound_search(
                 fp_size=body.bits,
                 smiles_column=body.smiles_column,
                 tile_rows=body.tile_rows or 0,
-                artifact_dir=settings.artifact_dir,
+                artifact_dir=job.settings.artifact_dir,
             )
         )
     except SubmissionError as exc:
         given = {"library": body.library, "query": body.query}
         message = public_message(
             str(exc),
-            settings.compound_dir,
+            job.settings.compound_dir,
             given,
             kind="molecules",
             values={"smiles_column": body.smiles_column},

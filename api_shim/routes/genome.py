@@ -12,7 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import TiledJobPublic, owned_or_404, page, refused
+from api_shim.routes.tiled import (
+    SubmissionDep,
+    TiledJobPublic,
+    owned_or_404,
+    page,
+    refused,
+    submit_route,
+)
 from db import genome as jobs
 from db.tables import GenomeJob
 
@@ -86,17 +93,11 @@ class PairsPublic(BaseModel):
     next_cursor: int | None
 
 
-@router.post(
-    "/genome-comparisons",
-    response_model=GenomeComparisonPublic,
-    status_code=status.HTTP_202_ACCEPTED,
-)
+@submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
 def create_genome_comparison(
     body: GenomeComparisonCreate,
     tenant: deps.GenomeSubmitterDep,
-    settings: deps.SettingsDep,
-    celery: deps.CeleryDep,
-    sessions: deps.SessionsDep,
+    job: SubmissionDep,
 ) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
     from worker.jobs.genome import SubmissionError, submit
@@ -105,32 +106,32 @@ def create_genome_comparison(
         raise refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
-    bfile = confine(settings.genotype_dir, given[field] or "", field, kind="genotypes")
+    bfile = confine(job.settings.genotype_dir, given[field] or "", field, kind="genotypes")
     query = None
     if body.query is not None:
-        query = confine(settings.genotype_dir, body.query, "query", kind="genotypes")
+        query = confine(job.settings.genotype_dir, body.query, "query", kind="genotypes")
     try:
         return _public(
             submit(
-                sessions,
-                celery,
+                job.sessions,
+                job.celery,
                 tenant_id=tenant.id,
                 metric=body.metric,
                 bfile=bfile,
                 query=query,
                 threshold=body.threshold,
                 ibs_missing=body.ibs_missing,
-                tile_rows=body.tile_rows or settings.genome_tile_rows,
+                tile_rows=body.tile_rows or job.settings.genome_tile_rows,
                 keep=list(body.keep) if body.keep is not None else None,
                 min_maf=body.min_maf,
-                artifact_dir=settings.artifact_dir,
+                artifact_dir=job.settings.artifact_dir,
                 output=body.output,
                 block=body.block or 0,
             )
         )
     except SubmissionError as exc:
         loc = field if exc.field == "bfile" else exc.field
-        raise refused(("body", loc), _message(exc, loc, settings.genotype_dir, given)) from None
+        raise refused(("body", loc), _message(exc, loc, job.settings.genotype_dir, given)) from None
 
 
 def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:

@@ -1,21 +1,48 @@
-"""What the routes of every tiled job kind share: the tenant's job or a 404, a refused submission
-as a 422 that names its field, and cursor pages (worker/tiled.py holds the rest of the framework)."""
+"""What the routes of every tiled job kind share: the submission's dependencies and its 202, the
+tenant's job or a 404, a refused submission as a 422 that names its field, cursor pages of results
+(worker/tiled.py holds the rest of the framework)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import HTTPException, status
+from celery import Celery
+from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from api_shim.deps import CeleryDep, SessionsDep, SettingsDep
 from db import tiles
 from db.tables import TiledJob
+from medbatch.settings import Settings
 
 J = TypeVar("J", bound=TiledJob)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a job submission needs besides its body: the settings, where to record it, where to
+    send its tiles."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    celery: Celery
+
+
+def _submission(settings: SettingsDep, sessions: SessionsDep, celery: CeleryDep) -> Submission:
+    return Submission(settings, sessions, celery)
+
+
+SubmissionDep = Annotated[Submission, Depends(_submission)]
+
+
+def submit_route(router: APIRouter, path: str, model: type[BaseModel]) -> Callable[..., Any]:
+    """The POST that records a job and queues its tiles: 202 with the job, as ``model``."""
+    return router.post(path, response_model=model, status_code=status.HTTP_202_ACCEPTED)
 
 
 class TiledJobPublic(BaseModel):

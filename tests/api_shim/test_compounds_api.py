@@ -40,12 +40,7 @@ def folder(tmp_path: Path) -> Path:
 def api(
     pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path, folder: Path
 ) -> Iterator[TestClient]:
-    with api_client(
-        database_url=pg_url,
-        broker_url=redis_url,
-        compound_dir=folder,
-        artifact_dir=tmp_path / "store",
-    ) as client:
+    with api_client(pg_url, redis_url, tmp_path, compound_dir=folder) as client:
         yield client
 
 

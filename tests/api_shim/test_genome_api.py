@@ -54,12 +54,7 @@ def api(
     tmp_path: Path,
     genotypes: Path,
 ) -> Iterator[TestClient]:
-    with api_client(
-        database_url=pg_url,
-        broker_url=redis_url,
-        genotype_dir=genotypes,
-        artifact_dir=tmp_path / "store",
-    ) as client:
+    with api_client(pg_url, redis_url, tmp_path, genotype_dir=genotypes) as client:
         yield client
 
 
