@@ -140,3 +140,10 @@ def assert_refused(
     assert refused.value.field == field
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(table)) == 0
+
+
+def post_job(api: TestClient, headers: dict[str, str], path: str, body: dict) -> dict:
+    """Submit a tiled job through the API; it must be accepted (202). Returns the job."""
+    response = api.post(path, headers=headers, json=body)
+    assert response.status_code == 202, response.text
+    return response.json()

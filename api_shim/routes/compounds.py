@@ -12,14 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import (
-    SubmissionDep,
-    TiledJobPublic,
-    owned_or_404,
-    page,
-    refused,
-    submit_route,
-)
+from api_shim.routes import tiled
 from db import compounds as jobs
 from db.tables import CompoundJob
 
@@ -51,7 +44,7 @@ class CompoundSearchCreate(BaseModel):
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
-class CompoundSearchPublic(TiledJobPublic):
+class CompoundSearchPublic(tiled.TiledJobPublic):
     mode: str
     top_k: int | None
     threshold: float | None
@@ -85,11 +78,11 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "output": output, "unreadable_examples": examples}
 
 
-@submit_route(router, "/compound-similarity", CompoundSearchPublic)
+@tiled.submit_route(router, "/compound-similarity", CompoundSearchPublic)
 def create_compound_search(
     body: CompoundSearchCreate,
     tenant: deps.CompoundSubmitterDep,
-    job: SubmissionDep,
+    job: tiled.SubmissionDep,
 ) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.jobs.compounds import SubmissionError, submit
@@ -127,7 +120,7 @@ def create_compound_search(
             values={"smiles_column": body.smiles_column},
         )
         loc = ("body",) if exc.field == "mode" else ("body", exc.field)
-        raise refused(loc, message) from None
+        raise tiled.refused(loc, message) from None
 
 
 @router.get(
@@ -136,7 +129,7 @@ def create_compound_search(
 def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
     from worker.jobs.compounds import describe
 
-    job = owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -154,11 +147,11 @@ def list_job_neighbours(
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_neighbours(
         session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
     )
-    return NeighboursPublic(**page(NeighbourPublic, rows, limit))
+    return NeighboursPublic(**tiled.page(NeighbourPublic, rows, limit))
 
 
 @router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})

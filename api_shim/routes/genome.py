@@ -12,14 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
 from api_shim.paths import confine, public_message
-from api_shim.routes.tiled import (
-    SubmissionDep,
-    TiledJobPublic,
-    owned_or_404,
-    page,
-    refused,
-    submit_route,
-)
+from api_shim.routes import tiled
 from db import genome as jobs
 from db.tables import GenomeJob
 
@@ -65,7 +58,7 @@ class GenomeComparisonCreate(BaseModel):
     block: int | None = Field(default=None, ge=4, le=65_536, multiple_of=4)
 
 
-class GenomeComparisonPublic(TiledJobPublic):
+class GenomeComparisonPublic(tiled.TiledJobPublic):
     metric: str
     output: str
     n_samples: int
@@ -93,17 +86,17 @@ class PairsPublic(BaseModel):
     next_cursor: int | None
 
 
-@submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
+@tiled.submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
 def create_genome_comparison(
     body: GenomeComparisonCreate,
     tenant: deps.GenomeSubmitterDep,
-    job: SubmissionDep,
+    job: tiled.SubmissionDep,
 ) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
     from worker.jobs.genome import SubmissionError, submit
 
     if (body.bfile is None) == (body.vcf is None):
-        raise refused(("body",), "give exactly one of bfile and vcf")
+        raise tiled.refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
     bfile = confine(job.settings.genotype_dir, given[field] or "", field, kind="genotypes")
@@ -131,7 +124,9 @@ def create_genome_comparison(
         )
     except SubmissionError as exc:
         loc = field if exc.field == "bfile" else exc.field
-        raise refused(("body", loc), _message(exc, loc, job.settings.genotype_dir, given)) from None
+        raise tiled.refused(
+            ("body", loc), _message(exc, loc, job.settings.genotype_dir, given)
+        ) from None
 
 
 def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:
@@ -152,7 +147,7 @@ def read_genome_comparison(
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.jobs.genome import describe
 
-    job = owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -169,7 +164,7 @@ def download_output(
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
     from worker.jobs.genome import describe
 
-    job = owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
     if name not in files:
         raise HTTPException(
@@ -188,8 +183,8 @@ def list_related_pairs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_pairs(
         session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
-    return PairsPublic(**page(PairPublic, rows, limit))
+    return PairsPublic(**tiled.page(PairPublic, rows, limit))

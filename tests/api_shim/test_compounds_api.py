@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import CompoundJob
-from tests.helpers import api_client, tenant_headers
+from tests.helpers import api_client, post_job, tenant_headers
 from worker.queues import CHEM_QUEUE
 from worker.tasks import compounds as tasks
 
@@ -48,13 +48,12 @@ def test_a_search_is_queued_then_served(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
     headers = tenant_headers(pg_sessions, "pharmacy")
-    response = api.post(
+    job = post_job(
+        api,
+        headers,
         "/v1/compound-similarity",
-        headers=headers,
-        json={"library": "library.smi", "query": "query.smi", "top_k": 3, "tile_rows": 2},
+        {"library": "library.smi", "query": "query.smi", "top_k": 3, "tile_rows": 2},
     )
-    assert response.status_code == 202, response.text
-    job = response.json()
     assert (job["n_query"], job["n_library"], job["tiles_total"], job["unreadable"]) == (
         3,
         200,

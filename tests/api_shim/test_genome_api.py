@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.tables import GenomeJob
-from tests.helpers import api_client, tenant_headers
+from tests.helpers import api_client, post_job, tenant_headers
 from worker.queues import GENOME_QUEUE
 from worker.tasks import genome as tasks
 
@@ -71,13 +71,12 @@ def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
     headers = tenant_headers(pg_sessions, "biobank")
-    response = api.post(
+    job = post_job(
+        api,
+        headers,
         "/v1/genome-comparisons",
-        headers=headers,
-        json={"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
+        {"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
     )
-    assert response.status_code == 202, response.text
-    job = response.json()
     assert (job["n_samples"], job["n_rows"], job["n_variants"]) == (60, 60, 2000)
     assert (job["tiles_total"], job["tiles_done"], job["status"]) == (3, 0, "queued")
     assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(3)]
