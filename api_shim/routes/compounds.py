@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
-from api_shim.paths import confine, public_message
+from api_shim.paths import public_message
 from api_shim.routes import tiled
 from db import compounds as jobs
 from db.tables import CompoundJob
@@ -87,18 +87,14 @@ def create_compound_search(
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
     from worker.jobs.compounds import SubmissionError, submit
 
-    library = confine(job.settings.compound_dir, body.library, "library", kind="molecules")
-    query = None
-    if body.query is not None:
-        query = confine(job.settings.compound_dir, body.query, "query", kind="molecules")
+    given = {"library": body.library, "query": body.query}
+    paths = tiled.confine_inputs(job.settings.compound_dir, given, kind="molecules")
     try:
         return _public(
-            submit(
-                job.sessions,
-                job.celery,
-                tenant_id=tenant.id,
-                library=library,
-                query=query,
+            job.run(
+                submit,
+                tenant.id,
+                **paths,
                 top_k=body.top_k,
                 threshold=body.threshold,
                 metric=body.metric,
@@ -107,11 +103,9 @@ def create_compound_search(
                 fp_size=body.bits,
                 smiles_column=body.smiles_column,
                 tile_rows=body.tile_rows or 0,
-                artifact_dir=job.settings.artifact_dir,
             )
         )
     except SubmissionError as exc:
-        given = {"library": body.library, "query": body.query}
         message = public_message(
             str(exc),
             job.settings.compound_dir,

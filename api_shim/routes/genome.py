@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim import deps
 from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
-from api_shim.paths import confine, public_message
+from api_shim.paths import public_message
 from api_shim.routes import tiled
 from db import genome as jobs
 from db.tables import GenomeJob
@@ -99,25 +99,20 @@ def create_genome_comparison(
         raise tiled.refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
-    bfile = confine(job.settings.genotype_dir, given[field] or "", field, kind="genotypes")
-    query = None
-    if body.query is not None:
-        query = confine(job.settings.genotype_dir, body.query, "query", kind="genotypes")
+    paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
     try:
         return _public(
-            submit(
-                job.sessions,
-                job.celery,
-                tenant_id=tenant.id,
+            job.run(
+                submit,
+                tenant.id,
                 metric=body.metric,
-                bfile=bfile,
-                query=query,
+                bfile=paths[field],
+                query=paths["query"],
                 threshold=body.threshold,
                 ibs_missing=body.ibs_missing,
                 tile_rows=body.tile_rows or job.settings.genome_tile_rows,
                 keep=list(body.keep) if body.keep is not None else None,
                 min_maf=body.min_maf,
-                artifact_dir=job.settings.artifact_dir,
                 output=body.output,
                 block=body.block or 0,
             )

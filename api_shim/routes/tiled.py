@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from celery import Celery
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_shim.deps import CeleryDep, SessionsDep, SettingsDep
+from api_shim.paths import Kind, confine
 from db import tiles
 from db.tables import TiledJob
 from medbatch.settings import Settings
@@ -31,6 +33,24 @@ class Submission:
     settings: Settings
     sessions: sessionmaker[Session]
     celery: Celery
+
+    def run(
+        self, submit: Callable[..., dict[str, Any]], tenant_id: int, **arguments: Any
+    ) -> dict[str, Any]:
+        """A kind's ``submit`` with this request's sessions, broker and artifact store."""
+        artifact_dir = self.settings.artifact_dir
+        return submit(
+            self.sessions, self.celery, tenant_id=tenant_id, artifact_dir=artifact_dir, **arguments
+        )
+
+
+def confine_inputs(
+    root: Path, given: dict[str, str | None], *, kind: Kind
+) -> dict[str, Path | None]:
+    """The caller's input names as paths inside ``root`` (None stays None), or a 422 naming one."""
+    return {
+        name: None if v is None else confine(root, v, name, kind=kind) for name, v in given.items()
+    }
 
 
 def _submission(settings: SettingsDep, sessions: SessionsDep, celery: CeleryDep) -> Submission:
