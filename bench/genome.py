@@ -234,11 +234,17 @@ def engine(
     else:
         import torch
 
-        from models.genome.api import allele_frequencies, pairwise, pairwise_block, read_bed
+        from models.genome.api import (
+            allele_frequencies,
+            pairwise,
+            pairwise_block,
+            prepare_cohort,
+            read_bed,
+        )
 
         torch.set_num_threads(threads)
         genotypes = read_bed(prefix)
-        genotypes.dosages.flags.writeable = False  # as the worker holds them
+        cohort = prepare_cohort(genotypes.dosages)  # as the worker holds it: planes built once
         read = time.perf_counter()
         x = genotypes.dosages
         with open(out, "wb") as sink:
@@ -251,6 +257,7 @@ def engine(
                         metric=metric,  # type: ignore[arg-type]
                         frequencies=p,
                         device=device,  # type: ignore[arg-type]
+                        prepared=cohort,
                     )
                     if metric in ("king", "ibs"):  # the diagonal PLINK writes
                         np.fill_diagonal(block[:, row:], 0.5 if metric == "king" else 1.0)

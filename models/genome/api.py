@@ -30,6 +30,7 @@ used, so filter beforehand.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -70,12 +71,14 @@ __all__ = [
     "Genotypes",
     "IbsMissing",
     "Metric",
+    "PreparedCohort",
     "allele_frequencies",
     "ibs_missing_weights",
     "inspect_bed",
     "pairwise",
     "pairwise_bed",
     "pairwise_block",
+    "prepare_cohort",
     "read_bed",
     "read_npy",
 ]
@@ -155,6 +158,7 @@ def _pairwise_cpu(
     p_all: np.ndarray | None,
     weights: np.ndarray | None,
     variant_chunk: int,
+    prepared: PreparedCohort | None = None,
 ) -> np.ndarray:
     """KING, IBS and the GRM on the CPU (:mod:`models.genome._cpu`), without torch."""
     symmetric = against is query
@@ -175,7 +179,11 @@ def _pairwise_cpu(
     # correction fields, all variants in the planes; past that, N x N int32 counters.
     q = _int8_codes(query, "query")
     for rare in (True, False):
-        split, cohort = _cohort_planes(q if symmetric else against, rare)
+        split, cohort = (
+            prepared.planes(rare)
+            if prepared is not None
+            else _planes_of(q if symmetric else against, rare)
+        )
         planes_q = cohort if symmetric else genome_cpu.cohort_from_dosages(q, split)
         planes_a = None if symmetric else cohort
         try:
@@ -185,31 +193,39 @@ def _pairwise_cpu(
     return _pairwise_counter(metric, query, against, weights, chunk)
 
 
-#: The last read-only cohort's planes: a worker computes tile after tile of rows against the same
-#: cohort (its genotypes are read-only there, so they cannot change between tiles).
-_COHORT: dict[str, object] = {}
+@dataclass
+class PreparedCohort:
+    """A cohort prepared once for tile after tile against it: its variant split and bit planes,
+    built on first use and kept with it (a worker holds one per job's cohort).
+
+    Pass it as ``prepared=`` to :func:`pairwise_block` with its ``dosages`` as ``against``; the
+    dosages must not change while it is used (:func:`prepare_cohort` makes them read-only).
+    """
+
+    dosages: np.ndarray  # (N, M), read-only
+    _planes: dict[bool, tuple[tuple[np.ndarray, np.ndarray] | None, genome_cpu.Planes]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def planes(self, rare: bool) -> tuple[tuple[np.ndarray, np.ndarray] | None, genome_cpu.Planes]:
+        """The variant split (rare variants as lists, or None: all in the planes) and planes."""
+        if rare not in self._planes:
+            self._planes[rare] = _planes_of(self.dosages, rare)
+        return self._planes[rare]
 
 
-def _cohort_planes(
+def prepare_cohort(dosages: np.ndarray) -> PreparedCohort:
+    """``dosages`` (N, M), made read-only, as a :class:`PreparedCohort` (nothing built yet)."""
+    dosages.flags.writeable = False
+    return PreparedCohort(dosages)
+
+
+def _planes_of(
     against: np.ndarray, rare: bool
 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, genome_cpu.Planes]:
-    """The cohort's variant split (or None) and planes; kept for the next call when ``against``
-    is read-only (held here, so its buffer cannot be freed and reused while cached)."""
-    held = _COHORT.get("array")
-    if (
-        isinstance(held, np.ndarray)
-        and not against.flags.writeable
-        and _same_array(held, against)
-        and _COHORT["rare"] == rare
-    ):
-        return _COHORT["split"], _COHORT["planes"]  # type: ignore[return-value]
-    _COHORT.clear()
     a = _int8_codes(against, "against")
     split = genome_cpu.classify(genome_cpu.dosage_counts(a), a.shape[0]) if rare else None
-    planes = genome_cpu.cohort_from_dosages(a, split)
-    if not against.flags.writeable:
-        _COHORT.update(array=against, rare=rare, split=split, planes=planes)
-    return split, planes
+    return split, genome_cpu.cohort_from_dosages(a, split)
 
 
 def _pairwise_counter(
@@ -258,6 +274,7 @@ def pairwise_block(
     device: Device = "auto",
     variant_chunk: int = DEFAULT_VARIANT_CHUNK,
     engine: Engine = "auto",
+    prepared: PreparedCohort | None = None,
 ) -> np.ndarray:
     """One metric between every query sample and every cohort sample.
 
@@ -287,6 +304,9 @@ def pairwise_block(
         (:mod:`models.genome._cpu`, no torch), the CPU only, not ``dot``; ``"gemm"``: integer GEMMs (int8 on AMX/VNNI, else float32;
         the CUDA path); ``"auto"``: bit planes on the CPU, GEMMs on CUDA and for ``dot``. Both
         give the same numbers (the GRM's float64 products to rounding).
+    prepared
+        ``against`` prepared once (:func:`prepare_cohort`): the bit-plane engine reuses its
+        planes instead of building them for every call. Its ``dosages`` must be ``against``.
 
     Returns
     -------
@@ -301,6 +321,8 @@ def pairwise_block(
     if ibs_missing not in ("frequency", "flat"):
         raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
     query, against = _check_matrix(query, "query"), _check_matrix(against, "against")
+    if prepared is not None and not _same_array(prepared.dosages, against):
+        raise ValueError("prepared: a cohort prepared from another array than against")
     if query is not against and _same_array(query, against):
         against = query  # a worker's single tile: rows 0…N of the cohort, a view of it
     if query.shape[1] != against.shape[1]:
@@ -322,7 +344,7 @@ def pairwise_block(
     if engine == "bitplanes" and (kind != "cpu" or metric == "dot"):
         raise ValueError("engine 'bitplanes' runs on the CPU, for grm, king and ibs")
     if engine == "bitplanes" or (engine == "auto" and kind == "cpu" and metric != "dot"):
-        return _pairwise_cpu(metric, query, against, p_all, weights, variant_chunk)
+        return _pairwise_cpu(metric, query, against, p_all, weights, variant_chunk, prepared)
     from models.genome import _gemm as genome_gemm  # torch, loaded only for this engine
 
     # One empty chunk when there are no variants, so that every sum exists (as zeros).

@@ -54,6 +54,8 @@ class Cohort:
     cohort: genome.Genotypes
     query: genome.Genotypes
     frequencies: np.ndarray | None
+    #: The cohort's bit planes, built by the first tile and kept for the next ones.
+    prepared: genome.PreparedCohort
 
 
 def _signature(source: str) -> tuple[str, float, int]:
@@ -67,7 +69,7 @@ def _signature(source: str) -> tuple[str, float, int]:
 @lru_cache(maxsize=4)
 def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
     """Genotypes read once per worker process (tiles of one job share them), read-only: the
-    engine then keeps the cohort's bit planes from one tile to the next."""
+    cohort is then prepared once for its tiles (see :func:`_prepared`)."""
     source = signature[0]
     genotypes = vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
     genotypes.dosages.flags.writeable = False
@@ -98,7 +100,8 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
         if needs_frequencies
         else None
     )
-    return Cohort(cohort, query, frequencies)
+    prepared = _prepared(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
+    return Cohort(cohort, query, frequencies, prepared)
 
 
 @lru_cache(maxsize=4)
@@ -108,6 +111,16 @@ def _cohort(
     min_maf: float | None,
 ) -> genome.Genotypes:
     return subset(_read(signature), keep=keep, min_maf=min_maf)
+
+
+@lru_cache(maxsize=2)
+def _prepared(
+    signature: tuple[str, float, int],
+    keep: tuple[str | tuple[str, str], ...] | None,
+    min_maf: float | None,
+) -> genome.PreparedCohort:
+    """The cohort prepared for tiles (per worker process: the last two cohorts' planes)."""
+    return genome.prepare_cohort(_cohort(signature, keep, min_maf).dosages)
 
 
 @lru_cache(maxsize=4)
@@ -146,6 +159,7 @@ def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str,
         frequencies=inputs.frequencies,
         ibs_missing=spec.get("ibs_missing", "frequency"),
         device=device,
+        prepared=inputs.prepared,
     )
     _save_atomically(tile_path(tile.job["output_prefix"], tile.index), block)
     return _pairs(spec, metric, inputs, block, tile.rows.start) if metric == "king" else []
