@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,7 @@ from db.tables import CompoundJob
 router = APIRouter(prefix="/v1", tags=["compounds"])
 
 _WHAT = "compound search"
+OwnedJob = Annotated[CompoundJob, Depends(tiled.owned(CompoundJob, _WHAT))]
 
 
 class CompoundSearchCreate(BaseModel):
@@ -120,10 +121,9 @@ def create_compound_search(
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> dict[str, Any]:
+def read_compound_search(job: OwnedJob) -> dict[str, Any]:
     from worker.jobs.compounds import describe
 
-    job = tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -141,9 +141,9 @@ def list_job_neighbours(
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_neighbours(
-        session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
+        session, job_id=job.id, query_id=query_id, after_id=cursor, limit=limit
     )
     return NeighboursPublic(**tiled.page(NeighbourPublic, rows, limit))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,7 @@ from db.tables import GenomeJob
 router = APIRouter(prefix="/v1", tags=["genome"])
 
 _WHAT = "genome comparison"
+OwnedJob = Annotated[GenomeJob, Depends(tiled.owned(GenomeJob, _WHAT))]
 
 #: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
 THIRD_DEGREE = 2.0**-4.5
@@ -136,13 +137,10 @@ def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None
 @router.get(
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
-def read_genome_comparison(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep
-) -> dict[str, Any]:
+def read_genome_comparison(job: OwnedJob) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.jobs.genome import describe
 
-    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     return _public(describe(job))
 
 
@@ -153,13 +151,10 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
-def download_output(
-    job_id: IdPath, name: str, tenant: ReaderDep, session: SessionDep
-) -> FileResponse:
+def download_output(job: OwnedJob, name: str) -> FileResponse:
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
     from worker.jobs.genome import describe
 
-    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
     if name not in files:
         raise HTTPException(
@@ -178,8 +173,9 @@ def list_related_pairs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    # The tenant's job is looked up after the query is validated: a bad cursor is a 422 first.
+    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
     rows = jobs.list_pairs(
-        session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
+        session, job_id=job.id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
     return PairsPublic(**tiled.page(PairPublic, rows, limit))

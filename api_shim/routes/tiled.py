@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.deps import CeleryDep, SessionsDep, SettingsDep
+from api_shim.deps import CeleryDep, IdPath, ReaderDep, SessionDep, SessionsDep, SettingsDep
 from api_shim.paths import Kind, confine
 from db import tiles
 from db.tables import TiledJob
@@ -83,6 +83,15 @@ def owned_or_404(session: Session, table: type[J], *, job_id: int, tenant_id: in
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} with this id for this tenant")
     return job
+
+
+def owned(table: type[J], what: str) -> Callable[..., J]:
+    """A dependency: the ``{job_id}`` of the path, the reading tenant's job of ``table`` or 404."""
+
+    def dependency(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> J:
+        return owned_or_404(session, table, job_id=job_id, tenant_id=tenant.id, what=what)
+
+    return dependency
 
 
 def refused(loc: Sequence[str], message: str) -> RequestValidationError:
