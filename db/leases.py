@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import or_, select, true, update
 from sqlalchemy.orm import Session
@@ -54,39 +56,33 @@ def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
     return row is not None
 
 
+def _held(key: TileKey, owner: str) -> tuple[Any, ...]:
+    """The tile ``key`` while ``owner`` holds it and it is not done."""
+    return (
+        JobTile.kind == key.kind,
+        JobTile.job_id == key.job_id,
+        JobTile.index == key.index,
+        JobTile.lease_owner == owner,
+        JobTile.status != JobStatus.done,
+    )
+
+
+def _expire(session: Session, key: TileKey, owner: str, at: datetime) -> None:
+    session.execute(
+        update(JobTile).where(*_held(key, owner)).values(lease_expires_at=at),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def renew_tile_leases(session: Session, *, keys: Sequence[TileKey], lease: Lease) -> None:
     now = utcnow()
     for key in keys:
-        tile = JobTile
-        session.execute(
-            update(tile)
-            .where(
-                tile.kind == key.kind,
-                tile.job_id == key.job_id,
-                tile.index == key.index,
-                tile.lease_owner == lease.owner,
-                tile.status != JobStatus.done,
-            )
-            .values(lease_expires_at=lease.expiry(now)),
-            execution_options={"synchronize_session": False},
-        )
+        _expire(session, key, lease.owner, lease.expiry(now))
 
 
 def release_tile(session: Session, *, key: TileKey, owner: str) -> None:
     """Give a tile back (its computation raised): the sweeper sends it again at its next sweep."""
-    tile = JobTile
-    session.execute(
-        update(tile)
-        .where(
-            tile.kind == key.kind,
-            tile.job_id == key.job_id,
-            tile.index == key.index,
-            tile.lease_owner == owner,
-            tile.status != JobStatus.done,
-        )
-        .values(lease_expires_at=utcnow()),
-        execution_options={"synchronize_session": False},
-    )
+    _expire(session, key, owner, utcnow())
 
 
 def take_stranded_tiles(

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def _signature(source: str) -> tuple[str, float, int]:
 @lru_cache(maxsize=4)
 def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
     """Genotypes read once per worker process (tiles of one job share them), read-only: the
-    cohort is then prepared once for its tiles (see :func:`_prepared`)."""
+    cohort is then prepared once for its tiles (see :class:`CohortState`)."""
     source = signature[0]
     genotypes = vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
     genotypes.dosages.flags.writeable = False
@@ -83,7 +83,8 @@ def _keep(spec: dict[str, Any]) -> tuple[str | tuple[str, str], ...] | None:
 
 def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     """The job's cohort (its ``keep`` samples and ``min_maf`` variants) and query rows."""
-    cohort = _cohort(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
+    state = _cohort_state((_signature(spec["bfile"]), _keep(spec), spec.get("min_maf")))
+    cohort = state.genotypes
     query = cohort
     if spec.get("query"):
         query = _read(_signature(spec["query"]))
@@ -95,41 +96,32 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     needs_frequencies = metric == "grm" or (
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
-    frequencies = (
-        _frequencies(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
-        if needs_frequencies
-        else None
-    )
-    prepared = _prepared(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
-    return Cohort(cohort, query, frequencies, prepared)
+    frequencies = state.frequencies if needs_frequencies else None
+    return Cohort(cohort, query, frequencies, state.prepared)
 
 
-@lru_cache(maxsize=4)
-def _cohort(
-    signature: tuple[str, float, int],
-    keep: tuple[str | tuple[str, str], ...] | None,
-    min_maf: float | None,
-) -> genome.Genotypes:
-    return subset(_read(signature), keep=keep, min_maf=min_maf)
+#: A cohort as a job names it: its file (with mtime and size), its ``keep`` samples, ``min_maf``.
+CohortKey = tuple[tuple[str, float, int], tuple[str | tuple[str, str], ...] | None, float | None]
+
+
+class CohortState:
+    """A job's cohort as a worker process holds it for the job's tiles: the genotypes, their bit
+    planes (prepared on first use) and allele frequencies (counted on first use)."""
+
+    def __init__(self, key: CohortKey) -> None:
+        signature, keep, min_maf = key
+        self.genotypes = subset(_read(signature), keep=keep, min_maf=min_maf)
+        self.prepared = genome.prepare_cohort(self.genotypes.dosages)
+
+    @cached_property
+    def frequencies(self) -> np.ndarray:
+        return genome.allele_frequencies(self.genotypes.dosages)
 
 
 @lru_cache(maxsize=2)
-def _prepared(
-    signature: tuple[str, float, int],
-    keep: tuple[str | tuple[str, str], ...] | None,
-    min_maf: float | None,
-) -> genome.PreparedCohort:
-    """The cohort prepared for tiles (per worker process: the last two cohorts' planes)."""
-    return genome.prepare_cohort(_cohort(signature, keep, min_maf).dosages)
-
-
-@lru_cache(maxsize=4)
-def _frequencies(
-    signature: tuple[str, float, int],
-    keep: tuple[str | tuple[str, str], ...] | None,
-    min_maf: float | None,
-) -> np.ndarray:
-    return genome.allele_frequencies(_cohort(signature, keep, min_maf).dosages)
+def _cohort_state(key: CohortKey) -> CohortState:
+    """The last two cohorts' states in this process (a worker's tiles share them)."""
+    return CohortState(key)
 
 
 def tile_path(output_prefix: str, index: int) -> Path:
