@@ -3,9 +3,7 @@ a real worker process, the real Redis and PostgreSQL: the shared ledger, tile ta
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from db import repo
 from db.engine import session_scope
 from db.tables import JobTile
 from medbatch.settings import Settings
+from tests.e2e.support import Processes
 from tests.worker import tiny_kind as tiny
 from worker import tiled
 from worker.app import create_app
@@ -34,21 +33,10 @@ def tiny_tables(pg_engine: Engine) -> Iterator[None]:
 
 
 @pytest.fixture
-def worker(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        **os.environ,
-        "MEDBATCH_DATABASE_URL": pg_url,
-        "MEDBATCH_BROKER_URL": redis_url,
-        "MEDBATCH_DEVICE": "cpu",
-        "MEDBATCH_WORKER_METRICS_PORT": "0",
-    }
-    log = (tmp_path / "worker.log").open("wb")
-    code = "from tests.worker.tiny_kind import main; main()"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=log)
-    yield proc
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+def worker(processes: Processes) -> subprocess.Popen[bytes]:
+    """A worker process for the tiny kind's queue (its module run as a program)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return processes.start("tiny", module="tests.worker.tiny_kind", PYTHONPATH=root)
 
 
 def _follow(
@@ -77,7 +65,7 @@ def test_a_kind_in_one_module_runs_on_a_real_worker(
     n = 1000
     job = tiny.submit(pg_sessions, app, tenant_id=tenant_id, n=n, tile_rows=64, out=tmp_path / "o")
     assert job["tiles_total"] == 16
-    done = _follow(pg_sessions, job["id"], worker, tmp_path / "worker.log")
+    done = _follow(pg_sessions, job["id"], worker, tmp_path / "tiny.log")
     assert (done["status"], done["tiles_done"], done["error"]) == ("done", 16, None)
     # The sum of squares 0..n-1, by its closed form.
     assert (tmp_path / "o" / "sum.txt").read_text() == f"{(n - 1) * n * (2 * n - 1) // 6}\n"
@@ -93,7 +81,7 @@ def test_a_kind_in_one_module_runs_on_a_real_worker(
     failing = tiny.submit(
         pg_sessions, app, tenant_id=tenant_id, n=100, tile_rows=10, out=tmp_path / "f", fail_at=42
     )
-    failed = _follow(pg_sessions, failing["id"], worker, tmp_path / "worker.log")
+    failed = _follow(pg_sessions, failing["id"], worker, tmp_path / "tiny.log")
     assert failed["status"] == "failed"
     assert failed["error"].startswith("tile 4 (rows 40:50): ValueError: asked to fail at 42")
     assert not (tmp_path / "f" / "sum.txt").exists()

@@ -113,3 +113,7 @@ def main() -> None:
 
     settings = Settings()
     sys.exit(run_worker(create_app(settings), worker_argv(settings, queues=(QUEUE,))))
+
+
+if __name__ == "__main__":
+    main()
