@@ -39,11 +39,8 @@ def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> C
 
 
 def add_neighbours(session: Session, *, job_id: int, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert found pairs; a pair already there (a tile run twice) is kept as it was."""
-    found = [{"job_id": job_id, **r} for r in rows]
-    tiles.insert_ignoring_duplicates(
-        session, Neighbour.__table__, found, key=("job_id", "query_index", "library_index")
-    )
+    key = ("job_id", "query_index", "library_index")
+    tiles.add_results(session, Neighbour, job_id=job_id, rows=rows, key=key)
 
 
 def list_neighbours(

@@ -47,16 +47,11 @@ def create_job(
 
 
 def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> GenomeJob | None:
-    """A job; with ``tenant_id``, only that tenant's (another tenant's is as good as absent)."""
     return tiles.get_job(session, GenomeJob, job_id=job_id, tenant_id=tenant_id)
 
 
 def add_pairs(session: Session, *, job_id: int, pairs: Sequence[dict[str, Any]]) -> None:
-    """Insert related pairs; a pair already there (a tile run twice) is kept as it was."""
-    rows = [{"job_id": job_id, **p} for p in pairs]
-    tiles.insert_ignoring_duplicates(
-        session, RelatedPair.__table__, rows, key=("job_id", "row", "col")
-    )
+    tiles.add_results(session, RelatedPair, job_id=job_id, rows=pairs, key=("job_id", "row", "col"))
 
 
 def list_pairs(

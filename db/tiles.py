@@ -147,11 +147,12 @@ def result_page(
     return list(session.scalars(stmt))
 
 
-def insert_ignoring_duplicates(
-    session: Session, table: Any, rows: Sequence[dict[str, Any]], *, key: Sequence[str]
+def add_results(
+    session: Session, table: Any, *, job_id: int, rows: Sequence[dict[str, Any]], key: Sequence[str]
 ) -> None:
-    """Insert a tile's result rows; a row already there (a tile run twice) is kept as it was."""
+    """Insert a tile's result rows for ``job_id``; a row already there (unique on ``key``: a tile
+    run twice) is kept as it was."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(table).on_conflict_do_nothing(index_elements=list(key))
+    stmt = dialect.insert(table.__table__).on_conflict_do_nothing(index_elements=list(key))
     for start in range(0, len(rows), 5000):
-        session.execute(stmt, list(rows[start : start + 5000]))
+        session.execute(stmt, [{"job_id": job_id, **r} for r in rows[start : start + 5000]])

@@ -55,8 +55,7 @@ def compute(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str, int]
 
 
 def store(session: Session, job_id: int, rows: list[dict[str, int]]) -> None:
-    found = [{"job_id": job_id, **r} for r in rows]
-    tiles.insert_ignoring_duplicates(session, Square.__table__, found, key=("job_id", "i"))
+    tiles.add_results(session, Square, job_id=job_id, rows=rows, key=("job_id", "i"))
 
 
 def finish(sessions: sessionmaker[Session], job_id: int) -> None:
