@@ -133,17 +133,15 @@ def read_compound_search(job: OwnedJob) -> dict[str, Any]:
     responses={404: {}},
 )
 def list_job_neighbours(
-    job_id: IdPath,
-    tenant: ReaderDep,
-    session: SessionDep,
+    read: tiled.JobReaderDep,
     query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
     cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    job = tiled.owned_or_404(session, CompoundJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = read.owned(CompoundJob, _WHAT)
     rows = jobs.list_neighbours(
-        session, job_id=job.id, query_id=query_id, after_id=cursor, limit=limit
+        read.session, job_id=job.id, query_id=query_id, after_id=cursor, limit=limit
     )
     return NeighboursPublic(**tiled.page(NeighbourPublic, rows, limit))
 

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_shim import deps
-from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
+from api_shim.deps import TEXT
 from api_shim.paths import public_message
 from api_shim.routes import tiled
 from db import genome as jobs
@@ -165,17 +165,14 @@ def download_output(job: OwnedJob, name: str) -> FileResponse:
 
 @router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
 def list_related_pairs(
-    job_id: IdPath,
-    tenant: ReaderDep,
-    session: SessionDep,
+    read: tiled.JobReaderDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
     cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    # The tenant's job is looked up after the query is validated: a bad cursor is a 422 first.
-    job = tiled.owned_or_404(session, GenomeJob, job_id=job_id, tenant_id=tenant.id, what=_WHAT)
+    job = read.owned(GenomeJob, _WHAT)
     rows = jobs.list_pairs(
-        session, job_id=job.id, min_kinship=min_kinship, after_id=cursor, limit=limit
+        read.session, job_id=job.id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
     return PairsPublic(**tiled.page(PairPublic, rows, limit))

@@ -94,6 +94,28 @@ def owned(table: type[J], what: str) -> Callable[..., J]:
     return dependency
 
 
+@dataclass(frozen=True)
+class JobReader:
+    """A read of one job by a tenant, its lookup left to the route: it runs after the route's own
+    query parameters are validated (a bad cursor is a 422 before an unknown job is a 404)."""
+
+    job_id: int
+    tenant_id: int
+    session: Session
+
+    def owned(self, table: type[J], what: str) -> J:
+        return owned_or_404(
+            self.session, table, job_id=self.job_id, tenant_id=self.tenant_id, what=what
+        )
+
+
+def _reader(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> JobReader:
+    return JobReader(job_id, tenant.id, session)
+
+
+JobReaderDep = Annotated[JobReader, Depends(_reader)]
+
+
 def refused(loc: Sequence[str], message: str) -> RequestValidationError:
     """A submission that cannot start, as the API's 422 (raise it ``from None``)."""
     return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": message}])
