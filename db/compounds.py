@@ -4,6 +4,7 @@ neighbours. The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -12,6 +13,19 @@ from db import tiles
 from db.tables import CompoundJob, Neighbour
 
 KIND = "chem"
+
+
+@dataclass(frozen=True)
+class NewNeighbour:
+    """A (query, library) pair a tile found, as :func:`add_neighbours` stores it."""
+
+    query_index: int
+    library_index: int
+    query_id: str
+    library_id: str
+    similarity: float
+    #: 1 = most similar for its query.
+    rank: int
 
 
 def create_job(
@@ -38,7 +52,7 @@ def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> C
     return tiles.get_job(session, CompoundJob, job_id=job_id, tenant_id=tenant_id)
 
 
-def add_neighbours(session: Session, *, job_id: int, rows: Sequence[dict[str, Any]]) -> None:
+def add_neighbours(session: Session, *, job_id: int, rows: Sequence[NewNeighbour]) -> None:
     key = ("job_id", "query_index", "library_index")
     tiles.add_results(session, Neighbour, job_id=job_id, rows=rows, key=key)
 

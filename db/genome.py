@@ -4,6 +4,7 @@ The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -13,6 +14,25 @@ from db import tiles
 from db.tables import GenomeJob, RelatedPair
 
 KIND = "genome"
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """A related pair a tile found, as :func:`add_pairs` stores it (``genome_pairs``)."""
+
+    #: Indices into the job's row samples and its cohort samples.
+    row: int
+    col: int
+    fid1: str
+    iid1: str
+    fid2: str
+    iid2: str
+    kinship: float
+    degree: str
+    #: plink2's .kin0 counts (pairs-only jobs).
+    nsnp: int | None = None
+    hethet: int | None = None
+    ibs0: int | None = None
 
 
 def create_job(
@@ -50,7 +70,7 @@ def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> G
     return tiles.get_job(session, GenomeJob, job_id=job_id, tenant_id=tenant_id)
 
 
-def add_pairs(session: Session, *, job_id: int, pairs: Sequence[dict[str, Any]]) -> None:
+def add_pairs(session: Session, *, job_id: int, pairs: Sequence[NewPair]) -> None:
     tiles.add_results(session, RelatedPair, job_id=job_id, rows=pairs, key=("job_id", "row", "col"))
 
 

@@ -41,7 +41,7 @@ def search_tile(
     device: Device,
     engine: chem.Engine = "auto",
     engine_cache: Path | None = None,
-) -> list[dict[str, Any]]:
+) -> list[jobs.NewNeighbour]:
     """The neighbours of query rows ``rows``: top-k (ranked) or everything ≥ the threshold.
 
     ``engine`` is ``MEDBATCH_CHEM_ENGINE``; ``auto`` is settled once per process (its probe
@@ -50,7 +50,7 @@ def search_tile(
     library, _ = load(spec, "library")
     query = library if spec["all_pairs"] else load(spec, "query")[0]
     block = _rows(query, rows)
-    found: list[dict[str, Any]] = []
+    found: list[jobs.NewNeighbour] = []
     metric = spec["metric"]
     if spec["mode"] == "top_k":
         k = int(spec["k"]) + (1 if spec["all_pairs"] else 0)  # room for the query itself
@@ -80,22 +80,15 @@ def search_tile(
 
 def _row(
     q: int, j: int, score: float, rank: int, query: chem.Fingerprints, library: chem.Fingerprints
-) -> dict[str, Any]:
-    return {
-        "query_index": q,
-        "library_index": j,
-        "query_id": query.ids[q],
-        "library_id": library.ids[j],
-        "similarity": score,
-        "rank": rank,
-    }
+) -> jobs.NewNeighbour:
+    return jobs.NewNeighbour(q, j, query.ids[q], library.ids[j], score, rank)
 
 
-def store_neighbours(session: Session, job_id: int, rows: list[dict[str, Any]]) -> None:
+def store_neighbours(session: Session, job_id: int, rows: list[jobs.NewNeighbour]) -> None:
     jobs.add_neighbours(session, job_id=job_id, rows=rows)
 
 
-def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[jobs.NewNeighbour]:
     return search_tile(
         dict(tile.spec), tile.rows, options["device"], options["engine"], options["engine_cache"]
     )

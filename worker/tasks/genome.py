@@ -136,7 +136,7 @@ def _save_atomically(path: Path, block: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[jobs.NewPair]:
     """A tile's block of the matrix, saved to the artifact store, and its related pairs (KING);
     or, for a pairs-only job, its pairs alone. Returns the pairs, as rows for the database."""
     spec, metric, device = tile.spec, tile.job["metric"], options["device"]
@@ -157,7 +157,7 @@ def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str,
     return _pairs(spec, metric, inputs, block, tile.rows.start) if metric == "king" else []
 
 
-def store_pairs(session: Session, job_id: int, pairs: list[dict[str, Any]]) -> None:
+def store_pairs(session: Session, job_id: int, pairs: list[jobs.NewPair]) -> None:
     jobs.add_pairs(session, job_id=job_id, pairs=pairs)
 
 
@@ -210,7 +210,7 @@ def pair_inputs(spec: dict[str, Any]) -> PairInputs:
     return _pair_inputs(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"), query)
 
 
-def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[dict[str, Any]]:
+def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[jobs.NewPair]:
     """The pairs of one 2-D tile at or above the job's cut-off, as rows for the database: on the
     CPU by bit planes, on CUDA by integer GEMMs (``auto``: CUDA when present)."""
     inputs = pair_inputs(spec)
@@ -226,25 +226,14 @@ def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> l
         device=device_type(device),  # type: ignore[arg-type]
     )
     row_ids = inputs.cohort_ids if query is None else inputs.query_ids
-    return [
-        {
-            "row": r,
-            "col": c,
-            "fid1": row_ids[r][0],
-            "iid1": row_ids[r][1],
-            "fid2": inputs.cohort_ids[c][0],
-            "iid2": inputs.cohort_ids[c][1],
-            "kinship": k,
-            "degree": d,
-            "nsnp": n,
-            "hethet": h,
-            "ibs0": z,
-        }
-        for r, c, k, d, (n, h, z) in zip(
-            found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
-            found.counts.tolist(), strict=True,
-        )
-    ]  # fmt: skip
+    pairs = []
+    for r, c, k, d, (n, h, z) in zip(
+        found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
+        found.counts.tolist(), strict=True,
+    ):  # fmt: skip
+        (fid1, iid1), (fid2, iid2) = row_ids[r], inputs.cohort_ids[c]
+        pairs.append(jobs.NewPair(r, c, fid1, iid1, fid2, iid2, k, d, n, h, z))
+    return pairs
 
 
 def write_pairs_table(
@@ -273,7 +262,7 @@ def write_pairs_table(
 
 def _pairs(
     spec: dict[str, Any], metric: str, inputs: Cohort, block: np.ndarray, row_start: int
-) -> list[dict[str, Any]]:
+) -> list[jobs.NewPair]:
     """Pairs of this tile above the job's kinship threshold (each unordered pair once)."""
     all_pairs = not spec.get("query")
     found = genome_output.related_pairs(
@@ -283,20 +272,12 @@ def _pairs(
         upper_only=all_pairs,
     )
     q, c = inputs.query, inputs.cohort
+    # Below third degree (a threshold under 2^-4.5) there is no degree to infer: "unrelated".
     return [
-        {
-            "row": p.i,
-            "col": p.j,
-            "fid1": q.fid[p.i],
-            "iid1": q.iid[p.i],
-            "fid2": c.fid[p.j],
-            "iid2": c.iid[p.j],
-            "kinship": p.kinship,
-            # Below third degree (a threshold under 2^-4.5) there is no degree to infer.
-            "degree": p.degree or "unrelated",
-        }
+        jobs.NewPair(p.i, p.j, q.fid[p.i], q.iid[p.i], c.fid[p.j], c.iid[p.j], p.kinship,
+                     p.degree or "unrelated")
         for p in found
-    ]
+    ]  # fmt: skip
 
 
 def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
