@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal, TypedDict, Unpack
 
 import numba
 import numpy as np
@@ -1118,16 +1118,30 @@ def _threshold(
     return Hits(q[order].astype(np.int64), lib[order].astype(np.int64), s[order])
 
 
+class SearchOptions(TypedDict, total=False):
+    """How a search runs; every public search takes these as keywords (defaults in brackets)."""
+
+    #: ``tanimoto`` or ``dice`` [tanimoto].
+    metric: Metric
+    #: ``auto``, ``cpu`` or ``cuda`` [auto: CUDA when present].
+    device: Device
+    #: ``MEDBATCH_CHEM_ENGINE`` [auto].
+    engine: Engine
+    #: Library rows a block, query rows a block [LIBRARY_BLOCK, QUERY_BLOCK].
+    library_block: int
+    query_block: int
+
+
+def _options(options: SearchOptions) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"metric": "tanimoto", "device": "auto", "engine": "auto"}
+    return {**defaults, "library_block": LIBRARY_BLOCK, "query_block": QUERY_BLOCK, **options}
+
+
 def top_k(
     query: Fingerprints,
     library: Fingerprints,
     k: int = 10,
-    *,
-    metric: Metric = "tanimoto",
-    device: Device = "auto",
-    engine: Engine = "auto",
-    library_block: int = LIBRARY_BLOCK,
-    query_block: int = QUERY_BLOCK,
+    **options: Unpack[SearchOptions],
 ) -> Neighbours:
     """The ``k`` most similar library molecules for every query.
 
@@ -1160,23 +1174,14 @@ def top_k(
         library,
         k,
         same=False,
-        metric=metric,
-        device=device,
-        engine=engine,
-        library_block=library_block,
-        query_block=query_block,
+        **_options(options),
     )
 
 
 def top_k_all_pairs(
     fps: Fingerprints,
     k: int = 10,
-    *,
-    metric: Metric = "tanimoto",
-    device: Device = "auto",
-    engine: Engine = "auto",
-    library_block: int = LIBRARY_BLOCK,
-    query_block: int = QUERY_BLOCK,
+    **options: Unpack[SearchOptions],
 ) -> Neighbours:
     """:func:`top_k` of a set against itself, each molecule's own row excluded (duplicates kept)."""
     return _top_k(
@@ -1184,11 +1189,7 @@ def top_k_all_pairs(
         fps,
         k,
         same=True,
-        metric=metric,
-        device=device,
-        engine=engine,
-        library_block=library_block,
-        query_block=query_block,
+        **_options(options),
     )
 
 
@@ -1196,12 +1197,7 @@ def threshold_search(
     query: Fingerprints,
     library: Fingerprints,
     threshold: float,
-    *,
-    metric: Metric = "tanimoto",
-    device: Device = "auto",
-    engine: Engine = "auto",
-    library_block: int = LIBRARY_BLOCK,
-    query_block: int = QUERY_BLOCK,
+    **options: Unpack[SearchOptions],
 ) -> Hits:
     """Every (query, library) pair whose score is ``>= threshold``.
 
@@ -1219,23 +1215,14 @@ def threshold_search(
         library,
         threshold,
         same=False,
-        metric=metric,
-        device=device,
-        engine=engine,
-        library_block=library_block,
-        query_block=query_block,
+        **_options(options),
     )
 
 
 def threshold_all_pairs(
     fps: Fingerprints,
     threshold: float,
-    *,
-    metric: Metric = "tanimoto",
-    device: Device = "auto",
-    engine: Engine = "auto",
-    library_block: int = LIBRARY_BLOCK,
-    query_block: int = QUERY_BLOCK,
+    **options: Unpack[SearchOptions],
 ) -> Hits:
     """:func:`threshold_search` of a set against itself without self pairs (both (i, j) and (j, i))."""
     return _threshold(
@@ -1243,11 +1230,7 @@ def threshold_all_pairs(
         fps,
         threshold,
         same=True,
-        metric=metric,
-        device=device,
-        engine=engine,
-        library_block=library_block,
-        query_block=query_block,
+        **_options(options),
     )
 
 
