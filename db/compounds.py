@@ -4,7 +4,7 @@ neighbours. The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -26,6 +26,9 @@ class NewNeighbour:
     similarity: float
     #: 1 = most similar for its query.
     rank: int
+
+    def columns(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def create_job(

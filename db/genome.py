@@ -18,21 +18,26 @@ KIND = "genome"
 
 @dataclass(frozen=True)
 class NewPair:
-    """A related pair a tile found, as :func:`add_pairs` stores it (``genome_pairs``)."""
+    """A related pair a tile found, as :func:`add_pairs` stores it (a row of ``genome_pairs``)."""
 
-    #: Indices into the job's row samples and its cohort samples.
+    #: Indices into the job's row samples and its cohort samples, and their (FID, IID).
     row: int
     col: int
-    fid1: str
-    iid1: str
-    fid2: str
-    iid2: str
+    first: tuple[str, str]
+    second: tuple[str, str]
     kinship: float
     degree: str
-    #: plink2's .kin0 counts (pairs-only jobs).
-    nsnp: int | None = None
-    hethet: int | None = None
-    ibs0: int | None = None
+    #: plink2's .kin0 counts (pairs-only jobs): nsnp, hethet, ibs0.
+    counts: tuple[int, int, int] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        nsnp, hethet, ibs0 = self.counts or (None, None, None)
+        (fid1, iid1), (fid2, iid2) = self.first, self.second
+        return {
+            "row": self.row, "col": self.col, "fid1": fid1, "iid1": iid1, "fid2": fid2,
+            "iid2": iid2, "kinship": self.kinship, "degree": self.degree, "nsnp": nsnp,
+            "hethet": hethet, "ibs0": ibs0,
+        }  # fmt: skip
 
 
 def create_job(
@@ -51,15 +56,8 @@ def create_job(
     """A queued job with one tile per ``tile_rows`` rows of its result, or the 2-D ``tiles_2d``
     (row start, row end, column start, column end) of a pairs-only job; flushed, not committed."""
     bounds = tiles.row_tiles(n_rows, tile_rows) if tiles_2d is None else list(tiles_2d)
-    job = GenomeJob(
-        tenant_id=tenant_id,
-        metric=metric,
-        spec=spec,
-        n_samples=n_samples,
-        n_rows=n_rows,
-        n_variants=n_variants,
-        output_prefix="",
-    )
+    job = GenomeJob(tenant_id=tenant_id, metric=metric, spec=spec, output_prefix="")
+    job.n_samples, job.n_rows, job.n_variants = n_samples, n_rows, n_variants
     tiles.add_job(session, job, kind=KIND, tiles=bounds)
     job.output_prefix = f"{artifact_root}/genome/{job.id}/{metric}"
     session.flush()

@@ -9,7 +9,6 @@ sweeper and the leases look jobs up by kind); a new kind adds itself with :func:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any, TypeVar
 
 from sqlalchemy import insert, select, update
@@ -151,10 +150,10 @@ def result_page(
 def add_results(
     session: Session, table: Any, *, job_id: int, rows: Sequence[Any], key: Sequence[str]
 ) -> None:
-    """Insert a tile's result rows (dataclasses of the table's columns) for ``job_id``; a row
-    already there (unique on ``key``: a tile run twice) is kept as it was."""
+    """Insert a tile's result rows for ``job_id`` (each with a ``columns()`` dict); a row already
+    there (unique on ``key``: a tile run twice) is kept as it was."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     stmt = dialect.insert(table.__table__).on_conflict_do_nothing(index_elements=list(key))
     for start in range(0, len(rows), 5000):
         batch = rows[start : start + 5000]
-        session.execute(stmt, [{"job_id": job_id, **asdict(r)} for r in batch])
+        session.execute(stmt, [{"job_id": job_id, **r.columns()} for r in batch])

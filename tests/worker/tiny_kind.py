@@ -8,6 +8,7 @@ test creates them beside the service's tables.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,24 @@ class Square(TinyBase):
     square: Mapped[int]
 
 
-def compute(tile: tiled.Tile, options: Mapping[str, Any]) -> list[dict[str, int]]:
+@dataclass(frozen=True)
+class NewSquare:
+    """A tile's result row, typed (``columns()`` is what the ledger inserts)."""
+
+    i: int
+    square: int
+
+    def columns(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def compute(tile: tiled.Tile, options: Mapping[str, Any]) -> list[NewSquare]:
     if tile.spec.get("fail_at") in range(tile.rows.start, tile.rows.stop):
         raise ValueError(f"asked to fail at {tile.spec['fail_at']}")
-    return [{"i": i, "square": i * i} for i in range(tile.rows.start, tile.rows.stop)]
+    return [NewSquare(i, i * i) for i in range(tile.rows.start, tile.rows.stop)]
 
 
-def store(session: Session, job_id: int, rows: list[dict[str, int]]) -> None:
+def store(session: Session, job_id: int, rows: list[NewSquare]) -> None:
     tiles.add_results(session, Square, job_id=job_id, rows=rows, key=("job_id", "i"))
 
 

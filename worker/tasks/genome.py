@@ -231,8 +231,7 @@ def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> l
         found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
         found.counts.tolist(), strict=True,
     ):  # fmt: skip
-        (fid1, iid1), (fid2, iid2) = row_ids[r], inputs.cohort_ids[c]
-        pairs.append(jobs.NewPair(r, c, fid1, iid1, fid2, iid2, k, d, n, h, z))
+        pairs.append(jobs.NewPair(r, c, row_ids[r], inputs.cohort_ids[c], k, d, (n, h, z)))
     return pairs
 
 
@@ -274,7 +273,7 @@ def _pairs(
     q, c = inputs.query, inputs.cohort
     # Below third degree (a threshold under 2^-4.5) there is no degree to infer: "unrelated".
     return [
-        jobs.NewPair(p.i, p.j, q.fid[p.i], q.iid[p.i], c.fid[p.j], c.iid[p.j], p.kinship,
+        jobs.NewPair(p.i, p.j, (q.fid[p.i], q.iid[p.i]), (c.fid[p.j], c.iid[p.j]), p.kinship,
                      p.degree or "unrelated")
         for p in found
     ]  # fmt: skip
