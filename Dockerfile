@@ -2,9 +2,11 @@
 FROM python:3.11-slim
 
 # pyproject asks for a torch range; pin it here so an image build is reproducible.
-# The PyPI wheel of torch for linux/amd64 bundles CUDA, so the same image scores on a GPU when
-# the container is given one (MEDBATCH_DEVICE=auto) and on the CPU otherwise.
+# TORCH_INDEX_URL picks the build: the CPU wheels by default (a small image for CPU hosts; PyPI's
+# linux wheel would pull several GB of CUDA libraries), or a CUDA index for the GPU image
+# (docker-compose.gpu.yml: https://download.pytorch.org/whl/cu126).
 ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -17,12 +19,13 @@ RUN groupadd --system --gid 10001 medbatch \
 WORKDIR /app
 
 # torch is by far the largest layer: install it before the source so code edits reuse it.
-RUN pip install "$TORCH_SPEC"
+RUN pip install --index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
 
 COPY . /app
 # var/ (relative to WORKDIR) holds the embedded beat's schedule file. The artifact folder is
 # created here so that a named volume mounted on it starts out owned by the non-root user.
-RUN pip install "$TORCH_SPEC" . \
+# The reference extras: `medbatch models train` and `models evaluate` run in the container too.
+RUN pip install --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC" ".[reference]" \
     && mkdir -p /app/var /var/lib/medbatch/artifacts \
     && chown medbatch:medbatch /app/var /var/lib/medbatch/artifacts
 

@@ -4,13 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
+.PHONY: demo test test-fast lint bench bench-cli bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins the local CPU build of torch; the package itself asks for a range.
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# Compile the genome kernels now (numba caches them beside their source): the first genome
+	# job, and so the first `make demo`, does not spend a minute or more compiling them.
+	rm -rf var/warm && mkdir -p var/warm
+	cd var/warm && ../../$(BIN)/medbatch genome compare --bfile ../../examples/genotypes/hm3_small \
+	  --metric king --table > /dev/null
+	cd var/warm && ../../$(BIN)/medbatch genome compare --bfile ../../examples/genotypes/hm3_small \
+	  --query ../../examples/genotypes/hm3_small --metric king --table > /dev/null
+	rm -rf var/warm
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +38,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# `medbatch --help` and every command's help against a bare interpreter and eager imports.
+bench-cli: $(STAMP)
+	$(BIN)/python bench/cli_help.py
 
 # Needs the real PostgreSQL and Redis (as make test does). MODEL=vitals-gru for the GRU.
 bench-scoring: $(STAMP)

@@ -21,7 +21,7 @@ from api_shim.guard import InputGuard
 from api_shim.idempotency import Idempotency
 from api_shim.openapi import openapi_document
 from api_shim.outage import OutageAs503
-from api_shim.routes import cases, compounds, fhir, genome, health, models, results
+from api_shim.routes import cases, compounds, fhir, genome, health, models, plots, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
 from models.cases.registry import load_registry
@@ -82,6 +82,7 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(compounds.router)
     app.include_router(fhir.router)
     app.include_router(health.router)
+    app.include_router(plots.router)
     app.mount("/metrics", make_asgi_app())
     app.add_middleware(
         Idempotency,

@@ -85,6 +85,10 @@ class CasePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     scores: list[ScorePublic]
+    detail: str | None = Field(
+        default=None,
+        description="while queued: why it may wait, e.g. that no live worker listens on its queue",
+    )
     fhir: dict[str, Any] | None = Field(
         default=None,
         description="for a case built from FHIR: how its features were read — the resources "

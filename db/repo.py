@@ -925,3 +925,26 @@ def subjects_with_identifier(
     if system is not None:
         query = query.where(PatientIdentifier.system == system)
     return sorted(set(session.scalars(query)))
+
+
+def scores_for_external_ids(
+    session: Session, *, tenant_id: int, model: str, external_ids: Sequence[str]
+) -> dict[str, float]:
+    """A tenant's released scores of ``model`` (any version) by external id, for evaluation;
+    the newest score when a case was scored by several versions."""
+    found: dict[str, float] = {}
+    for start in range(0, len(external_ids), 1000):
+        chunk = list(external_ids[start : start + 1000])
+        rows = session.execute(
+            select(Case.external_id, Score.score)
+            .join(Score, Score.case_id == Case.id)
+            .where(
+                Case.tenant_id == tenant_id,
+                Case.external_id.in_(chunk),
+                Score.model_name == model,
+                Score.shadow.is_(False),
+            )
+            .order_by(Score.created_at)
+        )
+        found.update({external_id: float(score) for external_id, score in rows})
+    return found

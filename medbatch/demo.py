@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,23 +71,27 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], deadline: f
     raise TimeoutError("the API did not become ready; see var/demo-api.log")
 
 
-def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
-    from sklearn.metrics import roc_auc_score
-
+def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "var/demo") -> int:
+    """Every job kind through a real API and worker on the embedded defaults, with pictures."""
     started = time.monotonic()
     # The demo talks through its console; library chatter (alembic, httpx) stays out of it.
     logging.getLogger().setLevel(logging.WARNING)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
+    pictures_dir = Path(out_dir)
+    pictures_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]medbatch demo[/] database {settings.database_url}")
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
     tenant_name = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     with session_scope(make_sessionmaker(engine)) as session:
-        _, api_key = create_tenant(session, name=tenant_name)
+        tenant, api_key = create_tenant(session, name=tenant_name)
+        tenant_id = tenant.id
     engine.dispose()
+    genotypes = _genotypes(settings.shared_data)
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
+    pictures: list[tuple[str, Path, str]] = []
 
     with ExitStack() as stack:
         broker_url = settings.broker_url
@@ -100,6 +105,8 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
             **os.environ,
             "MEDBATCH_BROKER_URL": broker_url,
             "MEDBATCH_DATABASE_URL": settings.database_url,
+            "MEDBATCH_GENOTYPE_DIR": str(genotypes.folder),
+            "MEDBATCH_COMPOUND_DIR": str(EXAMPLES / "compounds"),
         }
         worker = _start(
             ["worker", "--beat", "--hostname", f"demo@{socket.gethostname()}"],
@@ -110,72 +117,156 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
         api = _start(["api", "--port", str(port)], env, "var/demo-api.log")
         stack.callback(_stop, api)
         client = stack.enter_context(
-            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=60)
         )
         _wait_ready(client, api, time.monotonic() + 60)
         console.print(
-            f"API on {base}, worker started (logs in var/demo-*.log), tenant {tenant_name}"
+            f"API on {base}, a worker on every queue (logs in var/demo-*.log), tenant {tenant_name}"
         )
-
-        split = breast_cancer.split()
-        truth: dict[str, int] = {}
-        cases: list[dict] = []
-        for row, x, y in zip(split.test_index, split.x_test, split.y_test, strict=True):
-            external_id = f"wdbc-{int(row):03d}"
-            truth[external_id] = int(y)
-            priority = "stat" if len(cases) < 10 else "routine"
-            features = dict(zip(split.feature_names, map(float, x), strict=True))
-            cases.append(
-                {
-                    "external_id": external_id,
-                    "model": "breast-cancer",
-                    "priority": priority,
-                    "features": features,
-                }
-            )
-        for start in range(0, len(cases), 25):
-            response = client.post("/v1/cases", json=cases[start : start + 25])
-            if response.status_code != 202:
-                console.print(f"[red]submission refused ({response.status_code}): {response.text}")
-                return 1
-        console.print(
-            f"submitted {len(cases)} held-out cases over HTTP (10 STAT, the rest routine)"
-        )
-
-        results: dict[str, dict] = {}
-        with Progress(
-            TextColumn("scoring"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            bar = progress.add_task("scoring", total=len(cases))
-            deadline = time.monotonic() + timeout_s
-            while len(results) < len(cases):
-                if time.monotonic() > deadline:
-                    console.print(f"[red]timed out with {len(results)}/{len(cases)} cases finished")
-                    return 1
-                if worker.poll() is not None:
-                    console.print("[red]the worker exited; see var/demo-worker.log")
-                    return 1
-                results = {
-                    r["external_id"]: r
-                    for r in _all_results(client)
-                    if r["status"] in ("done", "failed")
-                }
-                progress.update(bar, completed=len(results))
-                time.sleep(0.3)
-        risk = _fhir_round_trip(client, worker, time.monotonic() + 60)
+        deadline = time.monotonic() + timeout_s
+        failed = _cases(client, worker, deadline, pictures, pictures_dir)
+        if failed is None:
+            return 1
+        risk = _fhir_round_trip(client, worker, time.monotonic() + 60, settings.shared_data)
         if risk is None:
             return 1
+        if not _nightly(settings, broker_url, worker, tenant_id):
+            return 1
+        if not _genome(client, worker, genotypes, pictures, pictures_dir):
+            return 1
+        if not _compounds(client, worker, pictures, pictures_dir):
+            return 1
 
+    table = Table(title="pictures (written here; the API serves the same at these links)")
+    for column in ("what", "file", "API link"):
+        table.add_column(column, overflow="fold")
+    for what, path, link in pictures:
+        table.add_row(what, str(path), link)
+    console.print(table)
+    console.print("Query the results yourself (the demo has stopped its processes):")
+    console.print(f"  {_medbatch_command()} api --port 8000 &")
+    console.print(
+        f"  curl -s -H 'Authorization: Bearer {api_key}' 'http://127.0.0.1:8000/v1/scores?model=breast-cancer&limit=5'"
+    )
+    console.print(f"demo finished in {time.monotonic() - started:.1f} s; everything shut down.")
+    return 0 if not failed else 1
+
+
+#: The files the docs and the demo use when the shared data is not beside the checkout.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@dataclass
+class Genotypes:
+    folder: Path
+    cohort: str
+    query_cohort: str
+    query: str
+    label: str
+    #: Short names of the filesets for the tables.
+    names: dict[str, str]
+
+
+def _genotypes(shared_data: Path) -> Genotypes:
+    """The real HapMap3 and 1000 Genomes panels when shared, else the small HapMap3 example."""
+    folder = shared_data / "genotypes"
+    hm3, kg = (
+        "HM3_thinned_autosomal_overlap",
+        "1kg.ref.phase1_release_v3.20101123_thinned_autosomal_overlap",
+    )
+    if (folder / f"{hm3}.bed").is_file() and (folder / f"{kg}.bed").is_file():
+        return Genotypes(
+            folder,
+            hm3,
+            kg,
+            hm3,
+            "HapMap3 (957) and 1000 Genomes (1,092) panels",
+            {hm3: "HapMap3", kg: "1000 Genomes"},
+        )
+    return Genotypes(
+        EXAMPLES / "genotypes",
+        "hm3_small",
+        "hm3_small",
+        "hm3_small",
+        "examples/genotypes/hm3_small (60 samples; shared panels not found)",
+        {"hm3_small": "hm3_small"},
+    )
+
+
+def _alive(worker: subprocess.Popen[bytes]) -> bool:
+    if worker.poll() is not None:
+        console.print("[red]the worker exited; see var/demo-worker.log")
+        return False
+    return True
+
+
+def _fetch_picture(
+    client: httpx.Client, link: str, path: Path, what: str, pictures: list[tuple[str, Path, str]]
+) -> None:
+    response = client.get(link)
+    response.raise_for_status()
+    path.write_bytes(response.content)
+    pictures.append((what, path, link))
+
+
+def _cases(
+    client: httpx.Client,
+    worker: subprocess.Popen[bytes],
+    deadline: float,
+    pictures: list[tuple[str, Path, str]],
+    pictures_dir: Path,
+) -> list[dict] | None:
+    """The held-out Wisconsin cases in over HTTP; their stored scores against the truth."""
+    split = breast_cancer.split()
+    truth: dict[str, int] = {}
+    cases: list[dict] = []
+    for row, x, y in zip(split.test_index, split.x_test, split.y_test, strict=True):
+        external_id = f"wdbc-{int(row):03d}"
+        truth[external_id] = int(y)
+        priority = "stat" if len(cases) < 10 else "routine"
+        features = dict(zip(split.feature_names, map(float, x), strict=True))
+        cases.append(
+            {
+                "external_id": external_id,
+                "model": "breast-cancer",
+                "priority": priority,
+                "features": features,
+            }
+        )
+    for start in range(0, len(cases), 25):
+        response = client.post("/v1/cases", json=cases[start : start + 25])
+        if response.status_code != 202:
+            console.print(f"[red]submission refused ({response.status_code}): {response.text}")
+            return None
+    console.print(f"\n[bold]1. Case scoring[/]: {len(cases)} held-out cases over HTTP (10 STAT)")
+    results: dict[str, dict] = {}
+    with Progress(
+        TextColumn("scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        bar = progress.add_task("scoring", total=len(cases))
+        while len(results) < len(cases):
+            if time.monotonic() > deadline:
+                console.print(f"[red]timed out with {len(results)}/{len(cases)} cases finished")
+                return None
+            if not _alive(worker):
+                return None
+            results = {
+                r["external_id"]: r
+                for r in _all_results(client)
+                if r["status"] in ("done", "failed")
+            }
+            progress.update(bar, completed=len(results))
+            time.sleep(0.3)
     done = [r for r in results.values() if r["status"] == "done"]
     failed = [r for r in results.values() if r["status"] == "failed"]
-    table = Table(title="stored scores (first 10 of the held-out cases)")
+    table = Table(title="stored scores (first 5 of the held-out cases)")
     for column in ("case", "external id", "truth", "score", "label", "model", "sha256"):
         table.add_column(column)
-    for r in sorted(done, key=lambda r: r["case_id"])[:10]:
+    for r in sorted(done, key=lambda r: r["case_id"])[:5]:
         table.add_row(
             str(r["case_id"]),
             r["external_id"],
@@ -186,24 +277,180 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0) -> int:
             r["model_sha256"][:12] + "…",
         )
     console.print(table)
-    y_true = [truth[r["external_id"]] for r in done]
-    y_score = [r["score"] for r in done]
-    correct = sum((r["label"] == "malignant") == bool(truth[r["external_id"]]) for r in done)
-    auc = roc_auc_score(y_true, y_score)
-    console.print(
-        f"[bold]{len(done)} scored, {len(failed)} failed[/]; ROC AUC of the stored scores against the "
-        f"true labels: [bold]{auc:.4f}[/]; accuracy at threshold 0.5: {correct / len(done):.3f}"
+    labels = {r["external_id"]: truth[r["external_id"]] for r in done}
+    response = client.post(
+        "/v1/score-evaluations", json={"model": "breast-cancer", "labels": labels}
     )
-    console.print("Query them yourself (the demo has stopped its processes; start the API again):")
-    console.print(f"  {_medbatch_command()} api --port 8000 &")
+    if response.status_code != 201:
+        console.print(f"[red]evaluation refused ({response.status_code}): {response.text}")
+        return None
+    evaluation = response.json()
     console.print(
-        f"  curl -s -H 'Authorization: Bearer {api_key}' 'http://127.0.0.1:8000/v1/scores?model=breast-cancer&limit=5'"
+        f"[bold]{len(done)} scored, {len(failed)} failed[/]; stored scores against the true labels: "
+        f"ROC AUC [bold]{evaluation['roc_auc']:.4f}[/], Brier {evaluation['brier']:.4f}, "
+        f"accuracy at 0.5 {evaluation['accuracy']:.3f} (POST /v1/score-evaluations)"
     )
+    for name, link in evaluation["plots"].items():
+        _fetch_picture(
+            client, link, pictures_dir / f"scores-{name}.png", f"scores: {name}", pictures
+        )
+    return failed
+
+
+def _nightly(
+    settings: Settings, broker_url: str, worker: subprocess.Popen[bytes], tenant_id: int
+) -> bool:
+    """A FHIR Bulk Data export (NDJSON) on score.bulk, scored by the same worker."""
+    from models.cases.registry import load_registry
+    from worker.app import create_app
+    from worker.fhir_intake import run_nightly, settle_counts
+
+    folder = settings.shared_data / "fhir" / "ndjson"
+    if not (folder / "Patient.ndjson").is_file():
+        folder = EXAMPLES / "nightly"
+    spec = load_registry(settings.artifact_dir).resolve("whas500-mortality")
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    app = create_app(settings, broker_url=broker_url, include_tasks=False)
+    try:
+        summary = run_nightly(
+            folder,
+            spec,
+            sessions=sessions,
+            app=app,
+            tenant_id=tenant_id,
+            as_of=datetime(2020, 1, 1, tzinfo=UTC),
+            lookback_days=730,
+            per_message=settings.cases_per_message,
+        )
+        deadline = time.monotonic() + 60
+        while not settle_counts(sessions, summary):
+            if time.monotonic() > deadline or not _alive(worker):
+                console.print("[red]the nightly cases were not scored in time")
+                return False
+            time.sleep(0.3)
+    finally:
+        app.close()
+        engine.dispose()
+    d = summary.as_dict()
+    console.print(f"\n[bold]3. Nightly export[/]: {folder} on score.bulk")
+    table = Table()
+    for column in ("patients read", "new cases", "patients rejected", "scored", "failed"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        *(str(d[k]) for k in ("patients_read", "accepted", "rejected", "scored", "failed"))
+    )
+    console.print(table)
+    for reason, n in list(d["rejected_by_reason"].items())[:3]:
+        console.print(f"  rejected for {reason}: {n}")
+    return True
+
+
+def _wait_job(
+    client: httpx.Client, worker: subprocess.Popen[bytes], link: str, timeout_s: float = 240
+) -> dict | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(worker):
+        job = client.get(link).json()
+        if job["status"] == "done":
+            return dict(job)
+        if job["status"] == "failed":
+            console.print(f"[red]{link} failed: {job['error']}")
+            return None
+        time.sleep(0.5)
+    console.print(f"[red]{link} did not finish in time")
+    return None
+
+
+def _genome(
+    client: httpx.Client,
+    worker: subprocess.Popen[bytes],
+    genotypes: Genotypes,
+    pictures: list[tuple[str, Path, str]],
+    pictures_dir: Path,
+) -> bool:
+    """Related pairs of a panel by degree, and one panel's samples found in the other."""
+    console.print(f"\n[bold]4. Genome comparison[/]: KING on {genotypes.label}")
+    runs = [
+        ("all pairs", {"bfile": genotypes.cohort}),
+        ("query", {"bfile": genotypes.query_cohort, "query": genotypes.query}),
+    ]
+    table = Table(title="pairs by KING degree (kinship >= 2^-4.5)")
+    table.add_column("comparison")
+    for degree in ("duplicate/MZ twin", "1st", "2nd", "3rd"):
+        table.add_column(degree, justify="right")
+    table.add_column("seconds", justify="right")
+    for name, files in runs:
+        began = time.monotonic()
+        response = client.post(
+            "/v1/genome-comparisons", json={"metric": "king", "output": "pairs", **files}
+        )
+        if response.status_code != 202:
+            console.print(
+                f"[red]genome comparison refused ({response.status_code}): {response.text}"
+            )
+            return False
+        job = _wait_job(client, worker, f"/v1/genome-comparisons/{response.json()['id']}")
+        if job is None:
+            return False
+        counts = job["degree_counts"] or {}
+        short = {k: genotypes.names.get(v, v) for k, v in files.items()}
+        label = (
+            f"{short['bfile']}, all pairs"
+            if name == "all pairs"
+            else f"{short['query']} against {short['bfile']}"
+        )
+        table.add_row(
+            label,
+            *(str(counts.get(d, 0)) for d in ("duplicate/MZ twin", "1st", "2nd", "3rd")),
+            f"{time.monotonic() - began:.1f}",
+        )
+        for link in job["plots"]:
+            _fetch_picture(
+                client, link, pictures_dir / f"kinship-{name.replace(' ', '-')}.png",
+                f"kinship plot, {name}", pictures,
+            )  # fmt: skip
+    console.print(table)
+    return True
+
+
+def _compounds(
+    client: httpx.Client,
+    worker: subprocess.Popen[bytes],
+    pictures: list[tuple[str, Path, str]],
+    pictures_dir: Path,
+) -> bool:
+    """The nearest library molecules of a few drugs' analogues."""
     console.print(
-        f"  curl -s -H 'Authorization: Bearer {api_key}' http://127.0.0.1:8000/v1/cases/{done[0]['case_id']}"
+        "\n[bold]5. Compound search[/]: examples/compounds/hits.smi in library.smi, top 3"
     )
-    console.print(f"demo finished in {time.monotonic() - started:.1f} s; everything shut down.")
-    return 0 if not failed else 1
+    response = client.post(
+        "/v1/compound-similarity", json={"library": "library.smi", "query": "hits.smi", "top_k": 3}
+    )
+    if response.status_code != 202:
+        console.print(f"[red]compound search refused ({response.status_code}): {response.text}")
+        return False
+    link = f"/v1/compound-similarity/{response.json()['id']}"
+    job = _wait_job(client, worker, link)
+    if job is None:
+        return False
+    items = client.get(f"{link}/neighbours", params={"limit": 500}).json()["items"]
+    table = Table(title=f"nearest neighbours ({job['fingerprint']}, {job['metric']})")
+    for column in ("query", "1st", "2nd", "3rd"):
+        table.add_column(column)
+    by_query: dict[str, list[str]] = {}
+    for item in items:
+        by_query.setdefault(item["query_id"], []).append(
+            f"{item['library_id']} {item['similarity']:.2f}"
+        )
+    for query, found in by_query.items():
+        table.add_row(query, *found[:3])
+    console.print(table)
+    for plot in job["plots"]:
+        _fetch_picture(
+            client, plot, pictures_dir / "similarity.png", "similarity histogram", pictures
+        )
+    return True
 
 
 #: A stand-in when the shared Synthea data is not beside the checkout: one synthetic patient.
@@ -246,18 +493,19 @@ _DEMO_BUNDLE = {
 }
 
 
-def _demo_bundle() -> tuple[dict, str]:
+def _demo_bundle(shared_data: Path) -> tuple[dict, str]:
     """The first shared Synthea Bundle, or the built-in synthetic one."""
-    shared = Path(os.environ.get("MEDBATCH_SHARED_DIR", Path.cwd().parent / "shared"))
-    bundles = sorted((shared / "data" / "fhir" / "bundles").glob("*.json"))
+    bundles = sorted((shared_data / "fhir" / "bundles").glob("*.json"))
     if bundles:
         return json.loads(bundles[0].read_text()), f"Synthea Bundle {bundles[0].name[:24]}…"
     return _DEMO_BUNDLE, "a built-in synthetic Bundle (shared data not found)"
 
 
-def _fhir_round_trip(client: httpx.Client, worker: Any, deadline: float) -> dict | None:
+def _fhir_round_trip(
+    client: httpx.Client, worker: Any, deadline: float, shared_data: Path
+) -> dict | None:
     """A FHIR Bundle in, a RiskAssessment out, through the same API and worker."""
-    bundle, name = _demo_bundle()
+    bundle, name = _demo_bundle(shared_data)
     response = client.post(
         "/v1/fhir",
         params={"model": "whas500-mortality", "as_of": "2020-01-01T00:00:00Z"},
@@ -268,7 +516,7 @@ def _fhir_round_trip(client: httpx.Client, worker: Any, deadline: float) -> dict
         console.print(f"[red]FHIR Bundle refused ({response.status_code}): {response.text}")
         return None
     subject = response.json()["entry"][0]["response"]["location"].split("=", 1)[1]
-    console.print(f"FHIR: posted {name} to /v1/fhir for whas500-mortality")
+    console.print(f"\n[bold]2. FHIR[/]: posted {name} to /v1/fhir for whas500-mortality")
     while time.monotonic() < deadline:
         if worker.poll() is not None:
             console.print("[red]the worker exited; see var/demo-worker.log")

@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "127.0.0.1"
     #: Python logging level of the API, worker and CLI.
     log_level: str = "INFO"
+    #: The shared real data (``data/genotypes``, ``data/fhir``, ``data/ecg``) the demo uses;
+    #: unset: ``shared/`` beside the checkout. Without it the demo uses ``examples/``.
+    shared_dir: Path | None = None
+
+    @property
+    def shared_data(self) -> Path:
+        """``$MEDBATCH_SHARED_DIR/data``, by default ``../shared/data`` beside the checkout."""
+        root = self.shared_dir or Path(__file__).resolve().parents[2] / "shared"
+        return root / "data"
 
     @property
     def embedded_broker(self) -> bool:

@@ -22,13 +22,19 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 
 # Compose interpolation, as much as this file uses: ${NAME:-default} becomes its default (what a
-# bare `docker compose up` gets) and $$ is a literal $.
-_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}")
+# bare `docker compose up` gets), ${NAME:?message} (a required secret) a stand-in value, and $$ is
+# a literal $.
+_INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>\w+)(?:(?P<kind>:-|:\?)(?P<default>[^}]*))?\}")
+#: Variables that must be set: compose refuses to start without them (no silent default).
+REQUIRED = {"POSTGRES_PASSWORD"}
 
 
 def _interpolate(match: re.Match[str]) -> str:
     if match.group(0) == "$$":
         return "$"
+    if match.group("kind") == ":?":
+        assert match.group("name") in REQUIRED, f"{match.group(0)}: not a required secret"
+        return "required-secret"
     if match.group("default") is None:
         raise AssertionError(f"{match.group(0)} in docker-compose.yml needs a :-default")
     return match.group("default")
@@ -245,9 +251,68 @@ def test_numba_caches_the_genome_kernels_where_the_image_user_can_write(tmp_path
     assert any("chown medbatch:medbatch /app/var" in line for line in lines)
     code = (
         "import numpy as np\n"
-        "from models import genome_cpu\n"
+        "from models.genome import _cpu as genome_cpu\n"
         "genome_cpu.dosage_counts(np.zeros((3, 5), np.int8))\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
     assert list(tmp_path.rglob("*.nbi")), "numba wrote no kernel index there"
+
+
+def test_required_secrets_have_no_default() -> None:
+    """A missing POSTGRES_PASSWORD stops compose with a message; no fallback password."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in REQUIRED:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses and all(u.startswith(":?") and len(u) > 2 for u in uses), uses
+
+
+def test_the_image_is_cpu_torch_with_the_reference_extras() -> None:
+    """CPU wheels by default (a CUDA index for the GPU image); train and evaluate work inside."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"' in dockerfile
+    assert '--index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"' in dockerfile
+    assert '".[reference]"' in dockerfile
+    for name in APP_SERVICES:
+        args = SERVICES[name]["build"]["args"]
+        assert args["TORCH_INDEX_URL"].endswith("/whl/cpu"), name
+
+
+def test_the_nightly_drop_folder_is_mounted_where_the_setting_points() -> None:
+    """Every service that reads score.routine (where beat sends the nightly run) sees the folder."""
+    readers = [
+        n for n in LONG_RUNNING_APPS if "score.routine" in (getattr(_parse(n), "queues", "") or "")
+    ]
+    assert "beat" in readers
+    for name in readers:
+        folder = _settings(name).nightly_dir
+        assert folder is not None, name
+        mounts = [v.split(":")[1] for v in SERVICES[name]["volumes"] if isinstance(v, str)]
+        assert str(folder) in mounts, name
+
+
+def test_worker_metrics_are_exposed_on_the_compose_network() -> None:
+    default = Settings().worker_metrics_port
+    for name in LONG_RUNNING_APPS:
+        if _argv(SERVICES[name]["command"])[0] != "worker":
+            continue
+        assert _settings(name).worker_metrics_host == "0.0.0.0", name
+        assert str(default) in [str(p) for p in SERVICES[name].get("expose", [])], name
+        assert "ports" not in SERVICES[name], f"{name} publishes a port to the host"
+
+
+def test_the_gpu_file_gives_each_worker_its_own_gpu_genome_workers_included() -> None:
+    """device_ids, never count (every replica would get the same GPU); two GPUs, each with a
+    scoring and a genome worker, on the CUDA image."""
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    per_gpu: dict[str, set[str]] = {}
+    for name, svc in gpu["services"].items():
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device and device["capabilities"] == ["gpu"], name
+        (gpu_id,) = device["device_ids"]
+        base = svc.get("extends", {}).get("service", name)
+        queues = _argv(SERVICES[base]["command"])
+        per_gpu.setdefault(gpu_id, set()).add("genome" if "genome,chem" in queues else "score")
+        assert svc["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[1].startswith("cu"), name
+        assert svc["environment"]["MEDBATCH_DEVICE"] == "cuda", name
+    assert per_gpu == {"0": {"score", "genome"}, "1": {"score", "genome"}}

@@ -117,6 +117,8 @@ class NightlySummary:
     patients: int = 0
     accepted: int = 0
     already_there: int = 0
+    #: Patients refused (a patient with two problems counts once here, twice by reason).
+    rejected_patients: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     #: Imputed values by feature, and ignored sent values by feature and reason.
     imputed: Counter[str] = field(default_factory=Counter)
@@ -131,7 +133,7 @@ class NightlySummary:
             "patients_read": self.patients,
             "accepted": self.accepted,
             "already_there": self.already_there,
-            "rejected": sum(self.rejected.values()),
+            "rejected": self.rejected_patients,
             "rejected_by_reason": dict(self.rejected),
             "imputed_by_feature": dict(self.imputed),
             "ignored_by_reason": dict(self.ignored),
@@ -191,6 +193,7 @@ def run_nightly(
                     f"{i['feature']}: {i['reason']}" for i in intake.found.ignored
                 )
             if intake.case is None:
+                summary.rejected_patients += 1
                 for name, why in intake.problems.items():
                     summary.rejected[f"{name}: {_without_reference(why)}"] += 1
             else:
@@ -208,7 +211,7 @@ def run_nightly(
         summary.patients,
         summary.accepted,
         summary.already_there,
-        sum(summary.rejected.values()),
+        summary.rejected_patients,
     )
     return summary
 

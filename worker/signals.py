@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
-from worker import metrics
+from worker import heartbeat, metrics
 from worker.context import context
 
 log = logging.getLogger(__name__)
+
+
+#: The heartbeat of each worker node in this process, by hostname.
+_beating: dict[str, Any] = {}
 
 
 @worker_ready.connect
@@ -19,6 +23,10 @@ def _on_worker_ready(sender: Any, **_: object) -> None:
     if not hasattr(app, "medbatch"):
         return
     ctx = context(app)
+    # Say which queues this worker reads (a job on a queue nobody reads says so: worker/heartbeat.py).
+    queues = sorted(q.name for q in sender.task_consumer.queues)
+    _beating[sender.hostname] = heartbeat.start(app, hostname=sender.hostname, queues=queues)
+    log.info("listening on queues: %s", ", ".join(queues))
     metrics.serve(ctx.settings.worker_metrics_port, ctx.settings.worker_metrics_host)
     ctx.warm_up()
     # A worker starting after an outage picks up what was stranded, without waiting for beat.
@@ -28,3 +36,13 @@ def _on_worker_ready(sender: Any, **_: object) -> None:
         requeue_stale_cases_task.apply()
     except Exception:
         log.exception("sweep at worker start failed; beat will try again")
+
+
+@worker_shutting_down.connect
+def _on_worker_shutting_down(sender: Any, **_: object) -> None:
+    from celery import current_app
+
+    for hostname, stop in list(_beating.items()):
+        stop.set()
+        heartbeat.forget(current_app, hostname=hostname)
+        del _beating[hostname]

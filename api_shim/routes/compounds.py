@@ -76,7 +76,8 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
     # Names of unreadable records come with the server's path: keep only the file name.
     examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
-    return {**job, "output": output, "unreadable_examples": examples}
+    plots = [f"/v1/compound-similarity/{job['id']}/plots/similarity.png"] if output else []
+    return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
 
 @tiled.submit_route(router, "/compound-similarity", CompoundSearchPublic)
@@ -121,10 +122,10 @@ def create_compound_search(
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(job: OwnedJob) -> dict[str, Any]:
-    from worker.jobs.compounds import describe
+def read_compound_search(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
+    from worker.jobs.compounds import COMPOUNDS
 
-    return _public(describe(job))
+    return _public(tiled.described(job, COMPOUNDS, celery))
 
 
 @router.get(

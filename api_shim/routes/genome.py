@@ -137,17 +137,19 @@ def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None
 @router.get(
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
-def read_genome_comparison(job: OwnedJob) -> dict[str, Any]:
+def read_genome_comparison(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
-    from worker.jobs.genome import describe
+    from worker.jobs.genome import GENOME
 
-    return _public(describe(job))
+    return _public(tiled.described(job, GENOME, celery))
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     """A job as clients see it: outputs as download paths, not where the server keeps them."""
     names = [Path(p).name for p in job["outputs"]]
-    return {**job, "outputs": [f"/v1/genome-comparisons/{job['id']}/files/{n}" for n in names]}
+    base = f"/v1/genome-comparisons/{job['id']}"
+    plots = [f"{base}/plots/kinship.png"] if any(n.endswith(".kin0") for n in names) else []
+    return {**job, "outputs": [f"{base}/files/{n}" for n in names], "plots": plots}
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api_shim.deps import (
     MODEL_REF,
+    CeleryDep,
     CursorQuery,
     IdPath,
     Moment,
@@ -25,11 +26,19 @@ router = APIRouter(prefix="/v1", tags=["results"])
 
 
 @router.get("/cases/{case_id}", response_model=CasePublic, responses={404: {}})
-def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePublic:
+def read_case(
+    case_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
+) -> CasePublic:
     """One case: its status, delivery count, last error and scores."""
     case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
     if case is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no case with this id for this tenant")
+    detail = None
+    if case.status == CaseStatus.queued:
+        from worker.heartbeat import waiting_detail
+        from worker.queues import queue_for
+
+        detail = waiting_detail(celery, queue_for(case.priority))
     return CasePublic(
         id=case.id,
         external_id=case.external_id,
@@ -54,6 +63,7 @@ def read_case(case_id: IdPath, tenant: ReaderDep, session: SessionDep) -> CasePu
             for s in case.scores
             if not s.shadow
         ],
+        detail=detail,
         fhir=case.context,
     )
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_shim.deps import CeleryDep, IdPath, ReaderDep, SessionDep, SessionsDep, SettingsDep
@@ -73,6 +73,13 @@ class TiledJobPublic(BaseModel):
     tiles_total: int
     tiles_done: int
     error: str | None
+    plots: list[str] = Field(
+        default_factory=list, description="links to pictures of the result, once it is done"
+    )
+    detail: str | None = Field(
+        default=None,
+        description="why a job still waits, e.g. that no live worker listens on its queue",
+    )
     created_at: datetime
     finished_at: datetime | None
 
@@ -114,6 +121,17 @@ def _reader(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> JobReader
 
 
 JobReaderDep = Annotated[JobReader, Depends(_reader)]
+
+
+def described(job: TiledJob, kind: Any, celery: Celery) -> dict[str, Any]:
+    """A job as ``kind`` (a :class:`worker.tiled.Kind`) describes it; while no tile is done yet,
+    with why it waits (e.g. no live worker listens on its queue)."""
+    found: dict[str, Any] = kind.describe(job)
+    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
+        from worker.heartbeat import waiting_detail
+
+        found["detail"] = waiting_detail(celery, kind.queue)
+    return found
 
 
 def refused(loc: Sequence[str], message: str) -> RequestValidationError:

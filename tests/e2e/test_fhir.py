@@ -29,7 +29,7 @@ def _nightly(processes: Processes, folder: Path) -> dict:
     result = subprocess.run(
         [
             sys.executable, "-m", "medbatch.cli", "nightly", "--input", str(folder),
-            "--tenant", "e2e", "--as-of", AS_OF, "--wait",
+            "--tenant", "e2e", "--as-of", AS_OF, "--wait", "--json",
         ],
         env=processes.env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -517,3 +517,13 @@ def test_kin0_rows_follow_plink2_order_and_columns(tmp_path) -> None:
         write_kin0(tmp_path / "u.kin0", pairs, ids, counts=np.zeros((2, 3)))
     with pytest.raises(ValueError, match="not a pair"):
         write_kin0(tmp_path / "v.kin0", [RelatedPair(0, 3, 0.3, None)], ids)
+
+
+def test_query_pairs_keep_query_i_against_cohort_i() -> None:
+    """In a query-by-cohort tile the diagonal is two different samples: query i and cohort i
+    (a duplicate found at the same index was once dropped as if it were a self-pair)."""
+    tile = np.array([[0.49, 0.01, 0.2], [0.0, 0.48, 0.0]])
+    kept = related_pairs(tile, upper_only=False, keep_diagonal=True)
+    assert [(p.i, p.j) for p in kept] == [(0, 0), (0, 2), (1, 1)]
+    assert [p.degree for p in kept] == ["duplicate/MZ twin", "1st", "duplicate/MZ twin"]
+    assert [(p.i, p.j) for p in related_pairs(tile, upper_only=False)] == [(0, 2)]

@@ -269,6 +269,8 @@ def _pairs(
         threshold=float(spec.get("threshold", genome_output.THIRD_DEGREE_MIN_KINSHIP)),
         row_offset=row_start,
         upper_only=all_pairs,
+        # Query i and cohort i are two different samples (the diagonal is no self-pair here).
+        keep_diagonal=not all_pairs,
     )
     q, c = inputs.query, inputs.cohort
     # Below third degree (a threshold under 2^-4.5) there is no degree to infer: "unrelated".
@@ -293,12 +295,20 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         return
     inputs = load_inputs(spec, metric)
     write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
-    if metric == "king" and not spec.get("query"):
+    if metric == "king":
         with session_scope(sessions) as session:
             rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
             pairs = [genome_output.RelatedPair(r.row, r.col, r.kinship, None) for r in rows]
         ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
-        counts = genome_output.king_pair_counts(inputs.cohort.dosages, [(p.i, p.j) for p in pairs])
+        dosages = inputs.cohort.dosages
+        if spec.get("query"):
+            # One table over query then cohort samples: query i is row i, cohort j is
+            # row n_query + j, so write_kin0 and king_pair_counts serve both modes.
+            offset = inputs.query.n_samples
+            ids = list(zip(inputs.query.fid, inputs.query.iid, strict=True)) + ids
+            dosages = np.concatenate([inputs.query.dosages, dosages])
+            pairs = [genome_output.RelatedPair(p.i, offset + p.j, p.kinship, None) for p in pairs]
+        counts = genome_output.king_pair_counts(dosages, [(p.i, p.j) for p in pairs])
         genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
 
 

@@ -474,6 +474,7 @@ def related_pairs(
     row_offset: int = 0,
     col_offset: int = 0,
     upper_only: bool = True,
+    keep_diagonal: bool = False,
 ) -> list[RelatedPair]:
     """Pairs in a tile of a square KING matrix whose kinship is above ``threshold``.
 
@@ -492,6 +493,9 @@ def related_pairs(
     upper_only
         Keep only ``i < j`` (global), so that tiles covering the square report each pair once
         and the diagonal never; False keeps every (i, j) of the tile, i ≠ j.
+    keep_diagonal
+        With ``upper_only=False``: keep ``i == j`` too. For a query-by-cohort tile, whose rows
+        and columns are different samples, so query ``i`` against cohort ``i`` is a real pair.
 
     Returns
     -------
@@ -506,7 +510,11 @@ def related_pairs(
             raise ValueError(f"{name}: {len(given)} ids for a tile of shape {block.shape}")
     rows = np.arange(block.shape[0])[:, None] + row_offset
     cols = np.arange(block.shape[1])[None, :] + col_offset
-    keep = (block > threshold) & ((rows < cols) if upper_only else (rows != cols))
+    keep = block > threshold
+    if upper_only:
+        keep &= rows < cols
+    elif not keep_diagonal:
+        keep &= rows != cols
     r, c = np.nonzero(keep)
     values = block[r, c]
     degrees = kinship_degree(values)

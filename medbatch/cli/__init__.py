@@ -1,0 +1,64 @@
+"""The ``medbatch`` command line: demo, api, worker, sweeper, submit, nightly, cases, genome,
+compounds, models, db.
+
+One module per command group; each adds its subcommands with ``add_parsers`` and imports what it
+needs only when it runs, so ``medbatch --help`` stays fast (no torch, Celery or SQLAlchemy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medbatch.cli import _common, cases, compounds, db, genome, models, nightly, service, submit
+
+#: The order the groups appear in ``medbatch --help``.
+GROUPS = (service, submit, nightly, cases, genome, compounds, models, db)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medbatch",
+        description="Batch scoring of patient cases, genome comparisons and compound searches.",
+        epilog="Configuration: MEDBATCH_* environment variables (docs/configuration.md).",
+        formatter_class=_common.HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.add_parsers(sub)
+    _describe(parser)
+    return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Each command's one-line help becomes the description its own --help starts with."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                child.description = child.description or helps.get(name)
+                _describe(child)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from medbatch.settings import get_settings
+
+    settings = get_settings()
+    _common.setup_logging(settings)
+    try:
+        return int(args.func(args, settings))
+    except _common.CliError as exc:
+        name = " ".join(
+            str(getattr(args, key))
+            for key in ("command", f"{args.command}_command")
+            if getattr(args, key, None)
+        )
+        print(f"medbatch {name}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from medbatch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+"""What every command shares: the formatter, logging, errors, and one way to open the database.
+
+Nothing heavy is imported here at module level: ``medbatch --help`` imports every command module
+to build the parser, and must not pay for SQLAlchemy, Celery or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from medbatch.settings import Settings
+
+#: Kept in step with worker.queues.ALL_QUEUES and models.train.TRAINABLE by tests/test_cli.py
+#: (importing those here would import Celery and torch for ``--help``).
+ALL_QUEUES = ("score.stat", "score.routine", "score.bulk", "genome", "chem")
+TRAINABLE = (
+    "breast-cancer",
+    "whas500-mortality",
+    "ecg-cnn",
+    "vitals-gru",
+    "ecg-cnn@0.1.0",
+    "events-transformer",
+)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        default = action.default
+        if (
+            "default" in help_
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return help_
+        return f"{help_} (default: %(default)s)"
+
+
+class CliError(Exception):
+    """A refusal the user can act on: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    raise CliError(message, code)
+
+
+def setup_logging(settings: Settings) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Alembic announces each of its plugins at INFO on every import.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def ensure_schema(database_url: str) -> None:
+    """Migrate a SQLite database on first use (the embedded default works in an empty folder).
+
+    PostgreSQL is migrated on purpose (``medbatch db upgrade``, compose's migrate service); a
+    SQLite file belongs to this folder, so bringing it to the newest schema is always right. A
+    file lock keeps two processes (the demo's API and worker) from migrating at once.
+    """
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(database_url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    import fcntl
+    import logging
+
+    from db.migrate import upgrade
+
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".migrate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        level = logging.getLogger("alembic").level
+        # Alembic logs every step at INFO; a first use should not print a migration log.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        try:
+            upgrade(database_url)
+        finally:
+            logging.getLogger("alembic").setLevel(level)
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """The one engine of a command (schema ensured), disposed of at the end."""
+    from db.engine import make_engine, make_sessionmaker
+
+    ensure_schema(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def tenant_id(sessions: sessionmaker[Session], name: str, *, create: bool) -> int:
+    """The id of tenant ``name``; created (without printing a key) when ``create``."""
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import session_scope
+    from db.tables import Tenant
+
+    with session_scope(sessions) as session:
+        found = session.scalar(select(Tenant.id).where(Tenant.name == name))
+        if found is None:
+            if not create:
+                fail(f"no tenant {name!r}")
+            found = repo.create_tenant(session, name=name)[0].id
+        return int(found)
+
+
+def celery(settings: Settings) -> Celery:
+    """A sending-only Celery app (no tasks, no torch)."""
+    from worker.app import create_app
+
+    return create_app(settings, include_tasks=False)
+
+
+def refuse_overwrite(paths: list[Path], *, force: bool, option: str = "--out") -> None:
+    """Refuse to replace existing outputs unless ``--force``."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        shown = ", ".join(existing[:3]) + (" …" if len(existing) > 3 else "")
+        fail(f"{option}: {shown} exists; add --force to overwrite")
+
+
+def print_json(value: Any) -> None:
+    import json
+
+    print(json.dumps(value, indent=2, default=str))
+
+
+def err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def follow(describe: Any, *, app: Celery | None, queue: str) -> dict[str, Any]:
+    """Wait for a tiled job the workers run, with a progress bar; say so (once per change) when
+    no live worker listens on its queue, instead of waiting in silence."""
+    from worker.heartbeat import waiting_detail
+    from worker.tiles import follow as follow_tiles
+
+    said: list[str | None] = [None]
+
+    def watched() -> dict[str, Any]:
+        summary: dict[str, Any] = describe()
+        detail = None
+        if summary["status"] not in ("done", "failed") and not summary.get("tiles_done"):
+            detail = waiting_detail(app, queue)
+        if detail != said[0] and detail is not None:
+            err(f"  {detail}")
+        said[0] = detail
+        summary["detail"] = detail
+        return summary
+
+    return follow_tiles(watched, progress=True)

@@ -1,0 +1,242 @@
+"""``medbatch db``: the schema, tenants, API clients and their keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from medbatch.cli._common import HelpFormatter, database, fail
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from medbatch.settings import Settings
+
+
+def add_parsers(sub: Any) -> None:
+    db = sub.add_parser(
+        "db", help="database schema, tenants and API keys", formatter_class=HelpFormatter
+    )
+    dsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    up = dsub.add_parser(
+        "upgrade",
+        help="run Alembic migrations (SQLite is also migrated on first use)",
+        formatter_class=HelpFormatter,
+    )
+    up.add_argument("revision", nargs="?", default="head", help="target revision")
+    lifetime = argparse.ArgumentParser(add_help=False)
+    lifetime.add_argument(
+        "--lifetime-days",
+        type=int,
+        help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
+    )
+    tenant = dsub.add_parser(
+        "create-tenant",
+        parents=[lifetime],
+        help="create a tenant and print its API key once",
+        formatter_class=HelpFormatter,
+    )
+    tenant.add_argument("name", help="the tenant's unique name")
+    client = dsub.add_parser(
+        "create-client",
+        parents=[lifetime],
+        help="an API client of a tenant with scopes; prints its key once",
+        formatter_class=HelpFormatter,
+    )
+    client.add_argument("tenant", help="the tenant's name")
+    client.add_argument("name", help="the client's name, unique in the tenant")
+    client.add_argument(
+        "--scopes",
+        required=True,
+        help="comma-separated: cases:submit, results:read, genome:submit, compounds:submit, admin",
+    )
+    rotate = dsub.add_parser(
+        "rotate-key",
+        parents=[lifetime],
+        help="a new key for a tenant (or --client); the old ones work until the overlap ends",
+        formatter_class=HelpFormatter,
+    )
+    rotate.add_argument("tenant", help="the tenant's name")
+    rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
+    rotate.add_argument(
+        "--overlap-hours",
+        type=float,
+        help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
+        "24; 0: they stop now)",
+    )
+    revoke = dsub.add_parser(
+        "revoke-client", help="stop every key of a client, now", formatter_class=HelpFormatter
+    )
+    revoke.add_argument("tenant", help="the tenant's name")
+    revoke.add_argument("client", help="the client's name")
+    listing = dsub.add_parser(
+        "list-clients",
+        help="a tenant's keys: client, scopes, state, expiry, last use (no keys)",
+        formatter_class=HelpFormatter,
+    )
+    listing.add_argument("tenant", help="the tenant's name")
+    db.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.db_command == "upgrade":
+        from db.migrate import upgrade
+
+        upgrade(settings.database_url, args.revision)
+        print(f"database at revision {args.revision}")
+        return 0
+    if args.db_command == "create-tenant":
+        return _create_tenant(args, settings)
+    if args.db_command == "create-client":
+        return _create_client(args, settings)
+    return _key_lifecycle(args, settings)
+
+
+def _create_tenant(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import IntegrityError
+
+    from db.engine import session_scope
+    from db.repo import create_tenant
+
+    with database(settings) as sessions:
+        try:
+            with session_scope(sessions) as session:
+                tenant, key = create_tenant(
+                    session, name=args.name, lifetime=_key_lifetime(args, settings)
+                )
+                expires = _expiry(session, key)
+                print(
+                    json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires})
+                )
+        except IntegrityError:
+            fail(f"tenant {args.name!r} already exists", code=1)
+    return 0
+
+
+def _create_client(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from db.engine import session_scope
+    from db.repo import create_client
+    from db.tables import Tenant
+
+    with database(settings) as sessions, session_scope(sessions) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+        if tenant_id is None:
+            fail(f"no tenant {args.tenant!r}")
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        try:
+            client, key = create_client(
+                session,
+                tenant_id=tenant_id,
+                name=args.name,
+                scopes=scopes,
+                lifetime=_key_lifetime(args, settings),
+            )
+        except ValueError as exc:
+            fail(f"--scopes: {exc}")
+        print(
+            json.dumps(
+                {
+                    "client": client.name,
+                    "id": client.id,
+                    "scopes": client.scopes,
+                    "api_key": key,
+                    **_expiry(session, key),
+                }
+            )
+        )
+    return 0
+
+
+def _key_lifetime(args: argparse.Namespace, settings: Settings) -> timedelta | None:
+    """--lifetime-days, else MEDBATCH_API_KEY_LIFETIME_DAYS; 0 means never."""
+    from datetime import timedelta
+
+    days = settings.api_key_lifetime_days if args.lifetime_days is None else args.lifetime_days
+    return None if days == 0 else timedelta(days=days)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
+
+
+def _expiry(session: Session, key: str) -> dict[str, str | None]:
+    from sqlalchemy import select
+
+    from db import repo
+
+    expires = session.scalar(
+        select(repo.ApiKey.expires_at).where(repo.ApiKey.sha256 == repo.hash_api_key(key))
+    )
+    return {"expires_at": _iso(expires)}
+
+
+def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
+    """rotate-key, revoke-client, list-clients: a tenant's keys, never printed but once."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import session_scope
+    from db.tables import ApiClient, Tenant
+
+    with database(settings) as sessions, session_scope(sessions) as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
+        if tenant_id is None:
+            fail(f"no tenant {args.tenant!r}")
+        if args.db_command == "list-clients":
+            for row in repo.list_keys(session, tenant_id=tenant_id):
+                print(
+                    json.dumps(
+                        {k: _iso(v) if isinstance(v, datetime) else v for k, v in row.items()}
+                    )
+                )
+            return 0
+        client = None
+        name = getattr(args, "client", None)
+        if name is not None:
+            client = session.scalar(
+                select(ApiClient).where(ApiClient.tenant_id == tenant_id, ApiClient.name == name)
+            )
+            if client is None:
+                fail(f"tenant {args.tenant!r} has no client {name!r}")
+        if args.db_command == "revoke-client":
+            assert client is not None
+            keys = repo.revoke_client(session, client_id=client.id)
+            print(json.dumps({"client": client.name, "id": client.id, "keys_revoked": keys}))
+            return 0
+        if client is not None and client.revoked_at is not None:
+            fail(f"client {name!r} is revoked; create a new one")
+        hours = (
+            settings.api_key_rotation_overlap_h
+            if args.overlap_hours is None
+            else args.overlap_hours
+        )
+        rotated = repo.rotate_key(
+            session,
+            tenant_id=tenant_id,
+            client_id=None if client is None else client.id,
+            overlap=timedelta(hours=hours),
+            lifetime=_key_lifetime(args, settings),
+        )
+        print(
+            json.dumps(
+                {
+                    "tenant": args.tenant,
+                    "client": name,
+                    "key_id": rotated.key_id,
+                    "api_key": rotated.key,
+                    "expires_at": _iso(rotated.expires_at),
+                    "previous_keys_work_until": {
+                        str(k): _iso(until) for k, until in rotated.overlapping
+                    },
+                }
+            )
+        )
+        return 0

@@ -1,0 +1,224 @@
+"""``medbatch genome``: relationship matrices and related pairs of a cohort (or new samples
+against it), in PLINK's formats."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medbatch.cli._common import (
+    HelpFormatter,
+    celery,
+    database,
+    fail,
+    follow,
+    print_json,
+    refuse_overwrite,
+    tenant_id,
+)
+
+if TYPE_CHECKING:
+    from medbatch.settings import Settings
+
+#: PLINK's file of each metric's square matrix (``dot`` has none).
+_PLINK = {"grm": ".rel", "king": ".king", "ibs": ".mibs"}
+#: KING's degree names as the CLI prints them (models.genome_pairs.DEGREES).
+DEGREE_ORDER = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated")
+
+
+def add_parsers(sub: Any) -> None:
+    genome = sub.add_parser(
+        "genome",
+        help="genome comparisons: relationship matrices, relatives",
+        formatter_class=HelpFormatter,
+    )
+    gsub = genome.add_subparsers(dest="genome_command", required=True, metavar="COMMAND")
+    compare = gsub.add_parser(
+        "compare",
+        help="a relationship matrix (and related pairs) of a PLINK 1 fileset or VCF",
+        formatter_class=HelpFormatter,
+    )
+    source = compare.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bfile", type=Path, help="PLINK 1 fileset prefix (.bed/.bim/.fam)")
+    source.add_argument("--vcf", type=Path, help="VCF or BCF file (biallelic, diploid)")
+    compare.add_argument(
+        "--query",
+        type=Path,
+        help="new samples (fileset prefix or VCF, same variants) to compare against the cohort "
+        "only (default: every cohort pair)",
+    )
+    compare.add_argument(
+        "--metric", choices=["grm", "king", "ibs", "dot"], required=True, help="the matrix"
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        help="copy the outputs to OUT.rel, OUT.king, OUT.<metric>.npy, OUT.kin0 … and wait "
+        "(default: they stay under MEDBATCH_ARTIFACT_DIR)",
+    )
+    compare.add_argument("--force", action="store_true", help="overwrite existing --out files")
+    compare.add_argument(
+        "--threshold",
+        type=float,
+        default=2.0**-4.5,
+        help="KING kinship above which a pair is recorded (2^-4.5: third degree)",
+    )
+    compare.add_argument(
+        "--ibs-missing",
+        choices=["frequency", "flat"],
+        default="frequency",
+        help="how IBS fills a missing call",
+    )
+    compare.add_argument(
+        "--keep",
+        type=Path,
+        help="samples to keep: a file of 'IID' or 'FID IID' lines, as plink --keep (default: all)",
+    )
+    compare.add_argument(
+        "--min-maf",
+        type=float,
+        help="drop variants with a lower minor allele frequency (default: keep all)",
+    )
+    compare.add_argument(
+        "--tile-rows", type=int, default=0, help="result rows per tile task (0: automatic)"
+    )
+    compare.add_argument(
+        "--table",
+        action="store_true",
+        help="KING pairs only (kinship >= --threshold) as plink2's .kin0, in 2-D tiles: no "
+        "N x N matrix (plink2 --make-king-table --king-table-filter)",
+    )
+    compare.add_argument(
+        "--block", type=int, default=0, help="with --table: samples per side of a tile (0: auto)"
+    )
+    compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
+    compare.add_argument("--wait", action="store_true", help="show progress until it is done")
+    compare.add_argument(
+        "--inline",
+        action="store_true",
+        help="run the tiles in this process (always so with the embedded broker)",
+    )
+    gstatus = gsub.add_parser(
+        "status", help="a job's progress and outputs", formatter_class=HelpFormatter
+    )
+    gstatus.add_argument("job_id", type=int, help="the job's id")
+    genome.set_defaults(func=run)
+
+
+def out_name(out: Path, metric: str, produced: str) -> Path:
+    """Where ``--out`` puts a produced file (``king.npy`` → ``OUT.king.npy``): the PLINK files
+    keep their metric's own extension; the rest get the metric in their name, so that runs of
+    several metrics into one ``--out`` never overwrite each other."""
+    suffix = produced.removeprefix(metric)
+    if suffix in (_PLINK.get(metric), f"{_PLINK.get(metric)}.id", ".kin0"):
+        return Path(f"{out}{suffix}")
+    return Path(f"{out}.{metric}{suffix}")
+
+
+def expected_outputs(metric: str, *, query: bool, table: bool) -> list[str]:
+    """The file names a job writes (as ``describe`` lists them), known before it runs."""
+    if table:
+        return [f"{metric}.kin0"]
+    names = [f"{metric}.npy"]
+    if query:
+        names += [f"{metric}.rows.id", f"{metric}.cols.id"]
+    elif metric in _PLINK:
+        names += [f"{metric}{_PLINK[metric]}", f"{metric}{_PLINK[metric]}.id"]
+    if metric == "king":
+        names.append(f"{metric}.kin0")
+    return names
+
+
+def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bool) -> None:
+    degrees = degrees or {}
+    relation = ">=" if table else ">"
+    print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:.4f}")
+    for degree in DEGREE_ORDER:
+        print(f"    {degree:<18} {degrees.get(degree, 0)}")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import shutil
+
+    from db import genome as jobs
+    from db.engine import session_scope
+    from worker.queues import GENOME_QUEUE
+    from worker.tasks import genome as tasks
+
+    if args.genome_command == "status":
+        with database(settings) as sessions, session_scope(sessions) as session:
+            found = jobs.get_job(session, job_id=args.job_id)
+            if found is None:
+                fail(f"no job {args.job_id}")
+            print_json(tasks.describe(found))
+        return 0
+    if args.out:
+        planned = expected_outputs(args.metric, query=args.query is not None, table=args.table)
+        refuse_overwrite(
+            [out_name(args.out, args.metric, name) for name in planned], force=args.force
+        )
+    keep = None
+    if args.keep is not None:
+        try:
+            lines = [line.split() for line in args.keep.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            fail(f"--keep: {exc}")
+        keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
+    inline = args.inline or settings.embedded_broker
+    app = None if inline else celery(settings)
+    with database(settings) as sessions:
+        owner = tenant_id(sessions, args.tenant, create=True)
+        try:
+            job = tasks.submit(
+                sessions,
+                app,
+                tenant_id=owner,
+                metric=args.metric,
+                bfile=args.bfile or args.vcf,
+                query=args.query,
+                threshold=args.threshold,
+                ibs_missing=args.ibs_missing,
+                tile_rows=args.tile_rows or settings.genome_tile_rows,
+                keep=keep,
+                min_maf=args.min_maf,
+                artifact_dir=settings.artifact_dir,
+                output="pairs" if args.table else "square",
+                block=args.block,
+            )
+        except tasks.SubmissionError as exc:
+            option = "vcf" if exc.field == "bfile" and args.vcf else exc.field.replace("_", "-")
+            fail(f"--{'table' if option == 'output' else option}: {exc}")
+        where = "in this process" if inline else "on the genome queue"
+        shape = "pairs only, " if args.table else ""
+        print(
+            f"genome comparison {job['id']}: {job['metric']}, {shape}{job['n_rows']} x "
+            f"{job['n_samples']} samples, {job['n_variants']} variants, {job['tiles_total']} "
+            f"tiles {where}"
+        )
+        if inline:
+            summary = tasks.run_inline(
+                sessions, job_id=job["id"], device=settings.device, progress=True
+            )
+        elif args.wait or args.out:
+
+            def describe() -> dict[str, Any]:
+                with session_scope(sessions) as session:
+                    return tasks.describe(jobs.get_job(session, job_id=job["id"]))  # type: ignore[arg-type]
+
+            summary = follow(describe, app=app, queue=GENOME_QUEUE)
+        else:
+            print(f"  follow it: medbatch genome status {job['id']}")
+            return 0
+    if summary["status"] != "done":
+        fail(f"job {job['id']} failed: {summary['error']}", code=1)
+    for path in summary["outputs"]:
+        target = Path(path)
+        if args.out:
+            target = out_name(args.out, job["metric"], target.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        print(f"  {target}")
+    if job["metric"] == "king":
+        print_degrees(summary["degree_counts"], threshold=args.threshold, table=args.table)
+    return 0

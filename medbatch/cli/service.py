@@ -1,0 +1,118 @@
+"""The long-running processes: ``demo``, ``api``, ``worker``, ``sweeper``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from medbatch.cli._common import ALL_QUEUES, HelpFormatter, ensure_schema, fail
+
+if TYPE_CHECKING:
+    from medbatch.settings import Settings
+
+
+def add_parsers(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="every job kind on embedded defaults (API + worker + broker), with pictures",
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for scores")
+    demo.add_argument(
+        "--out", default="var/demo", help="folder for the pictures and tables the demo writes"
+    )
+    demo.set_defaults(func=run_demo)
+
+    api = sub.add_parser("api", help="run the HTTP shim", formatter_class=HelpFormatter)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on")
+    api.set_defaults(func=run_api)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run a Celery worker (one per GPU or core group)",
+        formatter_class=HelpFormatter,
+    )
+    worker.add_argument(
+        "--queues",
+        default=",".join(ALL_QUEUES),
+        help="comma-separated queues to consume; production splits them "
+        "(score.stat,score.routine,score.bulk | genome | chem)",
+    )
+    worker.add_argument(
+        "--beat", action="store_true", help="also run the beat schedule (nightly) and a sweeper"
+    )
+    worker.add_argument(
+        "--sweeper", action="store_true", help="also run the sweeper, in a thread of its own"
+    )
+    worker.add_argument(
+        "--hostname", default=None, help="Celery node name (default: celery@<host name>)"
+    )
+    worker.set_defaults(func=run_worker)
+
+    sweeper = sub.add_parser(
+        "sweeper",
+        help="hand back what dead workers held and what the broker lost (safe to run several)",
+        formatter_class=HelpFormatter,
+    )
+    sweeper.set_defaults(func=run_sweeper)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from medbatch.demo import run_demo as demo
+
+    return demo(settings, timeout_s=args.timeout, out_dir=args.out)
+
+
+def run_api(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from api_shim.main import create_app
+
+    ensure_schema(settings.database_url)
+    # No uvicorn access log: it prints query strings, which may name a patient
+    # (?subject=Patient/…). api_shim/audit.py logs each request by its route template instead.
+    uvicorn.run(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+def parse_queues(text: str) -> tuple[str, ...]:
+    queues = tuple(q.strip() for q in text.split(",") if q.strip())
+    unknown = [q for q in queues if q not in ALL_QUEUES]
+    if not queues or unknown:
+        fail(
+            f"--queues: unknown queue {', '.join(unknown) or '(none)'}; known: {', '.join(ALL_QUEUES)}"
+        )
+    return queues
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    queues = parse_queues(args.queues)
+    ensure_schema(settings.database_url)
+    from worker.app import create_app, run_worker, worker_argv
+    from worker.context import context
+
+    app = create_app(settings)
+    if set(queues) <= {"genome", "chem"}:
+        # A tile is seconds of work: take one at a time, so every genome worker gets its share.
+        app.conf.worker_prefetch_multiplier = 1
+    if args.sweeper or args.beat:
+        from worker.sweeper import Sweeper
+
+        Sweeper(settings, app=app, sessions=context(app).sessions).start_thread()
+    return run_worker(
+        app, worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname)
+    )
+
+
+def run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.sweeper import run_sweeper as sweeper
+
+    ensure_schema(settings.database_url)
+    return sweeper(settings)

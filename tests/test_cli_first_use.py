@@ -1,0 +1,179 @@
+"""A new user's first commands: fast help with every option explained, every command in an
+empty folder on the embedded defaults, one clear line instead of a traceback, no silent
+overwrite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medbatch.cli import _common, build_parser
+
+DATA = Path(__file__).resolve().parent / "data" / "genome"
+HEAVY = ("torch", "numba", "rdkit", "celery", "sqlalchemy", "fastapi", "numpy", "pydantic")
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medbatch.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _subcommands(child)
+    return found
+
+
+def test_help_of_every_command_imports_nothing_heavy() -> None:
+    """Building the parser and every command's help, in a fresh interpreter, imports none of
+    torch, numba, RDKit, Celery, SQLAlchemy, FastAPI, numpy, pydantic."""
+    code = (
+        "import sys, argparse\n"
+        "from medbatch.cli import build_parser\n"
+        "from tests.test_cli_first_use import _subcommands\n"
+        "for p in _subcommands(build_parser()): p.format_help()\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    """Each option of each command says what it does; a default, when there is one, is shown."""
+    for parser in _subcommands(build_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, f"{parser.prog} {action.dest}: no help text"
+            default = action.default
+            if default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+                assert "default" in (action.help or "") or f"(default: {default})" in " ".join(
+                    text.split()
+                ), f"{parser.prog} {action.option_strings[0]}: default {default!r} not shown"
+
+
+def test_the_cli_s_own_lists_match_the_project_s() -> None:
+    """The queue and recipe names the CLI keeps (to stay light) are the worker's and trainer's."""
+    from models.reference.train import TRAINABLE
+    from worker.queues import ALL_QUEUES
+
+    assert _common.ALL_QUEUES == ALL_QUEUES
+    assert tuple(_common.TRAINABLE) == tuple(TRAINABLE)
+
+
+def test_commands_work_in_an_empty_folder_without_db_upgrade(tmp_path: Path) -> None:
+    """The embedded SQLite is migrated on first use: create-tenant, then a genome comparison
+    (no `no such table: tenants`)."""
+    tenant = run_cli("db", "create-tenant", "first", cwd=tmp_path)
+    assert tenant.returncode == 0, tenant.stderr
+    assert json.loads(tenant.stdout)["tenant"] == "first"
+    assert (tmp_path / "var" / "medbatch.sqlite").is_file()
+    result = run_cli(
+        "genome", "compare", "--bfile", str(DATA / "hm3_small"), "--metric", "king",
+        "--out", "out/small", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    for name in ("small.king", "small.king.id", "small.king.npy", "small.kin0"):
+        assert (tmp_path / "out" / name).is_file(), name
+    lines = result.stdout.splitlines()
+    for degree in ("duplicate/MZ twin", "1st", "2nd", "3rd"):
+        assert any(line.split()[:-1] == degree.split() for line in lines), degree
+
+
+def test_genome_out_refuses_to_overwrite_and_names_npy_by_metric(tmp_path: Path) -> None:
+    """grm then ibs into one --out keep both matrices; the same metric again needs --force."""
+    base = ["genome", "compare", "--bfile", str(DATA / "hm3_small"), "--out", "o/x"]
+    assert run_cli(*base, "--metric", "grm", cwd=tmp_path).returncode == 0
+    assert run_cli(*base, "--metric", "ibs", cwd=tmp_path).returncode == 0
+    import numpy as np
+
+    grm, ibs = (np.load(tmp_path / "o" / f"x.{m}.npy") for m in ("grm", "ibs"))
+    assert not np.allclose(grm, ibs)
+    again = run_cli(*base, "--metric", "grm", cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().startswith("medbatch genome compare: --out: ")
+    assert "add --force" in again.stderr and "Traceback" not in again.stderr
+    assert run_cli(*base, "--metric", "grm", "--force", cwd=tmp_path).returncode == 0
+
+
+def test_genome_query_mode_writes_a_kin0_of_query_cohort_pairs(tmp_path: Path) -> None:
+    """New samples against a cohort that holds them: each is its own duplicate, listed in a .kin0
+    (query i against cohort i included)."""
+    result = run_cli(
+        "genome", "compare", "--bfile", str(DATA / "hm3_small"), "--query",
+        str(DATA / "hm3_small"), "--metric", "king", "--out", "q/x", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in (tmp_path / "q" / "x.kin0").read_text().splitlines()]
+    assert rows[0][0] == "#FID1"
+    duplicates = [r for r in rows[1:] if r[1] == r[3]]
+    assert len(duplicates) == 60
+    assert all(float(r[-1]) > 0.35 for r in duplicates)
+    lines = result.stdout.splitlines()
+    assert any(line.split() == ["duplicate/MZ", "twin", "60"] for line in lines)
+
+
+def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """No traceback: one line that names the API and what to do."""
+    cases = tmp_path / "cases.json"
+    cases.write_text("[]")
+    result = run_cli(
+        "submit", str(cases), "--api", "http://127.0.0.1:9", "--api-key", "k", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "cannot reach the API at http://127.0.0.1:9" in lines[0]
+
+
+def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
+    result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown queue gnome" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["genome", "compare", "--metric", "king"], ["submit"]])
+def test_missing_required_arguments_exit_2_with_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "usage: medbatch" in capsys.readouterr().err
+
+
+def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> None:
+    """No worker listens: `nightly --wait` says so, runs one for the run, and every case is
+    scored (it used to print `scored: 0` at once); `rejected` counts patients."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "nightly"
+    result = run_cli(
+        "nightly", "--input", str(examples), "--as-of", "2020-01-01T00:00:00Z", "--wait",
+        "--json", cwd=tmp_path, MEDBATCH_WORKER_METRICS_PORT="0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert (summary["patients_read"], summary["accepted"], summary["rejected"]) == (3, 2, 1)
+    assert summary["scored"] == 2 and summary["failed"] == 0
+    assert sum(summary["rejected_by_reason"].values()) >= summary["rejected"]
+    assert "no worker is listening on queue score.bulk" in result.stderr
+    assert not (tmp_path / "var" / "broker.sock").exists()

@@ -1,0 +1,88 @@
+"""The docs cannot rot quietly: the README stays short, every link and every `examples/` file the
+docs name exists, every MEDBATCH_* variable they name is a setting and every setting is
+documented, and the numbers they quote from the registry are the registry's."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from medbatch.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+#: Variables read by the test suite, and those docker-compose.yml reads (host folders to mount),
+#: not by medbatch.
+TEST_ONLY = {"MEDBATCH_TEST_REDIS"}
+COMPOSE_ONLY = set(
+    re.findall(r"\$\{(MEDBATCH_\w+?)[:}]", (ROOT / "docker-compose.yml").read_text())
+)
+
+
+def _text(path: Path) -> str:
+    return path.read_text()
+
+
+def test_the_readme_is_short_and_starts_with_the_two_commands() -> None:
+    lines = _text(ROOT / "README.md").splitlines()
+    assert len(lines) <= 200
+    first_code = lines.index("```bash")
+    assert lines[first_code + 1].startswith("make demo") and lines[first_code + 2].startswith(
+        "make test"
+    )
+    assert first_code < 40
+
+
+def test_every_relative_link_resolves() -> None:
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _text(doc)):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (doc.parent / target.split("#", 1)[0]).resolve()
+            assert path.exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+
+
+def test_every_examples_file_named_by_the_docs_and_the_cli_exists() -> None:
+    from medbatch.cli import build_parser
+    from tests.test_cli_first_use import _subcommands
+
+    texts = [_text(d) for d in DOCS]
+    texts += [p.format_help() for p in _subcommands(build_parser())]
+    named = {m for t in texts for m in re.findall(r"examples/[\w./-]*\w", t)}
+    assert len(named) >= 6
+    for name in named:
+        matches = list(ROOT.glob(name + "*"))  # a PLINK prefix names .bed/.bim/.fam
+        assert matches, f"{name} is named in the docs but not shipped"
+
+
+def test_named_variables_are_settings_and_every_setting_is_documented() -> None:
+    fields = {f"MEDBATCH_{name.upper()}" for name in Settings.model_fields}
+    for doc in DOCS:
+        for var in set(re.findall(r"MEDBATCH_[A-Z0-9_]*[A-Z0-9]", _text(doc))):
+            assert var in fields | TEST_ONLY | COMPOSE_ONLY, (
+                f"{doc.relative_to(ROOT)} names unknown {var}"
+            )
+    config = _text(ROOT / "docs" / "configuration.md")
+    for var in fields:
+        # A row may group variables: `MEDBATCH_STAT_MAX_BATCH_SIZE` / `_MAX_DELAY_MS`.
+        head, _, tail = var.removeprefix("MEDBATCH_").partition("_")
+        grouped = f"MEDBATCH_{head}_" in config and f"`_{tail}`" in config
+        assert var in config or grouped, f"{var} is not in docs/configuration.md"
+
+
+def test_the_architecture_names_every_queue_and_the_registry_threshold_is_quoted() -> None:
+    from worker.queues import ALL_QUEUES
+
+    architecture = _text(ROOT / "docs" / "architecture.md")
+    start = architecture.index("```")
+    diagram = architecture[start : architecture.index("```", start + 3)]
+    for queue in ALL_QUEUES:
+        assert queue in diagram
+    registry = json.loads(_text(ROOT / "models" / "registry.json"))
+    entries = registry["models"] if isinstance(registry, dict) else registry
+    (whas,) = [m for m in entries if m["name"] == "whas500-mortality"]
+    models = _text(ROOT / "docs" / "models.md")
+    assert f"threshold, {whas['threshold']}" in models
+    for other in re.findall(r"threshold,? (0\.\d+)", models):
+        assert float(other) in {m["threshold"] for m in entries}
