@@ -360,7 +360,7 @@ def run_medbatch(
                       f"{last - start:.0f} s", flush=True)  # fmt: skip
             time.sleep(1.0)
         wall = time.perf_counter() - start
-        summary = tasks._describe_id(sessions, job["id"])
+        summary = tasks.describe_id(sessions, job["id"])
         if summary["status"] != "done":
             raise RuntimeError(f"medbatch job failed: {summary['error']}")
         rss = [peak_rss_mb(p.pid) for p in procs]
