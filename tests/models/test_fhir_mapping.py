@@ -175,7 +175,7 @@ def test_an_observation_unit_must_be_ucum() -> None:
 
 
 def test_the_registry_refuses_to_load_a_schema_that_breaks_a_rule(tmp_path: Path) -> None:
-    raw = json.loads(Path("models/registry.json").read_text())
+    raw = json.loads(Path("models/cases/registry.json").read_text())
     whas = next(m for m in raw["models"] if m["name"] == "whas500-mortality")
     cvd = next(i for i in whas["inputs"] if i["name"] == "cardiovascular_history")
     cvd["source"]["codes"].append({"system": SNOMED, "code": "399211009"})  # the old overlap
