@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BeforeValidator, WithJsonSchema
 from sqlalchemy.orm import Session, sessionmaker
 
+from api_shim.coalesce import Coalescer
 from db import repo
 from db.tables import Tenant
 from medbatch.settings import Settings
@@ -42,11 +43,16 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+def get_coalescer(request: Request) -> Coalescer:
+    return request.app.state.coalescer
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+CoalescerDep = Annotated[Coalescer, Depends(get_coalescer)]
 
 _bearer = HTTPBearer(auto_error=False, description="the tenant's API key")
 

@@ -16,6 +16,7 @@ from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_shim.audit import AuditTrail
+from api_shim.coalesce import Coalescer
 from api_shim.errors import FHIR_JSON, SafeJSONResponse, error_response, fhir_issue, outcome_body
 from api_shim.guard import InputGuard
 from api_shim.idempotency import Idempotency
@@ -55,6 +56,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
+    app.state.coalescer.stop()
     app.state.celery.close()
     app.state.engine.dispose()
 
@@ -73,6 +75,12 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.state.sessions = make_sessionmaker(engine)
     app.state.registry = load_registry(settings.artifact_dir)
     app.state.celery = create_celery(settings, broker_url=broker_url, include_tasks=False)
+    app.state.coalescer = Coalescer(
+        app.state.celery,
+        app.state.sessions,
+        per_message=settings.cases_per_message,
+        window_ms=settings.coalesce_ms,
+    )
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.include_router(cases.router)

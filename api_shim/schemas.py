@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -60,6 +60,14 @@ class CasesAccepted(BaseModel):
     cases: list[CaseAccepted]
 
 
+#: Attributions come after the score: ``pending`` until the explain stage stored them.
+ExplanationStatus = Literal["pending", "done", "failed"]
+_EXPLANATION_STATUS = (
+    "the score's attributions: pending (the score is final; they follow), done (in "
+    "scores[].explanation), failed (see explanation_error); absent when none were asked for"
+)
+
+
 class ScorePublic(BaseModel):
     model: str
     model_version: str
@@ -89,6 +97,12 @@ class CasePublic(BaseModel):
         default=None,
         description="while queued: why it may wait, e.g. that no live worker listens on its queue",
     )
+    explanation_status: ExplanationStatus | None = Field(
+        default=None, description=_EXPLANATION_STATUS
+    )
+    explanation_error: str | None = Field(
+        default=None, description="why the explanation failed (the score stands)"
+    )
     fhir: dict[str, Any] | None = Field(
         default=None,
         description="for a case built from FHIR: how its features were read — the resources "
@@ -108,6 +122,12 @@ class ResultPublic(BaseModel):
     model_sha256: str | None
     last_error: str | None
     updated_at: datetime
+    explanation_status: ExplanationStatus | None = Field(
+        default=None, description=_EXPLANATION_STATUS
+    )
+    explanation: dict[str, Any] | None = Field(
+        default=None, description="top feature attributions, once explanation_status is done"
+    )
 
 
 class ResultsPublic(BaseModel):

@@ -193,6 +193,36 @@ class JobStatus(enum.StrEnum):
     failed = "failed"
 
 
+class Explanation(Base):
+    """The explain stage's ledger: one row per released score that attributions were asked for.
+
+    The score commits first (its case is ``done``); the explain stage computes the attributions
+    later, batched, on its own low-priority queue, and writes them into ``Score.explanation``.
+    ``status`` is ``queued`` (a message was sent at ``enqueued_at``; None: not yet sent),
+    ``running`` (a worker holds the lease), ``done`` or ``failed`` (``error`` says why). The API
+    shows queued and running as ``pending``. The sweeper re-sends stranded rows as it does cases.
+    """
+
+    __tablename__ = "explanations"
+    __table_args__ = (Index("ix_explanations_status_enqueued_at", "status", "enqueued_at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    #: A case has one released score, so one explanation: the explain messages carry case ids.
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), unique=True)
+    score_id: Mapped[int] = mapped_column(ForeignKey("scores.id", ondelete="CASCADE"))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
+    )
+    #: How many times an explain message for it reached a worker (a poison case ends ``failed``).
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    enqueued_at: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class TiledJob:
     """The columns every tiled job kind shares (worker/tiled.py): who asked, the status, the spec,
     and the tile count; a kind's own table adds what it reports (sizes, where its outputs go)."""

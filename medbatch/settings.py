@@ -94,14 +94,29 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
     autocast: Literal["off", "bf16", "fp16"] = "off"
-    #: Feature attributions stored with each score: the top K inputs (and, for sequences, steps)
-    #: by integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path
-    #: steps. What they cost is measured by bench/scoring.py (see the README).
+    #: Feature attributions for each score: the top K inputs (and, for sequences, steps) by
+    #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
+    #: They are computed off the scoring path: the score commits first, then the explain stage
+    #: (queue ``explain``, read after every scoring queue) stores them (docs/scoring-path.md).
     explain_top_k: int = Field(default=5, ge=0)
     explain_steps: int = Field(default=16, ge=2)
-    #: Attributions for series and token models too. Off by default: a backward pass through a
-    #: recurrence per path step cut vitals-gru's bulk throughput ~20x (bench/scoring.py).
-    explain_sequences: bool = False
+    #: Attributions for series and token models too (on: they no longer slow scoring).
+    explain_sequences: bool = True
+    #: Cases per explain message, so per explain batch: a worker finishes the explain batch in
+    #: progress before it serves a STAT case, so this bounds what explanations add to STAT latency.
+    explain_max_batch_size: int = Field(default=64, ge=1)
+    #: An explain message that has run this long hands its remaining cases back as a new
+    #: message (at the back of the explain queue), so a STAT case waits for at most one chunk
+    #: of attributions beyond it (8 sequences, or 64 tabular cases) whatever the model.
+    explain_yield_ms: float = Field(default=50.0, gt=0)
+    #: Single-case submissions ride batches: each API process gathers the case ids that
+    #: concurrent requests committed, per queue, and sends one message when it holds
+    #: ``cases_per_message`` ids or this many ms after the first of them, whichever comes first
+    #: (0: one message per request, sent at once). A crash in between only delays a case: it is
+    #: committed, and the sweeper sends it.
+    coalesce_stat_ms: float = Field(default=1.0, ge=0, le=1000)
+    coalesce_routine_ms: float = Field(default=5.0, ge=0, le=1000)
+    coalesce_bulk_ms: float = Field(default=20.0, ge=0, le=1000)
     #: Port of the worker's Prometheus endpoint; 0 turns it off.
     worker_metrics_port: int = Field(default=9108, ge=0, le=65535)
     #: Address it listens on: loopback unless told otherwise (compose opens it to its network).
@@ -130,6 +145,13 @@ class Settings(BaseSettings):
     def chem_engine_cache(self) -> Path:
         """Where the compound-similarity engine probe keeps its verdict for this machine."""
         return self.var_dir / "chem-engine.json"
+
+    def coalesce_ms(self, queue: str) -> float:
+        """The API's gathering window of a ``score.*`` queue (routine's for others)."""
+        kind = queue.removeprefix("score.")
+        if kind not in ("stat", "routine", "bulk"):
+            kind = "routine"
+        return float(getattr(self, f"coalesce_{kind}_ms"))
 
     def batching(self, queue: str) -> tuple[int, float]:
         """``(max_batch_size, max_delay_ms)`` of a ``score.*`` queue (routine's for others)."""

@@ -60,7 +60,7 @@ def _empty_tables(engine: Engine) -> None:
                 text(
                     "TRUNCATE compound_neighbours, job_tiles, compound_jobs, audit_events, "
                     "api_keys, api_clients, idempotency_keys, genome_pairs, "
-                    "genome_jobs, scores, "
+                    "genome_jobs, explanations, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
                 )
@@ -76,6 +76,7 @@ def _empty_tables(engine: Engine) -> None:
                 "idempotency_keys",
                 "genome_pairs",
                 "genome_jobs",
+                "explanations",
                 "scores",
                 "batches",
                 "cases",

@@ -5,13 +5,14 @@ from __future__ import annotations
 from celery import Celery
 
 from medbatch.settings import Settings
-from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, task_queues
+from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, SCORING_WORKER_QUEUES, task_queues
 
 #: The modules that register tasks (and signal handlers) on the app, imported by Celery's loader
 #: (``include``): they read the app's context through worker/context.py, never this module.
 TASK_MODULES = (
     "worker.signals",
     "worker.tasks.compounds",
+    "worker.tasks.explain",
     "worker.tasks.genome",
     "worker.tasks.maintenance",
     "worker.tasks.nightly",
@@ -46,8 +47,9 @@ def create_app(
             # Redis holds an unacknowledged message invisible this long, then hands it out
             # again: longer than any task runs, so a slow task is not run twice for nothing.
             "visibility_timeout": settings.visibility_timeout_s,
-            # Read the queues in the order given to --queues (stat, routine, bulk) instead of
-            # round robin: a STAT message is always the next one read.
+            # Read the queues in the order given to --queues (stat, routine, bulk, explain)
+            # instead of round robin: a STAT message is always the next one read, and an
+            # explain message only when no scoring message waits.
             "queue_order_strategy": "priority",
         },
         task_queues=task_queues(),
@@ -93,7 +95,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
 def worker_argv(
     settings: Settings,
     *,
-    queues: tuple[str, ...] = SCORE_QUEUES,
+    queues: tuple[str, ...] = SCORING_WORKER_QUEUES,
     beat: bool = False,
     hostname: str | None = None,
 ) -> list[str]:

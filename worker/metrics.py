@@ -32,6 +32,9 @@ SHADOW_SCORED = Counter(
     "medbatch_shadow_scores_total", "Cases also scored by a shadowing candidate", ["model"]
 )
 CASES_FAILED = Counter("medbatch_cases_failed_total", "Cases that ended failed", ["queue", "model"])
+EXPLANATIONS = Counter(
+    "medbatch_explanations_total", "Explanations settled by the explain stage", ["outcome"]
+)
 MESSAGES_REJECTED = Counter(
     "medbatch_messages_rejected_total", "Malformed scoring messages dropped", ["queue"]
 )

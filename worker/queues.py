@@ -15,12 +15,17 @@ REQUEUE_TASK = "medbatch.requeue_stale_cases"
 GENOME_TASK = "medbatch.genome_tile"
 NIGHTLY_TASK = "medbatch.nightly_drop"
 CHEM_TASK = "medbatch.compound_tile"
+EXPLAIN_TASK = "medbatch.explain_cases"
 
 #: One queue per priority, plus the genome queue; a scoring worker listens on the score queues.
 SCORE_QUEUES = tuple(f"score.{p.value}" for p in Priority)
 GENOME_QUEUE = "genome"
 CHEM_QUEUE = "chem"
-ALL_QUEUES = (*SCORE_QUEUES, GENOME_QUEUE, CHEM_QUEUE)
+#: Attributions of scores already committed: read after every scoring queue (lowest priority).
+EXPLAIN_QUEUE = "explain"
+#: What a scoring worker listens to by default, in the order it reads them.
+SCORING_WORKER_QUEUES = (*SCORE_QUEUES, EXPLAIN_QUEUE)
+ALL_QUEUES = (*SCORE_QUEUES, EXPLAIN_QUEUE, GENOME_QUEUE, CHEM_QUEUE)
 
 
 def queue_for(priority: Priority | str) -> str:
@@ -48,4 +53,15 @@ def enqueue_cases(
             chunk = ids[start : start + per_message]
             app.send_task(SCORE_TASK, args=[chunk], queue=queue, routing_key=queue)
             sent += 1
+    return sent
+
+
+def enqueue_explanations(app: Celery, case_ids: Iterable[int], *, per_message: int) -> int:
+    """Send explain messages for cases whose score (and explanation ledger row) is committed."""
+    ids = [int(i) for i in case_ids]
+    sent = 0
+    for start in range(0, len(ids), per_message):
+        chunk = ids[start : start + per_message]
+        app.send_task(EXPLAIN_TASK, args=[chunk], queue=EXPLAIN_QUEUE, routing_key=EXPLAIN_QUEUE)
+        sent += 1
     return sent

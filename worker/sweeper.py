@@ -12,7 +12,8 @@ Each sweep sends again (rules in db/repo.py ``Stranded``):
 - queued cases and tiles sent before the broker last started (a restart may have emptied it);
 - queued ones sent more than a lease ago on a queue the broker reports empty (their message
   sits with a dead worker, or was lost between the broker and a worker);
-- queued ones older than ``requeue_after_s``, whatever the broker says.
+- queued ones older than ``requeue_after_s``, whatever the broker says;
+- explanations (db/explanations.py) by the same rules, on the ``explain`` queue.
 A message sent twice costs nothing but a settled message: a worker claims only what is not done
 and not held by another live worker.
 """
@@ -30,7 +31,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import idempotency, repo
+from db import explanations, idempotency, repo
 from db import leases as tile_leases
 from db.engine import session_scope
 from db.tables import Priority, utcnow
@@ -38,10 +39,12 @@ from medbatch.settings import Settings
 from worker.queues import (
     CHEM_QUEUE,
     CHEM_TASK,
+    EXPLAIN_QUEUE,
     GENOME_QUEUE,
     GENOME_TASK,
     SCORE_QUEUES,
     enqueue_cases,
+    enqueue_explanations,
     queue_for,
 )
 
@@ -63,16 +66,17 @@ class BrokerState:
 class SweepReport:
     cases: int = 0
     tiles: dict[str, int] = field(default_factory=dict)
+    explanations: int = 0
     idempotency_keys: int = 0
 
     @property
     def sent(self) -> int:
-        return self.cases + sum(self.tiles.values())
+        return self.cases + sum(self.tiles.values()) + self.explanations
 
 
 def broker_state(app: Celery, *, now: datetime) -> BrokerState:
     """The broker's start time (Redis ``INFO``) and its empty queues; nothing if unreachable."""
-    queues = (*SCORE_QUEUES, GENOME_QUEUE, CHEM_QUEUE)
+    queues = (*SCORE_QUEUES, EXPLAIN_QUEUE, GENOME_QUEUE, CHEM_QUEUE)
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
@@ -122,6 +126,18 @@ def sweep(
         report.cases += len(taken)
         if len(taken) < 5_000:
             break
+    while True:
+        # The explain stage's ledger, by the same rules (its queue is read last, so a backlog
+        # there is normal: only the broker's word or lost_before sends a queued one again).
+        with session_scope(sessions) as session:
+            pending = explanations.take_stranded_explanations(
+                session, rules=rules, quiet=EXPLAIN_QUEUE in broker.empty_queues
+            )
+            if pending:
+                enqueue_explanations(app, pending, per_message=settings.explain_max_batch_size)
+        report.explanations += len(pending)
+        if len(pending) < 5_000:
+            break
     for kind, (queue, task) in TILE_ROUTES.items():
         with session_scope(sessions) as session:
             tiles = tile_leases.take_stranded_tiles(
@@ -136,9 +152,10 @@ def sweep(
         )
     if report.sent:
         log.warning(
-            "sweeper: sent again %d cases, %s tiles",
+            "sweeper: sent again %d cases, %s tiles, %d explanations",
             report.cases,
             ", ".join(f"{n} {k}" for k, n in report.tiles.items()),
+            report.explanations,
         )
     return report
 

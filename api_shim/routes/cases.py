@@ -9,14 +9,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from api_shim.deps import CeleryDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
+from api_shim.deps import CoalescerDep, RegistryDep, SessionDep, SettingsDep, SubmitterDep
 from api_shim.errors import model_problem
 from api_shim.metrics import CASES_SUBMITTED
 from api_shim.schemas import CaseAccepted, CaseCreate, CasesAccepted
 from db import repo
 from models.cases.featurize import check_features
 from models.cases.registry import Registry, RegistryError
-from worker.queues import enqueue_cases
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["cases"])
@@ -155,7 +154,7 @@ def submit_cases(
     session: SessionDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    celery: CeleryDep,
+    coalescer: CoalescerDep,
 ) -> CasesAccepted:
     """Accept one case or a list; all are validated before any is stored, and none is enqueued before its commit."""
     cases = parse_cases(raw, max_cases=settings.max_cases_per_request)
@@ -174,21 +173,9 @@ def submit_cases(
             },
         ) from None
     to_send = [(r.id, c.priority) for r, c in zip(results, new, strict=True) if r.created]
-    enqueued = True
-    if to_send:
-        try:
-            enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
-        except Exception as exc:
-            # The rows are committed: marked unsent, the sweeper sends them once the broker is
-            # back (at its next sweep, not after requeue_after_s).
-            log.warning(
-                "broker unreachable, %d cases left for the sweeper: %s",
-                len(to_send),
-                type(exc).__name__,
-            )
-            enqueued = False
-            repo.mark_unsent(session, case_ids=[case_id for case_id, _ in to_send])
-            session.commit()
+    # Concurrent requests' cases share messages (api_shim/coalesce.py); a broker outage leaves
+    # them marked unsent, for the sweeper.
+    enqueued = coalescer.send(to_send) if to_send else True
     for c in new:
         CASES_SUBMITTED.labels(model=c.model_name, priority=c.priority.value).inc()
     accepted = [

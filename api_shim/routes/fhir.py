@@ -22,7 +22,7 @@ from sqlalchemy import select
 from api_shim.audit import record_resource
 from api_shim.deps import (
     MODEL_REF,
-    CeleryDep,
+    CoalescerDep,
     IdPath,
     Moment,
     ReaderDep,
@@ -35,7 +35,6 @@ from api_shim.errors import SafeJSONResponse, model_problem, outcome_body
 from db import repo
 from db.tables import Case, Priority, Score
 from models.cases.registry import ModelSpec, RegistryError
-from worker.queues import enqueue_cases
 
 if TYPE_CHECKING:
     from worker.fhir_intake import Intake
@@ -75,7 +74,7 @@ async def submit_bundle(
     session: SessionDep,
     registry: RegistryDep,
     settings: SettingsDep,
-    celery: CeleryDep,
+    coalescer: CoalescerDep,
     model: Annotated[str, Query(min_length=1, max_length=150, pattern=MODEL_REF)] = (
         "whas500-mortality"
     ),
@@ -165,10 +164,8 @@ async def submit_bundle(
     session.commit()
     to_send = [(r.id, Priority.routine) for r in results if r.created]
     if to_send:
-        try:
-            enqueue_cases(celery, to_send, per_message=settings.cases_per_message)
-        except Exception as exc:
-            log.warning("broker unreachable, %d cases left for the sweeper: %s", len(to_send), exc)
+        # Shared messages with concurrent requests; a broker outage leaves them for the sweeper.
+        await coalescer.send_async(to_send)
     entries: list[dict[str, Any]] = []
     for (intake, _), r in zip(accepted, results, strict=True):
         response: dict[str, Any] = {

@@ -19,7 +19,7 @@ from api_shim.deps import (
     to_utc,
 )
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
-from db import repo
+from db import explanations, repo
 from db.tables import CaseStatus
 
 router = APIRouter(prefix="/v1", tags=["results"])
@@ -39,6 +39,7 @@ def read_case(
         from worker.queues import queue_for
 
         detail = waiting_detail(celery, queue_for(case.priority))
+    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
     return CasePublic(
         id=case.id,
         external_id=case.external_id,
@@ -64,6 +65,8 @@ def read_case(
             if not s.shadow
         ],
         detail=detail,
+        explanation_status=explained.status if explained else None,
+        explanation_error=explained.error if explained else None,
         fhir=case.context,
     )
 
@@ -110,6 +113,7 @@ def list_scores(
         after_id=cursor,
         limit=limit,
     )
+    explained = explanations.states(session, case_ids=[case.id for case, _ in rows])
     items = [
         ResultPublic(
             case_id=case.id,
@@ -122,6 +126,8 @@ def list_scores(
             model_sha256=score.model_sha256 if score else None,
             last_error=case.last_error,
             updated_at=case.updated_at,
+            explanation_status=e.status if (e := explained.get(case.id)) else None,
+            explanation=score.explanation if score and e and e.status == "done" else None,
         )
         for case, score in rows
     ]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 #: Kept in step with worker.queues.ALL_QUEUES and models.train.TRAINABLE by tests/test_cli.py
 #: (importing those here would import Celery and torch for ``--help``).
-ALL_QUEUES = ("score.stat", "score.routine", "score.bulk", "genome", "chem")
+ALL_QUEUES = ("score.stat", "score.routine", "score.bulk", "explain", "genome", "chem")
 TRAINABLE = (
     "breast-cancer",
     "whas500-mortality",

@@ -37,7 +37,7 @@ def add_parsers(sub: Any) -> None:
         "--queues",
         default=",".join(ALL_QUEUES),
         help="comma-separated queues to consume; production splits them "
-        "(score.stat,score.routine,score.bulk | genome | chem)",
+        "(score.stat,score.routine,score.bulk,explain | genome | chem)",
     )
     worker.add_argument(
         "--beat", action="store_true", help="also run the beat schedule (nightly) and a sweeper"

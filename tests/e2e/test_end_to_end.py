@@ -55,7 +55,12 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
     for r in rows:
         assert abs(r.score - expected[r.case_id].score) <= 1e-6
         assert r.label == expected[r.case_id].label
-    # And the API serves them back.
+    # And the API serves them back, with the attributions once the explain stage stored them.
+    wait_for(
+        lambda: api.get(f"/v1/cases/{ids[0]}").json()["explanation_status"] == "done",
+        worker=worker,
+        processes=processes,
+    )
     body = api.get(f"/v1/cases/{ids[0]}").json()
     assert len(body["scores"][0]["explanation"]["top"]) == 5
     assert body["status"] == "done" and body["scores"][0]["score"] == pytest.approx(

@@ -85,7 +85,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
             "worker",
             "worker",
             "--queues",
-            "score.stat,score.routine,score.bulk,genome,chem",
+            "score.stat,score.routine,score.bulk,explain,genome,chem",
             "--hostname",
             f"fuzz-{uuid.uuid4().hex[:6]}@%h",
             MEDBATCH_LOG_LEVEL="INFO",

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select
 
-from db import repo
+from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Case, Priority, Score, Tenant
 from tests.faults.harness import Cluster, Servers, make_cases
@@ -323,8 +323,6 @@ def poison(servers: Servers, *, cases: int) -> Result:
         for case_id, external_id in by_external.items():
             if external_id.startswith("nan-"):
                 reasons[case_id] = "model produced a non-finite score"
-            elif external_id.startswith("inf-"):
-                reasons[case_id] = "explanation holds a non-finite number"
             elif external_id.startswith("misfit-"):
                 reasons[case_id] = "features do not fit the input schema"
         settled_at = c.wait_settled(everything)
@@ -333,6 +331,25 @@ def poison(servers: Servers, *, cases: int) -> Result:
             stored_overflow = s.scalar(
                 select(func.count()).select_from(Case).where(Case.external_id.like("overflow-%"))
             )
+        # Infinite attributions cost a case its explanation, never its score: explained after
+        # the score, the inf cases end done with their explanation failed, the others explained.
+        inf_ids = {i for i, x in by_external.items() if x.startswith("inf-")}
+        explained_ids = [i for i in everything if i not in reasons]
+        deadline = time.monotonic() + 120
+        while True:
+            with c.sessions() as s:
+                found = explanations.states(s, case_ids=explained_ids)
+            if sum(e.status != "pending" for e in found.values()) == len(explained_ids):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        explanations_ok = len(found) == len(explained_ids) and all(
+            (e.status == "failed" and "explanation holds a non-finite number" in (e.error or ""))
+            if i in inf_ids
+            else e.status == "done"
+            for i, e in found.items()
+        )
     return {
         **report,
         # Nothing stops, so nothing recovers: each poison case fails in its own batch.
@@ -340,6 +357,7 @@ def poison(servers: Servers, *, cases: int) -> Result:
         "poison_cases": len(reasons) + 1,
         "refused_with_422": bool(refused_ok and not stored_overflow),
         "settled": not math.isnan(settled_at),
+        "inf_explanations_failed_alone": explanations_ok,
     }
 
 

@@ -65,11 +65,12 @@ def test_postgres_stopped_and_started(servers: Servers) -> None:
 
 
 def test_poison_cases_of_every_kind_fail_alone(servers: Servers) -> None:
-    """Overflow refused at the door; NaN forward pass, infinite attributions and unfit stored
-    features each fail their own case only."""
+    """Overflow refused at the door; NaN forward pass and unfit stored features each fail their
+    own case only; infinite attributions fail that case's explanation only (its score stands)."""
     result = scenarios.poison(servers, cases=150)
     _holds(result)
     assert result["refused_with_422"] and result["settled"]
+    assert result["inf_explanations_failed_alone"], result
 
 
 def test_the_sweeper_is_not_starved_by_a_routine_backlog(servers: Servers) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -13,13 +14,14 @@ import torch
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
+from db import explanations, repo
 from db.engine import is_outage, make_engine, make_sessionmaker, session_scope
 from db.tables import Case, CaseStatus, Priority, Score
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
 from models.cases.registry import Registry
 from tests.helpers import wdbc_cases
-from worker.tasks import scoring
+from worker.tasks import explain as explain_stage
+from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import save_isolating, score_cases
 
 pytestmark = pytest.mark.integration
@@ -66,7 +68,7 @@ class FaultyModel(LoadedModel):
 
 
 def _explain_patch(step: str) -> Callable:
-    real = scoring.explain
+    real = explain_stage.explain
 
     def explain(model, batch, *, top_k, n_steps):  # type: ignore[no-untyped-def]
         marked = (batch.values[:, 0] == MARK).tolist()
@@ -87,10 +89,13 @@ REASONS = {
     "featurize": "features could not be prepared for the model (featurize raised)",
     "forward-raises": "model raised RuntimeError: poisoned input",
     "forward-nan": "model produced a non-finite score",
+    "write": "the database refused its score row: StringDataRightTruncation",
+}
+#: Faults of the explain stage: the case keeps its score; only its explanation fails.
+EXPLAIN_REASONS = {
     "explain-raises": "explanation failed: RuntimeError",
     "explain-nan": "explanation holds a non-finite number at explanation.top[0].attribution",
     "serialize": "explanation cannot be stored as JSON: TypeError",
-    "write": "the database refused its score row: StringDataRightTruncation",
 }
 
 
@@ -106,24 +111,42 @@ def _add(sessions: sessionmaker[Session], cases: list[dict]) -> list[int]:
         return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
 
 
+def _explain(sessions: sessionmaker[Session], ids: list[int], model: LoadedModel):  # type: ignore[no-untyped-def]
+    return explain_cases(
+        ids,
+        sessions=sessions,
+        load_model=lambda n, v: model,
+        lease=repo.Lease("test:1:poison", timedelta(seconds=30)),
+        top_k=3,
+    )
+
+
 @pytest.mark.parametrize("step", sorted(REASONS))
 def test_a_poison_case_fails_alone_at_every_step(
-    pg_sessions: sessionmaker[Session], step: str, monkeypatch: pytest.MonkeyPatch
+    pg_sessions: sessionmaker[Session], step: str
 ) -> None:
-    """32 cases, one poisoned at ``step``: 31 scored with their explanation, 1 failed with
-    its reason, in a bounded number of forward passes; nothing is dead-lettered."""
+    """32 cases, one poisoned at ``step``: 31 scored (then explained), 1 failed with its reason,
+    in a bounded number of forward passes; nothing is dead-lettered."""
     cases = wdbc_cases(32, prefix=step)
     cases[13]["features"]["mean_radius"] = MARK
     ids = _add(pg_sessions, cases)
     model = FaultyModel(step)
     if step == "write":
         model._marked_score = model.score([cases[13]["features"]])[0].score
-    monkeypatch.setattr(scoring, "explain", _explain_patch(step))
-    outcome = score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=3)
+    sent: list[list[int]] = []
+    outcome = score_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        explain_top_k=3,
+        send_explanations=sent.append,
+    )
     assert outcome.failed == {ids[13]: REASONS[step]}
     assert sorted(outcome.scored) == sorted(set(ids) - {ids[13]})
     assert outcome.dead_letters == []
     assert model.predictions <= 1 + 2 * math.log2(32)
+    assert sent == [sorted(set(ids) - {ids[13]})]
+    _explain(pg_sessions, sent[0], LoadedModel(SPEC, device="cpu"))
     with pg_sessions() as s:
         scores = s.scalars(select(Score)).all()
         statuses = dict(s.execute(select(Case.id, Case.status)).tuples().all())
@@ -133,6 +156,40 @@ def test_a_poison_case_fails_alone_at_every_step(
     assert statuses[ids[13]] == CaseStatus.failed and bad is not None
     assert bad.last_error == REASONS[step] and not bad.dead_letter
     assert {statuses[i] for i in ids if i != ids[13]} == {CaseStatus.done}
+
+
+@pytest.mark.parametrize("step", sorted(EXPLAIN_REASONS))
+def test_a_poison_explanation_fails_alone_and_keeps_its_score(
+    pg_sessions: sessionmaker[Session], step: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 cases, one whose attributions go wrong at ``step``: all 32 scored and done, 31
+    explanations stored, 1 failed with its reason (its score untouched)."""
+    cases = wdbc_cases(32, prefix=step)
+    cases[13]["features"]["mean_radius"] = MARK
+    ids = _add(pg_sessions, cases)
+    model = FaultyModel("none")
+    sent: list[list[int]] = []
+    outcome = score_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        explain_top_k=3,
+        send_explanations=sent.append,
+    )
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    monkeypatch.setattr(explain_stage, "explain", _explain_patch(step))
+    done = _explain(pg_sessions, sent[0], model)
+    assert done.failed == {ids[13]: EXPLAIN_REASONS[step]}
+    assert done.done == sorted(set(ids) - {ids[13]})
+    with pg_sessions() as s:
+        scores = {sc.case_id: sc for sc in s.scalars(select(Score))}
+        statuses = set(s.scalars(select(Case.status)))
+        states = explanations.states(s, case_ids=ids)
+    assert sorted(scores) == ids and statuses == {CaseStatus.done}
+    assert scores[ids[13]].explanation is None and math.isfinite(scores[ids[13]].score)
+    assert states[ids[13]] == explanations.ExplanationState("failed", EXPLAIN_REASONS[step])
+    assert {states[i].status for i in ids if i != ids[13]} == {"done"}
+    assert all(len(scores[i].explanation["top"]) == 3 for i in ids if i != ids[13])  # type: ignore[index]
 
 
 def test_rows_the_database_refuses_fail_alone_on_both_databases(

@@ -11,12 +11,13 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
+from db import explanations, repo
 from db.engine import session_scope
-from db.tables import Batch, Case, CaseStatus, Priority, Score
+from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import Registry
 from tests.helpers import wdbc_cases
+from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import parse_case_ids, score_cases
 
 pytestmark = pytest.mark.integration
@@ -240,27 +241,70 @@ def test_sequence_cases_are_bucketed_by_length_and_scored_as_alone(
         assert sc.score == pytest.approx(alone[sc.case_id], abs=1e-5)
 
 
-def test_scores_carry_their_explanation_on_both_databases(
+def _explain_all(sessions: sessionmaker[Session], ids: list[int], model: LoadedModel, k: int):  # type: ignore[no-untyped-def]
+    return explain_cases(
+        ids,
+        sessions=sessions,
+        load_model=lambda n, v: model,
+        lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+        top_k=k,
+    )
+
+
+def test_the_score_commits_before_its_explanation_on_both_databases(
     sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
-    """With explanations on, each stored score holds its top-k attributions (PostgreSQL, SQLite)."""
+    """Scoring stores the score and a pending explanation; the explain stage then stores each
+    case's top-k attributions (PostgreSQL, SQLite)."""
     ids = _add(sessions, wdbc_cases(6))
-    score_cases(ids, sessions=sessions, load_model=_loader(model), explain_top_k=3)
+    sent: list[list[int]] = []
+    outcome = score_cases(
+        ids,
+        sessions=sessions,
+        load_model=_loader(model),
+        explain_top_k=3,
+        send_explanations=sent.append,
+    )
+    assert sorted(outcome.scored) == ids and sent == [ids]
     with sessions() as s:
         stored = s.scalars(select(Score).order_by(Score.case_id)).all()
-    assert len(stored) == 6
+        assert {c.status for c in s.scalars(select(Case))} == {CaseStatus.done}
+        assert {i: e.status for i, e in explanations.states(s, case_ids=ids).items()} == {
+            i: "pending" for i in ids
+        }
+    assert len(stored) == 6 and all(sc.explanation is None for sc in stored)
+    done = _explain_all(sessions, sent[0], model, 3)
+    assert done.done == ids and done.failed == {}
+    with sessions() as s:
+        stored = s.scalars(select(Score).order_by(Score.case_id)).all()
+        assert {e.status for e in explanations.states(s, case_ids=ids).values()} == {"done"}
     for sc in stored:
         assert sc.explanation is not None
         assert sc.explanation["method"] == "integrated_gradients"
         assert len(sc.explanation["top"]) == 3
         assert {a["feature"] for a in sc.explanation["top"]} <= set(SPEC.feature_names)
+    # A second delivery of the same message changes nothing.
+    again = _explain_all(sessions, sent[0], model, 3)
+    assert again.done == [] and again.skipped == 6
+
+
+def test_no_explanation_is_asked_for_with_top_k_zero(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """explain_top_k=0: scores only, no ledger row, nothing sent."""
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="zero"))
+    sent: list[list[int]] = []
+    score_cases(ids, sessions=pg_sessions, load_model=_loader(model), send_explanations=sent.append)
+    with pg_sessions() as s:
+        assert explanations.states(s, case_ids=ids) == {}
+    assert sent == []
 
 
 @pytest.mark.parametrize("explain_sequences", [False, True])
 def test_sequence_explanations_follow_their_setting(
     pg_sessions: sessionmaker[Session], explain_sequences: bool
 ) -> None:
-    """Series models get attributions (channels and steps) only with explain_sequences."""
+    """Series models get attributions (channels and steps) unless explain_sequences is off."""
     from bench.workloads import vitals_series
 
     gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
@@ -272,16 +316,21 @@ def test_sequence_explanations_follow_their_setting(
             for i, f in enumerate(series)
         ]
         ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    sent: list[list[int]] = []
     score_cases(
         ids,
         sessions=pg_sessions,
         load_model=lambda n, v: gru,
         explain_top_k=2,
         explain_sequences=explain_sequences,
+        send_explanations=sent.append,
     )
+    if sent:
+        _explain_all(pg_sessions, sent[0], gru, 2)
     with pg_sessions() as s:
         stored = s.scalars(select(Score).order_by(Score.case_id)).all()
     assert len(stored) == 6
+    assert bool(sent) == explain_sequences
     for sc, features in zip(stored, series, strict=True):
         if not explain_sequences:
             assert sc.explanation is None
@@ -292,3 +341,52 @@ def test_sequence_explanations_follow_their_setting(
         assert all(
             0 <= t["step"] < len(features["heart_rate"]) for t in sc.explanation["top_steps"]
         )
+
+
+def test_a_long_explain_message_hands_the_rest_back_in_chunks(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """Past its time, an explain message stores the chunk it finished and hands the rest back
+    (queued, attempt uncounted, for a new message); explaining those finishes the job."""
+    from bench.workloads import vitals_series
+
+    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+    series = vitals_series(20, seed=2, min_length=2)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="icu-yield")
+        new = [
+            repo.NewCase(f"y-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
+            for i, f in enumerate(series)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    sent: list[list[int]] = []
+    score_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: gru,
+        explain_top_k=2,
+        send_explanations=sent.append,
+    )
+    rest: list[list[int]] = []
+    lease = repo.Lease("test:1:yield", timedelta(seconds=30))
+    first = explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=lambda n, v: gru,
+        lease=lease,
+        top_k=2,
+        yield_after_s=0.0,
+        send_rest=rest.append,
+    )
+    assert len(first.done) == 8 and first.handed_back == ids[8:] and rest == [ids[8:]]
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+        attempts = set(
+            s.scalars(select(Explanation.attempts).where(Explanation.case_id.in_(ids[8:])))
+        )
+    assert {states[i].status for i in ids[:8]} == {"done"}
+    assert {states[i].status for i in ids[8:]} == {"pending"} and attempts == {0}
+    second = explain_cases(
+        rest[0], sessions=pg_sessions, load_model=lambda n, v: gru, lease=lease, top_k=2
+    )
+    assert second.done == ids[8:] and second.handed_back == []

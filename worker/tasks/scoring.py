@@ -4,14 +4,17 @@ Messages of this task are not run one by one: :class:`worker.batching.Batcher` g
 queue and calls :func:`score_cases` once for all the case ids they carry.
 
 One bad case never costs another: every step that touches a case (its features, the forward
-pass, its explanation, its serialization, its row in the database) is isolated, and a failure or
-a non-finite number there is that case's failure, with its reason. Only a database outage fails
-the batch (:func:`db.engine.is_outage`); the batcher then hands it back.
+pass, its serialization, its row in the database) is isolated, and a failure or a non-finite
+number there is that case's failure, with its reason. Only a database outage fails the batch
+(:func:`db.engine.is_outage`); the batcher then hands it back.
+
+Attributions are not computed here: the transaction that stores a score also asks for its
+explanation (db/explanations.py), and once it commits the case ids go to the ``explain`` queue
+(worker/tasks/explain.py), which a worker reads after every scoring queue.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,17 +30,17 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
+from db import explanations, repo
 from db.engine import is_outage, session_scope
 from db.tables import utcnow
-from models.cases.explain import explain, explainable
+from models.cases.explain import explainable
 from models.cases.featurize import case_length, check_features
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
 from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper
-from worker.queues import SCORE_TASK
+from worker.queues import SCORE_TASK, enqueue_explanations
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class Outcome:
     skipped: int = 0
     new_score_rows: int = 0
     forward_passes: int = 0
+    #: Scored cases whose explanation was asked for in the batch's transaction (to send).
+    to_explain: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -66,8 +71,15 @@ class _Pass:
     inference_ms: float
     started: datetime
     rows: list[tuple[int, int, ScoreRow, float | None]]  # (case id, position, row, wait ms)
-    explanations: dict[int, dict] = field(default_factory=dict)  # case id -> attributions
+    #: Its cases' attributions are wanted (computed later by the explain stage).
+    explain: bool = False
     shadow: bool = False
+
+
+def explain_sender(app: Any) -> Callable[[list[int]], object]:
+    """Sends committed cases' ids to the explain queue, ``explain_max_batch_size`` a message."""
+    per_message = context(app).settings.explain_max_batch_size
+    return lambda case_ids: enqueue_explanations(app, case_ids, per_message=per_message)
 
 
 def parse_case_ids(args: Sequence[object]) -> list[int]:
@@ -89,10 +101,10 @@ def score_cases(
     max_batch_size: int = 1024,
     max_deliveries: int = 5,
     explain_top_k: int = 0,
-    explain_steps: int = 16,
-    explain_sequences: bool = False,
+    explain_sequences: bool = True,
     load_shadow: ShadowLoader | None = None,
     keeper: LeaseKeeper | None = None,
+    send_explanations: Callable[[list[int]], object] | None = None,
 ) -> Outcome:
     """Score the given cases and persist the outcome; safe to run twice for the same ids.
 
@@ -101,6 +113,10 @@ def score_cases(
     ``max_batch_size``. Where ``load_shadow`` gives a candidate for a version, it scores the
     same batch too; its rows are stored as shadow scores, and its failures cost nothing but its
     own rows.
+
+    With ``explain_top_k`` > 0, the same transaction asks for the attributions of each scored
+    case of an explainable model; after the commit ``send_explanations`` gets their ids (if it
+    fails, or there is none, they wait for the sweeper).
     """
     with session_scope(sessions) as session:
         claimed, dead = repo.claim_cases(
@@ -122,8 +138,7 @@ def score_cases(
             outcome,
             load_model=load_model,
             max_batch_size=max_batch_size,
-            explain_top_k=explain_top_k,
-            explain_steps=explain_steps,
+            explain=explain_top_k > 0,
             explain_sequences=explain_sequences,
             load_shadow=load_shadow,
         )
@@ -131,8 +146,30 @@ def score_cases(
     finally:
         if keeper is not None:
             keeper.drop(held)
+    if send_explanations is not None and outcome.to_explain:
+        _send_explanations(sessions, send_explanations, outcome.to_explain)
     _observe(queue, passes, outcome, claimed)
     return outcome
+
+
+def _send_explanations(
+    sessions: sessionmaker[Session], send: Callable[[list[int]], object], case_ids: list[int]
+) -> None:
+    """Send the explain messages; if the broker is away, mark them unsent for the sweeper (the
+    scores are committed whatever happens here)."""
+    try:
+        send(case_ids)
+    except Exception as exc:
+        log.warning(
+            "explain messages for %d cases not sent, left for the sweeper: %s",
+            len(case_ids),
+            type(exc).__name__,
+        )
+        try:
+            with session_scope(sessions) as session:
+                explanations.mark_unsent(session, case_ids=case_ids)
+        except Exception:
+            log.warning("could not mark them unsent either; the sweeper finds them later")
 
 
 def _compute(
@@ -141,8 +178,7 @@ def _compute(
     *,
     load_model: ModelLoader,
     max_batch_size: int,
-    explain_top_k: int,
-    explain_steps: int,
+    explain: bool,
     explain_sequences: bool,
     load_shadow: ShadowLoader | None,
 ) -> list[_Pass]:
@@ -182,16 +218,7 @@ def _compute(
             inference_ms = (time.perf_counter() - t0) * 1000
             outcome.forward_passes += counter[0]
             outcome.failed.update(errors)
-            explanations: dict[int, dict] = {}
-            wanted = model.spec.input_kind == "tabular" or explain_sequences
-            if explain_top_k and wanted and explainable(model) and results:
-                explanations, errors = _explain(
-                    model, batch, chunk, results, explain_top_k, explain_steps
-                )
-                outcome.failed.update(errors)
-                for case_id in errors:
-                    results.pop(case_id, None)
-            for case_id, reason in _unserializable(results, explanations).items():
+            for case_id, reason in _unserializable(results).items():
                 outcome.failed[case_id] = reason
                 results.pop(case_id, None)
             rows = [
@@ -199,7 +226,9 @@ def _compute(
                 for position, c in enumerate(chunk)
                 if c.id in results
             ]
-            passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explanations))
+            wanted = explain and explainable(model)
+            wanted = wanted and (model.spec.input_kind == "tabular" or explain_sequences)
+            passes.append(_Pass(model, len(chunk), inference_ms, started, rows, explain=wanted))
             if shadow is not None and rows:
                 passes.extend(_shadow_pass(shadow, batch, chunk, results))
     return passes
@@ -247,40 +276,13 @@ def _featurize_errors(
     ]
 
 
-def _unserializable(results: dict[int, ScoreRow], explanations: dict[int, dict]) -> dict[int, str]:
-    """Cases whose row cannot be stored as it is: a non-finite number, or JSON that fails."""
-    errors = {}
-    for case_id, row in results.items():
-        if not (isinstance(row.score, float) and math.isfinite(row.score)):
-            errors[case_id] = "model produced a non-finite score"
-            continue
-        explanation = explanations.get(case_id)
-        if explanation is None:
-            continue
-        where = _non_finite(explanation)
-        if where is not None:
-            errors[case_id] = f"explanation holds a non-finite number at {where}"
-            continue
-        try:
-            json.dumps(explanation, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            errors[case_id] = f"explanation cannot be stored as JSON: {type(exc).__name__}"
-    return errors
-
-
-def _non_finite(value: object, path: str = "explanation") -> str | None:
-    """Where ``value`` holds a NaN or an infinity (a path such as ``explanation.top[2].value``)."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if (found := _non_finite(item, f"{path}.{key}")) is not None:
-                return found
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            if (found := _non_finite(item, f"{path}[{i}]")) is not None:
-                return found
-    return None
+def _unserializable(results: dict[int, ScoreRow]) -> dict[int, str]:
+    """Cases whose score cannot be stored as it is (a non-finite number)."""
+    return {
+        case_id: "model produced a non-finite score"
+        for case_id, row in results.items()
+        if not (isinstance(row.score, float) and math.isfinite(row.score))
+    }
 
 
 def _write(
@@ -313,7 +315,7 @@ def _write(
                         "batch_id": batch_id,
                         "position": position,
                         "queue_wait_ms": wait_ms,
-                        "explanation": p.explanations.get(case_id),
+                        "explanation": None,
                         "shadow": p.shadow,
                     }
                 )
@@ -327,6 +329,9 @@ def _write(
             else:
                 outcome.scored.append(case_id)
         repo.settle_cases(session, done=outcome.scored, failed=outcome.failed)
+        wanted = {case_id for p in passes if p.explain for case_id, *_ in p.rows}
+        scored = [case_id for case_id in outcome.scored if case_id in wanted]
+        outcome.to_explain = explanations.request_explanations(session, case_ids=scored)
 
 
 def save_isolating(session: Session, rows: list[dict]) -> tuple[int, dict[int, str]]:
@@ -377,42 +382,6 @@ def _shadow_pass(
         if math.isfinite(row.score)
     ]
     return [_Pass(shadow, len(keep), inference_ms, started, scored, shadow=True)]
-
-
-def _explain(
-    model: LoadedModel,
-    batch: ModelInput,
-    chunk: list[repo.ClaimedCase],
-    results: dict[int, ScoreRow],
-    top_k: int,
-    steps: int,
-) -> tuple[dict[int, dict], dict[int, str]]:
-    """Attributions for the scored cases of one pass: all at once or, if that raises, split in
-    halves until the case it raises on is alone. Returns them and each such case's reason."""
-    keep = [i for i, c in enumerate(chunk) if c.id in results]
-    return _explain_isolating(model, batch, [chunk[i].id for i in keep], keep, top_k, steps)
-
-
-def _explain_isolating(
-    model: LoadedModel,
-    batch: ModelInput,
-    ids: list[int],
-    rows: list[int],
-    top_k: int,
-    steps: int,
-) -> tuple[dict[int, dict], dict[int, str]]:
-    try:
-        lengths = None if batch.lengths is None else batch.lengths[rows]
-        found = explain(model, ModelInput(batch.values[rows], lengths), top_k=top_k, n_steps=steps)
-    except Exception as exc:
-        if len(ids) == 1:
-            log.warning("%s: no explanation for one case: %s", model.spec.ref, type(exc).__name__)
-            return {}, {ids[0]: f"explanation failed: {type(exc).__name__}"}
-        mid = len(ids) // 2
-        left, left_err = _explain_isolating(model, batch, ids[:mid], rows[:mid], top_k, steps)
-        right, right_err = _explain_isolating(model, batch, ids[mid:], rows[mid:], top_k, steps)
-        return {**left, **right}, {**left_err, **right_err}
-    return dict(zip(ids, found, strict=True)), {}
 
 
 def _wait_ms(enqueued_at: datetime | None, started: datetime) -> float | None:
@@ -488,10 +457,10 @@ class ScoringTask(Task):
             max_batch_size=max_batch_size,
             max_deliveries=ctx.settings.max_deliveries,
             explain_top_k=ctx.settings.explain_top_k,
-            explain_steps=ctx.settings.explain_steps,
             explain_sequences=ctx.settings.explain_sequences,
             load_shadow=ctx.shadow,
             keeper=ctx.leases,
+            send_explanations=explain_sender(self.app),
         )
 
 

@@ -4,7 +4,7 @@ The rows of genome_tiles (kind 'genome') and compound_tiles (kind 'chem') move i
 status, attempts and leases as they were; the job tables and their results are kept as they are.
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-03 14:10:00
 """
 
@@ -15,7 +15,7 @@ from alembic import op
 
 
 revision: str = '0015'
-down_revision: str | None = '0013'
+down_revision: str | None = '0014'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

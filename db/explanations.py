@@ -1,0 +1,293 @@
+"""The explain stage's ledger: ask for a case's attributions, claim, settle, find the stranded.
+
+A score commits first; :func:`request_explanations` adds, in the same transaction, one ledger row
+per released score that wants attributions. The explain stage claims them in one statement,
+computes them batched, and settles them in one statement per outcome. Every step is keyed on the
+case id (a case has one released score), so a message delivered twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import String, and_, bindparam, case, cast, literal, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from db.repo import Lease, Stranded, _among, _insert, stranded_clause
+from db.tables import Case, Explanation, JobStatus, Score, utcnow
+
+PublicStatus = Literal["pending", "done", "failed"]
+#: What the API shows for each ledger status (queued and running are both still to come).
+PUBLIC_STATUS: dict[JobStatus, PublicStatus] = {
+    JobStatus.queued: "pending",
+    JobStatus.running: "pending",
+    JobStatus.done: "done",
+    JobStatus.failed: "failed",
+}
+
+
+def request_explanations(
+    session: Session, *, case_ids: Sequence[int], now: datetime | None = None
+) -> list[int]:
+    """Add a ``queued`` ledger row for the released score of each case (one statement); return
+    the cases that got one now (a case that has one already keeps it)."""
+    if not case_ids:
+        return []
+    now = now or utcnow()
+    at = Explanation.enqueued_at.type
+    chosen = select(
+        Score.case_id,
+        Score.id,
+        literal(JobStatus.queued.value, String),
+        literal(0),
+        literal(now, at),
+        literal(now, at),
+        literal(now, at),
+    ).where(_among(session, Score.case_id, case_ids), Score.shadow.is_(False))
+    stmt = (
+        _insert(session, Explanation.__table__)  # type: ignore[arg-type]
+        .from_select(
+            [
+                "case_id",
+                "score_id",
+                "status",
+                "attempts",
+                "enqueued_at",
+                "created_at",
+                "updated_at",
+            ],
+            chosen,
+        )
+        .on_conflict_do_nothing(index_elements=["case_id"])
+        .returning(Explanation.__table__.c.case_id)
+    )
+    return sorted(int(i) for i in session.scalars(stmt))
+
+
+def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
+    """Ledger rows committed but not sent (the broker was away): the sweeper sends them."""
+    session.execute(
+        update(Explanation)
+        .where(
+            _among(session, Explanation.case_id, case_ids),
+            Explanation.status == JobStatus.queued,
+        )
+        .values(enqueued_at=None),
+        execution_options={"synchronize_session": False},
+    )
+
+
+@dataclass(frozen=True)
+class ClaimedExplanation:
+    case_id: int
+    score_id: int
+    model_name: str
+    model_version: str
+    features: dict[str, Any]
+
+
+def claim_explanations(
+    session: Session, *, case_ids: Sequence[int], lease: Lease, max_deliveries: int
+) -> tuple[list[ClaimedExplanation], list[int]]:
+    """Claim in one statement the ledger rows of ``case_ids`` that are ``queued``, or ``running``
+    under no live lease: count an attempt, take the lease. Returns what to explain, in case id
+    order, and the cases now tried more than ``max_deliveries`` times: those end ``failed``."""
+    now = utcnow()
+    attempts = Explanation.attempts + 1
+    dead = attempts > max_deliveries
+    claimable = or_(
+        Explanation.status == JobStatus.queued,
+        and_(
+            Explanation.status == JobStatus.running,
+            or_(
+                Explanation.lease_owner.is_(None),
+                Explanation.lease_expires_at.is_(None),
+                Explanation.lease_expires_at < now,
+                Explanation.lease_owner == lease.owner,
+            ),
+        ),
+    )
+    rows = session.execute(
+        update(Explanation)
+        .where(_among(session, Explanation.case_id, case_ids), claimable)
+        .values(
+            attempts=attempts,
+            status=case((dead, JobStatus.failed.value), else_=JobStatus.running.value),
+            error=case(
+                (
+                    dead,
+                    "explanation attempted " + cast(attempts, String) + " times without finishing",
+                ),
+                else_=Explanation.error,
+            ),
+            lease_owner=case((dead, None), else_=lease.owner),
+            lease_expires_at=case(
+                (dead, None),
+                else_=bindparam(None, lease.expiry(now), type_=Explanation.lease_expires_at.type),
+            ),
+            updated_at=now,
+        )
+        .returning(Explanation.case_id, Explanation.score_id, Explanation.status),
+        execution_options={"synchronize_session": False},
+    ).all()
+    dead_ids = sorted(r.case_id for r in rows if r.status == JobStatus.failed)
+    live = {r.case_id: r.score_id for r in rows if r.status != JobStatus.failed}
+    if not live:
+        return [], dead_ids
+    cases = session.execute(
+        select(Case.id, Case.model_name, Case.model_version, Case.features).where(
+            _among(session, Case.id, list(live))
+        )
+    ).all()
+    claimed = [
+        ClaimedExplanation(c.id, live[c.id], c.model_name, c.model_version, c.features)
+        for c in sorted(cases, key=lambda c: c.id)
+    ]
+    return claimed, dead_ids
+
+
+def settle_explanations(
+    session: Session,
+    *,
+    done: dict[int, tuple[int, dict[str, Any]]] | None = None,
+    failed: dict[int, str] | None = None,
+) -> None:
+    """Store attributions (``done``: case id -> (score id, attributions)) and settle the ledger:
+    each case ``done``, or ``failed`` with its own reason. A row already ``done`` stays so."""
+    done = done or {}
+    failed = failed or {}
+    now = utcnow()
+    if done:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                _PG_STORE,
+                {
+                    "ids": [score_id for score_id, _ in done.values()],
+                    "explanations": [json.dumps(e, allow_nan=False) for _, e in done.values()],
+                },
+            )
+        else:
+            for score_id, explanation in done.values():
+                session.execute(
+                    update(Score)
+                    .where(Score.id == score_id)
+                    .values(explanation=explanation)
+                    .execution_options(synchronize_session=False)
+                )
+    ids = list(done) + list(failed)
+    if not ids:
+        return
+    status_of = {i: JobStatus.done.value for i in done} | {
+        i: JobStatus.failed.value for i in failed
+    }
+    error_of: dict[int, str | None] = {i: None for i in done} | {
+        i: r[:2000] for i, r in failed.items()
+    }
+    session.execute(
+        update(Explanation)
+        .where(_among(session, Explanation.case_id, ids), Explanation.status != JobStatus.done)
+        .values(
+            status=case(status_of, value=Explanation.case_id),
+            error=case(error_of, value=Explanation.case_id),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+
+
+_PG_STORE = text(
+    "UPDATE scores SET explanation = CAST(v.explanation AS json) "
+    "FROM unnest(CAST(:ids AS bigint[]), CAST(:explanations AS text[])) AS v(id, explanation) "
+    "WHERE scores.id = v.id"
+)
+
+
+def release_explanations(
+    session: Session, *, case_ids: Sequence[int], owner: str, resend: bool = False
+) -> None:
+    """Give back rows this worker holds, the attempt uncounted: ``queued`` again, marked unsent
+    for the sweeper, or (``resend``) marked sent now, for the caller to send after the commit."""
+    now = utcnow()
+    session.execute(
+        update(Explanation)
+        .where(
+            _among(session, Explanation.case_id, case_ids),
+            Explanation.lease_owner == owner,
+            Explanation.status == JobStatus.running,
+        )
+        .values(
+            status=JobStatus.queued,
+            attempts=Explanation.attempts - 1,
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=now if resend else None,
+            updated_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def take_stranded_explanations(
+    session: Session, *, rules: Stranded, quiet: bool = False, limit: int = 5_000
+) -> list[int]:
+    """Mark up to ``limit`` stranded ledger rows as sent now and return their case ids, for the
+    caller to send before it commits (the rules and the locking of
+    :func:`db.repo.take_stranded_cases`; ``quiet``: the broker reports the explain queue empty)."""
+    chosen = (
+        select(Explanation.id)
+        .where(
+            stranded_clause(
+                Explanation,
+                rules,
+                sent_at=Explanation.enqueued_at,
+                quiet=Explanation.id.is_not(None) if quiet else None,
+            )
+        )
+        .order_by(Explanation.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        chosen = chosen.with_for_update(skip_locked=True)
+    rows = session.execute(
+        update(Explanation)
+        .where(Explanation.id.in_(chosen.scalar_subquery()))
+        .values(
+            status=JobStatus.queued,
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=rules.now,
+            updated_at=rules.now,
+        )
+        .returning(Explanation.case_id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    return sorted(r[0] for r in rows)
+
+
+@dataclass(frozen=True)
+class ExplanationState:
+    status: PublicStatus
+    error: str | None
+
+
+def states(session: Session, *, case_ids: Sequence[int]) -> dict[int, ExplanationState]:
+    """The public explanation status (pending, done, failed) of each case that has one."""
+    if not case_ids:
+        return {}
+    rows = session.execute(
+        select(Explanation.case_id, Explanation.status, Explanation.error).where(
+            _among(session, Explanation.case_id, case_ids)
+        )
+    ).all()
+    return {
+        r.case_id: ExplanationState(
+            PUBLIC_STATUS[JobStatus(r.status)], r.error if r.status == JobStatus.failed else None
+        )
+        for r in rows
+    }

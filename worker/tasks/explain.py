@@ -1,0 +1,276 @@
+"""``medbatch.explain_cases``: attributions of scores already committed, batched, off the scoring path.
+
+The scoring path commits a case's score (the case is ``done``, its result readable) and, in the
+same transaction, a ledger row asking for its attributions (db/explanations.py); after the
+commit it sends the case ids to the ``explain`` queue, which a worker reads after every scoring
+queue. Here one statement claims a message's cases, the attributions are computed per model in
+batches, and one statement settles them.
+
+One bad case never costs another: a case whose features no longer featurize, whose attribution
+raises, or whose attributions hold a NaN or an infinity has its explanation ``failed`` with its
+reason; its score is untouched. A worker that dies mid-batch leaves its lease to expire, and the
+sweeper sends the cases again (worker/sweeper.py); an attempt counter ends a poison case as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from celery import Task, shared_task
+from celery.exceptions import Reject
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import explanations as ledger
+from db.engine import session_scope
+from db.repo import Lease
+from models.cases.explain import explain, explainable
+from models.cases.inference import LoadedModel, ModelInput
+from models.cases.registry import ArtifactIntegrityError, RegistryError
+from worker import metrics
+from worker.context import context
+from worker.queues import EXPLAIN_TASK, enqueue_explanations
+from worker.tasks.scoring import parse_case_ids
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[str, str], LoadedModel]
+
+
+@dataclass
+class ExplainOutcome:
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    #: Cases whose explanation was done, failed or held by another worker: left as they were.
+    skipped: int = 0
+    #: Cases left for a new message, the time given to this one being spent.
+    handed_back: list[int] = field(default_factory=list)
+
+
+#: Cases per attribution pass: a recurrence's backward pass per path step makes a sequence case
+#: ~50x a tabular one (bench/scoring.py), so sequences go in small chunks.
+TABULAR_CHUNK = 64
+SEQUENCE_CHUNK = 8
+
+
+def chunk_size(model: LoadedModel) -> int:
+    return TABULAR_CHUNK if model.spec.input_kind == "tabular" else SEQUENCE_CHUNK
+
+
+def _explain_chunk(
+    model: LoadedModel,
+    cases: list[ledger.ClaimedExplanation],
+    top_k: int,
+    steps: int,
+    found: dict[int, tuple[int, dict]],
+    failed: dict[int, str],
+) -> None:
+    """Attributions of one chunk of a model's cases, into ``found`` or ``failed``."""
+    batch, cases, unprepared = _featurize_isolating(model, cases)
+    failed.update(unprepared)
+    if not cases:
+        return
+    attributions, errors = _explain_isolating(
+        model, batch, [c.case_id for c in cases], list(range(len(cases))), top_k, steps
+    )
+    failed.update(errors)
+    for c in cases:
+        e = attributions.get(c.case_id)
+        if e is None:
+            continue
+        problem = storable(e)
+        if problem is None:
+            found[c.case_id] = (c.score_id, e)
+        else:
+            failed[c.case_id] = problem
+
+
+def explain_cases(
+    case_ids: Sequence[int],
+    *,
+    sessions: sessionmaker[Session],
+    load_model: ModelLoader,
+    lease: Lease,
+    top_k: int = 5,
+    steps: int = 16,
+    max_deliveries: int = 5,
+    yield_after_s: float | None = None,
+    send_rest: Callable[[list[int]], object] | None = None,
+) -> ExplainOutcome:
+    """Compute and store the attributions of the given cases' scores; safe to run twice.
+
+    Cases are explained in chunks (:func:`chunk_size`); once ``yield_after_s`` has passed, the
+    cases left are handed back and given to ``send_rest`` (a new explain message) instead."""
+    with session_scope(sessions) as session:
+        claimed, dead = ledger.claim_explanations(
+            session, case_ids=case_ids, lease=lease, max_deliveries=max_deliveries
+        )
+    outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead))
+    outcome.failed.update({i: "explanation attempted too often without finishing" for i in dead})
+    if not claimed:
+        return outcome
+    found: dict[int, tuple[int, dict]] = {}
+    groups: dict[tuple[str, str], list[ledger.ClaimedExplanation]] = defaultdict(list)
+    for c in claimed:
+        groups[(c.model_name, c.model_version)].append(c)
+    started = time.monotonic()
+    todo = [(key, cases) for key, cases in groups.items()]
+    while todo:
+        (name, version), cases = todo.pop(0)
+        try:
+            model = load_model(name, version)
+        except (RegistryError, ArtifactIntegrityError) as exc:
+            outcome.failed.update(
+                {c.case_id: f"model {name}@{version} unavailable: {exc}" for c in cases}
+            )
+            continue
+        if not explainable(model):
+            outcome.failed.update(
+                {c.case_id: f"{model.spec.ref} has no attributions" for c in cases}
+            )
+            continue
+        size = chunk_size(model)
+        chunk, rest = cases[:size], cases[size:]
+        if rest:
+            todo.insert(0, ((name, version), rest))
+        _explain_chunk(model, chunk, top_k, steps, found, outcome.failed)
+        if todo and yield_after_s is not None and time.monotonic() - started > yield_after_s:
+            # Long enough: hand the rest back (as a new message, at the back of the explain
+            # queue), so a scoring message never waits behind more than one such stretch.
+            outcome.handed_back = [c.case_id for _, left in todo for c in left]
+            break
+    with session_scope(sessions) as session:
+        # The dead are settled by the claim already; settling them again changes nothing.
+        ledger.settle_explanations(
+            session, done=found, failed={k: v for k, v in outcome.failed.items() if k not in dead}
+        )
+        if outcome.handed_back:
+            ledger.release_explanations(
+                session, case_ids=outcome.handed_back, owner=lease.owner, resend=True
+            )
+    if outcome.handed_back and send_rest is not None:
+        try:
+            send_rest(outcome.handed_back)
+        except Exception as exc:
+            log.warning("could not send back %d explanations: %s", len(outcome.handed_back), exc)
+            with session_scope(sessions) as session:
+                ledger.mark_unsent(session, case_ids=outcome.handed_back)
+    outcome.done = sorted(found)
+    metrics.EXPLANATIONS.labels("done").inc(len(found))
+    metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
+    return outcome
+
+
+def _featurize_isolating(
+    model: LoadedModel, cases: list[ledger.ClaimedExplanation]
+) -> tuple[ModelInput, list[ledger.ClaimedExplanation], dict[int, str]]:
+    """The batch of the cases that featurize (all at once or, if that raises, each alone)."""
+    try:
+        return model.featurize([c.features for c in cases], checked=True), cases, {}
+    except Exception:
+        good, bad = [], {}
+        for c in cases:
+            try:
+                model.featurize([c.features], checked=True)
+            except Exception:
+                bad[c.case_id] = "features could not be prepared for the model (featurize raised)"
+                continue
+            good.append(c)
+        if not good:
+            return ModelInput(torch.empty(0)), [], bad
+        return model.featurize([c.features for c in good], checked=True), good, bad
+
+
+def _explain_isolating(
+    model: LoadedModel,
+    batch: ModelInput,
+    ids: list[int],
+    rows: list[int],
+    top_k: int,
+    steps: int,
+) -> tuple[dict[int, dict], dict[int, str]]:
+    """Attributions of ``rows`` of ``batch``: all at once or, if that raises, split in halves
+    until the case it raises on is alone."""
+    try:
+        lengths = None if batch.lengths is None else batch.lengths[rows]
+        found = explain(model, ModelInput(batch.values[rows], lengths), top_k=top_k, n_steps=steps)
+    except Exception as exc:
+        if len(ids) == 1:
+            log.warning("%s: no explanation for one case: %s", model.spec.ref, type(exc).__name__)
+            return {}, {ids[0]: f"explanation failed: {type(exc).__name__}"}
+        mid = len(ids) // 2
+        left, left_err = _explain_isolating(model, batch, ids[:mid], rows[:mid], top_k, steps)
+        right, right_err = _explain_isolating(model, batch, ids[mid:], rows[mid:], top_k, steps)
+        return {**left, **right}, {**left_err, **right_err}
+    return dict(zip(ids, found, strict=True)), {}
+
+
+def storable(explanation: dict) -> str | None:
+    """Why these attributions cannot be stored as they are (a NaN or an infinity, or JSON that
+    fails), or None."""
+    where = non_finite(explanation)
+    if where is not None:
+        return f"explanation holds a non-finite number at {where}"
+    try:
+        json.dumps(explanation, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"explanation cannot be stored as JSON: {type(exc).__name__}"
+    return None
+
+
+def non_finite(value: object, path: str = "explanation") -> str | None:
+    """Where ``value`` holds a NaN or an infinity (a path such as ``explanation.top[2].value``)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := non_finite(item, f"{path}.{key}")) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (found := non_finite(item, f"{path}[{i}]")) is not None:
+                return found
+    return None
+
+
+@shared_task(bind=True, name=EXPLAIN_TASK)
+def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
+    """One explain message: the attributions of its cases, as one batch per model."""
+    try:
+        case_ids = parse_case_ids(args)
+    except ValueError as exc:
+        raise Reject(str(exc), requeue=False) from exc
+    ctx = context(self.app)
+    try:
+        outcome = explain_cases(
+            case_ids,
+            sessions=ctx.sessions,
+            load_model=ctx.model,
+            lease=ctx.leases.lease,
+            top_k=max(1, ctx.settings.explain_top_k),
+            steps=ctx.settings.explain_steps,
+            max_deliveries=ctx.settings.max_deliveries,
+            yield_after_s=ctx.settings.explain_yield_ms / 1000,
+            # What is handed back goes in messages of one chunk each: never claimed twice.
+            send_rest=lambda ids: enqueue_explanations(self.app, ids, per_message=SEQUENCE_CHUNK),
+        )
+    except Exception as exc:
+        # The database is away (or a defect): the cases keep their lease until it expires, then
+        # the sweeper sends them again; the attempt counter stops a loop.
+        log.warning("explain batch of %d cases failed: %s", len(case_ids), type(exc).__name__)
+        return {"done": 0, "failed": 0}
+    log.info(
+        "explain: %d cases, %d explained, %d failed, %d settled as they were, %d handed back",
+        len(case_ids),
+        len(outcome.done),
+        len(outcome.failed),
+        outcome.skipped,
+        len(outcome.handed_back),
+    )
+    return {"done": len(outcome.done), "failed": len(outcome.failed)}
