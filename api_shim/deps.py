@@ -18,7 +18,7 @@ from api_shim.coalesce import Coalescer
 from db import repo
 from db.tables import Tenant
 from medbatch.settings import Settings
-from models.registry import Registry
+from models.cases.registry import Registry
 
 
 def get_settings(request: Request) -> Settings:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from models.registry import ModelSpec, Registry, RegistryError
+from models.cases.registry import ModelSpec, Registry, RegistryError
 
 FHIR_JSON = "application/fhir+json"
 #: Extension of an OperationOutcome that lists only some issues: how many there were.

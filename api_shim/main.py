@@ -25,7 +25,7 @@ from api_shim.outage import OutageAs503
 from api_shim.routes import cases, compounds, fhir, genome, health, models, plots, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.registry import load_registry
+from models.cases.registry import load_registry
 from worker.app import create_app as create_celery
 
 _FHIR_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported"}

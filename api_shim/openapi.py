@@ -260,7 +260,7 @@ def _examples_and_links(doc: dict[str, Any]) -> None:
 
 def case_example() -> dict[str, Any]:
     """A real held-out Wisconsin case (public data), as POST /v1/cases takes it."""
-    from models import breast_cancer
+    from models.reference import breast_cancer
 
     split = breast_cancer.split()
     features = dict(zip(split.feature_names, (float(v) for v in split.x_test[0]), strict=True))

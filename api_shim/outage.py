@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api_shim.routes import fhir
+from api_shim.errors import FHIR_JSON, SafeJSONResponse, fhir_issue, outcome_body
 from db.engine import is_outage
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def unavailable(path: str, dependency: str) -> JSONResponse:
     detail = f"the {dependency} is unreachable; nothing was lost, try again later"
     headers = {"Retry-After": str(RETRY_AFTER_S)}
     if path.startswith("/v1/fhir"):
-        return fhir.outcome(503, [fhir.issue("transient", detail)], headers=headers)
+        body = outcome_body([fhir_issue("transient", detail)], 1)
+        return SafeJSONResponse(body, 503, media_type=FHIR_JSON, headers=headers)
     return JSONResponse(
         {"detail": detail, "unavailable": dependency}, status_code=503, headers=headers
     )

@@ -15,7 +15,7 @@ from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
 
-from models.vcf import is_vcf
+from models.genome.io.vcf import is_vcf
 
 Kind = Literal["genotypes", "molecules"]
 _PLINK = (".bed", ".bim", ".fam")

@@ -360,7 +360,7 @@ def run_medbatch(
                       f"{last - start:.0f} s", flush=True)  # fmt: skip
             time.sleep(1.0)
         wall = time.perf_counter() - start
-        summary = tasks._describe_id(sessions, job["id"])
+        summary = tasks.describe_id(sessions, job["id"])
         if summary["status"] != "done":
             raise RuntimeError(f"medbatch job failed: {summary['error']}")
         rss = [peak_rss_mb(p.pid) for p in procs]
@@ -401,8 +401,8 @@ def main() -> None:
     args = parser.parse_args()
     # Stopped from outside: unwind, so that the workers and the broker are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from models.genome_output import kinship_degree
-    from models.genome_pairs import default_block
+    from models.genome.io.output import kinship_degree
+    from models.genome.pairs import default_block
 
     print(f"CPU: {cpu_name()}")
     print(f"cohort: {args.n} samples x {args.m} variants (seed {args.seed})", flush=True)

@@ -9,7 +9,7 @@ each task computed side by side in one run:
 
 It first prints the CPU (model and the flags that decide the engine: AMX, AVX-512 VPOPCNTDQ,
 BF16, VNNI) and the engine medbatch's ``auto`` chooses there, with why. Then every engine this
-machine has runs every task (``models/chem.py``, ``engine=``): ``popcount`` (AND + popcount,
+machine has runs every task (``models/compounds/chem.py``, ``engine=``): ``popcount`` (AND + popcount,
 numba), the CPU GEMM as it ran before the popcount engine existed (``gemm-bf16`` where the CPU
 multiplies bfloat16 in hardware, else int8 or float32), ``gemm-int8`` where the CPU has int8 dot
 products (AMX, VNNI), and ``cuda`` where torch sees a GPU. The ``medbatch`` figures are those
@@ -61,7 +61,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import chem, cpu_features  # noqa: E402
+from models import cpu_features  # noqa: E402
+from models.compounds import chem  # noqa: E402
 
 K = 10
 T = TypeVar("T")

@@ -14,7 +14,7 @@ and seed.
 
 Every contender is its own process, timed from start to exit (medbatch's includes the Python and
 numba start-up, reading the .bed and writing the float64 matrix, as PLINK's does) with its peak
-RSS from ``/usr/bin/time -v``. On the CPU medbatch runs ``models.genome.pairwise_bed`` (the .bed
+RSS from ``/usr/bin/time -v``. On the CPU medbatch runs ``models.genome.api.pairwise_bed`` (the .bed
 decoded straight into bit planes or standardized blocks; torch is not loaded); with ``--device
 cuda`` or ``--tile-rows`` it reads the dosages and runs ``pairwise`` / ``pairwise_block``, as a
 worker does. PLINK runs with ``--threads T``; plink2 with
@@ -226,7 +226,7 @@ def engine(
     if device == "cpu" and not tile_rows:
         # What a CPU worker runs for a whole cohort: the .bed decoded straight into bit planes
         # or standardized blocks, and the square written to disk as it is assembled.
-        from models.genome import pairwise_bed
+        from models.genome.api import pairwise_bed
 
         threadpool_limits(threads)  # the OpenBLAS of numpy and scipy (the GRM's dsyrk)
         read = start
@@ -234,11 +234,17 @@ def engine(
     else:
         import torch
 
-        from models.genome import allele_frequencies, pairwise, pairwise_block, read_bed
+        from models.genome.api import (
+            allele_frequencies,
+            pairwise,
+            pairwise_block,
+            prepare_cohort,
+            read_bed,
+        )
 
         torch.set_num_threads(threads)
         genotypes = read_bed(prefix)
-        genotypes.dosages.flags.writeable = False  # as the worker holds them
+        cohort = prepare_cohort(genotypes.dosages)  # as the worker holds it: planes built once
         read = time.perf_counter()
         x = genotypes.dosages
         with open(out, "wb") as sink:
@@ -251,6 +257,7 @@ def engine(
                         metric=metric,  # type: ignore[arg-type]
                         frequencies=p,
                         device=device,  # type: ignore[arg-type]
+                        prepared=cohort,
                     )
                     if metric in ("king", "ibs"):  # the diagonal PLINK writes
                         np.fill_diagonal(block[:, row:], 0.5 if metric == "king" else 1.0)
@@ -268,7 +275,7 @@ def engine(
 _WARM_UP = """
 import time, numpy as np
 import os
-from models.genome import pairwise, pairwise_bed
+from models.genome.api import pairwise, pairwise_bed
 start = time.perf_counter()
 x = np.random.default_rng(0).integers(-1, 3, size=(40, 700)).astype(np.int8)
 for metric in ("grm", "king", "ibs"):

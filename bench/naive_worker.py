@@ -19,8 +19,8 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 
 from bench.workloads import NAIVE_QUEUE, NAIVE_TASK
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
 
 app = Celery("naive", broker=os.environ["MEDBATCH_BROKER_URL"])
 app.conf.update(

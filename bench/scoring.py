@@ -54,8 +54,8 @@ from db.engine import make_engine, make_sessionmaker, session_scope  # noqa: E40
 from db.migrate import upgrade  # noqa: E402
 from db.tables import Case, CaseStatus, Explanation, JobStatus, Priority, Score  # noqa: E402
 from medbatch.settings import Settings  # noqa: E402
-from models.registry import Registry  # noqa: E402
-from models.scoring import LoadedModel  # noqa: E402
+from models.cases.inference import LoadedModel  # noqa: E402
+from models.cases.registry import Registry  # noqa: E402
 from worker.app import create_app  # noqa: E402
 from worker.queues import EXPLAIN_QUEUE, enqueue_cases  # noqa: E402
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import breast_cancer
-from models.registry import ModelSpec
+from models.cases.registry import ModelSpec
+from models.reference import breast_cancer
 
 #: The naive comparison worker's task and queue (bench/naive_worker.py).
 NAIVE_TASK = "bench.score_one_case"

@@ -1,15 +1,34 @@
-"""Queries of the compound-similarity jobs; their tiles use the ledger in :mod:`db.genome`."""
+"""Queries of the compound-similarity jobs: create them with their tiles, store and list
+neighbours. The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.tables import CompoundJob, CompoundTile, Neighbour
+from db import tiles
+from db.tables import CompoundJob, Neighbour
+
+KIND = "chem"
+
+
+@dataclass(frozen=True)
+class NewNeighbour:
+    """A (query, library) pair a tile found, as :func:`add_neighbours` stores it."""
+
+    query_index: int
+    library_index: int
+    query_id: str
+    library_id: str
+    similarity: float
+    #: 1 = most similar for its query.
+    rank: int
+
+    def columns(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def create_job(
@@ -23,59 +42,27 @@ def create_job(
     artifact_root: str,
 ) -> CompoundJob:
     """A queued job with one tile per ``tile_rows`` query rows; flushed, not committed."""
-    starts = list(range(0, n_query, tile_rows)) or [0]
     job = CompoundJob(
-        tenant_id=tenant_id,
-        spec=spec,
-        n_query=n_query,
-        n_library=n_library,
-        tiles_total=len(starts),
-        output_dir="",
+        tenant_id=tenant_id, spec=spec, n_query=n_query, n_library=n_library, output_dir=""
     )
-    session.add(job)
-    session.flush()
+    tiles.add_job(session, job, kind=KIND, tiles=tiles.row_tiles(n_query, tile_rows))
     job.output_dir = f"{artifact_root}/compounds/{job.id}"
-    session.add_all(
-        CompoundTile(job_id=job.id, index=i, row_start=s, row_end=min(s + tile_rows, n_query))
-        for i, s in enumerate(starts)
-    )
     session.flush()
     return job
 
 
 def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> CompoundJob | None:
-    stmt = select(CompoundJob).where(CompoundJob.id == job_id)
-    if tenant_id is not None:
-        stmt = stmt.where(CompoundJob.tenant_id == tenant_id)
-    return session.scalar(stmt)
+    return tiles.get_job(session, CompoundJob, job_id=job_id, tenant_id=tenant_id)
 
 
-def add_neighbours(session: Session, *, job_id: int, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert found pairs; a pair already there (a tile run twice) is kept as it was."""
-    if not rows:
-        return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(Neighbour.__table__).on_conflict_do_nothing(
-        index_elements=["job_id", "query_index", "library_index"]
-    )
-    for start in range(0, len(rows), 5000):
-        session.execute(stmt, [{"job_id": job_id, **r} for r in rows[start : start + 5000]])
+def add_neighbours(session: Session, *, job_id: int, rows: Sequence[NewNeighbour]) -> None:
+    key = ("job_id", "query_index", "library_index")
+    tiles.add_results(session, Neighbour, job_id=job_id, rows=rows, key=key)
 
 
 def list_neighbours(
-    session: Session,
-    *,
-    job_id: int,
-    query_id: str | None = None,
-    after_id: int = 0,
-    limit: int = 100,
+    session: Session, *, job_id: int, query_id: str | None = None, **page: int
 ) -> list[Neighbour]:
-    stmt = (
-        select(Neighbour)
-        .where(Neighbour.job_id == job_id, Neighbour.id > after_id)
-        .order_by(Neighbour.id)
-        .limit(limit)
-    )
-    if query_id is not None:
-        stmt = stmt.where(Neighbour.query_id == query_id)
-    return list(session.scalars(stmt))
+    """A page of a job's neighbours (``after_id``, ``limit``), or of one query's."""
+    where = [] if query_id is None else [Neighbour.query_id == query_id]
+    return tiles.result_page(session, Neighbour, job_id=job_id, where=where, **page)

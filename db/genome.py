@@ -1,23 +1,43 @@
-"""Queries of the genome-comparison jobs: create with their tiles, settle tiles, list pairs."""
+"""Queries of the genome-comparison jobs: create them with their tiles, store and list pairs.
+The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.tables import (
-    CompoundJob,
-    CompoundTile,
-    GenomeJob,
-    GenomeTile,
-    JobStatus,
-    RelatedPair,
-    utcnow,
-)
+from db import tiles
+from db.tables import GenomeJob, RelatedPair
+
+KIND = "genome"
+
+
+@dataclass(frozen=True)
+class NewPair:
+    """A related pair a tile found, as :func:`add_pairs` stores it (a row of ``genome_pairs``)."""
+
+    #: Indices into the job's row samples and its cohort samples, and their (FID, IID).
+    row: int
+    col: int
+    first: tuple[str, str]
+    second: tuple[str, str]
+    kinship: float
+    degree: str
+    #: plink2's .kin0 counts (pairs-only jobs): nsnp, hethet, ibs0.
+    counts: tuple[int, int, int] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        nsnp, hethet, ibs0 = self.counts or (None, None, None)
+        (fid1, iid1), (fid2, iid2) = self.first, self.second
+        return {
+            "row": self.row, "col": self.col, "fid1": fid1, "iid1": iid1, "fid2": fid2,
+            "iid2": iid2, "kinship": self.kinship, "degree": self.degree, "nsnp": nsnp,
+            "hethet": hethet, "ibs0": ibs0,
+        }  # fmt: skip
 
 
 def create_job(
@@ -31,141 +51,33 @@ def create_job(
     n_variants: int,
     tile_rows: int,
     artifact_root: str,
-    tiles: Sequence[tuple[int, int, int, int]] | None = None,
+    tiles_2d: Sequence[tuple[int, int, int, int]] | None = None,
 ) -> GenomeJob:
-    """A queued job with one tile per ``tile_rows`` rows of its result, or the 2-D ``tiles``
+    """A queued job with one tile per ``tile_rows`` rows of its result, or the 2-D ``tiles_2d``
     (row start, row end, column start, column end) of a pairs-only job; flushed, not committed."""
-    starts = list(range(0, n_rows, tile_rows)) or [0]
-    job = GenomeJob(
-        tenant_id=tenant_id,
-        metric=metric,
-        spec=spec,
-        n_samples=n_samples,
-        n_rows=n_rows,
-        n_variants=n_variants,
-        tiles_total=len(starts) if tiles is None else len(tiles),
-        output_prefix="",
-    )
-    session.add(job)
-    session.flush()
+    bounds = tiles.row_tiles(n_rows, tile_rows) if tiles_2d is None else list(tiles_2d)
+    job = GenomeJob(tenant_id=tenant_id, metric=metric, spec=spec, output_prefix="")
+    job.n_samples, job.n_rows, job.n_variants = n_samples, n_rows, n_variants
+    tiles.add_job(session, job, kind=KIND, tiles=bounds)
     job.output_prefix = f"{artifact_root}/genome/{job.id}/{metric}"
-    if tiles is None:
-        session.add_all(
-            GenomeTile(job_id=job.id, index=i, row_start=s, row_end=min(s + tile_rows, n_rows))
-            for i, s in enumerate(starts)
-        )
-    else:
-        # Thousands of tiles at biobank scale: one multi-row INSERT, not one ORM object each.
-        session.execute(
-            insert(GenomeTile),
-            [
-                {"job_id": job.id, "index": i, "row_start": r0, "row_end": r1,
-                 "col_start": c0, "col_end": c1, "status": JobStatus.queued, "attempts": 0,
-                 "updated_at": utcnow()}
-                for i, (r0, r1, c0, c1) in enumerate(tiles)
-            ],
-        )  # fmt: skip
     session.flush()
     return job
 
 
 def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> GenomeJob | None:
-    """A job; with ``tenant_id``, only that tenant's (another tenant's is as good as absent)."""
-    stmt = select(GenomeJob).where(GenomeJob.id == job_id)
-    if tenant_id is not None:
-        stmt = stmt.where(GenomeJob.tenant_id == tenant_id)
-    return session.scalar(stmt)
+    return tiles.get_job(session, GenomeJob, job_id=job_id, tenant_id=tenant_id)
 
 
-# The tile ledger below serves every tiled job kind (genome comparisons, compound searches):
-# ``job``/``tile`` name the ORM classes, which share the columns used here.
-Job = type[GenomeJob] | type[CompoundJob]
-Tile = type[GenomeTile] | type[CompoundTile]
-
-
-def get_tile(
-    session: Session, *, job_id: int, index: int, tile: Tile = GenomeTile
-) -> GenomeTile | CompoundTile | None:
-    found = session.scalar(select(tile).where(tile.job_id == job_id, tile.index == index))
-    return cast(GenomeTile | CompoundTile | None, found)
-
-
-def start_tile(session: Session, row: GenomeTile | CompoundTile, *, job: Job = GenomeJob) -> None:
-    row.attempts += 1
-    row.status = JobStatus.running
-    session.execute(
-        update(job)
-        .where(job.id == row.job_id, job.status == JobStatus.queued)
-        .values(status=JobStatus.running, updated_at=utcnow())
-    )
-
-
-def finish_tile(
-    session: Session, *, job_id: int, index: int, job: Job = GenomeJob, tile: Tile = GenomeTile
-) -> int | None:
-    """Mark a tile done and count it on its job, once; return the job's tiles done, or None if
-    this tile had been counted before (a redelivered message)."""
-    changed = session.execute(
-        update(tile)
-        .where(tile.job_id == job_id, tile.index == index, tile.status != JobStatus.done)
-        .values(status=JobStatus.done, updated_at=utcnow())
-        .returning(tile.id)
-    ).first()
-    if changed is None:
-        return None
-    return session.execute(
-        update(job)
-        .where(job.id == job_id)
-        .values(tiles_done=job.tiles_done + 1, updated_at=utcnow())
-        .returning(job.tiles_done)
-    ).scalar_one()
-
-
-def settle_job(
-    session: Session, *, job_id: int, error: str | None = None, job: Job = GenomeJob
-) -> None:
-    """Mark a job done, or failed with ``error``."""
-    session.execute(
-        update(job)
-        .where(job.id == job_id)
-        .values(
-            status=JobStatus.failed if error else JobStatus.done,
-            error=None if error is None else error[:2000],
-            finished_at=utcnow(),
-            updated_at=utcnow(),
-        )
-    )
-
-
-def add_pairs(session: Session, *, job_id: int, pairs: Sequence[dict[str, Any]]) -> None:
-    """Insert related pairs; a pair already there (a tile run twice) is kept as it was."""
-    if not pairs:
-        return
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    table = RelatedPair.__table__
-    session.execute(
-        dialect.insert(table).on_conflict_do_nothing(index_elements=["job_id", "row", "col"]),
-        [{"job_id": job_id, **p} for p in pairs],
-    )
+def add_pairs(session: Session, *, job_id: int, pairs: Sequence[NewPair]) -> None:
+    tiles.add_results(session, RelatedPair, job_id=job_id, rows=pairs, key=("job_id", "row", "col"))
 
 
 def list_pairs(
-    session: Session,
-    *,
-    job_id: int,
-    min_kinship: float | None = None,
-    after_id: int = 0,
-    limit: int = 100,
+    session: Session, *, job_id: int, min_kinship: float | None = None, **page: int
 ) -> list[RelatedPair]:
-    stmt = (
-        select(RelatedPair)
-        .where(RelatedPair.job_id == job_id, RelatedPair.id > after_id)
-        .order_by(RelatedPair.id)
-        .limit(limit)
-    )
-    if min_kinship is not None:
-        stmt = stmt.where(RelatedPair.kinship >= min_kinship)
-    return list(session.scalars(stmt))
+    """A page of a job's pairs (``after_id``, ``limit``), those of ``min_kinship`` or more."""
+    where = [] if min_kinship is None else [RelatedPair.kinship >= min_kinship]
+    return tiles.result_page(session, RelatedPair, job_id=job_id, where=where, **page)
 
 
 def degree_counts(session: Session, *, job_id: int) -> dict[str, int]:

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select, true, update
 from sqlalchemy.orm import Session
 
 from db.repo import Lease, Stranded, stranded_clause
-from db.tables import CompoundJob, CompoundTile, GenomeJob, GenomeTile, JobStatus, utcnow
-
-#: The tile ledgers, by the name the sweeper and the lease keeper use for them.
-LEDGERS: dict[str, tuple[Any, Any]] = {
-    "genome": (GenomeJob, GenomeTile),
-    "chem": (CompoundJob, CompoundTile),
-}
+from db.tables import JobStatus, JobTile, utcnow
+from db.tiles import JOB_TABLES
 
 
 @dataclass(frozen=True)
 class TileKey:
-    kind: str  # a key of LEDGERS
+    kind: str  # a key of db.tiles.JOB_TABLES
     job_id: int
     index: int
 
@@ -35,11 +31,12 @@ class TileKey:
 def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
     """Take the lease on a tile that is not done and that no other live worker holds (and mark
     it ``running``); False if there is none to take."""
-    _, tile = LEDGERS[key.kind]
+    tile = JobTile
     now = utcnow()
     row = session.execute(
         update(tile)
         .where(
+            tile.kind == key.kind,
             tile.job_id == key.job_id,
             tile.index == key.index,
             tile.status != JobStatus.done,
@@ -59,37 +56,33 @@ def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
     return row is not None
 
 
+def _held(key: TileKey, owner: str) -> tuple[Any, ...]:
+    """The tile ``key`` while ``owner`` holds it and it is not done."""
+    return (
+        JobTile.kind == key.kind,
+        JobTile.job_id == key.job_id,
+        JobTile.index == key.index,
+        JobTile.lease_owner == owner,
+        JobTile.status != JobStatus.done,
+    )
+
+
+def _expire(session: Session, key: TileKey, owner: str, at: datetime) -> None:
+    session.execute(
+        update(JobTile).where(*_held(key, owner)).values(lease_expires_at=at),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def renew_tile_leases(session: Session, *, keys: Sequence[TileKey], lease: Lease) -> None:
     now = utcnow()
     for key in keys:
-        _, tile = LEDGERS[key.kind]
-        session.execute(
-            update(tile)
-            .where(
-                tile.job_id == key.job_id,
-                tile.index == key.index,
-                tile.lease_owner == lease.owner,
-                tile.status != JobStatus.done,
-            )
-            .values(lease_expires_at=lease.expiry(now)),
-            execution_options={"synchronize_session": False},
-        )
+        _expire(session, key, lease.owner, lease.expiry(now))
 
 
 def release_tile(session: Session, *, key: TileKey, owner: str) -> None:
     """Give a tile back (its computation raised): the sweeper sends it again at its next sweep."""
-    _, tile = LEDGERS[key.kind]
-    session.execute(
-        update(tile)
-        .where(
-            tile.job_id == key.job_id,
-            tile.index == key.index,
-            tile.lease_owner == owner,
-            tile.status != JobStatus.done,
-        )
-        .values(lease_expires_at=utcnow()),
-        execution_options={"synchronize_session": False},
-    )
+    _expire(session, key, owner, utcnow())
 
 
 def take_stranded_tiles(
@@ -99,11 +92,12 @@ def take_stranded_tiles(
     cleared) and return ``(job id, tile index)`` of each, to send before the caller commits.
     ``quiet``: the broker reports this kind's queue empty. Locking as in
     :func:`db.repo.take_stranded_cases`."""
-    job, tile = LEDGERS[kind]
+    job, tile = JOB_TABLES[kind], JobTile
     chosen = (
         select(tile.id)
         .join(job, job.id == tile.job_id)
         .where(
+            tile.kind == kind,
             job.status.in_((JobStatus.queued, JobStatus.running)),
             stranded_clause(tile, rules, sent_at=tile.updated_at, quiet=true() if quiet else None),
         )

@@ -177,7 +177,7 @@ class Score(Base):
     position: Mapped[int | None]
     #: From the case's last enqueue to the start of its forward pass.
     queue_wait_ms: Mapped[float | None] = mapped_column(Float(precision=53))
-    #: Top feature attributions (models/explain.py), or empty where none were computed.
+    #: Top feature attributions (models/cases/explain.py), or empty where none were computed.
     explanation: Mapped[dict[str, Any] | None]
     #: Written by a candidate version shadowing the released one: kept for drift, never the result.
     shadow: Mapped[bool] = mapped_column(default=False, server_default=false())
@@ -223,49 +223,65 @@ class Explanation(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-class GenomeJob(Base):
-    """A genome comparison: one cohort (or query samples against it), one metric, tiled."""
-
-    __tablename__ = "genome_jobs"
-    __table_args__ = (Index("ix_genome_jobs_tenant", "tenant_id", "id"),)
+class TiledJob:
+    """The columns every tiled job kind shares (worker/tiled.py): who asked, the status, the spec,
+    and the tile count; a kind's own table adds what it reports (sizes, where its outputs go)."""
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
-    metric: Mapped[str] = mapped_column(String(10))
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
     )
-    #: Where the genotypes are (PLINK prefixes) and the options: threshold, ibs_missing, tile_rows.
+    #: The inputs and options, as the kind's submission checked them.
     spec: Mapped[dict[str, Any]]
-    n_samples: Mapped[int]
-    #: Rows of the result: the query samples, or every sample for an all-pairs job.
-    n_rows: Mapped[int]
-    n_variants: Mapped[int]
     tiles_total: Mapped[int]
     tiles_done: Mapped[int] = mapped_column(default=0)
-    #: The artifact store's folder of this job; outputs are ``{output_prefix}.rel`` and so on.
-    output_prefix: Mapped[str] = mapped_column(String(500))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
 
 
-class GenomeTile(Base):
-    """Rows ``row_start:row_end`` of a job's matrix: one Celery task, written as it finishes.
+class GenomeJob(TiledJob, Base):
+    """A genome comparison: one cohort (or query samples against it), one metric, tiled.
 
-    A pairs-only job's tile is 2-D: those rows against the samples ``col_start:col_end``.
+    ``spec``: where the genotypes are (PLINK prefixes) and the options (threshold, ibs_missing).
     """
 
-    __tablename__ = "genome_tiles"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_genome_tiles_job_index"),)
+    __tablename__ = "genome_jobs"
+    __table_args__ = (Index("ix_genome_jobs_tenant", "tenant_id", "id"),)
+
+    metric: Mapped[str] = mapped_column(String(10))
+    n_samples: Mapped[int]
+    #: Rows of the result: the query samples, or every sample for an all-pairs job.
+    n_rows: Mapped[int]
+    n_variants: Mapped[int]
+    #: The artifact store's folder of this job; outputs are ``{output_prefix}.rel`` and so on.
+    output_prefix: Mapped[str] = mapped_column(String(500))
+
+
+class JobTile(Base):
+    """One tile of a tiled job of any kind: rows ``row_start:row_end`` of its result (and, for a
+    2-D tile, the columns ``col_start:col_end``); one Celery task, counted on its job once.
+
+    ``(kind, job_id)`` names the job in the kind's own table (worker/tiled.py), so there is no
+    foreign key; a job's tiles are written with it and never deleted apart from it.
+    """
+
+    __tablename__ = "job_tiles"
+    __table_args__ = (
+        UniqueConstraint("kind", "job_id", "index", name="uq_job_tiles_kind_job_index"),
+        Index("ix_job_tiles_status_lease_expires_at", "status", "lease_expires_at"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("genome_jobs.id", ondelete="CASCADE"))
+    #: The job kind: ``genome``, ``chem``, ... (the key of worker/tiled.py's ``KINDS``).
+    kind: Mapped[str] = mapped_column(String(20))
+    job_id: Mapped[int] = mapped_column(Id)
     index: Mapped[int]
     row_start: Mapped[int]
     row_end: Mapped[int]
-    #: Pairs-only jobs: the tile's column block (None: the rows against every sample).
+    #: 2-D tiles: the tile's column block (None: the rows against every column).
     col_start: Mapped[int | None]
     col_end: Mapped[int | None]
     status: Mapped[JobStatus] = mapped_column(
@@ -400,50 +416,21 @@ class AuditEvent(Base):
     outcome: Mapped[str] = mapped_column(String(20))
 
 
-class CompoundJob(Base):
+class CompoundJob(TiledJob, Base):
     """A compound-similarity search: queries against a library (or a set against itself), by
-    top-k neighbours or a similarity threshold, in tiles of query rows."""
+    top-k neighbours or a similarity threshold, in tiles of query rows.
+
+    ``spec``: query, library, fingerprint kind/radius/size, metric, k or threshold, all_pairs;
+    and the records RDKit could not read (reported, skipped).
+    """
 
     __tablename__ = "compound_jobs"
     __table_args__ = (Index("ix_compound_jobs_tenant", "tenant_id", "id"),)
 
-    id: Mapped[int] = mapped_column(Id, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"))
-    status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
-    )
-    #: Inputs and options: query, library, fingerprint kind/radius/size, metric, k or threshold,
-    #: all_pairs; and the records RDKit could not read (reported, skipped).
-    spec: Mapped[dict[str, Any]]
     n_query: Mapped[int]
     n_library: Mapped[int]
-    tiles_total: Mapped[int]
-    tiles_done: Mapped[int] = mapped_column(default=0)
     #: The artifact store's folder of this job.
     output_dir: Mapped[str] = mapped_column(String(500))
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
-    finished_at: Mapped[datetime | None]
-
-
-class CompoundTile(Base):
-    __tablename__ = "compound_tiles"
-    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_compound_tiles_job_index"),)
-
-    id: Mapped[int] = mapped_column(Id, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("compound_jobs.id", ondelete="CASCADE"))
-    index: Mapped[int]
-    row_start: Mapped[int]
-    row_end: Mapped[int]
-    status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, length=10), default=JobStatus.queued
-    )
-    attempts: Mapped[int] = mapped_column(default=0)
-    #: The worker process computing the tile and until when (see ``Case.lease_owner``).
-    lease_owner: Mapped[str | None] = mapped_column(String(200))
-    lease_expires_at: Mapped[datetime | None]
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Neighbour(Base):

@@ -29,7 +29,7 @@ from db.engine import make_engine, make_sessionmaker, session_scope
 from db.migrate import upgrade
 from db.repo import create_tenant
 from medbatch.settings import Settings
-from models import breast_cancer
+from models.reference import breast_cancer
 
 # Piped output (CI logs, `make demo | tee`) gets a wide console and unbroken curl lines.
 console = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
@@ -301,7 +301,7 @@ def _nightly(
     settings: Settings, broker_url: str, worker: subprocess.Popen[bytes], tenant_id: int
 ) -> bool:
     """A FHIR Bulk Data export (NDJSON) on score.bulk, scored by the same worker."""
-    from models.registry import load_registry
+    from models.cases.registry import load_registry
     from worker.app import create_app
     from worker.fhir_intake import run_nightly, settle_counts
 

@@ -6,7 +6,7 @@ them torch falls back to reference loops: on an AVX2-only AMD EPYC (Zen 3) with 
 int8 product ran at 5.9 Gop/s and a bfloat16 one at 19, against 160 for float32. Callers then use
 float32, which holds every integer up to 2²⁴ exactly.
 
-The same flags, with the CPU's name, are what models/chem.py logs when it picks its engine and
+The same flags, with the CPU's name, are what models/compounds/chem.py logs when it picks its engine and
 what the benchmarks print.
 """
 
@@ -20,7 +20,7 @@ _INT8_FLAGS = frozenset({"amx_int8", "avx512_vnni", "avx_vnni"})
 _BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-#: The flags that decide the compound-similarity engine (models/chem.py), as /proc/cpuinfo spells
+#: The flags that decide the compound-similarity engine (models/compounds/chem.py), as /proc/cpuinfo spells
 #: them: AMX tiles, the AVX-512 vector popcount, the bf16/int8 dot products; ``asimd`` is ARM NEON.
 ENGINE_FLAGS = (
     "amx_bf16",

@@ -58,8 +58,8 @@ def _empty_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(
                 text(
-                    "TRUNCATE compound_neighbours, compound_tiles, compound_jobs, audit_events, "
-                    "api_keys, api_clients, idempotency_keys, genome_pairs, genome_tiles, "
+                    "TRUNCATE compound_neighbours, job_tiles, compound_jobs, audit_events, "
+                    "api_keys, api_clients, idempotency_keys, genome_pairs, "
                     "genome_jobs, explanations, scores, "
                     "batches, cases, "
                     "tenants RESTART IDENTITY CASCADE"
@@ -68,14 +68,13 @@ def _empty_tables(engine: Engine) -> None:
         else:
             for table in (
                 "compound_neighbours",
-                "compound_tiles",
+                "job_tiles",
                 "compound_jobs",
                 "audit_events",
                 "api_keys",
                 "api_clients",
                 "idempotency_keys",
                 "genome_pairs",
-                "genome_tiles",
                 "genome_jobs",
                 "explanations",
                 "scores",

@@ -5,13 +5,22 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.testclient import TestClient
 
-from models import breast_cancer
+from db import repo
+from db.engine import session_scope
+from medbatch.settings import Settings
+from models.reference import breast_cancer
 from worker.queues import ALL_QUEUES
 
 
@@ -88,3 +97,53 @@ def mitbih_windows(
     """``n`` one-second windows of lead MLII in mV, every 10 s from the start of record 100."""
     mlii = (read_mitbih_212()[:, 0] - baseline) / gain
     return [[round(float(v), 4) for v in mlii[i * 3600 : i * 3600 + length]] for i in range(n)]
+
+
+def tenant_headers(sessions: sessionmaker[Session], name: str) -> dict[str, str]:
+    """A new tenant's own key, as the API's Authorization header."""
+    with session_scope(sessions) as s:
+        return {"Authorization": f"Bearer {repo.create_tenant(s, name=name)[1]}"}
+
+
+def new_tenant(sessions: sessionmaker[Session], name: str) -> int:
+    with session_scope(sessions) as s:
+        return repo.create_tenant(s, name=name)[0].id
+
+
+@contextmanager
+def api_client(
+    database_url: str, broker_url: str, tmp: Path, **settings: Any
+) -> Iterator[TestClient]:
+    """The API in this process (lifespan run), its artifact store under ``tmp``."""
+    from api_shim.main import create_app
+
+    store = tmp / "store"
+    config = Settings(
+        database_url=database_url, broker_url=broker_url, artifact_dir=store, **settings
+    )
+    with TestClient(create_app(config)) as client:
+        yield client
+
+
+def assert_refused(
+    sessions: sessionmaker[Session],
+    table: Any,
+    submit: Callable[[], object],
+    field: str,
+    match: str,
+) -> None:
+    """A submission refused for ``field`` (message matching ``match``), with nothing recorded."""
+    from worker.tiled import SubmissionError
+
+    with pytest.raises(SubmissionError, match=match) as refused:
+        submit()
+    assert refused.value.field == field
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(table)) == 0
+
+
+def post_job(api: TestClient, headers: dict[str, str], path: str, body: dict) -> dict:
+    """Submit a tiled job through the API; it must be accepted (202). Returns the job."""
+    response = api.post(path, headers=headers, json=body)
+    assert response.status_code == 202, response.text
+    return response.json()

@@ -110,7 +110,7 @@ def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None
     import torch
     from safetensors.torch import save_file
 
-    from models.architectures import StandardizedMLP
+    from models.cases.architectures import StandardizedMLP
 
     mlp = StandardizedMLP(2, hidden=())
     weights = tmp_path / "mine.safetensors"

@@ -76,7 +76,7 @@ def test_every_option_has_help_and_shows_its_default() -> None:
 
 def test_the_cli_s_own_lists_match_the_project_s() -> None:
     """The queue and recipe names the CLI keeps (to stay light) are the worker's and trainer's."""
-    from models.train import TRAINABLE
+    from models.reference.train import TRAINABLE
     from worker.queues import ALL_QUEUES
 
     assert _common.ALL_QUEUES == ALL_QUEUES

@@ -251,7 +251,7 @@ def test_numba_caches_the_genome_kernels_where_the_image_user_can_write(tmp_path
     assert any("chown medbatch:medbatch /app/var" in line for line in lines)
     code = (
         "import numpy as np\n"
-        "from models import genome_cpu\n"
+        "from models.genome import _cpu as genome_cpu\n"
         "genome_cpu.dosage_counts(np.zeros((3, 5), np.int8))\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}

@@ -79,7 +79,7 @@ def test_the_architecture_names_every_queue_and_the_registry_threshold_is_quoted
     diagram = architecture[start : architecture.index("```", start + 3)]
     for queue in ALL_QUEUES:
         assert queue in diagram
-    registry = json.loads(_text(ROOT / "models" / "registry.json"))
+    registry = json.loads(_text(ROOT / "models" / "cases" / "registry.json"))
     entries = registry["models"] if isinstance(registry, dict) else registry
     (whas,) = [m for m in entries if m["name"] == "whas500-mortality"]
     models = _text(ROOT / "docs" / "models.md")

@@ -2,75 +2,22 @@
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from functools import cached_property
-
 from celery import Celery
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.registry import Registry, load_registry
-from models.scoring import LoadedModel
-from worker.leases import LeaseKeeper
 from worker.queues import NIGHTLY_TASK, SCORE_QUEUES, SCORING_WORKER_QUEUES, task_queues
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerContext:
-    """Per-process resources of a worker: one engine, one registry, each model loaded once."""
-
-    settings: Settings
-    _models: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
-
-    @cached_property
-    def engine(self) -> Engine:
-        return make_engine(self.settings.database_url)
-
-    @cached_property
-    def sessions(self) -> sessionmaker[Session]:
-        return make_sessionmaker(self.engine)
-
-    @cached_property
-    def leases(self) -> LeaseKeeper:
-        """This process's leases (one identity per worker process), renewed in a thread."""
-        return LeaseKeeper(self.sessions, ttl_s=self.settings.lease_ttl_s)
-
-    @cached_property
-    def registry(self) -> Registry:
-        return load_registry(self.settings.artifact_dir)
-
-    def model(self, name: str, version: str) -> LoadedModel:
-        key = (name, version)
-        if key not in self._models:
-            spec = self.registry.resolve(f"{name}@{version}")
-            model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
-            model.warm_up()
-            self._models[key] = model
-            log.info("loaded model %s on %s", spec.ref, model.device)
-        return self._models[key]
-
-    def shadow(self, name: str, version: str) -> LoadedModel | None:
-        """The candidate shadowing ``name@version``, loaded; None if none, or if it cannot load
-        (a shadow must never cost the released model its cases)."""
-        spec = self.registry.shadow_for(name, version)
-        if spec is None:
-            return None
-        try:
-            return self.model(spec.name, spec.version)
-        except Exception as exc:
-            log.warning("shadow %s not loaded: %s", spec.ref, exc)
-            return None
-
-    def warm_up(self) -> None:
-        """Load the default version of every released model before the first message."""
-        for spec in self.registry:
-            if spec.default and spec.status == "released":
-                self.model(spec.name, spec.version)
+#: The modules that register tasks (and signal handlers) on the app, imported by Celery's loader
+#: (``include``): they read the app's context through worker/context.py, never this module.
+TASK_MODULES = (
+    "worker.signals",
+    "worker.tasks.compounds",
+    "worker.tasks.explain",
+    "worker.tasks.genome",
+    "worker.tasks.maintenance",
+    "worker.tasks.nightly",
+    "worker.tasks.scoring",
+)
 
 
 def resolve_broker_url(settings: Settings) -> str:
@@ -85,7 +32,9 @@ def create_app(
     settings: Settings, *, broker_url: str | None = None, include_tasks: bool = True
 ) -> Celery:
     """The Celery app. The API only sends by task name, so it asks for no tasks (and no torch)."""
-    app = Celery("medbatch", set_as_current=include_tasks)
+    app = Celery(
+        "medbatch", set_as_current=include_tasks, include=TASK_MODULES if include_tasks else ()
+    )
     url = broker_url or resolve_broker_url(settings)
     app.conf.update(
         broker_url=url,
@@ -120,16 +69,10 @@ def create_app(
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(settings),
     )
-    app.medbatch = WorkerContext(settings)
+    # Read by worker/context.py, which builds the process's context from it on first use.
+    app.medbatch_settings = settings
     if include_tasks:
-        import worker.signals
-        import worker.tasks.compounds
-        import worker.tasks.explain
-        import worker.tasks.genome
-        import worker.tasks.maintenance
-        import worker.tasks.nightly
-        import worker.tasks.scoring  # noqa: F401  (registers the shared tasks on this app)
-
+        app.loader.import_default_modules()
         app.finalize()
     return app
 
@@ -147,10 +90,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
             "options": {"queue": "score.routine"},
         }
     return schedule
-
-
-def context(app: Celery) -> WorkerContext:
-    return app.medbatch
 
 
 def worker_argv(

@@ -38,9 +38,8 @@ from celery import Celery, Task
 from db import repo
 from db.engine import database_answers, is_outage, session_scope
 from worker import metrics
-from worker.app import context
+from worker.context import context
 from worker.queues import SCORE_QUEUES
-from worker.tasks.scoring import explain_sender, parse_case_ids, score_cases
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,13 @@ class Batcher:
     """Gathers one worker's scoring messages per queue and scores them in batches."""
 
     def __init__(self, task: Task, app: Celery, consumer: Any) -> None:
-        self.task = task
+        #: A :class:`worker.tasks.scoring.ScoringTask`: it parses a message's ids and scores a
+        #: batch (this module does not import the task: the task imports it).
+        self.task: Any = task
         self.ctx = context(app)
         self.timer = consumer.timer
         self.connection_errors = consumer.connection_errors
         self.failures = 0
-        self.send_explanations = explain_sender(app)
         #: Cases an outage stopped and the database could not take back yet.
         self.to_release: set[int] = set()
         settings = self.ctx.settings
@@ -112,7 +112,7 @@ class Batcher:
         task_id = (message.headers or {}).get("id", "?")
         try:
             args, _kwargs, _embed = message.decode()
-            case_ids = parse_case_ids(args)
+            case_ids = self.task.parse_ids(args)
         except Exception as exc:
             # A malformed message names no case we could fail; drop it loudly, never loop on it.
             log.error("rejected malformed medbatch.score_cases message %s: %s", task_id, exc)
@@ -169,18 +169,8 @@ class Batcher:
         if self.to_release:
             self._release(sorted(self.to_release))
         try:
-            outcome = score_cases(
-                case_ids,
-                sessions=self.ctx.sessions,
-                load_model=self.ctx.model,
-                queue=buffer.queue,
-                max_batch_size=buffer.max_cases,
-                max_deliveries=self.ctx.settings.max_deliveries,
-                explain_top_k=self.ctx.settings.explain_top_k,
-                explain_sequences=self.ctx.settings.explain_sequences,
-                load_shadow=self.ctx.shadow,
-                keeper=keeper,
-                send_explanations=self.send_explanations,
+            outcome = self.task.score_batch(
+                case_ids, queue=buffer.queue, max_batch_size=buffer.max_cases
             )
         except Exception as exc:
             self._hand_back(buffer, messages, case_ids, exc)

@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority
-from models.fhir_features import FeatureResult, PatientRecord, features_of, iter_ndjson
-from models.registry import ModelSpec
+from models.cases.registry import ModelSpec
+from models.fhir.features import FeatureResult, PatientRecord, features_of, iter_ndjson
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
 

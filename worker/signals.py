@@ -8,7 +8,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutting_down
 
 from worker import heartbeat, metrics
-from worker.app import context
+from worker.context import context
 
 log = logging.getLogger(__name__)
 

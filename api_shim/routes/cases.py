@@ -14,8 +14,8 @@ from api_shim.errors import model_problem
 from api_shim.metrics import CASES_SUBMITTED
 from api_shim.schemas import CaseAccepted, CaseCreate, CasesAccepted
 from db import repo
-from models.featurize import check_features
-from models.registry import Registry, RegistryError
+from models.cases.featurize import check_features
+from models.cases.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["cases"])

@@ -2,40 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_shim.deps import (
-    TEXT,
-    CeleryDep,
-    CompoundSubmitterDep,
-    CursorQuery,
-    IdPath,
-    ReaderDep,
-    SessionDep,
-    SessionsDep,
-    SettingsDep,
-    exactly_one,
-)
-from api_shim.paths import confine, public_message
+from api_shim import deps
+from api_shim.deps import TEXT, IdPath, ReaderDep, SessionDep
+from api_shim.paths import public_message
+from api_shim.routes import tiled
 from db import compounds as jobs
+from db.tables import CompoundJob
 
 router = APIRouter(prefix="/v1", tags=["compounds"])
 
-_NOT_FOUND = "no compound search with this id for this tenant"
+_WHAT = "compound search"
+OwnedJob = Annotated[CompoundJob, Depends(tiled.owned(CompoundJob, _WHAT))]
 
 
 class CompoundSearchCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            **exactly_one("top_k", "threshold"),
+            **deps.exactly_one("top_k", "threshold"),
             "examples": [{"library": "library.smi", "top_k": 5}],
         },
     )
@@ -54,9 +45,7 @@ class CompoundSearchCreate(BaseModel):
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
-class CompoundSearchPublic(BaseModel):
-    id: int
-    status: str
+class CompoundSearchPublic(tiled.TiledJobPublic):
     mode: str
     top_k: int | None
     threshold: float | None
@@ -67,20 +56,8 @@ class CompoundSearchPublic(BaseModel):
     n_library: int
     unreadable: int
     unreadable_examples: list[str]
-    tiles_total: int
-    tiles_done: int
-    error: str | None
-    plots: list[str] = Field(
-        default_factory=list, description="links to pictures of the result, once it is done"
-    )
-    detail: str | None = Field(
-        default=None,
-        description="why a job still waits, e.g. that no live worker listens on its queue",
-    )
     #: The neighbours CSV once done, as a download path.
     output: str | None
-    created_at: datetime
-    finished_at: datetime | None
 
 
 class NeighbourPublic(BaseModel):
@@ -103,33 +80,23 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
 
-@router.post(
-    "/compound-similarity",
-    response_model=CompoundSearchPublic,
-    status_code=status.HTTP_202_ACCEPTED,
-)
+@tiled.submit_route(router, "/compound-similarity", CompoundSearchPublic)
 def create_compound_search(
     body: CompoundSearchCreate,
-    tenant: CompoundSubmitterDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    sessions: SessionsDep,
+    tenant: deps.CompoundSubmitterDep,
+    job: tiled.SubmissionDep,
 ) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
-    from worker.tasks.compounds import SubmissionError, submit
+    from worker.jobs.compounds import SubmissionError, submit
 
-    library = confine(settings.compound_dir, body.library, "library", kind="molecules")
-    query = None
-    if body.query is not None:
-        query = confine(settings.compound_dir, body.query, "query", kind="molecules")
+    given = {"library": body.library, "query": body.query}
+    paths = tiled.confine_inputs(job.settings.compound_dir, given, kind="molecules")
     try:
         return _public(
-            submit(
-                sessions,
-                celery,
-                tenant_id=tenant.id,
-                library=library,
-                query=query,
+            job.run(
+                submit,
+                tenant.id,
+                **paths,
                 top_k=body.top_k,
                 threshold=body.threshold,
                 metric=body.metric,
@@ -138,42 +105,27 @@ def create_compound_search(
                 fp_size=body.bits,
                 smiles_column=body.smiles_column,
                 tile_rows=body.tile_rows or 0,
-                artifact_dir=settings.artifact_dir,
             )
         )
     except SubmissionError as exc:
-        given = {"library": body.library, "query": body.query}
         message = public_message(
             str(exc),
-            settings.compound_dir,
+            job.settings.compound_dir,
             given,
             kind="molecules",
             values={"smiles_column": body.smiles_column},
         )
         loc = ("body",) if exc.field == "mode" else ("body", exc.field)
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": loc, "msg": message}]
-        ) from None
+        raise tiled.refused(loc, message) from None
 
 
 @router.get(
     "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
 )
-def read_compound_search(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
-) -> dict[str, Any]:
-    from worker.tasks.compounds import describe
+def read_compound_search(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
+    from worker.jobs.compounds import COMPOUNDS
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
-    found = describe(job)
-    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
-        from worker.heartbeat import waiting_detail
-        from worker.queues import CHEM_QUEUE
-
-        found["detail"] = waiting_detail(celery, CHEM_QUEUE)
-    return _public(found)
+    return _public(tiled.described(job, COMPOUNDS, celery))
 
 
 @router.get(
@@ -182,28 +134,17 @@ def read_compound_search(
     responses={404: {}},
 )
 def list_job_neighbours(
-    job_id: IdPath,
-    tenant: ReaderDep,
-    session: SessionDep,
+    read: tiled.JobReaderDep,
     query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
-    cursor: CursorQuery = 0,
+    cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    if jobs.get_job(session, job_id=job_id, tenant_id=tenant.id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    job = read.owned(CompoundJob, _WHAT)
     rows = jobs.list_neighbours(
-        session, job_id=job_id, query_id=query_id, after_id=cursor, limit=limit
+        read.session, job_id=job.id, query_id=query_id, after_id=cursor, limit=limit
     )
-    return NeighboursPublic(
-        items=[
-            NeighbourPublic(
-                query_id=r.query_id, library_id=r.library_id, similarity=r.similarity, rank=r.rank
-            )
-            for r in rows
-        ],
-        next_cursor=rows[-1].id if len(rows) == limit else None,
-    )
+    return NeighboursPublic(**tiled.page(NeighbourPublic, rows, limit))
 
 
 @router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})

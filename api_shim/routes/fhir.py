@@ -34,7 +34,7 @@ from api_shim.deps import (
 from api_shim.errors import SafeJSONResponse, model_problem, outcome_body
 from db import repo
 from db.tables import Case, Priority, Score
-from models.registry import ModelSpec, RegistryError
+from models.cases.registry import ModelSpec, RegistryError
 
 if TYPE_CHECKING:
     from worker.fhir_intake import Intake
@@ -85,7 +85,7 @@ async def submit_bundle(
     lookback_days: Annotated[int, Query(ge=1, le=36500)] = 730,
 ) -> JSONResponse:
     """Queue one case per Patient of a Bundle, its features taken from the Bundle's resources."""
-    from models.fhir_features import FhirInputError, parse_bundle
+    from models.fhir.features import FhirInputError, parse_bundle
     from worker.fhir_intake import case_from_record
 
     # Parsed (depth, numbers and strings checked) by api_shim/guard.py.

@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_shim.deps import (
-    TEXT,
-    CeleryDep,
-    CursorQuery,
-    GenomeSubmitterDep,
-    IdPath,
-    ReaderDep,
-    SessionDep,
-    SessionsDep,
-    SettingsDep,
-    exactly_one,
-)
-from api_shim.paths import confine, public_message
+from api_shim import deps
+from api_shim.deps import TEXT
+from api_shim.paths import public_message
+from api_shim.routes import tiled
 from db import genome as jobs
+from db.tables import GenomeJob
 
 router = APIRouter(prefix="/v1", tags=["genome"])
 
-_NOT_FOUND = "no genome comparison with this id for this tenant"
+_WHAT = "genome comparison"
+OwnedJob = Annotated[GenomeJob, Depends(tiled.owned(GenomeJob, _WHAT))]
 
 #: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
 THIRD_DEGREE = 2.0**-4.5
@@ -38,7 +29,7 @@ class GenomeComparisonCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            **exactly_one("bfile", "vcf"),
+            **deps.exactly_one("bfile", "vcf"),
             "examples": [{"metric": "king", "bfile": "cohort"}],
         },
     )
@@ -68,32 +59,18 @@ class GenomeComparisonCreate(BaseModel):
     block: int | None = Field(default=None, ge=4, le=65_536, multiple_of=4)
 
 
-class GenomeComparisonPublic(BaseModel):
-    id: int
+class GenomeComparisonPublic(tiled.TiledJobPublic):
     metric: str
     output: str
-    status: str
     n_samples: int
     n_rows: int
     n_variants: int
-    tiles_total: int
-    tiles_done: int
     query: bool
     threshold: float | None
-    error: str | None
-    plots: list[str] = Field(
-        default_factory=list, description="links to pictures of the result, once it is done"
-    )
-    detail: str | None = Field(
-        default=None,
-        description="why a job still waits, e.g. that no live worker listens on its queue",
-    )
     #: KING jobs: pairs found so far per degree (duplicate/MZ twin, 1st, 2nd, 3rd, unrelated).
     degree_counts: dict[str, int] | None
     #: Output files once done, as download paths under this job (no server paths).
     outputs: list[str]
-    created_at: datetime
-    finished_at: datetime | None
 
 
 class PairPublic(BaseModel):
@@ -110,60 +87,41 @@ class PairsPublic(BaseModel):
     next_cursor: int | None
 
 
-@router.post(
-    "/genome-comparisons",
-    response_model=GenomeComparisonPublic,
-    status_code=status.HTTP_202_ACCEPTED,
-)
+@tiled.submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
 def create_genome_comparison(
     body: GenomeComparisonCreate,
-    tenant: GenomeSubmitterDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    sessions: SessionsDep,
+    tenant: deps.GenomeSubmitterDep,
+    job: tiled.SubmissionDep,
 ) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
-    from worker.tasks.genome import SubmissionError, submit
+    from worker.jobs.genome import SubmissionError, submit
 
     if (body.bfile is None) == (body.vcf is None):
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body",), "msg": "give exactly one of bfile and vcf"}]
-        )
+        raise tiled.refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
-    bfile = confine(settings.genotype_dir, given[field] or "", field, kind="genotypes")
-    query = None
-    if body.query is not None:
-        query = confine(settings.genotype_dir, body.query, "query", kind="genotypes")
+    paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
     try:
         return _public(
-            submit(
-                sessions,
-                celery,
-                tenant_id=tenant.id,
+            job.run(
+                submit,
+                tenant.id,
                 metric=body.metric,
-                bfile=bfile,
-                query=query,
+                bfile=paths[field],
+                query=paths["query"],
                 threshold=body.threshold,
                 ibs_missing=body.ibs_missing,
-                tile_rows=body.tile_rows or settings.genome_tile_rows,
+                tile_rows=body.tile_rows or job.settings.genome_tile_rows,
                 keep=list(body.keep) if body.keep is not None else None,
                 min_maf=body.min_maf,
-                artifact_dir=settings.artifact_dir,
                 output=body.output,
                 block=body.block or 0,
             )
         )
     except SubmissionError as exc:
         loc = field if exc.field == "bfile" else exc.field
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("body", loc),
-                    "msg": _message(exc, loc, settings.genotype_dir, given),
-                }
-            ]
+        raise tiled.refused(
+            ("body", loc), _message(exc, loc, job.settings.genotype_dir, given)
         ) from None
 
 
@@ -179,22 +137,11 @@ def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None
 @router.get(
     "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
 )
-def read_genome_comparison(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
-) -> dict[str, Any]:
+def read_genome_comparison(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
-    from worker.tasks.genome import describe
+    from worker.jobs.genome import GENOME
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
-    found = describe(job)
-    if found["status"] not in ("done", "failed") and not found["tiles_done"]:
-        from worker.heartbeat import waiting_detail
-        from worker.queues import GENOME_QUEUE
-
-        found["detail"] = waiting_detail(celery, GENOME_QUEUE)
-    return _public(found)
+    return _public(tiled.described(job, GENOME, celery))
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
@@ -206,15 +153,10 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.get("/genome-comparisons/{job_id}/files/{name}", responses={404: {}})
-def download_output(
-    job_id: IdPath, name: str, tenant: ReaderDep, session: SessionDep
-) -> FileResponse:
+def download_output(job: OwnedJob, name: str) -> FileResponse:
     """One output file of a finished job (``.rel``, ``.king.id``, ``.kin0``, ``.npy``, ...)."""
-    from worker.tasks.genome import describe
+    from worker.jobs.genome import describe
 
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
     files = {Path(p).name: Path(p) for p in describe(job)["outputs"]}
     if name not in files:
         raise HTTPException(
@@ -225,31 +167,14 @@ def download_output(
 
 @router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
 def list_related_pairs(
-    job_id: IdPath,
-    tenant: ReaderDep,
-    session: SessionDep,
+    read: tiled.JobReaderDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-    cursor: CursorQuery = 0,
+    cursor: deps.CursorQuery = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    job = jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, _NOT_FOUND)
+    job = read.owned(GenomeJob, _WHAT)
     rows = jobs.list_pairs(
-        session, job_id=job_id, min_kinship=min_kinship, after_id=cursor, limit=limit
+        read.session, job_id=job.id, min_kinship=min_kinship, after_id=cursor, limit=limit
     )
-    return PairsPublic(
-        items=[
-            PairPublic(
-                fid1=r.fid1,
-                iid1=r.iid1,
-                fid2=r.fid2,
-                iid2=r.iid2,
-                kinship=r.kinship,
-                degree=r.degree,
-            )
-            for r in rows
-        ],
-        next_cursor=rows[-1].id if len(rows) == limit else None,
-    )
+    return PairsPublic(**tiled.page(PairPublic, rows, limit))

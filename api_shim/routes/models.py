@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from api_shim.deps import RegistryDep, SettingsDep, TenantDep
 from api_shim.errors import model_problem
-from models.registry import ModelSpec, Registry, RegistryError, report_dir
+from models.cases.registry import ModelSpec, Registry, RegistryError, report_dir
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -146,9 +146,9 @@ def genome_kinship_plot(
     job_id: IdPath, tenant: ReaderDep, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
     """IBS0 against kinship of a finished KING job's recorded pairs, coloured by degree."""
-    from models.genome_output import kinship_degree
+    from models.genome.io.output import kinship_degree
     from models.plots import kinship_plot, read_kin0
-    from worker.tasks.genome import describe
+    from worker.jobs.genome import describe
 
     job = genome_jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:
@@ -179,7 +179,7 @@ def compound_similarity_histogram(
     import csv
 
     from models.plots import similarity_histogram
-    from worker.tasks.compounds import describe
+    from worker.jobs.compounds import describe
 
     job = compound_jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
     if job is None:

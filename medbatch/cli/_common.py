@@ -161,7 +161,7 @@ def follow(describe: Any, *, app: Celery | None, queue: str) -> dict[str, Any]:
     """Wait for a tiled job the workers run, with a progress bar; say so (once per change) when
     no live worker listens on its queue, instead of waiting in silence."""
     from worker.heartbeat import waiting_detail
-    from worker.tiles import follow as follow_tiles
+    from worker.tiled import follow as follow_tiles
 
     said: list[str | None] = [None]
 

@@ -77,7 +77,7 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "list":
-        from models.registry import load_registry
+        from models.cases.registry import load_registry
 
         for spec in load_registry(settings.artifact_dir):
             default = " (default)" if spec.default else ""
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"    clinical use: {spec.clinical_use}")
         return 0
     if args.models_command == "register":
-        from models.byo import RegistrationError, register
+        from models.cases.byo import RegistrationError, register
 
         try:
             params = json.loads(args.params) if args.params else None
@@ -112,8 +112,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  sha256 {entry['sha256']}")
         return 0
     if args.models_command == "evaluate":
-        from models.evaluation import NoEvaluationData, evaluate, report_dir
-        from models.registry import Registry, RegistryError
+        from models.cases.registry import Registry, RegistryError
+        from models.reference.evaluation import NoEvaluationData, evaluate, report_dir
 
         try:
             spec = Registry.load().resolve(args.ref)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  picture {picture}")
         return 0
     if args.models_command == "shadow":
-        from models.shadow import ShadowError, clear_shadow, set_shadow
+        from models.cases.shadow import ShadowError, clear_shadow, set_shadow
 
         if args.off:
             previous = clear_shadow(settings.artifact_dir, args.ref.partition("@")[0])
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "drift":
         return _drift(args, settings)
     if args.models_command == "train":
-        from models.train import train
+        from models.reference.train import train
 
         try:
             report = train(
@@ -185,8 +185,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _drift(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
     from db.engine import session_scope
-    from models.registry import RegistryError, load_registry
-    from models.shadow import ShadowError, drift
+    from models.cases.registry import RegistryError, load_registry
+    from models.cases.shadow import ShadowError, drift
 
     registry = load_registry(settings.artifact_dir)
     try:

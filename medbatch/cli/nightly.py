@@ -49,7 +49,7 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC
 
-    from models.registry import RegistryError, load_registry
+    from models.cases.registry import RegistryError, load_registry
     from worker.fhir_intake import run_nightly, settle_counts
 
     if not (args.input / "Patient.ndjson").is_file():

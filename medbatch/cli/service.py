@@ -95,7 +95,8 @@ def parse_queues(text: str) -> tuple[str, ...]:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     queues = parse_queues(args.queues)
     ensure_schema(settings.database_url)
-    from worker.app import context, create_app, run_worker, worker_argv
+    from worker.app import create_app, run_worker, worker_argv
+    from worker.context import context
 
     app = create_app(settings)
     if set(queues) <= {"genome", "chem"}:

@@ -489,7 +489,7 @@ def test_implausible_survival_inputs_are_422_naming_the_rule(
     api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
     """Schema rules (allowed values, plausible ranges) are enforced at the door."""
-    from models import survival
+    from models.reference import survival
 
     x, _, _ = survival.load()
     features = dict(zip(survival.FEATURE_NAMES, map(float, x[0]), strict=True))
@@ -523,8 +523,8 @@ def test_model_report_is_served_once_evaluated(
     pg_url: str, redis_url: str, key: str, tmp_path: Path
 ) -> None:
     """GET /v1/models/{name}/{version}/report: 404 saying how to make it, then the metrics."""
-    from models.evaluation import evaluate
-    from models.registry import Registry, report_dir
+    from models.cases.registry import Registry, report_dir
+    from models.reference.evaluation import evaluate
 
     settings = Settings(database_url=pg_url, broker_url=redis_url, artifact_dir=tmp_path)
     with TestClient(create_app(settings)) as client:

@@ -14,11 +14,10 @@ from rdkit import RDConfig
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from db.tables import CompoundJob
-from medbatch.settings import Settings
+from tests.helpers import api_client, post_job, tenant_headers
 from worker.queues import CHEM_QUEUE
 from worker.tasks import compounds as tasks
 
@@ -41,32 +40,20 @@ def folder(tmp_path: Path) -> Path:
 def api(
     pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path, folder: Path
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        compound_dir=folder,
-        artifact_dir=tmp_path / "store",
-    )
-    with TestClient(create_app(settings)) as client:
+    with api_client(pg_url, redis_url, tmp_path, compound_dir=folder) as client:
         yield client
-
-
-def _key(sessions: sessionmaker[Session], name: str) -> dict[str, str]:
-    with session_scope(sessions) as s:
-        return {"Authorization": f"Bearer {repo.create_tenant(s, name=name)[1]}"}
 
 
 def test_a_search_is_queued_then_served(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
-    headers = _key(pg_sessions, "pharmacy")
-    response = api.post(
+    headers = tenant_headers(pg_sessions, "pharmacy")
+    job = post_job(
+        api,
+        headers,
         "/v1/compound-similarity",
-        headers=headers,
-        json={"library": "library.smi", "query": "query.smi", "top_k": 3, "tile_rows": 2},
+        {"library": "library.smi", "query": "query.smi", "top_k": 3, "tile_rows": 2},
     )
-    assert response.status_code == 202, response.text
-    job = response.json()
     assert (job["n_query"], job["n_library"], job["tiles_total"], job["unreadable"]) == (
         3,
         200,
@@ -88,7 +75,7 @@ def test_a_search_is_queued_then_served(
     assert all(n["similarity"] == 1.0 and n["query_id"] == n["library_id"] for n in first)
     csv = api.get(done["output"], headers=headers)
     assert csv.status_code == 200 and csv.text.count("\n") == 10
-    other = _key(pg_sessions, "elsewhere")
+    other = tenant_headers(pg_sessions, "elsewhere")
     for path in (f"/v1/compound-similarity/{job['id']}", done["output"]):
         assert api.get(path, headers=other).status_code == 404
 
@@ -118,7 +105,9 @@ def test_bad_searches_are_422_naming_the_field_and_write_nothing(
     loc: list[str],
     fragment: str,
 ) -> None:
-    response = api.post("/v1/compound-similarity", headers=_key(pg_sessions, "pharmacy"), json=body)
+    response = api.post(
+        "/v1/compound-similarity", headers=tenant_headers(pg_sessions, "pharmacy"), json=body
+    )
     assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
     assert error["loc"] == loc and fragment in error["msg"], error

@@ -20,8 +20,8 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, PatientIdentifier
 from medbatch.settings import Settings
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
 from tests.helpers import SHARED_DIR, require_shared
 from worker.tasks.scoring import score_cases
 

@@ -22,10 +22,10 @@ from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from medbatch.settings import Settings
-from models import survival
-from models.fhir_features import FeatureResult, features_of, iter_ndjson, parse_bundle
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from models.fhir.features import FeatureResult, features_of, iter_ndjson, parse_bundle
+from models.reference import survival
 from tests.fhir_feeds import AS_OF, DIMENSIONS, PatientFeed, feed
 from worker.tasks.scoring import score_cases
 

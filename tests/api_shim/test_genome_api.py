@@ -13,11 +13,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
-from db import repo
-from db.engine import session_scope
 from db.tables import GenomeJob
-from medbatch.settings import Settings
+from tests.helpers import api_client, post_job, tenant_headers
 from worker.queues import GENOME_QUEUE
 from worker.tasks import genome as tasks
 
@@ -57,19 +54,8 @@ def api(
     tmp_path: Path,
     genotypes: Path,
 ) -> Iterator[TestClient]:
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        genotype_dir=genotypes,
-        artifact_dir=tmp_path / "store",
-    )
-    with TestClient(create_app(settings)) as client:
+    with api_client(pg_url, redis_url, tmp_path, genotype_dir=genotypes) as client:
         yield client
-
-
-def _key(sessions: sessionmaker[Session], name: str) -> dict[str, str]:
-    with session_scope(sessions) as s:
-        return {"Authorization": f"Bearer {repo.create_tenant(s, name=name)[1]}"}
 
 
 def _tile_messages(broker: redis.Redis) -> list[list[int]]:
@@ -84,14 +70,13 @@ def _tile_messages(broker: redis.Redis) -> list[list[int]]:
 def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
-    headers = _key(pg_sessions, "biobank")
-    response = api.post(
+    headers = tenant_headers(pg_sessions, "biobank")
+    job = post_job(
+        api,
+        headers,
         "/v1/genome-comparisons",
-        headers=headers,
-        json={"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
+        {"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
     )
-    assert response.status_code == 202, response.text
-    job = response.json()
     assert (job["n_samples"], job["n_rows"], job["n_variants"]) == (60, 60, 2000)
     assert (job["tiles_total"], job["tiles_done"], job["status"]) == (3, 0, "queued")
     assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(3)]
@@ -99,7 +84,7 @@ def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
     assert (
         api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()["tiles_total"] == 3
     )
-    other = _key(pg_sessions, "someone-else")
+    other = tenant_headers(pg_sessions, "someone-else")
     for path in (
         f"/v1/genome-comparisons/{job['id']}",
         f"/v1/genome-comparisons/{job['id']}/pairs",
@@ -114,7 +99,7 @@ def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
 def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = _key(pg_sessions, "biobank")
+    headers = tenant_headers(pg_sessions, "biobank")
     job = api.post(
         "/v1/genome-comparisons", headers=headers, json={"metric": "king", "bfile": "relatives"}
     ).json()
@@ -128,7 +113,7 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
     assert f"/v1/genome-comparisons/{job['id']}/files/king.king" in done["outputs"]
     king = api.get(f"/v1/genome-comparisons/{job['id']}/files/king.king", headers=headers)
     assert king.status_code == 200 and king.content.count(b"\n") == 62
-    other = _key(pg_sessions, "elsewhere")
+    other = tenant_headers(pg_sessions, "elsewhere")
     assert (
         api.get(f"/v1/genome-comparisons/{job['id']}/files/king.king", headers=other).status_code
         == 404
@@ -179,7 +164,7 @@ def test_bad_submissions_are_422_naming_the_field_and_write_nothing(
     loc: list[str],
     fragment: str,
 ) -> None:
-    headers = _key(pg_sessions, "biobank")
+    headers = tenant_headers(pg_sessions, "biobank")
     response = api.post("/v1/genome-comparisons", headers=headers, json=body)
     assert response.status_code == 422, response.text
     (error,) = response.json()["detail"]
@@ -195,7 +180,7 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
     """ "output": "pairs": 2-D tile messages, then only the .kin0 and the degree summary."""
-    headers = _key(pg_sessions, "biobank")
+    headers = tenant_headers(pg_sessions, "biobank")
     response = api.post(
         "/v1/genome-comparisons",
         headers=headers,
@@ -224,7 +209,7 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
 def test_a_vcf_job_is_accepted_like_its_plink_fileset(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = _key(pg_sessions, "biobank")
+    headers = tenant_headers(pg_sessions, "biobank")
     response = api.post(
         "/v1/genome-comparisons", headers=headers, json={"metric": "grm", "vcf": "hm3_small.vcf.gz"}
     )

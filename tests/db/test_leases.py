@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import leases, repo
 from db.engine import session_scope
-from db.tables import Case, CaseStatus, GenomeJob, GenomeTile, JobStatus, Priority
+from db.tables import Case, CaseStatus, GenomeJob, JobStatus, JobTile, Priority
 
 pytestmark = pytest.mark.integration
 
@@ -236,7 +236,8 @@ def _genome_job(sessions: sessionmaker[Session], tiles: int) -> int:
         s.add(job)
         s.flush()
         s.add_all(
-            GenomeTile(job_id=job.id, index=i, row_start=i, row_end=i + 1) for i in range(tiles)
+            JobTile(kind="genome", job_id=job.id, index=i, row_start=i, row_end=i + 1)
+            for i in range(tiles)
         )
         return job.id
 
@@ -251,8 +252,8 @@ def test_tile_leases_and_stranded_tiles(sessions: sessionmaker[Session]) -> None
         assert not leases.claim_tile(s, key=key[0], lease=repo.Lease("B", LIVE))
         assert leases.claim_tile(s, key=key[1], lease=repo.Lease("dead", EXPIRED))
         s.execute(
-            GenomeTile.__table__.update()
-            .where(GenomeTile.job_id == job_id, GenomeTile.index == 2)
+            JobTile.__table__.update()
+            .where(JobTile.job_id == job_id, JobTile.index == 2)
             .values(status=JobStatus.done)
         )
         assert not leases.claim_tile(s, key=key[2], lease=repo.Lease("A", LIVE))

@@ -27,10 +27,12 @@ class Processes:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs, self.procs = env, logs, []  # type: ignore[var-annotated]
 
-    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, module: str = "medbatch.cli", **env: str
+    ) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "medbatch.cli", *args],
+            [sys.executable, "-m", module, *args],
             env={**self.env, **env},
             cwd=self.logs,
             stdout=log,

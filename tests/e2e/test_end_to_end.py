@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.tables import Case, CaseStatus, Score
 from medbatch.settings import Settings
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
 from tests.e2e.support import Processes, count_cases, start_worker, wait_for
 from tests.helpers import wdbc_cases
 from worker.app import create_app

@@ -16,8 +16,8 @@ from db import explanations
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Explanation, JobStatus, Score, utcnow
 from medbatch.settings import Settings
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
 from tests.e2e.support import Processes, count_cases, start_worker, wait_for
 from tests.helpers import wdbc_cases
 from worker.app import create_app

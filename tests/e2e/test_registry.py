@@ -18,10 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.tables import Case, CaseStatus, Score
-from models import breast_cancer
-from models.byo import register
-from models.registry import Registry
-from models.shadow import set_shadow
+from models.cases.byo import register
+from models.cases.registry import Registry
+from models.cases.shadow import set_shadow
+from models.reference import breast_cancer
 from tests.e2e.support import Processes, count_cases, start_worker, wait_for
 from tests.helpers import wdbc_cases
 

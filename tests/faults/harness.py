@@ -27,7 +27,7 @@ from db import repo
 from db.engine import make_engine, make_sessionmaker, session_scope
 from db.migrate import upgrade
 from db.tables import Case, CaseStatus, Score
-from models import breast_cancer
+from models.reference import breast_cancer
 from tests.e2e.support import Processes, free_port
 from tests.faults.servers import PrivatePostgres, PrivateRedis
 

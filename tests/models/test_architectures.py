@@ -9,9 +9,9 @@ import torch
 from safetensors.numpy import load_file
 
 from bench.workloads import vitals_series
-from models.featurize import FeatureError, check_features
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.featurize import FeatureError, check_features
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
 
 REGISTRY = Registry.load()
 
@@ -33,7 +33,7 @@ def _event_sequences(n: int, seed: int = 0) -> list[dict]:
 
 def _beats(n: int) -> list[dict]:
     """Real beats of record 100 as ecg-cnn@1.0.0 takes them (1.0 s before the R peak, 0.5 s after)."""
-    from models import ecg
+    from models.reference import ecg
     from tests.helpers import ECG_RECORD, require_shared
 
     cases, _ = ecg.held_out(require_shared(ECG_RECORD).parent)

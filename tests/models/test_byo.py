@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.architectures import StandardizedMLP
-from models.byo import RegistrationError, register
-from models.registry import load_registry, sha256_file
-from models.scoring import LoadedModel
+from models.cases.architectures import StandardizedMLP
+from models.cases.byo import RegistrationError, register
+from models.cases.inference import LoadedModel
+from models.cases.registry import load_registry, sha256_file
 
 FEATURES = [{"name": n, "unit": "1"} for n in ("a", "b", "c")]
 CASE = {"a": 1.0, "b": -2.0, "c": 0.5}

@@ -1,4 +1,4 @@
-"""models/chem.py against RDKit itself, on molecules shipped in the RDKit wheel."""
+"""models/compounds/chem.py against RDKit itself, on molecules shipped in the RDKit wheel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from rdkit import Chem, DataStructs, RDConfig
 
-from models import chem, chem_popcount
+from models.compounds import _popcount as chem_popcount
+from models.compounds import chem
 
 NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
 N_QUERIES = 300

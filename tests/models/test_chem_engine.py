@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from medbatch.settings import Settings
-from models import chem, chem_popcount, cpu_features
+from models import cpu_features
+from models.compounds import _popcount as chem_popcount
+from models.compounds import chem
 
 #: An AMD EPYC Zen 4 as /proc/cpuinfo lists it (the part that matters): AVX-512 with the vector
 #: popcount, BF16 and VNNI, no AMX.
@@ -78,7 +80,7 @@ def test_the_choice_is_logged_once_with_the_cpu(
     flags: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _set_flags(flags, ZEN4)
-    with caplog.at_level(logging.INFO, logger="models.chem"):
+    with caplog.at_level(logging.INFO, logger="models.compounds.chem"):
         chem.choose_engine()
         chem.choose_engine()
         fps = chem.Fingerprints.from_packed(np.full((4, 8), 3, np.uint8), 64)

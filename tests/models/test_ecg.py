@@ -15,11 +15,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 
-from models import ecg, reference
-from models.architectures import SignalCNN
-from models.featurize import check_features
-from models.registry import Registry, sha256_file
-from models.scoring import LoadedModel
+from models.cases.architectures import SignalCNN
+from models.cases.featurize import check_features
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry, sha256_file
+from models.reference import ecg
+from models.reference import recipes as reference
 from tests.helpers import ECG_RECORD, mitbih_windows, read_mitbih_212, require_shared
 
 #: MIT annotation codes (WFDB's ecgcodes.h) of the beats in record 100.

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluation import NoEvaluationData, binary_metrics, evaluate, held_out
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from models.reference.evaluation import NoEvaluationData, binary_metrics, evaluate, held_out
 
 REGISTRY = Registry.load()
 

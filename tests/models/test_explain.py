@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from bench.workloads import make_cases
-from models.architectures import StandardizedMLP
-from models.explain import explain
-from models.registry import Registry, sha256_file
-from models.scoring import LoadedModel
+from models.cases.architectures import StandardizedMLP
+from models.cases.explain import explain
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry, sha256_file
 
 SPEC = Registry.load().resolve("breast-cancer")
 
@@ -78,7 +78,7 @@ def test_sequence_attributions_are_complete(name: str) -> None:
         rng = np.random.default_rng(1)
         cases = [{"events": [int(c) for c in rng.integers(1, 1024, size=n)]} for n in (3, 40, 128)]
     else:
-        from models import ecg
+        from models.reference import ecg
         from tests.helpers import ECG_RECORD, require_shared
 
         beats, labels = ecg.held_out(require_shared(ECG_RECORD).parent)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 
-from models.fhir_features import (
+from models.cases.registry import FeatureSpec, ModelSpec, Registry
+from models.fhir.features import (
     FeatureResult,
     FhirInputError,
     Issue,
@@ -24,7 +25,6 @@ from models.fhir_features import (
     iter_ndjson,
     parse_bundle,
 )
-from models.registry import FeatureSpec, ModelSpec, Registry
 from tests.helpers import SHARED_DIR, require_shared
 
 SPEC = Registry.load().resolve("whas500-mortality")

@@ -9,10 +9,17 @@ from typing import Any
 
 import pytest
 
-from models.byo import RegistrationError, register
-from models.registry import FeatureSpec, RangeRule, Registry, SchemaError, schema_problems
-from models.terminology import CODE_SYSTEMS, ICD10CM, LOINC, SNOMED, canonical_system, coding_key
-from models.ucum import UnitError, convert
+from models.cases.byo import RegistrationError, register
+from models.cases.registry import FeatureSpec, RangeRule, Registry, SchemaError, schema_problems
+from models.terminology.codes import (
+    CODE_SYSTEMS,
+    ICD10CM,
+    LOINC,
+    SNOMED,
+    canonical_system,
+    coding_key,
+)
+from models.terminology.ucum import UnitError, convert
 from tests.models.test_fhir_features import (
     ADULT,
     AS_OF,
@@ -168,7 +175,7 @@ def test_an_observation_unit_must_be_ucum() -> None:
 
 
 def test_the_registry_refuses_to_load_a_schema_that_breaks_a_rule(tmp_path: Path) -> None:
-    raw = json.loads(Path("models/registry.json").read_text())
+    raw = json.loads(Path("models/cases/registry.json").read_text())
     whas = next(m for m in raw["models"] if m["name"] == "whas500-mortality")
     cvd = next(i for i in whas["inputs"] if i["name"] == "cardiovascular_history")
     cvd["source"]["codes"].append({"system": SNOMED, "code": "399211009"})  # the old overlap
@@ -183,7 +190,7 @@ def test_registration_checks_the_mapping_and_keeps_it(tmp_path: Path) -> None:
     without policy) before copying anything, and keeps a sound one in the store's registry."""
     from safetensors.torch import save_file
 
-    from models.architectures import StandardizedMLP
+    from models.cases.architectures import StandardizedMLP
 
     mlp = StandardizedMLP(1, hidden=(2,)).eval()
     artifact = tmp_path / "m.safetensors"
@@ -340,7 +347,7 @@ def test_a_value_outside_a_flag_range_is_accepted_and_flagged() -> None:
 
 def test_basis_cites_the_id_else_the_full_url() -> None:
     """Entries without an id are cited by their urn:uuid fullUrl, never 'Observation/?'."""
-    from models.fhir_features import features_of, parse_bundle
+    from models.fhir.features import features_of, parse_bundle
 
     pid, oid = (
         "urn:uuid:6a1f0c1e-0000-4000-8000-000000000001",

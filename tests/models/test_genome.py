@@ -1,4 +1,4 @@
-"""models.genome against PLINK's own output, an independent .bed decoder and textbook pair loops."""
+"""models.genome.api against PLINK's own output, an independent .bed decoder and textbook pair loops."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import genome_gemm
-from models.genome import (
+from models.genome import _gemm as genome_gemm
+from models.genome.api import (
     MISSING_INT8,
     allele_frequencies,
     pairwise,

@@ -1,4 +1,4 @@
-"""The bit-plane engine (models/genome_bits.py) against the GEMM engine and a plain numpy count.
+"""The bit-plane engine (models/genome/_bits.py) against the GEMM engine and a plain numpy count.
 
 The GEMM engine is checked against PLINK's own outputs in test_genome.py; here the two engines
 must give the same bits for the counting metrics on shapes that stress the bit planes: sample
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.genome import allele_frequencies, pairwise, pairwise_block
-from models.genome_bits import Counter
+from models.genome._bits import Counter
+from models.genome.api import allele_frequencies, pairwise, pairwise_block
 
 
 def _cohort(n: int, m: int, missing: float, seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The torch-free CPU engine (models/genome_cpu.py): its layouts, its fallback and its .bed path.
+"""The torch-free CPU engine (models/genome/_cpu.py): its layouts, its fallback and its .bed path.
 
 Its numbers are checked against the GEMM engine in test_genome_bits.py and against PLINK's own
 outputs in test_genome.py; here: the packed triangle and the square written from it, planes
@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import genome_cpu
-from models.genome import (
+from models.genome import _cpu as genome_cpu
+from models.genome.api import (
     allele_frequencies,
     ibs_missing_weights,
     pairwise,
     pairwise_bed,
     pairwise_block,
+    prepare_cohort,
     read_bed,
 )
 
@@ -218,7 +219,7 @@ def test_the_cpu_engine_does_not_load_torch() -> None:
     """KING, IBS and the GRM on the CPU run without importing torch (277 MB resident here)."""
     code = (
         "import sys\n"
-        "from models.genome import pairwise_bed\n"
+        "from models.genome.api import pairwise_bed\n"
         f"for metric in ('grm', 'king', 'ibs'): pairwise_bed({str(PREFIX)!r}, metric=metric)\n"
         "print('torch' in sys.modules)\n"
     )
@@ -239,9 +240,9 @@ def test_a_tile_of_every_row_is_the_square(metric) -> None:
     np.testing.assert_allclose(tile, gemm, rtol=0, atol=1e-14 if metric == "grm" else 0)
 
 
-def test_the_cohort_planes_are_kept_only_for_a_read_only_cohort() -> None:
-    """Tiles against a read-only cohort reuse its planes; a writeable one is read afresh, so
-    changing it between calls changes the result."""
+def test_a_prepared_cohort_is_reused_and_an_unprepared_one_read_afresh() -> None:
+    """Without a prepared cohort every call reads the array, so changing it changes the result;
+    prepared, its planes are built once and tiles against it agree with the square."""
     x = _rare_cohort(70, 700, 0.02, seed=9)
     first = pairwise_block(x[:10], x, metric="king", device="cpu")
     x[20:, :] = x[0]  # every later sample a duplicate of the first
@@ -249,6 +250,13 @@ def test_the_cohort_planes_are_kept_only_for_a_read_only_cohort() -> None:
     assert not np.array_equal(first, second)
     np.testing.assert_array_equal(second, pairwise_block(x[:10], x, metric="king", device="cpu",
                                                          engine="gemm"))  # fmt: skip
-    x.flags.writeable = False
-    tiles = [pairwise_block(x[r : r + 25], x, metric="king", device="cpu") for r in (0, 25, 50)]
+    cohort = prepare_cohort(x)
+    assert not x.flags.writeable
+    tiles = [
+        pairwise_block(x[r : r + 25], x, metric="king", device="cpu", prepared=cohort)
+        for r in (0, 25, 50)
+    ]
     np.testing.assert_array_equal(np.vstack(tiles), pairwise(x, metric="king", device="cpu"))
+    assert list(cohort._planes) == [True]  # built once: rare variants as lists, the rest planes
+    with pytest.raises(ValueError, match="prepared"):
+        pairwise_block(x[:5], x.copy(), metric="king", device="cpu", prepared=cohort)

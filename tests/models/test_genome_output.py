@@ -1,4 +1,4 @@
-"""models.genome_output against PLINK's own files, a line-by-line port of its dtoa_g, a pedigree."""
+"""models.genome.io.output against PLINK's own files, a line-by-line port of its dtoa_g, a pedigree."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.genome import Genotypes, pairwise, read_bed
-from models.genome_output import (
+from models.genome.api import Genotypes, pairwise, read_bed
+from models.genome.io.output import (
     DUPLICATE_MIN_KINSHIP,
     FIRST_DEGREE_MIN_KINSHIP,
     SECOND_DEGREE_MIN_KINSHIP,

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import genome, genome_output, genome_pairs
-from models.genome_pairs import (
+from models.genome import api as genome
+from models.genome import pairs as genome_pairs
+from models.genome.io import output as genome_output
+from models.genome.pairs import (
     BedSamples,
     DosageSamples,
     Tile,

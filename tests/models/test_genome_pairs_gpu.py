@@ -1,4 +1,4 @@
-"""The KING tile kernel as integer GEMMs (models.genome_pairs_gpu) equals the bit-plane kernel bit
+"""The KING tile kernel as integer GEMMs (models.genome._pairs_gpu) equals the bit-plane kernel bit
 for bit: on the CPU everywhere (the same torch code), on CUDA where torch sees a GPU."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import genome
-from models.genome_pairs import bed_samples, king_pairs, tile_pairs, triangle_tiles
-from models.genome_pairs_gpu import king_tile_gemm, king_tile_pairs_gemm
+from models.genome import api as genome
+from models.genome._pairs_gpu import king_tile_gemm, king_tile_pairs_gemm
+from models.genome.pairs import bed_samples, king_pairs, tile_pairs, triangle_tiles
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
 SMALL = DATA / "hm3_small"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import breast_cancer
-from models.registry import Registry
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from models.reference import breast_cancer
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import ArtifactIntegrityError, Registry, RegistryError, sha256_file
-from models.scoring import LoadedModel
+from models.cases.inference import LoadedModel
+from models.cases.registry import ArtifactIntegrityError, Registry, RegistryError, sha256_file
 
 
 @pytest.fixture(scope="module")

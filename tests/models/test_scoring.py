@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from models import breast_cancer
-from models.featurize import FeatureError, check_features
-from models.registry import Registry
-from models.scoring import LoadedModel, resolve_device
+from models.cases.featurize import FeatureError, check_features
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from models.device import resolve_device
+from models.reference import breast_cancer
 
 
 @pytest.fixture(scope="module")

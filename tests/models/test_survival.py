@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from models import survival
-from models.architectures import CoxMLP
-from models.featurize import check_features
-from models.registry import Registry
-from models.scoring import LoadedModel
-from models.train import train
+from models.cases.architectures import CoxMLP
+from models.cases.featurize import check_features
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from models.reference import survival
+from models.reference.train import train
 
 REGISTRY = Registry.load()
 
@@ -147,7 +147,7 @@ def test_registry_schema_is_what_training_writes() -> None:
 def test_every_whas500_patient_passes_its_own_ranges() -> None:
     """The reference model's reject ranges hold its whole cohort (training and held out), and
     its flag ranges hold the training split: a case from its own data is never refused."""
-    from models.featurize import rule_flags, rule_problem
+    from models.cases.featurize import rule_flags, rule_problem
 
     spec = REGISTRY.resolve("whas500-mortality")
     x, _, _ = survival.load()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from models.registry import Registry
-from models.train import train
+from models.cases.registry import Registry
+from models.reference.train import train
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.genome import MISSING_INT8, read_bed
-from models.vcf import read_vcf
+from models.genome.api import MISSING_INT8, read_bed
+from models.genome.io.vcf import read_vcf
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
 HEADER = (

@@ -10,14 +10,13 @@ import pytest
 import torch
 from rdkit import DataStructs, RDConfig
 from rdkit.Chem import rdFingerprintGenerator
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import compounds as jobs
-from db import repo
 from db.engine import session_scope
 from db.tables import CompoundJob
-from models import chem
+from models.compounds import chem
+from tests.helpers import assert_refused, new_tenant
 from worker.tasks import compounds as tasks
 
 pytestmark = pytest.mark.integration
@@ -38,8 +37,7 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _tenant(sessions: sessionmaker[Session]) -> int:
-    with session_scope(sessions) as s:
-        return repo.create_tenant(s, name="pharmacy")[0].id
+    return new_tenant(sessions, "pharmacy")
 
 
 def _rdkit(path: Path) -> tuple[list[str], list]:
@@ -185,13 +183,11 @@ def test_bad_requests_are_refused_and_leave_no_job(
 ) -> None:
     library, query = files
     arguments = {"library": library, "query": query, **kwargs}
-    with pytest.raises(tasks.SubmissionError, match=fragment) as refused:
-        tasks.submit(
-            sessions, None, tenant_id=_tenant(sessions), artifact_dir=tmp_path, **arguments
-        )
-    assert refused.value.field == field
-    with sessions() as s:
-        assert s.scalar(select(func.count()).select_from(CompoundJob)) == 0
+    tenant = _tenant(sessions)
+    submit = lambda: tasks.submit(  # noqa: E731
+        sessions, None, tenant_id=tenant, artifact_dir=tmp_path, **arguments
+    )
+    assert_refused(sessions, CompoundJob, submit, field, fragment)
 
 
 def test_a_file_with_no_readable_molecule_is_refused(

@@ -11,10 +11,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import genome as jobs
-from db import repo
 from db.engine import session_scope
-from db.tables import GenomeJob, GenomeTile, RelatedPair
-from models import genome
+from db.tables import GenomeJob, JobTile, RelatedPair
+from models.genome import api as genome
+from tests.helpers import assert_refused, new_tenant
 from worker.tasks import genome as tasks
 
 pytestmark = pytest.mark.integration
@@ -57,8 +57,7 @@ def write_cohort_with_relatives(folder: Path) -> tuple[Path, genome.Genotypes]:
 
 
 def _tenant(sessions: sessionmaker[Session]) -> int:
-    with session_scope(sessions) as s:
-        return repo.create_tenant(s, name="biobank")[0].id
+    return new_tenant(sessions, "biobank")
 
 
 def assert_same_matrix(got: np.ndarray, expected: np.ndarray, metric: str) -> None:
@@ -162,14 +161,11 @@ def test_bad_filesets_are_refused_and_leave_no_job(
     for ext in (".bed", ".bim", ".fam"):
         prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
     damage(prefix)
-    with pytest.raises(tasks.SubmissionError, match=fragment) as refused:
-        tasks.submit(
-            sessions, None, tenant_id=_tenant(sessions), metric="grm", bfile=prefix,
-            artifact_dir=tmp_path,
-        )  # fmt: skip
-    assert refused.value.field == "bfile"
-    with sessions() as s:
-        assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
+    tenant = _tenant(sessions)
+    submit = lambda: tasks.submit(  # noqa: E731
+        sessions, None, tenant_id=tenant, metric="grm", bfile=prefix, artifact_dir=tmp_path
+    )
+    assert_refused(sessions, GenomeJob, submit, "bfile", fragment)
 
 
 def test_a_fileset_that_breaks_after_submission_fails_the_job_not_done(
@@ -189,7 +185,7 @@ def test_a_fileset_that_breaks_after_submission_fails_the_job_not_done(
     assert summary["outputs"] == []
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(RelatedPair)) == 0
-        statuses = set(s.scalars(select(GenomeTile.status)))
+        statuses = set(s.scalars(select(JobTile.status)))
     assert "done" not in statuses
 
 

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import genome as jobs
 from db import repo
 from db.engine import session_scope
-from db.tables import GenomeJob, GenomeTile, RelatedPair
-from models import genome
+from db.tables import GenomeJob, JobTile, RelatedPair
+from models.genome import api as genome
 from worker.tasks import genome as tasks
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
     )  # fmt: skip
     assert (job["output"], job["tiles_total"], job["n_samples"]) == ("pairs", 6, 96)
     with session_scope(sessions) as s:
-        tiles = s.scalars(select(GenomeTile).where(GenomeTile.job_id == job["id"])).all()
+        tiles = s.scalars(select(JobTile).where(JobTile.job_id == job["id"])).all()
         assert sorted((t.row_start, t.col_start) for t in tiles) == [
             (0, 0), (0, 32), (0, 64), (32, 32), (32, 64), (64, 64),
         ]  # fmt: skip
@@ -193,7 +193,7 @@ def test_a_100000_sample_job_is_thousands_of_tiles_each_holding_only_its_blocks(
             assert peak < 16 * 2**20  # the 100,000² square would be 80 GB; a 1,024² tile 8 MB
     finally:
         tracemalloc.stop()
-    summary = tasks._describe_id(sessions, job["id"])
+    summary = tasks.describe_id(sessions, job["id"])
     assert (summary["tiles_done"], summary["status"]) == (3, "running")
 
 

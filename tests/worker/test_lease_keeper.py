@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import leases, repo
 from db.engine import session_scope
-from db.tables import Case, CompoundJob, CompoundTile, JobStatus, Priority
+from db.tables import Case, CompoundJob, JobStatus, JobTile, Priority
 from worker.leases import LeaseKeeper, worker_identity
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,7 @@ def test_a_tile_lease_is_claimed_once_and_given_back_when_its_work_raises(
         )
         s.add(job)
         s.flush()
-        s.add(CompoundTile(job_id=job.id, index=0, row_start=0, row_end=1))
+        s.add(JobTile(kind="chem", job_id=job.id, index=0, row_start=0, row_end=1))
         key = leases.TileKey("chem", job.id, 0)
     first, second = LeaseKeeper(sessions, ttl_s=60), LeaseKeeper(sessions, ttl_s=60)
     with pytest.raises(RuntimeError), first.tile(key) as held:
@@ -87,7 +87,7 @@ def test_a_tile_lease_is_claimed_once_and_given_back_when_its_work_raises(
     rules = repo.Stranded(now=datetime.now(UTC), lost_before=datetime.now(UTC) - timedelta(hours=1))
     with session_scope(sessions) as s:
         assert leases.take_stranded_tiles(s, kind="chem", rules=rules) == [(key.job_id, 0)]
-        tile = s.scalar(select(CompoundTile))
+        tile = s.scalar(select(JobTile))
         assert tile is not None and tile.status == JobStatus.queued and tile.lease_owner is None
     first.stop()
     second.stop()

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.tables import Case
 from medbatch.settings import Settings
 from tests.helpers import SHARED_DIR, queued_case_ids, require_shared
-from worker.app import WorkerContext, beat_schedule, create_app
+from worker.app import beat_schedule, create_app
+from worker.context import WorkerContext
 from worker.queues import NIGHTLY_TASK
 from worker.tasks.nightly import MARKER, run_drop
 
@@ -67,7 +68,7 @@ def test_the_shared_export_rejects_the_patients_who_died_before_as_of(
 
     from db import repo
     from db.engine import session_scope
-    from models.registry import Registry
+    from models.cases.registry import Registry
     from worker.fhir_intake import run_nightly
 
     source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent

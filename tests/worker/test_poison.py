@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations, repo
 from db.engine import is_outage, make_engine, make_sessionmaker, session_scope
 from db.tables import Case, CaseStatus, Priority, Score
-from models.registry import Registry
-from models.scoring import LoadedModel, ModelInput, ScoreRow
+from models.cases.inference import LoadedModel, ModelInput, ScoreRow
+from models.cases.registry import Registry
 from tests.helpers import wdbc_cases
 from worker.tasks import explain as explain_stage
 from worker.tasks.explain import explain_cases

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
-from models.registry import Registry
-from models.scoring import LoadedModel, ModelInput
+from models.cases.inference import LoadedModel, ModelInput
+from models.cases.registry import Registry
 from tests.helpers import wdbc_cases
 from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import parse_case_ids, score_cases

@@ -17,13 +17,13 @@ from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority, Score
 from medbatch.cli import main
 from medbatch.settings import Settings, get_settings
-from models import breast_cancer
-from models.byo import register
-from models.registry import Registry, load_registry
-from models.scoring import LoadedModel
-from models.shadow import ShadowError, drift, set_shadow
+from models.cases.byo import register
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry, load_registry
+from models.cases.shadow import ShadowError, drift, set_shadow
+from models.reference import breast_cancer
 from tests.helpers import wdbc_cases
-from worker.app import WorkerContext
+from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
 pytestmark = pytest.mark.integration
@@ -185,7 +185,7 @@ def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weight
     narrow.write_text(json.dumps({"inputs": [{"name": "a", "unit": "1"}], "output": "x"}))
     from safetensors.torch import save_file
 
-    from models.architectures import StandardizedMLP
+    from models.cases.architectures import StandardizedMLP
 
     weights = tmp_path / "narrow.safetensors"
     save_file(StandardizedMLP(1, hidden=[4]).state_dict(), str(weights))

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from db.tables import GenomeJob, GenomeTile, Priority
+from db.tables import GenomeJob, JobTile, Priority
 from medbatch.settings import Settings
 from tests.helpers import queued_case_ids, queued_messages, wdbc_cases
 from worker.app import create_app
@@ -87,7 +87,8 @@ def test_a_sweep_sends_stranded_cases_and_tiles_once(
         s.add(job)
         s.flush()
         s.add_all(
-            GenomeTile(
+            JobTile(
+                kind="genome",
                 job_id=job.id,
                 index=i,
                 row_start=i,

@@ -30,11 +30,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations as ledger
 from db.engine import session_scope
 from db.repo import Lease
-from models.explain import explain, explainable
-from models.registry import ArtifactIntegrityError, RegistryError
-from models.scoring import LoadedModel, ModelInput
+from models.cases.explain import explain, explainable
+from models.cases.inference import LoadedModel, ModelInput
+from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
-from worker.app import context
+from worker.context import context
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
 from worker.tasks.scoring import parse_case_ids
 

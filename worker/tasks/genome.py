@@ -1,7 +1,7 @@
 """Genome comparisons as Celery tasks: one task per tile, on the ``genome`` queue.
 
 A job's result (all pairs of a cohort, or query samples against it) is cut into tiles of rows;
-a pairs-only KING job (``output="pairs"``, :mod:`models.genome_pairs`) into 2-D tiles of the upper
+a pairs-only KING job (``output="pairs"``, :mod:`models.genome.pairs`) into 2-D tiles of the upper
 triangle (row block x column block), each of which reads only its two blocks of samples from the
 .bed and stores only its pairs at or above the cut-off, never a matrix.
 Each tile is its own message, so any number of workers on any number of machines share a job,
@@ -15,29 +15,36 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from celery import Celery, shared_task
-from celery.exceptions import Reject
-from sqlalchemy.orm import Session, object_session, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import genome as jobs
 from db.engine import session_scope
-from db.leases import TileKey
-from models import genome, genome_output, genome_pairs, vcf
-from models.cohort import keep_rows, subset
-from worker import tiles as tiled
-from worker.app import context
-from worker.queues import GENOME_QUEUE, GENOME_TASK
+from models.device import device_type
+from models.genome import api as genome
+from models.genome import pairs as genome_pairs
+from models.genome.cohort import subset
+from models.genome.io import output as genome_output
+from models.genome.io import vcf
+from worker import tiled
+from worker.jobs.genome import (  # noqa: F401  (the kind's API, used with its tasks)
+    GENOME,
+    SubmissionError,
+    describe,
+    describe_id,
+    inspect_input,
+    job_dir,
+    submit,
+    wait,
+)
 
 log = logging.getLogger(__name__)
-
-#: A tile that failed this many times fails its job.
-MAX_TILE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class Cohort:
     cohort: genome.Genotypes
     query: genome.Genotypes
     frequencies: np.ndarray | None
+    #: The cohort's bit planes, built by the first tile and kept for the next ones.
+    prepared: genome.PreparedCohort
 
 
 def _signature(source: str) -> tuple[str, float, int]:
@@ -60,20 +69,11 @@ def _signature(source: str) -> tuple[str, float, int]:
 @lru_cache(maxsize=4)
 def _read(signature: tuple[str, float, int]) -> genome.Genotypes:
     """Genotypes read once per worker process (tiles of one job share them), read-only: the
-    engine then keeps the cohort's bit planes from one tile to the next."""
+    cohort is then prepared once for its tiles (see :class:`CohortState`)."""
     source = signature[0]
     genotypes = vcf.read_vcf(source) if vcf.is_vcf(source) else genome.read_bed(source)
     genotypes.dosages.flags.writeable = False
     return genotypes
-
-
-def inspect_input(path: Path) -> genome.FilesetInfo:
-    """Check a PLINK fileset (ids only) or a VCF/BCF (read whole: every record must be
-    biallelic) before a job is recorded."""
-    if vcf.is_vcf(path):
-        found = vcf.read_vcf(path)
-        return genome.FilesetInfo(path, found.fid, found.iid, found.n_variants)
-    return genome.inspect_bed(path)
 
 
 def _keep(spec: dict[str, Any]) -> tuple[str | tuple[str, str], ...] | None:
@@ -83,7 +83,8 @@ def _keep(spec: dict[str, Any]) -> tuple[str | tuple[str, str], ...] | None:
 
 def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     """The job's cohort (its ``keep`` samples and ``min_maf`` variants) and query rows."""
-    cohort = _cohort(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
+    state = _cohort_state((_signature(spec["bfile"]), _keep(spec), spec.get("min_maf")))
+    cohort = state.genotypes
     query = cohort
     if spec.get("query"):
         query = _read(_signature(spec["query"]))
@@ -95,34 +96,32 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     needs_frequencies = metric == "grm" or (
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
-    frequencies = (
-        _frequencies(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"))
-        if needs_frequencies
-        else None
-    )
-    return Cohort(cohort, query, frequencies)
+    frequencies = state.frequencies if needs_frequencies else None
+    return Cohort(cohort, query, frequencies, state.prepared)
 
 
-@lru_cache(maxsize=4)
-def _cohort(
-    signature: tuple[str, float, int],
-    keep: tuple[str | tuple[str, str], ...] | None,
-    min_maf: float | None,
-) -> genome.Genotypes:
-    return subset(_read(signature), keep=keep, min_maf=min_maf)
+#: A cohort as a job names it: its file (with mtime and size), its ``keep`` samples, ``min_maf``.
+CohortKey = tuple[tuple[str, float, int], tuple[str | tuple[str, str], ...] | None, float | None]
 
 
-@lru_cache(maxsize=4)
-def _frequencies(
-    signature: tuple[str, float, int],
-    keep: tuple[str | tuple[str, str], ...] | None,
-    min_maf: float | None,
-) -> np.ndarray:
-    return genome.allele_frequencies(_cohort(signature, keep, min_maf).dosages)
+class CohortState:
+    """A job's cohort as a worker process holds it for the job's tiles: the genotypes, their bit
+    planes (prepared on first use) and allele frequencies (counted on first use)."""
+
+    def __init__(self, key: CohortKey) -> None:
+        signature, keep, min_maf = key
+        self.genotypes = subset(_read(signature), keep=keep, min_maf=min_maf)
+        self.prepared = genome.prepare_cohort(self.genotypes.dosages)
+
+    @cached_property
+    def frequencies(self) -> np.ndarray:
+        return genome.allele_frequencies(self.genotypes.dosages)
 
 
-def job_dir(output_prefix: str) -> Path:
-    return Path(output_prefix).parent
+@lru_cache(maxsize=2)
+def _cohort_state(key: CohortKey) -> CohortState:
+    """The last two cohorts' states in this process (a worker's tiles share them)."""
+    return CohortState(key)
 
 
 def tile_path(output_prefix: str, index: int) -> Path:
@@ -137,63 +136,29 @@ def _save_atomically(path: Path, block: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device: str) -> str:
-    """Compute, store and count one tile; finish the job if it was the last. Returns what it did."""
-    with session_scope(sessions) as session:
-        job = jobs.get_job(session, job_id=job_id)
-        tile = jobs.get_tile(session, job_id=job_id, index=index)
-        if job is None or tile is None:
-            return "unknown"
-        if tile.status == "done" or job.status in ("done", "failed"):
-            return "already done"
-        jobs.start_tile(session, tile)
-        spec, metric, prefix = dict(job.spec), job.metric, job.output_prefix
-        rows = slice(tile.row_start, tile.row_end)
-        col_start = getattr(tile, "col_start", None)
-        cols = None if col_start is None else slice(col_start, tile.col_end)  # type: ignore[union-attr]
-        attempts = tile.attempts
-    try:
-        if spec.get("output") == "pairs":
-            assert cols is not None
-            pairs = _pair_tile(spec, rows, cols, device)
-            return _count_tile(sessions, job_id=job_id, index=index, pairs=pairs)
-        inputs = load_inputs(spec, metric)
-        block = genome.pairwise_block(
-            inputs.query.dosages[rows],
-            inputs.cohort.dosages,
-            metric=metric,  # type: ignore[arg-type]
-            frequencies=inputs.frequencies,
-            ibs_missing=spec.get("ibs_missing", "frequency"),
-            device=device,  # type: ignore[arg-type]
-        )
-        _save_atomically(tile_path(prefix, index), block)
-        pairs = _pairs(spec, metric, inputs, block, rows.start) if metric == "king" else []
-    except Exception as exc:
-        where = f"rows {rows.start}:{rows.stop}" + (
-            f", cols {cols.start}:{cols.stop}" if cols else ""
-        )
-        reason = f"tile {index} ({where}): {type(exc).__name__}: {exc}"
-        log.warning("genome job %d: %s (attempt %d)", job_id, reason, attempts)
-        if attempts >= MAX_TILE_ATTEMPTS or isinstance(exc, (ValueError, FileNotFoundError)):
-            with session_scope(sessions) as session:
-                jobs.settle_job(session, job_id=job_id, error=reason)
-            return "failed"
-        raise
-    return _count_tile(sessions, job_id=job_id, index=index, pairs=pairs)
+def compute_tile(tile: tiled.Tile, options: Mapping[str, Any]) -> list[jobs.NewPair]:
+    """A tile's block of the matrix, saved to the artifact store, and its related pairs (KING);
+    or, for a pairs-only job, its pairs alone. Returns the pairs, as rows for the database."""
+    spec, metric, device = tile.spec, tile.job["metric"], options["device"]
+    if spec.get("output") == "pairs":
+        assert tile.cols is not None
+        return _pair_tile(spec, tile.rows, tile.cols, device)
+    inputs = load_inputs(spec, metric)
+    block = genome.pairwise_block(
+        inputs.query.dosages[tile.rows],
+        inputs.cohort.dosages,
+        metric=metric,
+        frequencies=inputs.frequencies,
+        ibs_missing=spec.get("ibs_missing", "frequency"),
+        device=device,
+        prepared=inputs.prepared,
+    )
+    _save_atomically(tile_path(tile.job["output_prefix"], tile.index), block)
+    return _pairs(spec, metric, inputs, block, tile.rows.start) if metric == "king" else []
 
 
-def _count_tile(
-    sessions: sessionmaker[Session], *, job_id: int, index: int, pairs: list[dict[str, Any]]
-) -> str:
-    """Store a tile's pairs and count the tile on its job, once; the last tile finishes the job."""
-    with session_scope(sessions) as session:
-        jobs.add_pairs(session, job_id=job_id, pairs=pairs)
-        done = jobs.finish_tile(session, job_id=job_id, index=index)
-        total = session.get(jobs.GenomeJob, job_id).tiles_total  # type: ignore[union-attr]
-    if done is not None and done == total:
-        finish_job(sessions, job_id=job_id)
-        return "finished job"
-    return "tile done"
+def store_pairs(session: Session, job_id: int, pairs: list[jobs.NewPair]) -> None:
+    jobs.add_pairs(session, job_id=job_id, pairs=pairs)
 
 
 # --- pairs-only KING jobs ------------------------------------------------------------------------
@@ -245,7 +210,7 @@ def pair_inputs(spec: dict[str, Any]) -> PairInputs:
     return _pair_inputs(_signature(spec["bfile"]), _keep(spec), spec.get("min_maf"), query)
 
 
-def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[dict[str, Any]]:
+def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> list[jobs.NewPair]:
     """The pairs of one 2-D tile at or above the job's cut-off, as rows for the database: on the
     CPU by bit planes, on CUDA by integer GEMMs (``auto``: CUDA when present)."""
     inputs = pair_inputs(spec)
@@ -258,28 +223,16 @@ def _pair_tile(spec: dict[str, Any], rows: slice, cols: slice, device: str) -> l
         inputs.split,
         cutoff=float(spec["threshold"]),
         all_pairs=query is None,
-        device=genome._device_type(device),  # type: ignore[arg-type]
+        device=device_type(device),  # type: ignore[arg-type]
     )
     row_ids = inputs.cohort_ids if query is None else inputs.query_ids
-    return [
-        {
-            "row": r,
-            "col": c,
-            "fid1": row_ids[r][0],
-            "iid1": row_ids[r][1],
-            "fid2": inputs.cohort_ids[c][0],
-            "iid2": inputs.cohort_ids[c][1],
-            "kinship": k,
-            "degree": d,
-            "nsnp": n,
-            "hethet": h,
-            "ibs0": z,
-        }
-        for r, c, k, d, (n, h, z) in zip(
-            found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
-            found.counts.tolist(), strict=True,
-        )
-    ]  # fmt: skip
+    pairs = []
+    for r, c, k, d, (n, h, z) in zip(
+        found.row.tolist(), found.col.tolist(), found.kinship.tolist(), found.degrees(),
+        found.counts.tolist(), strict=True,
+    ):  # fmt: skip
+        pairs.append(jobs.NewPair(r, c, row_ids[r], inputs.cohort_ids[c], k, d, (n, h, z)))
+    return pairs
 
 
 def write_pairs_table(
@@ -308,7 +261,7 @@ def write_pairs_table(
 
 def _pairs(
     spec: dict[str, Any], metric: str, inputs: Cohort, block: np.ndarray, row_start: int
-) -> list[dict[str, Any]]:
+) -> list[jobs.NewPair]:
     """Pairs of this tile above the job's kinship threshold (each unordered pair once)."""
     all_pairs = not spec.get("query")
     found = genome_output.related_pairs(
@@ -320,64 +273,43 @@ def _pairs(
         keep_diagonal=not all_pairs,
     )
     q, c = inputs.query, inputs.cohort
+    # Below third degree (a threshold under 2^-4.5) there is no degree to infer: "unrelated".
     return [
-        {
-            "row": p.i,
-            "col": p.j,
-            "fid1": q.fid[p.i],
-            "iid1": q.iid[p.i],
-            "fid2": c.fid[p.j],
-            "iid2": c.iid[p.j],
-            "kinship": p.kinship,
-            # Below third degree (a threshold under 2^-4.5) there is no degree to infer.
-            "degree": p.degree or "unrelated",
-        }
+        jobs.NewPair(p.i, p.j, (q.fid[p.i], q.iid[p.i]), (c.fid[p.j], c.iid[p.j]), p.kinship,
+                     p.degree or "unrelated")
         for p in found
-    ]
+    ]  # fmt: skip
 
 
-def finish_job(sessions: sessionmaker[Session], *, job_id: int) -> None:
-    """Write the PLINK-format outputs from the tiles, in order, and settle the job."""
+def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
+    """Write the PLINK-format outputs from the tiles, in order."""
     with session_scope(sessions) as session:
         job = jobs.get_job(session, job_id=job_id)
         assert job is not None
         spec, metric, prefix, tiles = dict(job.spec), job.metric, job.output_prefix, job.tiles_total
-    try:
-        if spec.get("output") == "pairs":
-            job_dir(prefix).mkdir(parents=True, exist_ok=True)
-            write_pairs_table(
-                sessions, job_id=job_id, path=Path(prefix + ".kin0"), query=bool(spec.get("query"))
-            )
-            with session_scope(sessions) as session:
-                jobs.settle_job(session, job_id=job_id)
-            log.info("genome job %d done: %d tiles, pairs only", job_id, tiles)
-            return
-        inputs = load_inputs(spec, metric)
-        write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
-        if metric == "king":
-            with session_scope(sessions) as session:
-                rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
-                pairs = [genome_output.RelatedPair(r.row, r.col, r.kinship, None) for r in rows]
-            ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
-            dosages = inputs.cohort.dosages
-            if spec.get("query"):
-                # One table over query then cohort samples: query i is row i, cohort j is
-                # row n_query + j, so write_kin0 and king_pair_counts serve both modes.
-                offset = inputs.query.n_samples
-                ids = list(zip(inputs.query.fid, inputs.query.iid, strict=True)) + ids
-                dosages = np.concatenate([inputs.query.dosages, dosages])
-                pairs = [
-                    genome_output.RelatedPair(p.i, offset + p.j, p.kinship, None) for p in pairs
-                ]
-            counts = genome_output.king_pair_counts(dosages, [(p.i, p.j) for p in pairs])
-            genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
-    except Exception as exc:
+    if spec.get("output") == "pairs":
+        job_dir(prefix).mkdir(parents=True, exist_ok=True)
+        write_pairs_table(
+            sessions, job_id=job_id, path=Path(prefix + ".kin0"), query=bool(spec.get("query"))
+        )
+        return
+    inputs = load_inputs(spec, metric)
+    write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
+    if metric == "king":
         with session_scope(sessions) as session:
-            jobs.settle_job(session, job_id=job_id, error=f"writing outputs: {exc}")
-        raise
-    with session_scope(sessions) as session:
-        jobs.settle_job(session, job_id=job_id)
-    log.info("genome job %d done: %d tiles", job_id, tiles)
+            rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
+            pairs = [genome_output.RelatedPair(r.row, r.col, r.kinship, None) for r in rows]
+        ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
+        dosages = inputs.cohort.dosages
+        if spec.get("query"):
+            # One table over query then cohort samples: query i is row i, cohort j is
+            # row n_query + j, so write_kin0 and king_pair_counts serve both modes.
+            offset = inputs.query.n_samples
+            ids = list(zip(inputs.query.fid, inputs.query.iid, strict=True)) + ids
+            dosages = np.concatenate([inputs.query.dosages, dosages])
+            pairs = [genome_output.RelatedPair(p.i, offset + p.j, p.kinship, None) for p in pairs]
+        counts = genome_output.king_pair_counts(dosages, [(p.i, p.j) for p in pairs])
+        genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
 
 
 #: PLINK's file kind of each metric's square matrix (``dot`` has none: .npy only).
@@ -420,200 +352,17 @@ def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query
         genome_output.write_ids(Path(prefix + ".cols.id"), ids, kind="rel")
 
 
-def enqueue_tiles(app: Celery, job_id: int, tiles: int) -> None:
-    """One message per tile; call after the job's rows are committed."""
-    for index in range(tiles):
-        app.send_task(
-            GENOME_TASK, args=[job_id, index], queue=GENOME_QUEUE, routing_key=GENOME_QUEUE
-        )
+TILES = tiled.JobKind(
+    GENOME, compute_tile, store_pairs, finish_job, options=lambda s: {"device": s.device}
+)
+genome_tile_task = tiled.register(TILES)
 
 
-@shared_task(bind=True, name=GENOME_TASK, acks_late=True)
-def genome_tile_task(self: Any, *args: object) -> str:
-    ids = [a for a in args if isinstance(a, int) and not isinstance(a, bool) and a >= 0]
-    if len(args) != 2 or len(ids) != 2:
-        raise Reject("expected two arguments: job id and tile index", requeue=False)
-    ctx = context(self.app)
-    # Leased while it runs: a dead worker's tile goes back to the queue (worker/sweeper.py).
-    with ctx.leases.tile(TileKey("genome", ids[0], ids[1])) as held:
-        if not held:
-            return "done or held by another worker"
-        return run_tile(ctx.sessions, job_id=ids[0], index=ids[1], device=ctx.settings.device)
-
-
-class SubmissionError(ValueError):
-    """A genome comparison that cannot start; ``field`` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-#: What a job writes: the square matrix (and, for KING, its related pairs), or only the pairs.
-OUTPUTS = ("square", "pairs")
-
-
-def default_tile_rows(n_rows: int, n_samples: int) -> int:
-    """About four million entries (32 MB of float64) a tile."""
-    return max(1, min(n_rows, 4_000_000 // max(n_samples, 1)))
-
-
-def submit(
-    sessions: sessionmaker[Session],
-    app: Celery | None,
-    *,
-    tenant_id: int,
-    metric: str,
-    bfile: Path,
-    query: Path | None = None,
-    threshold: float = genome_output.THIRD_DEGREE_MIN_KINSHIP,
-    ibs_missing: str = "frequency",
-    tile_rows: int = 0,
-    keep: list[str | tuple[str, str]] | None = None,
-    min_maf: float | None = None,
-    artifact_dir: Path,
-    output: str = "square",
-    block: int = 0,
-) -> dict[str, Any]:
-    """Check the inputs, record the job and its tiles, then send one message per tile (none
-    without ``app``: :func:`run_inline` computes them). ``bfile`` and ``query`` are PLINK 1
-    fileset prefixes or VCF/BCF files (by their suffix).
-
-    ``output="pairs"`` (KING only): every pair with kinship ≥ ``threshold`` and nothing else, in
-    2-D tiles of ``block`` samples a side (default :func:`models.genome_pairs.default_block`);
-    the cohort must then be a PLINK 1 fileset, which tiles read block by block."""
-    if metric not in genome.METRICS:
-        raise SubmissionError("metric", f"unknown metric {metric!r} (one of {genome.METRICS})")
-    if output not in OUTPUTS:
-        raise SubmissionError("output", f"unknown output {output!r} (one of {OUTPUTS})")
-    if output == "pairs":
-        if metric != "king":
-            raise SubmissionError(
-                "output", f"pairs output is KING kinship: metric must be 'king', got {metric!r}"
-            )
-        if vcf.is_vcf(bfile):
-            raise SubmissionError(
-                "bfile",
-                f"{bfile}: pairs output reads the cohort block by block from a PLINK 1 .bed; "
-                "convert it first (plink2 --vcf ... --make-bed)",
-            )
-        if block and (block < 4 or block % 4):
-            raise SubmissionError("block", f"must be a positive multiple of 4, got {block}")
-    try:
-        cohort = inspect_input(bfile)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SubmissionError("bfile", str(exc)) from None
-    n_samples = len(cohort.iid)
-    if keep is not None:
-        try:
-            n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
-        except ValueError as exc:
-            raise SubmissionError("keep", str(exc)) from None
-    if min_maf is not None and not 0.0 <= min_maf <= 0.5:
-        raise SubmissionError("min_maf", f"must be between 0 and 0.5, got {min_maf}")
-    rows = cohort
-    if query is not None:
-        try:
-            rows = inspect_input(query)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SubmissionError("query", str(exc)) from None
-        if rows.n_variants != cohort.n_variants:
-            raise SubmissionError(
-                "query",
-                f"{query} holds {rows.n_variants} variants, {bfile} {cohort.n_variants}: "
-                "extract the same variants, in the same order, from both",
-            )
-    n_rows = len(rows.iid) if query is not None else n_samples
-    spec: dict[str, Any] = {
-        "bfile": str(cohort.prefix),
-        "query": None if query is None else str(rows.prefix),
-        "threshold": threshold,
-        "ibs_missing": ibs_missing,
-        "keep": None if keep is None else [list(k) if isinstance(k, tuple) else k for k in keep],
-        "min_maf": min_maf,
-    }
-    tiles = None
-    if output == "pairs":
-        block = block or genome_pairs.default_block(cohort.n_variants)
-        planned = (
-            genome_pairs.rectangle_tiles(n_rows, n_samples, block)
-            if query is not None
-            else genome_pairs.triangle_tiles(n_samples, block)
-        )
-        tiles = [(t.row_start, t.row_end, t.col_start, t.col_end) for t in planned]
-        spec.update(output="pairs", block=block)
-    with session_scope(sessions) as session:
-        job = jobs.create_job(
-            session,
-            tenant_id=tenant_id,
-            metric=metric,
-            spec=spec,
-            n_samples=n_samples,
-            n_rows=n_rows,
-            n_variants=cohort.n_variants,
-            tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
-            artifact_root=str(artifact_dir.resolve()),
-            tiles=tiles,
-        )
-        summary = describe(job)
-    if app is not None:
-        enqueue_tiles(app, summary["id"], summary["tiles_total"])
-    return summary
+def run_tile(sessions: sessionmaker[Session], *, job_id: int, index: int, device: str) -> str:
+    return TILES.run_tile(sessions, job_id=job_id, index=index, device=device)
 
 
 def run_inline(
     sessions: sessionmaker[Session], *, job_id: int, device: str, progress: bool = False
 ) -> dict[str, Any]:
-    """Compute every tile of a job in this process (no worker), the same way a worker does."""
-    return tiled.run_inline(
-        lambda index: run_tile(sessions, job_id=job_id, index=index, device=device),
-        lambda: _describe_id(sessions, job_id),
-        progress=progress,
-    )
-
-
-def wait(sessions: sessionmaker[Session], *, job_id: int, progress: bool = False) -> dict[str, Any]:
-    """Follow a job the workers run until it is done or failed."""
-    return tiled.follow(lambda: _describe_id(sessions, job_id), progress=progress)
-
-
-def _describe_id(sessions: sessionmaker[Session], job_id: int) -> dict[str, Any]:
-    with session_scope(sessions) as session:
-        job = jobs.get_job(session, job_id=job_id)
-        assert job is not None
-        return describe(job)
-
-
-def describe(job: jobs.GenomeJob) -> dict[str, Any]:
-    """A job as the API and the CLI show it (paths of its outputs once it is done)."""
-    outputs = []
-    if job.status == "done":
-        folder = job_dir(job.output_prefix)
-        outputs = sorted(
-            str(p)
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.endswith((".tmp", ".part"))
-        )
-    degrees = None
-    session = object_session(job)
-    if job.metric == "king" and session is not None:
-        found = jobs.degree_counts(session, job_id=job.id)
-        degrees = {d: found.get(d, 0) for d in genome_pairs.DEGREES}
-    return {
-        "id": job.id,
-        "metric": job.metric,
-        "output": job.spec.get("output", "square"),
-        "status": str(job.status),
-        "n_samples": job.n_samples,
-        "n_rows": job.n_rows,
-        "n_variants": job.n_variants,
-        "tiles_total": job.tiles_total,
-        "tiles_done": job.tiles_done,
-        "query": job.spec.get("query") is not None,
-        "threshold": job.spec.get("threshold"),
-        "error": job.error,
-        "degree_counts": degrees,
-        "outputs": outputs,
-        "created_at": job.created_at,
-        "finished_at": job.finished_at,
-    }
+    return TILES.run_inline(sessions, job_id=job_id, progress=progress, device=device)

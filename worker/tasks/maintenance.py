@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from worker.app import context
+from worker.context import context
 from worker.queues import REQUEUE_TASK
 from worker.sweeper import sweep
 

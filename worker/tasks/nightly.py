@@ -20,7 +20,7 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Tenant
 from medbatch.settings import Settings
-from worker.app import WorkerContext, context
+from worker.context import WorkerContext, context
 from worker.fhir_intake import run_nightly
 from worker.queues import NIGHTLY_TASK
 

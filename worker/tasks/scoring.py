@@ -33,12 +33,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations, repo
 from db.engine import is_outage, session_scope
 from db.tables import utcnow
-from models.explain import explainable
-from models.featurize import case_length, check_features
-from models.registry import ArtifactIntegrityError, RegistryError
-from models.scoring import LoadedModel, ModelInput, ScoreRow
+from models.cases.explain import explainable
+from models.cases.featurize import case_length, check_features
+from models.cases.inference import LoadedModel, ModelInput, ScoreRow
+from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
-from worker.app import context
+from worker.context import context
 from worker.leases import LeaseKeeper
 from worker.queues import SCORE_TASK, enqueue_explanations
 
@@ -434,12 +434,34 @@ def _observe(
 
 
 class ScoringTask(Task):
-    """The scoring task; its messages are gathered into batches by :class:`Batcher`."""
+    """The scoring task; its messages are gathered into batches by :class:`Batcher`, which runs
+    them through :meth:`score_batch` (the pipeline's options are read from the context here only)."""
 
     def Strategy(self, task: Task, app, consumer):
         from worker.batching import Batcher
 
         return Batcher(task, app, consumer).on_message
+
+    @staticmethod
+    def parse_ids(args: Sequence[object]) -> list[int]:
+        return parse_case_ids(args)
+
+    def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> Outcome:
+        """One batch of cases with this process's models, leases and settings."""
+        ctx = context(self.app)
+        return score_cases(
+            case_ids,
+            sessions=ctx.sessions,
+            load_model=ctx.model,
+            queue=queue,
+            max_batch_size=max_batch_size,
+            max_deliveries=ctx.settings.max_deliveries,
+            explain_top_k=ctx.settings.explain_top_k,
+            explain_sequences=ctx.settings.explain_sequences,
+            load_shadow=ctx.shadow,
+            keeper=ctx.leases,
+            send_explanations=explain_sender(self.app),
+        )
 
 
 @shared_task(bind=True, base=ScoringTask, name=SCORE_TASK)
@@ -449,20 +471,7 @@ def score_cases_task(self: ScoringTask, *args: object) -> dict[str, int]:
         case_ids = parse_case_ids(args)
     except ValueError as exc:
         raise Reject(str(exc), requeue=False) from exc
-    ctx = context(self.app)
     queue = (self.request.delivery_info or {}).get("routing_key") or "score.routine"
-    max_batch_size, _ = ctx.settings.batching(queue)
-    outcome = score_cases(
-        case_ids,
-        sessions=ctx.sessions,
-        load_model=ctx.model,
-        queue=queue,
-        max_batch_size=max_batch_size,
-        max_deliveries=ctx.settings.max_deliveries,
-        explain_top_k=ctx.settings.explain_top_k,
-        explain_sequences=ctx.settings.explain_sequences,
-        load_shadow=ctx.shadow,
-        keeper=ctx.leases,
-        send_explanations=explain_sender(self.app),
-    )
+    max_batch_size, _ = context(self.app).settings.batching(queue)
+    outcome = self.score_batch(case_ids, queue=queue, max_batch_size=max_batch_size)
     return {"scored": len(outcome.scored), "failed": len(outcome.failed)}

@@ -1,0 +1,211 @@
+"""PLINK 1 binary filesets (.bed/.bim/.fam) read into :class:`Genotypes`, and their headers
+checked without reading the genotypes (what a submission needs). numpy and bed-reader only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.genome._codes import _codes, allele_frequencies
+
+#: bed-reader's int8 code for a missing call.
+MISSING_INT8 = -127
+#: SNP-major PLINK 1 .bed: magic 0x6c 0x1b, then 0x01 (the PLINK 1.9 file-format spec).
+BED_MAGIC = b"\x6c\x1b\x01"
+
+
+@dataclass(frozen=True)
+class Genotypes:
+    """A cohort read from disk: dosages plus the ids PLINK writes beside its matrices.
+
+    ``dosages`` is (N, M) int8: copies of A1 (the .bim's fifth column, which PLINK 2 calls ALT),
+    :data:`MISSING_INT8` for a missing call.
+    """
+
+    dosages: np.ndarray  # (N, M) int8
+    fid: tuple[str, ...]  # (N,)
+    iid: tuple[str, ...]  # (N,)
+    variant_id: tuple[str, ...]  # (M,)
+    a1: tuple[str, ...]  # (M,)
+    a2: tuple[str, ...]  # (M,)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.dosages.shape[0])
+
+    @property
+    def n_variants(self) -> int:
+        return int(self.dosages.shape[1])
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _plink_paths(prefix: str | Path) -> tuple[Path, Path, Path]:
+    prefix = Path(prefix)
+    if prefix.suffix in (".bed", ".bim", ".fam"):
+        prefix = prefix.with_suffix("")
+    # Not with_suffix: names such as "1kg.ref.phase1_release_v3.20101123_..." hold dots.
+    bed, bim, fam = (prefix.with_name(prefix.name + ext) for ext in (".bed", ".bim", ".fam"))
+    for path in (bed, bim, fam):
+        if not path.is_file():
+            raise FileNotFoundError(f"PLINK fileset {prefix}: {path} not found")
+    return bed, bim, fam
+
+
+def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tuple[str, ...]]:
+    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width."""
+    rows: list[list[str]] = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != expected:
+                raise ValueError(
+                    f"{path}, line {number}: expected {expected} fields, found {len(fields)}"
+                )
+            rows.append([fields[i] for i in names])
+    return [tuple(column) for column in zip(*rows, strict=True)] or [() for _ in names]
+
+
+def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
+    with path.open("rb") as handle:
+        magic = handle.read(3)
+    if magic[:2] != BED_MAGIC[:2]:
+        raise ValueError(
+            f"{path}: not a PLINK 1 .bed (magic bytes {magic.hex(' ')}, "
+            f"expected {BED_MAGIC.hex(' ')})"
+        )
+    if magic[2:] != BED_MAGIC[2:]:
+        raise ValueError(
+            f"{path}: sample-major .bed (mode byte {magic[2:].hex()}) "
+            "is not supported; rewrite it with plink --make-bed"
+        )
+    expected = 3 + n_variants * ((n_samples + 3) // 4)
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ValueError(
+            f"{path}: {actual} bytes, expected {expected} = 3 + {n_variants} variants ({bim}) "
+            f"* ceil({n_samples} samples ({fam}) / 4); truncated, or .bim/.fam not its own"
+        )
+
+
+def _keep_index(
+    keep: Iterable[str | tuple[str, str]], fid: tuple[str, ...], iid: tuple[str, ...], fam: Path
+) -> np.ndarray:
+    """Row numbers of the kept samples, in file order (as ``plink --keep``)."""
+    wanted = [(k if isinstance(k, tuple) else (None, k)) for k in keep]
+    by_pair = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
+    by_iid: dict[str, list[int]] = {}
+    for n, i in enumerate(iid):
+        by_iid.setdefault(i, []).append(n)
+    rows: set[int] = set()
+    for f, i in wanted:
+        if f is None:
+            found = by_iid.get(i, [])
+            if len(found) > 1:
+                raise ValueError(f"{fam}: IID {i!r} is not unique; keep (FID, IID) pairs")
+        else:
+            found = [by_pair[(f, i)]] if (f, i) in by_pair else []
+        if not found:
+            raise ValueError(f"{fam}: sample {i if f is None else (f, i)!r} not found")
+        rows.update(found)
+    return np.array(sorted(rows), dtype=np.intp)
+
+
+@dataclass(frozen=True)
+class FilesetInfo:
+    """What a PLINK fileset holds, checked without reading its genotypes."""
+
+    prefix: Path
+    fid: tuple[str, ...]
+    iid: tuple[str, ...]
+    n_variants: int
+
+
+def inspect_bed(prefix: str | Path) -> FilesetInfo:
+    """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
+    bed, bim, fam = _plink_paths(prefix)
+    fid, iid = _read_columns(fam, 6, (0, 1))
+    (variant_id,) = _read_columns(bim, 6, (1,))
+    _check_bed(bed, len(iid), len(variant_id), fam, bim)
+    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id))
+
+
+def read_bed(
+    prefix: str | Path,
+    *,
+    keep: Iterable[str | tuple[str, str]] | None = None,
+    min_maf: float | None = None,
+) -> Genotypes:
+    """Read a PLINK 1 binary fileset (``prefix.bed/.bim/.fam``) into A1 dosages.
+
+    Parameters
+    ----------
+    prefix
+        The fileset path without extension (a path ending in .bed/.bim/.fam is accepted).
+    keep
+        Samples to keep, as IIDs or (FID, IID) pairs; file order is kept, like ``plink --keep``.
+    min_maf
+        Drop variants whose minor allele frequency over the kept samples' observed calls is below
+        this, like ``plink --maf``.
+
+    Returns
+    -------
+    Genotypes
+        ``dosages`` (N, M) int8 counting A1 (the .bed's ``00`` code is 2 copies, ``10`` one,
+        ``11`` none, ``01`` missing = :data:`MISSING_INT8`), with the sample and variant ids.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file of the set is missing.
+    ValueError
+        Wrong magic bytes, a .bed whose size is not ``3 + M·ceil(N/4)`` (truncated, or .bim/.fam
+        line counts that are not its own), malformed .bim/.fam lines, unknown ``keep`` ids.
+    """
+    bed, bim, fam = _plink_paths(prefix)
+    fid, iid = _read_columns(fam, 6, (0, 1))
+    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
+    _check_bed(bed, len(iid), len(variant_id), fam, bim)
+    rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
+    from bed_reader import open_bed
+
+    with open_bed(bed, iid_count=len(iid), sid_count=len(variant_id), count_A1=True) as reader:
+        dosages = reader.read(index=np.s_[rows, :], dtype="int8", order="C")
+    columns = np.arange(len(variant_id))
+    if min_maf is not None:
+        p = allele_frequencies(dosages)
+        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
+        dosages = np.ascontiguousarray(dosages[:, columns])
+    return Genotypes(
+        dosages=dosages,
+        fid=tuple(fid[r] for r in rows),
+        iid=tuple(iid[r] for r in rows),
+        variant_id=tuple(variant_id[c] for c in columns),
+        a1=tuple(a1[c] for c in columns),
+        a2=tuple(a2[c] for c in columns),
+    )
+
+
+def read_npy(path: str | Path) -> Genotypes:
+    """An (N, M) ``.npy`` of 0/1/2 dosages (NaN or -1 for missing) as :class:`Genotypes`.
+
+    Samples are named ``"0" … "N-1"`` (FID = IID), variants ``"v0" … "v{M-1}"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    array = np.load(path, allow_pickle=False)
+    if array.ndim != 2:
+        raise ValueError(f"{path}: expected an (N, M) array, got shape {array.shape}")
+    codes = _codes(array, what=str(path))
+    dosages = np.where(codes < 0, MISSING_INT8, codes).astype(np.int8)
+    names = tuple(str(i) for i in range(array.shape[0]))
+    variants = tuple(f"v{j}" for j in range(array.shape[1]))
+    return Genotypes(dosages, names, names, variants, ("",) * len(variants), ("",) * len(variants))

@@ -1,0 +1,90 @@
+"""The per-process context of a worker: one engine, one registry, each model loaded once.
+
+A leaf module: the Celery app (worker/app.py) makes one, the tasks read it through
+:func:`context`, and neither side imports the other. Nothing here loads torch until a model is
+asked for, so the API process (which builds the app to send tasks) never does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import make_engine, make_sessionmaker
+from medbatch.settings import Settings
+from models.cases.registry import Registry, load_registry
+from worker.leases import LeaseKeeper
+
+if TYPE_CHECKING:
+    from models.cases.inference import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """Per-process resources of a worker: one engine, one registry, each model loaded once."""
+
+    settings: Settings
+    _models: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def leases(self) -> LeaseKeeper:
+        """This process's leases (one identity per worker process), renewed in a thread."""
+        return LeaseKeeper(self.sessions, ttl_s=self.settings.lease_ttl_s)
+
+    @cached_property
+    def registry(self) -> Registry:
+        return load_registry(self.settings.artifact_dir)
+
+    def model(self, name: str, version: str) -> LoadedModel:
+        key = (name, version)
+        if key not in self._models:
+            spec = self.registry.resolve(f"{name}@{version}")
+            from models.cases.inference import LoadedModel  # torch: loaded by workers only
+
+            model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
+            model.warm_up()
+            self._models[key] = model
+            log.info("loaded model %s on %s", spec.ref, model.device)
+        return self._models[key]
+
+    def shadow(self, name: str, version: str) -> LoadedModel | None:
+        """The candidate shadowing ``name@version``, loaded; None if none, or if it cannot load
+        (a shadow must never cost the released model its cases)."""
+        spec = self.registry.shadow_for(name, version)
+        if spec is None:
+            return None
+        try:
+            return self.model(spec.name, spec.version)
+        except Exception as exc:
+            log.warning("shadow %s not loaded: %s", spec.ref, exc)
+            return None
+
+    def warm_up(self) -> None:
+        """Load the default version of every released model before the first message."""
+        for spec in self.registry:
+            if spec.default and spec.status == "released":
+                self.model(spec.name, spec.version)
+
+
+def context(app: Celery) -> WorkerContext:
+    """The app's per-process context, made on first use from the settings the app was made with."""
+    ctx = getattr(app, "medbatch", None)
+    if ctx is None:
+        ctx = app.medbatch = WorkerContext(app.medbatch_settings)
+    return ctx

@@ -1,0 +1,169 @@
+"""Compound-similarity searches as the API and the CLI see them: a submission read and
+fingerprinted (to report what RDKit cannot read), recorded with its tiles of query rows and sent;
+a job described. The tiles are computed by worker/tasks/compounds.py.
+
+RDKit is loaded by the first submission, never when the API starts (``make lint`` checks that
+nothing else reaches it).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import compounds as jobs
+from db.tables import CompoundJob
+from worker import tiled
+from worker.queues import CHEM_QUEUE, CHEM_TASK
+from worker.tiled import SubmissionError
+
+if TYPE_CHECKING:
+    from models.compounds import chem
+
+__all__ = ["SubmissionError", "describe", "describe_id", "load", "submit", "wait"]
+
+#: Failures reported with a job (the count is always complete).
+MAX_REPORTED_FAILURES = 100
+
+
+def read_molecules(path: Path, *, smiles_column: str = "smiles") -> chem.Molecules:
+    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``) or a CSV (``.csv``)."""
+    from models.compounds import chem  # RDKit: loaded by the first submission
+
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".sdf", ".mol")):
+        return chem.read_sdf(path)
+    if name.endswith(".csv"):
+        return chem.read_csv(path, smiles_column=smiles_column)
+    return chem.read_smiles(path)
+
+
+@lru_cache(maxsize=4)
+def _fingerprints(
+    path: str, mtime: float, kind: str, radius: int, fp_size: int, smiles_column: str
+) -> tuple[chem.Fingerprints, tuple[chem.ParseFailure, ...]]:
+    """A file's fingerprints, computed once per worker process (its tiles share them)."""
+    from models.compounds import chem
+
+    molecules = read_molecules(Path(path), smiles_column=smiles_column)
+    fps = chem.fingerprints(molecules, kind=kind, radius=radius, fp_size=fp_size)  # type: ignore[arg-type]
+    return fps, molecules.failures
+
+
+def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any, ...]]:
+    path = Path(spec[which])
+    return _fingerprints(
+        str(path),
+        path.stat().st_mtime,
+        spec["kind"],
+        spec["radius"],
+        spec["fp_size"],
+        spec.get("smiles_column", "smiles"),
+    )
+
+
+def default_tile_rows(n_library: int) -> int:
+    """About 200 million pairs a tile (seconds of GEMM)."""
+    return max(1, 200_000_000 // max(n_library, 1))
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    app: Celery | None,
+    *,
+    tenant_id: int,
+    library: Path,
+    query: Path | None,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    metric: str = "tanimoto",
+    kind: str = "morgan",
+    radius: int = 2,
+    fp_size: int = 2048,
+    smiles_column: str = "smiles",
+    tile_rows: int = 0,
+    artifact_dir: Path,
+) -> dict[str, Any]:
+    """Read and fingerprint the inputs (reporting what RDKit cannot read), record the job and
+    its tiles, then send one ``chem`` message per tile (none without ``app``)."""
+    if (top_k is None) == (threshold is None):
+        raise SubmissionError("mode", "give exactly one of top_k and threshold")
+    if top_k is not None and not 1 <= top_k <= 1000:
+        raise SubmissionError("top_k", f"must be between 1 and 1000, got {top_k}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise SubmissionError("threshold", f"must be between 0 and 1, got {threshold}")
+    spec: dict[str, Any] = {
+        "library": str(library.resolve()),
+        "query": None if query is None else str(query.resolve()),
+        "all_pairs": query is None,
+        "mode": "top_k" if top_k is not None else "threshold",
+        "k": top_k,
+        "threshold": threshold,
+        "metric": metric,
+        "kind": kind,
+        "radius": radius,
+        "fp_size": fp_size,
+        "smiles_column": smiles_column,
+    }
+    counts = {}
+    failures: list[str] = []
+    for which in ("library", "query"):
+        if spec[which] is None:
+            continue
+        if not Path(spec[which]).is_file():
+            raise SubmissionError(which, f"{spec[which]} not found")
+        try:
+            fps, failed = load(spec, which)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            raise SubmissionError(which, str(exc)) from None
+        if len(fps.popcounts) == 0:
+            raise SubmissionError(which, f"{spec[which]}: no molecule could be read")
+        counts[which] = len(fps.popcounts)
+        failures += [str(f) for f in failed]
+    spec["unreadable"] = len(failures)
+    spec["unreadable_examples"] = failures[:MAX_REPORTED_FAILURES]
+    n_library = counts["library"]
+    sizes = {"n_query": counts.get("query", n_library), "n_library": n_library}
+    root = str(artifact_dir.resolve())
+    rows = tile_rows or default_tile_rows(n_library)
+    return COMPOUNDS.record(
+        sessions,
+        app,
+        lambda s: jobs.create_job(
+            s, tenant_id=tenant_id, spec=spec, tile_rows=rows, artifact_root=root, **sizes
+        ),
+    )
+
+
+def describe(job: CompoundJob) -> dict[str, Any]:
+    spec = job.spec
+    csv_path = Path(job.output_dir) / "neighbours.csv" if job.output_dir else None
+    return {
+        "id": job.id,
+        "status": str(job.status),
+        "mode": spec["mode"],
+        "top_k": spec["k"],
+        "threshold": spec["threshold"],
+        "metric": spec["metric"],
+        "fingerprint": f"{spec['kind']} r={spec['radius']} {spec['fp_size']} bits",
+        "all_pairs": spec["all_pairs"],
+        "n_query": job.n_query,
+        "n_library": job.n_library,
+        "unreadable": spec.get("unreadable", 0),
+        "unreadable_examples": spec.get("unreadable_examples", [])[:10],
+        "tiles_total": job.tiles_total,
+        "tiles_done": job.tiles_done,
+        "error": job.error,
+        "output": str(csv_path) if job.status == "done" and csv_path else None,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+    }
+
+
+COMPOUNDS = tiled.Kind(jobs.KIND, CompoundJob, CHEM_TASK, CHEM_QUEUE, describe)
+describe_id = COMPOUNDS.describe_id
+wait = COMPOUNDS.wait
