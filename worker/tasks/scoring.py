@@ -289,7 +289,29 @@ def _write(
     sessions: sessionmaker[Session], passes: list[_Pass], outcome: Outcome, *, queue: str
 ) -> None:
     """Record the passes, insert their score rows and settle every case, in one transaction.
-    A row the database refuses fails its case alone (its reason names the error, not the value)."""
+    A row the database refuses fails its case alone (its reason names the error, not the value).
+
+    The score rows go in with one statement and no savepoint first (two round trips fewer a
+    batch); only if the database refuses that statement for a data error is the transaction
+    rolled back and written again, the rows then inserted halves by halves under savepoints."""
+    failed = dict(outcome.failed)
+    try:
+        _write_once(sessions, passes, outcome, queue=queue, isolate=False)
+    except DBAPIError as exc:
+        if is_outage(exc):
+            raise
+        outcome.failed, outcome.scored, outcome.to_explain = failed, [], []
+        _write_once(sessions, passes, outcome, queue=queue, isolate=True)
+
+
+def _write_once(
+    sessions: sessionmaker[Session],
+    passes: list[_Pass],
+    outcome: Outcome,
+    *,
+    queue: str,
+    isolate: bool,
+) -> None:
     with session_scope(sessions) as session:
         score_rows: list[dict[str, Any]] = []
         for p in passes:
@@ -319,7 +341,10 @@ def _write(
                         "shadow": p.shadow,
                     }
                 )
-        outcome.new_score_rows, refused = save_isolating(session, score_rows)
+        if isolate:
+            outcome.new_score_rows, refused = save_isolating(session, score_rows)
+        else:
+            outcome.new_score_rows, refused = repo.save_scores(session, rows=score_rows), {}
         for stored in score_rows:
             case_id = int(stored["case_id"])
             if stored["shadow"]:
