@@ -1,42 +1,33 @@
 """explanations off the scoring path: the explain stage's ledger (#17)
 
-Revision ID: 0014
-Revises: 0013
 Create Date: 2026-12-03 13:40:00
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
+from db.migrations.helpers import create_table, job_status, reference, timestamp
 
 revision: str = '0014'
 down_revision: str | None = '0013'
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_table('explanations',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('case_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('score_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('status', sa.Enum('queued', 'running', 'done', 'failed', name='jobstatus', native_enum=False, length=10), nullable=False),
-    sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('enqueued_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('lease_owner', sa.String(length=200), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.ForeignKeyConstraint(['case_id'], ['cases.id'], name=op.f('fk_explanations_case_id_cases'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['score_id'], ['scores.id'], name=op.f('fk_explanations_score_id_scores'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_explanations')),
-    sa.UniqueConstraint('case_id', name=op.f('uq_explanations_case_id'))
+    create_table(
+        'explanations',
+        reference('case_id', 'cases', ondelete='CASCADE'),
+        reference('score_id', 'scores', ondelete='CASCADE'),
+        sa.Column('status', job_status(), nullable=False),
+        sa.Column('attempts', sa.Integer(), nullable=False),
+        sa.Column('error', sa.Text(), nullable=True),
+        timestamp('enqueued_at', nullable=True),
+        sa.Column('lease_owner', sa.String(length=200), nullable=True),
+        timestamp('lease_expires_at', nullable=True),
+        timestamp('created_at'),
+        timestamp('updated_at'),
+        unique={'uq_explanations_case_id': ['case_id']},
+        indexes={'ix_explanations_status_enqueued_at': ['status', 'enqueued_at']},
     )
-    with op.batch_alter_table('explanations', schema=None) as batch_op:
-        batch_op.create_index('ix_explanations_status_enqueued_at', ['status', 'enqueued_at'], unique=False)
     # Scores explained inline before this revision are done already (SQLite keeps a JSON
     # null as the text 'null').
     op.execute(
@@ -50,6 +41,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('explanations', schema=None) as batch_op:
-        batch_op.drop_index('ix_explanations_status_enqueued_at')
     op.drop_table('explanations')
