@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,28 @@ class _Standardized(nn.Module):
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs (..., F) to standardized ones, same shape."""
         return (x - self.mean) / self.std
+
+
+def fit_full_batch(
+    model: StandardizedMLP,
+    x: torch.Tensor,
+    loss: Callable[[], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Set ``model``'s standardization from the training features ``x`` (N, F), then run
+    ``epochs`` full-batch Adam steps on ``loss()``; the model is left in ``eval()``."""
+    model.mean.copy_(x.mean(dim=0))
+    model.std.copy_(x.std(dim=0).clamp_min(1e-8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    model.eval()
 
 
 class StandardizedMLP(_Standardized):
