@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, TypedDict, Unpack
+from typing import IO, Literal, TypedDict, Unpack
 
 import numba
 import numpy as np
@@ -965,24 +965,19 @@ def _top_k(
     query: Fingerprints,
     library: Fingerprints,
     k: int,
-    *,
-    same: bool,
-    metric: Metric,
-    device: Device,
-    engine: Engine,
-    library_block: int,
-    query_block: int,
+    search: _Search,
 ) -> Neighbours:
+    metric = search.metric
     _check_pair(query, library, metric)
     if query.n_bits > 2**16:
         raise ValueError(f"{query.n_bits}-bit fingerprints: at most 65,536 bits")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    plan = _plan(engine, device)
+    plan = _plan(search.engine, search.device)
     if plan.kind == "popcount":
         queries = chem_popcount.Queries.build(query.bits, query.popcounts)
         best, best_index = chem_popcount.top_k(
-            queries, _layout(library), k, same=same, dice=metric == "dice"
+            queries, _layout(library), k, same=search.same, dice=metric == "dice"
         )
         empty = np.isneginf(best)
         return Neighbours(np.where(empty, -1, best_index), np.where(empty, np.nan, best))
@@ -997,15 +992,7 @@ def _top_k(
             return _bound(qb.pop, lb.lo, lb.hi, metric) >= best[qb.rows, k - 1]
 
         with torch.inference_mode():
-            for qb, lb, counts in _tiles(
-                query,
-                library,
-                same=same,
-                gemm=_Gemm(query, library, plan.device, plan.dtype),
-                reach=reach,
-                library_block=library_block,
-                query_block=query_block,
-            ):
+            for qb, lb, counts in search.tiles(query, library, plan, reach):
                 key = _key(best[qb.rows, k - 1], metric)
                 seed = np.isneginf(key)
                 if seed.any():
@@ -1078,24 +1065,21 @@ def _threshold(
     query: Fingerprints,
     library: Fingerprints,
     threshold: float,
-    *,
-    same: bool,
-    metric: Metric,
-    device: Device,
-    engine: Engine,
-    library_block: int,
-    query_block: int,
+    search: _Search,
 ) -> Hits:
+    metric = search.metric
     _check_pair(query, library, metric)
     t = float(threshold)
     if not np.isfinite(t):
         raise ValueError(f"threshold must be finite, got {threshold}")
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    plan = _plan(engine, device)
+    plan = _plan(search.engine, search.device)
     if plan.kind == "popcount":
         queries = chem_popcount.Queries.build(query.bits, query.popcounts)
         found.append(
-            chem_popcount.threshold(queries, _layout(library), t, same=same, dice=metric == "dice")
+            chem_popcount.threshold(
+                queries, _layout(library), t, same=search.same, dice=metric == "dice"
+            )
         )
     elif len(query) and len(library):
 
@@ -1104,15 +1088,7 @@ def _threshold(
 
         key = float(_key(np.array(max(t, 0.0)), metric))
         with torch.inference_mode():
-            for qb, lb, counts in _tiles(
-                query,
-                library,
-                same=same,
-                gemm=_Gemm(query, library, plan.device, plan.dtype),
-                reach=reach,
-                library_block=library_block,
-                query_block=query_block,
-            ):
+            for qb, lb, counts in search.tiles(query, library, plan, reach):
                 cut = _count_cut(np.full(len(qb.rows), key), qb.pop, lb.lo)
                 rows, cols, c = _candidates(counts, cut)
                 scores = _scores(c, qb.pop[rows], lb.pop[cols], metric)
@@ -1139,9 +1115,35 @@ class SearchOptions(TypedDict, total=False):
     query_block: int
 
 
-def _options(options: SearchOptions) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"metric": "tanimoto", "device": "auto", "engine": "auto"}
-    return {**defaults, "library_block": LIBRARY_BLOCK, "query_block": QUERY_BLOCK, **options}
+@dataclass(frozen=True)
+class _Search:
+    """A search's :class:`SearchOptions` with their defaults, and whether it runs a set against
+    itself (``same``: no self pairs)."""
+
+    same: bool
+    metric: Metric = "tanimoto"
+    device: Device = "auto"
+    engine: Engine = "auto"
+    library_block: int = LIBRARY_BLOCK
+    query_block: int = QUERY_BLOCK
+
+    def tiles(
+        self,
+        query: Fingerprints,
+        library: Fingerprints,
+        plan: _Plan,
+        reach: Callable[[_Block, _Block], np.ndarray],
+    ) -> Iterator[Tile]:
+        """:func:`_tiles` of the GEMM engine ``plan`` names."""
+        return _tiles(
+            query,
+            library,
+            same=self.same,
+            gemm=_Gemm(query, library, plan.device, plan.dtype),
+            reach=reach,
+            library_block=self.library_block,
+            query_block=self.query_block,
+        )
 
 
 def top_k(
@@ -1176,13 +1178,7 @@ def top_k(
     Neighbours
         ``index`` and ``score``, (N_q, k): best first, equal scores by lower library index.
     """
-    return _top_k(
-        query,
-        library,
-        k,
-        same=False,
-        **_options(options),
-    )
+    return _top_k(query, library, k, _Search(same=False, **options))
 
 
 def top_k_all_pairs(
@@ -1191,13 +1187,7 @@ def top_k_all_pairs(
     **options: Unpack[SearchOptions],
 ) -> Neighbours:
     """:func:`top_k` of a set against itself, each molecule's own row excluded (duplicates kept)."""
-    return _top_k(
-        fps,
-        fps,
-        k,
-        same=True,
-        **_options(options),
-    )
+    return _top_k(fps, fps, k, _Search(same=True, **options))
 
 
 def threshold_search(
@@ -1217,13 +1207,7 @@ def threshold_search(
     Hits
         (H,) query rows, library rows and scores, by query, score (highest first), library row.
     """
-    return _threshold(
-        query,
-        library,
-        threshold,
-        same=False,
-        **_options(options),
-    )
+    return _threshold(query, library, threshold, _Search(same=False, **options))
 
 
 def threshold_all_pairs(
@@ -1232,13 +1216,7 @@ def threshold_all_pairs(
     **options: Unpack[SearchOptions],
 ) -> Hits:
     """:func:`threshold_search` of a set against itself without self pairs (both (i, j) and (j, i))."""
-    return _threshold(
-        fps,
-        fps,
-        threshold,
-        same=True,
-        **_options(options),
-    )
+    return _threshold(fps, fps, threshold, _Search(same=True, **options))
 
 
 def as_molecules(smiles: Iterable[str]) -> Molecules:
