@@ -961,12 +961,7 @@ def similarity(
     return out
 
 
-def _top_k(
-    query: Fingerprints,
-    library: Fingerprints,
-    k: int,
-    search: _Search,
-) -> Neighbours:
+def _top_k(query: Fingerprints, library: Fingerprints, k: int, search: _Search) -> Neighbours:
     metric = search.metric
     _check_pair(query, library, metric)
     if query.n_bits > 2**16:
@@ -1062,10 +1057,7 @@ def _merge(
 
 
 def _threshold(
-    query: Fingerprints,
-    library: Fingerprints,
-    threshold: float,
-    search: _Search,
+    query: Fingerprints, library: Fingerprints, threshold: float, search: _Search
 ) -> Hits:
     metric = search.metric
     _check_pair(query, library, metric)
