@@ -51,21 +51,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fpsim2_child import timed  # noqa: E402
 from models import cpu_features  # noqa: E402
 from models.compounds import chem  # noqa: E402
 
 K = 10
-T = TypeVar("T")
 THRESHOLD = 0.7
 TASKS = ("top10", f"thr{THRESHOLD}", "allpairs")
 #: FPSim2's result file of each task (bench/fpsim2_child.py).
@@ -83,16 +82,6 @@ def moses_path() -> Path:
     if not path.is_file():
         sys.exit(f"{path} not found (pip install --no-deps molsets)")
     return path
-
-
-def timed(fn: Callable[[], T], repeat: int = 1) -> tuple[float, T]:
-    """Median wall seconds of ``repeat`` calls, and the last call's result."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
 
 
 def rdkit_top_k(

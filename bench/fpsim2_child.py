@@ -27,8 +27,9 @@ import numpy as np
 T = TypeVar("T")
 
 
-def timed(fn: Callable[[], T], repeat: int) -> tuple[float, T]:
-    """Median wall seconds of ``repeat`` calls, and the last call's result."""
+def timed(fn: Callable[[], T], repeat: int = 1) -> tuple[float, T]:
+    """Median wall seconds of ``repeat`` calls, and the last call's result (bench/compounds.py
+    times its own contenders with this too: this module imports nothing but numpy)."""
     times = []
     for _ in range(repeat):
         start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -16,11 +16,48 @@ from models.cases.registry import ModelSpec, sha256_file
 Pool = Literal["mean", "flatten"]
 
 
-class StandardizedMLP(nn.Module):
-    """A multilayer perceptron over raw features, with the training set's standardization inside.
+class _Standardized(nn.Module):
+    """A model that standardizes its raw inputs with the training set's per-feature ``mean`` and
+    ``std``, kept as buffers: they go into the weights file, so the artifact whose sha256 the
+    registry records is everything needed to go from raw inputs to a logit."""
 
-    Keeping ``mean`` and ``std`` as buffers puts them in the weights file, so the artifact whose
-    sha256 the registry records is everything needed to go from raw features to a logit.
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs (..., F) to standardized ones, same shape."""
+        return (x - self.mean) / self.std
+
+
+def fit_full_batch(
+    model: StandardizedMLP,
+    x: torch.Tensor,
+    loss: Callable[[], torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Set ``model``'s standardization from the training features ``x`` (N, F), then run
+    ``epochs`` full-batch Adam steps on ``loss()``; the model is left in ``eval()``."""
+    model.mean.copy_(x.mean(dim=0))
+    model.std.copy_(x.std(dim=0).clamp_min(1e-8))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    model.eval()
+
+
+class StandardizedMLP(_Standardized):
+    """A multilayer perceptron over raw features, with the training set's standardization inside.
 
     Parameters
     ----------
@@ -32,13 +69,8 @@ class StandardizedMLP(nn.Module):
         Dropout after each hidden layer (inactive in ``eval()``).
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, n_features: int, hidden: Sequence[int] = (32, 16), dropout: float = 0.1):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("std", torch.ones(n_features))
+        super().__init__(n_features)
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
@@ -49,8 +81,7 @@ class StandardizedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map raw features of shape (N, F) to logits of shape (N,)."""
-        z = (x - self.mean) / self.std
-        return self.net(z).squeeze(-1)
+        return self.net(self.standardize(x)).squeeze(-1)
 
 
 class CoxMLP(StandardizedMLP):
@@ -79,7 +110,7 @@ class CoxMLP(StandardizedMLP):
         return torch.log(-torch.expm1(-cumhaz)) + cumhaz
 
 
-class VitalsRNN(nn.Module):
+class VitalsRNN(_Standardized):
     """A GRU (or LSTM) over variable-length multichannel series, e.g. hourly vital signs.
 
     Padded steps never reach the recurrence: the batch is packed by length
@@ -95,29 +126,23 @@ class VitalsRNN(nn.Module):
         ``"gru"`` or ``"lstm"``.
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(self, n_channels: int, hidden: int = 64, layers: int = 1, cell: str = "gru"):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_channels))
-        self.register_buffer("std", torch.ones(n_channels))
+        super().__init__(n_channels)
         rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
         self.rnn = rnn(n_channels, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Series of shape (N, T, C) with valid lengths (N,) to logits of shape (N,)."""
-        z = (x - self.mean) / self.std
         packed = nn.utils.rnn.pack_padded_sequence(
-            z, lengths.cpu(), batch_first=True, enforce_sorted=False
+            self.standardize(x), lengths.cpu(), batch_first=True, enforce_sorted=False
         )
         _, state = self.rnn(packed)
         h = state[0] if isinstance(state, tuple) else state  # LSTM returns (h, c)
         return self.head(h[-1]).squeeze(-1)
 
 
-class SignalCNN(nn.Module):
+class SignalCNN(_Standardized):
     """A 1-D CNN over fixed-length signal windows, e.g. one second of an ECG lead.
 
     Parameters
@@ -138,9 +163,6 @@ class SignalCNN(nn.Module):
         length are refused.
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(
         self,
         n_channels: int,
@@ -149,9 +171,7 @@ class SignalCNN(nn.Module):
         pool: Pool = "mean",
         length: int | None = None,
     ):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_channels))
-        self.register_buffer("std", torch.ones(n_channels))
+        super().__init__(n_channels)
         blocks: list[nn.Module] = []
         width = n_channels
         for w in widths:
@@ -173,7 +193,7 @@ class SignalCNN(nn.Module):
             raise ValueError(
                 f"SignalCNN expects windows of shape (N, {self.length}, C), got {tuple(x.shape)}"
             )
-        h = self.features(((x - self.mean) / self.std).transpose(1, 2))
+        h = self.features(self.standardize(x).transpose(1, 2))
         return self.head(h.mean(dim=-1) if self.pool == "mean" else h.flatten(1)).squeeze(-1)
 
 

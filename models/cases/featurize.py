@@ -96,17 +96,26 @@ def _check_length(spec: ModelSpec, n: int) -> str | None:
     return None
 
 
+def _sequence(
+    spec: ModelSpec, features: Mapping[str, object], name: str, *, missing: str, items: str
+) -> list[object] | str:
+    """Feature ``name`` as a list of the schema's length, or what is wrong with it (``missing``
+    where it is absent; ``items`` says what the list should hold)."""
+    values = features.get(name)
+    if name not in features:
+        return missing
+    if not isinstance(values, list):
+        return f"expected a list of {items}, got {type(values).__name__}"
+    return _check_length(spec, len(values)) or values
+
+
 def _check_series(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, str]:
     problems: dict[str, str] = {}
     lengths: dict[str, int] = {}
     for name in spec.feature_names:
-        values = features.get(name)
-        if name not in features:
-            problems[name] = "missing channel"
-        elif not isinstance(values, list):
-            problems[name] = f"expected a list of numbers, got {type(values).__name__}"
-        elif (problem := _check_length(spec, len(values))) is not None:
-            problems[name] = problem
+        values = _sequence(spec, features, name, missing="missing channel", items="numbers")
+        if isinstance(values, str):
+            problems[name] = values
         else:
             for i, value in enumerate(values):
                 if (problem := _number_problem(value)) is not None:
@@ -128,13 +137,9 @@ def _check_series(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, 
 def _check_tokens(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, str]:
     problems: dict[str, str] = {}
     (name,) = spec.feature_names
-    codes = features.get(name)
-    if name not in features:
-        problems[name] = "missing feature"
-    elif not isinstance(codes, list):
-        problems[name] = f"expected a list of integer codes, got {type(codes).__name__}"
-    elif (problem := _check_length(spec, len(codes))) is not None:
-        problems[name] = problem
+    codes = _sequence(spec, features, name, missing="missing feature", items="integer codes")
+    if isinstance(codes, str):
+        problems[name] = codes
     else:
         top = spec.vocab_size or 0
         for i, code in enumerate(codes):

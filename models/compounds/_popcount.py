@@ -509,25 +509,66 @@ def _candidates(q64, q32, qi, l64, l32, n_words, blk, cut, row_lo, row_hi, fine)
     return mask, _ctpop(mask) > _FINE_AFTER
 
 
+@njit(inline="always")
+def _scan(queries, qi, lib, row_lo, row_hi, same, dice, top, t, scores, indices):
+    """Count sorted query ``qi`` against the library rows in [row_lo, row_hi) that the segment
+    bounds let through, a 64-row block at a time. With ``top`` (a constant at each call site, so
+    the branches fold away), fold them into the query's running k best, ``scores``/``indices``
+    (its rows of ``best``/``index``; the cut follows the k-th best) and return 0; else write
+    those scoring ``>= t`` to ``scores``/``indices`` and return how many."""
+    q, q64, q32 = queries.words, queries.seg64, queries.seg32
+    l_words, l64, l32, l_rows, l_pop = lib.words, lib.seg64, lib.seg32, lib.rows, lib.pop
+    n_words = lib.n_words
+    a = queries.pop[qi]
+    r = queries.rows[qi]
+    k = scores.shape[0]
+    found = 0
+    fine = top  # at top-k cuts the 32-bit bound pays for itself (docs/compounds.md)
+    for blk in range(row_lo // BOUND_LANES, (row_hi - 1) // BOUND_LANES + 1):
+        cut = _cut(scores[k - 1] if top else t, a, l_pop[max(blk * BOUND_LANES, row_lo)], dice)
+        mask, fine = _candidates(q64, q32, qi, l64, l32, n_words, blk, cut, row_lo, row_hi, fine)
+        while mask != 0:
+            row = blk * BOUND_LANES + _cttz(mask)
+            mask &= mask - 1
+            c = _count1(q, qi * n_words, l_words, row * n_words, n_words)
+            if c < cut:
+                continue
+            j = l_rows[row]
+            if same and j == r:
+                continue
+            s = _score(c, a, l_pop[row], dice)
+            if not top:
+                if s >= t:
+                    scores[found] = s
+                    indices[found] = j
+                    found += 1
+                continue
+            if not _better(s, j, scores[k - 1], indices[k - 1]):
+                continue
+            pos = k - 1
+            while pos > 0 and _better(s, j, scores[pos - 1], indices[pos - 1]):
+                scores[pos] = scores[pos - 1]
+                indices[pos] = indices[pos - 1]
+                pos -= 1
+            scores[pos] = s
+            indices[pos] = j
+    return found
+
+
+@njit(inline="always")
+def _rows_in(start, lo, hi, r_lo, r_hi):
+    """The sorted library rows of chunk [r_lo, r_hi) whose popcounts lie in [lo, hi] (empty:
+    row_lo >= row_hi)."""
+    if lo > hi:
+        return r_lo, r_lo
+    return max(r_lo, start[lo]), min(r_hi, start[hi + 1])
+
+
 @njit(nogil=True, cache=True)
 def _top_k_group(queries, i0, i1, lib, chunk, same, dice, best, index):  # pragma: no cover
     """Fold the library into the running k best of sorted queries i0..i1."""
-    q, q64, q32, q_rows, q_pop = (
-        queries.words,
-        queries.seg64,
-        queries.seg32,
-        queries.rows,
-        queries.pop,
-    )
-    l_words, l64, l32, l_rows, l_pop, start = (
-        lib.words,
-        lib.seg64,
-        lib.seg32,
-        lib.rows,
-        lib.pop,
-        lib.start,
-    )
-    n_words = lib.n_words
+    q_rows, q_pop = queries.rows, queries.pop
+    l_pop, start = lib.pop, lib.start
     n_lib = l_pop.shape[0]
     n_bits = start.shape[0] - 2
     k = best.shape[1]
@@ -559,62 +600,20 @@ def _top_k_group(queries, i0, i1, lib, chunk, same, dice, best, index):  # pragm
         r_lo = c * chunk
         r_hi = min(n_lib, r_lo + chunk)
         for i in range(n):
-            if lo[i] > hi[i]:
-                continue
-            row_lo = max(r_lo, start[lo[i]])
-            row_hi = min(r_hi, start[hi[i] + 1])
+            row_lo, row_hi = _rows_in(start, lo[i], hi[i], r_lo, r_hi)
             if row_lo >= row_hi:
                 continue
             qi = i0 + i
-            a = q_pop[qi]
             r = q_rows[qi]
-            fine = True  # at top-k cuts the 32-bit bound pays for itself (docs/compounds.md)
-            for blk in range(row_lo // BOUND_LANES, (row_hi - 1) // BOUND_LANES + 1):
-                cut = _cut(best[r, k - 1], a, l_pop[max(blk * BOUND_LANES, row_lo)], dice)
-                mask, fine = _candidates(
-                    q64, q32, qi, l64, l32, n_words, blk, cut, row_lo, row_hi, fine
-                )
-                while mask != 0:
-                    row = blk * BOUND_LANES + _cttz(mask)
-                    mask &= mask - 1
-                    c = _count1(q, qi * n_words, l_words, row * n_words, n_words)
-                    if c < cut:
-                        continue
-                    j = l_rows[row]
-                    if same and j == r:
-                        continue
-                    s = _score(c, a, l_pop[row], dice)
-                    if not _better(s, j, best[r, k - 1], index[r, k - 1]):
-                        continue
-                    pos = k - 1
-                    while pos > 0 and _better(s, j, best[r, pos - 1], index[r, pos - 1]):
-                        best[r, pos] = best[r, pos - 1]
-                        index[r, pos] = index[r, pos - 1]
-                        pos -= 1
-                    best[r, pos] = s
-                    index[r, pos] = j
-            lo[i], hi[i] = _window(a, best[r, k - 1], lo[i], hi[i], dice)
+            _scan(queries, qi, lib, row_lo, row_hi, same, dice, True, 0.0, best[r], index[r])
+            lo[i], hi[i] = _window(q_pop[qi], best[r, k - 1], lo[i], hi[i], dice)
 
 
 @njit(nogil=True, cache=True)
 def _threshold_group(queries, i0, i1, lib, chunk, same, dice, t):  # pragma: no cover
     """Every (query row, library index, score) with score >= t, for sorted queries i0..i1."""
-    q, q64, q32, q_rows, q_pop = (
-        queries.words,
-        queries.seg64,
-        queries.seg32,
-        queries.rows,
-        queries.pop,
-    )
-    l_words, l64, l32, l_rows, l_pop, start = (
-        lib.words,
-        lib.seg64,
-        lib.seg32,
-        lib.rows,
-        lib.pop,
-        lib.start,
-    )
-    n_words = lib.n_words
+    q_rows, q_pop = queries.rows, queries.pop
+    start = lib.start
     n_bits = start.shape[0] - 2
     n = i1 - i0
     lo = np.zeros(n, np.int64)
@@ -625,6 +624,8 @@ def _threshold_group(queries, i0, i1, lib, chunk, same, dice, t):  # pragma: no 
     hit_q = np.empty(1024, np.int64)
     hit_l = np.empty(1024, np.int64)
     hit_s = np.empty(1024, np.float64)
+    chunk_l = np.empty(chunk, np.int64)
+    chunk_s = np.empty(chunk, np.float64)
     g_lo = lo.min()
     g_hi = hi.max()
     if g_lo > g_hi:
@@ -632,40 +633,19 @@ def _threshold_group(queries, i0, i1, lib, chunk, same, dice, t):  # pragma: no 
     for r_lo in range(start[g_lo] // chunk * chunk, start[g_hi + 1], chunk):
         r_hi = r_lo + chunk
         for i in range(n):
-            if lo[i] > hi[i]:
-                continue
-            row_lo = max(r_lo, start[lo[i]])
-            row_hi = min(r_hi, start[hi[i] + 1])
+            row_lo, row_hi = _rows_in(start, lo[i], hi[i], r_lo, r_hi)
             if row_lo >= row_hi:
                 continue
             qi = i0 + i
-            a = q_pop[qi]
-            r = q_rows[qi]
-            fine = False
-            for blk in range(row_lo // BOUND_LANES, (row_hi - 1) // BOUND_LANES + 1):
-                cut = _cut(t, a, l_pop[max(blk * BOUND_LANES, row_lo)], dice)
-                mask, fine = _candidates(
-                    q64, q32, qi, l64, l32, n_words, blk, cut, row_lo, row_hi, fine
-                )
-                while mask != 0:
-                    row = blk * BOUND_LANES + _cttz(mask)
-                    mask &= mask - 1
-                    c = _count1(q, qi * n_words, l_words, row * n_words, n_words)
-                    if c < cut:
-                        continue
-                    j = l_rows[row]
-                    if same and j == r:
-                        continue
-                    s = _score(c, a, l_pop[row], dice)
-                    if s >= t:
-                        if size == hit_q.shape[0]:
-                            hit_q = np.concatenate((hit_q, np.empty(size, np.int64)))
-                            hit_l = np.concatenate((hit_l, np.empty(size, np.int64)))
-                            hit_s = np.concatenate((hit_s, np.empty(size, np.float64)))
-                        hit_q[size] = r
-                        hit_l[size] = j
-                        hit_s[size] = s
-                        size += 1
+            found = _scan(queries, qi, lib, row_lo, row_hi, same, dice, False, t, chunk_s, chunk_l)
+            while size + found > hit_q.shape[0]:
+                hit_q = np.concatenate((hit_q, np.empty(hit_q.shape[0], np.int64)))
+                hit_l = np.concatenate((hit_l, np.empty(hit_l.shape[0], np.int64)))
+                hit_s = np.concatenate((hit_s, np.empty(hit_s.shape[0], np.float64)))
+            hit_q[size : size + found] = q_rows[qi]
+            hit_l[size : size + found] = chunk_l[:found]
+            hit_s[size : size + found] = chunk_s[:found]
+            size += found
     return hit_q[:size], hit_l[:size], hit_s[:size]
 
 

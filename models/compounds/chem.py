@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, TypedDict, Unpack
+from typing import IO, Literal, TypedDict, Unpack
 
 import numba
 import numpy as np
@@ -159,6 +160,28 @@ def _check_file(path: str | Path) -> Path:
     return path
 
 
+#: What a reader makes of one record: the molecule with its id and line (or record) number, or
+#: the reason it has none.
+_Read = tuple[Chem.Mol, str, int] | ParseFailure
+
+
+def _collect(records: Iterable[_Read], limit: int | None = None) -> Molecules:
+    """The molecules and failures of the first ``limit`` records (all of them by default)."""
+    mols: list[Chem.Mol] = []
+    ids: list[str] = []
+    numbers: list[int] = []
+    failures: list[ParseFailure] = []
+    for read in itertools.islice(records, limit):
+        if isinstance(read, ParseFailure):
+            failures.append(read)
+            continue
+        mol, name, number = read
+        mols.append(mol)
+        ids.append(name)
+        numbers.append(number)
+    return Molecules(tuple(mols), tuple(ids), tuple(numbers), tuple(failures))
+
+
 def read_smiles(
     path: str | Path, *, title_line: bool = False, limit: int | None = None
 ) -> Molecules:
@@ -168,30 +191,24 @@ def read_smiles(
     its line number. ``.gz`` files are read as gzip. ``limit`` stops after that many records.
     """
     path = _check_file(path)
-    mols: list[Chem.Mol] = []
-    ids: list[str] = []
-    records: list[int] = []
-    failures: list[ParseFailure] = []
     with _open_text(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if title_line and number == 1:
-                continue
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            if limit is not None and len(records) + len(failures) >= limit:
-                break
-            fields = text.split(None, 1)
-            smiles = fields[0]
-            name = fields[1].strip() if len(fields) > 1 else str(number)
-            mol, reason = _from_smiles(smiles)
-            if mol is None:
-                failures.append(ParseFailure(str(path), number, number, smiles, reason))
-                continue
-            mols.append(mol)
-            ids.append(name)
-            records.append(number)
-    return Molecules(tuple(mols), tuple(ids), tuple(records), tuple(failures))
+        return _collect(_smiles_lines(str(path), handle, title_line), limit)
+
+
+def _smiles_lines(source: str, handle: IO[str], title_line: bool) -> Iterator[_Read]:
+    for number, line in enumerate(handle, start=1):
+        if title_line and number == 1:
+            continue
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.split(None, 1)
+        smiles = fields[0]
+        mol, reason = _from_smiles(smiles)
+        if mol is None:
+            yield ParseFailure(source, number, number, smiles, reason)
+        else:
+            yield mol, fields[1].strip() if len(fields) > 1 else str(number), number
 
 
 def read_csv(
@@ -207,31 +224,27 @@ def read_csv(
     Without ``id_column`` a molecule is named by its line number. ``.gz`` files are read as gzip.
     """
     path = _check_file(path)
-    mols: list[Chem.Mol] = []
-    ids: list[str] = []
-    records: list[int] = []
-    failures: list[ParseFailure] = []
     with _open_text(path) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         header = reader.fieldnames or []
         for column in (smiles_column, id_column):
             if column is not None and column not in header:
                 raise ValueError(f"{path}: no column {column!r}; the header has {header}")
-        start = 2  # the header is line 1
-        for row in reader:
-            number, start = start, reader.line_num + 1
-            if limit is not None and len(records) + len(failures) >= limit:
-                break
-            smiles = (row.get(smiles_column) or "").strip()
-            mol, reason = _from_smiles(smiles)
-            if mol is None or not smiles:
-                reason = reason or "empty SMILES"
-                failures.append(ParseFailure(str(path), number, number, smiles, reason))
-                continue
-            mols.append(mol)
-            ids.append(str(row[id_column]) if id_column is not None else str(number))
-            records.append(number)
-    return Molecules(tuple(mols), tuple(ids), tuple(records), tuple(failures))
+        return _collect(_csv_rows(str(path), reader, smiles_column, id_column), limit)
+
+
+def _csv_rows(
+    source: str, reader: csv.DictReader, smiles_column: str, id_column: str | None
+) -> Iterator[_Read]:
+    start = 2  # the header is line 1
+    for row in reader:
+        number, start = start, reader.line_num + 1
+        smiles = (row.get(smiles_column) or "").strip()
+        mol, reason = _from_smiles(smiles)
+        if mol is None or not smiles:
+            yield ParseFailure(source, number, number, smiles, reason or "empty SMILES")
+        else:
+            yield mol, str(row[id_column]) if id_column is not None else str(number), number
 
 
 def _sdf_records(handle: IO[str]) -> Iterator[tuple[int, list[str]]]:
@@ -277,30 +290,24 @@ def read_sdf(
     line, else by its record number. ``.gz`` files are read as gzip.
     """
     path = _check_file(path)
-    mols: list[Chem.Mol] = []
-    ids: list[str] = []
-    records: list[int] = []
-    failures: list[ParseFailure] = []
     with _open_text(path) as handle:
-        for record, (line, lines) in enumerate(_sdf_records(handle), start=1):
-            if limit is not None and record > limit:
-                break
-            end = next((i for i, text in enumerate(lines) if text.startswith("M  END")), None)
-            block = "".join(lines if end is None else lines[: end + 1])
-            title = lines[0].strip() if lines else ""
-            with rdBase.CaptureErrorLog() as capture:
-                mol = Chem.MolFromMolBlock(block) if end is not None else None
-            if mol is None:
-                fallback = "RDKit returned no molecule" if end is not None else "no 'M  END' line"
-                reason = _reason(capture.messages, fallback)
-                failures.append(ParseFailure(str(path), record, line, title, reason))
-                continue
-            props = _sdf_properties(lines[end + 1 :]) if end is not None else {}
-            name = props.get(id_field, "") if id_field is not None else ""
-            mols.append(mol)
-            ids.append(name or title or str(record))
-            records.append(record)
-    return Molecules(tuple(mols), tuple(ids), tuple(records), tuple(failures))
+        return _collect(_sdf_molecules(str(path), handle, id_field), limit)
+
+
+def _sdf_molecules(source: str, handle: IO[str], id_field: str | None) -> Iterator[_Read]:
+    for record, (line, lines) in enumerate(_sdf_records(handle), start=1):
+        end = next((i for i, text in enumerate(lines) if text.startswith("M  END")), None)
+        block = "".join(lines if end is None else lines[: end + 1])
+        title = lines[0].strip() if lines else ""
+        with rdBase.CaptureErrorLog() as capture:
+            mol = Chem.MolFromMolBlock(block) if end is not None else None
+        if mol is None:
+            fallback = "RDKit returned no molecule" if end is not None else "no 'M  END' line"
+            yield ParseFailure(source, record, line, title, _reason(capture.messages, fallback))
+            continue
+        props = _sdf_properties(lines[end + 1 :]) if end is not None else {}
+        name = props.get(id_field, "") if id_field is not None else ""
+        yield mol, name or title or str(record), record
 
 
 # --- fingerprints -----------------------------------------------------------------------------
@@ -954,28 +961,18 @@ def similarity(
     return out
 
 
-def _top_k(
-    query: Fingerprints,
-    library: Fingerprints,
-    k: int,
-    *,
-    same: bool,
-    metric: Metric,
-    device: Device,
-    engine: Engine,
-    library_block: int,
-    query_block: int,
-) -> Neighbours:
+def _top_k(query: Fingerprints, library: Fingerprints, k: int, search: _Search) -> Neighbours:
+    metric = search.metric
     _check_pair(query, library, metric)
     if query.n_bits > 2**16:
         raise ValueError(f"{query.n_bits}-bit fingerprints: at most 65,536 bits")
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    plan = _plan(engine, device)
+    plan = _plan(search.engine, search.device)
     if plan.kind == "popcount":
         queries = chem_popcount.Queries.build(query.bits, query.popcounts)
         best, best_index = chem_popcount.top_k(
-            queries, _layout(library), k, same=same, dice=metric == "dice"
+            queries, _layout(library), k, same=search.same, dice=metric == "dice"
         )
         empty = np.isneginf(best)
         return Neighbours(np.where(empty, -1, best_index), np.where(empty, np.nan, best))
@@ -990,15 +987,7 @@ def _top_k(
             return _bound(qb.pop, lb.lo, lb.hi, metric) >= best[qb.rows, k - 1]
 
         with torch.inference_mode():
-            for qb, lb, counts in _tiles(
-                query,
-                library,
-                same=same,
-                gemm=_Gemm(query, library, plan.device, plan.dtype),
-                reach=reach,
-                library_block=library_block,
-                query_block=query_block,
-            ):
+            for qb, lb, counts in search.tiles(query, library, plan, reach):
                 key = _key(best[qb.rows, k - 1], metric)
                 seed = np.isneginf(key)
                 if seed.any():
@@ -1068,27 +1057,21 @@ def _merge(
 
 
 def _threshold(
-    query: Fingerprints,
-    library: Fingerprints,
-    threshold: float,
-    *,
-    same: bool,
-    metric: Metric,
-    device: Device,
-    engine: Engine,
-    library_block: int,
-    query_block: int,
+    query: Fingerprints, library: Fingerprints, threshold: float, search: _Search
 ) -> Hits:
+    metric = search.metric
     _check_pair(query, library, metric)
     t = float(threshold)
     if not np.isfinite(t):
         raise ValueError(f"threshold must be finite, got {threshold}")
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    plan = _plan(engine, device)
+    plan = _plan(search.engine, search.device)
     if plan.kind == "popcount":
         queries = chem_popcount.Queries.build(query.bits, query.popcounts)
         found.append(
-            chem_popcount.threshold(queries, _layout(library), t, same=same, dice=metric == "dice")
+            chem_popcount.threshold(
+                queries, _layout(library), t, same=search.same, dice=metric == "dice"
+            )
         )
     elif len(query) and len(library):
 
@@ -1097,15 +1080,7 @@ def _threshold(
 
         key = float(_key(np.array(max(t, 0.0)), metric))
         with torch.inference_mode():
-            for qb, lb, counts in _tiles(
-                query,
-                library,
-                same=same,
-                gemm=_Gemm(query, library, plan.device, plan.dtype),
-                reach=reach,
-                library_block=library_block,
-                query_block=query_block,
-            ):
+            for qb, lb, counts in search.tiles(query, library, plan, reach):
                 cut = _count_cut(np.full(len(qb.rows), key), qb.pop, lb.lo)
                 rows, cols, c = _candidates(counts, cut)
                 scores = _scores(c, qb.pop[rows], lb.pop[cols], metric)
@@ -1132,9 +1107,35 @@ class SearchOptions(TypedDict, total=False):
     query_block: int
 
 
-def _options(options: SearchOptions) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"metric": "tanimoto", "device": "auto", "engine": "auto"}
-    return {**defaults, "library_block": LIBRARY_BLOCK, "query_block": QUERY_BLOCK, **options}
+@dataclass(frozen=True)
+class _Search:
+    """A search's :class:`SearchOptions` with their defaults, and whether it runs a set against
+    itself (``same``: no self pairs)."""
+
+    same: bool
+    metric: Metric = "tanimoto"
+    device: Device = "auto"
+    engine: Engine = "auto"
+    library_block: int = LIBRARY_BLOCK
+    query_block: int = QUERY_BLOCK
+
+    def tiles(
+        self,
+        query: Fingerprints,
+        library: Fingerprints,
+        plan: _Plan,
+        reach: Callable[[_Block, _Block], np.ndarray],
+    ) -> Iterator[Tile]:
+        """:func:`_tiles` of the GEMM engine ``plan`` names."""
+        return _tiles(
+            query,
+            library,
+            same=self.same,
+            gemm=_Gemm(query, library, plan.device, plan.dtype),
+            reach=reach,
+            library_block=self.library_block,
+            query_block=self.query_block,
+        )
 
 
 def top_k(
@@ -1169,13 +1170,7 @@ def top_k(
     Neighbours
         ``index`` and ``score``, (N_q, k): best first, equal scores by lower library index.
     """
-    return _top_k(
-        query,
-        library,
-        k,
-        same=False,
-        **_options(options),
-    )
+    return _top_k(query, library, k, _Search(same=False, **options))
 
 
 def top_k_all_pairs(
@@ -1184,13 +1179,7 @@ def top_k_all_pairs(
     **options: Unpack[SearchOptions],
 ) -> Neighbours:
     """:func:`top_k` of a set against itself, each molecule's own row excluded (duplicates kept)."""
-    return _top_k(
-        fps,
-        fps,
-        k,
-        same=True,
-        **_options(options),
-    )
+    return _top_k(fps, fps, k, _Search(same=True, **options))
 
 
 def threshold_search(
@@ -1210,13 +1199,7 @@ def threshold_search(
     Hits
         (H,) query rows, library rows and scores, by query, score (highest first), library row.
     """
-    return _threshold(
-        query,
-        library,
-        threshold,
-        same=False,
-        **_options(options),
-    )
+    return _threshold(query, library, threshold, _Search(same=False, **options))
 
 
 def threshold_all_pairs(
@@ -1225,27 +1208,16 @@ def threshold_all_pairs(
     **options: Unpack[SearchOptions],
 ) -> Hits:
     """:func:`threshold_search` of a set against itself without self pairs (both (i, j) and (j, i))."""
-    return _threshold(
-        fps,
-        fps,
-        threshold,
-        same=True,
-        **_options(options),
-    )
+    return _threshold(fps, fps, threshold, _Search(same=True, **options))
 
 
 def as_molecules(smiles: Iterable[str]) -> Molecules:
     """Parse SMILES strings (ids are their 1-based positions), failures reported as by readers."""
-    mols: list[Chem.Mol] = []
-    ids: list[str] = []
-    records: list[int] = []
-    failures: list[ParseFailure] = []
-    for number, text in enumerate(smiles, start=1):
+
+    def parse(number: int, text: str) -> _Read:
         mol, reason = _from_smiles(text)
         if mol is None:
-            failures.append(ParseFailure("<smiles>", number, number, text, reason))
-            continue
-        mols.append(mol)
-        ids.append(str(number))
-        records.append(number)
-    return Molecules(tuple(mols), tuple(ids), tuple(records), tuple(failures))
+            return ParseFailure("<smiles>", number, number, text, reason)
+        return mol, str(number), number
+
+    return _collect(parse(number, text) for number, text in enumerate(smiles, start=1))

@@ -208,12 +208,13 @@ def _joint_missing(q_starts, q_samples, a_starts, a_samples, weight, threads, ou
     own interleaved query rows, so no two write the same row."""
     for part in prange(threads):
         for v in range(q_starts.shape[0] - 1):
+            w = weight[v]  # read once: LLVM cannot tell that the stores into out leave it alone
             for t in range(q_starts[v], q_starts[v + 1]):
                 i = q_samples[t]
                 if i % threads != part:
                     continue
                 for u in range(a_starts[v], a_starts[v + 1]):
-                    out[i, a_samples[u]] += weight[v]
+                    out[i, a_samples[u]] += w
 
 
 #: Variants per chunk at most: a uint16 row of ``_missing_sums`` holds 4·chunk.

@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from models.genome._bits import _BLOCK, WORD, _pair2, _popcount
+from models.genome._bits import _BLOCK, WORD, _joint_missing, _pair2, _popcount
 
 #: Variants per chunk when building planes and standardized GRM blocks.
 CHUNK = 1024
@@ -303,28 +303,46 @@ def _bed_code(row, i):
     return (row[i >> 2] >> ((i & 3) << 1)) & 3
 
 
+@njit(inline="always")
+def _bed_rare_row(row, n, flip, fill, c_samples, c_copies, m_samples, k, t):
+    """Carriers and missing samples of one rare variant's .bed row, skipping the bytes whose four
+    samples all hold the major homozygote (0x00 where A1 is the major allele, else 0xFF). With
+    ``fill`` they are written from ``c_samples[k]``/``c_copies[k]`` and ``m_samples[t]`` on;
+    either way the ends (k, t) come back, so a pass without ``fill`` counts them."""
+    full = n // 4
+    major = np.uint8(0x00) if flip else np.uint8(0xFF)
+    hom_major = 0 if flip else 3
+    for b in range(full + (n % 4 > 0)):
+        if b < full and row[b] == major:
+            continue
+        for i in range(4 * b, min(n, 4 * b + 4)):
+            code = _bed_code(row, i)
+            if code == 1:
+                if fill:
+                    m_samples[t] = i
+                t += 1
+            elif code != hom_major:
+                if fill:
+                    c_samples[k] = i
+                    # het (10) is one copy; the minor homozygote two
+                    c_copies[k] = 1 if code == 2 else 2
+                k += 1
+    return k, t
+
+
 @njit(parallel=True, cache=True)
 def _rare_lists_bed(raw, n, flip):
     """Carriers (sample, minor-allele copies) and missing samples of each rare variant, straight
-    from .bed rows, skipping the bytes whose four samples all
-    hold the major homozygote (0x00 where A1 is the major allele, else 0xFF)."""
+    from .bed rows (:func:`_bed_rare_row`): counted, then written."""
     r = raw.shape[0]
-    full = n // 4
     c_counts = np.zeros(r, np.int64)
     m_counts = np.zeros(r, np.int64)
+    no_samples = np.empty(0, np.int32)
+    no_copies = np.empty(0, np.int8)
     for v in prange(r):
-        row = raw[v]
-        major = np.uint8(0x00) if flip[v] else np.uint8(0xFF)
-        hom_major = 0 if flip[v] else 3
-        for b in range(full + (n % 4 > 0)):
-            if b < full and row[b] == major:
-                continue
-            for i in range(4 * b, min(n, 4 * b + 4)):
-                code = _bed_code(row, i)
-                if code == 1:
-                    m_counts[v] += 1
-                elif code != hom_major:
-                    c_counts[v] += 1
+        c_counts[v], m_counts[v] = _bed_rare_row(
+            raw[v], n, flip[v], False, no_samples, no_copies, no_samples, 0, 0
+        )
     c_starts = np.zeros(r + 1, np.int64)
     m_starts = np.zeros(r + 1, np.int64)
     for v in range(r):
@@ -334,24 +352,9 @@ def _rare_lists_bed(raw, n, flip):
     c_copies = np.empty(c_starts[r], np.int8)
     m_samples = np.empty(m_starts[r], np.int32)
     for v in prange(r):
-        row = raw[v]
-        major = np.uint8(0x00) if flip[v] else np.uint8(0xFF)
-        hom_major = 0 if flip[v] else 3
-        k = c_starts[v]
-        t = m_starts[v]
-        for b in range(full + (n % 4 > 0)):
-            if b < full and row[b] == major:
-                continue
-            for i in range(4 * b, min(n, 4 * b + 4)):
-                code = _bed_code(row, i)
-                if code == 1:
-                    m_samples[t] = i
-                    t += 1
-                elif code != hom_major:
-                    c_samples[k] = i
-                    # het (10) is one copy; the minor homozygote two
-                    c_copies[k] = 1 if code == 2 else 2
-                    k += 1
+        _bed_rare_row(
+            raw[v], n, flip[v], True, c_samples, c_copies, m_samples, c_starts[v], m_starts[v]
+        )
     return c_counts, c_samples, c_copies, m_counts, m_samples
 
 
@@ -419,25 +422,47 @@ def _pack_columns(x, cols, het, hom, miss):
             miss[i, w] = m
 
 
+@njit(inline="always")
+def _columns_rare_rows(x, cols, flip, i0, i1, fill, c_samples, c_copies, m_samples, c_at, m_at):
+    """Carriers and missing samples among rows i0..i1 of sample-major int8 dosages, for the
+    variants ``cols``: variant k's go from ``c_at[k]``/``m_at[k]`` on (written with ``fill``),
+    which are left at their ends, so a pass without ``fill`` from zeros counts them."""
+    for i in range(i0, i1):
+        row = x[i]
+        for k in range(cols.shape[0]):
+            c = row[cols[k]]
+            if c < 0:
+                if fill:
+                    m_samples[m_at[k]] = i
+                m_at[k] += 1
+            else:
+                copies = 2 - c if flip[k] else c
+                if copies > 0:
+                    if fill:
+                        c_samples[c_at[k]] = i
+                        c_copies[c_at[k]] = copies
+                    c_at[k] += 1
+
+
 @njit(parallel=True, cache=True)
 def _rare_lists_columns(x, cols, flip, threads):
     """Carriers (sample, minor-allele copies) and missing samples of the variants ``cols`` of
-    sample-major int8 dosages. Threads take stripes of rows in order, so each variant's samples
-    come out ascending: thread t's go after those of threads before it."""
+    sample-major int8 dosages (:func:`_columns_rare_rows`: counted, then written). Threads take
+    stripes of rows in order, so each variant's samples come out ascending: thread t's go after
+    those of threads before it."""
     n = x.shape[0]
     r = cols.shape[0]
     stripe = (n + threads - 1) // threads
     c_counts = np.zeros((threads, r), np.int64)
     m_counts = np.zeros((threads, r), np.int64)
+    no_samples = np.empty(0, np.int32)
+    no_copies = np.empty(0, np.int8)
     for part in prange(threads):
-        for i in range(part * stripe, min(n, (part + 1) * stripe)):
-            row = x[i]
-            for k in range(r):
-                c = row[cols[k]]
-                if c < 0:
-                    m_counts[part, k] += 1
-                elif (2 - c if flip[k] else c) > 0:
-                    c_counts[part, k] += 1
+        i0, i1 = part * stripe, min(n, (part + 1) * stripe)
+        c_at, m_at = c_counts[part], m_counts[part]
+        _columns_rare_rows(
+            x, cols, flip, i0, i1, False, no_samples, no_copies, no_samples, c_at, m_at
+        )
     c_next = np.zeros((threads, r), np.int64)
     m_next = np.zeros((threads, r), np.int64)
     c_total = 0
@@ -452,19 +477,9 @@ def _rare_lists_columns(x, cols, flip, threads):
     c_copies = np.empty(c_total, np.int8)
     m_samples = np.empty(m_total, np.int32)
     for part in prange(threads):
-        for i in range(part * stripe, min(n, (part + 1) * stripe)):
-            row = x[i]
-            for k in range(r):
-                c = row[cols[k]]
-                if c < 0:
-                    m_samples[m_next[part, k]] = i
-                    m_next[part, k] += 1
-                else:
-                    copies = 2 - c if flip[k] else c
-                    if copies > 0:
-                        c_samples[c_next[part, k]] = i
-                        c_copies[c_next[part, k]] = copies
-                        c_next[part, k] += 1
+        i0, i1 = part * stripe, min(n, (part + 1) * stripe)
+        c_at, m_at = c_next[part], m_next[part]
+        _columns_rare_rows(x, cols, flip, i0, i1, True, c_samples, c_copies, m_samples, c_at, m_at)
     return c_counts.sum(axis=0), c_samples, c_copies, m_counts.sum(axis=0), m_samples
 
 
@@ -1312,18 +1327,6 @@ def grm_square(
     return out
 
 
-@njit(parallel=True, cache=True)
-def _joint_rect(q_starts, q_samples, a_starts, a_samples, threads, out):
-    for part in prange(threads):
-        for v in range(q_starts.shape[0] - 1):
-            for t in range(q_starts[v], q_starts[v + 1]):
-                i = q_samples[t]
-                if i % threads != part:
-                    continue
-                for u in range(a_starts[v], a_starts[v + 1]):
-                    out[i, a_samples[u]] += 1.0
-
-
 def grm_block(
     query: Iterator[tuple[int, np.ndarray]],
     against: Iterator[tuple[int, np.ndarray]],
@@ -1354,7 +1357,8 @@ def grm_block(
         miss_a += ma.sum(axis=0)
         q_starts, q_samples = _missing_csr(mq)
         a_starts, a_samples = _missing_csr(ma)
-        _joint_rect(q_starts, q_samples, a_starts, a_samples, numba.get_num_threads(), joint)
+        threads = numba.get_num_threads()
+        _joint_missing(q_starts, q_samples, a_starts, a_samples, np.ones(c), threads, joint)
     total = float(len(p))
     with np.errstate(divide="ignore", invalid="ignore"):
         den = total - (miss_q[:, None] + miss_a[None, :])

@@ -111,24 +111,19 @@ def train(out: Path, *, seed: int = SEED) -> TrainResult:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from models.cases.architectures import StandardizedMLP, save_weights
+    from models.cases.architectures import StandardizedMLP, fit_full_batch, save_weights
 
     data = split(seed)
     torch.manual_seed(seed)
     model = StandardizedMLP(data.x_train.shape[1], hidden=HIDDEN, dropout=DROPOUT)
     x = torch.tensor(data.x_train, dtype=torch.float32)
     y = torch.tensor(data.y_train, dtype=torch.float32)
-    model.mean.copy_(x.mean(dim=0))
-    model.std.copy_(x.std(dim=0).clamp_min(1e-8))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    model.train()
-    for _ in range(EPOCHS):
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-    model.eval()
+
+    def loss() -> torch.Tensor:
+        return loss_fn(model(x), y)
+
+    fit_full_batch(model, x, loss, epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     with torch.inference_mode():
         p_test = torch.sigmoid(model(torch.tensor(data.x_test, dtype=torch.float32))).numpy()
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.cases.architectures import CoxMLP, save_weights
+from models.cases.architectures import CoxMLP, fit_full_batch, save_weights
 from models.cases.registry import FeatureSpec, RangeRule
 
 NAME = "whas500-mortality"
@@ -368,16 +368,11 @@ def train(out: Path, *, seed: int = SEED) -> TrainResult:
     x = torch.tensor(data.x_train, dtype=torch.float32)
     time = torch.tensor(data.time_train, dtype=torch.float32)
     event = torch.tensor(data.event_train)
-    model.mean.copy_(x.mean(dim=0))
-    model.std.copy_(x.std(dim=0).clamp_min(1e-8))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    model.train()
-    for _ in range(EPOCHS):
-        optimizer.zero_grad()
-        loss = cox_loss(model.log_hazard_ratio(x), time, event)
-        loss.backward()
-        optimizer.step()
-    model.eval()
+
+    def loss() -> torch.Tensor:
+        return cox_loss(model.log_hazard_ratio(x), time, event)
+
+    fit_full_batch(model, x, loss, epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     with torch.inference_mode():
         train_lhr = model.log_hazard_ratio(x).double().numpy()
         test_lhr = model.log_hazard_ratio(torch.tensor(data.x_test, dtype=torch.float32))
