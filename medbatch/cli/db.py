@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import HelpFormatter, database, fail
+from medbatch.cli._common import command, database, fail, group
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -18,15 +18,8 @@ if TYPE_CHECKING:
 
 
 def add_parsers(sub: Any) -> None:
-    db = sub.add_parser(
-        "db", help="database schema, tenants and API keys", formatter_class=HelpFormatter
-    )
-    dsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
-    up = dsub.add_parser(
-        "upgrade",
-        help="run Alembic migrations (SQLite is also migrated on first use)",
-        formatter_class=HelpFormatter,
-    )
+    db, dsub = group(sub, "db", "database schema, tenants and API keys")
+    up = command(dsub, "upgrade", "run Alembic migrations (SQLite is also migrated on first use)")
     up.add_argument("revision", nargs="?", default="head", help="target revision")
     lifetime = argparse.ArgumentParser(add_help=False)
     lifetime.add_argument(
@@ -34,18 +27,15 @@ def add_parsers(sub: Any) -> None:
         type=int,
         help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
     )
-    tenant = dsub.add_parser(
-        "create-tenant",
-        parents=[lifetime],
-        help="create a tenant and print its API key once",
-        formatter_class=HelpFormatter,
+    tenant = command(
+        dsub, "create-tenant", "create a tenant and print its API key once", parents=[lifetime]
     )
     tenant.add_argument("name", help="the tenant's unique name")
-    client = dsub.add_parser(
+    client = command(
+        dsub,
         "create-client",
+        "an API client of a tenant with scopes; prints its key once",
         parents=[lifetime],
-        help="an API client of a tenant with scopes; prints its key once",
-        formatter_class=HelpFormatter,
     )
     client.add_argument("tenant", help="the tenant's name")
     client.add_argument("name", help="the client's name, unique in the tenant")
@@ -54,11 +44,11 @@ def add_parsers(sub: Any) -> None:
         required=True,
         help="comma-separated: cases:submit, results:read, genome:submit, compounds:submit, admin",
     )
-    rotate = dsub.add_parser(
+    rotate = command(
+        dsub,
         "rotate-key",
+        "a new key for a tenant (or --client); the old ones work until the overlap ends",
         parents=[lifetime],
-        help="a new key for a tenant (or --client); the old ones work until the overlap ends",
-        formatter_class=HelpFormatter,
     )
     rotate.add_argument("tenant", help="the tenant's name")
     rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
@@ -68,15 +58,11 @@ def add_parsers(sub: Any) -> None:
         help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
         "24; 0: they stop now)",
     )
-    revoke = dsub.add_parser(
-        "revoke-client", help="stop every key of a client, now", formatter_class=HelpFormatter
-    )
+    revoke = command(dsub, "revoke-client", "stop every key of a client, now")
     revoke.add_argument("tenant", help="the tenant's name")
     revoke.add_argument("client", help="the client's name")
-    listing = dsub.add_parser(
-        "list-clients",
-        help="a tenant's keys: client, scopes, state, expiry, last use (no keys)",
-        formatter_class=HelpFormatter,
+    listing = command(
+        dsub, "list-clients", "a tenant's keys: client, scopes, state, expiry, last use (no keys)"
     )
     listing.add_argument("tenant", help="the tenant's name")
     db.set_defaults(func=run)
