@@ -581,27 +581,8 @@ def release_cases(
     )
 
 
-def add_batch(
-    session: Session,
-    *,
-    queue: str,
-    model_name: str,
-    model_version: str,
-    model_sha256: str,
-    device: str,
-    size: int,
-    inference_ms: float,
-) -> int:
+def add_batch(session: Session, batch: Batch) -> int:
     """Record one forward pass; return its id for the scores it produced."""
-    batch = Batch(
-        queue=queue,
-        model_name=model_name,
-        model_version=model_version,
-        model_sha256=model_sha256,
-        device=device,
-        size=size,
-        inference_ms=inference_ms,
-    )
     session.add(batch)
     session.flush()
     return batch.id

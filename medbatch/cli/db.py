@@ -27,6 +27,9 @@ def add_parsers(sub: Any) -> None:
         type=int,
         help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
     )
+    #: The first argument of every command on an existing tenant.
+    of_tenant = argparse.ArgumentParser(add_help=False)
+    of_tenant.add_argument("tenant", help="the tenant's name")
     tenant = command(
         dsub, "create-tenant", "create a tenant and print its API key once", parents=[lifetime]
     )
@@ -35,9 +38,8 @@ def add_parsers(sub: Any) -> None:
         dsub,
         "create-client",
         "an API client of a tenant with scopes; prints its key once",
-        parents=[lifetime],
+        parents=[lifetime, of_tenant],
     )
-    client.add_argument("tenant", help="the tenant's name")
     client.add_argument("name", help="the client's name, unique in the tenant")
     client.add_argument(
         "--scopes",
@@ -48,9 +50,8 @@ def add_parsers(sub: Any) -> None:
         dsub,
         "rotate-key",
         "a new key for a tenant (or --client); the old ones work until the overlap ends",
-        parents=[lifetime],
+        parents=[lifetime, of_tenant],
     )
-    rotate.add_argument("tenant", help="the tenant's name")
     rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
     rotate.add_argument(
         "--overlap-hours",
@@ -58,13 +59,14 @@ def add_parsers(sub: Any) -> None:
         help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
         "24; 0: they stop now)",
     )
-    revoke = command(dsub, "revoke-client", "stop every key of a client, now")
-    revoke.add_argument("tenant", help="the tenant's name")
+    revoke = command(dsub, "revoke-client", "stop every key of a client, now", parents=[of_tenant])
     revoke.add_argument("client", help="the client's name")
-    listing = command(
-        dsub, "list-clients", "a tenant's keys: client, scopes, state, expiry, last use (no keys)"
+    command(
+        dsub,
+        "list-clients",
+        "a tenant's keys: client, scopes, state, expiry, last use (no keys)",
+        parents=[of_tenant],
     )
-    listing.add_argument("tenant", help="the tenant's name")
     db.set_defaults(func=run)
 
 

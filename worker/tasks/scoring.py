@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
 from db.engine import is_outage, session_scope
-from db.tables import utcnow
+from db.tables import Batch, utcnow
 from models.cases.explain import explainable
 from models.cases.featurize import case_length, check_features
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
@@ -293,8 +293,7 @@ def _write(
     with session_scope(sessions) as session:
         score_rows: list[dict[str, Any]] = []
         for p in passes:
-            batch_id = repo.add_batch(
-                session,
+            batch = Batch(
                 queue=queue,
                 model_name=p.model.spec.name,
                 model_version=p.model.spec.version,
@@ -303,6 +302,7 @@ def _write(
                 size=p.size,
                 inference_ms=p.inference_ms,
             )
+            batch_id = repo.add_batch(session, batch)
             for case_id, position, row, wait_ms in p.rows:
                 score_rows.append(
                     {
