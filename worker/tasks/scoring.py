@@ -40,7 +40,7 @@ from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper
-from worker.queues import SCORE_TASK, enqueue_explanations
+from worker.queues import SCORE_TASK, enqueue_explanations, send_or_leave
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,13 @@ def _send_explanations(
 ) -> None:
     """Send the explain messages; if the broker is away, mark them unsent for the sweeper (the
     scores are committed whatever happens here)."""
-    try:
-        send(case_ids)
-    except Exception as exc:
-        log.warning(
-            "explain messages for %d cases not sent, left for the sweeper: %s",
-            len(case_ids),
-            type(exc).__name__,
-        )
-        try:
-            with session_scope(sessions) as session:
-                explanations.mark_unsent(session, case_ids=case_ids)
-        except Exception:
-            log.warning("could not mark them unsent either; the sweeper finds them later")
+    send_or_leave(
+        lambda: send(case_ids),
+        sessions,
+        explanations.mark_unsent,
+        case_ids,
+        what="explain messages",
+    )
 
 
 def _compute(
