@@ -31,7 +31,6 @@ from db.tables import Priority
 from worker.queues import enqueue_cases, queue_for, send_or_leave
 
 
-
 @dataclass
 class _Gathering:
     """The ids waiting for one queue's next message, and the requests waiting on them."""
