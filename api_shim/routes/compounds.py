@@ -96,7 +96,7 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
     given = {"library": body.library, "query": body.query}
     paths = tiled.confine_inputs(job.settings.compound_dir, given, kind="molecules")
     return _public(
-        job.run(
+        job.submitter.submit(
             submit,
             lambda exc: _refused(exc, job.settings.compound_dir, given, body.smiles_column),
             **paths,

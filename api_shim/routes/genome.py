@@ -106,7 +106,7 @@ def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> d
     given = {field: body.bfile or body.vcf or "", "query": body.query}
     paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
     return _public(
-        job.run(
+        job.submitter.submit(
             submit,
             lambda exc: _refused(exc, field, job.settings.genotype_dir, given),
             metric=body.metric,

@@ -31,7 +31,7 @@ from db.tables import Tenant, TiledJob
 from medbatch.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.tiled import SubmissionError, Submitter
+    from worker.tiled import Submitter
 
 J = TypeVar("J", bound=TiledJob)
 
@@ -42,17 +42,8 @@ class Submission:
     send its tiles, and whose job it is."""
 
     settings: Settings
+    #: The request's tenant, sessions, broker and artifact store.
     submitter: Submitter
-
-    def run(
-        self,
-        submit: Callable[..., dict[str, Any]],
-        refusal: Callable[[SubmissionError], RequestValidationError],
-        **arguments: Any,
-    ) -> dict[str, Any]:
-        """A kind's ``submit`` with this request's tenant, sessions, broker and artifact store;
-        a job it refuses to start raises ``refusal(exc)`` (the API's 422)."""
-        return self.submitter.submit(submit, refusal, **arguments)
 
 
 def confine_inputs(
