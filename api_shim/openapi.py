@@ -210,14 +210,8 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     case = CaseCreate.model_json_schema(ref_template=_REF)
     schemas.update(case.pop("$defs", {}))
     schemas["CaseCreate"] = case
-    schemas.update(
-        Problem=_PROBLEM,
-        Error=_ERROR,
-        OperationOutcome=_OUTCOME,
-        Bundle=_BUNDLE_IN,
-        BundleResponse=_BUNDLE_OUT,
-        RiskAssessment=_RISK,
-    )
+    schemas["Problem"] = _PROBLEM
+    schemas.update({s["title"]: s for s in (_ERROR, _OUTCOME, _BUNDLE_IN, _BUNDLE_OUT, _RISK)})
     # FastAPI's 422 schema, replaced by what the API answers (api_shim/errors.py).
     schemas["HTTPValidationError"] = _ERROR
     for path, item in doc["paths"].items():

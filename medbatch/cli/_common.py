@@ -132,21 +132,36 @@ def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
-def tenant_id(sessions: sessionmaker[Session], name: str, *, create: bool) -> int:
+@contextmanager
+def transaction(settings: Settings) -> Iterator[Session]:
+    """One transaction on the command's database (:func:`database`), committed at the end."""
+    from db.engine import session_scope
+
+    with database(settings) as sessions, session_scope(sessions) as session:
+        yield session
+
+
+def find_tenant(session: Session, name: str, *, create: bool = False) -> int:
     """The id of tenant ``name``; created (without printing a key) when ``create``."""
     from sqlalchemy import select
 
     from db import repo
-    from db.engine import session_scope
     from db.tables import Tenant
 
+    found = session.scalar(select(Tenant.id).where(Tenant.name == name))
+    if found is None:
+        if not create:
+            fail(f"no tenant {name!r}")
+        found = repo.create_tenant(session, name=name)[0].id
+    return int(found)
+
+
+def tenant_id(sessions: sessionmaker[Session], name: str, *, create: bool) -> int:
+    """:func:`find_tenant` in a transaction of its own."""
+    from db.engine import session_scope
+
     with session_scope(sessions) as session:
-        found = session.scalar(select(Tenant.id).where(Tenant.name == name))
-        if found is None:
-            if not create:
-                fail(f"no tenant {name!r}")
-            found = repo.create_tenant(session, name=name)[0].id
-        return int(found)
+        return find_tenant(session, name, create=create)
 
 
 def celery(settings: Settings) -> Celery:

@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import command, database, fail, group
+from medbatch.cli._common import command, fail, find_tenant, group, transaction
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -87,35 +87,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _create_tenant(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.exc import IntegrityError
 
-    from db.engine import session_scope
     from db.repo import create_tenant
 
-    with database(settings) as sessions:
-        try:
-            with session_scope(sessions) as session:
-                tenant, key = create_tenant(
-                    session, name=args.name, lifetime=_key_lifetime(args, settings)
-                )
-                expires = _expiry(session, key)
-                print(
-                    json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires})
-                )
-        except IntegrityError:
-            fail(f"tenant {args.name!r} already exists", code=1)
+    try:
+        with transaction(settings) as session:
+            tenant, key = create_tenant(
+                session, name=args.name, lifetime=_key_lifetime(args, settings)
+            )
+            expires = _expiry(session, key)
+            print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires}))
+    except IntegrityError:
+        fail(f"tenant {args.name!r} already exists", code=1)
     return 0
 
 
 def _create_client(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy import select
-
-    from db.engine import session_scope
     from db.repo import create_client
-    from db.tables import Tenant
 
-    with database(settings) as sessions, session_scope(sessions) as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
-        if tenant_id is None:
-            fail(f"no tenant {args.tenant!r}")
+    with transaction(settings) as session:
+        tenant_id = find_tenant(session, args.tenant)
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         try:
             client, key = create_client(
@@ -171,13 +161,10 @@ def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
 
     from db import repo
-    from db.engine import session_scope
-    from db.tables import ApiClient, Tenant
+    from db.tables import ApiClient
 
-    with database(settings) as sessions, session_scope(sessions) as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
-        if tenant_id is None:
-            fail(f"no tenant {args.tenant!r}")
+    with transaction(settings) as session:
+        tenant_id = find_tenant(session, args.tenant)
         if args.db_command == "list-clients":
             for row in repo.list_keys(session, tenant_id=tenant_id):
                 print(

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
     command,
-    database,
     fail,
     group,
     print_json,
     refuse_overwrite,
     tiled_run,
+    transaction,
 )
 
 if TYPE_CHECKING:
@@ -139,11 +139,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
     from db import genome as jobs
-    from db.engine import session_scope
     from worker.tasks import genome as tasks
 
     if args.genome_command == "status":
-        with database(settings) as sessions, session_scope(sessions) as session:
+        with transaction(settings) as session:
             found = jobs.get_job(session, job_id=args.job_id)
             if found is None:
                 fail(f"no job {args.job_id}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import TRAINABLE, command, database, group
+from medbatch.cli._common import TRAINABLE, command, group, transaction
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -167,7 +167,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _drift(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
-    from db.engine import session_scope
     from models.cases.registry import RegistryError, load_registry
     from models.cases.shadow import ShadowError, drift
 
@@ -178,7 +177,7 @@ def _drift(args: argparse.Namespace, settings: Settings) -> int:
         if version is None:
             raise ShadowError(f"{args.name} has no shadow; name one with --candidate VERSION")
         candidate = registry.resolve(f"{args.name}@{version}")
-        with database(settings) as sessions, session_scope(sessions) as session:
+        with transaction(settings) as session:
             pairs = repo.shadow_pairs(
                 session, name=args.name, released=released.version, candidate=candidate.version
             )
