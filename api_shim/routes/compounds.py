@@ -91,7 +91,7 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 @tiled.submit_route(router, "/compound-similarity", CompoundSearchPublic)
 def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
-    from worker.jobs.compounds import submit
+    from worker.jobs.compounds import search_options, submit
 
     given = {"library": body.library, "query": body.query}
     paths = tiled.confine_inputs(job.settings.compound_dir, given, kind="molecules")
@@ -100,13 +100,7 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
             submit,
             lambda exc: _refused(exc, job.settings.compound_dir, given, body.smiles_column),
             **paths,
-            top_k=body.top_k,
-            threshold=body.threshold,
-            metric=body.metric,
-            kind=body.fingerprint,
-            radius=body.radius,
-            fp_size=body.bits,
-            smiles_column=body.smiles_column,
+            **search_options(body),
             tile_rows=body.tile_rows or 0,
         )
     )

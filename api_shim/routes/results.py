@@ -25,16 +25,13 @@ from db.tables import Case, CaseStatus
 router = APIRouter(prefix="/v1", tags=["results"])
 
 
+#: The columns of a case that a case and a result both show as they are.
+_SHOWN = ("external_id", "model_version", "status", "last_error", "updated_at")
+
+
 def _shown(case: Case) -> dict[str, Any]:
-    """What a case and a result both show of the case (the model by its API name)."""
-    return {
-        "external_id": case.external_id,
-        "model": case.model_name,
-        "model_version": case.model_version,
-        "status": case.status,
-        "last_error": case.last_error,
-        "updated_at": case.updated_at,
-    }
+    """What a case and a result both show of the case (and its model, by its API name)."""
+    return {"model": case.model_name} | {name: getattr(case, name) for name in _SHOWN}
 
 
 @router.get("/cases/{case_id}", response_model=CasePublic, responses={404: {}})

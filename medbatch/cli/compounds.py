@@ -68,13 +68,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             tasks.submit,
             library=args.library,
             query=args.query,
-            top_k=args.top_k,
-            threshold=args.threshold,
-            metric=args.metric,
-            kind=args.fingerprint,
-            radius=args.radius,
-            fp_size=args.bits,
-            smiles_column=args.smiles_column,
+            **tasks.search_options(args),
             tile_rows=args.tile_rows,
         )
         print(
