@@ -17,7 +17,6 @@ ids only, and the worker reads each case's own row.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,11 +27,8 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
-from db.engine import session_scope
 from db.tables import Priority
-from worker.queues import enqueue_cases, queue_for
-
-log = logging.getLogger(__name__)
+from worker.queues import enqueue_cases, queue_for, send_or_leave
 
 
 @dataclass
@@ -154,25 +150,13 @@ class Coalescer:
 
     def _send(self, queue: str, ids: list[int]) -> bool:
         priority = queue.removeprefix("score.")
-        try:
+
+        def send() -> None:
             self.messages_sent += enqueue_cases(
                 self.celery, [(i, priority) for i in ids], per_message=self.per_message
             )
-            return True
-        except Exception as exc:
-            # The rows are committed: marked unsent, the sweeper sends them once the broker is
-            # back (at its next sweep, not after requeue_after_s).
-            log.warning(
-                "broker unreachable, %d cases left for the sweeper: %s",
-                len(ids),
-                type(exc).__name__,
-            )
-        try:
-            with session_scope(self.sessions) as session:
-                repo.mark_unsent(session, case_ids=ids)
-        except Exception as exc:
-            log.warning("could not mark %d cases unsent: %s", len(ids), type(exc).__name__)
-        return False
+
+        return send_or_leave(send, self.sessions, repo.mark_unsent, ids, what="scoring messages")
 
 
 def _all(futures: list[Future[bool]]) -> Future[bool]:

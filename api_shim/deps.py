@@ -105,8 +105,6 @@ def require(scope: str) -> Callable[[repo.Caller], Tenant]:
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 SubmitterDep = Annotated[Tenant, Depends(require("cases:submit"))]
 ReaderDep = Annotated[Tenant, Depends(require("results:read"))]
-GenomeSubmitterDep = Annotated[Tenant, Depends(require("genome:submit"))]
-CompoundSubmitterDep = Annotated[Tenant, Depends(require("compounds:submit"))]
 
 
 #: A model reference: ``name`` or ``name@version`` (the registry's names are of this shape).

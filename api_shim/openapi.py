@@ -48,13 +48,35 @@ _ERROR = {
         "total": {"type": "integer", "minimum": 0},
     },
 }
-_OUTCOME = {
-    "title": "OperationOutcome",
-    "type": "object",
-    "required": ["resourceType", "issue"],
-    "properties": {
-        "resourceType": {"const": "OperationOutcome"},
-        "extension": {"type": "array", "items": {"type": "object"}},
+
+
+def _resource(
+    title: str,
+    resource_type: str,
+    required: list[str],
+    properties: dict[str, Any],
+    description: str | None = None,
+) -> dict[str, Any]:
+    """The schema of a FHIR resource as the API documents it: its ``resourceType`` (always
+    required) and the fields it names."""
+    schema: dict[str, Any] = {"title": title}
+    if description is not None:
+        schema["description"] = description
+    return schema | {
+        "type": "object",
+        "required": ["resourceType", *required],
+        "properties": {"resourceType": {"const": resource_type}, **properties},
+    }
+
+
+_ARRAY = {"type": "array", "items": {"type": "object"}}
+_STRING = {"type": "string"}
+_OUTCOME = _resource(
+    "OperationOutcome",
+    "OperationOutcome",
+    ["issue"],
+    {
+        "extension": _ARRAY,
         "issue": {
             "type": "array",
             "items": {
@@ -62,22 +84,19 @@ _OUTCOME = {
                 "required": ["severity", "code"],
                 "properties": {
                     "severity": {"enum": ["fatal", "error", "warning", "information"]},
-                    "code": {"type": "string"},
-                    "diagnostics": {"type": "string"},
-                    "expression": {"type": "array", "items": {"type": "string"}},
+                    "code": _STRING,
+                    "diagnostics": _STRING,
+                    "expression": {"type": "array", "items": _STRING},
                 },
             },
         },
     },
-}
-_BUNDLE_IN = {
-    "title": "Bundle",
-    "description": "A FHIR R4 Bundle (transaction, batch or collection) holding Patient "
-    "resources and their Observations, Conditions, ...; validated as FHIR by the server.",
-    "type": "object",
-    "required": ["resourceType", "type", "entry"],
-    "properties": {
-        "resourceType": {"const": "Bundle"},
+)
+_BUNDLE_IN = _resource(
+    "Bundle",
+    "Bundle",
+    ["type", "entry"],
+    {
         "type": {"enum": ["transaction", "batch", "collection"]},
         "entry": {
             "type": "array",
@@ -95,30 +114,25 @@ _BUNDLE_IN = {
             },
         },
     },
-}
-_BUNDLE_OUT = {
-    "title": "BundleResponse",
-    "type": "object",
-    "required": ["resourceType", "type"],
-    "properties": {
-        "resourceType": {"const": "Bundle"},
+    description="A FHIR R4 Bundle (transaction, batch or collection) holding Patient "
+    "resources and their Observations, Conditions, ...; validated as FHIR by the server.",
+)
+_BUNDLE_OUT = _resource(
+    "BundleResponse",
+    "Bundle",
+    ["type"],
+    {
         "type": {"enum": ["searchset", "batch-response", "transaction-response"]},
         "total": {"type": "integer", "minimum": 0},
-        "entry": {"type": "array", "items": {"type": "object"}},
+        "entry": _ARRAY,
     },
-}
-_RISK = {
-    "title": "RiskAssessment",
-    "type": "object",
-    "required": ["resourceType", "id", "status", "subject", "prediction"],
-    "properties": {
-        "resourceType": {"const": "RiskAssessment"},
-        "id": {"type": "string"},
-        "status": {"type": "string"},
-        "subject": {"type": "object"},
-        "prediction": {"type": "array", "items": {"type": "object"}},
-    },
-}
+)
+_RISK = _resource(
+    "RiskAssessment",
+    "RiskAssessment",
+    ["id", "status", "subject", "prediction"],
+    {"id": _STRING, "status": _STRING, "subject": {"type": "object"}, "prediction": _ARRAY},
+)
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -196,14 +210,8 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     case = CaseCreate.model_json_schema(ref_template=_REF)
     schemas.update(case.pop("$defs", {}))
     schemas["CaseCreate"] = case
-    schemas.update(
-        Problem=_PROBLEM,
-        Error=_ERROR,
-        OperationOutcome=_OUTCOME,
-        Bundle=_BUNDLE_IN,
-        BundleResponse=_BUNDLE_OUT,
-        RiskAssessment=_RISK,
-    )
+    schemas["Problem"] = _PROBLEM
+    schemas.update({s["title"]: s for s in (_ERROR, _OUTCOME, _BUNDLE_IN, _BUNDLE_OUT, _RISK)})
     # FastAPI's 422 schema, replaced by what the API answers (api_shim/errors.py).
     schemas["HTTPValidationError"] = _ERROR
     for path, item in doc["paths"].items():

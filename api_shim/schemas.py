@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
 
 from api_shim.deps import MODEL_REF, TEXT, TRIMMED_TEXT
 from db.tables import CaseStatus, Priority
@@ -69,7 +69,8 @@ _EXPLANATION_STATUS = (
 
 
 class ScorePublic(BaseModel):
-    model: str
+    #: Read from a score row's ``model_name``.
+    model: str = Field(validation_alias=AliasChoices("model", "model_name"))
     model_version: str
     model_sha256: str
     score: float

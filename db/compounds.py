@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -51,8 +52,8 @@ def create_job(
     return job
 
 
-def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> CompoundJob | None:
-    return tiles.get_job(session, CompoundJob, job_id=job_id, tenant_id=tenant_id)
+#: ``get_job(session, job_id=..., tenant_id=None)``: a job, or None (db.tiles.get_job).
+get_job = partial(tiles.get_job, table=CompoundJob)
 
 
 def add_neighbours(session: Session, *, job_id: int, rows: Sequence[NewNeighbour]) -> None:

@@ -14,10 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import String, and_, bindparam, case, cast, literal, or_, select, text, update
+from sqlalchemy import String, and_, case, cast, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from db.repo import Lease, Stranded, _among, _insert, stranded_clause
+from db.repo import (
+    Lease,
+    Stranded,
+    _among,
+    _insert,
+    claimed_values,
+    lease_free,
+    send_stranded,
+    settle_rows,
+    stranded_clause,
+)
 from db.tables import Case, Explanation, JobStatus, Score, utcnow
 
 PublicStatus = Literal["pending", "done", "failed"]
@@ -101,22 +111,16 @@ def claim_explanations(
     dead = attempts > max_deliveries
     claimable = or_(
         Explanation.status == JobStatus.queued,
-        and_(
-            Explanation.status == JobStatus.running,
-            or_(
-                Explanation.lease_owner.is_(None),
-                Explanation.lease_expires_at.is_(None),
-                Explanation.lease_expires_at < now,
-                Explanation.lease_owner == lease.owner,
-            ),
-        ),
+        and_(Explanation.status == JobStatus.running, lease_free(Explanation, now, lease.owner)),
     )
     rows = session.execute(
         update(Explanation)
         .where(_among(session, Explanation.case_id, case_ids), claimable)
         .values(
+            **claimed_values(
+                Explanation, dead=dead, owner=lease.owner, expires=lease.expiry(now), now=now
+            ),
             attempts=attempts,
-            status=case((dead, JobStatus.failed.value), else_=JobStatus.running.value),
             error=case(
                 (
                     dead,
@@ -124,12 +128,6 @@ def claim_explanations(
                 ),
                 else_=Explanation.error,
             ),
-            lease_owner=case((dead, None), else_=lease.owner),
-            lease_expires_at=case(
-                (dead, None),
-                else_=bindparam(None, lease.expiry(now), type_=Explanation.lease_expires_at.type),
-            ),
-            updated_at=now,
         )
         .returning(Explanation.case_id, Explanation.score_id, Explanation.status),
         execution_options={"synchronize_session": False},
@@ -160,7 +158,6 @@ def settle_explanations(
     each case ``done``, or ``failed`` with its own reason. A row already ``done`` stays so."""
     done = done or {}
     failed = failed or {}
-    now = utcnow()
     if done:
         if session.get_bind().dialect.name == "postgresql":
             session.execute(
@@ -178,26 +175,8 @@ def settle_explanations(
                     .values(explanation=explanation)
                     .execution_options(synchronize_session=False)
                 )
-    ids = list(done) + list(failed)
-    if not ids:
-        return
-    status_of = {i: JobStatus.done.value for i in done} | {
-        i: JobStatus.failed.value for i in failed
-    }
-    error_of: dict[int, str | None] = {i: None for i in done} | {
-        i: r[:2000] for i, r in failed.items()
-    }
-    session.execute(
-        update(Explanation)
-        .where(_among(session, Explanation.case_id, ids), Explanation.status != JobStatus.done)
-        .values(
-            status=case(status_of, value=Explanation.case_id),
-            error=case(error_of, value=Explanation.case_id),
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=now,
-        ),
-        execution_options={"synchronize_session": False},
+    settle_rows(
+        session, Explanation, Explanation.case_id, done=list(done), failed=failed, error="error"
     )
 
 
@@ -252,21 +231,14 @@ def take_stranded_explanations(
         .order_by(Explanation.id)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        chosen = chosen.with_for_update(skip_locked=True)
-    rows = session.execute(
-        update(Explanation)
-        .where(Explanation.id.in_(chosen.scalar_subquery()))
-        .values(
-            status=JobStatus.queued,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=rules.now,
-            updated_at=rules.now,
-        )
-        .returning(Explanation.case_id),
-        execution_options={"synchronize_session": False},
-    ).all()
+    rows = send_stranded(
+        session,
+        Explanation,
+        chosen,
+        now=rules.now,
+        sent_at="enqueued_at",
+        returning=(Explanation.case_id,),
+    )
     return sorted(r[0] for r in rows)
 
 

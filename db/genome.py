@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -64,8 +65,8 @@ def create_job(
     return job
 
 
-def get_job(session: Session, *, job_id: int, tenant_id: int | None = None) -> GenomeJob | None:
-    return tiles.get_job(session, GenomeJob, job_id=job_id, tenant_id=tenant_id)
+#: ``get_job(session, job_id=..., tenant_id=None)``: a job, or None (db.tiles.get_job).
+get_job = partial(tiles.get_job, table=GenomeJob)
 
 
 def add_pairs(session: Session, *, job_id: int, pairs: Sequence[NewPair]) -> None:

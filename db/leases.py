@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select, true, update
+from sqlalchemy import select, true, update
 from sqlalchemy.orm import Session
 
-from db.repo import Lease, Stranded, stranded_clause
+from db.repo import Lease, Stranded, lease_free, send_stranded, stranded_clause
 from db.tables import JobStatus, JobTile, utcnow
 from db.tiles import JOB_TABLES
 
@@ -40,12 +40,7 @@ def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
             tile.job_id == key.job_id,
             tile.index == key.index,
             tile.status != JobStatus.done,
-            or_(
-                tile.lease_owner.is_(None),
-                tile.lease_owner == lease.owner,
-                tile.lease_expires_at.is_(None),
-                tile.lease_expires_at < now,
-            ),
+            lease_free(tile, now, lease.owner),
         )
         .values(
             status=JobStatus.running, lease_owner=lease.owner, lease_expires_at=lease.expiry(now)
@@ -104,18 +99,5 @@ def take_stranded_tiles(
         .order_by(tile.id)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        chosen = chosen.with_for_update(of=tile, skip_locked=True)
-    rows = session.execute(
-        update(tile)
-        .where(tile.id.in_(chosen.scalar_subquery()))
-        .values(
-            status=JobStatus.queued,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=rules.now,
-        )
-        .returning(tile.job_id, tile.index),
-        execution_options={"synchronize_session": False},
-    ).all()
+    rows = send_stranded(session, tile, chosen, now=rules.now, returning=(tile.job_id, tile.index))
     return sorted((r[0], r[1]) for r in rows)

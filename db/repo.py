@@ -16,6 +16,8 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Row,
+    Select,
     String,
     Table,
     and_,
@@ -423,6 +425,32 @@ class Lease:
         return now + self.ttl
 
 
+def lease_free(table: Any, now: datetime, owner: str | None) -> Any:
+    """No live lease of another worker on a row of ``table`` (cases, a ledger): none taken, or
+    expired, or ``owner``'s own."""
+    return or_(
+        table.lease_owner.is_(None),
+        table.lease_expires_at.is_(None),
+        table.lease_expires_at < now,
+        *([table.lease_owner == owner] if owner is not None else []),
+    )
+
+
+def claimed_values(
+    table: Any, *, dead: Any, owner: str | None, expires: datetime | None, now: datetime
+) -> dict[str, Any]:
+    """The columns a claim sets on a row of ``table``: ``running`` under the lease, or (``dead``:
+    tried too often) ``failed`` with no lease."""
+    return {
+        "status": case((dead, "failed"), else_="running"),
+        "lease_owner": case((dead, None), else_=owner),
+        "lease_expires_at": case(
+            (dead, None), else_=bindparam(None, expires, type_=table.lease_expires_at.type)
+        ),
+        "updated_at": now,
+    }
+
+
 _UNRECORDED = "none recorded (the worker stopped mid-batch)"
 
 
@@ -448,22 +476,14 @@ def claim_cases(
     dead = deliveries > max_deliveries
     claimable = or_(
         Case.status == CaseStatus.queued,
-        and_(
-            Case.status == CaseStatus.running,
-            or_(
-                Case.lease_owner.is_(None),
-                Case.lease_expires_at.is_(None),
-                Case.lease_expires_at < now,
-                *([Case.lease_owner == owner] if owner is not None else []),
-            ),
-        ),
+        and_(Case.status == CaseStatus.running, lease_free(Case, now, owner)),
     )
     rows = session.execute(
         update(Case)
         .where(_among(session, Case.id, case_ids), claimable)
         .values(
+            **claimed_values(Case, dead=dead, owner=owner, expires=expires, now=now),
             delivery_count=deliveries,
-            status=case((dead, CaseStatus.failed.value), else_=CaseStatus.running.value),
             dead_letter=dead,
             last_error=case(
                 (
@@ -479,11 +499,6 @@ def claim_cases(
                 ),
                 else_=Case.last_error,
             ),
-            lease_owner=case((dead, None), else_=owner),
-            lease_expires_at=case(
-                (dead, None), else_=bindparam(None, expires, type_=Case.lease_expires_at.type)
-            ),
-            updated_at=now,
         )
         .returning(
             Case.id,
@@ -566,27 +581,8 @@ def release_cases(
     )
 
 
-def add_batch(
-    session: Session,
-    *,
-    queue: str,
-    model_name: str,
-    model_version: str,
-    model_sha256: str,
-    device: str,
-    size: int,
-    inference_ms: float,
-) -> int:
+def add_batch(session: Session, batch: Batch) -> int:
     """Record one forward pass; return its id for the scores it produced."""
-    batch = Batch(
-        queue=queue,
-        model_name=model_name,
-        model_version=model_version,
-        model_sha256=model_sha256,
-        device=device,
-        size=size,
-        inference_ms=inference_ms,
-    )
     session.add(batch)
     session.flush()
     return batch.id
@@ -683,29 +679,48 @@ def settle_cases(
     its lease ends. A case already ``done`` stays ``done`` (another delivery finished it)."""
     done_ids = list(done)
     failures = failed or {}
+    if session.get_bind().dialect.name != "postgresql":
+        settle_rows(session, Case, Case.id, done=done_ids, failed=failures, error="last_error")
+        return
     ids = done_ids + list(failures)
     if not ids:
         return
     statuses = [CaseStatus.done.value] * len(done_ids) + [CaseStatus.failed.value] * len(failures)
     reasons: list[str | None] = [None] * len(done_ids) + [r[:2000] for r in failures.values()]
-    now = utcnow()
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            _PG_SETTLE,
-            {"ids": ids, "statuses": statuses, "reasons": reasons, "now": now},
-        )
-        return
-    status_of = dict(zip(ids, statuses, strict=True))
-    reason_of = dict(zip(ids, reasons, strict=True))
     session.execute(
-        update(Case)
-        .where(_among(session, Case.id, ids), Case.status != CaseStatus.done)
+        _PG_SETTLE,
+        {"ids": ids, "statuses": statuses, "reasons": reasons, "now": utcnow()},
+    )
+
+
+def settle_rows(
+    session: Session,
+    table: Any,
+    key: Any,
+    *,
+    done: Sequence[int],
+    failed: dict[int, str],
+    error: str,
+) -> None:
+    """Settle rows of ``table`` (cases, a ledger) by ``key`` in one statement: each ``done``, or
+    ``failed`` with its own reason in column ``error``; its lease ends. A row already ``done``
+    stays ``done`` (another delivery finished it)."""
+    ids = [*done, *failed]
+    if not ids:
+        return
+    status_of = {i: "done" for i in done} | {i: "failed" for i in failed}
+    error_of: dict[int, str | None] = {i: None for i in done} | {
+        i: r[:2000] for i, r in failed.items()
+    }
+    session.execute(
+        update(table)
+        .where(_among(session, key, ids), table.status != "done")
         .values(
-            status=case(status_of, value=Case.id),
-            last_error=case(reason_of, value=Case.id),
+            **{error: case(error_of, value=key)},
+            status=case(status_of, value=key),
             lease_owner=None,
             lease_expires_at=None,
-            updated_at=now,
+            updated_at=utcnow(),
         ),
         execution_options={"synchronize_session": False},
     )
@@ -870,22 +885,48 @@ def take_stranded_cases(
         .order_by(Case.id)
         .limit(limit)
     )
+    rows = send_stranded(
+        session,
+        Case,
+        chosen,
+        now=rules.now,
+        sent_at="enqueued_at",
+        returning=(Case.id, Case.priority),
+    )
+    return sorted((r[0], r[1]) for r in rows)
+
+
+def send_stranded(
+    session: Session,
+    table: Any,
+    chosen: Select[Any],
+    *,
+    now: datetime,
+    returning: Sequence[Any],
+    sent_at: str | None = None,
+) -> Sequence[Row[Any]]:
+    """Mark the stranded rows of ``table`` that ``chosen`` selects (by id) as sent ``now``:
+    ``queued``, lease cleared, and ``now`` in the ``sent_at`` column if it has one (else its
+    ``updated_at`` says when). Returns the ``returning`` columns of each, for the caller to send
+    before it commits. On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: another
+    sweeper takes others."""
     if session.get_bind().dialect.name == "postgresql":
-        chosen = chosen.with_for_update(skip_locked=True)
-    rows = session.execute(
-        update(Case)
-        .where(Case.id.in_(chosen.scalar_subquery()))
-        .values(
-            status=CaseStatus.queued,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=rules.now,
-            updated_at=rules.now,
-        )
-        .returning(Case.id, Case.priority),
+        chosen = chosen.with_for_update(of=table, skip_locked=True)
+    values: dict[str, Any] = {
+        "status": "queued",
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
+    if sent_at is not None:
+        values[sent_at] = now
+    return session.execute(
+        update(table)
+        .where(table.id.in_(chosen.scalar_subquery()))
+        .values(**values)
+        .returning(*returning),
         execution_options={"synchronize_session": False},
     ).all()
-    return sorted((r[0], r[1]) for r in rows)
 
 
 def identifier_digest(value: str) -> str:

@@ -15,10 +15,9 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 from rich.console import Console
@@ -91,7 +90,6 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    pictures: list[tuple[str, Path, str]] = []
 
     with ExitStack() as stack:
         broker_url = settings.broker_url
@@ -123,24 +121,24 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
         console.print(
             f"API on {base}, a worker on every queue (logs in var/demo-*.log), tenant {tenant_name}"
         )
-        deadline = time.monotonic() + timeout_s
-        failed = _cases(client, worker, deadline, pictures, pictures_dir)
+        run = _Run(client, worker, pictures_dir)
+        failed = _cases(run, time.monotonic() + timeout_s)
         if failed is None:
             return 1
-        risk = _fhir_round_trip(client, worker, time.monotonic() + 60, settings.shared_data)
+        risk = _fhir_round_trip(run, time.monotonic() + 60, settings.shared_data)
         if risk is None:
             return 1
         if not _nightly(settings, broker_url, worker, tenant_id):
             return 1
-        if not _genome(client, worker, genotypes, pictures, pictures_dir):
+        if not _genome(run, genotypes):
             return 1
-        if not _compounds(client, worker, pictures, pictures_dir):
+        if not _compounds(run):
             return 1
 
     table = Table(title="pictures (written here; the API serves the same at these links)")
     for column in ("what", "file", "API link"):
         table.add_column(column, overflow="fold")
-    for what, path, link in pictures:
+    for what, path, link in run.pictures:
         table.add_row(what, str(path), link)
     console.print(table)
     console.print("Query the results yourself (the demo has stopped its processes):")
@@ -200,23 +198,27 @@ def _alive(worker: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def _fetch_picture(
-    client: httpx.Client, link: str, path: Path, what: str, pictures: list[tuple[str, Path, str]]
-) -> None:
-    response = client.get(link)
-    response.raise_for_status()
-    path.write_bytes(response.content)
-    pictures.append((what, path, link))
+@dataclass
+class _Run:
+    """What every step of the demo talks to: the API, the worker, and the pictures it collects."""
+
+    client: httpx.Client
+    worker: subprocess.Popen[bytes]
+    pictures_dir: Path
+    #: (what, file, API link) of each picture fetched.
+    pictures: list[tuple[str, Path, str]] = field(default_factory=list)
+
+    def fetch_picture(self, link: str, name: str, what: str) -> None:
+        response = self.client.get(link)
+        response.raise_for_status()
+        path = self.pictures_dir / name
+        path.write_bytes(response.content)
+        self.pictures.append((what, path, link))
 
 
-def _cases(
-    client: httpx.Client,
-    worker: subprocess.Popen[bytes],
-    deadline: float,
-    pictures: list[tuple[str, Path, str]],
-    pictures_dir: Path,
-) -> list[dict] | None:
+def _cases(run: _Run, deadline: float) -> list[dict] | None:
     """The held-out Wisconsin cases in over HTTP; their stored scores against the truth."""
+    client = run.client
     split = breast_cancer.split()
     truth: dict[str, int] = {}
     cases: list[dict] = []
@@ -252,7 +254,7 @@ def _cases(
             if time.monotonic() > deadline:
                 console.print(f"[red]timed out with {len(results)}/{len(cases)} cases finished")
                 return None
-            if not _alive(worker):
+            if not _alive(run.worker):
                 return None
             results = {
                 r["external_id"]: r
@@ -291,9 +293,7 @@ def _cases(
         f"accuracy at 0.5 {evaluation['accuracy']:.3f} (POST /v1/score-evaluations)"
     )
     for name, link in evaluation["plots"].items():
-        _fetch_picture(
-            client, link, pictures_dir / f"scores-{name}.png", f"scores: {name}", pictures
-        )
+        run.fetch_picture(link, f"scores-{name}.png", f"scores: {name}")
     return failed
 
 
@@ -346,12 +346,10 @@ def _nightly(
     return True
 
 
-def _wait_job(
-    client: httpx.Client, worker: subprocess.Popen[bytes], link: str, timeout_s: float = 240
-) -> dict | None:
+def _wait_job(run: _Run, link: str, timeout_s: float = 240) -> dict | None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(worker):
-        job = client.get(link).json()
+    while time.monotonic() < deadline and _alive(run.worker):
+        job = run.client.get(link).json()
         if job["status"] == "done":
             return dict(job)
         if job["status"] == "failed":
@@ -362,13 +360,7 @@ def _wait_job(
     return None
 
 
-def _genome(
-    client: httpx.Client,
-    worker: subprocess.Popen[bytes],
-    genotypes: Genotypes,
-    pictures: list[tuple[str, Path, str]],
-    pictures_dir: Path,
-) -> bool:
+def _genome(run: _Run, genotypes: Genotypes) -> bool:
     """Related pairs of a panel by degree, and one panel's samples found in the other."""
     console.print(f"\n[bold]4. Genome comparison[/]: KING on {genotypes.label}")
     runs = [
@@ -382,7 +374,7 @@ def _genome(
     table.add_column("seconds", justify="right")
     for name, files in runs:
         began = time.monotonic()
-        response = client.post(
+        response = run.client.post(
             "/v1/genome-comparisons", json={"metric": "king", "output": "pairs", **files}
         )
         if response.status_code != 202:
@@ -390,7 +382,7 @@ def _genome(
                 f"[red]genome comparison refused ({response.status_code}): {response.text}"
             )
             return False
-        job = _wait_job(client, worker, f"/v1/genome-comparisons/{response.json()['id']}")
+        job = _wait_job(run, f"/v1/genome-comparisons/{response.json()['id']}")
         if job is None:
             return False
         counts = job["degree_counts"] or {}
@@ -406,21 +398,16 @@ def _genome(
             f"{time.monotonic() - began:.1f}",
         )
         for link in job["plots"]:
-            _fetch_picture(
-                client, link, pictures_dir / f"kinship-{name.replace(' ', '-')}.png",
-                f"kinship plot, {name}", pictures,
-            )  # fmt: skip
+            run.fetch_picture(
+                link, f"kinship-{name.replace(' ', '-')}.png", f"kinship plot, {name}"
+            )
     console.print(table)
     return True
 
 
-def _compounds(
-    client: httpx.Client,
-    worker: subprocess.Popen[bytes],
-    pictures: list[tuple[str, Path, str]],
-    pictures_dir: Path,
-) -> bool:
+def _compounds(run: _Run) -> bool:
     """The nearest library molecules of a few drugs' analogues."""
+    client = run.client
     console.print(
         "\n[bold]5. Compound search[/]: examples/compounds/hits.smi in library.smi, top 3"
     )
@@ -431,7 +418,7 @@ def _compounds(
         console.print(f"[red]compound search refused ({response.status_code}): {response.text}")
         return False
     link = f"/v1/compound-similarity/{response.json()['id']}"
-    job = _wait_job(client, worker, link)
+    job = _wait_job(run, link)
     if job is None:
         return False
     items = client.get(f"{link}/neighbours", params={"limit": 500}).json()["items"]
@@ -447,9 +434,7 @@ def _compounds(
         table.add_row(query, *found[:3])
     console.print(table)
     for plot in job["plots"]:
-        _fetch_picture(
-            client, plot, pictures_dir / "similarity.png", "similarity histogram", pictures
-        )
+        run.fetch_picture(plot, "similarity.png", "similarity histogram")
     return True
 
 
@@ -501,10 +486,9 @@ def _demo_bundle(shared_data: Path) -> tuple[dict, str]:
     return _DEMO_BUNDLE, "a built-in synthetic Bundle (shared data not found)"
 
 
-def _fhir_round_trip(
-    client: httpx.Client, worker: Any, deadline: float, shared_data: Path
-) -> dict | None:
+def _fhir_round_trip(run: _Run, deadline: float, shared_data: Path) -> dict | None:
     """A FHIR Bundle in, a RiskAssessment out, through the same API and worker."""
+    client = run.client
     bundle, name = _demo_bundle(shared_data)
     response = client.post(
         "/v1/fhir",
@@ -518,8 +502,7 @@ def _fhir_round_trip(
     subject = response.json()["entry"][0]["response"]["location"].split("=", 1)[1]
     console.print(f"\n[bold]2. FHIR[/]: posted {name} to /v1/fhir for whas500-mortality")
     while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            console.print("[red]the worker exited; see var/demo-worker.log")
+        if not _alive(run.worker):
             return None
         found = client.get("/v1/fhir/RiskAssessment", params={"subject": subject}).json()
         if found.get("total"):

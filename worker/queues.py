@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from celery import Celery
 from kombu import Queue
+from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import session_scope
 from db.tables import Priority
+
+log = logging.getLogger(__name__)
 
 SCORE_TASK = "medbatch.score_cases"
 REQUEUE_TASK = "medbatch.requeue_stale_cases"
@@ -65,3 +70,36 @@ def enqueue_explanations(app: Celery, case_ids: Iterable[int], *, per_message: i
         app.send_task(EXPLAIN_TASK, args=[chunk], queue=EXPLAIN_QUEUE, routing_key=EXPLAIN_QUEUE)
         sent += 1
     return sent
+
+
+def send_or_leave(
+    send: Callable[[], object],
+    sessions: sessionmaker[Session],
+    mark_unsent: Callable[..., None],
+    case_ids: Sequence[int],
+    *,
+    what: str,
+) -> bool:
+    """Send the messages of rows already committed; if the broker is away, mark the rows unsent
+    (``mark_unsent``: db.repo's for cases, db.explanations' for their ledger), and the sweeper
+    sends them once it is back (at its next sweep). True if they were sent."""
+    try:
+        send()
+        return True
+    except Exception as exc:
+        log.warning(
+            "%s for %d cases not sent, left for the sweeper: %s",
+            what,
+            len(case_ids),
+            type(exc).__name__,
+        )
+    try:
+        with session_scope(sessions) as session:
+            mark_unsent(session, case_ids=case_ids)
+    except Exception as exc:
+        log.warning(
+            "could not mark %d cases unsent either (the sweeper finds them later): %s",
+            len(case_ids),
+            type(exc).__name__,
+        )
+    return False

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, shared_task
@@ -44,6 +45,36 @@ class SubmissionError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+@dataclass(frozen=True)
+class Submitter:
+    """Whose tiled job is submitted and where it goes: the database, the broker (None: the
+    caller computes the tiles itself), the artifact store."""
+
+    tenant_id: int
+    sessions: sessionmaker[Session]
+    app: Celery | None
+    artifact_dir: Path
+
+    def submit(
+        self,
+        submit: Callable[..., dict[str, Any]],
+        refusal: Callable[[SubmissionError], Exception],
+        **arguments: Any,
+    ) -> dict[str, Any]:
+        """A kind's ``submit`` (worker/jobs/); a job it refuses to start raises ``refusal(exc)``
+        (the API's 422, the CLI's one-line error)."""
+        try:
+            return submit(
+                self.sessions,
+                self.app,
+                tenant_id=self.tenant_id,
+                artifact_dir=self.artifact_dir,
+                **arguments,
+            )
+        except SubmissionError as exc:
+            raise refusal(exc) from None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,10 +17,14 @@ from api_shim.routes import tiled
 from db import compounds as jobs
 from db.tables import CompoundJob
 
+if TYPE_CHECKING:
+    from worker.tiled import SubmissionError
+
 router = APIRouter(prefix="/v1", tags=["compounds"])
 
 _WHAT = "compound search"
 OwnedJob = Annotated[CompoundJob, Depends(tiled.owned(CompoundJob, _WHAT))]
+Submission = Annotated[tiled.Submission, Depends(tiled.submission("compounds:submit"))]
 
 
 class CompoundSearchCreate(BaseModel):
@@ -72,6 +77,9 @@ class NeighboursPublic(BaseModel):
     next_cursor: int | None
 
 
+_NEIGHBOURS = tiled.Results(CompoundJob, _WHAT, jobs.list_neighbours, NeighbourPublic)
+
+
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
     # Names of unreadable records come with the server's path: keep only the file name.
@@ -81,58 +89,42 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @tiled.submit_route(router, "/compound-similarity", CompoundSearchPublic)
-def create_compound_search(
-    body: CompoundSearchCreate,
-    tenant: deps.CompoundSubmitterDep,
-    job: tiled.SubmissionDep,
-) -> dict[str, Any]:
+def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[str, Any]:
     """Read and fingerprint the molecules, record the job with its tiles, queue them on ``chem``."""
-    from worker.jobs.compounds import SubmissionError, submit
+    from worker.jobs.compounds import search_options, submit
 
     given = {"library": body.library, "query": body.query}
     paths = tiled.confine_inputs(job.settings.compound_dir, given, kind="molecules")
-    try:
-        return _public(
-            job.run(
-                submit,
-                tenant.id,
-                **paths,
-                top_k=body.top_k,
-                threshold=body.threshold,
-                metric=body.metric,
-                kind=body.fingerprint,
-                radius=body.radius,
-                fp_size=body.bits,
-                smiles_column=body.smiles_column,
-                tile_rows=body.tile_rows or 0,
-            )
+    return _public(
+        job.submitter.submit(
+            submit,
+            lambda exc: _refused(exc, job.settings.compound_dir, given, body.smiles_column),
+            **paths,
+            **search_options(body),
+            tile_rows=body.tile_rows or 0,
         )
-    except SubmissionError as exc:
-        message = public_message(
-            str(exc),
-            job.settings.compound_dir,
-            given,
-            kind="molecules",
-            values={"smiles_column": body.smiles_column},
-        )
-        loc = ("body",) if exc.field == "mode" else ("body", exc.field)
-        raise tiled.refused(loc, message) from None
+    )
 
 
-@router.get(
-    "/compound-similarity/{job_id}", response_model=CompoundSearchPublic, responses={404: {}}
-)
+def _refused(
+    exc: SubmissionError, root: Path, given: dict[str, str | None], smiles_column: str
+) -> RequestValidationError:
+    """A refusal in words that hold neither a server path nor the caller's values."""
+    message = public_message(
+        str(exc), root, given, kind="molecules", values={"smiles_column": smiles_column}
+    )
+    loc = ("body",) if exc.field == "mode" else ("body", exc.field)
+    return tiled.refused(loc, message)
+
+
+@tiled.read_route(router, "/compound-similarity/{job_id}", CompoundSearchPublic)
 def read_compound_search(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
     from worker.jobs.compounds import COMPOUNDS
 
     return _public(tiled.described(job, COMPOUNDS, celery))
 
 
-@router.get(
-    "/compound-similarity/{job_id}/neighbours",
-    response_model=NeighboursPublic,
-    responses={404: {}},
-)
+@tiled.read_route(router, "/compound-similarity/{job_id}/neighbours", NeighboursPublic)
 def list_job_neighbours(
     read: tiled.JobReaderDep,
     query_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=TEXT)] = None,
@@ -140,11 +132,7 @@ def list_job_neighbours(
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> NeighboursPublic:
     """The neighbours table (query id, library id, similarity, rank), optionally one query's."""
-    job = read.owned(CompoundJob, _WHAT)
-    rows = jobs.list_neighbours(
-        read.session, job_id=job.id, query_id=query_id, after_id=cursor, limit=limit
-    )
-    return NeighboursPublic(**tiled.page(NeighbourPublic, rows, limit))
+    return NeighboursPublic(**read.page(_NEIGHBOURS, cursor, limit, query_id=query_id))
 
 
 @router.get("/compound-similarity/{job_id}/files/neighbours.csv", responses={404: {}})

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,10 +17,14 @@ from api_shim.routes import tiled
 from db import genome as jobs
 from db.tables import GenomeJob
 
+if TYPE_CHECKING:
+    from worker.tiled import SubmissionError
+
 router = APIRouter(prefix="/v1", tags=["genome"])
 
 _WHAT = "genome comparison"
 OwnedJob = Annotated[GenomeJob, Depends(tiled.owned(GenomeJob, _WHAT))]
+Submission = Annotated[tiled.Submission, Depends(tiled.submission("genome:submit"))]
 
 #: KING kinship of third-degree relatives: 2^(-9/2) (Manichaikul et al. 2010).
 THIRD_DEGREE = 2.0**-4.5
@@ -87,56 +92,53 @@ class PairsPublic(BaseModel):
     next_cursor: int | None
 
 
+_PAIRS = tiled.Results(GenomeJob, _WHAT, jobs.list_pairs, PairPublic)
+
+
 @tiled.submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
-def create_genome_comparison(
-    body: GenomeComparisonCreate,
-    tenant: deps.GenomeSubmitterDep,
-    job: tiled.SubmissionDep,
-) -> dict[str, Any]:
+def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
-    from worker.jobs.genome import SubmissionError, submit
+    from worker.jobs.genome import submit
 
     if (body.bfile is None) == (body.vcf is None):
         raise tiled.refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
     paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
-    try:
-        return _public(
-            job.run(
-                submit,
-                tenant.id,
-                metric=body.metric,
-                bfile=paths[field],
-                query=paths["query"],
-                threshold=body.threshold,
-                ibs_missing=body.ibs_missing,
-                tile_rows=body.tile_rows or job.settings.genome_tile_rows,
-                keep=list(body.keep) if body.keep is not None else None,
-                min_maf=body.min_maf,
-                output=body.output,
-                block=body.block or 0,
-            )
+    return _public(
+        job.submitter.submit(
+            submit,
+            lambda exc: _refused(exc, field, job.settings.genotype_dir, given),
+            metric=body.metric,
+            bfile=paths[field],
+            query=paths["query"],
+            threshold=body.threshold,
+            ibs_missing=body.ibs_missing,
+            tile_rows=body.tile_rows or job.settings.genome_tile_rows,
+            keep=list(body.keep) if body.keep is not None else None,
+            min_maf=body.min_maf,
+            output=body.output,
+            block=body.block or 0,
         )
-    except SubmissionError as exc:
-        loc = field if exc.field == "bfile" else exc.field
-        raise tiled.refused(
-            ("body", loc), _message(exc, loc, job.settings.genotype_dir, given)
-        ) from None
+    )
 
 
-def _message(exc: Exception, field: str, root: Path, given: dict[str, str | None]) -> str:
-    """A refusal in words that hold neither a server path nor the caller's values."""
-    if field == "keep":  # the message would name the caller's sample ids
-        return (
+def _refused(
+    exc: SubmissionError, source: str, root: Path, given: dict[str, str | None]
+) -> RequestValidationError:
+    """A refusal in words that hold neither a server path nor the caller's values (``source``:
+    the body's field of the cohort, bfile or vcf)."""
+    loc = source if exc.field == "bfile" else exc.field
+    if loc == "keep":  # the message would name the caller's sample ids
+        message = (
             "names a sample that is not in the cohort, or an IID not unique there (give [FID, IID])"
         )
-    return public_message(str(exc), root, given, kind="genotypes")
+    else:
+        message = public_message(str(exc), root, given, kind="genotypes")
+    return tiled.refused(("body", loc), message)
 
 
-@router.get(
-    "/genome-comparisons/{job_id}", response_model=GenomeComparisonPublic, responses={404: {}}
-)
+@tiled.read_route(router, "/genome-comparisons/{job_id}", GenomeComparisonPublic)
 def read_genome_comparison(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.jobs.genome import GENOME
@@ -165,7 +167,7 @@ def download_output(job: OwnedJob, name: str) -> FileResponse:
     return FileResponse(files[name], filename=name, media_type="application/octet-stream")
 
 
-@router.get("/genome-comparisons/{job_id}/pairs", response_model=PairsPublic, responses={404: {}})
+@tiled.read_route(router, "/genome-comparisons/{job_id}/pairs", PairsPublic)
 def list_related_pairs(
     read: tiled.JobReaderDep,
     min_kinship: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
@@ -173,8 +175,4 @@ def list_related_pairs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> PairsPublic:
     """Related pairs (KING jobs) above ``min_kinship``, with their inferred degree."""
-    job = read.owned(GenomeJob, _WHAT)
-    rows = jobs.list_pairs(
-        read.session, job_id=job.id, min_kinship=min_kinship, after_id=cursor, limit=limit
-    )
-    return PairsPublic(**tiled.page(PairPublic, rows, limit))
+    return PairsPublic(**read.page(_PAIRS, cursor, limit, min_kinship=min_kinship))

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from api_shim.deps import IdPath, ReaderDep, SessionDep, SettingsDep
-from db import compounds as compound_jobs
-from db import genome as genome_jobs
+from api_shim.deps import ReaderDep, SessionDep, SettingsDep
+from api_shim.routes import tiled
 from db import repo
+from db.tables import CompoundJob, GenomeJob
+
+if TYPE_CHECKING:
+    from medbatch.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["plots"])
 
@@ -116,11 +120,16 @@ def read_score_evaluation(
     return dict(json.loads(path.read_text()))
 
 
-@router.get(
-    "/score-evaluations/{evaluation_id}/{name}",
-    response_class=FileResponse,
-    responses={404: {}, 200: {"content": {"image/png": {}}}},
-)
+def _picture_route(path: str) -> Any:
+    """The GET of a PNG picture (404 while there is none)."""
+    return router.get(
+        path,
+        response_class=FileResponse,
+        responses={404: {}, 200: {"content": {"image/png": {}}}},
+    )
+
+
+@_picture_route("/score-evaluations/{evaluation_id}/{name}")
 def read_score_evaluation_picture(
     evaluation_id: EvaluationId, name: str, tenant: ReaderDep, settings: SettingsDep
 ) -> FileResponse:
@@ -137,66 +146,58 @@ def _not_ready(what: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, what)
 
 
-@router.get(
-    "/genome-comparisons/{job_id}/plots/kinship.png",
-    response_class=FileResponse,
-    responses={404: {}, 200: {"content": {"image/png": {}}}},
-)
-def genome_kinship_plot(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
+def _drawn(settings: Settings, name: str, draw: Callable[[Path], None]) -> FileResponse:
+    """The picture ``name`` of a finished job, drawn by ``draw`` the first time it is asked for."""
+    path = Path(settings.artifact_dir) / "plots" / name
+    if not path.is_file():
+        draw(path)
+    return FileResponse(path, media_type="image/png")
+
+
+GenomeJobDep = Annotated[GenomeJob, Depends(tiled.owned(GenomeJob, "genome comparison"))]
+CompoundJobDep = Annotated[CompoundJob, Depends(tiled.owned(CompoundJob, "compound search"))]
+
+
+@_picture_route("/genome-comparisons/{job_id}/plots/kinship.png")
+def genome_kinship_plot(job: GenomeJobDep, settings: SettingsDep) -> FileResponse:
     """IBS0 against kinship of a finished KING job's recorded pairs, coloured by degree."""
     from models.genome.io.output import kinship_degree
     from models.plots import kinship_plot, read_kin0
     from worker.jobs.genome import describe
 
-    job = genome_jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise _not_ready("no genome comparison with this id for this tenant")
-    found = describe(job)
-    kin0 = [p for p in found["outputs"] if p.endswith(".kin0")]
+    kin0 = [p for p in describe(job)["outputs"] if p.endswith(".kin0")]
     if not kin0:
         raise _not_ready("the kinship plot needs a finished KING job (it has no .kin0 yet)")
-    path = Path(settings.artifact_dir) / "plots" / f"genome-{job_id}-kinship.png"
-    if not path.is_file():
+
+    def draw(path: Path) -> None:
         table = read_kin0(Path(kin0[0]))
         degrees = [d or "unrelated" for d in kinship_degree(table["kinship"]).tolist()]
         kinship_plot(
-            table["kinship"], table["ibs0"], degrees, path, title=f"genome comparison {job_id}"
+            table["kinship"], table["ibs0"], degrees, path, title=f"genome comparison {job.id}"
         )
-    return FileResponse(path, media_type="image/png")
+
+    return _drawn(settings, f"genome-{job.id}-kinship.png", draw)
 
 
-@router.get(
-    "/compound-similarity/{job_id}/plots/similarity.png",
-    response_class=FileResponse,
-    responses={404: {}, 200: {"content": {"image/png": {}}}},
-)
-def compound_similarity_histogram(
-    job_id: IdPath, tenant: ReaderDep, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
+@_picture_route("/compound-similarity/{job_id}/plots/similarity.png")
+def compound_similarity_histogram(job: CompoundJobDep, settings: SettingsDep) -> FileResponse:
     """A histogram of the similarities a finished compound search found."""
     import csv
 
     from models.plots import similarity_histogram
     from worker.jobs.compounds import describe
 
-    job = compound_jobs.get_job(session, job_id=job_id, tenant_id=tenant.id)
-    if job is None:
-        raise _not_ready("no compound search with this id for this tenant")
     found = describe(job)
     if not found["output"]:
         raise _not_ready("the histogram needs a finished search")
-    path = Path(settings.artifact_dir) / "plots" / f"compounds-{job_id}-similarity.png"
-    if not path.is_file():
+
+    def draw(path: Path) -> None:
         with open(found["output"], newline="") as fh:
             values = [float(row["similarity"]) for row in csv.DictReader(fh)]
         import numpy as np
 
         similarity_histogram(
-            np.asarray(values),
-            path,
-            title=f"compound search {job_id}",
-            metric=str(found["metric"]),
+            np.asarray(values), path, title=f"compound search {job.id}", metric=str(found["metric"])
         )
-    return FileResponse(path, media_type="image/png")
+
+    return _drawn(settings, f"compounds-{job.id}-similarity.png", draw)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
@@ -20,9 +20,18 @@ from api_shim.deps import (
 )
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
 from db import explanations, repo
-from db.tables import CaseStatus
+from db.tables import Case, CaseStatus
 
 router = APIRouter(prefix="/v1", tags=["results"])
+
+
+#: The columns of a case that a case and a result both show as they are.
+_SHOWN = ("external_id", "model_version", "status", "last_error", "updated_at")
+
+
+def _shown(case: Case) -> dict[str, Any]:
+    """What a case and a result both show of the case (and its model, by its API name)."""
+    return {"model": case.model_name} | {name: getattr(case, name) for name in _SHOWN}
 
 
 @router.get("/cases/{case_id}", response_model=CasePublic, responses={404: {}})
@@ -42,27 +51,12 @@ def read_case(
     explained = explanations.states(session, case_ids=[case.id]).get(case.id)
     return CasePublic(
         id=case.id,
-        external_id=case.external_id,
-        model=case.model_name,
-        model_version=case.model_version,
+        **_shown(case),
         priority=case.priority,
-        status=case.status,
         delivery_count=case.delivery_count,
-        last_error=case.last_error,
         created_at=case.created_at,
-        updated_at=case.updated_at,
         scores=[
-            ScorePublic(
-                model=s.model_name,
-                model_version=s.model_version,
-                model_sha256=s.model_sha256,
-                score=s.score,
-                label=s.label,
-                created_at=s.created_at,
-                explanation=s.explanation,
-            )
-            for s in case.scores
-            if not s.shadow
+            ScorePublic.model_validate(s, from_attributes=True) for s in case.scores if not s.shadow
         ],
         detail=detail,
         explanation_status=explained.status if explained else None,
@@ -117,15 +111,10 @@ def list_scores(
     items = [
         ResultPublic(
             case_id=case.id,
-            external_id=case.external_id,
-            model=case.model_name,
-            model_version=case.model_version,
-            status=case.status,
+            **_shown(case),
             score=score.score if score else None,
             label=score.label if score else None,
             model_sha256=score.model_sha256 if score else None,
-            last_error=case.last_error,
-            updated_at=case.updated_at,
             explanation_status=e.status if (e := explained.get(case.id)) else None,
             explanation=score.explanation if score and e and e.status == "done" else None,
         )

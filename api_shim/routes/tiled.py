@@ -8,19 +8,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from api_shim.deps import CeleryDep, IdPath, ReaderDep, SessionDep, SessionsDep, SettingsDep
+from api_shim.deps import (
+    CeleryDep,
+    IdPath,
+    ReaderDep,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    require,
+)
 from api_shim.paths import Kind, confine
 from db import tiles
-from db.tables import TiledJob
+from db.tables import Tenant, TiledJob
 from medbatch.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.tiled import Submitter
 
 J = TypeVar("J", bound=TiledJob)
 
@@ -28,20 +39,11 @@ J = TypeVar("J", bound=TiledJob)
 @dataclass(frozen=True)
 class Submission:
     """What a job submission needs besides its body: the settings, where to record it, where to
-    send its tiles."""
+    send its tiles, and whose job it is."""
 
     settings: Settings
-    sessions: sessionmaker[Session]
-    celery: Celery
-
-    def run(
-        self, submit: Callable[..., dict[str, Any]], tenant_id: int, **arguments: Any
-    ) -> dict[str, Any]:
-        """A kind's ``submit`` with this request's sessions, broker and artifact store."""
-        artifact_dir = self.settings.artifact_dir
-        return submit(
-            self.sessions, self.celery, tenant_id=tenant_id, artifact_dir=artifact_dir, **arguments
-        )
+    #: The request's tenant, sessions, broker and artifact store.
+    submitter: Submitter
 
 
 def confine_inputs(
@@ -53,16 +55,30 @@ def confine_inputs(
     }
 
 
-def _submission(settings: SettingsDep, sessions: SessionsDep, celery: CeleryDep) -> Submission:
-    return Submission(settings, sessions, celery)
+def submission(scope: str) -> Callable[..., Submission]:
+    """A dependency: a job submission by a caller that holds ``scope`` (else 403)."""
 
+    def dependency(
+        settings: SettingsDep,
+        sessions: SessionsDep,
+        celery: CeleryDep,
+        tenant: Tenant = Depends(require(scope)),
+    ) -> Submission:
+        from worker.tiled import Submitter
 
-SubmissionDep = Annotated[Submission, Depends(_submission)]
+        return Submission(settings, Submitter(tenant.id, sessions, celery, settings.artifact_dir))
+
+    return dependency
 
 
 def submit_route(router: APIRouter, path: str, model: type[BaseModel]) -> Callable[..., Any]:
     """The POST that records a job and queues its tiles: 202 with the job, as ``model``."""
     return router.post(path, response_model=model, status_code=status.HTTP_202_ACCEPTED)
+
+
+def read_route(router: APIRouter, path: str, model: type[BaseModel]) -> Callable[..., Any]:
+    """A GET of one of the tenant's jobs (or of its results), as ``model``; 404 if it has none."""
+    return router.get(path, response_model=model, responses={404: {}})
 
 
 class TiledJobPublic(BaseModel):
@@ -102,6 +118,17 @@ def owned(table: type[J], what: str) -> Callable[..., J]:
 
 
 @dataclass(frozen=True)
+class Results:
+    """A kind's result rows as the API pages them: its job table (``what`` it is called in a
+    404), the kind's query of a page (db/), and the model of a row."""
+
+    table: type[TiledJob]
+    what: str
+    query: Callable[..., Sequence[Any]]
+    item: type[BaseModel]
+
+
+@dataclass(frozen=True)
 class JobReader:
     """A read of one job by a tenant, its lookup left to the route: it runs after the route's own
     query parameters are validated (a bad cursor is a 422 before an unknown job is a 404)."""
@@ -114,6 +141,13 @@ class JobReader:
         return owned_or_404(
             self.session, table, job_id=self.job_id, tenant_id=self.tenant_id, what=what
         )
+
+    def page(self, results: Results, cursor: int, limit: int, **filters: Any) -> dict[str, Any]:
+        """A page of the job's ``results`` after ``cursor`` (``filters``: the kind's own), with
+        the next cursor."""
+        job = self.owned(results.table, results.what)
+        rows = results.query(self.session, job_id=job.id, after_id=cursor, limit=limit, **filters)
+        return page(results.item, rows, limit)
 
 
 def _reader(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> JobReader:

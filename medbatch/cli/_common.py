@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from medbatch.settings import Settings
+    from worker.tiled import JobKind, Submitter
 
 #: Kept in step with worker.queues.ALL_QUEUES and models.train.TRAINABLE by tests/test_cli.py
 #: (importing those here would import Celery and torch for ``--help``).
@@ -47,6 +49,21 @@ class HelpFormatter(argparse.HelpFormatter):
         ):
             return help_
         return f"{help_} (default: %(default)s)"
+
+
+def command(sub: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+    """A command (or a group's subcommand) of ``sub``, its help in the shared formatter."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, formatter_class=HelpFormatter, **options
+    )
+    return parser
+
+
+def group(sub: Any, name: str, help: str) -> tuple[argparse.ArgumentParser, Any]:
+    """A command group (``medbatch db …``): the group's parser and its subcommands' ``sub``; the
+    chosen one is ``args.<name>_command``."""
+    parser = command(sub, name, help)
+    return parser, parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
 
 
 class CliError(Exception):
@@ -115,21 +132,36 @@ def database(settings: Settings) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
-def tenant_id(sessions: sessionmaker[Session], name: str, *, create: bool) -> int:
+@contextmanager
+def transaction(settings: Settings) -> Iterator[Session]:
+    """One transaction on the command's database (:func:`database`), committed at the end."""
+    from db.engine import session_scope
+
+    with database(settings) as sessions, session_scope(sessions) as session:
+        yield session
+
+
+def find_tenant(session: Session, name: str, *, create: bool = False) -> int:
     """The id of tenant ``name``; created (without printing a key) when ``create``."""
     from sqlalchemy import select
 
     from db import repo
-    from db.engine import session_scope
     from db.tables import Tenant
 
+    found = session.scalar(select(Tenant.id).where(Tenant.name == name))
+    if found is None:
+        if not create:
+            fail(f"no tenant {name!r}")
+        found = repo.create_tenant(session, name=name)[0].id
+    return int(found)
+
+
+def tenant_id(sessions: sessionmaker[Session], name: str, *, create: bool) -> int:
+    """:func:`find_tenant` in a transaction of its own."""
+    from db.engine import session_scope
+
     with session_scope(sessions) as session:
-        found = session.scalar(select(Tenant.id).where(Tenant.name == name))
-        if found is None:
-            if not create:
-                fail(f"no tenant {name!r}")
-            found = repo.create_tenant(session, name=name)[0].id
-        return int(found)
+        return find_tenant(session, name, create=create)
 
 
 def celery(settings: Settings) -> Celery:
@@ -177,3 +209,65 @@ def follow(describe: Any, *, app: Celery | None, queue: str) -> dict[str, Any]:
         return summary
 
     return follow_tiles(watched, progress=True)
+
+
+@dataclass(frozen=True)
+class TiledRun:
+    """A tiled job (genome, compounds) the CLI submits for ``owner``: its tiles computed in this
+    process (``--inline``, and always so with the embedded broker) or by the workers."""
+
+    settings: Settings
+    #: The submitter's ``app`` is where the tiles are sent; None: computed here.
+    submitter: Submitter
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        return self.submitter.sessions
+
+    @property
+    def app(self) -> Celery | None:
+        return self.submitter.app
+
+    @property
+    def inline(self) -> bool:
+        return self.app is None
+
+    def submit(
+        self,
+        submit: Callable[..., dict[str, Any]],
+        *,
+        option: Callable[[str], str] = lambda field: field.replace("_", "-"),
+        **arguments: Any,
+    ) -> dict[str, Any]:
+        """The kind's ``submit``; a refusal fails the command, naming the option of its field
+        (``option``: ``tile_rows`` is ``--tile-rows``, unless the command says otherwise)."""
+        return self.submitter.submit(
+            submit, lambda exc: CliError(f"--{option(exc.field)}: {exc}"), **arguments
+        )
+
+    def finish(self, kind: JobKind, job_id: int) -> dict[str, Any]:
+        """Compute the job's tiles here, or follow the workers; fail unless it ends done."""
+        if self.inline:
+            summary = kind.run_inline(
+                self.sessions, job_id=job_id, progress=True, **kind.options(self.settings)
+            )
+        else:
+            summary = follow(
+                lambda: kind.kind.describe_id(self.sessions, job_id),
+                app=self.app,
+                queue=kind.kind.queue,
+            )
+        if summary["status"] != "done":
+            fail(f"job {job_id} failed: {summary['error']}", code=1)
+        return summary
+
+
+@contextmanager
+def tiled_run(args: argparse.Namespace, settings: Settings) -> Iterator[TiledRun]:
+    """The database and broker of a tiled job of ``--tenant`` (created if new)."""
+    from worker.tiled import Submitter
+
+    app = None if args.inline or settings.embedded_broker else celery(settings)
+    with database(settings) as sessions:
+        owner = tenant_id(sessions, args.tenant, create=True)
+        yield TiledRun(settings, Submitter(owner, sessions, app, settings.artifact_dir))

@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import HelpFormatter, celery, database, fail, tenant_id
+from medbatch.cli._common import celery, command, database, fail, group, tenant_id
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    cases = sub.add_parser("cases", help="cases in the database", formatter_class=HelpFormatter)
-    csub = cases.add_subparsers(dest="cases_command", required=True, metavar="COMMAND")
-    replay = csub.add_parser(
-        "replay",
-        help="re-queue dead-lettered cases with a fresh count",
-        formatter_class=HelpFormatter,
-    )
+    cases, csub = group(sub, "cases", "cases in the database")
+    replay = command(csub, "replay", "re-queue dead-lettered cases with a fresh count")
     replay.add_argument("case_ids", nargs="*", type=int, help="only these case ids")
     replay.add_argument("--tenant", help="only this tenant's cases (default: every tenant)")
     replay.add_argument("--all", action="store_true", help="every dead-lettered case")

@@ -6,30 +6,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import (
-    HelpFormatter,
-    celery,
-    database,
-    fail,
-    follow,
-    refuse_overwrite,
-    tenant_id,
-)
+from medbatch.cli._common import command, fail, group, refuse_overwrite, tiled_run
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    compounds = sub.add_parser(
-        "compounds", help="compound similarity (Tanimoto, Dice)", formatter_class=HelpFormatter
-    )
-    csub = compounds.add_subparsers(dest="compounds_command", required=True, metavar="COMMAND")
-    search = csub.add_parser(
-        "search",
-        help="nearest neighbours or threshold hits of queries in a library",
-        formatter_class=HelpFormatter,
-    )
+    compounds, csub = group(sub, "compounds", "compound similarity (Tanimoto, Dice)")
+    search = command(csub, "search", "nearest neighbours or threshold hits of queries in a library")
     search.add_argument(
         "--library",
         type=Path,
@@ -72,36 +57,20 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
-    from worker.queues import CHEM_QUEUE
     from worker.tasks import compounds as tasks
 
     if args.all_pairs == (args.query is not None):
         fail("give --query FILE or --all-pairs")
     if args.out:
         refuse_overwrite([args.out], force=args.force)
-    inline = args.inline or settings.embedded_broker
-    app = None if inline else celery(settings)
-    with database(settings) as sessions:
-        owner = tenant_id(sessions, args.tenant, create=True)
-        try:
-            job = tasks.submit(
-                sessions,
-                app,
-                tenant_id=owner,
-                library=args.library,
-                query=args.query,
-                top_k=args.top_k,
-                threshold=args.threshold,
-                metric=args.metric,
-                kind=args.fingerprint,
-                radius=args.radius,
-                fp_size=args.bits,
-                smiles_column=args.smiles_column,
-                tile_rows=args.tile_rows,
-                artifact_dir=settings.artifact_dir,
-            )
-        except tasks.SubmissionError as exc:
-            fail(f"--{exc.field.replace('_', '-')}: {exc}")
+    with tiled_run(args, settings) as run:
+        job = run.submit(
+            tasks.submit,
+            library=args.library,
+            query=args.query,
+            **tasks.search_options(args),
+            tile_rows=args.tile_rows,
+        )
         print(
             f"compound search {job['id']}: {job['n_query']} queries x {job['n_library']} library "
             f"molecules ({job['fingerprint']}), {job['tiles_total']} tiles; "
@@ -109,21 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         for example in job["unreadable_examples"]:
             print(f"  skipped: {example}")
-        if inline:
-            summary = tasks.run_inline(
-                sessions,
-                job_id=job["id"],
-                device=settings.device,
-                progress=True,
-                engine=settings.chem_engine,
-                engine_cache=settings.chem_engine_cache,
-            )
-        else:
-            summary = follow(
-                lambda: tasks.describe_id(sessions, job["id"]), app=app, queue=CHEM_QUEUE
-            )
-    if summary["status"] != "done":
-        fail(f"job {job['id']} failed: {summary['error']}", code=1)
+        summary = run.finish(tasks.TILES, job["id"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(summary["output"], args.out)

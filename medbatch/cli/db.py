@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import HelpFormatter, database, fail
+from medbatch.cli._common import command, fail, find_tenant, group, transaction
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -18,15 +18,8 @@ if TYPE_CHECKING:
 
 
 def add_parsers(sub: Any) -> None:
-    db = sub.add_parser(
-        "db", help="database schema, tenants and API keys", formatter_class=HelpFormatter
-    )
-    dsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
-    up = dsub.add_parser(
-        "upgrade",
-        help="run Alembic migrations (SQLite is also migrated on first use)",
-        formatter_class=HelpFormatter,
-    )
+    db, dsub = group(sub, "db", "database schema, tenants and API keys")
+    up = command(dsub, "upgrade", "run Alembic migrations (SQLite is also migrated on first use)")
     up.add_argument("revision", nargs="?", default="head", help="target revision")
     lifetime = argparse.ArgumentParser(add_help=False)
     lifetime.add_argument(
@@ -34,33 +27,31 @@ def add_parsers(sub: Any) -> None:
         type=int,
         help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
     )
-    tenant = dsub.add_parser(
-        "create-tenant",
-        parents=[lifetime],
-        help="create a tenant and print its API key once",
-        formatter_class=HelpFormatter,
+    #: The first argument of every command on an existing tenant.
+    of_tenant = argparse.ArgumentParser(add_help=False)
+    of_tenant.add_argument("tenant", help="the tenant's name")
+    tenant = command(
+        dsub, "create-tenant", "create a tenant and print its API key once", parents=[lifetime]
     )
     tenant.add_argument("name", help="the tenant's unique name")
-    client = dsub.add_parser(
+    client = command(
+        dsub,
         "create-client",
-        parents=[lifetime],
-        help="an API client of a tenant with scopes; prints its key once",
-        formatter_class=HelpFormatter,
+        "an API client of a tenant with scopes; prints its key once",
+        parents=[lifetime, of_tenant],
     )
-    client.add_argument("tenant", help="the tenant's name")
     client.add_argument("name", help="the client's name, unique in the tenant")
     client.add_argument(
         "--scopes",
         required=True,
         help="comma-separated: cases:submit, results:read, genome:submit, compounds:submit, admin",
     )
-    rotate = dsub.add_parser(
+    rotate = command(
+        dsub,
         "rotate-key",
-        parents=[lifetime],
-        help="a new key for a tenant (or --client); the old ones work until the overlap ends",
-        formatter_class=HelpFormatter,
+        "a new key for a tenant (or --client); the old ones work until the overlap ends",
+        parents=[lifetime, of_tenant],
     )
-    rotate.add_argument("tenant", help="the tenant's name")
     rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
     rotate.add_argument(
         "--overlap-hours",
@@ -68,17 +59,14 @@ def add_parsers(sub: Any) -> None:
         help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
         "24; 0: they stop now)",
     )
-    revoke = dsub.add_parser(
-        "revoke-client", help="stop every key of a client, now", formatter_class=HelpFormatter
-    )
-    revoke.add_argument("tenant", help="the tenant's name")
+    revoke = command(dsub, "revoke-client", "stop every key of a client, now", parents=[of_tenant])
     revoke.add_argument("client", help="the client's name")
-    listing = dsub.add_parser(
+    command(
+        dsub,
         "list-clients",
-        help="a tenant's keys: client, scopes, state, expiry, last use (no keys)",
-        formatter_class=HelpFormatter,
+        "a tenant's keys: client, scopes, state, expiry, last use (no keys)",
+        parents=[of_tenant],
     )
-    listing.add_argument("tenant", help="the tenant's name")
     db.set_defaults(func=run)
 
 
@@ -99,35 +87,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _create_tenant(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.exc import IntegrityError
 
-    from db.engine import session_scope
     from db.repo import create_tenant
 
-    with database(settings) as sessions:
-        try:
-            with session_scope(sessions) as session:
-                tenant, key = create_tenant(
-                    session, name=args.name, lifetime=_key_lifetime(args, settings)
-                )
-                expires = _expiry(session, key)
-                print(
-                    json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires})
-                )
-        except IntegrityError:
-            fail(f"tenant {args.name!r} already exists", code=1)
+    try:
+        with transaction(settings) as session:
+            tenant, key = create_tenant(
+                session, name=args.name, lifetime=_key_lifetime(args, settings)
+            )
+            expires = _expiry(session, key)
+            print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires}))
+    except IntegrityError:
+        fail(f"tenant {args.name!r} already exists", code=1)
     return 0
 
 
 def _create_client(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy import select
-
-    from db.engine import session_scope
     from db.repo import create_client
-    from db.tables import Tenant
 
-    with database(settings) as sessions, session_scope(sessions) as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
-        if tenant_id is None:
-            fail(f"no tenant {args.tenant!r}")
+    with transaction(settings) as session:
+        tenant_id = find_tenant(session, args.tenant)
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         try:
             client, key = create_client(
@@ -183,13 +161,10 @@ def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
 
     from db import repo
-    from db.engine import session_scope
-    from db.tables import ApiClient, Tenant
+    from db.tables import ApiClient
 
-    with database(settings) as sessions, session_scope(sessions) as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == args.tenant))
-        if tenant_id is None:
-            fail(f"no tenant {args.tenant!r}")
+    with transaction(settings) as session:
+        tenant_id = find_tenant(session, args.tenant)
         if args.db_command == "list-clients":
             for row in repo.list_keys(session, tenant_id=tenant_id):
                 print(

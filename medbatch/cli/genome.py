@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
-    HelpFormatter,
-    celery,
-    database,
+    command,
     fail,
-    follow,
+    group,
     print_json,
     refuse_overwrite,
-    tenant_id,
+    tiled_run,
+    transaction,
 )
 
 if TYPE_CHECKING:
@@ -28,16 +27,9 @@ DEGREE_ORDER = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated")
 
 
 def add_parsers(sub: Any) -> None:
-    genome = sub.add_parser(
-        "genome",
-        help="genome comparisons: relationship matrices, relatives",
-        formatter_class=HelpFormatter,
-    )
-    gsub = genome.add_subparsers(dest="genome_command", required=True, metavar="COMMAND")
-    compare = gsub.add_parser(
-        "compare",
-        help="a relationship matrix (and related pairs) of a PLINK 1 fileset or VCF",
-        formatter_class=HelpFormatter,
+    genome, gsub = group(sub, "genome", "genome comparisons: relationship matrices, relatives")
+    compare = command(
+        gsub, "compare", "a relationship matrix (and related pairs) of a PLINK 1 fileset or VCF"
     )
     source = compare.add_mutually_exclusive_group(required=True)
     source.add_argument("--bfile", type=Path, help="PLINK 1 fileset prefix (.bed/.bim/.fam)")
@@ -99,9 +91,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="run the tiles in this process (always so with the embedded broker)",
     )
-    gstatus = gsub.add_parser(
-        "status", help="a job's progress and outputs", formatter_class=HelpFormatter
-    )
+    gstatus = command(gsub, "status", "a job's progress and outputs")
     gstatus.add_argument("job_id", type=int, help="the job's id")
     genome.set_defaults(func=run)
 
@@ -138,16 +128,21 @@ def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bo
         print(f"    {degree:<18} {degrees.get(degree, 0)}")
 
 
+def _option(field: str, *, vcf: bool) -> str:
+    """The option behind a refused submission's ``field``."""
+    if field == "bfile" and vcf:
+        return "vcf"
+    return "table" if field == "output" else field.replace("_", "-")
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import shutil
 
     from db import genome as jobs
-    from db.engine import session_scope
-    from worker.queues import GENOME_QUEUE
     from worker.tasks import genome as tasks
 
     if args.genome_command == "status":
-        with database(settings) as sessions, session_scope(sessions) as session:
+        with transaction(settings) as session:
             found = jobs.get_job(session, job_id=args.job_id)
             if found is None:
                 fail(f"no job {args.job_id}")
@@ -165,53 +160,32 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             fail(f"--keep: {exc}")
         keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
-    inline = args.inline or settings.embedded_broker
-    app = None if inline else celery(settings)
-    with database(settings) as sessions:
-        owner = tenant_id(sessions, args.tenant, create=True)
-        try:
-            job = tasks.submit(
-                sessions,
-                app,
-                tenant_id=owner,
-                metric=args.metric,
-                bfile=args.bfile or args.vcf,
-                query=args.query,
-                threshold=args.threshold,
-                ibs_missing=args.ibs_missing,
-                tile_rows=args.tile_rows or settings.genome_tile_rows,
-                keep=keep,
-                min_maf=args.min_maf,
-                artifact_dir=settings.artifact_dir,
-                output="pairs" if args.table else "square",
-                block=args.block,
-            )
-        except tasks.SubmissionError as exc:
-            option = "vcf" if exc.field == "bfile" and args.vcf else exc.field.replace("_", "-")
-            fail(f"--{'table' if option == 'output' else option}: {exc}")
-        where = "in this process" if inline else "on the genome queue"
+    with tiled_run(args, settings) as run:
+        job = run.submit(
+            tasks.submit,
+            option=lambda field: _option(field, vcf=args.vcf is not None),
+            metric=args.metric,
+            bfile=args.bfile or args.vcf,
+            query=args.query,
+            threshold=args.threshold,
+            ibs_missing=args.ibs_missing,
+            tile_rows=args.tile_rows or settings.genome_tile_rows,
+            keep=keep,
+            min_maf=args.min_maf,
+            output="pairs" if args.table else "square",
+            block=args.block,
+        )
+        where = "in this process" if run.inline else "on the genome queue"
         shape = "pairs only, " if args.table else ""
         print(
             f"genome comparison {job['id']}: {job['metric']}, {shape}{job['n_rows']} x "
             f"{job['n_samples']} samples, {job['n_variants']} variants, {job['tiles_total']} "
             f"tiles {where}"
         )
-        if inline:
-            summary = tasks.run_inline(
-                sessions, job_id=job["id"], device=settings.device, progress=True
-            )
-        elif args.wait or args.out:
-
-            def describe() -> dict[str, Any]:
-                with session_scope(sessions) as session:
-                    return tasks.describe(jobs.get_job(session, job_id=job["id"]))  # type: ignore[arg-type]
-
-            summary = follow(describe, app=app, queue=GENOME_QUEUE)
-        else:
+        if not (run.inline or args.wait or args.out):
             print(f"  follow it: medbatch genome status {job['id']}")
             return 0
-    if summary["status"] != "done":
-        fail(f"job {job['id']} failed: {summary['error']}", code=1)
+        summary = run.finish(tasks.TILES, job["id"])
     for path in summary["outputs"]:
         target = Path(path)
         if args.out:

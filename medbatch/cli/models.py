@@ -8,19 +8,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import TRAINABLE, HelpFormatter, database
+from medbatch.cli._common import TRAINABLE, command, group, transaction
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    models = sub.add_parser("models", help="the model registry", formatter_class=HelpFormatter)
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    msub.add_parser("list", help="list registered model versions", formatter_class=HelpFormatter)
-    train = msub.add_parser(
-        "train", help="train a reference model reproducibly", formatter_class=HelpFormatter
-    )
+    models, msub = group(sub, "models", "the model registry")
+    command(msub, "list", "list registered model versions")
+    train = command(msub, "train", "train a reference model reproducibly")
     train.add_argument("name", help=f"the recipe, one of: {', '.join(TRAINABLE)}")
     train.add_argument(
         "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR)"
@@ -28,11 +25,7 @@ def add_parsers(sub: Any) -> None:
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
     )
-    reg = msub.add_parser(
-        "register",
-        help="validate and register your own model artifact",
-        formatter_class=HelpFormatter,
-    )
+    reg = command(msub, "register", "validate and register your own model artifact")
     reg.add_argument("path", type=Path, help="TorchScript, torch.export program or safetensors")
     reg.add_argument("--name", required=True, help="model name")
     reg.add_argument("--version", required=True, help="version, e.g. 1.0.0")
@@ -47,27 +40,17 @@ def add_parsers(sub: Any) -> None:
         help="for a safetensors state dict: a built-in (mlp) (default: none, the file is a program)",
     )
     reg.add_argument("--params", help="JSON hyper-parameters of --architecture (default: none)")
-    shadow = msub.add_parser(
-        "shadow",
-        help="let a candidate version also score the released version's cases",
-        formatter_class=HelpFormatter,
+    shadow = command(
+        msub, "shadow", "let a candidate version also score the released version's cases"
     )
     shadow.add_argument("ref", help="NAME@VERSION of a candidate (with --off: NAME)")
     shadow.add_argument("--off", action="store_true", help="stop shadowing NAME")
-    drift = msub.add_parser(
-        "drift",
-        help="compare a shadowing candidate with the released version",
-        formatter_class=HelpFormatter,
-    )
+    drift = command(msub, "drift", "compare a shadowing candidate with the released version")
     drift.add_argument("name", help="model name")
     drift.add_argument("--candidate", help="version (default: the current shadow)")
     drift.add_argument("--released", help="version (default: the default version)")
     drift.add_argument("--json", action="store_true", help="one JSON object")
-    evaluate = msub.add_parser(
-        "evaluate",
-        help="held-out metrics and plots of a model version",
-        formatter_class=HelpFormatter,
-    )
+    evaluate = command(msub, "evaluate", "held-out metrics and plots of a model version")
     evaluate.add_argument("ref", help="NAME or NAME@VERSION")
     evaluate.add_argument(
         "--out", type=Path, default=None, help="folder (default: MEDBATCH_ARTIFACT_DIR/reports/…)"
@@ -184,7 +167,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _drift(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
-    from db.engine import session_scope
     from models.cases.registry import RegistryError, load_registry
     from models.cases.shadow import ShadowError, drift
 
@@ -195,7 +177,7 @@ def _drift(args: argparse.Namespace, settings: Settings) -> int:
         if version is None:
             raise ShadowError(f"{args.name} has no shadow; name one with --candidate VERSION")
         candidate = registry.resolve(f"{args.name}@{version}")
-        with database(settings) as sessions, session_scope(sessions) as session:
+        with transaction(settings) as session:
             pairs = repo.shadow_pairs(
                 session, name=args.name, released=released.version, candidate=candidate.version
             )

@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import HelpFormatter, celery, database, err, fail, print_json, tenant_id
+from medbatch.cli._common import celery, command, database, err, fail, print_json, tenant_id
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -18,11 +18,7 @@ if TYPE_CHECKING:
 
 
 def add_parsers(sub: Any) -> None:
-    nightly = sub.add_parser(
-        "nightly",
-        help="score a FHIR Bulk Data export (NDJSON folder) on score.bulk",
-        formatter_class=HelpFormatter,
-    )
+    nightly = command(sub, "nightly", "score a FHIR Bulk Data export (NDJSON folder) on score.bulk")
     nightly.add_argument(
         "--input", type=Path, required=True, help="folder with Patient.ndjson, Observation.ndjson …"
     )

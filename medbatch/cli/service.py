@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import ALL_QUEUES, HelpFormatter, ensure_schema, fail
+from medbatch.cli._common import ALL_QUEUES, command, ensure_schema, fail
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
 
 
 def add_parsers(sub: Any) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="every job kind on embedded defaults (API + worker + broker), with pictures",
-        formatter_class=HelpFormatter,
+    demo = command(
+        sub, "demo", "every job kind on embedded defaults (API + worker + broker), with pictures"
     )
     demo.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for scores")
     demo.add_argument(
@@ -23,16 +21,12 @@ def add_parsers(sub: Any) -> None:
     )
     demo.set_defaults(func=run_demo)
 
-    api = sub.add_parser("api", help="run the HTTP shim", formatter_class=HelpFormatter)
+    api = command(sub, "api", "run the HTTP shim")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
     api.add_argument("--port", type=int, default=8000, help="port to listen on")
     api.set_defaults(func=run_api)
 
-    worker = sub.add_parser(
-        "worker",
-        help="run a Celery worker (one per GPU or core group)",
-        formatter_class=HelpFormatter,
-    )
+    worker = command(sub, "worker", "run a Celery worker (one per GPU or core group)")
     worker.add_argument(
         "--queues",
         default=",".join(ALL_QUEUES),
@@ -50,10 +44,10 @@ def add_parsers(sub: Any) -> None:
     )
     worker.set_defaults(func=run_worker)
 
-    sweeper = sub.add_parser(
+    sweeper = command(
+        sub,
         "sweeper",
-        help="hand back what dead workers held and what the broker lost (safe to run several)",
-        formatter_class=HelpFormatter,
+        "hand back what dead workers held and what the broker lost (safe to run several)",
     )
     sweeper.set_defaults(func=run_sweeper)
 

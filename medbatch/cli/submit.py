@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import HelpFormatter, fail
+from medbatch.cli._common import command, fail
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -18,11 +18,7 @@ CHUNK = 500
 
 
 def add_parsers(sub: Any) -> None:
-    submit = sub.add_parser(
-        "submit",
-        help="POST a JSON file of cases to the API; prints a summary",
-        formatter_class=HelpFormatter,
-    )
+    submit = command(sub, "submit", "POST a JSON file of cases to the API; prints a summary")
     submit.add_argument("file", help="JSON: one case or a list of cases (examples/cases.json)")
     submit.add_argument("--api", default="http://127.0.0.1:8000", help="the API's base URL")
     submit.add_argument("--api-key", required=True, help="a key with the cases:submit scope")

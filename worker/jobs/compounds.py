@@ -24,7 +24,15 @@ from worker.tiled import SubmissionError
 if TYPE_CHECKING:
     from models.compounds import chem
 
-__all__ = ["SubmissionError", "describe", "describe_id", "load", "submit", "wait"]
+__all__ = [
+    "SubmissionError",
+    "describe",
+    "describe_id",
+    "load",
+    "search_options",
+    "submit",
+    "wait",
+]
 
 #: Failures reported with a job (the count is always complete).
 MAX_REPORTED_FAILURES = 100
@@ -69,6 +77,20 @@ def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any
 def default_tile_rows(n_library: int) -> int:
     """About 200 million pairs a tile (seconds of GEMM)."""
     return max(1, 200_000_000 // max(n_library, 1))
+
+
+def search_options(given: Any) -> dict[str, Any]:
+    """:func:`submit`'s search options from an API request or a command line, which name them
+    alike (``fingerprint``, ``bits``: the fingerprint's kind and size)."""
+    return {
+        "top_k": given.top_k,
+        "threshold": given.threshold,
+        "metric": given.metric,
+        "kind": given.fingerprint,
+        "radius": given.radius,
+        "fp_size": given.bits,
+        "smiles_column": given.smiles_column,
+    }
 
 
 def submit(

@@ -26,6 +26,7 @@ from worker.jobs.compounds import (  # noqa: F401  (the kind's API, used with it
     describe_id,
     load,
     read_molecules,
+    search_options,
     submit,
     wait,
 )

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
 from db.engine import is_outage, session_scope
-from db.tables import utcnow
+from db.tables import Batch, utcnow
 from models.cases.explain import explainable
 from models.cases.featurize import case_length, check_features
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
@@ -40,7 +40,7 @@ from models.cases.registry import ArtifactIntegrityError, RegistryError
 from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper
-from worker.queues import SCORE_TASK, enqueue_explanations
+from worker.queues import SCORE_TASK, enqueue_explanations, send_or_leave
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,13 @@ def _send_explanations(
 ) -> None:
     """Send the explain messages; if the broker is away, mark them unsent for the sweeper (the
     scores are committed whatever happens here)."""
-    try:
-        send(case_ids)
-    except Exception as exc:
-        log.warning(
-            "explain messages for %d cases not sent, left for the sweeper: %s",
-            len(case_ids),
-            type(exc).__name__,
-        )
-        try:
-            with session_scope(sessions) as session:
-                explanations.mark_unsent(session, case_ids=case_ids)
-        except Exception:
-            log.warning("could not mark them unsent either; the sweeper finds them later")
+    send_or_leave(
+        lambda: send(case_ids),
+        sessions,
+        explanations.mark_unsent,
+        case_ids,
+        what="explain messages",
+    )
 
 
 def _compute(
@@ -315,8 +309,7 @@ def _write_once(
     with session_scope(sessions) as session:
         score_rows: list[dict[str, Any]] = []
         for p in passes:
-            batch_id = repo.add_batch(
-                session,
+            batch = Batch(
                 queue=queue,
                 model_name=p.model.spec.name,
                 model_version=p.model.spec.version,
@@ -325,6 +318,7 @@ def _write_once(
                 size=p.size,
                 inference_ms=p.inference_ms,
             )
+            batch_id = repo.add_batch(session, batch)
             for case_id, position, row, wait_ms in p.rows:
                 score_rows.append(
                     {
