@@ -25,6 +25,11 @@ def add_parsers(sub: Any) -> None:
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
     )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an artifact of the same name in --out that holds other weights",
+    )
     reg = command(msub, "register", "validate and register your own model artifact")
     reg.add_argument("path", type=Path, help="TorchScript, torch.export program or safetensors")
     reg.add_argument("--name", required=True, help="model name")
@@ -145,9 +150,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         try:
             report = train(
-                args.name, out_dir=args.out or settings.artifact_dir, install=args.install
+                args.name,
+                out_dir=args.out or settings.artifact_dir,
+                install=args.install,
+                force=args.force,
             )
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, FileExistsError) as exc:
             print(f"medbatch models train: {exc}", file=sys.stderr)
             return 2
         m = report.metrics

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from models.cases.registry import REGISTRY_PATH
 from models.reference import breast_cancer, ecg, survival
@@ -22,6 +26,9 @@ TRAINABLE = (
 )
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True)
 class TrainReport:
     name: str
@@ -32,18 +39,22 @@ class TrainReport:
     metrics: dict[str, float]
 
 
-def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
-    """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry."""
+def train(name: str, *, out_dir: Path, install: bool = False, force: bool = False) -> TrainReport:
+    """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry.
+
+    An artifact already in ``out_dir`` with other bytes is kept, and :class:`FileExistsError`
+    raised, unless ``force`` (a registered model's artifact is checked by its sha256: replacing
+    it would stop that model from loading). The same bytes again are fine."""
     base, _, version = name.partition("@")
     module = TRAINED.get(base)
     if module is None or version not in ("", module.VERSION):
         recipe = reference.RECIPES.get(base)
         if recipe is None or version not in ("", recipe.version):
             raise ValueError(f"no training recipe for {name!r} (trainable: {', '.join(TRAINABLE)})")
-        return _benchmark_weights(base, out_dir=out_dir, install=install)
+        return _benchmark_weights(base, out_dir=out_dir, install=install, force=force)
     filename = f"{module.NAME}-{module.VERSION}.safetensors"
     target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
-    result = module.train(target)
+    result = _place(module.train, target, replace=install or force)
     registry = json.loads(REGISTRY_PATH.read_text())
     committed = _committed_sha256(registry, module.NAME, module.VERSION)
     if install:
@@ -56,6 +67,28 @@ def train(name: str, *, out_dir: Path, install: bool = False) -> TrainReport:
         committed_sha256=committed,
         metrics=module.metrics(result),
     )
+
+
+def _place(write: Callable[[Path], R], target: Path, *, replace: bool) -> R:
+    """``write(path)`` beside ``target``, then moved onto it: unless ``replace``, only where
+    nothing with other bytes is there (a refusal leaves the old file as it was)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        result = write(partial)
+        if target.exists() and not replace and _sha256(target) != _sha256(partial):
+            raise FileExistsError(
+                f"{target} exists with other weights; pass --force to replace it, "
+                "or --out another folder"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return result
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _committed_sha256(registry: dict, name: str, version: str) -> str | None:
@@ -74,11 +107,11 @@ def _install(registry: dict, entry: dict) -> None:
     REGISTRY_PATH.write_text(json.dumps(registry, indent=2) + "\n")
 
 
-def _benchmark_weights(name: str, *, out_dir: Path, install: bool) -> TrainReport:
+def _benchmark_weights(name: str, *, out_dir: Path, install: bool, force: bool) -> TrainReport:
     recipe = reference.RECIPES[name]
     filename = f"{recipe.name}-{recipe.version}.safetensors"
     target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
-    _, entry = reference.write(recipe, target)
+    _, entry = _place(lambda out: reference.write(recipe, out), target, replace=install or force)
     registry = json.loads(REGISTRY_PATH.read_text())
     committed = _committed_sha256(registry, recipe.name, recipe.version)
     if install:

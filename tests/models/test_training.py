@@ -34,3 +34,23 @@ def test_unknown_recipe_is_refused(tmp_path: Path) -> None:
     """Only models with a recipe can be trained."""
     with pytest.raises(ValueError, match=r"no training recipe for 'nope'.*vitals-gru"):
         train("nope", out_dir=tmp_path)
+
+
+def test_other_weights_in_out_are_kept_unless_forced(tmp_path: Path, capsys) -> None:
+    """A second run with the same bytes is fine; an artifact with other weights (a model someone
+    registered under that name) is kept, and the CLI says so, unless --force."""
+    from medbatch.cli import main
+
+    first = train("vitals-gru", out_dir=tmp_path)
+    assert train("vitals-gru", out_dir=tmp_path).sha256 == first.sha256
+    other = b"other weights"
+    first.artifact.write_bytes(other)
+    with pytest.raises(FileExistsError, match="--force"):
+        train("vitals-gru", out_dir=tmp_path)
+    assert first.artifact.read_bytes() == other
+    assert main(["models", "train", "vitals-gru", "--out", str(tmp_path)]) == 2
+    assert "exists with other weights" in capsys.readouterr().err
+    assert first.artifact.read_bytes() == other
+    assert main(["models", "train", "vitals-gru", "--out", str(tmp_path), "--force"]) == 0
+    assert first.artifact.read_bytes() != other
+    assert [p.name for p in tmp_path.iterdir()] == [first.artifact.name]  # no partial file left
