@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,16 +19,14 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, Score
 from medbatch.settings import Settings
-from tests.helpers import queued_case_ids, wdbc_cases
+from tests.helpers import queued_case_ids, score_row, wdbc_cases
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=pg_url, broker_url=redis_url, max_body_bytes=256 * 1024)
-    with TestClient(create_app(settings)) as client:
-        yield client
+def api_settings() -> dict[str, object]:
+    return {"max_body_bytes": 256 * 1024}
 
 
 @pytest.fixture
@@ -194,6 +193,27 @@ def test_bad_input_is_422_naming_the_field_and_nothing_is_written_or_enqueued(
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
+def _with_mean_area(literal: str) -> str:
+    """One case as JSON text, its mean_area written as the raw JSON number ``literal``."""
+    case = wdbc_cases(1)[0]
+    return json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+
+
+def _post_text(api: TestClient, key: str, text: str | bytes | Iterator[bytes]) -> Response:
+    """POST /v1/cases with a body as it is, not encoded by the client."""
+    return api.post(
+        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
+    )
+
+
+def _refusal_of_mean_area(response: Response) -> str:
+    """The message of a 422 whose one error is at the case's mean_area."""
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    return str(error["msg"])
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_422(
     literal: str,
@@ -203,16 +223,9 @@ def test_non_finite_numbers_are_422(
     redis_client: redis.Redis,
 ) -> None:
     """NaN and ±Infinity (which Python's JSON parser lets through) are refused by name."""
-    case = wdbc_cases(1)[0]
-    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+    text = _with_mean_area(literal)
     assert math.isnan(json.loads(text)[0]["features"]["mean_area"]) or literal != "NaN"
-    response = api.post(
-        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
-    )
-    assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", 0, "features", "mean_area"]
-    assert "finite" in error["msg"]
+    assert "finite" in _refusal_of_mean_area(_post_text(api, key, text))
     assert counts(pg_sessions, redis_client) == (0, 0)
 
 
@@ -225,16 +238,10 @@ def test_numbers_past_float32_are_422(
     redis_client: redis.Redis,
 ) -> None:
     """Values a model's float32 would turn into infinity are refused, without echoing them."""
-    case = wdbc_cases(1)[0]
-    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
-    response = api.post(
-        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
-    )
-    assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    response = _post_text(api, key, _with_mean_area(literal))
+    message = _refusal_of_mean_area(response)
     # An integer literal past 64 bits is refused by the input guard before the float32 rule.
-    assert any(rule in error["msg"] for rule in ("32-bit", "finite", "64 bits"))
+    assert any(rule in message for rule in ("32-bit", "finite", "64 bits"))
     assert literal not in response.text
     assert literal[:4] not in response.text.replace("3.4e38", "")
     assert counts(pg_sessions, redis_client) == (0, 0)
@@ -242,9 +249,7 @@ def test_numbers_past_float32_are_422(
 
 def test_invalid_json_is_422(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
     """A body that is not JSON is refused with a message that says so."""
-    response = api.post(
-        "/v1/cases", content=b"{not json", headers={**auth(key), "Content-Type": "application/json"}
-    )
+    response = _post_text(api, key, b"{not json")
     assert response.status_code == 422
     assert "not valid JSON" in response.json()["detail"][0]["msg"]
     assert counts(pg_sessions, redis_client) == (0, 0)
@@ -280,9 +285,7 @@ def test_oversized_chunked_body_is_413(
         for i in range(0, len(payload), 8192):
             yield payload[i : i + 8192]
 
-    response = api.post(
-        "/v1/cases", content=chunks(), headers={**auth(key), "Content-Type": "application/json"}
-    )
+    response = _post_text(api, key, chunks())
     assert response.status_code == 413
     assert counts(pg_sessions, redis_client) == (0, 0)
 
@@ -324,17 +327,7 @@ def test_case_shows_its_score_with_provenance(
     case_id = api.post("/v1/cases", json=wdbc_cases(1), headers=auth(key)).json()["cases"][0]["id"]
     with session_scope(pg_sessions) as s:
         repo.save_scores(
-            s,
-            rows=[
-                {
-                    "case_id": case_id,
-                    "model_name": "breast-cancer",
-                    "model_version": "1.0.0",
-                    "model_sha256": "a" * 64,
-                    "score": 0.9,
-                    "label": "malignant",
-                }
-            ],
+            s, rows=[score_row(case_id, score=0.9, label="malignant", sha256="a" * 64)]
         )
         repo.mark_done(s, case_ids=[case_id])
     body = api.get(f"/v1/cases/{case_id}", headers=auth(key)).json()
