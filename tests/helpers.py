@@ -213,17 +213,23 @@ def save_mlp(path: Path, n_inputs: int, *, hidden: tuple[int, ...]) -> Standardi
 
 
 def register_mlp(
-    weights: Path, *, name: str, version: str, schema: Path, store: Path, **params: Any
+    weights: Path,
+    *,
+    name: str,
+    version: str,
+    schema_path: Path,
+    artifact_dir: Path,
+    **params: Any,
 ) -> dict[str, Any]:
-    """Register a safetensors state dict of the built-in MLP (``params`` as it was built)."""
+    """``register`` a safetensors state dict of the built-in MLP (``params`` as it was built)."""
     from models.cases.byo import register
 
     return register(
         weights,
         name=name,
         version=version,
-        schema_path=schema,
-        artifact_dir=store,
+        schema_path=schema_path,
+        artifact_dir=artifact_dir,
         architecture="mlp",
         params=params,
     )

@@ -69,8 +69,8 @@ def processes(processes: Processes, tmp_path: Path) -> Processes:
         candidate,
         name="breast-cancer",
         version="1.1.0",
-        schema=bc_schema,
-        store=store,
+        schema_path=bc_schema,
+        artifact_dir=store,
         hidden=[32, 16],
         dropout=0.1,
     )

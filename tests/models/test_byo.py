@@ -70,7 +70,9 @@ def test_safetensors_state_dict_of_a_builtin_architecture(tmp_path: Path, schema
     path = tmp_path / "own.safetensors"
     mlp = save_mlp(path, 3, hidden=(4,))
     store = tmp_path / "store"
-    register_mlp(path, name="own", version="3.0", schema=schema, store=store, hidden=[4])
+    register_mlp(
+        path, name="own", version="3.0", schema_path=schema, artifact_dir=store, hidden=[4]
+    )
     (row,) = LoadedModel(load_registry(store).resolve("own@3.0"), device="cpu").score([CASE])
     assert row.score == pytest.approx(_expected(mlp), abs=1e-6)
 

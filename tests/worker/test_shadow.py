@@ -54,8 +54,8 @@ def store(tmp_path: Path, candidate_weights: Path) -> Path:
         candidate_weights,
         name="breast-cancer",
         version="1.1.0",
-        schema=_schema(tmp_path, threshold=0.4, labels=list(RELEASED.labels)),
-        store=store,
+        schema_path=_schema(tmp_path, threshold=0.4, labels=list(RELEASED.labels)),
+        artifact_dir=store,
         hidden=[32, 16],
         dropout=0.1,
     )
@@ -186,7 +186,12 @@ def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weight
     weights = tmp_path / "narrow.safetensors"
     save_mlp(weights, 1, hidden=(4,))
     register_mlp(
-        weights, name="breast-cancer", version="2.0.0", schema=narrow, store=store, hidden=[4]
+        weights,
+        name="breast-cancer",
+        version="2.0.0",
+        schema_path=narrow,
+        artifact_dir=store,
+        hidden=[4],
     )
     with pytest.raises(ShadowError, match=r"breast-cancer@2\.0\.0 takes other inputs"):
         set_shadow(store, "breast-cancer@2.0.0")
