@@ -1,4 +1,5 @@
-"""Shared test data: real Wisconsin cases as API payloads, and broker inspection."""
+"""Shared test data and helpers: real Wisconsin cases as API payloads, score rows, broker
+inspection, the API in process, PLINK goldens and model artifacts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -22,6 +23,12 @@ from db.engine import session_scope
 from medbatch.settings import Settings
 from models.reference import breast_cancer
 from worker.queues import ALL_QUEUES
+
+if TYPE_CHECKING:
+    from models.cases.architectures import StandardizedMLP
+    from models.cases.registry import ModelSpec
+    from models.reference.train import TrainReport
+    from worker.tasks.scoring import ModelLoader, Outcome
 
 
 def wdbc_cases(n: int, *, prefix: str = "wdbc", priority: str = "routine") -> list[dict]:
@@ -47,6 +54,14 @@ def queued_messages(client: redis.Redis) -> dict[str, list[dict]]:
     return out
 
 
+def queued_tile_messages(client: redis.Redis, queue: str) -> list[list[int]]:
+    """The (job id, tile index) arguments of the tile messages waiting in ``queue``."""
+    return [
+        json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        for raw in client.lrange(queue, 0, -1)
+    ]
+
+
 def queued_case_ids(client: redis.Redis) -> dict[str, list[int]]:
     """Case ids carried by the queued scoring messages, per queue."""
     out: dict[str, list[int]] = {}
@@ -58,6 +73,43 @@ def queued_case_ids(client: redis.Redis) -> dict[str, list[int]]:
         out[queue] = ids
     return out
 
+
+def score_row(
+    case_id: int, *, score: float, label: str, sha256: str = "0" * 64
+) -> dict[str, object]:
+    """A breast-cancer@1.0.0 score row as ``repo.save_scores`` takes it."""
+    return {
+        "case_id": case_id,
+        "model_name": "breast-cancer",
+        "model_version": "1.0.0",
+        "model_sha256": sha256,
+        "score": score,
+        "label": label,
+    }
+
+
+def score_collecting_explanations(
+    sessions: sessionmaker[Session], ids: list[int], load_model: ModelLoader, **options: Any
+) -> tuple[Outcome, list[list[int]]]:
+    """``score_cases`` on ``ids``; also the case ids of the explain messages it sent."""
+    from worker.tasks.scoring import score_cases
+
+    sent: list[list[int]] = []
+    outcome = score_cases(
+        ids, sessions=sessions, load_model=load_model, send_explanations=sent.append, **options
+    )
+    return outcome, sent
+
+
+#: Genotypes and PLINK's own output for them, stored beside the tests.
+GENOME_DATA = Path(__file__).resolve().parent / "data" / "genome"
+#: (metric, ibs_missing, golden matrix file) for every PLINK matrix of hm3_small stored there.
+PLINK_MATRICES = [
+    ("grm", "frequency", "hm3_small.rel"),
+    ("king", "frequency", "hm3_small.king"),
+    ("ibs", "frequency", "hm3_small.mibs"),
+    ("ibs", "flat", "hm3_small_flat.mibs"),
+]
 
 #: The project's shared data (read-only, beside the repository: ../shared), or where
 #: MEDBATCH_SHARED_DIR points.
@@ -147,3 +199,57 @@ def post_job(api: TestClient, headers: dict[str, str], path: str, body: dict) ->
     response = api.post(path, headers=headers, json=body)
     assert response.status_code == 202, response.text
     return response.json()
+
+
+def save_mlp(path: Path, n_inputs: int, *, hidden: tuple[int, ...]) -> StandardizedMLP:
+    """A new ``StandardizedMLP``, its state dict written to ``path`` as safetensors."""
+    from safetensors.torch import save_file
+
+    from models.cases.architectures import StandardizedMLP
+
+    mlp = StandardizedMLP(n_inputs, hidden=hidden).eval()
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(path))
+    return mlp
+
+
+def register_mlp(
+    weights: Path,
+    *,
+    name: str,
+    version: str,
+    schema_path: Path,
+    artifact_dir: Path,
+    **params: Any,
+) -> dict[str, Any]:
+    """``register`` a safetensors state dict of the built-in MLP (``params`` as it was built)."""
+    from models.cases.byo import register
+
+    return register(
+        weights,
+        name=name,
+        version=version,
+        schema_path=schema_path,
+        artifact_dir=artifact_dir,
+        architecture="mlp",
+        params=params,
+    )
+
+
+def assert_same_tensors(fresh: Path, packaged: Path, *, atol: float) -> None:
+    """Two safetensors files hold the same tensor names, each equal to within ``atol``."""
+    from safetensors.numpy import load_file
+
+    ours, theirs = load_file(str(fresh)), load_file(str(packaged))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=atol, err_msg=key)
+
+
+def assert_retrained_is_packaged(
+    report: TrainReport, spec: ModelSpec, metrics: dict[str, str]
+) -> None:
+    """A retrained model has the packaged weights (to 1e-4) and the held-out metrics recorded in
+    its registry entry (to 1e-3); ``metrics`` maps the report's names to the entry's."""
+    assert_same_tensors(report.artifact, spec.artifact, atol=1e-4)
+    for ours, recorded in metrics.items():
+        assert report.metrics[ours] == pytest.approx(spec.training[recorded], abs=1e-3), ours

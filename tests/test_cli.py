@@ -12,17 +12,8 @@ import pytest
 
 from medbatch.cli import build_parser, main
 from medbatch.settings import get_settings
-
-
-def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "medbatch.cli", *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.helpers import save_mlp
+from tests.test_cli_first_use import run_cli
 
 
 def test_db_upgrade_then_create_tenant_prints_a_key_once(tmp_path: Path) -> None:
@@ -80,12 +71,16 @@ def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
         ["api", "--port", "eighty"],
         ["submit", "cases.json"],
         ["sweeper", "--every", "5"],
+        ["genome", "compare", "--metric", "king"],
+        ["submit"],
     ],
+    ids=" ".join,
 )
 def test_bad_arguments_exit_2_with_usage(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """argparse refuses unknown choices, flags and types with a usage line."""
+    """argparse refuses unknown choices, flags and types, and missing required arguments, with a
+    usage line."""
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(argv)
     assert exit_.value.code == 2
@@ -108,13 +103,9 @@ def test_models_evaluate_writes_a_report_and_refuses_unknown_or_unlabelled(tmp_p
 def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None:
     """`models register` stores a safetensors MLP and lists it; a bad file or schema exits 2."""
     import torch
-    from safetensors.torch import save_file
 
-    from models.cases.architectures import StandardizedMLP
-
-    mlp = StandardizedMLP(2, hidden=())
     weights = tmp_path / "mine.safetensors"
-    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(weights))
+    mlp = save_mlp(weights, 2, hidden=())
     schema = tmp_path / "schema.json"
     schema.write_text(
         json.dumps(

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from medbatch.cli import _common, build_parser
 
 DATA = Path(__file__).resolve().parent / "data" / "genome"
@@ -20,6 +18,8 @@ HEAVY = ("torch", "numba", "rdkit", "celery", "sqlalchemy", "fastapi", "numpy", 
 
 
 def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``medbatch`` as its own process. Kept here, not in tests/helpers.py: this module must
+    import nothing heavy, since the help test below imports it in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, "-m", "medbatch.cli", *args],
         cwd=cwd,
@@ -153,16 +153,6 @@ def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown queue gnome" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("argv", [["genome", "compare", "--metric", "king"], ["submit"]])
-def test_missing_required_arguments_exit_2_with_usage(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        build_parser().parse_args(argv)
-    assert exit_.value.code == 2
-    assert "usage: medbatch" in capsys.readouterr().err
 
 
 def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> None:

@@ -3,24 +3,22 @@ messages are rejected (not retried) before they touch anything."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from celery.exceptions import Reject
 
 from medbatch.cli import main
-from medbatch.settings import get_settings
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
-    monkeypatch.setenv("MEDBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'db.sqlite'}")
-    monkeypatch.setenv("MEDBATCH_ARTIFACT_DIR", str(tmp_path / "store"))
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)
+def env(tmp_path: Path, cli_env: Callable[..., None]) -> Path:
     from db.migrate import upgrade
 
-    upgrade(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    cli_env(MEDBATCH_DATABASE_URL=url, MEDBATCH_ARTIFACT_DIR=str(tmp_path / "store"))
+    upgrade(url)
     return tmp_path
 
 

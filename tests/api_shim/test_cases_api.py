@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,16 +19,14 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, Score
 from medbatch.settings import Settings
-from tests.helpers import queued_case_ids, wdbc_cases
+from tests.helpers import queued_case_ids, score_row, wdbc_cases
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=pg_url, broker_url=redis_url, max_body_bytes=256 * 1024)
-    with TestClient(create_app(settings)) as client:
-        yield client
+def api_settings() -> dict[str, object]:
+    return {"max_body_bytes": 256 * 1024}
 
 
 @pytest.fixture
@@ -46,11 +45,18 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def counts(sessions: sessionmaker[Session], broker: redis.Redis) -> tuple[int, int]:
-    """(case rows, case ids waiting in the queues)."""
-    with sessions() as s:
-        rows = s.scalar(select(func.count()).select_from(Case)) or 0
-    return rows, sum(len(v) for v in queued_case_ids(broker).values())
+#: Called, says what is recorded now: (case rows, case ids waiting in the queues).
+Counts = Callable[[], tuple[int, int]]
+
+
+@pytest.fixture
+def counts(pg_sessions: sessionmaker[Session], redis_client: redis.Redis) -> Counts:
+    def now() -> tuple[int, int]:
+        with pg_sessions() as s:
+            rows = s.scalar(select(func.count()).select_from(Case)) or 0
+        return rows, sum(len(v) for v in queued_case_ids(redis_client).values())
+
+    return now
 
 
 def test_accepted_cases_are_committed_then_enqueued_by_priority(
@@ -81,7 +87,7 @@ def test_a_single_case_object_is_accepted(api: TestClient, key: str) -> None:
 
 
 def test_identical_resubmission_creates_and_enqueues_nothing(
-    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+    api: TestClient, key: str, redis_client: redis.Redis, counts: Counts
 ) -> None:
     """Posting the same cases again returns the same ids with created=false."""
     cases = wdbc_cases(2)
@@ -90,11 +96,11 @@ def test_identical_resubmission_creates_and_enqueues_nothing(
     second = api.post("/v1/cases", json=cases, headers=auth(key)).json()
     assert [c["id"] for c in second["cases"]] == [c["id"] for c in first["cases"]]
     assert [c["created"] for c in second["cases"]] == [False, False]
-    assert counts(pg_sessions, redis_client) == (2, 0)
+    assert counts() == (2, 0)
 
 
 def test_conflicting_resubmission_is_409_and_writes_nothing(
-    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+    api: TestClient, key: str, redis_client: redis.Redis, counts: Counts
 ) -> None:
     """An external id reused with other features is refused, with its position named (not the id)."""
     cases = wdbc_cases(1)
@@ -105,7 +111,7 @@ def test_conflicting_resubmission_is_409_and_writes_nothing(
     assert response.status_code == 409
     assert response.json()["detail"]["positions"] == [3]
     assert cases[0]["external_id"] not in response.text
-    assert counts(pg_sessions, redis_client) == (1, 0)
+    assert counts() == (1, 0)
 
 
 def _with(case: dict, **features: object) -> dict:
@@ -179,11 +185,7 @@ BAD_BODIES = {
 
 @pytest.mark.parametrize("kind", BAD_BODIES)
 def test_bad_input_is_422_naming_the_field_and_nothing_is_written_or_enqueued(
-    kind: str,
-    api: TestClient,
-    key: str,
-    pg_sessions: sessionmaker[Session],
-    redis_client: redis.Redis,
+    kind: str, api: TestClient, key: str, counts: Counts
 ) -> None:
     """Each bad input: 422, the field's location and the problem, no row, no message."""
     make, loc, fragment = BAD_BODIES[kind]
@@ -191,88 +193,82 @@ def test_bad_input_is_422_naming_the_field_and_nothing_is_written_or_enqueued(
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
     assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
+
+
+def _with_mean_area(literal: str) -> str:
+    """One case as JSON text, its mean_area written as the raw JSON number ``literal``."""
+    case = wdbc_cases(1)[0]
+    return json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+
+
+def _post_text(api: TestClient, key: str, text: str | bytes | Iterator[bytes]) -> Response:
+    """POST /v1/cases with a body as it is, not encoded by the client."""
+    return api.post(
+        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
+    )
+
+
+def _refusal_of_mean_area(response: Response) -> str:
+    """The message of a 422 whose one error is at the case's mean_area."""
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    return str(error["msg"])
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_422(
-    literal: str,
-    api: TestClient,
-    key: str,
-    pg_sessions: sessionmaker[Session],
-    redis_client: redis.Redis,
+    literal: str, api: TestClient, key: str, counts: Counts
 ) -> None:
     """NaN and ±Infinity (which Python's JSON parser lets through) are refused by name."""
-    case = wdbc_cases(1)[0]
-    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
+    text = _with_mean_area(literal)
     assert math.isnan(json.loads(text)[0]["features"]["mean_area"]) or literal != "NaN"
-    response = api.post(
-        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
-    )
-    assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", 0, "features", "mean_area"]
-    assert "finite" in error["msg"]
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert "finite" in _refusal_of_mean_area(_post_text(api, key, text))
+    assert counts() == (0, 0)
 
 
 @pytest.mark.parametrize("literal", ["1e39", "-3.5e38", "1" + "0" * 400])
 def test_numbers_past_float32_are_422(
-    literal: str,
-    api: TestClient,
-    key: str,
-    pg_sessions: sessionmaker[Session],
-    redis_client: redis.Redis,
+    literal: str, api: TestClient, key: str, counts: Counts
 ) -> None:
     """Values a model's float32 would turn into infinity are refused, without echoing them."""
-    case = wdbc_cases(1)[0]
-    text = json.dumps([case]).replace(json.dumps(case["features"]["mean_area"]), literal, 1)
-    response = api.post(
-        "/v1/cases", content=text, headers={**auth(key), "Content-Type": "application/json"}
-    )
-    assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["body", 0, "features", "mean_area"]
+    response = _post_text(api, key, _with_mean_area(literal))
+    message = _refusal_of_mean_area(response)
     # An integer literal past 64 bits is refused by the input guard before the float32 rule.
-    assert any(rule in error["msg"] for rule in ("32-bit", "finite", "64 bits"))
+    assert any(rule in message for rule in ("32-bit", "finite", "64 bits"))
     assert literal not in response.text
     assert literal[:4] not in response.text.replace("3.4e38", "")
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
-def test_invalid_json_is_422(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_json_is_422(api: TestClient, key: str, counts: Counts) -> None:
     """A body that is not JSON is refused with a message that says so."""
-    response = api.post(
-        "/v1/cases", content=b"{not json", headers={**auth(key), "Content-Type": "application/json"}
-    )
+    response = _post_text(api, key, b"{not json")
     assert response.status_code == 422
     assert "not valid JSON" in response.json()["detail"][0]["msg"]
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
-def test_too_many_cases_is_422(
-    pg_url: str, key: str, redis_url: str, pg_sessions, redis_client
-) -> None:  # type: ignore[no-untyped-def]
+def test_too_many_cases_is_422(pg_url: str, key: str, redis_url: str, counts: Counts) -> None:
     """More cases than max_cases_per_request: refused whole, with the limit named."""
     settings = Settings(database_url=pg_url, broker_url=redis_url, max_cases_per_request=5)
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/cases", json=wdbc_cases(6), headers=auth(key))
     assert response.status_code == 422
     assert "at most 5 cases per request, got 6" in response.json()["detail"][0]["msg"]
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
-def test_oversized_body_is_413(api: TestClient, key: str, pg_sessions, redis_client) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_body_is_413(api: TestClient, key: str, counts: Counts) -> None:
     """A body over max_body_bytes is refused before parsing, with a JSON message."""
     response = api.post("/v1/cases", json=wdbc_cases(569), headers=auth(key))
     assert response.status_code == 413
     assert "over 262144 bytes" in response.json()["detail"]
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
-def test_oversized_chunked_body_is_413(
-    api: TestClient, key: str, pg_sessions, redis_client
-) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_chunked_body_is_413(api: TestClient, key: str, counts: Counts) -> None:
     """Without a Content-Length the limit still holds, counted as the body streams in."""
     payload = json.dumps(wdbc_cases(569)).encode()
 
@@ -280,24 +276,20 @@ def test_oversized_chunked_body_is_413(
         for i in range(0, len(payload), 8192):
             yield payload[i : i + 8192]
 
-    response = api.post(
-        "/v1/cases", content=chunks(), headers={**auth(key), "Content-Type": "application/json"}
-    )
+    response = _post_text(api, key, chunks())
     assert response.status_code == 413
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}]
 )
-def test_without_a_valid_key_is_401(
-    api: TestClient, headers: dict, pg_sessions, redis_client
-) -> None:  # type: ignore[no-untyped-def]
+def test_without_a_valid_key_is_401(api: TestClient, headers: dict, counts: Counts) -> None:
     """No key, a wrong key or another scheme: 401 with a JSON reason, nothing written."""
     response = api.post("/v1/cases", json=wdbc_cases(1), headers=headers)
     assert response.status_code == 401
     assert response.json()["detail"]
-    assert counts(pg_sessions, redis_client) == (0, 0)
+    assert counts() == (0, 0)
 
 
 def test_tenants_never_see_each_others_cases(api: TestClient, key: str, other_key: str) -> None:
@@ -324,17 +316,7 @@ def test_case_shows_its_score_with_provenance(
     case_id = api.post("/v1/cases", json=wdbc_cases(1), headers=auth(key)).json()["cases"][0]["id"]
     with session_scope(pg_sessions) as s:
         repo.save_scores(
-            s,
-            rows=[
-                {
-                    "case_id": case_id,
-                    "model_name": "breast-cancer",
-                    "model_version": "1.0.0",
-                    "model_sha256": "a" * 64,
-                    "score": 0.9,
-                    "label": "malignant",
-                }
-            ],
+            s, rows=[score_row(case_id, score=0.9, label="malignant", sha256="a" * 64)]
         )
         repo.mark_done(s, case_ids=[case_id])
     body = api.get(f"/v1/cases/{case_id}", headers=auth(key)).json()
@@ -428,7 +410,7 @@ def test_health_ready_metrics_and_openapi(api: TestClient) -> None:
 
 
 def test_series_cases_are_accepted_and_ragged_ones_named(
-    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+    api: TestClient, key: str, counts: Counts
 ) -> None:
     """A vital-sign series goes in as channels of equal length; a ragged one is a 422 naming it."""
     from bench.workloads import vitals_series
@@ -449,7 +431,7 @@ def test_series_cases_are_accepted_and_ragged_ones_named(
     assert refused.status_code == 422
     (error,) = refused.json()["detail"]
     assert error["loc"] == ["body", "features", "spo2"] and "channels must align" in error["msg"]
-    assert counts(pg_sessions, redis_client) == (1, 1)
+    assert counts() == (1, 1)
 
 
 def test_models_are_listed_with_schema_threshold_status_and_sha256(
@@ -486,14 +468,14 @@ def test_models_are_listed_with_schema_threshold_status_and_sha256(
 
 
 def test_implausible_survival_inputs_are_422_naming_the_rule(
-    api: TestClient, key: str, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+    api: TestClient, key: str, counts: Counts
 ) -> None:
     """Schema rules (allowed values, plausible ranges) are enforced at the door."""
     from models.reference import survival
 
     x, _, _ = survival.load()
     features = dict(zip(survival.FEATURE_NAMES, map(float, x[0]), strict=True))
-    before = counts(pg_sessions, redis_client)
+    before = counts()
     response = api.post(
         "/v1/cases",
         headers=auth(key),
@@ -508,7 +490,7 @@ def test_implausible_survival_inputs_are_422_naming_the_rule(
     assert error["loc"] == ["body", "features", "systolic_bp"]
     assert error["msg"] == "outside the plausible range 40..300 mm[Hg]"
     assert "3000" not in response.text  # values are never echoed back
-    assert counts(pg_sessions, redis_client) == before
+    assert counts() == before
 
 
 def test_unknown_model_is_404_and_models_need_a_key(api: TestClient, key: str) -> None:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from db.tables import AuditEvent
-from medbatch.settings import Settings
+from medbatch.cli import main
 from tests.helpers import wdbc_cases
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(database_url=pg_url, broker_url=redis_url))) as client:
-        yield client
 
 
 def _client(sessions: sessionmaker[Session], tenant: str, *scopes: str) -> dict[str, str]:
@@ -98,20 +92,11 @@ def test_the_audit_trail_holds_no_external_ids_or_values(
 
 def test_cli_creates_a_client_with_scopes_or_says_why_not(
     pg_url: str,
-    pg_sessions: sessionmaker[Session],
     api: TestClient,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
-    request: pytest.FixtureRequest,
 ) -> None:
-    import json
-
-    from medbatch.cli import main
-    from medbatch.settings import get_settings
-
-    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)
+    cli_env(MEDBATCH_DATABASE_URL=pg_url)
     assert main(["db", "create-client", "nobody", "engine", "--scopes", "results:read"]) == 2
     assert "no tenant 'nobody'" in capsys.readouterr().err
     assert main(["db", "create-tenant", "hospital-a"]) == 0
@@ -216,21 +201,11 @@ def test_last_use_is_recorded_with_the_audit_row(
 
 def test_cli_rotates_revokes_and_lists_keys(
     pg_url: str,
-    pg_sessions: sessionmaker[Session],
     api: TestClient,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
-    request: pytest.FixtureRequest,
 ) -> None:
-    import json
-
-    from medbatch.cli import main
-    from medbatch.settings import get_settings
-
-    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
-    monkeypatch.setenv("MEDBATCH_API_KEY_LIFETIME_DAYS", "7")
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)
+    cli_env(MEDBATCH_DATABASE_URL=pg_url, MEDBATCH_API_KEY_LIFETIME_DAYS="7")
     assert main(["db", "create-tenant", "hospital-a"]) == 0
     tenant = json.loads(capsys.readouterr().out)
     assert tenant["expires_at"] is not None  # 7 days, from the setting

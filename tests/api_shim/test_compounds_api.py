@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import CompoundJob
-from tests.helpers import api_client, post_job, tenant_headers
+from tests.helpers import post_job, queued_tile_messages, tenant_headers
 from worker.queues import CHEM_QUEUE
 from worker.tasks import compounds as tasks
 
@@ -37,11 +34,8 @@ def folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def api(
-    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path, folder: Path
-) -> Iterator[TestClient]:
-    with api_client(pg_url, redis_url, tmp_path, compound_dir=folder) as client:
-        yield client
+def api_settings(folder: Path) -> dict[str, object]:
+    return {"compound_dir": folder}
 
 
 def test_a_search_is_queued_then_served(
@@ -61,10 +55,7 @@ def test_a_search_is_queued_then_served(
         1,
     )
     assert job["unreadable_examples"][0].startswith("query.smi, line 4")
-    messages = [
-        json.loads(base64.b64decode(json.loads(m)["body"]))[0]
-        for m in redis_client.lrange(CHEM_QUEUE, 0, -1)
-    ]
+    messages = queued_tile_messages(redis_client, CHEM_QUEUE)
     assert sorted(messages) == [[job["id"], 0], [job["id"], 1]]
     tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
     done = api.get(f"/v1/compound-similarity/{job['id']}", headers=headers).json()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from db.tables import Case, PatientIdentifier
-from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
 from tests.helpers import SHARED_DIR, require_shared
@@ -29,12 +26,6 @@ pytestmark = pytest.mark.integration
 
 BUNDLES = SHARED_DIR / "data" / "fhir" / "bundles"
 AS_OF = "2020-01-01T00:00:00Z"
-
-
-@pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(database_url=pg_url, broker_url=redis_url))) as client:
-        yield client
 
 
 def _key(sessions: sessionmaker[Session], name: str = "hospital-a", *scopes: str) -> dict:
@@ -48,6 +39,29 @@ def _key(sessions: sessionmaker[Session], name: str = "hospital-a", *scopes: str
 def _bundles() -> list[Path]:
     require_shared(BUNDLES / "x")
     return sorted(BUNDLES.glob("*.json"))
+
+
+def _first_bundle() -> dict:
+    return json.loads(_bundles()[0].read_text())
+
+
+def _patient(body: dict) -> dict:
+    return next(e for e in body["entry"] if e["resource"]["resourceType"] == "Patient")
+
+
+def _bmi(body: dict, full_url: str, *, system: str, status: str, when: str, value: dict) -> dict:
+    """An Observation entry of a BMI (LOINC 39156-5, coded in ``system``) of the bundle's patient."""
+    return {
+        "fullUrl": full_url,
+        "resource": {
+            "resourceType": "Observation",
+            "status": status,
+            "code": {"coding": [{"system": system, "code": "39156-5"}]},
+            "subject": {"reference": _patient(body)["fullUrl"]},
+            "effectiveDateTime": when,
+            "valueQuantity": value,
+        },
+    }
 
 
 def _cases(sessions: sessionmaker[Session]) -> int:
@@ -109,7 +123,7 @@ def test_resubmitting_the_same_patient_data_creates_nothing(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
     headers = _key(pg_sessions)
-    body = json.loads(_bundles()[0].read_text())
+    body = _first_bundle()
     assert _post(api, headers, body).status_code == 202
     again = _post(api, headers, body)
     assert again.json()["entry"][0]["response"]["status"] == "200 OK"
@@ -148,7 +162,7 @@ def test_bad_input_is_an_operation_outcome_and_writes_nothing(
     from fhir.resources.R4B.operationoutcome import OperationOutcome
 
     headers = _key(pg_sessions)
-    response = _post(api, headers, make(json.loads(_bundles()[0].read_text())))
+    response = _post(api, headers, make(_first_bundle()))
     assert response.status_code == status, response.text
     result = OperationOutcome.model_validate(response.json())
     assert any(i.severity in ("error", "fatal") for i in result.issue)
@@ -163,7 +177,7 @@ def test_bad_input_is_an_operation_outcome_and_writes_nothing(
 def test_unknown_model_and_missing_scope_and_other_tenants(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    body = json.loads(_bundles()[0].read_text())
+    body = _first_bundle()
     headers = _key(pg_sessions)
     unknown = _post(api, headers, body, model="heart-failure")
     assert unknown.status_code == 422 and unknown.json()["issue"][0]["code"] == "not-found"
@@ -221,27 +235,13 @@ def test_a_value_in_a_unit_the_schema_cannot_convert_is_refused_by_name(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
     """A BMI in kg (not kg/m2): 422 naming the feature and the unit, nothing written."""
-    body = json.loads(_bundles()[0].read_text())
-    patient = next(e for e in body["entry"] if e["resource"]["resourceType"] == "Patient")
-    body["entry"].append(
-        {
-            "fullUrl": "urn:uuid:0b6f2a50-0000-4000-8000-00000000b0e1",
-            "resource": {
-                "resourceType": "Observation",
-                "status": "final",
-                "code": {"coding": [{"system": "http://loinc.org", "code": "39156-5"}]},
-                "subject": {"reference": patient["fullUrl"]},
-                "effectiveDateTime": "2019-06-01T10:00:00Z",
-                "valueQuantity": {
-                    "value": 81.0,
-                    "unit": "kg",
-                    "system": "http://unitsofmeasure.org",
-                    "code": "kg",
-                },
-            },
-            "request": {"method": "POST", "url": "Observation"},
-        }
-    )
+    body = _first_bundle()
+    in_kg = {"value": 81.0, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"}
+    bmi = _bmi(
+        body, "urn:uuid:0b6f2a50-0000-4000-8000-00000000b0e1", system="http://loinc.org",
+        status="final", when="2019-06-01T10:00:00Z", value=in_kg,
+    )  # fmt: skip
+    body["entry"].append({**bmi, "request": {"method": "POST", "url": "Observation"}})
     response = _post(api, _key(pg_sessions), body)
     assert response.status_code == 422, response.text
     text = json.dumps(response.json())
@@ -265,7 +265,7 @@ def test_the_audit_trail_names_the_patient_a_search_was_for(
 def test_a_patient_who_died_before_as_of_is_not_scored(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    body = json.loads(_bundles()[0].read_text())
+    body = _first_bundle()
     for entry in body["entry"]:
         if entry["resource"]["resourceType"] == "Patient":
             entry["resource"]["deceasedDateTime"] = "2015-03-01T00:00:00+00:00"
@@ -281,7 +281,7 @@ def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
     """An id-less Patient (urn:uuid only) gets a server-assigned id in the response; its
     RiskAssessment is found by subject, subject:identifier and patient.identifier, by this
     tenant only; the same patient sent again gets the same id (and no second case)."""
-    body = json.loads(_bundles()[0].read_text())
+    body = _first_bundle()
     for entry in body["entry"]:
         if entry["resource"]["resourceType"] == "Patient":
             entry["resource"].pop("id")
@@ -342,23 +342,14 @@ def test_the_risk_assessment_and_the_case_record_list_what_was_imputed_and_ignor
 ) -> None:
     """Synthea's bundle has no LOINC vitals; add an entered-in-error BMI: both the
     RiskAssessment and GET /v1/cases/{id} say which values were imputed and which was ignored."""
-    body = json.loads(_bundles()[0].read_text())
-    patient = next(e for e in body["entry"] if e["resource"]["resourceType"] == "Patient")
+    body = _first_bundle()
     body["entry"].append(
-        {
-            "fullUrl": "urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1",
-            "resource": {
-                "resourceType": "Observation",
-                "status": "entered-in-error",
-                "code": {
-                    "coding": [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "39156-5"}]
-                },
-                "subject": {"reference": patient["fullUrl"]},
-                "effectiveDateTime": "2019-12-31T10:00:00Z",
-                "valueQuantity": {"value": 250, "unit": "kg/m^2"},
-            },
-        }
-    )
+        _bmi(
+            body, "urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1",
+            system="urn:oid:2.16.840.1.113883.6.1", status="entered-in-error",
+            when="2019-12-31T10:00:00Z", value={"value": 250, "unit": "kg/m^2"},
+        )
+    )  # fmt: skip
     headers = _key(pg_sessions)
     response = _post(api, headers, body)
     assert response.status_code == 202, response.text

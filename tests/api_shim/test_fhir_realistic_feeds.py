@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
-from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
 from models.fhir.features import FeatureResult, features_of, iter_ndjson, parse_bundle
@@ -129,12 +126,6 @@ def test_a_bulk_export_of_the_feeds_gives_the_same(tmp_path: Path) -> None:
 
 
 # --- over HTTP --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(database_url=pg_url, broker_url=redis_url))) as client:
-        yield client
 
 
 def _groups(feeds: list[PatientFeed]) -> list[tuple[str, list[PatientFeed]]]:

@@ -3,8 +3,6 @@ bad input refused with the field named and nothing written, other tenants' jobs 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.tables import GenomeJob
-from tests.helpers import api_client, post_job, tenant_headers
+from tests.helpers import post_job, queued_tile_messages, tenant_headers
 from worker.queues import GENOME_QUEUE
 from worker.tasks import genome as tasks
 
@@ -47,39 +45,27 @@ def genotypes(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def api(
-    pg_url: str,
-    pg_sessions: sessionmaker[Session],
-    redis_url: str,
-    tmp_path: Path,
-    genotypes: Path,
-) -> Iterator[TestClient]:
-    with api_client(pg_url, redis_url, tmp_path, genotype_dir=genotypes) as client:
-        yield client
+def api_settings(genotypes: Path) -> dict[str, object]:
+    return {"genotype_dir": genotypes}
 
 
-def _tile_messages(broker: redis.Redis) -> list[list[int]]:
-    import base64
-
-    return [
-        json.loads(base64.b64decode(json.loads(m)["body"]))[0]
-        for m in broker.lrange(GENOME_QUEUE, 0, -1)
-    ]
+def _submit(api: TestClient, sessions: sessionmaker[Session], body: dict) -> tuple[dict, dict]:
+    """A new biobank tenant's headers, and the job it submitted (accepted)."""
+    headers = tenant_headers(sessions, "biobank")
+    return headers, post_job(api, headers, "/v1/genome-comparisons", body)
 
 
 def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
-    headers = tenant_headers(pg_sessions, "biobank")
-    job = post_job(
-        api,
-        headers,
-        "/v1/genome-comparisons",
-        {"metric": "king", "bfile": "hm3_small", "tile_rows": 25},
+    headers, job = _submit(
+        api, pg_sessions, {"metric": "king", "bfile": "hm3_small", "tile_rows": 25}
     )
     assert (job["n_samples"], job["n_rows"], job["n_variants"]) == (60, 60, 2000)
     assert (job["tiles_total"], job["tiles_done"], job["status"]) == (3, 0, "queued")
-    assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(3)]
+    assert sorted(queued_tile_messages(redis_client, GENOME_QUEUE)) == [
+        [job["id"], i] for i in range(3)
+    ]
     # Progress and pairs are readable by the owner; another tenant sees nothing.
     assert (
         api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()["tiles_total"] == 3
@@ -99,10 +85,7 @@ def test_a_job_is_recorded_then_one_message_per_tile_is_queued(
 def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = tenant_headers(pg_sessions, "biobank")
-    job = api.post(
-        "/v1/genome-comparisons", headers=headers, json={"metric": "king", "bfile": "relatives"}
-    ).json()
+    headers, job = _submit(api, pg_sessions, {"metric": "king", "bfile": "relatives"})
     tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
     body = api.get(
         f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers, params={"min_kinship": 0.4}
@@ -180,17 +163,15 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
     api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
 ) -> None:
     """ "output": "pairs": 2-D tile messages, then only the .kin0 and the degree summary."""
-    headers = tenant_headers(pg_sessions, "biobank")
-    response = api.post(
-        "/v1/genome-comparisons",
-        headers=headers,
-        json={"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 32,
-              "threshold": 0.0442},
+    headers, job = _submit(
+        api, pg_sessions,
+        {"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 32,
+         "threshold": 0.0442},
     )  # fmt: skip
-    assert response.status_code == 202, response.text
-    job = response.json()
     assert (job["output"], job["tiles_total"], job["n_samples"]) == ("pairs", 6, 96)
-    assert sorted(_tile_messages(redis_client)) == [[job["id"], i] for i in range(6)]
+    assert sorted(queued_tile_messages(redis_client, GENOME_QUEUE)) == [
+        [job["id"], i] for i in range(6)
+    ]
     tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
     done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
     assert done["status"] == "done"
@@ -209,12 +190,7 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
 def test_a_vcf_job_is_accepted_like_its_plink_fileset(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = tenant_headers(pg_sessions, "biobank")
-    response = api.post(
-        "/v1/genome-comparisons", headers=headers, json={"metric": "grm", "vcf": "hm3_small.vcf.gz"}
-    )
-    assert response.status_code == 202, response.text
-    job = response.json()
+    _, job = _submit(api, pg_sessions, {"metric": "grm", "vcf": "hm3_small.vcf.gz"})
     assert (job["n_samples"], job["n_variants"]) == (60, 2000)
     summary = tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
     assert summary["status"] == "done"

@@ -14,12 +14,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_shim.guard import json_depth
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from db.tables import AuditEvent, Case, GenomeJob, Priority
-from medbatch.settings import Settings
-from tests.helpers import wdbc_cases
+from tests.helpers import score_row, tenant_headers, wdbc_cases
 
 pytestmark = pytest.mark.integration
 
@@ -47,25 +45,17 @@ def folders(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def api(
-    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, folders: Path
-) -> Iterator[TestClient]:
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        genotype_dir=folders / "genotypes",
-        compound_dir=folders / "compounds",
-        artifact_dir=folders / "store",
-        max_body_bytes=256 * 1024,
-    )
-    with TestClient(create_app(settings)) as client:
-        yield client
+def api_settings(folders: Path) -> dict[str, object]:
+    return {
+        "genotype_dir": folders / "genotypes",
+        "compound_dir": folders / "compounds",
+        "max_body_bytes": 256 * 1024,
+    }
 
 
 @pytest.fixture
 def auth(pg_sessions: sessionmaker[Session]) -> dict[str, str]:
-    with session_scope(pg_sessions) as s:
-        return {"Authorization": f"Bearer {repo.create_tenant(s, name='hospital')[1]}"}
+    return tenant_headers(pg_sessions, "hospital")
 
 
 def _cases(sessions: sessionmaker[Session]) -> int:
@@ -464,19 +454,7 @@ def _scored_patient(sessions: sessionmaker[Session], tenant: str = "hospital") -
                 )
             ],
         )
-        repo.save_scores(
-            s,
-            rows=[
-                {
-                    "case_id": added.id,
-                    "model_name": "breast-cancer",
-                    "model_version": "1.0.0",
-                    "model_sha256": "0" * 64,
-                    "score": 0.25,
-                    "label": "benign",
-                }
-            ],
-        )
+        repo.save_scores(s, rows=[score_row(added.id, score=0.25, label="benign")])
         repo.mark_done(s, case_ids=[added.id])
 
 

@@ -3,7 +3,6 @@ creates nothing; another payload is 422; a retry while the first runs is 409; ke
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
 from db.tables import Case, GenomeJob, IdempotencyKey, utcnow
@@ -26,10 +24,8 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
 
 
 @pytest.fixture
-def api(pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=pg_url, broker_url=redis_url, genotype_dir=DATA)
-    with TestClient(create_app(settings)) as client:
-        yield client
+def api_settings() -> dict[str, object]:
+    return {"genotype_dir": DATA}
 
 
 def _headers(sessions: sessionmaker[Session], name: str, key: str | None) -> dict[str, str]:

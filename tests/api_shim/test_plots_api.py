@@ -4,7 +4,6 @@ a genome job's kinship plot and a compound search's histogram once they are done
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,9 @@ from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_shim.main import create_app
 from db import repo
 from db.engine import session_scope
-from medbatch.settings import Settings
-from tests.helpers import wdbc_cases
+from tests.helpers import score_row, tenant_headers, wdbc_cases
 
 pytestmark = pytest.mark.integration
 
@@ -26,23 +23,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def api(
-    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path
-) -> Iterator[TestClient]:
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        genotype_dir=ROOT / "examples" / "genotypes",
-        compound_dir=ROOT / "examples" / "compounds",
-        artifact_dir=tmp_path / "store",
-    )
-    with TestClient(create_app(settings)) as client:
-        yield client
-
-
-def _key(sessions: sessionmaker[Session], name: str) -> dict[str, str]:
-    with session_scope(sessions) as s:
-        return {"Authorization": f"Bearer {repo.create_tenant(s, name=name)[1]}"}
+def api_settings() -> dict[str, object]:
+    return {
+        "genotype_dir": ROOT / "examples" / "genotypes",
+        "compound_dir": ROOT / "examples" / "compounds",
+    }
 
 
 def _scored(api: TestClient, headers: dict[str, str], sessions, scores: list[float]) -> list[str]:  # type: ignore[no-untyped-def]
@@ -51,14 +36,7 @@ def _scored(api: TestClient, headers: dict[str, str], sessions, scores: list[flo
         repo.save_scores(
             s,
             rows=[
-                {
-                    "case_id": c["id"],
-                    "model_name": "breast-cancer",
-                    "model_version": "1.0.0",
-                    "model_sha256": "a" * 64,
-                    "score": score,
-                    "label": "x",
-                }
+                score_row(c["id"], score=score, label="x", sha256="a" * 64)
                 for c, score in zip(cases, scores, strict=True)
             ],
         )
@@ -68,7 +46,7 @@ def _scored(api: TestClient, headers: dict[str, str], sessions, scores: list[flo
 def test_an_evaluation_of_stored_scores_links_its_pictures(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = _key(pg_sessions, "hospital-a")
+    headers = tenant_headers(pg_sessions, "hospital-a")
     scores = [0.9, 0.8, 0.35, 0.3, 0.6, 0.1]
     ids = _scored(api, headers, pg_sessions, scores)
     truth = [1, 1, 0, 1, 0, 0]
@@ -86,7 +64,7 @@ def test_an_evaluation_of_stored_scores_links_its_pictures(
         picture = api.get(link, headers=headers)
         assert picture.status_code == 200 and picture.content.startswith(PNG)
         assert picture.headers["content-type"] == "image/png"
-    other = _key(pg_sessions, "hospital-b")
+    other = tenant_headers(pg_sessions, "hospital-b")
     assert api.get(f"/v1/score-evaluations/{body['id']}", headers=other).status_code == 404
     assert api.get(body["plots"]["roc"], headers=other).status_code == 404
 
@@ -103,7 +81,7 @@ def test_an_evaluation_of_stored_scores_links_its_pictures(
 def test_bad_evaluation_requests_are_422_naming_the_field(
     api: TestClient, pg_sessions: sessionmaker[Session], body: dict, where: list
 ) -> None:
-    headers = _key(pg_sessions, "hospital-a")
+    headers = tenant_headers(pg_sessions, "hospital-a")
     response = api.post("/v1/score-evaluations", json=body, headers=headers)
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"][: len(where)] == where
@@ -112,7 +90,7 @@ def test_bad_evaluation_requests_are_422_naming_the_field(
 def test_an_evaluation_without_scored_cases_of_both_outcomes_is_422_without_ids(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    headers = _key(pg_sessions, "hospital-a")
+    headers = tenant_headers(pg_sessions, "hospital-a")
     ids = _scored(api, headers, pg_sessions, [0.9, 0.2])
     labels = {ids[0]: 1, ids[1]: 1, "MRN-SECRET-123": 0}
     response = api.post(
@@ -132,7 +110,7 @@ def test_job_pictures_exist_once_the_jobs_are_done(
     from worker.tasks import compounds as compound_tasks
     from worker.tasks import genome as genome_tasks
 
-    headers = _key(pg_sessions, "hospital-a")
+    headers = tenant_headers(pg_sessions, "hospital-a")
     job = api.post(
         "/v1/genome-comparisons", json={"metric": "king", "bfile": "hm3_small"}, headers=headers
     ).json()
@@ -156,5 +134,5 @@ def test_job_pictures_exist_once_the_jobs_are_done(
     found = api.get(f"/v1/compound-similarity/{search['id']}", headers=headers).json()
     assert found["plots"] == [link]
     assert api.get(link, headers=headers).content.startswith(PNG)
-    other = _key(pg_sessions, "hospital-b")
+    other = tenant_headers(pg_sessions, "hospital-b")
     assert api.get(link, headers=other).status_code == 404

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import Base, Case, CaseStatus, Priority, Score
+from tests.helpers import score_row
 
 pytestmark = pytest.mark.integration
 
@@ -103,14 +104,7 @@ def test_save_scores_twice_keeps_one_row(sessions: sessionmaker[Session]) -> Non
     tenant_id = _tenant(sessions)
     with session_scope(sessions) as s:
         (added,) = repo.add_cases(s, tenant_id=tenant_id, cases=[_case("x1")])
-    row = {
-        "case_id": added.id,
-        "model_name": "breast-cancer",
-        "model_version": "1.0.0",
-        "model_sha256": "0" * 64,
-        "score": 0.25,
-        "label": "benign",
-    }
+    row = score_row(added.id, score=0.25, label="benign")
     with session_scope(sessions) as s:
         assert repo.save_scores(s, rows=[row]) == 1
     with session_scope(sessions) as s:

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
+from medbatch.settings import Settings
 from tests.e2e.support import Processes, free_port
+from worker.app import create_app
 
 
 @pytest.fixture
@@ -54,3 +57,11 @@ def api(processes: Processes, pg_sessions: sessionmaker[Session]) -> Iterator[ht
         time.sleep(0.2)
     yield client
     client.close()
+
+
+@pytest.fixture
+def celery(pg_url: str, redis_url: str) -> Iterator[Celery]:
+    """A Celery app on the test broker that only sends messages (it registers no tasks)."""
+    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
+    yield app
+    app.close()

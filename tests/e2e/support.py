@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.tables import Case
+from db.tables import Case, CaseStatus
 
 
 def free_port() -> int:
@@ -41,6 +41,17 @@ class Processes:
         log.close()
         self.procs.append(proc)
         return proc
+
+    def run_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``medbatch`` run to its end in these processes' environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "medbatch.cli", *args],
+            env=self.env,
+            cwd=self.logs,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text()
@@ -77,6 +88,23 @@ def wait_for(
             "timed out; worker log:\n" + processes.log("worker")[-3000:]
         )
         time.sleep(0.25)
+
+
+def wait_for_done(
+    sessions: sessionmaker[Session],
+    n: int,
+    *,
+    worker: subprocess.Popen[bytes],
+    processes: Processes,
+    timeout: float = 120,
+) -> None:
+    """Wait until exactly ``n`` cases are done (see ``wait_for``)."""
+    wait_for(
+        lambda: count_cases(sessions, Case.status == CaseStatus.done) == n,
+        worker=worker,
+        processes=processes,
+        timeout=timeout,
+    )
 
 
 def count_cases(sessions: sessionmaker[Session], *where) -> int:  # type: ignore[no-untyped-def]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import pytest
+from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,10 +12,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import repo
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Priority, Score
-from medbatch.settings import Settings
-from tests.e2e.support import Processes, count_cases, free_port, start_worker, wait_for
+from tests.e2e.support import (
+    Processes,
+    count_cases,
+    free_port,
+    start_worker,
+    wait_for,
+    wait_for_done,
+)
 from tests.helpers import wdbc_cases
-from worker.app import create_app
 from worker.queues import enqueue_cases
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -37,11 +40,7 @@ def _add(sessions: sessionmaker[Session], cases: list[dict], *, tenant: str) -> 
 
 @pytest.mark.slow
 def test_a_stat_case_is_scored_before_a_5000_case_bulk_backlog_drains(
-    processes: Processes,
-    api: httpx.Client,
-    pg_url: str,
-    redis_url: str,
-    pg_sessions: sessionmaker[Session],
+    processes: Processes, api: httpx.Client, celery: Celery, pg_sessions: sessionmaker[Session]
 ) -> None:
     """5,000 bulk cases queued one per message; a STAT case sent afterwards is scored while
     thousands of them still wait."""
@@ -51,11 +50,7 @@ def test_a_stat_case_is_scored_before_a_5000_case_bulk_backlog_drains(
         for c in c
     ][:5000]
     bulk_ids = _add(pg_sessions, bulk, tenant="bulk")
-    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
-    try:
-        enqueue_cases(app, [(i, Priority.bulk) for i in bulk_ids], per_message=1)
-    finally:
-        app.close()
+    enqueue_cases(celery, [(i, Priority.bulk) for i in bulk_ids], per_message=1)
     worker = start_worker(processes)
     bulk_id_set = set(bulk_ids)
     wait_for(
@@ -65,12 +60,7 @@ def test_a_stat_case_is_scored_before_a_5000_case_bulk_backlog_drains(
     )
     response = api.post("/v1/cases", json={**wdbc_cases(1, prefix="stat")[0], "priority": "stat"})
     stat_id = response.json()["cases"][0]["id"]
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 5001,
-        worker=worker,
-        processes=processes,
-        timeout=300,
-    )
+    wait_for_done(pg_sessions, 5001, worker=worker, processes=processes, timeout=300)
     with pg_sessions() as s:
         stat_scored_at = s.scalar(select(Score.created_at).where(Score.case_id == stat_id))
         bulk_after = s.scalar(
@@ -89,11 +79,7 @@ def test_a_stat_case_is_scored_before_a_5000_case_bulk_backlog_drains(
 
 
 def test_too_many_deliveries_dead_letter_a_case_and_replay_scores_it(
-    processes: Processes,
-    api: httpx.Client,
-    pg_url: str,
-    redis_url: str,
-    pg_sessions: sessionmaker[Session],
+    processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session]
 ) -> None:
     """A case already delivered max_deliveries times ends failed as a dead letter with its last
     error; `medbatch cases replay` re-queues it and it is scored."""
@@ -115,21 +101,10 @@ def test_too_many_deliveries_dead_letter_a_case_and_replay_scores_it(
     assert body["last_error"] == (
         "dead letter: delivered 3 times without finishing; last error: WorkerLostError: killed"
     )
-    replay = subprocess.run(
-        [sys.executable, "-m", "medbatch.cli", "cases", "replay", str(case_id)],
-        env=processes.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=processes.logs,
-    )
+    replay = processes.run_cli("cases", "replay", str(case_id))
     assert replay.returncode == 0, replay.stderr
     assert "re-queued 1 dead-lettered cases" in replay.stdout
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 1,
-        worker=worker,
-        processes=processes,
-    )
+    wait_for_done(pg_sessions, 1, worker=worker, processes=processes)
     assert api.get(f"/v1/cases/{case_id}").json()["scores"][0]["model"] == "breast-cancer"
 
 
@@ -139,14 +114,7 @@ def test_replay_without_a_selection_or_with_an_unknown_tenant_exits_2(processes:
         ([], "say which"),
         (["--tenant", "nobody"], "no tenant 'nobody'"),
     ):
-        result = subprocess.run(
-            [sys.executable, "-m", "medbatch.cli", "cases", "replay", *argv],
-            env=processes.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=processes.logs,
-        )
+        result = processes.run_cli("cases", "replay", *argv)
         assert result.returncode == 2 and message in result.stderr
 
 
@@ -159,11 +127,7 @@ def test_worker_serves_prometheus_metrics(
     cases = wdbc_cases(40)
     cases[0]["priority"] = "stat"
     api.post("/v1/cases", json=cases)
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 40,
-        worker=worker,
-        processes=processes,
-    )
+    wait_for_done(pg_sessions, 40, worker=worker, processes=processes)
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(

@@ -8,16 +8,15 @@ import uuid
 import httpx
 import pytest
 import redis
+from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.tables import Case, CaseStatus, Score
-from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
-from tests.e2e.support import Processes, count_cases, start_worker, wait_for
+from tests.e2e.support import Processes, count_cases, start_worker, wait_for, wait_for_done
 from tests.helpers import wdbc_cases
-from worker.app import create_app
 from worker.queues import SCORE_TASK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -76,8 +75,7 @@ def test_200_cases_over_http_get_exactly_one_correct_score_each(
 def test_the_same_message_delivered_twice_leaves_one_score_row(
     processes: Processes,
     api: httpx.Client,
-    pg_url: str,
-    redis_url: str,
+    celery: Celery,
     redis_client: redis.Redis,
     pg_sessions: sessionmaker[Session],
 ) -> None:
@@ -85,18 +83,10 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
     settled without a forward pass (no delivery counted); still one score row."""
     worker = start_worker(processes)
     case_id = api.post("/v1/cases", json=wdbc_cases(1)).json()["cases"][0]["id"]
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 1,
-        worker=worker,
-        processes=processes,
-    )
-    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
-    try:
-        task_id = str(uuid.uuid4())
-        for _ in range(2):
-            app.send_task(SCORE_TASK, args=[[case_id]], task_id=task_id, queue="score.routine")
-    finally:
-        app.close()
+    wait_for_done(pg_sessions, 1, worker=worker, processes=processes)
+    task_id = str(uuid.uuid4())
+    for _ in range(2):
+        celery.send_task(SCORE_TASK, args=[[case_id]], task_id=task_id, queue="score.routine")
     # Both copies read and acknowledged (they may share a batch).
     wait_for(
         lambda: (
@@ -114,26 +104,14 @@ def test_the_same_message_delivered_twice_leaves_one_score_row(
 
 
 def test_a_malformed_message_is_dropped_and_the_worker_goes_on(
-    processes: Processes,
-    api: httpx.Client,
-    pg_url: str,
-    redis_url: str,
-    pg_sessions: sessionmaker[Session],
+    processes: Processes, api: httpx.Client, celery: Celery, pg_sessions: sessionmaker[Session]
 ) -> None:
     """Garbage on the queue is rejected with a log line; the next real case is scored."""
-    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
-    try:
-        app.send_task(SCORE_TASK, args=["not ids"], queue="score.stat")
-        app.send_task(SCORE_TASK, args=[[987654321]], queue="score.stat")  # an id with no row
-    finally:
-        app.close()
+    celery.send_task(SCORE_TASK, args=["not ids"], queue="score.stat")
+    celery.send_task(SCORE_TASK, args=[[987654321]], queue="score.stat")  # an id with no row
     worker = start_worker(processes)
     api.post("/v1/cases", json=wdbc_cases(3))
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 3,
-        worker=worker,
-        processes=processes,
-    )
+    wait_for_done(pg_sessions, 3, worker=worker, processes=processes)
     assert "rejected malformed medbatch.score_cases message" in processes.log("worker")
 
 
@@ -149,9 +127,5 @@ def test_lost_messages_are_found_by_the_sweeper_and_scored(
     redis_client.flushdb()  # the broker loses every message (a restart without persistence)
     time.sleep(1.5)
     worker = start_worker(processes, MEDBATCH_REQUEUE_AFTER_S="1")
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 10,
-        worker=worker,
-        processes=processes,
-    )
+    wait_for_done(pg_sessions, 10, worker=worker, processes=processes)
     assert "sweeper: sent again 10 cases" in processes.log("worker")

@@ -5,8 +5,6 @@ worker on the real Redis and PostgreSQL."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,13 +15,13 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.tables import Case, CaseStatus, Score
+from db.tables import Score
 from models.cases.byo import register
 from models.cases.registry import Registry
 from models.cases.shadow import set_shadow
 from models.reference import breast_cancer
-from tests.e2e.support import Processes, count_cases, start_worker, wait_for
-from tests.helpers import wdbc_cases
+from tests.e2e.support import Processes, start_worker, wait_for_done
+from tests.helpers import register_mlp, wdbc_cases
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -67,18 +65,30 @@ def processes(processes: Processes, tmp_path: Path) -> Processes:
             }
         )
     )
-    register(
+    register_mlp(
         candidate,
         name="breast-cancer",
         version="1.1.0",
         schema_path=bc_schema,
         artifact_dir=store,
-        architecture="mlp",
-        params={"hidden": [32, 16], "dropout": 0.1},
+        hidden=[32, 16],
+        dropout=0.1,
     )
     set_shadow(store, "breast-cancer@1.1.0")
     processes.env["MEDBATCH_ARTIFACT_DIR"] = str(store)
     return processes
+
+
+def _submit_and_score(
+    processes: Processes, api: httpx.Client, sessions: sessionmaker[Session], cases: list[dict]
+) -> list[int]:
+    """POST the cases (accepted), then start a worker and wait until all are done. Their ids."""
+    response = api.post("/v1/cases", json=cases)
+    assert response.status_code == 202, response.text
+    ids = [c["id"] for c in response.json()["cases"]]
+    worker = start_worker(processes)
+    wait_for_done(sessions, len(cases), worker=worker, processes=processes)
+    return ids
 
 
 def test_own_torchscript_and_torch_export_models_are_scored_by_the_worker(
@@ -94,15 +104,7 @@ def test_own_torchscript_and_torch_export_models_are_scored_by_the_worker(
         }
         for i, row in enumerate(rows)
     ]
-    response = api.post("/v1/cases", json=payload)
-    assert response.status_code == 202, response.text
-    ids = [c["id"] for c in response.json()["cases"]]
-    worker = start_worker(processes)
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 40,
-        worker=worker,
-        processes=processes,
-    )
+    ids = _submit_and_score(processes, api, pg_sessions, payload)
     with torch.no_grad():
         expected = torch.sigmoid(_own_module()(torch.tensor(rows, dtype=torch.float32)))[:, 0]
     with pg_sessions() as s:
@@ -116,15 +118,7 @@ def test_own_torchscript_and_torch_export_models_are_scored_by_the_worker(
 def test_a_shadowing_candidate_scores_beside_the_released_model(
     processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session]
 ) -> None:
-    response = api.post("/v1/cases", json=wdbc_cases(50))
-    assert response.status_code == 202, response.text
-    ids = [c["id"] for c in response.json()["cases"]]
-    worker = start_worker(processes)
-    wait_for(
-        lambda: count_cases(pg_sessions, Case.status == CaseStatus.done) == 50,
-        worker=worker,
-        processes=processes,
-    )
+    ids = _submit_and_score(processes, api, pg_sessions, wdbc_cases(50))
     with pg_sessions() as s:
         rows = s.execute(select(Score.model_version, Score.shadow)).all()
     assert sorted(rows) == [("1.0.0", False)] * 50 + [("1.1.0", True)] * 50
@@ -132,13 +126,8 @@ def test_a_shadowing_candidate_scores_beside_the_released_model(
     assert [sc["model_version"] for sc in body["scores"]] == ["1.0.0"]
     listed = api.get("/v1/scores", params={"limit": 100}).json()
     assert len(listed["items"]) == 50
-    drift = subprocess.run(
-        [sys.executable, "-m", "medbatch.cli", "models", "drift", "breast-cancer", "--json"],
-        env=processes.env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    drift = processes.run_cli("models", "drift", "breast-cancer", "--json")
+    assert drift.returncode == 0, drift.stderr
     report = json.loads(drift.stdout)
     assert report["cases"] == 50 and report["released"] == "breast-cancer@1.0.0"
     assert 0 < report["mean_abs_diff"] < 0.2

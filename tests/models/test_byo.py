@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from models.cases.architectures import StandardizedMLP
 from models.cases.byo import RegistrationError, register
 from models.cases.inference import LoadedModel
 from models.cases.registry import load_registry, sha256_file
+from tests.helpers import register_mlp, save_mlp
 
 FEATURES = [{"name": n, "unit": "1"} for n in ("a", "b", "c")]
 CASE = {"a": 1.0, "b": -2.0, "c": 0.5}
@@ -68,18 +67,11 @@ def test_torch_export_program_with_a_dynamic_batch_is_registered(
 
 def test_safetensors_state_dict_of_a_builtin_architecture(tmp_path: Path, schema: Path) -> None:
     """A state dict for the built-in MLP registers with --architecture and its params."""
-    mlp = StandardizedMLP(3, hidden=(4,)).eval()
     path = tmp_path / "own.safetensors"
-    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(path))
+    mlp = save_mlp(path, 3, hidden=(4,))
     store = tmp_path / "store"
-    register(
-        path,
-        name="own",
-        version="3.0",
-        schema_path=schema,
-        artifact_dir=store,
-        architecture="mlp",
-        params={"hidden": [4]},
+    register_mlp(
+        path, name="own", version="3.0", schema_path=schema, artifact_dir=store, hidden=[4]
     )
     (row,) = LoadedModel(load_registry(store).resolve("own@3.0"), device="cpu").score([CASE])
     assert row.score == pytest.approx(_expected(mlp), abs=1e-6)

@@ -44,6 +44,13 @@ def _rdkit(query: list, library: list, metric: chem.Metric) -> np.ndarray:
     return np.array([bulk(bv, library) for bv in query])
 
 
+def _all_pairs_but_self(fps: chem.Fingerprints) -> np.ndarray:
+    """Every pair's score (the GEMM engine's), each molecule's own set to -inf."""
+    full = chem.similarity(fps, fps, engine="gemm")
+    np.fill_diagonal(full, -np.inf)
+    return full
+
+
 def _brute_top_k(full: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     columns = np.broadcast_to(np.arange(full.shape[1]), full.shape)
     order = np.lexsort((columns, -full), axis=1)[:, :k]
@@ -170,9 +177,7 @@ def test_top_k_all_pairs_excludes_only_self(
 ) -> None:
     """Each molecule's own row is left out; its duplicates stay (score 1, lowest index first)."""
     fps = with_duplicates.take(range(800))
-    full = chem.similarity(fps, fps, engine="gemm")
-    np.fill_diagonal(full, -np.inf)
-    index, score = _brute_top_k(full, 5)
+    index, score = _brute_top_k(_all_pairs_but_self(fps), 5)
     got = chem.top_k_all_pairs(fps, 5, engine=engine, **blocks)
     assert np.array_equal(got.index, index)
     assert np.array_equal(got.score, score)
@@ -215,10 +220,8 @@ def test_threshold_all_pairs_without_self(
     with_duplicates: chem.Fingerprints, engine: chem.Engine, blocks: dict[str, int]
 ) -> None:
     fps = with_duplicates.take(range(900))
-    full = chem.similarity(fps, fps, engine="gemm")
-    np.fill_diagonal(full, -1.0)
     got = chem.threshold_all_pairs(fps, 0.6, engine=engine, **blocks)
-    q, lib = np.nonzero(full >= 0.6)
+    q, lib = np.nonzero(_all_pairs_but_self(fps) >= 0.6)
     assert set(zip(got.query.tolist(), got.library.tolist(), strict=True)) == set(
         zip(q.tolist(), lib.tolist(), strict=True)
     )

@@ -21,7 +21,13 @@ from models.cases.inference import LoadedModel
 from models.cases.registry import Registry, sha256_file
 from models.reference import ecg
 from models.reference import recipes as reference
-from tests.helpers import ECG_RECORD, mitbih_windows, read_mitbih_212, require_shared
+from tests.helpers import (
+    ECG_RECORD,
+    assert_same_tensors,
+    mitbih_windows,
+    read_mitbih_212,
+    require_shared,
+)
 
 #: MIT annotation codes (WFDB's ecgcodes.h) of the beats in record 100.
 _CODES = {1: "N", 8: "A", 5: "V"}
@@ -251,13 +257,10 @@ def test_training_is_reproducible_and_its_metrics_add_up(
     # And it is the packaged model (weights compared with a tolerance: another CPU's vector
     # instructions may round differently, so the bytes need not match everywhere).
     packaged = Registry.load().resolve("ecg-cnn@1.0.0")
-    fresh, committed = load_numpy(str(trained.artifact)), load_numpy(str(packaged.artifact))
-    assert fresh.keys() == committed.keys()
     # Measured: retrained on an AVX2-only AMD EPYC against the weights packaged on an AMX Xeon,
     # BatchNorm running means differ by up to 3.7e-4 and one head weight by 1.05e-3 (same-CPU
     # retrains stay byte-identical).
-    for key in fresh:
-        np.testing.assert_allclose(fresh[key], committed[key], atol=5e-3, err_msg=key)
+    assert_same_tensors(trained.artifact, packaged.artifact, atol=5e-3)
     assert packaged.training["held_out"]["roc_auc"] == pytest.approx(
         trained.model.roc_auc, abs=5e-3
     )

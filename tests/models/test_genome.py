@@ -19,22 +19,13 @@ from models.genome.api import (
     read_bed,
     read_npy,
 )
-from tests.helpers import SHARED_DIR, require_shared
+from tests.helpers import GENOME_DATA, PLINK_MATRICES, SHARED_DIR, require_shared
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "genome"
-PREFIX = GOLDEN / "hm3_small"
+PREFIX = GENOME_DATA / "hm3_small"
 GENOTYPES_DIR = SHARED_DIR / "data" / "genotypes"
 REAL_SETS = [
     "HM3_thinned_autosomal_overlap",
     "1kg.ref.phase1_release_v3.20101123_thinned_autosomal_overlap",
-]
-
-#: (metric, ibs_missing, golden file stem) for every PLINK matrix stored beside the tests.
-GOLDENS = [
-    ("grm", "frequency", "hm3_small.rel"),
-    ("king", "frequency", "hm3_small.king"),
-    ("ibs", "frequency", "hm3_small.mibs"),
-    ("ibs", "flat", "hm3_small_flat.mibs"),
 ]
 
 
@@ -44,30 +35,30 @@ def cohort():
 
 
 def _golden_bin(name: str, n: int) -> np.ndarray:
-    return np.fromfile(GOLDEN / f"{name}.bin", dtype="<f8").reshape(n, n)
+    return np.fromfile(GENOME_DATA / f"{name}.bin", dtype="<f8").reshape(n, n)
 
 
 # --- PLINK goldens ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("metric", "ibs_missing", "name"), GOLDENS)
+@pytest.mark.parametrize(("metric", "ibs_missing", "name"), PLINK_MATRICES)
 def test_matrix_equals_plink_binary_output(cohort, metric, ibs_missing, name) -> None:
     """Each metric equals PLINK's float64 .bin matrix to 1e-12 on real data with missing calls."""
     ours = pairwise(cohort.dosages, metric=metric, ibs_missing=ibs_missing, device="cpu")
     np.testing.assert_allclose(ours, _golden_bin(name, cohort.n_samples), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize(("metric", "ibs_missing", "name"), GOLDENS)
+@pytest.mark.parametrize(("metric", "ibs_missing", "name"), PLINK_MATRICES)
 def test_matrix_equals_plink_text_output(cohort, metric, ibs_missing, name) -> None:
     """Each metric equals PLINK's text matrix to the 6 significant digits PLINK prints."""
     ours = pairwise(cohort.dosages, metric=metric, ibs_missing=ibs_missing, device="cpu")
-    np.testing.assert_allclose(ours, np.loadtxt(GOLDEN / name), rtol=6e-6, atol=0)
+    np.testing.assert_allclose(ours, np.loadtxt(GENOME_DATA / name), rtol=6e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", [name for _, _, name in GOLDENS])
+@pytest.mark.parametrize("name", [name for _, _, name in PLINK_MATRICES])
 def test_sample_order_equals_plink_id_files(cohort, name) -> None:
     """The reader's (FID, IID) order is the row order PLINK wrote."""
-    lines = [ln.split() for ln in (GOLDEN / f"{name}.id").read_text().splitlines()]
+    lines = [ln.split() for ln in (GENOME_DATA / f"{name}.id").read_text().splitlines()]
     ids = [tuple(f) for f in lines if not f[0].startswith("#")]
     assert ids == list(zip(cohort.fid, cohort.iid, strict=True))
 
@@ -296,7 +287,7 @@ def test_int8_products_equal_int64_matmul(k) -> None:
 
 
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-@pytest.mark.parametrize(("metric", "ibs_missing", "name"), GOLDENS)
+@pytest.mark.parametrize(("metric", "ibs_missing", "name"), PLINK_MATRICES)
 def test_small_blocks_and_both_missing_paths_equal_plink(
     monkeypatch, cohort, metric, ibs_missing, name, path
 ) -> None:

@@ -27,18 +27,14 @@ from models.genome.io.output import (
     write_mibs,
     write_rel,
 )
+from tests.helpers import GENOME_DATA, PLINK_MATRICES
 
-GOLDEN = Path(__file__).resolve().parents[1] / "data" / "genome"
-PREFIX = GOLDEN / "hm3_small"
+PREFIX = GENOME_DATA / "hm3_small"
 HAS_PLINK2 = shutil.which("plink2") is not None
 
+WRITERS = {"grm": write_rel, "king": write_king, "ibs": write_mibs}
 #: (metric, ibs_missing, writer, golden matrix file) for every PLINK text matrix stored.
-GOLDENS = [
-    ("grm", "frequency", write_rel, "hm3_small.rel"),
-    ("king", "frequency", write_king, "hm3_small.king"),
-    ("ibs", "frequency", write_mibs, "hm3_small.mibs"),
-    ("ibs", "flat", write_mibs, "hm3_small_flat.mibs"),
-]
+GOLDENS = [(metric, missing, WRITERS[metric], name) for metric, missing, name in PLINK_MATRICES]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def _ids(genotypes: Genotypes) -> list[tuple[str, str]]:
 
 
 def _golden_bin(name: str, n: int) -> np.ndarray:
-    return np.fromfile(GOLDEN / f"{name}.bin", dtype="<f8").reshape(n, n)
+    return np.fromfile(GENOME_DATA / f"{name}.bin", dtype="<f8").reshape(n, n)
 
 
 # --- PLINK goldens ----------------------------------------------------------------------------
@@ -73,8 +69,8 @@ def test_text_matrix_and_ids_equal_plink_byte_for_byte(
     stem = name.rsplit(".", 1)[0]
     path = writer(tmp_path / stem, matrices[name], _ids(cohort))
     assert path.name == name
-    assert path.read_bytes() == (GOLDEN / name).read_bytes()
-    assert Path(f"{path}.id").read_bytes() == (GOLDEN / f"{name}.id").read_bytes()
+    assert path.read_bytes() == (GENOME_DATA / name).read_bytes()
+    assert Path(f"{path}.id").read_bytes() == (GENOME_DATA / f"{name}.id").read_bytes()
 
 
 @pytest.mark.parametrize(("metric", "missing", "writer", "name"), GOLDENS)
@@ -83,7 +79,7 @@ def test_binary_matrix_layout_equals_plink(
 ) -> None:
     """PLINK's own .bin numbers round-trip to its bytes; ours match them to 1e-12 (KING: bytes)."""
     stem, n = name.rsplit(".", 1)[0], cohort.n_samples
-    golden = (GOLDEN / f"{name}.bin").read_bytes()
+    golden = (GENOME_DATA / f"{name}.bin").read_bytes()
     path = writer(tmp_path / f"{stem}_golden", _golden_bin(name, n), _ids(cohort), binary=True)
     assert path.name == f"{stem}_golden.{name.rsplit('.', 1)[1]}.bin"
     assert path.read_bytes() == golden
@@ -194,7 +190,7 @@ def test_uneven_row_blocks_write_the_same_bytes_as_one_shot(
         for rows in (slice(0, 7), slice(7, 7), slice(7, 48), slice(48, 60)):
             writer.write_rows(matrix[rows])
     assert writer.path.read_bytes() == one_shot.read_bytes()
-    assert writer.id_path.read_bytes() == (GOLDEN / "hm3_small.rel.id").read_bytes()
+    assert writer.id_path.read_bytes() == (GENOME_DATA / "hm3_small.rel.id").read_bytes()
 
 
 def test_incomplete_or_overfull_matrix_is_refused_and_leaves_no_file(tmp_path, cohort) -> None:

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from models.cases.registry import Registry
 from models.reference.train import train
+from tests.helpers import assert_retrained_is_packaged
 
 
 @pytest.mark.slow
 def test_training_reproduces_the_packaged_model(tmp_path: Path) -> None:
     """Retraining with the fixed seed gives the packaged weights and the recorded held-out AUCs."""
     report = train("breast-cancer", out_dir=tmp_path)
-    spec = Registry.load().resolve("breast-cancer")
-    fresh, packaged = load_file(str(report.artifact)), load_file(str(spec.artifact))
-    assert fresh.keys() == packaged.keys()
-    for key in fresh:
-        np.testing.assert_allclose(fresh[key], packaged[key], atol=1e-4, err_msg=key)
-    assert report.metrics["mlp_held_out_roc_auc"] == pytest.approx(
-        spec.training["held_out_roc_auc"], abs=1e-3
-    )
-    assert report.metrics["logistic_regression_held_out_roc_auc"] == pytest.approx(
-        spec.training["baseline_held_out_roc_auc"], abs=1e-3
+    assert_retrained_is_packaged(
+        report,
+        Registry.load().resolve("breast-cancer"),
+        {
+            "mlp_held_out_roc_auc": "held_out_roc_auc",
+            "logistic_regression_held_out_roc_auc": "baseline_held_out_roc_auc",
+        },
     )
     assert report.metrics["n_test"] == 114
 

@@ -36,8 +36,23 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     return library, query
 
 
-def _tenant(sessions: sessionmaker[Session]) -> int:
-    return new_tenant(sessions, "pharmacy")
+def _submit(sessions: sessionmaker[Session], artifact_dir: Path, **request: object) -> dict:
+    """A compound search for a new tenant."""
+    tenant_id = new_tenant(sessions, "pharmacy")
+    return tasks.submit(sessions, None, tenant_id=tenant_id, artifact_dir=artifact_dir, **request)
+
+
+def _neighbours(sessions: sessionmaker[Session], job_id: int) -> list:
+    with session_scope(sessions) as s:
+        return jobs.list_neighbours(s, job_id=job_id, limit=100_000)
+
+
+def _ranked(rows: list) -> dict[int, list[tuple]]:
+    """Each query's (library index, similarity) neighbours, best rank first."""
+    got: dict[int, list[tuple]] = {}
+    for r in sorted(rows, key=lambda r: (r.query_index, r.rank)):
+        got.setdefault(r.query_index, []).append((r.library_index, r.similarity))
+    return got
 
 
 def _rdkit(path: Path) -> tuple[list[str], list]:
@@ -73,10 +88,7 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
 ) -> None:
     """The same on every engine (MEDBATCH_CHEM_ENGINE reaches the tiles)."""
     library, query = files
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), library=library, query=query, top_k=5,
-        tile_rows=5, artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=5, tile_rows=5)
     assert (job["n_query"], job["n_library"], job["tiles_total"]) == (12, 301, 3)
     assert job["unreadable"] == 1 and "line 7" in job["unreadable_examples"][0]
     summary = tasks.run_inline(
@@ -90,11 +102,8 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     q_ids, q_fps = _rdkit(query)
     _, l_fps = _rdkit(library)
     expected = _brute_top_k(q_fps, l_fps, 5, skip_self=False)
-    with session_scope(sessions) as s:
-        rows = jobs.list_neighbours(s, job_id=job["id"], limit=1000)
-    got: dict[int, list[tuple]] = {}
-    for r in sorted(rows, key=lambda r: (r.query_index, r.rank)):
-        got.setdefault(r.query_index, []).append((r.library_index, r.similarity))
+    rows = _neighbours(sessions, job["id"])
+    got = _ranked(rows)
     for qi, want in enumerate(expected):
         assert got[qi] == want  # same neighbours, same order, bit-identical similarities
     assert {r.query_id for r in rows} == set(q_ids)
@@ -108,10 +117,7 @@ def test_the_chem_engine_setting_reaches_the_tiles(
     """MEDBATCH_CHEM_ENGINE=cuda: the job runs on the GPU where there is one, else it fails at
     once with the reason (a setting no retry can mend)."""
     library, query = files
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), library=library, query=query, top_k=3,
-        artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=3)
     summary = tasks.run_inline(sessions, job_id=job["id"], device="auto", engine="cuda")
     if torch.cuda.is_available():
         assert summary["status"] == "done", summary["error"]
@@ -124,18 +130,11 @@ def test_all_pairs_excludes_each_molecule_itself_and_breaks_ties_by_index(
     sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
 ) -> None:
     library, _ = files
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), library=library, query=None, top_k=3,
-        tile_rows=64, artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", library=library, query=None, top_k=3, tile_rows=64)
     assert tasks.run_inline(sessions, job_id=job["id"], device="cpu")["status"] == "done"
     _, fps = _rdkit(library)
     expected = _brute_top_k(fps, fps, 3, skip_self=True)
-    with session_scope(sessions) as s:
-        rows = jobs.list_neighbours(s, job_id=job["id"], limit=10_000)
-    got: dict[int, list[tuple]] = {}
-    for r in sorted(rows, key=lambda r: (r.query_index, r.rank)):
-        got.setdefault(r.query_index, []).append((r.library_index, r.similarity))
+    got = _ranked(_neighbours(sessions, job["id"]))
     assert [got[i] for i in range(len(fps))] == expected
     assert got[5][0] == (300, 1.0) and got[300][0] == (5, 1.0)  # the duplicate finds its twin
 
@@ -144,10 +143,7 @@ def test_threshold_hits_equal_rdkits(
     sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
 ) -> None:
     library, query = files
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), library=library, query=query,
-        threshold=0.3, artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, threshold=0.3)
     assert tasks.run_inline(sessions, job_id=job["id"], device="cpu")["status"] == "done"
     _, q_fps = _rdkit(query)
     _, l_fps = _rdkit(library)
@@ -157,8 +153,7 @@ def test_threshold_hits_equal_rdkits(
         for j, s in enumerate(DataStructs.BulkTanimotoSimilarity(fp, l_fps))
         if s >= 0.3
     }
-    with session_scope(sessions) as s:
-        rows = jobs.list_neighbours(s, job_id=job["id"], limit=100_000)
+    rows = _neighbours(sessions, job["id"])
     assert {(r.query_index, r.library_index, r.similarity) for r in rows} == expected
     assert expected  # the threshold really selects something
 
@@ -183,10 +178,7 @@ def test_bad_requests_are_refused_and_leave_no_job(
 ) -> None:
     library, query = files
     arguments = {"library": library, "query": query, **kwargs}
-    tenant = _tenant(sessions)
-    submit = lambda: tasks.submit(  # noqa: E731
-        sessions, None, tenant_id=tenant, artifact_dir=tmp_path, **arguments
-    )
+    submit = lambda: _submit(sessions, tmp_path, **arguments)  # noqa: E731
     assert_refused(sessions, CompoundJob, submit, field, fragment)
 
 
@@ -196,8 +188,5 @@ def test_a_file_with_no_readable_molecule_is_refused(
     bad = tmp_path / "bad.smi"
     bad.write_text("C1CC(N x\nnot_a_smiles y\n")
     with pytest.raises(tasks.SubmissionError, match="no molecule could be read"):
-        tasks.submit(
-            sessions, None, tenant_id=_tenant(sessions), library=bad, query=None, top_k=3,
-            artifact_dir=tmp_path,
-        )  # fmt: skip
+        _submit(sessions, tmp_path, library=bad, query=None, top_k=3)
     assert chem  # the module under test is importable without a worker

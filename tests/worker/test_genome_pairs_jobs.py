@@ -11,10 +11,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import genome as jobs
-from db import repo
 from db.engine import session_scope
 from db.tables import GenomeJob, JobTile, RelatedPair
 from models.genome import api as genome
+from tests.helpers import SHARED_DIR, assert_refused, new_tenant, require_shared
 from worker.tasks import genome as tasks
 
 pytestmark = pytest.mark.integration
@@ -24,19 +24,25 @@ RELATIVES = DATA / "hm3_relatives"
 GOLDEN = DATA / "hm3_relatives_0.0442.kin0"
 
 
-def _tenant(sessions: sessionmaker[Session]) -> int:
-    with session_scope(sessions) as s:
-        return repo.create_tenant(s, name="biobank")[0].id
+def _submit(sessions: sessionmaker[Session], artifact_dir: Path, **options: object) -> dict:
+    """A pairs-only KING job (unless ``options`` say otherwise) for a new tenant."""
+    request = {"metric": "king", "output": "pairs", **options}
+    tenant_id = new_tenant(sessions, "biobank")
+    return tasks.submit(sessions, None, tenant_id=tenant_id, artifact_dir=artifact_dir, **request)
+
+
+def _run(sessions: sessionmaker[Session], job: dict) -> dict:
+    """Run the job's tiles here; it must finish. Returns its summary."""
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    return summary
 
 
 def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """96 samples in blocks of 32: 6 tiles; the .kin0 is plink2's to the byte, and only it."""
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=RELATIVES,
-        threshold=0.0442, output="pairs", block=32, artifact_dir=tmp_path,
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path, bfile=RELATIVES, threshold=0.0442, block=32)
     assert (job["output"], job["tiles_total"], job["n_samples"]) == ("pairs", 6, 96)
     with session_scope(sessions) as s:
         tiles = s.scalars(select(JobTile).where(JobTile.job_id == job["id"])).all()
@@ -45,8 +51,7 @@ def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
         ]  # fmt: skip
     assert tasks.run_tile(sessions, job_id=job["id"], index=1, device="cpu") == "tile done"
     assert tasks.run_tile(sessions, job_id=job["id"], index=1, device="cpu") == "already done"
-    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
-    assert summary["status"] == "done", summary["error"]
+    summary = _run(sessions, job)
     assert summary["tiles_done"] == 6
     assert [Path(p).name for p in summary["outputs"]] == ["king.kin0"]  # no matrix, no .npy
     assert Path(summary["outputs"][0]).read_text() == GOLDEN.read_text()
@@ -65,13 +70,8 @@ def test_pairs_below_third_degree_are_kept_as_unrelated(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """A cut-off under 2^-4.5 keeps more pairs; those get the degree "unrelated"."""
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=RELATIVES,
-        threshold=0.02, output="pairs", block=48, artifact_dir=tmp_path,
-    )  # fmt: skip
-    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
-    assert summary["status"] == "done", summary["error"]
-    counts = summary["degree_counts"]
+    job = _submit(sessions, tmp_path, bfile=RELATIVES, threshold=0.02, block=48)
+    counts = _run(sessions, job)["degree_counts"]
     assert counts["unrelated"] > 0 and counts["3rd"] >= 4
     with session_scope(sessions) as s:
         low = [
@@ -99,14 +99,12 @@ def test_query_pairs_are_the_new_samples_against_the_cohort(
                 "allele_2": list(whole.a2),
             },
         )  # fmt: skip
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=tmp_path / "founders",
-        query=tmp_path / "new", threshold=0.0442, output="pairs", block=16,
-        artifact_dir=tmp_path / "store",
+    job = _submit(
+        sessions, tmp_path / "store", bfile=tmp_path / "founders", query=tmp_path / "new",
+        threshold=0.0442, block=16,
     )  # fmt: skip
     assert job["tiles_total"] == 2 * 5 and job["query"]
-    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
-    assert summary["status"] == "done", summary["error"]
+    summary = _run(sessions, job)
     founders = set(whole.iid[:76])
     expected = {}
     for line in GOLDEN.read_text().splitlines()[1:]:
@@ -134,12 +132,9 @@ def test_query_pairs_are_the_new_samples_against_the_cohort(
 def test_bad_pairs_submissions_are_refused_and_record_nothing(
     sessions: sessionmaker[Session], tmp_path: Path, options: dict, field: str, fragment: str
 ) -> None:
-    kwargs = {"bfile": RELATIVES, "output": "pairs", **options}
-    with pytest.raises(tasks.SubmissionError, match=fragment) as error:
-        tasks.submit(sessions, None, tenant_id=_tenant(sessions), artifact_dir=tmp_path, **kwargs)
-    assert error.value.field == field
-    with session_scope(sessions) as s:
-        assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
+    request = {"bfile": RELATIVES, **options}
+    submit = lambda: _submit(sessions, tmp_path, **request)  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, field, fragment)
 
 
 def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
@@ -150,10 +145,7 @@ def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
 
     for ext in (".bed", ".bim", ".fam"):
         shutil.copy(RELATIVES.with_suffix(ext), tmp_path / f"cohort{ext}")
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=tmp_path / "cohort",
-        output="pairs", block=48, artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", bfile=tmp_path / "cohort", block=48)
     bed = tmp_path / "cohort.bed"
     bed.write_bytes(bed.read_bytes()[:1000])
     summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
@@ -176,10 +168,7 @@ def test_a_100000_sample_job_is_thousands_of_tiles_each_holding_only_its_blocks(
     prefix.with_suffix(".bed").write_bytes(b"\x6c\x1b\x01" + body.tobytes())
     prefix.with_suffix(".fam").write_text("".join(f"S{i} S{i} 0 0 0 -9\n" for i in range(n)))
     prefix.with_suffix(".bim").write_text("".join(f"1 v{j} 0 {j + 1} A G\n" for j in range(m)))
-    job = tasks.submit(
-        sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=prefix,
-        output="pairs", block=1024, threshold=0.5, artifact_dir=tmp_path / "store",
-    )  # fmt: skip
+    job = _submit(sessions, tmp_path / "store", bfile=prefix, block=1024, threshold=0.5)
     assert job["tiles_total"] == 98 * 99 // 2 == 4851
     tasks.pair_inputs(_spec(sessions, job["id"]))  # the worker's one pass: split and sample ids
     tracemalloc.start()
@@ -216,13 +205,7 @@ def test_pairs_jobs_on_the_whole_real_panels_write_plink2s_kin0(
 ) -> None:
     """HapMap3 (957) and 1000 Genomes (1,092) x 14,079 SNPs in blocks of 128 (36 and 45 tiles):
     plink2 --make-king-table --king-table-filter 0.0442, byte for byte."""
-    from tests.helpers import SHARED_DIR, require_shared
-
     prefix = require_shared(SHARED_DIR / "data" / "genotypes" / f"{panel}.bed").with_suffix("")
-    job = tasks.submit(
-        pg_sessions, None, tenant_id=_tenant(pg_sessions), metric="king", bfile=prefix,
-        threshold=0.0442, output="pairs", block=128, artifact_dir=tmp_path,
-    )  # fmt: skip
-    summary = tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
-    assert summary["status"] == "done", summary["error"]
+    job = _submit(pg_sessions, tmp_path, bfile=prefix, threshold=0.0442, block=128)
+    summary = _run(pg_sessions, job)
     assert Path(summary["outputs"][0]).read_text() == (DATA / golden).read_text()

@@ -19,7 +19,7 @@ from db.engine import is_outage, make_engine, make_sessionmaker, session_scope
 from db.tables import Case, CaseStatus, Priority, Score
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
 from models.cases.registry import Registry
-from tests.helpers import wdbc_cases
+from tests.helpers import score_collecting_explanations, wdbc_cases
 from worker.tasks import explain as explain_stage
 from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import save_isolating, score_cases
@@ -111,6 +111,13 @@ def _add(sessions: sessionmaker[Session], cases: list[dict]) -> list[int]:
         return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
 
 
+def _with_a_poison_case(sessions: sessionmaker[Session], step: str) -> tuple[list[dict], list[int]]:
+    """32 stored cases (and their ids); the 14th is marked as the poison."""
+    cases = wdbc_cases(32, prefix=step)
+    cases[13]["features"]["mean_radius"] = MARK
+    return cases, _add(sessions, cases)
+
+
 def _explain(sessions: sessionmaker[Session], ids: list[int], model: LoadedModel):  # type: ignore[no-untyped-def]
     return explain_cases(
         ids,
@@ -127,19 +134,12 @@ def test_a_poison_case_fails_alone_at_every_step(
 ) -> None:
     """32 cases, one poisoned at ``step``: 31 scored (then explained), 1 failed with its reason,
     in a bounded number of forward passes; nothing is dead-lettered."""
-    cases = wdbc_cases(32, prefix=step)
-    cases[13]["features"]["mean_radius"] = MARK
-    ids = _add(pg_sessions, cases)
+    cases, ids = _with_a_poison_case(pg_sessions, step)
     model = FaultyModel(step)
     if step == "write":
         model._marked_score = model.score([cases[13]["features"]])[0].score
-    sent: list[list[int]] = []
-    outcome = score_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=lambda n, v: model,
-        explain_top_k=3,
-        send_explanations=sent.append,
+    outcome, sent = score_collecting_explanations(
+        pg_sessions, ids, lambda n, v: model, explain_top_k=3
     )
     assert outcome.failed == {ids[13]: REASONS[step]}
     assert sorted(outcome.scored) == sorted(set(ids) - {ids[13]})
@@ -164,17 +164,10 @@ def test_a_poison_explanation_fails_alone_and_keeps_its_score(
 ) -> None:
     """32 cases, one whose attributions go wrong at ``step``: all 32 scored and done, 31
     explanations stored, 1 failed with its reason (its score untouched)."""
-    cases = wdbc_cases(32, prefix=step)
-    cases[13]["features"]["mean_radius"] = MARK
-    ids = _add(pg_sessions, cases)
+    _, ids = _with_a_poison_case(pg_sessions, step)
     model = FaultyModel("none")
-    sent: list[list[int]] = []
-    outcome = score_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=lambda n, v: model,
-        explain_top_k=3,
-        send_explanations=sent.append,
+    outcome, sent = score_collecting_explanations(
+        pg_sessions, ids, lambda n, v: model, explain_top_k=3
     )
     assert sorted(outcome.scored) == ids and outcome.failed == {}
     monkeypatch.setattr(explain_stage, "explain", _explain_patch(step))

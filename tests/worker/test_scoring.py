@@ -16,7 +16,7 @@ from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import Registry
-from tests.helpers import wdbc_cases
+from tests.helpers import score_collecting_explanations, wdbc_cases
 from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import parse_case_ids, score_cases
 
@@ -42,6 +42,22 @@ def _add(
             for c in cases
         ]
         return [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+
+
+@pytest.fixture(scope="module")
+def gru() -> LoadedModel:
+    return LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
+
+
+def _add_series(sessions: sessionmaker[Session], series: list[dict], *, tenant: str) -> list[int]:
+    """vitals-gru cases, one per series, for a new tenant (external ids ``{tenant}-{i}``)."""
+    with session_scope(sessions) as s:
+        tenant_id = repo.create_tenant(s, name=tenant)[0].id
+        new = [
+            repo.NewCase(f"{tenant}-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
+            for i, f in enumerate(series)
+        ]
+        return [a.id for a in repo.add_cases(s, tenant_id=tenant_id, cases=new)]
 
 
 def _loader(model: LoadedModel):  # type: ignore[no-untyped-def]
@@ -212,20 +228,13 @@ def test_parse_keeps_order_and_drops_repeats() -> None:
 
 
 def test_sequence_cases_are_bucketed_by_length_and_scored_as_alone(
-    pg_sessions: sessionmaker[Session],
+    pg_sessions: sessionmaker[Session], gru: LoadedModel
 ) -> None:
     """vitals-gru cases of mixed lengths: passes hold neighbours in length, scores equal alone."""
     from bench.workloads import vitals_series
 
-    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
     series = vitals_series(24, seed=9, min_length=1)
-    with session_scope(pg_sessions) as s:
-        tenant, _ = repo.create_tenant(s, name="icu")
-        new = [
-            repo.NewCase(f"icu-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
-            for i, f in enumerate(series)
-        ]
-        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    ids = _add_series(pg_sessions, series, tenant="icu")
     outcome = score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: gru, max_batch_size=8)
     assert len(outcome.scored) == 24 and outcome.forward_passes == 3
     lengths = {case_id: len(f["heart_rate"]) for case_id, f in zip(ids, series, strict=True)}
@@ -257,14 +266,7 @@ def test_the_score_commits_before_its_explanation_on_both_databases(
     """Scoring stores the score and a pending explanation; the explain stage then stores each
     case's top-k attributions (PostgreSQL, SQLite)."""
     ids = _add(sessions, wdbc_cases(6))
-    sent: list[list[int]] = []
-    outcome = score_cases(
-        ids,
-        sessions=sessions,
-        load_model=_loader(model),
-        explain_top_k=3,
-        send_explanations=sent.append,
-    )
+    outcome, sent = score_collecting_explanations(sessions, ids, _loader(model), explain_top_k=3)
     assert sorted(outcome.scored) == ids and sent == [ids]
     with sessions() as s:
         stored = s.scalars(select(Score).order_by(Score.case_id)).all()
@@ -293,8 +295,7 @@ def test_no_explanation_is_asked_for_with_top_k_zero(
 ) -> None:
     """explain_top_k=0: scores only, no ledger row, nothing sent."""
     ids = _add(pg_sessions, wdbc_cases(3, prefix="zero"))
-    sent: list[list[int]] = []
-    score_cases(ids, sessions=pg_sessions, load_model=_loader(model), send_explanations=sent.append)
+    _, sent = score_collecting_explanations(pg_sessions, ids, _loader(model))
     with pg_sessions() as s:
         assert explanations.states(s, case_ids=ids) == {}
     assert sent == []
@@ -302,28 +303,15 @@ def test_no_explanation_is_asked_for_with_top_k_zero(
 
 @pytest.mark.parametrize("explain_sequences", [False, True])
 def test_sequence_explanations_follow_their_setting(
-    pg_sessions: sessionmaker[Session], explain_sequences: bool
+    pg_sessions: sessionmaker[Session], gru: LoadedModel, explain_sequences: bool
 ) -> None:
     """Series models get attributions (channels and steps) unless explain_sequences is off."""
     from bench.workloads import vitals_series
 
-    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
     series = vitals_series(6, seed=1, min_length=2)
-    with session_scope(pg_sessions) as s:
-        tenant, _ = repo.create_tenant(s, name="icu")
-        new = [
-            repo.NewCase(f"icu-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
-            for i, f in enumerate(series)
-        ]
-        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
-    sent: list[list[int]] = []
-    score_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=lambda n, v: gru,
-        explain_top_k=2,
-        explain_sequences=explain_sequences,
-        send_explanations=sent.append,
+    ids = _add_series(pg_sessions, series, tenant="icu")
+    _, sent = score_collecting_explanations(
+        pg_sessions, ids, _loader(gru), explain_top_k=2, explain_sequences=explain_sequences
     )
     if sent:
         _explain_all(pg_sessions, sent[0], gru, 2)
@@ -344,29 +332,14 @@ def test_sequence_explanations_follow_their_setting(
 
 
 def test_a_long_explain_message_hands_the_rest_back_in_chunks(
-    pg_sessions: sessionmaker[Session],
+    pg_sessions: sessionmaker[Session], gru: LoadedModel
 ) -> None:
     """Past its time, an explain message stores the chunk it finished and hands the rest back
     (queued, attempt uncounted, for a new message); explaining those finishes the job."""
     from bench.workloads import vitals_series
 
-    gru = LoadedModel(Registry.load().resolve("vitals-gru"), device="cpu")
-    series = vitals_series(20, seed=2, min_length=2)
-    with session_scope(pg_sessions) as s:
-        tenant, _ = repo.create_tenant(s, name="icu-yield")
-        new = [
-            repo.NewCase(f"y-{i}", "vitals-gru", "0.1.0", Priority.routine, f)
-            for i, f in enumerate(series)
-        ]
-        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
-    sent: list[list[int]] = []
-    score_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=lambda n, v: gru,
-        explain_top_k=2,
-        send_explanations=sent.append,
-    )
+    ids = _add_series(pg_sessions, vitals_series(20, seed=2, min_length=2), tenant="icu-yield")
+    _, sent = score_collecting_explanations(pg_sessions, ids, _loader(gru), explain_top_k=2)
     rest: list[list[int]] = []
     lease = repo.Lease("test:1:yield", timedelta(seconds=30))
     first = explain_cases(

@@ -5,6 +5,7 @@ released model nothing."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,12 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, CaseStatus, Priority, Score
 from medbatch.cli import main
-from medbatch.settings import Settings, get_settings
-from models.cases.byo import register
+from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry, load_registry
 from models.cases.shadow import ShadowError, drift, set_shadow
 from models.reference import breast_cancer
-from tests.helpers import wdbc_cases
+from tests.helpers import register_mlp, save_mlp, wdbc_cases
 from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
@@ -50,14 +50,14 @@ def _schema(tmp_path: Path, **extra: object) -> Path:
 def store(tmp_path: Path, candidate_weights: Path) -> Path:
     """An artifact store holding breast-cancer@1.1.0, a candidate, set to shadow 1.0.0."""
     store = tmp_path / "store"
-    register(
+    register_mlp(
         candidate_weights,
         name="breast-cancer",
         version="1.1.0",
         schema_path=_schema(tmp_path, threshold=0.4, labels=list(RELEASED.labels)),
         artifact_dir=store,
-        architecture="mlp",
-        params={"hidden": [32, 16], "dropout": 0.1},
+        hidden=[32, 16],
+        dropout=0.1,
     )
     released, candidate = set_shadow(store, "breast-cancer@1.1.0")
     assert (released.ref, candidate.ref) == ("breast-cancer@1.0.0", "breast-cancer@1.1.0")
@@ -183,20 +183,15 @@ def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weight
         set_shadow(store, "breast-cancer@1.0.0")
     narrow = tmp_path / "narrow.json"
     narrow.write_text(json.dumps({"inputs": [{"name": "a", "unit": "1"}], "output": "x"}))
-    from safetensors.torch import save_file
-
-    from models.cases.architectures import StandardizedMLP
-
     weights = tmp_path / "narrow.safetensors"
-    save_file(StandardizedMLP(1, hidden=[4]).state_dict(), str(weights))
-    register(
+    save_mlp(weights, 1, hidden=(4,))
+    register_mlp(
         weights,
         name="breast-cancer",
         version="2.0.0",
         schema_path=narrow,
         artifact_dir=store,
-        architecture="mlp",
-        params={"hidden": [4]},
+        hidden=[4],
     )
     with pytest.raises(ShadowError, match=r"breast-cancer@2\.0\.0 takes other inputs"):
         set_shadow(store, "breast-cancer@2.0.0")
@@ -207,14 +202,10 @@ def test_cli_shadow_and_drift(
     pg_url: str,
     pg_sessions: sessionmaker[Session],
     store: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
-    request: pytest.FixtureRequest,
 ) -> None:
-    monkeypatch.setenv("MEDBATCH_ARTIFACT_DIR", str(store))
-    monkeypatch.setenv("MEDBATCH_DATABASE_URL", pg_url)
-    get_settings.cache_clear()  # main() reads the environment once per process
-    request.addfinalizer(get_settings.cache_clear)
+    cli_env(MEDBATCH_ARTIFACT_DIR=str(store), MEDBATCH_DATABASE_URL=pg_url)
     assert main(["models", "drift", "breast-cancer"]) == 2
     assert "no case has been scored by both" in capsys.readouterr().err
     ids = _add(pg_sessions, wdbc_cases(30))
