@@ -25,11 +25,7 @@ def add_parsers(sub: Any) -> None:
     train.add_argument(
         "--install", action="store_true", help="replace the packaged artifact and registry entry"
     )
-    train.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an artifact of the same name in --out that holds other weights",
-    )
+    train.add_argument("--force", action="store_true", help="replace other weights found in --out")
     reg = command(msub, "register", "validate and register your own model artifact")
     reg.add_argument("path", type=Path, help="TorchScript, torch.export program or safetensors")
     reg.add_argument("--name", required=True, help="model name")
