@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-cli bench-scoring bench-genome bench-biobank bench-compounds bench-faults clean
+.PHONY: demo test test-fast lint bench bench-cli bench-scoring bench-genome bench-biobank bench-compounds bench-gpu bench-faults clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-compounds: $(STAMP)
 	$(BIN)/python -m pip install --quiet FPSim2==0.7.4
 	$(BIN)/python -m pip install --quiet --no-deps molsets==0.3.1
 	$(BIN)/python bench/compounds.py
+
+# The GPU paths beside the CPU's: KING pairs tiles (checked equal to the CPU's bit for bit), .bed
+# decoding, and the scoring models' forward pass and attributions. Without CUDA, the CPU side alone.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 # The fault scenarios of tests/faults/ at a larger size. Starts a Redis and a PostgreSQL of its
 # own (needs redis-server and PostgreSQL's initdb, /usr/lib/postgresql/*/bin), never the shared ones.
