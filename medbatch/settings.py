@@ -82,13 +82,14 @@ class Settings(BaseSettings):
     #: waiting or ``max_delay_ms`` after the first of them arrived, whichever comes first.
     #: STAT: small and at once (latency first); routine: tens of ms buy full batches at a cost a
     #: clinician cannot notice; bulk: as large as a STAT case can afford to wait behind (a worker
-    #: finishes the pass in progress before it serves STAT: 256 keeps that under ~100 ms here;
-    #: a worker that listens only to score.bulk can take 1024 for ~35 % more throughput).
+    #: finishes the pass in progress before it serves STAT: 128 keeps STAT p99 under 100 ms on a
+    #: 2-core machine at the bulk throughput of 256 (docs/architecture.md); a worker that listens
+    #: only to score.bulk can take 1024 for more throughput).
     stat_max_batch_size: int = Field(default=32, ge=1)
     stat_max_delay_ms: float = Field(default=2.0, ge=0)
     routine_max_batch_size: int = Field(default=256, ge=1)
     routine_max_delay_ms: float = Field(default=20.0, ge=0)
-    bulk_max_batch_size: int = Field(default=256, ge=1)
+    bulk_max_batch_size: int = Field(default=128, ge=1)
     bulk_max_delay_ms: float = Field(default=100.0, ge=0)
     #: A case delivered this many times without finishing ends ``failed`` as a dead letter.
     max_deliveries: int = Field(default=5, ge=1)

@@ -134,14 +134,22 @@ class Batcher:
             buffer.timer = self.timer.call_after(buffer.max_delay_s, self.flush, (buffer.queue,))
 
     def flush(self, queue: str) -> None:
-        """Score what ``queue`` holds; first, whatever waits in the queues ahead of it."""
-        self._hold_others(queue)
+        """Score what ``queue`` holds; first, whatever waits in the queues ahead of it.
+
+        The cases left waiting in the other buffers are leased before the batch, or, when the
+        batch is STAT's, just after it: a STAT case does not wait for that statement (the
+        waiting cases were as unleased from their arrival until now)."""
+        latency_first = queue == SCORE_QUEUES[0]
+        if not latency_first:
+            self._hold_others(queue)
         for name in SCORE_QUEUES:
             buffer = self.buffers[name]
             if buffer.messages:
                 self._score(buffer)
             if name == queue:
                 break
+        if latency_first:
+            self._hold_others(queue)
 
     def _hold_others(self, queue: str) -> None:
         """Lease the cases waiting in the buffers this flush leaves (one statement), so a worker
