@@ -14,14 +14,25 @@ if TYPE_CHECKING:
 Device = Literal["auto", "cpu", "cuda"]
 
 
+class DeviceUnavailable(RuntimeError):
+    """CUDA asked for by name where torch sees no CUDA device."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "MEDBATCH_DEVICE=cuda but torch sees no CUDA device "
+            "(use MEDBATCH_DEVICE=auto or cpu on this machine)"
+        )
+
+
 def resolve_device(device: Device = "auto") -> torch.device:
-    """``auto`` means CUDA when a CUDA device is present, else the CPU."""
+    """``auto`` means CUDA when a CUDA device is present, else the CPU; ``cuda`` without one
+    raises :class:`DeviceUnavailable`."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("MEDBATCH_DEVICE=cuda but torch sees no CUDA device")
+        raise DeviceUnavailable
     return torch.device(device)
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from medbatch.cli import _common, build_parser
 
 DATA = Path(__file__).resolve().parent / "data" / "genome"
@@ -153,6 +155,30 @@ def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown queue gnome" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("worker", "--queues", "genome"),
+        ("genome", "compare", "--bfile", str(DATA / "hm3_small"), "--metric", "king", "--table"),
+    ],
+    ids=["worker", "genome-compare"],
+)
+def test_cuda_without_a_device_is_one_line_and_exit_2(tmp_path: Path, args: tuple) -> None:
+    """MEDBATCH_DEVICE=cuda on a machine without one: a worker refuses to start and a job
+    refuses to run before its job exists, each in one line (they used to end in a traceback,
+    the job after it had failed its first tile)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = run_cli(*args, cwd=tmp_path, MEDBATCH_DEVICE="cuda")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"medbatch {args[0]}") and "torch sees no CUDA device" in last
+    assert not result.stdout.strip()
 
 
 def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from medbatch.cli import _common, cases, compounds, db, genome, models, nightly, service, submit
+from models.device import DeviceUnavailable
 
 #: The order the groups appear in ``medbatch --help``.
 GROUPS = (service, submit, nightly, cases, genome, compounds, models, db)
@@ -48,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     _common.setup_logging(settings)
     try:
         return int(args.func(args, settings))
-    except _common.CliError as exc:
+    except (_common.CliError, DeviceUnavailable) as exc:
         name = " ".join(
             str(getattr(args, key))
             for key in ("command", f"{args.command}_command")
             if getattr(args, key, None)
         )
         print(f"medbatch {name}: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.code if isinstance(exc, _common.CliError) else 2
     except KeyboardInterrupt:
         return 130
 

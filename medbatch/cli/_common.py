@@ -262,12 +262,24 @@ class TiledRun:
         return summary
 
 
+def require_device(settings: Settings) -> None:
+    """Refuse at once, where this process computes, a ``MEDBATCH_DEVICE=cuda`` that torch does
+    not see (:class:`models.device.DeviceUnavailable`), not at every batch or tile."""
+    if settings.device == "cuda":
+        from models.device import resolve_device
+
+        resolve_device("cuda")
+
+
 @contextmanager
 def tiled_run(args: argparse.Namespace, settings: Settings) -> Iterator[TiledRun]:
     """The database and broker of a tiled job of ``--tenant`` (created if new)."""
     from worker.tiled import Submitter
 
-    app = None if args.inline or settings.embedded_broker else celery(settings)
+    inline = args.inline or settings.embedded_broker
+    if inline:
+        require_device(settings)
+    app = None if inline else celery(settings)
     with database(settings) as sessions:
         owner = tenant_id(sessions, args.tenant, create=True)
         yield TiledRun(settings, Submitter(owner, sessions, app, settings.artifact_dir))

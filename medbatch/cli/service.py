@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import ALL_QUEUES, command, ensure_schema, fail
+from medbatch.cli._common import ALL_QUEUES, command, ensure_schema, fail, require_device
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -88,6 +88,7 @@ def parse_queues(text: str) -> tuple[str, ...]:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     queues = parse_queues(args.queues)
+    require_device(settings)
     ensure_schema(settings.database_url)
     from worker.app import create_app, run_worker, worker_argv
     from worker.context import context
