@@ -248,15 +248,24 @@ class Cluster:
         self, candidates: list[subprocess.Popen[bytes]], *, timeout: float = 60
     ) -> tuple[subprocess.Popen[bytes], datetime, list[int]]:
         """SIGKILL the first worker seen holding a running batch; return it, when, and what it
-        held at that moment."""
+        held at that moment.
+
+        A batch lasts tens of milliseconds, so one seen running may be settled by the time the
+        kill lands: the worker is stopped (SIGSTOP) first, and killed only if it still holds
+        cases then; otherwise it goes on (SIGCONT) and the search too."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for proc in candidates:
                 if proc.poll() is None and self.running_under(proc) > 0:
+                    proc.send_signal(signal.SIGSTOP)
+                    held = self.held_by(proc)
+                    if not held:
+                        proc.send_signal(signal.SIGCONT)
+                        continue
                     proc.send_signal(signal.SIGKILL)
                     killed_at = datetime.now(UTC)
                     proc.wait()
-                    return proc, killed_at, self.held_by(proc)
+                    return proc, killed_at, held
             time.sleep(0.01)
         raise AssertionError("no worker was seen mid-batch")
 
