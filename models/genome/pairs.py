@@ -84,6 +84,22 @@ def _gather_bed(raw, idx, out):
             out[v, b] = byte
 
 
+@njit(parallel=True, cache=True)
+def _transpose_into(src, out, col0):
+    """``out[:, col0:col0 + V] = src.T`` for a (V, K) ``src``, in 64 x 64 tiles, threads over
+    blocks of samples: numpy's strided copy of a (M, B) int8 block into sample-major rows was
+    ~95 % of reading a block of dosages (2.2 s of 2.3 for 8,192 samples x 20,000 variants)."""
+    v_count, k_count = src.shape
+    for kb in prange((k_count + 63) // 64):
+        k0 = kb * 64
+        k1 = min(k_count, k0 + 64)
+        for v0 in range(0, v_count, 64):
+            v1 = min(v_count, v0 + 64)
+            for k in range(k0, k1):
+                for v in range(v0, v1):
+                    out[k, col0 + v] = src[v, k]
+
+
 class Samples(Protocol):
     """One side of a tile: samples by position, over the same variants as the other side."""
 
@@ -235,7 +251,7 @@ class BedSamples:
         for start, packed in self._chunks(positions):
             decoded = np.empty((packed.shape[0], len(positions)), np.int8)
             genome_cpu._decode_bed(packed, genome_cpu._BED_TABLE, len(positions), decoded)
-            out[:, start : start + packed.shape[0]] = decoded.T
+            _transpose_into(decoded, out, start)
         return out
 
 

@@ -108,6 +108,30 @@ def test_kept_samples_and_variants_are_read_like_read_bed() -> None:
     np.testing.assert_array_equal(table.kinship, square[table.row, table.col])
 
 
+def test_blocks_of_dosages_equal_bed_reader_across_chunks_and_tiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BedSamples.codes (what a GPU tile ships) against bed-reader's own reading of a .bed it
+    wrote: sizes off the 64 x 64 transpose tiles, several variant chunks, missing calls, samples
+    in any order and repeated, contiguous from a byte boundary and not."""
+    from bed_reader import open_bed, to_bed
+
+    rng = np.random.default_rng(11)
+    n, m = 203, 1_337
+    values = rng.integers(0, 3, (n, m)).astype(np.float32)
+    values[rng.random(values.shape) < 0.05] = np.nan
+    bed = tmp_path / "x.bed"
+    to_bed(bed, values, properties={"iid": [f"s{i}" for i in range(n)]})
+    with open_bed(bed) as reader:
+        expected = reader.read(dtype="int8")  # missing as -127
+    expected = np.where(expected < 0, -1, expected).astype(np.int8)
+    per_variant = (n + 3) // 4
+    monkeypatch.setattr(genome_pairs, "READ_BYTES", 100 * per_variant)  # 14 chunks
+    source = genome_pairs.BedSamples(bed, n, m)
+    for positions in (np.arange(n), np.arange(64, 200), np.array([202, 5, 5, 130, 0, 77, 64])):
+        np.testing.assert_array_equal(source.codes(positions), expected[positions])
+
+
 def test_pairs_equal_plink2_kin0_and_find_every_constructed_relative() -> None:
     """hm3_relatives at cut-off 0.0442: plink2's .kin0 byte for byte (kinship, NSNP, HETHET,
     IBS0), and each of the 64 constructed pairs in its constructed degree."""
