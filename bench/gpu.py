@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from bench.workloads import make_cases
 from models.cases.explain import explain
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
+from models.cpu_features import cpu_model
 from models.genome._pairs_gpu import king_tile_gemm, king_tile_pairs_gemm
 from models.genome.api import pairwise_block
 from models.genome.pairs import DEFAULT_CUTOFF, BedSamples
@@ -45,16 +45,6 @@ GPU_BLOCKS = (2_048, 16_384)
 SCORING_CASES = 20_000
 EXPLAIN_CASES = 4_096
 BATCH = 256
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cohort(n: int, m: int, seed: int) -> np.ndarray:
@@ -169,7 +159,7 @@ def scoring(cuda: bool) -> dict[str, object]:
 def main() -> None:
     cuda = torch.cuda.is_available()
     head = {
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
