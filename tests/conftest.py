@@ -88,10 +88,12 @@ def _empty_tables(engine: Engine) -> None:
 def _clean_engine(url: str) -> Iterator[Engine]:
     """An engine on empty tables, emptied again afterwards."""
     engine = make_engine(url)
-    _empty_tables(engine)
-    yield engine
-    _empty_tables(engine)
-    engine.dispose()
+    try:
+        _empty_tables(engine)
+        yield engine
+        _empty_tables(engine)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

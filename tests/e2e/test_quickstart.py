@@ -35,8 +35,13 @@ def test_the_readme_quickstart_runs_as_written(
     port = str(free_port())
     script = "\n".join(quickstart_blocks((ROOT / "README.md").read_text()))
     assert script.count("8000") >= 5
-    # Fail on the first failing command; stop what the script left running, whatever happens.
-    harness = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+    # Fail on the first failing command; stop what the script left running, whatever happens,
+    # and wait for it: a worker's warm shutdown finishes its tile, and its writes must not meet
+    # the teardown's TRUNCATE (a deadlock in CI once).
+    harness = (
+        "set -euo pipefail\n"
+        "trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true' EXIT\n"
+    )
     (tmp_path / "quickstart.sh").write_text(harness + script.replace("8000", port))
     for name in ("examples", ".venv"):
         (tmp_path / name).symlink_to(ROOT / name)
