@@ -8,18 +8,21 @@ One cohort of N samples x M variants with constructed relatives, and on it, side
   plink2    ``--make-king-table --king-table-filter 2^-4.5 --threads W·T``
 
 The cohort (cached under var/bench/biobank/): for each of 22 autosomes msprime simulates 10,000
-haplotypes (one population that grew from 10,000 to 1,000,000 over the last 400 generations)
-over a stretch long enough for the autosome's share of M variants with minor allele frequency
-≥ 1 %, as on a genotyping array; each founder haplotype is then a mosaic of tracts of those
-(about 8 variants a tract, Li and Stephens' copying model), so that LD holds within tracts and
-founders are not related to one another (one msprime stretch per autosome spans a few hundred
-kb: its LD would make all founders look like cousins). Then families built by meiosis over a human
-genetic map (each autosome given its sex-averaged length, 35 Morgans in all, crossovers as a
-Poisson process along the kept variants): duplicates (0.1 % of calls changed), and two kinds of
-family: parents A, B with full siblings C1, C2 and a half-sibling C3 by A and D; and parents A, B
-with children C1, C2 and a grandchild G of C1 and E (grandparents and an uncle or aunt: second
-degree). 1 % of calls are then set missing at random, and the sample order is shuffled, so
-relatives land in every tile.
+haplotypes (one population that grew from 10,000 to 1,000,000 over the last 400 generations) over a
+stretch long enough for the autosome's share of M variants with minor allele frequency ≥ 5 %
+(``--min-maf``), as relatedness markers are picked from a genotyping array: common variants carry
+most of KING's information, and rare ones mostly its noise (at 1 %, on 5,000 samples here, the
+estimate's SD around the realized kinship was 0.0075 against 0.0059 at 5 %, and 200 unrelated
+founder pairs reached the third-degree cut-off against 62); each founder haplotype is then a mosaic
+of tracts of those (about 8 variants a tract, Li and Stephens' copying model), so that LD holds
+within tracts and founders are not related to one another (one msprime stretch per autosome spans a
+few hundred kb: its LD would make all founders look like cousins). Then families built by meiosis
+over a human genetic map (each autosome given its sex-averaged length, 35 Morgans in all,
+crossovers as a Poisson process along the kept variants): duplicates (0.1 % of calls changed), and
+two kinds of family: parents A, B with full siblings C1, C2 and a half-sibling C3 by A and D; and
+parents A, B with children C1, C2 and a grandchild G of C1 and E (grandparents and an uncle or
+aunt: second degree). 1 % of calls are then set missing at random, and the sample order is
+shuffled, so relatives land in every tile.
 
 Every constructed pair has a degree: duplicates, parent-offspring and full siblings are KING's
 duplicate/MZ and 1st degree; half-siblings, grandparents and avuncular pairs 2nd. A relative is
@@ -34,6 +37,7 @@ table on the pairs both report (the .kin0 files are also compared byte for byte)
 Memory: each worker's peak RSS (VmHWM of its process, start-up included); plink2's from
 ``/usr/bin/time -v``. The last line is one JSON object. Usage:
 python bench/biobank.py [--n 50000] [--m 20000] [--workers 2] [--threads 1] [--seed 1]
+[--min-maf 0.05]
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ CACHE = ROOT / "var" / "bench" / "biobank"
 MORGANS = (2.78, 2.63, 2.24, 2.14, 2.04, 1.92, 1.87, 1.70, 1.68, 1.79, 1.59,
            1.74, 1.26, 1.20, 1.41, 1.34, 1.29, 1.20, 1.07, 1.08, 0.62, 0.74)  # fmt: skip
 MISSING_RATE = 0.01
-MIN_MAF = 0.01
+MIN_MAF = 0.05
 #: KING's third-degree bound: the cut-off of both tables.
 CUTOFF = 2.0**-4.5
 #: PLINK 1 .bed 2-bit code for 0, 1, 2 copies of A1 and (index 3) a missing call.
@@ -77,14 +81,17 @@ POOL = 10_000
 TRACT = 8
 
 
-def pool_haplotypes(want: int, chrom: int, seed: int) -> np.ndarray:
-    """(want, POOL) uint8 haplotypes of one autosome's common variants (MAF ≥ 1 %), msprime."""
+def pool_haplotypes(want: int, chrom: int, seed: int, min_maf: float) -> np.ndarray:
+    """(want, POOL) uint8 haplotypes of one autosome's variants with MAF ≥ min_maf, msprime."""
     import msprime
 
     demography = msprime.Demography()
     demography.add_population(name="pop", initial_size=1e6, growth_rate=np.log(100) / 400)
     demography.add_population_parameters_change(time=400, growth_rate=0, population="pop")
-    length = max(10_000, int(want / 1.5e-3))  # about 1.8 common sites per kb (measured)
+    # About 1.5 sites per kb with MAF ≥ 1 % (measured); fewer for a higher floor, as ln((1-f)/f)
+    # of a neutral spectrum's share between f and 1 - f.
+    density = 1.5e-3 * np.log((1 - min_maf) / min_maf) / np.log(99)
+    length = max(10_000, int(want / density))
     while True:
         ts = msprime.sim_ancestry(
             samples=POOL // 2, demography=demography, sequence_length=length,
@@ -99,7 +106,7 @@ def pool_haplotypes(want: int, chrom: int, seed: int) -> np.ndarray:
             site.id
             for tree in ts.trees()
             for site in tree.sites()
-            if MIN_MAF <= tree.num_samples(site.mutations[0].node) / n <= 1 - MIN_MAF
+            if min_maf <= tree.num_samples(site.mutations[0].node) / n <= 1 - min_maf
         ]
         if len(common) >= want:
             break
@@ -221,9 +228,9 @@ class Relative:
     realized: float
 
 
-def cohort(n: int, m: int, seed: int) -> tuple[Path, list[Relative]]:
+def cohort(n: int, m: int, seed: int, min_maf: float) -> tuple[Path, list[Relative]]:
     """The fileset (written once, then reused) and its constructed pairs."""
-    prefix = CACHE / f"n{n}_m{m}_s{seed}_v2"
+    prefix = CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_v2"  # no dot: with_suffix
     pairs_file = prefix.with_suffix(".relatives.tsv")
     if not pairs_file.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -238,7 +245,7 @@ def cohort(n: int, m: int, seed: int) -> tuple[Path, list[Relative]]:
             for chrom, want in enumerate(per_chrom, start=1):
                 t0 = time.perf_counter()
                 haps = founder_haplotypes(
-                    pool_haplotypes(int(want), chrom, seed), 2 * founders, rng
+                    pool_haplotypes(int(want), chrom, seed, min_maf), 2 * founders, rng
                 )
                 morgans = MORGANS[chrom - 1]
                 h = np.empty((int(want), 2 * n), np.uint8)
@@ -450,6 +457,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="numba threads per worker")
     parser.add_argument("--block", type=int, default=0, help="samples per tile side")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--min-maf", type=float, default=MIN_MAF, help="markers' minimum MAF")
     args = parser.parse_args()
     # Stopped from outside: unwind, so that the workers and the broker are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -459,11 +467,11 @@ def main() -> None:
     print(f"CPU: {cpu_name()}")
     print(f"cohort: {args.n} samples x {args.m} variants (seed {args.seed})", flush=True)
     t0 = time.perf_counter()
-    prefix, constructed = cohort(args.n, args.m, args.seed)
+    prefix, constructed = cohort(args.n, args.m, args.seed, args.min_maf)
     print(f"  ready in {time.perf_counter() - t0:.0f} s: {prefix}", flush=True)
     block = args.block or default_block(args.m)
     threads = args.workers * args.threads
-    workdir = CACHE / f"run-n{args.n}_m{args.m}_s{args.seed}"  # kept: logs and both tables
+    workdir = CACHE / f"run-{prefix.name}"  # kept: logs and both tables
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     print(f"medbatch: pairs-only KING, {args.workers} workers x {args.threads} thread(s), "
