@@ -68,8 +68,6 @@ MISSING_RATE = 0.01
 MIN_MAF = 0.05
 #: KING's third-degree bound: the cut-off of both tables.
 CUTOFF = 2.0**-4.5
-#: PLINK 1 .bed 2-bit code for 0, 1, 2 copies of A1 and (index 3) a missing call.
-BED_CODE = np.array([3, 2, 0, 1], dtype=np.uint8)
 
 
 # --- the cohort -------------------------------------------------------------------------------
@@ -206,17 +204,6 @@ def realized_kinship(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sum((a[i] == b[j]).astype(np.float64) for i in (0, 1) for j in (0, 1)) / 4
 
 
-def write_bed_rows(handle, dosages: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    """Append (c, N) variant-major dosages (-1 missing) as .bed rows."""
-    c, n = dosages.shape
-    codes = BED_CODE[np.where(dosages < 0, 3, dosages)]
-    padded = np.full((c, 4 * ((n + 3) // 4)), 3, dtype=np.uint8)
-    padded[:, :n] = codes
-    quads = padded.reshape(c, -1, 4)
-    packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
-    handle.write(np.ascontiguousarray(packed, dtype=np.uint8).tobytes())
-
-
 @dataclass(frozen=True)
 class Relative:
     """A constructed pair: its degree by the pedigree, and its realized kinship (the share of
@@ -230,6 +217,8 @@ class Relative:
 
 def cohort(n: int, m: int, seed: int, min_maf: float) -> tuple[Path, list[Relative]]:
     """The fileset (written once, then reused) and its constructed pairs."""
+    from bench.genome import write_bed_rows
+
     prefix = CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_v2"  # no dot: with_suffix
     pairs_file = prefix.with_suffix(".relatives.tsv")
     if not pairs_file.exists():

@@ -43,6 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -103,17 +104,23 @@ def simulate(n: int, m: int, seed: int) -> np.ndarray:
     return dosages
 
 
+def write_bed_rows(handle: BinaryIO, dosages: np.ndarray) -> None:
+    """Append (c, N) variant-major dosages (-1 missing) as .bed rows."""
+    c, n = dosages.shape
+    codes = BED_CODE[np.where(dosages < 0, 3, dosages)]
+    padded = np.full((c, 4 * ((n + 3) // 4)), 3, dtype=np.uint8)
+    padded[:, :n] = codes
+    quads = padded.reshape(c, -1, 4)
+    packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
+    handle.write(np.ascontiguousarray(packed, dtype=np.uint8).tobytes())
+
+
 def write_bed(prefix: Path, dosages: np.ndarray) -> None:
     """A SNP-major PLINK 1 fileset from (M, N) dosages (-1 missing), ``CHROMOSOMES`` autosomes."""
     m, n = dosages.shape
-    codes = BED_CODE[np.where(dosages < 0, 3, dosages)]
-    padded = np.full((m, 4 * ((n + 3) // 4)), 3, dtype=np.uint8)
-    padded[:, :n] = codes
-    quads = padded.reshape(m, -1, 4)
-    packed = quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6
     with open(f"{prefix}.bed", "wb") as handle:
         handle.write(b"\x6c\x1b\x01")
-        handle.write(np.ascontiguousarray(packed, dtype=np.uint8).tobytes())
+        write_bed_rows(handle, dosages)
     chrom = np.repeat(
         np.arange(1, CHROMOSOMES + 1), np.diff(np.linspace(0, m, CHROMOSOMES + 1).astype(int))
     )

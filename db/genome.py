@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from db import tiles
 from db.tables import GenomeJob, RelatedPair
+from models.genome.io.output import SampleId
 
 KIND = "genome"
 
@@ -24,8 +25,8 @@ class NewPair:
     #: Indices into the job's row samples and its cohort samples, and their (FID, IID).
     row: int
     col: int
-    first: tuple[str, str]
-    second: tuple[str, str]
+    first: SampleId
+    second: SampleId
     kinship: float
     degree: str
     #: plink2's .kin0 counts (pairs-only jobs): nsnp, hethet, ibs0.

@@ -27,6 +27,27 @@ def timestamp(name: str, *, nullable: bool = False) -> sa.Column[Any]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
+def string(name: str, length: int, *, nullable: bool = False) -> sa.Column[Any]:
+    return sa.Column(name, sa.String(length=length), nullable=nullable)
+
+
+def integer(name: str, *, nullable: bool = False) -> sa.Column[Any]:
+    return sa.Column(name, sa.Integer(), nullable=nullable)
+
+
+def double(name: str, *, nullable: bool = False) -> sa.Column[Any]:
+    """A DOUBLE PRECISION column (db/tables.py's ``Float(53)``)."""
+    return sa.Column(name, sa.Float(precision=53), nullable=nullable)
+
+
+def json(name: str, *, nullable: bool = False) -> sa.Column[Any]:
+    return sa.Column(name, sa.JSON(), nullable=nullable)
+
+
+def text(name: str, *, nullable: bool = False) -> sa.Column[Any]:
+    return sa.Column(name, sa.Text(), nullable=nullable)
+
+
 def job_status() -> sa.Enum:
     """db/tables.py's ``JobStatus``: a VARCHAR(10), with no CHECK constraint."""
     return sa.Enum(

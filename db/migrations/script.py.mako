@@ -8,8 +8,7 @@ from alembic import op
 ${imports if imports else ""}
 
 ## The ids are written once, here, where Alembic reads them (`alembic history -v` prints them).
-revision: str = ${repr(up_revision)}
-down_revision: str | None = ${repr(down_revision)}
+revision, down_revision = ${repr(up_revision)}, ${repr(down_revision)}
 ## Alembic reads branch_labels and depends_on where a revision has them, and takes None otherwise.
 % if branch_labels:
 branch_labels = ${repr(branch_labels)}

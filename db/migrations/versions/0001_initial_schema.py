@@ -6,31 +6,30 @@ Create Date: 2026-11-23 02:00:03.763573
 import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import create_table, reference, timestamp
+from db.migrations.helpers import create_table, double, integer, json, reference, string, text, timestamp
 
-revision: str = '0001'
-down_revision: str | None = None
+revision, down_revision = '0001', None
 
 
 def upgrade() -> None:
     create_table(
         'tenants',
-        sa.Column('name', sa.String(length=100), nullable=False),
-        sa.Column('api_key_sha256', sa.String(length=64), nullable=False),
+        string('name', 100),
+        string('api_key_sha256', 64),
         timestamp('created_at'),
         unique={'uq_tenants_api_key_sha256': ['api_key_sha256'], 'uq_tenants_name': ['name']},
     )
     create_table(
         'cases',
         reference('tenant_id', 'tenants', ondelete='RESTRICT'),
-        sa.Column('external_id', sa.String(length=200), nullable=False),
-        sa.Column('model_name', sa.String(length=100), nullable=False),
-        sa.Column('model_version', sa.String(length=50), nullable=False),
+        string('external_id', 200),
+        string('model_name', 100),
+        string('model_version', 50),
         sa.Column('priority', sa.Enum('stat', 'routine', 'bulk', name='priority', native_enum=False, create_constraint=True, length=10), nullable=False),
-        sa.Column('features', sa.JSON(), nullable=False),
+        json('features'),
         sa.Column('status', sa.Enum('queued', 'running', 'done', 'failed', name='status', native_enum=False, create_constraint=True, length=10), nullable=False),
-        sa.Column('delivery_count', sa.Integer(), nullable=False),
-        sa.Column('last_error', sa.Text(), nullable=True),
+        integer('delivery_count'),
+        text('last_error', nullable=True),
         timestamp('created_at'),
         timestamp('updated_at'),
         timestamp('enqueued_at', nullable=True),
@@ -43,11 +42,11 @@ def upgrade() -> None:
     create_table(
         'scores',
         reference('case_id', 'cases', ondelete='CASCADE'),
-        sa.Column('model_name', sa.String(length=100), nullable=False),
-        sa.Column('model_version', sa.String(length=50), nullable=False),
-        sa.Column('model_sha256', sa.String(length=64), nullable=False),
-        sa.Column('score', sa.Float(precision=53), nullable=False),
-        sa.Column('label', sa.String(length=50), nullable=False),
+        string('model_name', 100),
+        string('model_version', 50),
+        string('model_sha256', 64),
+        double('score'),
+        string('label', 50),
         timestamp('created_at'),
         unique={'uq_scores_case_model': ['case_id', 'model_name', 'model_version']},
         indexes={'ix_scores_created_at': ['created_at']},

@@ -6,8 +6,7 @@ Create Date: 2026-11-23 05:00:00
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0004'
-down_revision: str | None = '0003'
+revision, down_revision = '0004', '0003'
 
 
 def upgrade() -> None:

@@ -3,22 +3,20 @@
 Create Date: 2026-11-23 05:40:00
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import create_table, reference, timestamp
+from db.migrations.helpers import create_table, integer, json, reference, string, timestamp
 
-revision: str = '0007'
-down_revision: str | None = '0006'
+revision, down_revision = '0007', '0006'
 
 
 def upgrade() -> None:
     create_table(
         'api_clients',
         reference('tenant_id', 'tenants', ondelete='CASCADE'),
-        sa.Column('name', sa.String(length=100), nullable=False),
-        sa.Column('api_key_sha256', sa.String(length=64), nullable=False),
-        sa.Column('scopes', sa.JSON(), nullable=False),
+        string('name', 100),
+        string('api_key_sha256', 64),
+        json('scopes'),
         timestamp('created_at'),
         unique={'uq_api_clients_api_key_sha256': ['api_key_sha256']},
     )
@@ -27,10 +25,10 @@ def upgrade() -> None:
         timestamp('at'),
         reference('tenant_id', 'tenants', ondelete='SET NULL', nullable=True),
         reference('client_id', 'api_clients', ondelete='SET NULL', nullable=True),
-        sa.Column('action', sa.String(length=100), nullable=False),
-        sa.Column('resource', sa.String(length=200), nullable=False),
-        sa.Column('status', sa.Integer(), nullable=False),
-        sa.Column('outcome', sa.String(length=20), nullable=False),
+        string('action', 100),
+        string('resource', 200),
+        integer('status'),
+        string('outcome', 20),
         indexes={'ix_audit_events_tenant_at': ['tenant_id', 'at']},
     )
 

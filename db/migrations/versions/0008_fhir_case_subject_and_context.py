@@ -3,17 +3,17 @@
 Create Date: 2026-11-23 05:45:00
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0008'
-down_revision: str | None = '0007'
+from db.migrations.helpers import json, string
+
+revision, down_revision = '0008', '0007'
 
 
 def upgrade() -> None:
     with op.batch_alter_table('cases') as batch_op:
-        batch_op.add_column(sa.Column('subject', sa.String(length=200), nullable=True))
-        batch_op.add_column(sa.Column('context', sa.JSON(), nullable=True))
+        batch_op.add_column(string('subject', 200, nullable=True))
+        batch_op.add_column(json('context', nullable=True))
         batch_op.create_index('ix_cases_tenant_subject', ['tenant_id', 'subject'], unique=False)
 
 

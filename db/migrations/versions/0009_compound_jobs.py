@@ -3,13 +3,11 @@
 Create Date: 2026-11-23 06:10:00
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import create_job_table, create_table, create_tile_table, reference
+from db.migrations.helpers import create_job_table, create_table, create_tile_table, double, integer, reference, string
 
-revision: str = '0009'
-down_revision: str | None = '0008'
+revision, down_revision = '0009', '0008'
 
 
 def upgrade() -> None:
@@ -17,12 +15,12 @@ def upgrade() -> None:
     create_table(
         'compound_neighbours',
         reference('job_id', 'compound_jobs', ondelete='CASCADE'),
-        sa.Column('query_index', sa.Integer(), nullable=False),
-        sa.Column('library_index', sa.Integer(), nullable=False),
-        sa.Column('query_id', sa.String(length=200), nullable=False),
-        sa.Column('library_id', sa.String(length=200), nullable=False),
-        sa.Column('similarity', sa.Float(precision=53), nullable=False),
-        sa.Column('rank', sa.Integer(), nullable=False),
+        integer('query_index'),
+        integer('library_index'),
+        string('query_id', 200),
+        string('library_id', 200),
+        double('similarity'),
+        integer('rank'),
         unique={'uq_neighbours_pair': ['job_id', 'query_index', 'library_index']},
         indexes={'ix_compound_neighbours_job_query': ['job_id', 'query_index', 'rank']},
     )

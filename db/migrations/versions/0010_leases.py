@@ -3,11 +3,11 @@
 Create Date: 2026-12-03 08:00:00
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0010'
-down_revision: str | None = '0009'
+from db.migrations.helpers import string, timestamp
+
+revision, down_revision = '0010', '0009'
 
 _TABLES = ('cases', 'genome_tiles', 'compound_tiles')
 
@@ -15,8 +15,8 @@ _TABLES = ('cases', 'genome_tiles', 'compound_tiles')
 def upgrade() -> None:
     for table in _TABLES:
         with op.batch_alter_table(table) as batch_op:
-            batch_op.add_column(sa.Column('lease_owner', sa.String(length=200), nullable=True))
-            batch_op.add_column(sa.Column('lease_expires_at', sa.DateTime(timezone=True), nullable=True))
+            batch_op.add_column(string('lease_owner', 200, nullable=True))
+            batch_op.add_column(timestamp('lease_expires_at', nullable=True))
     with op.batch_alter_table('cases') as batch_op:
         batch_op.create_index('ix_cases_status_lease_expires_at', ['status', 'lease_expires_at'], unique=False)
 

@@ -6,13 +6,11 @@ Existing keys move over with no expiry (nobody chose one for them); `medbatch db
 shows them as such, and `medbatch db rotate-key` replaces them with expiring keys.
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import create_table, reference, timestamp
+from db.migrations.helpers import create_table, reference, string, timestamp
 
-revision: str = '0011'
-down_revision: str | None = '0010'
+revision, down_revision = '0011', '0010'
 
 
 def upgrade() -> None:
@@ -20,7 +18,7 @@ def upgrade() -> None:
         'api_keys',
         reference('tenant_id', 'tenants', ondelete='CASCADE'),
         reference('client_id', 'api_clients', ondelete='CASCADE', nullable=True),
-        sa.Column('sha256', sa.String(length=64), nullable=False),
+        string('sha256', 64),
         timestamp('created_at'),
         timestamp('expires_at', nullable=True),
         timestamp('revoked_at', nullable=True),

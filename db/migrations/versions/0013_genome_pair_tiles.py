@@ -3,21 +3,21 @@
 Create Date: 2026-12-03 07:40:00
 """
 
-import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0013'
-down_revision: str | None = '0012'
+from db.migrations.helpers import integer
+
+revision, down_revision = '0013', '0012'
 
 
 def upgrade() -> None:
     with op.batch_alter_table('genome_tiles') as batch_op:
-        batch_op.add_column(sa.Column('col_start', sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column('col_end', sa.Integer(), nullable=True))
+        batch_op.add_column(integer('col_start', nullable=True))
+        batch_op.add_column(integer('col_end', nullable=True))
     with op.batch_alter_table('genome_pairs') as batch_op:
-        batch_op.add_column(sa.Column('nsnp', sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column('hethet', sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column('ibs0', sa.Integer(), nullable=True))
+        batch_op.add_column(integer('nsnp', nullable=True))
+        batch_op.add_column(integer('hethet', nullable=True))
+        batch_op.add_column(integer('ibs0', nullable=True))
 
 
 def downgrade() -> None:

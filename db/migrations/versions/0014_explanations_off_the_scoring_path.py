@@ -6,10 +6,9 @@ Create Date: 2026-12-03 13:40:00
 import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import create_table, job_status, reference, timestamp
+from db.migrations.helpers import create_table, integer, job_status, reference, string, text, timestamp
 
-revision: str = '0014'
-down_revision: str | None = '0013'
+revision, down_revision = '0014', '0013'
 
 
 def upgrade() -> None:
@@ -18,10 +17,10 @@ def upgrade() -> None:
         reference('case_id', 'cases', ondelete='CASCADE'),
         reference('score_id', 'scores', ondelete='CASCADE'),
         sa.Column('status', job_status(), nullable=False),
-        sa.Column('attempts', sa.Integer(), nullable=False),
-        sa.Column('error', sa.Text(), nullable=True),
+        integer('attempts'),
+        text('error', nullable=True),
         timestamp('enqueued_at', nullable=True),
-        sa.Column('lease_owner', sa.String(length=200), nullable=True),
+        string('lease_owner', 200, nullable=True),
         timestamp('lease_expires_at', nullable=True),
         timestamp('created_at'),
         timestamp('updated_at'),

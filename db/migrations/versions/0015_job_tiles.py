@@ -9,10 +9,9 @@ Create Date: 2026-12-03 14:10:00
 import sqlalchemy as sa
 from alembic import op
 
-from db.migrations.helpers import ID, create_table, create_tile_table, tile_columns
+from db.migrations.helpers import ID, create_table, create_tile_table, string, tile_columns
 
-revision: str = '0015'
-down_revision: str | None = '0014'
+revision, down_revision = '0015', '0014'
 
 _COMMON = 'job_id, "index", row_start, row_end, status, attempts, lease_owner, lease_expires_at, updated_at'
 #: The old tables, by kind: (table, its job table, has a column block).
@@ -22,7 +21,7 @@ _OLD = {'genome': ('genome_tiles', 'genome_jobs', True), 'chem': ('compound_tile
 def upgrade() -> None:
     create_table(
         'job_tiles',
-        sa.Column('kind', sa.String(length=20), nullable=False),
+        string('kind', 20),
         sa.Column('job_id', ID, nullable=False),
         *tile_columns(col_block=True, leases=True),
         unique={'uq_job_tiles_kind_job_index': ['kind', 'job_id', 'index']},
