@@ -10,19 +10,20 @@ One cohort of N samples x M variants with constructed relatives, and on it, side
 The cohort (cached under var/bench/biobank/): for each of 22 autosomes msprime simulates 10,000
 haplotypes (one population that grew from 10,000 to 1,000,000 over the last 400 generations) over a
 stretch long enough for the autosome's share of M variants with minor allele frequency ≥ 5 %
-(``--min-maf``), as relatedness markers are picked from a genotyping array: common variants carry
-most of KING's information, and rare ones mostly its noise (at 1 %, on 5,000 samples here, the
-estimate's SD around the realized kinship was 0.0075 against 0.0059 at 5 %, and 200 unrelated
-founder pairs reached the third-degree cut-off against 62); each founder haplotype is then a mosaic
-of tracts of those (about 8 variants a tract, Li and Stephens' copying model), so that LD holds
-within tracts and founders are not related to one another (one msprime stretch per autosome spans a
-few hundred kb: its LD would make all founders look like cousins). Then families built by meiosis
-over a human genetic map (each autosome given its sex-averaged length, 35 Morgans in all,
-crossovers as a Poisson process along the kept variants): duplicates (0.1 % of calls changed), and
-two kinds of family: parents A, B with full siblings C1, C2 and a half-sibling C3 by A and D; and
-parents A, B with children C1, C2 and a grandchild G of C1 and E (grandparents and an uncle or
-aunt: second degree). 1 % of calls are then set missing at random, and the sample order is
-shuffled, so relatives land in every tile.
+(``--min-maf``), as relatedness markers are picked from a genotyping array (UK Biobank estimated
+kinship on about 93,000 selected array markers). Each founder haplotype is then a mosaic of tracts
+of those (``--tract``: about 2 variants a tract, Li and Stephens' copying model), so that LD holds
+between neighbouring markers and founders are not related to one another (one msprime stretch per
+autosome spans a few hundred kb: its LD would make all founders look like cousins). Neighbouring
+markers' r² then averages 0.08 (measured at 20,000 and 40,000 markers), about what a European
+genome shows between array markers tens of kb or more apart; tracts of 8 gave 0.25, three times
+that, and at 20,000 markers an estimate 1.4 times as noisy around the realized kinship (SD 0.0059
+against 0.0041 on 5,000 samples). Then families built by meiosis over a human genetic map (each
+autosome given its sex-averaged length, 35 Morgans in all, crossovers as a Poisson process along
+the kept variants): duplicates (0.1 % of calls changed), and two kinds of family: parents A, B with
+full siblings C1, C2 and a half-sibling C3 by A and D; and parents A, B with children C1, C2 and a
+grandchild G of C1 and E (grandparents and an uncle or aunt: second degree). 1 % of calls are then
+set missing at random, and the sample order is shuffled, so relatives land in every tile.
 
 Every constructed pair has a degree: duplicates, parent-offspring and full siblings are KING's
 duplicate/MZ and 1st degree; half-siblings, grandparents and avuncular pairs 2nd. A relative is
@@ -36,8 +37,8 @@ table on the pairs both report (the .kin0 files are also compared byte for byte)
 
 Memory: each worker's peak RSS (VmHWM of its process, start-up included); plink2's from
 ``/usr/bin/time -v``. The last line is one JSON object. Usage:
-python bench/biobank.py [--n 50000] [--m 20000] [--workers 2] [--threads 1] [--seed 1]
-[--min-maf 0.05]
+python bench/biobank.py [--n 50000] [--m 40000] [--workers 2] [--threads 1] [--seed 1]
+[--min-maf 0.05] [--tract 2]
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ CUTOFF = 2.0**-4.5
 #: Haplotypes msprime simulates per autosome; founders copy tracts of them (see below).
 POOL = 10_000
 #: Mean tract length, in kept variants, of a founder haplotype's copy of one pool haplotype.
-TRACT = 8
+TRACT = 2
 
 
 def pool_haplotypes(want: int, chrom: int, seed: int, min_maf: float) -> np.ndarray:
@@ -114,18 +115,20 @@ def pool_haplotypes(want: int, chrom: int, seed: int, min_maf: float) -> np.ndar
     return ts.delete_sites(drop).genotype_matrix().astype(np.uint8)
 
 
-def founder_haplotypes(pool: np.ndarray, n_haplotypes: int, rng: np.random.Generator) -> np.ndarray:
+def founder_haplotypes(
+    pool: np.ndarray, n_haplotypes: int, rng: np.random.Generator, tract: float
+) -> np.ndarray:
     """(sites, n_haplotypes) mosaics of the pool (Li and Stephens' copying model): each founder
-    haplotype copies one pool haplotype for a tract of about TRACT variants, then another. The
+    haplotype copies one pool haplotype for a tract of about ``tract`` variants, then another. The
     pool's LD holds within a tract; two founders share a pool haplotype only by chance, at
     1/POOL of their tracts, so founders are not relatives of one another."""
     sites = pool.shape[0]
     out = np.empty((sites, n_haplotypes), np.uint8)
     for c0 in range(0, n_haplotypes, 8192):
         c1 = min(n_haplotypes, c0 + 8192)
-        tract = np.cumsum(rng.random((sites, c1 - c0)) < 1.0 / TRACT, axis=0, dtype=np.int32)
-        source = rng.integers(0, pool.shape[1], (int(tract.max()) + 1, c1 - c0), dtype=np.int32)
-        copied = np.take_along_axis(source, tract, axis=0)
+        which = np.cumsum(rng.random((sites, c1 - c0)) < 1.0 / tract, axis=0, dtype=np.int32)
+        source = rng.integers(0, pool.shape[1], (int(which.max()) + 1, c1 - c0), dtype=np.int32)
+        copied = np.take_along_axis(source, which, axis=0)
         out[:, c0:c1] = np.take_along_axis(pool, copied, axis=1)
     return out
 
@@ -215,11 +218,13 @@ class Relative:
     realized: float
 
 
-def cohort(n: int, m: int, seed: int, min_maf: float) -> tuple[Path, list[Relative]]:
+def cohort(n: int, m: int, seed: int, min_maf: float, tract: float) -> tuple[Path, list[Relative]]:
     """The fileset (written once, then reused) and its constructed pairs."""
     from bench.genome import write_bed_rows
 
-    prefix = CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_v2"  # no dot: with_suffix
+    prefix = (
+        CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_t{tract * 10:g}_v2"
+    )  # no dot: with_suffix
     pairs_file = prefix.with_suffix(".relatives.tsv")
     if not pairs_file.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -234,7 +239,7 @@ def cohort(n: int, m: int, seed: int, min_maf: float) -> tuple[Path, list[Relati
             for chrom, want in enumerate(per_chrom, start=1):
                 t0 = time.perf_counter()
                 haps = founder_haplotypes(
-                    pool_haplotypes(int(want), chrom, seed, min_maf), 2 * founders, rng
+                    pool_haplotypes(int(want), chrom, seed, min_maf), 2 * founders, rng, tract
                 )
                 morgans = MORGANS[chrom - 1]
                 h = np.empty((int(want), 2 * n), np.uint8)
@@ -441,11 +446,12 @@ def read_kin0(path: Path) -> dict[frozenset[str], tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50_000, help="samples")
-    parser.add_argument("--m", type=int, default=20_000, help="variants")
+    parser.add_argument("--m", type=int, default=40_000, help="variants")
     parser.add_argument("--workers", type=int, default=2, help="medbatch worker processes")
     parser.add_argument("--threads", type=int, default=1, help="numba threads per worker")
     parser.add_argument("--block", type=int, default=0, help="samples per tile side")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tract", type=float, default=TRACT, help="mean tract, in variants")
     parser.add_argument("--min-maf", type=float, default=MIN_MAF, help="markers' minimum MAF")
     args = parser.parse_args()
     # Stopped from outside: unwind, so that the workers and the broker are stopped too.
@@ -456,7 +462,7 @@ def main() -> None:
     print(f"CPU: {cpu_name()}")
     print(f"cohort: {args.n} samples x {args.m} variants (seed {args.seed})", flush=True)
     t0 = time.perf_counter()
-    prefix, constructed = cohort(args.n, args.m, args.seed, args.min_maf)
+    prefix, constructed = cohort(args.n, args.m, args.seed, args.min_maf, args.tract)
     print(f"  ready in {time.perf_counter() - t0:.0f} s: {prefix}", flush=True)
     block = args.block or default_block(args.m)
     threads = args.workers * args.threads
