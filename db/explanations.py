@@ -18,14 +18,18 @@ from sqlalchemy import String, and_, case, cast, literal, or_, select, text, upd
 from sqlalchemy.orm import Session
 
 from db.repo import (
+    PG_INSERT_SCORES,
     Lease,
     Stranded,
     _among,
     _insert,
     claimed_values,
     lease_free,
+    save_scores,
+    score_arrays,
     send_stranded,
     settle_rows,
+    status_among_ids,
     stranded_clause,
 )
 from db.tables import Case, Explanation, JobStatus, Score, utcnow
@@ -78,13 +82,40 @@ def request_explanations(
     return sorted(int(i) for i in session.scalars(stmt))
 
 
+# The score rows and their ledger rows in one statement: the ledger takes the new scores' ids
+# as the insert returns them, with no lookup of ``scores`` (and no plan to go stale on it).
+_PG_SAVE_ASKING = text(
+    f"WITH s AS ({PG_INSERT_SCORES} RETURNING id, case_id, shadow), "
+    "e AS (INSERT INTO explanations (case_id, score_id, status, attempts, enqueued_at, "
+    "created_at, updated_at) "
+    f"SELECT case_id, id, '{JobStatus.queued.value}', 0, :created_at, :created_at, :created_at "
+    "FROM s WHERE NOT shadow AND case_id = ANY(CAST(:asked AS bigint[])) "
+    "ON CONFLICT (case_id) DO NOTHING RETURNING case_id) "
+    "SELECT (SELECT count(*) FROM s) AS new_rows, ARRAY(SELECT case_id FROM e) AS asked"
+)
+
+
+def save_scores_asking(
+    session: Session, *, rows: Sequence[dict[str, Any]], case_ids: Sequence[int]
+) -> tuple[int, list[int]]:
+    """Insert score rows (as :func:`db.repo.save_scores`) and a ``queued`` ledger row for the
+    released score of each of ``case_ids`` inserted now; one statement on PostgreSQL. Returns
+    how many score rows were new and the cases that got a ledger row, in id order."""
+    if session.get_bind().dialect.name != "postgresql" or not rows:
+        new = save_scores(session, rows=rows)
+        return new, request_explanations(session, case_ids=case_ids)
+    params = {**score_arrays(rows), "created_at": utcnow(), "asked": list(case_ids)}
+    new, asked = session.execute(_PG_SAVE_ASKING, params).one()
+    return int(new), sorted(int(i) for i in asked)
+
+
 def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
     """Ledger rows committed but not sent (the broker was away): the sweeper sends them."""
     session.execute(
         update(Explanation)
         .where(
             _among(session, Explanation.case_id, case_ids),
-            Explanation.status == JobStatus.queued,
+            status_among_ids(Explanation) == JobStatus.queued.value,
         )
         .values(enqueued_at=None),
         execution_options={"synchronize_session": False},
@@ -109,9 +140,10 @@ def claim_explanations(
     now = utcnow()
     attempts = Explanation.attempts + 1
     dead = attempts > max_deliveries
+    status = status_among_ids(Explanation)
     claimable = or_(
-        Explanation.status == JobStatus.queued,
-        and_(Explanation.status == JobStatus.running, lease_free(Explanation, now, lease.owner)),
+        status == JobStatus.queued.value,
+        and_(status == JobStatus.running.value, lease_free(Explanation, now, lease.owner)),
     )
     rows = session.execute(
         update(Explanation)
@@ -198,7 +230,7 @@ def release_explanations(
         .where(
             _among(session, Explanation.case_id, case_ids),
             Explanation.lease_owner == owner,
-            Explanation.status == JobStatus.running,
+            status_among_ids(Explanation) == JobStatus.running.value,
         )
         .values(
             status=JobStatus.queued,

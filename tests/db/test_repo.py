@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import repo
+from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Base, Case, CaseStatus, Priority, Score
 from tests.helpers import score_row
@@ -220,3 +220,50 @@ def test_results_page_by_cursor_and_filter_by_status_and_model(
         assert [c.id for c, _ in done] == ids[:3]
         assert repo.list_results(s, tenant_id=tenant_id, model="breast-cancer@2.0") == []
         assert len(repo.list_results(s, tenant_id=tenant_id, model="breast-cancer@1.0.0")) == 5
+
+
+def test_statements_naming_cases_follow_their_ids_whatever_the_statistics(
+    pg_engine: Engine, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Statistics from before a bulk load (20 cases, all done) must not steer a statement that
+    names its cases by id onto a status index (a claim read every queued case's index entry and
+    heap page) or the score insert's ledger rows onto a scan of ``scores``."""
+    tenant = _tenant(pg_sessions)
+    plans: list[str] = []
+
+    def explain(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith(("UPDATE cases", "WITH s AS")):
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+
+    with pg_engine.begin() as conn:
+        conn.execute(text("ALTER TABLE cases SET (autovacuum_enabled = false)"))
+    try:
+        with session_scope(pg_sessions) as s:
+            repo.add_cases(s, tenant_id=tenant, cases=[_case(f"old-{i}") for i in range(20)])
+        with pg_engine.begin() as conn:
+            conn.execute(text("UPDATE cases SET status = 'done'"))
+            conn.execute(text("ANALYZE cases"))
+            conn.execute(text("ANALYZE scores"))
+        with session_scope(pg_sessions) as s:
+            added = repo.add_cases(
+                s, tenant_id=tenant, cases=[_case(f"new-{i}") for i in range(3000)]
+            )
+        ids = [a.id for a in added[:64]]
+        lease = repo.Lease("test:1:x", timedelta(minutes=1))
+        event.listen(pg_engine, "before_cursor_execute", explain)
+        with session_scope(pg_sessions) as s:
+            repo.hold_cases(s, case_ids=ids, lease=lease)
+            claimed, _ = repo.claim_cases(s, case_ids=ids, max_deliveries=5, lease=lease)
+            rows = [score_row(c.id, score=0.5, label="benign") for c in claimed]
+            new, asked = explanations.save_scores_asking(s, rows=rows, case_ids=ids)
+            repo.settle_cases(s, done=ids)
+        event.remove(pg_engine, "before_cursor_execute", explain)
+    finally:
+        with pg_engine.begin() as conn:
+            conn.execute(text("ALTER TABLE cases RESET (autovacuum_enabled)"))
+    assert (len(claimed), new, asked) == (64, 64, ids)
+    assert len(plans) == 4
+    for plan in plans:
+        assert "ix_cases_status" not in plan, plan
+        assert "Seq Scan on scores" not in plan, plan

@@ -335,10 +335,18 @@ def _write_once(
                         "shadow": p.shadow,
                     }
                 )
+        wanted = {case_id for p in passes if p.explain for case_id, *_ in p.rows}
+        asked: list[int] | None = None
         if isolate:
             outcome.new_score_rows, refused = save_isolating(session, score_rows)
         else:
-            outcome.new_score_rows, refused = repo.save_scores(session, rows=score_rows), {}
+            asking = [
+                r["case_id"] for r in score_rows if not r["shadow"] and r["case_id"] in wanted
+            ]
+            outcome.new_score_rows, asked = explanations.save_scores_asking(
+                session, rows=score_rows, case_ids=asking
+            )
+            refused = {}
         for stored in score_rows:
             case_id = int(stored["case_id"])
             if stored["shadow"]:
@@ -348,9 +356,10 @@ def _write_once(
             else:
                 outcome.scored.append(case_id)
         repo.settle_cases(session, done=outcome.scored, failed=outcome.failed)
-        wanted = {case_id for p in passes if p.explain for case_id, *_ in p.rows}
-        scored = [case_id for case_id in outcome.scored if case_id in wanted]
-        outcome.to_explain = explanations.request_explanations(session, case_ids=scored)
+        if asked is None:  # rows were refused: ledger rows for the scores that went in
+            scored = [case_id for case_id in outcome.scored if case_id in wanted]
+            asked = explanations.request_explanations(session, case_ids=scored)
+        outcome.to_explain = asked
 
 
 def save_isolating(session: Session, rows: list[dict]) -> tuple[int, dict[int, str]]:
