@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -220,3 +221,24 @@ def test_cli_shadow_and_drift(
     assert "breast-cancer has no shadow" in capsys.readouterr().err
     assert main(["models", "shadow", "breast-cancer@1.0.0"]) == 2
     assert "only a candidate can shadow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_worker_runs_torch_on_as_many_threads_as_it_is_told(
+    pg_url: str, store: Path, threads: int
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        settings = Settings(
+            database_url=pg_url, artifact_dir=store, device="cpu", torch_threads=threads
+        )
+        WorkerContext(settings).model("breast-cancer", "1.0.0")
+        assert torch.get_num_threads() == threads
+        torch.set_num_threads(3)  # 0 leaves PyTorch's own setting alone
+        WorkerContext(settings.model_copy(update={"torch_threads": 0})).model(
+            "breast-cancer", "1.0.0"
+        )
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
