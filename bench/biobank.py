@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -307,17 +306,12 @@ def cohort(n: int, m: int, seed: int, min_maf: float, tract: float) -> tuple[Pat
 
 
 def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = re.search(r"model name\s*:\s*(.+)", text)
-    found = re.search(r"flags\s*:\s*(.+)", text)
-    flags = set(found.group(1).split()) if found else set()
+    """The CPU's name (family and model too) and the flags the tile kernels care about."""
+    from models.cpu_features import cpu_flags, cpu_model
+
+    flags = cpu_flags()
     extras = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq", "amx_int8") if f in flags]
-    return (
-        f"{model.group(1) if model else 'CPU'} ({os.cpu_count()} cores seen; {', '.join(extras)})"
-    )
+    return f"{cpu_model()} ({os.cpu_count()} cores seen; {', '.join(extras)})"
 
 
 def run_plink2(prefix: Path, out: Path, threads: int) -> tuple[float, float]:

@@ -56,6 +56,7 @@ from db.tables import Case, CaseStatus, Explanation, JobStatus, Priority, Score 
 from medbatch.settings import Settings  # noqa: E402
 from models.cases.inference import LoadedModel  # noqa: E402
 from models.cases.registry import Registry  # noqa: E402
+from models.cpu_features import cpu_model  # noqa: E402
 from worker.app import create_app  # noqa: E402
 from worker.queues import EXPLAIN_QUEUE, enqueue_cases  # noqa: E402
 
@@ -556,6 +557,7 @@ def main() -> None:
     bench = Bench(args.model, args.cases)
     nan = float("nan")
     try:
+        print(f"CPU: {cpu_model()}, {os.cpu_count()} cores seen", flush=True)
         print(
             f"model {bench.spec.ref}, {args.cases} cases, one worker process, "
             f"Redis {REDIS_URL}, PostgreSQL {bench.db_name}",
@@ -612,6 +614,7 @@ def main() -> None:
     bulk = batched["batched_bulk_messages_cases_per_s"]
     result = {
         "model": bench.spec.ref,
+        "cpu": cpu_model(),
         "cases": args.cases,
         "naive": "lean tutorial worker: one task per case, acks late, prefetch 1, one upsert",
         "naive_cases_per_s": round(naive, 1),
