@@ -25,6 +25,7 @@ from db.repo import (
     _insert,
     claimed_values,
     lease_free,
+    mark_rows_unsent,
     save_scores,
     score_arrays,
     send_stranded,
@@ -111,15 +112,7 @@ def save_scores_asking(
 
 def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
     """Ledger rows committed but not sent (the broker was away): the sweeper sends them."""
-    session.execute(
-        update(Explanation)
-        .where(
-            _among(session, Explanation.case_id, case_ids),
-            status_among_ids(Explanation) == JobStatus.queued.value,
-        )
-        .values(enqueued_at=None),
-        execution_options={"synchronize_session": False},
-    )
+    mark_rows_unsent(session, Explanation, Explanation.case_id, case_ids)
 
 
 @dataclass(frozen=True)

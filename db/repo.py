@@ -765,18 +765,20 @@ def mark_failed(session: Session, *, errors: dict[int, str]) -> None:
     settle_cases(session, failed=errors)
 
 
-def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
-    """Cases committed but not sent (the broker was unreachable): the sweeper sends them as
-    soon as the broker is back."""
+def mark_rows_unsent(session: Session, table: Any, key: Any, ids: Sequence[int]) -> None:
+    """Rows of ``table`` (cases, a ledger) committed ``queued`` but not sent (the broker was
+    unreachable): the sweeper sends them as soon as the broker is back."""
     session.execute(
-        update(Case)
-        .where(
-            _among(session, Case.id, case_ids),
-            status_among_ids(Case) == CaseStatus.queued.value,
-        )
+        update(table)
+        .where(_among(session, key, ids), status_among_ids(table) == "queued")
         .values(enqueued_at=None),
         execution_options={"synchronize_session": False},
     )
+
+
+def mark_unsent(session: Session, *, case_ids: Sequence[int]) -> None:
+    """Cases committed but not sent: see :func:`mark_rows_unsent`."""
+    mark_rows_unsent(session, Case, Case.id, case_ids)
 
 
 def get_case(session: Session, *, tenant_id: int, case_id: int) -> Case | None:
