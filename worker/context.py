@@ -57,10 +57,6 @@ class WorkerContext:
             spec = self.registry.resolve(f"{name}@{version}")
             from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
-            if not self._models and self.settings.torch_threads:
-                import torch
-
-                torch.set_num_threads(self.settings.torch_threads)
             model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
             model.warm_up()
             self._models[key] = model

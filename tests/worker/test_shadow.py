@@ -25,6 +25,7 @@ from models.cases.shadow import ShadowError, drift, set_shadow
 from models.reference import breast_cancer
 from tests.helpers import register_mlp, save_mlp, wdbc_cases
 from worker.context import WorkerContext
+from worker.signals import limit_torch_threads
 from worker.tasks.scoring import score_cases
 
 pytestmark = pytest.mark.integration
@@ -223,22 +224,23 @@ def test_cli_shadow_and_drift(
     assert "only a candidate can shadow" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_worker_runs_torch_on_as_many_threads_as_it_is_told(
-    pg_url: str, store: Path, threads: int
+@pytest.mark.parametrize(
+    ("threads", "queues", "expected"),
+    [
+        (1, ["score.stat", "score.bulk", "explain"], 1),
+        (2, ["score.routine"], 2),
+        (0, ["score.routine"], 3),  # 0: PyTorch's own setting stays
+        (1, ["score.routine", "genome"], 3),  # genome's GEMMs keep every thread
+        (1, ["chem"], 3),
+    ],
+)
+def test_a_scoring_worker_runs_torch_on_as_many_threads_as_it_is_told(
+    threads: int, queues: list[str], expected: int
 ) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        settings = Settings(
-            database_url=pg_url, artifact_dir=store, device="cpu", torch_threads=threads
-        )
-        WorkerContext(settings).model("breast-cancer", "1.0.0")
-        assert torch.get_num_threads() == threads
-        torch.set_num_threads(3)  # 0 leaves PyTorch's own setting alone
-        WorkerContext(settings.model_copy(update={"torch_threads": 0})).model(
-            "breast-cancer", "1.0.0"
-        )
-        assert torch.get_num_threads() == 3
+        limit_torch_threads(Settings(torch_threads=threads), queues)
+        assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
