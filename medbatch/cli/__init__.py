@@ -43,9 +43,16 @@ def _describe(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from medbatch.settings import get_settings
+    from pydantic import ValidationError
 
-    settings = get_settings()
+    from medbatch.settings import get_settings, setting_problems
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        for problem in setting_problems(exc):
+            print(f"medbatch: {problem}", file=sys.stderr)
+        return 2
     _common.setup_logging(settings)
     try:
         return int(args.func(args, settings))
