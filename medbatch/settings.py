@@ -95,12 +95,12 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=5, ge=1)
     #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
     autocast: Literal["off", "bf16", "fp16"] = "off"
-    #: Threads PyTorch gives one operator in a worker process that reads only scoring and
-    #: explain queues, on the CPU (0: PyTorch's own default, one a core; a worker that also reads
-    #: genome or chem keeps that default for their GEMMs). One: a scoring batch is small, and a
-    #: worker shares the machine with its database and other worker processes, so scale with
-    #: processes instead. On a 2-core VM the GRU's 128-case bulk batch took 30 ms with one
-    #: thread against 38 ms with two (the MLP took 26 ms either way).
+    #: Threads PyTorch gives one operator during a worker's scoring and explain batches, on the
+    #: CPU (0: as the process has them, PyTorch's default one a core). One: a scoring batch is
+    #: small, and a worker shares the machine with its database and other worker processes, so
+    #: scale with processes instead; the process's own number is back for genome and chem tiles'
+    #: GEMMs. On a 2-core VM the GRU's 128-case bulk batch took 30 ms with one thread against
+    #: 38 ms with two (the MLP took 26 ms either way).
     torch_threads: int = Field(default=1, ge=0)
     #: Feature attributions for each score: the top K inputs (and, for sequences, steps) by
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutting_down
 
-from medbatch.settings import Settings
 from worker import heartbeat, metrics
 from worker.context import context
-from worker.queues import CHEM_QUEUE, GENOME_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +27,6 @@ def _on_worker_ready(sender: Any, **_: object) -> None:
     queues = sorted(q.name for q in sender.task_consumer.queues)
     _beating[sender.hostname] = heartbeat.start(app, hostname=sender.hostname, queues=queues)
     log.info("listening on queues: %s", ", ".join(queues))
-    limit_torch_threads(ctx.settings, queues)
     metrics.serve(ctx.settings.worker_metrics_port, ctx.settings.worker_metrics_host)
     ctx.warm_up()
     # A worker starting after an outage picks up what was stranded, without waiting for beat.
@@ -42,22 +38,14 @@ def _on_worker_ready(sender: Any, **_: object) -> None:
         log.exception("sweep at worker start failed; beat will try again")
 
 
-def limit_torch_threads(settings: Settings, queues: Iterable[str]) -> None:
-    """Give PyTorch ``settings.torch_threads`` threads an operator in a worker that reads only
-    scoring and explain queues (small batches, a machine shared with the database and other
-    workers). A worker that also reads genome or chem keeps PyTorch's default: their GEMMs
-    (``torch._int_mm``) want every core."""
-    if settings.torch_threads and not set(queues) & {GENOME_QUEUE, CHEM_QUEUE}:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-
-
 @worker_shutting_down.connect
 def _on_worker_shutting_down(sender: Any, **_: object) -> None:
     from celery import current_app
 
-    for hostname, stop in list(_beating.items()):
+    # A second SIGTERM runs this again in the middle of the first: each node is taken once.
+    for hostname in list(_beating):
+        stop = _beating.pop(hostname, None)
+        if stop is None:
+            continue
         stop.set()
         heartbeat.forget(current_app, hostname=hostname)
-        del _beating[hostname]

@@ -22,10 +22,10 @@ from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry, load_registry
 from models.cases.shadow import ShadowError, drift, set_shadow
+from models.device import torch_threads
 from models.reference import breast_cancer
 from tests.helpers import register_mlp, save_mlp, wdbc_cases
 from worker.context import WorkerContext
-from worker.signals import limit_torch_threads
 from worker.tasks.scoring import score_cases
 
 pytestmark = pytest.mark.integration
@@ -224,23 +224,21 @@ def test_cli_shadow_and_drift(
     assert "only a candidate can shadow" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("threads", "queues", "expected"),
-    [
-        (1, ["score.stat", "score.bulk", "explain"], 1),
-        (2, ["score.routine"], 2),
-        (0, ["score.routine"], 3),  # 0: PyTorch's own setting stays
-        (1, ["score.routine", "genome"], 3),  # genome's GEMMs keep every thread
-        (1, ["chem"], 3),
-    ],
-)
-def test_a_scoring_worker_runs_torch_on_as_many_threads_as_it_is_told(
-    threads: int, queues: list[str], expected: int
+@pytest.mark.parametrize(("threads", "inside"), [(1, 1), (2, 2), (0, 3)])
+def test_scoring_runs_torch_on_its_own_threads_and_gives_the_process_its_own_back(
+    threads: int, inside: int
 ) -> None:
+    """``torch_threads`` (around each scoring and explain batch) sets PyTorch's threads for the
+    batch and restores the process's number after, even when the batch raises, so a genome or
+    chem tile in the same worker keeps every core; 0 leaves them alone."""
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        limit_torch_threads(Settings(torch_threads=threads), queues)
-        assert torch.get_num_threads() == expected
+        with torch_threads(threads):
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 3
+        with pytest.raises(RuntimeError), torch_threads(threads):
+            raise RuntimeError("a batch that fails")
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)

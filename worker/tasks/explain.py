@@ -33,6 +33,7 @@ from db.repo import Lease
 from models.cases.explain import explain, explainable
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import ArtifactIntegrityError, RegistryError
+from models.device import torch_threads
 from worker import metrics
 from worker.context import context
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
@@ -248,18 +249,21 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
         raise Reject(str(exc), requeue=False) from exc
     ctx = context(self.app)
     try:
-        outcome = explain_cases(
-            case_ids,
-            sessions=ctx.sessions,
-            load_model=ctx.model,
-            lease=ctx.leases.lease,
-            top_k=max(1, ctx.settings.explain_top_k),
-            steps=ctx.settings.explain_steps,
-            max_deliveries=ctx.settings.max_deliveries,
-            yield_after_s=ctx.settings.explain_yield_ms / 1000,
-            # What is handed back goes in messages of one chunk each: never claimed twice.
-            send_rest=lambda ids: enqueue_explanations(self.app, ids, per_message=SEQUENCE_CHUNK),
-        )
+        with torch_threads(ctx.settings.torch_threads):
+            outcome = explain_cases(
+                case_ids,
+                sessions=ctx.sessions,
+                load_model=ctx.model,
+                lease=ctx.leases.lease,
+                top_k=max(1, ctx.settings.explain_top_k),
+                steps=ctx.settings.explain_steps,
+                max_deliveries=ctx.settings.max_deliveries,
+                yield_after_s=ctx.settings.explain_yield_ms / 1000,
+                # What is handed back goes in messages of one chunk each: never claimed twice.
+                send_rest=lambda ids: enqueue_explanations(
+                    self.app, ids, per_message=SEQUENCE_CHUNK
+                ),
+            )
     except Exception as exc:
         # The database is away (or a defect): the cases keep their lease until it expires, then
         # the sweeper sends them again; the attempt counter stops a loop.

@@ -37,6 +37,7 @@ from models.cases.explain import explainable
 from models.cases.featurize import case_length, check_features
 from models.cases.inference import LoadedModel, ModelInput, ScoreRow
 from models.cases.registry import ArtifactIntegrityError, RegistryError
+from models.device import torch_threads
 from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper
@@ -477,19 +478,20 @@ class ScoringTask(Task):
     def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> Outcome:
         """One batch of cases with this process's models, leases and settings."""
         ctx = context(self.app)
-        return score_cases(
-            case_ids,
-            sessions=ctx.sessions,
-            load_model=ctx.model,
-            queue=queue,
-            max_batch_size=max_batch_size,
-            max_deliveries=ctx.settings.max_deliveries,
-            explain_top_k=ctx.settings.explain_top_k,
-            explain_sequences=ctx.settings.explain_sequences,
-            load_shadow=ctx.shadow,
-            keeper=ctx.leases,
-            send_explanations=explain_sender(self.app),
-        )
+        with torch_threads(ctx.settings.torch_threads):
+            return score_cases(
+                case_ids,
+                sessions=ctx.sessions,
+                load_model=ctx.model,
+                queue=queue,
+                max_batch_size=max_batch_size,
+                max_deliveries=ctx.settings.max_deliveries,
+                explain_top_k=ctx.settings.explain_top_k,
+                explain_sequences=ctx.settings.explain_sequences,
+                load_shadow=ctx.shadow,
+                keeper=ctx.leases,
+                send_explanations=explain_sender(self.app),
+            )
 
 
 @shared_task(bind=True, base=ScoringTask, name=SCORE_TASK)
