@@ -221,9 +221,8 @@ def cohort(n: int, m: int, seed: int, min_maf: float, tract: float) -> tuple[Pat
     """The fileset (written once, then reused) and its constructed pairs."""
     from bench.genome import write_bed_rows
 
-    prefix = (
-        CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_t{tract * 10:g}_v2"
-    )  # no dot: with_suffix
+    # No dot in the name (MAF in percent, tract in tenths): the files are named by with_suffix.
+    prefix = CACHE / f"n{n}_m{m}_s{seed}_maf{min_maf * 100:g}pct_t{tract * 10:g}_v2"
     pairs_file = prefix.with_suffix(".relatives.tsv")
     if not pairs_file.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
