@@ -76,10 +76,24 @@ class WorkerContext:
             return None
 
     def warm_up(self) -> None:
-        """Load the default version of every released model before the first message."""
+        """Load the default version of every released model before the first message, and,
+        where its scores ask for attributions, explain a dummy batch with it: the explain
+        stage's first batch would otherwise import Captum (and what it imports) for about a
+        second while the cases behind it, STAT ones among them, wait."""
+        settings = self.settings
         for spec in self.registry:
             if spec.default and spec.status == "released":
-                self.model(spec.name, spec.version)
+                model = self.model(spec.name, spec.version)
+                if settings.explain_top_k > 0:
+                    from models.cases.explain import explain, explainable
+
+                    wanted = spec.input_kind == "tabular" or settings.explain_sequences
+                    if not (wanted and explainable(model)):
+                        continue
+                    try:
+                        explain(model, model.dummy_batch(2), top_k=1, n_steps=2)
+                    except Exception as exc:  # the explain stage reports its own failures
+                        log.warning("explaining with %s not warmed up: %s", spec.ref, exc)
 
 
 def context(app: Celery) -> WorkerContext:

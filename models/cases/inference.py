@@ -125,17 +125,19 @@ class LoadedModel:
             logits = logits[:, 0]
         return torch.sigmoid(logits.float()).cpu()
 
-    def warm_up(self, batch_size: int = 8) -> None:
-        """One forward pass on a dummy batch, so the first real case pays no lazy initialisation."""
+    def dummy_batch(self, batch_size: int = 8) -> ModelInput:
+        """A batch of the model's input shape holding no case (zeros; ones for tokens)."""
         width, steps = len(self.spec.inputs), self.spec.max_length or 1
         lengths = torch.full((batch_size,), steps, dtype=torch.int64)
         if self.spec.input_kind == "series":
-            batch = ModelInput(torch.zeros(batch_size, steps, width), lengths)
-        elif self.spec.input_kind == "tokens":
-            batch = ModelInput(torch.ones(batch_size, steps, dtype=torch.int64), lengths)
-        else:
-            batch = ModelInput(torch.zeros(batch_size, width))
-        self.predict(batch)
+            return ModelInput(torch.zeros(batch_size, steps, width), lengths)
+        if self.spec.input_kind == "tokens":
+            return ModelInput(torch.ones(batch_size, steps, dtype=torch.int64), lengths)
+        return ModelInput(torch.zeros(batch_size, width))
+
+    def warm_up(self, batch_size: int = 8) -> None:
+        """One forward pass on a dummy batch, so the first real case pays no lazy initialisation."""
+        self.predict(self.dummy_batch(batch_size))
 
     def to_rows(self, probabilities: torch.Tensor) -> list[ScoreRow]:
         negative, positive = self.spec.labels

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +367,40 @@ def test_a_long_explain_message_hands_the_rest_back_in_chunks(
         rest[0], sessions=pg_sessions, load_model=lambda n, v: gru, lease=lease, top_k=2
     )
     assert second.done == ids[8:] and second.handed_back == []
+
+
+_WARM_UP = """
+import sys
+from medbatch.settings import Settings
+from worker.context import WorkerContext
+
+settings = Settings(
+    database_url="sqlite:///unused.sqlite",
+    artifact_dir=sys.argv[1],
+    device="cpu",
+    explain_top_k=int(sys.argv[2]),
+)
+assert "captum" not in sys.modules
+WorkerContext(settings).warm_up()
+print("captum" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("top_k", "warmed"), [(5, True), (0, False)])
+def test_a_worker_asked_for_attributions_warms_its_explainer_before_the_first_message(
+    tmp_path: Path, top_k: int, warmed: bool
+) -> None:
+    """The explain stage's first batch would otherwise import Captum (and matplotlib with it,
+    about a second) while the cases behind it wait; a worker that explains nothing never
+    imports it."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_UP, str(tmp_path / "store"), str(top_k)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(warmed)
