@@ -488,7 +488,7 @@ def claim_cases(
         and_(status == CaseStatus.running.value, lease_free(Case, now, owner)),
     )
     rows = session.execute(
-        update(Case.__table__)
+        update(Case.__table__)  # type: ignore[arg-type]
         .where(_among(session, Case.id, case_ids), claimable)
         .values(
             **claimed_values(Case, dead=dead, owner=owner, expires=expires, now=now),
