@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -41,6 +42,82 @@ def keep_rows(
     return np.array(sorted(rows), dtype=np.intp)
 
 
+#: Allele codes that name no allele: PLINK's ``0`` (a variant with one allele seen), VCF's ``.``.
+NO_ALLELE = frozenset({"0", "."})
+
+
+def variant_columns(variant_id: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
+    """Where each of ``wanted`` is among ``variant_id`` (ValueError naming one that is not)."""
+    index = {v: n for n, v in enumerate(variant_id)}
+    missing = [v for v in wanted if v not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} variants of the cohort are absent, e.g. {missing[0]}")
+    return np.array([index[v] for v in wanted], dtype=np.intp)
+
+
+def allele_flips(
+    variant_id: Sequence[str],
+    a1: Sequence[str],
+    a2: Sequence[str],
+    cohort_a1: Sequence[str],
+    cohort_a2: Sequence[str],
+) -> np.ndarray:
+    """Per variant (aligned with the cohort's): True where its A1/A2 are the cohort's swapped, so
+    its dosages count the cohort's A2 (as merging filesets in PLINK, the calls are matched by
+    allele, not by column). A missing allele code (:data:`NO_ALLELE`) matches any allele.
+
+    Raises
+    ------
+    ValueError
+        Naming one variant whose alleles are neither the cohort's nor swapped (another strand,
+        or another variant under the same id).
+    """
+
+    def same(x: str, y: str) -> bool:
+        return x.upper() == y.upper() or x in NO_ALLELE or y in NO_ALLELE
+
+    flips = np.zeros(len(variant_id), dtype=bool)
+    bad = []
+    for n, (q1, q2, c1, c2) in enumerate(zip(a1, a2, cohort_a1, cohort_a2, strict=True)):
+        if same(q1, c1) and same(q2, c2):
+            continue
+        if same(q1, c2) and same(q2, c1):
+            flips[n] = True
+        else:
+            bad.append(n)
+    if bad:
+        n = bad[0]
+        raise ValueError(
+            f"{len(bad)} variants have alleles other than the cohort's, e.g. {variant_id[n]}: "
+            f"{a1[n]}/{a2[n]} here, {cohort_a1[n]}/{cohort_a2[n]} in the cohort"
+        )
+    return flips
+
+
+def align(
+    genotypes: Genotypes, variant_id: Sequence[str], a1: Sequence[str], a2: Sequence[str]
+) -> Genotypes:
+    """``genotypes`` (query samples) over the cohort's variants ``variant_id``, in that order,
+    their dosages counting the cohort's A1 (``a1``): a variant whose A1/A2 are the cohort's
+    swapped has its calls recounted (:func:`allele_flips`). ValueError for a variant that is
+    absent, or whose alleles do not match."""
+    g = genotypes
+    if g.variant_id != tuple(variant_id):
+        g = subset(g, variants=variant_id)
+    flips = allele_flips(g.variant_id, g.a1, g.a2, a1, a2)
+    if not flips.any():
+        return g
+    dosages = g.dosages.copy()
+    turned = dosages[:, flips]
+    dosages[:, flips] = np.where(turned >= 0, 2 - turned, turned)
+    return replace(
+        g,
+        dosages=dosages,
+        a1=tuple(b if f else a for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+        a2=tuple(a if f else b for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+    )
+
+
 def subset(
     genotypes: Genotypes,
     *,
@@ -54,11 +131,7 @@ def subset(
     rows = np.arange(g.n_samples, dtype=np.intp) if keep is None else keep_rows(g.fid, g.iid, keep)
     columns = np.arange(g.n_variants, dtype=np.intp)
     if variants is not None:
-        index = {v: n for n, v in enumerate(g.variant_id)}
-        missing = [v for v in variants if v not in index]
-        if missing:
-            raise ValueError(f"{len(missing)} variants of the cohort are absent, e.g. {missing[0]}")
-        columns = np.array([index[v] for v in variants], dtype=np.intp)
+        columns = variant_columns(g.variant_id, variants)
     elif min_maf is not None:
         p = allele_frequencies(g.dosages[rows])
         columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)

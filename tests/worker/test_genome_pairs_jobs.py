@@ -120,6 +120,67 @@ def test_query_pairs_are_the_new_samples_against_the_cohort(
     assert got == expected and len(got) == 4 + 4 * 9  # duplicates; 9 per family
 
 
+def _write_bed(
+    prefix: Path, whole: genome.Genotypes, rows: range, *, flip: bool = False, **changes: list
+) -> None:
+    """Samples ``rows`` of ``whole`` as a PLINK 1 fileset (``changes``: other .bim columns;
+    ``flip``: the same calls, counted against the other allele)."""
+    from bed_reader import to_bed
+
+    x = whole.dosages[list(rows)].astype(np.float64)
+    x[x < 0] = np.nan
+    properties = {
+        "fid": [whole.fid[r] for r in rows], "iid": [whole.iid[r] for r in rows],
+        "sid": list(whole.variant_id), "allele_1": list(whole.a1), "allele_2": list(whole.a2),
+    }  # fmt: skip
+    if flip:
+        x = np.where(np.isnan(x), np.nan, 2.0 - x)
+        properties["allele_1"], properties["allele_2"] = list(whole.a2), list(whole.a1)
+    to_bed(prefix.with_suffix(".bed"), x, properties={**properties, **changes})
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
+def test_a_query_with_a1_and_a2_swapped_finds_the_same_relatives(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """The new samples written with the other allele as A1 (as a VCF's REF/ALT or another tool
+    may code them): the calls are the same, so the relatives and their kinships are too."""
+    whole = genome.read_bed(RELATIVES)
+    _write_bed(tmp_path / "founders", whole, range(76))
+    _write_bed(tmp_path / "new", whole, range(76, 96))
+    _write_bed(tmp_path / "flipped", whole, range(76, 96), flip=True)
+    tenant_id, tables = new_tenant(sessions, "biobank"), []
+    for new in ("new", "flipped"):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / new / "store",
+            metric="king", bfile=tmp_path / "founders", query=tmp_path / new, threshold=0.0442,
+            output=output,
+        )  # fmt: skip
+        summary = _run(sessions, job)
+        assert summary["degree_counts"]["duplicate/MZ twin"] == 4
+        (kin0,) = [Path(p) for p in summary["outputs"] if p.endswith(".kin0")]
+        tables.append(kin0.read_text())
+    assert tables[0] == tables[1] and len(tables[0].splitlines()) == 1 + 4 + 4 * 9
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"allele_1": ["T"] * 14079, "allele_2": ["C"] * 14079}, "alleles other than"),
+        ({"sid": [f"x{j}" for j in range(14079)]}, "variants of the cohort are absent"),
+    ],
+)
+def test_a_query_with_other_variants_is_refused_and_records_nothing(
+    sessions: sessionmaker[Session], tmp_path: Path, changes: dict, fragment: str
+) -> None:
+    """As many variants as the cohort, but not its variants (other ids, or alleles that are
+    neither the cohort's nor swapped): refused at submission, naming the query."""
+    whole = genome.read_bed(RELATIVES)
+    _write_bed(tmp_path / "new", whole, range(76, 96), **changes)
+    submit = lambda: _submit(sessions, tmp_path, bfile=RELATIVES, query=tmp_path / "new")  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, "query", fragment)
+
+
 @pytest.mark.parametrize(
     ("options", "field", "fragment"),
     [

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, object_session, sessionmaker
 from db import genome as jobs
 from db.tables import GenomeJob
 from models.genome import plan
-from models.genome.cohort import keep_rows
+from models.genome.cohort import allele_flips, keep_rows, variant_columns
 from models.genome.io import vcf
 from models.genome.io.output import THIRD_DEGREE_MIN_KINSHIP
 from models.genome.io.plink import FilesetInfo, inspect_bed
@@ -30,7 +30,9 @@ def inspect_input(path: Path) -> FilesetInfo:
     biallelic) before a job is recorded."""
     if vcf.is_vcf(path):
         found = vcf.read_vcf(path)
-        return FilesetInfo(path, found.fid, found.iid, found.n_variants)
+        return FilesetInfo(
+            path, found.fid, found.iid, found.n_variants, found.variant_id, found.a1, found.a2
+        )
     return inspect_bed(path)
 
 
@@ -112,6 +114,14 @@ def submit(
                 f"{query} holds {rows.n_variants} variants, {bfile} {cohort.n_variants}: "
                 "extract the same variants, in the same order, from both",
             )
+        try:  # the same variants, by id, with the cohort's alleles (or swapped: recounted)
+            at = variant_columns(rows.variant_id, cohort.variant_id)
+            allele_flips(
+                cohort.variant_id, [rows.a1[i] for i in at], [rows.a2[i] for i in at],
+                cohort.a1, cohort.a2,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise SubmissionError("query", f"{query} against {bfile}: {exc}") from None
     n_rows = len(rows.iid) if query is not None else n_samples
     spec: dict[str, Any] = {
         "bfile": str(cohort.prefix),

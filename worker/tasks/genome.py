@@ -29,7 +29,7 @@ from db.engine import session_scope
 from models.device import device_type
 from models.genome import api as genome
 from models.genome import pairs as genome_pairs
-from models.genome.cohort import subset
+from models.genome.cohort import align, subset
 from models.genome.io import output as genome_output
 from models.genome.io import vcf
 from worker import tiled
@@ -88,11 +88,10 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     query = cohort
     if spec.get("query"):
         query = _read(_signature(spec["query"]))
-        if query.variant_id != cohort.variant_id:
-            try:
-                query = subset(query, variants=cohort.variant_id)
-            except ValueError as exc:
-                raise ValueError(f"{spec['query']} against {spec['bfile']}: {exc}") from None
+        try:
+            query = align(query, cohort.variant_id, cohort.a1, cohort.a2)
+        except ValueError as exc:
+            raise ValueError(f"{spec['query']} against {spec['bfile']}: {exc}") from None
     needs_frequencies = metric == "grm" or (
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
@@ -193,13 +192,14 @@ def _pair_inputs(
     query_side, query_ids = None, []
     if query is not None:
         found = _read(query)
-        (variant_id,) = genome._read_columns(genome._plink_paths(prefix)[1], 6, (1,))
-        used = variant_id if cohort.variants is None else [variant_id[v] for v in cohort.variants]
-        if found.variant_id != tuple(used):
-            try:
-                found = subset(found, variants=used)
-            except ValueError as exc:
-                raise ValueError(f"{query[0]} against {prefix}: {exc}") from None
+        used = range(info.n_variants) if cohort.variants is None else cohort.variants.tolist()
+        try:
+            found = align(
+                found, [info.variant_id[v] for v in used], [info.a1[v] for v in used],
+                [info.a2[v] for v in used],
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"{query[0]} against {prefix}: {exc}") from None
         query_side = genome_pairs.DosageSamples(found.dosages)
         query_ids = list(zip(found.fid, found.iid, strict=True))
     return PairInputs(cohort, split, cohort_ids, query_side, query_ids)

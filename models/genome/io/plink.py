@@ -126,15 +126,19 @@ class FilesetInfo:
     fid: tuple[str, ...]
     iid: tuple[str, ...]
     n_variants: int
+    #: The variants' ids and alleles (the .bim's second, fifth and sixth columns).
+    variant_id: tuple[str, ...] = ()
+    a1: tuple[str, ...] = ()
+    a2: tuple[str, ...] = ()
 
 
 def inspect_bed(prefix: str | Path) -> FilesetInfo:
     """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
     bed, bim, fam = _plink_paths(prefix)
     fid, iid = _read_columns(fam, 6, (0, 1))
-    (variant_id,) = _read_columns(bim, 6, (1,))
+    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id))
+    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2)
 
 
 def read_bed(
