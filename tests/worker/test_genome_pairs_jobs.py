@@ -184,6 +184,9 @@ def test_a_query_with_other_variants_is_refused_and_records_nothing(
 @pytest.mark.parametrize(
     ("options", "field", "fragment"),
     [
+        ({"threshold": float("nan")}, "threshold", "finite"),
+        ({"threshold": float("inf")}, "threshold", "finite"),
+        ({"threshold": 0.6}, "threshold", "at most 0.5"),
         ({"metric": "grm"}, "output", "metric must be 'king'"),
         ({"metric": "king", "block": 6}, "block", "multiple of 4"),
         ({"metric": "king", "output": "matrix"}, "output", "unknown output"),

@@ -4,6 +4,7 @@ recorded with its tiles and sent; a job described. The tiles are computed by wor
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,13 @@ def submit(
             n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
         except ValueError as exc:
             raise SubmissionError("keep", str(exc)) from None
+    if not math.isfinite(threshold):
+        raise SubmissionError("threshold", f"must be a finite number, got {threshold}")
+    if output == "pairs" and threshold > 0.5:
+        raise SubmissionError(
+            "threshold",
+            f"a kinship cut-off is at most 0.5 (plink2's --king-table-filter), got {threshold}",
+        )
     if min_maf is not None and not 0.0 <= min_maf <= 0.5:
         raise SubmissionError("min_maf", f"must be between 0 and 0.5, got {min_maf}")
     rows = cohort
