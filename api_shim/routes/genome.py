@@ -30,6 +30,10 @@ Submission = Annotated[tiled.Submission, Depends(tiled.submission("genome:submit
 THIRD_DEGREE = 2.0**-4.5
 
 
+#: A sample's FID or IID.
+SampleName = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT)]
+
+
 class GenomeComparisonCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -50,8 +54,9 @@ class GenomeComparisonCreate(BaseModel):
     threshold: float = Field(default=THIRD_DEGREE, ge=-1.0, le=1.0)
     ibs_missing: Literal["frequency", "flat"] = "frequency"
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
-    #: Samples of the cohort to keep (IIDs), as ``plink --keep``.
-    keep: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT)]] | None = Field(
+    #: Samples of the cohort to keep, as ``plink --keep``: IIDs, or [FID, IID] pairs (for an IID
+    #: that is not unique in the cohort).
+    keep: list[SampleName | tuple[SampleName, SampleName]] | None = Field(
         default=None, min_length=1, max_length=1_000_000
     )
     #: Drop variants whose minor allele frequency in the kept samples is lower, as ``plink --maf``.
@@ -115,7 +120,7 @@ def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> d
             threshold=body.threshold,
             ibs_missing=body.ibs_missing,
             tile_rows=body.tile_rows or job.settings.genome_tile_rows,
-            keep=list(body.keep) if body.keep is not None else None,
+            keep=list(body.keep) if body.keep is not None else None,  # str or (FID, IID)
             min_maf=body.min_maf,
             output=body.output,
             block=body.block or 0,

@@ -201,3 +201,22 @@ def test_a_vcf_job_is_accepted_like_its_plink_fileset(
 def test_genome_routes_need_a_key(api: TestClient) -> None:
     assert api.post("/v1/genome-comparisons", json={}).status_code == 401
     assert api.get("/v1/genome-comparisons/1").status_code == 401
+
+
+def test_keep_takes_fid_iid_pairs_as_its_refusal_advises(
+    api: TestClient, pg_sessions: sessionmaker[Session], genotypes: Path
+) -> None:
+    """An IID not unique in the cohort is refused with "give [FID, IID]"; that form is taken, and
+    it keeps the one sample it names (as plink --keep's two columns)."""
+    fam = (genotypes / "hm3_small.fam").read_text().splitlines()
+    first = fam[0].split()
+    clash = fam[1].split()
+    fam[1] = "\t".join(["OTHER", first[1], *clash[2:]])  # a second family's sample, same IID
+    (genotypes / "hm3_small.fam").write_text("\n".join(fam) + "\n")
+    headers = tenant_headers(pg_sessions, "biobank")
+    body = {"metric": "king", "bfile": "hm3_small", "output": "pairs"}
+    refused = api.post("/v1/genome-comparisons", headers=headers, json={**body, "keep": [first[1]]})
+    assert refused.status_code == 422 and "give [FID, IID]" in refused.text
+    pairs = [[first[0], first[1]], ["OTHER", first[1]], fam[2].split()[:2]]
+    job = post_job(api, headers, "/v1/genome-comparisons", {**body, "keep": pairs})
+    assert job["n_samples"] == 3
