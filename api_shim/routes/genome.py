@@ -134,12 +134,8 @@ def _refused(
     """A refusal in words that hold neither a server path nor the caller's values (``source``:
     the body's field of the cohort, bfile or vcf)."""
     loc = source if exc.field == "bfile" else exc.field
-    if loc == "keep":  # the message would name the caller's sample ids
-        message = (
-            "names a sample that is not in the cohort, or an IID not unique there (give [FID, IID])"
-        )
-    else:
-        message = public_message(str(exc), root, given, kind="genotypes")
+    # A refused ``keep`` names its entry by place, never by value (models.genome.cohort).
+    message = public_message(str(exc), root, given, kind="genotypes")
     return tiled.refused(("body", loc), message)
 
 

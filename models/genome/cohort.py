@@ -20,24 +20,27 @@ def keep_rows(
     Raises
     ------
     ValueError
-        Naming the first id that is not in the file, or an IID that is not unique there.
+        Naming by its place in ``keep`` (counted from 1; never by its value: sample ids may be
+        patient identifiers) the first entry that is not in the file, or an IID not unique there.
     """
     pairs = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
     by_iid: dict[str, list[int]] = {}
     for n, i in enumerate(iid):
         by_iid.setdefault(i, []).append(n)
     rows: set[int] = set()
-    for wanted in keep:
+    for place, wanted in enumerate(keep, start=1):
         if isinstance(wanted, tuple):
             if wanted not in pairs:
-                raise ValueError(f"sample {wanted[0]} {wanted[1]} (FID IID) is not in the cohort")
+                raise ValueError(f"entry {place}: no sample of the cohort has that FID and IID")
             rows.add(pairs[wanted])
             continue
         found = by_iid.get(wanted, [])
         if not found:
-            raise ValueError(f"sample {wanted!r} is not in the cohort")
+            raise ValueError(f"entry {place}: no sample of the cohort has that IID")
         if len(found) > 1:
-            raise ValueError(f"IID {wanted!r} is not unique in the cohort; give FID and IID")
+            raise ValueError(
+                f"entry {place}: that IID is not unique in the cohort; give [FID, IID]"
+            )
         rows.update(found)
     return np.array(sorted(rows), dtype=np.intp)
 

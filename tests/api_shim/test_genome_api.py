@@ -119,7 +119,7 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         (
             {"metric": "grm", "bfile": "hm3_small", "keep": ["NOPE"]},
             ["body", "keep"],
-            "not in the cohort",
+            "entry 1: no sample of the cohort has that IID",
         ),
         ({"metric": "grm", "bfile": "hm3_small", "min_maf": 0.7}, ["body", "min_maf"], "less"),
         ({"metric": "grm", "bfile": "hm3_small", "vcf": "x.vcf"}, ["body"], "exactly one"),

@@ -249,12 +249,18 @@ def test_unknown_keep_ids_and_bad_min_maf_are_refused(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     tenant_id = _tenant(sessions)
-    with pytest.raises(tasks.SubmissionError, match="sample 'NOPE' is not in the cohort") as e:
-        tasks.submit(
-            sessions, None, tenant_id=tenant_id, metric="king", bfile=SMALL,
-            keep=["NOPE"], artifact_dir=tmp_path,
-        )  # fmt: skip
-    assert e.value.field == "keep"
+    first = SMALL.with_suffix(".fam").read_text().split()[:2]
+    for keep, fragment in [
+        (["NOPE"], "entry 1: no sample of the cohort has that IID"),
+        ([first[1], ("NOPE", first[1])], "entry 2: no sample of the cohort has that FID and IID"),
+    ]:
+        with pytest.raises(tasks.SubmissionError, match=fragment) as e:
+            tasks.submit(
+                sessions, None, tenant_id=tenant_id, metric="king", bfile=SMALL,
+                keep=keep, artifact_dir=tmp_path,
+            )  # fmt: skip
+        assert e.value.field == "keep"
+        assert "NOPE" not in str(e.value)  # a sample id may be a patient identifier
     with pytest.raises(tasks.SubmissionError, match=r"between 0 and 0\.5") as e:
         tasks.submit(
             sessions, None, tenant_id=tenant_id, metric="king", bfile=SMALL,
