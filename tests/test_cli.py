@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from medbatch.cli import build_parser, main
+from medbatch.cli._common import copy_out
 from medbatch.settings import get_settings
 from tests.helpers import save_mlp
 from tests.test_cli_first_use import run_cli
@@ -199,3 +200,17 @@ def test_sweeper_runs_in_an_empty_folder_and_stops_cleanly_on_sigterm(tmp_path: 
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "sweep failed" not in out and "Traceback" not in out, out
+
+
+def test_an_output_is_copied_to_out_whole_or_not_at_all(tmp_path: Path) -> None:
+    """``--out`` gets the job's table by a rename: a copy that fails leaves the old file as it
+    was and no partial file beside it."""
+    source = tmp_path / "king.kin0"
+    source.write_text("#FID1\tIID1\n" + "a\tb\n" * 1000)
+    target = tmp_path / "out" / "table.kin0"
+    copy_out(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        copy_out(tmp_path / "gone.kin0", target)
+    assert target.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.kin0"]

@@ -179,6 +179,21 @@ def refuse_overwrite(paths: list[Path], *, force: bool, option: str = "--out") -
         fail(f"{option}: {shown} exists; add --force to overwrite")
 
 
+def copy_out(source: str | Path, target: Path) -> None:
+    """Copy a job's output to ``--out`` whole or not at all: into a hidden file beside the
+    target, then renamed over it, so an interrupted copy never leaves a half-written table."""
+    import os
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def print_json(value: Any) -> None:
     import json
 

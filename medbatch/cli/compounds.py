@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import command, fail, group, refuse_overwrite, tiled_run
+from medbatch.cli._common import (
+    command,
+    copy_out,
+    fail,
+    group,
+    refuse_overwrite,
+    tiled_run,
+)
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -55,8 +62,6 @@ def add_parsers(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import shutil
-
     from worker.tasks import compounds as tasks
 
     if args.all_pairs == (args.query is not None):
@@ -80,7 +85,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  skipped: {example}")
         summary = run.finish(tasks.TILES, job["id"])
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(summary["output"], args.out)
+        copy_out(summary["output"], args.out)
     print(f"  {args.out or summary['output']}")
     return 0

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
     command,
+    copy_out,
     fail,
     group,
     print_json,
@@ -123,7 +124,7 @@ def expected_outputs(metric: str, *, query: bool, table: bool) -> list[str]:
 def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bool) -> None:
     degrees = degrees or {}
     relation = ">=" if table else ">"
-    print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:.4f}")
+    print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:g}")
     for degree in DEGREE_ORDER:
         print(f"    {degree:<18} {degrees.get(degree, 0)}")
 
@@ -136,8 +137,6 @@ def _option(field: str, *, vcf: bool) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    import shutil
-
     from db import genome as jobs
     from worker.tasks import genome as tasks
 
@@ -190,8 +189,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         target = Path(path)
         if args.out:
             target = out_name(args.out, job["metric"], target.name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+            copy_out(path, target)
         print(f"  {target}")
     if job["metric"] == "king":
         print_degrees(summary["degree_counts"], threshold=args.threshold, table=args.table)
