@@ -584,3 +584,18 @@ def test_a_malformed_key_is_not_echoed_in_an_error_location(
     assert answer.status_code == 422, answer.text
     assert canary not in answer.text, answer.text
     assert answer.json()["detail"][0]["loc"] == ["body", "labels", "*"]
+
+
+def test_an_event_code_that_does_not_fit_is_not_echoed(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """A token model's code list with a value that is not a code in range (a string, a float, an
+    integer outside the vocabulary) is named by position and rule, never repeated."""
+    for bad in ("CANARY7731", 7731.5, 77317731, -7731):
+        case = {"external_id": "ev-1", "model": "events-transformer", "features": {"events": [bad]}}
+        answer = api.post("/v1/cases", json=case, headers=auth)
+        assert answer.status_code == 422, answer.text
+        assert "7731" not in answer.text, answer.text
+        problem = answer.json()["detail"][0]
+        assert problem["loc"] == ["body", "features", "events"]
+        assert problem["msg"].startswith("value 0: ") and "1..1023" in problem["msg"]
