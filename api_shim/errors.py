@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError, ValidatorFunctionWrapHandler
+from pydantic_core import InitErrorDetails
 
 from models.cases.registry import ModelSpec, Registry, RegistryError
 
@@ -31,6 +33,30 @@ class SafeJSONResponse(JSONResponse):
 
 def problem(loc: Sequence[Any], msg: str, kind: str = "value_error") -> dict[str, Any]:
     return {"type": kind, "loc": list(loc), "msg": msg}
+
+
+def keys_hidden(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A wrap validator for a dict whose keys are the caller's text (feature names, external
+    ids): a problem with an entry is located at ``*`` instead of at its key, which may be a
+    patient's name or record number (``WrapValidator(keys_hidden)``)."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if not any(e["loc"] for e in errors):
+            raise
+        raise ValidationError.from_exception_data(
+            exc.title,
+            [
+                InitErrorDetails(
+                    type=e["type"],
+                    loc=("*", *e["loc"][1:]) if e["loc"] else (),
+                    input=e["input"],
+                    ctx=e.get("ctx", {}),
+                )
+                for e in errors
+            ],
+        ) from None
 
 
 def bounded(problems: Sequence[Mapping[str, Any]], limit: int) -> dict[str, Any]:

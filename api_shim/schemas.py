@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, WrapValidator
 
 from api_shim.deps import MODEL_REF, TEXT, TRIMMED_TEXT
+from api_shim.errors import keys_hidden
 from db.tables import CaseStatus, Priority
 
 
@@ -34,8 +35,9 @@ class CaseCreate(BaseModel):
     )
     priority: Priority = Priority.routine
     #: Checked against the model's input schema (numbers, series or codes), feature by feature.
-    features: dict[
-        Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=TEXT)], Any
+    features: Annotated[
+        dict[Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=TEXT)], Any],
+        WrapValidator(keys_hidden),
     ] = Field(
         max_length=MAX_FEATURES,
         description="feature name to value, as GET /v1/models lists",

@@ -158,6 +158,7 @@ def claim_explanations(
         execution_options={"synchronize_session": False},
     ).all()
     dead_ids = sorted(r.case_id for r in rows if r.status == JobStatus.failed)
+    touch_cases(session, case_ids=dead_ids)
     live = {r.case_id: r.score_id for r in rows if r.status != JobStatus.failed}
     if not live:
         return [], dead_ids
@@ -203,6 +204,19 @@ def settle_explanations(
     settle_rows(
         session, Explanation, Explanation.case_id, done=list(done), failed=failed, error="error"
     )
+    touch_cases(session, case_ids=[*done, *failed])
+
+
+def touch_cases(session: Session, *, case_ids: Sequence[int]) -> None:
+    """Move the cases' ``updated_at`` to now: what the API shows of them changed (their
+    explanation settled), so ``GET /v1/scores?since=`` finds them again."""
+    if case_ids:
+        session.execute(
+            update(Case)
+            .where(_among(session, Case.id, list(case_ids)))
+            .values(updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
 
 
 _PG_STORE = text(

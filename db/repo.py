@@ -352,6 +352,27 @@ class AddedCase:
     status: CaseStatus
 
 
+def _cases_by_external_id(session: Session, tenant_id: int, ids: Sequence[str]) -> dict[str, Any]:
+    """The model and features of this tenant's stored cases with these external ids."""
+    rows = session.execute(
+        select(Case.external_id, Case.model_name, Case.model_version, Case.features).where(
+            Case.tenant_id == tenant_id, Case.external_id.in_(ids)
+        )
+    )
+    return {r.external_id: r for r in rows}
+
+
+def _content_conflicts(cases: Sequence[NewCase], stored: dict[str, Any]) -> list[str]:
+    """The external ids of ``cases`` stored with another model or other features."""
+    return [
+        c.external_id
+        for c in cases
+        if (old := stored.get(c.external_id)) is not None
+        and (old.model_name, old.model_version, old.features)
+        != (c.model_name, c.model_version, c.features)
+    ]
+
+
 def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> list[AddedCase]:
     """Insert cases as ``queued``; return what became of each, in input order.
 
@@ -359,19 +380,8 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
     (``created=False``); with anything else, raises :class:`ExternalIdConflict` and writes nothing.
     """
     ids = [c.external_id for c in cases]
-    existing = {
-        c.external_id: c
-        for c in session.scalars(
-            select(Case).where(Case.tenant_id == tenant_id, Case.external_id.in_(ids))
-        )
-    }
-    conflicts = [
-        c.external_id
-        for c in cases
-        if (old := existing.get(c.external_id)) is not None
-        and (old.model_name, old.model_version, old.features)
-        != (c.model_name, c.model_version, c.features)
-    ]
+    existing = _cases_by_external_id(session, tenant_id, ids)
+    conflicts = _content_conflicts(cases, existing)
     if conflicts:
         raise ExternalIdConflict(conflicts)
     now = utcnow()
@@ -402,6 +412,13 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
             .returning(Case.__table__.c.external_id)
         )
         created = set(session.scalars(stmt, new_rows))
+    # Rows a concurrent request committed between the look-up above and this insert: theirs,
+    # not ours, unless their content is the same (else the caller rolls back: nothing written).
+    raced = [str(r["external_id"]) for r in new_rows if r["external_id"] not in created]
+    if raced:
+        conflicts = _content_conflicts(cases, _cases_by_external_id(session, tenant_id, raced))
+        if conflicts:
+            raise ExternalIdConflict(conflicts)
     stored = {
         external_id: (case_id, case_status)
         for external_id, case_id, case_status in session.execute(

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WrapValidator
 
 from api_shim.deps import ReaderDep, SessionDep, SettingsDep
+from api_shim.errors import keys_hidden
 from api_shim.routes import tiled
 from db import repo
 from db.tables import CompoundJob, GenomeJob
@@ -32,8 +33,11 @@ PICTURES = ("roc.png", "calibration.png")
 
 class ScoreEvaluationCreate(BaseModel):
     model: str = Field(min_length=1, max_length=100, description="model name, e.g. breast-cancer")
-    labels: dict[
-        Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(ge=0, le=1)]
+    labels: Annotated[
+        dict[
+            Annotated[str, Field(min_length=1, max_length=200)], Annotated[int, Field(ge=0, le=1)]
+        ],
+        WrapValidator(keys_hidden),
     ] = Field(
         min_length=2,
         max_length=MAX_LABELS,

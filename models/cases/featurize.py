@@ -143,10 +143,13 @@ def _check_tokens(spec: ModelSpec, features: Mapping[str, object]) -> dict[str, 
     else:
         top = spec.vocab_size or 0
         for i, code in enumerate(codes):
-            if isinstance(code, bool) or not isinstance(code, int) or not 1 <= code < top:
-                problems[name] = (
-                    f"value {i}: expected an integer code in 1..{top - 1}, got {code!r}"
-                )
+            # The rule and the kind of value, never the value: a code is the patient's data.
+            if isinstance(code, bool) or not isinstance(code, int):
+                got = type(code).__name__
+                problems[name] = f"value {i}: expected an integer code in 1..{top - 1}, got {got}"
+                break
+            if not 1 <= code < top:
+                problems[name] = f"value {i}: integer code outside 1..{top - 1}"
                 break
     problems.update(_extra(spec, features))
     return problems

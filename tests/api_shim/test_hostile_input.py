@@ -558,3 +558,44 @@ def test_error_bodies_do_not_echo_the_callers_values(api: TestClient, auth: dict
     for answer in answers:
         assert 400 <= answer.status_code < 500, answer.text
         assert canary not in answer.text, answer.text
+
+
+def test_a_malformed_key_is_not_echoed_in_an_error_location(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """A feature name or a label's external id the body gets wrong (too long, a control
+    character, a label that is not 0 or 1) is located without repeating it: the key is the
+    caller's text (a name, an MRN), so the location says '*' where it stood."""
+    canary = "CANARY7731"
+    case = wdbc_cases(1)[0]
+    bad_keys = {canary * 25: 1.0, f"{canary}\t1970": 1.0}
+    for key in bad_keys:
+        body = {**case, "features": {**case["features"], key: 1.0}}
+        for sent in (body, [body]):
+            answer = api.post("/v1/cases", json=sent, headers=auth)
+            assert answer.status_code == 422, answer.text
+            assert canary not in answer.text, answer.text
+            assert answer.json()["detail"][0]["loc"][-3:] == ["features", "*", "[key]"]
+    answer = api.post(
+        "/v1/score-evaluations",
+        json={"model": "breast-cancer", "labels": {f"{canary}-1": 2, f"{canary}-2": 0}},
+        headers=auth,
+    )
+    assert answer.status_code == 422, answer.text
+    assert canary not in answer.text, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", "labels", "*"]
+
+
+def test_an_event_code_that_does_not_fit_is_not_echoed(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """A token model's code list with a value that is not a code in range (a string, a float, an
+    integer outside the vocabulary) is named by position and rule, never repeated."""
+    for bad in ("CANARY7731", 7731.5, 77317731, -7731):
+        case = {"external_id": "ev-1", "model": "events-transformer", "features": {"events": [bad]}}
+        answer = api.post("/v1/cases", json=case, headers=auth)
+        assert answer.status_code == 422, answer.text
+        assert "7731" not in answer.text, answer.text
+        problem = answer.json()["detail"][0]
+        assert problem["loc"] == ["body", "features", "events"]
+        assert problem["msg"].startswith("value 0: ") and "1..1023" in problem["msg"]

@@ -72,7 +72,7 @@ def test_an_evaluation_of_stored_scores_links_its_pictures(
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        ({"model": "breast-cancer", "labels": {"a": 2, "b": 0}}, ["body", "labels", "a"]),
+        ({"model": "breast-cancer", "labels": {"a": 2, "b": 0}}, ["body", "labels", "*"]),
         ({"model": "breast-cancer", "labels": {"a": 1}}, ["body", "labels"]),
         ({"model": "", "labels": {"a": 1, "b": 0}}, ["body", "model"]),
         ({"labels": {"a": 1, "b": 0}}, ["body", "model"]),

@@ -84,6 +84,37 @@ def test_conflicting_resubmission_writes_nothing(sessions: sessionmaker[Session]
         assert s.scalars(select(Case.external_id)).all() == ["x1"]
 
 
+def test_an_external_id_taken_by_a_concurrent_request_with_other_content_conflicts(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Another request commits the same external id with other features between this request's
+    look-up and its insert: this request is a conflict (and writes nothing), never answered
+    with the other request's case as if it were its own (``created=False``)."""
+    tenant_id = _tenant(sessions)
+    racer = [_case("x1", features={"a": 9.0})]
+
+    with session_scope(sessions) as s:
+
+        def commit_theirs_first(conn, cursor, statement, *args) -> None:
+            if statement.lstrip().upper().startswith("INSERT INTO CASES") and racer:
+                with session_scope(sessions) as other:
+                    repo.add_cases(other, tenant_id=tenant_id, cases=[racer.pop()])
+
+        engine = s.get_bind()
+        event.listen(engine, "before_cursor_execute", commit_theirs_first)
+        try:
+            with pytest.raises(repo.ExternalIdConflict) as err:
+                repo.add_cases(s, tenant_id=tenant_id, cases=[_case("new"), _case("x1")])
+        finally:
+            event.remove(engine, "before_cursor_execute", commit_theirs_first)
+        s.rollback()
+    assert not racer  # the other request did run in between
+    assert err.value.external_ids == ["x1"]
+    with sessions() as s:
+        assert s.scalars(select(Case.external_id)).all() == ["x1"]
+        assert s.scalar(select(Case.features)) == {"a": 9.0}
+
+
 def test_external_ids_are_per_tenant_and_cases_invisible_across_tenants(
     sessions: sessionmaker[Session],
 ) -> None:

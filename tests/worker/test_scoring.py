@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
@@ -292,6 +292,32 @@ def test_the_score_commits_before_its_explanation_on_both_databases(
     # A second delivery of the same message changes nothing.
     again = _explain_all(sessions, sent[0], model, 3)
     assert again.done == [] and again.skipped == 6
+
+
+def test_a_settled_explanation_moves_its_case_into_a_since_query(
+    sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A client that follows GET /v1/scores?since= learns when the attributions come (or fail):
+    settling an explanation updates its case's updated_at (PostgreSQL, SQLite)."""
+    from db.tables import utcnow
+
+    ids = _add(sessions, wdbc_cases(4, prefix="since"))
+    _, sent = score_collecting_explanations(sessions, ids, _loader(model), explain_top_k=2)
+    with session_scope(sessions) as s:
+        tenant_id = s.scalars(select(Case.tenant_id).where(Case.id == ids[0])).one()
+        s.execute(update(Case).where(Case.id == ids[3]).values(features={"mean_radius": "x"}))
+    scored_by = utcnow()
+
+    def since() -> dict[int, str]:
+        with sessions() as s:
+            rows = repo.list_results(s, tenant_id=tenant_id, since=scored_by)
+            states = explanations.states(s, case_ids=[c.id for c, _ in rows])
+            return {c.id: states[c.id].status for c, _ in rows}
+
+    assert since() == {}
+    outcome = _explain_all(sessions, sent[0], model, 2)
+    assert outcome.done == ids[:3] and list(outcome.failed) == [ids[3]]
+    assert since() == {**{i: "done" for i in ids[:3]}, ids[3]: "failed"}
 
 
 def test_no_explanation_is_asked_for_with_top_k_zero(
