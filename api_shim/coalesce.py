@@ -88,18 +88,23 @@ class Coalescer:
             by_queue.setdefault(queue_for(priority), []).append(int(case_id))
         futures = []
         for queue, ids in by_queue.items():
-            if self.window_ms(queue) <= 0 or self._stopping:
+            gathered: Future[bool] | None = None
+            if self.window_ms(queue) > 0:
+                # Under the lock: once stop() is under way the thread may have sent its last
+                # message and returned, and ids handed to it then would wait for ever.
+                with self._cond:
+                    if not self._stopping:
+                        gathered = Future()
+                        gathering = self._gathering.setdefault(queue, _Gathering())
+                        if not gathering.ids:
+                            gathering.first_at = time.monotonic()
+                        gathering.ids += ids
+                        gathering.waiting.append(gathered)
+                        self._cond.notify()
+            if gathered is None:  # no window, or stopping: sent by this thread, now
                 futures.append(self._send_now(queue, ids))
                 continue
-            future: Future[bool] = Future()
-            with self._cond:
-                gathering = self._gathering.setdefault(queue, _Gathering())
-                if not gathering.ids:
-                    gathering.first_at = time.monotonic()
-                gathering.ids += ids
-                gathering.waiting.append(future)
-                self._cond.notify()
-            futures.append(future)
+            futures.append(gathered)
             self.start()
         if len(futures) == 1:
             return futures[0]

@@ -36,6 +36,11 @@ class Idempotency:
         if scope["type"] != "http" or scope["method"] != "POST" or raw_key is None:
             await self.app(scope, receive, send)
             return
+        if sum(1 for name, _ in scope.get("headers", ()) if name == HEADER) > 1:
+            # Which of two keys a retry would match is anyone's guess: refuse, as a repeated
+            # query parameter is.
+            await _json(scope, send, 400, "Idempotency-Key given more than once")
+            return
         key = raw_key.decode("latin-1")
         if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
             await _json(

@@ -172,3 +172,21 @@ def test_bad_windows_are_refused_with_their_name(
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert next(iter(env)).removeprefix("MEDBATCH_").lower() in str(refused.value)
+
+
+def test_every_request_is_answered_when_the_api_stops_in_the_middle_of_traffic(
+    celery: Celery, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """stop() while requests keep coming: each is answered (what was gathered is sent by the
+    stopping thread, what comes after by its own request), none waits for ever, none is lost."""
+    import threading
+
+    ids = _add(pg_sessions, 240, "s", Priority.routine)
+    coalescer = Coalescer(celery, pg_sessions, per_message=64, window_ms=lambda q: 5.0)
+    stopper = threading.Timer(0.02, coalescer.stop)
+    stopper.start()
+    with ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(lambda i: coalescer.submit([(i, Priority.routine)]), ids))
+    stopper.join()
+    assert [f.result(timeout=10) for f in futures] == [True] * len(ids)
+    assert sorted(queued_case_ids(redis_client)["score.routine"]) == sorted(ids)

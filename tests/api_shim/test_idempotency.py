@@ -116,6 +116,22 @@ def test_malformed_keys_are_400(
     assert _cases(pg_sessions) == 0
 
 
+def test_a_key_given_twice_is_400_and_creates_nothing(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Two Idempotency-Key headers: which one a retry would match is undefined, so neither is
+    taken (a repeated query parameter is refused alike)."""
+    headers = [
+        *_headers(pg_sessions, "hospital-a", None).items(),
+        ("Idempotency-Key", "first"),
+        ("Idempotency-Key", "second"),
+    ]
+    response = api.post("/v1/cases", headers=headers, json=wdbc_cases(1))
+    assert response.status_code == 400
+    assert response.json()["detail"] == "Idempotency-Key given more than once"
+    assert _cases(pg_sessions) == 0
+
+
 def test_without_a_valid_api_key_the_route_answers_401(api: TestClient) -> None:
     response = api.post("/v1/cases", headers={"Idempotency-Key": "k"}, json=wdbc_cases(1))
     assert response.status_code == 401
