@@ -658,6 +658,10 @@ def _observation_value(
         )  # fmt: skip
         what = f"a {kind[5:]}" if kind else "no value"
         return Unusable(f"{what} where a Quantity in {feature.unit!r} is needed", obs, False, when)
+    if quantity.comparator is not None:
+        # "<30" bounds the value; reading it as 30 would score a number that was not measured.
+        reason = f"value has comparator {quantity.comparator!r}: not an exact value"
+        return Unusable(reason, obs, void=False, when=when)
     unit = _quantity_unit(quantity)
     code = next((c.code for c in (obs.code.coding or []) if c.code), None)
     try:

@@ -385,3 +385,24 @@ def test_a_quantity_without_a_ucum_code_is_read_from_its_display_unit() -> None:
 
 def test_partial_patient_is_still_refused_for_age() -> None:
     assert "age" in features(patient(gender="male")).problems
+
+
+@pytest.mark.parametrize("comparator", ["<", "<=", ">=", ">"])
+def test_a_value_with_a_comparator_is_not_read_as_exact(comparator: str) -> None:
+    """valueQuantity.comparator ("<30", ">=50") bounds the value; it is not the value. Such a
+    reading is reported and follows the unusable rule, never scored as the bound itself; a
+    later exact reading of a ``first`` feature does not replace it silently either."""
+    hr = observation("hr-bound", "8867-4", 30, days_ago=2)
+    hr["valueQuantity"]["comparator"] = comparator
+    refused = features(ADULT, encounter("adm", 3), hr)
+    assert "heart_rate" in refused.problems and "heart_rate" not in refused.features
+    reason = f"value has comparator {comparator!r}: not an exact value"
+    assert refused.ignored == [
+        {"feature": "heart_rate", "resource": "Observation/hr-bound", "reason": reason}
+    ]
+    bmi = observation("bmi-bound", "39156-5", 50, "kg/m2", days_ago=2)
+    bmi["valueQuantity"]["comparator"] = comparator
+    later = observation("bmi-exact", "39156-5", 31, "kg/m2", days_ago=1)
+    kept = features(ADULT, bmi, later)  # latest: the exact one wins, the bound is reported
+    assert kept.ok and kept.features["bmi"] == 31
+    assert [i["resource"] for i in kept.ignored] == ["Observation/bmi-bound"]
