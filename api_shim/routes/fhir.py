@@ -122,6 +122,9 @@ async def submit_bundle(
             code, [i.to_fhir() for i in parsed.issues], limit=settings.max_reported_problems
         )
     bundle, found = parsed
+    # Entries the Bundle holds but no patient's record reads (a subject that is not a Patient,
+    # ...): told with each patient's answer, so a value sent that way is not silently lost.
+    unread = [i.to_fhir() for i in bundle.issues]
     accepted: list[tuple[Intake, list[tuple[str, str]]]] = []
     # A refused patient is named by its place in the Bundle: its subject is the caller's value.
     rejected: list[tuple[int, Intake]] = []
@@ -152,7 +155,7 @@ async def submit_bundle(
     if rejected and (bundle.type == "transaction" or not accepted):
         return outcome(
             422,
-            [i for issues in refusals.values() for i in issues],
+            [i for issues in refusals.values() for i in issues] + unread,
             limit=settings.max_reported_problems,
         )
     cases = [intake.case for intake, _ in accepted if intake.case is not None]
@@ -173,14 +176,14 @@ async def submit_bundle(
             "location": f"RiskAssessment?subject={intake.subject}",
             "etag": f'W/"case-{r.id}"',
         }
-        if reported := _reported(intake):
+        if reported := _reported(intake) + unread:
             response["outcome"] = {"resourceType": "OperationOutcome", "issue": reported}
         entries.append({"response": response})
     entries += [
         {
             "response": {
                 "status": "422 Unprocessable Entity",
-                "outcome": {"resourceType": "OperationOutcome", "issue": issues},
+                "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
             }
         }
         for issues in refusals.values()

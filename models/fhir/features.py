@@ -37,6 +37,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import parse_qsl
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.codeableconcept import CodeableConcept
@@ -242,7 +243,54 @@ def _identifiers(raw: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _by_identifier(
+    owners: dict[tuple[str, str], set[str]], system: str | None, value: str
+) -> list[str]:
+    """The Patients (keys) holding identifier ``value`` (under ``system``; any when None)."""
+    found: set[str] = set()
+    for (has_system, has_value), keys in owners.items():
+        if has_value == value and (system is None or has_system == system):
+            found |= keys
+    return sorted(found)
+
+
+def _identified_patient(
+    subject: object, owners: dict[tuple[str, str], set[str]]
+) -> tuple[str | None, str]:
+    """A subject that names its Patient by identifier, resolved against the Bundle's Patients:
+    ``Patient?identifier=[system|]value`` (a conditional reference, as transaction Bundles send
+    it) or a Reference with only an ``identifier``. ``(key, "")``, or ``(None, why)``; ``("",
+    "")`` when the subject is neither. The diagnostics never repeat the identifier."""
+    if not isinstance(subject, dict):
+        return "", ""
+    ref = subject.get("reference")
+    if isinstance(ref, str):
+        if not ref.startswith("Patient?"):
+            return "", ""
+        params = parse_qsl(ref.partition("?")[2], keep_blank_values=True)
+        tokens = [v for k, v in params if k == "identifier"]
+        if len(params) != 1 or len(tokens) != 1 or not tokens[0]:
+            return None, "a conditional reference to a Patient is resolved by identifier only"
+        system, bar, value = tokens[0].rpartition("|")
+        matches = _by_identifier(owners, system if bar else None, value)
+    elif ref is None and isinstance(ident := subject.get("identifier"), dict):
+        named, within = ident.get("value"), ident.get("system")
+        if not isinstance(named, str) or not named:
+            return "", ""
+        matches = _by_identifier(owners, within if isinstance(within, str) else None, named)
+    else:
+        return "", ""
+    if len(matches) == 1:
+        return matches[0], ""
+    if not matches:
+        return None, "the identifier of the subject matches no Patient in the Bundle"
+    return None, f"the identifier of the subject matches {len(matches)} Patients in the Bundle"
+
+
 _ABSOLUTE_PATIENT = re.compile(r"^https?://.*/(Patient/[A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
+_ABSOLUTE_REFERENCE = re.compile(
+    r"^https?://.*/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/.*)?$"
+)
 
 
 def parse_bundle(data: object) -> ParsedBundle:
@@ -276,6 +324,8 @@ def parse_bundle(data: object) -> ParsedBundle:
     #: Every way a Patient entry can be referenced -> its key (valid entries or not, so that an
     #: Observation of a Patient that failed validation is not also reported as "not found").
     alias: dict[str, str] = {}
+    #: Each Patient identifier ``(system, value)`` -> the keys of the Patients that carry it.
+    owners: dict[tuple[str, str], set[str]] = {}
     patients: dict[str, PatientRecord] = {}
     warnings: list[Issue] = []
     for i, entry in enumerate(entries):
@@ -332,6 +382,8 @@ def parse_bundle(data: object) -> ParsedBundle:
             )
             continue
         alias[key] = key
+        for pair in _identifiers(raw):
+            owners.setdefault(pair, set()).add(key)
         if full_url is not None:
             alias[full_url] = key
             if match := _ABSOLUTE_PATIENT.match(full_url):
@@ -345,7 +397,11 @@ def parse_bundle(data: object) -> ParsedBundle:
 
     for i, resource, raw, cite in parsed:
         where = f"Bundle.entry[{i}].resource.subject"
-        ref = _subject(raw)
+        identified, why = _identified_patient(raw.get("subject") or raw.get("patient"), owners)
+        if identified is None:
+            issues.append(Issue("error", "not-found", why, where))
+            continue
+        ref = identified or _subject(raw)
         if not isinstance(ref, str):
             diag = f"{resource.get_resource_type()} has no subject reference"
             issues.append(Issue("error", "required", diag, where))
@@ -354,9 +410,19 @@ def parse_bundle(data: object) -> ParsedBundle:
         if target_key is None and (match := _ABSOLUTE_PATIENT.match(ref)):
             target_key = alias.get(match.group(1))
         if target_key is None:
-            target = types_by_url.get(ref) or ref.split("/", 1)[0]
+            absolute = _ABSOLUTE_REFERENCE.match(ref)
+            target = types_by_url.get(ref) or (
+                absolute.group(1) if absolute else re.split(r"[/?]", ref, maxsplit=1)[0]
+            )
             if target == "Patient" or ref.startswith("urn:"):
                 diag = "the referenced Patient is not in the Bundle"
+                issues.append(Issue("error", "not-found", diag, where))
+            elif ref.startswith("#"):
+                diag = "subject is a contained resource: its Patient must be an entry of the Bundle"
+                issues.append(Issue("error", "not-found", diag, where))
+            elif "/" not in ref or not _known_type(target):
+                # Not Type/id, a fullUrl or an absolute URL: the text (an MRN?) is not repeated.
+                diag = "subject is not a reference to a resource (Type/id or a fullUrl)"
                 issues.append(Issue("error", "not-found", diag, where))
             else:
                 diag = f"subject is a {target}, not a Patient: not read"

@@ -249,6 +249,34 @@ def test_a_value_in_a_unit_the_schema_cannot_convert_is_refused_by_name(
     assert _cases(pg_sessions) == 0
 
 
+def test_entries_the_bundle_does_not_read_are_named_in_the_response(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A heart rate whose subject is a Group is not read: the sender is told, with the entry's
+    place, in the accepted patient's outcome and in a refusal, not left to guess why a value it
+    sent was imputed."""
+    body = _first_bundle()
+    entry = _bmi(
+        body, "urn:uuid:0b6f2a50-0000-4000-8000-00000000b0e2", system="http://loinc.org",
+        status="final", when="2019-06-01T10:00:00Z",
+        value={"value": 31.0, "system": "http://unitsofmeasure.org", "code": "kg/m2"},
+    )  # fmt: skip
+    entry["resource"]["subject"] = {"reference": "Group/ward-7"}
+    body["entry"].append(entry)
+    where = f"Bundle.entry[{len(body['entry']) - 1}].resource.subject"
+    headers = _key(pg_sessions)
+
+    accepted = _post(api, headers, body)
+    assert accepted.status_code == 202, accepted.text
+    (issues,) = [e["response"]["outcome"]["issue"] for e in accepted.json()["entry"]]
+    (note,) = [i for i in issues if i.get("expression") == [where]]
+    assert note["severity"] == "warning" and "Group" in note["diagnostics"]
+
+    refused = _post(api, headers, _without_birth_date(body))
+    assert refused.status_code == 422
+    assert [where] in [i.get("expression") for i in refused.json()["issue"]]
+
+
 def test_the_audit_trail_names_the_patient_a_search_was_for(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:

@@ -574,6 +574,51 @@ def test_transaction_references_by_full_url_and_absolute_url() -> None:
     ]
 
 
+def test_a_conditional_or_logical_reference_reaches_the_patient_with_that_identifier() -> None:
+    """Transaction Bundles reference by identifier (``Patient?identifier=system|value``, or a
+    Reference with only an ``identifier``): resolved against the Bundle's Patients, not
+    dropped as if the reading were about something else."""
+    mrn = {"system": "urn:oid:1.2.3.4", "value": "MRN-0042"}
+    data = bundle(
+        patient("a", birthDate="1950-01-01", identifier=[mrn]),
+        patient("b", birthDate="1960-01-01", identifier=[{"value": "MRN-0099"}]),
+        observation("o1", "8867-4", 60, subject="Patient?identifier=urn:oid:1.2.3.4|MRN-0042"),
+        observation("o2", "8867-4", 61, subject="Patient?identifier=MRN-0099"),
+        observation("o3", "8867-4", 62) | {"subject": {"identifier": mrn}},
+    )
+    parsed = parse_bundle(data)
+    assert [o.id for o in parsed.patients["Patient/a"].observations] == ["o1", "o3"]
+    assert [o.id for o in parsed.patients["Patient/b"].observations] == ["o2"]
+    assert parsed.issues == []
+
+
+@pytest.mark.parametrize(
+    ("subject", "fragment"),
+    [
+        ({"reference": "Patient?identifier=urn:oid:1.2.3.4|MRN-SECRET"}, "no Patient"),
+        ({"reference": "Patient?identifier=MRN-TWICE"}, "2 Patients"),
+        ({"reference": "Patient?name=SECRETNAME"}, "by identifier only"),
+        ({"identifier": {"value": "MRN-SECRET"}}, "no Patient"),
+        ({"reference": "MRN-SECRET"}, "not a reference"),
+    ],
+)
+def test_a_subject_reference_that_reaches_no_single_patient_is_refused_without_its_value(
+    subject: dict[str, Any], fragment: str
+) -> None:
+    """An Observation meant for a patient that cannot be found is an error, not a warning the
+    sender never sees; the reference (an MRN, a name) is not repeated."""
+    twice = [{"value": "MRN-TWICE"}]
+    data = bundle(
+        patient("a", identifier=twice),
+        patient("b", identifier=twice),
+        observation("o1", "8867-4", 60) | {"subject": subject},
+    )
+    [issue] = _issues(data)
+    assert issue.severity == "error" and issue.expression == "Bundle.entry[2].resource.subject"
+    assert fragment in issue.diagnostics
+    assert "SECRET" not in str(issue) and "TWICE" not in str(issue)
+
+
 def _issues(data: object) -> list[Issue]:
     with pytest.raises(FhirInputError) as caught:
         parse_bundle(data)
