@@ -689,7 +689,7 @@ def classify_observation(
     for concept, holder in parts:
         matched = _match(concept, mapping)
         if matched is True:
-            return _observation_value(obs, holder, feature, window)
+            return _observation_value(obs, holder, feature, window, concept)
         if isinstance(matched, str) and near is None:
             near = matched
     if near is None:
@@ -701,7 +701,11 @@ def classify_observation(
 
 
 def _observation_value(
-    obs: Observation, holder: Any, feature: FeatureSpec, window: Window
+    obs: Observation,
+    holder: Any,
+    feature: FeatureSpec,
+    window: Window,
+    concept: CodeableConcept | None,
 ) -> Reading | Unusable | None:
     when = _observation_time(obs)
     if obs.status not in USABLE_OBSERVATION_STATUS:
@@ -729,7 +733,10 @@ def _observation_value(
         reason = f"value has comparator {quantity.comparator!r}: not an exact value"
         return Unusable(reason, obs, void=False, when=when)
     unit = _quantity_unit(quantity)
-    code = next((c.code for c in (obs.code.coding or []) if c.code), None)
+    # The molar mass is the analyte's: the LOINC code of the concept that matched (the
+    # component's in a panel), wherever it stands among the codings.
+    codings = (concept.coding or []) if concept is not None else []
+    code = next((c.code for c in codings if c.code and canonical_system(c.system) == LOINC), None)
     try:
         value = convert_quantity(float(quantity.value), unit, feature.unit, code=code)
     except UnitError as exc:

@@ -452,6 +452,38 @@ def test_units_convert_through_the_table() -> None:
         convert_quantity(5.5, "mmol/L", "mg/dL", code="2947-0")  # sodium: no factor known
 
 
+def test_the_molar_mass_is_the_matched_loinc_codes_wherever_it_is_sent() -> None:
+    """Epic sends its own code first and LOINC second; a chemistry panel carries glucose as a
+    component. The molar mass comes from the LOINC code that matched, not from the first coding
+    of the Observation (a local code, or the panel's)."""
+    spec = lab_spec(
+        FeatureSpec(
+            "glucose",
+            "mg/dL",
+            source={"resource": "Observation", "system": LOINC, "codes": ["2345-7", "14749-6"]},
+            missing="reject",
+        )
+    )
+    local_first = observation("glu", "14749-6", 5.5, "mmol/L")
+    local_first["code"]["coding"].insert(0, {"system": "urn:oid:1.2.840.114350", "code": "1558"})
+    panel = observation(
+        "bmp",
+        "51990-0",
+        component=[
+            {
+                "code": {
+                    "coding": [{"system": "urn:oid:2.16.840.1.113883.6.1", "code": "14749-6"}]
+                },
+                "valueQuantity": quantity(5.5, "mmol/L"),
+            }
+        ],
+    )
+    for sent in (local_first, panel):
+        result = features(ADULT, sent, spec=spec)
+        assert result.ok, result.problems
+        assert result.features["glucose"] == pytest.approx(5.5 * 18.016)
+
+
 def test_an_unconvertible_unit_is_a_problem_naming_the_unit() -> None:
     """BMI reported in kg cannot become kg/m2: the feature is rejected, the unit is named."""
     result = features(ADULT, observation("bmi-kg", "39156-5", 80, "kg"))
