@@ -874,7 +874,7 @@ def _patient_value(
     if mapping.value_map is not None:
         if str(raw) not in mapping.value_map:
             known = ", ".join(map(str, mapping.value_map))
-            return f"Patient.{element} {raw!r} has no mapping (known: {known})"
+            return f"Patient.{element} has a value with no mapping (known: {known})"
         return float(mapping.value_map[str(raw)])
     if isinstance(raw, int | float | Decimal) and not isinstance(raw, bool):
         return float(raw)

@@ -526,6 +526,7 @@ def test_gender_without_a_mapping_is_a_problem() -> None:
     """'other' is not in the schema's map {female, male}: rejected, not guessed."""
     result = features(patient(birthDate="1950-01-01", gender="other"))
     assert "no mapping" in result.problems["female"]
+    assert "other" not in result.problems["female"]  # the patient's value is not repeated
 
 
 def test_as_of_must_be_timezone_aware() -> None:
