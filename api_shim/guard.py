@@ -264,7 +264,9 @@ class InputGuard:
                 415,
                 problem(
                     ("header", "content-type"),
-                    "send the body as application/json",
+                    "send the body as application/fhir+json or application/json"
+                    if scope["path"].startswith("/v1/fhir")
+                    else "send the body as application/json",
                     "unsupported_media_type",
                 ),
             )

@@ -283,6 +283,12 @@ def test_a_body_that_is_not_json_is_415(api: TestClient, auth: dict[str, str]) -
         "/v1/cases", content=b"external_id=1", headers={**auth, "Content-Type": "text/plain"}
     )
     assert response.status_code == 415
+    assert response.json()["detail"] == "send the body as application/json"
+    fhir = api.post(
+        "/v1/fhir", content=b"<Bundle/>", headers={**auth, "Content-Type": "application/xml"}
+    )
+    assert fhir.status_code == 415 and fhir.json()["resourceType"] == "OperationOutcome"
+    assert "application/fhir+json" in fhir.text  # the FHIR route's own media type is named
 
 
 # -- 6. bounded work per request ----------------------------------------------------------------
