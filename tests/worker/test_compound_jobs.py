@@ -166,6 +166,11 @@ def test_threshold_hits_equal_rdkits(
         ({"top_k": 0}, "top_k", "between 1 and 1000"),
         ({"threshold": 1.5}, "threshold", "between 0 and 1"),
         ({"top_k": 5, "library": Path("/nonexistent/lib.smi")}, "library", "not found"),
+        # --tile-rows -1 made one tile of rows 0:-1: the last query was dropped, the job "done".
+        ({"top_k": 5, "tile_rows": -1}, "tile_rows", "0 \\(automatic\\) or more"),
+        # --radius -1 was an OverflowError traceback, --bits 0 a refusal of --library.
+        ({"top_k": 5, "radius": -1}, "radius", "between 0 and 6"),
+        ({"top_k": 5, "fp_size": 0}, "bits", "between 64 and 16384"),
     ],
 )
 def test_bad_requests_are_refused_and_leave_no_job(
@@ -190,3 +195,4 @@ def test_a_file_with_no_readable_molecule_is_refused(
     with pytest.raises(tasks.SubmissionError, match="no molecule could be read"):
         _submit(sessions, tmp_path, library=bad, query=None, top_k=3)
     assert chem  # the module under test is importable without a worker
+

@@ -118,6 +118,13 @@ def submit(
         raise SubmissionError("top_k", f"must be between 1 and 1000, got {top_k}")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise SubmissionError("threshold", f"must be between 0 and 1, got {threshold}")
+    # The API's bounds, for the command line too (a negative radius was a traceback).
+    if not 0 <= radius <= 6:
+        raise SubmissionError("radius", f"must be between 0 and 6, got {radius}")
+    if not 64 <= fp_size <= 16384:
+        raise SubmissionError("bits", f"must be between 64 and 16384, got {fp_size}")
+    if tile_rows < 0:  # a negative one cut the last rows off the only tile
+        raise SubmissionError("tile_rows", f"must be 0 (automatic) or more, got {tile_rows}")
     spec: dict[str, Any] = {
         "library": str(library.resolve()),
         "query": None if query is None else str(query.resolve()),
