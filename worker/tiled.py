@@ -219,6 +219,11 @@ def run_tile(
         attempts = row.attempts
     try:
         found = kind.compute(tile, options)
+        # Storing counts as an attempt too: a failure here (a row the database refuses) was
+        # raised uncounted, and the job stayed running however often the tile was sent again.
+        with session_scope(sessions) as session:
+            kind.store(session, job_id, found)
+            counted = tiles.finish_tile(session, kind=kind.name, job_id=job_id, index=index)
     except Exception as exc:
         reason = f"tile {index} ({tile.where(kind.rows_name)}): {type(exc).__name__}: {exc}"
         log.warning("%s job %d: %s (attempt %d)", kind.name, job_id, reason, attempts)
@@ -227,9 +232,6 @@ def run_tile(
                 tiles.settle_job(session, kind=kind.name, job_id=job_id, error=reason)
             return "failed"
         raise
-    with session_scope(sessions) as session:
-        kind.store(session, job_id, found)
-        counted = tiles.finish_tile(session, kind=kind.name, job_id=job_id, index=index)
     if counted is None or counted[0] != counted[1]:
         return "tile done"
     finish_job(kind, sessions, job_id=job_id)

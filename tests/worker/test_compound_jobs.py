@@ -196,3 +196,26 @@ def test_a_file_with_no_readable_molecule_is_refused(
         _submit(sessions, tmp_path, library=bad, query=None, top_k=3)
     assert chem  # the module under test is importable without a worker
 
+
+def test_a_tile_whose_results_cannot_be_stored_fails_its_job_after_its_attempts(
+    sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    """A failure storing a tile's rows was raised and never counted: the job stayed 'running'
+    however often the sweeper sent the tile again."""
+    import dataclasses
+
+    from worker import tiled
+
+    def store(session: Session, job_id: int, rows: list) -> None:
+        raise RuntimeError("the INSERT failed")
+
+    kind = dataclasses.replace(tasks.TILES, store=store)
+    library, query = files
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=3)
+    options = {"device": "cpu", "engine": "auto", "engine_cache": tmp_path / "engine.json"}
+    for _ in range(kind.max_attempts - 1):
+        with pytest.raises(RuntimeError):
+            tiled.run_tile(kind, sessions, job_id=job["id"], index=0, options=options)
+    assert tiled.run_tile(kind, sessions, job_id=job["id"], index=0, options=options) == "failed"
+    summary = tasks.describe_id(sessions, job["id"])
+    assert summary["status"] == "failed" and "the INSERT failed" in summary["error"]
