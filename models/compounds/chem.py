@@ -148,9 +148,26 @@ def _from_smiles(smiles: str) -> tuple[Chem.Mol | None, str]:
 
 
 def _open_text(path: Path) -> IO[str]:
+    # UTF-8, with the bytes that are not kept as lone surrogates: a record holding one is
+    # reported by its line (_not_utf8), instead of one byte refusing the whole file.
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="")
-    return path.open(newline="")
+        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
+    return path.open(newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _not_utf8(text: str) -> str | None:
+    """Why ``text`` (read by :func:`_open_text`) is not UTF-8, or None if it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00
+        return f"not UTF-8 text: byte 0x{byte:02x} at character {exc.start + 1} of the record"
+    return None
+
+
+def _shown(text: str) -> str:
+    """``text`` as a failure shows it: bytes that are not UTF-8 as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _check_file(path: str | Path) -> Path:
@@ -204,6 +221,9 @@ def _smiles_lines(source: str, handle: IO[str], title_line: bool) -> Iterator[_R
             continue
         fields = text.split(None, 1)
         smiles = fields[0]
+        if bad := _not_utf8(text):
+            yield ParseFailure(source, number, number, _shown(smiles), bad)
+            continue
         mol, reason = _from_smiles(smiles)
         if mol is None:
             yield ParseFailure(source, number, number, smiles, reason)
@@ -240,6 +260,10 @@ def _csv_rows(
     for row in reader:
         number, start = start, reader.line_num + 1
         smiles = (row.get(smiles_column) or "").strip()
+        name = (row.get(id_column) or "") if id_column is not None else ""
+        if bad := _not_utf8(smiles + name):  # other columns are not read
+            yield ParseFailure(source, number, number, _shown(smiles), bad)
+            continue
         mol, reason = _from_smiles(smiles)
         if mol is None or not smiles:
             yield ParseFailure(source, number, number, smiles, reason or "empty SMILES")
@@ -299,6 +323,9 @@ def _sdf_molecules(source: str, handle: IO[str], id_field: str | None) -> Iterat
         end = next((i for i, text in enumerate(lines) if text.startswith("M  END")), None)
         block = "".join(lines if end is None else lines[: end + 1])
         title = lines[0].strip() if lines else ""
+        if bad := _not_utf8(block):
+            yield ParseFailure(source, record, line, _shown(title), bad)
+            continue
         with rdBase.CaptureErrorLog() as capture:
             mol = Chem.MolFromMolBlock(block) if end is not None else None
         if mol is None:
@@ -307,6 +334,9 @@ def _sdf_molecules(source: str, handle: IO[str], id_field: str | None) -> Iterat
             continue
         props = _sdf_properties(lines[end + 1 :]) if end is not None else {}
         name = props.get(id_field, "") if id_field is not None else ""
+        if bad := _not_utf8(name):
+            yield ParseFailure(source, record, line, _shown(title), f"{id_field}: {bad}")
+            continue
         yield mol, name or title or str(record), record
 
 

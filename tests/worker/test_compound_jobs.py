@@ -219,3 +219,42 @@ def test_a_tile_whose_results_cannot_be_stored_fails_its_job_after_its_attempts(
     assert tiled.run_tile(kind, sessions, job_id=job["id"], index=0, options=options) == "failed"
     summary = tasks.describe_id(sessions, job["id"])
     assert summary["status"] == "failed" and "the INSERT failed" in summary["error"]
+
+
+def test_a_line_that_is_not_utf8_is_reported_with_its_number_and_the_rest_is_read(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """One Latin-1 name refused the whole file, with a byte offset into a decoding buffer
+    ('position 7605') for a place."""
+    library = tmp_path / "latin1.smi"
+    library.write_bytes(b"CCO ethanol\nCCN caf\xe9\nc1ccccc1O phenol\nCC(=O)O acid\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=None, top_k=1)
+    assert (job["n_library"], job["unreadable"]) == (3, 1)
+    assert "line 2" in job["unreadable_examples"][0]
+    assert "not UTF-8" in job["unreadable_examples"][0]
+    assert tasks.run_inline(sessions, job_id=job["id"], device="cpu")["status"] == "done"
+    assert {r.query_id for r in _neighbours(sessions, job["id"])} == {"ethanol", "phenol", "acid"}
+
+
+@pytest.mark.parametrize("suffix", [".smi", ".sdf", ".csv"])
+def test_not_utf8_records_of_every_format_are_reported(tmp_path: Path, suffix: str) -> None:
+    from rdkit import Chem
+
+    if suffix == ".smi":
+        data = b"CCO ok\nCCN caf\xe9\n"
+    elif suffix == ".csv":  # a column that is not read may hold anything
+        data = b"smiles,name\nCCO,ok\nCC\xe9,x\nCCN,caf\xe9\n"
+    else:
+        blocks = []
+        for smiles, title in (("CCO", "ok"), ("CCN", "caf\u00e9")):
+            mol = Chem.MolFromSmiles(smiles)
+            mol.SetProp("_Name", title)
+            blocks.append(Chem.MolToMolBlock(mol) + "$$$$\n")
+        data = "".join(blocks).encode("latin-1")
+    path = tmp_path / f"mixed{suffix}"
+    path.write_bytes(data)
+    read = tasks.read_molecules(path)
+    assert len(read) == (2 if suffix == ".csv" else 1) and len(read.failures) == 1
+    assert read.failures[0].record == (3 if suffix == ".csv" else 2)
+    assert "not UTF-8" in str(read.failures[0])
+    str(read.failures[0]).encode("utf-8")  # storable: no lone surrogates
