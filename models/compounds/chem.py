@@ -165,6 +165,19 @@ def _not_utf8(text: str) -> str | None:
     return None
 
 
+#: The longest molecule id kept: what ``compound_neighbours`` holds (``String(200)``).
+MAX_ID_LENGTH = 200
+
+
+def _bad_id(name: str) -> str | None:
+    """Why ``name`` cannot name a molecule in a job's results, or None if it can."""
+    if "\x00" in name:
+        return "its id has a NUL byte"
+    if len(name) > MAX_ID_LENGTH:
+        return f"its id is longer than {MAX_ID_LENGTH} characters ({len(name)})"
+    return None
+
+
 def _shown(text: str) -> str:
     """``text`` as a failure shows it: bytes that are not UTF-8 as U+FFFD."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -225,10 +238,13 @@ def _smiles_lines(source: str, handle: IO[str], title_line: bool) -> Iterator[_R
             yield ParseFailure(source, number, number, _shown(smiles), bad)
             continue
         mol, reason = _from_smiles(smiles)
+        name = fields[1].strip() if len(fields) > 1 else str(number)
+        if mol is not None and (bad := _bad_id(name)):
+            mol, reason = None, bad
         if mol is None:
             yield ParseFailure(source, number, number, smiles, reason)
         else:
-            yield mol, fields[1].strip() if len(fields) > 1 else str(number), number
+            yield mol, name, number
 
 
 def read_csv(
@@ -265,10 +281,13 @@ def _csv_rows(
             yield ParseFailure(source, number, number, _shown(smiles), bad)
             continue
         mol, reason = _from_smiles(smiles)
+        name = name if id_column is not None else str(number)
+        if mol is not None and smiles and (bad := _bad_id(name)):
+            mol, reason = None, bad
         if mol is None or not smiles:
             yield ParseFailure(source, number, number, smiles, reason or "empty SMILES")
         else:
-            yield mol, str(row[id_column]) if id_column is not None else str(number), number
+            yield mol, name, number
 
 
 def _sdf_records(handle: IO[str]) -> Iterator[tuple[int, list[str]]]:
@@ -337,7 +356,11 @@ def _sdf_molecules(source: str, handle: IO[str], id_field: str | None) -> Iterat
         if bad := _not_utf8(name):
             yield ParseFailure(source, record, line, _shown(title), f"{id_field}: {bad}")
             continue
-        yield mol, name or title or str(record), record
+        name = name or title or str(record)
+        if bad := _bad_id(name):
+            yield ParseFailure(source, record, line, title[:80], bad)
+            continue
+        yield mol, name, record
 
 
 # --- fingerprints -----------------------------------------------------------------------------

@@ -258,3 +258,18 @@ def test_not_utf8_records_of_every_format_are_reported(tmp_path: Path, suffix: s
     assert read.failures[0].record == (3 if suffix == ".csv" else 2)
     assert "not UTF-8" in str(read.failures[0])
     str(read.failures[0]).encode("utf-8")  # storable: no lone surrogates
+
+
+def test_ids_the_neighbours_table_cannot_hold_are_reported_not_left_running(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """An id over 200 characters, or with a NUL byte, failed every tile's INSERT on PostgreSQL
+    (value too long; NUL in text), and the job stayed 'running' for ever."""
+    library = tmp_path / "ids.smi"
+    library.write_text(f"CCO {'x' * 201}\nCCN a\x00b\nCCC ok\nCCCl fine\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=None, top_k=1)
+    assert (job["n_library"], job["unreadable"]) == (2, 2)
+    examples = " ".join(job["unreadable_examples"])
+    assert "longer than 200 characters" in examples and "NUL" in examples
+    assert "x" * 201 not in examples
+    assert tasks.run_inline(sessions, job_id=job["id"], device="cpu")["status"] == "done"
