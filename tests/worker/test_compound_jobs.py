@@ -260,6 +260,19 @@ def test_not_utf8_records_of_every_format_are_reported(tmp_path: Path, suffix: s
     str(read.failures[0]).encode("utf-8")  # storable: no lone surrogates
 
 
+def test_a_file_with_no_readable_molecule_says_how_many_and_why(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The refusal counts the unreadable records and shows the first, with RDKit's reason."""
+    bad = tmp_path / "bad.smi"
+    bad.write_text("C1CC(N x\nnot_a_smiles y\n")
+    with pytest.raises(tasks.SubmissionError) as refused:
+        _submit(sessions, tmp_path, library=bad, query=None, top_k=3)
+    message = str(refused.value)
+    assert "2 records RDKit could not read" in message
+    assert "line 1 ('C1CC(N')" in message and "SMILES Parse Error" in message
+
+
 def test_ids_the_neighbours_table_cannot_hold_are_reported_not_left_running(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

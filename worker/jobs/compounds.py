@@ -150,7 +150,12 @@ def submit(
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise SubmissionError(which, str(exc)) from None
         if len(fps.popcounts) == 0:
-            raise SubmissionError(which, f"{spec[which]}: no molecule could be read")
+            why = (
+                f"; {len(failed)} records RDKit could not read, the first: {failed[0]}"
+                if failed
+                else ""
+            )
+            raise SubmissionError(which, f"{spec[which]}: no molecule could be read{why}")
         counts[which] = len(fps.popcounts)
         failures += [str(f) for f in failed]
     spec["unreadable"] = len(failures)
