@@ -28,7 +28,7 @@ from celery.exceptions import Reject
 from sqlalchemy.orm import Session, class_mapper, sessionmaker
 
 from db import tiles
-from db.engine import session_scope
+from db.engine import is_outage, session_scope
 from db.leases import TileKey
 from db.tables import TiledJob
 from worker.context import context
@@ -217,14 +217,18 @@ def run_tile(
             cols=None if row.col_start is None else slice(row.col_start, row.col_end),
         )
         attempts = row.attempts
+    storing = False
     try:
         found = kind.compute(tile, options)
-        # Storing counts as an attempt too: a failure here (a row the database refuses) was
-        # raised uncounted, and the job stayed running however often the tile was sent again.
+        # Storing can fail the job too: a row the database refuses was raised as it was, and
+        # the job stayed running however often the tile was sent again.
+        storing = True
         with session_scope(sessions) as session:
             kind.store(session, job_id, found)
             counted = tiles.finish_tile(session, kind=kind.name, job_id=job_id, index=index)
     except Exception as exc:
+        if storing and is_outage(exc):
+            raise  # the database away, not the tile's fault: it is sent again, never failed
         reason = f"tile {index} ({tile.where(kind.rows_name)}): {type(exc).__name__}: {exc}"
         log.warning("%s job %d: %s (attempt %d)", kind.name, job_id, reason, attempts)
         if attempts >= kind.max_attempts or isinstance(exc, kind.fatal):

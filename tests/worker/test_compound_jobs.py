@@ -221,6 +221,34 @@ def test_a_tile_whose_results_cannot_be_stored_fails_its_job_after_its_attempts(
     assert summary["status"] == "failed" and "the INSERT failed" in summary["error"]
 
 
+def test_a_database_outage_while_a_tile_is_stored_never_fails_its_job(
+    sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    """The database away while a tile's rows go in: raised for the tile to be sent again, as
+    often as it takes; the job is not failed for it (only a row the database refuses is)."""
+    import dataclasses
+
+    from sqlalchemy.exc import OperationalError
+
+    from worker import tiled
+
+    def store(session: Session, job_id: int, rows: list) -> None:
+        raise OperationalError("INSERT", {}, ConnectionError("server closed the connection"))
+
+    kind = dataclasses.replace(tasks.TILES, store=store)
+    library, query = files
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=3)
+    options = {"device": "cpu", "engine": "auto", "engine_cache": tmp_path / "engine.json"}
+    for _ in range(kind.max_attempts + 2):
+        with pytest.raises(OperationalError):
+            tiled.run_tile(kind, sessions, job_id=job["id"], index=0, options=options)
+    assert tasks.describe_id(sessions, job["id"])["status"] != "failed"
+    assert tiled.run_tile(tasks.TILES, sessions, job_id=job["id"], index=0, options=options) in (
+        "tile done",
+        "finished job",
+    )
+
+
 def test_a_line_that_is_not_utf8_is_reported_with_its_number_and_the_rest_is_read(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
