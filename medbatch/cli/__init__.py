@@ -57,15 +57,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, settings))
     except (_common.CliError, DeviceUnavailable) as exc:
-        name = " ".join(
-            str(getattr(args, key))
-            for key in ("command", f"{args.command}_command")
-            if getattr(args, key, None)
-        )
-        print(f"medbatch {name}: {exc}", file=sys.stderr)
+        print(f"medbatch {_name(args)}: {exc}", file=sys.stderr)
         return exc.code if isinstance(exc, _common.CliError) else 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        refused = _environment_problem(exc)
+        if refused is None:
+            raise
+        print(f"medbatch {_name(args)}: {refused}", file=sys.stderr)
+        return 1
+
+
+def _name(args: argparse.Namespace) -> str:
+    """The command as typed: ``db create-tenant``."""
+    return " ".join(
+        str(getattr(args, key))
+        for key in ("command", f"{args.command}_command")
+        if getattr(args, key, None)
+    )
+
+
+def _environment_problem(exc: Exception) -> str | None:
+    """One line for what the machine refused (a folder that cannot be made, a database that
+    cannot be reached), or None for a bug, which keeps its traceback. The line holds the
+    driver's own first line, never the SQL or its parameters (they may hold a patient's
+    values)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    # sqlalchemy is not imported for --help; an exception of it means it was.
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None and isinstance(exc, sa.OperationalError):
+        first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+        return f"cannot use the database (MEDBATCH_DATABASE_URL): {first}"
+    return None
 
 
 if __name__ == "__main__":

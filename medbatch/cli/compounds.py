@@ -11,6 +11,7 @@ from medbatch.cli._common import (
     copy_out,
     fail,
     group,
+    number,
     refuse_overwrite,
     tiled_run,
 )
@@ -44,11 +45,16 @@ def add_parsers(sub: Any) -> None:
         default="morgan",
         help="RDKit fingerprint kind",
     )
-    search.add_argument("--radius", type=int, default=2, help="Morgan radius")
-    search.add_argument("--bits", type=int, default=2048, help="fingerprint length")
+    search.add_argument("--radius", type=number(int, 0, 6), default=2, help="Morgan radius")
+    search.add_argument(
+        "--bits", type=number(int, 64, 16384), default=2048, help="fingerprint length"
+    )
     search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
     search.add_argument(
-        "--tile-rows", type=int, default=0, help="library rows per tile task (0: automatic)"
+        "--tile-rows",
+        type=number(int, 0),
+        default=0,
+        help="library rows per tile task (0: automatic)",
     )
     search.add_argument("--tenant", default="local", help="owner of the job (created if new)")
     search.add_argument("--out", type=Path, help="copy the neighbours CSV here (default: none)")

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         try:
             params = json.loads(args.params) if args.params else None
+        except ValueError as exc:
+            print(f"medbatch models register: --params: not JSON ({exc})", file=sys.stderr)
+            return 2
+        try:
             entry = register(
                 args.path,
                 name=args.name,

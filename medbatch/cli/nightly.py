@@ -7,7 +7,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import celery, command, database, err, fail, print_json, tenant_id
+from medbatch.cli._common import (
+    celery,
+    command,
+    database,
+    err,
+    fail,
+    number,
+    print_json,
+    tenant_id,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -30,7 +39,10 @@ def add_parsers(sub: Any) -> None:
         help="the moment to score at, with a time zone (default: now)",
     )
     nightly.add_argument(
-        "--lookback-days", type=int, default=730, help="oldest observations used, in days"
+        "--lookback-days",
+        type=number(int, 1),
+        default=730,
+        help="oldest observations used, in days",
     )
     nightly.add_argument(
         "--wait",

@@ -10,6 +10,7 @@ forward pass on the schema's shape before it is copied into the store; its sha25
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -91,10 +92,17 @@ def _load_any(path: Path) -> tuple[str, torch.nn.Module]:
         return "torchscript", load_torchscript(path, "cpu")
     except Exception as exc:
         errors.append(f"TorchScript: {type(exc).__name__}")
+    # torch.export logs a failed load as a warning with a whole traceback before it raises;
+    # a file that is not a program is said once, below.
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return "torch-export", torch.export.load(str(path)).module()
     except Exception as exc:
         errors.append(f"torch.export: {type(exc).__name__}")
+    finally:
+        quiet.setLevel(level)
     raise RegistrationError(
         f"{path} is not a TorchScript archive, a torch.export program or a safetensors file "
         f"({'; '.join(errors)})"
