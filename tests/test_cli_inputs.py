@@ -241,3 +241,21 @@ def test_submit_prints_its_summary_without_httpx_request_lines() -> None:
 
     setup_logging(Settings())  # the root logger at INFO (where pytest has not set it first)
     assert logging.getLogger("httpx").level == logging.WARNING
+
+
+def test_models_evaluate_finds_a_registered_version(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/models.md registers breast-cancer@1.1.0 as a candidate; `models list` showed it but
+    `models evaluate` read only the packaged registry: 'unknown model version'."""
+    root = Path(__file__).resolve().parents[1]
+    weights = root / "models" / "cases" / "artifacts" / "breast-cancer-1.0.0.safetensors"
+    assert main([
+        "models", "register", str(weights), "--name", "breast-cancer", "--version", "1.1.0",
+        "--schema", str(root / "examples" / "model-schema.json"), "--architecture", "mlp",
+        "--params", '{"hidden": [32, 16]}',
+    ]) == 0  # fmt: skip
+    out = env / "report"
+    assert main(["models", "evaluate", "breast-cancer@1.1.0", "--out", str(out)]) == 0
+    assert "breast-cancer@1.1.0 on 114 held-out cases" in capsys.readouterr().out
+    assert (out / "metrics.json").is_file()

@@ -100,11 +100,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  sha256 {entry['sha256']}")
         return 0
     if args.models_command == "evaluate":
-        from models.cases.registry import Registry, RegistryError
+        from models.cases.registry import RegistryError, load_registry
         from models.reference.evaluation import NoEvaluationData, evaluate, report_dir
 
         try:
-            spec = Registry.load().resolve(args.ref)
+            spec = load_registry(settings.artifact_dir).resolve(args.ref)
             out = args.out or report_dir(settings.artifact_dir, spec)
             evaluation = evaluate(spec, out)
         except (RegistryError, NoEvaluationData) as exc:
