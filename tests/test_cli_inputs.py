@@ -259,3 +259,31 @@ def test_models_evaluate_finds_a_registered_version(
     assert main(["models", "evaluate", "breast-cancer@1.1.0", "--out", str(out)]) == 0
     assert "breast-cancer@1.1.0 on 114 held-out cases" in capsys.readouterr().out
     assert (out / "metrics.json").is_file()
+
+
+def test_an_unmigrated_postgresql_database_says_to_run_db_upgrade(
+    cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's quickstart on a new PostgreSQL database, without `db upgrade`: it was a
+    traceback ending in 'relation "tenants" does not exist'."""
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL, _pg_url
+
+    name = f"medbatch_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        cli_env(MEDBATCH_DATABASE_URL=_pg_url(name))
+        assert main(["db", "create-tenant", "quickstart"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            "medbatch db create-tenant: the database has no medbatch schema, or an older one: "
+            "run `medbatch db upgrade`\n"
+        )
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

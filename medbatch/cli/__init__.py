@@ -88,6 +88,14 @@ def _environment_problem(exc: Exception) -> str | None:
         return f"{where}{exc.strerror}"
     # sqlalchemy is not imported for --help; an exception of it means it was.
     sa = sys.modules.get("sqlalchemy.exc")
+    # PostgreSQL is migrated on purpose (SQLite on first use): a missing table or column there
+    # means `db upgrade` was not run (SQLSTATE 42P01 undefined table, 42703 undefined column).
+    if (
+        sa is not None
+        and isinstance(exc, sa.ProgrammingError)
+        and getattr(exc.orig, "sqlstate", None) in ("42P01", "42703")
+    ):
+        return "the database has no medbatch schema, or an older one: run `medbatch db upgrade`"
     if sa is not None and isinstance(exc, sa.OperationalError):
         first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
         return f"cannot use the database (MEDBATCH_DATABASE_URL): {first}"
