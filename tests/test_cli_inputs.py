@@ -287,3 +287,15 @@ def test_an_unmigrated_postgresql_database_says_to_run_db_upgrade(
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("api", ["localhost:8000", "http://", "ftp://x", "http://[::1"])
+def test_submit_refuses_an_api_that_is_not_an_http_url(
+    api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'localhost:8000' said 'cannot reach the API … is `medbatch api` running?' (it may well
+    be); 'http://[::1' was a traceback."""
+    cases = Path(__file__).resolve().parents[1] / "examples" / "cases.json"
+    assert main(["submit", str(cases), "--api", api, "--api-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medbatch submit: --api: {api}") and len(err.splitlines()) == 1, err
