@@ -299,3 +299,23 @@ def test_submit_refuses_an_api_that_is_not_an_http_url(
     assert main(["submit", str(cases), "--api", api, "--api-key", "k"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"medbatch submit: --api: {api}") and len(err.splitlines()) == 1, err
+
+
+def test_compounds_tile_rows_counts_query_rows_as_its_help_says(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The help said 'library rows per tile task'; a job is tiled over its queries."""
+    from medbatch.cli import build_parser
+
+    library = env / "library.smi"
+    library.write_text("CCO ethanol\nc1ccccc1 benzene\nCC(=O)O acetic\n")
+    query = env / "query.smi"
+    query.write_text("CCO ethanol\n")
+    argv = ["--library", str(library), "--query", str(query), "--top-k", "1", "--tile-rows", "2"]
+    assert main(["compounds", "search", *argv]) == 0
+    assert (
+        "1 queries x 3 library molecules (morgan r=2 2048 bits), 1 tiles" in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compounds", "search", "--help"])
+    assert "query rows per tile task" in " ".join(capsys.readouterr().out.split())

@@ -54,7 +54,7 @@ def add_parsers(sub: Any) -> None:
         "--tile-rows",
         type=number(int, 0),
         default=0,
-        help="library rows per tile task (0: automatic)",
+        help="query rows per tile task (0: automatic, about 200 million pairs a tile)",
     )
     search.add_argument("--tenant", default="local", help="owner of the job (created if new)")
     search.add_argument("--out", type=Path, help="copy the neighbours CSV here (default: none)")
