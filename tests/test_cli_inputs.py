@@ -319,3 +319,28 @@ def test_compounds_tile_rows_counts_query_rows_as_its_help_says(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compounds", "search", "--help"])
     assert "query rows per tile task" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_broker_that_does_not_answer_is_one_line_and_the_job_is_kept(
+    env: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """genome compare, compounds search and nightly ended in kombu's traceback."""
+    import socket
+
+    from sqlalchemy import create_engine, text
+
+    from medbatch.settings import get_settings
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli_env(MEDBATCH_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    assert main(["genome", "compare", "--bfile", str(data), "--metric", "king"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch genome compare: cannot reach the broker (MEDBATCH_BROKER_URL)")
+    assert "a sweeper (medbatch sweeper) sends it" in err and len(err.splitlines()) == 1
+    engine = create_engine(get_settings().database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM genome_jobs")).scalars().all() == ["queued"]
+    engine.dispose()

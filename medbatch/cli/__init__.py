@@ -88,6 +88,15 @@ def _environment_problem(exc: Exception) -> str | None:
         return f"{where}{exc.strerror}"
     # sqlalchemy is not imported for --help; an exception of it means it was.
     sa = sys.modules.get("sqlalchemy.exc")
+    # Celery's send_task raises kombu's OperationalError when the broker does not answer; the
+    # rows committed before it are queued with a send time, so a sweeper sends them again.
+    kombu = sys.modules.get("kombu.exceptions")
+    if kombu is not None and isinstance(exc, kombu.OperationalError):
+        return (
+            f"cannot reach the broker (MEDBATCH_BROKER_URL): {str(exc).rstrip('.')}; what was "
+            "stored before is kept, and a sweeper (medbatch sweeper) sends it once the broker "
+            "answers"
+        )
     # PostgreSQL is migrated on purpose (SQLite on first use): a missing table or column there
     # means `db upgrade` was not run (SQLSTATE 42P01 undefined table, 42703 undefined column).
     if (
