@@ -344,3 +344,30 @@ def test_a_broker_that_does_not_answer_is_one_line_and_the_job_is_kept(
     with engine.connect() as conn:
         assert conn.execute(text("SELECT status FROM genome_jobs")).scalars().all() == ["queued"]
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["db", "create-tenant", ""],
+        ["db", "create-tenant", "x" * 101],
+        ["db", "create-client", "t", " ", "--scopes", "admin"],
+        ["db", "create-client", "t", "y" * 101, "--scopes", "admin"],
+        ["nightly", "--input", "x", "--tenant", ""],
+        ["genome", "compare", "--bfile", "x", "--metric", "king", "--tenant", "z" * 101],
+        ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--tenant", ""],
+    ],
+    ids=lambda argv: " ".join(a if len(a) < 20 else f"<{len(a)} chars>" for a in argv),
+)
+def test_an_empty_or_too_long_tenant_or_client_name_is_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty name made a tenant called ''; one over the column's 100 characters was a
+    traceback on PostgreSQL."""
+    from medbatch.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "must not be empty" in err or "at most 100 characters" in err

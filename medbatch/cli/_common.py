@@ -74,6 +74,16 @@ def number(
     return parse
 
 
+def entity_name(text: str) -> str:
+    """An argparse ``type`` for a tenant's or a client's name: 1 to 100 characters (the column's
+    size: PostgreSQL refused a longer one with a traceback), not only spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(text) > 100:
+        raise argparse.ArgumentTypeError(f"at most 100 characters, got {len(text)}")
+    return text
+
+
 def command(sub: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
     """A command (or a group's subcommand) of ``sub``, its help in the shared formatter."""
     parser: argparse.ArgumentParser = sub.add_parser(

@@ -7,7 +7,15 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import command, fail, find_tenant, group, number, transaction
+from medbatch.cli._common import (
+    command,
+    entity_name,
+    fail,
+    find_tenant,
+    group,
+    number,
+    transaction,
+)
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -33,14 +41,14 @@ def add_parsers(sub: Any) -> None:
     tenant = command(
         dsub, "create-tenant", "create a tenant and print its API key once", parents=[lifetime]
     )
-    tenant.add_argument("name", help="the tenant's unique name")
+    tenant.add_argument("name", type=entity_name, help="the tenant's unique name")
     client = command(
         dsub,
         "create-client",
         "an API client of a tenant with scopes; prints its key once",
         parents=[lifetime, of_tenant],
     )
-    client.add_argument("name", help="the client's name, unique in the tenant")
+    client.add_argument("name", type=entity_name, help="the client's name, unique in the tenant")
     client.add_argument(
         "--scopes",
         required=True,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from medbatch.cli._common import (
     command,
     copy_out,
+    entity_name,
     fail,
     group,
     number,
@@ -92,7 +93,9 @@ def add_parsers(sub: Any) -> None:
         default=0,
         help="with --table: samples per side of a tile (0: auto)",
     )
-    compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
+    compare.add_argument(
+        "--tenant", type=entity_name, default="local", help="owner of the job (created if new)"
+    )
     compare.add_argument("--wait", action="store_true", help="show progress until it is done")
     compare.add_argument(
         "--inline",

@@ -11,6 +11,7 @@ from medbatch.cli._common import (
     celery,
     command,
     database,
+    entity_name,
     err,
     fail,
     number,
@@ -32,7 +33,9 @@ def add_parsers(sub: Any) -> None:
         "--input", type=Path, required=True, help="folder with Patient.ndjson, Observation.ndjson …"
     )
     nightly.add_argument("--model", default="whas500-mortality", help="NAME or NAME@VERSION")
-    nightly.add_argument("--tenant", default="local", help="owner of the cases (created if new)")
+    nightly.add_argument(
+        "--tenant", type=entity_name, default="local", help="owner of the cases (created if new)"
+    )
     nightly.add_argument(
         "--as-of",
         type=datetime.fromisoformat,
