@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -156,6 +157,18 @@ def register(
     """Validate ``artifact`` and register it as ``name@version``; return its registry entry."""
     from models.cases.architectures import build
 
+    # As the API takes a model reference (api_shim/deps.py MODEL_REF) and the columns hold it:
+    # a name with '/' or '..' was copied outside models/, one with '@' could not be named again.
+    if not (len(name) <= 100 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)):
+        raise RegistrationError(
+            f"--name: {name!r} must be letters, digits, '.', '_' or '-' (at most 100, "
+            "starting with a letter or digit)"
+        )
+    if not (len(version) <= 50 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", version)):
+        raise RegistrationError(
+            f"--version: {version!r} must be letters, digits, '.', '+', '_' or '-' (at most 50, "
+            "starting with a letter or digit)"
+        )
     if not artifact.is_file():
         raise RegistrationError(f"{artifact}: no such file")
     schema = _schema(schema_path)
