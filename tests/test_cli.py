@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medbatch.cli import build_parser, main
-from medbatch.cli._common import copy_out
+from medbatch.cli._common import CliError, copy_out
 from medbatch.settings import get_settings
 from tests.helpers import save_mlp
 from tests.test_cli_first_use import run_cli
@@ -210,7 +210,7 @@ def test_an_output_is_copied_to_out_whole_or_not_at_all(tmp_path: Path) -> None:
     target = tmp_path / "out" / "table.kin0"
     copy_out(source, target)
     assert target.read_bytes() == source.read_bytes()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CliError, match="--out: cannot write"):
         copy_out(tmp_path / "gone.kin0", target)
     assert target.read_bytes() == source.read_bytes()
     assert sorted(p.name for p in target.parent.iterdir()) == ["table.kin0"]

@@ -57,3 +57,317 @@ def test_malformed_tile_messages_are_rejected(args: tuple) -> None:
     for task in (genome_tile_task, compound_tile_task):
         with pytest.raises(Reject, match="job id and tile index"):
             task.run(*args)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["api", "--port", "99999"],
+        ["api", "--port", "-1"],
+        ["db", "create-tenant", "t", "--lifetime-days", "-5"],
+        ["db", "rotate-key", "t", "--lifetime-days", "999999999"],
+        ["db", "rotate-key", "t", "--overlap-hours", "-3"],
+        ["db", "rotate-key", "t", "--overlap-hours", "nan"],
+        ["nightly", "--input", "x", "--lookback-days", "-5"],
+        ["genome", "compare", "--bfile", "x", "--metric", "grm", "--tile-rows", "-5"],
+        ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--radius", "-1"],
+        ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--bits", "0"],
+        [
+            "compounds",
+            "search",
+            "--library",
+            "x",
+            "--all-pairs",
+            "--top-k",
+            "1",
+            "--tile-rows",
+            "-4",
+        ],
+    ],
+    ids=" ".join,
+)
+def test_a_number_out_of_range_is_refused_before_anything_runs(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were taken: a port of 99999 or a radius of -1 was a traceback, -5 days of key
+    lifetime an already expired key, --lookback-days -5 a traceback mid-run, a genome
+    --tile-rows of -5 a failed job and a half-written .rel."""
+    from medbatch.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert f"argument {argv[-2]}: must be" in capsys.readouterr().err
+
+
+def test_a_client_name_is_unique_in_its_tenant_and_revoke_stops_every_one_of_it(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """create-client made a second 'ci' beside the first; revoke-client then revoked only the
+    first, and the second's key kept working."""
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import ApiKey
+    from medbatch.settings import get_settings
+
+    assert main(["db", "create-tenant", "t"]) == 0
+    assert main(["db", "create-client", "t", "ci", "--scopes", "results:read"]) == 0
+    capsys.readouterr()
+    assert main(["db", "create-client", "t", "ci", "--scopes", "results:read"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "medbatch db create-client: tenant 't' already has a client 'ci' "
+        "(revoke it first, or choose another name)"
+    )
+    assert captured.out == ""
+    # A database from before the check may hold two: revoke-client stops both, rotate-key asks.
+    engine = make_engine(get_settings().database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as session:
+        repo.create_client(session, tenant_id=1, name="ci", scopes=["results:read"])
+    assert main(["db", "rotate-key", "t", "--client", "ci"]) == 2
+    assert "has 2 clients named 'ci'" in capsys.readouterr().err
+    assert main(["db", "revoke-client", "t", "ci"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    with session_scope(sessions) as session:
+        keys = session.scalars(select(ApiKey).where(ApiKey.client_id.is_not(None))).all()
+        assert len(keys) == 2 and all(k.revoked_at is not None for k in keys)
+    engine.dispose()
+    # Once revoked, the name is free again; rotate-key then finds the live one.
+    assert main(["db", "create-client", "t", "ci", "--scopes", "results:read"]) == 0
+    assert main(["db", "rotate-key", "t", "--client", "ci"]) == 0
+    assert main(["db", "revoke-client", "t", "ci"]) == 0
+    assert main(["db", "rotate-key", "t", "--client", "ci"]) == 2
+    assert "client 'ci' is revoked; create a new one" in capsys.readouterr().err
+
+
+def test_db_upgrade_to_an_unknown_revision_is_one_line(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "upgrade", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "medbatch db upgrade: revision 'nonsense': Can't locate revision identified by 'nonsense'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("MEDBATCH_LOG_LEVEL", "verbose-secret", "must be one of CRITICAL, ERROR, WARNING"),
+        ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
+    ],
+)
+def test_a_log_level_or_database_url_that_cannot_work_is_a_setting_problem(
+    name: str,
+    value: str,
+    says: str,
+    cli_env: Callable[..., None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both were tracebacks (logging's 'Unknown level', SQLAlchemy's ArgumentError)."""
+    cli_env(**{name: value})
+    assert main(["models", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medbatch: {name}: ") and says in err
+    assert "secret" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_database_or_folder_the_machine_refuses_is_one_line(
+    tmp_path: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SQLite file that cannot be opened and a folder that cannot be made were tracebacks."""
+    cli_env(MEDBATCH_DATABASE_URL=f"sqlite:///{tmp_path}")  # a folder, not a file
+    assert main(["db", "list-clients", "t"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "medbatch db list-clients: cannot use the database (MEDBATCH_DATABASE_URL): "
+        "unable to open database file"
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cli_env(MEDBATCH_DATABASE_URL=f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
+    assert main(["db", "list-clients", "t"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"medbatch db list-clients: {blocker / 'sub'}: Not a directory"
+
+
+def test_an_empty_keep_file_is_refused(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It ran a 0 x 0 comparison, 'done' with no pairs; plink --keep keeps none and stops."""
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    keep = env / "keep.txt"
+    keep.write_text("\n\n")
+    argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--keep", str(keep)]
+    assert main(argv) == 2
+    assert f"--keep: {keep} names no sample" in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_written_says_where_the_output_stays(tmp_path: Path) -> None:
+    """It was a traceback after the whole job had run."""
+    from medbatch.cli._common import CliError, copy_out
+
+    source = tmp_path / "neighbours.csv"
+    source.write_text("query,hit\n")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CliError, match=r"--out: cannot write .*; the output stays at .*neighbours"):
+        copy_out(source, tmp_path / "file" / "out.csv")
+
+
+def test_models_register_of_a_non_model_says_so_once_without_a_traceback(
+    env: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """torch.export logged a whole traceback (as a warning) before the one-line refusal; bad
+    --params JSON did not name --params."""
+    junk = env / "empty.pt"
+    junk.write_bytes(b"")
+    schema = Path(__file__).resolve().parents[1] / "examples" / "model-schema.json"
+    base = ["models", "register", str(junk), "--name", "j", "--version", "1"]
+    assert main([*base, "--schema", str(schema)]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "is not a TorchScript archive" in err
+    assert main([*base, "--schema", str(schema), "--architecture", "mlp", "--params", "{x"]) == 2
+    assert "medbatch models register: --params: not JSON" in capfd.readouterr().err
+
+
+def test_submit_prints_its_summary_without_httpx_request_lines() -> None:
+    import logging
+
+    from medbatch.cli._common import setup_logging
+    from medbatch.settings import Settings
+
+    setup_logging(Settings())  # the root logger at INFO (where pytest has not set it first)
+    assert logging.getLogger("httpx").level == logging.WARNING
+
+
+def test_models_evaluate_finds_a_registered_version(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/models.md registers breast-cancer@1.1.0 as a candidate; `models list` showed it but
+    `models evaluate` read only the packaged registry: 'unknown model version'."""
+    root = Path(__file__).resolve().parents[1]
+    weights = root / "models" / "cases" / "artifacts" / "breast-cancer-1.0.0.safetensors"
+    assert main([
+        "models", "register", str(weights), "--name", "breast-cancer", "--version", "1.1.0",
+        "--schema", str(root / "examples" / "model-schema.json"), "--architecture", "mlp",
+        "--params", '{"hidden": [32, 16]}',
+    ]) == 0  # fmt: skip
+    out = env / "report"
+    assert main(["models", "evaluate", "breast-cancer@1.1.0", "--out", str(out)]) == 0
+    assert "breast-cancer@1.1.0 on 114 held-out cases" in capsys.readouterr().out
+    assert (out / "metrics.json").is_file()
+
+
+def test_an_unmigrated_postgresql_database_says_to_run_db_upgrade(
+    cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's quickstart on a new PostgreSQL database, without `db upgrade`: it was a
+    traceback ending in 'relation "tenants" does not exist'."""
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL, _pg_url
+
+    name = f"medbatch_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        cli_env(MEDBATCH_DATABASE_URL=_pg_url(name))
+        assert main(["db", "create-tenant", "quickstart"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            "medbatch db create-tenant: the database has no medbatch schema, or an older one: "
+            "run `medbatch db upgrade`\n"
+        )
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("api", ["localhost:8000", "http://", "ftp://x", "http://[::1"])
+def test_submit_refuses_an_api_that_is_not_an_http_url(
+    api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'localhost:8000' said 'cannot reach the API … is `medbatch api` running?' (it may well
+    be); 'http://[::1' was a traceback."""
+    cases = Path(__file__).resolve().parents[1] / "examples" / "cases.json"
+    assert main(["submit", str(cases), "--api", api, "--api-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medbatch submit: --api: {api}") and len(err.splitlines()) == 1, err
+
+
+def test_compounds_tile_rows_counts_query_rows_as_its_help_says(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The help said 'library rows per tile task'; a job is tiled over its queries."""
+    from medbatch.cli import build_parser
+
+    library = env / "library.smi"
+    library.write_text("CCO ethanol\nc1ccccc1 benzene\nCC(=O)O acetic\n")
+    query = env / "query.smi"
+    query.write_text("CCO ethanol\n")
+    argv = ["--library", str(library), "--query", str(query), "--top-k", "1", "--tile-rows", "2"]
+    assert main(["compounds", "search", *argv]) == 0
+    assert (
+        "1 queries x 3 library molecules (morgan r=2 2048 bits), 1 tiles" in capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compounds", "search", "--help"])
+    assert "query rows per tile task" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_broker_that_does_not_answer_is_one_line_and_the_job_is_kept(
+    env: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """genome compare, compounds search and nightly ended in kombu's traceback."""
+    import socket
+
+    from sqlalchemy import create_engine, text
+
+    from medbatch.settings import get_settings
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli_env(MEDBATCH_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    assert main(["genome", "compare", "--bfile", str(data), "--metric", "king"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch genome compare: cannot reach the broker (MEDBATCH_BROKER_URL)")
+    assert "a sweeper (medbatch sweeper) sends it" in err and len(err.splitlines()) == 1
+    engine = create_engine(get_settings().database_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status FROM genome_jobs")).scalars().all() == ["queued"]
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["db", "create-tenant", ""],
+        ["db", "create-tenant", "x" * 101],
+        ["db", "create-client", "t", " ", "--scopes", "admin"],
+        ["db", "create-client", "t", "y" * 101, "--scopes", "admin"],
+        ["nightly", "--input", "x", "--tenant", ""],
+        ["genome", "compare", "--bfile", "x", "--metric", "king", "--tenant", "z" * 101],
+        ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--tenant", ""],
+    ],
+    ids=lambda argv: " ".join(a if len(a) < 20 else f"<{len(a)} chars>" for a in argv),
+)
+def test_an_empty_or_too_long_tenant_or_client_name_is_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty name made a tenant called ''; one over the column's 100 characters was a
+    traceback on PostgreSQL."""
+    from medbatch.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "must not be empty" in err or "at most 100 characters" in err

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -51,6 +51,39 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{help_} (default: %(default)s)"
 
 
+def number(
+    kind: Callable[[str], Any], low: float | None = None, high: float | None = None
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind`` of the text, refused (exit 2, with usage) outside
+    ``[low, high]``, where argparse alone would take -5 days or port 99999 and fail deep later."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if (
+            value != value
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
+            bounds = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def entity_name(text: str) -> str:
+    """An argparse ``type`` for a tenant's or a client's name: 1 to 100 characters (the column's
+    size: PostgreSQL refused a longer one with a traceback), not only spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if len(text) > 100:
+        raise argparse.ArgumentTypeError(f"at most 100 characters, got {len(text)}")
+    return text
+
+
 def command(sub: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
     """A command (or a group's subcommand) of ``sub``, its help in the shared formatter."""
     parser: argparse.ArgumentParser = sub.add_parser(
@@ -85,8 +118,10 @@ def setup_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Alembic announces each of its plugins at INFO on every import.
+    # Alembic announces each of its plugins at INFO on every import; httpx logs each request of
+    # `medbatch submit` at INFO, in the middle of the summary it prints.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def ensure_schema(database_url: str) -> None:
@@ -185,13 +220,16 @@ def copy_out(source: str | Path, target: Path) -> None:
     import os
     import shutil
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, partial)
         os.replace(partial, target)
+    except OSError as exc:
+        fail(f"--out: cannot write {target} ({exc.strerror}); the output stays at {source}", code=1)
     finally:
-        partial.unlink(missing_ok=True)
+        with suppress(OSError):  # where the folder could not be made, there is nothing
+            partial.unlink(missing_ok=True)
 
 
 def print_json(value: Any) -> None:

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 from medbatch.cli._common import (
     command,
     copy_out,
+    entity_name,
     fail,
     group,
+    number,
     refuse_overwrite,
     tiled_run,
 )
@@ -44,13 +46,20 @@ def add_parsers(sub: Any) -> None:
         default="morgan",
         help="RDKit fingerprint kind",
     )
-    search.add_argument("--radius", type=int, default=2, help="Morgan radius")
-    search.add_argument("--bits", type=int, default=2048, help="fingerprint length")
+    search.add_argument("--radius", type=number(int, 0, 6), default=2, help="Morgan radius")
+    search.add_argument(
+        "--bits", type=number(int, 64, 16384), default=2048, help="fingerprint length"
+    )
     search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
     search.add_argument(
-        "--tile-rows", type=int, default=0, help="library rows per tile task (0: automatic)"
+        "--tile-rows",
+        type=number(int, 0),
+        default=0,
+        help="query rows per tile task (0: automatic, about 200 million pairs a tile)",
     )
-    search.add_argument("--tenant", default="local", help="owner of the job (created if new)")
+    search.add_argument(
+        "--tenant", type=entity_name, default="local", help="owner of the job (created if new)"
+    )
     search.add_argument("--out", type=Path, help="copy the neighbours CSV here (default: none)")
     search.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     search.add_argument(

@@ -7,7 +7,15 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import command, fail, find_tenant, group, transaction
+from medbatch.cli._common import (
+    command,
+    entity_name,
+    fail,
+    find_tenant,
+    group,
+    number,
+    transaction,
+)
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -24,7 +32,7 @@ def add_parsers(sub: Any) -> None:
     lifetime = argparse.ArgumentParser(add_help=False)
     lifetime.add_argument(
         "--lifetime-days",
-        type=int,
+        type=number(int, 0, 36500),
         help="days the new key works (default: MEDBATCH_API_KEY_LIFETIME_DAYS, 365; 0: never)",
     )
     #: The first argument of every command on an existing tenant.
@@ -33,14 +41,14 @@ def add_parsers(sub: Any) -> None:
     tenant = command(
         dsub, "create-tenant", "create a tenant and print its API key once", parents=[lifetime]
     )
-    tenant.add_argument("name", help="the tenant's unique name")
+    tenant.add_argument("name", type=entity_name, help="the tenant's unique name")
     client = command(
         dsub,
         "create-client",
         "an API client of a tenant with scopes; prints its key once",
         parents=[lifetime, of_tenant],
     )
-    client.add_argument("name", help="the client's name, unique in the tenant")
+    client.add_argument("name", type=entity_name, help="the client's name, unique in the tenant")
     client.add_argument(
         "--scopes",
         required=True,
@@ -55,7 +63,7 @@ def add_parsers(sub: Any) -> None:
     rotate.add_argument("--client", help="rotate this client's key instead of the tenant's own")
     rotate.add_argument(
         "--overlap-hours",
-        type=float,
+        type=number(float, 0, 24 * 90),
         help="hours the previous keys keep working (default: MEDBATCH_API_KEY_ROTATION_OVERLAP_H, "
         "24; 0: they stop now)",
     )
@@ -72,9 +80,14 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.db_command == "upgrade":
+        from alembic.util import CommandError
+
         from db.migrate import upgrade
 
-        upgrade(settings.database_url, args.revision)
+        try:
+            upgrade(settings.database_url, args.revision)
+        except CommandError as exc:
+            fail(f"revision {args.revision!r}: {exc}")
         print(f"database at revision {args.revision}")
         return 0
     if args.db_command == "create-tenant":
@@ -107,6 +120,12 @@ def _create_client(args: argparse.Namespace, settings: Settings) -> int:
     with transaction(settings) as session:
         tenant_id = find_tenant(session, args.tenant)
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        if any(c.revoked_at is None for c in _clients(session, tenant_id, args.name)):
+            fail(
+                f"tenant {args.tenant!r} already has a client {args.name!r} "
+                "(revoke it first, or choose another name)",
+                code=1,
+            )
         try:
             client, key = create_client(
                 session,
@@ -129,6 +148,17 @@ def _create_client(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
     return 0
+
+
+def _clients(session: Session, tenant_id: int, name: str) -> list[Any]:
+    """The tenant's clients called ``name``, oldest first: revoked ones, and at most one that is
+    not (several, in a database from before ``create-client`` checked)."""
+    from sqlalchemy import select
+
+    from db.tables import ApiClient
+
+    found = select(ApiClient).where(ApiClient.tenant_id == tenant_id, ApiClient.name == name)
+    return list(session.scalars(found.order_by(ApiClient.id)))
 
 
 def _key_lifetime(args: argparse.Namespace, settings: Settings) -> timedelta | None:
@@ -158,10 +188,7 @@ def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
     """rotate-key, revoke-client, list-clients: a tenant's keys, never printed but once."""
     from datetime import timedelta
 
-    from sqlalchemy import select
-
     from db import repo
-    from db.tables import ApiClient
 
     with transaction(settings) as session:
         tenant_id = find_tenant(session, args.tenant)
@@ -176,16 +203,23 @@ def _key_lifecycle(args: argparse.Namespace, settings: Settings) -> int:
         client = None
         name = getattr(args, "client", None)
         if name is not None:
-            client = session.scalar(
-                select(ApiClient).where(ApiClient.tenant_id == tenant_id, ApiClient.name == name)
-            )
-            if client is None:
+            named = _clients(session, tenant_id, name)
+            if not named:
                 fail(f"tenant {args.tenant!r} has no client {name!r}")
-        if args.db_command == "revoke-client":
-            assert client is not None
-            keys = repo.revoke_client(session, client_id=client.id)
-            print(json.dumps({"client": client.name, "id": client.id, "keys_revoked": keys}))
-            return 0
+            active = [c for c in named if c.revoked_at is None]
+            if args.db_command == "revoke-client":
+                # Every live client of the name: a database from before create-client refused a
+                # taken name may hold several, and revoking one left the others' keys working.
+                for client in active or named[-1:]:
+                    keys = repo.revoke_client(session, client_id=client.id)
+                    print(
+                        json.dumps({"client": client.name, "id": client.id, "keys_revoked": keys})
+                    )
+                return 0
+            if len(active) > 1:
+                ids = ", ".join(str(c.id) for c in active)
+                fail(f"tenant {args.tenant!r} has {len(active)} clients named {name!r} (ids {ids})")
+            client = active[0] if active else named[-1]
         if client is not None and client.revoked_at is not None:
             fail(f"client {name!r} is revoked; create a new one")
         hours = (

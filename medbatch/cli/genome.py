@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 from medbatch.cli._common import (
     command,
     copy_out,
+    entity_name,
     fail,
     group,
+    number,
     print_json,
     refuse_overwrite,
     tiled_run,
@@ -74,7 +76,10 @@ def add_parsers(sub: Any) -> None:
         help="drop variants with a lower minor allele frequency (default: keep all)",
     )
     compare.add_argument(
-        "--tile-rows", type=int, default=0, help="result rows per tile task (0: automatic)"
+        "--tile-rows",
+        type=number(int, 0),
+        default=0,
+        help="result rows per tile task (0: automatic)",
     )
     compare.add_argument(
         "--table",
@@ -83,9 +88,14 @@ def add_parsers(sub: Any) -> None:
         "N x N matrix (plink2 --make-king-table --king-table-filter)",
     )
     compare.add_argument(
-        "--block", type=int, default=0, help="with --table: samples per side of a tile (0: auto)"
+        "--block",
+        type=number(int, 0),
+        default=0,
+        help="with --table: samples per side of a tile (0: auto)",
     )
-    compare.add_argument("--tenant", default="local", help="owner of the job (created if new)")
+    compare.add_argument(
+        "--tenant", type=entity_name, default="local", help="owner of the job (created if new)"
+    )
     compare.add_argument("--wait", action="store_true", help="show progress until it is done")
     compare.add_argument(
         "--inline",
@@ -159,6 +169,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except OSError as exc:
             fail(f"--keep: {exc}")
         keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
+        if not keep:
+            fail(f"--keep: {args.keep} names no sample (plink --keep would keep none)")
     with tiled_run(args, settings) as run:
         job = run.submit(
             tasks.submit,

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         try:
             params = json.loads(args.params) if args.params else None
+        except ValueError as exc:
+            print(f"medbatch models register: --params: not JSON ({exc})", file=sys.stderr)
+            return 2
+        try:
             entry = register(
                 args.path,
                 name=args.name,
@@ -96,11 +100,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  sha256 {entry['sha256']}")
         return 0
     if args.models_command == "evaluate":
-        from models.cases.registry import Registry, RegistryError
+        from models.cases.registry import RegistryError, load_registry
         from models.reference.evaluation import NoEvaluationData, evaluate, report_dir
 
         try:
-            spec = Registry.load().resolve(args.ref)
+            spec = load_registry(settings.artifact_dir).resolve(args.ref)
             out = args.out or report_dir(settings.artifact_dir, spec)
             evaluation = evaluate(spec, out)
         except (RegistryError, NoEvaluationData) as exc:

@@ -7,7 +7,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import celery, command, database, err, fail, print_json, tenant_id
+from medbatch.cli._common import (
+    celery,
+    command,
+    database,
+    entity_name,
+    err,
+    fail,
+    number,
+    print_json,
+    tenant_id,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -23,14 +33,19 @@ def add_parsers(sub: Any) -> None:
         "--input", type=Path, required=True, help="folder with Patient.ndjson, Observation.ndjson …"
     )
     nightly.add_argument("--model", default="whas500-mortality", help="NAME or NAME@VERSION")
-    nightly.add_argument("--tenant", default="local", help="owner of the cases (created if new)")
+    nightly.add_argument(
+        "--tenant", type=entity_name, default="local", help="owner of the cases (created if new)"
+    )
     nightly.add_argument(
         "--as-of",
         type=datetime.fromisoformat,
         help="the moment to score at, with a time zone (default: now)",
     )
     nightly.add_argument(
-        "--lookback-days", type=int, default=730, help="oldest observations used, in days"
+        "--lookback-days",
+        type=number(int, 1),
+        default=730,
+        help="oldest observations used, in days",
     )
     nightly.add_argument(
         "--wait",

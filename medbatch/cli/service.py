@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import ALL_QUEUES, command, ensure_schema, fail, require_device
+from medbatch.cli._common import (
+    ALL_QUEUES,
+    command,
+    ensure_schema,
+    fail,
+    number,
+    require_device,
+)
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -23,7 +30,7 @@ def add_parsers(sub: Any) -> None:
 
     api = command(sub, "api", "run the HTTP shim")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    api.add_argument("--port", type=int, default=8000, help="port to listen on")
+    api.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port to listen on")
     api.set_defaults(func=run_api)
 
     worker = command(sub, "worker", "run a Celery worker (one per GPU or core group)")

@@ -43,6 +43,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if isinstance(body, list)
         else [body]
     )
+    try:
+        base = httpx.URL(args.api)
+    except httpx.InvalidURL as exc:
+        fail(f"--api: {args.api}: {exc}")
+    if base.scheme not in ("http", "https") or not base.host:
+        fail(f"--api: {args.api} is not an http:// or https:// URL")
     url = f"{args.api.rstrip('/')}/v1/cases"
     answers: list[dict[str, Any]] = []
     refused: tuple[int, Any] | None = None

@@ -10,6 +10,8 @@ forward pass on the schema's shape before it is copied into the store; its sha25
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -91,10 +93,17 @@ def _load_any(path: Path) -> tuple[str, torch.nn.Module]:
         return "torchscript", load_torchscript(path, "cpu")
     except Exception as exc:
         errors.append(f"TorchScript: {type(exc).__name__}")
+    # torch.export logs a failed load as a warning with a whole traceback before it raises;
+    # a file that is not a program is said once, below.
+    quiet = logging.getLogger("torch.export")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         return "torch-export", torch.export.load(str(path)).module()
     except Exception as exc:
         errors.append(f"torch.export: {type(exc).__name__}")
+    finally:
+        quiet.setLevel(level)
     raise RegistrationError(
         f"{path} is not a TorchScript archive, a torch.export program or a safetensors file "
         f"({'; '.join(errors)})"
@@ -148,6 +157,18 @@ def register(
     """Validate ``artifact`` and register it as ``name@version``; return its registry entry."""
     from models.cases.architectures import build
 
+    # As the API takes a model reference (api_shim/deps.py MODEL_REF) and the columns hold it:
+    # a name with '/' or '..' was copied outside models/, one with '@' could not be named again.
+    if not (len(name) <= 100 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)):
+        raise RegistrationError(
+            f"--name: {name!r} must be letters, digits, '.', '_' or '-' (at most 100, "
+            "starting with a letter or digit)"
+        )
+    if not (len(version) <= 50 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", version)):
+        raise RegistrationError(
+            f"--version: {version!r} must be letters, digits, '.', '+', '_' or '-' (at most 50, "
+            "starting with a letter or digit)"
+        )
     if not artifact.is_file():
         raise RegistrationError(f"{artifact}: no such file")
     schema = _schema(schema_path)

@@ -141,3 +141,26 @@ def test_bad_schema_and_duplicate_versions_are_refused(tmp_path: Path, schema: P
         register(
             path, name="breast-cancer", version="1.0.0", schema_path=schema, artifact_dir=store
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "refused"),
+    [
+        ("../evil", "1", "--name"),
+        ("a@b", "1", "--name"),
+        ("", "1", "--name"),
+        ("own", "", "--version"),
+        ("own", "1/2", "--version"),
+        ("own", "1@2", "--version"),
+    ],
+)
+def test_a_name_or_version_the_api_could_not_name_is_refused_before_anything_is_written(
+    tmp_path: Path, schema: Path, name: str, version: str, refused: str
+) -> None:
+    """'../evil' was copied to the artifact folder's parent of models/, 'a@b' registered as
+    'a@b@1', version '1/2' made a subfolder: none of them a reference POST /v1/cases takes."""
+    path = _script(tmp_path, _linear(), "own.pt")
+    store = tmp_path / "store"
+    with pytest.raises(RegistrationError, match=f"^{refused}: "):
+        register(path, name=name, version=version, schema_path=schema, artifact_dir=store)
+    assert not store.exists()
