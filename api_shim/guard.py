@@ -7,6 +7,8 @@
   handed on in ``scope["state"]["json_body"]``, so routes do not parse it again.
 - A query parameter given twice is 400: a route would answer for one value while the audit
   trail might name the other. A NUL in a query parameter is refused like one in a body.
+- An ``Authorization`` header given twice is 400: the route would authenticate one key while
+  the idempotency ledger (api_shim/idempotency.py) filed the answer under the other's client.
 
 Refusals name the field and the rule, never the value (see api_shim/errors.py).
 """
@@ -200,6 +202,7 @@ class InputGuard:
             await self.app(scope, receive, send)
             return
         try:
+            self._check_headers(scope)
             self._check_query(scope)
             body = await self._read(scope, receive)
             if body:
@@ -220,6 +223,15 @@ class InputGuard:
             )
             return
         await self.app(scope, _replay(body, receive), send)
+
+    def _check_headers(self, scope: Scope) -> None:
+        if sum(1 for name, _ in scope.get("headers", ()) if name == b"authorization") > 1:
+            raise _Refused(
+                400,
+                problem(
+                    ("header", "authorization"), "give the Authorization header once", "repeated"
+                ),
+            )
 
     def _check_query(self, scope: Scope) -> None:
         raw = scope.get("query_string", b"").decode("latin-1")

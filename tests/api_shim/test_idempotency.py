@@ -132,6 +132,28 @@ def test_a_key_given_twice_is_400_and_creates_nothing(
     assert _cases(pg_sessions) == 0
 
 
+def test_two_authorization_headers_are_400_and_no_tenant_replays_another_s_answer(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The route authenticated the first Authorization header and the idempotency ledger the
+    last: tenant a's answer was filed under tenant b's key, and b's retry was handed it."""
+    a = _headers(pg_sessions, "hospital-a", None)["Authorization"]
+    b = _headers(pg_sessions, "hospital-b", None)["Authorization"]
+    body = wdbc_cases(1, prefix="MRN-A-ONLY")
+    both = [("Authorization", a), ("Authorization", b), ("Idempotency-Key", "k-two")]
+    response = api.post("/v1/cases", headers=both, json=body)
+    assert response.status_code == 400 and _cases(pg_sessions) == 0
+    assert "MRN-A-ONLY" not in response.text
+    retry = api.post(
+        "/v1/cases", headers={"Authorization": b, "Idempotency-Key": "k-two"}, json=body
+    )
+    assert "idempotent-replayed" not in retry.headers
+    assert (
+        api.get("/v1/cases/1", headers=[("Authorization", a), ("Authorization", b)]).status_code
+        == 400
+    )
+
+
 def test_without_a_valid_api_key_the_route_answers_401(api: TestClient) -> None:
     response = api.post("/v1/cases", headers={"Idempotency-Key": "k"}, json=wdbc_cases(1))
     assert response.status_code == 401
