@@ -13,11 +13,13 @@ The key's ``last_used_at`` is touched in the same transaction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_shim.errors import error_response, problem
@@ -81,11 +83,14 @@ class AuditTrail:
     def _record(self, scope: Scope, status: int) -> bool:
         """Write the row; False if it could not be written."""
         state = scope.get("state", {})
-        caller = state.get("caller")
-        tenant_id = caller.tenant_id if caller is not None else state.get("idempotency_tenant_id")
-        route = scope.get("route")
+        # The route's caller, or, for an answer the idempotency ledger gave without the route
+        # (a replay, a mismatch), the caller it found for the same key.
+        caller = state.get("caller") or state.get("idempotency_caller")
+        route, path_params = scope.get("route"), scope.get("path_params", {})
+        if route is None:  # answered before routing (input gate, idempotency ledger)
+            route, path_params = _route_of(scope)
         template = getattr(route, "path", None) or "unmatched"
-        params = {k: str(v) for k, v in dict(scope.get("path_params", {})).items()}
+        params = {k: str(v) for k, v in dict(path_params).items()}
         answered = state.get(STATE_KEY)
         if answered:
             params.update(answered)
@@ -102,7 +107,7 @@ class AuditTrail:
             with self.sessions() as session:
                 repo.add_audit_event(
                     session,
-                    tenant_id=tenant_id,
+                    tenant_id=None if caller is None else caller.tenant_id,
                     client_id=None if caller is None else caller.client_id,
                     action=action,
                     resource=",".join(f"{k}={v}" for k, v in sorted(params.items()))[:200],
@@ -116,6 +121,28 @@ class AuditTrail:
             log.error("audit event not written, answer withheld: %s", type(exc).__name__)
             return False
         return True
+
+
+def _route_of(scope: Scope) -> tuple[Any, dict[str, Any]]:
+    """The route (and its path parameters) that would have answered a request that was
+    answered before the router ran; (None, {}) if none matches fully."""
+    router = getattr(scope.get("app"), "router", None)
+    for route in _leaves(getattr(router, "routes", ())):
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            return route, dict(child.get("path_params", {}))
+    return None, {}
+
+
+def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes of a router, those of routers included in it in their place (FastAPI keeps an
+    included router whole, as ``original_router``)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaves(inner.routes)
+        else:
+            yield route
 
 
 def _exact(value: str) -> str:

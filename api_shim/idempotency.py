@@ -51,8 +51,10 @@ class Idempotency:
         if caller is None:  # the route answers 401
             await self.app(scope, receive, send)
             return
-        tenant_id, client = caller
-        scope.setdefault("state", {})["idempotency_tenant_id"] = tenant_id
+        found_caller, client = caller
+        tenant_id = found_caller.tenant_id
+        # For the audit row of an answer given here, without the route (api_shim/audit.py).
+        scope.setdefault("state", {})["idempotency_caller"] = found_caller
         body = await _read_body(receive)
         digest = hashlib.sha256()
         for part in (scope["method"], scope["path"], scope.get("query_string", b"").decode()):
@@ -108,8 +110,8 @@ class Idempotency:
                 self._record, client, key, status, b"".join(chunks), content_type
             )
 
-    def _caller(self, authorization: bytes | None) -> tuple[int, str] | None:
-        """(tenant id, the API key's sha256): keys are scoped per API client."""
+    def _caller(self, authorization: bytes | None) -> tuple[repo.Caller, str] | None:
+        """(the caller, the API key's sha256): keys are scoped per API client."""
         if authorization is None:
             return None
         scheme, _, token = authorization.decode("latin-1").partition(" ")
@@ -119,7 +121,7 @@ class Idempotency:
             caller = repo.caller_for_key(session, api_key=token.strip())
             if caller is None:
                 return None
-            return caller.tenant_id, repo.hash_api_key(token.strip())
+            return caller, repo.hash_api_key(token.strip())
 
     def _claim(self, tenant_id: int, client: str, key: str, fingerprint: str) -> idempotency.Claim:
         with self.sessions() as session:

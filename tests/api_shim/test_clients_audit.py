@@ -78,6 +78,37 @@ def test_every_request_is_audited_with_who_what_which_and_outcome(
     assert all(e[5] is not None for i, e in enumerate(events) if i != 3)
 
 
+def test_an_idempotent_replay_is_audited_with_its_route_and_client(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A replay answers with the first response (external ids and all) without the route
+    running: its row names the route template and the client like the first one's."""
+    key = _client(pg_sessions, "hospital-a", "cases:submit")
+    headers = {**key, "Idempotency-Key": "order-1"}
+    body = wdbc_cases(1)
+    assert api.post("/v1/cases", headers=headers, json=body).status_code == 202
+    again = api.post("/v1/cases", headers=headers, json=body)
+    assert again.headers["idempotent-replayed"] == "true"
+    other = api.post("/v1/cases", headers=headers, json=wdbc_cases(2))  # same key, other body
+    assert other.status_code == 422
+    first, replay, mismatch = _events(pg_sessions)
+    assert first[0] == replay[0] == mismatch[0] == "POST /v1/cases"
+    assert first[5] is not None and replay[5] == mismatch[5] == first[5]
+    assert replay[2:4] == (202, "ok") and mismatch[2:4] == (422, "invalid")
+
+
+def test_a_request_refused_by_the_input_gate_is_audited_with_its_route(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    key = _client(pg_sessions, "hospital-a", "cases:submit", "results:read")
+    api.get("/v1/cases/7?limit=1&limit=2", headers=key)  # a repeated parameter: 400
+    api.post("/v1/cases", headers={**key, "Content-Type": "text/plain"}, content=b"x")  # 415
+    assert [e[:3] for e in _events(pg_sessions)] == [
+        ("GET /v1/cases/{case_id}", "case_id=7", 400),
+        ("POST /v1/cases", "", 415),
+    ]
+
+
 def test_the_audit_trail_holds_no_external_ids_or_values(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
