@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, WrapValidator
 
-from api_shim.deps import ReaderDep, SessionDep, SettingsDep
-from api_shim.errors import keys_hidden
+from api_shim.deps import ReaderDep, RegistryDep, SessionDep, SettingsDep
+from api_shim.errors import keys_hidden, model_problem, problem
 from api_shim.routes import tiled
 from db import repo
 from db.tables import CompoundJob, GenomeJob
@@ -69,11 +70,20 @@ def _evaluation_dir(settings: Any, tenant_id: int, evaluation_id: str) -> Path:
     responses={422: {}},
 )
 def create_score_evaluation(
-    body: ScoreEvaluationCreate, tenant: ReaderDep, session: SessionDep, settings: SettingsDep
+    body: ScoreEvaluationCreate,
+    tenant: ReaderDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    registry: RegistryDep,
 ) -> dict[str, Any]:
     """ROC and calibration of this tenant's stored scores of a model against the given labels."""
     from models.plots import score_evaluation
 
+    if body.model not in registry.names():
+        # Named by the registry's names, never the caller's text (an id pasted in the field).
+        raise RequestValidationError(
+            [problem(("body", "model"), model_problem(registry, body.model))]
+        )
     scores = repo.scores_for_external_ids(
         session, tenant_id=tenant.id, model=body.model, external_ids=list(body.labels)
     )

@@ -103,6 +103,19 @@ def test_an_evaluation_without_scored_cases_of_both_outcomes_is_422_without_ids(
     assert api.get(f"/v1/score-evaluations/{'0' * 32}", headers=headers).status_code == 404
 
 
+def test_an_evaluation_of_an_unknown_model_names_the_registry_s_models_not_the_caller_s_text(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The model field was echoed in the 422 ("... have a stored 'MRN-SECRET-77' score"): an id
+    pasted into the wrong field came back in the error body."""
+    headers = tenant_headers(pg_sessions, "hospital-a")
+    body = {"model": "MRN-SECRET-77", "labels": {"a": 1, "b": 0}}
+    response = api.post("/v1/score-evaluations", json=body, headers=headers)
+    assert response.status_code == 422 and "MRN-SECRET-77" not in response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "model"]
+    assert "breast-cancer" in response.json()["detail"][0]["msg"]
+
+
 def test_job_pictures_exist_once_the_jobs_are_done(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
