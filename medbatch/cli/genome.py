@@ -134,7 +134,7 @@ def expected_outputs(metric: str, *, query: bool, table: bool) -> list[str]:
 def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bool) -> None:
     degrees = degrees or {}
     relation = ">=" if table else ">"
-    print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:g}")
+    print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:.3g}")
     for degree in DEGREE_ORDER:
         print(f"    {degree:<18} {degrees.get(degree, 0)}")
 
