@@ -34,6 +34,35 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
     assert "--model: unknown model 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--as-of", "0001-01-02T00:00:00Z"],
+        ["--as-of", "9999-12-31T00:00:00Z"],
+        ["--as-of", "1899-12-31T23:00:00+00:00"],
+    ],
+    ids=" ".join,
+)
+def test_nightly_refuses_a_moment_whose_lookback_leaves_the_calendar(
+    env: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --as-of in year 1 (or a look-back of a million days) was an OverflowError traceback
+    after the tenant was created; the API takes 1900 to 2199 and up to 36500 days."""
+    (env / "Patient.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    assert main(["nightly", "--input", str(env), *argv]) == 2
+    assert "--as-of: must be from 1900 to 2199" in capsys.readouterr().err
+
+
+def test_beat_s_nightly_look_back_is_bounded_as_the_cli_s() -> None:
+    """MEDBATCH_NIGHTLY_LOOKBACK_DAYS=1000000 made every nightly run an OverflowError."""
+    from pydantic import ValidationError
+
+    from medbatch.settings import Settings
+
+    with pytest.raises(ValidationError, match="nightly_lookback_days"):
+        Settings(nightly_lookback_days=1_000_000)
+
+
 def test_compounds_search_names_the_bad_option(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,6 +98,7 @@ def test_malformed_tile_messages_are_rejected(args: tuple) -> None:
         ["db", "rotate-key", "t", "--overlap-hours", "-3"],
         ["db", "rotate-key", "t", "--overlap-hours", "nan"],
         ["nightly", "--input", "x", "--lookback-days", "-5"],
+        ["nightly", "--input", "x", "--lookback-days", "1000000"],
         ["genome", "compare", "--bfile", "x", "--metric", "grm", "--tile-rows", "-5"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--radius", "-1"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--bits", "0"],
