@@ -401,3 +401,41 @@ def test_an_empty_or_too_long_tenant_or_client_name_is_refused(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "must not be empty" in err or "at most 100 characters" in err
+
+
+def test_cases_replay_says_why_a_named_case_was_not_re_queued(
+    env: Path,
+    cli_env: Callable[..., None],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A case id past bigint was a DataError traceback (an OverflowError on SQLite); a named
+    case that is done, failed for its own reason or unknown was only 're-queued 0 …'."""
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Priority
+    from medbatch.settings import get_settings
+
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    engine = make_engine(get_settings().database_url)
+    with session_scope(make_sessionmaker(engine)) as s:
+        tenant = repo.create_tenant(s, name="t")[0].id
+        new = [repo.NewCase(f"c{i}", "m", "1", Priority.bulk, {"x": 1.0}) for i in range(4)]
+        done, failed, dead, queued = (a.id for a in repo.add_cases(s, tenant_id=tenant, cases=new))
+        repo.settle_cases(s, done=[done], failed={failed: "model produced a non-finite score"})
+        repo.claim_cases(s, case_ids=[dead], max_deliveries=0)  # a dead letter
+    engine.dispose()
+
+    for bad in ("99999999999999999999", "0", "-3"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["cases", "replay", "--", bad])
+        assert exit_.value.code == 2
+        assert "argument case_ids: not a case id" in capsys.readouterr().err
+
+    assert main(["cases", "replay", str(dead), str(done), str(failed), str(queued), "999"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "re-queued 1 dead-lettered cases\n"
+    assert err == (
+        f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
+        "; no such case: 999\n"
+    )
