@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     nightly_model: str = "whas500-mortality"
     nightly_tenant: str = "nightly"
     nightly_hour_utc: int = Field(default=2, ge=0, le=23)
-    nightly_lookback_days: int = Field(default=730, ge=1)
+    nightly_lookback_days: int = Field(default=730, ge=1, le=36500)
     #: How long an Idempotency-Key and its response are kept (the draft asks for at least 24 h).
     idempotency_retention_h: float = Field(default=48.0, ge=24.0)
     #: Most cases accepted in one POST /v1/cases.

@@ -34,6 +34,35 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
     assert "--model: unknown model 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--as-of", "0001-01-02T00:00:00Z"],
+        ["--as-of", "9999-12-31T00:00:00Z"],
+        ["--as-of", "1899-12-31T23:00:00+00:00"],
+    ],
+    ids=" ".join,
+)
+def test_nightly_refuses_a_moment_whose_lookback_leaves_the_calendar(
+    env: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --as-of in year 1 (or a look-back of a million days) was an OverflowError traceback
+    after the tenant was created; the API takes 1900 to 2199 and up to 36500 days."""
+    (env / "Patient.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    assert main(["nightly", "--input", str(env), *argv]) == 2
+    assert "--as-of: must be from 1900 to 2199" in capsys.readouterr().err
+
+
+def test_beat_s_nightly_look_back_is_bounded_as_the_cli_s() -> None:
+    """MEDBATCH_NIGHTLY_LOOKBACK_DAYS=1000000 made every nightly run an OverflowError."""
+    from pydantic import ValidationError
+
+    from medbatch.settings import Settings
+
+    with pytest.raises(ValidationError, match="nightly_lookback_days"):
+        Settings(nightly_lookback_days=1_000_000)
+
+
 def test_compounds_search_names_the_bad_option(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -69,6 +98,7 @@ def test_malformed_tile_messages_are_rejected(args: tuple) -> None:
         ["db", "rotate-key", "t", "--overlap-hours", "-3"],
         ["db", "rotate-key", "t", "--overlap-hours", "nan"],
         ["nightly", "--input", "x", "--lookback-days", "-5"],
+        ["nightly", "--input", "x", "--lookback-days", "1000000"],
         ["genome", "compare", "--bfile", "x", "--metric", "grm", "--tile-rows", "-5"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--radius", "-1"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--bits", "0"],
@@ -371,3 +401,41 @@ def test_an_empty_or_too_long_tenant_or_client_name_is_refused(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "must not be empty" in err or "at most 100 characters" in err
+
+
+def test_cases_replay_says_why_a_named_case_was_not_re_queued(
+    env: Path,
+    cli_env: Callable[..., None],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A case id past bigint was a DataError traceback (an OverflowError on SQLite); a named
+    case that is done, failed for its own reason or unknown was only 're-queued 0 …'."""
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Priority
+    from medbatch.settings import get_settings
+
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    engine = make_engine(get_settings().database_url)
+    with session_scope(make_sessionmaker(engine)) as s:
+        tenant = repo.create_tenant(s, name="t")[0].id
+        new = [repo.NewCase(f"c{i}", "m", "1", Priority.bulk, {"x": 1.0}) for i in range(4)]
+        done, failed, dead, queued = (a.id for a in repo.add_cases(s, tenant_id=tenant, cases=new))
+        repo.settle_cases(s, done=[done], failed={failed: "model produced a non-finite score"})
+        repo.claim_cases(s, case_ids=[dead], max_deliveries=0)  # a dead letter
+    engine.dispose()
+
+    for bad in ("99999999999999999999", "0", "-3"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["cases", "replay", "--", bad])
+        assert exit_.value.code == 2
+        assert "argument case_ids: not a case id" in capsys.readouterr().err
+
+    assert main(["cases", "replay", str(dead), str(done), str(failed), str(queued), "999"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "re-queued 1 dead-lettered cases\n"
+    assert err == (
+        f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
+        "; no such case: 999\n"
+    )

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
+from db.repo import _among
 from db.tables import Case, CaseStatus, Priority
 from models.cases.registry import ModelSpec
 from models.fhir.features import FeatureResult, PatientRecord, features_of, iter_ndjson
@@ -227,11 +228,17 @@ def settle_counts(sessions: sessionmaker[Session], summary: NightlySummary) -> b
     ids = summary.case_ids
     if not ids:
         return True
+    counts: Counter[CaseStatus] = Counter()
     with sessions() as session:
-        rows = session.execute(
-            select(Case.status, func.count()).where(Case.id.in_(ids)).group_by(Case.status)
-        )
-        counts = {case_status: n for case_status, n in rows}
+        # In slices, each named by one array on PostgreSQL: a run may hold more cases than a
+        # statement may have parameters (65,535).
+        for start in range(0, len(ids), 20_000):
+            rows = session.execute(
+                select(Case.status, func.count())
+                .where(_among(session, Case.id, ids[start : start + 20_000]))
+                .group_by(Case.status)
+            )
+            counts.update({case_status: n for case_status, n in rows})
     summary.scored = counts.get(CaseStatus.done, 0)
     summary.failed = counts.get(CaseStatus.failed, 0)
     return summary.scored + summary.failed == len(ids)

@@ -43,7 +43,7 @@ def add_parsers(sub: Any) -> None:
     )
     nightly.add_argument(
         "--lookback-days",
-        type=number(int, 1),
+        type=number(int, 1, 36500),
         default=730,
         help="oldest observations used, in days",
     )
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     as_of = args.as_of or datetime.now(UTC)
     if as_of.tzinfo is None:
         fail("--as-of needs a time zone, e.g. 2026-11-23T02:00:00Z")
+    if not 1900 <= as_of.year <= 2199:  # as the API: look-back windows stay in the calendar
+        fail(f"--as-of: must be from 1900 to 2199, got {as_of.isoformat()}")
     app = celery(settings)
     with database(settings) as sessions:
         owner = tenant_id(sessions, args.tenant, create=True)

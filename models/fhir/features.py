@@ -1182,11 +1182,19 @@ class NdjsonExport:
     def _lines(self, rtype: str) -> Iterator[tuple[dict[str, Any], int, str]]:
         """JSON objects of ``rtype`` files, with line number and file name; bad lines reported."""
         for path in _ndjson_files(self.directory, rtype):
-            with path.open(encoding="utf-8") as fh:
-                for number, text in enumerate(fh, start=1):
-                    if not text.strip():
+            # Read as bytes and decode line by line: one undecodable byte is that line's
+            # problem, not a UnicodeDecodeError that ends the whole export.
+            with path.open("rb") as fh:
+                for number, data in enumerate(fh, start=1):
+                    if not data.strip():
                         continue
                     self.lines[rtype] += 1
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        diag = f"not UTF-8 at byte {exc.start + 1}"
+                        self.issues.append(Issue("error", "structure", diag, "", path.name, number))
+                        continue
                     try:
                         raw = json.loads(text)
                     except json.JSONDecodeError as exc:

@@ -773,6 +773,27 @@ def test_bad_ndjson_lines_are_reported_by_line_and_the_rest_is_read(tmp_path: Pa
     assert heart_rate("Patient/p2").features["heart_rate"] == 66
 
 
+def test_a_line_that_is_not_utf8_is_reported_and_the_rest_is_read(tmp_path: Path) -> None:
+    """One Latin-1 name in a Patient line stopped the whole export with a UnicodeDecodeError
+    traceback (the nightly run, and beat's drop folder, queued nothing after it)."""
+    latin1 = json.dumps(patient("p2", birthDate="1960-01-01")).replace("p2", "Jos\xe9")
+    lines = [json.dumps(ADULT).encode(), latin1.encode("latin-1"), b"", b"\xff\xfe{"]
+    (tmp_path / "Patient.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    obs = [json.dumps(observation("hr-1", "8867-4", 71)).encode(), b'{"id": "\x80"}']
+    (tmp_path / "Observation.ndjson").write_bytes(b"\n".join(obs) + b"\n")
+
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    assert [r.reference for r in export] == ["Patient/p1"]
+    assert [(i.file, i.line, i.code) for i in export.issues] == [
+        ("Patient.ndjson", 2, "structure"),
+        ("Patient.ndjson", 4, "structure"),
+        ("Observation.ndjson", 2, "structure"),
+    ]
+    column = latin1.encode("latin-1").index(b"\xe9") + 1
+    assert export.issues[0].diagnostics == f"not UTF-8 at byte {column}"
+    assert export.lines["Patient"] == 3
+
+
 def test_ndjson_keeps_one_observation_per_feature(tmp_path: Path) -> None:
     """A year of daily heart rates and BP panels: only the winner of each is held per patient."""
     _write(tmp_path / "Patient.ndjson", [ADULT])

@@ -88,3 +88,32 @@ def test_the_shared_export_rejects_the_patients_who_died_before_as_of(
         5,
         {"patient: deceased before as_of": 4},
     )
+
+
+def test_the_summary_counts_a_run_of_more_cases_than_a_statement_has_parameters(
+    sessions: sessionmaker[Session],
+) -> None:
+    """settle_counts named every case id as a parameter: a run of more than 65,535 cases
+    (32,766 on SQLite) ended, after queuing them all, in 'cannot use the database … number of
+    parameters must be between 0 and 65535', and --wait failed at its first look."""
+    from db import repo
+    from db.engine import session_scope
+    from db.tables import Priority
+    from worker.fhir_intake import NightlySummary, settle_counts
+
+    with session_scope(sessions) as s:
+        tenant_id = repo.create_tenant(s, name="nightly")[0].id
+        added = repo.add_cases(
+            s,
+            tenant_id=tenant_id,
+            cases=[
+                repo.NewCase(f"c{i}", "whas500-mortality", "1.0.0", Priority.bulk, {"age": 1.0})
+                for i in range(3)
+            ],
+        )
+        repo.settle_cases(s, done=[added[0].id], failed={added[1].id: "why"})
+    summary = NightlySummary(case_ids=[a.id for a in added] + list(range(10**6, 10**6 + 70_000)))
+    assert settle_counts(sessions, summary) is False
+    assert (summary.scored, summary.failed) == (1, 1)
+    summary.case_ids = [a.id for a in added[:2]]
+    assert settle_counts(sessions, summary) is True
