@@ -84,6 +84,13 @@ def entity_name(text: str) -> str:
     return text
 
 
+def add_tenant(parser: argparse.ArgumentParser, owns: str = "job") -> None:
+    """``--tenant``: the owner of what the command makes (created if new; default ``local``)."""
+    parser.add_argument(
+        "--tenant", type=entity_name, default="local", help=f"owner of the {owns} (created if new)"
+    )
+
+
 def command(sub: Any, name: str, help: str, **options: Any) -> argparse.ArgumentParser:
     """A command (or a group's subcommand) of ``sub``, its help in the shared formatter."""
     parser: argparse.ArgumentParser = sub.add_parser(

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
+    add_tenant,
     command,
     copy_out,
-    entity_name,
     fail,
     group,
     number,
@@ -57,9 +57,7 @@ def add_parsers(sub: Any) -> None:
         default=0,
         help="query rows per tile task (0: automatic, about 200 million pairs a tile)",
     )
-    search.add_argument(
-        "--tenant", type=entity_name, default="local", help="owner of the job (created if new)"
-    )
+    add_tenant(search)
     search.add_argument("--out", type=Path, help="copy the neighbours CSV here (default: none)")
     search.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     search.add_argument(

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
+    add_tenant,
     command,
     copy_out,
-    entity_name,
     fail,
     group,
     number,
@@ -93,9 +93,7 @@ def add_parsers(sub: Any) -> None:
         default=0,
         help="with --table: samples per side of a tile (0: auto)",
     )
-    compare.add_argument(
-        "--tenant", type=entity_name, default="local", help="owner of the job (created if new)"
-    )
+    add_tenant(compare)
     compare.add_argument("--wait", action="store_true", help="show progress until it is done")
     compare.add_argument(
         "--inline",

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
+    add_tenant,
     celery,
     command,
     database,
-    entity_name,
     err,
     fail,
     number,
@@ -33,9 +33,7 @@ def add_parsers(sub: Any) -> None:
         "--input", type=Path, required=True, help="folder with Patient.ndjson, Observation.ndjson …"
     )
     nightly.add_argument("--model", default="whas500-mortality", help="NAME or NAME@VERSION")
-    nightly.add_argument(
-        "--tenant", type=entity_name, default="local", help="owner of the cases (created if new)"
-    )
+    add_tenant(nightly, "cases")
     nightly.add_argument(
         "--as-of",
         type=datetime.fromisoformat,
