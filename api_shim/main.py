@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_shim.audit import AuditTrail
@@ -91,7 +90,6 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app.include_router(fhir.router)
     app.include_router(health.router)
     app.include_router(plots.router)
-    app.mount("/metrics", make_asgi_app())
     app.add_middleware(
         Idempotency,
         sessions=app.state.sessions,

@@ -86,3 +86,18 @@ def test_the_architecture_names_every_queue_and_the_registry_threshold_is_quoted
     assert f"threshold, {whas['threshold']}" in models
     for other in re.findall(r"threshold,? (0\.\d+)", models):
         assert float(other) in {m["threshold"] for m in entries}
+
+
+def test_every_worker_metric_is_in_the_api_docs_table() -> None:
+    """docs/api.md's table of a worker's metrics lists each one worker/metrics.py defines."""
+    from prometheus_client import Counter
+
+    from worker import metrics
+
+    defined = {
+        f"{m._name}_total" if isinstance(m, Counter) else m._name
+        for m in vars(metrics).values()
+        if hasattr(m, "_name") and hasattr(m, "_labelnames")
+    }
+    documented = set(re.findall(r"^\| `(medbatch_\w+)`", _text(ROOT / "docs/api.md"), re.M))
+    assert defined - documented == set()

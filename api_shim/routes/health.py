@@ -1,9 +1,10 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and the Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api_shim.outage import RETRY_AFTER_S
@@ -39,3 +40,10 @@ def readyz(request: Request) -> JSONResponse:
         200 if ready else 503,
         headers=None if ready else {"Retry-After": str(RETRY_AFTER_S)},
     )
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics() -> Response:
+    """The process's Prometheus metrics, at /metrics itself (a mounted app answered it with a 307
+    to /metrics/, whose Location came from the Host header)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -409,6 +409,15 @@ def test_health_ready_metrics_and_openapi(api: TestClient) -> None:
     assert {"/v1/cases", "/v1/cases/{case_id}", "/v1/scores", "/healthz", "/readyz"} <= set(paths)
 
 
+def test_metrics_answer_at_the_documented_path(api: TestClient) -> None:
+    """GET /metrics (what docs/api.md and a scrape config name) serves the metrics itself, not a
+    307 to /metrics/ built from the Host header (http:// behind a TLS-terminating proxy)."""
+    response = api.get("/metrics", follow_redirects=False)
+    assert response.status_code == 200, response.headers.get("location")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "medbatch_cases_submitted_total" in response.text
+
+
 def test_series_cases_are_accepted_and_ragged_ones_named(
     api: TestClient, key: str, counts: Counts
 ) -> None:
