@@ -11,11 +11,14 @@ never a server path.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fastapi.exceptions import RequestValidationError
 
 from models.genome.io.vcf import is_vcf
+
+if TYPE_CHECKING:
+    from medbatch.settings import Settings
 
 Kind = Literal["genotypes", "molecules"]
 _PLINK = (".bed", ".bim", ".fam")
@@ -81,3 +84,19 @@ def public_message(
     for field, value in (values or {}).items():
         text = text.replace(repr(value), f"<{field}>")
     return text.replace(base, f"<{_FOLDER[kind]}>")
+
+
+def without_server_paths(text: str, settings: Settings) -> str:
+    """A job's error as clients see it: the server's genotype, compound and artifact folders
+    written as ``<genotype folder>`` and so on (a tile's error names the files it read)."""
+    folders = {
+        _FOLDER["genotypes"]: settings.genotype_dir,
+        _FOLDER["molecules"]: settings.compound_dir,
+        "artifact store": settings.artifact_dir,
+    }
+    spelled = {(str(p), name) for name, root in folders.items() for p in (root, root.resolve())}
+    # The longest first: a folder inside another is replaced before the one that holds it.
+    for path, name in sorted(spelled, key=lambda s: -len(s[0])):
+        if path not in ("", ".", "/"):
+            text = text.replace(path, f"<{name}>")
+    return text

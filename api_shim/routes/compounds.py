@@ -118,10 +118,12 @@ def _refused(
 
 
 @tiled.read_route(router, "/compound-similarity/{job_id}", CompoundSearchPublic)
-def read_compound_search(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
+def read_compound_search(
+    job: OwnedJob, celery: deps.CeleryDep, settings: deps.SettingsDep
+) -> dict[str, Any]:
     from worker.jobs.compounds import COMPOUNDS
 
-    return _public(tiled.described(job, COMPOUNDS, celery))
+    return _public(tiled.described(job, COMPOUNDS, celery, settings))
 
 
 @tiled.read_route(router, "/compound-similarity/{job_id}/neighbours", NeighboursPublic)

@@ -140,11 +140,13 @@ def _refused(
 
 
 @tiled.read_route(router, "/genome-comparisons/{job_id}", GenomeComparisonPublic)
-def read_genome_comparison(job: OwnedJob, celery: deps.CeleryDep) -> dict[str, Any]:
+def read_genome_comparison(
+    job: OwnedJob, celery: deps.CeleryDep, settings: deps.SettingsDep
+) -> dict[str, Any]:
     """A job's status and progress (tiles done of total); its output files once done."""
     from worker.jobs.genome import GENOME
 
-    return _public(tiled.described(job, GENOME, celery))
+    return _public(tiled.described(job, GENOME, celery, settings))
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from api_shim.deps import (
     SettingsDep,
     require,
 )
-from api_shim.paths import Kind, confine
+from api_shim.paths import Kind, confine, without_server_paths
 from db import tiles
 from db.tables import Tenant, TiledJob
 from medbatch.settings import Settings
@@ -157,10 +157,13 @@ def _reader(job_id: IdPath, tenant: ReaderDep, session: SessionDep) -> JobReader
 JobReaderDep = Annotated[JobReader, Depends(_reader)]
 
 
-def described(job: TiledJob, kind: Any, celery: Celery) -> dict[str, Any]:
-    """A job as ``kind`` (a :class:`worker.tiled.Kind`) describes it; while no tile is done yet,
-    with why it waits (e.g. no live worker listens on its queue)."""
+def described(job: TiledJob, kind: Any, celery: Celery, settings: Settings) -> dict[str, Any]:
+    """A job as ``kind`` (a :class:`worker.tiled.Kind`) describes it, its error naming no server
+    path; while no tile is done yet, with why it waits (e.g. no live worker listens on its
+    queue)."""
     found: dict[str, Any] = kind.describe(job)
+    if found.get("error"):
+        found["error"] = without_server_paths(found["error"], settings)
     if found["status"] not in ("done", "failed") and not found["tiles_done"]:
         from worker.heartbeat import waiting_detail
 

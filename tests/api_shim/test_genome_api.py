@@ -220,3 +220,25 @@ def test_keep_takes_fid_iid_pairs_as_its_refusal_advises(
     pairs = [[first[0], first[1]], ["OTHER", first[1]], fam[2].split()[:2]]
     job = post_job(api, headers, "/v1/genome-comparisons", {**body, "keep": pairs})
     assert job["n_samples"] == 3
+
+
+def test_a_failed_jobs_error_names_no_server_path(
+    api: TestClient, pg_sessions: sessionmaker[Session], genotypes: Path
+) -> None:
+    """A tile's error names the files it read; over HTTP they are written as the folder, never
+    where the server keeps them (docs/security.md: error bodies hold no server paths)."""
+    headers, job = _submit(
+        api, pg_sessions, {"metric": "king", "bfile": "hm3_small", "tile_rows": 25}
+    )
+    bed = genotypes.resolve() / "hm3_small.bed"
+    with pg_sessions.begin() as session:
+        row = session.get(GenomeJob, job["id"])
+        assert row is not None
+        row.status = "failed"  # type: ignore[assignment]
+        row.error = f"tile 0 (rows 0:25): ValueError: {bed}: 10 bytes, expected 30003"
+    error = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()["error"]
+    assert str(genotypes.resolve()) not in error, error
+    assert (
+        error
+        == "tile 0 (rows 0:25): ValueError: <genotype folder>/hm3_small.bed: 10 bytes, expected 30003"
+    )
