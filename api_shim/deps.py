@@ -18,7 +18,7 @@ from api_shim.coalesce import Coalescer
 from db import repo
 from db.tables import Tenant
 from medbatch.settings import Settings
-from models.cases.registry import Registry
+from models.cases.registry import MODEL_NAME, MODEL_VERSION, Registry
 
 
 def get_settings(request: Request) -> Settings:
@@ -108,7 +108,7 @@ ReaderDep = Annotated[Tenant, Depends(require("results:read"))]
 
 
 #: A model reference: ``name`` or ``name@version`` (the registry's names are of this shape).
-MODEL_REF = r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9.+_-]*)?$"
+MODEL_REF = rf"^{MODEL_NAME}(@{MODEL_VERSION})?$"
 #: Free text that a database column stores: no control characters (PostgreSQL refuses NUL).
 TEXT = r"^[^\x00-\x1f\x7f]*$"
 #: The same, without whitespace at either end (identifiers).

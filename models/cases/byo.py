@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from models.cases.registry import (
+    MODEL_NAME,
+    MODEL_VERSION,
     FeatureSpec,
     load_registry,
     schema_problems,
@@ -157,14 +159,14 @@ def register(
     """Validate ``artifact`` and register it as ``name@version``; return its registry entry."""
     from models.cases.architectures import build
 
-    # As the API takes a model reference (api_shim/deps.py MODEL_REF) and the columns hold it:
-    # a name with '/' or '..' was copied outside models/, one with '@' could not be named again.
-    if not (len(name) <= 100 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name)):
+    # As the API takes a model reference and the columns hold it: a name with '/' or '..' was
+    # copied outside models/, one with '@' could not be named again.
+    if not (len(name) <= 100 and re.fullmatch(MODEL_NAME, name)):
         raise RegistrationError(
             f"--name: {name!r} must be letters, digits, '.', '_' or '-' (at most 100, "
             "starting with a letter or digit)"
         )
-    if not (len(version) <= 50 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", version)):
+    if not (len(version) <= 50 and re.fullmatch(MODEL_VERSION, version)):
         raise RegistrationError(
             f"--version: {version!r} must be letters, digits, '.', '+', '_' or '-' (at most 50, "
             "starting with a letter or digit)"

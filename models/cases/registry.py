@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 REGISTRY_PATH = Path(__file__).with_name("registry.json")
+#: The shape of a model's name and of its version (a reference is ``name`` or ``name@version``):
+#: no '/', '..' or '@', so a name is a folder under models/ and a reference splits one way.
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MODEL_VERSION = r"[A-Za-z0-9][A-Za-z0-9.+_-]*"
 
 Status = Literal["released", "candidate", "retired"]
 #: tabular: one number per input. series: per input (a channel) a list of numbers, all of one

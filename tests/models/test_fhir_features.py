@@ -410,15 +410,19 @@ def test_blood_pressure_comes_from_the_panel_components() -> None:
     assert standalone.features["systolic_bp"] == 133  # mmHg is an alias of mm[Hg]
 
 
+#: Glucose in mg/dL, from LOINC 2345-7 (serum/plasma) or 14749-6 (its mmol/L code).
+GLUCOSE = FeatureSpec(
+    "glucose",
+    "mg/dL",
+    source={"resource": "Observation", "system": LOINC, "codes": ["2345-7", "14749-6"]},
+    missing="reject",
+)
+
+
 def test_units_convert_through_the_table() -> None:
     """Glucose mmol/L → mg/dL (x 18.016), °F → Cel, creatinine mg/dL → µmol/L, rate aliases."""
     spec = lab_spec(
-        FeatureSpec(
-            "glucose",
-            "mg/dL",
-            source={"resource": "Observation", "system": LOINC, "codes": ["2345-7", "14749-6"]},
-            missing="reject",
-        ),
+        GLUCOSE,
         FeatureSpec(
             "temperature",
             "Cel",
@@ -456,14 +460,7 @@ def test_the_molar_mass_is_the_matched_loinc_codes_wherever_it_is_sent() -> None
     """Epic sends its own code first and LOINC second; a chemistry panel carries glucose as a
     component. The molar mass comes from the LOINC code that matched, not from the first coding
     of the Observation (a local code, or the panel's)."""
-    spec = lab_spec(
-        FeatureSpec(
-            "glucose",
-            "mg/dL",
-            source={"resource": "Observation", "system": LOINC, "codes": ["2345-7", "14749-6"]},
-            missing="reject",
-        )
-    )
+    spec = lab_spec(GLUCOSE)
     local_first = observation("glu", "14749-6", 5.5, "mmol/L")
     local_first["code"]["coding"].insert(0, {"system": "urn:oid:1.2.840.114350", "code": "1558"})
     panel = observation(
