@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -66,6 +67,20 @@ def _among(session: Session, column: Any, ids: Iterable[int]) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(None, values, type_=postgresql.ARRAY(BigInteger)))
     return column.in_(values)
+
+
+def count_statuses(session: Session, *, case_ids: Sequence[int]) -> Counter[CaseStatus]:
+    """How many of the given cases are in each status. In slices of 20,000 ids (each one array
+    on PostgreSQL): a nightly run may name more cases than a statement may have parameters."""
+    counts: Counter[CaseStatus] = Counter()
+    for start in range(0, len(case_ids), 20_000):
+        rows = session.execute(
+            select(Case.status, func.count())
+            .where(_among(session, Case.id, case_ids[start : start + 20_000]))
+            .group_by(Case.status)
+        )
+        counts.update({case_status: n for case_status, n in rows})
+    return counts
 
 
 def status_among_ids(table: Any) -> Any:

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from db.repo import _among
-from db.tables import Case, CaseStatus, Priority
+from db.tables import CaseStatus, Priority
 from models.cases.registry import ModelSpec
 from models.fhir.features import FeatureResult, PatientRecord, features_of, iter_ndjson
 from worker.progress import progress_bar
@@ -228,17 +226,8 @@ def settle_counts(sessions: sessionmaker[Session], summary: NightlySummary) -> b
     ids = summary.case_ids
     if not ids:
         return True
-    counts: Counter[CaseStatus] = Counter()
     with sessions() as session:
-        # In slices, each named by one array on PostgreSQL: a run may hold more cases than a
-        # statement may have parameters (65,535).
-        for start in range(0, len(ids), 20_000):
-            rows = session.execute(
-                select(Case.status, func.count())
-                .where(_among(session, Case.id, ids[start : start + 20_000]))
-                .group_by(Case.status)
-            )
-            counts.update({case_status: n for case_status, n in rows})
+        counts = repo.count_statuses(session, case_ids=ids)
     summary.scored = counts.get(CaseStatus.done, 0)
     summary.failed = counts.get(CaseStatus.failed, 0)
     return summary.scored + summary.failed == len(ids)
