@@ -86,6 +86,8 @@ class AuditTrail:
         # The route's caller, or, for an answer the idempotency ledger gave without the route
         # (a replay, a mismatch), the caller it found for the same key.
         caller = state.get("caller") or state.get("idempotency_caller")
+        # A refused key (expired, revoked) names its holder, but is not recorded as used.
+        who = caller or state.get("refused_key")
         route, path_params = scope.get("route"), scope.get("path_params", {})
         if route is None:  # answered before routing (input gate, idempotency ledger)
             route, path_params = _route_of(scope)
@@ -107,8 +109,8 @@ class AuditTrail:
             with self.sessions() as session:
                 repo.add_audit_event(
                     session,
-                    tenant_id=None if caller is None else caller.tenant_id,
-                    client_id=None if caller is None else caller.client_id,
+                    tenant_id=getattr(who, "tenant_id", None),
+                    client_id=getattr(who, "client_id", None),
                     action=action,
                     resource=",".join(f"{k}={v}" for k, v in sorted(params.items()))[:200],
                     status=status,

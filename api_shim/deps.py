@@ -71,6 +71,8 @@ def get_caller(
     try:
         caller = repo.authenticate(session, api_key=credentials.credentials)
     except repo.KeyRejected as exc:
+        # For the audit trail: an expired or revoked key is still its tenant's and client's.
+        request.state.refused_key = exc
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             exc.reason,

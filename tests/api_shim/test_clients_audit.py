@@ -194,6 +194,34 @@ def test_a_revoked_client_is_401_and_says_so(
     assert response.status_code == 401 and "revoked" in response.json()["detail"]
 
 
+def test_a_refused_key_is_audited_as_its_holders(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An expired or revoked key's request was audited as nobody's: a stolen key's use after
+    its revocation could not be traced to the tenant and client it was taken from."""
+    from datetime import timedelta
+
+    revoked = _client(pg_sessions, "hospital-a", "results:read")
+    with session_scope(pg_sessions) as s:
+        client = s.scalars(select(repo.ApiClient)).one()
+        client_id, tenant_a = client.id, client.tenant_id
+        repo.revoke_client(s, client_id=client_id)
+        tenant_b, expired = repo.create_tenant(s, name="hospital-b", lifetime=timedelta(seconds=-1))
+        tenant_b_id = tenant_b.id
+    assert api.get("/v1/cases/1", headers=revoked).status_code == 401
+    assert api.get("/v1/scores", headers=_bearer(expired)).status_code == 401
+    assert api.get("/v1/scores", headers=_bearer("mbk_unknown")).status_code == 401
+    with pg_sessions() as s:
+        rows = [(e.tenant_id, e.client_id, e.outcome) for e in s.scalars(select(AuditEvent))]
+        used = [k["last_used_at"] for k in repo.list_keys(s, tenant_id=tenant_a)]
+    assert rows == [
+        (tenant_a, client_id, "denied"),
+        (tenant_b_id, None, "denied"),
+        (None, None, "denied"),
+    ]
+    assert used == [None, None]  # a refused key is not recorded as used
+
+
 def test_rotation_keeps_the_old_key_for_the_overlap_only(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
