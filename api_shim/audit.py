@@ -13,6 +13,7 @@ The key's ``last_used_at`` is touched in the same transaction.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.deps import SUBJECT
 from api_shim.errors import error_response, problem
 from db import repo
 
@@ -98,9 +100,11 @@ class AuditTrail:
             params.update(answered)
         else:
             # Not answered (refused before the route ran): the patient asked for, if any. The
-            # guard refuses repeated parameters, so there is one value to name.
+            # guard refuses repeated parameters, so there is one value to name. A value that is
+            # no Patient reference is not named: it is the caller's text (an MRN sent as
+            # subject=12345), which the audit trail never holds.
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            if "subject" in query:
+            if re.fullmatch(SUBJECT, query.get("subject", "")):
                 params["subject"] = query["subject"]
         params = {k: _exact(v) for k, v in params.items()}
         action = f"{scope['method']} {template}"[:100]

@@ -290,6 +290,27 @@ def test_the_audit_trail_names_the_patient_a_search_was_for(
     assert event.resource == "subject=Patient/abc-1" and event.outcome == "ok"
 
 
+def test_a_refused_search_audits_only_a_patient_reference(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """subject=<an MRN> was refused (400) and the MRN written into the audit trail as it came;
+    a Patient reference refused for want of a key is still named."""
+    from db.tables import AuditEvent
+
+    headers = _key(pg_sessions)
+    refused = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "MRN-CANARY-4471"}
+    )
+    assert refused.status_code == 400
+    denied = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/abc-1"})
+    assert denied.status_code == 401
+    with pg_sessions() as s:
+        rows = [
+            (e.status, e.resource) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))
+        ]
+    assert rows == [(400, ""), (401, "subject=Patient/abc-1")]
+
+
 def test_a_patient_who_died_before_as_of_is_not_scored(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
