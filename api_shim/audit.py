@@ -94,7 +94,7 @@ class AuditTrail:
         if route is None:  # answered before routing (input gate, idempotency ledger)
             route, path_params = _route_of(scope)
         template = getattr(route, "path", None) or "unmatched"
-        params = {k: str(v) for k, v in dict(path_params).items()}
+        params = {k: _as_id(k, str(v)) for k, v in dict(path_params).items()}
         answered = state.get(STATE_KEY)
         if answered:
             params.update(answered)
@@ -149,6 +149,16 @@ def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
             yield from _leaves(inner.routes)
         else:
             yield route
+
+
+#: What an id in a path is when a route accepts it: a record's number, or an evaluation's hex.
+_ID = re.compile(r"[0-9]{1,19}|[0-9a-f]{32}", re.ASCII)
+
+
+def _as_id(name: str, value: str) -> str:
+    """An ``*_id`` path parameter as it came if it is an id; ``*`` if the route refused it for
+    not being one (it is the caller's text then: an external id or MRN sent in its place)."""
+    return value if not name.endswith("_id") or _ID.fullmatch(value) else "*"
 
 
 def _exact(value: str) -> str:

@@ -109,6 +109,31 @@ def test_a_request_refused_by_the_input_gate_is_audited_with_its_route(
     ]
 
 
+def test_an_id_refused_in_a_path_is_not_audited_as_it_came(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """GET /v1/cases/<an MRN> was 422 and its audit row held case_id=<the MRN>."""
+    key = _client(pg_sessions, "hospital-a", "results:read")
+    for path in (
+        "/v1/cases/MRN-CANARY-4471",
+        "/v1/genome-comparisons/MRN-CANARY-4471/pairs",
+        "/v1/fhir/RiskAssessment/MRN-CANARY-4471",
+        "/v1/score-evaluations/MRN-CANARY-4471",
+    ):
+        assert api.get(path, headers=key).status_code in (400, 422)
+    assert api.get("/v1/cases/12", headers=key).status_code == 404
+    evaluation = "0123456789abcdef0123456789abcdef"
+    assert api.get(f"/v1/score-evaluations/{evaluation}", headers=key).status_code == 404
+    assert [e[1] for e in _events(pg_sessions)] == [
+        "case_id=*",
+        "job_id=*",
+        "score_id=*",
+        "evaluation_id=*",
+        "case_id=12",
+        f"evaluation_id={evaluation}",
+    ]
+
+
 def test_the_audit_trail_holds_no_external_ids_or_values(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
