@@ -90,9 +90,7 @@ class AuditTrail:
         caller = state.get("caller") or state.get("idempotency_caller")
         # A refused key (expired, revoked) names its holder, but is not recorded as used.
         who = caller or state.get("refused_key")
-        route, path_params = scope.get("route"), scope.get("path_params", {})
-        if route is None:  # answered before routing (input gate, idempotency ledger)
-            route, path_params = _route_of(scope)
+        route, path_params = _routed(scope)
         template = getattr(route, "path", None) or "unmatched"
         params = {k: _as_id(k, str(v)) for k, v in dict(path_params).items()}
         answered = state.get(STATE_KEY)
@@ -127,6 +125,21 @@ class AuditTrail:
             log.error("audit event not written, answer withheld: %s", type(exc).__name__)
             return False
         return True
+
+
+def template_of(scope: Scope) -> str:
+    """The route template a request went to (``GET /v1/cases/{case_id}``), for logs: its path
+    may hold whatever the caller put there."""
+    route, _ = _routed(scope)
+    return f"{scope['method']} {getattr(route, 'path', None) or 'unmatched'}"
+
+
+def _routed(scope: Scope) -> tuple[Any, dict[str, Any]]:
+    """The route that answered (or would have answered) a request, and its path parameters."""
+    route, path_params = scope.get("route"), scope.get("path_params", {})
+    if route is None:  # answered before routing (input gate, idempotency ledger)
+        route, path_params = _route_of(scope)
+    return route, path_params
 
 
 def _route_of(scope: Scope) -> tuple[Any, dict[str, Any]]:
