@@ -92,7 +92,8 @@ class AuditTrail:
         who = caller or state.get("refused_key")
         route, path_params = _routed(scope)
         template = getattr(route, "path", None) or "unmatched"
-        params = {k: _as_id(k, str(v)) for k, v in dict(path_params).items()}
+        # A path's text is the caller's: 200 characters of it are enough to name a record.
+        params = {k: _as_id(k, str(v))[:200] for k, v in dict(path_params).items()}
         answered = state.get(STATE_KEY)
         if answered:
             params.update(answered)
@@ -114,7 +115,7 @@ class AuditTrail:
                     tenant_id=getattr(who, "tenant_id", None),
                     client_id=getattr(who, "client_id", None),
                     action=action,
-                    resource=",".join(f"{k}={v}" for k, v in sorted(params.items()))[:200],
+                    resource=",".join(f"{k}={v}" for k, v in sorted(params.items())),
                     status=status,
                     outcome=outcome(status),
                 )

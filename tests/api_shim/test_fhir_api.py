@@ -311,6 +311,32 @@ def test_a_refused_search_audits_only_a_patient_reference(
     assert rows == [(400, ""), (401, "subject=Patient/abc-1")]
 
 
+def test_an_identifier_search_audits_every_patient_it_answered_for(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The audit row's resource was cut at 200 characters: a search whose identifier five
+    patients carry (one MRN value in five hospitals' systems) named four and a half of them."""
+    from db.tables import AuditEvent
+
+    headers = _key(pg_sessions)
+    example = json.loads((Path(__file__).parents[2] / "examples/patient-bundle.json").read_text())
+    subjects = []
+    for n in range(5):
+        body = copy.deepcopy(example)
+        patient = body["entry"][0]["resource"]
+        patient["id"] = f"a-patient-id-as-long-as-a-uuid-0000000{n}"
+        patient["identifier"] = [{"system": f"urn:hospital-{n}:mrn", "value": "SHARED-77"}]
+        assert _post(api, headers, body).status_code == 202
+        subjects.append(f"Patient/{patient['id']}")
+    search = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"patient.identifier": "SHARED-77"}
+    )
+    assert search.status_code == 200
+    with pg_sessions() as s:
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action.like("GET %"))).all()
+    assert event.resource == "subject=" + ",".join(subjects)
+
+
 def test_a_patient_who_died_before_as_of_is_not_scored(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
