@@ -110,6 +110,10 @@ class AuditTrail:
         log.info("%s %d", action, status)
         try:
             with self.sessions() as session:
+                if who is None and (key := _bearer_key(scope)) is not None:
+                    # Refused before any route looked at the key (the input gate, an unknown
+                    # route or method): still the key's holder's request.
+                    who = repo.key_holder(session, api_key=key)
                 repo.add_audit_event(
                     session,
                     tenant_id=getattr(who, "tenant_id", None),
@@ -173,6 +177,15 @@ def _as_id(name: str, value: str) -> str:
     """An ``*_id`` path parameter as it came if it is an id; ``*`` if the route refused it for
     not being one (it is the caller's text then: an external id or MRN sent in its place)."""
     return value if not name.endswith("_id") or _ID.fullmatch(value) else "*"
+
+
+def _bearer_key(scope: Scope) -> str | None:
+    """The key of the request's one ``Authorization: Bearer`` header, if it has one."""
+    given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+    if len(given) != 1:
+        return None
+    scheme, _, key = given[0].decode("latin-1").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _exact(value: str) -> str:

@@ -217,6 +217,23 @@ def caller_for_key(session: Session, *, api_key: str) -> Caller | None:
         return None
 
 
+@dataclass(frozen=True)
+class KeyHolder:
+    """Whose a key is: its tenant, and its API client (None for the tenant's own key)."""
+
+    tenant_id: int
+    client_id: int | None
+
+
+def key_holder(session: Session, *, api_key: str) -> KeyHolder | None:
+    """Whose a key is, whether or not it still works; None for a key never given. For the
+    audit row of a request refused before any route checked the key."""
+    row = session.execute(
+        select(ApiKey.tenant_id, ApiKey.client_id).where(ApiKey.sha256 == hash_api_key(api_key))
+    ).first()
+    return None if row is None else KeyHolder(row.tenant_id, row.client_id)
+
+
 def touch_api_key(session: Session, *, key_id: int) -> None:
     """Record a use of the key (to :data:`LAST_USED_RESOLUTION`)."""
     now = utcnow()

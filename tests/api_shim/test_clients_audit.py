@@ -134,6 +134,24 @@ def test_an_id_refused_in_a_path_is_not_audited_as_it_came(
     ]
 
 
+def test_a_request_refused_before_its_route_is_audited_as_its_keys_holders(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A valid key's request refused by the input gate, or sent to no route, was audited as
+    nobody's: the audit trail could not say which client probed for what."""
+    key = _client(pg_sessions, "hospital-a", "results:read")
+    api.get("/v1/cases/7?limit=1&limit=2", headers=key)  # the input gate: 400
+    api.get("/v1/patients/7", headers=key)  # no such route: 404
+    api.get("/v1/scores", headers={"Authorization": "Bearer mbk_never-given"})
+    with pg_sessions() as s:
+        client = s.scalars(select(repo.ApiClient)).one()
+    assert [(e[0], e[2], e[4], e[5]) for e in _events(pg_sessions)] == [
+        ("GET /v1/cases/{case_id}", 400, True, client.id),
+        ("GET unmatched", 404, True, client.id),
+        ("GET /v1/scores", 401, False, None),
+    ]
+
+
 def test_the_audit_trail_holds_no_external_ids_or_values(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
