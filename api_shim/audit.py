@@ -13,6 +13,7 @@ The key's ``last_used_at`` is touched in the same transaction.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.deps import SUBJECT
 from api_shim.errors import error_response, problem
 from db import repo
 
@@ -86,31 +88,38 @@ class AuditTrail:
         # The route's caller, or, for an answer the idempotency ledger gave without the route
         # (a replay, a mismatch), the caller it found for the same key.
         caller = state.get("caller") or state.get("idempotency_caller")
-        route, path_params = scope.get("route"), scope.get("path_params", {})
-        if route is None:  # answered before routing (input gate, idempotency ledger)
-            route, path_params = _route_of(scope)
+        # A refused key (expired, revoked) names its holder, but is not recorded as used.
+        who = caller or state.get("refused_key")
+        route, path_params = _routed(scope)
         template = getattr(route, "path", None) or "unmatched"
-        params = {k: str(v) for k, v in dict(path_params).items()}
+        # A path's text is the caller's: 200 characters of it are enough to name a record.
+        params = {k: _as_id(k, str(v))[:200] for k, v in dict(path_params).items()}
         answered = state.get(STATE_KEY)
         if answered:
             params.update(answered)
         else:
             # Not answered (refused before the route ran): the patient asked for, if any. The
-            # guard refuses repeated parameters, so there is one value to name.
+            # guard refuses repeated parameters, so there is one value to name. A value that is
+            # no Patient reference is not named: it is the caller's text (an MRN sent as
+            # subject=12345), which the audit trail never holds.
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            if "subject" in query:
+            if re.fullmatch(SUBJECT, query.get("subject", "")):
                 params["subject"] = query["subject"]
         params = {k: _exact(v) for k, v in params.items()}
         action = f"{scope['method']} {template}"[:100]
         log.info("%s %d", action, status)
         try:
             with self.sessions() as session:
+                if who is None and (key := _bearer_key(scope)) is not None:
+                    # Refused before any route looked at the key (the input gate, an unknown
+                    # route or method): still the key's holder's request.
+                    who = repo.key_holder(session, api_key=key)
                 repo.add_audit_event(
                     session,
-                    tenant_id=None if caller is None else caller.tenant_id,
-                    client_id=None if caller is None else caller.client_id,
+                    tenant_id=getattr(who, "tenant_id", None),
+                    client_id=getattr(who, "client_id", None),
                     action=action,
-                    resource=",".join(f"{k}={v}" for k, v in sorted(params.items()))[:200],
+                    resource=",".join(f"{k}={v}" for k, v in sorted(params.items())),
                     status=status,
                     outcome=outcome(status),
                 )
@@ -121,6 +130,21 @@ class AuditTrail:
             log.error("audit event not written, answer withheld: %s", type(exc).__name__)
             return False
         return True
+
+
+def template_of(scope: Scope) -> str:
+    """The route template a request went to (``GET /v1/cases/{case_id}``), for logs: its path
+    may hold whatever the caller put there."""
+    route, _ = _routed(scope)
+    return f"{scope['method']} {getattr(route, 'path', None) or 'unmatched'}"
+
+
+def _routed(scope: Scope) -> tuple[Any, dict[str, Any]]:
+    """The route that answered (or would have answered) a request, and its path parameters."""
+    route, path_params = scope.get("route"), scope.get("path_params", {})
+    if route is None:  # answered before routing (input gate, idempotency ledger)
+        route, path_params = _route_of(scope)
+    return route, path_params
 
 
 def _route_of(scope: Scope) -> tuple[Any, dict[str, Any]]:
@@ -143,6 +167,25 @@ def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
             yield from _leaves(inner.routes)
         else:
             yield route
+
+
+#: What an id in a path is when a route accepts it: a record's number, or an evaluation's hex.
+_ID = re.compile(r"[0-9]{1,19}|[0-9a-f]{32}", re.ASCII)
+
+
+def _as_id(name: str, value: str) -> str:
+    """An ``*_id`` path parameter as it came if it is an id; ``*`` if the route refused it for
+    not being one (it is the caller's text then: an external id or MRN sent in its place)."""
+    return value if not name.endswith("_id") or _ID.fullmatch(value) else "*"
+
+
+def _bearer_key(scope: Scope) -> str | None:
+    """The key of the request's one ``Authorization: Bearer`` header, if it has one."""
+    given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+    if len(given) != 1:
+        return None
+    scheme, _, key = given[0].decode("latin-1").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _exact(value: str) -> str:

@@ -71,6 +71,8 @@ def get_caller(
     try:
         caller = repo.authenticate(session, api_key=credentials.credentials)
     except repo.KeyRejected as exc:
+        # For the audit trail: an expired or revoked key is still its tenant's and client's.
+        request.state.refused_key = exc
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             exc.reason,
@@ -109,6 +111,8 @@ ReaderDep = Annotated[Tenant, Depends(require("results:read"))]
 
 #: A model reference: ``name`` or ``name@version`` (the registry's names are of this shape).
 MODEL_REF = rf"^{MODEL_NAME}(@{MODEL_VERSION})?$"
+#: A FHIR search's ``subject``: a reference to a Patient by its id.
+SUBJECT = r"^Patient/[A-Za-z0-9\-.]{1,64}$"
 #: Free text that a database column stores: no control characters (PostgreSQL refuses NUL).
 TEXT = r"^[^\x00-\x1f\x7f]*$"
 #: The same, without whitespace at either end (identifiers).

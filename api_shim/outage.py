@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_shim.audit import template_of
 from api_shim.errors import FHIR_JSON, SafeJSONResponse, fhir_issue, outcome_body
 from db.engine import is_outage
 
@@ -76,13 +77,11 @@ class OutageAs503:
             dependency = unavailable_dependency(exc)
             if dependency is None or started:
                 raise
-            # The route template would be better, but it is unknown when the failure came
-            # before routing; the path carries internal ids only (no query string: it may name
-            # a patient).
+            # By route template: the path holds what the caller put there (an MRN in place of
+            # an id), the query string may name a patient.
             log.warning(
-                "%s %s: 503, %s unreachable (%s)",
-                scope["method"],
-                scope["path"],
+                "%s: 503, %s unreachable (%s)",
+                template_of(scope),
                 dependency,
                 type(exc).__name__,
             )

@@ -165,11 +165,18 @@ class Caller:
 
 
 class KeyRejected(Exception):
-    """A key that does not authenticate; ``reason`` says why in words fit for the caller."""
+    """A key that does not authenticate; ``reason`` says why in words fit for the caller.
 
-    def __init__(self, reason: str) -> None:
+    A known key (expired, revoked) names whose it is, ``tenant_id`` and ``client_id``, for the
+    audit row of the refused request: a stolen key's use must be traceable to its holder."""
+
+    def __init__(
+        self, reason: str, *, tenant_id: int | None = None, client_id: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.tenant_id = tenant_id
+        self.client_id = client_id
 
 
 def authenticate(session: Session, *, api_key: str, now: datetime | None = None) -> Caller:
@@ -185,12 +192,16 @@ def authenticate(session: Session, *, api_key: str, now: datetime | None = None)
     if revoked is not None:
         raise KeyRejected(
             f"API key revoked at {revoked.isoformat(timespec='seconds')}; "
-            "ask the tenant's administrator for a new one"
+            "ask the tenant's administrator for a new one",
+            tenant_id=key.tenant_id,
+            client_id=key.client_id,
         )
     if key.expires_at is not None and key.expires_at <= now:
         raise KeyRejected(
             f"API key expired at {key.expires_at.isoformat(timespec='seconds')}; "
-            "ask the tenant's administrator for a new one (medbatch db rotate-key)"
+            "ask the tenant's administrator for a new one (medbatch db rotate-key)",
+            tenant_id=key.tenant_id,
+            client_id=key.client_id,
         )
     tenant = session.get(Tenant, key.tenant_id)
     assert tenant is not None
@@ -204,6 +215,23 @@ def caller_for_key(session: Session, *, api_key: str) -> Caller | None:
         return authenticate(session, api_key=api_key)
     except KeyRejected:
         return None
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """Whose a key is: its tenant, and its API client (None for the tenant's own key)."""
+
+    tenant_id: int
+    client_id: int | None
+
+
+def key_holder(session: Session, *, api_key: str) -> KeyHolder | None:
+    """Whose a key is, whether or not it still works; None for a key never given. For the
+    audit row of a request refused before any route checked the key."""
+    row = session.execute(
+        select(ApiKey.tenant_id, ApiKey.client_id).where(ApiKey.sha256 == hash_api_key(api_key))
+    ).first()
+    return None if row is None else KeyHolder(row.tenant_id, row.client_id)
 
 
 def touch_api_key(session: Session, *, key_id: int) -> None:

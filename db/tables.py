@@ -409,8 +409,9 @@ class AuditEvent(Base):
     client_id: Mapped[int | None] = mapped_column(ForeignKey("api_clients.id", ondelete="SET NULL"))
     #: e.g. ``POST /v1/cases``, ``GET /v1/cases/{case_id}``.
     action: Mapped[str] = mapped_column(String(100))
-    #: The record asked for, by internal id (``case_id=12``), or empty.
-    resource: Mapped[str] = mapped_column(String(200), default="")
+    #: The record asked for, by internal id (``case_id=12``), or empty; a FHIR search's every
+    #: ``subject`` (text: an identifier search may answer for many patients).
+    resource: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[int]
     #: ``ok``, ``denied`` (401/403), ``not_found``, ``invalid`` (other 4xx) or ``error`` (5xx).
     outcome: Mapped[str] = mapped_column(String(20))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,10 +222,14 @@ class Batcher:
             self._wait_for_database(cap)
             self._release(case_ids)
         else:
-            log.exception(
-                "batch of %d cases from %s failed; returning %d messages",
+            # The class and where it was raised, not the text: an exception's text may hold
+            # the data it choked on (PostgreSQL's errors quote the value they refused).
+            log.error(
+                "batch of %d cases from %s failed: %s at %s; returning %d messages",
                 len(case_ids),
                 buffer.queue,
+                type(exc).__name__,
+                _raised_at(exc),
                 len(messages),
             )
             self._note_error(case_ids, exc)
@@ -256,6 +261,18 @@ class Batcher:
     def _note_error(self, case_ids: list[int], exc: Exception) -> None:
         try:
             with session_scope(self.ctx.sessions) as session:
-                repo.record_error(session, case_ids=case_ids, error=f"{type(exc).__name__}: {exc}")
+                # Its class only: the batch holds other tenants' cases, and the text may hold
+                # their data.
+                error = f"batch failed: {type(exc).__name__} (the worker's log says where)"
+                repo.record_error(session, case_ids=case_ids, error=error)
         except Exception:
             log.warning("could not record the error on the cases (database unreachable?)")
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame that ``exc`` was raised through."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "an unknown place"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from api_shim.audit import record_resource
 from api_shim.deps import (
     MODEL_REF,
+    SUBJECT,
     CoalescerDep,
     IdPath,
     Moment,
@@ -290,7 +291,7 @@ def search_risk_assessments(
     tenant: ReaderDep,
     session: SessionDep,
     registry: RegistryDep,
-    subject: Annotated[str | None, Query(pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$")] = None,
+    subject: Annotated[str | None, Query(pattern=SUBJECT)] = None,
     subject_identifier: Annotated[
         str | None, Query(alias="subject:identifier", min_length=1, max_length=500)
     ] = None,

@@ -109,6 +109,49 @@ def test_a_request_refused_by_the_input_gate_is_audited_with_its_route(
     ]
 
 
+def test_an_id_refused_in_a_path_is_not_audited_as_it_came(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """GET /v1/cases/<an MRN> was 422 and its audit row held case_id=<the MRN>."""
+    key = _client(pg_sessions, "hospital-a", "results:read")
+    for path in (
+        "/v1/cases/MRN-CANARY-4471",
+        "/v1/genome-comparisons/MRN-CANARY-4471/pairs",
+        "/v1/fhir/RiskAssessment/MRN-CANARY-4471",
+        "/v1/score-evaluations/MRN-CANARY-4471",
+    ):
+        assert api.get(path, headers=key).status_code in (400, 422)
+    assert api.get("/v1/cases/12", headers=key).status_code == 404
+    evaluation = "0123456789abcdef0123456789abcdef"
+    assert api.get(f"/v1/score-evaluations/{evaluation}", headers=key).status_code == 404
+    assert [e[1] for e in _events(pg_sessions)] == [
+        "case_id=*",
+        "job_id=*",
+        "score_id=*",
+        "evaluation_id=*",
+        "case_id=12",
+        f"evaluation_id={evaluation}",
+    ]
+
+
+def test_a_request_refused_before_its_route_is_audited_as_its_keys_holders(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A valid key's request refused by the input gate, or sent to no route, was audited as
+    nobody's: the audit trail could not say which client probed for what."""
+    key = _client(pg_sessions, "hospital-a", "results:read")
+    api.get("/v1/cases/7?limit=1&limit=2", headers=key)  # the input gate: 400
+    api.get("/v1/patients/7", headers=key)  # no such route: 404
+    api.get("/v1/scores", headers={"Authorization": "Bearer mbk_never-given"})
+    with pg_sessions() as s:
+        client = s.scalars(select(repo.ApiClient)).one()
+    assert [(e[0], e[2], e[4], e[5]) for e in _events(pg_sessions)] == [
+        ("GET /v1/cases/{case_id}", 400, True, client.id),
+        ("GET unmatched", 404, True, client.id),
+        ("GET /v1/scores", 401, False, None),
+    ]
+
+
 def test_the_audit_trail_holds_no_external_ids_or_values(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
@@ -192,6 +235,34 @@ def test_a_revoked_client_is_401_and_says_so(
         assert repo.revoke_client(s, client_id=client_id) == 1
     response = api.get("/v1/models", headers=headers)
     assert response.status_code == 401 and "revoked" in response.json()["detail"]
+
+
+def test_a_refused_key_is_audited_as_its_holders(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An expired or revoked key's request was audited as nobody's: a stolen key's use after
+    its revocation could not be traced to the tenant and client it was taken from."""
+    from datetime import timedelta
+
+    revoked = _client(pg_sessions, "hospital-a", "results:read")
+    with session_scope(pg_sessions) as s:
+        client = s.scalars(select(repo.ApiClient)).one()
+        client_id, tenant_a = client.id, client.tenant_id
+        repo.revoke_client(s, client_id=client_id)
+        tenant_b, expired = repo.create_tenant(s, name="hospital-b", lifetime=timedelta(seconds=-1))
+        tenant_b_id = tenant_b.id
+    assert api.get("/v1/cases/1", headers=revoked).status_code == 401
+    assert api.get("/v1/scores", headers=_bearer(expired)).status_code == 401
+    assert api.get("/v1/scores", headers=_bearer("mbk_unknown")).status_code == 401
+    with pg_sessions() as s:
+        rows = [(e.tenant_id, e.client_id, e.outcome) for e in s.scalars(select(AuditEvent))]
+        used = [k["last_used_at"] for k in repo.list_keys(s, tenant_id=tenant_a)]
+    assert rows == [
+        (tenant_a, client_id, "denied"),
+        (tenant_b_id, None, "denied"),
+        (None, None, "denied"),
+    ]
+    assert used == [None, None]  # a refused key is not recorded as used
 
 
 def test_rotation_keeps_the_old_key_for_the_overlap_only(

@@ -290,6 +290,53 @@ def test_the_audit_trail_names_the_patient_a_search_was_for(
     assert event.resource == "subject=Patient/abc-1" and event.outcome == "ok"
 
 
+def test_a_refused_search_audits_only_a_patient_reference(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """subject=<an MRN> was refused (400) and the MRN written into the audit trail as it came;
+    a Patient reference refused for want of a key is still named."""
+    from db.tables import AuditEvent
+
+    headers = _key(pg_sessions)
+    refused = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "MRN-CANARY-4471"}
+    )
+    assert refused.status_code == 400
+    denied = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/abc-1"})
+    assert denied.status_code == 401
+    with pg_sessions() as s:
+        rows = [
+            (e.status, e.resource) for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))
+        ]
+    assert rows == [(400, ""), (401, "subject=Patient/abc-1")]
+
+
+def test_an_identifier_search_audits_every_patient_it_answered_for(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The audit row's resource was cut at 200 characters: a search whose identifier five
+    patients carry (one MRN value in five hospitals' systems) named four and a half of them."""
+    from db.tables import AuditEvent
+
+    headers = _key(pg_sessions)
+    example = json.loads((Path(__file__).parents[2] / "examples/patient-bundle.json").read_text())
+    subjects = []
+    for n in range(5):
+        body = copy.deepcopy(example)
+        patient = body["entry"][0]["resource"]
+        patient["id"] = f"a-patient-id-as-long-as-a-uuid-0000000{n}"
+        patient["identifier"] = [{"system": f"urn:hospital-{n}:mrn", "value": "SHARED-77"}]
+        assert _post(api, headers, body).status_code == 202
+        subjects.append(f"Patient/{patient['id']}")
+    search = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"patient.identifier": "SHARED-77"}
+    )
+    assert search.status_code == 200
+    with pg_sessions() as s:
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action.like("GET %"))).all()
+    assert event.resource == "subject=" + ",".join(subjects)
+
+
 def test_a_patient_who_died_before_as_of_is_not_scored(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:

@@ -54,6 +54,17 @@ def test_every_route_answers_503_when_the_database_is_down(
     assert "nothing was lost" in response.json()["detail"]
 
 
+def test_the_outage_log_names_the_route_not_the_path(
+    no_database: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 503's log line carried the path as it came: an MRN sent in place of a case id."""
+    for path in ("/v1/cases/MRN-CANARY-4471", "/v1/fhir/RiskAssessment/MRN-CANARY-4471"):
+        assert no_database.get(path, headers=AUTH).status_code == 503
+    assert "MRN-CANARY" not in caplog.text
+    assert "GET /v1/cases/{case_id}: 503, database unreachable" in caplog.text
+    assert "GET /v1/fhir/RiskAssessment/{score_id}: 503" in caplog.text
+
+
 def test_fhir_routes_answer_an_operation_outcome(no_database: TestClient) -> None:
     """On /v1/fhir the 503 is a FHIR OperationOutcome with issue code 'transient'."""
     bundle = {"resourceType": "Bundle", "type": "batch", "entry": []}

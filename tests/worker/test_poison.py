@@ -252,3 +252,52 @@ def test_scoring_during_an_outage_raises_and_blames_no_case(pg_sessions, pg_url:
             (CaseStatus.queued, 0, None)
         }
     assert psycopg  # the driver the outage came through
+
+
+def test_a_failed_batch_tells_each_case_the_error_class_only(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    redis_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch that failed for neither a case's fault nor an outage wrote the exception's text
+    into the last_error of every case in it, whatever its tenant: a database error's text holds
+    its statement's parameters (here another tenant's external id), GET /v1/cases shows it;
+    the worker's log printed it too."""
+    from types import SimpleNamespace
+
+    from medbatch.settings import Settings
+    from worker.app import create_app
+    from worker.batching import Batcher, _Buffer, _Message
+    from worker.context import context
+
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="tenant-a")) + _add(
+        pg_sessions, wdbc_cases(2, prefix="tenant-b")
+    )
+    app = create_app(Settings(database_url=pg_url), broker_url=redis_url, include_tasks=False)
+    ctx = context(app)
+
+    class Defective:
+        """Claims the batch, then meets a data error naming a patient in its parameters."""
+
+        def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> None:
+            with session_scope(ctx.sessions) as s:
+                repo.claim_cases(s, case_ids=case_ids, max_deliveries=5, lease=ctx.leases.lease)
+            with ctx.sessions() as s:
+                s.execute(text("SELECT CAST(:v AS integer)"), {"v": "tenant-b-0001"})
+
+    batcher = Batcher(Defective(), app, SimpleNamespace(timer=None, connection_errors=()))
+    try:
+        requeued: list[bool] = []
+        buffer = _Buffer("score.routine", 256, 0.02)
+        buffer.messages.append(_Message("m1", ids, ack=lambda: None, reject=requeued.append))
+        batcher._score(buffer)
+    finally:
+        ctx.leases.stop()
+        ctx.engine.dispose()
+        app.close()
+    assert requeued == [True]
+    assert "DataError at" in caplog.text and "tenant-b-0001" not in caplog.text
+    with pg_sessions() as s:
+        errors = s.scalars(select(Case.last_error).where(Case.id.in_(ids))).all()
+    assert errors == ["batch failed: DataError (the worker's log says where)"] * 4

@@ -185,6 +185,28 @@ def test_an_unavailable_model_version_fails_its_cases_readably(
     }
 
 
+def test_a_missing_artifact_fails_its_cases_without_naming_the_server_path(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The reason, shown by GET /v1/cases to the tenant, was the registry's error with the
+    artifact's path on the server in it."""
+    import dataclasses
+
+    gone = tmp_path / "server-only" / "breast-cancer-1.0.0.safetensors"
+    spec = dataclasses.replace(Registry.load().resolve("breast-cancer"), artifact=gone)
+    ids = _add(pg_sessions, wdbc_cases(2))
+    outcome = score_cases(
+        ids, sessions=pg_sessions, load_model=lambda n, v: LoadedModel(spec, device="cpu")
+    )
+    assert outcome.scored == []
+    with pg_sessions() as s:
+        errors = set(s.scalars(select(Case.last_error)))
+    assert errors == {
+        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not match its "
+        "sha256 (see the worker's log)"
+    }
+
+
 class PoisonedModel(LoadedModel):
     """The real model, made to raise on any batch holding the marked case (a crafted poison)."""
 

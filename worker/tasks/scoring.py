@@ -186,7 +186,7 @@ def _compute(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            reason = f"model {name}@{version} unavailable: {exc}"
+            reason = unavailable(name, version, exc)
             outcome.failed.update({c.id: reason for c in cases})
             continue
         shadow = load_shadow(name, version) if load_shadow is not None else None
@@ -227,6 +227,16 @@ def _compute(
             if shadow is not None and rows:
                 passes.extend(_shadow_pass(shadow, batch, chunk, results))
     return passes
+
+
+def unavailable(name: str, version: str, exc: RegistryError | ArtifactIntegrityError) -> str:
+    """Why a model's cases fail, as the API shows it: the registry's reason, or for an artifact
+    that is missing or altered, that (its server path goes to the worker's log only)."""
+    if isinstance(exc, ArtifactIntegrityError):
+        log.error("model %s@%s unavailable: %s", name, version, exc)
+        why = "its artifact is missing or does not match its sha256 (see the worker's log)"
+        return f"model {name}@{version} unavailable: {why}"
+    return f"model {name}@{version} unavailable: {exc}"
 
 
 def _feature_problem(model: LoadedModel, case: repo.ClaimedCase) -> str | None:
