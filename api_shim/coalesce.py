@@ -137,7 +137,10 @@ class Coalescer:
             for queue, gathering in ready:
                 ok = self._send(queue, gathering.ids)
                 for future in gathering.waiting:
-                    future.set_result(ok)
+                    # A request its caller gave up (an awaited one cancelled) has no one to tell;
+                    # setting it would raise and end this thread, and every later request wait.
+                    if future.set_running_or_notify_cancel():
+                        future.set_result(ok)
             if stopping:
                 return
 
@@ -175,7 +178,7 @@ def _all(futures: list[Future[bool]]) -> Future[bool]:
         with lock:
             results.append(bool(f.result()))
             left[0] -= 1
-            if left[0] == 0:
+            if left[0] == 0 and combined.set_running_or_notify_cancel():
                 combined.set_result(all(results))
 
     for f in futures:
