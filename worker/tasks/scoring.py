@@ -83,6 +83,15 @@ def explain_sender(app: Any) -> Callable[[list[int]], object]:
     return lambda case_ids: enqueue_explanations(app, case_ids, per_message=per_message)
 
 
+def model_unavailable(name: str, version: str, exc: RegistryError | ArtifactIntegrityError) -> str:
+    """Why a case's model could not be loaded, as the API shows it: the registry's reason, or
+    that its artifact failed the check, never the artifact's path on this server (docs/security.md)."""
+    if isinstance(exc, ArtifactIntegrityError):
+        why = "its artifact is missing or does not hash to the sha256 the registry records"
+        return f"model {name}@{version} unavailable: {why}"
+    return f"model {name}@{version} unavailable: {exc}"
+
+
 def parse_case_ids(args: Sequence[object]) -> list[int]:
     """The message body is ``[[case_id, ...]]``; anything else is malformed."""
     if len(args) != 1 or not isinstance(args[0], list) or not args[0]:
@@ -186,7 +195,7 @@ def _compute(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            reason = f"model {name}@{version} unavailable: {exc}"
+            reason = model_unavailable(name, version, exc)
             outcome.failed.update({c.id: reason for c in cases})
             continue
         shadow = load_shadow(name, version) if load_shadow is not None else None
