@@ -115,8 +115,10 @@ class Coalescer:
         return self.submit(cases).result()
 
     async def send_async(self, cases: Iterable[tuple[int, Priority | str]]) -> bool:
-        """:meth:`submit`, awaited (for ``async`` routes: the event loop never blocks)."""
-        return await asyncio.wrap_future(self.submit(cases))
+        """:meth:`submit`, awaited (for ``async`` routes: the event loop never blocks). Handed
+        over from a worker thread: a queue without a window is sent by the caller's thread, and
+        a broker that is slow or away would otherwise hold every request of the event loop."""
+        return await asyncio.wrap_future(await asyncio.to_thread(self.submit, list(cases)))
 
     def _send_now(self, queue: str, ids: list[int]) -> Future[bool]:
         future: Future[bool] = Future()

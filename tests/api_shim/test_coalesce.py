@@ -216,3 +216,33 @@ def test_a_request_given_up_by_its_caller_leaves_the_others_answered(
     finally:
         coalescer.stop()
     assert sorted(queued_case_ids(redis_client)["score.routine"]) == ids[:3]
+
+
+def test_an_awaited_send_without_a_window_leaves_the_event_loop_free(
+    celery: Celery, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """Window 0 (sent at once, by the caller): an ``async`` route's send publishes from another
+    thread than the event loop's, which a slow or absent broker would otherwise hold."""
+    import asyncio
+    import threading
+
+    from celery.signals import before_task_publish
+
+    ids = _add(pg_sessions, 2, "loop", Priority.routine)
+    coalescer = Coalescer(celery, pg_sessions, per_message=64, window_ms=lambda q: 0.0)
+    publishers: list[int] = []
+
+    def published(**_: object) -> None:
+        publishers.append(threading.get_ident())
+
+    async def send() -> int:
+        assert await coalescer.send_async([(i, Priority.routine) for i in ids])
+        return threading.get_ident()
+
+    before_task_publish.connect(published, weak=False)
+    try:
+        loop_thread = asyncio.run(send())
+    finally:
+        before_task_publish.disconnect(published)
+    assert len(publishers) == 1 and publishers[0] != loop_thread
+    assert sorted(queued_case_ids(redis_client)["score.routine"]) == ids
