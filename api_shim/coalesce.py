@@ -115,8 +115,10 @@ class Coalescer:
         return self.submit(cases).result()
 
     async def send_async(self, cases: Iterable[tuple[int, Priority | str]]) -> bool:
-        """:meth:`submit`, awaited (for ``async`` routes: the event loop never blocks)."""
-        return await asyncio.wrap_future(self.submit(cases))
+        """:meth:`submit`, awaited (for ``async`` routes: the event loop never blocks). Handed
+        over from a worker thread: a queue without a window is sent by the caller's thread, and
+        a broker that is slow or away would otherwise hold every request of the event loop."""
+        return await asyncio.wrap_future(await asyncio.to_thread(self.submit, list(cases)))
 
     def _send_now(self, queue: str, ids: list[int]) -> Future[bool]:
         future: Future[bool] = Future()
@@ -137,7 +139,10 @@ class Coalescer:
             for queue, gathering in ready:
                 ok = self._send(queue, gathering.ids)
                 for future in gathering.waiting:
-                    future.set_result(ok)
+                    # A request its caller gave up (an awaited one cancelled) has no one to tell;
+                    # setting it would raise and end this thread, and every later request wait.
+                    if future.set_running_or_notify_cancel():
+                        future.set_result(ok)
             if stopping:
                 return
 
@@ -175,7 +180,7 @@ def _all(futures: list[Future[bool]]) -> Future[bool]:
         with lock:
             results.append(bool(f.result()))
             left[0] -= 1
-            if left[0] == 0:
+            if left[0] == 0 and combined.set_running_or_notify_cancel():
                 combined.set_result(all(results))
 
     for f in futures:

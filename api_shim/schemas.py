@@ -131,6 +131,9 @@ class ResultPublic(BaseModel):
     explanation: dict[str, Any] | None = Field(
         default=None, description="top feature attributions, once explanation_status is done"
     )
+    explanation_error: str | None = Field(
+        default=None, description="why the explanation failed (the score stands)"
+    )
 
 
 class ResultsPublic(BaseModel):

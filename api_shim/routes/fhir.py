@@ -33,7 +33,7 @@ from api_shim.deps import (
     SubmitterDep,
 )
 from api_shim.errors import SafeJSONResponse, model_problem, outcome_body
-from db import repo
+from db import explanations, repo
 from db.tables import Case, Priority, Score
 from models.cases.registry import ModelSpec, RegistryError
 
@@ -228,8 +228,13 @@ def _in_range(moment: datetime | None) -> bool:
     return moment is None or 1900 <= moment.year <= 2199
 
 
-def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[str, Any]:
-    """A score as a FHIR R4 RiskAssessment."""
+def risk_assessment(
+    case: Case,
+    score: Score,
+    spec: ModelSpec | None,
+    explained: explanations.ExplanationState | None = None,
+) -> dict[str, Any]:
+    """A score as a FHIR R4 RiskAssessment (``explained``: its attributions' state, if asked for)."""
     ref = f"{score.model_name}@{score.model_version}"
     context = case.context or {}
     resource: dict[str, Any] = {
@@ -273,6 +278,20 @@ def risk_assessment(case: Case, score: Score, spec: ModelSpec | None) -> dict[st
     if explanation.get("top"):
         top = ", ".join(f"{a['feature']} {a['attribution']:+.3f}" for a in explanation["top"])
         notes.append(f"largest contributions to the log-odds ({explanation['method']}): {top}")
+    if explanation.get("top_steps"):
+        # Sequence models: the steps (with their codes, for the event Transformer, whose
+        # attributions are steps only) that weigh most, as GET /v1/cases/{id} shows them.
+        steps = ", ".join(
+            f"step {t['step']}"
+            + (f" (code {t['code']})" if "code" in t else "")
+            + f" {t['attribution']:+.3f}"
+            for t in explanation["top_steps"]
+        )
+        notes.append(f"steps weighing most in the log-odds ({explanation['method']}): {steps}")
+    if explained is not None and explained.status == "pending":
+        notes.append("feature attributions pending: they follow the score")
+    elif explained is not None and explained.status == "failed":
+        notes.append(f"no feature attributions: {explained.error}")
     if notes:
         resource["note"] = [{"text": n} for n in notes]
     return resource
@@ -330,10 +349,13 @@ def search_risk_assessments(
         )
         .order_by(Score.id)
     ).all()
+    explained = explanations.states(session, case_ids=[case.id for case, _ in rows])
     entries = [
         {
             "fullUrl": f"RiskAssessment/{score.id}",
-            "resource": risk_assessment(case, score, _spec(registry, score)),
+            "resource": risk_assessment(
+                case, score, _spec(registry, score), explained.get(case.id)
+            ),
             "search": {"mode": "match"},
         }
         for case, score in rows
@@ -354,4 +376,7 @@ def read_risk_assessment(
     if row is None:
         return outcome(404, [issue("not-found", "no RiskAssessment with this id for this tenant")])
     case, score = row
-    return JSONResponse(risk_assessment(case, score, _spec(registry, score)), media_type=FHIR_JSON)
+    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
+    return JSONResponse(
+        risk_assessment(case, score, _spec(registry, score), explained), media_type=FHIR_JSON
+    )

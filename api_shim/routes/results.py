@@ -117,6 +117,7 @@ def list_scores(
             model_sha256=score.model_sha256 if score else None,
             explanation_status=e.status if (e := explained.get(case.id)) else None,
             explanation=score.explanation if score and e and e.status == "done" else None,
+            explanation_error=e.error if e else None,
         )
         for case, score in rows
     ]

@@ -86,7 +86,9 @@ def explain(
             "convergence_delta": float(d),
         }
         if kind == "series":
-            e["top_steps"] = _top_steps(row.sum(dim=1), top_k)
+            # Only the case's own steps: those past its length pad it to the batch's longest.
+            length = None if batch.lengths is None else int(batch.lengths[i])
+            e["top_steps"] = _top_steps(row.sum(dim=1)[:length], top_k)
         out.append(e)
     return out
 

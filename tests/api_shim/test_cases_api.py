@@ -530,3 +530,31 @@ def test_model_report_is_served_once_evaluated(
             client.get("/v1/models/breast-cancer/7.0.0/report", headers=auth(key)).status_code
             == 404
         )
+
+
+def test_a_listed_result_says_why_its_explanation_failed(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """GET /v1/scores, as GET /v1/cases/{id}: a failed explanation's reason, none for a done one."""
+    from datetime import timedelta
+
+    from models.cases.inference import LoadedModel
+    from models.cases.registry import Registry
+    from tests.helpers import score_collecting_explanations
+    from worker.tasks.explain import explain_cases
+
+    posted = api.post("/v1/cases", headers=auth(key), json=wdbc_cases(2, prefix="why"))
+    ids = [c["id"] for c in posted.json()["cases"]]
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    _, sent = score_collecting_explanations(pg_sessions, ids, lambda n, v: model, explain_top_k=2)
+    with session_scope(pg_sessions) as s:
+        s.get(Case, ids[1]).features = {"mean_radius": "x"}  # type: ignore[union-attr]
+    lease = repo.Lease("test:1:explain", timedelta(seconds=30))
+    explain_cases(sent[0], sessions=pg_sessions, load_model=lambda n, v: model, lease=lease)
+    items = api.get("/v1/scores", headers=auth(key)).json()["items"]
+    reason = "features could not be prepared for the model (featurize raised)"
+    assert [(i["explanation_status"], i["explanation_error"]) for i in items] == [
+        ("done", None),
+        ("failed", reason),
+    ]
+    assert api.get(f"/v1/cases/{ids[1]}", headers=auth(key)).json()["explanation_error"] == reason

@@ -190,3 +190,59 @@ def test_every_request_is_answered_when_the_api_stops_in_the_middle_of_traffic(
     stopper.join()
     assert [f.result(timeout=10) for f in futures] == [True] * len(ids)
     assert sorted(queued_case_ids(redis_client)["score.routine"]) == sorted(ids)
+
+
+def test_a_request_given_up_by_its_caller_leaves_the_others_answered(
+    celery: Celery, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """An awaited send cancelled mid-window (its caller gone): its ids are still sent, the
+    requests gathered with it and every later one are answered."""
+    import asyncio
+
+    ids = _add(pg_sessions, 4, "g", Priority.routine)
+    coalescer = Coalescer(celery, pg_sessions, per_message=64, window_ms=lambda q: 200.0)
+
+    async def give_up_on_the_first() -> None:
+        first = asyncio.ensure_future(coalescer.send_async([(ids[0], Priority.routine)]))
+        await asyncio.sleep(0)
+        first.cancel()
+        second = coalescer.send_async([(ids[1], Priority.routine)])
+        assert await asyncio.wait_for(second, timeout=10)
+
+    try:
+        asyncio.run(give_up_on_the_first())
+        later = coalescer.submit([(ids[2], Priority.routine), (ids[3], Priority.stat)])
+        assert later.result(timeout=10)
+    finally:
+        coalescer.stop()
+    assert sorted(queued_case_ids(redis_client)["score.routine"]) == ids[:3]
+
+
+def test_an_awaited_send_without_a_window_leaves_the_event_loop_free(
+    celery: Celery, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """Window 0 (sent at once, by the caller): an ``async`` route's send publishes from another
+    thread than the event loop's, which a slow or absent broker would otherwise hold."""
+    import asyncio
+    import threading
+
+    from celery.signals import before_task_publish
+
+    ids = _add(pg_sessions, 2, "loop", Priority.routine)
+    coalescer = Coalescer(celery, pg_sessions, per_message=64, window_ms=lambda q: 0.0)
+    publishers: list[int] = []
+
+    def published(**_: object) -> None:
+        publishers.append(threading.get_ident())
+
+    async def send() -> int:
+        assert await coalescer.send_async([(i, Priority.routine) for i in ids])
+        return threading.get_ident()
+
+    before_task_publish.connect(published, weak=False)
+    try:
+        loop_thread = asyncio.run(send())
+    finally:
+        before_task_publish.disconnect(published)
+    assert len(publishers) == 1 and publishers[0] != loop_thread
+    assert sorted(queued_case_ids(redis_client)["score.routine"]) == ids

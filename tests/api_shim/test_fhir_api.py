@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
@@ -451,3 +451,50 @@ def test_the_risk_assessment_and_the_case_record_list_what_was_imputed_and_ignor
     assert sum(n.startswith("imputed ") for n in notes) == 4
     assert any("urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1" in n for n in notes)
     assert "250" not in json.dumps(notes)
+
+
+def test_a_risk_assessment_tells_its_attributions_for_each_model_kind(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The RiskAssessment says the attributions are pending, then carries them: the event
+    Transformer's steps with their codes (it has no per-feature ones), or says why they failed."""
+    from datetime import timedelta
+
+    from db.tables import Score
+    from tests.helpers import score_collecting_explanations
+    from worker.tasks.explain import explain_cases
+
+    headers = _key(pg_sessions)
+    events = [{"events": [5, 17, 900, 17]}, {"events": [3, 3, 1000]}]
+    cases = [
+        {"external_id": f"ev-{i}", "model": "events-transformer@0.1.0", "features": f}
+        for i, f in enumerate(events)
+    ]
+    ids = [c["id"] for c in api.post("/v1/cases", headers=headers, json=cases).json()["cases"]]
+    model = LoadedModel(Registry.load().resolve("events-transformer@0.1.0"), device="cpu")
+    _, sent = score_collecting_explanations(pg_sessions, ids, lambda n, v: model, explain_top_k=3)
+    with pg_sessions() as s:
+        rows = s.execute(select(Score.case_id, Score.id).where(Score.case_id.in_(ids)))
+        scores = {r.case_id: r.id for r in rows}
+
+    def notes(case_id: int) -> list[str]:
+        found = api.get(f"/v1/fhir/RiskAssessment/{scores[case_id]}", headers=headers)
+        return [n["text"] for n in found.json().get("note", [])]
+
+    assert notes(ids[0]) == ["feature attributions pending: they follow the score"]
+    with session_scope(pg_sessions) as s:
+        s.execute(update(Case).where(Case.id == ids[1]).values(features={"events": ["x"]}))
+    explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+        top_k=3,
+    )
+    (steps,) = notes(ids[0])
+    assert steps.startswith("steps weighing most in the log-odds (layer_integrated_gradients): ")
+    shown = {(int(t), int(c)) for t, c in re.findall(r"step (\d) \(code (\d+)\) [+-]", steps)}
+    assert len(shown) == 3 and shown <= {(0, 5), (1, 17), (2, 900), (3, 17)}
+    assert notes(ids[1]) == [
+        "no feature attributions: features could not be prepared for the model (featurize raised)"
+    ]

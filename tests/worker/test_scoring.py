@@ -202,9 +202,40 @@ def test_a_missing_artifact_fails_its_cases_without_naming_the_server_path(
     with pg_sessions() as s:
         errors = set(s.scalars(select(Case.last_error)))
     assert errors == {
-        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not match its "
-        "sha256 (see the worker's log)"
+        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not hash to "
+        "the sha256 the registry records"
     }
+
+
+def test_a_broken_artifact_fails_scores_and_explanations_without_its_server_path(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, tmp_path: Path
+) -> None:
+    """A model whose artifact is gone (on the scoring worker, or on the explaining one after the
+    score) fails its cases and explanations with a reason that names no server path."""
+    import dataclasses
+
+    def broken(name: str, version: str) -> LoadedModel:
+        gone = tmp_path / "models" / "breast-cancer-1.0.0.pt"
+        return LoadedModel(dataclasses.replace(SPEC, artifact=gone), device="cpu")
+
+    expected = (
+        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not hash to "
+        "the sha256 the registry records"
+    )
+    failing = _add(pg_sessions, wdbc_cases(2, prefix="gone"))
+    score_cases(failing, sessions=pg_sessions, load_model=broken)
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="later"))
+    _, sent = score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    outcome = explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=broken,
+        lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+    )
+    assert outcome.failed == {i: expected for i in ids}
+    with pg_sessions() as s:
+        assert set(s.scalars(select(Case.last_error).where(Case.id.in_(failing)))) == {expected}
+        assert {e.error for e in explanations.states(s, case_ids=ids).values()} == {expected}
 
 
 class PoisonedModel(LoadedModel):

@@ -37,7 +37,7 @@ from models.device import torch_threads
 from worker import metrics
 from worker.context import context
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
-from worker.tasks.scoring import parse_case_ids, unavailable
+from worker.tasks.scoring import model_unavailable, parse_case_ids
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def explain_cases(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            outcome.failed.update({c.case_id: unavailable(name, version, exc) for c in cases})
+            reason = model_unavailable(name, version, exc)
+            outcome.failed.update({c.case_id: reason for c in cases})
             continue
         if not explainable(model):
             outcome.failed.update(

@@ -83,6 +83,16 @@ def explain_sender(app: Any) -> Callable[[list[int]], object]:
     return lambda case_ids: enqueue_explanations(app, case_ids, per_message=per_message)
 
 
+def model_unavailable(name: str, version: str, exc: RegistryError | ArtifactIntegrityError) -> str:
+    """Why a case's model could not be loaded, as the API shows it: the registry's reason, or
+    that its artifact failed the check, never the artifact's path on this server (docs/security.md)."""
+    if isinstance(exc, ArtifactIntegrityError):
+        log.error("model %s@%s unavailable: %s", name, version, exc)  # the path: log only
+        why = "its artifact is missing or does not hash to the sha256 the registry records"
+        return f"model {name}@{version} unavailable: {why}"
+    return f"model {name}@{version} unavailable: {exc}"
+
+
 def parse_case_ids(args: Sequence[object]) -> list[int]:
     """The message body is ``[[case_id, ...]]``; anything else is malformed."""
     if len(args) != 1 or not isinstance(args[0], list) or not args[0]:
@@ -186,7 +196,7 @@ def _compute(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            reason = unavailable(name, version, exc)
+            reason = model_unavailable(name, version, exc)
             outcome.failed.update({c.id: reason for c in cases})
             continue
         shadow = load_shadow(name, version) if load_shadow is not None else None
@@ -227,16 +237,6 @@ def _compute(
             if shadow is not None and rows:
                 passes.extend(_shadow_pass(shadow, batch, chunk, results))
     return passes
-
-
-def unavailable(name: str, version: str, exc: RegistryError | ArtifactIntegrityError) -> str:
-    """Why a model's cases fail, as the API shows it: the registry's reason, or for an artifact
-    that is missing or altered, that (its server path goes to the worker's log only)."""
-    if isinstance(exc, ArtifactIntegrityError):
-        log.error("model %s@%s unavailable: %s", name, version, exc)
-        why = "its artifact is missing or does not match its sha256 (see the worker's log)"
-        return f"model {name}@{version} unavailable: {why}"
-    return f"model {name}@{version} unavailable: {exc}"
 
 
 def _feature_problem(model: LoadedModel, case: repo.ClaimedCase) -> str | None:
