@@ -287,7 +287,11 @@ def _identified_patient(
     return None, f"the identifier of the subject matches {len(matches)} Patients in the Bundle"
 
 
-_ABSOLUTE_PATIENT = re.compile(r"^https?://.*/(Patient/[A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
+#: A Patient reference, absolute or relative, with or without its version: FHIR R4 §2.3.0
+#: "Resource References" allows ``Patient/23/_history/2`` as well as the server's full URL.
+_PATIENT_REFERENCE = re.compile(
+    r"^(?:https?://.*/)?(Patient/[A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 _ABSOLUTE_REFERENCE = re.compile(
     r"^https?://.*/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/.*)?$"
 )
@@ -386,7 +390,7 @@ def parse_bundle(data: object) -> ParsedBundle:
             owners.setdefault(pair, set()).add(key)
         if full_url is not None:
             alias[full_url] = key
-            if match := _ABSOLUTE_PATIENT.match(full_url):
+            if match := _PATIENT_REFERENCE.match(full_url):
                 alias.setdefault(match.group(1), key)
         if isinstance(resource, Patient):
             record = PatientRecord(reference=key, patient=resource, identifiers=_identifiers(raw))
@@ -407,7 +411,7 @@ def parse_bundle(data: object) -> ParsedBundle:
             issues.append(Issue("error", "required", diag, where))
             continue
         target_key = alias.get(ref)
-        if target_key is None and (match := _ABSOLUTE_PATIENT.match(ref)):
+        if target_key is None and (match := _PATIENT_REFERENCE.match(ref)):
             target_key = alias.get(match.group(1))
         if target_key is None:
             absolute = _ABSOLUTE_REFERENCE.match(ref)
@@ -1263,6 +1267,8 @@ class NdjsonExport:
             if resource is None:
                 continue
             ref = _subject(raw)
+            if isinstance(ref, str) and (match := _PATIENT_REFERENCE.match(ref)):
+                ref = match.group(1)  # the server's URL or a version: the same patient
             if not isinstance(ref, str) or ref not in records:
                 diag = (
                     f"{rtype} has no subject reference"

@@ -815,3 +815,23 @@ def test_an_export_without_patients_is_refused(tmp_path: Path) -> None:
         shutil.copy(ndjson, tmp_path / "Observation.ndjson")
     with pytest.raises(FhirInputError, match=r"no Patient\.ndjson"):
         list(iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30))
+
+
+def test_a_versioned_or_absolute_patient_reference_reaches_the_patient(tmp_path: Path) -> None:
+    """``Patient/p1/_history/2`` (R4 §2.3.0 allows a version) was refused as a Patient not in
+    the Bundle, and an export's absolute or versioned subject as not in Patient.ndjson."""
+    subjects = ["Patient/p1/_history/2", "https://ehr.example/fhir/Patient/p1/_history/7"]
+    observations = [
+        observation(f"hr-{n}", "8867-4", 70 + n, days_ago=n + 1, subject=s)
+        for n, s in enumerate([*subjects, "https://ehr.example/fhir/Patient/p1"])
+    ]
+    parsed = parse_bundle(bundle(ADULT, *observations))
+    assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr-0", "hr-1", "hr-2"]
+
+    _write(tmp_path / "Patient.ndjson", [ADULT])
+    _write(tmp_path / "Observation.ndjson", observations)
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    [record] = list(export)
+    assert export.issues == []
+    result = features_of(SPEC, record, as_of=AS_OF, lookback_days=30)
+    assert result.features["heart_rate"] == 72  # the first of the three, sent absolute
