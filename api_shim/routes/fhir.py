@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
@@ -40,9 +40,45 @@ if TYPE_CHECKING:
     from worker.fhir_intake import Intake
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/fhir", tags=["fhir"])
 
 FHIR_JSON = "application/fhir+json"
+#: The media types (and ``_format`` names) of the only encoding written here, JSON: FHIR R4
+#: http.html §3.1.0.1.10 "Content Types and encodings"; ``application/json+fhir`` is DSTU2's.
+_JSON_MEDIA = frozenset(
+    {"json", "application/json", FHIR_JSON, "application/json+fhir", "*/*", "application/*"}
+)
+
+
+class NotAcceptable(HTTPException):
+    """A 406 naming the parameter or header that asked for a format not written here."""
+
+    def __init__(self, diagnostics: str, expression: str) -> None:
+        super().__init__(status.HTTP_406_NOT_ACCEPTABLE, diagnostics)
+        self.expression = expression
+
+
+def json_answer(
+    request: Request, format_: Annotated[str | None, Query(alias="_format")] = None
+) -> None:
+    """Refuse a request for XML or Turtle (``_format``, else ``Accept``) rather than answer it
+    in JSON: R4 §3.1.0.1.10, a server that cannot give the format asked for answers 406."""
+    if format_ is not None:
+        if _media(format_) not in _JSON_MEDIA:
+            raise NotAcceptable("only JSON is written here: _format=json", "_format")
+        return
+    accept = request.headers.get("accept", "")
+    ranges = [r for r in map(_media, accept.split(",")) if r]
+    if ranges and not any(r in _JSON_MEDIA or r.endswith("+json") for r in ranges):
+        raise NotAcceptable(
+            "only JSON is written here: Accept: application/fhir+json", "header.accept"
+        )
+
+
+def _media(text: str) -> str:
+    return text.partition(";")[0].strip().lower()
+
+
+router = APIRouter(prefix="/v1/fhir", tags=["fhir"], dependencies=[Depends(json_answer)])
 #: Issue types that mean "valid FHIR, but a rule is broken" (422); the rest mean "not FHIR" (400).
 _RULE_CODES = frozenset({"business-rule", "required", "not-found", "not-supported", "incomplete"})
 

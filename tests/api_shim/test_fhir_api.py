@@ -404,3 +404,47 @@ def test_the_risk_assessment_and_the_case_record_list_what_was_imputed_and_ignor
     assert sum(n.startswith("imputed ") for n in notes) == 4
     assert any("urn:uuid:0b6f2a50-0000-4000-8000-00000000e1e1" in n for n in notes)
     assert "250" not in json.dumps(notes)
+
+
+@pytest.mark.parametrize(
+    ("params", "accept", "expression"),
+    [
+        ({"_format": "xml"}, None, "_format"),
+        ({"_format": "application/fhir+xml"}, "application/fhir+json", "_format"),
+        ({}, "application/fhir+xml", "header.accept"),
+        ({}, "application/xml, text/turtle;q=0.5", "header.accept"),
+    ],
+)
+def test_a_request_for_xml_is_406_not_answered_in_json(
+    api: TestClient, pg_sessions: sessionmaker[Session], params, accept, expression
+) -> None:  # type: ignore[no-untyped-def]
+    """An engine that asks for XML (``_format`` or ``Accept``) got JSON it could not parse, with
+    the patients queued; R4 §3.1.0.1.10: 406, an OperationOutcome naming where it asked."""
+    headers = _key(pg_sessions) | ({"Accept": accept} if accept else {})
+    posted = _post(api, headers, _first_bundle(), **params)
+    search = {"subject": "Patient/x", **params}
+    searched = api.get("/v1/fhir/RiskAssessment", headers=headers, params=search)
+    for response in (posted, searched):
+        assert response.status_code == 406, response.text
+        [issue] = response.json()["issue"]
+        assert issue["code"] == "not-supported" and issue["expression"] == [expression]
+    assert _cases(pg_sessions) == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "accept"),
+    [
+        ({"_format": "json"}, None),
+        ({"_format": "application/fhir+json"}, "application/fhir+xml"),
+        ({}, "application/fhir+json;fhirVersion=4.0"),
+        ({}, "application/json+fhir"),
+        ({}, "text/html,application/xhtml+xml,*/*;q=0.8"),
+    ],
+)
+def test_a_request_for_json_in_any_spelling_is_answered(
+    api: TestClient, pg_sessions: sessionmaker[Session], params, accept
+) -> None:  # type: ignore[no-untyped-def]
+    headers = _key(pg_sessions) | ({"Accept": accept} if accept else {})
+    assert _post(api, headers, _first_bundle(), **params).status_code == 202
+    search = {"subject": "Patient/x", **params}
+    assert api.get("/v1/fhir/RiskAssessment", headers=headers, params=search).status_code == 200
