@@ -448,3 +448,14 @@ def test_a_request_for_json_in_any_spelling_is_answered(
     assert _post(api, headers, _first_bundle(), **params).status_code == 202
     search = {"subject": "Patient/x", **params}
     assert api.get("/v1/fhir/RiskAssessment", headers=headers, params=search).status_code == 200
+
+
+def test_a_bundle_sent_as_the_dstu2_media_type_is_read(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Engines configured for DSTU2 still label JSON ``application/json+fhir``: it was a 415."""
+    raw = json.dumps(_first_bundle()).encode()
+    headers = _key(pg_sessions) | {"Content-Type": "application/json+fhir; charset=utf-8"}
+    response = api.post("/v1/fhir", headers=headers, content=raw, params={"as_of": AS_OF})
+    assert response.status_code == 202, response.text
+    assert _cases(pg_sessions) == 1
