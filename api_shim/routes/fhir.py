@@ -320,13 +320,18 @@ def _spec(registry: Any, score: Score) -> ModelSpec | None:
         return None
 
 
+#: A search's reference to a Patient: ``Patient/<id>`` or the id alone.
+_PATIENT = r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$"
+
+
 @router.get("/RiskAssessment", response_model=None)
 def search_risk_assessments(
     request: Request,
     tenant: ReaderDep,
     session: SessionDep,
     registry: RegistryDep,
-    subject: Annotated[str | None, Query(pattern=r"^Patient/[A-Za-z0-9\-.]{1,64}$")] = None,
+    subject: Annotated[str | None, Query(pattern=_PATIENT)] = None,
+    patient: Annotated[str | None, Query(pattern=_PATIENT)] = None,
     subject_identifier: Annotated[
         str | None, Query(alias="subject:identifier", min_length=1, max_length=500)
     ] = None,
@@ -334,15 +339,18 @@ def search_risk_assessments(
         str | None, Query(alias="patient.identifier", min_length=1, max_length=500)
     ] = None,
 ) -> JSONResponse:
-    """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or by
-    the patient's identifier (``subject:identifier`` / ``patient.identifier``, ``system|value``,
-    ``|value`` or ``value``)."""
-    given = [p for p in (subject, subject_identifier, patient_identifier) if p is not None]
+    """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or
+    ``patient`` (``Patient/<id>`` or ``<id>``) or by the patient's identifier
+    (``subject:identifier`` / ``patient.identifier``, ``system|value``, ``|value`` or ``value``)."""
+    criteria = (subject, patient, subject_identifier, patient_identifier)
+    given = [p for p in criteria if p is not None]
     if len(given) != 1:
-        diag = "give exactly one of subject, subject:identifier, patient.identifier"
+        diag = "give exactly one of subject, patient, subject:identifier, patient.identifier"
         return outcome(400, [issue("required" if not given else "invalid", diag)])
-    if subject is not None:
-        subjects = [subject]
+    if (reference := subject or patient) is not None:
+        # R4 search, reference parameters: "Patient/23" or the bare id "23" (the RiskAssessment
+        # search parameter ``patient`` is its subject when that is a Patient).
+        subjects = [reference if reference.startswith("Patient/") else f"Patient/{reference}"]
     else:
         token = str(subject_identifier or patient_identifier)
         system, bar, value = token.rpartition("|") if "|" in token else (None, "", token)

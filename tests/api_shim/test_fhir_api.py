@@ -199,7 +199,9 @@ def test_unknown_model_and_missing_scope_and_other_tenants(
     score_id = mine.json()["entry"][0]["resource"]["id"]
     missing = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=reader)
     assert missing.status_code == 404 and missing.json()["issue"][0]["code"] == "not-found"
-    bad_subject = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": "x"})
+    bad_subject = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "Location/x"}
+    )
     assert (
         bad_subject.status_code == 400 and bad_subject.json()["resourceType"] == "OperationOutcome"
     )
@@ -327,6 +329,11 @@ def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
     score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model)
     for params in (
         {"subject": subject},
+        # R4's search parameter for a RiskAssessment's Patient is ``patient``; a reference
+        # parameter takes the bare id too. Both were a 400.
+        {"patient": subject},
+        {"patient": subject.removeprefix("Patient/")},
+        {"subject": subject.removeprefix("Patient/")},
         {"subject:identifier": "urn:mrn:a|MRN-77"},
         {"patient.identifier": "MRN-77"},
     ):
@@ -352,6 +359,8 @@ def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
     [
         {},
         {"subject": "Patient/a", "subject:identifier": "urn:mrn:a|1"},
+        {"subject": "Patient/a", "patient": "Patient/a"},
+        {"patient": "Location/ward-1"},
         {"subject:identifier": "urn:mrn:a|"},
         {"patient.identifier": "x" * 501},
     ],
