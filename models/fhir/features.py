@@ -297,6 +297,22 @@ _ABSOLUTE_REFERENCE = re.compile(
 )
 
 
+def _contained_unread(raw: dict[str, Any], where: str) -> list[Issue]:
+    """A warning for each contained resource of a type that feeds features (a DiagnosticReport's
+    contained Observations, as v2-to-FHIR converters send results): only entries are read, so
+    their values would otherwise be lost without a word (and imputed)."""
+    contained = raw.get("contained")
+    if not isinstance(contained, list):
+        return []
+    out = []
+    for j, inner in enumerate(contained):
+        rtype = inner.get("resourceType") if isinstance(inner, dict) else None
+        if rtype in USED_TYPES:
+            diag = f"a contained {rtype} is not read: send it as an entry of the Bundle"
+            out.append(Issue("warning", "not-supported", diag, f"{where}.contained[{j}]"))
+    return out
+
+
 def parse_bundle(data: object) -> ParsedBundle:
     """Read a FHIR R4 Bundle (a ``json.loads`` result) into per-patient records.
 
@@ -354,6 +370,7 @@ def parse_bundle(data: object) -> ParsedBundle:
                 diag = "fullUrl repeats an earlier entry's"
                 issues.append(Issue("error", "duplicate", diag, f"{where}.fullUrl"))
             types_by_url[full_url] = rtype
+        warnings += _contained_unread(raw, f"{where}.resource")
         if rtype not in USED_TYPES:
             if _known_type(rtype):
                 ignored[rtype] += 1

@@ -835,3 +835,25 @@ def test_a_versioned_or_absolute_patient_reference_reaches_the_patient(tmp_path:
     assert export.issues == []
     result = features_of(SPEC, record, as_of=AS_OF, lookback_days=30)
     assert result.features["heart_rate"] == 72  # the first of the three, sent absolute
+
+
+def test_a_contained_observation_is_named_not_silently_lost() -> None:
+    """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
+    send them): the heart rate in it was dropped without a word and the median imputed."""
+    hr = observation("hr", "8867-4", 71)
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "dr-1",
+        "status": "final",
+        "code": {"text": "vital signs"},
+        "subject": {"reference": "Patient/p1"},
+        "contained": [hr, {"resourceType": "Practitioner", "id": "pr"}],
+        "result": [{"reference": "#hr"}],
+    }
+    panel = observation("vs", "85353-1", contained=[hr], hasMember=[{"reference": "#hr"}])
+    parsed = parse_bundle(bundle(ADULT, report, panel))
+    assert [(i.severity, i.expression) for i in parsed.issues] == [
+        ("warning", "Bundle.entry[1].resource.contained[0]"),
+        ("warning", "Bundle.entry[2].resource.contained[0]"),
+    ]
+    assert all("contained Observation is not read" in i.diagnostics for i in parsed.issues)
