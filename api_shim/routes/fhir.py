@@ -161,16 +161,17 @@ async def submit_bundle(
     # Entries the Bundle holds but no patient's record reads (a subject that is not a Patient,
     # ...): told with each patient's answer, so a value sent that way is not silently lost.
     unread = [i.to_fhir() for i in bundle.issues]
-    accepted: list[tuple[Intake, list[tuple[str, str]]]] = []
-    # A refused patient is named by its place in the Bundle: its subject is the caller's value.
+    # Each patient by its place in the Bundle (1-based): the answer lists them in that order,
+    # and a refused one is named by it (its subject is the caller's value).
+    accepted: list[tuple[int, Intake, list[tuple[str, str]]]] = []
     rejected: list[tuple[int, Intake]] = []
     for n, (intake, identifiers) in enumerate(found, start=1):
         if intake.case is None:
             rejected.append((n, intake))
         else:
-            accepted.append((intake, identifiers))
+            accepted.append((n, intake, identifiers))
     refusals = {
-        intake.subject: [
+        n: [
             issue(
                 "business-rule",
                 f"patient {n} of the Bundle: {name}: {why}",
@@ -194,9 +195,9 @@ async def submit_bundle(
             [i for issues in refusals.values() for i in issues] + unread,
             limit=settings.max_reported_problems,
         )
-    cases = [intake.case for intake, _ in accepted if intake.case is not None]
+    cases = [intake.case for _, intake, _ in accepted if intake.case is not None]
     results = repo.add_cases(session, tenant_id=tenant.id, cases=cases)
-    for intake, identifiers in accepted:
+    for _, intake, identifiers in accepted:
         repo.add_patient_identifiers(
             session, tenant_id=tenant.id, subject=intake.subject, identifiers=identifiers
         )
@@ -205,8 +206,8 @@ async def submit_bundle(
     if to_send:
         # Shared messages with concurrent requests; a broker outage leaves them for the sweeper.
         await coalescer.send_async(to_send)
-    entries: list[dict[str, Any]] = []
-    for (intake, _), r in zip(accepted, results, strict=True):
+    answers: dict[int, dict[str, Any]] = {}
+    for (n, intake, _), r in zip(accepted, results, strict=True):
         response: dict[str, Any] = {
             "status": "202 Accepted" if r.created else "200 OK",
             "location": f"RiskAssessment?subject={intake.subject}",
@@ -214,16 +215,15 @@ async def submit_bundle(
         }
         if reported := _reported(intake) + unread:
             response["outcome"] = {"resourceType": "OperationOutcome", "issue": reported}
-        entries.append({"response": response})
-    entries += [
-        {
+        answers[n] = {"response": response}
+    for n, issues in refusals.items():
+        answers[n] = {
             "response": {
                 "status": "422 Unprocessable Entity",
                 "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
             }
         }
-        for issues in refusals.values()
-    ]
+    entries = [answers[n] for n in sorted(answers)]
     kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
     body = {"resourceType": "Bundle", "type": kind, "entry": entries}
     return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)

@@ -468,3 +468,32 @@ def test_a_bundle_sent_as_the_dstu2_media_type_is_read(
     response = api.post("/v1/fhir", headers=headers, content=raw, params={"as_of": AS_OF})
     assert response.status_code == 202, response.text
     assert _cases(pg_sessions) == 1
+
+
+def test_a_batch_answers_each_patient_in_its_place_in_the_bundle(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Refusals came after every acceptance, out of the Bundle's order; and two refused id-less
+    Patients given one server id (the same identifier) got one answer between them."""
+    first, second = (json.loads(p.read_text()) for p in _bundles()[:2])
+    twins = []
+    for n in range(2):
+        twin = copy.deepcopy(_patient(_without_birth_date(first)))
+        twin["fullUrl"] = f"urn:uuid:00000000-0000-4000-8000-00000000000{n}"
+        twin["resource"].pop("id")
+        twin["resource"]["identifier"] = [{"system": "urn:mrn:a", "value": "MRN-TWIN"}]
+        twins.append(twin)
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [*twins, *second["entry"]]}
+    headers = _key(pg_sessions)
+    response = _post(api, headers, body)
+    assert response.status_code == 202, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses == ["422 Unprocessable Entity", "422 Unprocessable Entity", "202 Accepted"]
+    told = [json.dumps(e["response"]["outcome"]) for e in response.json()["entry"][:2]]
+    assert "patient 1 of the Bundle" in told[0] and "patient 2 of the Bundle" in told[1]
+    assert _cases(pg_sessions) == 1
+    refused = _post(api, headers, {**body, "entry": twins})
+    assert refused.status_code == 422
+    said = " ".join(i["diagnostics"] for i in refused.json()["issue"])
+    assert "patient 1 of the Bundle" in said and "patient 2 of the Bundle" in said
+    assert "MRN-TWIN" not in refused.text
