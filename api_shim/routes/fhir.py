@@ -4,7 +4,8 @@ model; ``GET /v1/fhir/RiskAssessment`` returns the scores as RiskAssessment reso
 Errors on these routes are OperationOutcomes: 400 for input that is not FHIR (not JSON, not a
 Bundle, resources that fail validation), 422 for valid FHIR that breaks a rule (no Patient, a
 patient whose record lacks what the model requires). A ``transaction`` Bundle is all or nothing;
-a ``batch`` or ``collection`` queues the patients that can be scored and answers for each.
+a ``batch`` or ``collection`` queues the patients that can be scored and answers for each
+(a patient whose own entry fails validation is refused alone, 400 in its entry).
 """
 
 from __future__ import annotations
@@ -142,12 +143,14 @@ async def submit_bundle(
             bundle = parse_bundle(data)
         except FhirInputError as exc:
             return exc
+        place = {key: n for n, key in enumerate(bundle.order, start=1)}
         found = [
             (
+                place[key],
                 case_from_record(spec, record, as_of=when, lookback_days=lookback_days),
                 record.identifiers,
             )
-            for record in bundle.patients.values()
+            for key, record in bundle.patients.items()
         ]
         return bundle, found
 
@@ -165,7 +168,7 @@ async def submit_bundle(
     # and a refused one is named by it (its subject is the caller's value).
     accepted: list[tuple[int, Intake, list[tuple[str, str]]]] = []
     rejected: list[tuple[int, Intake]] = []
-    for n, (intake, identifiers) in enumerate(found, start=1):
+    for n, intake, identifiers in found:
         if intake.case is None:
             rejected.append((n, intake))
         else:
@@ -189,10 +192,16 @@ async def submit_bundle(
         ]
         for n, intake in rejected
     }
-    if rejected and (bundle.type == "transaction" or not accepted):
+    # A patient of a batch whose own entries failed validation: refused alone (400).
+    place = {key: n for n, key in enumerate(bundle.order, start=1)}
+    invalid = {place[key]: [i.to_fhir() for i in issues] for key, issues in bundle.refused.items()}
+    for n, issues in invalid.items():
+        for i in issues:
+            i["diagnostics"] = f"patient {n} of the Bundle: {i['diagnostics']}"
+    if (rejected or invalid) and (bundle.type == "transaction" or not accepted):
         return outcome(
-            422,
-            [i for issues in refusals.values() for i in issues] + unread,
+            400 if invalid else 422,
+            [i for _, issues in sorted({**refusals, **invalid}.items()) for i in issues] + unread,
             limit=settings.max_reported_problems,
         )
     cases = [intake.case for _, intake, _ in accepted if intake.case is not None]
@@ -220,6 +229,13 @@ async def submit_bundle(
         answers[n] = {
             "response": {
                 "status": "422 Unprocessable Entity",
+                "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
+            }
+        }
+    for n, issues in invalid.items():
+        answers[n] = {
+            "response": {
+                "status": "400 Bad Request",
                 "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
             }
         }

@@ -228,6 +228,11 @@ class ParsedBundle:
     issues: list[Issue] = field(default_factory=list)
     #: Entries of other resource types, not read: ``{resourceType: count}``.
     ignored: dict[str, int] = field(default_factory=dict)
+    #: Patients of a ``batch``/``collection``/``searchset`` refused for their own entries'
+    #: validation errors (keyed like :attr:`patients`, which omits them); the others are read.
+    refused: dict[str, list[Issue]] = field(default_factory=dict)
+    #: Every Patient's key in Bundle order, refused ones included.
+    order: list[str] = field(default_factory=list)
 
 
 def _subject(raw: dict[str, Any]) -> object:
@@ -340,6 +345,11 @@ def parse_bundle(data: object) -> ParsedBundle:
 
     ignored: Counter[str] = Counter()
     parsed: list[tuple[int, Resource, dict[str, Any], str]] = []
+    #: Entries that failed validation (other than Patients): their patient is refused alone.
+    invalid: list[tuple[dict[str, Any], list[Issue]]] = []
+    #: ``id(issue)`` -> the key of the one patient a validation error belongs to.
+    blame: dict[int, str] = {}
+    order: list[str] = []
     types_by_url: dict[str, str] = {}
     #: Every way a Patient entry can be referenced -> its key (valid entries or not, so that an
     #: Observation of a Patient that failed validation is not also reported as "not found").
@@ -391,6 +401,8 @@ def parse_bundle(data: object) -> ParsedBundle:
                     diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"
                     warnings.append(Issue("warning", "business-rule", diag, where))
                 parsed.append((i, resource, raw, cite))
+            elif problems:
+                invalid.append((raw, problems))
             continue
         if not isinstance(rid, str) and full_url is None:
             diag = "a Patient needs an id or a fullUrl to be referenced"
@@ -403,6 +415,8 @@ def parse_bundle(data: object) -> ParsedBundle:
             )
             continue
         alias[key] = key
+        order.append(key)
+        blame.update((id(p), key) for p in problems)
         for pair in _identifiers(raw):
             owners.setdefault(pair, set()).add(key)
         if full_url is not None:
@@ -460,14 +474,43 @@ def parse_bundle(data: object) -> ParsedBundle:
         elif isinstance(resource, Encounter):
             owner.encounters.append(resource)
 
-    if issues:
+    for raw, problems in invalid:
+        if (owner_key := _owner_key(raw, alias, owners)) is not None:
+            blame.update((id(p), owner_key) for p in problems)
+    refused: dict[str, list[Issue]] = {}
+    for found in issues:
+        if id(found) in blame:
+            refused.setdefault(blame[id(found)], []).append(found)
+    # A batch is not poisoned by one patient's bad entry: that patient is refused, the others
+    # read. A transaction is all or nothing; an error no single patient owns refuses the Bundle.
+    unowned = [i for i in issues if id(i) not in blame]
+    if issues and (btype == "transaction" or unowned or len(refused) == len(order)):
         raise FhirInputError(issues)
     return ParsedBundle(
         type=cast(BundleType, btype),
-        patients=patients,
+        patients={k: r for k, r in patients.items() if k not in refused},
         issues=warnings,
         ignored=dict(ignored),
+        refused=refused,
+        order=order,
     )
+
+
+def _owner_key(
+    raw: dict[str, Any], alias: dict[str, str], owners: dict[tuple[str, str], set[str]]
+) -> str | None:
+    """The key of the Patient an entry that failed validation is about, if its subject still
+    reaches exactly one."""
+    identified, _ = _identified_patient(raw.get("subject") or raw.get("patient"), owners)
+    if identified is None or identified:
+        return identified
+    ref = _subject(raw)
+    if not isinstance(ref, str):
+        return None
+    key = alias.get(ref)
+    if key is None and (match := _PATIENT_REFERENCE.match(ref)):
+        key = alias.get(match.group(1))
+    return key
 
 
 # --- units ------------------------------------------------------------------------------------

@@ -497,3 +497,34 @@ def test_a_batch_answers_each_patient_in_its_place_in_the_bundle(
     said = " ".join(i["diagnostics"] for i in refused.json()["issue"])
     assert "patient 1 of the Bundle" in said and "patient 2 of the Bundle" in said
     assert "MRN-TWIN" not in refused.text
+
+
+def test_an_invalid_entry_refuses_its_patient_not_the_batch(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A BMI sent with a time without its zone refused every patient of the batch (400);
+    now its patient is answered 400 in its place, naming the element, and the others queued."""
+    first, second = (json.loads(p.read_text()) for p in _bundles()[:2])
+    bmi = _bmi(
+        first,
+        "urn:uuid:00000000-0000-4000-8000-0000000000b1",
+        system="http://loinc.org",
+        status="final",
+        when="2019-12-01T08:00:00",
+        value={"value": 27.0, "unit": "kg/m2"},
+    )
+    body = {"resourceType": "Bundle", "type": "batch", "entry": first["entry"] + [bmi]}
+    body["entry"] += second["entry"]
+    headers = _key(pg_sessions)
+    response = _post(api, headers, body)
+    assert response.status_code == 202, response.text
+    entries = response.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["400 Bad Request", "202 Accepted"]
+    [problem] = entries[0]["response"]["outcome"]["issue"]
+    place = len(first["entry"])
+    assert problem["expression"] == [f"Bundle.entry[{place}].resource.effectiveDateTime"]
+    assert problem["diagnostics"].startswith("patient 1 of the Bundle: ")
+    assert "2019-12-01" not in response.text
+    assert _cases(pg_sessions) == 1
+    refused = _post(api, headers, {**body, "type": "transaction"})
+    assert refused.status_code == 400 and _cases(pg_sessions) == 1

@@ -857,3 +857,30 @@ def test_a_contained_observation_is_named_not_silently_lost() -> None:
         ("warning", "Bundle.entry[2].resource.contained[0]"),
     ]
     assert all("contained Observation is not read" in i.diagnostics for i in parsed.issues)
+
+
+def test_a_bad_entry_refuses_its_own_patient_only_in_a_batch() -> None:
+    """One Observation with a time without its zone (invalid R4) refused a whole batch of
+    patients; now that patient is refused, with the entry's place, and the others are read."""
+    zoneless = observation("hr-2", "8867-4", 70, subject="Patient/p2")
+    zoneless["effectiveDateTime"] = "2024-02-29T08:00:00"
+    resources = [
+        ADULT,
+        observation("hr-1", "8867-4", 71),
+        patient("p2", birthDate="1950-01-01"),
+        zoneless,
+        patient("p3", birthDate="1950-13-01"),
+    ]
+    parsed = parse_bundle(bundle(*resources, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"]
+    assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr-1"]
+    assert parsed.order == ["Patient/p1", "Patient/p2", "Patient/p3"]
+    assert {k: [i.expression for i in v] for k, v in parsed.refused.items()} == {
+        "Patient/p2": ["Bundle.entry[3].resource.effectiveDateTime"],
+        "Patient/p3": ["Bundle.entry[4].resource.birthDate"],
+    }
+    # A transaction is all or nothing; an error no one patient owns refuses the batch too.
+    assert len(_issues(bundle(*resources, kind="transaction"))) == 2
+    orphan = zoneless | {"subject": {"reference": "Patient/nobody"}}
+    assert len(_issues(bundle(*resources, orphan, kind="batch"))) == 3
+    assert len(_issues(bundle(*resources[2:], kind="batch"))) == 2  # every patient refused
