@@ -137,6 +137,21 @@ class FhirInputError(ValueError):
         return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in self.issues]}
 
 
+#: fhir.resources' "value string does not match spec regex", said as the format R4 requires
+#: (§2.24.0 Primitive Types), so a sender learns a time lacks its zone without the value quoted.
+_FORMATS = {
+    "Date value string does not match spec regex.": "not an R4 date: YYYY, YYYY-MM or YYYY-MM-DD",
+    "DateTime value string does not match spec regex.": (
+        "not an R4 dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or YYYY-MM-DDThh:mm:ss[.sss] with its "
+        "time zone (Z or +hh:mm)"
+    ),
+    "Instant value string does not match spec regex.": (
+        "not an R4 instant: YYYY-MM-DDThh:mm:ss[.sss] with its time zone (Z or +hh:mm)"
+    ),
+    "Time value string does not match spec regex.": "not an R4 time: hh:mm:ss[.sss]",
+}
+
+
 def _validation_issues(
     error: ValidationError, *, prefix: str, file: str | None = None, line: int | None = None
 ) -> list[Issue]:
@@ -151,6 +166,7 @@ def _validation_issues(
         else:
             code = "value"
         message = re.sub(r"^(Value|Assertion) error, ", "", str(err["msg"]))
+        message = _FORMATS.get(message, message)
         issues.append(
             Issue("error", code, message, _fhirpath(prefix, err["loc"]), file=file, line=line)
         )

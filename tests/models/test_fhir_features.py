@@ -884,3 +884,21 @@ def test_a_bad_entry_refuses_its_own_patient_only_in_a_batch() -> None:
     orphan = zoneless | {"subject": {"reference": "Patient/nobody"}}
     assert len(_issues(bundle(*resources, orphan, kind="batch"))) == 3
     assert len(_issues(bundle(*resources[2:], kind="batch"))) == 2  # every patient refused
+
+
+@pytest.mark.parametrize(
+    ("element", "value", "says"),
+    [
+        ("effectiveDateTime", "2024-02-29T08:00:00", "with its time zone"),
+        ("effectiveDateTime", "2024-02-29T08:00Z", "YYYY-MM-DDThh:mm:ss"),
+        ("effectiveInstant", "2024-02-29", "not an R4 instant"),
+    ],
+)
+def test_a_malformed_time_says_the_format_r4_requires(element: str, value: str, says: str) -> None:
+    """'DateTime value string does not match spec regex.' did not tell a sender that the
+    time lacked its zone (or its seconds)."""
+    sent = observation("hr-1", "8867-4", 70)
+    del sent["effectiveDateTime"]
+    [issue] = _issues(bundle(ADULT, sent | {element: value}))
+    assert issue.expression == f"Bundle.entry[1].resource.{element}"
+    assert says in issue.diagnostics and value not in issue.diagnostics
