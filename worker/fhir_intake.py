@@ -23,7 +23,13 @@ from db import repo
 from db.engine import session_scope
 from db.tables import CaseStatus, Priority
 from models.cases.registry import ModelSpec
-from models.fhir.features import FeatureResult, PatientRecord, features_of, iter_ndjson
+from models.fhir.features import (
+    FeatureResult,
+    PatientRecord,
+    deceased_by,
+    features_of,
+    iter_ndjson,
+)
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
 
@@ -72,7 +78,7 @@ def case_from_record(
     """
     subject = subject_of(record)
     assigned = not getattr(record.patient, "id", None)
-    if _deceased_by(record.patient, as_of):
+    if deceased_by(record.patient, as_of):
         return Intake(subject, None, {"patient": "deceased before as_of"}, assigned=assigned)
     found = features_of(spec, record, as_of=as_of, lookback_days=lookback_days)
     if not found.ok:
@@ -97,18 +103,6 @@ def case_from_record(
         context=context,
     )
     return Intake(subject, case, {}, found, assigned)
-
-
-def _deceased_by(patient: Any, as_of: datetime) -> bool:
-    if getattr(patient, "deceasedBoolean", None) is True:
-        return True
-    died = getattr(patient, "deceasedDateTime", None)
-    if died is None:
-        return False
-    when = died if isinstance(died, datetime) else datetime.fromisoformat(str(died))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=as_of.tzinfo)
-    return bool(when <= as_of)
 
 
 @dataclass

@@ -568,6 +568,16 @@ def _birth_date(value: object) -> date | None:
     return when.date() if when is not None else None
 
 
+def deceased_by(patient: Patient, as_of: datetime) -> bool:
+    """Whether ``patient`` had died by ``as_of``: ``deceasedBoolean`` true, or a
+    ``deceasedDateTime`` no later than it (a partial one, ``2019`` or ``2019-05``, from the
+    start of its period, as a partial birthDate counts)."""
+    if patient.deceasedBoolean is True:
+        return True
+    died = _instant(patient.deceasedDateTime)
+    return died is not None and died <= as_of
+
+
 def completed_years(born: date, at: date) -> int:
     """Age in completed years (the clinical convention: a birthday not yet reached doesn't count)."""
     return at.year - born.year - ((at.month, at.day) < (born.month, born.day))

@@ -528,3 +528,18 @@ def test_an_invalid_entry_refuses_its_patient_not_the_batch(
     assert _cases(pg_sessions) == 1
     refused = _post(api, headers, {**body, "type": "transaction"})
     assert refused.status_code == 400 and _cases(pg_sessions) == 1
+
+
+@pytest.mark.parametrize(("died", "status"), [("2015", 422), ("2019-12", 422), ("2020-06", 202)])
+def test_a_partial_date_of_death_is_read_not_a_server_error(
+    api: TestClient, pg_sessions: sessionmaker[Session], died: str, status: int
+) -> None:
+    """``deceasedDateTime: "2015"`` (valid R4) was a 500: datetime.fromisoformat refused it.
+    A partial date counts from the start of its period, as a partial birthDate does."""
+    body = _first_bundle()
+    _patient(body)["resource"]["deceasedDateTime"] = died
+    response = _post(api, _key(pg_sessions), body)
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert "deceased before as_of" in response.json()["issue"][0]["diagnostics"]
+    assert _cases(pg_sessions) == (status == 202)
