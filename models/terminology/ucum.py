@@ -173,6 +173,15 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
     Raises :class:`UnitError` naming both units and their dimensions when they do not agree.
     """
     source, target = parse_unit(unit), parse_unit(to)
+    try:
+        return _convert(value, unit, to, source, target, loinc)
+    except (OverflowError, ZeroDivisionError) as exc:  # a factor such as 10*999999
+        raise UnitError(f"unit {_shown(unit)} has a factor out of range") from exc
+
+
+def _convert(
+    value: float, unit: str, to: str, source: Unit, target: Unit, loinc: str | None
+) -> float:
     if source.code == target.code and source.quantity.magnitude == target.quantity.magnitude:
         return float(value)
     registry = _registry()
@@ -188,13 +197,10 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
             f"unit {_shown(unit)} ({source.dimension}) cannot be converted to {to!r} "
             f"({target.dimension})"
         )
-    try:
-        if q_from.magnitude == 1 and q_to.magnitude == 1:
-            # Offset units (Cel, [degF]) convert only as quantities built from the value.
-            return float(registry.Quantity(value, q_from.units).to(q_to.units).magnitude)
-        return float((value * q_from).to(q_to.units).magnitude / q_to.magnitude)
-    except (OverflowError, ZeroDivisionError) as exc:  # a factor such as 10*999999
-        raise UnitError(f"unit {_shown(unit)} has a factor out of range") from exc
+    if q_from.magnitude == 1 and q_to.magnitude == 1:
+        # Offset units (Cel, [degF]) convert only as quantities built from the value.
+        return float(registry.Quantity(value, q_from.units).to(q_to.units).magnitude)
+    return float((value * q_from).to(q_to.units).magnitude / q_to.magnitude)
 
 
 def _shown(unit: str, limit: int = 40) -> str:

@@ -106,6 +106,11 @@ def test_incompatible_or_unknown_units_are_refused_by_name(unit: str, to: str, n
     assert named in str(caught.value)
 
 
+def test_a_factor_out_of_range_is_refused_through_a_molar_mass_too() -> None:
+    with pytest.raises(UnitError, match=r"'10\*999999\.mg/dL' has a factor out of range"):
+        convert(1.0, "10*999999.mg/dL", "mmol/L", loinc="2345-7")
+
+
 # --- schema checks ----------------------------------------------------------------------------
 
 
