@@ -790,6 +790,21 @@ def classify_observation(
     return Unusable(near, obs, void=False, when=when)
 
 
+#: Observation.value[x] (and component.value[x]) types other than Quantity (R4).
+_OTHER_VALUES = (
+    "CodeableConcept",
+    "String",
+    "Boolean",
+    "Integer",
+    "Range",
+    "Ratio",
+    "SampledData",
+    "Time",
+    "DateTime",
+    "Period",
+)
+
+
 def _observation_value(
     obs: Observation,
     holder: Any,
@@ -812,11 +827,9 @@ def _observation_value(
         if absent is not None:
             return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
         kind = next(
-            (k for k in ("valueString", "valueCodeableConcept", "valueInteger", "valueRange",
-                         "valueRatio", "valueBoolean") if getattr(holder, k, None) is not None),
-            None,
-        )  # fmt: skip
-        what = f"a {kind[5:]}" if kind else "no value"
+            (k for k in _OTHER_VALUES if getattr(holder, f"value{k}", None) is not None), ""
+        )
+        what = f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind}" if kind else "no value"
         return Unusable(f"{what} where a Quantity in {feature.unit!r} is needed", obs, False, when)
     if quantity.comparator is not None:
         # "<30" bounds the value; reading it as 30 would score a number that was not measured.

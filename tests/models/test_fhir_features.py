@@ -902,3 +902,17 @@ def test_a_malformed_time_says_the_format_r4_requires(element: str, value: str, 
     [issue] = _issues(bundle(ADULT, sent | {element: value}))
     assert issue.expression == f"Bundle.entry[1].resource.{element}"
     assert says in issue.diagnostics and value not in issue.diagnostics
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ({"valueInteger": 71}, "an Integer where a Quantity"),
+        ({"valueSampledData": {"origin": {"value": 0}, "period": 1000, "dimensions": 1}}, "a Sam"),
+        ({"valueDateTime": "2024-01-01"}, "a DateTime where a Quantity"),
+    ],
+)
+def test_a_value_of_another_type_is_named(value: dict[str, Any], said: str) -> None:
+    """A SampledData heart rate (a monitor's waveform) was reported as 'no value'."""
+    result = features(ADULT, observation("hr-1", "8867-4") | value)
+    assert said in result.problems["heart_rate"]
