@@ -59,7 +59,15 @@ class NotAcceptable(HTTPException):
 
 
 def json_answer(
-    request: Request, format_: Annotated[str | None, Query(alias="_format")] = None
+    request: Request,
+    format_: Annotated[
+        str | None,
+        Query(
+            alias="_format",
+            description="json (the default), application/json or application/fhir+json",
+            json_schema_extra={"enum": ["json", "application/json", FHIR_JSON]},
+        ),
+    ] = None,
 ) -> None:
     """Refuse a request for XML or Turtle (``_format``, else ``Accept``) rather than answer it
     in JSON: R4 §3.1.0.1.10, a server that cannot give the format asked for answers 406."""

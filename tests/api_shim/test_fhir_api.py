@@ -543,3 +543,17 @@ def test_a_partial_date_of_death_is_read_not_a_server_error(
     if status == 422:
         assert "deceased before as_of" in response.json()["issue"][0]["diagnostics"]
     assert _cases(pg_sessions) == (status == 202)
+
+
+def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClient) -> None:
+    """A schema-driven client (and the fuzzing run) learns the 406 and which _format is JSON."""
+    paths = api.get("/openapi.json").json()["paths"]
+    for path, method in [
+        ("/v1/fhir", "post"),
+        ("/v1/fhir/RiskAssessment", "get"),
+        ("/v1/fhir/RiskAssessment/{score_id}", "get"),
+    ]:
+        operation = paths[path][method]
+        assert "406" in operation["responses"]
+        [fmt] = [p for p in operation["parameters"] if p["name"] == "_format"]
+        assert "application/fhir+json" in fmt["schema"]["enum"]
