@@ -594,6 +594,23 @@ def _observation_time(obs: Observation) -> datetime | None:
     )
 
 
+def _day_or_more_ends(obs: Observation) -> datetime:
+    """When the period an Observation's time names ends, if the time is a date (``2024-02-29``)
+    or a partial one (``2024``, ``2024-02``): the next day, month or year. Otherwise its start."""
+    period = obs.effectivePeriod
+    sent = obs.effectiveDateTime or obs.effectiveInstant
+    sent = sent or (period.start or period.end if period is not None else None)
+    start = _instant(sent) or datetime.min.replace(tzinfo=UTC)
+    if isinstance(sent, datetime) or not isinstance(sent, date | str):
+        return start
+    if isinstance(sent, date):
+        return start + timedelta(days=1)
+    if len(sent) == 4:
+        return start.replace(year=start.year + 1)
+    month = start.month % 12 + 1
+    return start.replace(year=start.year + (month == 1), month=month)
+
+
 # --- the mapping ------------------------------------------------------------------------------
 
 TimeRule = Literal["latest", "first", "ever", "present"]
@@ -820,6 +837,11 @@ def _observation_value(
     if when is None:
         return Unusable("no effective time: cannot be placed in the window", obs, void=False)
     if not window.start <= when <= window.end:
+        if when < window.start < _day_or_more_ends(obs):
+            # "2024-02-29" (US Core lets vital signs be dated by day) on the day an admission
+            # began at 06:10: before or in the admission, no one can say. Not dropped unsaid.
+            reason = "effective time is a date without a time: cannot be placed in the window"
+            return Unusable(reason, obs, void=False, when=when)
         return None
     absent = _status_code(holder.dataAbsentReason)
     quantity = holder.valueQuantity

@@ -916,3 +916,18 @@ def test_a_value_of_another_type_is_named(value: dict[str, Any], said: str) -> N
     """A SampledData heart rate (a monitor's waveform) was reported as 'no value'."""
     result = features(ADULT, observation("hr-1", "8867-4") | value)
     assert said in result.problems["heart_rate"]
+
+
+def test_a_reading_dated_by_day_on_the_admission_day_is_reported_not_dropped() -> None:
+    """US Core lets a vital sign be dated by day. One dated the day an admission began at
+    06:00 may be before or in it: it was dropped without a word and the next reading used."""
+    admission = encounter("enc", 0.25)  # 2024-01-01T06:00Z
+    by_day = observation("hr-day", "8867-4", 120) | {"effectiveDateTime": "2024-01-01"}
+    timed = observation("hr-timed", "8867-4", 80, days_ago=0.1)
+    result = features(ADULT, admission, by_day, timed)
+    assert "hr-day: effective time is a date without a time" in result.problems["heart_rate"]
+    assert [i["resource"] for i in result.ignored] == ["Observation/hr-day"]
+    # A day wholly before the admission is outside it; wholly inside (no admission), read.
+    before = by_day | {"effectiveDateTime": "2023-12-31"}
+    assert features(ADULT, admission, before, timed).features["heart_rate"] == 80
+    assert features(ADULT, by_day).features["heart_rate"] == 120
