@@ -223,6 +223,9 @@ async def submit_bundle(
     if to_send:
         # Shared messages with concurrent requests; a broker outage leaves them for the sweeper.
         await coalescer.send_async(to_send)
+    # R4 http.html, batch/transaction: Prefer return=OperationOutcome asks for an outcome in
+    # every entry's response (there is no resource to return here in any case).
+    outcomes = "return=operationoutcome" in request.headers.get("prefer", "").lower()
     answers: dict[int, dict[str, Any]] = {}
     for (n, intake, _), r in zip(accepted, results, strict=True):
         response: dict[str, Any] = {
@@ -230,7 +233,11 @@ async def submit_bundle(
             "location": f"RiskAssessment?subject={intake.subject}",
             "etag": f'W/"case-{r.id}"',
         }
-        if reported := _reported(intake) + unread:
+        reported = _reported(intake) + unread
+        if not reported and outcomes:
+            said = "queued for scoring" if r.created else "already queued: nothing was added"
+            reported = [_note("information", said)]
+        if reported:
             response["outcome"] = {"resourceType": "OperationOutcome", "issue": reported}
         answers[n] = {"response": response}
     for n, issues in refusals.items():

@@ -557,3 +557,62 @@ def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClien
         assert "406" in operation["responses"]
         [fmt] = [p for p in operation["parameters"] if p["name"] == "_format"]
         assert "application/fhir+json" in fmt["schema"]["enum"]
+
+
+def _complete_record() -> dict:
+    """A patient with every whas500 input sent and read: nothing to report."""
+    loinc = "http://loinc.org"
+    subject = {"reference": "Patient/full-1"}
+
+    def quantity(value: float, unit: str) -> dict:
+        return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+    def vital(oid: str, code: str, **value: object) -> dict:
+        return {
+            "resourceType": "Observation",
+            "id": oid,
+            "status": "final",
+            "code": {"coding": [{"system": loinc, "code": code}]},
+            "subject": subject,
+            "effectiveDateTime": "2019-12-31T10:00:00Z",
+            **value,
+        }
+
+    bp = [
+        {"code": {"coding": [{"system": loinc, "code": c}]}, "valueQuantity": quantity(v, "mm[Hg]")}
+        for c, v in (("8480-6", 130), ("8462-4", 80))
+    ]
+    resources = [
+        {"resourceType": "Patient", "id": "full-1", "gender": "male", "birthDate": "1950-01-01"},
+        {
+            "resourceType": "Encounter",
+            "id": "adm-1",
+            "status": "in-progress",
+            "class": {"code": "EMER"},
+            "subject": subject,
+            "period": {"start": "2019-12-31T08:00:00Z"},
+        },
+        vital("hr-1", "8867-4", valueQuantity=quantity(80, "/min")),
+        vital("bp-1", "85354-9", component=bp),
+        vital("bmi-1", "39156-5", valueQuantity=quantity(26, "kg/m2")),
+    ]
+    return {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": r} for r in resources],
+    }
+
+
+def test_prefer_return_operation_outcome_gives_every_entry_an_outcome(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An accepted patient with nothing to report had no outcome, whatever the Prefer header."""
+    body = _complete_record()
+    headers = _key(pg_sessions)
+    plain = _post(api, headers, body)
+    assert plain.status_code == 202 and "outcome" not in plain.json()["entry"][0]["response"]
+    asked = _post(api, headers | {"Prefer": "return=OperationOutcome"}, body)
+    [entry] = asked.json()["entry"]
+    outcome = entry["response"]["outcome"]
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert [i["diagnostics"] for i in outcome["issue"]] == ["already queued: nothing was added"]
