@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,10 +45,22 @@ def assigned_id(record: PatientRecord) -> str:
     return "mb-" + hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:32]
 
 
+#: A Patient entry's absolute fullUrl (R4 Bundle: ``[base]/Patient/<id>``) names its id.
+_FULL_URL_ID = re.compile(r"^https?://.*/Patient/([A-Za-z0-9\-.]{1,64})(/_history/[^/]+)?$")
+
+
+def sent_id(record: PatientRecord) -> str | None:
+    """The Patient's logical id as sent: its ``id``, else the one its absolute fullUrl names."""
+    patient_id = getattr(record.patient, "id", None)
+    if patient_id:
+        return str(patient_id)
+    match = _FULL_URL_ID.match(record.reference)
+    return match[1] if match else None
+
+
 def subject_of(record: PatientRecord) -> str:
     """``Patient/<id>``: the logical id sent, else the one :func:`assigned_id` gives."""
-    patient_id = getattr(record.patient, "id", None)
-    return f"Patient/{patient_id or assigned_id(record)}"
+    return f"Patient/{sent_id(record) or assigned_id(record)}"
 
 
 @dataclass
@@ -77,7 +90,7 @@ def case_from_record(
     The case's ``context`` keeps how each feature was read (no values: those are ``features``).
     """
     subject = subject_of(record)
-    assigned = not getattr(record.patient, "id", None)
+    assigned = sent_id(record) is None
     if deceased_by(record.patient, as_of):
         return Intake(subject, None, {"patient": "deceased before as_of"}, assigned=assigned)
     found = features_of(spec, record, as_of=as_of, lookback_days=lookback_days)

@@ -616,3 +616,21 @@ def test_prefer_return_operation_outcome_gives_every_entry_an_outcome(
     outcome = entry["response"]["outcome"]
     assert outcome["resourceType"] == "OperationOutcome"
     assert [i["diagnostics"] for i in outcome["issue"]] == ["already queued: nothing was added"]
+
+
+def test_a_patient_named_by_an_absolute_full_url_keeps_that_id(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """``fullUrl: https://ehr.example/fhir/Patient/abc-123`` with no ``id``: the sender's
+    readings cite Patient/abc-123 (and reach it), but the server gave it Patient/mb-…, so a
+    search by the id the sender knows found nothing."""
+    body = _first_bundle()
+    patient = _patient(body)
+    old_url, old_ref = patient["fullUrl"], f"Patient/{patient['resource'].pop('id')}"
+    patient["fullUrl"] = "https://ehr.example/fhir/Patient/abc-123"
+    text = json.dumps(body).replace(old_url, patient["fullUrl"]).replace(old_ref, "Patient/abc-123")
+    response = _post(api, _key(pg_sessions), json.loads(text))
+    assert response.status_code == 202, response.text
+    answer = response.json()["entry"][0]["response"]
+    assert answer["location"] == "RiskAssessment?subject=Patient/abc-123"
+    assert "assigned" not in json.dumps(answer.get("outcome", {}))
