@@ -30,7 +30,8 @@ from api_shim.errors import error_response, problem
 #: Largest magnitude of an integer in a body: ids and counts are 64-bit columns.
 MAX_INT = 2**63 - 1
 
-_JSON_TYPES = ("application/json", "application/fhir+json")
+#: ``application/json+fhir`` is the FHIR DSTU2 type that integration engines still send.
+_JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 #: A \u escape that may make a NUL or a lone surrogate: only then are the strings walked.
 _SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")

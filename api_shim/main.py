@@ -27,7 +27,13 @@ from medbatch.settings import Settings
 from models.cases.registry import load_registry
 from worker.app import create_app as create_celery
 
-_FHIR_CODES = {401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported"}
+_FHIR_CODES = {
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+}
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -38,7 +44,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
         return SafeJSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     code = _FHIR_CODES.get(exc.status_code, "processing")
-    body = outcome_body([fhir_issue(code, detail)], 1)
+    body = outcome_body([fhir_issue(code, detail, getattr(exc, "expression", ""))], 1)
     return SafeJSONResponse(body, exc.status_code, media_type=FHIR_JSON, headers=exc.headers)
 
 

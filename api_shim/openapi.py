@@ -147,6 +147,7 @@ _WHY = {
     401: "missing, unknown, expired or revoked API key",
     403: "the API client lacks the scope this operation needs",
     404: "no such record for this tenant",
+    406: "(FHIR) _format or Accept asks for a format other than JSON",
     409: "an Idempotency-Key whose first request is still running, or (cases) an external_id "
     "taken by a case with other content",
     413: "request body over MEDBATCH_MAX_BODY_BYTES (declared or chunked)",
@@ -172,6 +173,8 @@ def _complete(path: str, method: str, op: dict[str, Any], settings: Settings) ->
         statuses += [401, 403]
     if "{" in path:
         statuses.append(404)
+    if fhir:
+        statuses.append(406)
     if method == "post":
         statuses += [409, 415]
         op.setdefault("parameters", []).append(_IDEMPOTENCY_KEY)

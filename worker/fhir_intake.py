@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,13 @@ from db import repo
 from db.engine import session_scope
 from db.tables import CaseStatus, Priority
 from models.cases.registry import ModelSpec
-from models.fhir.features import FeatureResult, PatientRecord, features_of, iter_ndjson
+from models.fhir.features import (
+    FeatureResult,
+    PatientRecord,
+    deceased_by,
+    features_of,
+    iter_ndjson,
+)
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
 
@@ -38,10 +45,22 @@ def assigned_id(record: PatientRecord) -> str:
     return "mb-" + hashlib.sha256(json.dumps(basis).encode()).hexdigest()[:32]
 
 
+#: A Patient entry's absolute fullUrl (R4 Bundle: ``[base]/Patient/<id>``) names its id.
+_FULL_URL_ID = re.compile(r"^https?://.*/Patient/([A-Za-z0-9\-.]{1,64})(/_history/[^/]+)?$")
+
+
+def sent_id(record: PatientRecord) -> str | None:
+    """The Patient's logical id as sent: its ``id``, else the one its absolute fullUrl names."""
+    patient_id = getattr(record.patient, "id", None)
+    if patient_id:
+        return str(patient_id)
+    match = _FULL_URL_ID.match(record.reference)
+    return match[1] if match else None
+
+
 def subject_of(record: PatientRecord) -> str:
     """``Patient/<id>``: the logical id sent, else the one :func:`assigned_id` gives."""
-    patient_id = getattr(record.patient, "id", None)
-    return f"Patient/{patient_id or assigned_id(record)}"
+    return f"Patient/{sent_id(record) or assigned_id(record)}"
 
 
 @dataclass
@@ -71,8 +90,8 @@ def case_from_record(
     The case's ``context`` keeps how each feature was read (no values: those are ``features``).
     """
     subject = subject_of(record)
-    assigned = not getattr(record.patient, "id", None)
-    if _deceased_by(record.patient, as_of):
+    assigned = sent_id(record) is None
+    if deceased_by(record.patient, as_of):
         return Intake(subject, None, {"patient": "deceased before as_of"}, assigned=assigned)
     found = features_of(spec, record, as_of=as_of, lookback_days=lookback_days)
     if not found.ok:
@@ -97,18 +116,6 @@ def case_from_record(
         context=context,
     )
     return Intake(subject, case, {}, found, assigned)
-
-
-def _deceased_by(patient: Any, as_of: datetime) -> bool:
-    if getattr(patient, "deceasedBoolean", None) is True:
-        return True
-    died = getattr(patient, "deceasedDateTime", None)
-    if died is None:
-        return False
-    when = died if isinstance(died, datetime) else datetime.fromisoformat(str(died))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=as_of.tzinfo)
-    return bool(when <= as_of)
 
 
 @dataclass

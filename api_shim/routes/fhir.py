@@ -4,7 +4,8 @@ model; ``GET /v1/fhir/RiskAssessment`` returns the scores as RiskAssessment reso
 Errors on these routes are OperationOutcomes: 400 for input that is not FHIR (not JSON, not a
 Bundle, resources that fail validation), 422 for valid FHIR that breaks a rule (no Patient, a
 patient whose record lacks what the model requires). A ``transaction`` Bundle is all or nothing;
-a ``batch`` or ``collection`` queues the patients that can be scored and answers for each.
+a ``batch`` or ``collection`` queues the patients that can be scored and answers for each
+(a patient whose own entry fails validation is refused alone, 400 in its entry).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from api_shim.audit import record_resource
 from api_shim.deps import (
     MODEL_REF,
-    SUBJECT,
     CoalescerDep,
     IdPath,
     Moment,
@@ -41,9 +41,53 @@ if TYPE_CHECKING:
     from worker.fhir_intake import Intake
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/fhir", tags=["fhir"])
 
 FHIR_JSON = "application/fhir+json"
+#: The media types (and ``_format`` names) of the only encoding written here, JSON: FHIR R4
+#: http.html §3.1.0.1.10 "Content Types and encodings"; ``application/json+fhir`` is DSTU2's.
+_JSON_MEDIA = frozenset(
+    {"json", "application/json", FHIR_JSON, "application/json+fhir", "*/*", "application/*"}
+)
+
+
+class NotAcceptable(HTTPException):
+    """A 406 naming the parameter or header that asked for a format not written here."""
+
+    def __init__(self, diagnostics: str, expression: str) -> None:
+        super().__init__(status.HTTP_406_NOT_ACCEPTABLE, diagnostics)
+        self.expression = expression
+
+
+def json_answer(
+    request: Request,
+    format_: Annotated[
+        str | None,
+        Query(
+            alias="_format",
+            description="json (the default), application/json or application/fhir+json",
+            json_schema_extra={"enum": ["json", "application/json", FHIR_JSON]},
+        ),
+    ] = None,
+) -> None:
+    """Refuse a request for XML or Turtle (``_format``, else ``Accept``) rather than answer it
+    in JSON: R4 §3.1.0.1.10, a server that cannot give the format asked for answers 406."""
+    if format_ is not None:
+        if _media(format_) not in _JSON_MEDIA:
+            raise NotAcceptable("only JSON is written here: _format=json", "_format")
+        return
+    accept = request.headers.get("accept", "")
+    ranges = [r for r in map(_media, accept.split(",")) if r]
+    if ranges and not any(r in _JSON_MEDIA or r.endswith("+json") for r in ranges):
+        raise NotAcceptable(
+            "only JSON is written here: Accept: application/fhir+json", "header.accept"
+        )
+
+
+def _media(text: str) -> str:
+    return text.partition(";")[0].strip().lower()
+
+
+router = APIRouter(prefix="/v1/fhir", tags=["fhir"], dependencies=[Depends(json_answer)])
 #: Issue types that mean "valid FHIR, but a rule is broken" (422); the rest mean "not FHIR" (400).
 _RULE_CODES = frozenset({"business-rule", "required", "not-found", "not-supported", "incomplete"})
 
@@ -107,12 +151,14 @@ async def submit_bundle(
             bundle = parse_bundle(data)
         except FhirInputError as exc:
             return exc
+        place = {key: n for n, key in enumerate(bundle.order, start=1)}
         found = [
             (
+                place[key],
                 case_from_record(spec, record, as_of=when, lookback_days=lookback_days),
                 record.identifiers,
             )
-            for record in bundle.patients.values()
+            for key, record in bundle.patients.items()
         ]
         return bundle, found
 
@@ -126,16 +172,17 @@ async def submit_bundle(
     # Entries the Bundle holds but no patient's record reads (a subject that is not a Patient,
     # ...): told with each patient's answer, so a value sent that way is not silently lost.
     unread = [i.to_fhir() for i in bundle.issues]
-    accepted: list[tuple[Intake, list[tuple[str, str]]]] = []
-    # A refused patient is named by its place in the Bundle: its subject is the caller's value.
+    # Each patient by its place in the Bundle (1-based): the answer lists them in that order,
+    # and a refused one is named by it (its subject is the caller's value).
+    accepted: list[tuple[int, Intake, list[tuple[str, str]]]] = []
     rejected: list[tuple[int, Intake]] = []
-    for n, (intake, identifiers) in enumerate(found, start=1):
+    for n, intake, identifiers in found:
         if intake.case is None:
             rejected.append((n, intake))
         else:
-            accepted.append((intake, identifiers))
+            accepted.append((n, intake, identifiers))
     refusals = {
-        intake.subject: [
+        n: [
             issue(
                 "business-rule",
                 f"patient {n} of the Bundle: {name}: {why}",
@@ -153,15 +200,21 @@ async def submit_bundle(
         ]
         for n, intake in rejected
     }
-    if rejected and (bundle.type == "transaction" or not accepted):
+    # A patient of a batch whose own entries failed validation: refused alone (400).
+    place = {key: n for n, key in enumerate(bundle.order, start=1)}
+    invalid = {place[key]: [i.to_fhir() for i in issues] for key, issues in bundle.refused.items()}
+    for n, issues in invalid.items():
+        for i in issues:
+            i["diagnostics"] = f"patient {n} of the Bundle: {i['diagnostics']}"
+    if (rejected or invalid) and (bundle.type == "transaction" or not accepted):
         return outcome(
-            422,
-            [i for issues in refusals.values() for i in issues] + unread,
+            400 if invalid else 422,
+            [i for _, issues in sorted({**refusals, **invalid}.items()) for i in issues] + unread,
             limit=settings.max_reported_problems,
         )
-    cases = [intake.case for intake, _ in accepted if intake.case is not None]
+    cases = [intake.case for _, intake, _ in accepted if intake.case is not None]
     results = repo.add_cases(session, tenant_id=tenant.id, cases=cases)
-    for intake, identifiers in accepted:
+    for _, intake, identifiers in accepted:
         repo.add_patient_identifiers(
             session, tenant_id=tenant.id, subject=intake.subject, identifiers=identifiers
         )
@@ -170,25 +223,38 @@ async def submit_bundle(
     if to_send:
         # Shared messages with concurrent requests; a broker outage leaves them for the sweeper.
         await coalescer.send_async(to_send)
-    entries: list[dict[str, Any]] = []
-    for (intake, _), r in zip(accepted, results, strict=True):
+    # R4 http.html, batch/transaction: Prefer return=OperationOutcome asks for an outcome in
+    # every entry's response (there is no resource to return here in any case).
+    outcomes = "return=operationoutcome" in request.headers.get("prefer", "").lower()
+    answers: dict[int, dict[str, Any]] = {}
+    for (n, intake, _), r in zip(accepted, results, strict=True):
         response: dict[str, Any] = {
             "status": "202 Accepted" if r.created else "200 OK",
             "location": f"RiskAssessment?subject={intake.subject}",
             "etag": f'W/"case-{r.id}"',
         }
-        if reported := _reported(intake) + unread:
+        reported = _reported(intake) + unread
+        if not reported and outcomes:
+            said = "queued for scoring" if r.created else "already queued: nothing was added"
+            reported = [_note("information", said)]
+        if reported:
             response["outcome"] = {"resourceType": "OperationOutcome", "issue": reported}
-        entries.append({"response": response})
-    entries += [
-        {
+        answers[n] = {"response": response}
+    for n, issues in refusals.items():
+        answers[n] = {
             "response": {
                 "status": "422 Unprocessable Entity",
                 "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
             }
         }
-        for issues in refusals.values()
-    ]
+    for n, issues in invalid.items():
+        answers[n] = {
+            "response": {
+                "status": "400 Bad Request",
+                "outcome": {"resourceType": "OperationOutcome", "issue": issues + unread},
+            }
+        }
+    entries = [answers[n] for n in sorted(answers)]
     kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
     body = {"resourceType": "Bundle", "type": kind, "entry": entries}
     return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
@@ -304,13 +370,18 @@ def _spec(registry: Any, score: Score) -> ModelSpec | None:
         return None
 
 
+#: A search's reference to a Patient: ``Patient/<id>`` or the id alone.
+_PATIENT = r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$"
+
+
 @router.get("/RiskAssessment", response_model=None)
 def search_risk_assessments(
     request: Request,
     tenant: ReaderDep,
     session: SessionDep,
     registry: RegistryDep,
-    subject: Annotated[str | None, Query(pattern=SUBJECT)] = None,
+    subject: Annotated[str | None, Query(pattern=_PATIENT)] = None,
+    patient: Annotated[str | None, Query(pattern=_PATIENT)] = None,
     subject_identifier: Annotated[
         str | None, Query(alias="subject:identifier", min_length=1, max_length=500)
     ] = None,
@@ -318,15 +389,18 @@ def search_risk_assessments(
         str | None, Query(alias="patient.identifier", min_length=1, max_length=500)
     ] = None,
 ) -> JSONResponse:
-    """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or by
-    the patient's identifier (``subject:identifier`` / ``patient.identifier``, ``system|value``,
-    ``|value`` or ``value``)."""
-    given = [p for p in (subject, subject_identifier, patient_identifier) if p is not None]
+    """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or
+    ``patient`` (``Patient/<id>`` or ``<id>``) or by the patient's identifier
+    (``subject:identifier`` / ``patient.identifier``, ``system|value``, ``|value`` or ``value``)."""
+    criteria = (subject, patient, subject_identifier, patient_identifier)
+    given = [p for p in criteria if p is not None]
     if len(given) != 1:
-        diag = "give exactly one of subject, subject:identifier, patient.identifier"
+        diag = "give exactly one of subject, patient, subject:identifier, patient.identifier"
         return outcome(400, [issue("required" if not given else "invalid", diag)])
-    if subject is not None:
-        subjects = [subject]
+    if (reference := subject or patient) is not None:
+        # R4 search, reference parameters: "Patient/23" or the bare id "23" (the RiskAssessment
+        # search parameter ``patient`` is its subject when that is a Patient).
+        subjects = [reference if reference.startswith("Patient/") else f"Patient/{reference}"]
     else:
         token = str(subject_identifier or patient_identifier)
         system, bar, value = token.rpartition("|") if "|" in token else (None, "", token)

@@ -137,6 +137,21 @@ class FhirInputError(ValueError):
         return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in self.issues]}
 
 
+#: fhir.resources' "value string does not match spec regex", said as the format R4 requires
+#: (§2.24.0 Primitive Types), so a sender learns a time lacks its zone without the value quoted.
+_FORMATS = {
+    "Date value string does not match spec regex.": "not an R4 date: YYYY, YYYY-MM or YYYY-MM-DD",
+    "DateTime value string does not match spec regex.": (
+        "not an R4 dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or YYYY-MM-DDThh:mm:ss[.sss] with its "
+        "time zone (Z or +hh:mm)"
+    ),
+    "Instant value string does not match spec regex.": (
+        "not an R4 instant: YYYY-MM-DDThh:mm:ss[.sss] with its time zone (Z or +hh:mm)"
+    ),
+    "Time value string does not match spec regex.": "not an R4 time: hh:mm:ss[.sss]",
+}
+
+
 def _validation_issues(
     error: ValidationError, *, prefix: str, file: str | None = None, line: int | None = None
 ) -> list[Issue]:
@@ -151,6 +166,7 @@ def _validation_issues(
         else:
             code = "value"
         message = re.sub(r"^(Value|Assertion) error, ", "", str(err["msg"]))
+        message = _FORMATS.get(message, message)
         issues.append(
             Issue("error", code, message, _fhirpath(prefix, err["loc"]), file=file, line=line)
         )
@@ -228,6 +244,11 @@ class ParsedBundle:
     issues: list[Issue] = field(default_factory=list)
     #: Entries of other resource types, not read: ``{resourceType: count}``.
     ignored: dict[str, int] = field(default_factory=dict)
+    #: Patients of a ``batch``/``collection``/``searchset`` refused for their own entries'
+    #: validation errors (keyed like :attr:`patients`, which omits them); the others are read.
+    refused: dict[str, list[Issue]] = field(default_factory=dict)
+    #: Every Patient's key in Bundle order, refused ones included.
+    order: list[str] = field(default_factory=list)
 
 
 def _subject(raw: dict[str, Any]) -> object:
@@ -287,10 +308,30 @@ def _identified_patient(
     return None, f"the identifier of the subject matches {len(matches)} Patients in the Bundle"
 
 
-_ABSOLUTE_PATIENT = re.compile(r"^https?://.*/(Patient/[A-Za-z0-9\-.]{1,64})(/_history/.*)?$")
+#: A Patient reference, absolute or relative, with or without its version: FHIR R4 §2.3.0
+#: "Resource References" allows ``Patient/23/_history/2`` as well as the server's full URL.
+_PATIENT_REFERENCE = re.compile(
+    r"^(?:https?://.*/)?(Patient/[A-Za-z0-9\-.]{1,64})(/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 _ABSOLUTE_REFERENCE = re.compile(
     r"^https?://.*/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/.*)?$"
 )
+
+
+def _contained_unread(raw: dict[str, Any], where: str) -> list[Issue]:
+    """A warning for each contained resource of a type that feeds features (a DiagnosticReport's
+    contained Observations, as v2-to-FHIR converters send results): only entries are read, so
+    their values would otherwise be lost without a word (and imputed)."""
+    contained = raw.get("contained")
+    if not isinstance(contained, list):
+        return []
+    out = []
+    for j, inner in enumerate(contained):
+        rtype = inner.get("resourceType") if isinstance(inner, dict) else None
+        if rtype in USED_TYPES:
+            diag = f"a contained {rtype} is not read: send it as an entry of the Bundle"
+            out.append(Issue("warning", "not-supported", diag, f"{where}.contained[{j}]"))
+    return out
 
 
 def parse_bundle(data: object) -> ParsedBundle:
@@ -320,6 +361,11 @@ def parse_bundle(data: object) -> ParsedBundle:
 
     ignored: Counter[str] = Counter()
     parsed: list[tuple[int, Resource, dict[str, Any], str]] = []
+    #: Entries that failed validation (other than Patients): their patient is refused alone.
+    invalid: list[tuple[dict[str, Any], list[Issue]]] = []
+    #: ``id(issue)`` -> the key of the one patient a validation error belongs to.
+    blame: dict[int, str] = {}
+    order: list[str] = []
     types_by_url: dict[str, str] = {}
     #: Every way a Patient entry can be referenced -> its key (valid entries or not, so that an
     #: Observation of a Patient that failed validation is not also reported as "not found").
@@ -350,6 +396,7 @@ def parse_bundle(data: object) -> ParsedBundle:
                 diag = "fullUrl repeats an earlier entry's"
                 issues.append(Issue("error", "duplicate", diag, f"{where}.fullUrl"))
             types_by_url[full_url] = rtype
+        warnings += _contained_unread(raw, f"{where}.resource")
         if rtype not in USED_TYPES:
             if _known_type(rtype):
                 ignored[rtype] += 1
@@ -370,6 +417,8 @@ def parse_bundle(data: object) -> ParsedBundle:
                     diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"
                     warnings.append(Issue("warning", "business-rule", diag, where))
                 parsed.append((i, resource, raw, cite))
+            elif problems:
+                invalid.append((raw, problems))
             continue
         if not isinstance(rid, str) and full_url is None:
             diag = "a Patient needs an id or a fullUrl to be referenced"
@@ -382,11 +431,13 @@ def parse_bundle(data: object) -> ParsedBundle:
             )
             continue
         alias[key] = key
+        order.append(key)
+        blame.update((id(p), key) for p in problems)
         for pair in _identifiers(raw):
             owners.setdefault(pair, set()).add(key)
         if full_url is not None:
             alias[full_url] = key
-            if match := _ABSOLUTE_PATIENT.match(full_url):
+            if match := _PATIENT_REFERENCE.match(full_url):
                 alias.setdefault(match.group(1), key)
         if isinstance(resource, Patient):
             record = PatientRecord(reference=key, patient=resource, identifiers=_identifiers(raw))
@@ -407,7 +458,7 @@ def parse_bundle(data: object) -> ParsedBundle:
             issues.append(Issue("error", "required", diag, where))
             continue
         target_key = alias.get(ref)
-        if target_key is None and (match := _ABSOLUTE_PATIENT.match(ref)):
+        if target_key is None and (match := _PATIENT_REFERENCE.match(ref)):
             target_key = alias.get(match.group(1))
         if target_key is None:
             absolute = _ABSOLUTE_REFERENCE.match(ref)
@@ -439,14 +490,43 @@ def parse_bundle(data: object) -> ParsedBundle:
         elif isinstance(resource, Encounter):
             owner.encounters.append(resource)
 
-    if issues:
+    for raw, problems in invalid:
+        if (owner_key := _owner_key(raw, alias, owners)) is not None:
+            blame.update((id(p), owner_key) for p in problems)
+    refused: dict[str, list[Issue]] = {}
+    for found in issues:
+        if id(found) in blame:
+            refused.setdefault(blame[id(found)], []).append(found)
+    # A batch is not poisoned by one patient's bad entry: that patient is refused, the others
+    # read. A transaction is all or nothing; an error no single patient owns refuses the Bundle.
+    unowned = [i for i in issues if id(i) not in blame]
+    if issues and (btype == "transaction" or unowned or len(refused) == len(order)):
         raise FhirInputError(issues)
     return ParsedBundle(
         type=cast(BundleType, btype),
-        patients=patients,
+        patients={k: r for k, r in patients.items() if k not in refused},
         issues=warnings,
         ignored=dict(ignored),
+        refused=refused,
+        order=order,
     )
+
+
+def _owner_key(
+    raw: dict[str, Any], alias: dict[str, str], owners: dict[tuple[str, str], set[str]]
+) -> str | None:
+    """The key of the Patient an entry that failed validation is about, if its subject still
+    reaches exactly one."""
+    identified, _ = _identified_patient(raw.get("subject") or raw.get("patient"), owners)
+    if identified is None or identified:
+        return identified
+    ref = _subject(raw)
+    if not isinstance(ref, str):
+        return None
+    key = alias.get(ref)
+    if key is None and (match := _PATIENT_REFERENCE.match(ref)):
+        key = alias.get(match.group(1))
+    return key
 
 
 # --- units ------------------------------------------------------------------------------------
@@ -488,6 +568,16 @@ def _birth_date(value: object) -> date | None:
     return when.date() if when is not None else None
 
 
+def deceased_by(patient: Patient, as_of: datetime) -> bool:
+    """Whether ``patient`` had died by ``as_of``: ``deceasedBoolean`` true, or a
+    ``deceasedDateTime`` no later than it (a partial one, ``2019`` or ``2019-05``, from the
+    start of its period, as a partial birthDate counts)."""
+    if patient.deceasedBoolean is True:
+        return True
+    died = _instant(patient.deceasedDateTime)
+    return died is not None and died <= as_of
+
+
 def completed_years(born: date, at: date) -> int:
     """Age in completed years (the clinical convention: a birthday not yet reached doesn't count)."""
     return at.year - born.year - ((at.month, at.day) < (born.month, born.day))
@@ -502,6 +592,23 @@ def _observation_time(obs: Observation) -> datetime | None:
         or _instant(obs.effectiveInstant)
         or (_instant(period.start) or _instant(period.end) if period is not None else None)
     )
+
+
+def _day_or_more_ends(obs: Observation) -> datetime:
+    """When the period an Observation's time names ends, if the time is a date (``2024-02-29``)
+    or a partial one (``2024``, ``2024-02``): the next day, month or year. Otherwise its start."""
+    period = obs.effectivePeriod
+    sent = obs.effectiveDateTime or obs.effectiveInstant
+    sent = sent or (period.start or period.end if period is not None else None)
+    start = _instant(sent) or datetime.min.replace(tzinfo=UTC)
+    if isinstance(sent, datetime) or not isinstance(sent, date | str):
+        return start
+    if isinstance(sent, date):
+        return start + timedelta(days=1)
+    if len(sent) == 4:
+        return start.replace(year=start.year + 1)
+    month = start.month % 12 + 1
+    return start.replace(year=start.year + (month == 1), month=month)
 
 
 # --- the mapping ------------------------------------------------------------------------------
@@ -700,6 +807,21 @@ def classify_observation(
     return Unusable(near, obs, void=False, when=when)
 
 
+#: Observation.value[x] (and component.value[x]) types other than Quantity (R4).
+_OTHER_VALUES = (
+    "CodeableConcept",
+    "String",
+    "Boolean",
+    "Integer",
+    "Range",
+    "Ratio",
+    "SampledData",
+    "Time",
+    "DateTime",
+    "Period",
+)
+
+
 def _observation_value(
     obs: Observation,
     holder: Any,
@@ -715,6 +837,11 @@ def _observation_value(
     if when is None:
         return Unusable("no effective time: cannot be placed in the window", obs, void=False)
     if not window.start <= when <= window.end:
+        if when < window.start < _day_or_more_ends(obs):
+            # "2024-02-29" (US Core lets vital signs be dated by day) on the day an admission
+            # began at 06:10: before or in the admission, no one can say. Not dropped unsaid.
+            reason = "effective time is a date without a time: cannot be placed in the window"
+            return Unusable(reason, obs, void=False, when=when)
         return None
     absent = _status_code(holder.dataAbsentReason)
     quantity = holder.valueQuantity
@@ -722,11 +849,9 @@ def _observation_value(
         if absent is not None:
             return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
         kind = next(
-            (k for k in ("valueString", "valueCodeableConcept", "valueInteger", "valueRange",
-                         "valueRatio", "valueBoolean") if getattr(holder, k, None) is not None),
-            None,
-        )  # fmt: skip
-        what = f"a {kind[5:]}" if kind else "no value"
+            (k for k in _OTHER_VALUES if getattr(holder, f"value{k}", None) is not None), ""
+        )
+        what = f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind}" if kind else "no value"
         return Unusable(f"{what} where a Quantity in {feature.unit!r} is needed", obs, False, when)
     if quantity.comparator is not None:
         # "<30" bounds the value; reading it as 30 would score a number that was not measured.
@@ -1263,6 +1388,8 @@ class NdjsonExport:
             if resource is None:
                 continue
             ref = _subject(raw)
+            if isinstance(ref, str) and (match := _PATIENT_REFERENCE.match(ref)):
+                ref = match.group(1)  # the server's URL or a version: the same patient
             if not isinstance(ref, str) or ref not in records:
                 diag = (
                     f"{rtype} has no subject reference"

@@ -162,7 +162,7 @@ def parse_unit(spelling: str) -> Unit:
     # A known display spelling first: "mmHg" is not UCUM, and "C" would parse as the coulomb.
     parsed = _parse_ucum(code) if code is not None else _parse_ucum(text)
     if parsed is None:
-        raise UnitError(f"unit {text!r} is neither a UCUM code nor a known spelling of one")
+        raise UnitError(f"unit {_shown(text)} is neither a UCUM code nor a known spelling of one")
     return parsed
 
 
@@ -173,6 +173,15 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
     Raises :class:`UnitError` naming both units and their dimensions when they do not agree.
     """
     source, target = parse_unit(unit), parse_unit(to)
+    try:
+        return _convert(value, unit, to, source, target, loinc)
+    except (OverflowError, ZeroDivisionError) as exc:  # a factor such as 10*999999
+        raise UnitError(f"unit {_shown(unit)} has a factor out of range") from exc
+
+
+def _convert(
+    value: float, unit: str, to: str, source: Unit, target: Unit, loinc: str | None
+) -> float:
     if source.code == target.code and source.quantity.magnitude == target.quantity.magnitude:
         return float(value)
     registry = _registry()
@@ -185,12 +194,20 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
             if moved.dimensionality == q_to.dimensionality:
                 return float((value * moved).to(q_to.units).magnitude / q_to.magnitude)
         raise UnitError(
-            f"unit {unit!r} ({source.dimension}) cannot be converted to {to!r} ({target.dimension})"
+            f"unit {_shown(unit)} ({source.dimension}) cannot be converted to {to!r} "
+            f"({target.dimension})"
         )
     if q_from.magnitude == 1 and q_to.magnitude == 1:
         # Offset units (Cel, [degF]) convert only as quantities built from the value.
         return float(registry.Quantity(value, q_from.units).to(q_to.units).magnitude)
     return float((value * q_from).to(q_to.units).magnitude / q_to.magnitude)
+
+
+def _shown(unit: str, limit: int = 40) -> str:
+    """A sent unit as quoted in a message: at most ``limit`` characters (it is the sender's text,
+    kept in case records and RiskAssessment notes)."""
+    text = unit.strip()
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _has_mass(quantity: Any) -> bool:

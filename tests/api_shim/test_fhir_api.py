@@ -199,7 +199,9 @@ def test_unknown_model_and_missing_scope_and_other_tenants(
     score_id = mine.json()["entry"][0]["resource"]["id"]
     missing = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=reader)
     assert missing.status_code == 404 and missing.json()["issue"][0]["code"] == "not-found"
-    bad_subject = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"subject": "x"})
+    bad_subject = api.get(
+        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "Location/x"}
+    )
     assert (
         bad_subject.status_code == 400 and bad_subject.json()["resourceType"] == "OperationOutcome"
     )
@@ -374,6 +376,11 @@ def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
     score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model)
     for params in (
         {"subject": subject},
+        # R4's search parameter for a RiskAssessment's Patient is ``patient``; a reference
+        # parameter takes the bare id too. Both were a 400.
+        {"patient": subject},
+        {"patient": subject.removeprefix("Patient/")},
+        {"subject": subject.removeprefix("Patient/")},
         {"subject:identifier": "urn:mrn:a|MRN-77"},
         {"patient.identifier": "MRN-77"},
     ):
@@ -399,6 +406,8 @@ def test_a_patient_without_an_id_gets_one_and_is_found_by_its_identifier(
     [
         {},
         {"subject": "Patient/a", "subject:identifier": "urn:mrn:a|1"},
+        {"subject": "Patient/a", "patient": "Patient/a"},
+        {"patient": "Location/ward-1"},
         {"subject:identifier": "urn:mrn:a|"},
         {"patient.identifier": "x" * 501},
     ],
@@ -498,3 +507,224 @@ def test_a_risk_assessment_tells_its_attributions_for_each_model_kind(
     assert notes(ids[1]) == [
         "no feature attributions: features could not be prepared for the model (featurize raised)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("params", "accept", "expression"),
+    [
+        ({"_format": "xml"}, None, "_format"),
+        ({"_format": "application/fhir+xml"}, "application/fhir+json", "_format"),
+        ({}, "application/fhir+xml", "header.accept"),
+        ({}, "application/xml, text/turtle;q=0.5", "header.accept"),
+    ],
+)
+def test_a_request_for_xml_is_406_not_answered_in_json(
+    api: TestClient, pg_sessions: sessionmaker[Session], params, accept, expression
+) -> None:  # type: ignore[no-untyped-def]
+    """An engine that asks for XML (``_format`` or ``Accept``) got JSON it could not parse, with
+    the patients queued; R4 §3.1.0.1.10: 406, an OperationOutcome naming where it asked."""
+    headers = _key(pg_sessions) | ({"Accept": accept} if accept else {})
+    posted = _post(api, headers, _first_bundle(), **params)
+    search = {"subject": "Patient/x", **params}
+    searched = api.get("/v1/fhir/RiskAssessment", headers=headers, params=search)
+    for response in (posted, searched):
+        assert response.status_code == 406, response.text
+        [issue] = response.json()["issue"]
+        assert issue["code"] == "not-supported" and issue["expression"] == [expression]
+    assert _cases(pg_sessions) == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "accept"),
+    [
+        ({"_format": "json"}, None),
+        ({"_format": "application/fhir+json"}, "application/fhir+xml"),
+        ({}, "application/fhir+json;fhirVersion=4.0"),
+        ({}, "application/json+fhir"),
+        ({}, "text/html,application/xhtml+xml,*/*;q=0.8"),
+    ],
+)
+def test_a_request_for_json_in_any_spelling_is_answered(
+    api: TestClient, pg_sessions: sessionmaker[Session], params, accept
+) -> None:  # type: ignore[no-untyped-def]
+    headers = _key(pg_sessions) | ({"Accept": accept} if accept else {})
+    assert _post(api, headers, _first_bundle(), **params).status_code == 202
+    search = {"subject": "Patient/x", **params}
+    assert api.get("/v1/fhir/RiskAssessment", headers=headers, params=search).status_code == 200
+
+
+def test_a_bundle_sent_as_the_dstu2_media_type_is_read(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Engines configured for DSTU2 still label JSON ``application/json+fhir``: it was a 415."""
+    raw = json.dumps(_first_bundle()).encode()
+    headers = _key(pg_sessions) | {"Content-Type": "application/json+fhir; charset=utf-8"}
+    response = api.post("/v1/fhir", headers=headers, content=raw, params={"as_of": AS_OF})
+    assert response.status_code == 202, response.text
+    assert _cases(pg_sessions) == 1
+
+
+def test_a_batch_answers_each_patient_in_its_place_in_the_bundle(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Refusals came after every acceptance, out of the Bundle's order; and two refused id-less
+    Patients given one server id (the same identifier) got one answer between them."""
+    first, second = (json.loads(p.read_text()) for p in _bundles()[:2])
+    twins = []
+    for n in range(2):
+        twin = copy.deepcopy(_patient(_without_birth_date(first)))
+        twin["fullUrl"] = f"urn:uuid:00000000-0000-4000-8000-00000000000{n}"
+        twin["resource"].pop("id")
+        twin["resource"]["identifier"] = [{"system": "urn:mrn:a", "value": "MRN-TWIN"}]
+        twins.append(twin)
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [*twins, *second["entry"]]}
+    headers = _key(pg_sessions)
+    response = _post(api, headers, body)
+    assert response.status_code == 202, response.text
+    statuses = [e["response"]["status"] for e in response.json()["entry"]]
+    assert statuses == ["422 Unprocessable Entity", "422 Unprocessable Entity", "202 Accepted"]
+    told = [json.dumps(e["response"]["outcome"]) for e in response.json()["entry"][:2]]
+    assert "patient 1 of the Bundle" in told[0] and "patient 2 of the Bundle" in told[1]
+    assert _cases(pg_sessions) == 1
+    refused = _post(api, headers, {**body, "entry": twins})
+    assert refused.status_code == 422
+    said = " ".join(i["diagnostics"] for i in refused.json()["issue"])
+    assert "patient 1 of the Bundle" in said and "patient 2 of the Bundle" in said
+    assert "MRN-TWIN" not in refused.text
+
+
+def test_an_invalid_entry_refuses_its_patient_not_the_batch(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A BMI sent with a time without its zone refused every patient of the batch (400);
+    now its patient is answered 400 in its place, naming the element, and the others queued."""
+    first, second = (json.loads(p.read_text()) for p in _bundles()[:2])
+    bmi = _bmi(
+        first,
+        "urn:uuid:00000000-0000-4000-8000-0000000000b1",
+        system="http://loinc.org",
+        status="final",
+        when="2019-12-01T08:00:00",
+        value={"value": 27.0, "unit": "kg/m2"},
+    )
+    body = {"resourceType": "Bundle", "type": "batch", "entry": first["entry"] + [bmi]}
+    body["entry"] += second["entry"]
+    headers = _key(pg_sessions)
+    response = _post(api, headers, body)
+    assert response.status_code == 202, response.text
+    entries = response.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["400 Bad Request", "202 Accepted"]
+    [problem] = entries[0]["response"]["outcome"]["issue"]
+    place = len(first["entry"])
+    assert problem["expression"] == [f"Bundle.entry[{place}].resource.effectiveDateTime"]
+    assert problem["diagnostics"].startswith("patient 1 of the Bundle: ")
+    assert "2019-12-01" not in response.text
+    assert _cases(pg_sessions) == 1
+    refused = _post(api, headers, {**body, "type": "transaction"})
+    assert refused.status_code == 400 and _cases(pg_sessions) == 1
+
+
+@pytest.mark.parametrize(("died", "status"), [("2015", 422), ("2019-12", 422), ("2020-06", 202)])
+def test_a_partial_date_of_death_is_read_not_a_server_error(
+    api: TestClient, pg_sessions: sessionmaker[Session], died: str, status: int
+) -> None:
+    """``deceasedDateTime: "2015"`` (valid R4) was a 500: datetime.fromisoformat refused it.
+    A partial date counts from the start of its period, as a partial birthDate does."""
+    body = _first_bundle()
+    _patient(body)["resource"]["deceasedDateTime"] = died
+    response = _post(api, _key(pg_sessions), body)
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert "deceased before as_of" in response.json()["issue"][0]["diagnostics"]
+    assert _cases(pg_sessions) == (status == 202)
+
+
+def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClient) -> None:
+    """A schema-driven client (and the fuzzing run) learns the 406 and which _format is JSON."""
+    paths = api.get("/openapi.json").json()["paths"]
+    for path, method in [
+        ("/v1/fhir", "post"),
+        ("/v1/fhir/RiskAssessment", "get"),
+        ("/v1/fhir/RiskAssessment/{score_id}", "get"),
+    ]:
+        operation = paths[path][method]
+        assert "406" in operation["responses"]
+        [fmt] = [p for p in operation["parameters"] if p["name"] == "_format"]
+        assert "application/fhir+json" in fmt["schema"]["enum"]
+
+
+def _complete_record() -> dict:
+    """A patient with every whas500 input sent and read: nothing to report."""
+    loinc = "http://loinc.org"
+    subject = {"reference": "Patient/full-1"}
+
+    def quantity(value: float, unit: str) -> dict:
+        return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+    def vital(oid: str, code: str, **value: object) -> dict:
+        return {
+            "resourceType": "Observation",
+            "id": oid,
+            "status": "final",
+            "code": {"coding": [{"system": loinc, "code": code}]},
+            "subject": subject,
+            "effectiveDateTime": "2019-12-31T10:00:00Z",
+            **value,
+        }
+
+    bp = [
+        {"code": {"coding": [{"system": loinc, "code": c}]}, "valueQuantity": quantity(v, "mm[Hg]")}
+        for c, v in (("8480-6", 130), ("8462-4", 80))
+    ]
+    resources = [
+        {"resourceType": "Patient", "id": "full-1", "gender": "male", "birthDate": "1950-01-01"},
+        {
+            "resourceType": "Encounter",
+            "id": "adm-1",
+            "status": "in-progress",
+            "class": {"code": "EMER"},
+            "subject": subject,
+            "period": {"start": "2019-12-31T08:00:00Z"},
+        },
+        vital("hr-1", "8867-4", valueQuantity=quantity(80, "/min")),
+        vital("bp-1", "85354-9", component=bp),
+        vital("bmi-1", "39156-5", valueQuantity=quantity(26, "kg/m2")),
+    ]
+    return {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": r} for r in resources],
+    }
+
+
+def test_prefer_return_operation_outcome_gives_every_entry_an_outcome(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An accepted patient with nothing to report had no outcome, whatever the Prefer header."""
+    body = _complete_record()
+    headers = _key(pg_sessions)
+    plain = _post(api, headers, body)
+    assert plain.status_code == 202 and "outcome" not in plain.json()["entry"][0]["response"]
+    asked = _post(api, headers | {"Prefer": "return=OperationOutcome"}, body)
+    [entry] = asked.json()["entry"]
+    outcome = entry["response"]["outcome"]
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert [i["diagnostics"] for i in outcome["issue"]] == ["already queued: nothing was added"]
+
+
+def test_a_patient_named_by_an_absolute_full_url_keeps_that_id(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """``fullUrl: https://ehr.example/fhir/Patient/abc-123`` with no ``id``: the sender's
+    readings cite Patient/abc-123 (and reach it), but the server gave it Patient/mb-…, so a
+    search by the id the sender knows found nothing."""
+    body = _first_bundle()
+    patient = _patient(body)
+    old_url, old_ref = patient["fullUrl"], f"Patient/{patient['resource'].pop('id')}"
+    patient["fullUrl"] = "https://ehr.example/fhir/Patient/abc-123"
+    text = json.dumps(body).replace(old_url, patient["fullUrl"]).replace(old_ref, "Patient/abc-123")
+    response = _post(api, _key(pg_sessions), json.loads(text))
+    assert response.status_code == 202, response.text
+    answer = response.json()["entry"][0]["response"]
+    assert answer["location"] == "RiskAssessment?subject=Patient/abc-123"
+    assert "assigned" not in json.dumps(answer.get("outcome", {}))

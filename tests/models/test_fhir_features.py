@@ -815,3 +815,119 @@ def test_an_export_without_patients_is_refused(tmp_path: Path) -> None:
         shutil.copy(ndjson, tmp_path / "Observation.ndjson")
     with pytest.raises(FhirInputError, match=r"no Patient\.ndjson"):
         list(iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30))
+
+
+def test_a_versioned_or_absolute_patient_reference_reaches_the_patient(tmp_path: Path) -> None:
+    """``Patient/p1/_history/2`` (R4 §2.3.0 allows a version) was refused as a Patient not in
+    the Bundle, and an export's absolute or versioned subject as not in Patient.ndjson."""
+    subjects = ["Patient/p1/_history/2", "https://ehr.example/fhir/Patient/p1/_history/7"]
+    observations = [
+        observation(f"hr-{n}", "8867-4", 70 + n, days_ago=n + 1, subject=s)
+        for n, s in enumerate([*subjects, "https://ehr.example/fhir/Patient/p1"])
+    ]
+    parsed = parse_bundle(bundle(ADULT, *observations))
+    assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr-0", "hr-1", "hr-2"]
+
+    _write(tmp_path / "Patient.ndjson", [ADULT])
+    _write(tmp_path / "Observation.ndjson", observations)
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    [record] = list(export)
+    assert export.issues == []
+    result = features_of(SPEC, record, as_of=AS_OF, lookback_days=30)
+    assert result.features["heart_rate"] == 72  # the first of the three, sent absolute
+
+
+def test_a_contained_observation_is_named_not_silently_lost() -> None:
+    """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
+    send them): the heart rate in it was dropped without a word and the median imputed."""
+    hr = observation("hr", "8867-4", 71)
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "dr-1",
+        "status": "final",
+        "code": {"text": "vital signs"},
+        "subject": {"reference": "Patient/p1"},
+        "contained": [hr, {"resourceType": "Practitioner", "id": "pr"}],
+        "result": [{"reference": "#hr"}],
+    }
+    panel = observation("vs", "85353-1", contained=[hr], hasMember=[{"reference": "#hr"}])
+    parsed = parse_bundle(bundle(ADULT, report, panel))
+    assert [(i.severity, i.expression) for i in parsed.issues] == [
+        ("warning", "Bundle.entry[1].resource.contained[0]"),
+        ("warning", "Bundle.entry[2].resource.contained[0]"),
+    ]
+    assert all("contained Observation is not read" in i.diagnostics for i in parsed.issues)
+
+
+def test_a_bad_entry_refuses_its_own_patient_only_in_a_batch() -> None:
+    """One Observation with a time without its zone (invalid R4) refused a whole batch of
+    patients; now that patient is refused, with the entry's place, and the others are read."""
+    zoneless = observation("hr-2", "8867-4", 70, subject="Patient/p2")
+    zoneless["effectiveDateTime"] = "2024-02-29T08:00:00"
+    resources = [
+        ADULT,
+        observation("hr-1", "8867-4", 71),
+        patient("p2", birthDate="1950-01-01"),
+        zoneless,
+        patient("p3", birthDate="1950-13-01"),
+    ]
+    parsed = parse_bundle(bundle(*resources, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"]
+    assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr-1"]
+    assert parsed.order == ["Patient/p1", "Patient/p2", "Patient/p3"]
+    assert {k: [i.expression for i in v] for k, v in parsed.refused.items()} == {
+        "Patient/p2": ["Bundle.entry[3].resource.effectiveDateTime"],
+        "Patient/p3": ["Bundle.entry[4].resource.birthDate"],
+    }
+    # A transaction is all or nothing; an error no one patient owns refuses the batch too.
+    assert len(_issues(bundle(*resources, kind="transaction"))) == 2
+    orphan = zoneless | {"subject": {"reference": "Patient/nobody"}}
+    assert len(_issues(bundle(*resources, orphan, kind="batch"))) == 3
+    assert len(_issues(bundle(*resources[2:], kind="batch"))) == 2  # every patient refused
+
+
+@pytest.mark.parametrize(
+    ("element", "value", "says"),
+    [
+        ("effectiveDateTime", "2024-02-29T08:00:00", "with its time zone"),
+        ("effectiveDateTime", "2024-02-29T08:00Z", "YYYY-MM-DDThh:mm:ss"),
+        ("effectiveInstant", "2024-02-29", "not an R4 instant"),
+    ],
+)
+def test_a_malformed_time_says_the_format_r4_requires(element: str, value: str, says: str) -> None:
+    """'DateTime value string does not match spec regex.' did not tell a sender that the
+    time lacked its zone (or its seconds)."""
+    sent = observation("hr-1", "8867-4", 70)
+    del sent["effectiveDateTime"]
+    [issue] = _issues(bundle(ADULT, sent | {element: value}))
+    assert issue.expression == f"Bundle.entry[1].resource.{element}"
+    assert says in issue.diagnostics and value not in issue.diagnostics
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ({"valueInteger": 71}, "an Integer where a Quantity"),
+        ({"valueSampledData": {"origin": {"value": 0}, "period": 1000, "dimensions": 1}}, "a Sam"),
+        ({"valueDateTime": "2024-01-01"}, "a DateTime where a Quantity"),
+    ],
+)
+def test_a_value_of_another_type_is_named(value: dict[str, Any], said: str) -> None:
+    """A SampledData heart rate (a monitor's waveform) was reported as 'no value'."""
+    result = features(ADULT, observation("hr-1", "8867-4") | value)
+    assert said in result.problems["heart_rate"]
+
+
+def test_a_reading_dated_by_day_on_the_admission_day_is_reported_not_dropped() -> None:
+    """US Core lets a vital sign be dated by day. One dated the day an admission began at
+    06:00 may be before or in it: it was dropped without a word and the next reading used."""
+    admission = encounter("enc", 0.25)  # 2024-01-01T06:00Z
+    by_day = observation("hr-day", "8867-4", 120) | {"effectiveDateTime": "2024-01-01"}
+    timed = observation("hr-timed", "8867-4", 80, days_ago=0.1)
+    result = features(ADULT, admission, by_day, timed)
+    assert "hr-day: effective time is a date without a time" in result.problems["heart_rate"]
+    assert [i["resource"] for i in result.ignored] == ["Observation/hr-day"]
+    # A day wholly before the admission is outside it; wholly inside (no admission), read.
+    before = by_day | {"effectiveDateTime": "2023-12-31"}
+    assert features(ADULT, admission, before, timed).features["heart_rate"] == 80
+    assert features(ADULT, by_day).features["heart_rate"] == 120

@@ -94,12 +94,21 @@ def test_units_convert_by_their_ucum_meaning() -> None:
         ("C", "Cel", "'C' ([current] * [time])"),  # UCUM's C is the coulomb, not Celsius
         ("mm[Hg]", "/min", "'mm[Hg]'"),
         ("beats", "/min", "'beats' is neither a UCUM code nor a known spelling"),
+        # An OverflowError (a 500 on POST /v1/fhir) from pint's float of 10**999999.
+        ("10*999999/min", "/min", "'10*999999/min' has a factor out of range"),
+        # The sender's text is quoted, but not 5,000 characters of it.
+        ("x" * 5000, "/min", f"'{'x' * 40}…' is neither"),
     ],
 )
 def test_incompatible_or_unknown_units_are_refused_by_name(unit: str, to: str, named: str) -> None:
     with pytest.raises(UnitError) as caught:
         convert(1.0, unit, to)
     assert named in str(caught.value)
+
+
+def test_a_factor_out_of_range_is_refused_through_a_molar_mass_too() -> None:
+    with pytest.raises(UnitError, match=r"'10\*999999\.mg/dL' has a factor out of range"):
+        convert(1.0, "10*999999.mg/dL", "mmol/L", loinc="2345-7")
 
 
 # --- schema checks ----------------------------------------------------------------------------
