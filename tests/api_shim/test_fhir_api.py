@@ -295,13 +295,14 @@ def test_the_audit_trail_names_the_patient_a_search_was_for(
 def test_a_refused_search_audits_only_a_patient_reference(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    """subject=<an MRN> was refused (400) and the MRN written into the audit trail as it came;
-    a Patient reference refused for want of a key is still named."""
+    """subject=<an MRN> was refused (400) and the MRN written into the audit trail as it came
+    (an MRN with a ':' is no Patient id); a Patient reference refused for want of a key is still
+    named."""
     from db.tables import AuditEvent
 
     headers = _key(pg_sessions)
     refused = api.get(
-        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "MRN-CANARY-4471"}
+        "/v1/fhir/RiskAssessment", headers=headers, params={"subject": "MRN:CANARY-4471"}
     )
     assert refused.status_code == 400
     denied = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/abc-1"})
