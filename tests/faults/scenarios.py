@@ -416,3 +416,92 @@ def sweeper_backlog(servers: Servers, *, backlog: int, stranded: int) -> Result:
         "resend_s": _round(resent_at - arrived),
         "backlog_left_at_resend": backlog_left,
     }
+
+
+#: The poison's settle stalls in the database (the worker is then SIGKILLed there): a case
+#: whose batch kills its worker on every delivery, as a segfault or an OOM kill would.
+_STALL_FUNCTION = """
+CREATE FUNCTION faults_poison_stalls() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.id = {case_id} AND OLD.status = 'running' AND NEW.status IN ('done', 'failed')
+     AND NOT NEW.dead_letter THEN
+    PERFORM pg_sleep(120);
+  END IF;
+  RETURN NEW;
+END $$
+"""
+_STALL_TRIGGER = (
+    "CREATE TRIGGER faults_poison_stalls BEFORE UPDATE ON cases "
+    "FOR EACH ROW EXECUTE FUNCTION faults_poison_stalls()"
+)
+
+
+def poison_crash(servers: Servers, *, cases: int, max_deliveries: int = 3) -> Result:
+    """One case kills the worker that scores it, on every delivery; ``cases`` clean ones were
+    submitted with it, in the same request and batch. Each time a worker is caught holding the
+    poison in the middle of its batch, it is SIGKILLed and a new one started. The poison must end
+    a dead letter after ``max_deliveries``; the clean cases, scored (not dead-lettered with it).
+    Short leases and sweeps (3 s, 1 s) so the rounds are quick."""
+    import psycopg
+
+    timing = {
+        "MEDBATCH_LEASE_TTL_S": "3",
+        "MEDBATCH_SWEEP_INTERVAL_S": "1",
+        "MEDBATCH_MAX_DELIVERIES": str(max_deliveries),
+    }
+    with Cluster.fresh(servers, "crash", **timing) as c:
+        c.start("w0")
+        batch = make_cases(cases + 1, prefix="crash")
+        poison_id, *clean = ids = c.submit(batch)
+        db = c.db_url
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(_STALL_FUNCTION.format(case_id=int(poison_id)))
+            conn.execute(_STALL_TRIGGER)
+        kills = 0
+        deadline = time.monotonic() + 300
+        worker = c.workers["w0"]
+        while time.monotonic() < deadline and kills <= max_deliveries + 1:
+            with c.sessions() as s:
+                row = s.execute(
+                    select(Case.status, Case.dead_letter).where(Case.id == poison_id)
+                ).one()
+            if row.status in ("done", "failed"):
+                break
+            with psycopg.connect(db, autocommit=True) as conn:
+                stalled = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                ).fetchall()
+                if not stalled:
+                    time.sleep(0.05)
+                    continue
+                worker.kill()
+                worker.wait()
+                kills += 1
+                for (backend,) in stalled:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            worker = c.start_worker(f"w{kills}")
+            c.wait_ready(f"w{kills}")
+        c.wait_settled(ids, timeout=120)
+        with c.sessions() as s:
+            poison_row = s.execute(
+                select(Case.status, Case.dead_letter, Case.delivery_count).where(
+                    Case.id == poison_id
+                )
+            ).one()
+            dead_clean = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Case)
+                    .where(Case.id.in_(clean), Case.dead_letter.is_(True))
+                )
+                or 0
+            )
+        report = c.report(clean)
+    return {
+        **report,
+        "recover_s": None,
+        "kills": kills,
+        "poison_dead_letter": poison_row.status == "failed" and bool(poison_row.dead_letter),
+        "poison_deliveries": int(poison_row.delivery_count),
+        "clean_dead_letters": dead_clean,
+    }

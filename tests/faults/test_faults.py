@@ -80,3 +80,13 @@ def test_the_sweeper_is_not_starved_by_a_routine_backlog(servers: Servers) -> No
     _holds(result)
     assert result["resend_s"] is not None and result["resend_s"] <= 10 + 5, result
     assert result["backlog_left_at_resend"] > 0, result
+
+
+def test_a_case_that_kills_its_worker_ends_a_dead_letter_alone(servers: Servers) -> None:
+    """A case whose batch kills the worker on every delivery ends a dead letter after
+    MEDBATCH_MAX_DELIVERIES; the clean cases of its batch are scored, none dead-lettered."""
+    result = scenarios.poison_crash(servers, cases=40, max_deliveries=3)
+    _holds(result)
+    assert result["poison_dead_letter"], result
+    assert result["clean_dead_letters"] == 0, result
+    assert result["kills"] == 3, result

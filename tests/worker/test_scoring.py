@@ -216,6 +216,36 @@ def test_a_poisoned_case_fails_alone_in_few_forward_passes(
     assert poisoned.calls <= 1 + 2 * math.log2(64)
 
 
+class KillingModel(LoadedModel):
+    """The real model, made to end the process (as a segfault or an OOM kill would) on any batch
+    holding the marked case."""
+
+    def predict(self, batch: ModelInput | torch.Tensor) -> torch.Tensor:
+        assert isinstance(batch, ModelInput)
+        if (batch.values[:, 0] == PoisonedModel.MARK).any():
+            raise SystemExit("killed")
+        return super().predict(batch)
+
+
+def test_a_case_whose_worker_died_is_scored_alone_after_the_others(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """A case delivered before without finishing that kills the process again costs the other
+    cases of its batch no delivery: they are scored first, and it ends alone."""
+    cases = wdbc_cases(6)
+    cases[2]["features"]["mean_radius"] = PoisonedModel.MARK
+    ids = _add(pg_sessions, cases)
+    with session_scope(pg_sessions) as s:  # as if its worker had died holding it once
+        s.execute(update(Case).where(Case.id == ids[2]).values(delivery_count=1))
+    killing = KillingModel(SPEC, device="cpu")
+    with pytest.raises(SystemExit):
+        score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: killing)
+    with pg_sessions() as s:
+        rows = {c.id: (c.status, c.delivery_count) for c in s.scalars(select(Case))}
+    assert rows.pop(ids[2]) == (CaseStatus.running, 2)
+    assert set(rows.values()) == {(CaseStatus.done, 1)}
+
+
 @pytest.mark.parametrize(
     "args",
     [(), ([],), ("1,2",), ([1, "2"],), ([0],), ([True],), ([1], [2]), ({"ids": [1]},)],
