@@ -207,7 +207,11 @@ def run_tile(
             return "unknown"
         if row.status == "done" or job.status in ("done", "failed"):
             return "already done"
-        tiles.start_tile(session, row)
+        # Every tile counted, the job not settled: the worker finishing it died, or the
+        # database went away meanwhile (db/tiles.py finish_tile). Finish it now.
+        finishing = job.tiles_done >= job.tiles_total
+        if not finishing:
+            tiles.start_tile(session, row)
         tile = Tile(
             job_id=job_id,
             index=index,
@@ -217,6 +221,9 @@ def run_tile(
             cols=None if row.col_start is None else slice(row.col_start, row.col_end),
         )
         attempts = row.attempts
+    if finishing:
+        finish_job(kind, sessions, job_id=job_id)
+        return "finished job"
     storing = False
     try:
         found = kind.compute(tile, options)
@@ -247,6 +254,8 @@ def finish_job(kind: JobKind, sessions: sessionmaker[Session], *, job_id: int) -
     try:
         kind.finish(sessions, job_id)
     except Exception as exc:
+        if is_outage(exc):
+            raise  # the database away: the job's last tile is sent again, the job finished then
         with session_scope(sessions) as session:
             tiles.settle_job(
                 session, kind=kind.name, job_id=job_id, error=f"writing outputs: {exc}"
