@@ -460,3 +460,40 @@ def test_a_worker_asked_for_attributions_warms_its_explainer_before_the_first_me
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(warmed)
+
+
+class KillingFeaturizer(LoadedModel):
+    """The real model, made to end the process (as a segfault would) when it prepares the
+    marked case's features for its attributions."""
+
+    def featurize(self, cases, *, checked: bool = False):  # type: ignore[no-untyped-def]
+        if any(c.get("mean_radius") == 1234.5 for c in cases):
+            raise SystemExit("killed")
+        return super().featurize(cases, checked=checked)
+
+
+def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A case whose explanation killed its worker once and kills it again costs the other
+    explanations of its message no attempt: they are stored first, and it is tried alone."""
+    cases = wdbc_cases(6, prefix="xkill")
+    cases[2]["features"]["mean_radius"] = 1234.5
+    ids = _add(pg_sessions, cases)
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    with session_scope(pg_sessions) as s:  # as if its worker had died explaining it once
+        s.execute(update(Explanation).where(Explanation.case_id == ids[2]).values(attempts=1))
+    killing = KillingFeaturizer(SPEC, device="cpu")
+    with pytest.raises(SystemExit):
+        explain_cases(
+            ids,
+            sessions=pg_sessions,
+            load_model=lambda n, v: killing,
+            lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+            top_k=2,
+        )
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+        attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
+    assert (states.pop(ids[2]).status, attempts.pop(ids[2])) == ("pending", 2)
+    assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}
