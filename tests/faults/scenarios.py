@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -504,4 +505,39 @@ def poison_crash(servers: Servers, *, cases: int, max_deliveries: int = 3) -> Re
         "poison_dead_letter": poison_row.status == "failed" and bool(poison_row.dead_letter),
         "poison_deliveries": int(poison_row.delivery_count),
         "clean_dead_letters": dead_clean,
+    }
+
+
+def worker_sigterm(servers: Servers, *, cases: int) -> Result:
+    """A worker gets SIGTERM (a warm shutdown: a deploy, a scale-down) in the middle of a batch
+    while its buffers hold more; it exits 0, and what it held is scored once, by the other
+    worker, without waiting for the broker's visibility timeout. ``recover_s``: from the signal
+    to the score of the last case it held."""
+    with Cluster.fresh(servers, "sigterm") as c:
+        c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="term"))
+        victim = c.workers["w1"]
+        deadline = time.monotonic() + 60
+        held: list[int] = []
+        while time.monotonic() < deadline and not held:
+            if c.running_under(victim) > 0:
+                victim.send_signal(signal.SIGSTOP)
+                held = c.held_by(victim)
+                if held:
+                    victim.send_signal(signal.SIGTERM)
+                victim.send_signal(signal.SIGCONT)
+            else:
+                time.sleep(0.01)
+        termed_at = datetime.now(UTC)
+        exit_status = victim.wait(60)
+        c.wait_settled(accepted)
+        scored = c.scored_at(held)
+        report = c.report(accepted)
+        other = c.workers["w2"].poll()
+    return {
+        **report,
+        "recover_s": _round((max(scored) - termed_at).total_seconds()) if held else None,
+        "cases_held_at_sigterm": len(held),
+        "exit_status": exit_status,
+        "other_worker_alive": other is None,
     }

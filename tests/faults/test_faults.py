@@ -90,3 +90,14 @@ def test_a_case_that_kills_its_worker_ends_a_dead_letter_alone(servers: Servers)
     assert result["poison_dead_letter"], result
     assert result["clean_dead_letters"] == 0, result
     assert result["kills"] == 3, result
+
+
+def test_a_worker_given_sigterm_mid_batch_hands_back_what_it_held(servers: Servers) -> None:
+    """A warm shutdown mid-batch exits 0; the cases it held are scored once, by the other worker,
+    long before the broker's visibility timeout (900 s)."""
+    result = scenarios.worker_sigterm(servers, cases=800)
+    _holds(result)
+    assert result["cases_held_at_sigterm"] > 0, result
+    assert result["exit_status"] == 0, result
+    assert result["other_worker_alive"], result
+    assert result["recover_s"] is not None and result["recover_s"] <= 60, result
