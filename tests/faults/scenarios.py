@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -540,4 +541,70 @@ def worker_sigterm(servers: Servers, *, cases: int) -> Result:
         "cases_held_at_sigterm": len(held),
         "exit_status": exit_status,
         "other_worker_alive": other is None,
+    }
+
+
+#: Genotypes and PLINK 2's own outputs for them (tests/data/genome).
+GENOME_DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
+
+
+def genome_postgres_restart(servers: Servers, *, down_s: float) -> Result:
+    """PostgreSQL is stopped for ``down_s`` in the middle of a tiled genome job (KING pairs over
+    2-D tiles, two workers); afterwards the job finishes with every tile counted once, and its
+    table is byte for byte PLINK 2's. Short leases and sweeps (3 s, 1 s) so it is quick.
+    ``recover_s``: from the restart until the job is done."""
+    timing = {
+        "MEDBATCH_LEASE_TTL_S": "3",
+        "MEDBATCH_SWEEP_INTERVAL_S": "1",
+        "MEDBATCH_GENOTYPE_DIR": str(GENOME_DATA),
+    }
+    with Cluster.fresh(servers, "genome", **timing) as c:
+        api = c.start_api(wait=False)
+        c.start_sweeper()
+        for name in ("g1", "g2"):
+            c.start_worker(name, "--queues", "genome")
+        c.wait_api()
+        c.wait_ready("g1", "g2")
+        response = api.post(
+            "/v1/genome-comparisons",
+            json={"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 16,
+                  "threshold": 0.0442},
+        )  # fmt: skip
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = api.get(f"/v1/genome-comparisons/{job_id}").json()
+            if job["tiles_done"] >= 2:
+                break
+            time.sleep(0.05)
+        tiles_before = job["tiles_done"]
+        servers.pg.stop("fast")
+        time.sleep(down_s)
+        servers.pg.start()
+        back = time.monotonic()
+        deadline = back + 180
+        while time.monotonic() < deadline:
+            try:
+                job = api.get(f"/v1/genome-comparisons/{job_id}").json()
+            except (httpx.TransportError, ValueError):
+                job = {}
+            if job.get("status") in ("done", "failed"):
+                break
+            time.sleep(0.3)
+        done_at = time.monotonic()
+        same = False
+        if job.get("status") == "done" and len(job.get("outputs", [])) == 1:
+            table = api.get(job["outputs"][0]).content
+            same = table == (GENOME_DATA / "hm3_relatives_0.0442.kin0").read_bytes()
+        alive = c.workers_alive()
+    return {
+        "status": job.get("status"),
+        "error": job.get("error"),
+        "tiles_done": job.get("tiles_done"),
+        "tiles_total": job.get("tiles_total"),
+        "tiles_done_at_stop": tiles_before,
+        "same_as_plink": same,
+        "recover_s": _round(done_at - back) if job.get("status") == "done" else None,
+        "workers_alive": all(s is None for s in alive.values()),
     }

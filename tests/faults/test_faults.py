@@ -101,3 +101,14 @@ def test_a_worker_given_sigterm_mid_batch_hands_back_what_it_held(servers: Serve
     assert result["exit_status"] == 0, result
     assert result["other_worker_alive"], result
     assert result["recover_s"] is not None and result["recover_s"] <= 60, result
+
+
+def test_postgres_stopped_in_the_middle_of_a_tiled_genome_job(servers: Servers) -> None:
+    """The job goes on once PostgreSQL is back: done, each tile counted once, PLINK 2's table;
+    the workers survive the outage."""
+    result = scenarios.genome_postgres_restart(servers, down_s=4)
+    assert result["status"] == "done", result
+    assert result["tiles_done"] == result["tiles_total"] == 21, result
+    assert result["tiles_done_at_stop"] < 21, result
+    assert result["same_as_plink"], result
+    assert result["workers_alive"], result
