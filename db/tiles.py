@@ -87,6 +87,21 @@ def start_tile(session: Session, tile: JobTile) -> None:
     )
 
 
+def uncount_attempt(session: Session, *, kind: str, job_id: int, index: int) -> None:
+    """Take back the attempt :func:`start_tile` counted: the database, not the tile, stopped it."""
+    session.execute(
+        update(JobTile)
+        .where(
+            JobTile.kind == kind,
+            JobTile.job_id == job_id,
+            JobTile.index == index,
+            JobTile.status != JobStatus.done,
+            JobTile.attempts > 0,
+        )
+        .values(attempts=JobTile.attempts - 1)
+    )
+
+
 def finish_tile(session: Session, *, kind: str, job_id: int, index: int) -> tuple[int, int] | None:
     """Mark a tile done and count it on its job, once; return the job's (tiles done, tiles
     total), or None if this tile had been counted before (a redelivered message).

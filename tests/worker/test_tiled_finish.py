@@ -3,6 +3,7 @@ finished later from its last tile, never left running for ever nor failed by an 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -104,3 +105,27 @@ def test_the_last_tile_computed_again_by_a_second_worker_is_counted_once(
     assert kind.run_tile(pg_sessions, job_id=job_id, index=2) == "finished job"
     summary = tiny.describe_id(pg_sessions, job_id)
     assert (summary["status"], summary["tiles_done"]) == ("done", 3)
+
+
+def test_a_tile_that_kills_its_worker_every_time_fails_its_job(
+    tiny_tables: None, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A tile whose compute kills the worker (an OOM kill: nothing raised) is not sent for ever:
+    after max_attempts such deaths its job fails, naming the tile."""
+    job_id = _job(pg_sessions, tmp_path / "o")
+
+    def killed(tile: tiled.Tile, options: object) -> list:
+        if tile.index == 1:
+            raise SystemExit("killed for memory")
+        return tiny.compute(tile, {})
+
+    kind = dataclasses.replace(_kind(tiny.finish), compute=killed)
+    assert kind.run_tile(pg_sessions, job_id=job_id, index=0) == "tile done"
+    for _ in range(kind.max_attempts):
+        with pytest.raises(SystemExit):
+            kind.run_tile(pg_sessions, job_id=job_id, index=1)
+    assert kind.run_tile(pg_sessions, job_id=job_id, index=1) == "failed"
+    summary = tiny.describe_id(pg_sessions, job_id)
+    assert summary["status"] == "failed"
+    assert summary["error"] == "tile 1 (rows 4:8): its worker died on each of 3 attempts"
+    assert _stranded(pg_sessions) == []
