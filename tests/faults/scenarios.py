@@ -608,3 +608,38 @@ def genome_postgres_restart(servers: Servers, *, down_s: float) -> Result:
         "recover_s": _round(done_at - back) if job.get("status") == "done" else None,
         "workers_alive": all(s is None for s in alive.values()),
     }
+
+
+def coalescer_broker_restart(servers: Servers, *, requests: int, window_ms: int = 1000) -> Result:
+    """Single-case requests, each committed and handed to the API's coalescer (a window of
+    ``window_ms``), while Redis is SIGKILLed and restarted empty: every one is answered 202 and
+    scored once, whether its message went to the old broker, failed, or went to the new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Cluster.fresh(servers, "coalesce", MEDBATCH_COALESCE_ROUTINE_MS=str(window_ms)) as c:
+        api = c.start("w1")
+        items = make_cases(requests, prefix="one", priority="routine")
+
+        def post(item: dict[str, Any]) -> tuple[int, int | None, bool | None]:
+            response = api.post("/v1/cases", json=item)
+            if response.status_code != 202:
+                return response.status_code, None, None
+            body = response.json()
+            return 202, body["cases"][0]["id"], body["enqueued"]
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(post, item) for item in items]
+            time.sleep(window_ms / 2000)
+            servers.redis.kill()
+            time.sleep(1.0)
+            servers.redis.start()
+            answers = [f.result() for f in futures]
+        accepted = [case_id for status, case_id, _ in answers if case_id is not None]
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+    return {
+        **report,
+        "recover_s": None,
+        "refused": sorted({status for status, _, _ in answers if status != 202}),
+        "not_enqueued": sum(1 for _, _, enqueued in answers if enqueued is False),
+    }

@@ -112,3 +112,12 @@ def test_postgres_stopped_in_the_middle_of_a_tiled_genome_job(servers: Servers) 
     assert result["tiles_done_at_stop"] < 21, result
     assert result["same_as_plink"], result
     assert result["workers_alive"], result
+
+
+def test_redis_restarted_while_the_coalescer_holds_committed_ids(servers: Servers) -> None:
+    """Single-case requests gathered by the API while Redis is killed and restarted empty: all
+    answered 202, each case scored once."""
+    result = scenarios.coalescer_broker_restart(servers, requests=60)
+    _holds(result)
+    assert result["refused"] == [], result
+    assert result["accepted"] == 60, result
