@@ -643,3 +643,65 @@ def coalescer_broker_restart(servers: Servers, *, requests: int, window_ms: int 
         "refused": sorted({status for status, _, _ in answers if status != 202}),
         "not_enqueued": sum(1 for _, _, enqueued in answers if enqueued is False),
     }
+
+
+def explain_sigkill(servers: Servers, *, cases: int) -> Result:
+    """A worker is SIGKILLed while the explain stage holds a batch of explanations (their scores
+    committed); another worker explains them after the lease, each stored once, none failed.
+    Short leases and sweeps (3 s, 1 s) so it is quick."""
+    from db.tables import Explanation, JobStatus
+
+    timing = {"MEDBATCH_LEASE_TTL_S": "3", "MEDBATCH_SWEEP_INTERVAL_S": "1"}
+    with Cluster.fresh(servers, "explainkill", **timing) as c:
+        c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="xk"))
+        victim, held = None, []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and victim is None:
+            for proc in (c.workers["w1"], c.workers["w2"]):
+                pattern = f"%:{proc.pid}:%"
+                running = Explanation.status == JobStatus.running
+                mine = Explanation.lease_owner.like(pattern)
+                with c.sessions() as s:
+                    seen = s.scalar(select(func.count()).where(running, mine))
+                if not seen:
+                    continue
+                proc.send_signal(signal.SIGSTOP)
+                with c.sessions() as s:
+                    held = list(s.scalars(select(Explanation.case_id).where(running, mine)))
+                if not held:
+                    proc.send_signal(signal.SIGCONT)
+                    continue
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                victim = proc
+                break
+            time.sleep(0.005)
+        c.start_worker("w3")
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with c.sessions() as s:
+                found = explanations.states(s, case_ids=accepted)
+            if all(e.status != "pending" for e in found.values()):
+                break
+            time.sleep(0.3)
+        with c.sessions() as s:
+            stored = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Score)
+                    .where(Score.case_id.in_(accepted), Score.explanation.is_not(None))
+                )
+                or 0
+            )
+    return {
+        **report,
+        "recover_s": None,
+        "explanations_held_by_killed_worker": len(held),
+        "explanations": {
+            st: sum(e.status == st for e in found.values()) for st in ("done", "failed", "pending")
+        },
+        "scores_with_explanation": stored,
+    }

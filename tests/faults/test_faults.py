@@ -121,3 +121,12 @@ def test_redis_restarted_while_the_coalescer_holds_committed_ids(servers: Server
     _holds(result)
     assert result["refused"] == [], result
     assert result["accepted"] == 60, result
+
+
+def test_a_worker_sigkilled_while_explaining(servers: Servers) -> None:
+    """The explanations a killed worker held are computed by another, each once, none failed."""
+    result = scenarios.explain_sigkill(servers, cases=600)
+    _holds(result)
+    assert result["explanations_held_by_killed_worker"] > 0, result
+    assert result["explanations"] == {"done": 600, "failed": 0, "pending": 0}, result
+    assert result["scores_with_explanation"] == 600, result
