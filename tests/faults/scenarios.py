@@ -118,7 +118,7 @@ def redis_crash(servers: Servers, *, cases: int, crashes: int = 1, down_s: float
     }
 
 
-def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
+def postgres_outage(servers: Servers, *, cases: int, down_s: float, **timing: str) -> Result:
     """PostgreSQL is stopped for ``down_s`` while two workers score a bulk load; STAT cases
     (committed just before) reach the workers during the outage; the API is asked for
     everything meanwhile. ``recover_s``: from the restart until every accepted case is settled.
@@ -128,7 +128,7 @@ def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
     from worker.app import create_app
     from worker.queues import enqueue_cases
 
-    with Cluster.fresh(servers, "postgres") as c:
+    with Cluster.fresh(servers, "postgres", **timing) as c:
         api = c.start("w1", "w2")
         accepted = c.submit(make_cases(cases, prefix="pg"))
         stat_ids = _store(c, make_cases(20, prefix="pg-stat", priority="stat"), unsent=False)
@@ -154,8 +154,10 @@ def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
         report = c.report(accepted)
         bulk_before_stat = _bulk_before_stat(c, stat_ids, after=back_at)
         alive = c.workers_alive()
+        deliveries = _max_deliveries(c, accepted)
     return {
         **report,
+        "max_deliveries_of_a_case": deliveries,
         "recover_s": _round(settled - back),
         "down_s": down_s,
         "api_answers": answers,

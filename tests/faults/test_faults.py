@@ -130,3 +130,18 @@ def test_a_worker_sigkilled_while_explaining(servers: Servers) -> None:
     assert result["explanations_held_by_killed_worker"] > 0, result
     assert result["explanations"] == {"done": 600, "failed": 0, "pending": 0}, result
     assert result["scores_with_explanation"] == 600, result
+
+
+def test_postgres_away_for_longer_than_a_lease(servers: Servers) -> None:
+    """The workers lose the database for longer than their leases (3 s leases, 1 s sweeps, 10 s
+    down): what they held is scored once, none failed or dead-lettered."""
+    result = scenarios.postgres_outage(
+        servers,
+        cases=1000,
+        down_s=10,
+        MEDBATCH_LEASE_TTL_S="3",
+        MEDBATCH_SWEEP_INTERVAL_S="1",
+    )
+    _holds(result)
+    assert result["api_problems"] == [], result
+    assert result["workers_alive"], result
