@@ -124,6 +124,24 @@ class ClaimedExplanation:
     features: dict[str, Any]
 
 
+def attempted_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[int]:
+    """Of ``case_ids``, those whose explanation a claim counted before and that never finished
+    (their worker died explaining them): least attempted first, then in case id order."""
+    return list(
+        session.scalars(
+            select(Explanation.case_id)
+            .where(
+                _among(session, Explanation.case_id, case_ids),
+                Explanation.attempts > 0,
+                status_among_ids(Explanation).in_(
+                    (JobStatus.queued.value, JobStatus.running.value)
+                ),
+            )
+            .order_by(Explanation.attempts, Explanation.case_id)
+        )
+    )
+
+
 def claim_explanations(
     session: Session, *, case_ids: Sequence[int], lease: Lease, max_deliveries: int
 ) -> tuple[list[ClaimedExplanation], list[int]]:

@@ -592,6 +592,23 @@ def claim_cases(
     return claimed, dead_ids
 
 
+def delivered_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[int]:
+    """Of ``case_ids``, those a claim counted before that never finished (their worker died
+    holding them, or their batch failed for a reason not the database's): least delivered
+    first, then in id order."""
+    return list(
+        session.scalars(
+            select(Case.id)
+            .where(
+                _among(session, Case.id, case_ids),
+                Case.delivery_count > 0,
+                status_among_ids(Case).in_((CaseStatus.queued.value, CaseStatus.running.value)),
+            )
+            .order_by(Case.delivery_count, Case.id)
+        )
+    )
+
+
 def hold_cases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> None:
     """Lease ``queued`` cases a worker holds unclaimed (their messages wait in its buffers)."""
     now = utcnow()

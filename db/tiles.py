@@ -87,9 +87,28 @@ def start_tile(session: Session, tile: JobTile) -> None:
     )
 
 
+def uncount_attempt(session: Session, *, kind: str, job_id: int, index: int) -> None:
+    """Take back the attempt :func:`start_tile` counted: the database, not the tile, stopped it."""
+    session.execute(
+        update(JobTile)
+        .where(
+            JobTile.kind == kind,
+            JobTile.job_id == job_id,
+            JobTile.index == index,
+            JobTile.status != JobStatus.done,
+            JobTile.attempts > 0,
+        )
+        .values(attempts=JobTile.attempts - 1)
+    )
+
+
 def finish_tile(session: Session, *, kind: str, job_id: int, index: int) -> tuple[int, int] | None:
     """Mark a tile done and count it on its job, once; return the job's (tiles done, tiles
-    total), or None if this tile had been counted before (a redelivered message)."""
+    total), or None if this tile had been counted before (a redelivered message).
+
+    The tile that completes the count stays ``running`` under its lease until the job is
+    settled (:func:`settle_job`): if its worker dies, or the database goes away, while it
+    finishes the job, the sweeper sends it again and the job is finished then."""
     changed = session.execute(
         update(JobTile)
         .where(
@@ -104,18 +123,34 @@ def finish_tile(session: Session, *, kind: str, job_id: int, index: int) -> tupl
     if changed is None:
         return None
     job = JOB_TABLES[kind]
-    done, total = session.execute(
+    counted = session.execute(
         update(job)
-        .where(job.id == job_id)
+        .where(job.id == job_id, job.tiles_done < job.tiles_total)
         .values(tiles_done=job.tiles_done + 1, updated_at=utcnow())
         .returning(job.tiles_done, job.tiles_total)
-    ).one()
-    return int(done), int(total)
+    ).first()
+    if counted is None or counted[0] >= counted[1]:
+        # Counted already (the tile that completed the count, computed again by a worker that
+        # took it over while the first finished the job), or the count is complete now.
+        session.execute(
+            update(JobTile).where(JobTile.id == changed[0]).values(status=JobStatus.running)
+        )
+    if counted is None:
+        return None
+    return int(counted[0]), int(counted[1])
 
 
 def settle_job(session: Session, *, kind: str, job_id: int, error: str | None = None) -> None:
-    """Mark a job done, or failed with ``error``."""
+    """Mark a job done (and its tiles), or failed with ``error``."""
     job = JOB_TABLES[kind]
+    if error is None:
+        session.execute(
+            update(JobTile)
+            .where(JobTile.kind == kind, JobTile.job_id == job_id, JobTile.status != JobStatus.done)
+            .values(
+                status=JobStatus.done, lease_owner=None, lease_expires_at=None, updated_at=utcnow()
+            )
+        )
     session.execute(
         update(job)
         .where(job.id == job_id)

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Tile ledgers: the queue and task of each kind.
 TILE_ROUTES = {"genome": (GENOME_QUEUE, GENOME_TASK), "chem": (CHEM_QUEUE, CHEM_TASK)}
+#: Stranded tiles taken and sent per transaction (a sweep takes as many slices as there are).
+TILES_PER_SLICE = 1_000
 
 
 @dataclass
@@ -139,13 +141,23 @@ def sweep(
         if len(pending) < 5_000:
             break
     for kind, (queue, task) in TILE_ROUTES.items():
-        with session_scope(sessions) as session:
-            tiles = tile_leases.take_stranded_tiles(
-                session, kind=kind, rules=rules, quiet=queue in broker.empty_queues
-            )
-            for job_id, index in tiles:
-                app.send_task(task, args=[job_id, index], queue=queue, routing_key=queue)
-        report.tiles[kind] = len(tiles)
+        report.tiles[kind] = 0
+        while True:
+            # In slices, every one this sweep: a broker restart empties a biobank job's queue
+            # of thousands of tiles at once.
+            with session_scope(sessions) as session:
+                tiles = tile_leases.take_stranded_tiles(
+                    session,
+                    kind=kind,
+                    rules=rules,
+                    quiet=queue in broker.empty_queues,
+                    limit=TILES_PER_SLICE,
+                )
+                for job_id, index in tiles:
+                    app.send_task(task, args=[job_id, index], queue=queue, routing_key=queue)
+            report.tiles[kind] += len(tiles)
+            if len(tiles) < TILES_PER_SLICE:
+                break
     with sessions() as session:
         report.idempotency_keys = idempotency.forget_older_than(
             session, before=now - timedelta(hours=settings.idempotency_retention_h)

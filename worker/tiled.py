@@ -207,7 +207,11 @@ def run_tile(
             return "unknown"
         if row.status == "done" or job.status in ("done", "failed"):
             return "already done"
-        tiles.start_tile(session, row)
+        # Every tile counted, the job not settled: the worker finishing it died, or the
+        # database went away meanwhile (db/tiles.py finish_tile). Finish it now.
+        finishing = job.tiles_done >= job.tiles_total
+        if not finishing:
+            tiles.start_tile(session, row)
         tile = Tile(
             job_id=job_id,
             index=index,
@@ -217,6 +221,20 @@ def run_tile(
             cols=None if row.col_start is None else slice(row.col_start, row.col_end),
         )
         attempts = row.attempts
+        if not finishing and attempts > kind.max_attempts:
+            # Started that often without finishing, and without raising (a raise fails the job
+            # at max_attempts): its worker died each time, e.g. killed for memory on a block
+            # too large. Fail the job, rather than lose a worker every lease for ever.
+            reason = (
+                f"tile {index} ({tile.where(kind.rows_name)}): its worker died on each of "
+                f"{attempts - 1} attempts"
+            )
+            log.warning("%s job %d: %s", kind.name, job_id, reason)
+            tiles.settle_job(session, kind=kind.name, job_id=job_id, error=reason)
+            return "failed"
+    if finishing:
+        finish_job(kind, sessions, job_id=job_id)
+        return "finished job"
     storing = False
     try:
         found = kind.compute(tile, options)
@@ -228,7 +246,14 @@ def run_tile(
             counted = tiles.finish_tile(session, kind=kind.name, job_id=job_id, index=index)
     except Exception as exc:
         if storing and is_outage(exc):
-            raise  # the database away, not the tile's fault: it is sent again, never failed
+            # The database away, not the tile's fault: it is sent again, never failed, and the
+            # attempt does not count (if the database answers already; else it stays counted).
+            try:
+                with session_scope(sessions) as session:
+                    tiles.uncount_attempt(session, kind=kind.name, job_id=job_id, index=index)
+            except Exception:
+                log.warning("%s job %d: tile %d's attempt stays counted", kind.name, job_id, index)
+            raise
         reason = f"tile {index} ({tile.where(kind.rows_name)}): {type(exc).__name__}: {exc}"
         log.warning("%s job %d: %s (attempt %d)", kind.name, job_id, reason, attempts)
         if attempts >= kind.max_attempts or isinstance(exc, kind.fatal):
@@ -247,6 +272,8 @@ def finish_job(kind: JobKind, sessions: sessionmaker[Session], *, job_id: int) -
     try:
         kind.finish(sessions, job_id)
     except Exception as exc:
+        if is_outage(exc):
+            raise  # the database away: the job's last tile is sent again, the job finished then
         with session_scope(sessions) as session:
             tiles.settle_job(
                 session, kind=kind.name, job_id=job_id, error=f"writing outputs: {exc}"

@@ -31,6 +31,8 @@ from models.reference import breast_cancer
 from tests.e2e.support import Processes, free_port
 from tests.faults.servers import PrivatePostgres, PrivateRedis
 
+#: The repository whose code the scenarios' processes run.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: How long a scenario waits for every accepted case to settle, at most.
 SETTLE_TIMEOUT_S = 240.0
 
@@ -103,6 +105,11 @@ class Cluster:
         upgrade(db_url)
         full_env = {
             **os.environ,
+            # The processes run the code under test (an editable install elsewhere would
+            # otherwise win: tests/e2e/test_job_kind.py does the same for its worker).
+            "PYTHONPATH": os.pathsep.join(
+                [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
             "MEDBATCH_DATABASE_URL": db_url,
             "MEDBATCH_BROKER_URL": servers.redis.url,
             "MEDBATCH_DEVICE": "cpu",

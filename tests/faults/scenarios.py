@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,7 +118,7 @@ def redis_crash(servers: Servers, *, cases: int, crashes: int = 1, down_s: float
     }
 
 
-def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
+def postgres_outage(servers: Servers, *, cases: int, down_s: float, **timing: str) -> Result:
     """PostgreSQL is stopped for ``down_s`` while two workers score a bulk load; STAT cases
     (committed just before) reach the workers during the outage; the API is asked for
     everything meanwhile. ``recover_s``: from the restart until every accepted case is settled.
@@ -126,7 +128,7 @@ def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
     from worker.app import create_app
     from worker.queues import enqueue_cases
 
-    with Cluster.fresh(servers, "postgres") as c:
+    with Cluster.fresh(servers, "postgres", **timing) as c:
         api = c.start("w1", "w2")
         accepted = c.submit(make_cases(cases, prefix="pg"))
         stat_ids = _store(c, make_cases(20, prefix="pg-stat", priority="stat"), unsent=False)
@@ -152,8 +154,10 @@ def postgres_outage(servers: Servers, *, cases: int, down_s: float) -> Result:
         report = c.report(accepted)
         bulk_before_stat = _bulk_before_stat(c, stat_ids, after=back_at)
         alive = c.workers_alive()
+        deliveries = _max_deliveries(c, accepted)
     return {
         **report,
+        "max_deliveries_of_a_case": deliveries,
         "recover_s": _round(settled - back),
         "down_s": down_s,
         "api_answers": answers,
@@ -415,4 +419,291 @@ def sweeper_backlog(servers: Servers, *, backlog: int, stranded: int) -> Result:
         "recover_s": _round(resent_at - arrived),
         "resend_s": _round(resent_at - arrived),
         "backlog_left_at_resend": backlog_left,
+    }
+
+
+#: The poison's settle stalls in the database (the worker is then SIGKILLed there): a case
+#: whose batch kills its worker on every delivery, as a segfault or an OOM kill would.
+_STALL_FUNCTION = """
+CREATE FUNCTION faults_poison_stalls() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.id = {case_id} AND OLD.status = 'running' AND NEW.status IN ('done', 'failed')
+     AND NOT NEW.dead_letter THEN
+    PERFORM pg_sleep(120);
+  END IF;
+  RETURN NEW;
+END $$
+"""
+_STALL_TRIGGER = (
+    "CREATE TRIGGER faults_poison_stalls BEFORE UPDATE ON cases "
+    "FOR EACH ROW EXECUTE FUNCTION faults_poison_stalls()"
+)
+
+
+def poison_crash(servers: Servers, *, cases: int, max_deliveries: int = 3) -> Result:
+    """One case kills the worker that scores it, on every delivery; ``cases`` clean ones were
+    submitted with it, in the same request and batch. Each time a worker is caught holding the
+    poison in the middle of its batch, it is SIGKILLed and a new one started. The poison must end
+    a dead letter after ``max_deliveries``; the clean cases, scored (not dead-lettered with it).
+    Short leases and sweeps (3 s, 1 s) so the rounds are quick."""
+    import psycopg
+
+    timing = {
+        "MEDBATCH_LEASE_TTL_S": "3",
+        "MEDBATCH_SWEEP_INTERVAL_S": "1",
+        "MEDBATCH_MAX_DELIVERIES": str(max_deliveries),
+    }
+    with Cluster.fresh(servers, "crash", **timing) as c:
+        c.start("w0")
+        batch = make_cases(cases + 1, prefix="crash")
+        poison_id, *clean = ids = c.submit(batch)
+        db = c.db_url
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(_STALL_FUNCTION.format(case_id=int(poison_id)))
+            conn.execute(_STALL_TRIGGER)
+        kills = 0
+        deadline = time.monotonic() + 300
+        worker = c.workers["w0"]
+        while time.monotonic() < deadline and kills <= max_deliveries + 1:
+            with c.sessions() as s:
+                row = s.execute(
+                    select(Case.status, Case.dead_letter).where(Case.id == poison_id)
+                ).one()
+            if row.status in ("done", "failed"):
+                break
+            with psycopg.connect(db, autocommit=True) as conn:
+                stalled = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                ).fetchall()
+                if not stalled:
+                    time.sleep(0.05)
+                    continue
+                worker.kill()
+                worker.wait()
+                kills += 1
+                for (backend,) in stalled:
+                    conn.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            worker = c.start_worker(f"w{kills}")
+            c.wait_ready(f"w{kills}")
+        c.wait_settled(ids, timeout=120)
+        with c.sessions() as s:
+            poison_row = s.execute(
+                select(Case.status, Case.dead_letter, Case.delivery_count).where(
+                    Case.id == poison_id
+                )
+            ).one()
+            dead_clean = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Case)
+                    .where(Case.id.in_(clean), Case.dead_letter.is_(True))
+                )
+                or 0
+            )
+        report = c.report(clean)
+    return {
+        **report,
+        "recover_s": None,
+        "kills": kills,
+        "poison_dead_letter": poison_row.status == "failed" and bool(poison_row.dead_letter),
+        "poison_deliveries": int(poison_row.delivery_count),
+        "clean_dead_letters": dead_clean,
+    }
+
+
+def worker_sigterm(servers: Servers, *, cases: int) -> Result:
+    """A worker gets SIGTERM (a warm shutdown: a deploy, a scale-down) in the middle of a batch
+    while its buffers hold more; it exits 0, and what it held is scored once, by the other
+    worker, without waiting for the broker's visibility timeout. ``recover_s``: from the signal
+    to the score of the last case it held."""
+    with Cluster.fresh(servers, "sigterm") as c:
+        c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="term"))
+        victim = c.workers["w1"]
+        deadline = time.monotonic() + 60
+        held: list[int] = []
+        while time.monotonic() < deadline and not held:
+            if c.running_under(victim) > 0:
+                victim.send_signal(signal.SIGSTOP)
+                held = c.held_by(victim)
+                if held:
+                    victim.send_signal(signal.SIGTERM)
+                victim.send_signal(signal.SIGCONT)
+            else:
+                time.sleep(0.01)
+        termed_at = datetime.now(UTC)
+        exit_status = victim.wait(60)
+        c.wait_settled(accepted)
+        scored = c.scored_at(held)
+        report = c.report(accepted)
+        other = c.workers["w2"].poll()
+    return {
+        **report,
+        "recover_s": _round((max(scored) - termed_at).total_seconds()) if held else None,
+        "cases_held_at_sigterm": len(held),
+        "exit_status": exit_status,
+        "other_worker_alive": other is None,
+    }
+
+
+#: Genotypes and PLINK 2's own outputs for them (tests/data/genome).
+GENOME_DATA = Path(__file__).resolve().parents[1] / "data" / "genome"
+
+
+def genome_postgres_restart(servers: Servers, *, down_s: float) -> Result:
+    """PostgreSQL is stopped for ``down_s`` in the middle of a tiled genome job (KING pairs over
+    2-D tiles, two workers); afterwards the job finishes with every tile counted once, and its
+    table is byte for byte PLINK 2's. Short leases and sweeps (3 s, 1 s) so it is quick.
+    ``recover_s``: from the restart until the job is done."""
+    timing = {
+        "MEDBATCH_LEASE_TTL_S": "3",
+        "MEDBATCH_SWEEP_INTERVAL_S": "1",
+        "MEDBATCH_GENOTYPE_DIR": str(GENOME_DATA),
+    }
+    with Cluster.fresh(servers, "genome", **timing) as c:
+        api = c.start_api(wait=False)
+        c.start_sweeper()
+        for name in ("g1", "g2"):
+            c.start_worker(name, "--queues", "genome")
+        c.wait_api()
+        c.wait_ready("g1", "g2")
+        response = api.post(
+            "/v1/genome-comparisons",
+            json={"metric": "king", "bfile": "hm3_relatives", "output": "pairs", "block": 16,
+                  "threshold": 0.0442},
+        )  # fmt: skip
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = api.get(f"/v1/genome-comparisons/{job_id}").json()
+            if job["tiles_done"] >= 2:
+                break
+            time.sleep(0.05)
+        tiles_before = job["tiles_done"]
+        servers.pg.stop("fast")
+        time.sleep(down_s)
+        servers.pg.start()
+        back = time.monotonic()
+        deadline = back + 180
+        while time.monotonic() < deadline:
+            try:
+                job = api.get(f"/v1/genome-comparisons/{job_id}").json()
+            except (httpx.TransportError, ValueError):
+                job = {}
+            if job.get("status") in ("done", "failed"):
+                break
+            time.sleep(0.3)
+        done_at = time.monotonic()
+        same = False
+        if job.get("status") == "done" and len(job.get("outputs", [])) == 1:
+            table = api.get(job["outputs"][0]).content
+            same = table == (GENOME_DATA / "hm3_relatives_0.0442.kin0").read_bytes()
+        alive = c.workers_alive()
+    return {
+        "status": job.get("status"),
+        "error": job.get("error"),
+        "tiles_done": job.get("tiles_done"),
+        "tiles_total": job.get("tiles_total"),
+        "tiles_done_at_stop": tiles_before,
+        "same_as_plink": same,
+        "recover_s": _round(done_at - back) if job.get("status") == "done" else None,
+        "workers_alive": all(s is None for s in alive.values()),
+    }
+
+
+def coalescer_broker_restart(servers: Servers, *, requests: int, window_ms: int = 1000) -> Result:
+    """Single-case requests, each committed and handed to the API's coalescer (a window of
+    ``window_ms``), while Redis is SIGKILLed and restarted empty: every one is answered 202 and
+    scored once, whether its message went to the old broker, failed, or went to the new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Cluster.fresh(servers, "coalesce", MEDBATCH_COALESCE_ROUTINE_MS=str(window_ms)) as c:
+        api = c.start("w1")
+        items = make_cases(requests, prefix="one", priority="routine")
+
+        def post(item: dict[str, Any]) -> tuple[int, int | None, bool | None]:
+            response = api.post("/v1/cases", json=item)
+            if response.status_code != 202:
+                return response.status_code, None, None
+            body = response.json()
+            return 202, body["cases"][0]["id"], body["enqueued"]
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(post, item) for item in items]
+            time.sleep(window_ms / 2000)
+            servers.redis.kill()
+            time.sleep(1.0)
+            servers.redis.start()
+            answers = [f.result() for f in futures]
+        accepted = [case_id for status, case_id, _ in answers if case_id is not None]
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+    return {
+        **report,
+        "recover_s": None,
+        "refused": sorted({status for status, _, _ in answers if status != 202}),
+        "not_enqueued": sum(1 for _, _, enqueued in answers if enqueued is False),
+    }
+
+
+def explain_sigkill(servers: Servers, *, cases: int) -> Result:
+    """A worker is SIGKILLed while the explain stage holds a batch of explanations (their scores
+    committed); another worker explains them after the lease, each stored once, none failed.
+    Short leases and sweeps (3 s, 1 s) so it is quick."""
+    from db.tables import Explanation, JobStatus
+
+    timing = {"MEDBATCH_LEASE_TTL_S": "3", "MEDBATCH_SWEEP_INTERVAL_S": "1"}
+    with Cluster.fresh(servers, "explainkill", **timing) as c:
+        c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="xk"))
+        victim, held = None, []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and victim is None:
+            for proc in (c.workers["w1"], c.workers["w2"]):
+                pattern = f"%:{proc.pid}:%"
+                running = Explanation.status == JobStatus.running
+                mine = Explanation.lease_owner.like(pattern)
+                with c.sessions() as s:
+                    seen = s.scalar(select(func.count()).where(running, mine))
+                if not seen:
+                    continue
+                proc.send_signal(signal.SIGSTOP)
+                with c.sessions() as s:
+                    held = list(s.scalars(select(Explanation.case_id).where(running, mine)))
+                if not held:
+                    proc.send_signal(signal.SIGCONT)
+                    continue
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                victim = proc
+                break
+            time.sleep(0.005)
+        c.start_worker("w3")
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with c.sessions() as s:
+                found = explanations.states(s, case_ids=accepted)
+            if all(e.status != "pending" for e in found.values()):
+                break
+            time.sleep(0.3)
+        with c.sessions() as s:
+            stored = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Score)
+                    .where(Score.case_id.in_(accepted), Score.explanation.is_not(None))
+                )
+                or 0
+            )
+    return {
+        **report,
+        "recover_s": None,
+        "explanations_held_by_killed_worker": len(held),
+        "explanations": {
+            st: sum(e.status == st for e in found.values()) for st in ("done", "failed", "pending")
+        },
+        "scores_with_explanation": stored,
     }

@@ -80,3 +80,68 @@ def test_the_sweeper_is_not_starved_by_a_routine_backlog(servers: Servers) -> No
     _holds(result)
     assert result["resend_s"] is not None and result["resend_s"] <= 10 + 5, result
     assert result["backlog_left_at_resend"] > 0, result
+
+
+def test_a_case_that_kills_its_worker_ends_a_dead_letter_alone(servers: Servers) -> None:
+    """A case whose batch kills the worker on every delivery ends a dead letter after
+    MEDBATCH_MAX_DELIVERIES; the clean cases of its batch are scored, none dead-lettered."""
+    result = scenarios.poison_crash(servers, cases=40, max_deliveries=3)
+    _holds(result)
+    assert result["poison_dead_letter"], result
+    assert result["clean_dead_letters"] == 0, result
+    assert result["kills"] == 3, result
+
+
+def test_a_worker_given_sigterm_mid_batch_hands_back_what_it_held(servers: Servers) -> None:
+    """A warm shutdown mid-batch exits 0; the cases it held are scored once, by the other worker,
+    long before the broker's visibility timeout (900 s)."""
+    result = scenarios.worker_sigterm(servers, cases=800)
+    _holds(result)
+    assert result["cases_held_at_sigterm"] > 0, result
+    assert result["exit_status"] == 0, result
+    assert result["other_worker_alive"], result
+    assert result["recover_s"] is not None and result["recover_s"] <= 60, result
+
+
+def test_postgres_stopped_in_the_middle_of_a_tiled_genome_job(servers: Servers) -> None:
+    """The job goes on once PostgreSQL is back: done, each tile counted once, PLINK 2's table;
+    the workers survive the outage."""
+    result = scenarios.genome_postgres_restart(servers, down_s=4)
+    assert result["status"] == "done", result
+    assert result["tiles_done"] == result["tiles_total"] == 21, result
+    assert result["tiles_done_at_stop"] < 21, result
+    assert result["same_as_plink"], result
+    assert result["workers_alive"], result
+
+
+def test_redis_restarted_while_the_coalescer_holds_committed_ids(servers: Servers) -> None:
+    """Single-case requests gathered by the API while Redis is killed and restarted empty: all
+    answered 202, each case scored once."""
+    result = scenarios.coalescer_broker_restart(servers, requests=60)
+    _holds(result)
+    assert result["refused"] == [], result
+    assert result["accepted"] == 60, result
+
+
+def test_a_worker_sigkilled_while_explaining(servers: Servers) -> None:
+    """The explanations a killed worker held are computed by another, each once, none failed."""
+    result = scenarios.explain_sigkill(servers, cases=600)
+    _holds(result)
+    assert result["explanations_held_by_killed_worker"] > 0, result
+    assert result["explanations"] == {"done": 600, "failed": 0, "pending": 0}, result
+    assert result["scores_with_explanation"] == 600, result
+
+
+def test_postgres_away_for_longer_than_a_lease(servers: Servers) -> None:
+    """The workers lose the database for longer than their leases (3 s leases, 1 s sweeps, 10 s
+    down): what they held is scored once, none failed or dead-lettered."""
+    result = scenarios.postgres_outage(
+        servers,
+        cases=1000,
+        down_s=10,
+        MEDBATCH_LEASE_TTL_S="3",
+        MEDBATCH_SWEEP_INTERVAL_S="1",
+    )
+    _holds(result)
+    assert result["api_problems"] == [], result
+    assert result["workers_alive"], result

@@ -269,6 +269,36 @@ def test_a_poisoned_case_fails_alone_in_few_forward_passes(
     assert poisoned.calls <= 1 + 2 * math.log2(64)
 
 
+class KillingModel(LoadedModel):
+    """The real model, made to end the process (as a segfault or an OOM kill would) on any batch
+    holding the marked case."""
+
+    def predict(self, batch: ModelInput | torch.Tensor) -> torch.Tensor:
+        assert isinstance(batch, ModelInput)
+        if (batch.values[:, 0] == PoisonedModel.MARK).any():
+            raise SystemExit("killed")
+        return super().predict(batch)
+
+
+def test_a_case_whose_worker_died_is_scored_alone_after_the_others(
+    pg_sessions: sessionmaker[Session],
+) -> None:
+    """A case delivered before without finishing that kills the process again costs the other
+    cases of its batch no delivery: they are scored first, and it ends alone."""
+    cases = wdbc_cases(6)
+    cases[2]["features"]["mean_radius"] = PoisonedModel.MARK
+    ids = _add(pg_sessions, cases)
+    with session_scope(pg_sessions) as s:  # as if its worker had died holding it once
+        s.execute(update(Case).where(Case.id == ids[2]).values(delivery_count=1))
+    killing = KillingModel(SPEC, device="cpu")
+    with pytest.raises(SystemExit):
+        score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: killing)
+    with pg_sessions() as s:
+        rows = {c.id: (c.status, c.delivery_count) for c in s.scalars(select(Case))}
+    assert rows.pop(ids[2]) == (CaseStatus.running, 2)
+    assert set(rows.values()) == {(CaseStatus.done, 1)}
+
+
 @pytest.mark.parametrize(
     "args",
     [(), ([],), ("1,2",), ([1, "2"],), ([0],), ([True],), ([1], [2]), ({"ids": [1]},)],
@@ -483,3 +513,40 @@ def test_a_worker_asked_for_attributions_warms_its_explainer_before_the_first_me
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == str(warmed)
+
+
+class KillingFeaturizer(LoadedModel):
+    """The real model, made to end the process (as a segfault would) when it prepares the
+    marked case's features for its attributions."""
+
+    def featurize(self, cases, *, checked: bool = False):  # type: ignore[no-untyped-def]
+        if any(c.get("mean_radius") == 1234.5 for c in cases):
+            raise SystemExit("killed")
+        return super().featurize(cases, checked=checked)
+
+
+def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A case whose explanation killed its worker once and kills it again costs the other
+    explanations of its message no attempt: they are stored first, and it is tried alone."""
+    cases = wdbc_cases(6, prefix="xkill")
+    cases[2]["features"]["mean_radius"] = 1234.5
+    ids = _add(pg_sessions, cases)
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    with session_scope(pg_sessions) as s:  # as if its worker had died explaining it once
+        s.execute(update(Explanation).where(Explanation.case_id == ids[2]).values(attempts=1))
+    killing = KillingFeaturizer(SPEC, device="cpu")
+    with pytest.raises(SystemExit):
+        explain_cases(
+            ids,
+            sessions=pg_sessions,
+            load_model=lambda n, v: killing,
+            lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+            top_k=2,
+        )
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+        attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
+    assert (states.pop(ids[2]).status, attempts.pop(ids[2])) == ("pending", 2)
+    assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}

@@ -132,3 +132,43 @@ def test_the_sweeper_loop_runs_until_stopped(app, pg_url: str, pg_sessions, tmp_
         sweeper.stop()
         thread.join(10)
     assert not thread.is_alive() and sweeper.sweeps >= 2 and alive.exists()
+
+
+def test_one_sweep_sends_every_tile_a_broker_restart_lost(
+    app,
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    redis_client: redis.Redis,  # type: ignore[no-untyped-def]
+) -> None:
+    """A large job's queued tiles, sent before the broker restarted empty, all go again at the
+    first sweep after the restart (they went a thousand a sweep: one sweep interval each)."""
+    n = 2_500
+    sent_at = datetime.now(UTC) - timedelta(seconds=5)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="biobank")
+        job = GenomeJob(
+            tenant_id=tenant.id,
+            metric="king",
+            spec={},
+            n_samples=n,
+            n_rows=n,
+            n_variants=1,
+            tiles_total=n,
+            output_prefix="x",
+        )
+        s.add(job)
+        s.flush()
+        s.execute(
+            JobTile.__table__.insert(),
+            [
+                {"kind": "genome", "job_id": job.id, "index": i, "row_start": i,
+                 "row_end": i + 1, "status": "queued", "attempts": 0, "updated_at": sent_at}
+                for i in range(n)
+            ],
+        )  # fmt: skip
+    restarted = BrokerState(started_at=datetime.now(UTC) - timedelta(seconds=1))
+    report = sweep(
+        app, sessions=pg_sessions, settings=Settings(database_url=pg_url), broker=restarted
+    )
+    assert report.tiles == {"genome": n, "chem": 0}
+    assert redis_client.llen("genome") == n

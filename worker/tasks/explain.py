@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from celery import Task, shared_task
@@ -107,7 +108,36 @@ def explain_cases(
     """Compute and store the attributions of the given cases' scores; safe to run twice.
 
     Cases are explained in chunks (:func:`chunk_size`); once ``yield_after_s`` has passed, the
-    cases left are handed back and given to ``send_rest`` (a new explain message) instead."""
+    cases left are handed back and given to ``send_rest`` (a new explain message) instead.
+
+    A case attempted before without finishing (its worker died explaining it: perhaps killed by
+    that very case) is claimed and explained alone, after the others: an explanation that kills
+    its worker then costs no other one an attempt."""
+    if len(case_ids) > 1:
+        with session_scope(sessions) as session:
+            suspects = ledger.attempted_unfinished(session, case_ids=case_ids)
+        if suspects:
+            again = partial(
+                explain_cases,
+                sessions=sessions,
+                load_model=load_model,
+                lease=lease,
+                top_k=top_k,
+                steps=steps,
+                max_deliveries=max_deliveries,
+                yield_after_s=yield_after_s,
+                send_rest=send_rest,
+            )
+            alone = set(suspects)
+            others = [i for i in case_ids if i not in alone]
+            outcome = again(others) if others else ExplainOutcome()
+            for case_id in suspects:
+                part = again([case_id])
+                outcome.done += part.done
+                outcome.failed.update(part.failed)
+                outcome.skipped += part.skipped
+                outcome.handed_back += part.handed_back
+            return outcome
     with session_scope(sessions) as session:
         claimed, dead = ledger.claim_explanations(
             session, case_ids=case_ids, lease=lease, max_deliveries=max_deliveries

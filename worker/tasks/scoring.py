@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import torch
@@ -128,7 +129,32 @@ def score_cases(
     With ``explain_top_k`` > 0, the same transaction asks for the attributions of each scored
     case of an explainable model; after the commit ``send_explanations`` gets their ids (if it
     fails, or there is none, they wait for the sweeper).
+
+    A case delivered before without finishing (its worker died holding it: perhaps killed by
+    that very case) is claimed and scored alone, after the others, each leased meanwhile: a
+    case that kills its worker then costs no other case a delivery, and ends a dead letter
+    alone after ``max_deliveries``.
     """
+    if len(case_ids) > 1:
+        with session_scope(sessions) as session:
+            suspects = repo.delivered_unfinished(session, case_ids=case_ids)
+            if suspects and keeper is not None:
+                repo.hold_cases(session, case_ids=suspects, lease=keeper.lease)
+        if suspects:
+            again = partial(
+                score_cases,
+                sessions=sessions,
+                load_model=load_model,
+                queue=queue,
+                max_batch_size=max_batch_size,
+                max_deliveries=max_deliveries,
+                explain_top_k=explain_top_k,
+                explain_sequences=explain_sequences,
+                load_shadow=load_shadow,
+                keeper=keeper,
+                send_explanations=send_explanations,
+            )
+            return _alone_after_the_rest(again, case_ids, suspects, keeper)
     with session_scope(sessions) as session:
         claimed, dead = repo.claim_cases(
             session,
@@ -160,6 +186,35 @@ def score_cases(
     if send_explanations is not None and outcome.to_explain:
         _send_explanations(sessions, send_explanations, outcome.to_explain)
     _observe(queue, passes, outcome, claimed)
+    return outcome
+
+
+def _alone_after_the_rest(
+    score: Callable[[list[int]], Outcome],
+    case_ids: Sequence[int],
+    suspects: list[int],
+    keeper: LeaseKeeper | None,
+) -> Outcome:
+    """Score the cases not in ``suspects`` as one batch, then each suspect alone (in the order
+    given), renewing the suspects' leases while they wait."""
+    alone = set(suspects)
+    rest = [i for i in case_ids if i not in alone]
+    if keeper is not None:
+        keeper.hold(suspects)
+    try:
+        outcome = score(rest) if rest else Outcome()
+        for case_id in suspects:
+            part = score([case_id])
+            outcome.scored += part.scored
+            outcome.failed.update(part.failed)
+            outcome.dead_letters += part.dead_letters
+            outcome.skipped += part.skipped
+            outcome.new_score_rows += part.new_score_rows
+            outcome.forward_passes += part.forward_passes
+            outcome.to_explain += part.to_explain
+    finally:
+        if keeper is not None:
+            keeper.drop(suspects)
     return outcome
 
 
