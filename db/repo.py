@@ -528,8 +528,12 @@ def claim_cases(
     case_ids: Sequence[int],
     max_deliveries: int,
     lease: Lease | None = None,
+    first_delivery_only: bool = False,
 ) -> tuple[list[ClaimedCase], list[int]]:
     """Claim a batch in one statement: count a delivery, mark ``running``, take the lease.
+
+    With ``first_delivery_only``, a case delivered before without finishing is left as it is
+    (the caller scores it alone: :func:`delivered_unfinished` finds it).
 
     A case is claimable when it is ``queued``, or ``running`` with no live lease of another
     worker. Cases ``done`` or ``failed``, and cases another worker holds, are left as they are: a
@@ -547,6 +551,8 @@ def claim_cases(
         status == CaseStatus.queued.value,
         and_(status == CaseStatus.running.value, lease_free(Case, now, owner)),
     )
+    if first_delivery_only:
+        claimable = and_(claimable, Case.delivery_count == 0)
     rows = session.execute(
         update(Case.__table__)  # type: ignore[arg-type]
         .where(_among(session, Case.id, case_ids), claimable)

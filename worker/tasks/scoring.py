@@ -135,34 +135,62 @@ def score_cases(
     case that kills its worker then costs no other case a delivery, and ends a dead letter
     alone after ``max_deliveries``.
     """
-    if len(case_ids) > 1:
-        with session_scope(sessions) as session:
-            suspects = repo.delivered_unfinished(session, case_ids=case_ids)
-            if suspects and keeper is not None:
-                repo.hold_cases(session, case_ids=suspects, lease=keeper.lease)
-        if suspects:
-            again = partial(
-                score_cases,
-                sessions=sessions,
-                load_model=load_model,
-                queue=queue,
-                max_batch_size=max_batch_size,
-                max_deliveries=max_deliveries,
-                explain_top_k=explain_top_k,
-                explain_sequences=explain_sequences,
-                load_shadow=load_shadow,
-                keeper=keeper,
-                send_explanations=send_explanations,
-            )
-            return _alone_after_the_rest(again, case_ids, suspects, keeper)
+    # The suspects are found by the claim itself (it leaves them): nothing more on the hot path.
+    first_only = len(case_ids) > 1
+    lease = keeper.lease if keeper is not None else None
+    suspects: list[int] = []
     with session_scope(sessions) as session:
         claimed, dead = repo.claim_cases(
             session,
             case_ids=case_ids,
             max_deliveries=max_deliveries,
-            lease=keeper.lease if keeper is not None else None,
+            lease=lease,
+            first_delivery_only=first_only,
+        )
+        if first_only and len(claimed) + len(dead) < len(case_ids):
+            taken = {c.id for c in claimed}.union(dead)
+            left = [i for i in case_ids if i not in taken]
+            suspects = repo.delivered_unfinished(session, case_ids=left)
+            if suspects and lease is not None:
+                repo.hold_cases(session, case_ids=suspects, lease=lease)
+    common: dict[str, Any] = {
+        "sessions": sessions,
+        "load_model": load_model,
+        "queue": queue,
+        "max_batch_size": max_batch_size,
+        "explain_top_k": explain_top_k,
+        "explain_sequences": explain_sequences,
+        "load_shadow": load_shadow,
+        "keeper": keeper,
+        "send_explanations": send_explanations,
+    }
+    if suspects:
+        rest = Outcome(dead_letters=dead, skipped=len(left) - len(suspects))
+        return _alone_after_the_rest(
+            lambda: _score_claimed(claimed, rest, **common),
+            partial(score_cases, max_deliveries=max_deliveries, **common),
+            suspects,
+            keeper,
         )
     outcome = Outcome(dead_letters=dead, skipped=len(case_ids) - len(claimed) - len(dead))
+    return _score_claimed(claimed, outcome, **common)
+
+
+def _score_claimed(
+    claimed: list[repo.ClaimedCase],
+    outcome: Outcome,
+    *,
+    sessions: sessionmaker[Session],
+    load_model: ModelLoader,
+    queue: str,
+    max_batch_size: int,
+    explain_top_k: int,
+    explain_sequences: bool,
+    load_shadow: ShadowLoader | None,
+    keeper: LeaseKeeper | None,
+    send_explanations: Callable[[list[int]], object] | None,
+) -> Outcome:
+    """The forward passes, the write and the explain messages of the cases a claim took."""
     if not claimed:
         _observe(queue, [], outcome, claimed)
         return outcome
@@ -190,19 +218,17 @@ def score_cases(
 
 
 def _alone_after_the_rest(
+    rest: Callable[[], Outcome],
     score: Callable[[list[int]], Outcome],
-    case_ids: Sequence[int],
     suspects: list[int],
     keeper: LeaseKeeper | None,
 ) -> Outcome:
-    """Score the cases not in ``suspects`` as one batch, then each suspect alone (in the order
-    given), renewing the suspects' leases while they wait."""
-    alone = set(suspects)
-    rest = [i for i in case_ids if i not in alone]
+    """Score the claimed rest of a batch, then each suspect alone (in the order given), renewing
+    the suspects' leases while they wait."""
     if keeper is not None:
         keeper.hold(suspects)
     try:
-        outcome = score(rest) if rest else Outcome()
+        outcome = rest()
         for case_id in suspects:
             part = score([case_id])
             outcome.scored += part.scored
