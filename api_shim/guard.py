@@ -1,7 +1,8 @@
 """The gate every request passes before a route sees it: bounded, well-formed, storable input.
 
 - A body is read whole, up to ``max_bytes``: over it (declared or chunked) is 413, on every route.
-- A body must be JSON (415 for another media type), nested at most ``max_depth`` deep, without
+- A body must be JSON (415 for another media type, or for any Content-Encoding: it is read
+  as it came, never inflated), nested at most ``max_depth`` deep, without
   NaN/Infinity, numbers that overflow a double or integers beyond 64 bits, and without strings
   PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates). The parsed value is
   handed on in ``scope["state"]["json_body"]``, so routes do not parse it again.
@@ -269,7 +270,19 @@ class InputGuard:
         return b"".join(chunks)
 
     def _check_body(self, scope: Scope, body: bytes) -> Any:
-        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+            # Inflating would let a small request grow past max_bytes; the bytes as they came
+            # are not JSON, and "not valid JSON" would not say why.
+            raise _Refused(
+                415,
+                problem(
+                    ("header", "content-encoding"),
+                    "send the body uncompressed, without Content-Encoding",
+                    "unsupported_media_type",
+                ),
+            )
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         media = content_type.partition(";")[0].strip().lower()
         if media and media not in _JSON_TYPES and not media.endswith("+json"):
             raise _Refused(

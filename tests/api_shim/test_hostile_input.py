@@ -291,6 +291,33 @@ def test_a_body_that_is_not_json_is_415(api: TestClient, auth: dict[str, str]) -
     assert "application/fhir+json" in fhir.text  # the FHIR route's own media type is named
 
 
+def test_a_compressed_body_is_415_naming_the_encoding(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """gzip was read as it came and answered "not valid JSON: not UTF-8" (422 / 400)."""
+    import gzip
+
+    raw = gzip.compress(json.dumps(wdbc_cases(1)).encode())
+    for path in ("/v1/cases", "/v1/fhir"):
+        ctype = FHIR_JSON if path == "/v1/fhir" else "application/json"
+        response = api.post(
+            path, content=raw, headers={**auth, "Content-Type": ctype, "Content-Encoding": "gzip"}
+        )
+        assert response.status_code == 415, response.text
+        if path == "/v1/fhir":
+            (issue,) = response.json()["issue"]
+            assert issue["code"] == "not-supported" and "uncompressed" in issue["diagnostics"]
+        else:
+            assert (
+                response.json()["detail"] == "send the body uncompressed, without Content-Encoding"
+            )
+    plain = api.post(
+        "/v1/cases", json=wdbc_cases(1), headers={**auth, "Content-Encoding": "identity"}
+    )
+    assert plain.status_code == 202, plain.text
+    assert _cases(pg_sessions) == 1
+
+
 # -- 6. bounded work per request ----------------------------------------------------------------
 
 
