@@ -1190,7 +1190,9 @@ class NdjsonExport:
                         continue
                     self.lines[rtype] += 1
                     try:
-                        text = data.decode("utf-8")
+                        # utf-8-sig: a byte order mark before the first line (Windows tools
+                        # write one) cost that line, and so its patient, as "not JSON".
+                        text = data.decode("utf-8-sig")
                     except UnicodeDecodeError as exc:
                         diag = f"not UTF-8 at byte {exc.start + 1}"
                         self.issues.append(Issue("error", "structure", diag, "", path.name, number))

@@ -117,3 +117,43 @@ def test_the_summary_counts_a_run_of_more_cases_than_a_statement_has_parameters(
     assert (summary.scored, summary.failed) == (1, 1)
     summary.case_ids = [a.id for a in added[:2]]
     assert settle_counts(sessions, summary) is True
+
+
+def _export(tmp_path: Path) -> Path:
+    """A copy of the shared export (nine patients, five of them alive at 2020-01-01)."""
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    shutil.copytree(source, tmp_path / "export")
+    return tmp_path / "export"
+
+
+def _run(sessions: sessionmaker[Session], export: Path) -> dict[str, object]:
+    from datetime import UTC, datetime
+
+    from db import repo
+    from db.engine import session_scope
+    from models.cases.registry import Registry
+    from worker.fhir_intake import run_nightly
+
+    with session_scope(sessions) as s:
+        tenant_id = repo.create_tenant(s, name="nightly")[0].id
+    summary = run_nightly(
+        export,
+        Registry.load().resolve("whas500-mortality"),
+        sessions=sessions,
+        app=None,
+        tenant_id=tenant_id,
+        as_of=datetime(2020, 1, 1, tzinfo=UTC),
+        lookback_days=730,
+    )
+    return summary.as_dict()
+
+
+def test_a_byte_order_mark_before_the_first_line_costs_nothing(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Was: the first Patient a bad line ("not JSON"), and its 23 resources bad lines too."""
+    export = _export(tmp_path)
+    patients = export / "Patient.ndjson"
+    patients.write_bytes(b"\xef\xbb\xbf" + patients.read_bytes().replace(b"\n", b"\r\n"))
+    summary = _run(pg_sessions, export)
+    assert (summary["patients_read"], summary["accepted"], summary["bad_lines"]) == (9, 5, 0)
