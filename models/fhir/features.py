@@ -235,6 +235,30 @@ def _subject(raw: dict[str, Any]) -> object:
     return ref.get("reference") if isinstance(ref, dict) else None
 
 
+#: A JSON escape that may make a NUL or a lone surrogate: only then are a line's strings walked.
+_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a parsed line cannot be stored (PostgreSQL refuses NUL in text, UTF-8 cannot encode a
+    lone surrogate: an identifier's system holding one ended the whole run), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += list(item.keys()) + list(item.values())
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a string holds a NUL character (U+0000), which cannot be stored"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone UTF-16 surrogate, which is not a character"
+    return None
+
+
 def _identifiers(raw: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     for ident in raw.get("identifier") or []:
@@ -1202,6 +1226,9 @@ class NdjsonExport:
                     except json.JSONDecodeError as exc:
                         diag = f"not JSON: {exc.msg} at column {exc.colno}"
                         self.issues.append(Issue("error", "structure", diag, "", path.name, number))
+                        continue
+                    if _ESCAPE.search(text) and (why := _unstorable(raw)):
+                        self.issues.append(Issue("error", "structure", why, "", path.name, number))
                         continue
                     if not isinstance(raw, dict) or raw.get("resourceType") != rtype:
                         diag = f"expected a {rtype} resource in {path.name}"

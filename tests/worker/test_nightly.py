@@ -157,3 +157,19 @@ def test_a_byte_order_mark_before_the_first_line_costs_nothing(
     patients.write_bytes(b"\xef\xbb\xbf" + patients.read_bytes().replace(b"\n", b"\r\n"))
     summary = _run(pg_sessions, export)
     assert (summary["patients_read"], summary["accepted"], summary["bad_lines"]) == (9, 5, 0)
+
+
+@pytest.mark.parametrize("text", ["urn:mrn\u0000", "urn:mrn\ud800"], ids=["NUL", "surrogate"])
+def test_a_line_with_an_unstorable_string_is_a_bad_line_not_the_end_of_the_run(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, text: str
+) -> None:
+    """A NUL in an identifier's system ended the whole run with PostgreSQL's DataError."""
+    export = _export(tmp_path)
+    patients = export / "Patient.ndjson"
+    first, rest = patients.read_bytes().split(b"\n", 1)
+    patient = json.loads(first)
+    patient["identifier"] = [{"system": text, "value": "MRN-1"}]
+    patients.write_bytes(json.dumps(patient).encode() + b"\n" + rest)
+    summary = _run(pg_sessions, export)
+    # The first patient (alive, so one of the five) is a bad line; the other eight are read.
+    assert (summary["patients_read"], summary["accepted"]) == (8, 4)
