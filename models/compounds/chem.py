@@ -149,10 +149,12 @@ def _from_smiles(smiles: str) -> tuple[Chem.Mol | None, str]:
 
 def _open_text(path: Path) -> IO[str]:
     # UTF-8, with the bytes that are not kept as lone surrogates: a record holding one is
-    # reported by its line (_not_utf8), instead of one byte refusing the whole file.
+    # reported by its line (_not_utf8), instead of one byte refusing the whole file. A byte
+    # order mark is dropped: Excel's "CSV UTF-8" starts with one, which made the first column
+    # '\ufeffsmiles' and the whole file "no column 'smiles'".
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
-    return path.open(newline="", encoding="utf-8", errors="surrogateescape")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape")
+    return path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _not_utf8(text: str) -> str | None:

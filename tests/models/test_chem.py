@@ -327,6 +327,30 @@ def test_csv_column_reader(tmp_path: Path) -> None:
         chem.read_csv(path, smiles_column="SMILES")
 
 
+@pytest.mark.parametrize("name", ["mols.csv", "mols.csv.gz", "mols.smi", "mols.sdf"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name: str) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the header's first column was '\\ufeffsmiles',
+    and the whole library was refused (no column 'smiles')."""
+    import gzip
+
+    ethanol = Chem.MolFromSmiles("CCO")
+    ethanol.SetProp("_Name", "eth")
+    text = {
+        "mols.csv": "smiles,id\nCCO,eth\n",
+        "mols.smi": "CCO eth\n",
+        "mols.sdf": Chem.MolToMolBlock(ethanol) + "$$$$\n",
+    }[name.removesuffix(".gz")]
+    raw = "\ufeff".join(["", text]).encode("utf-8")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    read = (
+        chem.read_sdf if ".sdf" in name else chem.read_csv if ".csv" in name else chem.read_smiles
+    )
+    mols = read(path)
+    assert not mols.failures and len(mols) == 1
+    assert mols.ids == (("2",) if ".csv" in name else ("eth",))
+
+
 def test_shapes_are_checked(nci: chem.Molecules) -> None:
     fps = chem.fingerprints(nci.mols[:5])
     short = chem.fingerprints(nci.mols[:5], fp_size=1024)
