@@ -351,6 +351,28 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name:
     assert mols.ids == (("2",) if ".csv" in name else ("eth",))
 
 
+def test_a_molecule_too_large_to_fingerprint_is_a_failure_of_its_record(tmp_path: Path) -> None:
+    """A 20,000-atom chain took RDKit's atom-pair generator hours (the submission with it)."""
+    huge = "C" * (chem.MAX_HEAVY_ATOMS + 1)
+    smi = tmp_path / "mols.smi"
+    smi.write_text(f"CCO eth\n{huge} polymer\nc1ccccc1O phen\n")
+    csv = tmp_path / "mols.csv"
+    csv.write_text(f"smiles\nCCO\n{huge}\n")
+    sdf = tmp_path / "mols.sdf"
+    sdf.write_text(Chem.MolToMolBlock(Chem.MolFromSmiles(huge)) + "$$$$\n")
+    for mols, kept in (
+        (chem.read_smiles(smi), ("eth", "phen")),
+        (chem.read_csv(csv), ("2",)),
+        (chem.read_sdf(sdf), ()),
+    ):
+        assert mols.ids == kept
+        (failure,) = mols.failures
+        assert failure.reason == f"{chem.MAX_HEAVY_ATOMS + 1} heavy atoms, more than 1000"
+        assert len(failure.text) <= 80
+    smi.write_text("C" * chem.MAX_HEAVY_ATOMS + " largest\n")
+    assert chem.read_smiles(smi).ids == ("largest",)
+
+
 def test_shapes_are_checked(nci: chem.Molecules) -> None:
     fps = chem.fingerprints(nci.mols[:5])
     short = chem.fingerprints(nci.mols[:5], fp_size=1024)
