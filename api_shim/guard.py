@@ -4,7 +4,8 @@
 - A body must be JSON (415 for another media type, or for any Content-Encoding: it is read
   as it came, never inflated), nested at most ``max_depth`` deep, without
   NaN/Infinity, numbers that overflow a double or integers beyond 64 bits, and without strings
-  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates). The parsed value is
+  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates), and without a key
+  given twice in one object (parsers disagree on which one counts). The parsed value is
   handed on in ``scope["state"]["json_body"]``, so routes do not parse it again.
 - A query parameter given twice is 400: a route would answer for one value while the audit
   trail might name the other. A NUL in a query parameter is refused like one in a body.
@@ -76,6 +77,56 @@ class _BadNumber(Exception):
     pass
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+#: Stands, in a leniently parsed object, for the key that came twice (never a JSON key).
+_TWICE = object()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _DuplicateKey
+    return value
+
+
+def _duplicate_problem(body: bytes) -> dict[str, Any]:
+    """Where the first object with a key given twice is (parsed again, leniently: only a refused
+    body pays for it); the key is named only if it is a field name."""
+
+    def lenient(pairs: list[tuple[str, Any]]) -> dict[Any, Any]:
+        value: dict[Any, Any] = {}
+        for key, item in pairs:
+            if key in value and _TWICE not in value:
+                value[_TWICE] = key
+            value[key] = item
+        return value
+
+    try:
+        parsed = json.loads(body, object_pairs_hook=lenient)
+    except ValueError:  # the duplicate came before a syntax error
+        return problem(("body",), "body is not valid JSON", "json_invalid")
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), parsed)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            if _TWICE in item:
+                return problem(
+                    ("body", *path, _name(item[_TWICE])),
+                    "a key given twice in one object",
+                    "duplicate_key",
+                )
+            children = [((*path, _name(k)), v) for k, v in item.items() if k is not _TWICE]
+        elif isinstance(item, list):
+            children = [((*path, i), v) for i, v in enumerate(item)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return problem(("body",), "a key given twice in one object", "duplicate_key")
+
+
 def _refuse_constant(name: str) -> Any:
     raise _BadNumber
 
@@ -141,9 +192,12 @@ def parse_json(body: bytes, *, max_depth: int) -> Any:
             parse_constant=_refuse_constant,
             parse_float=_parse_float,
             parse_int=_parse_int,
+            object_pairs_hook=_object,
         )
     except _BadNumber:
         raise _Refused(422, _number_problem(body)) from None
+    except _DuplicateKey:
+        raise _Refused(422, _duplicate_problem(body)) from None
     except RecursionError:  # unbalanced brackets can fool the depth count; the parser cannot
         raise _Refused(
             422, problem(("body",), f"JSON nested deeper than {max_depth} levels", "too_deep")

@@ -318,6 +318,30 @@ def test_a_compressed_body_is_415_naming_the_encoding(
     assert _cases(pg_sessions) == 1
 
 
+def test_a_key_given_twice_is_refused_where_it_is(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """{"external_id": "X", "external_id": "Y"} stored Y silently (the last one won); another
+    parser may keep the first."""
+    raw = json.dumps(wdbc_cases(2))
+    twice = raw.replace('"external_id": "wdbc-0001"', '"external_id": "X", "external_id": "Y"')
+    response = _json_post(api, "/v1/cases", twice, auth)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 1, "external_id"] and error["type"] == "duplicate_key"
+    canary = "MRN-CANARY7731"
+    feature = raw.replace('"mean_area": ', f'"{canary}": 1, "{canary}": 2, "mean_area": ', 1)
+    response = _json_post(api, "/v1/cases", feature, auth)
+    assert response.status_code == 422 and canary not in response.text
+    assert response.json()["detail"][0]["loc"] == ["body", 0, "features", "*"]
+    bundle = '{"resourceType": "Bundle", "type": "batch", "type": "transaction", "entry": []}'
+    response = _json_post(api, "/v1/fhir", bundle, auth)
+    assert response.status_code == 400, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["code"] == "structure" and issue["expression"] == ["body.type"]
+    assert _cases(pg_sessions) == 0
+
+
 # -- 6. bounded work per request ----------------------------------------------------------------
 
 
