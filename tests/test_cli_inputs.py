@@ -331,6 +331,20 @@ def test_submit_refuses_an_api_that_is_not_an_http_url(
     assert err.startswith(f"medbatch submit: --api: {api}") and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_submit_reads_a_cases_file_with_a_byte_order_mark(
+    encoding: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cases file saved by a Windows tool was refused: 'cannot read …: Unexpected UTF-8 BOM'.
+    Read, it goes on to the next check (here: an --api that is not a URL)."""
+    cases = Path(__file__).resolve().parents[1] / "examples" / "cases.json"
+    saved = tmp_path / "cases.json"
+    saved.write_bytes(cases.read_text(encoding="utf-8").encode(encoding))
+    assert main(["submit", str(saved), "--api", "ftp://x", "--api-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch submit: --api: ftp://x"), err
+
+
 def test_compounds_tile_rows_counts_query_rows_as_its_help_says(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

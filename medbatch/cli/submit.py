@@ -35,7 +35,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     try:
-        body = json.loads(Path(args.file).read_text())
+        # Bytes: json finds UTF-8 (a byte order mark too, as Windows tools write it) or UTF-16/32
+        # itself, whatever the locale's encoding.
+        body = json.loads(Path(args.file).read_bytes())
     except (OSError, ValueError) as exc:
         fail(f"cannot read {args.file}: {exc}")
     chunks = (
