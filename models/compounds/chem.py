@@ -277,7 +277,10 @@ def read_csv(
     path = _check_file(path)
     with _open_text(path) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as exc:
+            raise ValueError(f"{path}: the header line is not CSV: {exc}") from None
         for column in (smiles_column, id_column):
             if column is not None and column not in header:
                 raise ValueError(f"{path}: no column {column!r}; the header has {header}")
@@ -288,8 +291,20 @@ def _csv_rows(
     source: str, reader: csv.DictReader, smiles_column: str, id_column: str | None
 ) -> Iterator[_Read]:
     start = 2  # the header is line 1
-    for row in reader:
-        number, start = start, reader.line_num + 1
+    rows = iter(reader)
+    while True:
+        number = start
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # A field over csv's limit (a SMILES of more than 131,072 characters, or a quote
+            # left open): that record's failure; the reader goes on after it.
+            start = reader.line_num + 1
+            yield ParseFailure(source, number, number, "", f"not CSV: {exc}")
+            continue
+        start = reader.line_num + 1
         smiles = (row.get(smiles_column) or "").strip()
         name = (row.get(id_column) or "") if id_column is not None else ""
         if bad := _not_utf8(smiles + name):  # other columns are not read

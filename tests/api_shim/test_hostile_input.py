@@ -490,6 +490,28 @@ def test_compound_paths_are_refused_with_words_about_the_compound_folder(
     assert "genotype" not in error["msg"]
 
 
+def test_a_molecule_file_csv_cannot_split_is_answered_by_record(
+    api: TestClient, auth: dict[str, str], folders: Path
+) -> None:
+    """A SMILES field over csv's 131,072-character limit was a 500 (csv.Error); now that record
+    is unreadable and the rest is searched. A header csv cannot read is a 422 naming library."""
+    library = folders / "compounds" / "long.csv"
+    library.write_text("id,smiles\nethanol,CCO\npolymer," + "C" * 200_000 + "\nphenol,c1ccccc1O\n")
+    response = api.post(
+        "/v1/compound-similarity", json={"library": "long.csv", "top_k": 1}, headers=auth
+    )
+    assert response.status_code == 202, response.text
+    assert (response.json()["n_library"], response.json()["unreadable"]) == (2, 1)
+    library.write_text("smiles" + "x" * 200_000 + "\nCCO\n")
+    response = api.post(
+        "/v1/compound-similarity", json={"library": "long.csv", "top_k": 1}, headers=auth
+    )
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "library"] and "not CSV" in error["msg"]
+    assert str(folders) not in response.text
+
+
 # -- 8. the audit trail fails closed ------------------------------------------------------------
 
 

@@ -373,6 +373,20 @@ def test_a_molecule_too_large_to_fingerprint_is_a_failure_of_its_record(tmp_path
     assert chem.read_smiles(smi).ids == ("largest",)
 
 
+def test_a_csv_field_over_the_csv_limit_is_a_failure_of_its_record(tmp_path: Path) -> None:
+    """csv's "field larger than field limit (131072)" escaped the reader: a traceback on the
+    command line, a 500 from the API."""
+    path = tmp_path / "mols.csv"
+    path.write_text("smiles\nCCO\n" + "C" * 200_000 + "\nc1ccccc1O\n")
+    mols = chem.read_csv(path)
+    assert len(mols) == 2
+    (failure,) = mols.failures
+    assert failure.line == 3 and failure.reason.startswith("not CSV: field larger than")
+    path.write_text("smiles" + "x" * 200_000 + "\nCCO\n")
+    with pytest.raises(ValueError, match="the header line is not CSV"):
+        chem.read_csv(path)
+
+
 def test_shapes_are_checked(nci: chem.Molecules) -> None:
     fps = chem.fingerprints(nci.mols[:5])
     short = chem.fingerprints(nci.mols[:5], fp_size=1024)
