@@ -235,6 +235,23 @@ def test_an_empty_keep_file_is_refused(env: Path, capsys: pytest.CaptureFixture[
     assert f"--keep: {keep} names no sample" in capsys.readouterr().err
 
 
+def test_a_keep_file_with_a_byte_order_mark_or_another_encoding(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A BOM became part of the first IID (refused as a sample not in the cohort); Latin-1 was
+    a UnicodeDecodeError traceback."""
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    iids = [line.split()[1] for line in data.with_suffix(".fam").read_text().splitlines()[:3]]
+    keep = env / "keep.txt"
+    keep.write_bytes(("\ufeff" + "\r\n".join(iids) + "\r\n").encode("utf-8"))
+    argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--keep", str(keep)]
+    assert main(argv) == 0, capsys.readouterr().err
+    keep.write_bytes("Jos\u00e9\n".encode("latin-1"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"medbatch genome compare: --keep: {keep} is not UTF-8 text (byte 4)\n", err
+
+
 def test_out_that_cannot_be_written_says_where_the_output_stays(tmp_path: Path) -> None:
     """It was a traceback after the whole job had run."""
     from medbatch.cli._common import CliError, copy_out
