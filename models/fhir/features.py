@@ -137,6 +137,10 @@ class FhirInputError(ValueError):
         return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in self.issues]}
 
 
+#: What a FHIR element name looks like (camelCase; "_" before a primitive's extensions).
+_ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
+
+
 def _validation_issues(
     error: ValidationError, *, prefix: str, file: str | None = None, line: int | None = None
 ) -> list[Issue]:
@@ -151,9 +155,14 @@ def _validation_issues(
         else:
             code = "value"
         message = re.sub(r"^(Value|Assertion) error, ", "", str(err["msg"]))
-        issues.append(
-            Issue("error", code, message, _fhirpath(prefix, err["loc"]), file=file, line=line)
-        )
+        loc = err["loc"]
+        if kind == "extra_forbidden" and loc:
+            message = "not an element of this FHIR R4 type"
+            if not _ELEMENT_NAME.fullmatch(str(loc[-1])):
+                # Not shaped like an element name (a misspelt "colour" is shown): the caller's
+                # key may be a patient's name or MRN.
+                loc = (*loc[:-1], "*")
+        issues.append(Issue("error", code, message, _fhirpath(prefix, loc), file=file, line=line))
     return issues
 
 

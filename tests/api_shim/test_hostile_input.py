@@ -639,6 +639,37 @@ def test_error_bodies_do_not_echo_the_callers_values(api: TestClient, auth: dict
         assert canary not in answer.text, answer.text
 
 
+def test_an_unknown_fhir_element_is_located_without_its_name(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """{"resourceType": "Patient", "Jane Doe CANARY7731": ...} was answered with the expression
+    Bundle.entry[0].resource.Jane Doe CANARY7731. A key shaped like an element name (a misspelt
+    "colour") is still named."""
+    canary = "Jane Doe CANARY7731"
+    patient = {"resourceType": "Patient", "id": "p1", canary: "x"}
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "x", "MRN7731": 1, "colour": "blue"},
+        "subject": {"reference": "Patient/p1"},
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": patient}, {"resource": observation}],
+    }
+    response = api.post("/v1/fhir", json=bundle, headers={**auth, "Content-Type": FHIR_JSON})
+    assert response.status_code == 400, response.text
+    assert "7731" not in response.text, response.text
+    issues = response.json()["issue"]
+    assert [i["expression"] for i in issues] == [
+        ["Bundle.entry[0].resource.*"],
+        ["Bundle.entry[1].resource.code.*"],
+        ["Bundle.entry[1].resource.code.colour"],
+    ]
+    assert {i["diagnostics"] for i in issues} == {"not an element of this FHIR R4 type"}
+
+
 def test_a_malformed_key_is_not_echoed_in_an_error_location(
     api: TestClient, auth: dict[str, str]
 ) -> None:
