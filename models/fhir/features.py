@@ -410,9 +410,9 @@ def parse_bundle(data: object) -> ParsedBundle:
             continue
         key = f"Patient/{rid}" if isinstance(rid, str) else str(full_url)
         if key in alias.values():
-            issues.append(
-                Issue("error", "duplicate", f"{key} appears twice", f"{where}.resource.id")
-            )
+            # Named by place, not by id (the caller's: it may be an MRN).
+            diag = "an earlier entry holds a Patient with this id or fullUrl"
+            issues.append(Issue("error", "duplicate", diag, f"{where}.resource.id"))
             continue
         alias[key] = key
         for pair in _identifiers(raw):
@@ -1273,7 +1273,7 @@ class NdjsonExport:
                 continue
             ref = f"Patient/{resource.id}"
             if ref in records:
-                diag = f"{ref} appears twice; the first is kept"
+                diag = "an earlier line holds a Patient with this id; the first is kept"
                 self.issues.append(Issue("error", "duplicate", diag, "Patient.id", file, number))
                 continue
             # Only the elements the model reads are kept: memory stays per patient, not per line.

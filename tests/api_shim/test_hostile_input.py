@@ -670,6 +670,23 @@ def test_an_unknown_fhir_element_is_located_without_its_name(
     assert {i["diagnostics"] for i in issues} == {"not an element of this FHIR R4 type"}
 
 
+def test_a_patient_sent_twice_is_named_by_place_not_by_id(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """The refusal said "Patient/MRN-CANARY7731 appears twice"."""
+    patient = {"resourceType": "Patient", "id": "MRN-CANARY7731", "gender": "male"}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": patient}, {"resource": patient}],
+    }
+    response = api.post("/v1/fhir", json=bundle, headers={**auth, "Content-Type": FHIR_JSON})
+    assert response.status_code == 400, response.text
+    assert "7731" not in response.text, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["code"] == "duplicate" and issue["expression"] == ["Bundle.entry[1].resource.id"]
+
+
 def test_a_malformed_key_is_not_echoed_in_an_error_location(
     api: TestClient, auth: dict[str, str]
 ) -> None:
