@@ -173,3 +173,18 @@ def test_a_line_with_an_unstorable_string_is_a_bad_line_not_the_end_of_the_run(
     summary = _run(pg_sessions, export)
     # The first patient (alive, so one of the five) is a bad line; the other eight are read.
     assert (summary["patients_read"], summary["accepted"]) == (8, 4)
+
+
+def test_bad_lines_counts_lines_not_their_problems(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """One Observation line with three elements R4 does not have said "3 unreadable lines"."""
+    export = _export(tmp_path)
+    observations = export / "Observation.ndjson"
+    lines = observations.read_bytes().splitlines()
+    # A BMI reading (LOINC 39156-5): a code the model reads, so its line is validated.
+    n = next(i for i, line in enumerate(lines) if b'"39156-5"' in line)
+    lines[n] = json.dumps({**json.loads(lines[n]), "colour": 1, "flavour": 2, "odour": 3}).encode()
+    observations.write_bytes(b"\n".join(lines) + b"\n")
+    summary = _run(pg_sessions, export)
+    assert (summary["patients_read"], summary["bad_lines"]) == (9, 1)
