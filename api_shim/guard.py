@@ -4,7 +4,8 @@
 - A body must be JSON (415 for another media type, or for any Content-Encoding: it is read
   as it came, never inflated), nested at most ``max_depth`` deep, without
   NaN/Infinity, numbers that overflow a double or integers beyond 64 bits, and without strings
-  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates), and without a key
+  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates: escaped, or sent as
+  raw bytes, which json.loads lets through), and without a key
   given twice in one object (parsers disagree on which one counts). The parsed value is
   handed on in ``scope["state"]["json_body"]``, so routes do not parse it again.
 - A query parameter given twice is 400: a route would answer for one value while the audit
@@ -35,6 +36,9 @@ MAX_INT = 2**63 - 1
 _JSON_TYPES = ("application/json", "application/fhir+json")
 #: A \u escape that may make a NUL or a lone surrogate: only then are the strings walked.
 _SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+#: A surrogate encoded as UTF-8 bytes (never valid UTF-8, but json.loads decodes bytes with
+#: "surrogatepass"), or a NUL byte: a UTF-16 or UTF-32 body, which may hold a lone surrogate.
+_SUSPECT_BYTES = re.compile(rb"\xed[\xa0-\xbf]|\x00")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
@@ -207,7 +211,7 @@ def parse_json(body: bytes, *, max_depth: int) -> Any:
         raise _Refused(
             422, problem(("body",), f"body is not valid JSON: {reason}", "json_invalid")
         ) from None
-    if _SUSPECT_ESCAPE.search(body):
+    if _SUSPECT_ESCAPE.search(body) or _SUSPECT_BYTES.search(body):
         for path, why in _bad_strings(value):
             raise _Refused(422, problem(("body", *path), why, "string_unsafe"))
     return value

@@ -244,6 +244,31 @@ def test_unstorable_strings_in_a_body_are_422_and_the_answer_encodes(
     assert _cases(pg_sessions) == 0
 
 
+def test_a_surrogate_sent_as_raw_bytes_is_refused_like_an_escaped_one(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """json.loads decodes bytes with "surrogatepass": a surrogate sent as UTF-8 bytes (ED A0 80)
+    or in a UTF-16 body passed the gate. In a Bundle entry's fullUrl it was stored in the case's
+    basis, and every RiskAssessment search of that patient was a 500 from then on."""
+    bundle = json.loads(
+        (Path(__file__).parents[2] / "examples" / "patient-bundle.json").read_text()
+    )
+    bundle["entry"][1]["fullUrl"] = "urn:uuid:SURROGATE"
+    assert "id" not in bundle["entry"][1]["resource"]  # cited by its fullUrl
+    raw = json.dumps(bundle).encode().replace(b"SURROGATE", b"\xed\xa0\x80")
+    response = _json_post(api, "/v1/fhir?as_of=2020-01-01T00:00:00Z", raw, auth)
+    assert response.status_code == 400, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["expression"] == ["body.entry.1.fullUrl"] and "surrogate" in issue["diagnostics"]
+    case = {**wdbc_cases(1)[0], "external_id": "MRN\ud800"}
+    sent = json.dumps([case], ensure_ascii=False).encode("utf-16", "surrogatepass")
+    response = _json_post(api, "/v1/cases", sent, auth)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "external_id"] and error["type"] == "string_unsafe"
+    assert _cases(pg_sessions) == 0
+
+
 def test_nul_in_a_query_parameter_is_refused(api: TestClient, auth: dict[str, str]) -> None:
     for route, param in (
         ("/v1/scores", "model"),
