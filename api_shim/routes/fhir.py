@@ -190,7 +190,7 @@ async def submit_bundle(
     ]
     kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
     body = {"resourceType": "Bundle", "type": kind, "entry": entries}
-    return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
+    return SafeJSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
 
 
 def _note(severity: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
@@ -338,7 +338,9 @@ def search_risk_assessments(
         for case, score in rows
     ]
     body = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
-    return JSONResponse(body, media_type=FHIR_JSON)
+    # ASCII-escaped: a string stored before the gate refused it (a lone surrogate) cannot make
+    # every later search of the patient a 500.
+    return SafeJSONResponse(body, media_type=FHIR_JSON)
 
 
 @router.get("/RiskAssessment/{score_id}", response_model=None)
@@ -353,4 +355,6 @@ def read_risk_assessment(
     if row is None:
         return outcome(404, [issue("not-found", "no RiskAssessment with this id for this tenant")])
     case, score = row
-    return JSONResponse(risk_assessment(case, score, _spec(registry, score)), media_type=FHIR_JSON)
+    return SafeJSONResponse(
+        risk_assessment(case, score, _spec(registry, score)), media_type=FHIR_JSON
+    )

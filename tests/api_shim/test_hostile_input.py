@@ -269,6 +269,23 @@ def test_a_surrogate_sent_as_raw_bytes_is_refused_like_an_escaped_one(
     assert _cases(pg_sessions) == 0
 
 
+def test_a_lone_surrogate_stored_before_the_gate_refused_it_is_answered(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case stored with one in its basis (before the gate above) made every RiskAssessment
+    search and read of the patient a 500 (UnicodeEncodeError)."""
+    _scored_patient(pg_sessions)
+    with session_scope(pg_sessions) as s:
+        case = s.scalars(select(Case)).one()
+        case.context = {"basis": ["Patient/p1", "urn:uuid:\ud800"]}
+    search = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/p1"}, headers=auth)
+    assert search.status_code == 200, search.text
+    (entry,) = search.json()["entry"]
+    assert entry["resource"]["basis"][1] == {"reference": "urn:uuid:\ud800"}
+    read = api.get(f"/v1/fhir/{entry['fullUrl']}", headers=auth)
+    assert read.status_code == 200 and read.json()["basis"] == entry["resource"]["basis"]
+
+
 def test_nul_in_a_query_parameter_is_refused(api: TestClient, auth: dict[str, str]) -> None:
     for route, param in (
         ("/v1/scores", "model"),
