@@ -100,6 +100,7 @@ _FHIR_CODE: dict[Any, str] = {
     "json_invalid": "structure",
     "too_deep": "structure",
     "number_too_large": "structure",
+    "duplicate_key": "structure",
 }
 
 

@@ -1,9 +1,12 @@
 """The gate every request passes before a route sees it: bounded, well-formed, storable input.
 
 - A body is read whole, up to ``max_bytes``: over it (declared or chunked) is 413, on every route.
-- A body must be JSON (415 for another media type), nested at most ``max_depth`` deep, without
+- A body must be JSON (415 for another media type, or for any Content-Encoding: it is read
+  as it came, never inflated), nested at most ``max_depth`` deep, without
   NaN/Infinity, numbers that overflow a double or integers beyond 64 bits, and without strings
-  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates). The parsed value is
+  PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates: escaped, or sent as
+  raw bytes, which json.loads lets through), and without a key
+  given twice in one object (parsers disagree on which one counts). The parsed value is
   handed on in ``scope["state"]["json_body"]``, so routes do not parse it again.
 - A query parameter given twice is 400: a route would answer for one value while the audit
   trail might name the other. A NUL in a query parameter is refused like one in a body.
@@ -34,6 +37,9 @@ MAX_INT = 2**63 - 1
 _JSON_TYPES = ("application/json", "application/fhir+json", "application/json+fhir")
 #: A \u escape that may make a NUL or a lone surrogate: only then are the strings walked.
 _SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+#: A surrogate encoded as UTF-8 bytes (never valid UTF-8, but json.loads decodes bytes with
+#: "surrogatepass"), or a NUL byte: a UTF-16 or UTF-32 body, which may hold a lone surrogate.
+_SUSPECT_BYTES = re.compile(rb"\xed[\xa0-\xbf]|\x00")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
@@ -74,6 +80,56 @@ def json_depth(body: bytes) -> int:
 
 class _BadNumber(Exception):
     pass
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+#: Stands, in a leniently parsed object, for the key that came twice (never a JSON key).
+_TWICE = object()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _DuplicateKey
+    return value
+
+
+def _duplicate_problem(body: bytes) -> dict[str, Any]:
+    """Where the first object with a key given twice is (parsed again, leniently: only a refused
+    body pays for it); the key is named only if it is a field name."""
+
+    def lenient(pairs: list[tuple[str, Any]]) -> dict[Any, Any]:
+        value: dict[Any, Any] = {}
+        for key, item in pairs:
+            if key in value and _TWICE not in value:
+                value[_TWICE] = key
+            value[key] = item
+        return value
+
+    try:
+        parsed = json.loads(body, object_pairs_hook=lenient)
+    except ValueError:  # the duplicate came before a syntax error
+        return problem(("body",), "body is not valid JSON", "json_invalid")
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), parsed)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            if _TWICE in item:
+                return problem(
+                    ("body", *path, _name(item[_TWICE])),
+                    "a key given twice in one object",
+                    "duplicate_key",
+                )
+            children = [((*path, _name(k)), v) for k, v in item.items() if k is not _TWICE]
+        elif isinstance(item, list):
+            children = [((*path, i), v) for i, v in enumerate(item)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return problem(("body",), "a key given twice in one object", "duplicate_key")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -141,9 +197,12 @@ def parse_json(body: bytes, *, max_depth: int) -> Any:
             parse_constant=_refuse_constant,
             parse_float=_parse_float,
             parse_int=_parse_int,
+            object_pairs_hook=_object,
         )
     except _BadNumber:
         raise _Refused(422, _number_problem(body)) from None
+    except _DuplicateKey:
+        raise _Refused(422, _duplicate_problem(body)) from None
     except RecursionError:  # unbalanced brackets can fool the depth count; the parser cannot
         raise _Refused(
             422, problem(("body",), f"JSON nested deeper than {max_depth} levels", "too_deep")
@@ -153,7 +212,7 @@ def parse_json(body: bytes, *, max_depth: int) -> Any:
         raise _Refused(
             422, problem(("body",), f"body is not valid JSON: {reason}", "json_invalid")
         ) from None
-    if _SUSPECT_ESCAPE.search(body):
+    if _SUSPECT_ESCAPE.search(body) or _SUSPECT_BYTES.search(body):
         for path, why in _bad_strings(value):
             raise _Refused(422, problem(("body", *path), why, "string_unsafe"))
     return value
@@ -270,7 +329,19 @@ class InputGuard:
         return b"".join(chunks)
 
     def _check_body(self, scope: Scope, body: bytes) -> Any:
-        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        if headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+            # Inflating would let a small request grow past max_bytes; the bytes as they came
+            # are not JSON, and "not valid JSON" would not say why.
+            raise _Refused(
+                415,
+                problem(
+                    ("header", "content-encoding"),
+                    "send the body uncompressed, without Content-Encoding",
+                    "unsupported_media_type",
+                ),
+            )
+        content_type = headers.get(b"content-type", b"").decode("latin-1")
         media = content_type.partition(";")[0].strip().lower()
         if media and media not in _JSON_TYPES and not media.endswith("+json"):
             raise _Refused(

@@ -235,6 +235,23 @@ def test_an_empty_keep_file_is_refused(env: Path, capsys: pytest.CaptureFixture[
     assert f"--keep: {keep} names no sample" in capsys.readouterr().err
 
 
+def test_a_keep_file_with_a_byte_order_mark_or_another_encoding(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A BOM became part of the first IID (refused as a sample not in the cohort); Latin-1 was
+    a UnicodeDecodeError traceback."""
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    iids = [line.split()[1] for line in data.with_suffix(".fam").read_text().splitlines()[:3]]
+    keep = env / "keep.txt"
+    keep.write_bytes(("\ufeff" + "\r\n".join(iids) + "\r\n").encode("utf-8"))
+    argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--keep", str(keep)]
+    assert main(argv) == 0, capsys.readouterr().err
+    keep.write_bytes("Jos\u00e9\n".encode("latin-1"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"medbatch genome compare: --keep: {keep} is not UTF-8 text (byte 4)\n", err
+
+
 def test_out_that_cannot_be_written_says_where_the_output_stays(tmp_path: Path) -> None:
     """It was a traceback after the whole job had run."""
     from medbatch.cli._common import CliError, copy_out
@@ -329,6 +346,20 @@ def test_submit_refuses_an_api_that_is_not_an_http_url(
     assert main(["submit", str(cases), "--api", api, "--api-key", "k"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"medbatch submit: --api: {api}") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_submit_reads_a_cases_file_with_a_byte_order_mark(
+    encoding: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cases file saved by a Windows tool was refused: 'cannot read …: Unexpected UTF-8 BOM'.
+    Read, it goes on to the next check (here: an --api that is not a URL)."""
+    cases = Path(__file__).resolve().parents[1] / "examples" / "cases.json"
+    saved = tmp_path / "cases.json"
+    saved.write_bytes(cases.read_text(encoding="utf-8").encode(encoding))
+    assert main(["submit", str(saved), "--api", "ftp://x", "--api-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch submit: --api: ftp://x"), err
 
 
 def test_compounds_tile_rows_counts_query_rows_as_its_help_says(

@@ -257,7 +257,7 @@ async def submit_bundle(
     entries = [answers[n] for n in sorted(answers)]
     kind = "transaction-response" if bundle.type == "transaction" else "batch-response"
     body = {"resourceType": "Bundle", "type": kind, "entry": entries}
-    return JSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
+    return SafeJSONResponse(body, status.HTTP_202_ACCEPTED, media_type=FHIR_JSON)
 
 
 def _note(severity: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
@@ -435,7 +435,9 @@ def search_risk_assessments(
         for case, score in rows
     ]
     body = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
-    return JSONResponse(body, media_type=FHIR_JSON)
+    # ASCII-escaped: a string stored before the gate refused it (a lone surrogate) cannot make
+    # every later search of the patient a 500.
+    return SafeJSONResponse(body, media_type=FHIR_JSON)
 
 
 @router.get("/RiskAssessment/{score_id}", response_model=None)
@@ -451,6 +453,6 @@ def read_risk_assessment(
         return outcome(404, [issue("not-found", "no RiskAssessment with this id for this tenant")])
     case, score = row
     explained = explanations.states(session, case_ids=[case.id]).get(case.id)
-    return JSONResponse(
+    return SafeJSONResponse(
         risk_assessment(case, score, _spec(registry, score), explained), media_type=FHIR_JSON
     )

@@ -163,9 +163,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     keep = None
     if args.keep is not None:
         try:
-            lines = [line.split() for line in args.keep.read_text().splitlines() if line.strip()]
+            # utf-8-sig: a byte order mark (Windows tools write one) is not part of the first IID.
+            text = args.keep.read_text(encoding="utf-8-sig")
         except OSError as exc:
             fail(f"--keep: {exc}")
+        except UnicodeDecodeError as exc:
+            fail(f"--keep: {args.keep} is not UTF-8 text (byte {exc.start + 1})")
+        lines = [line.split() for line in text.splitlines() if line.strip()]
         keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
         if not keep:
             fail(f"--keep: {args.keep} names no sample (plink --keep would keep none)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,8 @@ from medbatch.cli._common import command, fail
 if TYPE_CHECKING:
     from medbatch.settings import Settings
 
-#: Cases per request: below the API's default limit (MEDBATCH_MAX_CASES_PER_REQUEST, 1000).
+#: Cases per request: below the API's default limit (MEDBATCH_MAX_CASES_PER_REQUEST, 1000); a
+#: request over its body limit (413) is sent again as two halves.
 CHUNK = 500
 
 
@@ -35,7 +36,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
     try:
-        body = json.loads(Path(args.file).read_text())
+        # Bytes: json finds UTF-8 (a byte order mark too, as Windows tools write it) or UTF-16/32
+        # itself, whatever the locale's encoding.
+        body = json.loads(Path(args.file).read_bytes())
     except (OSError, ValueError) as exc:
         fail(f"cannot read {args.file}: {exc}")
     chunks = (
@@ -55,7 +58,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with httpx.Client(
         headers={"Authorization": f"Bearer {args.api_key}"}, timeout=args.timeout
     ) as client:
-        for chunk in chunks:
+        pending = deque(chunks)
+        while pending:
+            chunk = pending.popleft()
             try:
                 response = client.post(url, json=chunk)
             except httpx.HTTPError as exc:
@@ -67,6 +72,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 answer = response.json()
             except ValueError:
                 answer = {"detail": response.text[:200]}
+            if response.status_code == 413 and isinstance(chunk, list) and len(chunk) > 1:
+                # Over the API's MEDBATCH_MAX_BODY_BYTES (500 ECGs of 540 samples are more than
+                # its 4 MiB): its halves go instead, in order.
+                half = len(chunk) // 2
+                pending.extendleft([chunk[half:], chunk[:half]])
+                continue
             if response.status_code != 202:
                 refused = (response.status_code, answer)
                 break

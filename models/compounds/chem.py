@@ -149,10 +149,12 @@ def _from_smiles(smiles: str) -> tuple[Chem.Mol | None, str]:
 
 def _open_text(path: Path) -> IO[str]:
     # UTF-8, with the bytes that are not kept as lone surrogates: a record holding one is
-    # reported by its line (_not_utf8), instead of one byte refusing the whole file.
+    # reported by its line (_not_utf8), instead of one byte refusing the whole file. A byte
+    # order mark is dropped: Excel's "CSV UTF-8" starts with one, which made the first column
+    # '\ufeffsmiles' and the whole file "no column 'smiles'".
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8", errors="surrogateescape")
-    return path.open(newline="", encoding="utf-8", errors="surrogateescape")
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape")
+    return path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _not_utf8(text: str) -> str | None:
@@ -175,6 +177,19 @@ def _bad_id(name: str) -> str | None:
         return "its id has a NUL byte"
     if len(name) > MAX_ID_LENGTH:
         return f"its id is longer than {MAX_ID_LENGTH} characters ({len(name)})"
+    return None
+
+
+#: The most heavy atoms a molecule may have: RDKit's atom-pair fingerprint takes 2 s at 1,000
+#: and grows with the cube (16 s at 2,000; a 20,000-atom polymer held a submission for hours).
+#: Proteins and polymers are not what 2-D fingerprints compare.
+MAX_HEAVY_ATOMS = 1000
+
+
+def _too_large(mol: Chem.Mol) -> str | None:
+    """Why ``mol`` is too large to fingerprint, or None."""
+    if (n := mol.GetNumHeavyAtoms()) > MAX_HEAVY_ATOMS:
+        return f"{n} heavy atoms, more than {MAX_HEAVY_ATOMS}"
     return None
 
 
@@ -239,8 +254,8 @@ def _smiles_lines(source: str, handle: IO[str], title_line: bool) -> Iterator[_R
             continue
         mol, reason = _from_smiles(smiles)
         name = fields[1].strip() if len(fields) > 1 else str(number)
-        if mol is not None and (bad := _bad_id(name)):
-            mol, reason = None, bad
+        if mol is not None and (bad := _bad_id(name) or _too_large(mol)):
+            mol, reason, smiles = None, bad, smiles[:80]
         if mol is None:
             yield ParseFailure(source, number, number, smiles, reason)
         else:
@@ -262,7 +277,10 @@ def read_csv(
     path = _check_file(path)
     with _open_text(path) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
+        try:
+            header = reader.fieldnames or []
+        except csv.Error as exc:
+            raise ValueError(f"{path}: the header line is not CSV: {exc}") from None
         for column in (smiles_column, id_column):
             if column is not None and column not in header:
                 raise ValueError(f"{path}: no column {column!r}; the header has {header}")
@@ -273,8 +291,20 @@ def _csv_rows(
     source: str, reader: csv.DictReader, smiles_column: str, id_column: str | None
 ) -> Iterator[_Read]:
     start = 2  # the header is line 1
-    for row in reader:
-        number, start = start, reader.line_num + 1
+    rows = iter(reader)
+    while True:
+        number = start
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # A field over csv's limit (a SMILES of more than 131,072 characters, or a quote
+            # left open): that record's failure; the reader goes on after it.
+            start = reader.line_num + 1
+            yield ParseFailure(source, number, number, "", f"not CSV: {exc}")
+            continue
+        start = reader.line_num + 1
         smiles = (row.get(smiles_column) or "").strip()
         name = (row.get(id_column) or "") if id_column is not None else ""
         if bad := _not_utf8(smiles + name):  # other columns are not read
@@ -282,8 +312,8 @@ def _csv_rows(
             continue
         mol, reason = _from_smiles(smiles)
         name = name if id_column is not None else str(number)
-        if mol is not None and smiles and (bad := _bad_id(name)):
-            mol, reason = None, bad
+        if mol is not None and smiles and (bad := _bad_id(name) or _too_large(mol)):
+            mol, reason, smiles = None, bad, smiles[:80]
         if mol is None or not smiles:
             yield ParseFailure(source, number, number, smiles, reason or "empty SMILES")
         else:
@@ -357,7 +387,7 @@ def _sdf_molecules(source: str, handle: IO[str], id_field: str | None) -> Iterat
             yield ParseFailure(source, record, line, _shown(title), f"{id_field}: {bad}")
             continue
         name = name or title or str(record)
-        if bad := _bad_id(name):
+        if bad := _bad_id(name) or _too_large(mol):
             yield ParseFailure(source, record, line, title[:80], bad)
             continue
         yield mol, name, record

@@ -151,6 +151,9 @@ _FORMATS = {
     "Time value string does not match spec regex.": "not an R4 time: hh:mm:ss[.sss]",
 }
 
+#: What a FHIR element name looks like (camelCase; "_" before a primitive's extensions).
+_ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
+
 
 def _validation_issues(
     error: ValidationError, *, prefix: str, file: str | None = None, line: int | None = None
@@ -167,9 +170,14 @@ def _validation_issues(
             code = "value"
         message = re.sub(r"^(Value|Assertion) error, ", "", str(err["msg"]))
         message = _FORMATS.get(message, message)
-        issues.append(
-            Issue("error", code, message, _fhirpath(prefix, err["loc"]), file=file, line=line)
-        )
+        loc = err["loc"]
+        if kind == "extra_forbidden" and loc:
+            message = "not an element of this FHIR R4 type"
+            if not _ELEMENT_NAME.fullmatch(str(loc[-1])):
+                # Not shaped like an element name (a misspelt "colour" is shown): the caller's
+                # key may be a patient's name or MRN.
+                loc = (*loc[:-1], "*")
+        issues.append(Issue("error", code, message, _fhirpath(prefix, loc), file=file, line=line))
     return issues
 
 
@@ -254,6 +262,30 @@ class ParsedBundle:
 def _subject(raw: dict[str, Any]) -> object:
     ref = raw.get("subject") or raw.get("patient")
     return ref.get("reference") if isinstance(ref, dict) else None
+
+
+#: A JSON escape that may make a NUL or a lone surrogate: only then are a line's strings walked.
+_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a parsed line cannot be stored (PostgreSQL refuses NUL in text, UTF-8 cannot encode a
+    lone surrogate: an identifier's system holding one ended the whole run), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += list(item.keys()) + list(item.values())
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "a string holds a NUL character (U+0000), which cannot be stored"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a string holds a lone UTF-16 surrogate, which is not a character"
+    return None
 
 
 def _identifiers(raw: dict[str, Any]) -> list[tuple[str, str]]:
@@ -426,9 +458,9 @@ def parse_bundle(data: object) -> ParsedBundle:
             continue
         key = f"Patient/{rid}" if isinstance(rid, str) else str(full_url)
         if key in alias.values():
-            issues.append(
-                Issue("error", "duplicate", f"{key} appears twice", f"{where}.resource.id")
-            )
+            # Named by place, not by id (the caller's: it may be an MRN).
+            diag = "an earlier entry holds a Patient with this id or fullUrl"
+            issues.append(Issue("error", "duplicate", diag, f"{where}.resource.id"))
             continue
         alias[key] = key
         order.append(key)
@@ -1315,7 +1347,9 @@ class NdjsonExport:
                         continue
                     self.lines[rtype] += 1
                     try:
-                        text = data.decode("utf-8")
+                        # utf-8-sig: a byte order mark before the first line (Windows tools
+                        # write one) cost that line, and so its patient, as "not JSON".
+                        text = data.decode("utf-8-sig")
                     except UnicodeDecodeError as exc:
                         diag = f"not UTF-8 at byte {exc.start + 1}"
                         self.issues.append(Issue("error", "structure", diag, "", path.name, number))
@@ -1325,6 +1359,9 @@ class NdjsonExport:
                     except json.JSONDecodeError as exc:
                         diag = f"not JSON: {exc.msg} at column {exc.colno}"
                         self.issues.append(Issue("error", "structure", diag, "", path.name, number))
+                        continue
+                    if _ESCAPE.search(text) and (why := _unstorable(raw)):
+                        self.issues.append(Issue("error", "structure", why, "", path.name, number))
                         continue
                     if not isinstance(raw, dict) or raw.get("resourceType") != rtype:
                         diag = f"expected a {rtype} resource in {path.name}"
@@ -1360,7 +1397,7 @@ class NdjsonExport:
                 continue
             ref = f"Patient/{resource.id}"
             if ref in records:
-                diag = f"{ref} appears twice; the first is kept"
+                diag = "an earlier line holds a Patient with this id; the first is kept"
                 self.issues.append(Issue("error", "duplicate", diag, "Patient.id", file, number))
                 continue
             # Only the elements the model reads are kept: memory stays per patient, not per line.

@@ -244,6 +244,48 @@ def test_unstorable_strings_in_a_body_are_422_and_the_answer_encodes(
     assert _cases(pg_sessions) == 0
 
 
+def test_a_surrogate_sent_as_raw_bytes_is_refused_like_an_escaped_one(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """json.loads decodes bytes with "surrogatepass": a surrogate sent as UTF-8 bytes (ED A0 80)
+    or in a UTF-16 body passed the gate. In a Bundle entry's fullUrl it was stored in the case's
+    basis, and every RiskAssessment search of that patient was a 500 from then on."""
+    bundle = json.loads(
+        (Path(__file__).parents[2] / "examples" / "patient-bundle.json").read_text()
+    )
+    bundle["entry"][1]["fullUrl"] = "urn:uuid:SURROGATE"
+    assert "id" not in bundle["entry"][1]["resource"]  # cited by its fullUrl
+    raw = json.dumps(bundle).encode().replace(b"SURROGATE", b"\xed\xa0\x80")
+    response = _json_post(api, "/v1/fhir?as_of=2020-01-01T00:00:00Z", raw, auth)
+    assert response.status_code == 400, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["expression"] == ["body.entry.1.fullUrl"] and "surrogate" in issue["diagnostics"]
+    case = {**wdbc_cases(1)[0], "external_id": "MRN\ud800"}
+    sent = json.dumps([case], ensure_ascii=False).encode("utf-16", "surrogatepass")
+    response = _json_post(api, "/v1/cases", sent, auth)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 0, "external_id"] and error["type"] == "string_unsafe"
+    assert _cases(pg_sessions) == 0
+
+
+def test_a_lone_surrogate_stored_before_the_gate_refused_it_is_answered(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case stored with one in its basis (before the gate above) made every RiskAssessment
+    search and read of the patient a 500 (UnicodeEncodeError)."""
+    _scored_patient(pg_sessions)
+    with session_scope(pg_sessions) as s:
+        case = s.scalars(select(Case)).one()
+        case.context = {"basis": ["Patient/p1", "urn:uuid:\ud800"]}
+    search = api.get("/v1/fhir/RiskAssessment", params={"subject": "Patient/p1"}, headers=auth)
+    assert search.status_code == 200, search.text
+    (entry,) = search.json()["entry"]
+    assert entry["resource"]["basis"][1] == {"reference": "urn:uuid:\ud800"}
+    read = api.get(f"/v1/fhir/{entry['fullUrl']}", headers=auth)
+    assert read.status_code == 200 and read.json()["basis"] == entry["resource"]["basis"]
+
+
 def test_nul_in_a_query_parameter_is_refused(api: TestClient, auth: dict[str, str]) -> None:
     for route, param in (
         ("/v1/scores", "model"),
@@ -289,6 +331,57 @@ def test_a_body_that_is_not_json_is_415(api: TestClient, auth: dict[str, str]) -
     )
     assert fhir.status_code == 415 and fhir.json()["resourceType"] == "OperationOutcome"
     assert "application/fhir+json" in fhir.text  # the FHIR route's own media type is named
+
+
+def test_a_compressed_body_is_415_naming_the_encoding(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """gzip was read as it came and answered "not valid JSON: not UTF-8" (422 / 400)."""
+    import gzip
+
+    raw = gzip.compress(json.dumps(wdbc_cases(1)).encode())
+    for path in ("/v1/cases", "/v1/fhir"):
+        ctype = FHIR_JSON if path == "/v1/fhir" else "application/json"
+        response = api.post(
+            path, content=raw, headers={**auth, "Content-Type": ctype, "Content-Encoding": "gzip"}
+        )
+        assert response.status_code == 415, response.text
+        if path == "/v1/fhir":
+            (issue,) = response.json()["issue"]
+            assert issue["code"] == "not-supported" and "uncompressed" in issue["diagnostics"]
+        else:
+            assert (
+                response.json()["detail"] == "send the body uncompressed, without Content-Encoding"
+            )
+    plain = api.post(
+        "/v1/cases", json=wdbc_cases(1), headers={**auth, "Content-Encoding": "identity"}
+    )
+    assert plain.status_code == 202, plain.text
+    assert _cases(pg_sessions) == 1
+
+
+def test_a_key_given_twice_is_refused_where_it_is(
+    api: TestClient, auth: dict[str, str], pg_sessions: sessionmaker[Session]
+) -> None:
+    """{"external_id": "X", "external_id": "Y"} stored Y silently (the last one won); another
+    parser may keep the first."""
+    raw = json.dumps(wdbc_cases(2))
+    twice = raw.replace('"external_id": "wdbc-0001"', '"external_id": "X", "external_id": "Y"')
+    response = _json_post(api, "/v1/cases", twice, auth)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", 1, "external_id"] and error["type"] == "duplicate_key"
+    canary = "MRN-CANARY7731"
+    feature = raw.replace('"mean_area": ', f'"{canary}": 1, "{canary}": 2, "mean_area": ', 1)
+    response = _json_post(api, "/v1/cases", feature, auth)
+    assert response.status_code == 422 and canary not in response.text
+    assert response.json()["detail"][0]["loc"] == ["body", 0, "features", "*"]
+    bundle = '{"resourceType": "Bundle", "type": "batch", "type": "transaction", "entry": []}'
+    response = _json_post(api, "/v1/fhir", bundle, auth)
+    assert response.status_code == 400, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["code"] == "structure" and issue["expression"] == ["body.type"]
+    assert _cases(pg_sessions) == 0
 
 
 # -- 6. bounded work per request ----------------------------------------------------------------
@@ -439,6 +532,28 @@ def test_compound_paths_are_refused_with_words_about_the_compound_folder(
     assert "genotype" not in error["msg"]
 
 
+def test_a_molecule_file_csv_cannot_split_is_answered_by_record(
+    api: TestClient, auth: dict[str, str], folders: Path
+) -> None:
+    """A SMILES field over csv's 131,072-character limit was a 500 (csv.Error); now that record
+    is unreadable and the rest is searched. A header csv cannot read is a 422 naming library."""
+    library = folders / "compounds" / "long.csv"
+    library.write_text("id,smiles\nethanol,CCO\npolymer," + "C" * 200_000 + "\nphenol,c1ccccc1O\n")
+    response = api.post(
+        "/v1/compound-similarity", json={"library": "long.csv", "top_k": 1}, headers=auth
+    )
+    assert response.status_code == 202, response.text
+    assert (response.json()["n_library"], response.json()["unreadable"]) == (2, 1)
+    library.write_text("smiles" + "x" * 200_000 + "\nCCO\n")
+    response = api.post(
+        "/v1/compound-similarity", json={"library": "long.csv", "top_k": 1}, headers=auth
+    )
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "library"] and "not CSV" in error["msg"]
+    assert str(folders) not in response.text
+
+
 # -- 8. the audit trail fails closed ------------------------------------------------------------
 
 
@@ -564,6 +679,54 @@ def test_error_bodies_do_not_echo_the_callers_values(api: TestClient, auth: dict
     for answer in answers:
         assert 400 <= answer.status_code < 500, answer.text
         assert canary not in answer.text, answer.text
+
+
+def test_an_unknown_fhir_element_is_located_without_its_name(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """{"resourceType": "Patient", "Jane Doe CANARY7731": ...} was answered with the expression
+    Bundle.entry[0].resource.Jane Doe CANARY7731. A key shaped like an element name (a misspelt
+    "colour") is still named."""
+    canary = "Jane Doe CANARY7731"
+    patient = {"resourceType": "Patient", "id": "p1", canary: "x"}
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "x", "MRN7731": 1, "colour": "blue"},
+        "subject": {"reference": "Patient/p1"},
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": patient}, {"resource": observation}],
+    }
+    response = api.post("/v1/fhir", json=bundle, headers={**auth, "Content-Type": FHIR_JSON})
+    assert response.status_code == 400, response.text
+    assert "7731" not in response.text, response.text
+    issues = response.json()["issue"]
+    assert [i["expression"] for i in issues] == [
+        ["Bundle.entry[0].resource.*"],
+        ["Bundle.entry[1].resource.code.*"],
+        ["Bundle.entry[1].resource.code.colour"],
+    ]
+    assert {i["diagnostics"] for i in issues} == {"not an element of this FHIR R4 type"}
+
+
+def test_a_patient_sent_twice_is_named_by_place_not_by_id(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """The refusal said "Patient/MRN-CANARY7731 appears twice"."""
+    patient = {"resourceType": "Patient", "id": "MRN-CANARY7731", "gender": "male"}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": patient}, {"resource": patient}],
+    }
+    response = api.post("/v1/fhir", json=bundle, headers={**auth, "Content-Type": FHIR_JSON})
+    assert response.status_code == 400, response.text
+    assert "7731" not in response.text, response.text
+    (issue,) = response.json()["issue"]
+    assert issue["code"] == "duplicate" and issue["expression"] == ["Bundle.entry[1].resource.id"]
 
 
 def test_a_malformed_key_is_not_echoed_in_an_error_location(

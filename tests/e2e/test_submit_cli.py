@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
-from tests.e2e.support import Processes
+from db import repo
+from db.engine import session_scope
+from tests.e2e.support import Processes, free_port
 from tests.helpers import wdbc_cases
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -58,3 +62,36 @@ def test_a_refused_file_lists_the_problems_without_values(
     assert "refused (422) after 0 accepted cases:" in result.stdout
     assert "1.features.mean_radius" in result.stdout
     assert "871.55523" not in result.stdout + result.stderr
+
+
+def test_a_request_over_the_body_limit_is_sent_again_in_halves(
+    processes: Processes, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """500 cases a request: 500 ECGs (540 samples each) are more than the API's 4 MiB, and the
+    file was refused whole (413) with no way to send smaller requests. Here: 300 WDBC cases
+    (about 360 KB) against a 64 KiB limit."""
+    port = free_port()
+    proc = processes.start(
+        "api-small", "api", "--port", str(port), MEDBATCH_MAX_BODY_BYTES=str(64 * 1024)
+    )
+    with session_scope(pg_sessions) as s:
+        key = repo.create_tenant(s, name="small")[1]
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}
+    ) as api:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, processes.log("api-small")
+            try:
+                if api.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, processes.log("api-small")
+            time.sleep(0.2)
+        path = tmp_path / "cases.json"
+        path.write_text(json.dumps(wdbc_cases(300)))
+        result = _submit(processes, api, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("accepted 300 cases: ids ") and "300 new" in first, result.stdout

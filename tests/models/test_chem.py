@@ -327,6 +327,66 @@ def test_csv_column_reader(tmp_path: Path) -> None:
         chem.read_csv(path, smiles_column="SMILES")
 
 
+@pytest.mark.parametrize("name", ["mols.csv", "mols.csv.gz", "mols.smi", "mols.sdf"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name: str) -> None:
+    """Excel's "CSV UTF-8" starts with a BOM: the header's first column was '\\ufeffsmiles',
+    and the whole library was refused (no column 'smiles')."""
+    import gzip
+
+    ethanol = Chem.MolFromSmiles("CCO")
+    ethanol.SetProp("_Name", "eth")
+    text = {
+        "mols.csv": "smiles,id\nCCO,eth\n",
+        "mols.smi": "CCO eth\n",
+        "mols.sdf": Chem.MolToMolBlock(ethanol) + "$$$$\n",
+    }[name.removesuffix(".gz")]
+    raw = "\ufeff".join(["", text]).encode("utf-8")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    read = (
+        chem.read_sdf if ".sdf" in name else chem.read_csv if ".csv" in name else chem.read_smiles
+    )
+    mols = read(path)
+    assert not mols.failures and len(mols) == 1
+    assert mols.ids == (("2",) if ".csv" in name else ("eth",))
+
+
+def test_a_molecule_too_large_to_fingerprint_is_a_failure_of_its_record(tmp_path: Path) -> None:
+    """A 20,000-atom chain took RDKit's atom-pair generator hours (the submission with it)."""
+    huge = "C" * (chem.MAX_HEAVY_ATOMS + 1)
+    smi = tmp_path / "mols.smi"
+    smi.write_text(f"CCO eth\n{huge} polymer\nc1ccccc1O phen\n")
+    csv = tmp_path / "mols.csv"
+    csv.write_text(f"smiles\nCCO\n{huge}\n")
+    sdf = tmp_path / "mols.sdf"
+    sdf.write_text(Chem.MolToMolBlock(Chem.MolFromSmiles(huge)) + "$$$$\n")
+    for mols, kept in (
+        (chem.read_smiles(smi), ("eth", "phen")),
+        (chem.read_csv(csv), ("2",)),
+        (chem.read_sdf(sdf), ()),
+    ):
+        assert mols.ids == kept
+        (failure,) = mols.failures
+        assert failure.reason == f"{chem.MAX_HEAVY_ATOMS + 1} heavy atoms, more than 1000"
+        assert len(failure.text) <= 80
+    smi.write_text("C" * chem.MAX_HEAVY_ATOMS + " largest\n")
+    assert chem.read_smiles(smi).ids == ("largest",)
+
+
+def test_a_csv_field_over_the_csv_limit_is_a_failure_of_its_record(tmp_path: Path) -> None:
+    """csv's "field larger than field limit (131072)" escaped the reader: a traceback on the
+    command line, a 500 from the API."""
+    path = tmp_path / "mols.csv"
+    path.write_text("smiles\nCCO\n" + "C" * 200_000 + "\nc1ccccc1O\n")
+    mols = chem.read_csv(path)
+    assert len(mols) == 2
+    (failure,) = mols.failures
+    assert failure.line == 3 and failure.reason.startswith("not CSV: field larger than")
+    path.write_text("smiles" + "x" * 200_000 + "\nCCO\n")
+    with pytest.raises(ValueError, match="the header line is not CSV"):
+        chem.read_csv(path)
+
+
 def test_shapes_are_checked(nci: chem.Molecules) -> None:
     fps = chem.fingerprints(nci.mols[:5])
     short = chem.fingerprints(nci.mols[:5], fp_size=1024)

@@ -117,3 +117,74 @@ def test_the_summary_counts_a_run_of_more_cases_than_a_statement_has_parameters(
     assert (summary.scored, summary.failed) == (1, 1)
     summary.case_ids = [a.id for a in added[:2]]
     assert settle_counts(sessions, summary) is True
+
+
+def _export(tmp_path: Path) -> Path:
+    """A copy of the shared export (nine patients, five of them alive at 2020-01-01)."""
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    shutil.copytree(source, tmp_path / "export")
+    return tmp_path / "export"
+
+
+def _run(sessions: sessionmaker[Session], export: Path) -> dict[str, object]:
+    from datetime import UTC, datetime
+
+    from db import repo
+    from db.engine import session_scope
+    from models.cases.registry import Registry
+    from worker.fhir_intake import run_nightly
+
+    with session_scope(sessions) as s:
+        tenant_id = repo.create_tenant(s, name="nightly")[0].id
+    summary = run_nightly(
+        export,
+        Registry.load().resolve("whas500-mortality"),
+        sessions=sessions,
+        app=None,
+        tenant_id=tenant_id,
+        as_of=datetime(2020, 1, 1, tzinfo=UTC),
+        lookback_days=730,
+    )
+    return summary.as_dict()
+
+
+def test_a_byte_order_mark_before_the_first_line_costs_nothing(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Was: the first Patient a bad line ("not JSON"), and its 23 resources bad lines too."""
+    export = _export(tmp_path)
+    patients = export / "Patient.ndjson"
+    patients.write_bytes(b"\xef\xbb\xbf" + patients.read_bytes().replace(b"\n", b"\r\n"))
+    summary = _run(pg_sessions, export)
+    assert (summary["patients_read"], summary["accepted"], summary["bad_lines"]) == (9, 5, 0)
+
+
+@pytest.mark.parametrize("text", ["urn:mrn\u0000", "urn:mrn\ud800"], ids=["NUL", "surrogate"])
+def test_a_line_with_an_unstorable_string_is_a_bad_line_not_the_end_of_the_run(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, text: str
+) -> None:
+    """A NUL in an identifier's system ended the whole run with PostgreSQL's DataError."""
+    export = _export(tmp_path)
+    patients = export / "Patient.ndjson"
+    first, rest = patients.read_bytes().split(b"\n", 1)
+    patient = json.loads(first)
+    patient["identifier"] = [{"system": text, "value": "MRN-1"}]
+    patients.write_bytes(json.dumps(patient).encode() + b"\n" + rest)
+    summary = _run(pg_sessions, export)
+    # The first patient (alive, so one of the five) is a bad line; the other eight are read.
+    assert (summary["patients_read"], summary["accepted"]) == (8, 4)
+
+
+def test_bad_lines_counts_lines_not_their_problems(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """One Observation line with three elements R4 does not have said "3 unreadable lines"."""
+    export = _export(tmp_path)
+    observations = export / "Observation.ndjson"
+    lines = observations.read_bytes().splitlines()
+    # A BMI reading (LOINC 39156-5): a code the model reads, so its line is validated.
+    n = next(i for i, line in enumerate(lines) if b'"39156-5"' in line)
+    lines[n] = json.dumps({**json.loads(lines[n]), "colour": 1, "flavour": 2, "odour": 3}).encode()
+    observations.write_bytes(b"\n".join(lines) + b"\n")
+    summary = _run(pg_sessions, export)
+    assert (summary["patients_read"], summary["bad_lines"]) == (9, 1)
