@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -256,8 +257,12 @@ class Registry:
             raise RegistryError(
                 f"unknown model {name!r} (known models: {', '.join(self.names()) or 'none'})"
             )
-        defaults = [s for s in candidates if s.default]
-        return defaults[0] if defaults else candidates[-1]
+        # The version marked default, else the newest released one: a candidate registered
+        # beside a released version is there to be shadowed, not to take that version's cases.
+        return max(
+            candidates,
+            key=lambda s: (s.default, s.status == "released", version_key(s.version)),
+        )
 
     def shadow_for(self, name: str, version: str) -> ModelSpec | None:
         """The candidate that also scores cases of ``name@version``, if that is the default."""
@@ -270,6 +275,14 @@ class Registry:
         except RegistryError:
             return None
         return self._specs.get((name, candidate))
+
+
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """A version's sort key, number by number: ``1.10.0`` comes after ``1.9.0``."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.findall(r"\d+|\D+", version)
+    )
 
 
 def user_registry_path(artifact_dir: Path) -> Path:

@@ -242,3 +242,36 @@ def test_scoring_runs_torch_on_its_own_threads_and_gives_the_process_its_own_bac
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_new_candidate_leaves_the_released_version_its_cases_and_can_shadow_it(
+    tmp_path: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hospital's own model, no version marked default: unpinned cases get the newest released
+    version (1.10.0 is newer than 1.9.0), not a candidate registered after it to be shadowed."""
+    store = tmp_path / "store"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    released = tmp_path / "released.json"
+    released.write_text(json.dumps({"inputs": inputs, "output": "x", "status": "released"}))
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(json.dumps({"inputs": inputs, "output": "x"}))
+    weights = tmp_path / "w.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    for version, schema in (("1.9.0", released), ("1.10.0", released), ("2.0.0", candidate)):
+        register_mlp(
+            weights,
+            name="sepsis",
+            version=version,
+            schema_path=schema,
+            artifact_dir=store,
+            hidden=[4],
+        )
+    assert load_registry(store).resolve("sepsis").ref == "sepsis@1.10.0"
+    shadowed, shadow = set_shadow(store, "sepsis@2.0.0")
+    assert (shadowed.ref, shadow.ref) == ("sepsis@1.10.0", "sepsis@2.0.0")
+    cli_env(MEDBATCH_ARTIFACT_DIR=str(store))
+    assert main(["models", "list"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "(default)" in line]
+    assert [line.split("\t")[0] for line in listed if line.startswith("sepsis")] == [
+        "sepsis@1.10.0 (default)"
+    ]
