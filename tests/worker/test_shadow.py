@@ -275,3 +275,29 @@ def test_a_new_candidate_leaves_the_released_version_its_cases_and_can_shadow_it
     assert [line.split("\t")[0] for line in listed if line.startswith("sepsis")] == [
         "sepsis@1.10.0 (default)"
     ]
+
+
+def test_a_shadow_or_model_answering_the_wrong_shape_fails_only_its_own_rows(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    """A candidate that answers one logit for a whole batch (its dry run on 4 cases cannot see
+    every batch size) costs the released version nothing; a released version that answers one
+    logit too many fails its own cases, each with the reason, and never the whole batch."""
+    added = _add(pg_sessions, wdbc_cases(14))
+    ids, more = added[:10], added[10:]
+    ctx = _context(pg_url, store)
+    shadow = ctx.shadow("breast-cancer", "1.0.0")
+    assert shadow is not None
+    candidate = shadow.module
+    shadow.module = lambda x: candidate(x)[:1]
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    with pg_sessions() as s:
+        assert s.execute(select(Score.model_version, Score.shadow)).all() == [("1.0.0", False)] * 10
+
+    model = ctx.model("breast-cancer", "1.0.0")
+    released = model.module
+    model.module = lambda x: torch.cat([released(x), released(x)[:1]])
+    outcome = score_cases(more, sessions=pg_sessions, load_model=ctx.model)
+    assert outcome.scored == [] and sorted(outcome.failed) == more
+    assert all("answered shape (2,) for a batch of 1" in r for r in outcome.failed.values())
