@@ -45,6 +45,23 @@ def set_shadow(artifact_dir: Path, ref: str) -> tuple[ModelSpec, ModelSpec]:
             f"{candidate.input_kind} {list(candidate.feature_names)} vs "
             f"{released.input_kind} {list(released.feature_names)}"
         )
+    # The candidate is fed the released version's batch: the same names in other units, or
+    # series of another length, would be scored without an error and mean nothing.
+    differences = [
+        f"{f.name} in {f.unit!r} vs {g.unit!r}"
+        for f, g in zip(candidate.inputs, released.inputs, strict=True)
+        if f.unit != g.unit
+    ]
+    for what in (
+        ("min_length", "max_length", "vocab_size") if released.input_kind != "tabular" else ()
+    ):
+        new, old = getattr(candidate, what), getattr(released, what)
+        if new != old:
+            differences.append(f"{what} {new} vs {old}")
+    if differences:
+        raise ShadowError(
+            f"{candidate.ref} takes other inputs than {released.ref}: " + "; ".join(differences)
+        )
     _write(artifact_dir, {**registry.shadows, name: candidate.version})
     return released, candidate
 

@@ -301,3 +301,29 @@ def test_a_shadow_or_model_answering_the_wrong_shape_fails_only_its_own_rows(
     outcome = score_cases(more, sessions=pg_sessions, load_model=ctx.model)
     assert outcome.scored == [] and sorted(outcome.failed) == more
     assert all("answered shape (2,) for a batch of 1" in r for r in outcome.failed.values())
+
+
+def test_a_candidate_reading_its_inputs_otherwise_cannot_shadow(
+    tmp_path: Path, candidate_weights: Path
+) -> None:
+    """Same names are not the same inputs: another unit, or series of another length, would be
+    scored from the released version's batch without an error and mean nothing."""
+    store = tmp_path / "store"
+    with pytest.raises(ShadowError, match=r"ecg-cnn@0\.1\.0 takes other inputs.*min_length 360"):
+        set_shadow(store, "ecg-cnn@0.1.0")
+    inputs = [f.to_json() for f in RELEASED.inputs]
+    inputs[0]["unit"] = "mm"
+    schema = tmp_path / "mm.json"
+    schema.write_text(json.dumps({"inputs": inputs, "output": RELEASED.output}))
+    register_mlp(
+        candidate_weights,
+        name="breast-cancer",
+        version="1.2.0",
+        schema_path=schema,
+        artifact_dir=store,
+        hidden=[32, 16],
+        dropout=0.1,
+    )
+    with pytest.raises(ShadowError, match=r"mean_radius in 'mm' vs 'px'"):
+        set_shadow(store, "breast-cancer@1.2.0")
+    assert not (store / "shadows.json").exists()
