@@ -42,7 +42,15 @@ class SchemaError(ValueError):
 
 
 class ArtifactIntegrityError(RuntimeError):
-    """An artifact whose bytes do not hash to the sha256 the registry records."""
+    """An artifact whose bytes do not hash to the sha256 the registry records (or that is gone).
+
+    The message names the file for the operator; ``reason`` says the same without the server's
+    path, for a case's error that clients read.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 RangePolicy = Literal["reject", "flag"]
@@ -195,12 +203,16 @@ def sha256_file(path: Path) -> str:
 def verify_artifact(spec: ModelSpec) -> Path:
     """Return the artifact path once its sha256 matches the registry; raise otherwise."""
     if not spec.artifact.is_file():
-        raise ArtifactIntegrityError(f"{spec.ref}: artifact {spec.artifact} does not exist")
+        raise ArtifactIntegrityError(
+            f"{spec.ref}: artifact {spec.artifact} does not exist",
+            reason=f"{spec.ref}: its artifact does not exist",
+        )
     actual = sha256_file(spec.artifact)
     if actual != spec.sha256:
+        mismatch = f"has sha256 {actual}, the registry expects {spec.sha256}; refusing to load it"
         raise ArtifactIntegrityError(
-            f"{spec.ref}: artifact {spec.artifact} has sha256 {actual}, "
-            f"the registry expects {spec.sha256}; refusing to load it"
+            f"{spec.ref}: artifact {spec.artifact} {mismatch}",
+            reason=f"{spec.ref}: its artifact {mismatch}",
         )
     return spec.artifact
 

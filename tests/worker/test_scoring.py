@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -183,6 +184,40 @@ def test_an_unavailable_model_version_fails_its_cases_readably(
         "model breast-cancer@0.9.0 unavailable: unknown model version 'breast-cancer@0.9.0' "
         "(known versions: breast-cancer@1.0.0)"
     }
+
+
+def test_an_artifact_changed_on_disk_fails_its_cases_naming_no_server_path(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, tmp_path: Path
+) -> None:
+    """Clients read a case's last_error: the sha256 check is said there, the file's path is not."""
+    artifact = tmp_path / "store" / "models" / "breast-cancer-1.0.0.safetensors"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(SPEC.artifact.read_bytes() + b"\0")
+    spec = dataclasses.replace(SPEC, artifact=artifact)
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="changed"))
+    outcome = score_cases(
+        ids, sessions=pg_sessions, load_model=lambda *_: LoadedModel(spec, device="cpu")
+    )
+    assert outcome.scored == [] and sorted(outcome.failed) == ids
+    with pg_sessions() as s:
+        errors = set(s.scalars(select(Case.last_error).where(Case.id.in_(ids))))
+    assert len(errors) == 1
+    (error,) = errors
+    assert error.startswith("model breast-cancer@1.0.0 unavailable: breast-cancer@1.0.0: its ")
+    assert f"the registry expects {SPEC.sha256}" in error
+    assert str(tmp_path) not in error and "/" not in error
+
+    # Scored before the file changed, explained after: the explanation's error says it alike.
+    scored = _add(pg_sessions, wdbc_cases(2, prefix="explained"))
+    _, sent = score_collecting_explanations(pg_sessions, scored, _loader(model), explain_top_k=1)
+    explained = explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=lambda *_: LoadedModel(spec, device="cpu"),
+        lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+    )
+    assert sorted(explained.failed) == scored
+    assert all("/" not in e and "its artifact has sha256" in e for e in explained.failed.values())
 
 
 class PoisonedModel(LoadedModel):

@@ -127,8 +127,11 @@ def explain_cases(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
+            if isinstance(exc, ArtifactIntegrityError):
+                log.error("%s", exc)  # the operator's copy names the file; clients read reason
+            detail = exc.reason if isinstance(exc, ArtifactIntegrityError) else exc
             outcome.failed.update(
-                {c.case_id: f"model {name}@{version} unavailable: {exc}" for c in cases}
+                {c.case_id: f"model {name}@{version} unavailable: {detail}" for c in cases}
             )
             continue
         if not explainable(model):

@@ -186,7 +186,10 @@ def _compute(
         try:
             model = load_model(name, version)
         except (RegistryError, ArtifactIntegrityError) as exc:
-            reason = f"model {name}@{version} unavailable: {exc}"
+            if isinstance(exc, ArtifactIntegrityError):
+                log.error("%s", exc)  # the operator's copy names the file; clients read reason
+            detail = exc.reason if isinstance(exc, ArtifactIntegrityError) else exc
+            reason = f"model {name}@{version} unavailable: {detail}"
             outcome.failed.update({c.id: reason for c in cases})
             continue
         shadow = load_shadow(name, version) if load_shadow is not None else None
