@@ -54,7 +54,7 @@ class WorkerContext:
     def model(self, name: str, version: str) -> LoadedModel:
         key = (name, version)
         if key not in self._models:
-            spec = self.registry.resolve(f"{name}@{version}")
+            spec = self.registry.resolve_scorable(f"{name}@{version}")
             from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
             model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)

@@ -276,6 +276,17 @@ class Registry:
             key=lambda s: (s.default, s.status == "released", version_key(s.version)),
         )
 
+    def resolve_scorable(self, ref: str) -> ModelSpec:
+        """``resolve``, refusing a retired version named by ``name@version``: a retired version
+        scores no new case (its old scores and its report stay readable through ``resolve``)."""
+        spec = self.resolve(ref)
+        if spec.status == "retired":
+            live = ", ".join(s.ref for s in self if s.name == spec.name and s.status != "retired")
+            raise RegistryError(
+                f"model version {spec.ref!r} is retired (versions in use: {live or 'none'})"
+            )
+        return spec
+
     def shadow_for(self, name: str, version: str) -> ModelSpec | None:
         """The candidate that also scores cases of ``name@version``, if that is the default."""
         candidate = self.shadows.get(name)

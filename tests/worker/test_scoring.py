@@ -19,9 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
+from medbatch.settings import Settings
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import Registry
-from tests.helpers import score_collecting_explanations, wdbc_cases
+from tests.helpers import register_breast_cancer, score_collecting_explanations, wdbc_cases
+from worker.context import WorkerContext
 from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import parse_case_ids, score_cases
 
@@ -218,6 +220,21 @@ def test_an_artifact_changed_on_disk_fails_its_cases_naming_no_server_path(
     )
     assert sorted(explained.failed) == scored
     assert all("/" not in e and "its artifact has sha256" in e for e in explained.failed.values())
+
+
+def test_cases_queued_for_a_version_retired_since_fail_saying_so(
+    pg_url: str, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A worker started after a version was retired scores nothing more with it."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "0.9.0", status="retired")
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="retired"), version="0.9.0")
+    ctx = WorkerContext(Settings(database_url=pg_url, artifact_dir=store, device="cpu"))
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=ctx.model)
+    assert outcome.scored == [] and set(outcome.failed.values()) == {
+        "model breast-cancer@0.9.0 unavailable: model version 'breast-cancer@0.9.0' is retired "
+        "(versions in use: breast-cancer@1.0.0)"
+    }
 
 
 class PoisonedModel(LoadedModel):
