@@ -164,3 +164,30 @@ def test_a_name_or_version_the_api_could_not_name_is_refused_before_anything_is_
     with pytest.raises(RegistrationError, match=f"^{refused}: "):
         register(path, name=name, version=version, schema_path=schema, artifact_dir=store)
     assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "refused"),
+    [
+        ("labels", ["low", "mid", "high"], "'labels' must be two different names"),
+        ("labels", "no", "'labels' must be two different names"),
+        ("labels", ["same", "same"], "'labels' must be two different names"),
+        ("status", "Released", "'status' must be one of released, candidate, retired"),
+        ("default", "no", "'default' must be true or false"),
+        ("clinical_use", 5, "'clinical_use' must be a string"),
+        ("threshold", True, "'threshold' must be a probability"),
+        ("output", "", "'output'"),
+    ],
+)
+def test_a_schema_field_that_would_break_scoring_or_listing_is_refused(
+    tmp_path: Path, field: str, value: object, refused: str
+) -> None:
+    """Three labels failed every case at scoring, "no" became labels 'n' and 'o', a default of
+    "no" made the version the default, clinical_use 5 broke GET /v1/models: refused instead."""
+    path = _script(tmp_path, _linear(), "own.pt")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"inputs": FEATURES, "output": "risk of X", field: value}))
+    store = tmp_path / "store"
+    with pytest.raises(RegistrationError, match=refused):
+        register(path, name="own", version="1", schema_path=bad, artifact_dir=store)
+    assert not store.exists()
