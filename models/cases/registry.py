@@ -41,6 +41,10 @@ class SchemaError(ValueError):
         super().__init__(f"{ref}: input schema: " + "; ".join(problems))
 
 
+class RegistryFileError(ValueError):
+    """A registry or shadows file in the artifact store that cannot be read as one."""
+
+
 class ArtifactIntegrityError(RuntimeError):
     """An artifact whose bytes do not hash to the sha256 the registry records (or that is gone).
 
@@ -316,10 +320,28 @@ def user_registry_path(artifact_dir: Path) -> Path:
 def load_registry(artifact_dir: Path | None) -> Registry:
     """The packaged registry plus the models registered into ``artifact_dir``."""
     registry = Registry.load(REGISTRY_PATH)
-    if artifact_dir is not None and user_registry_path(artifact_dir).is_file():
-        registry = registry.merged(Registry.load(user_registry_path(artifact_dir)))
-    if artifact_dir is not None and shadows_path(artifact_dir).is_file():
-        registry.shadows = json.loads(shadows_path(artifact_dir).read_text())
+    if artifact_dir is None:
+        return registry
+    # Files in the store may be edited by hand: one that does not read is named, not a traceback.
+    path = user_registry_path(artifact_dir)
+    if path.is_file():
+        try:
+            registry = registry.merged(Registry.load(path))
+        except SchemaError as exc:
+            raise RegistryFileError(str(exc)) from None
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise RegistryFileError(
+                f"{path}: not a model registry ({type(exc).__name__}: {exc})"
+            ) from None
+    path = shadows_path(artifact_dir)
+    if path.is_file():
+        try:
+            shadows = json.loads(path.read_text())
+        except ValueError as exc:
+            raise RegistryFileError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(shadows, dict) or not all(isinstance(v, str) for v in shadows.values()):
+            raise RegistryFileError(f'{path}: expected {{"model name": "candidate version", ...}}')
+        registry.shadows = shadows
     return registry
 
 
