@@ -200,7 +200,7 @@ def _drift(args: argparse.Namespace, settings: Settings) -> int:
         print(f"medbatch models drift: {exc.args[0]}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps(result.as_dict(), allow_nan=False))
         return 0
     print(f"{result.candidate} against {result.released} on {result.cases} cases scored by both")
     print(f"  mean |difference|      {result.mean_abs_diff:.4f} (max {result.max_abs_diff:.4f})")

@@ -95,7 +95,12 @@ class Drift:
     flips_down: int
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields, a rank correlation that does not exist (one case, constant scores) as
+        None: ``--json`` must stay JSON, which has no NaN."""
+        out = asdict(self)
+        if not np.isfinite(self.spearman):
+            out["spearman"] = None
+        return out
 
 
 def drift(released: ModelSpec, candidate: ModelSpec, pairs: list[tuple[float, float]]) -> Drift:

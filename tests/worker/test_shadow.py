@@ -5,6 +5,7 @@ released model nothing."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -327,3 +328,15 @@ def test_a_candidate_reading_its_inputs_otherwise_cannot_shadow(
     with pytest.raises(ShadowError, match=r"mean_radius in 'mm' vs 'px'"):
         set_shadow(store, "breast-cancer@1.2.0")
     assert not (store / "shadows.json").exists()
+
+
+@pytest.mark.parametrize("pairs", [[(0.2, 0.3)], [(0.5, 0.1), (0.5, 0.9)]])
+def test_drift_without_a_rank_correlation_is_still_json(pairs: list[tuple[float, float]]) -> None:
+    """One case, or constant released scores, have no Spearman correlation: `--json` said NaN,
+    which is not JSON (jq and json.loads in strict mode refuse it); it is null."""
+    result = drift(RELEASED, RELEASED, pairs)
+    assert math.isnan(result.spearman)
+    parsed = json.loads(
+        json.dumps(result.as_dict(), allow_nan=False), parse_constant=lambda c: 1 / 0
+    )
+    assert parsed["spearman"] is None and parsed["cases"] == len(pairs)
