@@ -220,7 +220,9 @@ def register(
         stored_architecture = kind
     dry_run(module if kind == "torch-export" else module.eval(), n_features)
 
-    target = artifact_dir / "models" / f"{name}-{version}{FORMATS[kind]}"
+    # A folder per name: "a-1" + "2" and "a" + "1-2" were both models/a-1-2.pt, the second
+    # registration overwriting the first's artifact (which then failed its sha256 check).
+    target = artifact_dir / "models" / name / f"{version}{FORMATS[kind]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(artifact, target)
     entry = {

@@ -191,3 +191,21 @@ def test_a_schema_field_that_would_break_scoring_or_listing_is_refused(
     with pytest.raises(RegistrationError, match=refused):
         register(path, name="own", version="1", schema_path=bad, artifact_dir=store)
     assert not store.exists()
+
+
+def test_names_and_versions_that_join_alike_keep_their_own_artifacts(tmp_path: Path) -> None:
+    """own@1-2 and own-1@2 were both stored as models/own-1-2.pt: registering the second
+    replaced the first's file, and the first then failed its sha256 check on every case."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"inputs": FEATURES, "output": "x", "status": "released"}))
+    store = tmp_path / "store"
+    first, second = _linear(), torch.nn.Sequential(torch.nn.Linear(3, 1)).eval()
+    for path, name, version in (
+        (_script(tmp_path, first, "a.pt"), "own", "1-2"),
+        (_script(tmp_path, second, "b.pt"), "own-1", "2"),
+    ):
+        register(path, name=name, version=version, schema_path=schema, artifact_dir=store)
+    registry = load_registry(store)
+    for ref, module in (("own@1-2", first), ("own-1@2", second)):
+        (row,) = LoadedModel(registry.resolve(ref), device="cpu").score([CASE])
+        assert row.score == pytest.approx(_expected(module), abs=1e-6)
