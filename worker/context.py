@@ -33,6 +33,9 @@ class WorkerContext:
 
     settings: Settings
     _models: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+    #: Shadows that failed to load: not tried again (each try hashes the whole artifact again,
+    #: on the released model's path, and logs again) until the worker restarts.
+    _broken_shadows: set[str] = field(default_factory=set)
 
     @cached_property
     def engine(self) -> Engine:
@@ -67,12 +70,13 @@ class WorkerContext:
         """The candidate shadowing ``name@version``, loaded; None if none, or if it cannot load
         (a shadow must never cost the released model its cases)."""
         spec = self.registry.shadow_for(name, version)
-        if spec is None:
+        if spec is None or spec.ref in self._broken_shadows:
             return None
         try:
             return self.model(spec.name, spec.version)
         except Exception as exc:
-            log.warning("shadow %s not loaded: %s", spec.ref, exc)
+            self._broken_shadows.add(spec.ref)
+            log.warning("shadow %s not loaded (until the worker restarts): %s", spec.ref, exc)
             return None
 
     def warm_up(self) -> None:

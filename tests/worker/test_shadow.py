@@ -176,6 +176,21 @@ def test_a_broken_shadow_costs_the_released_model_nothing(
         assert s.execute(select(Score.model_version, Score.shadow)).all() == [("1.0.0", False)] * 10
 
 
+def test_a_shadow_that_failed_to_load_is_not_tried_again_at_every_batch(
+    pg_url: str, store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each try hashed the whole candidate artifact again, on the released model's path, and
+    logged the same warning: once per worker is enough (the assignment is read at start)."""
+    artifact = load_registry(store).resolve("breast-cancer@1.1.0").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    ctx = _context(pg_url, store)
+    with caplog.at_level("WARNING", logger="worker.context"):
+        assert [ctx.shadow("breast-cancer", "1.0.0") for _ in range(3)] == [None] * 3
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "shadow breast-cancer@1.1.0 not loaded (until the worker restarts)"
+    ]
+
+
 def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
     store = tmp_path / "store"
     with pytest.raises(ShadowError, match=r"name the candidate's version: breast-cancer@VERSION"):
