@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cases.registry import ModelSpec, RegistryError, load_registry, shadows_path
+from models.cases.registry import (
+    ArtifactIntegrityError,
+    ModelSpec,
+    RegistryError,
+    load_registry,
+    shadows_path,
+    verify_artifact,
+)
 
 
 class ShadowError(ValueError):
@@ -62,6 +69,10 @@ def set_shadow(artifact_dir: Path, ref: str) -> tuple[ModelSpec, ModelSpec]:
         raise ShadowError(
             f"{candidate.ref} takes other inputs than {released.ref}: " + "; ".join(differences)
         )
+    try:
+        verify_artifact(candidate)
+    except ArtifactIntegrityError as exc:  # workers would skip it, with a warning in their log
+        raise ShadowError(f"{exc}; workers could not load it") from None
     _write(artifact_dir, {**registry.shadows, name: candidate.version})
     return released, candidate
 

@@ -191,6 +191,31 @@ def test_a_shadow_that_failed_to_load_is_not_tried_again_at_every_batch(
     ]
 
 
+def test_a_candidate_whose_artifact_is_changed_or_gone_cannot_shadow(
+    tmp_path: Path, candidate_weights: Path
+) -> None:
+    """Workers would skip it with a warning in their log, and drift would find nothing: the
+    command that names it says so instead of 'shadows breast-cancer@1.0.0'."""
+    store = tmp_path / "store"
+    register_mlp(
+        candidate_weights,
+        name="breast-cancer",
+        version="1.1.0",
+        schema_path=_schema(tmp_path),
+        artifact_dir=store,
+        hidden=[32, 16],
+        dropout=0.1,
+    )
+    artifact = load_registry(store).resolve("breast-cancer@1.1.0").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    with pytest.raises(ShadowError, match=r"has sha256 \w+, the registry expects"):
+        set_shadow(store, "breast-cancer@1.1.0")
+    artifact.unlink()
+    with pytest.raises(ShadowError, match="does not exist; workers could not load it"):
+        set_shadow(store, "breast-cancer@1.1.0")
+    assert not (store / "shadows.json").exists()
+
+
 def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
     store = tmp_path / "store"
     with pytest.raises(ShadowError, match=r"name the candidate's version: breast-cancer@VERSION"):
