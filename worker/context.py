@@ -87,7 +87,13 @@ class WorkerContext:
         settings = self.settings
         for spec in self.registry:
             if spec.default and spec.status == "released":
-                model = self.model(spec.name, spec.version)
+                try:
+                    model = self.model(spec.name, spec.version)
+                except Exception as exc:
+                    # Its cases fail with the reason when they come; the other models, and the
+                    # sweep after this warm-up (worker/signals.py), must not wait on it.
+                    log.error("model %s not warmed up: %s", spec.ref, exc)
+                    continue
                 if settings.explain_top_k > 0:
                     from models.cases.explain import explain, explainable
 

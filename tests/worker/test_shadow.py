@@ -216,6 +216,33 @@ def test_a_candidate_whose_artifact_is_changed_or_gone_cannot_shadow(
     assert not (store / "shadows.json").exists()
 
 
+def test_one_broken_default_model_does_not_stop_the_warm_up_of_the_others(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """warm_up raised at the first default whose artifact was changed: the models after it
+    stayed cold, and the sweep that follows it at worker start (worker/signals.py) never ran."""
+    store = tmp_path / "store"
+    schema = tmp_path / "own.json"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    schema.write_text(
+        json.dumps({"inputs": inputs, "output": "x", "status": "released", "default": True})
+    )
+    weights = tmp_path / "own.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    register_mlp(
+        weights, name="own", version="1", schema_path=schema, artifact_dir=store, hidden=[4]
+    )
+    artifact = load_registry(store).resolve("own@1").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    ctx = _context(pg_url, store)
+    with caplog.at_level("ERROR", logger="worker.context"):
+        ctx.warm_up()
+    warm = set(ctx._models)
+    assert ("own", "1") not in warm
+    assert {("breast-cancer", "1.0.0"), ("whas500-mortality", "1.0.0")} <= warm  # after "own"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["model own@1 not warmed up"]
+
+
 def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
     store = tmp_path / "store"
     with pytest.raises(ShadowError, match=r"name the candidate's version: breast-cancer@VERSION"):
