@@ -254,7 +254,7 @@ class Registry:
         )
 
     def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(sorted(self._specs.values(), key=lambda s: (s.name, s.version)))
+        return iter(sorted(self._specs.values(), key=lambda s: (s.name, version_key(s.version))))
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self._specs})

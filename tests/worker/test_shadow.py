@@ -339,9 +339,11 @@ def test_a_new_candidate_leaves_the_released_version_its_cases_and_can_shadow_it
     assert (shadowed.ref, shadow.ref) == ("sepsis@1.10.0", "sepsis@2.0.0")
     cli_env(MEDBATCH_ARTIFACT_DIR=str(store))
     assert main(["models", "list"]) == 0
-    listed = [line for line in capsys.readouterr().out.splitlines() if "(default)" in line]
-    assert [line.split("\t")[0] for line in listed if line.startswith("sepsis")] == [
-        "sepsis@1.10.0 (default)"
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert [line for line in listed if line.startswith("sepsis")] == [
+        "sepsis@1.9.0",
+        "sepsis@1.10.0 (default)",
+        "sepsis@2.0.0",
     ]
 
 
