@@ -7,6 +7,7 @@ asked for, so the API process (which builds the app to send tasks) never does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.cases.registry import Registry, load_registry
+from models.cases.registry import Registry, RegistryError, load_registry
 from worker.leases import LeaseKeeper
 
 if TYPE_CHECKING:
@@ -85,8 +86,13 @@ class WorkerContext:
         stage's first batch would otherwise import Captum (and what it imports) for about a
         second while the cases behind it, STAT ones among them, wait."""
         settings = self.settings
-        for spec in self.registry:
-            if spec.default and spec.status == "released":
+        # The version a case naming only the model gets (a registered model may mark none).
+        defaults = []
+        for name in self.registry.names():
+            with contextlib.suppress(RegistryError):  # every version retired
+                defaults.append(self.registry.resolve(name))
+        for spec in defaults:
+            if spec.status == "released":
                 try:
                     model = self.model(spec.name, spec.version)
                 except Exception as exc:

@@ -25,7 +25,7 @@ from models.cases.registry import Registry, load_registry
 from models.cases.shadow import ShadowError, drift, set_shadow
 from models.device import torch_threads
 from models.reference import breast_cancer
-from tests.helpers import register_mlp, save_mlp, wdbc_cases
+from tests.helpers import register_breast_cancer, register_mlp, save_mlp, wdbc_cases
 from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
@@ -241,6 +241,30 @@ def test_one_broken_default_model_does_not_stop_the_warm_up_of_the_others(
     assert ("own", "1") not in warm
     assert {("breast-cancer", "1.0.0"), ("whas500-mortality", "1.0.0")} <= warm  # after "own"
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["model own@1 not warmed up"]
+
+
+def test_warm_up_loads_the_version_unpinned_cases_get_when_none_is_marked_default(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A hospital's released model that marks no version default was left cold: its first
+    case, a STAT one maybe, waited for the load and the warm-up pass."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "9.0.0", status="released")
+    schema = tmp_path / "own.json"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    schema.write_text(json.dumps({"inputs": inputs, "output": "x", "status": "released"}))
+    weights = tmp_path / "own.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    for version in ("1.9", "1.10"):
+        register_mlp(
+            weights, name="own", version=version, schema_path=schema, artifact_dir=store, hidden=[4]
+        )
+    ctx = _context(pg_url, store)
+    ctx.warm_up()
+    assert {k for k in ctx._models if k[0] in ("own", "breast-cancer")} == {
+        ("own", "1.10"),
+        ("breast-cancer", "1.0.0"),
+    }
 
 
 def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
