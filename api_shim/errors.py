@@ -142,6 +142,9 @@ def model_problem(registry: Registry, ref: str) -> str:
     if name not in registry.names():
         return f"unknown model name (known models: {', '.join(registry.names()) or 'none'})"
     versions = ", ".join(s.version for s in registry if s.name == name)
+    if version and any(s.name == name and s.version == version for s in registry):
+        live = ", ".join(s.version for s in registry if s.name == name and s.status != "retired")
+        return f"that version of {name} is retired (versions in use: {live or 'none'})"
     if version:
         return f"unknown version of {name} (versions: {versions})"
     return f"every version of {name} is retired (versions: {versions})"

@@ -235,6 +235,29 @@ def register_mlp(
     )
 
 
+def register_breast_cancer(artifact_dir: Path, version: str, **schema: Any) -> dict[str, Any]:
+    """Register a small MLP taking breast-cancer's inputs as ``breast-cancer@version`` (the
+    schema's other fields, e.g. ``status``, from ``schema``)."""
+    from models.cases.registry import Registry
+
+    released = Registry.load().resolve("breast-cancer@1.0.0")
+    folder = artifact_dir.parent / f"bc-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    schema_path = folder / "schema.json"
+    inputs = [f.to_json() for f in released.inputs]
+    schema_path.write_text(json.dumps({"inputs": inputs, "output": released.output, **schema}))
+    weights = folder / "weights.safetensors"
+    save_mlp(weights, len(inputs), hidden=(4,))
+    return register_mlp(
+        weights,
+        name="breast-cancer",
+        version=version,
+        schema_path=schema_path,
+        artifact_dir=artifact_dir,
+        hidden=[4],
+    )
+
+
 def assert_same_tensors(fresh: Path, packaged: Path, *, atol: float) -> None:
     """Two safetensors files hold the same tensor names, each equal to within ``atol``."""
     from safetensors.numpy import load_file

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,35 @@ def test_models_list_shows_version_schema_size_and_sha256(tmp_path: Path) -> Non
     assert "30 tabular inputs" in result.stdout
     assert "vitals-gru@0.1.0 (default)\tcandidate" in result.stdout
     assert "NOT FOR CLINICAL USE" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("shadows.json", '{"breast-cancer": ', "not JSON"),
+        ("shadows.json", "[1, 2]", 'expected {"model name": "candidate version", ...}'),
+        ("registry.json", "garbage", "not a model registry (JSONDecodeError"),
+        ("registry.json", '{"models": [{"name": "x"}]}', "not a model registry (KeyError"),
+    ],
+)
+def test_a_store_file_edited_badly_is_one_line_naming_it(
+    tmp_path: Path,
+    name: str,
+    text: str,
+    said: str,
+    cli_env: Callable[..., None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A hand-edited registry or shadow assignment that does not read: every `models` command
+    says which file, in one line, where each was a JSON traceback."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / name).write_text(text)
+    cli_env(MEDBATCH_ARTIFACT_DIR=str(store))
+    for command in (["list"], ["shadow", "breast-cancer", "--off"], ["drift", "breast-cancer"]):
+        assert main(["models", *command]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"medbatch models {command[0]}: {store / name}: {said}"), line
 
 
 def test_submit_with_an_unreadable_file_says_so(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ asked for, so the API process (which builds the app to send tasks) never does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.cases.registry import Registry, load_registry
+from models.cases.registry import Registry, RegistryError, load_registry
 from worker.leases import LeaseKeeper
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ class WorkerContext:
 
     settings: Settings
     _models: dict[tuple[str, str], LoadedModel] = field(default_factory=dict)
+    #: Shadows that failed to load: not tried again (each try hashes the whole artifact again,
+    #: on the released model's path, and logs again) until the worker restarts.
+    _broken_shadows: set[str] = field(default_factory=set)
 
     @cached_property
     def engine(self) -> Engine:
@@ -54,7 +58,7 @@ class WorkerContext:
     def model(self, name: str, version: str) -> LoadedModel:
         key = (name, version)
         if key not in self._models:
-            spec = self.registry.resolve(f"{name}@{version}")
+            spec = self.registry.resolve_scorable(f"{name}@{version}")
             from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
             model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
@@ -67,12 +71,13 @@ class WorkerContext:
         """The candidate shadowing ``name@version``, loaded; None if none, or if it cannot load
         (a shadow must never cost the released model its cases)."""
         spec = self.registry.shadow_for(name, version)
-        if spec is None:
+        if spec is None or spec.ref in self._broken_shadows:
             return None
         try:
             return self.model(spec.name, spec.version)
         except Exception as exc:
-            log.warning("shadow %s not loaded: %s", spec.ref, exc)
+            self._broken_shadows.add(spec.ref)
+            log.warning("shadow %s not loaded (until the worker restarts): %s", spec.ref, exc)
             return None
 
     def warm_up(self) -> None:
@@ -81,9 +86,20 @@ class WorkerContext:
         stage's first batch would otherwise import Captum (and what it imports) for about a
         second while the cases behind it, STAT ones among them, wait."""
         settings = self.settings
-        for spec in self.registry:
-            if spec.default and spec.status == "released":
-                model = self.model(spec.name, spec.version)
+        # The version a case naming only the model gets (a registered model may mark none).
+        defaults = []
+        for name in self.registry.names():
+            with contextlib.suppress(RegistryError):  # every version retired
+                defaults.append(self.registry.resolve(name))
+        for spec in defaults:
+            if spec.status == "released":
+                try:
+                    model = self.model(spec.name, spec.version)
+                except Exception as exc:
+                    # Its cases fail with the reason when they come; the other models, and the
+                    # sweep after this warm-up (worker/signals.py), must not wait on it.
+                    log.error("model %s not warmed up: %s", spec.ref, exc)
+                    continue
                 if settings.explain_top_k > 0:
                     from models.cases.explain import explain, explainable
 

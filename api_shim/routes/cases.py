@@ -92,7 +92,7 @@ def check_against_registry(
             )
         seen.add(case.external_id)
         try:
-            spec = registry.resolve(case.model)
+            spec = registry.resolve_scorable(case.model)
         except RegistryError:
             errors.append(
                 _error((*loc, "model"), model_problem(registry, case.model), "value_error")

@@ -138,7 +138,7 @@ async def submit_bundle(
     if data is None:
         return outcome(400, [issue("required", "send a FHIR Bundle as the body")])
     try:
-        spec = registry.resolve(model)
+        spec = registry.resolve_scorable(model)
     except RegistryError:
         return outcome(422, [issue("not-found", model_problem(registry, model), "model")])
     when = (as_of or datetime.now(UTC)).astimezone(UTC) if _in_range(as_of) else None

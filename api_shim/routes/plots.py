@@ -21,6 +21,7 @@ from api_shim.errors import keys_hidden, model_problem, problem
 from api_shim.routes import tiled
 from db import repo
 from db.tables import CompoundJob, GenomeJob
+from models.cases.registry import RegistryError
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -44,7 +45,12 @@ class ScoreEvaluationCreate(BaseModel):
         max_length=MAX_LABELS,
         description="the true outcome (0 or 1) of each scored case, by its external_id",
     )
-    threshold: float = Field(default=0.5, ge=0, le=1, description="for the accuracy")
+    threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="for the accuracy (default: the model's registered threshold, as its labels)",
+    )
 
 
 class ScoreEvaluationPublic(BaseModel):
@@ -56,6 +62,9 @@ class ScoreEvaluationPublic(BaseModel):
     roc_auc: float
     brier: float
     accuracy: float
+    threshold: float | None = Field(
+        default=None, description="the accuracy's threshold (absent from older evaluations)"
+    )
     plots: dict[str, str] = Field(description="links to the PNG pictures")
 
 
@@ -95,10 +104,18 @@ def create_score_evaluation(
             f"labels: {len(ids)} of the {len(body.labels)} labelled cases have a stored "
             f"{body.model!r} score; an evaluation needs scored cases of both outcomes",
         )
+    threshold = body.threshold
+    if threshold is None:
+        # 0.5 would be another cut than the one its scores' labels were given at (0.29 for
+        # whas500-mortality); a model whose every version is retired has none to offer.
+        try:
+            threshold = registry.resolve(body.model).threshold
+        except RegistryError:
+            threshold = 0.5
     evaluation_id = uuid.uuid4().hex
     folder = _evaluation_dir(settings, tenant.id, evaluation_id)
     found = score_evaluation(
-        y, [scores[i] for i in ids], folder, title=body.model, threshold=body.threshold
+        y, [scores[i] for i in ids], folder, title=body.model, threshold=threshold
     )
     links = {
         name.removesuffix(".png"): f"/v1/score-evaluations/{evaluation_id}/{name}"
@@ -113,6 +130,7 @@ def create_score_evaluation(
         "roc_auc": found["roc_auc"],
         "brier": found["brier"],
         "accuracy": found["accuracy"],
+        "threshold": threshold,
         "plots": links,
     }
     (folder / "summary.json").write_text(json.dumps(summary))

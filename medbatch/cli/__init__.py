@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from medbatch.cli import _common, cases, compounds, db, genome, models, nightly, service, submit
+from models.cases.registry import RegistryFileError
 from models.device import DeviceUnavailable
 
 #: The order the groups appear in ``medbatch --help``.
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.setup_logging(settings)
     try:
         return int(args.func(args, settings))
-    except (_common.CliError, DeviceUnavailable) as exc:
+    except (_common.CliError, DeviceUnavailable, RegistryFileError) as exc:
         print(f"medbatch {_name(args)}: {exc}", file=sys.stderr)
         return exc.code if isinstance(exc, _common.CliError) else 2
     except KeyboardInterrupt:

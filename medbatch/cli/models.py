@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -61,10 +62,15 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.models_command == "list":
-        from models.cases.registry import load_registry
+        from models.cases.registry import RegistryError, load_registry
 
-        for spec in load_registry(settings.artifact_dir):
-            default = " (default)" if spec.default else ""
+        registry = load_registry(settings.artifact_dir)
+        defaults = set()
+        for name in registry.names():
+            with contextlib.suppress(RegistryError):  # every version retired: none
+                defaults.add(registry.resolve(name).ref)
+        for spec in registry:
+            default = " (default)" if spec.ref in defaults else ""
             print(
                 f"{spec.ref}{default}\t{spec.status}\t{spec.architecture}\t"
                 f"{len(spec.inputs)} {spec.input_kind} inputs\tthreshold {spec.threshold}\t"
@@ -194,7 +200,7 @@ def _drift(args: argparse.Namespace, settings: Settings) -> int:
         print(f"medbatch models drift: {exc.args[0]}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps(result.as_dict(), allow_nan=False))
         return 0
     print(f"{result.candidate} against {result.released} on {result.cases} cases scored by both")
     print(f"  mean |difference|      {result.mean_abs_diff:.4f} (max {result.max_abs_diff:.4f})")

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not (args.input / "Patient.ndjson").is_file():
         fail(f"--input: no Patient.ndjson in {args.input}")
     try:
-        spec = load_registry(settings.artifact_dir).resolve(args.model)
+        spec = load_registry(settings.artifact_dir).resolve_scorable(args.model)
     except RegistryError as exc:
         fail(f"--model: {exc}")
     as_of = args.as_of or datetime.now(UTC)

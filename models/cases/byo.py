@@ -15,7 +15,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -23,6 +23,7 @@ from models.cases.registry import (
     MODEL_NAME,
     MODEL_VERSION,
     FeatureSpec,
+    Status,
     load_registry,
     schema_problems,
     sha256_file,
@@ -63,11 +64,34 @@ def _schema(path: Path) -> dict[str, Any]:
         raise RegistrationError(f"schema {path}: an input is malformed ({exc})") from None
     if problems := schema_problems(specs):
         raise RegistrationError(f"schema {path}: " + "; ".join(problems))
-    if not isinstance(schema.get("output"), str):
+    output = schema.get("output")
+    if not isinstance(output, str) or not output.strip():
         raise RegistrationError(f"schema {path}: 'output' (what the score means) is required")
     threshold = schema.get("threshold", 0.5)
-    if not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+    if isinstance(threshold, bool) or not (
+        isinstance(threshold, int | float) and 0 <= threshold <= 1
+    ):
         raise RegistrationError(f"schema {path}: 'threshold' must be a probability in [0, 1]")
+    # Checked here, not when a case is scored: labels other than two strings fail every case,
+    # a status or default of another type silently changes which version a case gets.
+    labels = schema.get("labels", ["negative", "positive"])
+    if not (
+        isinstance(labels, list)
+        and len(labels) == 2
+        and all(isinstance(label, str) and label for label in labels)
+        and labels[0] != labels[1]
+    ):
+        raise RegistrationError(
+            f"schema {path}: 'labels' must be two different names, [negative, positive]"
+        )
+    if schema.get("status", "candidate") not in get_args(Status):
+        raise RegistrationError(
+            f"schema {path}: 'status' must be one of {', '.join(get_args(Status))}"
+        )
+    if not isinstance(schema.get("default", False), bool):
+        raise RegistrationError(f"schema {path}: 'default' must be true or false")
+    if not isinstance(schema.get("clinical_use", ""), str):
+        raise RegistrationError(f"schema {path}: 'clinical_use' must be a string")
     return schema
 
 
@@ -196,7 +220,9 @@ def register(
         stored_architecture = kind
     dry_run(module if kind == "torch-export" else module.eval(), n_features)
 
-    target = artifact_dir / "models" / f"{name}-{version}{FORMATS[kind]}"
+    # A folder per name: "a-1" + "2" and "a" + "1-2" were both models/a-1-2.pt, the second
+    # registration overwriting the first's artifact (which then failed its sha256 check).
+    target = artifact_dir / "models" / name / f"{version}{FORMATS[kind]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(artifact, target)
     entry = {

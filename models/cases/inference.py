@@ -123,6 +123,13 @@ class LoadedModel:
             logits = self.module(x) if lengths is None else self.module(x, lengths)
         if logits.ndim == 2 and logits.shape[1] == 1:  # registered models may answer (N, 1)
             logits = logits[:, 0]
+        if tuple(logits.shape) != (len(batch),):
+            # Said here, where a caller isolates a failing pass: a registered model that passed
+            # its dry run on 4 cases may still answer another shape for another batch size.
+            raise ValueError(
+                f"{self.spec.ref} answered shape {tuple(logits.shape)} for a batch of "
+                f"{len(batch)}; expected one logit per case"
+            )
         return torch.sigmoid(logits.float()).cpu()
 
     def dummy_batch(self, batch_size: int = 8) -> ModelInput:

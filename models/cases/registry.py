@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -40,8 +41,20 @@ class SchemaError(ValueError):
         super().__init__(f"{ref}: input schema: " + "; ".join(problems))
 
 
+class RegistryFileError(ValueError):
+    """A registry or shadows file in the artifact store that cannot be read as one."""
+
+
 class ArtifactIntegrityError(RuntimeError):
-    """An artifact whose bytes do not hash to the sha256 the registry records."""
+    """An artifact whose bytes do not hash to the sha256 the registry records (or that is gone).
+
+    The message names the file for the operator; ``reason`` says the same without the server's
+    path, for a case's error that clients read.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 RangePolicy = Literal["reject", "flag"]
@@ -194,12 +207,16 @@ def sha256_file(path: Path) -> str:
 def verify_artifact(spec: ModelSpec) -> Path:
     """Return the artifact path once its sha256 matches the registry; raise otherwise."""
     if not spec.artifact.is_file():
-        raise ArtifactIntegrityError(f"{spec.ref}: artifact {spec.artifact} does not exist")
+        raise ArtifactIntegrityError(
+            f"{spec.ref}: artifact {spec.artifact} does not exist",
+            reason=f"{spec.ref}: its artifact does not exist",
+        )
     actual = sha256_file(spec.artifact)
     if actual != spec.sha256:
+        mismatch = f"has sha256 {actual}, the registry expects {spec.sha256}; refusing to load it"
         raise ArtifactIntegrityError(
-            f"{spec.ref}: artifact {spec.artifact} has sha256 {actual}, "
-            f"the registry expects {spec.sha256}; refusing to load it"
+            f"{spec.ref}: artifact {spec.artifact} {mismatch}",
+            reason=f"{spec.ref}: its artifact {mismatch}",
         )
     return spec.artifact
 
@@ -237,7 +254,7 @@ class Registry:
         )
 
     def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(sorted(self._specs.values(), key=lambda s: (s.name, s.version)))
+        return iter(sorted(self._specs.values(), key=lambda s: (s.name, version_key(s.version))))
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self._specs})
@@ -256,8 +273,23 @@ class Registry:
             raise RegistryError(
                 f"unknown model {name!r} (known models: {', '.join(self.names()) or 'none'})"
             )
-        defaults = [s for s in candidates if s.default]
-        return defaults[0] if defaults else candidates[-1]
+        # The version marked default, else the newest released one: a candidate registered
+        # beside a released version is there to be shadowed, not to take that version's cases.
+        return max(
+            candidates,
+            key=lambda s: (s.default, s.status == "released", version_key(s.version)),
+        )
+
+    def resolve_scorable(self, ref: str) -> ModelSpec:
+        """``resolve``, refusing a retired version named by ``name@version``: a retired version
+        scores no new case (its old scores and its report stay readable through ``resolve``)."""
+        spec = self.resolve(ref)
+        if spec.status == "retired":
+            live = ", ".join(s.ref for s in self if s.name == spec.name and s.status != "retired")
+            raise RegistryError(
+                f"model version {spec.ref!r} is retired (versions in use: {live or 'none'})"
+            )
+        return spec
 
     def shadow_for(self, name: str, version: str) -> ModelSpec | None:
         """The candidate that also scores cases of ``name@version``, if that is the default."""
@@ -272,6 +304,14 @@ class Registry:
         return self._specs.get((name, candidate))
 
 
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """A version's sort key, number by number: ``1.10.0`` comes after ``1.9.0``."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.findall(r"\d+|\D+", version)
+    )
+
+
 def user_registry_path(artifact_dir: Path) -> Path:
     """Models registered with ``medbatch models register`` are listed here, in the store."""
     return artifact_dir / "registry.json"
@@ -280,10 +320,28 @@ def user_registry_path(artifact_dir: Path) -> Path:
 def load_registry(artifact_dir: Path | None) -> Registry:
     """The packaged registry plus the models registered into ``artifact_dir``."""
     registry = Registry.load(REGISTRY_PATH)
-    if artifact_dir is not None and user_registry_path(artifact_dir).is_file():
-        registry = registry.merged(Registry.load(user_registry_path(artifact_dir)))
-    if artifact_dir is not None and shadows_path(artifact_dir).is_file():
-        registry.shadows = json.loads(shadows_path(artifact_dir).read_text())
+    if artifact_dir is None:
+        return registry
+    # Files in the store may be edited by hand: one that does not read is named, not a traceback.
+    path = user_registry_path(artifact_dir)
+    if path.is_file():
+        try:
+            registry = registry.merged(Registry.load(path))
+        except SchemaError as exc:
+            raise RegistryFileError(str(exc)) from None
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise RegistryFileError(
+                f"{path}: not a model registry ({type(exc).__name__}: {exc})"
+            ) from None
+    path = shadows_path(artifact_dir)
+    if path.is_file():
+        try:
+            shadows = json.loads(path.read_text())
+        except ValueError as exc:
+            raise RegistryFileError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(shadows, dict) or not all(isinstance(v, str) for v in shadows.values()):
+            raise RegistryFileError(f'{path}: expected {{"model name": "candidate version", ...}}')
+        registry.shadows = shadows
     return registry
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.cases.registry import ModelSpec, RegistryError, load_registry, shadows_path
+from models.cases.registry import (
+    ArtifactIntegrityError,
+    ModelSpec,
+    RegistryError,
+    load_registry,
+    shadows_path,
+    verify_artifact,
+)
 
 
 class ShadowError(ValueError):
@@ -45,6 +52,27 @@ def set_shadow(artifact_dir: Path, ref: str) -> tuple[ModelSpec, ModelSpec]:
             f"{candidate.input_kind} {list(candidate.feature_names)} vs "
             f"{released.input_kind} {list(released.feature_names)}"
         )
+    # The candidate is fed the released version's batch: the same names in other units, or
+    # series of another length, would be scored without an error and mean nothing.
+    differences = [
+        f"{f.name} in {f.unit!r} vs {g.unit!r}"
+        for f, g in zip(candidate.inputs, released.inputs, strict=True)
+        if f.unit != g.unit
+    ]
+    for what in (
+        ("min_length", "max_length", "vocab_size") if released.input_kind != "tabular" else ()
+    ):
+        new, old = getattr(candidate, what), getattr(released, what)
+        if new != old:
+            differences.append(f"{what} {new} vs {old}")
+    if differences:
+        raise ShadowError(
+            f"{candidate.ref} takes other inputs than {released.ref}: " + "; ".join(differences)
+        )
+    try:
+        verify_artifact(candidate)
+    except ArtifactIntegrityError as exc:  # workers would skip it, with a warning in their log
+        raise ShadowError(f"{exc}; workers could not load it") from None
     _write(artifact_dir, {**registry.shadows, name: candidate.version})
     return released, candidate
 
@@ -78,7 +106,12 @@ class Drift:
     flips_down: int
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The fields, a rank correlation that does not exist (one case, constant scores) as
+        None: ``--json`` must stay JSON, which has no NaN."""
+        out = asdict(self)
+        if not np.isfinite(self.spearman):
+            out["spearman"] = None
+        return out
 
 
 def drift(released: ModelSpec, candidate: ModelSpec, pairs: list[tuple[float, float]]) -> Drift:

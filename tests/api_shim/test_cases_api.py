@@ -19,7 +19,13 @@ from db import repo
 from db.engine import session_scope
 from db.tables import Case, Score
 from medbatch.settings import Settings
-from tests.helpers import queued_case_ids, score_row, wdbc_cases
+from tests.helpers import (
+    api_client,
+    queued_case_ids,
+    register_breast_cancer,
+    score_row,
+    wdbc_cases,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -194,6 +200,26 @@ def test_bad_input_is_422_naming_the_field_and_nothing_is_written_or_enqueued(
     errors = response.json()["detail"]
     assert any(e["loc"] == loc and fragment in e["msg"] for e in errors), errors
     assert counts() == (0, 0)
+
+
+def test_a_retired_version_takes_no_new_case(
+    pg_url: str, redis_url: str, tmp_path: Path, key: str, counts: Counts
+) -> None:
+    """A case pinned to a retired version is 422 saying so; the model's page still lists it."""
+    register_breast_cancer(tmp_path / "store", "0.9.0", status="retired")
+    with api_client(pg_url, redis_url, tmp_path) as api:
+        case = {**wdbc_cases(1)[0], "model": "breast-cancer@0.9.0"}
+        response = api.post("/v1/cases", json=case, headers=auth(key))
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"] == ["body", "model"]
+        assert error["msg"] == ("that version of breast-cancer is retired (versions in use: 1.0.0)")
+        assert counts() == (0, 0)
+        listed = api.get("/v1/models/breast-cancer", headers=auth(key)).json()
+        assert [(v["version"], v["status"]) for v in listed["versions"]] == [
+            ("0.9.0", "retired"),
+            ("1.0.0", "released"),
+        ]
 
 
 def _with_mean_area(literal: str) -> str:

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sklearn.metrics import roc_auc_score
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
+from db.tables import Priority, Tenant
 from tests.helpers import score_row, tenant_headers, wdbc_cases
 
 pytestmark = pytest.mark.integration
@@ -67,6 +69,34 @@ def test_an_evaluation_of_stored_scores_links_its_pictures(
     other = tenant_headers(pg_sessions, "hospital-b")
     assert api.get(f"/v1/score-evaluations/{body['id']}", headers=other).status_code == 404
     assert api.get(body["plots"]["roc"], headers=other).status_code == 404
+
+
+def test_an_evaluation_s_accuracy_uses_the_model_s_threshold_unless_told(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """whas500-mortality labels its scores at 0.29: the accuracy was taken at 0.5 whatever the
+    model, and the answer did not say at which cut."""
+    headers = tenant_headers(pg_sessions, "hospital-a")
+    scores, truth = [0.4, 0.35, 0.1, 0.2], [1, 1, 0, 0]
+    with session_scope(pg_sessions) as s:
+        tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == "hospital-a"))
+        new = [
+            repo.NewCase(f"whas-{i}", "whas500-mortality", "1.0.0", Priority.routine, {})
+            for i in range(len(scores))
+        ]
+        added = repo.add_cases(s, tenant_id=tenant_id, cases=new)
+        rows = [
+            score_row(a.id, score=p, label="x") | {"model_name": "whas500-mortality"}
+            for a, p in zip(added, scores, strict=True)
+        ]
+        repo.save_scores(s, rows=rows)
+    labels = {f"whas-{i}": y for i, y in enumerate(truth)}
+    for extra, threshold, accuracy in (({}, 0.29, 1.0), ({"threshold": 0.5}, 0.5, 0.5)):
+        body = {"model": "whas500-mortality", "labels": labels, **extra}
+        response = api.post("/v1/score-evaluations", json=body, headers=headers)
+        assert response.status_code == 201, response.text
+        found = response.json()
+        assert (found["threshold"], found["accuracy"]) == (threshold, accuracy)
 
 
 @pytest.mark.parametrize(

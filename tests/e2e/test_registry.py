@@ -131,3 +131,33 @@ def test_a_shadowing_candidate_scores_beside_the_released_model(
     report = json.loads(drift.stdout)
     assert report["cases"] == 50 and report["released"] == "breast-cancer@1.0.0"
     assert 0 < report["mean_abs_diff"] < 0.2
+
+
+class _FirstFour(torch.nn.Module):
+    """A candidate with a bug its dry run cannot see: one logit for each of the first 4 cases."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:4, 0]
+
+
+def test_a_candidate_answering_the_wrong_shape_costs_the_released_model_nothing(
+    processes: Processes, api: httpx.Client, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Its rows are dropped and logged; every case is done with the released score. The zip of
+    its rows with the batch's cases failed the whole batch, again at each delivery."""
+    store = Path(processes.env["MEDBATCH_ARTIFACT_DIR"])
+    scripted = tmp_path / "first-four.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_FirstFour()), str(scripted))
+    schema = tmp_path / "first-four.json"
+    inputs = [f.to_json() for f in RELEASED.inputs]
+    schema.write_text(json.dumps({"inputs": inputs, "output": RELEASED.output}))
+    register(
+        scripted, name="breast-cancer", version="1.2.0", schema_path=schema, artifact_dir=store
+    )
+    set_shadow(store, "breast-cancer@1.2.0")
+    ids = _submit_and_score(processes, api, pg_sessions, wdbc_cases(30))
+    with pg_sessions() as s:
+        rows = s.execute(select(Score.case_id, Score.model_version, Score.shadow)).all()
+    assert sorted(rows) == [(i, "1.0.0", False) for i in ids]

@@ -164,3 +164,48 @@ def test_a_name_or_version_the_api_could_not_name_is_refused_before_anything_is_
     with pytest.raises(RegistrationError, match=f"^{refused}: "):
         register(path, name=name, version=version, schema_path=schema, artifact_dir=store)
     assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "refused"),
+    [
+        ("labels", ["low", "mid", "high"], "'labels' must be two different names"),
+        ("labels", "no", "'labels' must be two different names"),
+        ("labels", ["same", "same"], "'labels' must be two different names"),
+        ("status", "Released", "'status' must be one of released, candidate, retired"),
+        ("default", "no", "'default' must be true or false"),
+        ("clinical_use", 5, "'clinical_use' must be a string"),
+        ("threshold", True, "'threshold' must be a probability"),
+        ("output", "", "'output'"),
+    ],
+)
+def test_a_schema_field_that_would_break_scoring_or_listing_is_refused(
+    tmp_path: Path, field: str, value: object, refused: str
+) -> None:
+    """Three labels failed every case at scoring, "no" became labels 'n' and 'o', a default of
+    "no" made the version the default, clinical_use 5 broke GET /v1/models: refused instead."""
+    path = _script(tmp_path, _linear(), "own.pt")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"inputs": FEATURES, "output": "risk of X", field: value}))
+    store = tmp_path / "store"
+    with pytest.raises(RegistrationError, match=refused):
+        register(path, name="own", version="1", schema_path=bad, artifact_dir=store)
+    assert not store.exists()
+
+
+def test_names_and_versions_that_join_alike_keep_their_own_artifacts(tmp_path: Path) -> None:
+    """own@1-2 and own-1@2 were both stored as models/own-1-2.pt: registering the second
+    replaced the first's file, and the first then failed its sha256 check on every case."""
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"inputs": FEATURES, "output": "x", "status": "released"}))
+    store = tmp_path / "store"
+    first, second = _linear(), torch.nn.Sequential(torch.nn.Linear(3, 1)).eval()
+    for path, name, version in (
+        (_script(tmp_path, first, "a.pt"), "own", "1-2"),
+        (_script(tmp_path, second, "b.pt"), "own-1", "2"),
+    ):
+        register(path, name=name, version=version, schema_path=schema, artifact_dir=store)
+    registry = load_registry(store)
+    for ref, module in (("own@1-2", first), ("own-1@2", second)):
+        (row,) = LoadedModel(registry.resolve(ref), device="cpu").score([CASE])
+        assert row.score == pytest.approx(_expected(module), abs=1e-6)

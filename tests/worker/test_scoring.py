@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -18,9 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Batch, Case, CaseStatus, Explanation, Priority, Score
+from medbatch.settings import Settings
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import Registry
-from tests.helpers import score_collecting_explanations, wdbc_cases
+from tests.helpers import register_breast_cancer, score_collecting_explanations, wdbc_cases
+from worker.context import WorkerContext
 from worker.tasks.explain import explain_cases
 from worker.tasks.scoring import parse_case_ids, score_cases
 
@@ -202,8 +205,7 @@ def test_a_missing_artifact_fails_its_cases_without_naming_the_server_path(
     with pg_sessions() as s:
         errors = set(s.scalars(select(Case.last_error)))
     assert errors == {
-        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not hash to "
-        "the sha256 the registry records"
+        "model breast-cancer@1.0.0 unavailable: breast-cancer@1.0.0: its artifact does not exist"
     }
 
 
@@ -219,8 +221,7 @@ def test_a_broken_artifact_fails_scores_and_explanations_without_its_server_path
         return LoadedModel(dataclasses.replace(SPEC, artifact=gone), device="cpu")
 
     expected = (
-        "model breast-cancer@1.0.0 unavailable: its artifact is missing or does not hash to "
-        "the sha256 the registry records"
+        "model breast-cancer@1.0.0 unavailable: breast-cancer@1.0.0: its artifact does not exist"
     )
     failing = _add(pg_sessions, wdbc_cases(2, prefix="gone"))
     score_cases(failing, sessions=pg_sessions, load_model=broken)
@@ -236,6 +237,55 @@ def test_a_broken_artifact_fails_scores_and_explanations_without_its_server_path
     with pg_sessions() as s:
         assert set(s.scalars(select(Case.last_error).where(Case.id.in_(failing)))) == {expected}
         assert {e.error for e in explanations.states(s, case_ids=ids).values()} == {expected}
+
+
+def test_an_artifact_changed_on_disk_fails_its_cases_naming_no_server_path(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, tmp_path: Path
+) -> None:
+    """Clients read a case's last_error: the sha256 check is said there, the file's path is not."""
+    artifact = tmp_path / "store" / "models" / "breast-cancer-1.0.0.safetensors"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(SPEC.artifact.read_bytes() + b"\0")
+    spec = dataclasses.replace(SPEC, artifact=artifact)
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="changed"))
+    outcome = score_cases(
+        ids, sessions=pg_sessions, load_model=lambda *_: LoadedModel(spec, device="cpu")
+    )
+    assert outcome.scored == [] and sorted(outcome.failed) == ids
+    with pg_sessions() as s:
+        errors = set(s.scalars(select(Case.last_error).where(Case.id.in_(ids))))
+    assert len(errors) == 1
+    (error,) = errors
+    assert error.startswith("model breast-cancer@1.0.0 unavailable: breast-cancer@1.0.0: its ")
+    assert f"the registry expects {SPEC.sha256}" in error
+    assert str(tmp_path) not in error and "/" not in error
+
+    # Scored before the file changed, explained after: the explanation's error says it alike.
+    scored = _add(pg_sessions, wdbc_cases(2, prefix="explained"))
+    _, sent = score_collecting_explanations(pg_sessions, scored, _loader(model), explain_top_k=1)
+    explained = explain_cases(
+        sent[0],
+        sessions=pg_sessions,
+        load_model=lambda *_: LoadedModel(spec, device="cpu"),
+        lease=repo.Lease("test:1:explain", timedelta(seconds=30)),
+    )
+    assert sorted(explained.failed) == scored
+    assert all("/" not in e and "its artifact has sha256" in e for e in explained.failed.values())
+
+
+def test_cases_queued_for_a_version_retired_since_fail_saying_so(
+    pg_url: str, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A worker started after a version was retired scores nothing more with it."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "0.9.0", status="retired")
+    ids = _add(pg_sessions, wdbc_cases(2, prefix="retired"), version="0.9.0")
+    ctx = WorkerContext(Settings(database_url=pg_url, artifact_dir=store, device="cpu"))
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=ctx.model)
+    assert outcome.scored == [] and set(outcome.failed.values()) == {
+        "model breast-cancer@0.9.0 unavailable: model version 'breast-cancer@0.9.0' is retired "
+        "(versions in use: breast-cancer@1.0.0)"
+    }
 
 
 class PoisonedModel(LoadedModel):

@@ -5,6 +5,7 @@ released model nothing."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from models.cases.registry import Registry, load_registry
 from models.cases.shadow import ShadowError, drift, set_shadow
 from models.device import torch_threads
 from models.reference import breast_cancer
-from tests.helpers import register_mlp, save_mlp, wdbc_cases
+from tests.helpers import register_breast_cancer, register_mlp, save_mlp, wdbc_cases
 from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
@@ -175,6 +176,97 @@ def test_a_broken_shadow_costs_the_released_model_nothing(
         assert s.execute(select(Score.model_version, Score.shadow)).all() == [("1.0.0", False)] * 10
 
 
+def test_a_shadow_that_failed_to_load_is_not_tried_again_at_every_batch(
+    pg_url: str, store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each try hashed the whole candidate artifact again, on the released model's path, and
+    logged the same warning: once per worker is enough (the assignment is read at start)."""
+    artifact = load_registry(store).resolve("breast-cancer@1.1.0").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    ctx = _context(pg_url, store)
+    with caplog.at_level("WARNING", logger="worker.context"):
+        assert [ctx.shadow("breast-cancer", "1.0.0") for _ in range(3)] == [None] * 3
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "shadow breast-cancer@1.1.0 not loaded (until the worker restarts)"
+    ]
+
+
+def test_a_candidate_whose_artifact_is_changed_or_gone_cannot_shadow(
+    tmp_path: Path, candidate_weights: Path
+) -> None:
+    """Workers would skip it with a warning in their log, and drift would find nothing: the
+    command that names it says so instead of 'shadows breast-cancer@1.0.0'."""
+    store = tmp_path / "store"
+    register_mlp(
+        candidate_weights,
+        name="breast-cancer",
+        version="1.1.0",
+        schema_path=_schema(tmp_path),
+        artifact_dir=store,
+        hidden=[32, 16],
+        dropout=0.1,
+    )
+    artifact = load_registry(store).resolve("breast-cancer@1.1.0").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    with pytest.raises(ShadowError, match=r"has sha256 \w+, the registry expects"):
+        set_shadow(store, "breast-cancer@1.1.0")
+    artifact.unlink()
+    with pytest.raises(ShadowError, match="does not exist; workers could not load it"):
+        set_shadow(store, "breast-cancer@1.1.0")
+    assert not (store / "shadows.json").exists()
+
+
+def test_one_broken_default_model_does_not_stop_the_warm_up_of_the_others(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """warm_up raised at the first default whose artifact was changed: the models after it
+    stayed cold, and the sweep that follows it at worker start (worker/signals.py) never ran."""
+    store = tmp_path / "store"
+    schema = tmp_path / "own.json"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    schema.write_text(
+        json.dumps({"inputs": inputs, "output": "x", "status": "released", "default": True})
+    )
+    weights = tmp_path / "own.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    register_mlp(
+        weights, name="own", version="1", schema_path=schema, artifact_dir=store, hidden=[4]
+    )
+    artifact = load_registry(store).resolve("own@1").artifact
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    ctx = _context(pg_url, store)
+    with caplog.at_level("ERROR", logger="worker.context"):
+        ctx.warm_up()
+    warm = set(ctx._models)
+    assert ("own", "1") not in warm
+    assert {("breast-cancer", "1.0.0"), ("whas500-mortality", "1.0.0")} <= warm  # after "own"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["model own@1 not warmed up"]
+
+
+def test_warm_up_loads_the_version_unpinned_cases_get_when_none_is_marked_default(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A hospital's released model that marks no version default was left cold: its first
+    case, a STAT one maybe, waited for the load and the warm-up pass."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "9.0.0", status="released")
+    schema = tmp_path / "own.json"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    schema.write_text(json.dumps({"inputs": inputs, "output": "x", "status": "released"}))
+    weights = tmp_path / "own.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    for version in ("1.9", "1.10"):
+        register_mlp(
+            weights, name="own", version=version, schema_path=schema, artifact_dir=store, hidden=[4]
+        )
+    ctx = _context(pg_url, store)
+    ctx.warm_up()
+    assert {k for k in ctx._models if k[0] in ("own", "breast-cancer")} == {
+        ("own", "1.10"),
+        ("breast-cancer", "1.0.0"),
+    }
+
+
 def test_only_a_compatible_candidate_can_shadow(tmp_path: Path, candidate_weights: Path) -> None:
     store = tmp_path / "store"
     with pytest.raises(ShadowError, match=r"name the candidate's version: breast-cancer@VERSION"):
@@ -242,3 +334,102 @@ def test_scoring_runs_torch_on_its_own_threads_and_gives_the_process_its_own_bac
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_new_candidate_leaves_the_released_version_its_cases_and_can_shadow_it(
+    tmp_path: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hospital's own model, no version marked default: unpinned cases get the newest released
+    version (1.10.0 is newer than 1.9.0), not a candidate registered after it to be shadowed."""
+    store = tmp_path / "store"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    released = tmp_path / "released.json"
+    released.write_text(json.dumps({"inputs": inputs, "output": "x", "status": "released"}))
+    candidate = tmp_path / "candidate.json"
+    candidate.write_text(json.dumps({"inputs": inputs, "output": "x"}))
+    weights = tmp_path / "w.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    for version, schema in (("1.9.0", released), ("1.10.0", released), ("2.0.0", candidate)):
+        register_mlp(
+            weights,
+            name="sepsis",
+            version=version,
+            schema_path=schema,
+            artifact_dir=store,
+            hidden=[4],
+        )
+    assert load_registry(store).resolve("sepsis").ref == "sepsis@1.10.0"
+    shadowed, shadow = set_shadow(store, "sepsis@2.0.0")
+    assert (shadowed.ref, shadow.ref) == ("sepsis@1.10.0", "sepsis@2.0.0")
+    cli_env(MEDBATCH_ARTIFACT_DIR=str(store))
+    assert main(["models", "list"]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert [line for line in listed if line.startswith("sepsis")] == [
+        "sepsis@1.9.0",
+        "sepsis@1.10.0 (default)",
+        "sepsis@2.0.0",
+    ]
+
+
+def test_a_shadow_or_model_answering_the_wrong_shape_fails_only_its_own_rows(
+    pg_url: str, pg_sessions: sessionmaker[Session], store: Path
+) -> None:
+    """A candidate that answers one logit for a whole batch (its dry run on 4 cases cannot see
+    every batch size) costs the released version nothing; a released version that answers one
+    logit too many fails its own cases, each with the reason, and never the whole batch."""
+    added = _add(pg_sessions, wdbc_cases(14))
+    ids, more = added[:10], added[10:]
+    ctx = _context(pg_url, store)
+    shadow = ctx.shadow("breast-cancer", "1.0.0")
+    assert shadow is not None
+    candidate = shadow.module
+    shadow.module = lambda x: candidate(x)[:1]
+    outcome = score_cases(ids, sessions=pg_sessions, load_model=ctx.model, load_shadow=ctx.shadow)
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+    with pg_sessions() as s:
+        assert s.execute(select(Score.model_version, Score.shadow)).all() == [("1.0.0", False)] * 10
+
+    model = ctx.model("breast-cancer", "1.0.0")
+    released = model.module
+    model.module = lambda x: torch.cat([released(x), released(x)[:1]])
+    outcome = score_cases(more, sessions=pg_sessions, load_model=ctx.model)
+    assert outcome.scored == [] and sorted(outcome.failed) == more
+    assert all("answered shape (2,) for a batch of 1" in r for r in outcome.failed.values())
+
+
+def test_a_candidate_reading_its_inputs_otherwise_cannot_shadow(
+    tmp_path: Path, candidate_weights: Path
+) -> None:
+    """Same names are not the same inputs: another unit, or series of another length, would be
+    scored from the released version's batch without an error and mean nothing."""
+    store = tmp_path / "store"
+    with pytest.raises(ShadowError, match=r"ecg-cnn@0\.1\.0 takes other inputs.*min_length 360"):
+        set_shadow(store, "ecg-cnn@0.1.0")
+    inputs = [f.to_json() for f in RELEASED.inputs]
+    inputs[0]["unit"] = "mm"
+    schema = tmp_path / "mm.json"
+    schema.write_text(json.dumps({"inputs": inputs, "output": RELEASED.output}))
+    register_mlp(
+        candidate_weights,
+        name="breast-cancer",
+        version="1.2.0",
+        schema_path=schema,
+        artifact_dir=store,
+        hidden=[32, 16],
+        dropout=0.1,
+    )
+    with pytest.raises(ShadowError, match=r"mean_radius in 'mm' vs 'px'"):
+        set_shadow(store, "breast-cancer@1.2.0")
+    assert not (store / "shadows.json").exists()
+
+
+@pytest.mark.parametrize("pairs", [[(0.2, 0.3)], [(0.5, 0.1), (0.5, 0.9)]])
+def test_drift_without_a_rank_correlation_is_still_json(pairs: list[tuple[float, float]]) -> None:
+    """One case, or constant released scores, have no Spearman correlation: `--json` said NaN,
+    which is not JSON (jq and json.loads in strict mode refuse it); it is null."""
+    result = drift(RELEASED, RELEASED, pairs)
+    assert math.isnan(result.spearman)
+    parsed = json.loads(
+        json.dumps(result.as_dict(), allow_nan=False), parse_constant=lambda c: 1 / 0
+    )
+    assert parsed["spearman"] is None and parsed["cases"] == len(pairs)

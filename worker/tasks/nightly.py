@@ -44,7 +44,7 @@ def run_drop(app: Celery | None, ctx: WorkerContext, settings: Settings) -> list
     if settings.nightly_dir is None or not settings.nightly_dir.is_dir():
         log.warning("nightly run skipped: MEDBATCH_NIGHTLY_DIR is not a folder")
         return []
-    spec = ctx.registry.resolve(settings.nightly_model)
+    spec = ctx.registry.resolve_scorable(settings.nightly_model)
     with session_scope(ctx.sessions) as session:
         tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == settings.nightly_tenant))
         if tenant_id is None:

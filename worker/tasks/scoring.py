@@ -89,8 +89,7 @@ def model_unavailable(name: str, version: str, exc: RegistryError | ArtifactInte
     that its artifact failed the check, never the artifact's path on this server (docs/security.md)."""
     if isinstance(exc, ArtifactIntegrityError):
         log.error("model %s@%s unavailable: %s", name, version, exc)  # the path: log only
-        why = "its artifact is missing or does not hash to the sha256 the registry records"
-        return f"model {name}@{version} unavailable: {why}"
+        return f"model {name}@{version} unavailable: {exc.reason}"
     return f"model {name}@{version} unavailable: {exc}"
 
 
