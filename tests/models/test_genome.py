@@ -371,6 +371,33 @@ def test_bim_with_a_short_line_is_rejected(tmp_path) -> None:
         read_bed(prefix)
 
 
+def test_header_and_comment_lines_at_the_top_are_skipped_as_plink2_does(tmp_path, cohort) -> None:
+    """plink2 skips '#' lines above the first sample or variant (its own '#FID IID' header);
+    they were read as a sample: with 59 samples the .bed's size still fitted, every sample took
+    the genotypes of the one before it, and the header was named in the pairs."""
+    from bed_reader import to_bed
+
+    x = cohort.dosages[:59].astype(np.float64)
+    x[x < 0] = np.nan
+    prefix = tmp_path / "set"
+    to_bed(
+        prefix.with_suffix(".bed"), x,
+        properties={"fid": list(cohort.fid[:59]), "iid": list(cohort.iid[:59]),
+                    "sid": list(cohort.variant_id), "allele_1": list(cohort.a1),
+                    "allele_2": list(cohort.a2)},
+    )  # fmt: skip
+    fam, bim = prefix.with_suffix(".fam"), prefix.with_suffix(".bim")
+    fam.write_text("#FID\tIID\tPAT\tMAT\tSEX\tPHENO1\n" + fam.read_text())
+    bim.write_text("# from a pipeline\n#CHROM\tID\tCM\tPOS\tALT\tREF\n" + bim.read_text())
+    got = read_bed(prefix)
+    assert got.iid == cohort.iid[:59] and got.variant_id == cohort.variant_id
+    np.testing.assert_array_equal(got.dosages, cohort.dosages[:59])
+    lines = fam.read_text().splitlines(keepends=True)
+    fam.write_text("".join([*lines[:5], "#late comment\n", *lines[5:]]))
+    with pytest.raises(ValueError, match=r"set\.fam, line 6: starts with '#' below the first"):
+        read_bed(prefix)
+
+
 def test_unknown_keep_id_is_rejected(cohort) -> None:
     with pytest.raises(ValueError, match="NA_NOBODY"):
         read_bed(PREFIX, keep=[cohort.iid[0], "NA_NOBODY"])

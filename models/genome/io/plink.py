@@ -58,12 +58,24 @@ def _plink_paths(prefix: str | Path) -> tuple[Path, Path, Path]:
 
 
 def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tuple[str, ...]]:
-    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width."""
+    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width.
+
+    Lines starting with ``#`` before the first sample or variant are a header or comments, as
+    plink2 reads them (its own ``#FID IID ...`` header); one after it is refused, as plink2 does
+    ("only permitted before the first nonheader line"): counted as a line, a header would shift
+    every sample's genotypes by one where the .bed's size still fits."""
     rows: list[list[str]] = []
     with path.open() as handle:
         for number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
+                continue
+            if fields[0].startswith("#"):
+                if rows:
+                    raise ValueError(
+                        f"{path}, line {number}: starts with '#' below the first data line "
+                        "(plink2 takes '#' header and comment lines only at the top)"
+                    )
                 continue
             if len(fields) != expected:
                 raise ValueError(
