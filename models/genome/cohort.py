@@ -45,6 +45,21 @@ def keep_rows(
     return np.array(sorted(rows), dtype=np.intp)
 
 
+#: Chromosomes plink2 (--make-king[-table], --make-rel) and plink 1.9 (--distance) leave out
+#: ("Excluding N variants on non-autosomes"): X, Y and MT by name or number, with or without
+#: "chr", in any case. XY (the pseudo-autosomal region), 0 and contigs stay in. Checked against
+#: plink2 v2.00a3.5 and plink 1.9 b6.26.
+NON_AUTOSOMES = frozenset({"X", "23", "Y", "24", "M", "MT", "26"})
+
+
+def autosomal(chrom: Sequence[str]) -> np.ndarray:
+    """(M,) bool: True where a variant's chromosome is one PLINK keeps (not in
+    :data:`NON_AUTOSOMES`)."""
+    return np.array(
+        [c.upper().removeprefix("CHR") not in NON_AUTOSOMES for c in chrom], dtype=bool
+    ).reshape(-1)
+
+
 #: Allele codes that name no allele: PLINK's ``0`` (a variant with one allele seen), VCF's ``.``.
 NO_ALLELE = frozenset({"0", "."})
 
@@ -127,17 +142,22 @@ def subset(
     keep: Sequence[str | tuple[str, str]] | None = None,
     min_maf: float | None = None,
     variants: Sequence[str] | None = None,
+    autosomes: bool = False,
 ) -> Genotypes:
-    """The kept samples; then the variants named in ``variants`` (in that order) or those whose
-    minor allele frequency over the kept samples' calls is at least ``min_maf``."""
+    """The kept samples; then the variants named in ``variants`` (in that order), or those on an
+    autosome (``autosomes``, as PLINK: :func:`autosomal`) whose minor allele frequency over the
+    kept samples' calls is at least ``min_maf``."""
     g = genotypes
     rows = np.arange(g.n_samples, dtype=np.intp) if keep is None else keep_rows(g.fid, g.iid, keep)
     columns = np.arange(g.n_variants, dtype=np.intp)
     if variants is not None:
         columns = variant_columns(g.variant_id, variants)
-    elif min_maf is not None:
-        p = allele_frequencies(g.dosages[rows])
-        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
+    else:
+        if autosomes and g.chrom:
+            columns = np.flatnonzero(autosomal(g.chrom))
+        if min_maf is not None:
+            p = allele_frequencies(g.dosages[np.ix_(rows, columns)])
+            columns = columns[np.minimum(p, 1.0 - p) >= min_maf]
     if len(rows) == g.n_samples and len(columns) == g.n_variants and variants is None:
         return g
     return Genotypes(
@@ -147,4 +167,5 @@ def subset(
         variant_id=tuple(g.variant_id[c] for c in columns),
         a1=tuple(g.a1[c] for c in columns),
         a2=tuple(g.a2[c] for c in columns),
+        chrom=tuple(g.chrom[c] for c in columns) if g.chrom else (),
     )

@@ -140,6 +140,41 @@ def _write_bed(
 
 
 @pytest.mark.parametrize("output", ["pairs", "square"])
+def test_x_y_and_mt_variants_are_left_out_as_plink_leaves_them_out(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """plink2 leaves X, Y and MT out of KING ("Excluding 1600 variants on non-autosomes"); they
+    were counted, so every kinship differed from plink2's. With them relabelled the outputs are
+    those of the fileset without them (XY, the pseudo-autosomal region, stays in, as in plink2)."""
+    from models.genome.cohort import subset
+
+    whole = genome.read_bed(RELATIVES)
+    codes = ["X", "chrY", "MT", "23", "chrM", "26", "x", "24"]
+    chrom = [codes[j % len(codes)] for j in range(1600)] + ["XY"] * 100 + ["1"] * (14079 - 1700)
+    _write_bed(tmp_path / "sexes", whole, range(96), chromosome=chrom)
+    _write_bed(tmp_path / "autosomes", subset(whole, variants=whole.variant_id[1600:]), range(96))
+    kind = "kin0" if output == "pairs" else "king"
+    tenant_id = new_tenant(sessions, "biobank")
+    texts = []
+    for name in ("sexes", "autosomes"):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name / "store",
+            metric="king", output=output, bfile=tmp_path / name,
+        )  # fmt: skip
+        assert job["n_variants"] == 14079 - 1600
+        summary = _run(sessions, job)
+        (path,) = [p for p in summary["outputs"] if p.endswith(f".{kind}")]
+        texts.append(Path(path).read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 60
+    _write_bed(tmp_path / "none", whole, range(96), chromosome=["X"] * 14079)
+    with pytest.raises(tasks.SubmissionError, match="none of its 14079 variants is on an auto"):
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path, metric="king",
+            output=output, bfile=tmp_path / "none",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
 def test_a_query_with_a1_and_a2_swapped_finds_the_same_relatives(
     sessions: sessionmaker[Session], tmp_path: Path, output: str
 ) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, object_session, sessionmaker
 from db import genome as jobs
 from db.tables import GenomeJob
 from models.genome import plan
-from models.genome.cohort import allele_flips, keep_rows, variant_columns
+from models.genome.cohort import allele_flips, autosomal, keep_rows, variant_columns
 from models.genome.io import vcf
 from models.genome.io.output import THIRD_DEGREE_MIN_KINSHIP
 from models.genome.io.plink import FilesetInfo, inspect_bed
@@ -32,8 +32,9 @@ def inspect_input(path: Path) -> FilesetInfo:
     if vcf.is_vcf(path):
         found = vcf.read_vcf(path)
         return FilesetInfo(
-            path, found.fid, found.iid, found.n_variants, found.variant_id, found.a1, found.a2
-        )
+            path, found.fid, found.iid, found.n_variants, found.variant_id, found.a1, found.a2,
+            found.chrom,
+        )  # fmt: skip
     return inspect_bed(path)
 
 
@@ -96,6 +97,14 @@ def submit(
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
     n_samples = len(cohort.iid)
+    # X, Y and MT are left out, as PLINK leaves them out of KING, the GRM and IBS.
+    n_variants = int(autosomal(cohort.chrom).sum()) if cohort.chrom else cohort.n_variants
+    if cohort.n_variants and not n_variants:
+        raise SubmissionError(
+            "bfile",
+            f"{bfile}: none of its {cohort.n_variants} variants is on an autosome (X, Y and MT "
+            "are left out, as plink2 leaves them out: 'No variants remaining')",
+        )
     if keep is not None:
         try:
             n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
@@ -141,7 +150,7 @@ def submit(
     }
     tiles = None
     if output == "pairs":
-        block = block or plan.default_block(cohort.n_variants)
+        block = block or plan.default_block(n_variants)
         planned = (
             plan.rectangle_tiles(n_rows, n_samples, block)
             if query is not None
@@ -159,7 +168,7 @@ def submit(
             spec=spec,
             n_samples=n_samples,
             n_rows=n_rows,
-            n_variants=cohort.n_variants,
+            n_variants=n_variants,
             tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
             artifact_root=str(artifact_dir.resolve()),
             tiles_2d=tiles,

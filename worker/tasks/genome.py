@@ -109,7 +109,7 @@ class CohortState:
 
     def __init__(self, key: CohortKey) -> None:
         signature, keep, min_maf = key
-        self.genotypes = subset(_read(signature), keep=keep, min_maf=min_maf)
+        self.genotypes = subset(_read(signature), keep=keep, min_maf=min_maf, autosomes=True)
         self.prepared = genome.prepare_cohort(self.genotypes.dosages)
 
     @cached_property

@@ -32,6 +32,8 @@ class Genotypes:
     variant_id: tuple[str, ...]  # (M,)
     a1: tuple[str, ...]  # (M,)
     a2: tuple[str, ...]  # (M,)
+    #: (M,) the .bim's first column (a VCF's CHROM); empty where the source has none (.npy).
+    chrom: tuple[str, ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -142,15 +144,17 @@ class FilesetInfo:
     variant_id: tuple[str, ...] = ()
     a1: tuple[str, ...] = ()
     a2: tuple[str, ...] = ()
+    #: The variants' chromosomes (the .bim's first column).
+    chrom: tuple[str, ...] = ()
 
 
 def inspect_bed(prefix: str | Path) -> FilesetInfo:
     """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
     bed, bim, fam = _plink_paths(prefix)
     fid, iid = _read_columns(fam, 6, (0, 1))
-    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
+    chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2)
+    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2, chrom)
 
 
 def read_bed(
@@ -187,7 +191,7 @@ def read_bed(
     """
     bed, bim, fam = _plink_paths(prefix)
     fid, iid = _read_columns(fam, 6, (0, 1))
-    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
+    chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
     rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
     from bed_reader import open_bed
@@ -206,6 +210,7 @@ def read_bed(
         variant_id=tuple(variant_id[c] for c in columns),
         a1=tuple(a1[c] for c in columns),
         a2=tuple(a2[c] for c in columns),
+        chrom=tuple(chrom[c] for c in columns),
     )
 
 
