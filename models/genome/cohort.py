@@ -65,11 +65,34 @@ NO_ALLELE = frozenset({"0", "."})
 
 
 def variant_columns(variant_id: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
-    """Where each of ``wanted`` is among ``variant_id`` (ValueError naming one that is not)."""
-    index = {v: n for n, v in enumerate(variant_id)}
+    """Where each of ``wanted`` is among ``variant_id``: by place where the two list the same ids
+    in the same order (``.`` ids, or any repeated id, are then matched as they stand), else by id.
+
+    Raises
+    ------
+    ValueError
+        Naming one of ``wanted`` that is absent, or that is not unique on either side (an id
+        such as ``.`` cannot say which variant it is).
+    """
+    if tuple(variant_id) == tuple(wanted):
+        return np.arange(len(wanted), dtype=np.intp)
+    index: dict[str, int] = {}
+    repeated = set()
+    for n, v in enumerate(variant_id):
+        if v in index:
+            repeated.add(v)
+        index[v] = n
     missing = [v for v in wanted if v not in index]
     if missing:
         raise ValueError(f"{len(missing)} variants of the cohort are absent, e.g. {missing[0]}")
+    seen: set[str] = set()
+    for v in wanted:
+        if v in repeated or v in seen:
+            raise ValueError(
+                f"variant id {v} is not unique, and the variants are not listed in the same order "
+                "as the cohort's: give them unique ids (plink2 --set-all-var-ids) or the same order"
+            )
+        seen.add(v)
     return np.array([index[v] for v in wanted], dtype=np.intp)
 
 

@@ -139,6 +139,38 @@ def _write_bed(
     to_bed(prefix.with_suffix(".bed"), x, properties={**properties, **changes})
 
 
+def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """'.' ids (a .bim made from a VCF without ids) on both sides, in the same order: each '.'
+    was looked up as the query's last '.', and the submission refused the query for alleles
+    "other than the cohort's". In another order an id that is not unique cannot be matched."""
+    whole = genome.read_bed(RELATIVES)
+    ids = ["." if j % 3 == 0 else v for j, v in enumerate(whole.variant_id)]
+    _write_bed(tmp_path / "founders", whole, range(76), sid=ids)
+    _write_bed(tmp_path / "new", whole, range(76, 96), sid=ids)
+    tenant_id = new_tenant(sessions, "biobank")
+    request = {"metric": "king", "output": "pairs", "bfile": tmp_path / "founders"}
+    job = tasks.submit(
+        sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+        query=tmp_path / "new", **request,
+    )  # fmt: skip
+    got = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
+    founders = set(whole.iid[:76])
+    expected = [
+        line for line in GOLDEN.read_text().splitlines()[1:]
+        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
+    ]  # fmt: skip
+    assert sorted(got) == sorted(expected) and len(got) == 40
+    reordered = [whole.variant_id[1], whole.variant_id[0], *ids[2:]]
+    _write_bed(tmp_path / "mixed", whole, range(76, 96), sid=reordered)
+    with pytest.raises(tasks.SubmissionError, match=r"variant id \. is not unique"):
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+            query=tmp_path / "mixed", **request,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("output", ["pairs", "square"])
 def test_x_y_and_mt_variants_are_left_out_as_plink_leaves_them_out(
     sessions: sessionmaker[Session], tmp_path: Path, output: str
