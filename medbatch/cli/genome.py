@@ -137,6 +137,23 @@ def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bo
         print(f"    {degree:<18} {degrees.get(degree, 0)}")
 
 
+def keep_entries(text: str) -> list[str | tuple[str, str]]:
+    """A ``--keep`` file's samples: ``IID`` or ``FID IID`` lines (more columns are ignored, so a
+    .fam serves). ``#`` lines are a header or comments, as plink2 reads them: its own ``#FID IID``
+    (a .king.id, an .id file); after ``#IID`` the first column is the IID."""
+    iid_only = False
+    entries: list[str | tuple[str, str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0].startswith("#"):
+            iid_only = iid_only or (not entries and fields[0] == "#IID")
+            continue
+        entries.append(fields[0] if iid_only or len(fields) == 1 else (fields[0], fields[1]))
+    return entries
+
+
 def _option(field: str, *, vcf: bool) -> str:
     """The option behind a refused submission's ``field``."""
     if field == "bfile" and vcf:
@@ -163,10 +180,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     keep = None
     if args.keep is not None:
         try:
-            lines = [line.split() for line in args.keep.read_text().splitlines() if line.strip()]
+            keep = keep_entries(args.keep.read_text(encoding="utf-8"))
         except OSError as exc:
             fail(f"--keep: {exc}")
-        keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
+        except UnicodeDecodeError:
+            fail(f"--keep: {args.keep} is not UTF-8 text")
         if not keep:
             fail(f"--keep: {args.keep} names no sample (plink --keep would keep none)")
     with tiled_run(args, settings) as run:
