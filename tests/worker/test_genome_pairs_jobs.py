@@ -268,6 +268,21 @@ def test_bad_pairs_submissions_are_refused_and_record_nothing(
     assert_refused(sessions, GenomeJob, submit, field, fragment)
 
 
+@pytest.mark.parametrize(("side", "output"), [("bfile", "pairs"), ("query", "square")])
+def test_a_sample_id_longer_than_a_pair_stores_is_refused_at_submission(
+    sessions: sessionmaker[Session], tmp_path: Path, side: str, output: str
+) -> None:
+    """A 150-character IID (plink2 takes it): on PostgreSQL the tile's pairs were refused
+    (varchar(100)), a traceback in the CLI and a job left running. Refused by its place."""
+    whole = genome.read_bed(RELATIVES)
+    long_iid = ["S" * 150, *whole.iid[1:]]
+    _write_bed(tmp_path / "long", whole, range(96), iid=long_iid)
+    request = {"bfile": tmp_path / "long"} if side == "bfile" else {
+        "bfile": RELATIVES, "query": tmp_path / "long"}  # fmt: skip
+    submit = lambda: _submit(sessions, tmp_path, output=output, **request)  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, side, "sample 1 has an FID or IID longer than 100")
+
+
 def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

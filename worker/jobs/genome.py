@@ -38,6 +38,20 @@ def inspect_input(path: Path) -> FilesetInfo:
     return inspect_bed(path)
 
 
+def _check_ids(field: str, path: Path, found: FilesetInfo) -> None:
+    """KING jobs store their pairs with the samples' FID and IID, of at most
+    :data:`db.genome.MAX_ID_CHARS` characters: a longer one (plink2 takes them) is refused here,
+    by its place, not after the tiles ran (PostgreSQL refused the row, and the job stayed
+    running)."""
+    for n, (fid, iid) in enumerate(zip(found.fid, found.iid, strict=True), start=1):
+        if max(len(fid), len(iid)) > jobs.MAX_ID_CHARS:
+            raise SubmissionError(
+                field,
+                f"{path}: sample {n} has an FID or IID longer than {jobs.MAX_ID_CHARS} "
+                "characters, more than a KING pair stores",
+            )
+
+
 def job_dir(output_prefix: str) -> Path:
     return Path(output_prefix).parent
 
@@ -96,6 +110,8 @@ def submit(
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
+    if metric == "king":
+        _check_ids("bfile", bfile, cohort)
     n_samples = len(cohort.iid)
     # X, Y and MT are left out, as PLINK leaves them out of KING, the GRM and IBS.
     n_variants = int(autosomal(cohort.chrom).sum()) if cohort.chrom else cohort.n_variants
@@ -125,6 +141,8 @@ def submit(
             rows = inspect_input(query)
         except (FileNotFoundError, ValueError) as exc:
             raise SubmissionError("query", str(exc)) from None
+        if metric == "king":
+            _check_ids("query", query, rows)
         if rows.n_variants != cohort.n_variants:
             raise SubmissionError(
                 "query",
