@@ -331,6 +331,16 @@ def test_truncated_bed_is_rejected_with_sizes(tmp_path) -> None:
         read_bed(prefix)
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_a_bed_cut_off_inside_its_magic_bytes_is_called_truncated(tmp_path, size) -> None:
+    """A 2-byte .bed was called "sample-major (mode byte )", an empty one "not a PLINK 1 .bed"."""
+    prefix = _copy_fileset(tmp_path)
+    bed = prefix.with_suffix(".bed")
+    bed.write_bytes(bed.read_bytes()[:size])
+    with pytest.raises(ValueError, match=rf"set\.bed: {size} bytes, expected 30003 .*truncated"):
+        read_bed(prefix)
+
+
 def test_wrong_magic_bytes_are_rejected(tmp_path) -> None:
     """A file that does not start 6c 1b 01 is not read as a .bed."""
     prefix = _copy_fileset(tmp_path)

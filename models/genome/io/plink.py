@@ -90,6 +90,8 @@ def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tup
 def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
     with path.open("rb") as handle:
         magic = handle.read(3)
+    if len(magic) < 3:  # cut off inside its 3 magic bytes: a truncated file, said as one
+        _check_size(path, n_samples, n_variants, fam, bim)
     if magic[:2] != BED_MAGIC[:2]:
         raise ValueError(
             f"{path}: not a PLINK 1 .bed (magic bytes {magic.hex(' ')}, "
@@ -100,6 +102,10 @@ def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path
             f"{path}: sample-major .bed (mode byte {magic[2:].hex()}) "
             "is not supported; rewrite it with plink --make-bed"
         )
+    _check_size(path, n_samples, n_variants, fam, bim)
+
+
+def _check_size(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
     expected = 3 + n_variants * ((n_samples + 3) // 4)
     actual = path.stat().st_size
     if actual != expected:
