@@ -258,6 +258,7 @@ def test_a_query_with_other_variants_is_refused_and_records_nothing(
         ({"metric": "king", "block": 6}, "block", "multiple of 4"),
         ({"metric": "king", "output": "matrix"}, "output", "unknown output"),
         ({"metric": "king", "bfile": DATA / "hm3_small.vcf.gz"}, "bfile", "PLINK 1 .bed"),
+        ({"keep": ["NA06989"]}, "keep", "1 sample: comparing pairs needs at least 2"),
     ],
 )
 def test_bad_pairs_submissions_are_refused_and_record_nothing(
@@ -281,6 +282,25 @@ def test_a_sample_id_longer_than_a_pair_stores_is_refused_at_submission(
         "bfile": RELATIVES, "query": tmp_path / "long"}  # fmt: skip
     submit = lambda: _submit(sessions, tmp_path, output=output, **request)  # noqa: E731
     assert_refused(sessions, GenomeJob, submit, side, "sample 1 has an FID or IID longer than 100")
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("one", "1 sample: comparing pairs needs"), ("none", "none: no variants to compare")],
+)
+def test_one_sample_or_no_variants_is_refused_as_plink2_refuses_it(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str, name: str, fragment: str
+) -> None:
+    """Both ran to 'done' with no pair; plink2 stops: "--make-king-table requires at least 2
+    samples", and an empty .bim is no fileset for it."""
+    whole = genome.read_bed(RELATIVES)
+    _write_bed(tmp_path / "one", whole, range(1))
+    (tmp_path / "none.bed").write_bytes(b"\x6c\x1b\x01")
+    (tmp_path / "none.bim").write_text("")
+    (tmp_path / "none.fam").write_text((tmp_path / "one.fam").read_text())
+    submit = lambda: _submit(sessions, tmp_path, bfile=tmp_path / name, output=output)  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, "bfile", fragment)
 
 
 def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(

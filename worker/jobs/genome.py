@@ -121,11 +121,19 @@ def submit(
             f"{bfile}: none of its {cohort.n_variants} variants is on an autosome (X, Y and MT "
             "are left out, as plink2 leaves them out: 'No variants remaining')",
         )
+    if not n_variants:
+        raise SubmissionError("bfile", f"{bfile}: no variants to compare the samples over")
     if keep is not None:
         try:
             n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
         except ValueError as exc:
             raise SubmissionError("keep", str(exc)) from None
+    if query is None and n_samples < 2:  # a job 'done' with no pair in it
+        raise SubmissionError(
+            "bfile" if keep is None else "keep",
+            f"{n_samples} sample{'s' if n_samples != 1 else ''}: comparing pairs needs at least "
+            "2 (plink2: '--make-king-table requires at least 2 samples')",
+        )
     if not math.isfinite(threshold):
         raise SubmissionError("threshold", f"must be a finite number, got {threshold}")
     if output == "pairs" and threshold > 0.5:
