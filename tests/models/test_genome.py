@@ -408,6 +408,24 @@ def test_header_and_comment_lines_at_the_top_are_skipped_as_plink2_does(tmp_path
         read_bed(prefix)
 
 
+def test_fam_fields_split_at_ascii_whitespace_and_must_be_utf8(tmp_path, cohort) -> None:
+    """plink2 keeps a no-break space inside an IID; it was split there ("expected 6 fields,
+    found 7"). A Latin-1 byte was "'utf-8' codec can't decode byte 0xe9 in position 90", naming
+    neither the file nor the line."""
+    prefix = _copy_fileset(tmp_path)
+    fam = prefix.with_suffix(".fam")
+    lines = fam.read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b"NA", b"N\xc2\xa0A", 1)
+    fam.write_bytes(b"\n".join(lines))
+    got = read_bed(prefix)
+    assert got.iid[4] == cohort.iid[4].replace("NA", "N\u00a0A", 1)
+    np.testing.assert_array_equal(got.dosages, cohort.dosages)
+    lines[4] = lines[4].replace(b"N\xc2\xa0A", b"J\xe9", 1)
+    fam.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"set\.fam, line 5: not UTF-8 text; re-encode"):
+        read_bed(prefix)
+
+
 def test_unknown_keep_id_is_rejected(cohort) -> None:
     with pytest.raises(ValueError, match="NA_NOBODY"):
         read_bed(PREFIX, keep=[cohort.iid[0], "NA_NOBODY"])

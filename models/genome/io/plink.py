@@ -65,11 +65,20 @@ def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tup
     Lines starting with ``#`` before the first sample or variant are a header or comments, as
     plink2 reads them (its own ``#FID IID ...`` header); one after it is refused, as plink2 does
     ("only permitted before the first nonheader line"): counted as a line, a header would shift
-    every sample's genotypes by one where the .bed's size still fits."""
+    every sample's genotypes by one where the .bed's size still fits.
+
+    Fields are split at ASCII whitespace only, as plink2 splits them (a no-break space inside an
+    IID is part of it), and must be UTF-8."""
     rows: list[list[str]] = []
-    with path.open() as handle:
+    with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            fields = line.split()
+            try:
+                fields = [field.decode("utf-8") for field in line.split()]
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 text; re-encode the file "
+                    "(e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not fields:
                 continue
             if fields[0].startswith("#"):
