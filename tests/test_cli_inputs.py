@@ -253,6 +253,9 @@ def test_a_keep_file_with_plink2s_header_and_comments_keeps_its_samples(
         assert main(argv) == 0, capsys.readouterr().err
         tables.append((env / f"{keep.stem}.kin0").read_text())
     assert tables[0] == tables[1] == tables[2] and len(tables[0].splitlines()) == 1 + 30 * 29 // 2
+    from medbatch.cli.genome import keep_entries
+
+    assert keep_entries("F1 N\u00a0A1\r\n\nA\u00a0B\n") == [("F1", "N\u00a0A1"), "A\u00a0B"]
     latin = env / "latin.txt"
     latin.write_bytes(b"F1 Jos\xe9\n")
     argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--keep", str(latin)]

@@ -144,7 +144,9 @@ def keep_entries(text: str) -> list[str | tuple[str, str]]:
     iid_only = False
     entries: list[str | tuple[str, str]] = []
     for line in text.splitlines():
-        fields = line.split()
+        # ASCII whitespace only, as the .fam is split (models.genome.io.plink): a no-break space
+        # belongs to its IID.
+        fields = [field.decode("utf-8") for field in line.encode("utf-8").split()]
         if not fields:
             continue
         if fields[0].startswith("#"):
