@@ -117,16 +117,9 @@ def out_name(out: Path, metric: str, produced: str) -> Path:
 
 def expected_outputs(metric: str, *, query: bool, table: bool) -> list[str]:
     """The file names a job writes (as ``describe`` lists them), known before it runs."""
-    if table:
-        return [f"{metric}.kin0"]
-    names = [f"{metric}.npy"]
-    if query:
-        names += [f"{metric}.rows.id", f"{metric}.cols.id"]
-    elif metric in _PLINK:
-        names += [f"{metric}{_PLINK[metric]}", f"{metric}{_PLINK[metric]}.id"]
-    if metric == "king":
-        names.append(f"{metric}.kin0")
-    return names
+    from worker.jobs.genome import output_names
+
+    return output_names(metric, query=query, pairs=table)
 
 
 def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bool) -> None:

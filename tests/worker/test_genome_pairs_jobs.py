@@ -66,6 +66,22 @@ def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
         assert not list((tmp_path / "genome" / str(job["id"])).glob("tiles/*"))
 
 
+def test_files_an_earlier_job_of_the_same_id_left_are_not_this_jobs_outputs(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """After the database was reset (a new SQLite file, the artifact folder kept), job 1's
+    folder still held the old job 1's square; they were listed, and --out copied them as this
+    pairs job's OUT.king and OUT.king.npy."""
+    job = _submit(sessions, tmp_path, bfile=RELATIVES, block=48)
+    folder = tmp_path / "genome" / str(job["id"])
+    folder.mkdir(parents=True)
+    for stale in ("king.king", "king.king.id", "king.npy", "notes.txt"):
+        (folder / stale).write_text("an earlier job's\n")
+    summary = _run(sessions, job)
+    assert [Path(p).name for p in summary["outputs"]] == ["king.kin0"]
+    assert Path(summary["outputs"][0]).read_text() == GOLDEN.read_text()
+
+
 def test_pairs_below_third_degree_are_kept_as_unrelated(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -202,16 +202,36 @@ def submit(
     )
 
 
+def output_names(metric: str, *, query: bool, pairs: bool) -> list[str]:
+    """The files a job writes into its folder (worker/tasks/genome.py): the pairs' ``.kin0``
+    alone, or the ``.npy``, PLINK's square and ``.id`` (all pairs) or the rows' and columns'
+    ``.id`` (query mode), and KING's ``.kin0``."""
+    if pairs:
+        return [f"{metric}.kin0"]
+    plink = {"grm": ".rel", "king": ".king", "ibs": ".mibs"}.get(metric)
+    names = [f"{metric}.npy"]
+    if query:
+        names += [f"{metric}.rows.id", f"{metric}.cols.id"]
+    elif plink is not None:
+        names += [f"{metric}{plink}", f"{metric}{plink}.id"]
+    if metric == "king":
+        names.append(f"{metric}.kin0")
+    return names
+
+
 def describe(job: jobs.GenomeJob) -> dict[str, Any]:
-    """A job as the API and the CLI show it (paths of its outputs once it is done)."""
+    """A job as the API and the CLI show it (paths of its outputs once it is done): only the
+    files it writes, not others its folder may hold (a job of the same id in a database since
+    reset left its own there, and they were listed and copied to --out as this job's)."""
     outputs = []
     if job.status == "done":
         folder = job_dir(job.output_prefix)
-        outputs = sorted(
-            str(p)
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.endswith((".tmp", ".part"))
+        written = output_names(
+            job.metric,
+            query=job.spec.get("query") is not None,
+            pairs=job.spec.get("output") == "pairs",
         )
+        outputs = sorted(str(folder / name) for name in written if (folder / name).is_file())
     degrees = None
     session = object_session(job)
     if job.metric == "king" and session is not None:
