@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from models.genome._codes import allele_frequencies
-from models.genome.io.plink import Genotypes
+from models.genome.io.plink import Genotypes, maf_columns
 
 
 def keep_rows(
@@ -178,9 +178,11 @@ def subset(
     else:
         if autosomes and g.chrom:
             columns = np.flatnonzero(autosomal(g.chrom))
-        if min_maf is not None:
-            p = allele_frequencies(g.dosages[np.ix_(rows, columns)])
-            columns = columns[np.minimum(p, 1.0 - p) >= min_maf]
+        # Frequencies over the kept founders, as plink2 --maf counts them (none: no filter).
+        founders = rows if not g.founder else rows[np.array(g.founder, dtype=bool)[rows]]
+        if min_maf is not None and len(founders):
+            p = allele_frequencies(g.dosages[np.ix_(founders, columns)])
+            columns = columns[maf_columns(p, min_maf)]
     if len(rows) == g.n_samples and len(columns) == g.n_variants and variants is None:
         return g
     return Genotypes(
@@ -191,4 +193,5 @@ def subset(
         a1=tuple(g.a1[c] for c in columns),
         a2=tuple(g.a2[c] for c in columns),
         chrom=tuple(g.chrom[c] for c in columns) if g.chrom else (),
+        founder=tuple(g.founder[r] for r in rows) if g.founder else (),
     )

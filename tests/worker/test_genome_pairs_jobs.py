@@ -155,6 +155,38 @@ def _write_bed(
     to_bed(prefix.with_suffix(".bed"), x, properties={**properties, **changes})
 
 
+@pytest.mark.parametrize("output", ["pairs", "square"])
+def test_min_maf_counts_the_founders_as_plink2_maf_does(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """plink2 --maf counts allele frequencies over founders (no father and no mother in the
+    .fam); every sample was counted, so a cohort with parents listed kept other variants and got
+    other kinships than plink2's. The job equals one over the variants the founders select."""
+    from models.genome.cohort import subset
+
+    whole = genome.read_bed(RELATIVES)
+    fid = [whole.fid[0] if r % 2 else whole.fid[r] for r in range(96)]
+    father = [whole.iid[0] if r % 2 else "0" for r in range(96)]
+    _write_bed(tmp_path / "families", whole, range(96), fid=fid, father=father)
+    p = genome.allele_frequencies(whole.dosages[0::2])
+    kept = [v for v, f in zip(whole.variant_id, p, strict=True) if min(f, 1 - f) >= 0.3]
+    p_all = genome.allele_frequencies(whole.dosages)
+    assert len(kept) != int((np.minimum(p_all, 1 - p_all) >= 0.3).sum())
+    _write_bed(tmp_path / "founders", subset(whole, variants=kept), range(96), fid=fid)
+    tenant_id = new_tenant(sessions, "biobank")
+    kind = "kin0" if output == "pairs" else "king"
+    texts = []
+    for name, min_maf in (("families", 0.3), ("founders", None)):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name / "store",
+            metric="king", output=output, bfile=tmp_path / name, min_maf=min_maf,
+        )  # fmt: skip
+        summary = _run(sessions, job)
+        (path,) = [p for p in summary["outputs"] if p.endswith(f".{kind}")]
+        texts.append(Path(path).read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 60
+
+
 def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

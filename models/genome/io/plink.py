@@ -34,6 +34,8 @@ class Genotypes:
     a2: tuple[str, ...]  # (M,)
     #: (M,) the .bim's first column (a VCF's CHROM); empty where the source has none (.npy).
     chrom: tuple[str, ...] = ()
+    #: (N,) True for a founder (no father and no mother in the .fam); empty: all are (a VCF).
+    founder: tuple[bool, ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -161,15 +163,32 @@ class FilesetInfo:
     a2: tuple[str, ...] = ()
     #: The variants' chromosomes (the .bim's first column).
     chrom: tuple[str, ...] = ()
+    #: The samples' founder flags (:attr:`Genotypes.founder`).
+    founder: tuple[bool, ...] = ()
 
 
 def inspect_bed(prefix: str | Path) -> FilesetInfo:
     """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
     bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
+    fid, iid, father, mother = _read_columns(fam, 6, (0, 1, 2, 3))
     chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2, chrom)
+    return FilesetInfo(
+        bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2, chrom,
+        _founders(father, mother),
+    )  # fmt: skip
+
+
+def _founders(father: tuple[str, ...], mother: tuple[str, ...]) -> tuple[bool, ...]:
+    """PLINK's founders: both parents ``0`` (a parent named but absent from the file still makes
+    a non-founder; checked against plink2 v2.00a3.5)."""
+    return tuple(f == "0" and m == "0" for f, m in zip(father, mother, strict=True))
+
+
+def maf_columns(p: np.ndarray, min_maf: float) -> np.ndarray:
+    """Variants whose minor allele frequency ``p`` (A1 frequencies over the founders' calls) is
+    at least ``min_maf``, as ``plink2 --maf``."""
+    return np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
 
 
 def read_bed(
@@ -205,7 +224,8 @@ def read_bed(
         line counts that are not its own), malformed .bim/.fam lines, unknown ``keep`` ids.
     """
     bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
+    fid, iid, father, mother = _read_columns(fam, 6, (0, 1, 2, 3))
+    founder = _founders(father, mother)
     chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
     rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
@@ -214,9 +234,9 @@ def read_bed(
     with open_bed(bed, iid_count=len(iid), sid_count=len(variant_id), count_A1=True) as reader:
         dosages = reader.read(index=np.s_[rows, :], dtype="int8", order="C")
     columns = np.arange(len(variant_id))
-    if min_maf is not None:
-        p = allele_frequencies(dosages)
-        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
+    founders = np.array([founder[r] for r in rows], dtype=bool)
+    if min_maf is not None and founders.any():  # none: plink2 filters nothing
+        columns = maf_columns(allele_frequencies(dosages[founders]), min_maf)
         dosages = np.ascontiguousarray(dosages[:, columns])
     return Genotypes(
         dosages=dosages,
@@ -226,6 +246,7 @@ def read_bed(
         a1=tuple(a1[c] for c in columns),
         a2=tuple(a2[c] for c in columns),
         chrom=tuple(chrom[c] for c in columns),
+        founder=tuple(founder[r] for r in rows),
     )
 
 
