@@ -66,7 +66,8 @@ NO_ALLELE = frozenset({"0", "."})
 
 def variant_columns(variant_id: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
     """Where each of ``wanted`` is among ``variant_id``: by place where the two list the same ids
-    in the same order (``.`` ids, or any repeated id, are then matched as they stand), else by id.
+    in the same order, ``.`` (no id, as plink2 writes a VCF's missing ID) matching any id there
+    (repeated ids are then matched as they stand); else by id.
 
     Raises
     ------
@@ -74,7 +75,9 @@ def variant_columns(variant_id: Sequence[str], wanted: Sequence[str]) -> np.ndar
         Naming one of ``wanted`` that is absent, or that is not unique on either side (an id
         such as ``.`` cannot say which variant it is).
     """
-    if tuple(variant_id) == tuple(wanted):
+    if len(variant_id) == len(wanted) and all(
+        v == w or "." in (v, w) for v, w in zip(variant_id, wanted, strict=True)
+    ):
         return np.arange(len(wanted), dtype=np.intp)
     index: dict[str, int] = {}
     repeated = set()

@@ -210,6 +210,28 @@ def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
         if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
     ]  # fmt: skip
     assert sorted(got) == sorted(expected) and len(got) == 40
+    # The same query as plink2 --export vcf writes it: ID '.' where the .bim had '.'; it was
+    # named CHROM:POS and refused ("variants of the cohort are absent, e.g. .").
+    gt = {0: "0/0", 1: "0/1", 2: "1/1"}
+    records = [
+        f"1\t{j + 1}\t{v}\t{whole.a2[j]}\t{whole.a1[j]}\t.\t.\t.\tGT\t"
+        + "\t".join(gt.get(int(d), "./.") for d in whole.dosages[76:, j])
+        for j, v in enumerate(ids)
+    ]
+    header = "##fileformat=VCFv4.2\n##contig=<ID=1>\n"
+    header += '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+    header += "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t"
+    (tmp_path / "new.vcf").write_text(
+        header + "\t".join(whole.iid[76:]) + "\n" + "\n".join(records) + "\n"
+    )
+    job = tasks.submit(
+        sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+        query=tmp_path / "new.vcf", **request,
+    )  # fmt: skip
+    from_vcf = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
+    assert sorted(line.split("\t", 1)[1] for line in from_vcf) == sorted(
+        line.split("\t", 1)[1] for line in expected
+    )
     reordered = [whole.variant_id[1], whole.variant_id[0], *ids[2:]]
     _write_bed(tmp_path / "mixed", whole, range(76, 96), sid=reordered)
     with pytest.raises(tasks.SubmissionError, match=r"variant id \. is not unique"):

@@ -64,7 +64,7 @@ def read_vcf(path: str | Path) -> Genotypes:
                 raise ValueError(f"{where}: calls of ploidy {record.ploidy}, expected diploid")
             codes = np.asarray(record.gt_types, dtype=np.int8)
             columns.append(np.where(codes == _UNKNOWN, MISSING_INT8, codes).astype(np.int8))
-            ids.append(record.ID or f"{record.CHROM}:{record.POS}")
+            ids.append(record.ID or ".")  # as plink2 --vcf imports a missing ID
             ref.append(record.REF)
             alt.append(record.ALT[0])
             chrom.append(record.CHROM)
