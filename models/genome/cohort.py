@@ -139,40 +139,47 @@ def allele_flips(
 
 
 def align(
-    genotypes: Genotypes, variant_id: Sequence[str], a1: Sequence[str], a2: Sequence[str]
+    genotypes: Genotypes,
+    variant_id: Sequence[str],
+    a1: Sequence[str],
+    a2: Sequence[str],
+    *,
+    columns: np.ndarray | None = None,
 ) -> Genotypes:
     """``genotypes`` (query samples) over the cohort's variants ``variant_id``, in that order,
     their dosages counting the cohort's A1 (``a1``): a variant whose A1/A2 are the cohort's
     swapped has its calls recounted (:func:`allele_flips`). ValueError for a variant that is
-    absent, or whose alleles do not match."""
+    absent, or whose alleles do not match. ``columns``: then only the cohort's variants at
+    those places (those a job uses: the query is matched to the cohort's whole file first, so
+    that ids matched by place stay in place)."""
     g = genotypes
     if g.variant_id != tuple(variant_id):
         g = subset(g, variants=variant_id)
     flips = allele_flips(g.variant_id, g.a1, g.a2, a1, a2)
-    if not flips.any():
+    if flips.any():
+        dosages = g.dosages.copy()
+        turned = dosages[:, flips]
+        dosages[:, flips] = np.where(turned >= 0, 2 - turned, turned)
+        g = replace(
+            g,
+            dosages=dosages,
+            a1=tuple(b if f else a for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+            a2=tuple(a if f else b for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+        )
+    if columns is None or len(columns) == g.n_variants:
         return g
-    dosages = g.dosages.copy()
-    turned = dosages[:, flips]
-    dosages[:, flips] = np.where(turned >= 0, 2 - turned, turned)
-    return replace(
-        g,
-        dosages=dosages,
-        a1=tuple(b if f else a for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
-        a2=tuple(a if f else b for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
-    )
+    return take(g, np.arange(g.n_samples, dtype=np.intp), np.asarray(columns, dtype=np.intp))
 
 
-def subset(
+def selection(
     genotypes: Genotypes,
     *,
     keep: Sequence[str | tuple[str, str]] | None = None,
     min_maf: float | None = None,
     variants: Sequence[str] | None = None,
     autosomes: bool = False,
-) -> Genotypes:
-    """The kept samples; then the variants named in ``variants`` (in that order), or those on an
-    autosome (``autosomes``, as PLINK: :func:`autosomal`) whose minor allele frequency over the
-    kept samples' calls is at least ``min_maf``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and columns :func:`subset` keeps."""
     g = genotypes
     rows = np.arange(g.n_samples, dtype=np.intp) if keep is None else keep_rows(g.fid, g.iid, keep)
     columns = np.arange(g.n_variants, dtype=np.intp)
@@ -186,8 +193,30 @@ def subset(
         if min_maf is not None and len(founders):
             p = allele_frequencies(g.dosages[np.ix_(founders, columns)])
             columns = columns[maf_columns(p, min_maf)]
+    return rows, columns
+
+
+def subset(
+    genotypes: Genotypes,
+    *,
+    keep: Sequence[str | tuple[str, str]] | None = None,
+    min_maf: float | None = None,
+    variants: Sequence[str] | None = None,
+    autosomes: bool = False,
+) -> Genotypes:
+    """The kept samples; then the variants named in ``variants`` (in that order), or those on an
+    autosome (``autosomes``, as PLINK: :func:`autosomal`) whose minor allele frequency over the
+    kept founders' calls is at least ``min_maf``."""
+    g = genotypes
+    rows, columns = selection(g, keep=keep, min_maf=min_maf, variants=variants, autosomes=autosomes)
     if len(rows) == g.n_samples and len(columns) == g.n_variants and variants is None:
         return g
+    return take(g, rows, columns)
+
+
+def take(genotypes: Genotypes, rows: np.ndarray, columns: np.ndarray) -> Genotypes:
+    """The samples at ``rows`` over the variants at ``columns``."""
+    g = genotypes
     return Genotypes(
         dosages=np.ascontiguousarray(g.dosages[np.ix_(rows, columns)]),
         fid=tuple(g.fid[r] for r in rows),

@@ -242,6 +242,30 @@ def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
 
 
 @pytest.mark.parametrize("output", ["pairs", "square"])
+def test_a_query_with_dot_ids_against_a_cohort_with_x_variants_runs(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """'.' ids and X variants on both sides: accepted at submission, then every tile failed
+    ("variant id . is not unique"), the query being matched to the autosomes alone by id. It is
+    matched to the whole file by place, then to the autosomes: the pairs of unique ids."""
+    whole = genome.read_bed(RELATIVES)
+    chrom = ["X"] * 1500 + ["1"] * (14079 - 1500)
+    dots = ["." if j % 3 == 0 else v for j, v in enumerate(whole.variant_id)]
+    tenant_id = new_tenant(sessions, "biobank")
+    texts = []
+    for name, ids in (("dots", dots), ("ids", list(whole.variant_id))):
+        _write_bed(tmp_path / f"{name}_old", whole, range(76), sid=ids, chromosome=chrom)
+        _write_bed(tmp_path / f"{name}_new", whole, range(76, 96), sid=ids, chromosome=chrom)
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name, metric="king",
+            output=output, bfile=tmp_path / f"{name}_old", query=tmp_path / f"{name}_new",
+        )  # fmt: skip
+        (kin0,) = [Path(p) for p in _run(sessions, job)["outputs"] if p.endswith(".kin0")]
+        texts.append(kin0.read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 20
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
 def test_x_y_and_mt_variants_are_left_out_as_plink_leaves_them_out(
     sessions: sessionmaker[Session], tmp_path: Path, output: str
 ) -> None:
