@@ -16,6 +16,8 @@ from db.tables import GenomeJob, RelatedPair
 from models.genome.io.output import SampleId
 
 KIND = "genome"
+#: The longest FID or IID a stored pair holds (PostgreSQL refuses a longer one).
+MAX_ID_CHARS: int = RelatedPair.__table__.c.fid1.type.length  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

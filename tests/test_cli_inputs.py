@@ -252,6 +252,36 @@ def test_a_keep_file_with_a_byte_order_mark_or_another_encoding(
     assert err == f"medbatch genome compare: --keep: {keep} is not UTF-8 text (byte 4)\n", err
 
 
+def test_a_keep_file_with_plink2s_header_and_comments_keeps_its_samples(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """plink2's own '#FID IID' header (a .king.id) and '#' comments were read as samples and
+    refused ("entry 1: no sample"); a file that is not UTF-8 was a UnicodeDecodeError traceback."""
+    data = Path(__file__).resolve().parent / "data" / "genome" / "hm3_small"
+    pairs = [line.split()[:2] for line in data.with_suffix(".fam").read_text().splitlines()[:30]]
+    plain, headed, iids = env / "plain.txt", env / "headed.txt", env / "iids.txt"
+    plain.write_text("".join(f"{f} {i}\n" for f, i in pairs))
+    headed.write_text("#FID\tIID\n# first 30\n" + "".join(f"{f}\t{i}\n" for f, i in pairs))
+    iids.write_text("#IID\tSEX\n" + "".join(f"{i}\t0\n" for _, i in pairs))
+    tables = []
+    for keep in (plain, headed, iids):
+        argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--table",
+                "--threshold", "-1", "--keep", str(keep), "--out", str(env / keep.stem)]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+        tables.append((env / f"{keep.stem}.kin0").read_text())
+    assert tables[0] == tables[1] == tables[2] and len(tables[0].splitlines()) == 1 + 30 * 29 // 2
+    from medbatch.cli.genome import keep_entries
+
+    assert keep_entries("F1 N\u00a0A1\r\n\nA\u00a0B\n") == [("F1", "N\u00a0A1"), "A\u00a0B"]
+    latin = env / "latin.txt"
+    latin.write_bytes(b"F1 Jos\xe9\n")
+    argv = ["genome", "compare", "--bfile", str(data), "--metric", "king", "--keep", str(latin)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"medbatch genome compare: --keep: {latin} is not UTF-8 text (byte 7)"
+    )
+
+
 def test_out_that_cannot_be_written_says_where_the_output_stays(tmp_path: Path) -> None:
     """It was a traceback after the whole job had run."""
     from medbatch.cli._common import CliError, copy_out

@@ -117,16 +117,9 @@ def out_name(out: Path, metric: str, produced: str) -> Path:
 
 def expected_outputs(metric: str, *, query: bool, table: bool) -> list[str]:
     """The file names a job writes (as ``describe`` lists them), known before it runs."""
-    if table:
-        return [f"{metric}.kin0"]
-    names = [f"{metric}.npy"]
-    if query:
-        names += [f"{metric}.rows.id", f"{metric}.cols.id"]
-    elif metric in _PLINK:
-        names += [f"{metric}{_PLINK[metric]}", f"{metric}{_PLINK[metric]}.id"]
-    if metric == "king":
-        names.append(f"{metric}.kin0")
-    return names
+    from worker.jobs.genome import output_names
+
+    return output_names(metric, query=query, pairs=table)
 
 
 def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bool) -> None:
@@ -135,6 +128,25 @@ def print_degrees(degrees: dict[str, int] | None, *, threshold: float, table: bo
     print(f"  {sum(degrees.values())} pairs with kinship {relation} {threshold:.3g}")
     for degree in DEGREE_ORDER:
         print(f"    {degree:<18} {degrees.get(degree, 0)}")
+
+
+def keep_entries(text: str) -> list[str | tuple[str, str]]:
+    """A ``--keep`` file's samples: ``IID`` or ``FID IID`` lines (more columns are ignored, so a
+    .fam serves). ``#`` lines are a header or comments, as plink2 reads them: its own ``#FID IID``
+    (a .king.id, an .id file); after ``#IID`` the first column is the IID."""
+    iid_only = False
+    entries: list[str | tuple[str, str]] = []
+    for line in text.splitlines():
+        # ASCII whitespace only, as the .fam is split (models.genome.io.plink): a no-break space
+        # belongs to its IID.
+        fields = [field.decode("utf-8") for field in line.encode("utf-8").split()]
+        if not fields:
+            continue
+        if fields[0].startswith("#"):
+            iid_only = iid_only or (not entries and fields[0] == "#IID")
+            continue
+        entries.append(fields[0] if iid_only or len(fields) == 1 else (fields[0], fields[1]))
+    return entries
 
 
 def _option(field: str, *, vcf: bool) -> str:
@@ -164,13 +176,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.keep is not None:
         try:
             # utf-8-sig: a byte order mark (Windows tools write one) is not part of the first IID.
-            text = args.keep.read_text(encoding="utf-8-sig")
+            keep = keep_entries(args.keep.read_text(encoding="utf-8-sig"))
         except OSError as exc:
             fail(f"--keep: {exc}")
         except UnicodeDecodeError as exc:
             fail(f"--keep: {args.keep} is not UTF-8 text (byte {exc.start + 1})")
-        lines = [line.split() for line in text.splitlines() if line.strip()]
-        keep = [f[0] if len(f) == 1 else (f[0], f[1]) for f in lines]
         if not keep:
             fail(f"--keep: {args.keep} names no sample (plink --keep would keep none)")
     with tiled_run(args, settings) as run:

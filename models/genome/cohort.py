@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from models.genome._codes import allele_frequencies
-from models.genome.io.plink import Genotypes
+from models.genome.io.plink import Genotypes, maf_columns
 
 
 def keep_rows(
@@ -45,16 +45,57 @@ def keep_rows(
     return np.array(sorted(rows), dtype=np.intp)
 
 
+#: Chromosomes plink2 (--make-king[-table], --make-rel) and plink 1.9 (--distance) leave out
+#: ("Excluding N variants on non-autosomes"): X, Y and MT by name or number, with or without
+#: "chr", in any case. XY (the pseudo-autosomal region), 0 and contigs stay in. Checked against
+#: plink2 v2.00a3.5 and plink 1.9 b6.26.
+NON_AUTOSOMES = frozenset({"X", "23", "Y", "24", "M", "MT", "26"})
+
+
+def autosomal(chrom: Sequence[str]) -> np.ndarray:
+    """(M,) bool: True where a variant's chromosome is one PLINK keeps (not in
+    :data:`NON_AUTOSOMES`)."""
+    return np.array(
+        [c.upper().removeprefix("CHR") not in NON_AUTOSOMES for c in chrom], dtype=bool
+    ).reshape(-1)
+
+
 #: Allele codes that name no allele: PLINK's ``0`` (a variant with one allele seen), VCF's ``.``.
 NO_ALLELE = frozenset({"0", "."})
 
 
 def variant_columns(variant_id: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
-    """Where each of ``wanted`` is among ``variant_id`` (ValueError naming one that is not)."""
-    index = {v: n for n, v in enumerate(variant_id)}
+    """Where each of ``wanted`` is among ``variant_id``: by place where the two list the same ids
+    in the same order, ``.`` (no id, as plink2 writes a VCF's missing ID) matching any id there
+    (repeated ids are then matched as they stand); else by id.
+
+    Raises
+    ------
+    ValueError
+        Naming one of ``wanted`` that is absent, or that is not unique on either side (an id
+        such as ``.`` cannot say which variant it is).
+    """
+    if len(variant_id) == len(wanted) and all(
+        v == w or "." in (v, w) for v, w in zip(variant_id, wanted, strict=True)
+    ):
+        return np.arange(len(wanted), dtype=np.intp)
+    index: dict[str, int] = {}
+    repeated = set()
+    for n, v in enumerate(variant_id):
+        if v in index:
+            repeated.add(v)
+        index[v] = n
     missing = [v for v in wanted if v not in index]
     if missing:
         raise ValueError(f"{len(missing)} variants of the cohort are absent, e.g. {missing[0]}")
+    seen: set[str] = set()
+    for v in wanted:
+        if v in repeated or v in seen:
+            raise ValueError(
+                f"variant id {v} is not unique, and the variants are not listed in the same order "
+                "as the cohort's: give them unique ids (plink2 --set-all-var-ids) or the same order"
+            )
+        seen.add(v)
     return np.array([index[v] for v in wanted], dtype=np.intp)
 
 
@@ -98,27 +139,61 @@ def allele_flips(
 
 
 def align(
-    genotypes: Genotypes, variant_id: Sequence[str], a1: Sequence[str], a2: Sequence[str]
+    genotypes: Genotypes,
+    variant_id: Sequence[str],
+    a1: Sequence[str],
+    a2: Sequence[str],
+    *,
+    columns: np.ndarray | None = None,
 ) -> Genotypes:
     """``genotypes`` (query samples) over the cohort's variants ``variant_id``, in that order,
     their dosages counting the cohort's A1 (``a1``): a variant whose A1/A2 are the cohort's
     swapped has its calls recounted (:func:`allele_flips`). ValueError for a variant that is
-    absent, or whose alleles do not match."""
+    absent, or whose alleles do not match. ``columns``: then only the cohort's variants at
+    those places (those a job uses: the query is matched to the cohort's whole file first, so
+    that ids matched by place stay in place)."""
     g = genotypes
     if g.variant_id != tuple(variant_id):
         g = subset(g, variants=variant_id)
     flips = allele_flips(g.variant_id, g.a1, g.a2, a1, a2)
-    if not flips.any():
+    if flips.any():
+        dosages = g.dosages.copy()
+        turned = dosages[:, flips]
+        dosages[:, flips] = np.where(turned >= 0, 2 - turned, turned)
+        g = replace(
+            g,
+            dosages=dosages,
+            a1=tuple(b if f else a for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+            a2=tuple(a if f else b for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
+        )
+    if columns is None or len(columns) == g.n_variants:
         return g
-    dosages = g.dosages.copy()
-    turned = dosages[:, flips]
-    dosages[:, flips] = np.where(turned >= 0, 2 - turned, turned)
-    return replace(
-        g,
-        dosages=dosages,
-        a1=tuple(b if f else a for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
-        a2=tuple(a if f else b for a, b, f in zip(g.a1, g.a2, flips.tolist(), strict=True)),
-    )
+    return take(g, np.arange(g.n_samples, dtype=np.intp), np.asarray(columns, dtype=np.intp))
+
+
+def selection(
+    genotypes: Genotypes,
+    *,
+    keep: Sequence[str | tuple[str, str]] | None = None,
+    min_maf: float | None = None,
+    variants: Sequence[str] | None = None,
+    autosomes: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and columns :func:`subset` keeps."""
+    g = genotypes
+    rows = np.arange(g.n_samples, dtype=np.intp) if keep is None else keep_rows(g.fid, g.iid, keep)
+    columns = np.arange(g.n_variants, dtype=np.intp)
+    if variants is not None:
+        columns = variant_columns(g.variant_id, variants)
+    else:
+        if autosomes and g.chrom:
+            columns = np.flatnonzero(autosomal(g.chrom))
+        # Frequencies over the kept founders, as plink2 --maf counts them (none: no filter).
+        founders = rows if not g.founder else rows[np.array(g.founder, dtype=bool)[rows]]
+        if min_maf is not None and len(founders):
+            p = allele_frequencies(g.dosages[np.ix_(founders, columns)])
+            columns = columns[maf_columns(p, min_maf)]
+    return rows, columns
 
 
 def subset(
@@ -127,19 +202,21 @@ def subset(
     keep: Sequence[str | tuple[str, str]] | None = None,
     min_maf: float | None = None,
     variants: Sequence[str] | None = None,
+    autosomes: bool = False,
 ) -> Genotypes:
-    """The kept samples; then the variants named in ``variants`` (in that order) or those whose
-    minor allele frequency over the kept samples' calls is at least ``min_maf``."""
+    """The kept samples; then the variants named in ``variants`` (in that order), or those on an
+    autosome (``autosomes``, as PLINK: :func:`autosomal`) whose minor allele frequency over the
+    kept founders' calls is at least ``min_maf``."""
     g = genotypes
-    rows = np.arange(g.n_samples, dtype=np.intp) if keep is None else keep_rows(g.fid, g.iid, keep)
-    columns = np.arange(g.n_variants, dtype=np.intp)
-    if variants is not None:
-        columns = variant_columns(g.variant_id, variants)
-    elif min_maf is not None:
-        p = allele_frequencies(g.dosages[rows])
-        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
+    rows, columns = selection(g, keep=keep, min_maf=min_maf, variants=variants, autosomes=autosomes)
     if len(rows) == g.n_samples and len(columns) == g.n_variants and variants is None:
         return g
+    return take(g, rows, columns)
+
+
+def take(genotypes: Genotypes, rows: np.ndarray, columns: np.ndarray) -> Genotypes:
+    """The samples at ``rows`` over the variants at ``columns``."""
+    g = genotypes
     return Genotypes(
         dosages=np.ascontiguousarray(g.dosages[np.ix_(rows, columns)]),
         fid=tuple(g.fid[r] for r in rows),
@@ -147,4 +224,6 @@ def subset(
         variant_id=tuple(g.variant_id[c] for c in columns),
         a1=tuple(g.a1[c] for c in columns),
         a2=tuple(g.a2[c] for c in columns),
+        chrom=tuple(g.chrom[c] for c in columns) if g.chrom else (),
+        founder=tuple(g.founder[r] for r in rows) if g.founder else (),
     )

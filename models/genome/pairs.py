@@ -500,19 +500,28 @@ def bed_samples(
     keep: Sequence[str | tuple[str, str]] | None = None,
     min_maf: float | None = None,
 ) -> tuple[BedSamples, genome.FilesetInfo]:
-    """A fileset as :class:`BedSamples` with ``keep`` samples and ``min_maf`` variants (as
-    :func:`models.genome.api.read_bed`, without reading the genotypes), and its ids."""
-    from models.genome.cohort import keep_rows
+    """A fileset as :class:`BedSamples` with ``keep`` samples and the variants plink2's KING
+    uses: those on an autosome (:func:`models.genome.cohort.autosomal`) of at least ``min_maf``
+    (as :func:`models.genome.api.read_bed`, without reading the genotypes), and its ids."""
+    from models.genome.cohort import autosomal, keep_rows
+    from models.genome.io.plink import maf_columns
 
     info = genome.inspect_bed(prefix)
     bed = genome._plink_paths(prefix)[0]
     rows = None if keep is None else np.asarray(keep_rows(info.fid, info.iid, keep), np.int64)
     source = BedSamples(bed, len(info.iid), info.n_variants, samples=rows)
-    if min_maf is not None:
-        counts = source.counts()
+    used = np.arange(info.n_variants, dtype=np.int64)
+    if info.chrom and not (on := autosomal(info.chrom)).all():
+        used = np.flatnonzero(on).astype(np.int64)
+        source = source.with_variants(used)
+    kept = np.arange(len(info.iid), dtype=np.int64) if rows is None else rows
+    founders = kept[np.array(info.founder, dtype=bool)[kept]] if info.founder else kept
+    if min_maf is not None and len(founders):  # over the kept founders, as plink2 --maf
+        counting = BedSamples(bed, len(info.iid), info.n_variants, samples=founders, variants=used)
+        counts = counting.counts()
         with np.errstate(invalid="ignore", divide="ignore"):
-            p = (2 * counts[:, 0] + counts[:, 2]) / (2.0 * (source.n - counts[:, 1]))
-        source = source.with_variants(np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf))
+            p = (2 * counts[:, 0] + counts[:, 2]) / (2.0 * (counting.n - counts[:, 1]))
+        source = source.with_variants(used[maf_columns(p, min_maf)])
     return source, info
 
 

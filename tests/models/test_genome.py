@@ -331,6 +331,16 @@ def test_truncated_bed_is_rejected_with_sizes(tmp_path) -> None:
         read_bed(prefix)
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_a_bed_cut_off_inside_its_magic_bytes_is_called_truncated(tmp_path, size) -> None:
+    """A 2-byte .bed was called "sample-major (mode byte )", an empty one "not a PLINK 1 .bed"."""
+    prefix = _copy_fileset(tmp_path)
+    bed = prefix.with_suffix(".bed")
+    bed.write_bytes(bed.read_bytes()[:size])
+    with pytest.raises(ValueError, match=rf"set\.bed: {size} bytes, expected 30003 .*truncated"):
+        read_bed(prefix)
+
+
 def test_wrong_magic_bytes_are_rejected(tmp_path) -> None:
     """A file that does not start 6c 1b 01 is not read as a .bed."""
     prefix = _copy_fileset(tmp_path)
@@ -368,6 +378,51 @@ def test_bim_with_a_short_line_is_rejected(tmp_path) -> None:
     lines[9] = "1 rsBROKEN 0 100"
     prefix.with_suffix(".bim").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"set\.bim, line 10: expected 6 fields, found 4"):
+        read_bed(prefix)
+
+
+def test_header_and_comment_lines_at_the_top_are_skipped_as_plink2_does(tmp_path, cohort) -> None:
+    """plink2 skips '#' lines above the first sample or variant (its own '#FID IID' header);
+    they were read as a sample: with 59 samples the .bed's size still fitted, every sample took
+    the genotypes of the one before it, and the header was named in the pairs."""
+    from bed_reader import to_bed
+
+    x = cohort.dosages[:59].astype(np.float64)
+    x[x < 0] = np.nan
+    prefix = tmp_path / "set"
+    to_bed(
+        prefix.with_suffix(".bed"), x,
+        properties={"fid": list(cohort.fid[:59]), "iid": list(cohort.iid[:59]),
+                    "sid": list(cohort.variant_id), "allele_1": list(cohort.a1),
+                    "allele_2": list(cohort.a2)},
+    )  # fmt: skip
+    fam, bim = prefix.with_suffix(".fam"), prefix.with_suffix(".bim")
+    fam.write_text("#FID\tIID\tPAT\tMAT\tSEX\tPHENO1\n" + fam.read_text())
+    bim.write_text("# from a pipeline\n#CHROM\tID\tCM\tPOS\tALT\tREF\n" + bim.read_text())
+    got = read_bed(prefix)
+    assert got.iid == cohort.iid[:59] and got.variant_id == cohort.variant_id
+    np.testing.assert_array_equal(got.dosages, cohort.dosages[:59])
+    lines = fam.read_text().splitlines(keepends=True)
+    fam.write_text("".join([*lines[:5], "#late comment\n", *lines[5:]]))
+    with pytest.raises(ValueError, match=r"set\.fam, line 6: starts with '#' below the first"):
+        read_bed(prefix)
+
+
+def test_fam_fields_split_at_ascii_whitespace_and_must_be_utf8(tmp_path, cohort) -> None:
+    """plink2 keeps a no-break space inside an IID; it was split there ("expected 6 fields,
+    found 7"). A Latin-1 byte was "'utf-8' codec can't decode byte 0xe9 in position 90", naming
+    neither the file nor the line."""
+    prefix = _copy_fileset(tmp_path)
+    fam = prefix.with_suffix(".fam")
+    lines = fam.read_bytes().split(b"\n")
+    lines[4] = lines[4].replace(b"NA", b"N\xc2\xa0A", 1)
+    fam.write_bytes(b"\n".join(lines))
+    got = read_bed(prefix)
+    assert got.iid[4] == cohort.iid[4].replace("NA", "N\u00a0A", 1)
+    np.testing.assert_array_equal(got.dosages, cohort.dosages)
+    lines[4] = lines[4].replace(b"N\xc2\xa0A", b"J\xe9", 1)
+    fam.write_bytes(b"\n".join(lines))
+    with pytest.raises(ValueError, match=r"set\.fam, line 5: not UTF-8 text; re-encode"):
         read_bed(prefix)
 
 

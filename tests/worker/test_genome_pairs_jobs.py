@@ -66,6 +66,22 @@ def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
         assert not list((tmp_path / "genome" / str(job["id"])).glob("tiles/*"))
 
 
+def test_files_an_earlier_job_of_the_same_id_left_are_not_this_jobs_outputs(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """After the database was reset (a new SQLite file, the artifact folder kept), job 1's
+    folder still held the old job 1's square; they were listed, and --out copied them as this
+    pairs job's OUT.king and OUT.king.npy."""
+    job = _submit(sessions, tmp_path, bfile=RELATIVES, block=48)
+    folder = tmp_path / "genome" / str(job["id"])
+    folder.mkdir(parents=True)
+    for stale in ("king.king", "king.king.id", "king.npy", "notes.txt"):
+        (folder / stale).write_text("an earlier job's\n")
+    summary = _run(sessions, job)
+    assert [Path(p).name for p in summary["outputs"]] == ["king.kin0"]
+    assert Path(summary["outputs"][0]).read_text() == GOLDEN.read_text()
+
+
 def test_pairs_below_third_degree_are_kept_as_unrelated(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -140,6 +156,151 @@ def _write_bed(
 
 
 @pytest.mark.parametrize("output", ["pairs", "square"])
+def test_min_maf_counts_the_founders_as_plink2_maf_does(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """plink2 --maf counts allele frequencies over founders (no father and no mother in the
+    .fam); every sample was counted, so a cohort with parents listed kept other variants and got
+    other kinships than plink2's. The job equals one over the variants the founders select."""
+    from models.genome.cohort import subset
+
+    whole = genome.read_bed(RELATIVES)
+    fid = [whole.fid[0] if r % 2 else whole.fid[r] for r in range(96)]
+    father = [whole.iid[0] if r % 2 else "0" for r in range(96)]
+    _write_bed(tmp_path / "families", whole, range(96), fid=fid, father=father)
+    p = genome.allele_frequencies(whole.dosages[0::2])
+    kept = [v for v, f in zip(whole.variant_id, p, strict=True) if min(f, 1 - f) >= 0.3]
+    p_all = genome.allele_frequencies(whole.dosages)
+    assert len(kept) != int((np.minimum(p_all, 1 - p_all) >= 0.3).sum())
+    _write_bed(tmp_path / "founders", subset(whole, variants=kept), range(96), fid=fid)
+    tenant_id = new_tenant(sessions, "biobank")
+    kind = "kin0" if output == "pairs" else "king"
+    texts = []
+    for name, min_maf in (("families", 0.3), ("founders", None)):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name / "store",
+            metric="king", output=output, bfile=tmp_path / name, min_maf=min_maf,
+        )  # fmt: skip
+        summary = _run(sessions, job)
+        (path,) = [p for p in summary["outputs"] if p.endswith(f".{kind}")]
+        texts.append(Path(path).read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 60
+
+
+def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """'.' ids (a .bim made from a VCF without ids) on both sides, in the same order: each '.'
+    was looked up as the query's last '.', and the submission refused the query for alleles
+    "other than the cohort's". In another order an id that is not unique cannot be matched."""
+    whole = genome.read_bed(RELATIVES)
+    ids = ["." if j % 3 == 0 else v for j, v in enumerate(whole.variant_id)]
+    _write_bed(tmp_path / "founders", whole, range(76), sid=ids)
+    _write_bed(tmp_path / "new", whole, range(76, 96), sid=ids)
+    tenant_id = new_tenant(sessions, "biobank")
+    request = {"metric": "king", "output": "pairs", "bfile": tmp_path / "founders"}
+    job = tasks.submit(
+        sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+        query=tmp_path / "new", **request,
+    )  # fmt: skip
+    got = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
+    founders = set(whole.iid[:76])
+    expected = [
+        line for line in GOLDEN.read_text().splitlines()[1:]
+        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
+    ]  # fmt: skip
+    assert sorted(got) == sorted(expected) and len(got) == 40
+    # The same query as plink2 --export vcf writes it: ID '.' where the .bim had '.'; it was
+    # named CHROM:POS and refused ("variants of the cohort are absent, e.g. .").
+    gt = {0: "0/0", 1: "0/1", 2: "1/1"}
+    records = [
+        f"1\t{j + 1}\t{v}\t{whole.a2[j]}\t{whole.a1[j]}\t.\t.\t.\tGT\t"
+        + "\t".join(gt.get(int(d), "./.") for d in whole.dosages[76:, j])
+        for j, v in enumerate(ids)
+    ]
+    header = "##fileformat=VCFv4.2\n##contig=<ID=1>\n"
+    header += '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+    header += "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t"
+    (tmp_path / "new.vcf").write_text(
+        header + "\t".join(whole.iid[76:]) + "\n" + "\n".join(records) + "\n"
+    )
+    job = tasks.submit(
+        sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+        query=tmp_path / "new.vcf", **request,
+    )  # fmt: skip
+    from_vcf = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
+    assert sorted(line.split("\t", 1)[1] for line in from_vcf) == sorted(
+        line.split("\t", 1)[1] for line in expected
+    )
+    reordered = [whole.variant_id[1], whole.variant_id[0], *ids[2:]]
+    _write_bed(tmp_path / "mixed", whole, range(76, 96), sid=reordered)
+    with pytest.raises(tasks.SubmissionError, match=r"variant id \. is not unique"):
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / "store",
+            query=tmp_path / "mixed", **request,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
+def test_a_query_with_dot_ids_against_a_cohort_with_x_variants_runs(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """'.' ids and X variants on both sides: accepted at submission, then every tile failed
+    ("variant id . is not unique"), the query being matched to the autosomes alone by id. It is
+    matched to the whole file by place, then to the autosomes: the pairs of unique ids."""
+    whole = genome.read_bed(RELATIVES)
+    chrom = ["X"] * 1500 + ["1"] * (14079 - 1500)
+    dots = ["." if j % 3 == 0 else v for j, v in enumerate(whole.variant_id)]
+    tenant_id = new_tenant(sessions, "biobank")
+    texts = []
+    for name, ids in (("dots", dots), ("ids", list(whole.variant_id))):
+        _write_bed(tmp_path / f"{name}_old", whole, range(76), sid=ids, chromosome=chrom)
+        _write_bed(tmp_path / f"{name}_new", whole, range(76, 96), sid=ids, chromosome=chrom)
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name, metric="king",
+            output=output, bfile=tmp_path / f"{name}_old", query=tmp_path / f"{name}_new",
+        )  # fmt: skip
+        (kin0,) = [Path(p) for p in _run(sessions, job)["outputs"] if p.endswith(".kin0")]
+        texts.append(kin0.read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 20
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
+def test_x_y_and_mt_variants_are_left_out_as_plink_leaves_them_out(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """plink2 leaves X, Y and MT out of KING ("Excluding 1600 variants on non-autosomes"); they
+    were counted, so every kinship differed from plink2's. With them relabelled the outputs are
+    those of the fileset without them (XY, the pseudo-autosomal region, stays in, as in plink2)."""
+    from models.genome.cohort import subset
+
+    whole = genome.read_bed(RELATIVES)
+    codes = ["X", "chrY", "MT", "23", "chrM", "26", "x", "24"]
+    chrom = [codes[j % len(codes)] for j in range(1600)] + ["XY"] * 100 + ["1"] * (14079 - 1700)
+    _write_bed(tmp_path / "sexes", whole, range(96), chromosome=chrom)
+    _write_bed(tmp_path / "autosomes", subset(whole, variants=whole.variant_id[1600:]), range(96))
+    kind = "kin0" if output == "pairs" else "king"
+    tenant_id = new_tenant(sessions, "biobank")
+    texts = []
+    for name in ("sexes", "autosomes"):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path / name / "store",
+            metric="king", output=output, bfile=tmp_path / name,
+        )  # fmt: skip
+        assert job["n_variants"] == 14079 - 1600
+        summary = _run(sessions, job)
+        (path,) = [p for p in summary["outputs"] if p.endswith(f".{kind}")]
+        texts.append(Path(path).read_text())
+    assert texts[0] == texts[1] and len(texts[0].splitlines()) > 60
+    _write_bed(tmp_path / "none", whole, range(96), chromosome=["X"] * 14079)
+    with pytest.raises(tasks.SubmissionError, match="none of its 14079 variants is on an auto"):
+        tasks.submit(
+            sessions, None, tenant_id=tenant_id, artifact_dir=tmp_path, metric="king",
+            output=output, bfile=tmp_path / "none",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
 def test_a_query_with_a1_and_a2_swapped_finds_the_same_relatives(
     sessions: sessionmaker[Session], tmp_path: Path, output: str
 ) -> None:
@@ -191,6 +352,7 @@ def test_a_query_with_other_variants_is_refused_and_records_nothing(
         ({"metric": "king", "block": 6}, "block", "multiple of 4"),
         ({"metric": "king", "output": "matrix"}, "output", "unknown output"),
         ({"metric": "king", "bfile": DATA / "hm3_small.vcf.gz"}, "bfile", "PLINK 1 .bed"),
+        ({"keep": ["NA06989"]}, "keep", "1 sample: comparing pairs needs at least 2"),
     ],
 )
 def test_bad_pairs_submissions_are_refused_and_record_nothing(
@@ -199,6 +361,40 @@ def test_bad_pairs_submissions_are_refused_and_record_nothing(
     request = {"bfile": RELATIVES, **options}
     submit = lambda: _submit(sessions, tmp_path, **request)  # noqa: E731
     assert_refused(sessions, GenomeJob, submit, field, fragment)
+
+
+@pytest.mark.parametrize(("side", "output"), [("bfile", "pairs"), ("query", "square")])
+def test_a_sample_id_longer_than_a_pair_stores_is_refused_at_submission(
+    sessions: sessionmaker[Session], tmp_path: Path, side: str, output: str
+) -> None:
+    """A 150-character IID (plink2 takes it): on PostgreSQL the tile's pairs were refused
+    (varchar(100)), a traceback in the CLI and a job left running. Refused by its place."""
+    whole = genome.read_bed(RELATIVES)
+    long_iid = ["S" * 150, *whole.iid[1:]]
+    _write_bed(tmp_path / "long", whole, range(96), iid=long_iid)
+    request = {"bfile": tmp_path / "long"} if side == "bfile" else {
+        "bfile": RELATIVES, "query": tmp_path / "long"}  # fmt: skip
+    submit = lambda: _submit(sessions, tmp_path, output=output, **request)  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, side, "sample 1 has an FID or IID longer than 100")
+
+
+@pytest.mark.parametrize("output", ["pairs", "square"])
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("one", "1 sample: comparing pairs needs"), ("none", "none: no variants to compare")],
+)
+def test_one_sample_or_no_variants_is_refused_as_plink2_refuses_it(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str, name: str, fragment: str
+) -> None:
+    """Both ran to 'done' with no pair; plink2 stops: "--make-king-table requires at least 2
+    samples", and an empty .bim is no fileset for it."""
+    whole = genome.read_bed(RELATIVES)
+    _write_bed(tmp_path / "one", whole, range(1))
+    (tmp_path / "none.bed").write_bytes(b"\x6c\x1b\x01")
+    (tmp_path / "none.bim").write_text("")
+    (tmp_path / "none.fam").write_text((tmp_path / "one.fam").read_text())
+    submit = lambda: _submit(sessions, tmp_path, bfile=tmp_path / name, output=output)  # noqa: E731
+    assert_refused(sessions, GenomeJob, submit, "bfile", fragment)
 
 
 def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(

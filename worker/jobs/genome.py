@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, object_session, sessionmaker
 from db import genome as jobs
 from db.tables import GenomeJob
 from models.genome import plan
-from models.genome.cohort import allele_flips, keep_rows, variant_columns
+from models.genome.cohort import allele_flips, autosomal, keep_rows, variant_columns
 from models.genome.io import vcf
 from models.genome.io.output import THIRD_DEGREE_MIN_KINSHIP
 from models.genome.io.plink import FilesetInfo, inspect_bed
@@ -32,9 +32,24 @@ def inspect_input(path: Path) -> FilesetInfo:
     if vcf.is_vcf(path):
         found = vcf.read_vcf(path)
         return FilesetInfo(
-            path, found.fid, found.iid, found.n_variants, found.variant_id, found.a1, found.a2
-        )
+            path, found.fid, found.iid, found.n_variants, found.variant_id, found.a1, found.a2,
+            found.chrom,
+        )  # fmt: skip
     return inspect_bed(path)
+
+
+def _check_ids(field: str, path: Path, found: FilesetInfo) -> None:
+    """KING jobs store their pairs with the samples' FID and IID, of at most
+    :data:`db.genome.MAX_ID_CHARS` characters: a longer one (plink2 takes them) is refused here,
+    by its place, not after the tiles ran (PostgreSQL refused the row, and the job stayed
+    running)."""
+    for n, (fid, iid) in enumerate(zip(found.fid, found.iid, strict=True), start=1):
+        if max(len(fid), len(iid)) > jobs.MAX_ID_CHARS:
+            raise SubmissionError(
+                field,
+                f"{path}: sample {n} has an FID or IID longer than {jobs.MAX_ID_CHARS} "
+                "characters, more than a KING pair stores",
+            )
 
 
 def job_dir(output_prefix: str) -> Path:
@@ -95,12 +110,30 @@ def submit(
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
+    if metric == "king":
+        _check_ids("bfile", bfile, cohort)
     n_samples = len(cohort.iid)
+    # X, Y and MT are left out, as PLINK leaves them out of KING, the GRM and IBS.
+    n_variants = int(autosomal(cohort.chrom).sum()) if cohort.chrom else cohort.n_variants
+    if cohort.n_variants and not n_variants:
+        raise SubmissionError(
+            "bfile",
+            f"{bfile}: none of its {cohort.n_variants} variants is on an autosome (X, Y and MT "
+            "are left out, as plink2 leaves them out: 'No variants remaining')",
+        )
+    if not n_variants:
+        raise SubmissionError("bfile", f"{bfile}: no variants to compare the samples over")
     if keep is not None:
         try:
             n_samples = len(keep_rows(cohort.fid, cohort.iid, keep))
         except ValueError as exc:
             raise SubmissionError("keep", str(exc)) from None
+    if query is None and n_samples < 2:  # a job 'done' with no pair in it
+        raise SubmissionError(
+            "bfile" if keep is None else "keep",
+            f"{n_samples} sample{'s' if n_samples != 1 else ''}: comparing pairs needs at least "
+            "2 (plink2: '--make-king-table requires at least 2 samples')",
+        )
     if not math.isfinite(threshold):
         raise SubmissionError("threshold", f"must be a finite number, got {threshold}")
     if output == "pairs" and threshold > 0.5:
@@ -116,6 +149,8 @@ def submit(
             rows = inspect_input(query)
         except (FileNotFoundError, ValueError) as exc:
             raise SubmissionError("query", str(exc)) from None
+        if metric == "king":
+            _check_ids("query", query, rows)
         if rows.n_variants != cohort.n_variants:
             raise SubmissionError(
                 "query",
@@ -141,7 +176,7 @@ def submit(
     }
     tiles = None
     if output == "pairs":
-        block = block or plan.default_block(cohort.n_variants)
+        block = block or plan.default_block(n_variants)
         planned = (
             plan.rectangle_tiles(n_rows, n_samples, block)
             if query is not None
@@ -159,7 +194,7 @@ def submit(
             spec=spec,
             n_samples=n_samples,
             n_rows=n_rows,
-            n_variants=cohort.n_variants,
+            n_variants=n_variants,
             tile_rows=tile_rows or default_tile_rows(n_rows, n_samples),
             artifact_root=str(artifact_dir.resolve()),
             tiles_2d=tiles,
@@ -167,16 +202,36 @@ def submit(
     )
 
 
+def output_names(metric: str, *, query: bool, pairs: bool) -> list[str]:
+    """The files a job writes into its folder (worker/tasks/genome.py): the pairs' ``.kin0``
+    alone, or the ``.npy``, PLINK's square and ``.id`` (all pairs) or the rows' and columns'
+    ``.id`` (query mode), and KING's ``.kin0``."""
+    if pairs:
+        return [f"{metric}.kin0"]
+    plink = {"grm": ".rel", "king": ".king", "ibs": ".mibs"}.get(metric)
+    names = [f"{metric}.npy"]
+    if query:
+        names += [f"{metric}.rows.id", f"{metric}.cols.id"]
+    elif plink is not None:
+        names += [f"{metric}{plink}", f"{metric}{plink}.id"]
+    if metric == "king":
+        names.append(f"{metric}.kin0")
+    return names
+
+
 def describe(job: jobs.GenomeJob) -> dict[str, Any]:
-    """A job as the API and the CLI show it (paths of its outputs once it is done)."""
+    """A job as the API and the CLI show it (paths of its outputs once it is done): only the
+    files it writes, not others its folder may hold (a job of the same id in a database since
+    reset left its own there, and they were listed and copied to --out as this job's)."""
     outputs = []
     if job.status == "done":
         folder = job_dir(job.output_prefix)
-        outputs = sorted(
-            str(p)
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.endswith((".tmp", ".part"))
+        written = output_names(
+            job.metric,
+            query=job.spec.get("query") is not None,
+            pairs=job.spec.get("output") == "pairs",
         )
+        outputs = sorted(str(folder / name) for name in written if (folder / name).is_file())
     degrees = None
     session = object_session(job)
     if job.metric == "king" and session is not None:

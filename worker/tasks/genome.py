@@ -29,7 +29,7 @@ from db.engine import session_scope
 from models.device import device_type
 from models.genome import api as genome
 from models.genome import pairs as genome_pairs
-from models.genome.cohort import align, subset
+from models.genome.cohort import align, selection, take
 from models.genome.io import output as genome_output
 from models.genome.io import vcf
 from worker import tiled
@@ -89,7 +89,7 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
     if spec.get("query"):
         query = _read(_signature(spec["query"]))
         try:
-            query = align(query, cohort.variant_id, cohort.a1, cohort.a2)
+            query = align(query, *state.file_variants, columns=state.columns)
         except ValueError as exc:
             raise ValueError(f"{spec['query']} against {spec['bfile']}: {exc}") from None
     needs_frequencies = metric == "grm" or (
@@ -109,7 +109,12 @@ class CohortState:
 
     def __init__(self, key: CohortKey) -> None:
         signature, keep, min_maf = key
-        self.genotypes = subset(_read(signature), keep=keep, min_maf=min_maf)
+        whole = _read(signature)
+        rows, self.columns = selection(whole, keep=keep, min_maf=min_maf, autosomes=True)
+        unchanged = len(rows) == whole.n_samples and len(self.columns) == whole.n_variants
+        self.genotypes = whole if unchanged else take(whole, rows, self.columns)
+        #: The file's variants (ids, A1, A2): a query is matched to them, then to ``columns``.
+        self.file_variants = (whole.variant_id, whole.a1, whole.a2)
         self.prepared = genome.prepare_cohort(self.genotypes.dosages)
 
     @cached_property
@@ -194,10 +199,7 @@ def _pair_inputs(
         found = _read(query)
         used = range(info.n_variants) if cohort.variants is None else cohort.variants.tolist()
         try:
-            found = align(
-                found, [info.variant_id[v] for v in used], [info.a1[v] for v in used],
-                [info.a2[v] for v in used],
-            )  # fmt: skip
+            found = align(found, info.variant_id, info.a1, info.a2, columns=np.array(used))
         except ValueError as exc:
             raise ValueError(f"{query[0]} against {prefix}: {exc}") from None
         query_side = genome_pairs.DosageSamples(found.dosages)

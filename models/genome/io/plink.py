@@ -32,6 +32,10 @@ class Genotypes:
     variant_id: tuple[str, ...]  # (M,)
     a1: tuple[str, ...]  # (M,)
     a2: tuple[str, ...]  # (M,)
+    #: (M,) the .bim's first column (a VCF's CHROM); empty where the source has none (.npy).
+    chrom: tuple[str, ...] = ()
+    #: (N,) True for a founder (no father and no mother in the .fam); empty: all are (a VCF).
+    founder: tuple[bool, ...] = ()
 
     @property
     def n_samples(self) -> int:
@@ -58,12 +62,33 @@ def _plink_paths(prefix: str | Path) -> tuple[Path, Path, Path]:
 
 
 def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tuple[str, ...]]:
-    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width."""
+    """Whitespace-separated columns ``names`` of a .fam/.bim, every line checked for its width.
+
+    Lines starting with ``#`` before the first sample or variant are a header or comments, as
+    plink2 reads them (its own ``#FID IID ...`` header); one after it is refused, as plink2 does
+    ("only permitted before the first nonheader line"): counted as a line, a header would shift
+    every sample's genotypes by one where the .bed's size still fits.
+
+    Fields are split at ASCII whitespace only, as plink2 splits them (a no-break space inside an
+    IID is part of it), and must be UTF-8."""
     rows: list[list[str]] = []
-    with path.open() as handle:
+    with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            fields = line.split()
+            try:
+                fields = [field.decode("utf-8") for field in line.split()]
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"{path}, line {number}: not UTF-8 text; re-encode the file "
+                    "(e.g. iconv -f latin1 -t utf-8)"
+                ) from None
             if not fields:
+                continue
+            if fields[0].startswith("#"):
+                if rows:
+                    raise ValueError(
+                        f"{path}, line {number}: starts with '#' below the first data line "
+                        "(plink2 takes '#' header and comment lines only at the top)"
+                    )
                 continue
             if len(fields) != expected:
                 raise ValueError(
@@ -76,6 +101,8 @@ def _read_columns(path: Path, expected: int, names: tuple[int, ...]) -> list[tup
 def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
     with path.open("rb") as handle:
         magic = handle.read(3)
+    if len(magic) < 3:  # cut off inside its 3 magic bytes: a truncated file, said as one
+        _check_size(path, n_samples, n_variants, fam, bim)
     if magic[:2] != BED_MAGIC[:2]:
         raise ValueError(
             f"{path}: not a PLINK 1 .bed (magic bytes {magic.hex(' ')}, "
@@ -86,6 +113,10 @@ def _check_bed(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path
             f"{path}: sample-major .bed (mode byte {magic[2:].hex()}) "
             "is not supported; rewrite it with plink --make-bed"
         )
+    _check_size(path, n_samples, n_variants, fam, bim)
+
+
+def _check_size(path: Path, n_samples: int, n_variants: int, fam: Path, bim: Path) -> None:
     expected = 3 + n_variants * ((n_samples + 3) // 4)
     actual = path.stat().st_size
     if actual != expected:
@@ -130,15 +161,34 @@ class FilesetInfo:
     variant_id: tuple[str, ...] = ()
     a1: tuple[str, ...] = ()
     a2: tuple[str, ...] = ()
+    #: The variants' chromosomes (the .bim's first column).
+    chrom: tuple[str, ...] = ()
+    #: The samples' founder flags (:attr:`Genotypes.founder`).
+    founder: tuple[bool, ...] = ()
 
 
 def inspect_bed(prefix: str | Path) -> FilesetInfo:
     """Check a fileset as :func:`read_bed` does (files, magic, size, line widths); read only ids."""
     bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
-    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
+    fid, iid, father, mother = _read_columns(fam, 6, (0, 1, 2, 3))
+    chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
-    return FilesetInfo(bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2)
+    return FilesetInfo(
+        bed.with_suffix(""), fid, iid, len(variant_id), variant_id, a1, a2, chrom,
+        _founders(father, mother),
+    )  # fmt: skip
+
+
+def _founders(father: tuple[str, ...], mother: tuple[str, ...]) -> tuple[bool, ...]:
+    """PLINK's founders: both parents ``0`` (a parent named but absent from the file still makes
+    a non-founder; checked against plink2 v2.00a3.5)."""
+    return tuple(f == "0" and m == "0" for f, m in zip(father, mother, strict=True))
+
+
+def maf_columns(p: np.ndarray, min_maf: float) -> np.ndarray:
+    """Variants whose minor allele frequency ``p`` (A1 frequencies over the founders' calls) is
+    at least ``min_maf``, as ``plink2 --maf``."""
+    return np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
 
 
 def read_bed(
@@ -174,8 +224,9 @@ def read_bed(
         line counts that are not its own), malformed .bim/.fam lines, unknown ``keep`` ids.
     """
     bed, bim, fam = _plink_paths(prefix)
-    fid, iid = _read_columns(fam, 6, (0, 1))
-    variant_id, a1, a2 = _read_columns(bim, 6, (1, 4, 5))
+    fid, iid, father, mother = _read_columns(fam, 6, (0, 1, 2, 3))
+    founder = _founders(father, mother)
+    chrom, variant_id, a1, a2 = _read_columns(bim, 6, (0, 1, 4, 5))
     _check_bed(bed, len(iid), len(variant_id), fam, bim)
     rows = np.arange(len(iid), dtype=np.intp) if keep is None else _keep_index(keep, fid, iid, fam)
     from bed_reader import open_bed
@@ -183,9 +234,9 @@ def read_bed(
     with open_bed(bed, iid_count=len(iid), sid_count=len(variant_id), count_A1=True) as reader:
         dosages = reader.read(index=np.s_[rows, :], dtype="int8", order="C")
     columns = np.arange(len(variant_id))
-    if min_maf is not None:
-        p = allele_frequencies(dosages)
-        columns = np.flatnonzero(np.minimum(p, 1.0 - p) >= min_maf)
+    founders = np.array([founder[r] for r in rows], dtype=bool)
+    if min_maf is not None and founders.any():  # none: plink2 filters nothing
+        columns = maf_columns(allele_frequencies(dosages[founders]), min_maf)
         dosages = np.ascontiguousarray(dosages[:, columns])
     return Genotypes(
         dosages=dosages,
@@ -194,6 +245,8 @@ def read_bed(
         variant_id=tuple(variant_id[c] for c in columns),
         a1=tuple(a1[c] for c in columns),
         a2=tuple(a2[c] for c in columns),
+        chrom=tuple(chrom[c] for c in columns),
+        founder=tuple(founder[r] for r in rows),
     )
 
 

@@ -50,6 +50,7 @@ def read_vcf(path: str | Path) -> Genotypes:
     ids: list[str] = []
     ref: list[str] = []
     alt: list[str] = []
+    chrom: list[str] = []
     try:
         for record in reader:
             where = f"{path}: record {record.CHROM}:{record.POS} ({record.ID or '.'})"
@@ -63,9 +64,10 @@ def read_vcf(path: str | Path) -> Genotypes:
                 raise ValueError(f"{where}: calls of ploidy {record.ploidy}, expected diploid")
             codes = np.asarray(record.gt_types, dtype=np.int8)
             columns.append(np.where(codes == _UNKNOWN, MISSING_INT8, codes).astype(np.int8))
-            ids.append(record.ID or f"{record.CHROM}:{record.POS}")
+            ids.append(record.ID or ".")  # as plink2 --vcf imports a missing ID
             ref.append(record.REF)
             alt.append(record.ALT[0])
+            chrom.append(record.CHROM)
     finally:
         reader.close()
     dosages = (
@@ -80,4 +82,5 @@ def read_vcf(path: str | Path) -> Genotypes:
         variant_id=tuple(ids),
         a1=tuple(alt),
         a2=tuple(ref),
+        chrom=tuple(chrom),
     )
