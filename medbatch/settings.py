@@ -156,6 +156,23 @@ class Settings(BaseSettings):
             raise ValueError("not a SQLAlchemy URL (sqlite:///FILE, postgresql://…)") from None
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _kombu_url(cls, value: str) -> str:
+        if value == EMBEDDED_BROKER:
+            return value
+        from kombu.transport import TRANSPORT_ALIASES
+
+        # Celery takes failover URLs joined by ';', and kombu reads redis+socket:// as redis.
+        # Unchecked, a typo was a KeyError traceback, and kombu read 'localhost:6379' (no
+        # scheme) as an AMQP host.
+        for url in value.split(";"):
+            scheme, sep, _ = url.partition("://")
+            if not sep or scheme.split("+", 1)[0] not in TRANSPORT_ALIASES:
+                # Named, never quoted: the URL may hold a password.
+                raise ValueError("not a broker URL (embedded, redis://HOST:6379/0, …)")
+        return value
+
     @property
     def shared_data(self) -> Path:
         """``$MEDBATCH_SHARED_DIR/data``, by default ``../shared/data`` beside the checkout."""

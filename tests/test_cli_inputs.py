@@ -189,16 +189,21 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
     [
         ("MEDBATCH_LOG_LEVEL", "verbose-secret", "must be one of CRITICAL, ERROR, WARNING"),
         ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
+        ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
+        ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
+        ("MEDBATCH_BROKER_URL", "", "not a broker URL"),
     ],
 )
-def test_a_log_level_or_database_url_that_cannot_work_is_a_setting_problem(
+def test_a_log_level_database_url_or_broker_url_that_cannot_work_is_a_setting_problem(
     name: str,
     value: str,
     says: str,
     cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Both were tracebacks (logging's 'Unknown level', SQLAlchemy's ArgumentError)."""
+    """Each was a traceback (logging's 'Unknown level', SQLAlchemy's ArgumentError, kombu's
+    'No such transport'), or, for a broker URL without a scheme or an empty one, an AMQP
+    broker on localhost that the worker tried for ever."""
     cli_env(**{name: value})
     assert main(["models", "list"]) == 2
     err = capsys.readouterr().err
