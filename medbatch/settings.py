@@ -150,10 +150,18 @@ class Settings(BaseSettings):
         from sqlalchemy.exc import ArgumentError
 
         try:
-            make_url(value)
+            url = make_url(value)
         except ArgumentError:
             # The message names the variable, never the value (it may hold a password).
             raise ValueError("not a SQLAlchemy URL (sqlite:///FILE, postgresql://…)") from None
+        # The schema and its migrations are written for these two, and psycopg 3 is the one
+        # PostgreSQL driver installed (db/engine.py reads plain postgresql:// as it): any other
+        # dialect or driver was a traceback (NoSuchModuleError, no module named 'MySQLdb').
+        if url.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg"):
+            raise ValueError(
+                "medbatch runs on SQLite or on PostgreSQL with psycopg 3 "
+                "(sqlite:///FILE, postgresql://…, postgresql+psycopg://…)"
+            )
         return value
 
     @field_validator("broker_url")

@@ -189,6 +189,9 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
     [
         ("MEDBATCH_LOG_LEVEL", "verbose-secret", "must be one of CRITICAL, ERROR, WARNING"),
         ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
+        ("MEDBATCH_DATABASE_URL", "mysql://u:secret@host/db", "SQLite or on PostgreSQL"),
+        ("MEDBATCH_DATABASE_URL", "postgresql+asyncpg://u:secret@h/db", "with psycopg 3"),
+        ("MEDBATCH_DATABASE_URL", "secretdb://u@h/db", "SQLite or on PostgreSQL"),
         ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "", "not a broker URL"),
@@ -201,9 +204,9 @@ def test_a_log_level_database_url_or_broker_url_that_cannot_work_is_a_setting_pr
     cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each was a traceback (logging's 'Unknown level', SQLAlchemy's ArgumentError, kombu's
-    'No such transport'), or, for a broker URL without a scheme or an empty one, an AMQP
-    broker on localhost that the worker tried for ever."""
+    """Each was a traceback (logging's 'Unknown level', SQLAlchemy's ArgumentError, a dialect or
+    driver that is not installed, kombu's 'No such transport'), or, for a broker URL without a
+    scheme or an empty one, an AMQP broker on localhost that the worker tried for ever."""
     cli_env(**{name: value})
     assert main(["models", "list"]) == 2
     err = capsys.readouterr().err
