@@ -195,9 +195,12 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
         ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "", "not a broker URL"),
+        ("MEDBATCH_SWEEP_INTERVAL_S", "inf", "should be a finite number"),
+        ("MEDBATCH_IDEMPOTENCY_RETENTION_H", "nan", "should be a finite number"),
+        ("MEDBATCH_LEASE_TTL_S", "1e300", "should be less than or equal to 86400"),
     ],
 )
-def test_a_log_level_database_url_or_broker_url_that_cannot_work_is_a_setting_problem(
+def test_a_setting_that_cannot_work_is_a_setting_problem(
     name: str,
     value: str,
     says: str,
@@ -206,7 +209,8 @@ def test_a_log_level_database_url_or_broker_url_that_cannot_work_is_a_setting_pr
 ) -> None:
     """Each was a traceback (logging's 'Unknown level', SQLAlchemy's ArgumentError, a dialect or
     driver that is not installed, kombu's 'No such transport'), or, for a broker URL without a
-    scheme or an empty one, an AMQP broker on localhost that the worker tried for ever."""
+    scheme or an empty one, an AMQP broker on localhost that the worker tried for ever; for an
+    infinite or astronomical duration, an OverflowError in the sweeper or the worker."""
     cli_env(**{name: value})
     assert main(["models", "list"]) == 2
     err = capsys.readouterr().err
