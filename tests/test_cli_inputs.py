@@ -451,3 +451,30 @@ def test_cases_replay_says_why_a_named_case_was_not_re_queued(
         f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
         "; no such case: 999\n"
     )
+
+
+def test_models_evaluate_ecg_cnn_reads_the_record_where_the_settings_say(
+    env: Path,
+    cli_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """models/reference/ecg.py read MEDBATCH_SHARED_DIR itself, and by default looked for
+    shared/ inside the checkout, not beside it as the settings, the docs and the tests do:
+    `models train ecg-cnn` and `models evaluate ecg-cnn` failed where the record was; without
+    the record, evaluate was a FileNotFoundError traceback."""
+    from medbatch.settings import Settings
+
+    cli_env(MEDBATCH_SHARED_DIR=str(env / "nothing-here"))
+    assert main(["models", "evaluate", "ecg-cnn", "--out", str(env / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch models evaluate: MIT-BIH record 100 not found at ")
+    assert str(env / "nothing-here" / "data" / "ecg") in err and len(err.splitlines()) == 1
+
+    monkeypatch.delenv("MEDBATCH_SHARED_DIR", raising=False)
+    cli_env()
+    record = Settings().shared_data / "ecg" / "100.hea"
+    if not record.is_file():
+        pytest.skip(f"shared data not found at {record.parent} (set MEDBATCH_SHARED_DIR)")
+    assert main(["models", "evaluate", "ecg-cnn", "--out", str(env / "report")]) == 0
+    assert (env / "report" / "metrics.json").is_file()
