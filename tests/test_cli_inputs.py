@@ -478,3 +478,23 @@ def test_models_evaluate_ecg_cnn_reads_the_record_where_the_settings_say(
         pytest.skip(f"shared data not found at {record.parent} (set MEDBATCH_SHARED_DIR)")
     assert main(["models", "evaluate", "ecg-cnn", "--out", str(env / "report")]) == 0
     assert (env / "report" / "metrics.json").is_file()
+
+
+def test_worker_beat_refuses_an_unknown_nightly_model_at_start(
+    env: Path,
+    cli_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """beat started with MEDBATCH_NIGHTLY_MODEL misspelt and failed at the nightly hour."""
+    import worker.app
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(worker.app, "run_worker", lambda app, argv: started.append(argv) or 0)
+    (env / "drop").mkdir()
+    cli_env(MEDBATCH_NIGHTLY_DIR=str(env / "drop"), MEDBATCH_NIGHTLY_MODEL="whas500-mortalty")
+    assert main(["worker", "--beat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch worker: MEDBATCH_NIGHTLY_MODEL: not a registered model")
+    assert "whas500-mortality" in err and "mortalty" not in err and len(err.splitlines()) == 1
+    assert started == []

@@ -96,6 +96,8 @@ def parse_queues(text: str) -> tuple[str, ...]:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     queues = parse_queues(args.queues)
     require_device(settings)
+    if args.beat and settings.nightly_dir is not None:
+        require_nightly_model(settings)
     ensure_schema(settings.database_url)
     from worker.app import create_app, run_worker, worker_argv
     from worker.context import context
@@ -111,6 +113,22 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(
         app, worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname)
     )
+
+
+def require_nightly_model(settings: Settings) -> None:
+    """Refuse now, not at MEDBATCH_NIGHTLY_HOUR_UTC, a nightly model the registry does not
+    know: beat started, and the first night's run failed at its hour."""
+    from models.cases.registry import RegistryError, load_registry
+
+    registry = load_registry(settings.artifact_dir)
+    try:
+        registry.resolve(settings.nightly_model)
+    except RegistryError:
+        # Named, not quoted, as every setting that does not validate.
+        fail(
+            "MEDBATCH_NIGHTLY_MODEL: not a registered model or model version "
+            f"(known models: {', '.join(registry.names())})"
+        )
 
 
 def run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
