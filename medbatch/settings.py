@@ -107,7 +107,8 @@ class Settings(BaseSettings):
     #: scale with processes instead; the process's own number is back for genome and chem tiles'
     #: GEMMs. On a 2-core VM the GRU's 128-case bulk batch took 30 ms with one thread against
     #: 38 ms with two (the MLP took 26 ms either way).
-    torch_threads: int = Field(default=1, ge=0)
+    #: At most 4096: torch refuses 2**40 ("Overflow when unpacking long") at every batch.
+    torch_threads: int = Field(default=1, ge=0, le=4096)
     #: Feature attributions for each score: the top K inputs (and, for sequences, steps) by
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
     #: They are computed off the scoring path: the score commits first, then the explain stage

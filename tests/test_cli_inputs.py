@@ -198,6 +198,7 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
         ("MEDBATCH_SWEEP_INTERVAL_S", "inf", "should be a finite number"),
         ("MEDBATCH_IDEMPOTENCY_RETENTION_H", "nan", "should be a finite number"),
         ("MEDBATCH_LEASE_TTL_S", "1e300", "should be less than or equal to 86400"),
+        ("MEDBATCH_TORCH_THREADS", "1099511627776", "should be less than or equal to 4096"),
     ],
 )
 def test_a_setting_that_cannot_work_is_a_setting_problem(
