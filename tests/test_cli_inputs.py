@@ -99,6 +99,10 @@ def test_malformed_tile_messages_are_rejected(args: tuple) -> None:
         ["db", "rotate-key", "t", "--overlap-hours", "nan"],
         ["nightly", "--input", "x", "--lookback-days", "-5"],
         ["nightly", "--input", "x", "--lookback-days", "1000000"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "-5"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "nan"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "inf"],
+        ["demo", "--timeout", "-1"],
         ["genome", "compare", "--bfile", "x", "--metric", "grm", "--tile-rows", "-5"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--radius", "-1"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--bits", "0"],
@@ -121,7 +125,8 @@ def test_a_number_out_of_range_is_refused_before_anything_runs(
 ) -> None:
     """They were taken: a port of 99999 or a radius of -1 was a traceback, -5 days of key
     lifetime an already expired key, --lookback-days -5 a traceback mid-run, a genome
-    --tile-rows of -5 a failed job and a half-written .rel."""
+    --tile-rows of -5 a failed job and a half-written .rel, a submit --timeout of -5, nan or inf
+    a traceback from the socket, a demo --timeout of -1 a demo that waited for nothing."""
     from medbatch.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_:

@@ -22,7 +22,9 @@ def add_parsers(sub: Any) -> None:
     demo = command(
         sub, "demo", "every job kind on embedded defaults (API + worker + broker), with pictures"
     )
-    demo.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for scores")
+    demo.add_argument(
+        "--timeout", type=number(float, 1, 86400), default=150.0, help="seconds to wait for scores"
+    )
     demo.add_argument(
         "--out", default="var/demo", help="folder for the pictures and tables the demo writes"
     )
