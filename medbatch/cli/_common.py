@@ -347,6 +347,20 @@ def require_device(settings: Settings) -> None:
         resolve_device("cuda")
 
 
+def require_chem_engine(settings: Settings) -> None:
+    """Refuse at once, where this process computes compound tiles, a
+    ``MEDBATCH_CHEM_ENGINE=cuda`` that torch does not see, as :func:`require_device` does:
+    every chem tile failed on it, the CLI's job after it was made."""
+    if settings.chem_engine == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(
+                "MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device "
+                "(use MEDBATCH_CHEM_ENGINE=auto on this machine)"
+            )
+
+
 @contextmanager
 def tiled_run(args: argparse.Namespace, settings: Settings) -> Iterator[TiledRun]:
     """The database and broker of a tiled job of ``--tenant`` (created if new)."""

@@ -11,6 +11,7 @@ from medbatch.cli._common import (
     ensure_schema,
     fail,
     number,
+    require_chem_engine,
     require_device,
 )
 
@@ -98,6 +99,8 @@ def parse_queues(text: str) -> tuple[str, ...]:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     queues = parse_queues(args.queues)
     require_device(settings)
+    if "chem" in queues:
+        require_chem_engine(settings)
     if args.beat and settings.nightly_dir is not None:
         require_nightly_model(settings)
     ensure_schema(settings.database_url)
