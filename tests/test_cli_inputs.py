@@ -99,6 +99,10 @@ def test_malformed_tile_messages_are_rejected(args: tuple) -> None:
         ["db", "rotate-key", "t", "--overlap-hours", "nan"],
         ["nightly", "--input", "x", "--lookback-days", "-5"],
         ["nightly", "--input", "x", "--lookback-days", "1000000"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "-5"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "nan"],
+        ["submit", "cases.json", "--api-key", "k", "--timeout", "inf"],
+        ["demo", "--timeout", "-1"],
         ["genome", "compare", "--bfile", "x", "--metric", "grm", "--tile-rows", "-5"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--radius", "-1"],
         ["compounds", "search", "--library", "x", "--all-pairs", "--top-k", "1", "--bits", "0"],
@@ -121,7 +125,8 @@ def test_a_number_out_of_range_is_refused_before_anything_runs(
 ) -> None:
     """They were taken: a port of 99999 or a radius of -1 was a traceback, -5 days of key
     lifetime an already expired key, --lookback-days -5 a traceback mid-run, a genome
-    --tile-rows of -5 a failed job and a half-written .rel."""
+    --tile-rows of -5 a failed job and a half-written .rel, a submit --timeout of -5, nan or inf
+    a traceback from the socket, a demo --timeout of -1 a demo that waited for nothing."""
     from medbatch.cli import build_parser
 
     with pytest.raises(SystemExit) as exit_:
@@ -189,16 +194,29 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
     [
         ("MEDBATCH_LOG_LEVEL", "verbose-secret", "must be one of CRITICAL, ERROR, WARNING"),
         ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
+        ("MEDBATCH_DATABASE_URL", "mysql://u:secret@host/db", "SQLite or on PostgreSQL"),
+        ("MEDBATCH_DATABASE_URL", "postgresql+asyncpg://u:secret@h/db", "with psycopg 3"),
+        ("MEDBATCH_DATABASE_URL", "secretdb://u@h/db", "SQLite or on PostgreSQL"),
+        ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
+        ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
+        ("MEDBATCH_BROKER_URL", "", "not a broker URL"),
+        ("MEDBATCH_SWEEP_INTERVAL_S", "inf", "should be a finite number"),
+        ("MEDBATCH_IDEMPOTENCY_RETENTION_H", "nan", "should be a finite number"),
+        ("MEDBATCH_LEASE_TTL_S", "1e300", "should be less than or equal to 86400"),
+        ("MEDBATCH_TORCH_THREADS", "1099511627776", "should be less than or equal to 4096"),
     ],
 )
-def test_a_log_level_or_database_url_that_cannot_work_is_a_setting_problem(
+def test_a_setting_that_cannot_work_is_a_setting_problem(
     name: str,
     value: str,
     says: str,
     cli_env: Callable[..., None],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Both were tracebacks (logging's 'Unknown level', SQLAlchemy's ArgumentError)."""
+    """Each was a traceback (logging's 'Unknown level', SQLAlchemy's ArgumentError, a dialect or
+    driver that is not installed, kombu's 'No such transport'), or, for a broker URL without a
+    scheme or an empty one, an AMQP broker on localhost that the worker tried for ever; for an
+    infinite or astronomical duration, an OverflowError in the sweeper or the worker."""
     cli_env(**{name: value})
     assert main(["models", "list"]) == 2
     err = capsys.readouterr().err
@@ -500,3 +518,50 @@ def test_cases_replay_says_why_a_named_case_was_not_re_queued(
         f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
         "; no such case: 999\n"
     )
+
+
+def test_models_evaluate_ecg_cnn_reads_the_record_where_the_settings_say(
+    env: Path,
+    cli_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """models/reference/ecg.py read MEDBATCH_SHARED_DIR itself, and by default looked for
+    shared/ inside the checkout, not beside it as the settings, the docs and the tests do:
+    `models train ecg-cnn` and `models evaluate ecg-cnn` failed where the record was; without
+    the record, evaluate was a FileNotFoundError traceback."""
+    from medbatch.settings import Settings
+
+    cli_env(MEDBATCH_SHARED_DIR=str(env / "nothing-here"))
+    assert main(["models", "evaluate", "ecg-cnn", "--out", str(env / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch models evaluate: MIT-BIH record 100 not found at ")
+    assert str(env / "nothing-here" / "data" / "ecg") in err and len(err.splitlines()) == 1
+
+    monkeypatch.delenv("MEDBATCH_SHARED_DIR", raising=False)
+    cli_env()
+    record = Settings().shared_data / "ecg" / "100.hea"
+    if not record.is_file():
+        pytest.skip(f"shared data not found at {record.parent} (set MEDBATCH_SHARED_DIR)")
+    assert main(["models", "evaluate", "ecg-cnn", "--out", str(env / "report")]) == 0
+    assert (env / "report" / "metrics.json").is_file()
+
+
+def test_worker_beat_refuses_an_unknown_nightly_model_at_start(
+    env: Path,
+    cli_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """beat started with MEDBATCH_NIGHTLY_MODEL misspelt and failed at the nightly hour."""
+    import worker.app
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(worker.app, "run_worker", lambda app, argv: started.append(argv) or 0)
+    (env / "drop").mkdir()
+    cli_env(MEDBATCH_NIGHTLY_DIR=str(env / "drop"), MEDBATCH_NIGHTLY_MODEL="whas500-mortalty")
+    assert main(["worker", "--beat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch worker: MEDBATCH_NIGHTLY_MODEL: not a registered model")
+    assert "whas500-mortality" in err and "mortalty" not in err and len(err.splitlines()) == 1
+    assert started == []

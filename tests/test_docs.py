@@ -101,3 +101,31 @@ def test_every_worker_metric_is_in_the_api_docs_table() -> None:
     }
     documented = set(re.findall(r"^\| `(medbatch_\w+)`", _text(ROOT / "docs/api.md"), re.M))
     assert defined - documented == set()
+
+
+def test_every_documented_default_is_the_setting_s_default() -> None:
+    """docs/configuration.md's default column, row by row, against Settings' defaults."""
+    fields = Settings.model_fields
+    rows = re.findall(
+        r"^\| (`MEDBATCH_[^|]*) \| ([^|]*) \|", _text(ROOT / "docs" / "configuration.md"), re.M
+    )
+    checked = set()
+    for names_cell, default_cell in rows:
+        names = re.findall(r"`([A-Z0-9_]+)`", names_cell)
+        head = names[0].removeprefix("MEDBATCH_").split("_", 1)[0]
+        names = [n if n.startswith("MEDBATCH_") else f"MEDBATCH_{head}{n}" for n in names]
+        defaults = re.findall(r"`([^`]+)`", default_cell)
+        for i, name in enumerate(names):
+            default = fields[name.removeprefix("MEDBATCH_").lower()].default
+            if default is None:  # unset: the docs say what it means instead
+                continue
+            assert len(defaults) == len(names), f"{names_cell}: one default per variable"
+            documented = defaults[i]
+            if isinstance(default, bool):
+                assert documented == str(default).lower(), name
+            elif isinstance(default, int | float):
+                assert float(documented) == default, name
+            else:
+                assert documented == str(default), name
+            checked.add(name)
+    assert len(checked) >= len(fields) - 2

@@ -74,6 +74,22 @@ def number(
     return parse
 
 
+def row_id(what: str) -> Callable[[str], int]:
+    """An argparse ``type``: the id of a row (a positive bigint), refused (exit 2, with usage)
+    otherwise; a larger one was an OverflowError traceback from the database driver."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+        if not 1 <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"not a {what}: {text}")
+        return value
+
+    return parse
+
+
 def entity_name(text: str) -> str:
     """An argparse ``type`` for a tenant's or a client's name: 1 to 100 characters (the column's
     size: PostgreSQL refused a longer one with a traceback), not only spaces."""
@@ -329,6 +345,20 @@ def require_device(settings: Settings) -> None:
         from models.device import resolve_device
 
         resolve_device("cuda")
+
+
+def require_chem_engine(settings: Settings) -> None:
+    """Refuse at once, where this process computes compound tiles, a
+    ``MEDBATCH_CHEM_ENGINE=cuda`` that torch does not see, as :func:`require_device` does:
+    every chem tile failed on it, the CLI's job after it was made."""
+    if settings.chem_engine == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(
+                "MEDBATCH_CHEM_ENGINE=cuda but torch sees no CUDA device "
+                "(use MEDBATCH_CHEM_ENGINE=auto on this machine)"
+            )
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import celery, command, database, err, fail, group, tenant_id
+from medbatch.cli._common import celery, command, database, err, fail, group, row_id, tenant_id
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -13,15 +13,8 @@ if TYPE_CHECKING:
     from medbatch.settings import Settings
 
 
-def case_id(text: str) -> int:
-    """An argparse ``type``: a case id (a positive bigint); 10**20 was a database traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a case id: {text!r}") from None
-    if not 1 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"not a case id: {text}")
-    return value
+#: An argparse ``type``: a case id (a positive bigint); 10**20 was a database traceback.
+case_id = row_id("case id")
 
 
 def add_parsers(sub: Any) -> None:

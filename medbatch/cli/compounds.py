@@ -14,6 +14,7 @@ from medbatch.cli._common import (
     group,
     number,
     refuse_overwrite,
+    require_chem_engine,
     tiled_run,
 )
 
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         fail("give --query FILE or --all-pairs")
     if args.out:
         refuse_overwrite([args.out], force=args.force)
+    if args.inline or settings.embedded_broker:
+        require_chem_engine(settings)
     with tiled_run(args, settings) as run:
         job = run.submit(
             tasks.submit,

@@ -16,6 +16,7 @@ from medbatch.cli._common import (
     number,
     print_json,
     refuse_overwrite,
+    row_id,
     tiled_run,
     transaction,
 )
@@ -101,7 +102,7 @@ def add_parsers(sub: Any) -> None:
         help="run the tiles in this process (always so with the embedded broker)",
     )
     gstatus = command(gsub, "status", "a job's progress and outputs")
-    gstatus.add_argument("job_id", type=int, help="the job's id")
+    gstatus.add_argument("job_id", type=row_id("job id"), help="the job's id")
     genome.set_defaults(func=run)
 
 

@@ -112,8 +112,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             spec = load_registry(settings.artifact_dir).resolve(args.ref)
             out = args.out or report_dir(settings.artifact_dir, spec)
-            evaluation = evaluate(spec, out)
-        except (RegistryError, NoEvaluationData) as exc:
+            evaluation = evaluate(spec, out, ecg_dir=settings.shared_data / "ecg")
+        except (RegistryError, NoEvaluationData, FileNotFoundError) as exc:
             print(f"medbatch models evaluate: {exc.args[0]}", file=sys.stderr)
             return 2
         metrics = evaluation["metrics"]
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             report = train(
                 args.name,
                 out_dir=args.out or settings.artifact_dir,
+                ecg_dir=settings.shared_data / "ecg",
                 install=args.install,
                 force=args.force,
             )

@@ -11,6 +11,7 @@ from medbatch.cli._common import (
     ensure_schema,
     fail,
     number,
+    require_chem_engine,
     require_device,
 )
 
@@ -22,7 +23,9 @@ def add_parsers(sub: Any) -> None:
     demo = command(
         sub, "demo", "every job kind on embedded defaults (API + worker + broker), with pictures"
     )
-    demo.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for scores")
+    demo.add_argument(
+        "--timeout", type=number(float, 1, 86400), default=150.0, help="seconds to wait for scores"
+    )
     demo.add_argument(
         "--out", default="var/demo", help="folder for the pictures and tables the demo writes"
     )
@@ -96,6 +99,10 @@ def parse_queues(text: str) -> tuple[str, ...]:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     queues = parse_queues(args.queues)
     require_device(settings)
+    if "chem" in queues:
+        require_chem_engine(settings)
+    if args.beat and settings.nightly_dir is not None:
+        require_nightly_model(settings)
     ensure_schema(settings.database_url)
     from worker.app import create_app, run_worker, worker_argv
     from worker.context import context
@@ -111,6 +118,22 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(
         app, worker_argv(settings, queues=queues, beat=args.beat, hostname=args.hostname)
     )
+
+
+def require_nightly_model(settings: Settings) -> None:
+    """Refuse now, not at MEDBATCH_NIGHTLY_HOUR_UTC, a nightly model the registry does not
+    know: beat started, and the first night's run failed at its hour."""
+    from models.cases.registry import RegistryError, load_registry
+
+    registry = load_registry(settings.artifact_dir)
+    try:
+        registry.resolve(settings.nightly_model)
+    except RegistryError:
+        # Named, not quoted, as every setting that does not validate.
+        fail(
+            "MEDBATCH_NIGHTLY_MODEL: not a registered model or model version "
+            f"(known models: {', '.join(registry.names())})"
+        )
 
 
 def run_sweeper(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,7 +8,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medbatch.cli._common import command, fail
+from medbatch.cli._common import command, fail, number
 
 if TYPE_CHECKING:
     from medbatch.settings import Settings
@@ -27,7 +27,11 @@ def add_parsers(sub: Any) -> None:
         "--json", action="store_true", help="print the API's answers as JSON instead of a summary"
     )
     submit.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for each request"
+        "--timeout",
+        # -5, nan or inf reached the socket: a ValueError or OverflowError traceback.
+        type=number(float, 0.1, 86400),
+        default=60.0,
+        help="seconds to wait for each request",
     )
     submit.set_defaults(func=run)
 

@@ -22,7 +22,6 @@ deterministic algorithms on one CPU thread.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -71,13 +70,6 @@ BASELINE = (
 )
 
 
-def data_dir() -> Path:
-    """Where record 100 lives: ``$MEDBATCH_SHARED_DIR/data/ecg``, by default ``../shared``
-    beside the repository."""
-    shared = os.environ.get("MEDBATCH_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")
-    return Path(shared) / "data" / "ecg"
-
-
 @dataclass(frozen=True)
 class Record:
     signal: np.ndarray  # (T,) float64, lead MLII in mV
@@ -86,19 +78,19 @@ class Record:
     symbols: np.ndarray  # (B,) str, the beats' annotation codes
 
 
-def load_record(directory: Path | None = None) -> Record:
+def load_record(directory: Path) -> Record:
     """Lead MLII of record 100 in mV and its beat annotations (non-beat annotations dropped).
 
     Raises
     ------
     FileNotFoundError
-        when the record is not in ``directory`` (by default :func:`data_dir`).
+        when the record is not in ``directory`` (``$MEDBATCH_SHARED_DIR/data/ecg``, from
+        the settings' ``shared_data``, for the CLI).
     ValueError
         when the record is not sampled at :data:`FS` or has no MLII lead.
     """
     import wfdb
 
-    directory = data_dir() if directory is None else directory
     path = directory / RECORD
     if not path.with_suffix(".hea").is_file():
         raise FileNotFoundError(
@@ -191,7 +183,7 @@ class Split:
     boundary: int  # first sample of the test period
 
 
-def split(directory: Path | None = None) -> Split:
+def split(directory: Path) -> Split:
     """The split by time used for training and evaluation.
 
     Beats whose windows end by the boundary (the first :data:`TRAIN_FRACTION` of the record)
@@ -324,7 +316,7 @@ def _reproducible() -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic)
 
 
-def train(out: Path, *, seed: int = SEED, directory: Path | None = None) -> TrainResult:
+def train(out: Path, *, directory: Path, seed: int = SEED) -> TrainResult:
     """Train the CNN, save it as safetensors at ``out``, and evaluate it beside the RR baseline
     on the held-out (later) beats."""
     data = split(directory)
@@ -349,7 +341,7 @@ def train(out: Path, *, seed: int = SEED, directory: Path | None = None) -> Trai
     )
 
 
-def held_out(directory: Path | None = None) -> tuple[list[dict[str, list[float]]], np.ndarray]:
+def held_out(directory: Path) -> tuple[list[dict[str, list[float]]], np.ndarray]:
     """The held-out beats as cases for the model (``{"ecg_mlii": [540 values in mV]}``) and
     their labels (N,), 1 = not a normal beat."""
     data = split(directory)

@@ -39,8 +39,8 @@ class HeldOut:
     event: np.ndarray | None = None
 
 
-def held_out(spec: ModelSpec) -> HeldOut:
-    """The labelled held-out cases of ``spec``."""
+def held_out(spec: ModelSpec, *, ecg_dir: Path | None = None) -> HeldOut:
+    """The labelled held-out cases of ``spec`` (ecg-cnn's from the MIT-BIH record in ``ecg_dir``)."""
     seed = spec.training.get("seed")
     if spec.name == breast_cancer.NAME:
         data = breast_cancer.split(int(seed or breast_cancer.SEED))
@@ -52,7 +52,9 @@ def held_out(spec: ModelSpec) -> HeldOut:
         known, died = survival.known_status(time, event, horizon)
         return HeldOut(cases, died, known, time, event)
     if spec.name == ecg.NAME and spec.training.get("data", "none") != "none":
-        beats, labels = ecg.held_out()
+        if ecg_dir is None:
+            raise NoEvaluationData(f"{spec.ref} is evaluated on the MIT-BIH record: give ecg_dir")
+        beats, labels = ecg.held_out(ecg_dir)
         return HeldOut(list(beats), labels)
     raise NoEvaluationData(
         f"{spec.ref} has no labelled held-out data to evaluate on ({spec.clinical_use or 'no data'})"
@@ -81,7 +83,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, *, threshold: float) -> dict[st
     }
 
 
-def evaluate(spec: ModelSpec, out_dir: Path) -> dict[str, Any]:
+def evaluate(spec: ModelSpec, out_dir: Path, *, ecg_dir: Path | None = None) -> dict[str, Any]:
     """Score the held-out cases with the artifact itself, write the report, return the metrics."""
     import matplotlib
 
@@ -90,7 +92,7 @@ def evaluate(spec: ModelSpec, out_dir: Path) -> dict[str, Any]:
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    data = held_out(spec)
+    data = held_out(spec, ecg_dir=ecg_dir)
     model = LoadedModel(spec, device="cpu")
     p = np.array([r.score for r in model.score(data.cases)])
     y = data.labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,8 +40,16 @@ class TrainReport:
     metrics: dict[str, float]
 
 
-def train(name: str, *, out_dir: Path, install: bool = False, force: bool = False) -> TrainReport:
+def train(
+    name: str,
+    *,
+    out_dir: Path,
+    ecg_dir: Path | None = None,
+    install: bool = False,
+    force: bool = False,
+) -> TrainReport:
     """Train ``name`` into ``out_dir``; with ``install``, replace the packaged artifact and entry.
+    ``ecg_dir`` holds the MIT-BIH record ecg-cnn trains on (``$MEDBATCH_SHARED_DIR/data/ecg``).
 
     An artifact already in ``out_dir`` with other bytes is kept, and :class:`FileExistsError`
     raised, unless ``force`` (a registered model's artifact is checked by its sha256: replacing
@@ -54,7 +63,12 @@ def train(name: str, *, out_dir: Path, install: bool = False, force: bool = Fals
         return _benchmark_weights(base, out_dir=out_dir, install=install, force=force)
     filename = f"{module.NAME}-{module.VERSION}.safetensors"
     target = (REGISTRY_PATH.parent / "artifacts" if install else out_dir) / filename
-    result = _place(module.train, target, replace=install or force)
+    write = module.train
+    if module is ecg:
+        if ecg_dir is None:
+            raise ValueError(f"{name} trains on the MIT-BIH record: give ecg_dir")
+        write = functools.partial(ecg.train, directory=ecg_dir)
+    result = _place(write, target, replace=install or force)
     registry = json.loads(REGISTRY_PATH.read_text())
     committed = _committed_sha256(registry, module.NAME, module.VERSION)
     if install:

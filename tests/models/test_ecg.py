@@ -189,13 +189,10 @@ def test_rr_features_equal_the_plain_formulas(
         np.testing.assert_array_equal(rr, features[np.searchsorted(beats, positions)])
 
 
-def test_a_missing_record_names_the_path_and_the_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_missing_record_names_the_path_and_the_variable(tmp_path: Path) -> None:
     """Without the shared data, loading says where it looked and what to set."""
-    monkeypatch.setenv("MEDBATCH_SHARED_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="MEDBATCH_SHARED_DIR") as error:
-        ecg.load_record()
+        ecg.load_record(tmp_path / "data" / "ecg")
     assert str(tmp_path / "data" / "ecg") in str(error.value)
 
 
