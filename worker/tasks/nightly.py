@@ -52,16 +52,24 @@ def run_drop(app: Celery | None, ctx: WorkerContext, settings: Settings) -> list
     done = []
     for export in exports_in(settings.nightly_dir):
         as_of = datetime.now(UTC)
-        summary = run_nightly(
-            export,
-            spec,
-            sessions=ctx.sessions,
-            app=app,
-            tenant_id=tenant_id,
-            as_of=as_of,
-            lookback_days=settings.nightly_lookback_days,
-            per_message=settings.cases_per_message,
-        )
+        try:
+            summary = run_nightly(
+                export,
+                spec,
+                sessions=ctx.sessions,
+                app=app,
+                tenant_id=tenant_id,
+                as_of=as_of,
+                lookback_days=settings.nightly_lookback_days,
+                per_message=settings.cases_per_message,
+            )
+        except OSError as exc:
+            # One unreadable export must not hold back the newer ones behind it, night after
+            # night; it stays unmarked, so the next run tries it again. What failed, not a value.
+            log.error(
+                "nightly export %s skipped: %s: %s", export.name, type(exc).__name__, exc.strerror
+            )
+            continue
         record = {"export": export.name, "as_of": as_of.isoformat(), **summary.as_dict()}
         (export / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         done.append(record)
