@@ -470,3 +470,28 @@ def test_cases_replay_says_why_a_named_case_was_not_re_queued(
         f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
         "; no such case: 999\n"
     )
+
+
+def test_nightly_reads_an_export_whose_patients_come_in_parts(
+    env: Path, cli_env: Callable[..., None], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server splits a large type into Patient.000.ndjson, Patient.001.ndjson … (which the
+    reader reads): the CLI refused such an export, "no Patient.ndjson", and beat skipped it."""
+    import json
+    import shutil
+
+    from tests.helpers import SHARED_DIR, require_shared
+
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    export = env / "export"
+    shutil.copytree(source, export)
+    lines = (export / "Patient.ndjson").read_text().splitlines(keepends=True)
+    (export / "Patient.ndjson").unlink()
+    (export / "Patient.000.ndjson").write_text("".join(lines[:4]))
+    (export / "Patient.001.ndjson").write_text("".join(lines[4:]))
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    argv = ["nightly", "--input", str(export), "--lookback-days", "36500", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["patients_read"] == 9
+    assert summary["accepted"] + summary["rejected"] == 9

@@ -59,9 +59,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC
 
     from models.cases.registry import RegistryError, load_registry
-    from worker.fhir_intake import run_nightly, settle_counts
+    from worker.fhir_intake import has_patients, run_nightly, settle_counts
 
-    if not (args.input / "Patient.ndjson").is_file():
+    if not has_patients(args.input):
         fail(f"--input: no Patient.ndjson in {args.input}")
     try:
         spec = load_registry(settings.artifact_dir).resolve_scorable(args.model)

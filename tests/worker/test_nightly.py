@@ -219,3 +219,17 @@ def test_an_unreadable_export_does_not_hold_back_the_newer_ones(
     finally:
         app.close()
         ctx.engine.dispose()
+
+
+def test_beat_finds_an_export_whose_patients_come_in_parts(tmp_path: Path) -> None:
+    """Patient.000.ndjson, Patient.001.ndjson …: an export the reader reads, that beat skipped."""
+    from worker.tasks.nightly import exports_in
+
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "Patient.000.ndjson").write_text("")
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "Patient.ndjson").write_text("")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "Observation.000.ndjson").write_text("")
+    assert [p.name for p in exports_in(tmp_path)] == ["split", "whole"]
+    assert exports_in(tmp_path / "split") == [tmp_path / "split"]
