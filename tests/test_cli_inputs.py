@@ -495,3 +495,47 @@ def test_nightly_reads_an_export_whose_patients_come_in_parts(
     summary = json.loads(capsys.readouterr().out)
     assert summary["patients_read"] == 9
     assert summary["accepted"] + summary["rejected"] == 9
+
+
+def test_cases_replay_leaves_the_dead_letters_of_a_retired_version(
+    env: Path,
+    cli_env: Callable[..., None],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A retired version scores no case: replay re-queued its dead letters, which only failed
+    again (no longer dead letters, so no later replay found them) after "re-queued 2"."""
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Case, Priority
+    from medbatch.settings import get_settings
+    from tests.helpers import register_breast_cancer
+
+    register_breast_cancer(env / "store", "0.9.0", status="retired")
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    engine = make_engine(get_settings().database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as s:
+        tenant = repo.create_tenant(s, name="t")[0].id
+        new = [
+            repo.NewCase("old", "breast-cancer", "0.9.0", Priority.bulk, {"x": 1.0}),
+            repo.NewCase("live", "breast-cancer", "1.0.0", Priority.bulk, {"x": 1.0}),
+        ]
+        old, live = (a.id for a in repo.add_cases(s, tenant_id=tenant, cases=new))
+        repo.claim_cases(s, case_ids=[old, live], max_deliveries=0)  # dead letters
+    try:
+        assert main(["cases", "replay", "--all"]) == 0
+        out, err = capsys.readouterr()
+        assert out == "re-queued 1 dead-lettered cases\n"
+        assert err == "not re-queued (model version retired): 1 of breast-cancer@0.9.0\n"
+        assert main(["cases", "replay", str(old)]) == 0
+        out, err = capsys.readouterr()
+        assert out == "re-queued 0 dead-lettered cases\n"
+        assert err == f"not re-queued (model version retired): {old}\n"
+        with sessions() as s:
+            dead = dict(s.execute(select(Case.id, Case.dead_letter)).tuples().all())
+        assert dead == {old: True, live: False}
+    finally:
+        engine.dispose()
