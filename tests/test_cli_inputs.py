@@ -34,6 +34,23 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
     assert "--model: unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_nightly_takes_an_as_of_with_rfc3339_lower_case_t_and_z(
+    env: Path, cli_env: Callable[..., None], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RFC 3339 (5.6) lets "t" and "z" be lower case, as the API's as_of and since take them:
+    the CLI answered "invalid fromisoformat value"."""
+    import json
+
+    (env / "Patient.ndjson").write_text("")
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    assert main(["nightly", "--input", str(env), "--as-of", "2020-01-01t00:00:00z", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patients_read"] == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["nightly", "--input", str(env), "--as-of", "yesterday"])
+    assert exit_.value.code == 2
+    assert "argument --as-of: not a date-time: 'yesterday'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [

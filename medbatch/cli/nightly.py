@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from worker.fhir_intake import NightlySummary
 
 
+def moment(text: str) -> datetime:
+    """An argparse ``type``: an ISO 8601 / RFC 3339 date-time; RFC 3339 lets "t" and "z" be lower
+    case (section 5.6), which Python's parser refuses."""
+    try:
+        return datetime.fromisoformat(text.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a date-time: {text!r} (e.g. 2026-11-23T02:00:00Z)"
+        ) from None
+
+
 def add_parsers(sub: Any) -> None:
     nightly = command(sub, "nightly", "score a FHIR Bulk Data export (NDJSON folder) on score.bulk")
     nightly.add_argument(
@@ -36,7 +47,7 @@ def add_parsers(sub: Any) -> None:
     add_tenant(nightly, "cases")
     nightly.add_argument(
         "--as-of",
-        type=datetime.fromisoformat,
+        type=moment,
         help="the moment to score at, with a time zone (default: now)",
     )
     nightly.add_argument(
