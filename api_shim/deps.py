@@ -136,6 +136,8 @@ def _rfc3339(value: object) -> object:
         return value
     if not isinstance(value, str) or not _RFC3339.fullmatch(value):
         raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-11-23T00:00:00Z")
+    # RFC 3339 lets "T" and "Z" be lower case (section 5.6); Python's parser takes upper only.
+    value = value.upper()
     try:
         # Python keeps microseconds: a longer fraction is cut to six digits.
         head, dot, tail = value.partition(".")

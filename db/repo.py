@@ -697,13 +697,20 @@ def record_error(session: Session, *, case_ids: Sequence[int], error: str) -> No
 
 
 def replay_dead_letters(
-    session: Session, *, tenant_id: int | None = None, case_ids: Sequence[int] | None = None
+    session: Session,
+    *,
+    tenant_id: int | None = None,
+    case_ids: Sequence[int] | None = None,
+    retired: Sequence[tuple[str, str]] = (),
 ) -> list[tuple[int, Priority]]:
-    """Put dead-lettered cases back to ``queued`` with a fresh delivery count.
+    """Put dead-lettered cases back to ``queued`` with a fresh delivery count; those of a
+    ``retired`` (name, version) stay dead letters: no worker scores them any more.
 
     Returns ``(case id, priority)`` of each, to enqueue after the commit.
     """
     stmt = select(Case.id, Case.priority).where(Case.dead_letter.is_(True))
+    for name, version in retired:
+        stmt = stmt.where(or_(Case.model_name != name, Case.model_version != version))
     if tenant_id is not None:
         stmt = stmt.where(Case.tenant_id == tenant_id)
     if case_ids is not None:

@@ -160,7 +160,9 @@ def test_models_register_then_list_and_bad_input_exits_2(tmp_path: Path) -> None
     ok = run_cli(*args, "--architecture", "mlp", "--params", '{"hidden": []}', cwd=tmp_path, **env)
     assert ok.returncode == 0, ok.stderr
     assert "registered mine@1 (mlp)" in ok.stdout
-    assert "mine@1 (default)\tcandidate\tmlp" in run_cli("models", "list", cwd=tmp_path, **env).stdout
+    assert (
+        "mine@1 (default)\tcandidate\tmlp" in run_cli("models", "list", cwd=tmp_path, **env).stdout
+    )
     no_arch = run_cli(*args[:-2], "--version", "2", "--schema", str(schema), cwd=tmp_path, **env)
     assert no_arch.returncode == 2 and "needs --architecture" in no_arch.stderr
     junk = tmp_path / "junk.bin"

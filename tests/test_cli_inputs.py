@@ -34,6 +34,23 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
     assert "--model: unknown model 'nope'" in capsys.readouterr().err
 
 
+def test_nightly_takes_an_as_of_with_rfc3339_lower_case_t_and_z(
+    env: Path, cli_env: Callable[..., None], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RFC 3339 (5.6) lets "t" and "z" be lower case, as the API's as_of and since take them:
+    the CLI answered "invalid fromisoformat value"."""
+    import json
+
+    (env / "Patient.ndjson").write_text("")
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    assert main(["nightly", "--input", str(env), "--as-of", "2020-01-01t00:00:00z", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["patients_read"] == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["nightly", "--input", str(env), "--as-of", "yesterday"])
+    assert exit_.value.code == 2
+    assert "argument --as-of: not a date-time: 'yesterday'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -565,3 +582,72 @@ def test_worker_beat_refuses_an_unknown_nightly_model_at_start(
     assert err.startswith("medbatch worker: MEDBATCH_NIGHTLY_MODEL: not a registered model")
     assert "whas500-mortality" in err and "mortalty" not in err and len(err.splitlines()) == 1
     assert started == []
+
+
+def test_nightly_reads_an_export_whose_patients_come_in_parts(
+    env: Path, cli_env: Callable[..., None], redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server splits a large type into Patient.000.ndjson, Patient.001.ndjson … (which the
+    reader reads): the CLI refused such an export, "no Patient.ndjson", and beat skipped it."""
+    import json
+    import shutil
+
+    from tests.helpers import SHARED_DIR, require_shared
+
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    export = env / "export"
+    shutil.copytree(source, export)
+    lines = (export / "Patient.ndjson").read_text().splitlines(keepends=True)
+    (export / "Patient.ndjson").unlink()
+    (export / "Patient.000.ndjson").write_text("".join(lines[:4]))
+    (export / "Patient.001.ndjson").write_text("".join(lines[4:]))
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    argv = ["nightly", "--input", str(export), "--lookback-days", "36500", "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["patients_read"] == 9
+    assert summary["accepted"] + summary["rejected"] == 9
+
+
+def test_cases_replay_leaves_the_dead_letters_of_a_retired_version(
+    env: Path,
+    cli_env: Callable[..., None],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A retired version scores no case: replay re-queued its dead letters, which only failed
+    again (no longer dead letters, so no later replay found them) after "re-queued 2"."""
+    from sqlalchemy import select
+
+    from db import repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Case, Priority
+    from medbatch.settings import get_settings
+    from tests.helpers import register_breast_cancer
+
+    register_breast_cancer(env / "store", "0.9.0", status="retired")
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    engine = make_engine(get_settings().database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as s:
+        tenant = repo.create_tenant(s, name="t")[0].id
+        new = [
+            repo.NewCase("old", "breast-cancer", "0.9.0", Priority.bulk, {"x": 1.0}),
+            repo.NewCase("live", "breast-cancer", "1.0.0", Priority.bulk, {"x": 1.0}),
+        ]
+        old, live = (a.id for a in repo.add_cases(s, tenant_id=tenant, cases=new))
+        repo.claim_cases(s, case_ids=[old, live], max_deliveries=0)  # dead letters
+    try:
+        assert main(["cases", "replay", "--all"]) == 0
+        out, err = capsys.readouterr()
+        assert out == "re-queued 1 dead-lettered cases\n"
+        assert err == "not re-queued (model version retired): 1 of breast-cancer@0.9.0\n"
+        assert main(["cases", "replay", str(old)]) == 0
+        out, err = capsys.readouterr()
+        assert out == "re-queued 0 dead-lettered cases\n"
+        assert err == f"not re-queued (model version retired): {old}\n"
+        with sessions() as s:
+            dead = dict(s.execute(select(Case.id, Case.dead_letter)).tuples().all())
+        assert dead == {old: True, live: False}
+    finally:
+        engine.dispose()

@@ -30,6 +30,7 @@ from models.fhir.features import (
     deceased_by,
     features_of,
     iter_ndjson,
+    ndjson_files,
 )
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
@@ -241,9 +242,17 @@ def settle_counts(sessions: sessionmaker[Session], summary: NightlySummary) -> b
     return summary.scored + summary.failed == len(ids)
 
 
+def has_patients(directory: Path) -> bool:
+    """Whether ``directory`` is an export: it has Patient.ndjson, or its parts Patient.000.ndjson …"""
+    return directory.is_dir() and any(p.is_file() for p in ndjson_files(directory, "Patient"))
+
+
 def _count_patients(directory: Path) -> int | None:
-    path = Path(directory) / "Patient.ndjson"
-    if not path.is_file():
+    paths = [p for p in ndjson_files(Path(directory), "Patient") if p.is_file()]
+    if not paths:
         return None
-    with path.open("rb") as fh:
-        return sum(1 for line in fh if line.strip())
+    total = 0
+    for path in paths:
+        with path.open("rb") as fh:
+            total += sum(1 for line in fh if line.strip())
+    return total

@@ -29,20 +29,28 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from db import repo
     from db.engine import session_scope
+    from models.cases.registry import load_registry
     from worker.queues import enqueue_cases
 
     if not (args.all or args.tenant or args.case_ids):
         fail("say which: --all, --tenant NAME or case ids")
+    # A retired version scores no case: replayed, its cases would only fail again, no longer
+    # dead letters. They stay dead letters, to replay if the version is released again.
+    retired = [
+        (s.name, s.version) for s in load_registry(settings.artifact_dir) if s.status == "retired"
+    ]
     with database(settings) as sessions:
         owner = tenant_id(sessions, args.tenant, create=False) if args.tenant else None
         skipped = None
         with session_scope(sessions) as session:
             replayed = repo.replay_dead_letters(
-                session, tenant_id=owner, case_ids=args.case_ids or None
+                session, tenant_id=owner, case_ids=args.case_ids or None, retired=retired
             )
             if args.case_ids:
                 left = sorted(set(args.case_ids) - {i for i, _ in replayed})
                 skipped = _why_not(session, left, owner) if left else None
+            elif retired:
+                skipped = _retired_left(session, owner, retired)
         if replayed:
             app = celery(settings)
             try:
@@ -55,19 +63,43 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _retired_left(
+    session: Session, owner: int | None, retired: list[tuple[str, str]]
+) -> str | None:
+    """How many dead letters were left because their model version is retired, by version."""
+    from sqlalchemy import func, select
+
+    from db.tables import Case
+
+    stmt = (
+        select(Case.model_name, Case.model_version, func.count())
+        .where(Case.dead_letter.is_(True))
+        .group_by(Case.model_name, Case.model_version)
+        .order_by(Case.model_name, Case.model_version)
+    )
+    if owner is not None:
+        stmt = stmt.where(Case.tenant_id == owner)
+    left = [f"{n} of {m}@{v}" for m, v, n in session.execute(stmt) if (m, v) in retired]
+    return f"not re-queued (model version retired): {', '.join(left)}" if left else None
+
+
 def _why_not(session: Session, ids: list[int], owner: int | None) -> str:
     """Why the named cases ``ids`` were not re-queued: their status, or that there is none."""
     from sqlalchemy import select
 
     from db.tables import Case
 
-    stmt = select(Case.id, Case.status).where(Case.id.in_(ids))
+    stmt = select(Case.id, Case.status, Case.dead_letter).where(Case.id.in_(ids))
     if owner is not None:
         stmt = stmt.where(Case.tenant_id == owner)
-    status = {i: s for i, s in session.execute(stmt)}
+    rows = {i: (s, dead) for i, s, dead in session.execute(stmt)}
+    status = {i: s for i, (s, dead) in rows.items() if not dead}
+    retired = [str(i) for i in ids if i in rows and rows[i][1]]
     found = [f"{i} ({status[i].value})" for i in ids if i in status]
-    missing = [str(i) for i in ids if i not in status]
+    missing = [str(i) for i in ids if i not in rows]
     parts = [f"not re-queued (not dead letters): {', '.join(found)}"] if found else []
+    if retired:
+        parts.append(f"not re-queued (model version retired): {', '.join(retired)}")
     if missing:
         where = " of this tenant" if owner is not None else ""
         parts.append(f"no such case{where}: {', '.join(missing)}")

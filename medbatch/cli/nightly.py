@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from worker.fhir_intake import NightlySummary
 
 
+def moment(text: str) -> datetime:
+    """An argparse ``type``: an ISO 8601 / RFC 3339 date-time; RFC 3339 lets "t" and "z" be lower
+    case (section 5.6), which Python's parser refuses."""
+    try:
+        return datetime.fromisoformat(text.upper())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a date-time: {text!r} (e.g. 2026-11-23T02:00:00Z)"
+        ) from None
+
+
 def add_parsers(sub: Any) -> None:
     nightly = command(sub, "nightly", "score a FHIR Bulk Data export (NDJSON folder) on score.bulk")
     nightly.add_argument(
@@ -36,7 +47,7 @@ def add_parsers(sub: Any) -> None:
     add_tenant(nightly, "cases")
     nightly.add_argument(
         "--as-of",
-        type=datetime.fromisoformat,
+        type=moment,
         help="the moment to score at, with a time zone (default: now)",
     )
     nightly.add_argument(
@@ -59,9 +70,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC
 
     from models.cases.registry import RegistryError, load_registry
-    from worker.fhir_intake import run_nightly, settle_counts
+    from worker.fhir_intake import has_patients, run_nightly, settle_counts
 
-    if not (args.input / "Patient.ndjson").is_file():
+    if not has_patients(args.input):
         fail(f"--input: no Patient.ndjson in {args.input}")
     try:
         spec = load_registry(settings.artifact_dir).resolve_scorable(args.model)

@@ -1215,7 +1215,9 @@ def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
 # --- NDJSON bulk export -----------------------------------------------------------------------
 
 
-def _ndjson_files(directory: Path, rtype: str) -> list[Path]:
+def ndjson_files(directory: Path, rtype: str) -> list[Path]:
+    """The export's files of resource type ``rtype``: ``<Type>.ndjson`` and its parts
+    ``<Type>.000.ndjson`` …, as servers split a large type."""
     return sorted({*directory.glob(f"{rtype}.ndjson"), *directory.glob(f"{rtype}.*.ndjson")})
 
 
@@ -1276,7 +1278,7 @@ class NdjsonExport:
 
     def __iter__(self) -> Iterator[PatientRecord]:
         self.issues, self.lines = [], Counter()
-        if not _ndjson_files(self.directory, "Patient"):
+        if not ndjson_files(self.directory, "Patient"):
             raise FhirInputError(
                 [Issue("fatal", "not-found", f"no Patient.ndjson in {self.directory}")]
             )
@@ -1338,7 +1340,7 @@ class NdjsonExport:
 
     def _lines(self, rtype: str) -> Iterator[tuple[dict[str, Any], int, str]]:
         """JSON objects of ``rtype`` files, with line number and file name; bad lines reported."""
-        for path in _ndjson_files(self.directory, rtype):
+        for path in ndjson_files(self.directory, rtype):
             # Read as bytes and decode line by line: one undecodable byte is that line's
             # problem, not a UnicodeDecodeError that ends the whole export.
             with path.open("rb") as fh:

@@ -385,6 +385,21 @@ def test_scores_paginate_with_a_cursor_and_filter(api: TestClient, key: str) -> 
     assert since.json()["items"] == []
 
 
+def test_since_takes_rfc3339_lower_case_t_and_z(api: TestClient, key: str) -> None:
+    """RFC 3339 (5.6) lets "T" and "Z" be lower case: such a `since` filters like its upper-case
+    spelling (it was 422 "not a calendar date-time")."""
+    ids = [
+        c["id"]
+        for c in api.post("/v1/cases", json=wdbc_cases(2), headers=auth(key)).json()["cases"]
+    ]
+    for since in ("2000-01-01T00:00:00Z", "2000-01-01t00:00:00z", "2000-01-01t00:00:00.5+01:00"):
+        page = api.get("/v1/scores", params={"since": since}, headers=auth(key))
+        assert page.status_code == 200, page.json()
+        assert [item["case_id"] for item in page.json()["items"]] == ids
+    late = api.get("/v1/scores", params={"since": "2999-01-01t00:00:00z"}, headers=auth(key))
+    assert late.status_code == 200 and late.json()["items"] == []
+
+
 @pytest.mark.parametrize(
     ("params", "loc", "fragment"),
     [

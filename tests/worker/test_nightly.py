@@ -188,3 +188,48 @@ def test_bad_lines_counts_lines_not_their_problems(
     observations.write_bytes(b"\n".join(lines) + b"\n")
     summary = _run(pg_sessions, export)
     assert (summary["patients_read"], summary["bad_lines"]) == (9, 1)
+
+
+def test_an_unreadable_export_does_not_hold_back_the_newer_ones(
+    pg_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An export that cannot be read (here its Observation.ndjson is a folder) raised out of the
+    run: every newer export behind it in the drop folder went unscored, night after night."""
+    source = require_shared(SHARED_DIR / "data" / "fhir" / "ndjson" / "x").parent
+    drop = tmp_path / "drop"
+    shutil.copytree(source, drop / "2026-11-21")
+    (drop / "2026-11-21" / "Observation.ndjson").unlink()
+    (drop / "2026-11-21" / "Observation.ndjson").mkdir()
+    shutil.copytree(source, drop / "2026-11-22")
+    settings = Settings(
+        database_url=pg_url, broker_url=redis_url, nightly_dir=drop, nightly_lookback_days=36500
+    )
+    app = create_app(settings, broker_url=redis_url, include_tasks=False)
+    ctx = WorkerContext(settings)
+    try:
+        (record,) = run_drop(app, ctx, settings)
+        assert record["export"] == "2026-11-22" and record["patients_read"] == 9
+        assert (drop / "2026-11-22" / MARKER).is_file()
+        assert not (drop / "2026-11-21" / MARKER).exists()  # tried again next night
+        assert "nightly export 2026-11-21 skipped" in caplog.text
+        assert "Patient/" not in caplog.text
+    finally:
+        app.close()
+        ctx.engine.dispose()
+
+
+def test_beat_finds_an_export_whose_patients_come_in_parts(tmp_path: Path) -> None:
+    """Patient.000.ndjson, Patient.001.ndjson …: an export the reader reads, that beat skipped."""
+    from worker.tasks.nightly import exports_in
+
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "Patient.000.ndjson").write_text("")
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "Patient.ndjson").write_text("")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "Observation.000.ndjson").write_text("")
+    assert [p.name for p in exports_in(tmp_path)] == ["split", "whole"]
+    assert exports_in(tmp_path / "split") == [tmp_path / "split"]

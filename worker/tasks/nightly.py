@@ -1,6 +1,6 @@
 """``medbatch.nightly_drop``: beat's nightly run over the configured drop folder of FHIR exports.
 
-Each export (a subfolder holding Patient.ndjson, or the drop folder itself) is scored once: a
+Each export (a subfolder holding Patient.ndjson or its parts, or the drop folder itself) is scored once: a
 ``.medbatch-done.json`` marker with the run's summary is written beside it when its cases are
 queued. An export whose run was interrupted has no marker and is run again; the cases it had
 queued already are neither added nor sent twice (see worker/fhir_intake.py).
@@ -21,7 +21,7 @@ from db.engine import session_scope
 from db.tables import Tenant
 from medbatch.settings import Settings
 from worker.context import WorkerContext, context
-from worker.fhir_intake import run_nightly
+from worker.fhir_intake import has_patients, run_nightly
 from worker.queues import NIGHTLY_TASK
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,8 @@ MARKER = ".medbatch-done.json"
 
 def exports_in(drop: Path) -> list[Path]:
     """The exports of a drop folder not yet scored, oldest name first."""
-    candidates = [drop] if (drop / "Patient.ndjson").is_file() else sorted(drop.iterdir())
-    return [
-        p
-        for p in candidates
-        if p.is_dir() and (p / "Patient.ndjson").is_file() and not (p / MARKER).exists()
-    ]
+    candidates = [drop] if has_patients(drop) else sorted(drop.iterdir())
+    return [p for p in candidates if has_patients(p) and not (p / MARKER).exists()]
 
 
 def run_drop(app: Celery | None, ctx: WorkerContext, settings: Settings) -> list[dict]:
@@ -52,16 +48,24 @@ def run_drop(app: Celery | None, ctx: WorkerContext, settings: Settings) -> list
     done = []
     for export in exports_in(settings.nightly_dir):
         as_of = datetime.now(UTC)
-        summary = run_nightly(
-            export,
-            spec,
-            sessions=ctx.sessions,
-            app=app,
-            tenant_id=tenant_id,
-            as_of=as_of,
-            lookback_days=settings.nightly_lookback_days,
-            per_message=settings.cases_per_message,
-        )
+        try:
+            summary = run_nightly(
+                export,
+                spec,
+                sessions=ctx.sessions,
+                app=app,
+                tenant_id=tenant_id,
+                as_of=as_of,
+                lookback_days=settings.nightly_lookback_days,
+                per_message=settings.cases_per_message,
+            )
+        except OSError as exc:
+            # One unreadable export must not hold back the newer ones behind it, night after
+            # night; it stays unmarked, so the next run tries it again. What failed, not a value.
+            log.error(
+                "nightly export %s skipped: %s: %s", export.name, type(exc).__name__, exc.strerror
+            )
+            continue
         record = {"export": export.name, "as_of": as_of.isoformat(), **summary.as_dict()}
         (export / MARKER).write_text(json.dumps(record, indent=2) + "\n")
         done.append(record)
