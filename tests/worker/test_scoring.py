@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
@@ -600,3 +600,32 @@ def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
         attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
     assert (states.pop(ids[2]).status, attempts.pop(ids[2])) == ("pending", 2)
     assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}
+
+
+def test_an_explain_message_costs_one_transaction_to_claim_and_one_to_settle(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A message of explanations never attempted before pays no look-up for suspects beside its
+    claim: the claim leaves them, so the explain stage keeps one claim and one settle a message
+    (docs/scoring-path.md); a suspect among them is still explained alone after the rest."""
+    ids = _add(pg_sessions, wdbc_cases(6, prefix="xtx"))
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    engine = pg_sessions.kw["bind"]
+    commits: list[int] = []
+
+    def count(conn) -> None:  # type: ignore[no-untyped-def]
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        outcome = _explain_all(pg_sessions, ids[:4], model, 2)
+    finally:
+        event.remove(engine, "commit", count)
+    assert outcome.done == ids[:4] and len(commits) == 2
+    with session_scope(pg_sessions) as s:  # as if a worker had died explaining one of them
+        s.execute(update(Explanation).where(Explanation.case_id == ids[4]).values(attempts=1))
+    again = _explain_all(pg_sessions, ids, model, 2)
+    assert again.done == [ids[5], ids[4]] and again.skipped == 4 and again.failed == {}
+    with pg_sessions() as s:
+        attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
+    assert attempts == {**dict.fromkeys(ids[:4], 1), ids[4]: 2, ids[5]: 1}
