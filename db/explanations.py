@@ -324,9 +324,13 @@ def states(session: Session, *, case_ids: Sequence[int]) -> dict[int, Explanatio
             _among(session, Explanation.case_id, case_ids)
         )
     ).all()
-    return {
-        r.case_id: ExplanationState(
-            PUBLIC_STATUS[JobStatus(r.status)], r.error if r.status == JobStatus.failed else None
-        )
-        for r in rows
-    }
+    return {r.case_id: state for r in rows if (state := state_of(r.status, r.error)) is not None}
+
+
+def state_of(status: JobStatus | str | None, error: str | None) -> ExplanationState | None:
+    """The public state of a ledger row's ``status`` and ``error`` (None: the case has no row),
+    for a statement that reads them beside its case (an outer join) instead of :func:`states`."""
+    if status is None:
+        return None
+    job = JobStatus(status)
+    return ExplanationState(PUBLIC_STATUS[job], error if job == JobStatus.failed else None)
