@@ -314,6 +314,31 @@ def test_a_refused_search_audits_only_a_patient_reference(
     assert rows == [(400, ""), (401, "subject=Patient/abc-1")]
 
 
+def test_a_refused_search_by_patient_audits_the_patient_like_one_by_subject(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """patient= is the same search as subject= (86157ae): a request by patient=Patient/<id>
+    refused before its route ran (no key, a client without the scope, XML asked for) must name
+    that patient in its audit row as subject= does; it named none, so a denied look-up of a
+    patient's risk could not be traced to the patient."""
+    from db.tables import AuditEvent
+
+    no_scope = _key(pg_sessions, "hospital-b", "cases:submit")
+    asked = [
+        ({}, {"patient": "Patient/abc-1"}),
+        (no_scope, {"patient": "Patient/abc-2"}),
+        (_key(pg_sessions), {"patient": "Patient/abc-3", "_format": "xml"}),
+        ({}, {"patient": "MRN:CANARY-4471"}),
+    ]
+    statuses = [
+        api.get("/v1/fhir/RiskAssessment", headers=h, params=p).status_code for h, p in asked
+    ]
+    assert statuses == [401, 403, 406, 401]
+    with pg_sessions() as s:
+        rows = [e.resource for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert rows == ["subject=Patient/abc-1", "subject=Patient/abc-2", "subject=Patient/abc-3", ""]
+
+
 def test_an_identifier_search_audits_every_patient_it_answered_for(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
