@@ -288,6 +288,29 @@ def test_cases_queued_for_a_version_retired_since_fail_saying_so(
     }
 
 
+def test_a_version_retired_after_it_scored_still_gets_its_attributions(
+    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path
+) -> None:
+    """Retiring a version stops its new cases, not the attributions of the scores it gave (they
+    stand, and stay readable): the explain task of a worker started after the retirement failed
+    them with 'model ... unavailable: ... is retired'."""
+    from models.cases.registry import load_registry
+    from worker.app import create_app
+    from worker.queues import EXPLAIN_TASK
+
+    store = tmp_path / "store"
+    register_breast_cancer(store, "0.9.0", status="retired")
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="retired-x"), version="0.9.0")
+    before = LoadedModel(load_registry(store).resolve("breast-cancer@0.9.0"), device="cpu")
+    _, sent = score_collecting_explanations(pg_sessions, ids, lambda n, v: before, explain_top_k=2)
+    settings = Settings(database_url=pg_url, artifact_dir=store, device="cpu", explain_top_k=2)
+    app = create_app(settings, broker_url=redis_url)
+    assert app.tasks[EXPLAIN_TASK].run(sent[0]) == {"done": 3, "failed": 0}
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+    assert {e.status for e in states.values()} == {"done"} and len(states) == 3
+
+
 class PoisonedModel(LoadedModel):
     """The real model, made to raise on any batch holding the marked case (a crafted poison)."""
 

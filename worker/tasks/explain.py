@@ -299,7 +299,8 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
             outcome = explain_cases(
                 case_ids,
                 sessions=ctx.sessions,
-                load_model=ctx.model,
+                # A retired version's scores stand: their attributions are still computed.
+                load_model=ctx.loaded,
                 lease=ctx.leases.lease,
                 top_k=max(1, ctx.settings.explain_top_k),
                 steps=ctx.settings.explain_steps,
