@@ -328,6 +328,46 @@ class PoisonedModel(LoadedModel):
         return super().predict(batch)
 
 
+def test_a_case_whose_worker_died_is_leased_while_it_waits_to_be_scored_alone(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A case whose worker died holding it is still ``running`` under that worker's expired
+    lease: while the rest of its batch is scored it must be leased to this worker (as the
+    docstring of score_cases says), or the sweeper takes it as stranded and sends it again,
+    counting another delivery towards its dead letter."""
+    from datetime import UTC, datetime
+
+    from worker.leases import LeaseKeeper
+
+    ids = _add(pg_sessions, wdbc_cases(4, prefix="held"))
+    with session_scope(pg_sessions) as s:  # its worker died holding it
+        s.execute(
+            update(Case)
+            .where(Case.id == ids[1])
+            .values(
+                status=CaseStatus.running,
+                delivery_count=1,
+                lease_owner="dead-worker:1",
+                lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC),
+            )
+        )
+    keeper = LeaseKeeper(pg_sessions, ttl_s=60)
+    seen: list[str | None] = []
+
+    def load(name: str, version: str) -> LoadedModel:
+        if not seen:  # the rest's batch: the suspect waits
+            with pg_sessions() as s:
+                seen.append(s.get(Case, ids[1]).lease_owner)  # type: ignore[union-attr]
+        return model
+
+    try:
+        outcome = score_cases(ids, sessions=pg_sessions, load_model=load, keeper=keeper)
+    finally:
+        keeper.stop()
+    assert seen == [keeper.owner]
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
+
+
 def test_a_poisoned_case_fails_alone_in_few_forward_passes(
     pg_sessions: sessionmaker[Session],
 ) -> None:
