@@ -101,10 +101,12 @@ class AuditTrail:
             # Not answered (refused before the route ran): the patient asked for, if any. The
             # guard refuses repeated parameters, so there is one value to name. A value that is
             # no Patient reference is not named: it is the caller's text (an MRN sent as
-            # subject=12345), which the audit trail never holds.
+            # subject=12345), which the audit trail never holds. ``patient`` is the same search
+            # (R4 RiskAssessment), named as its answer would name it: ``subject=``.
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            if re.fullmatch(SUBJECT, query.get("subject", "")):
-                params["subject"] = query["subject"]
+            named = [query[p] for p in _SUBJECTS if re.fullmatch(SUBJECT, query.get(p, ""))]
+            if named:
+                params["subject"] = ",".join(named)
         params = {k: _exact(v) for k, v in params.items()}
         action = f"{scope['method']} {template}"[:100]
         log.info("%s %d", action, status)
@@ -168,6 +170,9 @@ def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
         else:
             yield route
 
+
+#: The query parameters that name the patient a FHIR search is for, in the order they are named.
+_SUBJECTS = ("subject", "patient")
 
 #: What an id in a path is when a route accepts it: a record's number, or an evaluation's hex.
 _ID = re.compile(r"[0-9]{1,19}|[0-9a-f]{32}", re.ASCII)

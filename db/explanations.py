@@ -143,11 +143,19 @@ def attempted_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[i
 
 
 def claim_explanations(
-    session: Session, *, case_ids: Sequence[int], lease: Lease, max_deliveries: int
+    session: Session,
+    *,
+    case_ids: Sequence[int],
+    lease: Lease,
+    max_deliveries: int,
+    first_attempt_only: bool = False,
 ) -> tuple[list[ClaimedExplanation], list[int]]:
     """Claim in one statement the ledger rows of ``case_ids`` that are ``queued``, or ``running``
     under no live lease: count an attempt, take the lease. Returns what to explain, in case id
-    order, and the cases now tried more than ``max_deliveries`` times: those end ``failed``."""
+    order, and the cases now tried more than ``max_deliveries`` times: those end ``failed``.
+
+    With ``first_attempt_only``, a row attempted before without finishing is left as it is (the
+    caller explains it alone: :func:`attempted_unfinished` finds it)."""
     now = utcnow()
     attempts = Explanation.attempts + 1
     dead = attempts > max_deliveries
@@ -156,6 +164,8 @@ def claim_explanations(
         status == JobStatus.queued.value,
         and_(status == JobStatus.running.value, lease_free(Explanation, now, lease.owner)),
     )
+    if first_attempt_only:
+        claimable = and_(claimable, Explanation.attempts == 0)
     rows = session.execute(
         update(Explanation)
         .where(_among(session, Explanation.case_id, case_ids), claimable)
@@ -314,9 +324,13 @@ def states(session: Session, *, case_ids: Sequence[int]) -> dict[int, Explanatio
             _among(session, Explanation.case_id, case_ids)
         )
     ).all()
-    return {
-        r.case_id: ExplanationState(
-            PUBLIC_STATUS[JobStatus(r.status)], r.error if r.status == JobStatus.failed else None
-        )
-        for r in rows
-    }
+    return {r.case_id: state for r in rows if (state := state_of(r.status, r.error)) is not None}
+
+
+def state_of(status: JobStatus | str | None, error: str | None) -> ExplanationState | None:
+    """The public state of a ledger row's ``status`` and ``error`` (None: the case has no row),
+    for a statement that reads them beside its case (an outer join) instead of :func:`states`."""
+    if status is None:
+        return None
+    job = JobStatus(status)
+    return ExplanationState(PUBLIC_STATUS[job], error if job == JobStatus.failed else None)

@@ -615,15 +615,24 @@ def delivered_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[i
     )
 
 
-def hold_cases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> None:
-    """Lease ``queued`` cases a worker holds unclaimed (their messages wait in its buffers)."""
+def hold_cases(
+    session: Session, *, case_ids: Sequence[int], lease: Lease, stranded: bool = False
+) -> None:
+    """Lease ``queued`` cases a worker holds unclaimed (their messages wait in its buffers).
+
+    ``stranded``: also those left ``running`` under no live lease of another worker (a case
+    whose worker died holding it, which waits to be scored alone: :func:`claim_cases`)."""
     now = utcnow()
+    status = status_among_ids(Case)
+    holdable = status == CaseStatus.queued.value
+    if stranded:
+        holdable = or_(
+            holdable,
+            and_(status == CaseStatus.running.value, lease_free(Case, now, lease.owner)),
+        )
     session.execute(
         update(Case)
-        .where(
-            _among(session, Case.id, case_ids),
-            status_among_ids(Case) == CaseStatus.queued.value,
-        )
+        .where(_among(session, Case.id, case_ids), holdable)
         .values(lease_owner=lease.owner, lease_expires_at=lease.expiry(now)),
         execution_options={"synchronize_session": False},
     )

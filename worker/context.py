@@ -56,9 +56,16 @@ class WorkerContext:
         return load_registry(self.settings.artifact_dir)
 
     def model(self, name: str, version: str) -> LoadedModel:
+        """The model that scores ``name@version``'s cases: a retired version scores none."""
+        self.registry.resolve_scorable(f"{name}@{version}")
+        return self.loaded(name, version)
+
+    def loaded(self, name: str, version: str) -> LoadedModel:
+        """``name@version`` loaded (once), retired or not: the explain stage's attributions are
+        of scores that stand, whatever became of their version since."""
         key = (name, version)
         if key not in self._models:
-            spec = self.registry.resolve_scorable(f"{name}@{version}")
+            spec = self.registry.resolve(f"{name}@{version}")
             from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
             model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)

@@ -34,7 +34,7 @@ from api_shim.deps import (
 )
 from api_shim.errors import SafeJSONResponse, model_problem, outcome_body
 from db import explanations, repo
-from db.tables import Case, Priority, Score
+from db.tables import Case, Explanation, Priority, Score
 from models.cases.registry import ModelSpec, RegistryError
 
 if TYPE_CHECKING:
@@ -412,9 +412,11 @@ def search_risk_assessments(
         )
     # The audit row names the patients this answer is about (api_shim/audit.py).
     record_resource(request.state, subject=",".join(subjects))
+    # The attributions' state in the same statement (an outer join): no extra one a search.
     rows = session.execute(
-        select(Case, Score)
+        select(Case, Score, Explanation.status, Explanation.error)
         .join(Score, Score.case_id == Case.id)
+        .outerjoin(Explanation, Explanation.case_id == Case.id)
         .where(
             Case.tenant_id == tenant.id,
             Case.subject.in_(subjects),
@@ -423,16 +425,15 @@ def search_risk_assessments(
         )
         .order_by(Score.id)
     ).all()
-    explained = explanations.states(session, case_ids=[case.id for case, _ in rows])
     entries = [
         {
             "fullUrl": f"RiskAssessment/{score.id}",
             "resource": risk_assessment(
-                case, score, _spec(registry, score), explained.get(case.id)
+                case, score, _spec(registry, score), explanations.state_of(state, error)
             ),
             "search": {"mode": "match"},
         }
-        for case, score in rows
+        for case, score, state, error in rows
     ]
     body = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
     # ASCII-escaped: a string stored before the gate refused it (a lone surrogate) cannot make
@@ -445,14 +446,15 @@ def read_risk_assessment(
     score_id: IdPath, tenant: ReaderDep, session: SessionDep, registry: RegistryDep
 ) -> JSONResponse:
     row = session.execute(
-        select(Case, Score)
+        select(Case, Score, Explanation.status, Explanation.error)
         .join(Score, Score.case_id == Case.id)
+        .outerjoin(Explanation, Explanation.case_id == Case.id)
         .where(Score.id == score_id, Case.tenant_id == tenant.id, Score.shadow.is_(False))
     ).first()
     if row is None:
         return outcome(404, [issue("not-found", "no RiskAssessment with this id for this tenant")])
-    case, score = row
-    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
+    case, score, state, error = row
+    explained = explanations.state_of(state, error)
     return SafeJSONResponse(
         risk_assessment(case, score, _spec(registry, score), explained), media_type=FHIR_JSON
     )

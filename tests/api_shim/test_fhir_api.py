@@ -314,6 +314,31 @@ def test_a_refused_search_audits_only_a_patient_reference(
     assert rows == [(400, ""), (401, "subject=Patient/abc-1")]
 
 
+def test_a_refused_search_by_patient_audits_the_patient_like_one_by_subject(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """patient= is the same search as subject= (86157ae): a request by patient=Patient/<id>
+    refused before its route ran (no key, a client without the scope, XML asked for) must name
+    that patient in its audit row as subject= does; it named none, so a denied look-up of a
+    patient's risk could not be traced to the patient."""
+    from db.tables import AuditEvent
+
+    no_scope = _key(pg_sessions, "hospital-b", "cases:submit")
+    asked = [
+        ({}, {"patient": "Patient/abc-1"}),
+        (no_scope, {"patient": "Patient/abc-2"}),
+        (_key(pg_sessions), {"patient": "Patient/abc-3", "_format": "xml"}),
+        ({}, {"patient": "MRN:CANARY-4471"}),
+    ]
+    statuses = [
+        api.get("/v1/fhir/RiskAssessment", headers=h, params=p).status_code for h, p in asked
+    ]
+    assert statuses == [401, 403, 406, 401]
+    with pg_sessions() as s:
+        rows = [e.resource for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert rows == ["subject=Patient/abc-1", "subject=Patient/abc-2", "subject=Patient/abc-3", ""]
+
+
 def test_an_identifier_search_audits_every_patient_it_answered_for(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
@@ -729,3 +754,39 @@ def test_a_patient_named_by_an_absolute_full_url_keeps_that_id(
     answer = response.json()["entry"][0]["response"]
     assert answer["location"] == "RiskAssessment?subject=Patient/abc-123"
     assert "assigned" not in json.dumps(answer.get("outcome", {}))
+
+
+def test_a_risk_assessment_reads_its_attributions_state_in_its_own_statement(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """The search and the read of a RiskAssessment say its attributions are pending without a
+    statement of their own on the explanation ledger: the API's per-request statement count
+    stays what it was before the notes told the attributions' state."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    headers = _key(pg_sessions)
+    response = _post(api, headers, _first_bundle())
+    subject = response.json()["entry"][0]["response"]["location"].split("=", 1)[1]
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    model = LoadedModel(Registry.load().resolve("whas500-mortality"), device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=3)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(" ".join(statement.split()))
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        found = api.get("/v1/fhir/RiskAssessment", headers=headers, params={"patient": subject})
+        (entry,) = found.json()["entry"]
+        one = api.get(f"/v1/fhir/{entry['fullUrl']}", headers=headers)
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    pending = "feature attributions pending: they follow the score"
+    assert pending in [n["text"] for n in entry["resource"]["note"]]
+    assert pending in [n["text"] for n in one.json()["note"]]
+    on_the_ledger = [s for s in statements if "explanations" in s]
+    assert len(on_the_ledger) == 2, on_the_ledger
+    assert all("JOIN explanations" in s for s in on_the_ledger), on_the_ledger

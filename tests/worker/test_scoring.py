@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
@@ -288,6 +288,29 @@ def test_cases_queued_for_a_version_retired_since_fail_saying_so(
     }
 
 
+def test_a_version_retired_after_it_scored_still_gets_its_attributions(
+    pg_url: str, pg_sessions: sessionmaker[Session], redis_url: str, tmp_path: Path
+) -> None:
+    """Retiring a version stops its new cases, not the attributions of the scores it gave (they
+    stand, and stay readable): the explain task of a worker started after the retirement failed
+    them with 'model ... unavailable: ... is retired'."""
+    from models.cases.registry import load_registry
+    from worker.app import create_app
+    from worker.queues import EXPLAIN_TASK
+
+    store = tmp_path / "store"
+    register_breast_cancer(store, "0.9.0", status="retired")
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="retired-x"), version="0.9.0")
+    before = LoadedModel(load_registry(store).resolve("breast-cancer@0.9.0"), device="cpu")
+    _, sent = score_collecting_explanations(pg_sessions, ids, lambda n, v: before, explain_top_k=2)
+    settings = Settings(database_url=pg_url, artifact_dir=store, device="cpu", explain_top_k=2)
+    app = create_app(settings, broker_url=redis_url)
+    assert app.tasks[EXPLAIN_TASK].run(sent[0]) == {"done": 3, "failed": 0}
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+    assert {e.status for e in states.values()} == {"done"} and len(states) == 3
+
+
 class PoisonedModel(LoadedModel):
     """The real model, made to raise on any batch holding the marked case (a crafted poison)."""
 
@@ -303,6 +326,46 @@ class PoisonedModel(LoadedModel):
         if (batch.values[:, 0] == self.MARK).any():
             raise RuntimeError("poisoned input")
         return super().predict(batch)
+
+
+def test_a_case_whose_worker_died_is_leased_while_it_waits_to_be_scored_alone(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A case whose worker died holding it is still ``running`` under that worker's expired
+    lease: while the rest of its batch is scored it must be leased to this worker (as the
+    docstring of score_cases says), or the sweeper takes it as stranded and sends it again,
+    counting another delivery towards its dead letter."""
+    from datetime import UTC, datetime
+
+    from worker.leases import LeaseKeeper
+
+    ids = _add(pg_sessions, wdbc_cases(4, prefix="held"))
+    with session_scope(pg_sessions) as s:  # its worker died holding it
+        s.execute(
+            update(Case)
+            .where(Case.id == ids[1])
+            .values(
+                status=CaseStatus.running,
+                delivery_count=1,
+                lease_owner="dead-worker:1",
+                lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC),
+            )
+        )
+    keeper = LeaseKeeper(pg_sessions, ttl_s=60)
+    seen: list[str | None] = []
+
+    def load(name: str, version: str) -> LoadedModel:
+        if not seen:  # the rest's batch: the suspect waits
+            with pg_sessions() as s:
+                seen.append(s.get(Case, ids[1]).lease_owner)  # type: ignore[union-attr]
+        return model
+
+    try:
+        outcome = score_cases(ids, sessions=pg_sessions, load_model=load, keeper=keeper)
+    finally:
+        keeper.stop()
+    assert seen == [keeper.owner]
+    assert sorted(outcome.scored) == ids and outcome.failed == {}
 
 
 def test_a_poisoned_case_fails_alone_in_few_forward_passes(
@@ -600,3 +663,32 @@ def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
         attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
     assert (states.pop(ids[2]).status, attempts.pop(ids[2])) == ("pending", 2)
     assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}
+
+
+def test_an_explain_message_costs_one_transaction_to_claim_and_one_to_settle(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A message of explanations never attempted before pays no look-up for suspects beside its
+    claim: the claim leaves them, so the explain stage keeps one claim and one settle a message
+    (docs/scoring-path.md); a suspect among them is still explained alone after the rest."""
+    ids = _add(pg_sessions, wdbc_cases(6, prefix="xtx"))
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    engine = pg_sessions.kw["bind"]
+    commits: list[int] = []
+
+    def count(conn) -> None:  # type: ignore[no-untyped-def]
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        outcome = _explain_all(pg_sessions, ids[:4], model, 2)
+    finally:
+        event.remove(engine, "commit", count)
+    assert outcome.done == ids[:4] and len(commits) == 2
+    with session_scope(pg_sessions) as s:  # as if a worker had died explaining one of them
+        s.execute(update(Explanation).where(Explanation.case_id == ids[4]).values(attempts=1))
+    again = _explain_all(pg_sessions, ids, model, 2)
+    assert again.done == [ids[5], ids[4]] and again.skipped == 4 and again.failed == {}
+    with pg_sessions() as s:
+        attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
+    assert attempts == {**dict.fromkeys(ids[:4], 1), ids[4]: 2, ids[5]: 1}

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from typing import Any
 
 import torch
 from celery import Task, shared_task
@@ -113,39 +113,57 @@ def explain_cases(
     A case attempted before without finishing (its worker died explaining it: perhaps killed by
     that very case) is claimed and explained alone, after the others: an explanation that kills
     its worker then costs no other one an attempt."""
-    if len(case_ids) > 1:
-        with session_scope(sessions) as session:
-            suspects = ledger.attempted_unfinished(session, case_ids=case_ids)
-        if suspects:
-            again = partial(
-                explain_cases,
-                sessions=sessions,
-                load_model=load_model,
-                lease=lease,
-                top_k=top_k,
-                steps=steps,
-                max_deliveries=max_deliveries,
-                yield_after_s=yield_after_s,
-                send_rest=send_rest,
-            )
-            alone = set(suspects)
-            others = [i for i in case_ids if i not in alone]
-            outcome = again(others) if others else ExplainOutcome()
-            for case_id in suspects:
-                part = again([case_id])
-                outcome.done += part.done
-                outcome.failed.update(part.failed)
-                outcome.skipped += part.skipped
-                outcome.handed_back += part.handed_back
-            return outcome
+    # The suspects are found by the claim itself (it leaves them): nothing more a message.
+    first_only = len(case_ids) > 1
+    suspects: list[int] = []
     with session_scope(sessions) as session:
         claimed, dead = ledger.claim_explanations(
-            session, case_ids=case_ids, lease=lease, max_deliveries=max_deliveries
+            session,
+            case_ids=case_ids,
+            lease=lease,
+            max_deliveries=max_deliveries,
+            first_attempt_only=first_only,
         )
-    outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead))
+        if first_only and len(claimed) + len(dead) < len(case_ids):
+            taken = {c.case_id for c in claimed}.union(dead)
+            left = [i for i in case_ids if i not in taken]
+            suspects = ledger.attempted_unfinished(session, case_ids=left)
+    outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead) - len(suspects))
     outcome.failed.update({i: "explanation attempted too often without finishing" for i in dead})
-    if not claimed:
-        return outcome
+    common: dict[str, Any] = {
+        "sessions": sessions,
+        "load_model": load_model,
+        "lease": lease,
+        "top_k": top_k,
+        "steps": steps,
+        "yield_after_s": yield_after_s,
+        "send_rest": send_rest,
+    }
+    if claimed:
+        _explain_claimed(claimed, dead, outcome, **common)
+    for case_id in suspects:
+        part = explain_cases([case_id], max_deliveries=max_deliveries, **common)
+        outcome.done += part.done
+        outcome.failed.update(part.failed)
+        outcome.skipped += part.skipped
+        outcome.handed_back += part.handed_back
+    return outcome
+
+
+def _explain_claimed(
+    claimed: list[ledger.ClaimedExplanation],
+    dead: list[int],
+    outcome: ExplainOutcome,
+    *,
+    sessions: sessionmaker[Session],
+    load_model: ModelLoader,
+    lease: Lease,
+    top_k: int,
+    steps: int,
+    yield_after_s: float | None,
+    send_rest: Callable[[list[int]], object] | None,
+) -> None:
+    """The attributions of the rows a claim took, stored (into ``outcome``)."""
     found: dict[int, tuple[int, dict]] = {}
     groups: dict[tuple[str, str], list[ledger.ClaimedExplanation]] = defaultdict(list)
     for c in claimed:
@@ -194,7 +212,6 @@ def explain_cases(
     outcome.done = sorted(found)
     metrics.EXPLANATIONS.labels("done").inc(len(found))
     metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
-    return outcome
 
 
 def _featurize_isolating(
@@ -282,7 +299,8 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
             outcome = explain_cases(
                 case_ids,
                 sessions=ctx.sessions,
-                load_model=ctx.model,
+                # A retired version's scores stand: their attributions are still computed.
+                load_model=ctx.loaded,
                 lease=ctx.leases.lease,
                 top_k=max(1, ctx.settings.explain_top_k),
                 steps=ctx.settings.explain_steps,

@@ -151,7 +151,9 @@ def score_cases(
             left = [i for i in case_ids if i not in taken]
             suspects = repo.delivered_unfinished(session, case_ids=left)
             if suspects and lease is not None:
-                repo.hold_cases(session, case_ids=suspects, lease=lease)
+                # Those whose worker died are still ``running``: leased too, or the sweeper
+                # sends them again (another delivery counted) while they wait their turn.
+                repo.hold_cases(session, case_ids=suspects, lease=lease, stranded=True)
     common: dict[str, Any] = {
         "sessions": sessions,
         "load_model": load_model,
