@@ -47,6 +47,8 @@ class CompoundSearchCreate(BaseModel):
     radius: int = Field(default=2, ge=0, le=6)
     bits: int = Field(default=2048, ge=64, le=16384)
     smiles_column: str = Field(default="smiles", min_length=1, max_length=100, pattern=TEXT)
+    #: The CSV column of the ids (default: ``id`` if the header has it, else line numbers).
+    id_column: str | None = Field(default=None, min_length=1, max_length=100, pattern=TEXT)
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
@@ -98,7 +100,7 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
     return _public(
         job.submitter.submit(
             submit,
-            lambda exc: _refused(exc, job.settings.compound_dir, given, body.smiles_column),
+            lambda exc: _refused(exc, job.settings.compound_dir, given, body),
             **paths,
             **search_options(body),
             tile_rows=body.tile_rows or 0,
@@ -107,11 +109,16 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
 
 
 def _refused(
-    exc: SubmissionError, root: Path, given: dict[str, str | None], smiles_column: str
+    exc: SubmissionError, root: Path, given: dict[str, str | None], body: CompoundSearchCreate
 ) -> RequestValidationError:
     """A refusal in words that hold neither a server path nor the caller's values."""
     message = public_message(
-        str(exc), root, given, kind="molecules", values={"smiles_column": smiles_column}
+        str(exc),
+        root,
+        given,
+        kind="molecules",
+        values={"smiles_column": body.smiles_column}
+        | ({"id_column": body.id_column} if body.id_column else {}),
     )
     loc = ("body",) if exc.field == "mode" else ("body", exc.field)
     return tiled.refused(loc, message)

@@ -52,6 +52,9 @@ def add_parsers(sub: Any) -> None:
     )
     search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
     search.add_argument(
+        "--id-column", help="for .csv inputs (default: the 'id' column if any, else line numbers)"
+    )
+    search.add_argument(
         "--tile-rows",
         type=number(int, 0),
         default=0,

@@ -111,6 +111,34 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     assert csv_lines[0] == "query_id,library_id,similarity,rank" and len(csv_lines) == 61
 
 
+def test_csv_ids_name_the_neighbours_of_a_job(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A CSV's ``id`` column (or the one ``id_column`` names) names the neighbours, not the
+    line numbers."""
+    query = tmp_path / "query.csv"
+    query.write_text("id,smiles,name\nQ-1,CCO,ethanol\nQ-2,c1ccccc1O,phenol\n")
+    library = tmp_path / "library.csv"
+    library.write_text("smiles,name\nOCC,L-1\nOc1ccccc1,L-2\n")
+    tenant_id = new_tenant(sessions, "pharmacy")
+    for id_column, want in ((None, {"Q-1", "Q-2"}), ("name", {"ethanol", "phenol"})):
+        job = tasks.submit(
+            sessions,
+            None,
+            tenant_id=tenant_id,
+            artifact_dir=tmp_path / "store",
+            library=library,
+            query=query,
+            top_k=1,
+            id_column=id_column,
+        )
+        summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+        assert summary["status"] == "done", summary["error"]
+        rows = _neighbours(sessions, job["id"])
+        assert {r.query_id for r in rows} == want
+        assert {r.library_id for r in rows} == ({"2", "3"} if id_column is None else {"L-1", "L-2"})
+
+
 def test_the_chem_engine_setting_reaches_the_tiles(
     sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
 ) -> None:

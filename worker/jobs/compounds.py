@@ -38,26 +38,35 @@ __all__ = [
 MAX_REPORTED_FAILURES = 100
 
 
-def read_molecules(path: Path, *, smiles_column: str = "smiles") -> chem.Molecules:
-    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``) or a CSV (``.csv``)."""
+def read_molecules(
+    path: Path, *, smiles_column: str = "smiles", id_column: str | None = None
+) -> chem.Molecules:
+    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``) or a CSV (``.csv``; ids
+    from ``id_column``, else its ``id`` column if it has one, else line numbers)."""
     from models.compounds import chem  # RDKit: loaded by the first submission
 
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".sdf", ".mol")):
         return chem.read_sdf(path)
     if name.endswith(".csv"):
-        return chem.read_csv(path, smiles_column=smiles_column)
+        return chem.read_csv(path, smiles_column=smiles_column, id_column=id_column)
     return chem.read_smiles(path)
 
 
 @lru_cache(maxsize=4)
 def _fingerprints(
-    path: str, mtime: float, kind: str, radius: int, fp_size: int, smiles_column: str
+    path: str,
+    mtime: float,
+    kind: str,
+    radius: int,
+    fp_size: int,
+    smiles_column: str,
+    id_column: str | None = None,
 ) -> tuple[chem.Fingerprints, tuple[chem.ParseFailure, ...]]:
     """A file's fingerprints, computed once per worker process (its tiles share them)."""
     from models.compounds import chem
 
-    molecules = read_molecules(Path(path), smiles_column=smiles_column)
+    molecules = read_molecules(Path(path), smiles_column=smiles_column, id_column=id_column)
     fps = chem.fingerprints(molecules, kind=kind, radius=radius, fp_size=fp_size)  # type: ignore[arg-type]
     return fps, molecules.failures
 
@@ -71,6 +80,7 @@ def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any
         spec["radius"],
         spec["fp_size"],
         spec.get("smiles_column", "smiles"),
+        spec.get("id_column"),
     )
 
 
@@ -90,6 +100,7 @@ def search_options(given: Any) -> dict[str, Any]:
         "radius": given.radius,
         "fp_size": given.bits,
         "smiles_column": given.smiles_column,
+        "id_column": given.id_column,
     }
 
 
@@ -107,6 +118,7 @@ def submit(
     radius: int = 2,
     fp_size: int = 2048,
     smiles_column: str = "smiles",
+    id_column: str | None = None,
     tile_rows: int = 0,
     artifact_dir: Path,
 ) -> dict[str, Any]:
@@ -137,6 +149,7 @@ def submit(
         "radius": radius,
         "fp_size": fp_size,
         "smiles_column": smiles_column,
+        "id_column": id_column,
     }
     counts = {}
     failures: list[str] = []
