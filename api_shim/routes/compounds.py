@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -79,13 +80,17 @@ class NeighboursPublic(BaseModel):
     next_cursor: int | None
 
 
+#: The directories of a failure's file: up to the last ``/`` before ", line N (" (or record).
+_FOLDERS = re.compile(r"^[^\n]*?/(?=[^/]*?, (?:line|record) \d+ \()")
+
 _NEIGHBOURS = tiled.Results(CompoundJob, _WHAT, jobs.list_neighbours, NeighbourPublic)
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
-    # Names of unreadable records come with the server's path: keep only the file name.
-    examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
+    # Names of unreadable records come with the server's path: keep only the file name (the
+    # record's SMILES may hold a "/" too: F/C=C/F).
+    examples = [_FOLDERS.sub("", str(e), count=1) for e in job["unreadable_examples"]]
     plots = [f"/v1/compound-similarity/{job['id']}/plots/similarity.png"] if output else []
     return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
