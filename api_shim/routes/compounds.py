@@ -64,6 +64,8 @@ class CompoundSearchPublic(tiled.TiledJobPublic):
     n_library: int
     unreadable: int
     unreadable_examples: list[str]
+    #: Per file (library, query), how many molecules share an id with one before them.
+    repeated_ids: dict[str, int]
     #: The neighbours CSV once done, as a download path.
     output: str | None
 

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         for example in job["unreadable_examples"]:
             print(f"  skipped: {example}")
+        for which, n in job["repeated_ids"].items():
+            if n:
+                print(f"  {which}: {n} molecules share an id with one before them")
         summary = run.finish(tasks.TILES, job["id"])
     if args.out:
         copy_out(summary["output"], args.out)

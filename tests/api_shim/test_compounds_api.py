@@ -55,6 +55,7 @@ def test_a_search_is_queued_then_served(
         1,
     )
     assert job["unreadable_examples"][0].startswith("query.smi, line 4")
+    assert job["repeated_ids"] == {"library": 0, "query": 0}
     messages = queued_tile_messages(redis_client, CHEM_QUEUE)
     assert sorted(messages) == [[job["id"], 0], [job["id"], 1]]
     tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")

@@ -91,6 +91,7 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=5, tile_rows=5)
     assert (job["n_query"], job["n_library"], job["tiles_total"]) == (12, 301, 3)
     assert job["unreadable"] == 1 and "line 7" in job["unreadable_examples"][0]
+    assert job["repeated_ids"] == {"library": 0, "query": 0}
     summary = tasks.run_inline(
         sessions,
         job_id=job["id"],
@@ -137,6 +138,23 @@ def test_csv_ids_name_the_neighbours_of_a_job(
         rows = _neighbours(sessions, job["id"])
         assert {r.query_id for r in rows} == want
         assert {r.library_id for r in rows} == ({"2", "3"} if id_column is None else {"L-1", "L-2"})
+
+
+def test_ids_that_repeat_are_counted_per_file(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Neighbours are named by ids: a library where two molecules share one was searched
+    without a word, and its hits could not be told apart."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 A\nCCN B\nCCC A\n")
+    query = tmp_path / "query.smi"
+    query.write_text("CCO q\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=2)
+    assert job["repeated_ids"] == {"library": 2, "query": 0}
+    with session_scope(sessions) as s:
+        found = jobs.get_job(s, job_id=job["id"])
+        assert found is not None
+        assert tasks.describe(found)["repeated_ids"] == {"library": 2, "query": 0}
 
 
 def test_the_chem_engine_setting_reaches_the_tiles(

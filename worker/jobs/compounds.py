@@ -152,6 +152,7 @@ def submit(
         "id_column": id_column,
     }
     counts = {}
+    repeated = {}
     failures: list[str] = []
     for which in ("library", "query"):
         if spec[which] is None:
@@ -171,8 +172,11 @@ def submit(
             raise SubmissionError(which, f"{spec[which]}: no molecule could be read{why}")
         counts[which] = len(fps.popcounts)
         failures += [str(f) for f in failed]
+        # Neighbours are named by ids: one that names several molecules leaves them ambiguous.
+        repeated[which] = len(fps.ids) - len(set(fps.ids))
     spec["unreadable"] = len(failures)
     spec["unreadable_examples"] = failures[:MAX_REPORTED_FAILURES]
+    spec["repeated_ids"] = repeated
     n_library = counts["library"]
     sizes = {"n_query": counts.get("query", n_library), "n_library": n_library}
     root = str(artifact_dir.resolve())
@@ -202,6 +206,7 @@ def describe(job: CompoundJob) -> dict[str, Any]:
         "n_library": job.n_library,
         "unreadable": spec.get("unreadable", 0),
         "unreadable_examples": spec.get("unreadable_examples", [])[:10],
+        "repeated_ids": spec.get("repeated_ids", {}),
         "tiles_total": job.tiles_total,
         "tiles_done": job.tiles_done,
         "error": job.error,
