@@ -3,6 +3,7 @@ the tie-break, unreadable records are reported and skipped, bad requests leave n
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,32 @@ def test_ids_that_repeat_are_counted_per_file(
         found = jobs.get_job(s, job_id=job["id"])
         assert found is not None
         assert tasks.describe(found)["repeated_ids"] == {"library": 2, "query": 0}
+
+
+def test_the_csv_is_in_query_order_when_the_tiles_were_stored_out_of_order(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Workers finish tiles in any order. The CSV was sorted only within batches of 50,000
+    stored rows, so a query's rows (and the queries) came out of order past the first batch."""
+    lines = [line for line in NCI.read_text().splitlines() if line.strip()][:250]
+    library = tmp_path / "library.smi"
+    library.write_text("\n".join(lines) + "\n")
+    job = _submit(
+        sessions, tmp_path / "store", library=library, query=None, threshold=0.0, tile_rows=125
+    )
+    assert job["tiles_total"] == 2
+    for index in (1, 0):  # the second tile stored first
+        tasks.run_tile(sessions, job_id=job["id"], index=index, device="cpu")
+    with session_scope(sessions) as s:
+        found = jobs.get_job(s, job_id=job["id"])
+        assert found is not None and found.status == "done", found and found.error
+        output = Path(tasks.describe(found)["output"])
+    ids = [line.split()[1] for line in lines]
+    with output.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 250 * 249  # every pair at threshold 0, no self pairs
+    got = [(ids.index(r["query_id"]), int(r["rank"])) for r in rows]
+    assert got == sorted(got) and got[0] == (0, 1) and got[-1] == (249, 249)
 
 
 def test_the_chem_engine_setting_reaches_the_tiles(
