@@ -184,6 +184,26 @@ def test_the_csv_is_in_query_order_when_the_tiles_were_stored_out_of_order(
     assert got == sorted(got) and got[0] == (0, 1) and got[-1] == (249, 249)
 
 
+def test_a_library_changed_after_submission_fails_the_job_instead_of_pairing_other_molecules(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The tiles read the files again: a library edited while the job waited was searched as
+    it now was, its rows named by the new file, under the counts of the old one."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 B\n")
+    query = tmp_path / "query.smi"
+    query.write_text("CCO q\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=1)
+    library.write_text("c1ccccc1 B\nCCO A\nCCN C\n")
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert (
+        "library" in summary["error"]
+        and "changed since the search was submitted" in (summary["error"])
+    )
+    assert _neighbours(sessions, job["id"]) == []
+
+
 def test_the_chem_engine_setting_reaches_the_tiles(
     sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
 ) -> None:

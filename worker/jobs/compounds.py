@@ -71,11 +71,22 @@ def _fingerprints(
     return fps, molecules.failures
 
 
+def _stamp(path: Path) -> list[int]:
+    """What tells a file changed: its mtime (ns) and size."""
+    stat = path.stat()
+    return [stat.st_mtime_ns, stat.st_size]
+
+
 def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any, ...]]:
+    """The fingerprints of the job's ``which`` file, as it was when the job was submitted (a
+    tile's rows are rows of that file: one changed since would pair them with other molecules)."""
     path = Path(spec[which])
+    stamp = _stamp(path)
+    if (submitted := spec.get("stamps", {}).get(which)) is not None and stamp != submitted:
+        raise ValueError(f"{which} {path} changed since the search was submitted: submit it again")
     return _fingerprints(
         str(path),
-        path.stat().st_mtime,
+        stamp[0] / 1e9,
         spec["kind"],
         spec["radius"],
         spec["fp_size"],
@@ -160,6 +171,7 @@ def submit(
         if not Path(spec[which]).is_file():
             raise SubmissionError(which, f"{spec[which]} not found")
         try:
+            spec.setdefault("stamps", {})[which] = _stamp(Path(spec[which]))
             fps, failed = load(spec, which)
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise SubmissionError(which, str(exc)) from None
