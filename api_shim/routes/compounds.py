@@ -48,7 +48,8 @@ class CompoundSearchCreate(BaseModel):
     radius: int = Field(default=2, ge=0, le=6)
     bits: int = Field(default=2048, ge=64, le=16384)
     smiles_column: str = Field(default="smiles", min_length=1, max_length=100, pattern=TEXT)
-    #: The CSV column of the ids (default: ``id`` if the header has it, else line numbers).
+    #: The CSV column or SDF data item of the ids (default: a CSV's ``id`` column if the header
+    #: has it, else line numbers; an SDF's title lines).
     id_column: str | None = Field(default=None, min_length=1, max_length=100, pattern=TEXT)
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 

@@ -52,7 +52,9 @@ def add_parsers(sub: Any) -> None:
     )
     search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
     search.add_argument(
-        "--id-column", help="for .csv inputs (default: the 'id' column if any, else line numbers)"
+        "--id-column",
+        help="the .csv column or .sdf data item of the ids (default: a .csv's 'id' column if"
+        " any, else line numbers; an .sdf's title lines)",
     )
     search.add_argument(
         "--tile-rows",

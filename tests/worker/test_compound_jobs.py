@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rdkit import DataStructs, RDConfig
+from rdkit import Chem, DataStructs, RDConfig
 from rdkit.Chem import rdFingerprintGenerator
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -113,15 +113,20 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     assert csv_lines[0] == "query_id,library_id,similarity,rank" and len(csv_lines) == 61
 
 
-def test_csv_ids_name_the_neighbours_of_a_job(
+def test_csv_and_sdf_ids_name_the_neighbours_of_a_job(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """A CSV's ``id`` column (or the one ``id_column`` names) names the neighbours, not the
-    line numbers."""
+    line numbers; an SDF's ``id_column`` data item, not its title (or record number)."""
     query = tmp_path / "query.csv"
     query.write_text("id,smiles,name\nQ-1,CCO,ethanol\nQ-2,c1ccccc1O,phenol\n")
-    library = tmp_path / "library.csv"
-    library.write_text("smiles,name\nOCC,L-1\nOc1ccccc1,L-2\n")
+    library = tmp_path / "library.sdf"
+    with Chem.SDWriter(str(library)) as writer:
+        for smiles, title, name in (("OCC", "", "L-1"), ("Oc1ccccc1", "T-2", "L-2")):
+            mol = Chem.MolFromSmiles(smiles)
+            mol.SetProp("_Name", title)
+            mol.SetProp("name", name)
+            writer.write(mol)
     tenant_id = new_tenant(sessions, "pharmacy")
     for id_column, want in ((None, {"Q-1", "Q-2"}), ("name", {"ethanol", "phenol"})):
         job = tasks.submit(
@@ -138,7 +143,9 @@ def test_csv_ids_name_the_neighbours_of_a_job(
         assert summary["status"] == "done", summary["error"]
         rows = _neighbours(sessions, job["id"])
         assert {r.query_id for r in rows} == want
-        assert {r.library_id for r in rows} == ({"2", "3"} if id_column is None else {"L-1", "L-2"})
+        assert {r.library_id for r in rows} == (
+            {"1", "T-2"} if id_column is None else {"L-1", "L-2"}
+        )
 
 
 def test_ids_that_repeat_are_counted_per_file(

@@ -41,13 +41,14 @@ MAX_REPORTED_FAILURES = 100
 def read_molecules(
     path: Path, *, smiles_column: str = "smiles", id_column: str | None = None
 ) -> chem.Molecules:
-    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``) or a CSV (``.csv``; ids
-    from ``id_column``, else its ``id`` column if it has one, else line numbers)."""
+    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``; ids from its ``id_column``
+    data item where a record has one, else its title) or a CSV (``.csv``; ids from
+    ``id_column``, else its ``id`` column if it has one, else line numbers)."""
     from models.compounds import chem  # RDKit: loaded by the first submission
 
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".sdf", ".mol")):
-        return chem.read_sdf(path)
+        return chem.read_sdf(path, id_field=id_column)
     if name.endswith(".csv"):
         return chem.read_csv(path, smiles_column=smiles_column, id_column=id_column)
     return chem.read_smiles(path)
