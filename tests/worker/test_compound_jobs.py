@@ -4,6 +4,7 @@ the tie-break, unreadable records are reported and skipped, bad requests leave n
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,11 @@ def test_the_csv_is_in_query_order_when_the_tiles_were_stored_out_of_order(
     assert got == sorted(got) and got[0] == (0, 1) and got[-1] == (249, 249)
 
 
+@pytest.mark.parametrize(
+    ("new", "later_s"), [("c1ccccc1 B\nCCO A\nCCN C\n", 0), ("c1ccccc1 B\nCCO A\n", 10)]
+)
 def test_a_library_changed_after_submission_fails_the_job_instead_of_pairing_other_molecules(
-    sessions: sessionmaker[Session], tmp_path: Path
+    sessions: sessionmaker[Session], tmp_path: Path, new: str, later_s: int
 ) -> None:
     """The tiles read the files again: a library edited while the job waited was searched as
     it now was, its rows named by the new file, under the counts of the old one."""
@@ -201,7 +205,10 @@ def test_a_library_changed_after_submission_fails_the_job_instead_of_pairing_oth
     query = tmp_path / "query.smi"
     query.write_text("CCO q\n")
     job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=1)
-    library.write_text("c1ccccc1 B\nCCO A\nCCN C\n")
+    before = library.stat().st_mtime
+    library.write_text(new)  # another size, or the same size saved later
+    if later_s:
+        os.utime(library, (before + later_s, before + later_s))
     summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
     assert summary["status"] == "failed"
     assert (

@@ -78,12 +78,18 @@ def _stamp(path: Path) -> list[int]:
     return [stat.st_mtime_ns, stat.st_size]
 
 
+def _changed(stamp: list[int], submitted: list[int]) -> bool:
+    """Another size, or an mtime a second or more apart (hosts that share the folder may keep
+    mtimes at a coarser grain than the one that submitted)."""
+    return stamp[1] != submitted[1] or abs(stamp[0] - submitted[0]) >= 1_000_000_000
+
+
 def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any, ...]]:
     """The fingerprints of the job's ``which`` file, as it was when the job was submitted (a
     tile's rows are rows of that file: one changed since would pair them with other molecules)."""
     path = Path(spec[which])
     stamp = _stamp(path)
-    if (submitted := spec.get("stamps", {}).get(which)) is not None and stamp != submitted:
+    if (submitted := spec.get("stamps", {}).get(which)) is not None and _changed(stamp, submitted):
         raise ValueError(f"{which} {path} changed since the search was submitted: submit it again")
     return _fingerprints(
         str(path),
