@@ -218,6 +218,35 @@ def test_a_library_changed_after_submission_fails_the_job_instead_of_pairing_oth
     assert _neighbours(sessions, job["id"]) == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("morgan", "morgan r=3 1024 bits"),
+        ("feature-morgan", "feature-morgan r=3 1024 bits"),
+        ("rdkit", "rdkit 1024 bits"),
+        ("atom-pair", "atom-pair 1024 bits"),
+        ("torsion", "torsion 1024 bits"),
+    ],
+)
+def test_a_radius_is_described_only_for_the_morgan_kinds(
+    sessions: sessionmaker[Session], tmp_path: Path, kind: str, words: str
+) -> None:
+    """ "rdkit r=3" read as a path length the RDKit fingerprint was never given."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 B\n")
+    job = _submit(
+        sessions,
+        tmp_path / "store",
+        library=library,
+        query=None,
+        top_k=1,
+        kind=kind,
+        radius=3,
+        fp_size=1024,
+    )
+    assert job["fingerprint"] == words
+
+
 def test_the_chem_engine_setting_reaches_the_tiles(
     sessions: sessionmaker[Session], tmp_path: Path, files: tuple[Path, Path]
 ) -> None:

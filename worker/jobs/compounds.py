@@ -209,6 +209,12 @@ def submit(
     )
 
 
+def _fingerprint(spec: dict[str, Any]) -> str:
+    """The fingerprint in words; a radius only for the Morgan kinds (the others have none)."""
+    radius = f" r={spec['radius']}" if spec["kind"] in ("morgan", "feature-morgan") else ""
+    return f"{spec['kind']}{radius} {spec['fp_size']} bits"
+
+
 def describe(job: CompoundJob) -> dict[str, Any]:
     spec = job.spec
     csv_path = Path(job.output_dir) / "neighbours.csv" if job.output_dir else None
@@ -219,7 +225,7 @@ def describe(job: CompoundJob) -> dict[str, Any]:
         "top_k": spec["k"],
         "threshold": spec["threshold"],
         "metric": spec["metric"],
-        "fingerprint": f"{spec['kind']} r={spec['radius']} {spec['fp_size']} bits",
+        "fingerprint": _fingerprint(spec),
         "all_pairs": spec["all_pairs"],
         "n_query": job.n_query,
         "n_library": job.n_library,
