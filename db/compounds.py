@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from db import tiles
@@ -67,3 +68,19 @@ def list_neighbours(
     """A page of a job's neighbours (``after_id``, ``limit``), or of one query's."""
     where = [] if query_id is None else [Neighbour.query_id == query_id]
     return tiles.result_page(session, Neighbour, job_id=job_id, where=where, **page)
+
+
+def neighbours_in_order(
+    session: Session, *, job_id: int, after: tuple[int, int] = (-1, 0), limit: int = 50_000
+) -> list[Neighbour]:
+    """A page of a job's neighbours by query row, then rank, after ``after`` (query row, rank):
+    the CSV's order, whichever order the tiles were stored in."""
+    q, rank = after
+    later = or_(Neighbour.query_index > q, and_(Neighbour.query_index == q, Neighbour.rank > rank))
+    stmt = (
+        select(Neighbour)
+        .where(Neighbour.job_id == job_id, later)
+        .order_by(Neighbour.query_index, Neighbour.rank)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -47,6 +48,9 @@ class CompoundSearchCreate(BaseModel):
     radius: int = Field(default=2, ge=0, le=6)
     bits: int = Field(default=2048, ge=64, le=16384)
     smiles_column: str = Field(default="smiles", min_length=1, max_length=100, pattern=TEXT)
+    #: The CSV column or SDF data item of the ids (default: a CSV's ``id`` column if the header
+    #: has it, else line numbers; an SDF's title lines).
+    id_column: str | None = Field(default=None, min_length=1, max_length=100, pattern=TEXT)
     tile_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
@@ -61,6 +65,8 @@ class CompoundSearchPublic(tiled.TiledJobPublic):
     n_library: int
     unreadable: int
     unreadable_examples: list[str]
+    #: Per file (library, query), how many molecules share an id with one before them.
+    repeated_ids: dict[str, int]
     #: The neighbours CSV once done, as a download path.
     output: str | None
 
@@ -77,13 +83,17 @@ class NeighboursPublic(BaseModel):
     next_cursor: int | None
 
 
+#: The directories of a failure's file: up to the last ``/`` before ", line N (" (or record).
+_FOLDERS = re.compile(r"^[^\n]*?/(?=[^/]*?, (?:line|record) \d+ \()")
+
 _NEIGHBOURS = tiled.Results(CompoundJob, _WHAT, jobs.list_neighbours, NeighbourPublic)
 
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     output = f"/v1/compound-similarity/{job['id']}/files/neighbours.csv" if job["output"] else None
-    # Names of unreadable records come with the server's path: keep only the file name.
-    examples = [str(e).rsplit("/", 1)[-1] for e in job["unreadable_examples"]]
+    # Names of unreadable records come with the server's path: keep only the file name (the
+    # record's SMILES may hold a "/" too: F/C=C/F).
+    examples = [_FOLDERS.sub("", str(e), count=1) for e in job["unreadable_examples"]]
     plots = [f"/v1/compound-similarity/{job['id']}/plots/similarity.png"] if output else []
     return {**job, "output": output, "unreadable_examples": examples, "plots": plots}
 
@@ -98,7 +108,7 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
     return _public(
         job.submitter.submit(
             submit,
-            lambda exc: _refused(exc, job.settings.compound_dir, given, body.smiles_column),
+            lambda exc: _refused(exc, job.settings.compound_dir, given, body),
             **paths,
             **search_options(body),
             tile_rows=body.tile_rows or 0,
@@ -107,11 +117,16 @@ def create_compound_search(body: CompoundSearchCreate, job: Submission) -> dict[
 
 
 def _refused(
-    exc: SubmissionError, root: Path, given: dict[str, str | None], smiles_column: str
+    exc: SubmissionError, root: Path, given: dict[str, str | None], body: CompoundSearchCreate
 ) -> RequestValidationError:
     """A refusal in words that hold neither a server path nor the caller's values."""
     message = public_message(
-        str(exc), root, given, kind="molecules", values={"smiles_column": smiles_column}
+        str(exc),
+        root,
+        given,
+        kind="molecules",
+        values={"smiles_column": body.smiles_column}
+        | ({"id_column": body.id_column} if body.id_column else {}),
     )
     loc = ("body",) if exc.field == "mode" else ("body", exc.field)
     return tiled.refused(loc, message)

@@ -53,6 +53,11 @@ def add_parsers(sub: Any) -> None:
     )
     search.add_argument("--smiles-column", default="smiles", help="for .csv inputs")
     search.add_argument(
+        "--id-column",
+        help="the .csv column or .sdf data item of the ids (default: a .csv's 'id' column if"
+        " any, else line numbers; an .sdf's title lines)",
+    )
+    search.add_argument(
         "--tile-rows",
         type=number(int, 0),
         default=0,
@@ -93,6 +98,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
         for example in job["unreadable_examples"]:
             print(f"  skipped: {example}")
+        for which, n in job["repeated_ids"].items():
+            if n:
+                print(f"  {which}: {n} molecules share an id with one before them")
         summary = run.finish(tasks.TILES, job["id"])
     if args.out:
         copy_out(summary["output"], args.out)

@@ -272,7 +272,9 @@ def read_csv(
 ) -> Molecules:
     """A delimited file with a header; SMILES from ``smiles_column``, ids from ``id_column``.
 
-    Without ``id_column`` a molecule is named by its line number. ``.gz`` files are read as gzip.
+    Without ``id_column``, the ``id`` column names the molecules where the header has one, else
+    a molecule is named by its line number (so is one whose id is empty). ``.gz`` files are read
+    as gzip.
     """
     path = _check_file(path)
     with _open_text(path) as handle:
@@ -284,6 +286,8 @@ def read_csv(
         for column in (smiles_column, id_column):
             if column is not None and column not in header:
                 raise ValueError(f"{path}: no column {column!r}; the header has {header}")
+        if id_column is None and "id" in header and smiles_column != "id":
+            id_column = "id"
         return _collect(_csv_rows(str(path), reader, smiles_column, id_column), limit)
 
 
@@ -306,12 +310,12 @@ def _csv_rows(
             continue
         start = reader.line_num + 1
         smiles = (row.get(smiles_column) or "").strip()
-        name = (row.get(id_column) or "") if id_column is not None else ""
+        name = (row.get(id_column) or "").strip() if id_column is not None else ""
         if bad := _not_utf8(smiles + name):  # other columns are not read
             yield ParseFailure(source, number, number, _shown(smiles), bad)
             continue
         mol, reason = _from_smiles(smiles)
-        name = name if id_column is not None else str(number)
+        name = name or str(number)
         if mol is not None and smiles and (bad := _bad_id(name) or _too_large(mol)):
             mol, reason, smiles = None, bad, smiles[:80]
         if mol is None or not smiles:

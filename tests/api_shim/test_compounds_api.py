@@ -55,6 +55,7 @@ def test_a_search_is_queued_then_served(
         1,
     )
     assert job["unreadable_examples"][0].startswith("query.smi, line 4")
+    assert job["repeated_ids"] == {"library": 0, "query": 0}
     messages = queued_tile_messages(redis_client, CHEM_QUEUE)
     assert sorted(messages) == [[job["id"], 0], [job["id"], 1]]
     tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
@@ -69,6 +70,22 @@ def test_a_search_is_queued_then_served(
     other = tenant_headers(pg_sessions, "elsewhere")
     for path in (f"/v1/compound-similarity/{job['id']}", done["output"]):
         assert api.get(path, headers=other).status_code == 404
+
+
+def test_an_unreadable_stereo_smiles_is_reported_with_its_file_and_line(
+    api: TestClient, pg_sessions: sessionmaker[Session], folder: Path
+) -> None:
+    """Only the server's folders are cut from a failure: a SMILES's own "/" (double-bond stereo)
+    cut the file name and the line number off with them."""
+    (folder / "stereo.smi").write_text("CCO ethanol\nF/C=C/F( broken\n")
+    headers = tenant_headers(pg_sessions, "pharmacy")
+    body = {"library": "library.smi", "query": "stereo.smi", "top_k": 3}
+    job = post_job(api, headers, "/v1/compound-similarity", body)
+    read = api.get(f"/v1/compound-similarity/{job['id']}", headers=headers).json()
+    for examples in (job["unreadable_examples"], read["unreadable_examples"]):
+        (example,) = examples
+        assert example.startswith("stereo.smi, line 2 ('F/C=C/F('): "), example
+        assert str(folder) not in example
 
 
 @pytest.mark.parametrize(

@@ -666,6 +666,11 @@ def test_error_bodies_do_not_echo_the_callers_values(api: TestClient, auth: dict
             json={"library": "lib.csv", "top_k": 3, "smiles_column": canary},
             headers=auth,
         ),
+        api.post(
+            "/v1/compound-similarity",
+            json={"library": "lib.csv", "top_k": 3, "id_column": canary},
+            headers=auth,
+        ),
         api.get(f"/v1/models/{canary}", headers=auth),
         api.get(f"/v1/models/breast-cancer/{canary}/report", headers=auth),
         api.post(

@@ -327,6 +327,17 @@ def test_csv_column_reader(tmp_path: Path) -> None:
         chem.read_csv(path, smiles_column="SMILES")
 
 
+def test_a_csv_id_column_names_its_molecules_without_being_asked(tmp_path: Path) -> None:
+    """A CSV of ``id,smiles`` had its ids replaced by line numbers ("2", "3"): every neighbour
+    of a search named by a number the chemist never wrote. An empty id is still the line."""
+    path = tmp_path / "mols.csv"
+    path.write_text("id,smiles,name\nCHEMBL545, CCO ,ethanol\n,c1ccccc1,benzene\n")
+    assert chem.read_csv(path).ids == ("CHEMBL545", "3")
+    assert chem.read_csv(path, id_column="name").ids == ("ethanol", "benzene")
+    (tmp_path / "plain.csv").write_text("smiles\nCCO\n")
+    assert chem.read_csv(tmp_path / "plain.csv").ids == ("2",)
+
+
 @pytest.mark.parametrize("name", ["mols.csv", "mols.csv.gz", "mols.smi", "mols.sdf"])
 def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name: str) -> None:
     """Excel's "CSV UTF-8" starts with a BOM: the header's first column was '\\ufeffsmiles',
@@ -348,7 +359,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path, name:
     )
     mols = read(path)
     assert not mols.failures and len(mols) == 1
-    assert mols.ids == (("2",) if ".csv" in name else ("eth",))
+    assert mols.ids == ("eth",)
 
 
 def test_a_molecule_too_large_to_fingerprint_is_a_failure_of_its_record(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@ the tie-break, unreadable records are reported and skipped, bad requests leave n
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from rdkit import DataStructs, RDConfig
+from rdkit import Chem, DataStructs, RDConfig
 from rdkit.Chem import rdFingerprintGenerator
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -91,6 +93,7 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=5, tile_rows=5)
     assert (job["n_query"], job["n_library"], job["tiles_total"]) == (12, 301, 3)
     assert job["unreadable"] == 1 and "line 7" in job["unreadable_examples"][0]
+    assert job["repeated_ids"] == {"library": 0, "query": 0}
     summary = tasks.run_inline(
         sessions,
         job_id=job["id"],
@@ -109,6 +112,139 @@ def test_tiled_top_k_equals_rdkit_brute_force_and_reports_unreadable_lines(
     assert {r.query_id for r in rows} == set(q_ids)
     csv_lines = Path(summary["output"]).read_text().splitlines()
     assert csv_lines[0] == "query_id,library_id,similarity,rank" and len(csv_lines) == 61
+
+
+def test_csv_and_sdf_ids_name_the_neighbours_of_a_job(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A CSV's ``id`` column (or the one ``id_column`` names) names the neighbours, not the
+    line numbers; an SDF's ``id_column`` data item, not its title (or record number)."""
+    query = tmp_path / "query.csv"
+    query.write_text("id,smiles,name\nQ-1,CCO,ethanol\nQ-2,c1ccccc1O,phenol\n")
+    library = tmp_path / "library.sdf"
+    with Chem.SDWriter(str(library)) as writer:
+        for smiles, title, name in (("OCC", "", "L-1"), ("Oc1ccccc1", "T-2", "L-2")):
+            mol = Chem.MolFromSmiles(smiles)
+            mol.SetProp("_Name", title)
+            mol.SetProp("name", name)
+            writer.write(mol)
+    tenant_id = new_tenant(sessions, "pharmacy")
+    for id_column, want in ((None, {"Q-1", "Q-2"}), ("name", {"ethanol", "phenol"})):
+        job = tasks.submit(
+            sessions,
+            None,
+            tenant_id=tenant_id,
+            artifact_dir=tmp_path / "store",
+            library=library,
+            query=query,
+            top_k=1,
+            id_column=id_column,
+        )
+        summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+        assert summary["status"] == "done", summary["error"]
+        rows = _neighbours(sessions, job["id"])
+        assert {r.query_id for r in rows} == want
+        assert {r.library_id for r in rows} == (
+            {"1", "T-2"} if id_column is None else {"L-1", "L-2"}
+        )
+
+
+def test_ids_that_repeat_are_counted_per_file(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Neighbours are named by ids: a library where two molecules share one was searched
+    without a word, and its hits could not be told apart."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 A\nCCN B\nCCC A\n")
+    query = tmp_path / "query.smi"
+    query.write_text("CCO q\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=2)
+    assert job["repeated_ids"] == {"library": 2, "query": 0}
+    with session_scope(sessions) as s:
+        found = jobs.get_job(s, job_id=job["id"])
+        assert found is not None
+        assert tasks.describe(found)["repeated_ids"] == {"library": 2, "query": 0}
+
+
+def test_the_csv_is_in_query_order_when_the_tiles_were_stored_out_of_order(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Workers finish tiles in any order. The CSV was sorted only within batches of 50,000
+    stored rows, so a query's rows (and the queries) came out of order past the first batch."""
+    lines = [line for line in NCI.read_text().splitlines() if line.strip()][:250]
+    library = tmp_path / "library.smi"
+    library.write_text("\n".join(lines) + "\n")
+    job = _submit(
+        sessions, tmp_path / "store", library=library, query=None, threshold=0.0, tile_rows=125
+    )
+    assert job["tiles_total"] == 2
+    for index in (1, 0):  # the second tile stored first
+        tasks.run_tile(sessions, job_id=job["id"], index=index, device="cpu")
+    with session_scope(sessions) as s:
+        found = jobs.get_job(s, job_id=job["id"])
+        assert found is not None and found.status == "done", found and found.error
+        output = Path(tasks.describe(found)["output"])
+    ids = [line.split()[1] for line in lines]
+    with output.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 250 * 249  # every pair at threshold 0, no self pairs
+    got = [(ids.index(r["query_id"]), int(r["rank"])) for r in rows]
+    assert got == sorted(got) and got[0] == (0, 1) and got[-1] == (249, 249)
+
+
+@pytest.mark.parametrize(
+    ("new", "later_s"), [("c1ccccc1 B\nCCO A\nCCN C\n", 0), ("c1ccccc1 B\nCCO A\n", 10)]
+)
+def test_a_library_changed_after_submission_fails_the_job_instead_of_pairing_other_molecules(
+    sessions: sessionmaker[Session], tmp_path: Path, new: str, later_s: int
+) -> None:
+    """The tiles read the files again: a library edited while the job waited was searched as
+    it now was, its rows named by the new file, under the counts of the old one."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 B\n")
+    query = tmp_path / "query.smi"
+    query.write_text("CCO q\n")
+    job = _submit(sessions, tmp_path / "store", library=library, query=query, top_k=1)
+    before = library.stat().st_mtime
+    library.write_text(new)  # another size, or the same size saved later
+    if later_s:
+        os.utime(library, (before + later_s, before + later_s))
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert (
+        "library" in summary["error"]
+        and "changed since the search was submitted" in (summary["error"])
+    )
+    assert _neighbours(sessions, job["id"]) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("morgan", "morgan r=3 1024 bits"),
+        ("feature-morgan", "feature-morgan r=3 1024 bits"),
+        ("rdkit", "rdkit 1024 bits"),
+        ("atom-pair", "atom-pair 1024 bits"),
+        ("torsion", "torsion 1024 bits"),
+    ],
+)
+def test_a_radius_is_described_only_for_the_morgan_kinds(
+    sessions: sessionmaker[Session], tmp_path: Path, kind: str, words: str
+) -> None:
+    """ "rdkit r=3" read as a path length the RDKit fingerprint was never given."""
+    library = tmp_path / "library.smi"
+    library.write_text("CCO A\nc1ccccc1 B\n")
+    job = _submit(
+        sessions,
+        tmp_path / "store",
+        library=library,
+        query=None,
+        top_k=1,
+        kind=kind,
+        radius=3,
+        fp_size=1024,
+    )
+    assert job["fingerprint"] == words
 
 
 def test_the_chem_engine_setting_reaches_the_tiles(

@@ -38,39 +38,67 @@ __all__ = [
 MAX_REPORTED_FAILURES = 100
 
 
-def read_molecules(path: Path, *, smiles_column: str = "smiles") -> chem.Molecules:
-    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``) or a CSV (``.csv``)."""
+def read_molecules(
+    path: Path, *, smiles_column: str = "smiles", id_column: str | None = None
+) -> chem.Molecules:
+    """A SMILES file (``.smi``, ``.txt``, ``.gz``), an SDF (``.sdf``; ids from its ``id_column``
+    data item where a record has one, else its title) or a CSV (``.csv``; ids from
+    ``id_column``, else its ``id`` column if it has one, else line numbers)."""
     from models.compounds import chem  # RDKit: loaded by the first submission
 
     name = path.name.lower().removesuffix(".gz")
     if name.endswith((".sdf", ".mol")):
-        return chem.read_sdf(path)
+        return chem.read_sdf(path, id_field=id_column)
     if name.endswith(".csv"):
-        return chem.read_csv(path, smiles_column=smiles_column)
+        return chem.read_csv(path, smiles_column=smiles_column, id_column=id_column)
     return chem.read_smiles(path)
 
 
 @lru_cache(maxsize=4)
 def _fingerprints(
-    path: str, mtime: float, kind: str, radius: int, fp_size: int, smiles_column: str
+    path: str,
+    mtime: float,
+    kind: str,
+    radius: int,
+    fp_size: int,
+    smiles_column: str,
+    id_column: str | None = None,
 ) -> tuple[chem.Fingerprints, tuple[chem.ParseFailure, ...]]:
     """A file's fingerprints, computed once per worker process (its tiles share them)."""
     from models.compounds import chem
 
-    molecules = read_molecules(Path(path), smiles_column=smiles_column)
+    molecules = read_molecules(Path(path), smiles_column=smiles_column, id_column=id_column)
     fps = chem.fingerprints(molecules, kind=kind, radius=radius, fp_size=fp_size)  # type: ignore[arg-type]
     return fps, molecules.failures
 
 
+def _stamp(path: Path) -> list[int]:
+    """What tells a file changed: its mtime (ns) and size."""
+    stat = path.stat()
+    return [stat.st_mtime_ns, stat.st_size]
+
+
+def _changed(stamp: list[int], submitted: list[int]) -> bool:
+    """Another size, or an mtime a second or more apart (hosts that share the folder may keep
+    mtimes at a coarser grain than the one that submitted)."""
+    return stamp[1] != submitted[1] or abs(stamp[0] - submitted[0]) >= 1_000_000_000
+
+
 def load(spec: dict[str, Any], which: str) -> tuple[chem.Fingerprints, tuple[Any, ...]]:
+    """The fingerprints of the job's ``which`` file, as it was when the job was submitted (a
+    tile's rows are rows of that file: one changed since would pair them with other molecules)."""
     path = Path(spec[which])
+    stamp = _stamp(path)
+    if (submitted := spec.get("stamps", {}).get(which)) is not None and _changed(stamp, submitted):
+        raise ValueError(f"{which} {path} changed since the search was submitted: submit it again")
     return _fingerprints(
         str(path),
-        path.stat().st_mtime,
+        stamp[0] / 1e9,
         spec["kind"],
         spec["radius"],
         spec["fp_size"],
         spec.get("smiles_column", "smiles"),
+        spec.get("id_column"),
     )
 
 
@@ -90,6 +118,7 @@ def search_options(given: Any) -> dict[str, Any]:
         "radius": given.radius,
         "fp_size": given.bits,
         "smiles_column": given.smiles_column,
+        "id_column": given.id_column,
     }
 
 
@@ -107,6 +136,7 @@ def submit(
     radius: int = 2,
     fp_size: int = 2048,
     smiles_column: str = "smiles",
+    id_column: str | None = None,
     tile_rows: int = 0,
     artifact_dir: Path,
 ) -> dict[str, Any]:
@@ -137,8 +167,10 @@ def submit(
         "radius": radius,
         "fp_size": fp_size,
         "smiles_column": smiles_column,
+        "id_column": id_column,
     }
     counts = {}
+    repeated = {}
     failures: list[str] = []
     for which in ("library", "query"):
         if spec[which] is None:
@@ -146,6 +178,7 @@ def submit(
         if not Path(spec[which]).is_file():
             raise SubmissionError(which, f"{spec[which]} not found")
         try:
+            spec.setdefault("stamps", {})[which] = _stamp(Path(spec[which]))
             fps, failed = load(spec, which)
         except (FileNotFoundError, ValueError, OSError) as exc:
             raise SubmissionError(which, str(exc)) from None
@@ -158,8 +191,11 @@ def submit(
             raise SubmissionError(which, f"{spec[which]}: no molecule could be read{why}")
         counts[which] = len(fps.popcounts)
         failures += [str(f) for f in failed]
+        # Neighbours are named by ids: one that names several molecules leaves them ambiguous.
+        repeated[which] = len(fps.ids) - len(set(fps.ids))
     spec["unreadable"] = len(failures)
     spec["unreadable_examples"] = failures[:MAX_REPORTED_FAILURES]
+    spec["repeated_ids"] = repeated
     n_library = counts["library"]
     sizes = {"n_query": counts.get("query", n_library), "n_library": n_library}
     root = str(artifact_dir.resolve())
@@ -173,6 +209,12 @@ def submit(
     )
 
 
+def _fingerprint(spec: dict[str, Any]) -> str:
+    """The fingerprint in words; a radius only for the Morgan kinds (the others have none)."""
+    radius = f" r={spec['radius']}" if spec["kind"] in ("morgan", "feature-morgan") else ""
+    return f"{spec['kind']}{radius} {spec['fp_size']} bits"
+
+
 def describe(job: CompoundJob) -> dict[str, Any]:
     spec = job.spec
     csv_path = Path(job.output_dir) / "neighbours.csv" if job.output_dir else None
@@ -183,12 +225,13 @@ def describe(job: CompoundJob) -> dict[str, Any]:
         "top_k": spec["k"],
         "threshold": spec["threshold"],
         "metric": spec["metric"],
-        "fingerprint": f"{spec['kind']} r={spec['radius']} {spec['fp_size']} bits",
+        "fingerprint": _fingerprint(spec),
         "all_pairs": spec["all_pairs"],
         "n_query": job.n_query,
         "n_library": job.n_library,
         "unreadable": spec.get("unreadable", 0),
         "unreadable_examples": spec.get("unreadable_examples", [])[:10],
+        "repeated_ids": spec.get("repeated_ids", {}),
         "tiles_total": job.tiles_total,
         "tiles_done": job.tiles_done,
         "error": job.error,

@@ -104,18 +104,17 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "neighbours.csv"
         part = target.with_name(target.name + ".part")
-        after = 0
+        after = (-1, 0)
         with part.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["query_id", "library_id", "similarity", "rank"])
-            while batch := jobs.list_neighbours(
-                session, job_id=job_id, after_id=after, limit=50_000
-            ):
-                ordered = sorted(batch, key=lambda n: (n.query_index, n.rank))
+            # By query row and rank across the whole file: tiles stored out of order (workers
+            # finish them in any order) were sorted only within each batch of 50,000 rows.
+            while batch := jobs.neighbours_in_order(session, job_id=job_id, after=after):
                 writer.writerows(
-                    (n.query_id, n.library_id, repr(n.similarity), n.rank) for n in ordered
+                    (n.query_id, n.library_id, repr(n.similarity), n.rank) for n in batch
                 )
-                after = batch[-1].id
+                after = (batch[-1].query_index, batch[-1].rank)
         part.replace(target)
 
 
