@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -366,6 +367,51 @@ def test_a_case_whose_worker_died_is_leased_while_it_waits_to_be_scored_alone(
         keeper.stop()
     assert seen == [keeper.owner]
     assert sorted(outcome.scored) == ids and outcome.failed == {}
+
+
+def test_a_case_another_live_worker_scores_costs_the_batch_no_claim_of_its_own(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivered message whose case another worker is scoring (``running`` under its live
+    lease, delivered before): the case was taken for one that died and claimed alone, a second
+    claim transaction that could only skip it. One claim for the batch, the case skipped."""
+    from datetime import UTC, datetime
+
+    from worker.leases import LeaseKeeper
+
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="busy"))
+    with session_scope(pg_sessions) as s:  # another worker holds it, alive
+        s.execute(
+            update(Case)
+            .where(Case.id == ids[1])
+            .values(
+                status=CaseStatus.running,
+                delivery_count=1,
+                lease_owner="live-worker:1",
+                lease_expires_at=datetime(2999, 1, 1, tzinfo=UTC),
+            )
+        )
+    claims: list[list[int]] = []
+    claim = repo.claim_cases
+
+    def counted(session: Session, **kw: Any) -> Any:
+        claims.append(list(kw["case_ids"]))
+        return claim(session, **kw)
+
+    monkeypatch.setattr(repo, "claim_cases", counted)
+    keeper = LeaseKeeper(pg_sessions, ttl_s=60)
+    try:
+        outcome = score_cases(
+            ids, sessions=pg_sessions, load_model=lambda n, v: model, keeper=keeper
+        )
+    finally:
+        keeper.stop()
+    assert claims == [ids]
+    assert sorted(outcome.scored) == [ids[0], ids[2]] and outcome.skipped == 1
+    with pg_sessions() as s:
+        held = s.get(Case, ids[1])
+        assert held is not None and (held.status, held.delivery_count) == (CaseStatus.running, 1)
+        assert held.lease_owner == "live-worker:1"
 
 
 def test_a_poisoned_case_fails_alone_in_few_forward_passes(
