@@ -711,6 +711,44 @@ def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
     assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}
 
 
+def test_an_explanation_another_live_worker_holds_costs_the_message_no_claim_of_its_own(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A redelivered explain message whose case another worker is explaining (``running``
+    under its live lease, attempted before) took it for one whose worker died and claimed it
+    alone: a third transaction that could only skip it."""
+    from datetime import UTC, datetime
+
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="xbusy"))
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    with session_scope(pg_sessions) as s:  # another worker explains it, alive
+        s.execute(
+            update(Explanation)
+            .where(Explanation.case_id == ids[1])
+            .values(
+                status="running",
+                attempts=1,
+                lease_owner="live-worker:1:explain",
+                lease_expires_at=datetime(2999, 1, 1, tzinfo=UTC),
+            )
+        )
+    engine = pg_sessions.kw["bind"]
+    commits: list[int] = []
+
+    def count(conn) -> None:  # type: ignore[no-untyped-def]
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        outcome = _explain_all(pg_sessions, ids, model, 2)
+    finally:
+        event.remove(engine, "commit", count)
+    assert outcome.done == [ids[0], ids[2]] and outcome.skipped == 1 and len(commits) == 2
+    with pg_sessions() as s:
+        row = s.scalars(select(Explanation).where(Explanation.case_id == ids[1])).one()
+        assert (row.attempts, row.lease_owner) == (1, "live-worker:1:explain")
+
+
 def test_an_explain_message_costs_one_transaction_to_claim_and_one_to_settle(
     pg_sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
