@@ -124,17 +124,26 @@ class ClaimedExplanation:
     features: dict[str, Any]
 
 
-def attempted_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[int]:
+def attempted_unfinished(
+    session: Session, *, case_ids: Sequence[int], owner: str | None = None
+) -> list[int]:
     """Of ``case_ids``, those whose explanation a claim counted before and that never finished
-    (their worker died explaining them): least attempted first, then in case id order."""
+    (their worker died explaining them): least attempted first, then in case id order. One
+    ``running`` under a live lease of a worker other than ``owner`` is being explained there:
+    no suspect (a claim of its own would only skip it)."""
+    status = status_among_ids(Explanation)
     return list(
         session.scalars(
             select(Explanation.case_id)
             .where(
                 _among(session, Explanation.case_id, case_ids),
                 Explanation.attempts > 0,
-                status_among_ids(Explanation).in_(
-                    (JobStatus.queued.value, JobStatus.running.value)
+                or_(
+                    status == JobStatus.queued.value,
+                    and_(
+                        status == JobStatus.running.value,
+                        lease_free(Explanation, utcnow(), owner),
+                    ),
                 ),
             )
             .order_by(Explanation.attempts, Explanation.case_id)

@@ -598,17 +598,24 @@ def claim_cases(
     return claimed, dead_ids
 
 
-def delivered_unfinished(session: Session, *, case_ids: Sequence[int]) -> list[int]:
+def delivered_unfinished(
+    session: Session, *, case_ids: Sequence[int], owner: str | None = None
+) -> list[int]:
     """Of ``case_ids``, those a claim counted before that never finished (their worker died
     holding them, or their batch failed for a reason not the database's): least delivered
-    first, then in id order."""
+    first, then in id order. A case ``running`` under a live lease of a worker other than
+    ``owner`` is being scored there: no suspect (a claim of its own would only skip it)."""
+    status = status_among_ids(Case)
     return list(
         session.scalars(
             select(Case.id)
             .where(
                 _among(session, Case.id, case_ids),
                 Case.delivery_count > 0,
-                status_among_ids(Case).in_((CaseStatus.queued.value, CaseStatus.running.value)),
+                or_(
+                    status == CaseStatus.queued.value,
+                    and_(status == CaseStatus.running.value, lease_free(Case, utcnow(), owner)),
+                ),
             )
             .order_by(Case.delivery_count, Case.id)
         )

@@ -651,3 +651,27 @@ def test_cases_replay_leaves_the_dead_letters_of_a_retired_version(
         assert dead == {old: True, live: False}
     finally:
         engine.dispose()
+
+
+def test_worker_beat_refuses_a_retired_nightly_model_version_at_start(
+    env: Path,
+    cli_env: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The start check took any version the registry knows, but the nightly run takes only one
+    that scores (worker/tasks/nightly.py): beat pinned to a retired version started, and its
+    first night's run failed at its hour, as with a misspelt model."""
+    import worker.app
+    from tests.helpers import register_breast_cancer
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(worker.app, "run_worker", lambda app, argv: started.append(argv) or 0)
+    register_breast_cancer(env / "store", "0.9.0", status="retired")
+    (env / "drop").mkdir()
+    cli_env(MEDBATCH_NIGHTLY_DIR=str(env / "drop"), MEDBATCH_NIGHTLY_MODEL="breast-cancer@0.9.0")
+    assert main(["worker", "--beat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medbatch worker: MEDBATCH_NIGHTLY_MODEL: a retired model version")
+    assert "breast-cancer@1.0.0" in err and "0.9.0" not in err and len(err.splitlines()) == 1
+    assert started == []

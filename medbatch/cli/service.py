@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
@@ -122,13 +123,21 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def require_nightly_model(settings: Settings) -> None:
     """Refuse now, not at MEDBATCH_NIGHTLY_HOUR_UTC, a nightly model the registry does not
-    know: beat started, and the first night's run failed at its hour."""
+    know, or a retired version (the run takes one that scores: worker/tasks/nightly.py): beat
+    started, and the first night's run failed at its hour."""
     from models.cases.registry import RegistryError, load_registry
 
     registry = load_registry(settings.artifact_dir)
     try:
-        registry.resolve(settings.nightly_model)
+        registry.resolve_scorable(settings.nightly_model)
     except RegistryError:
+        with contextlib.suppress(RegistryError):
+            spec = registry.resolve(settings.nightly_model)
+            live = [s.ref for s in registry if s.name == spec.name and s.status != "retired"]
+            fail(
+                "MEDBATCH_NIGHTLY_MODEL: a retired model version "
+                f"(versions in use: {', '.join(live) or 'none'})"
+            )
         # Named, not quoted, as every setting that does not validate.
         fail(
             "MEDBATCH_NIGHTLY_MODEL: not a registered model or model version "

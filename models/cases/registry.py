@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,6 +233,11 @@ class Registry:
     ) -> None:
         self.path = path
         self._specs = {(s.name, s.version): s for s in specs}
+        # Sorted once: the API resolves every case of a request (a thousand), and sorting by
+        # version number each time cost more than the rest of its check.
+        self._ordered = tuple(
+            sorted(self._specs.values(), key=lambda s: (s.name, version_key(s.version)))
+        )
         #: model name -> the candidate version that shadows its default version
         self.shadows = dict(shadows or {})
 
@@ -254,7 +259,7 @@ class Registry:
         )
 
     def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(sorted(self._specs.values(), key=lambda s: (s.name, version_key(s.version))))
+        return iter(self._ordered)
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self._specs})
@@ -304,6 +309,7 @@ class Registry:
         return self._specs.get((name, candidate))
 
 
+@lru_cache(maxsize=4096)
 def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     """A version's sort key, number by number: ``1.10.0`` comes after ``1.9.0``."""
     return tuple(

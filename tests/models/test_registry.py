@@ -65,3 +65,29 @@ def test_missing_artifact_is_refused(registry: Registry, tmp_path: Path) -> None
     spec = dataclasses.replace(registry.resolve("breast-cancer"), artifact=tmp_path / "gone")
     with pytest.raises(ArtifactIntegrityError, match="does not exist"):
         LoadedModel(spec, device="cpu")
+
+
+def test_resolving_a_requests_cases_does_not_sort_the_registry_for_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The API resolves each case of a request (up to a thousand): since versions sort number
+    by number, every unpinned case sorted every version again, parsing each version string,
+    about eight times the cost of the lookup before. Each version is parsed once now."""
+    import re
+    import types
+
+    import models.cases.registry as module
+
+    parsed: list[str] = []
+
+    def findall(pattern: str, text: str) -> list[str]:
+        parsed.append(text)
+        return re.findall(pattern, text)
+
+    monkeypatch.setattr(module, "re", types.SimpleNamespace(findall=findall))
+    if hasattr(module.version_key, "cache_clear"):  # parsed from the start
+        module.version_key.cache_clear()
+    registry = Registry.load()
+    for _ in range(1000):
+        assert registry.resolve_scorable("breast-cancer").ref == "breast-cancer@1.0.0"
+    assert len(parsed) <= len(list(registry))

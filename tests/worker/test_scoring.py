@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -368,6 +369,51 @@ def test_a_case_whose_worker_died_is_leased_while_it_waits_to_be_scored_alone(
     assert sorted(outcome.scored) == ids and outcome.failed == {}
 
 
+def test_a_case_another_live_worker_scores_costs_the_batch_no_claim_of_its_own(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivered message whose case another worker is scoring (``running`` under its live
+    lease, delivered before): the case was taken for one that died and claimed alone, a second
+    claim transaction that could only skip it. One claim for the batch, the case skipped."""
+    from datetime import UTC, datetime
+
+    from worker.leases import LeaseKeeper
+
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="busy"))
+    with session_scope(pg_sessions) as s:  # another worker holds it, alive
+        s.execute(
+            update(Case)
+            .where(Case.id == ids[1])
+            .values(
+                status=CaseStatus.running,
+                delivery_count=1,
+                lease_owner="live-worker:1",
+                lease_expires_at=datetime(2999, 1, 1, tzinfo=UTC),
+            )
+        )
+    claims: list[list[int]] = []
+    claim = repo.claim_cases
+
+    def counted(session: Session, **kw: Any) -> Any:
+        claims.append(list(kw["case_ids"]))
+        return claim(session, **kw)
+
+    monkeypatch.setattr(repo, "claim_cases", counted)
+    keeper = LeaseKeeper(pg_sessions, ttl_s=60)
+    try:
+        outcome = score_cases(
+            ids, sessions=pg_sessions, load_model=lambda n, v: model, keeper=keeper
+        )
+    finally:
+        keeper.stop()
+    assert claims == [ids]
+    assert sorted(outcome.scored) == [ids[0], ids[2]] and outcome.skipped == 1
+    with pg_sessions() as s:
+        held = s.get(Case, ids[1])
+        assert held is not None and (held.status, held.delivery_count) == (CaseStatus.running, 1)
+        assert held.lease_owner == "live-worker:1"
+
+
 def test_a_poisoned_case_fails_alone_in_few_forward_passes(
     pg_sessions: sessionmaker[Session],
 ) -> None:
@@ -663,6 +709,44 @@ def test_an_explanation_whose_worker_died_is_explained_alone_after_the_others(
         attempts = dict(s.execute(select(Explanation.case_id, Explanation.attempts)).tuples().all())
     assert (states.pop(ids[2]).status, attempts.pop(ids[2])) == ("pending", 2)
     assert {e.status for e in states.values()} == {"done"} and set(attempts.values()) == {1}
+
+
+def test_an_explanation_another_live_worker_holds_costs_the_message_no_claim_of_its_own(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A redelivered explain message whose case another worker is explaining (``running``
+    under its live lease, attempted before) took it for one whose worker died and claimed it
+    alone: a third transaction that could only skip it."""
+    from datetime import UTC, datetime
+
+    ids = _add(pg_sessions, wdbc_cases(3, prefix="xbusy"))
+    score_collecting_explanations(pg_sessions, ids, _loader(model), explain_top_k=2)
+    with session_scope(pg_sessions) as s:  # another worker explains it, alive
+        s.execute(
+            update(Explanation)
+            .where(Explanation.case_id == ids[1])
+            .values(
+                status="running",
+                attempts=1,
+                lease_owner="live-worker:1:explain",
+                lease_expires_at=datetime(2999, 1, 1, tzinfo=UTC),
+            )
+        )
+    engine = pg_sessions.kw["bind"]
+    commits: list[int] = []
+
+    def count(conn) -> None:  # type: ignore[no-untyped-def]
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        outcome = _explain_all(pg_sessions, ids, model, 2)
+    finally:
+        event.remove(engine, "commit", count)
+    assert outcome.done == [ids[0], ids[2]] and outcome.skipped == 1 and len(commits) == 2
+    with pg_sessions() as s:
+        row = s.scalars(select(Explanation).where(Explanation.case_id == ids[1])).one()
+        assert (row.attempts, row.lease_owner) == (1, "live-worker:1:explain")
 
 
 def test_an_explain_message_costs_one_transaction_to_claim_and_one_to_settle(

@@ -127,7 +127,7 @@ def explain_cases(
         if first_only and len(claimed) + len(dead) < len(case_ids):
             taken = {c.case_id for c in claimed}.union(dead)
             left = [i for i in case_ids if i not in taken]
-            suspects = ledger.attempted_unfinished(session, case_ids=left)
+            suspects = ledger.attempted_unfinished(session, case_ids=left, owner=lease.owner)
     outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead) - len(suspects))
     outcome.failed.update({i: "explanation attempted too often without finishing" for i in dead})
     common: dict[str, Any] = {

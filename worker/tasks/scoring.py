@@ -149,7 +149,9 @@ def score_cases(
         if first_only and len(claimed) + len(dead) < len(case_ids):
             taken = {c.id for c in claimed}.union(dead)
             left = [i for i in case_ids if i not in taken]
-            suspects = repo.delivered_unfinished(session, case_ids=left)
+            suspects = repo.delivered_unfinished(
+                session, case_ids=left, owner=lease.owner if lease is not None else None
+            )
             if suspects and lease is not None:
                 # Those whose worker died are still ``running``: leased too, or the sweeper
                 # sends them again (another delivery counted) while they wait their turn.
