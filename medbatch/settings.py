@@ -113,8 +113,10 @@ class Settings(BaseSettings):
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
     #: They are computed off the scoring path: the score commits first, then the explain stage
     #: (queue ``explain``, read after every scoring queue) stores them (docs/scoring-path.md).
+    #: At most 512 steps: a batch's path holds steps x cases inputs in memory at once, so a
+    #: typo such as 160000 ran the worker out of memory at every explain message.
     explain_top_k: int = Field(default=5, ge=0)
-    explain_steps: int = Field(default=16, ge=2)
+    explain_steps: int = Field(default=16, ge=2, le=512)
     #: Attributions for series and token models too (on: they no longer slow scoring).
     explain_sequences: bool = True
     #: Cases per explain message, so per explain batch: a worker finishes the explain batch in
