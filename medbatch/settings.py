@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     #: The shared real data (``data/genotypes``, ``data/fhir``, ``data/ecg``) the demo uses;
     #: unset: ``shared/`` beside the checkout. Without it the demo uses ``examples/``.
     shared_dir: Path | None = None
+    #: The demo's own small inputs; unset: ``examples/`` in the checkout. An installed package
+    #: has no checkout beside it, so the image sets ``/app/examples`` (Dockerfile).
+    examples_dir: Path | None = None
 
     @field_validator("log_level")
     @classmethod
@@ -195,6 +198,11 @@ class Settings(BaseSettings):
         """``$MEDBATCH_SHARED_DIR/data``, by default ``../shared/data`` beside the checkout."""
         root = self.shared_dir or Path(__file__).resolve().parents[2] / "shared"
         return root / "data"
+
+    @property
+    def examples(self) -> Path:
+        """``$MEDBATCH_EXAMPLES_DIR``, by default ``examples/`` in the checkout."""
+        return self.examples_dir or Path(__file__).resolve().parents[1] / "examples"
 
     @property
     def embedded_broker(self) -> bool:
