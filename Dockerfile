@@ -30,6 +30,8 @@ RUN pip install --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC" ".[reference]
     && chown medbatch:medbatch /app/var /var/lib/medbatch/artifacts
 
 ENV MEDBATCH_ARTIFACT_DIR=/var/lib/medbatch/artifacts
+# `medbatch demo` reads examples/, which pip does not install: the copy of the source has it.
+ENV MEDBATCH_EXAMPLES_DIR=/app/examples
 # numba caches the genome kernels it compiles next to their source, which is read-only here:
 # keep them in a folder the non-root user owns, so each process after the first loads them.
 ENV NUMBA_CACHE_DIR=/app/var/numba-cache

@@ -73,6 +73,14 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], deadline: f
 def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "var/demo") -> int:
     """Every job kind through a real API and worker on the embedded defaults, with pictures."""
     started = time.monotonic()
+    examples = settings.examples
+    if not (examples / "compounds").is_dir():
+        # pip installs the packages only: examples/ stays in the checkout (or /app in the image).
+        print(
+            f"medbatch demo: {examples}: no examples/ folder there; set MEDBATCH_EXAMPLES_DIR",
+            file=sys.stderr,
+        )
+        return 2
     # The demo talks through its console; library chatter (alembic, httpx) stays out of it.
     logging.getLogger().setLevel(logging.WARNING)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +94,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
         tenant, api_key = create_tenant(session, name=tenant_name)
         tenant_id = tenant.id
     engine.dispose()
-    genotypes = _genotypes(settings.shared_data)
+    genotypes = _genotypes(settings.shared_data, examples)
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -104,7 +112,7 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
             "MEDBATCH_BROKER_URL": broker_url,
             "MEDBATCH_DATABASE_URL": settings.database_url,
             "MEDBATCH_GENOTYPE_DIR": str(genotypes.folder),
-            "MEDBATCH_COMPOUND_DIR": str(EXAMPLES / "compounds"),
+            "MEDBATCH_COMPOUND_DIR": str(examples / "compounds"),
         }
         worker = _start(
             ["worker", "--beat", "--hostname", f"demo@{socket.gethostname()}"],
@@ -151,7 +159,6 @@ def run_demo(settings: Settings, *, timeout_s: float = 150.0, out_dir: str = "va
 
 
 #: The files the docs and the demo use when the shared data is not beside the checkout.
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @dataclass
@@ -165,7 +172,7 @@ class Genotypes:
     names: dict[str, str]
 
 
-def _genotypes(shared_data: Path) -> Genotypes:
+def _genotypes(shared_data: Path, examples: Path) -> Genotypes:
     """The real HapMap3 and 1000 Genomes panels when shared, else the small HapMap3 example."""
     folder = shared_data / "genotypes"
     hm3, kg = (
@@ -182,7 +189,7 @@ def _genotypes(shared_data: Path) -> Genotypes:
             {hm3: "HapMap3", kg: "1000 Genomes"},
         )
     return Genotypes(
-        EXAMPLES / "genotypes",
+        examples / "genotypes",
         "hm3_small",
         "hm3_small",
         "hm3_small",
@@ -307,7 +314,7 @@ def _nightly(
 
     folder = settings.shared_data / "fhir" / "ndjson"
     if not (folder / "Patient.ndjson").is_file():
-        folder = EXAMPLES / "nightly"
+        folder = settings.examples / "nightly"
     spec = load_registry(settings.artifact_dir).resolve("whas500-mortality")
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine)

@@ -113,8 +113,10 @@ class Settings(BaseSettings):
     #: integrated gradients on the log-odds (0: none), with this many Gauss-Legendre path steps.
     #: They are computed off the scoring path: the score commits first, then the explain stage
     #: (queue ``explain``, read after every scoring queue) stores them (docs/scoring-path.md).
+    #: At most 512 steps: a batch's path holds steps x cases inputs in memory at once, so a
+    #: typo such as 160000 ran the worker out of memory at every explain message.
     explain_top_k: int = Field(default=5, ge=0)
-    explain_steps: int = Field(default=16, ge=2)
+    explain_steps: int = Field(default=16, ge=2, le=512)
     #: Attributions for series and token models too (on: they no longer slow scoring).
     explain_sequences: bool = True
     #: Cases per explain message, so per explain batch: a worker finishes the explain batch in
@@ -141,6 +143,9 @@ class Settings(BaseSettings):
     #: The shared real data (``data/genotypes``, ``data/fhir``, ``data/ecg``) the demo uses;
     #: unset: ``shared/`` beside the checkout. Without it the demo uses ``examples/``.
     shared_dir: Path | None = None
+    #: The demo's own small inputs; unset: ``examples/`` in the checkout. An installed package
+    #: has no checkout beside it, so the image sets ``/app/examples`` (Dockerfile).
+    examples_dir: Path | None = None
 
     @field_validator("log_level")
     @classmethod
@@ -193,6 +198,11 @@ class Settings(BaseSettings):
         """``$MEDBATCH_SHARED_DIR/data``, by default ``../shared/data`` beside the checkout."""
         root = self.shared_dir or Path(__file__).resolve().parents[2] / "shared"
         return root / "data"
+
+    @property
+    def examples(self) -> Path:
+        """``$MEDBATCH_EXAMPLES_DIR``, by default ``examples/`` in the checkout."""
+        return self.examples_dir or Path(__file__).resolve().parents[1] / "examples"
 
     @property
     def embedded_broker(self) -> bool:

@@ -80,6 +80,18 @@ def test_beat_s_nightly_look_back_is_bounded_as_the_cli_s() -> None:
         Settings(nightly_lookback_days=1_000_000)
 
 
+def test_explain_steps_has_a_ceiling() -> None:
+    """MEDBATCH_EXPLAIN_STEPS=160000 (a typo) ran the worker out of memory at every explain
+    message; it is refused at start instead, and the ceiling itself is accepted."""
+    from pydantic import ValidationError
+
+    from medbatch.settings import Settings
+
+    with pytest.raises(ValidationError, match="explain_steps"):
+        Settings(explain_steps=160_000)
+    assert Settings(explain_steps=512).explain_steps == 512
+
+
 def test_compounds_search_names_the_bad_option(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

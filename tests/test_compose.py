@@ -316,3 +316,39 @@ def test_the_gpu_file_gives_each_worker_its_own_gpu_genome_workers_included() ->
         assert svc["build"]["args"]["TORCH_INDEX_URL"].rsplit("/", 1)[1].startswith("cu"), name
         assert svc["environment"]["MEDBATCH_DEVICE"] == "cuda", name
     assert per_gpu == {"0": {"score", "genome"}, "1": {"score", "genome"}}
+
+
+def test_the_demo_finds_its_examples_in_the_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install .` puts medbatch in site-packages, where no examples/ lies beside it:
+    `medbatch demo` failed in the image. The image names its copy of the source's."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    assert "COPY . /app" in lines
+    envs = dict(
+        line.split(None, 1)[1].split("=", 1) for line in lines if line.startswith("ENV MEDBATCH_")
+    )
+    folder = envs["MEDBATCH_EXAMPLES_DIR"]
+    assert folder.startswith("/app/")
+    relative = folder.removeprefix("/app/")
+    for part in ("compounds", "genotypes", "nightly"):
+        assert (ROOT / relative / part).is_dir(), part
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert relative not in ignored and f"{relative}/" not in ignored
+    monkeypatch.setenv("MEDBATCH_EXAMPLES_DIR", str(ROOT / relative))
+    assert Settings().examples == ROOT / relative
+
+
+def test_the_demo_without_its_examples_says_where_it_looked(tmp_path: Path) -> None:
+    """One line naming the folder and the setting, not a traceback from deep in the demo."""
+    from tests.test_cli_first_use import run_cli
+
+    done = run_cli(
+        "demo",
+        cwd=tmp_path,
+        PYTHONPATH=str(ROOT),
+        MEDBATCH_EXAMPLES_DIR=str(tmp_path / "none"),
+        MEDBATCH_DATABASE_URL=f"sqlite:///{tmp_path / 'demo.db'}",
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"medbatch demo: {tmp_path / 'none'}: no examples/ folder there; set MEDBATCH_EXAMPLES_DIR"
+    ]

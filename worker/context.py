@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -19,13 +20,28 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
-from models.cases.registry import Registry, RegistryError, load_registry
+from models.cases.registry import ArtifactIntegrityError, Registry, RegistryError, load_registry
 from worker.leases import LeaseKeeper
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from models.cases.inference import LoadedModel
 
 log = logging.getLogger(__name__)
+
+#: A model whose artifact failed its check is tried again after this long, or at once when the
+#: artifact's size or mtime changes (an operator copied the right file back).
+BROKEN_ARTIFACT_RETRY_S = 60.0
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    """The artifact's size and mtime (ns), or None if it is gone: what changes when it is fixed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass
@@ -37,6 +53,13 @@ class WorkerContext:
     #: Shadows that failed to load: not tried again (each try hashes the whole artifact again,
     #: on the released model's path, and logs again) until the worker restarts.
     _broken_shadows: set[str] = field(default_factory=set)
+    #: Models whose artifact failed its check (missing, or a sha256 that does not match): the
+    #: error, the artifact's size and mtime then, and when. Their cases fail with that error
+    #: without hashing the whole artifact again at every batch, until the file changes or
+    #: ``BROKEN_ARTIFACT_RETRY_S`` has passed; no restart is needed once it is fixed.
+    _broken_artifacts: dict[
+        tuple[str, str], tuple[ArtifactIntegrityError, tuple[int, int] | None, float]
+    ] = field(default_factory=dict)
 
     @cached_property
     def engine(self) -> Engine:
@@ -66,9 +89,23 @@ class WorkerContext:
         key = (name, version)
         if key not in self._models:
             spec = self.registry.resolve(f"{name}@{version}")
+            broken = self._broken_artifacts.get(key)
+            if broken is not None:
+                error, state, since = broken
+                fresh = time.monotonic() - since < BROKEN_ARTIFACT_RETRY_S
+                if fresh and _file_state(spec.artifact) == state:
+                    raise error.with_traceback(None)
+                del self._broken_artifacts[key]
             from models.cases.inference import LoadedModel  # torch: loaded by workers only
 
-            model = LoadedModel(spec, device=self.settings.device, autocast=self.settings.autocast)
+            state = _file_state(spec.artifact)
+            try:
+                model = LoadedModel(
+                    spec, device=self.settings.device, autocast=self.settings.autocast
+                )
+            except ArtifactIntegrityError as exc:
+                self._broken_artifacts[key] = (exc, state, time.monotonic())
+                raise
             model.warm_up()
             self._models[key] = model
             log.info("loaded model %s on %s", spec.ref, model.device)
@@ -106,6 +143,8 @@ class WorkerContext:
                     # Its cases fail with the reason when they come; the other models, and the
                     # sweep after this warm-up (worker/signals.py), must not wait on it.
                     log.error("model %s not warmed up: %s", spec.ref, exc)
+                    if isinstance(exc, ArtifactIntegrityError):
+                        exc.logged = True  # its first batch raises it again: logged here once
                     continue
                 if settings.explain_top_k > 0:
                     from models.cases.explain import explain, explainable

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -247,5 +248,13 @@ def register(
     path = user_registry_path(artifact_dir)
     current = json.loads(path.read_text()) if path.is_file() else {"models": []}
     current["models"].append(entry)
-    path.write_text(json.dumps(current, indent=2) + "\n")
+    # Beside it, then renamed over it: written in place, a crash or a full disk mid-write left
+    # a truncated registry.json that every later command (and every worker) refused to read.
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(current, indent=2) + "\n")
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise RegistrationError(f"{path}: not written ({exc.strerror or exc})") from None
     return entry

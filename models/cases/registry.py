@@ -55,6 +55,8 @@ class ArtifactIntegrityError(RuntimeError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+        #: Set once the worker has logged it (it may raise this same error at later batches).
+        self.logged = False
 
 
 RangePolicy = Literal["reject", "flag"]

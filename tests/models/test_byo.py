@@ -209,3 +209,42 @@ def test_names_and_versions_that_join_alike_keep_their_own_artifacts(tmp_path: P
     for ref, module in (("own@1-2", first), ("own-1@2", second)):
         (row,) = LoadedModel(registry.resolve(ref), device="cpu").score([CASE])
         assert row.score == pytest.approx(_expected(module), abs=1e-6)
+
+
+def test_a_failed_registry_write_leaves_the_registry_as_it_was(
+    tmp_path: Path, schema: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """registry.json was rewritten in place: a full disk (here a file-size limit, reached as
+    the new registry is written) left it truncated, and every later command refused it."""
+    import resource
+    import signal
+
+    import models.cases.byo as byo
+
+    store = tmp_path / "store"
+    path = _script(tmp_path, _linear(), "own.pt")
+    register(path, name="own", version="1.0", schema_path=schema, artifact_dir=store)
+    registry = store / "registry.json"
+    before = registry.read_bytes()
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    real_sha256 = byo.sha256_file
+
+    def sha256_then_fill_the_disk(target: Path) -> str:
+        # After the artifact's copy, before the registry's write: the registry may grow by
+        # a few bytes only, as on a disk with that little room left.
+        digest = real_sha256(target)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 16, limits[1]))
+        return digest
+
+    monkeypatch.setattr(byo, "sha256_file", sha256_then_fill_the_disk)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    try:
+        with pytest.raises(RegistrationError, match="not written"):
+            register(path, name="own", version="2.0", schema_path=schema, artifact_dir=store)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert registry.read_bytes() == before
+    assert [s.ref for s in load_registry(store) if s.name == "own"] == ["own@1.0"]
+    assert sorted(p.name for p in store.iterdir() if "registry" in p.name) == ["registry.json"]

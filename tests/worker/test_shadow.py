@@ -191,6 +191,78 @@ def test_a_shadow_that_failed_to_load_is_not_tried_again_at_every_batch(
     ]
 
 
+def test_a_released_model_with_a_broken_artifact_is_not_hashed_at_every_batch(
+    pg_url: str,
+    pg_sessions: sessionmaker[Session],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each batch of a released model whose artifact failed its sha256 hashed the whole
+    artifact again and logged the same error. Its cases still fail with the reason, without a
+    hash, until the file changes (or a while has passed): then it loads, with no restart."""
+    import models.cases.registry as registry_module
+    import worker.context as context_module
+
+    store = tmp_path / "store"
+    schema = tmp_path / "own.json"
+    inputs = [{"name": "a", "unit": "1"}, {"name": "b", "unit": "1"}]
+    schema.write_text(json.dumps({"inputs": inputs, "output": "x", "status": "released"}))
+    weights = tmp_path / "own.safetensors"
+    save_mlp(weights, 2, hidden=(4,))
+    register_mlp(
+        weights, name="own", version="1", schema_path=schema, artifact_dir=store, hidden=[4]
+    )
+    artifact = load_registry(store).resolve("own@1").artifact
+    good = artifact.read_bytes()
+    artifact.write_bytes(good + b"\0")
+    hashed: list[Path] = []
+    real_sha256 = registry_module.sha256_file
+
+    def counting_sha256(path: Path) -> str:
+        hashed.append(path)
+        return real_sha256(path)
+
+    monkeypatch.setattr(registry_module, "sha256_file", counting_sha256)
+    with session_scope(pg_sessions) as s:
+        tenant, _ = repo.create_tenant(s, name="broken")
+        new = [
+            repo.NewCase(f"c{i}", "own", "1", Priority.routine, {"a": 1.0, "b": 2.0})
+            for i in range(3)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    ctx = _context(pg_url, store)
+    with caplog.at_level("ERROR", logger="worker.tasks.scoring"):
+        for case_id in ids:  # one batch each
+            outcome = score_cases([case_id], sessions=pg_sessions, load_model=ctx.model)
+            assert outcome.scored == [] and "its artifact has sha256" in outcome.failed[case_id]
+    assert hashed == [artifact]
+    assert len(caplog.records) == 1 and "own@1 unavailable" in caplog.records[0].getMessage()
+
+    artifact.write_bytes(good)  # fixed: its size changes, so it is checked again at once
+    assert ctx.model("own", "1").spec.ref == "own@1"
+    assert hashed == [artifact, artifact]
+
+    # Broken again and left as it is: checked again only once the retry interval has passed.
+    ctx._models.clear()
+    artifact.write_bytes(good[:-1] + b"\0")
+    with pytest.raises(registry_module.ArtifactIntegrityError):
+        ctx.model("own", "1")
+    error, state, since = ctx._broken_artifacts[("own", "1")]
+    ctx._broken_artifacts[("own", "1")] = (error, state, since - 1.0)
+    with pytest.raises(registry_module.ArtifactIntegrityError):
+        ctx.model("own", "1")
+    assert len(hashed) == 3
+    ctx._broken_artifacts[("own", "1")] = (
+        error,
+        state,
+        since - context_module.BROKEN_ARTIFACT_RETRY_S,
+    )
+    with pytest.raises(registry_module.ArtifactIntegrityError):
+        ctx.model("own", "1")
+    assert len(hashed) == 4
+
+
 def test_a_candidate_whose_artifact_is_changed_or_gone_cannot_shadow(
     tmp_path: Path, candidate_weights: Path
 ) -> None:

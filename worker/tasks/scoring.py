@@ -88,7 +88,11 @@ def model_unavailable(name: str, version: str, exc: RegistryError | ArtifactInte
     """Why a case's model could not be loaded, as the API shows it: the registry's reason, or
     that its artifact failed the check, never the artifact's path on this server (docs/security.md)."""
     if isinstance(exc, ArtifactIntegrityError):
-        log.error("model %s@%s unavailable: %s", name, version, exc)  # the path: log only
+        # The worker's context raises the same error again, without hashing, until the
+        # artifact changes (worker/context.py): logged once, not at every batch.
+        if not exc.logged:
+            log.error("model %s@%s unavailable: %s", name, version, exc)  # the path: log only
+            exc.logged = True
         return f"model {name}@{version} unavailable: {exc.reason}"
     return f"model {name}@{version} unavailable: {exc}"
 
