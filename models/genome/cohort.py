@@ -196,6 +196,16 @@ def selection(
     return rows, columns
 
 
+def founder_frequencies(genotypes: Genotypes) -> np.ndarray:
+    """A1 frequencies over the founders (both parents ``0`` in the .fam), as plink2 --make-rel and
+    plink 1.9 --distance count them; over every sample where none is a founder (or a VCF)."""
+    g = genotypes
+    founders = np.array(g.founder, dtype=bool) if g.founder else np.ones(g.n_samples, bool)
+    if not founders.any() or founders.all():
+        return allele_frequencies(g.dosages)
+    return allele_frequencies(g.dosages[founders])
+
+
 def subset(
     genotypes: Genotypes,
     *,

@@ -295,3 +295,25 @@ def test_related_pairs_of_the_whole_real_panels_are_plinks(
     assert kin0.read_text() == expected
     with session_scope(pg_sessions) as s:
         assert len(jobs.list_pairs(s, job_id=job["id"], limit=10_000)) == expected.count("\n") - 1
+
+
+@pytest.mark.parametrize(("metric", "golden"), [("grm", "rel"), ("ibs", "mibs")])
+def test_grm_and_ibs_count_frequencies_over_founders_as_plink_does(
+    sessions: sessionmaker[Session], tmp_path: Path, metric: str, golden: str
+) -> None:
+    """hm3_small with 10 samples given parents in the .fam: plink2 --make-rel and plink 1.9
+    --distance ibs standardize with the 50 founders' allele frequencies, and so does the job."""
+    data = SMALL.parent
+    prefix = tmp_path / "pedigree"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_bytes((data / "hm3_pedigree.fam").read_bytes())
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric=metric, bfile=prefix, tile_rows=25,
+        artifact_dir=tmp_path / "artifacts",
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    npy = next(p for p in summary["outputs"] if p.endswith(".npy"))
+    expected = np.fromfile(data / f"hm3_pedigree.{golden}.bin", dtype="<f8").reshape(60, 60)
+    np.testing.assert_allclose(np.load(npy), expected, rtol=1e-12, atol=1e-14)

@@ -29,7 +29,7 @@ from db.engine import session_scope
 from models.device import device_type
 from models.genome import api as genome
 from models.genome import pairs as genome_pairs
-from models.genome.cohort import align, selection, take
+from models.genome.cohort import align, founder_frequencies, selection, take
 from models.genome.io import output as genome_output
 from models.genome.io import vcf
 from worker import tiled
@@ -119,7 +119,7 @@ class CohortState:
 
     @cached_property
     def frequencies(self) -> np.ndarray:
-        return genome.allele_frequencies(self.genotypes.dosages)
+        return founder_frequencies(self.genotypes)
 
 
 @lru_cache(maxsize=2)
