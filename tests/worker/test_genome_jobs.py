@@ -317,3 +317,27 @@ def test_grm_and_ibs_count_frequencies_over_founders_as_plink_does(
     npy = next(p for p in summary["outputs"] if p.endswith(".npy"))
     expected = np.fromfile(data / f"hm3_pedigree.{golden}.bin", dtype="<f8").reshape(60, 60)
     np.testing.assert_allclose(np.load(npy), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_vcf_cohorts_id_files_and_kin0_have_no_fid_as_plink2_writes_them(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """plink2 --vcf --make-king / --make-rel write ``#IID`` and IIDs alone (a VCF has no FID) and
+    a .kin0 without FID1/FID2; plink 1.9 --vcf --distance writes the IID as FID too."""
+    iids = genome.read_bed(SMALL).iid
+    lines: dict[str, list[str]] = {}
+    tenant = _tenant(sessions)
+    for metric in ("king", "grm", "ibs"):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant, metric=metric,
+            bfile=SMALL.with_name("hm3_small.vcf.gz"), artifact_dir=tmp_path / metric,
+        )  # fmt: skip
+        summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+        assert summary["status"] == "done", summary["error"]
+        for path in summary["outputs"]:
+            if path.endswith((".id", ".kin0")):
+                lines[Path(path).name.split(".", 1)[1]] = Path(path).read_text().splitlines()
+    assert lines["king.id"] == lines["rel.id"] == ["#IID", *iids]
+    assert lines["mibs.id"] == [f"{i}\t{i}" for i in iids]
+    assert lines["kin0"][0] == "#IID1\tIID2\tNSNP\tHETHET\tIBS0\tKINSHIP"
+    assert len(lines["kin0"]) > 1 and all(len(ln.split("\t")) == 6 for ln in lines["kin0"])

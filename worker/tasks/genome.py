@@ -296,7 +296,10 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         )
         return
     inputs = load_inputs(spec, metric)
-    write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
+    write_outputs(
+        prefix, metric, tiles, inputs, query=bool(spec.get("query")),
+        with_fid=not vcf.is_vcf(str(spec["bfile"])),
+    )  # fmt: skip
     if metric == "king":
         with session_scope(sessions) as session:
             rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
@@ -311,16 +314,23 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
             dosages = np.concatenate([inputs.query.dosages, dosages])
             pairs = [genome_output.RelatedPair(p.i, offset + p.j, p.kinship, None) for p in pairs]
         counts = genome_output.king_pair_counts(dosages, [(p.i, p.j) for p in pairs])
-        genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
+        sources = [spec["bfile"], *([spec["query"]] if spec.get("query") else [])]
+        with_fid = not all(vcf.is_vcf(str(source)) for source in sources)
+        genome_output.write_kin0(
+            Path(prefix + ".kin0"), pairs, ids, counts=counts, with_fid=with_fid
+        )
 
 
 #: PLINK's file kind of each metric's square matrix (``dot`` has none: .npy only).
 PLINK_KIND: dict[str, genome_output.MatrixKind] = {"grm": "rel", "king": "king", "ibs": "mibs"}
 
 
-def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query: bool) -> None:
+def write_outputs(
+    prefix: str, metric: str, tiles: int, inputs: Cohort, *, query: bool, with_fid: bool = True
+) -> None:
     """The job's matrix from its tiles, streamed in order: PLINK's square text format for an
-    all-pairs grm/king/ibs job (with its .id), and always ``{prefix}.npy`` (float64)."""
+    all-pairs grm/king/ibs job (with its .id: IIDs alone, as plink2's, for a VCF cohort, where
+    ``with_fid`` is False), and always ``{prefix}.npy`` (float64)."""
     blocks = [tile_path(prefix, i) for i in range(tiles)]
     n_cols = inputs.cohort.n_samples
     n_rows = inputs.query.n_samples
@@ -329,7 +339,7 @@ def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query
     full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(n_rows, n_cols))
     kind = PLINK_KIND.get(metric) if not query else None
     ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
-    writer = genome_output.MatrixWriter(prefix, ids, kind=kind) if kind else None
+    writer = genome_output.MatrixWriter(prefix, ids, kind=kind, with_fid=with_fid) if kind else None
     try:
         start = 0
         for path in blocks:
