@@ -21,9 +21,12 @@ def keep_rows(
     ------
     ValueError
         Naming by its place in ``keep`` (counted from 1; never by its value: sample ids may be
-        patient identifiers) the first entry that is not in the file, or an IID not unique there.
+        patient identifiers) the first entry that is not in the file, an IID not unique there, or
+        an (FID, IID) the file lists twice (plink2 --keep stops there: "Duplicate ID").
     """
-    pairs = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for n, pair in enumerate(zip(fid, iid, strict=True)):
+        pairs.setdefault(pair, []).append(n)
     by_iid: dict[str, list[int]] = {}
     for n, i in enumerate(iid):
         by_iid.setdefault(i, []).append(n)
@@ -32,7 +35,9 @@ def keep_rows(
         if isinstance(wanted, tuple):
             if wanted not in pairs:
                 raise ValueError(f"entry {place}: no sample of the cohort has that FID and IID")
-            rows.add(pairs[wanted])
+            if len(pairs[wanted]) > 1:
+                raise ValueError(f"entry {place}: the cohort lists that FID and IID more than once")
+            rows.update(pairs[wanted])
             continue
         found = by_iid.get(wanted, [])
         if not found:

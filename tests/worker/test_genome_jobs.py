@@ -269,6 +269,26 @@ def test_unknown_keep_ids_and_bad_min_maf_are_refused(
     assert e.value.field == "min_maf"
 
 
+def test_a_keep_entry_naming_a_sample_the_fam_lists_twice_is_refused(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A .fam listing one FID and IID twice: plink2 --keep stops ("Duplicate ID"), where the job
+    kept one of the two rows, unsaid. Refused, naming the entry by its place only."""
+    lines = SMALL.with_suffix(".fam").read_text().splitlines()
+    fid, iid = lines[0].split()[:2]
+    lines[1] = "\t".join([fid, iid, *lines[1].split()[2:]])
+    prefix = tmp_path / "twice"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_text("\n".join(lines) + "\n")
+    with pytest.raises(tasks.SubmissionError, match="entry 2: the cohort lists that FID") as e:
+        tasks.submit(
+            sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=prefix,
+            keep=[lines[2].split()[1], (fid, iid)], artifact_dir=tmp_path,
+        )  # fmt: skip
+    assert e.value.field == "keep" and iid not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("panel", "golden"),
     [
