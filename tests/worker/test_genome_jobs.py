@@ -361,3 +361,26 @@ def test_a_vcf_cohorts_id_files_and_kin0_have_no_fid_as_plink2_writes_them(
     assert lines["mibs.id"] == [f"{i}\t{i}" for i in iids]
     assert lines["kin0"][0] == "#IID1\tIID2\tNSNP\tHETHET\tIBS0\tKINSHIP"
     assert len(lines["kin0"]) > 1 and all(len(ln.split("\t")) == 6 for ln in lines["kin0"])
+
+
+def test_a_grm_job_names_a_variant_only_non_founders_carry_as_plink2_stops_on_it(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Samples 41-50 given parents: rs12031044's A1 is carried by no founder, only by them.
+    plink2 --make-rel stops ("Zero-MAF variant is not actually monomorphic"); the job fails
+    naming the variant's id, not a column number a user cannot look up."""
+    lines = SMALL.with_suffix(".fam").read_text().splitlines()
+    for k in range(40, 50):
+        fields = lines[k].split()
+        lines[k] = "\t".join([*fields[:2], "NA19916", "NA19835", *fields[4:]])
+    prefix = tmp_path / "carriers"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_text("\n".join(lines) + "\n")
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="grm", bfile=prefix,
+        artifact_dir=tmp_path / "artifacts",
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert "variant rs12031044: no founder carries one of its alleles" in summary["error"]

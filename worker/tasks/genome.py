@@ -96,7 +96,29 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
     frequencies = state.frequencies if needs_frequencies else None
+    if metric == "grm":
+        assert frequencies is not None
+        _check_founder_monomorphic(cohort, frequencies)
     return Cohort(cohort, query, frequencies, state.prepared)
+
+
+def _check_founder_monomorphic(cohort: genome.Genotypes, frequencies: np.ndarray) -> None:
+    """plink2 --make-rel stops on a variant whose allele no founder carries but a non-founder
+    does ("Zero-MAF variant is not actually monomorphic"): so does the job, naming the variant
+    by its id (the kernels know only its column)."""
+    variance = 2.0 * frequencies * (1.0 - frequencies)
+    flat = np.flatnonzero(variance < 2.0**-44)  # plink2's kSmallEpsilon, as the kernels
+    if not len(flat):
+        return
+    calls = cohort.dosages[:, flat]
+    expected = np.round(2.0 * frequencies[flat]).astype(np.int8)
+    varies = ((calls >= 0) & (calls != expected)).any(axis=0)
+    if varies.any():
+        j = int(flat[np.flatnonzero(varies)[0]])
+        raise ValueError(
+            f"variant {cohort.variant_id[j]}: no founder carries one of its alleles, but a "
+            "non-founder does; plink2 --make-rel stops here too (leave it out with min_maf)"
+        )
 
 
 #: A cohort as a job names it: its file (with mtime and size), its ``keep`` samples, ``min_maf``.
