@@ -1150,6 +1150,23 @@ def bed_genotype_counts(bed_path: str | Path, n: int, n_variants: int) -> np.nda
     return counts
 
 
+def founder_counts(
+    bed_path: str | Path, n: int, n_variants: int, counts: np.ndarray, founder: np.ndarray
+) -> np.ndarray:
+    """:func:`bed_genotype_counts` over the founders only: ``counts`` (every sample's) less the
+    non-founders' calls, which are read sample by sample (a cohort's non-founders are few)."""
+    out = counts.copy()
+    others = np.flatnonzero(~founder)
+    if not len(others):
+        return out
+    byte, shift = others >> 2, (2 * (others & 3)).astype(np.uint8)
+    for start, raw in iter_bed_raw(bed_path, n, n_variants):
+        codes = (raw[:, byte] >> shift) & 3
+        for code in range(4):
+            out[start : start + raw.shape[0], code] -= (codes == code).sum(1)
+    return out
+
+
 def frequencies(counts: np.ndarray, n: int) -> np.ndarray:
     """A1 frequency over observed calls (NaN without calls) from :func:`bed_genotype_counts`."""
     with np.errstate(invalid="ignore", divide="ignore"):

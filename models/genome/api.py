@@ -52,6 +52,7 @@ from models.genome.io.plink import (
     FilesetInfo,
     Genotypes,
     _check_bed,
+    _founders,
     _plink_paths,
     _read_columns,
     inspect_bed,
@@ -380,7 +381,9 @@ def pairwise(
     metric, ibs_missing, device, variant_chunk, engine
         As in :func:`pairwise_block`.
     frequencies
-        (M,) A1 frequencies; by default computed from ``genotypes`` (PLINK's own default).
+        (M,) A1 frequencies; by default computed over every row of ``genotypes``. PLINK counts
+        founders only: where the cohort has non-founders, pass the founders' frequencies
+        (:func:`pairwise_bed` and genome jobs take them from the .fam).
 
     Returns
     -------
@@ -442,14 +445,21 @@ def pairwise_bed(
     if ibs_missing not in ("frequency", "flat"):
         raise ValueError(f"ibs_missing must be 'frequency' or 'flat', got {ibs_missing!r}")
     bed, bim, fam = _plink_paths(prefix)
-    (iid,) = _read_columns(fam, 6, (1,))
+    iid, father, mother = _read_columns(fam, 6, (1, 2, 3))
     (variant_id,) = _read_columns(bim, 6, (1,))
     n, m = len(iid), len(variant_id)
     _check_bed(bed, n, m, fam, bim)
     counts = genome_cpu.bed_genotype_counts(bed, n, m)
     p = None
     if metric == "grm" or (metric == "ibs" and ibs_missing == "frequency"):
-        p = genome_cpu.frequencies(counts, n)
+        # Over the founders, as plink2 --make-rel and plink 1.9 --distance (none: every sample).
+        founder = np.array(_founders(father, mother), dtype=bool)
+        if founder.any() and not founder.all():
+            p = genome_cpu.frequencies(
+                genome_cpu.founder_counts(bed, n, m, counts, founder), int(founder.sum())
+            )
+        else:
+            p = genome_cpu.frequencies(counts, n)
     if metric == "grm":
         assert p is not None
         square = genome_cpu.grm_square(genome_cpu.iter_bed(bed, n, m), n, p, variant_major=True)

@@ -21,9 +21,12 @@ def keep_rows(
     ------
     ValueError
         Naming by its place in ``keep`` (counted from 1; never by its value: sample ids may be
-        patient identifiers) the first entry that is not in the file, or an IID not unique there.
+        patient identifiers) the first entry that is not in the file, an IID not unique there, or
+        an (FID, IID) the file lists twice (plink2 --keep stops there: "Duplicate ID").
     """
-    pairs = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for n, pair in enumerate(zip(fid, iid, strict=True)):
+        pairs.setdefault(pair, []).append(n)
     by_iid: dict[str, list[int]] = {}
     for n, i in enumerate(iid):
         by_iid.setdefault(i, []).append(n)
@@ -32,7 +35,9 @@ def keep_rows(
         if isinstance(wanted, tuple):
             if wanted not in pairs:
                 raise ValueError(f"entry {place}: no sample of the cohort has that FID and IID")
-            rows.add(pairs[wanted])
+            if len(pairs[wanted]) > 1:
+                raise ValueError(f"entry {place}: the cohort lists that FID and IID more than once")
+            rows.update(pairs[wanted])
             continue
         found = by_iid.get(wanted, [])
         if not found:
@@ -194,6 +199,16 @@ def selection(
             p = allele_frequencies(g.dosages[np.ix_(founders, columns)])
             columns = columns[maf_columns(p, min_maf)]
     return rows, columns
+
+
+def founder_frequencies(genotypes: Genotypes) -> np.ndarray:
+    """A1 frequencies over the founders (both parents ``0`` in the .fam), as plink2 --make-rel and
+    plink 1.9 --distance count them; over every sample where none is a founder (or a VCF)."""
+    g = genotypes
+    founders = np.array(g.founder, dtype=bool) if g.founder else np.ones(g.n_samples, bool)
+    if not founders.any() or founders.all():
+        return allele_frequencies(g.dosages)
+    return allele_frequencies(g.dosages[founders])
 
 
 def subset(

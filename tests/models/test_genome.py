@@ -431,6 +431,18 @@ def test_unknown_keep_id_is_rejected(cohort) -> None:
         read_bed(PREFIX, keep=[cohort.iid[0], "NA_NOBODY"])
 
 
+def test_keep_of_a_sample_the_fam_lists_twice_is_rejected_as_plink2_does(tmp_path, cohort):
+    """plink2 --keep stops on a .fam listing one FID and IID twice ("Duplicate ID")."""
+    lines = (PREFIX.parent / "hm3_small.fam").read_text().splitlines()
+    lines[1] = "\t".join([cohort.fid[0], cohort.iid[0], *lines[1].split()[2:]])
+    prefix = tmp_path / "twice"
+    for ext in (".bed", ".bim"):
+        Path(f"{prefix}{ext}").write_bytes(Path(f"{PREFIX}{ext}").read_bytes())
+    Path(f"{prefix}.fam").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="listed more than once"):
+        read_bed(prefix, keep=[(cohort.fid[0], cohort.iid[0])])
+
+
 @pytest.mark.parametrize("bad", [3, 0.5])
 def test_dosages_outside_0_1_2_are_rejected(bad) -> None:
     x = np.zeros((3, 4))

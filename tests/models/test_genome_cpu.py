@@ -112,6 +112,26 @@ def test_pairwise_bed_equals_pairwise_of_read_bed(tmp_path, metric) -> None:
     np.testing.assert_array_equal(np.fromfile(out, "<f8").reshape(n, n), expected)
 
 
+@pytest.mark.parametrize(("metric", "golden"), [("grm", "rel"), ("ibs", "mibs")])
+def test_pairwise_bed_counts_frequencies_over_founders_as_plink_does(tmp_path, metric, golden):
+    """hm3_small with 10 samples given parents: plink2 --make-rel and plink 1.9 --distance ibs
+    take the 50 founders' allele frequencies, and so does pairwise_bed (written out too)."""
+    data = PREFIX.parent
+    prefix = tmp_path / "pedigree"
+    for ext in (".bed", ".bim"):
+        Path(f"{prefix}{ext}").write_bytes(Path(f"{PREFIX}{ext}").read_bytes())
+    Path(f"{prefix}.fam").write_bytes((data / "hm3_pedigree.fam").read_bytes())
+    expected = np.fromfile(data / f"hm3_pedigree.{golden}.bin", "<f8").reshape(60, 60)
+    np.testing.assert_allclose(
+        pairwise_bed(prefix, metric=metric), expected, rtol=1e-12, atol=1e-14
+    )
+    out = tmp_path / f"{metric}.bin"
+    assert pairwise_bed(prefix, metric=metric, out=out) is None
+    np.testing.assert_allclose(
+        np.fromfile(out, "<f8").reshape(60, 60), expected, rtol=1e-12, atol=1e-14
+    )
+
+
 def _write_bed(prefix: Path, x: np.ndarray) -> None:
     """A SNP-major PLINK 1 fileset of (N, M) dosages (-1 missing); padding bits left 00."""
     n, m = x.shape

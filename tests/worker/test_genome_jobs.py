@@ -269,6 +269,26 @@ def test_unknown_keep_ids_and_bad_min_maf_are_refused(
     assert e.value.field == "min_maf"
 
 
+def test_a_keep_entry_naming_a_sample_the_fam_lists_twice_is_refused(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A .fam listing one FID and IID twice: plink2 --keep stops ("Duplicate ID"), where the job
+    kept one of the two rows, unsaid. Refused, naming the entry by its place only."""
+    lines = SMALL.with_suffix(".fam").read_text().splitlines()
+    fid, iid = lines[0].split()[:2]
+    lines[1] = "\t".join([fid, iid, *lines[1].split()[2:]])
+    prefix = tmp_path / "twice"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_text("\n".join(lines) + "\n")
+    with pytest.raises(tasks.SubmissionError, match="entry 2: the cohort lists that FID") as e:
+        tasks.submit(
+            sessions, None, tenant_id=_tenant(sessions), metric="king", bfile=prefix,
+            keep=[lines[2].split()[1], (fid, iid)], artifact_dir=tmp_path,
+        )  # fmt: skip
+    assert e.value.field == "keep" and iid not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("panel", "golden"),
     [
@@ -295,3 +315,72 @@ def test_related_pairs_of_the_whole_real_panels_are_plinks(
     assert kin0.read_text() == expected
     with session_scope(pg_sessions) as s:
         assert len(jobs.list_pairs(s, job_id=job["id"], limit=10_000)) == expected.count("\n") - 1
+
+
+@pytest.mark.parametrize(("metric", "golden"), [("grm", "rel"), ("ibs", "mibs")])
+def test_grm_and_ibs_count_frequencies_over_founders_as_plink_does(
+    sessions: sessionmaker[Session], tmp_path: Path, metric: str, golden: str
+) -> None:
+    """hm3_small with 10 samples given parents in the .fam: plink2 --make-rel and plink 1.9
+    --distance ibs standardize with the 50 founders' allele frequencies, and so does the job."""
+    data = SMALL.parent
+    prefix = tmp_path / "pedigree"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_bytes((data / "hm3_pedigree.fam").read_bytes())
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric=metric, bfile=prefix, tile_rows=25,
+        artifact_dir=tmp_path / "artifacts",
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "done", summary["error"]
+    npy = next(p for p in summary["outputs"] if p.endswith(".npy"))
+    expected = np.fromfile(data / f"hm3_pedigree.{golden}.bin", dtype="<f8").reshape(60, 60)
+    np.testing.assert_allclose(np.load(npy), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_vcf_cohorts_id_files_and_kin0_have_no_fid_as_plink2_writes_them(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """plink2 --vcf --make-king / --make-rel write ``#IID`` and IIDs alone (a VCF has no FID) and
+    a .kin0 without FID1/FID2; plink 1.9 --vcf --distance writes the IID as FID too."""
+    iids = genome.read_bed(SMALL).iid
+    lines: dict[str, list[str]] = {}
+    tenant = _tenant(sessions)
+    for metric in ("king", "grm", "ibs"):
+        job = tasks.submit(
+            sessions, None, tenant_id=tenant, metric=metric,
+            bfile=SMALL.with_name("hm3_small.vcf.gz"), artifact_dir=tmp_path / metric,
+        )  # fmt: skip
+        summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+        assert summary["status"] == "done", summary["error"]
+        for path in summary["outputs"]:
+            if path.endswith((".id", ".kin0")):
+                lines[Path(path).name.split(".", 1)[1]] = Path(path).read_text().splitlines()
+    assert lines["king.id"] == lines["rel.id"] == ["#IID", *iids]
+    assert lines["mibs.id"] == [f"{i}\t{i}" for i in iids]
+    assert lines["kin0"][0] == "#IID1\tIID2\tNSNP\tHETHET\tIBS0\tKINSHIP"
+    assert len(lines["kin0"]) > 1 and all(len(ln.split("\t")) == 6 for ln in lines["kin0"])
+
+
+def test_a_grm_job_names_a_variant_only_non_founders_carry_as_plink2_stops_on_it(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Samples 41-50 given parents: rs12031044's A1 is carried by no founder, only by them.
+    plink2 --make-rel stops ("Zero-MAF variant is not actually monomorphic"); the job fails
+    naming the variant's id, not a column number a user cannot look up."""
+    lines = SMALL.with_suffix(".fam").read_text().splitlines()
+    for k in range(40, 50):
+        fields = lines[k].split()
+        lines[k] = "\t".join([*fields[:2], "NA19916", "NA19835", *fields[4:]])
+    prefix = tmp_path / "carriers"
+    for ext in (".bed", ".bim"):
+        prefix.with_suffix(ext).write_bytes(SMALL.with_suffix(ext).read_bytes())
+    prefix.with_suffix(".fam").write_text("\n".join(lines) + "\n")
+    job = tasks.submit(
+        sessions, None, tenant_id=_tenant(sessions), metric="grm", bfile=prefix,
+        artifact_dir=tmp_path / "artifacts",
+    )  # fmt: skip
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert "variant rs12031044: no founder carries one of its alleles" in summary["error"]

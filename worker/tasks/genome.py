@@ -29,7 +29,7 @@ from db.engine import session_scope
 from models.device import device_type
 from models.genome import api as genome
 from models.genome import pairs as genome_pairs
-from models.genome.cohort import align, selection, take
+from models.genome.cohort import align, founder_frequencies, selection, take
 from models.genome.io import output as genome_output
 from models.genome.io import vcf
 from worker import tiled
@@ -96,7 +96,29 @@ def load_inputs(spec: dict[str, Any], metric: str) -> Cohort:
         metric == "ibs" and spec.get("ibs_missing", "frequency") == "frequency"
     )
     frequencies = state.frequencies if needs_frequencies else None
+    if metric == "grm":
+        assert frequencies is not None
+        _check_founder_monomorphic(cohort, frequencies)
     return Cohort(cohort, query, frequencies, state.prepared)
+
+
+def _check_founder_monomorphic(cohort: genome.Genotypes, frequencies: np.ndarray) -> None:
+    """plink2 --make-rel stops on a variant whose allele no founder carries but a non-founder
+    does ("Zero-MAF variant is not actually monomorphic"): so does the job, naming the variant
+    by its id (the kernels know only its column)."""
+    variance = 2.0 * frequencies * (1.0 - frequencies)
+    flat = np.flatnonzero(variance < 2.0**-44)  # plink2's kSmallEpsilon, as the kernels
+    if not len(flat):
+        return
+    calls = cohort.dosages[:, flat]
+    expected = np.round(2.0 * frequencies[flat]).astype(np.int8)
+    varies = ((calls >= 0) & (calls != expected)).any(axis=0)
+    if varies.any():
+        j = int(flat[np.flatnonzero(varies)[0]])
+        raise ValueError(
+            f"variant {cohort.variant_id[j]}: no founder carries one of its alleles, but a "
+            "non-founder does; plink2 --make-rel stops here too (leave it out with min_maf)"
+        )
 
 
 #: A cohort as a job names it: its file (with mtime and size), its ``keep`` samples, ``min_maf``.
@@ -119,7 +141,7 @@ class CohortState:
 
     @cached_property
     def frequencies(self) -> np.ndarray:
-        return genome.allele_frequencies(self.genotypes.dosages)
+        return founder_frequencies(self.genotypes)
 
 
 @lru_cache(maxsize=2)
@@ -296,7 +318,10 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         )
         return
     inputs = load_inputs(spec, metric)
-    write_outputs(prefix, metric, tiles, inputs, query=bool(spec.get("query")))
+    write_outputs(
+        prefix, metric, tiles, inputs, query=bool(spec.get("query")),
+        with_fid=not vcf.is_vcf(str(spec["bfile"])),
+    )  # fmt: skip
     if metric == "king":
         with session_scope(sessions) as session:
             rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
@@ -311,16 +336,23 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
             dosages = np.concatenate([inputs.query.dosages, dosages])
             pairs = [genome_output.RelatedPair(p.i, offset + p.j, p.kinship, None) for p in pairs]
         counts = genome_output.king_pair_counts(dosages, [(p.i, p.j) for p in pairs])
-        genome_output.write_kin0(Path(prefix + ".kin0"), pairs, ids, counts=counts)
+        sources = [spec["bfile"], *([spec["query"]] if spec.get("query") else [])]
+        with_fid = not all(vcf.is_vcf(str(source)) for source in sources)
+        genome_output.write_kin0(
+            Path(prefix + ".kin0"), pairs, ids, counts=counts, with_fid=with_fid
+        )
 
 
 #: PLINK's file kind of each metric's square matrix (``dot`` has none: .npy only).
 PLINK_KIND: dict[str, genome_output.MatrixKind] = {"grm": "rel", "king": "king", "ibs": "mibs"}
 
 
-def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query: bool) -> None:
+def write_outputs(
+    prefix: str, metric: str, tiles: int, inputs: Cohort, *, query: bool, with_fid: bool = True
+) -> None:
     """The job's matrix from its tiles, streamed in order: PLINK's square text format for an
-    all-pairs grm/king/ibs job (with its .id), and always ``{prefix}.npy`` (float64)."""
+    all-pairs grm/king/ibs job (with its .id: IIDs alone, as plink2's, for a VCF cohort, where
+    ``with_fid`` is False), and always ``{prefix}.npy`` (float64)."""
     blocks = [tile_path(prefix, i) for i in range(tiles)]
     n_cols = inputs.cohort.n_samples
     n_rows = inputs.query.n_samples
@@ -329,7 +361,7 @@ def write_outputs(prefix: str, metric: str, tiles: int, inputs: Cohort, *, query
     full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(n_rows, n_cols))
     kind = PLINK_KIND.get(metric) if not query else None
     ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
-    writer = genome_output.MatrixWriter(prefix, ids, kind=kind) if kind else None
+    writer = genome_output.MatrixWriter(prefix, ids, kind=kind, with_fid=with_fid) if kind else None
     try:
         start = 0
         for path in blocks:

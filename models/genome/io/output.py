@@ -235,11 +235,20 @@ def _with_suffix(prefix: str | Path, suffix: str) -> Path:
     return prefix.with_name(prefix.name + suffix)  # names such as "hm3.chr1" hold dots
 
 
-def write_ids(path: str | Path, ids: Sequence[SampleId], *, kind: MatrixKind) -> Path:
+def write_ids(
+    path: str | Path, ids: Sequence[SampleId], *, kind: MatrixKind, with_fid: bool = True
+) -> Path:
     """The ``.id`` file beside a matrix: one ``FID<tab>IID`` line per row, plink2's header for
-    ``rel``/``king``, none for ``mibs`` (plink 1.9)."""
+    ``rel``/``king``, none for ``mibs`` (plink 1.9).
+
+    ``with_fid=False`` (samples read from a VCF, which has no FID): plink2's ``#IID`` and IIDs
+    alone for ``rel``/``king``; plink 1.9 writes the IID as the FID too, as ``ids`` hold it."""
     checked = _check_ids(ids)
     path = Path(path)
+    if not with_fid and kind != "mibs":
+        text = "#IID\n" + "".join(f"{i}\n" for _, i in checked)
+        path.write_text(text, encoding="utf-8", newline="\n")
+        return path
     text = _ID_HEADER[kind] + "".join(f"{f}\t{i}\n" for f, i in checked)
     path.write_text(text, encoding="utf-8", newline="\n")
     return path
@@ -262,6 +271,8 @@ class MatrixWriter:
         ``"rel"``, ``"king"`` or ``"mibs"``: the extension and the ``.id`` header convention.
     binary
         Write ``<prefix>.<kind>.bin`` instead of the text matrix.
+    with_fid
+        False for samples read from a VCF: the ``.id`` as plink2 writes it then (:func:`write_ids`).
 
     Examples
     --------
@@ -277,12 +288,14 @@ class MatrixWriter:
         *,
         kind: MatrixKind,
         binary: bool = False,
+        with_fid: bool = True,
     ) -> None:
         if kind not in _ID_HEADER:
             raise ValueError(f"kind must be one of {tuple(_ID_HEADER)}, got {kind!r}")
         self.ids = _check_ids(ids)
         self.kind: MatrixKind = kind
         self.binary = binary
+        self.with_fid = with_fid
         self.path = _with_suffix(prefix, f".{kind}" + (".bin" if binary else ""))
         self.id_path = _with_suffix(prefix, f".{kind}.id")
         self.rows_written = 0
@@ -332,7 +345,7 @@ class MatrixWriter:
                 f"{self.path}: {self.rows_written} of {self.n_samples} rows were written"
             )
         os.replace(self._part, self.path)
-        write_ids(self.id_path, self.ids, kind=self.kind)
+        write_ids(self.id_path, self.ids, kind=self.kind, with_fid=self.with_fid)
 
     def abort(self) -> None:
         """Drop the partial file."""
@@ -613,6 +626,7 @@ def write_kin0(
     *,
     counts: np.ndarray | None = None,
     min_kinship: float | None = None,
+    with_fid: bool = True,
 ) -> Path:
     """A KING pair table as ``plink2 --make-king-table`` writes it (``.kin0``).
 
@@ -632,6 +646,8 @@ def write_kin0(
         (N,) ``(FID, IID)`` of the matrix the indices refer to.
     counts
         (P, 3) from :func:`king_pair_counts`, aligned with ``pairs``.
+    with_fid
+        False for samples read from a VCF: no FID1/FID2 columns, as plink2 writes them.
     min_kinship
         Keep pairs with kinship ≥ this, like ``--king-table-filter`` (plink2 keeps a pair at
         exactly the filter value: checked with a duplicate sample, kinship 0.5, filter 0.5).
@@ -663,6 +679,9 @@ def write_kin0(
     values = np.array([k for _, _, k, _ in order], dtype=np.float64)
     picked = None if counts is None else counts[[n for *_, n in order]].reshape(-1, 3)
     lines = [kin0_header(counts is not None), *kin0_lines(first, second, values, picked)]
+    if not with_fid:  # a VCF's samples: plink2's maybefid leaves out FID1 and FID2
+        lines = ["\t".join(line.split("\t")[1:2] + line.split("\t")[3:]) for line in lines]
+        lines[0] = "#" + lines[0]
     path = Path(path)
     part = path.with_name(path.name + ".part")
     part.write_text("".join(lines), encoding="utf-8", newline="\n")

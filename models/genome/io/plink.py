@@ -131,7 +131,9 @@ def _keep_index(
 ) -> np.ndarray:
     """Row numbers of the kept samples, in file order (as ``plink --keep``)."""
     wanted = [(k if isinstance(k, tuple) else (None, k)) for k in keep]
-    by_pair = {(f, i): n for n, (f, i) in enumerate(zip(fid, iid, strict=True))}
+    by_pair: dict[tuple[str, str], list[int]] = {}
+    for n, pair in enumerate(zip(fid, iid, strict=True)):
+        by_pair.setdefault(pair, []).append(n)
     by_iid: dict[str, list[int]] = {}
     for n, i in enumerate(iid):
         by_iid.setdefault(i, []).append(n)
@@ -142,7 +144,9 @@ def _keep_index(
             if len(found) > 1:
                 raise ValueError(f"{fam}: IID {i!r} is not unique; keep (FID, IID) pairs")
         else:
-            found = [by_pair[(f, i)]] if (f, i) in by_pair else []
+            found = by_pair.get((f, i), [])
+            if len(found) > 1:  # plink2 --keep stops here too ("Duplicate ID")
+                raise ValueError(f"{fam}: sample {(f, i)!r} is listed more than once")
         if not found:
             raise ValueError(f"{fam}: sample {i if f is None else (f, i)!r} not found")
         rows.update(found)
