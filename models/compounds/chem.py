@@ -46,6 +46,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, TypedDict, Unpack
@@ -262,6 +263,21 @@ def _smiles_lines(source: str, handle: IO[str], title_line: bool) -> Iterator[_R
             yield mol, name, number
 
 
+#: The longest CSV field read (csv's own default): a longer one, or a quote left open, is its
+#: record's failure. Set for each read, since csv's limit is process-wide and other libraries
+#: raise it (importing scipy.io.arff sets it to the largest C long).
+CSV_FIELD_LIMIT = 131_072
+
+
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def read_csv(
     path: str | Path,
     *,
@@ -277,7 +293,7 @@ def read_csv(
     as gzip.
     """
     path = _check_file(path)
-    with _open_text(path) as handle:
+    with _open_text(path) as handle, _csv_field_limit(CSV_FIELD_LIMIT):
         reader = csv.DictReader(handle, delimiter=delimiter)
         try:
             header = reader.fieldnames or []

@@ -31,6 +31,11 @@ from models.reference import breast_cancer
 from tests.e2e.support import Processes, free_port
 from tests.faults.servers import PrivatePostgres, PrivateRedis
 
+
+class NotSeenMidBatch(AssertionError):
+    """Every batch of a load was scored between two looks (a load scored fast, a busy host)."""
+
+
 #: The repository whose code the scenarios' processes run.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: How long a scenario waits for every accepted case to settle, at most.
@@ -274,7 +279,7 @@ class Cluster:
                     proc.wait()
                     return proc, killed_at, held
             time.sleep(0.01)
-        raise AssertionError("no worker was seen mid-batch")
+        raise NotSeenMidBatch("no worker was seen mid-batch")
 
     def scored_at(self, ids: list[int]) -> list[datetime]:
         with self.sessions() as s:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Case, Priority, Score, Tenant
-from tests.faults.harness import Cluster, Servers, make_cases
+from tests.faults.harness import Cluster, NotSeenMidBatch, Servers, make_cases
 
 Result = dict[str, Any]
 
@@ -47,8 +47,16 @@ def worker_sigkill(servers: Servers, *, cases: int, kills: int) -> Result:
         per_round = max(1, cases // kills)
         for k in range(kills):
             # Kill after kill, each while a worker is mid-batch; the recoveries overlap.
-            accepted += c.submit(make_cases(per_round, prefix=f"kill{k}"))
-            victim, killed_at, held = c.kill_mid_batch(live)
+            # A load may be scored between two looks (the harness shares the host with the
+            # workers): then another load, until a worker is caught mid-batch.
+            for load in range(5):
+                accepted += c.submit(make_cases(per_round, prefix=f"kill{k}-{load}"))
+                try:
+                    victim, killed_at, held = c.kill_mid_batch(live, timeout=20)
+                    break
+                except NotSeenMidBatch:
+                    if load == 4:
+                        raise
             kills_done.append((killed_at, held))
             live.remove(victim)
             live.append(c.start_worker(f"w{k + 3}"))
