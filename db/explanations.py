@@ -122,6 +122,8 @@ class ClaimedExplanation:
     model_name: str
     model_version: str
     features: dict[str, Any]
+    #: The sha256 of the artifact that made the score: its attributions must come from the same.
+    model_sha256: str
 
 
 def attempted_unfinished(
@@ -200,15 +202,81 @@ def claim_explanations(
     if not live:
         return [], dead_ids
     cases = session.execute(
-        select(Case.id, Case.model_name, Case.model_version, Case.features).where(
-            _among(session, Case.id, list(live))
-        )
+        select(Case.id, Score.model_name, Score.model_version, Score.model_sha256, Case.features)
+        .join(Score, Score.case_id == Case.id)
+        .where(_among(session, Score.id, list(live.values())))
     ).all()
     claimed = [
-        ClaimedExplanation(c.id, live[c.id], c.model_name, c.model_version, c.features)
+        ClaimedExplanation(
+            c.id, live[c.id], c.model_name, c.model_version, c.features, c.model_sha256
+        )
         for c in sorted(cases, key=lambda c: c.id)
     ]
     return claimed, dead_ids
+
+
+def hold_explanations(session: Session, *, case_ids: Sequence[int], lease: Lease) -> list[int]:
+    """Lease the rows of ``case_ids`` that wait, unclaimed, to be explained alone by this worker
+    (attempted before without finishing: ``queued``, or ``running`` under a lease that ran out)
+    and that no other live worker holds; return those, in the order given. Held, they are not
+    stranded: the sweeper leaves them while they wait (as :func:`db.repo.hold_cases`)."""
+    if not case_ids:
+        return []
+    now = utcnow()
+    status = status_among_ids(Explanation)
+    held = set(
+        session.scalars(
+            update(Explanation)
+            .where(
+                _among(session, Explanation.case_id, case_ids),
+                status.in_((JobStatus.queued.value, JobStatus.running.value)),
+                lease_free(Explanation, now, lease.owner),
+            )
+            .values(lease_owner=lease.owner, lease_expires_at=lease.expiry(now))
+            .returning(Explanation.case_id),
+            execution_options={"synchronize_session": False},
+        )
+    )
+    return [i for i in case_ids if i in held]
+
+
+def renew_explanation_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> int:
+    """Extend this worker's leases on the given cases' ledger rows; returns how many it held."""
+    if not case_ids:
+        return 0
+    result = session.execute(
+        update(Explanation)
+        .where(
+            _among(session, Explanation.case_id, case_ids),
+            Explanation.lease_owner == lease.owner,
+            status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
+        )
+        .values(lease_expires_at=lease.expiry(utcnow())),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def hand_back_held(session: Session, *, case_ids: Sequence[int], owner: str) -> None:
+    """Give back rows this worker held unclaimed (:func:`hold_explanations`), their attempts as
+    they were: ``queued``, no lease, marked sent now, for the caller to send after the commit."""
+    now = utcnow()
+    session.execute(
+        update(Explanation)
+        .where(
+            _among(session, Explanation.case_id, case_ids),
+            Explanation.lease_owner == owner,
+            status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
+        )
+        .values(
+            status=JobStatus.queued,
+            lease_owner=None,
+            lease_expires_at=None,
+            enqueued_at=now,
+            updated_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def settle_explanations(

@@ -2,7 +2,8 @@
 
 A worker process has one identity (``host:pid:token``: a restarted process is another worker,
 so it never renews what its predecessor held). It leases the cases it claims (and those it holds
-unclaimed in its buffers) and the tile it computes; a thread renews those leases every third of
+unclaimed in its buffers), the explanations it computes (and those waiting to be explained
+alone) and the tile it computes; a thread renews those leases every third of
 their time to live, so a batch may run as long as it needs while a dead worker's leases run out
 within ``lease_ttl_s``. Renewal runs beside the forward pass: torch and the database driver
 release the GIL while they work.
@@ -21,6 +22,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import explanations as ledger
 from db import leases as tile_leases
 from db import repo
 from db.engine import session_scope
@@ -40,6 +42,8 @@ class LeaseKeeper:
         self.lease = repo.Lease(worker_identity(), timedelta(seconds=ttl_s))
         self.renew_every_s = ttl_s / 3
         self._cases: set[int] = set()
+        #: Cases whose explanation (their ledger row, db/explanations.py) this process holds.
+        self._explanations: set[int] = set()
         self._tiles: set[tile_leases.TileKey] = set()
         #: The cases waiting unclaimed in the buffers of this process's current batcher (a
         #: batcher replaced after a broker reconnect holds nothing: its leases run out).
@@ -73,6 +77,16 @@ class LeaseKeeper:
         with self._lock:
             self._cases.difference_update(case_ids)
 
+    def hold_explanations(self, case_ids: Iterable[int]) -> None:
+        """Renew the leases of these cases' explanations from now on (once taken)."""
+        self.start()
+        with self._lock:
+            self._explanations.update(case_ids)
+
+    def drop_explanations(self, case_ids: Iterable[int]) -> None:
+        with self._lock:
+            self._explanations.difference_update(case_ids)
+
     @contextmanager
     def tile(self, key: tile_leases.TileKey) -> Iterator[bool]:
         """Claim a tile's lease, renew it while the block runs; yield False (and hold nothing)
@@ -103,12 +117,15 @@ class LeaseKeeper:
         waiting = set(self.waiting()) if self.waiting is not None else set()
         with self._lock:
             cases = sorted(self._cases | waiting)
+            explained = sorted(self._explanations)
             tiles = sorted(self._tiles, key=lambda k: (k.kind, k.job_id, k.index))
-        if not cases and not tiles:
+        if not cases and not explained and not tiles:
             return
         with session_scope(self.sessions) as session:
             if cases:
                 repo.renew_leases(session, case_ids=cases, lease=self.lease)
+            if explained:
+                ledger.renew_explanation_leases(session, case_ids=explained, lease=self.lease)
             if tiles:
                 tile_leases.renew_tile_leases(session, keys=tiles, lease=self.lease)
 

@@ -37,6 +37,7 @@ from models.cases.registry import ArtifactIntegrityError, RegistryError
 from models.device import torch_threads
 from worker import metrics
 from worker.context import context
+from worker.leases import LeaseKeeper
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
 from worker.tasks.scoring import model_unavailable, parse_case_ids
 
@@ -98,7 +99,8 @@ def explain_cases(
     *,
     sessions: sessionmaker[Session],
     load_model: ModelLoader,
-    lease: Lease,
+    lease: Lease | None = None,
+    keeper: LeaseKeeper | None = None,
     top_k: int = 5,
     steps: int = 16,
     max_deliveries: int = 5,
@@ -107,12 +109,20 @@ def explain_cases(
 ) -> ExplainOutcome:
     """Compute and store the attributions of the given cases' scores; safe to run twice.
 
-    Cases are explained in chunks (:func:`chunk_size`); once ``yield_after_s`` has passed, the
-    cases left are handed back and given to ``send_rest`` (a new explain message) instead.
+    The rows are claimed with ``keeper``'s lease, renewed while the message runs (or with
+    ``lease``, not renewed). Cases are explained in chunks (:func:`chunk_size`); once
+    ``yield_after_s`` has passed, the cases left are handed back and given to ``send_rest`` (a
+    new explain message) instead.
 
     A case attempted before without finishing (its worker died explaining it: perhaps killed by
-    that very case) is claimed and explained alone, after the others: an explanation that kills
-    its worker then costs no other one an attempt."""
+    that very case) is claimed and explained alone, after the others, leased meanwhile (or the
+    sweeper would send it again while it waits): an explanation that kills its worker then costs
+    no other one an attempt. Those still waiting when the time is spent are handed back too, a
+    message each."""
+    lease = keeper.lease if keeper is not None else lease
+    if lease is None:
+        raise TypeError("explain_cases needs a lease or a keeper")
+    started = time.monotonic()
     # The suspects are found by the claim itself (it leaves them): nothing more a message.
     first_only = len(case_ids) > 1
     suspects: list[int] = []
@@ -128,26 +138,76 @@ def explain_cases(
             taken = {c.case_id for c in claimed}.union(dead)
             left = [i for i in case_ids if i not in taken]
             suspects = ledger.attempted_unfinished(session, case_ids=left, owner=lease.owner)
-    outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead) - len(suspects))
-    outcome.failed.update({i: "explanation attempted too often without finishing" for i in dead})
-    common: dict[str, Any] = {
-        "sessions": sessions,
-        "load_model": load_model,
-        "lease": lease,
-        "top_k": top_k,
-        "steps": steps,
-        "yield_after_s": yield_after_s,
-        "send_rest": send_rest,
-    }
-    if claimed:
-        _explain_claimed(claimed, dead, outcome, **common)
-    for case_id in suspects:
-        part = explain_cases([case_id], max_deliveries=max_deliveries, **common)
-        outcome.done += part.done
-        outcome.failed.update(part.failed)
-        outcome.skipped += part.skipped
-        outcome.handed_back += part.handed_back
+            # Those whose worker died are still ``running`` under its lapsed lease: leased to
+            # this worker while they wait their turn, or the sweeper sends them again.
+            suspects = ledger.hold_explanations(session, case_ids=suspects, lease=lease)
+    if keeper is not None:
+        keeper.hold_explanations(suspects)
+    try:
+        outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead) - len(suspects))
+        outcome.failed.update(
+            {i: "explanation attempted too often without finishing" for i in dead}
+        )
+        common: dict[str, Any] = {
+            "sessions": sessions,
+            "load_model": load_model,
+            "lease": lease,
+            "keeper": keeper,
+            "top_k": top_k,
+            "steps": steps,
+            "yield_after_s": yield_after_s,
+            "send_rest": send_rest,
+        }
+        if claimed:
+            _explain_claimed(claimed, dead, outcome, **common)
+        for n, case_id in enumerate(suspects):
+            worked = bool(claimed) or n > 0
+            spent = yield_after_s is not None and time.monotonic() - started > yield_after_s
+            if worked and spent:
+                # The time is spent: the rest wait in messages of their own (one case each, so
+                # none waits behind another suspect), at the back of the explain queue.
+                _hand_back_suspects(suspects[n:], sessions, lease, send_rest)
+                outcome.handed_back += suspects[n:]
+                break
+            part = explain_cases([case_id], max_deliveries=max_deliveries, **common)
+            outcome.done += part.done
+            outcome.failed.update(part.failed)
+            outcome.skipped += part.skipped
+            outcome.handed_back += part.handed_back
+    finally:
+        if keeper is not None:
+            keeper.drop_explanations(suspects)
     return outcome
+
+
+def _hand_back_suspects(
+    case_ids: list[int],
+    sessions: sessionmaker[Session],
+    lease: Lease,
+    send_rest: Callable[[list[int]], object] | None,
+) -> None:
+    """Give back the suspects this worker held unexplained (their attempts as they were) and
+    send each in a message of its own; if that fails, the sweeper sends them."""
+    with session_scope(sessions) as session:
+        ledger.hand_back_held(session, case_ids=case_ids, owner=lease.owner)
+    if send_rest is None:
+        return
+    try:
+        for case_id in case_ids:
+            send_rest([case_id])
+    except Exception as exc:
+        log.warning("could not send back %d explanations: %s", len(case_ids), exc)
+        with session_scope(sessions) as session:
+            ledger.mark_unsent(session, case_ids=case_ids)
+
+
+def model_changed(name: str, version: str) -> str:
+    """Why a case's explanation is not computed: its model's artifact is no longer the one that
+    made its score (its sha256 differs from the score's)."""
+    return (
+        f"model {name}@{version} changed since the score: its artifact's sha256 is not the "
+        "score's, and attributions of other weights would not explain this score"
+    )
 
 
 def _explain_claimed(
@@ -158,12 +218,55 @@ def _explain_claimed(
     sessions: sessionmaker[Session],
     load_model: ModelLoader,
     lease: Lease,
+    keeper: LeaseKeeper | None,
     top_k: int,
     steps: int,
     yield_after_s: float | None,
     send_rest: Callable[[list[int]], object] | None,
 ) -> None:
-    """The attributions of the rows a claim took, stored (into ``outcome``)."""
+    """The attributions of the rows a claim took, stored (into ``outcome``); their leases are
+    renewed meanwhile (``keeper``)."""
+    held = [c.case_id for c in claimed]
+    if keeper is not None:
+        keeper.hold_explanations(held)
+    try:
+        found = _compute(claimed, outcome, load_model, top_k, steps, yield_after_s)
+        with session_scope(sessions) as session:
+            # The dead are settled by the claim already; settling them again changes nothing.
+            ledger.settle_explanations(
+                session,
+                done=found,
+                failed={k: v for k, v in outcome.failed.items() if k not in dead},
+            )
+            if outcome.handed_back:
+                ledger.release_explanations(
+                    session, case_ids=outcome.handed_back, owner=lease.owner, resend=True
+                )
+    finally:
+        if keeper is not None:
+            keeper.drop_explanations(held)
+    if outcome.handed_back and send_rest is not None:
+        try:
+            send_rest(outcome.handed_back)
+        except Exception as exc:
+            log.warning("could not send back %d explanations: %s", len(outcome.handed_back), exc)
+            with session_scope(sessions) as session:
+                ledger.mark_unsent(session, case_ids=outcome.handed_back)
+    outcome.done = sorted(found)
+    metrics.EXPLANATIONS.labels("done").inc(len(found))
+    metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
+
+
+def _compute(
+    claimed: list[ledger.ClaimedExplanation],
+    outcome: ExplainOutcome,
+    load_model: ModelLoader,
+    top_k: int,
+    steps: int,
+    yield_after_s: float | None,
+) -> dict[int, tuple[int, dict]]:
+    """The attributions of the claimed cases, per model in chunks, until the time is spent
+    (what is left goes to ``outcome.handed_back``); each case's failure goes to ``outcome``."""
     found: dict[int, tuple[int, dict]] = {}
     groups: dict[tuple[str, str], list[ledger.ClaimedExplanation]] = defaultdict(list)
     for c in claimed:
@@ -183,6 +286,14 @@ def _explain_claimed(
                 {c.case_id: f"{model.spec.ref} has no attributions" for c in cases}
             )
             continue
+        # Scored by other weights than these (the artifact was replaced and the registry's
+        # sha256 with it): their attributions would explain another model's score.
+        changed = [c for c in cases if c.model_sha256 != model.sha256]
+        if changed:
+            outcome.failed.update({c.case_id: model_changed(name, version) for c in changed})
+            cases = [c for c in cases if c.model_sha256 == model.sha256]
+            if not cases:
+                continue
         size = chunk_size(model)
         chunk, rest = cases[:size], cases[size:]
         if rest:
@@ -193,25 +304,7 @@ def _explain_claimed(
             # queue), so a scoring message never waits behind more than one such stretch.
             outcome.handed_back = [c.case_id for _, left in todo for c in left]
             break
-    with session_scope(sessions) as session:
-        # The dead are settled by the claim already; settling them again changes nothing.
-        ledger.settle_explanations(
-            session, done=found, failed={k: v for k, v in outcome.failed.items() if k not in dead}
-        )
-        if outcome.handed_back:
-            ledger.release_explanations(
-                session, case_ids=outcome.handed_back, owner=lease.owner, resend=True
-            )
-    if outcome.handed_back and send_rest is not None:
-        try:
-            send_rest(outcome.handed_back)
-        except Exception as exc:
-            log.warning("could not send back %d explanations: %s", len(outcome.handed_back), exc)
-            with session_scope(sessions) as session:
-                ledger.mark_unsent(session, case_ids=outcome.handed_back)
-    outcome.done = sorted(found)
-    metrics.EXPLANATIONS.labels("done").inc(len(found))
-    metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
+    return found
 
 
 def _featurize_isolating(
@@ -301,7 +394,7 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
                 sessions=ctx.sessions,
                 # A retired version's scores stand: their attributions are still computed.
                 load_model=ctx.loaded,
-                lease=ctx.leases.lease,
+                keeper=ctx.leases,
                 top_k=max(1, ctx.settings.explain_top_k),
                 steps=ctx.settings.explain_steps,
                 max_deliveries=ctx.settings.max_deliveries,
@@ -312,8 +405,8 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
                 ),
             )
     except Exception as exc:
-        # The database is away (or a defect): the cases keep their lease until it expires, then
-        # the sweeper sends them again; the attempt counter stops a loop.
+        # The database is away (or a defect): the cases' leases, no longer renewed, expire,
+        # then the sweeper sends them again; the attempt counter stops a loop.
         log.warning("explain batch of %d cases failed: %s", len(case_ids), type(exc).__name__)
         return {"done": 0, "failed": 0}
     log.info(

@@ -1,0 +1,259 @@
+"""The explain stage as robust as scoring: leases held and renewed, suspects bounded by the
+message's time, attributions only of the weights that made the score; on the real PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import explanations, repo
+from db.engine import session_scope
+from db.tables import Explanation, Priority, Score, utcnow
+from medbatch.settings import Settings
+from models.cases.inference import LoadedModel
+from models.cases.registry import Registry
+from tests.helpers import register_breast_cancer, score_collecting_explanations, wdbc_cases
+from worker.context import WorkerContext
+from worker.leases import LeaseKeeper
+from worker.tasks.explain import explain_cases
+
+pytestmark = pytest.mark.integration
+
+SPEC = Registry.load().resolve("breast-cancer")
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return LoadedModel(SPEC, device="cpu")
+
+
+def _scored(
+    sessions: sessionmaker[Session], model: LoadedModel, n: int, *, prefix: str
+) -> list[int]:
+    """``n`` cases scored by ``model`` (breast-cancer@its version), explanations pending."""
+    with session_scope(sessions) as s:
+        tenant, _ = repo.create_tenant(s, name=f"t-{prefix}")
+        new = [
+            repo.NewCase(
+                c["external_id"],
+                "breast-cancer",
+                model.spec.version,
+                Priority.routine,
+                c["features"],
+            )
+            for c in wdbc_cases(n, prefix=prefix)
+        ]
+        ids = [a.id for a in repo.add_cases(s, tenant_id=tenant.id, cases=new)]
+    outcome, _ = score_collecting_explanations(sessions, ids, lambda n, v: model, explain_top_k=2)
+    assert sorted(outcome.scored) == ids
+    return ids
+
+
+def _died_explaining(sessions: sessionmaker[Session], case_ids: list[int]) -> None:
+    """As if a worker had died explaining these: ``running`` under its lapsed lease, 1 attempt."""
+    with session_scope(sessions) as s:
+        s.execute(
+            update(Explanation)
+            .where(Explanation.case_id.in_(case_ids))
+            .values(
+                status="running",
+                attempts=1,
+                lease_owner="dead-worker:1:gone",
+                lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC),
+            )
+        )
+
+
+def _sweep(sessions: sessionmaker[Session]) -> list[int]:
+    """What the sweeper takes as stranded now (and marks sent again)."""
+    now = utcnow()
+    with session_scope(sessions) as s:
+        return explanations.take_stranded_explanations(
+            s, rules=repo.Stranded(now=now, lost_before=now - timedelta(seconds=300))
+        )
+
+
+def _ledger(sessions: sessionmaker[Session], ids: list[int]) -> dict[int, Explanation]:
+    with sessions() as s:
+        rows = s.scalars(select(Explanation).where(Explanation.case_id.in_(ids))).all()
+        s.expunge_all()
+    return {r.case_id: r for r in rows}
+
+
+def test_an_explanation_whose_worker_died_is_leased_while_it_waits_to_be_explained_alone(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Its row is still ``running`` under the dead worker's lapsed lease: while the rest of its
+    message is explained it must be leased to this worker, or the sweeper takes it as stranded
+    and sends it again (another worker then tries it meanwhile, another attempt counted)."""
+    ids = _scored(pg_sessions, model, 4, prefix="xheld")
+    _died_explaining(pg_sessions, [ids[1]])
+    swept: list[list[int]] = []
+
+    def load(name: str, version: str) -> LoadedModel:
+        if not swept:  # the rest's chunk: the suspect waits its turn
+            swept.append(_sweep(pg_sessions))
+        return model
+
+    lease = repo.Lease("test:1:held", timedelta(seconds=60))
+    outcome = explain_cases(ids, sessions=pg_sessions, load_model=load, lease=lease, top_k=2)
+    assert swept == [[]]
+    assert outcome.done == [ids[0], ids[2], ids[3], ids[1]] and outcome.failed == {}
+    rows = _ledger(pg_sessions, ids)
+    assert {i: r.attempts for i, r in rows.items()} == {**dict.fromkeys(ids, 1), ids[1]: 2}
+
+
+def test_the_explanations_a_worker_holds_are_renewed_while_it_explains(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A chunk that outlasts the lease (a long sequence model's backward passes, a loaded host)
+    must not let it lapse: the sweeper would send the rows again and a second worker explain
+    them beside the first, an attempt counted that never failed. The keeper renews them, as it
+    renews a scoring batch's cases: here its renewal runs by hand after the lease ran out."""
+    ids = _scored(pg_sessions, model, 3, prefix="xrenew")
+    _died_explaining(pg_sessions, [ids[2]])  # and a suspect waiting meanwhile
+    keeper = LeaseKeeper(pg_sessions, ttl_s=3000)  # its thread renews nothing during the test
+    swept: list[list[int]] = []
+
+    def load(name: str, version: str) -> LoadedModel:
+        if not swept:
+            with session_scope(pg_sessions) as s:  # the lease ran out meanwhile
+                s.execute(
+                    update(Explanation)
+                    .where(Explanation.case_id.in_(ids))
+                    .values(lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC))
+                )
+            keeper.renew()
+            swept.append(_sweep(pg_sessions))
+        return model
+
+    try:
+        outcome = explain_cases(ids, sessions=pg_sessions, load_model=load, keeper=keeper, top_k=2)
+    finally:
+        keeper.stop()
+    assert swept == [[]]
+    assert outcome.done == ids and outcome.failed == {}
+    rows = _ledger(pg_sessions, ids)
+    assert {i: r.attempts for i, r in rows.items()} == {ids[0]: 1, ids[1]: 1, ids[2]: 2}
+    assert {r.lease_owner for r in rows.values()} == {None}
+
+
+def test_suspects_left_when_the_time_is_spent_are_handed_back_a_message_each(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """A message of explanations whose worker died (the sweeper sends a dead worker's rows 64 a
+    message) explained each alone, one after the other, whatever the time: STAT cases waited
+    behind them. Past ``yield_after_s`` they are handed back instead, a message each, their
+    attempts as they were; those messages finish the job."""
+    ids = _scored(pg_sessions, model, 4, prefix="xyield")
+    _died_explaining(pg_sessions, ids[1:])
+    sent: list[list[int]] = []
+    lease = repo.Lease("test:1:yield", timedelta(seconds=60))
+    first = explain_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        lease=lease,
+        top_k=2,
+        yield_after_s=0.0,
+        send_rest=sent.append,
+    )
+    assert first.done == [ids[0]] and first.handed_back == ids[1:]
+    assert sent == [[i] for i in ids[1:]]
+    rows = _ledger(pg_sessions, ids[1:])
+    assert {(r.status, r.attempts, r.lease_owner) for r in rows.values()} == {("queued", 1, None)}
+    assert all(r.enqueued_at is not None for r in rows.values())
+    for message in sent:
+        again = explain_cases(
+            message,
+            sessions=pg_sessions,
+            load_model=lambda n, v: model,
+            lease=lease,
+            top_k=2,
+            yield_after_s=0.0,
+        )
+        assert again.done == message and again.handed_back == []
+    rows = _ledger(pg_sessions, ids)
+    assert {i: (r.status, r.attempts) for i, r in rows.items()} == {
+        ids[0]: ("done", 1),
+        **dict.fromkeys(ids[1:], ("done", 2)),
+    }
+
+
+def test_a_message_of_suspects_alone_explains_one_before_it_hands_back(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """However short the time, a message makes progress: its first suspect is explained."""
+    ids = _scored(pg_sessions, model, 3, prefix="xfirst")
+    _died_explaining(pg_sessions, ids)
+    sent: list[list[int]] = []
+    outcome = explain_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        lease=repo.Lease("test:1:first", timedelta(seconds=60)),
+        top_k=2,
+        yield_after_s=0.0,
+        send_rest=sent.append,
+    )
+    assert outcome.done == [ids[0]] and outcome.handed_back == ids[1:]
+    assert sent == [[ids[1]], [ids[2]]]
+
+
+def test_a_score_whose_model_changed_since_gets_no_explanation_of_other_weights(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """The registry's sha256 of a version changed between the score and its explanation (the
+    artifact was replaced, a rebuilt image): the attributions of the new weights would be shown
+    beside a score the old ones made. That explanation fails with the reason; the others are
+    explained."""
+    ids = _scored(pg_sessions, model, 3, prefix="xsha")
+    with session_scope(pg_sessions) as s:  # scored by an earlier build of the artifact
+        s.execute(update(Score).where(Score.case_id == ids[1]).values(model_sha256="0" * 64))
+    outcome = explain_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=lambda n, v: model,
+        lease=repo.Lease("test:1:sha", timedelta(seconds=60)),
+        top_k=2,
+    )
+    assert outcome.done == [ids[0], ids[2]]
+    assert list(outcome.failed) == [ids[1]]
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+        stored = dict(s.execute(select(Score.case_id, Score.explanation)).tuples().all())
+    assert states[ids[1]].status == "failed"
+    assert "breast-cancer@1.0.0 changed since the score" in (states[ids[1]].error or "")
+    assert stored[ids[1]] is None and stored[ids[0]] is not None
+
+
+def test_an_artifact_gone_before_the_explanation_fails_it_once_with_the_reason(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """Scored, then the artifact is deleted; a worker started since explains: each explanation
+    fails at its first attempt with a reason naming no server path, and a message sent again
+    changes nothing (no attempt counted, no retry loop)."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "2.0.0")
+    settings = Settings(database_url="sqlite:///unused.sqlite", artifact_dir=store, device="cpu")
+    scorer = WorkerContext(settings).loaded("breast-cancer", "2.0.0")
+    ids = _scored(pg_sessions, scorer, 3, prefix="xgone")
+    scorer.spec.artifact.unlink()
+    fresh = WorkerContext(settings)  # a worker started after the artifact went
+    lease = repo.Lease("test:1:gone", timedelta(seconds=60))
+    for _ in range(2):
+        explain_cases(ids, sessions=pg_sessions, load_model=fresh.loaded, lease=lease, top_k=2)
+    with pg_sessions() as s:
+        states = explanations.states(s, case_ids=ids)
+    rows = _ledger(pg_sessions, ids)
+    assert {r.attempts for r in rows.values()} == {1}
+    assert {e.status for e in states.values()} == {"failed"}
+    for e in states.values():
+        assert e.error == (
+            "model breast-cancer@2.0.0 unavailable: breast-cancer@2.0.0: its artifact does not exist"
+        )
+        assert str(store) not in (e.error or "")
