@@ -706,12 +706,100 @@ def explain_sigkill(servers: Servers, *, cases: int) -> Result:
                 )
                 or 0
             )
+            attempts = dict(
+                s.execute(
+                    select(Explanation.case_id, Explanation.attempts).where(
+                        Explanation.case_id.in_(accepted)
+                    )
+                )
+                .tuples()
+                .all()
+            )
     return {
         **report,
         "recover_s": None,
         "explanations_held_by_killed_worker": len(held),
+        # The killed worker's attempt and the one that finished: no other counted meanwhile.
+        "attempts_of_held": sorted({attempts.get(i) for i in held}),
+        "max_attempts_of_others": max(
+            (n for i, n in attempts.items() if i not in set(held)), default=0
+        ),
         "explanations": {
             st: sum(e.status == st for e in found.values()) for st in ("done", "failed", "pending")
         },
         "scores_with_explanation": stored,
+    }
+
+
+def _explanation_counts(c: Cluster, ids: list[int], *, timeout: float = 120) -> dict[str, int]:
+    """Wait until no explanation of ``ids`` is pending (at most ``timeout``); count each state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with c.sessions() as s:
+            found = explanations.states(s, case_ids=ids)
+        if all(e.status != "pending" for e in found.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    return {st: sum(e.status == st for e in found.values()) for st in ("done", "failed", "pending")}
+
+
+def explain_redis_crash(servers: Servers, *, cases: int) -> Result:
+    """Redis is SIGKILLed while explain messages wait in its queue and workers hold others, and
+    restarted empty: every explanation is computed once all the same (the sweeper sends again
+    what the broker lost), none failed, none pending. Short leases and sweeps (3 s, 1 s)."""
+    from db.tables import Explanation, JobStatus
+
+    timing = {"MEDBATCH_LEASE_TTL_S": "3", "MEDBATCH_SWEEP_INTERVAL_S": "1"}
+    with Cluster.fresh(servers, "explainredis", **timing) as c:
+        c.start("w1", "w2")
+        accepted = c.submit(make_cases(cases, prefix="xr"))
+        broker = servers.redis.client()
+        deadline = time.monotonic() + 60
+        waiting = 0
+        while time.monotonic() < deadline and waiting == 0:
+            waiting = int(broker.llen("explain"))
+            time.sleep(0.005)
+        broker.close()
+        with c.sessions() as s:
+            done_at_crash = int(
+                s.scalar(
+                    select(func.count()).where(
+                        Explanation.case_id.in_(accepted), Explanation.status == JobStatus.done
+                    )
+                )
+                or 0
+            )
+        servers.redis.kill()
+        time.sleep(1.0)
+        servers.redis.start()
+        back = time.monotonic()
+        c.wait_settled(accepted)
+        report = c.report(accepted)
+        counts = _explanation_counts(c, accepted)
+        settled = time.monotonic()
+        with c.sessions() as s:
+            stored = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(Score)
+                    .where(Score.case_id.in_(accepted), Score.explanation.is_not(None))
+                )
+                or 0
+            )
+            attempts = int(
+                s.scalar(
+                    select(func.max(Explanation.attempts)).where(Explanation.case_id.in_(accepted))
+                )
+                or 0
+            )
+        alive = c.workers_alive()
+    return {
+        **report,
+        "recover_s": _round(settled - back),
+        "explain_messages_at_crash": waiting,
+        "explanations_done_at_crash": done_at_crash,
+        "explanations": counts,
+        "scores_with_explanation": stored,
+        "max_attempts_of_an_explanation": attempts,
+        "workers_alive": all(s is None for s in alive.values()),
     }

@@ -130,6 +130,7 @@ def test_a_worker_sigkilled_while_explaining(servers: Servers) -> None:
     assert result["explanations_held_by_killed_worker"] > 0, result
     assert result["explanations"] == {"done": 600, "failed": 0, "pending": 0}, result
     assert result["scores_with_explanation"] == 600, result
+    assert result["attempts_of_held"] == [2] and result["max_attempts_of_others"] <= 1, result
 
 
 def test_postgres_away_for_longer_than_a_lease(servers: Servers) -> None:
@@ -144,4 +145,16 @@ def test_postgres_away_for_longer_than_a_lease(servers: Servers) -> None:
     )
     _holds(result)
     assert result["api_problems"] == [], result
+    assert result["workers_alive"], result
+
+
+def test_redis_restarted_empty_while_explanations_are_in_flight(servers: Servers) -> None:
+    """Explain messages lost with the broker are sent again by the sweeper: every explanation is
+    stored once, none failed or left pending, the workers survive."""
+    result = scenarios.explain_redis_crash(servers, cases=600)
+    _holds(result)
+    assert result["explain_messages_at_crash"] > 0, result
+    assert result["explanations_done_at_crash"] < 600, result
+    assert result["explanations"] == {"done": 600, "failed": 0, "pending": 0}, result
+    assert result["scores_with_explanation"] == 600, result
     assert result["workers_alive"], result
