@@ -3,6 +3,7 @@ message's time, attributions only of the weights that made the score; on the rea
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations, repo
 from db.engine import session_scope
-from db.tables import Explanation, Priority, Score, utcnow
+from db.tables import Case, Explanation, Priority, Score, utcnow
 from medbatch.settings import Settings
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
@@ -257,3 +258,75 @@ def test_an_artifact_gone_before_the_explanation_fails_it_once_with_the_reason(
             "model breast-cancer@2.0.0 unavailable: breast-cancer@2.0.0: its artifact does not exist"
         )
         assert str(store) not in (e.error or "")
+
+
+class KillingFeaturizer(LoadedModel):
+    """The real model, made to end the process (as a segfault would) whenever it prepares the
+    marked case's features for its attributions."""
+
+    def featurize(self, cases, *, checked: bool = False):  # type: ignore[no-untyped-def]
+        if any(c.get("mean_radius") == 1234.5 for c in cases):
+            raise SystemExit("killed")
+        return super().featurize(cases, checked=checked)
+
+
+def test_an_explanation_that_kills_every_worker_ends_failed_alone_in_few_rounds(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Each round: a worker takes the message and dies on the poison; its leases lapse and the
+    sweeper sends what it held again. The poison ends ``failed`` after ``max_deliveries``
+    attempts with the reason; the others of its message are explained (one attempt lost with
+    the first worker, then one that finished); no loop."""
+    ids = _scored(pg_sessions, model, 4, prefix="xpoison")
+    with session_scope(pg_sessions) as s:  # its stored features make the explainer crash
+        case = s.get(Case, ids[1])
+        assert case is not None
+        case.features = {**case.features, "mean_radius": 1234.5}
+    killing = KillingFeaturizer(SPEC, device="cpu")
+    message, rounds = ids, 0
+    while message and rounds < 10:
+        rounds += 1
+        with contextlib.suppress(SystemExit):
+            explain_cases(
+                message,
+                sessions=pg_sessions,
+                load_model=lambda n, v: killing,
+                lease=repo.Lease(f"worker-{rounds}:1:x", timedelta(seconds=60)),
+                top_k=2,
+                max_deliveries=2,
+            )
+        later = utcnow() + timedelta(hours=1)  # the dead worker's leases have lapsed
+        with session_scope(pg_sessions) as s:
+            message = explanations.take_stranded_explanations(
+                s, rules=repo.Stranded(now=later, lost_before=later - timedelta(seconds=300))
+            )
+    assert rounds == 3
+    rows = _ledger(pg_sessions, ids)
+    assert (rows[ids[1]].status, rows[ids[1]].error) == (
+        "failed",
+        "explanation attempted 3 times without finishing",
+    )
+    others = [rows[i] for i in ids if i != ids[1]]
+    assert {(r.status, r.attempts) for r in others} == {("done", 2)}
+
+
+def test_a_model_that_cannot_be_loaded_fails_its_explanations_with_the_reason(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """Loading raised something other than the registry's or the artifact check's errors (an
+    artifact the upgraded torch cannot read): the message raised, its rows waited out their
+    lease, and each round the sweeper sent them again they came back as suspects, one attempt
+    a round for one case, towards "attempted too often". They fail at once, with the reason."""
+    ids = _scored(pg_sessions, model, 3, prefix="xload")
+
+    def load(name: str, version: str) -> LoadedModel:
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+    lease = repo.Lease("test:1:load", timedelta(seconds=60))
+    for _ in range(2):
+        explain_cases(ids, sessions=pg_sessions, load_model=load, lease=lease, top_k=2)
+    rows = _ledger(pg_sessions, ids)
+    assert {(r.status, r.attempts) for r in rows.values()} == {("failed", 1)}
+    assert {r.error for r in rows.values()} == {
+        "model breast-cancer@1.0.0 could not be loaded: RuntimeError"
+    }

@@ -281,6 +281,14 @@ def _compute(
             reason = model_unavailable(name, version, exc)
             outcome.failed.update({c.case_id: reason for c in cases})
             continue
+        except Exception as exc:
+            # Anything else loading raised (an artifact this torch cannot read) is the model's,
+            # not the cases': raised, the message would be sent again and again, its cases
+            # tried alone one a round, until each was "attempted too often".
+            log.error("model %s@%s not loaded for explanations: %r", name, version, exc)
+            reason = f"model {name}@{version} could not be loaded: {type(exc).__name__}"
+            outcome.failed.update({c.case_id: reason for c in cases})
+            continue
         if not explainable(model):
             outcome.failed.update(
                 {c.case_id: f"{model.spec.ref} has no attributions" for c in cases}
