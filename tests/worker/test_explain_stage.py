@@ -1,5 +1,6 @@
 """The explain stage as robust as scoring: leases held and renewed, suspects bounded by the
-message's time, attributions only of the weights that made the score; on the real PostgreSQL."""
+message's time, attributions only of the weights that made the score. On the real PostgreSQL;
+the lease tests (``sessions``) on SQLite too."""
 
 from __future__ import annotations
 
@@ -86,77 +87,77 @@ def _ledger(sessions: sessionmaker[Session], ids: list[int]) -> dict[int, Explan
 
 
 def test_an_explanation_whose_worker_died_is_leased_while_it_waits_to_be_explained_alone(
-    pg_sessions: sessionmaker[Session], model: LoadedModel
+    sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
     """Its row is still ``running`` under the dead worker's lapsed lease: while the rest of its
     message is explained it must be leased to this worker, or the sweeper takes it as stranded
     and sends it again (another worker then tries it meanwhile, another attempt counted)."""
-    ids = _scored(pg_sessions, model, 4, prefix="xheld")
-    _died_explaining(pg_sessions, [ids[1]])
+    ids = _scored(sessions, model, 4, prefix="xheld")
+    _died_explaining(sessions, [ids[1]])
     swept: list[list[int]] = []
 
     def load(name: str, version: str) -> LoadedModel:
         if not swept:  # the rest's chunk: the suspect waits its turn
-            swept.append(_sweep(pg_sessions))
+            swept.append(_sweep(sessions))
         return model
 
     lease = repo.Lease("test:1:held", timedelta(seconds=60))
-    outcome = explain_cases(ids, sessions=pg_sessions, load_model=load, lease=lease, top_k=2)
+    outcome = explain_cases(ids, sessions=sessions, load_model=load, lease=lease, top_k=2)
     assert swept == [[]]
     assert outcome.done == [ids[0], ids[2], ids[3], ids[1]] and outcome.failed == {}
-    rows = _ledger(pg_sessions, ids)
+    rows = _ledger(sessions, ids)
     assert {i: r.attempts for i, r in rows.items()} == {**dict.fromkeys(ids, 1), ids[1]: 2}
 
 
 def test_the_explanations_a_worker_holds_are_renewed_while_it_explains(
-    pg_sessions: sessionmaker[Session], model: LoadedModel
+    sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
     """A chunk that outlasts the lease (a long sequence model's backward passes, a loaded host)
     must not let it lapse: the sweeper would send the rows again and a second worker explain
     them beside the first, an attempt counted that never failed. The keeper renews them, as it
     renews a scoring batch's cases: here its renewal runs by hand after the lease ran out."""
-    ids = _scored(pg_sessions, model, 3, prefix="xrenew")
-    _died_explaining(pg_sessions, [ids[2]])  # and a suspect waiting meanwhile
-    keeper = LeaseKeeper(pg_sessions, ttl_s=3000)  # its thread renews nothing during the test
+    ids = _scored(sessions, model, 3, prefix="xrenew")
+    _died_explaining(sessions, [ids[2]])  # and a suspect waiting meanwhile
+    keeper = LeaseKeeper(sessions, ttl_s=3000)  # its thread renews nothing during the test
     swept: list[list[int]] = []
 
     def load(name: str, version: str) -> LoadedModel:
         if not swept:
-            with session_scope(pg_sessions) as s:  # the lease ran out meanwhile
+            with session_scope(sessions) as s:  # the lease ran out meanwhile
                 s.execute(
                     update(Explanation)
                     .where(Explanation.case_id.in_(ids))
                     .values(lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC))
                 )
             keeper.renew()
-            swept.append(_sweep(pg_sessions))
+            swept.append(_sweep(sessions))
         return model
 
     try:
-        outcome = explain_cases(ids, sessions=pg_sessions, load_model=load, keeper=keeper, top_k=2)
+        outcome = explain_cases(ids, sessions=sessions, load_model=load, keeper=keeper, top_k=2)
     finally:
         keeper.stop()
     assert swept == [[]]
     assert outcome.done == ids and outcome.failed == {}
-    rows = _ledger(pg_sessions, ids)
+    rows = _ledger(sessions, ids)
     assert {i: r.attempts for i, r in rows.items()} == {ids[0]: 1, ids[1]: 1, ids[2]: 2}
     assert {r.lease_owner for r in rows.values()} == {None}
 
 
 def test_suspects_left_when_the_time_is_spent_are_handed_back_a_message_each(
-    pg_sessions: sessionmaker[Session], model: LoadedModel
+    sessions: sessionmaker[Session], model: LoadedModel
 ) -> None:
     """A message of explanations whose worker died (the sweeper sends a dead worker's rows 64 a
     message) explained each alone, one after the other, whatever the time: STAT cases waited
     behind them. Past ``yield_after_s`` they are handed back instead, a message each, their
     attempts as they were; those messages finish the job."""
-    ids = _scored(pg_sessions, model, 4, prefix="xyield")
-    _died_explaining(pg_sessions, ids[1:])
+    ids = _scored(sessions, model, 4, prefix="xyield")
+    _died_explaining(sessions, ids[1:])
     sent: list[list[int]] = []
     lease = repo.Lease("test:1:yield", timedelta(seconds=60))
     first = explain_cases(
         ids,
-        sessions=pg_sessions,
+        sessions=sessions,
         load_model=lambda n, v: model,
         lease=lease,
         top_k=2,
@@ -165,20 +166,20 @@ def test_suspects_left_when_the_time_is_spent_are_handed_back_a_message_each(
     )
     assert first.done == [ids[0]] and first.handed_back == ids[1:]
     assert sent == [[i] for i in ids[1:]]
-    rows = _ledger(pg_sessions, ids[1:])
+    rows = _ledger(sessions, ids[1:])
     assert {(r.status, r.attempts, r.lease_owner) for r in rows.values()} == {("queued", 1, None)}
     assert all(r.enqueued_at is not None for r in rows.values())
     for message in sent:
         again = explain_cases(
             message,
-            sessions=pg_sessions,
+            sessions=sessions,
             load_model=lambda n, v: model,
             lease=lease,
             top_k=2,
             yield_after_s=0.0,
         )
         assert again.done == message and again.handed_back == []
-    rows = _ledger(pg_sessions, ids)
+    rows = _ledger(sessions, ids)
     assert {i: (r.status, r.attempts) for i, r in rows.items()} == {
         ids[0]: ("done", 1),
         **dict.fromkeys(ids[1:], ("done", 2)),
