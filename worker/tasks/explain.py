@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations as ledger
 from db.engine import session_scope
-from db.repo import Lease
+from db.leases import Lease
 from models.cases.explain import explain, explainable
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import ArtifactIntegrityError, RegistryError
@@ -38,7 +39,7 @@ from models.device import torch_threads
 from worker import metrics
 from worker.context import context
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
-from worker.tasks.scoring import model_unavailable, parse_case_ids
+from worker.tasks.scoring import claim_apart, model_unavailable, parse_case_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ def _explain_chunk(
             failed[c.case_id] = problem
 
 
+def _case_id(claimed: ledger.ClaimedExplanation) -> int:
+    return claimed.case_id
+
+
 def explain_cases(
     case_ids: Sequence[int],
     *,
@@ -113,21 +118,12 @@ def explain_cases(
     A case attempted before without finishing (its worker died explaining it: perhaps killed by
     that very case) is claimed and explained alone, after the others: an explanation that kills
     its worker then costs no other one an attempt."""
-    # The suspects are found by the claim itself (it leaves them): nothing more a message.
-    first_only = len(case_ids) > 1
-    suspects: list[int] = []
     with session_scope(sessions) as session:
-        claimed, dead = ledger.claim_explanations(
-            session,
-            case_ids=case_ids,
-            lease=lease,
-            max_deliveries=max_deliveries,
-            first_attempt_only=first_only,
+        claim = partial(
+            ledger.claim_explanations, session, max_deliveries=max_deliveries, lease=lease
         )
-        if first_only and len(claimed) + len(dead) < len(case_ids):
-            taken = {c.case_id for c in claimed}.union(dead)
-            left = [i for i in case_ids if i not in taken]
-            suspects = ledger.attempted_unfinished(session, case_ids=left, owner=lease.owner)
+        unfinished = partial(ledger.attempted_unfinished, session, owner=lease.owner)
+        claimed, dead, _, suspects = claim_apart(case_ids, claim, unfinished, id_of=_case_id)
     outcome = ExplainOutcome(skipped=len(case_ids) - len(claimed) - len(dead) - len(suspects))
     outcome.failed.update({i: "explanation attempted too often without finishing" for i in dead})
     common: dict[str, Any] = {
