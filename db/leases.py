@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from db.sql import among, status_among_ids
 from db.tables import JobStatus, JobTile, Priority, utcnow
-from db.tiles import JOB_TABLES
+from db.tiles import JOB_TABLES, tile_not_done
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,7 @@ def claim_tile(session: Session, *, key: TileKey, lease: Lease) -> bool:
     row = session.execute(
         update(tile)
         .where(
-            tile.kind == key.kind,
-            tile.job_id == key.job_id,
-            tile.index == key.index,
-            tile.status != JobStatus.done,
+            *tile_not_done(key.kind, key.job_id, key.index),
             lease_free(tile, now, lease.owner),
         )
         .values(
