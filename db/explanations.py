@@ -14,25 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import String, and_, case, cast, literal, or_, select, text, update
+from sqlalchemy import String, and_, case, cast, literal, select, text, update
 from sqlalchemy.orm import Session
 
-from db.repo import (
-    PG_INSERT_SCORES,
-    Lease,
-    Stranded,
-    _among,
-    _insert,
-    claimed_values,
-    lease_free,
-    mark_rows_unsent,
-    save_scores,
-    score_arrays,
-    send_stranded,
-    settle_rows,
-    status_among_ids,
-    stranded_clause,
-)
+from db import leases
+from db.repo import PG_INSERT_SCORES, mark_rows_unsent, save_scores, score_arrays, settle_rows
+from db.sql import among, dialect_insert, status_among_ids
 from db.tables import Case, Explanation, JobStatus, Score, utcnow
 
 PublicStatus = Literal["pending", "done", "failed"]
@@ -62,9 +49,9 @@ def request_explanations(
         literal(now, at),
         literal(now, at),
         literal(now, at),
-    ).where(_among(session, Score.case_id, case_ids), Score.shadow.is_(False))
+    ).where(among(session, Score.case_id, case_ids), Score.shadow.is_(False))
     stmt = (
-        _insert(session, Explanation.__table__)  # type: ignore[arg-type]
+        dialect_insert(session, Explanation.__table__)  # type: ignore[arg-type]
         .from_select(
             [
                 "case_id",
@@ -133,23 +120,13 @@ def attempted_unfinished(
     (their worker died explaining them): least attempted first, then in case id order. One
     ``running`` under a live lease of a worker other than ``owner`` is being explained there:
     no suspect (a claim of its own would only skip it)."""
-    status = status_among_ids(Explanation)
-    return list(
-        session.scalars(
-            select(Explanation.case_id)
-            .where(
-                _among(session, Explanation.case_id, case_ids),
-                Explanation.attempts > 0,
-                or_(
-                    status == JobStatus.queued.value,
-                    and_(
-                        status == JobStatus.running.value,
-                        lease_free(Explanation, utcnow(), owner),
-                    ),
-                ),
-            )
-            .order_by(Explanation.attempts, Explanation.case_id)
-        )
+    return leases.unfinished(
+        session,
+        Explanation,
+        key=Explanation.case_id,
+        count=Explanation.attempts,
+        ids=case_ids,
+        owner=owner,
     )
 
 
@@ -157,31 +134,27 @@ def claim_explanations(
     session: Session,
     *,
     case_ids: Sequence[int],
-    lease: Lease,
+    lease: leases.Lease,
     max_deliveries: int,
-    first_attempt_only: bool = False,
+    first_only: bool = False,
 ) -> tuple[list[ClaimedExplanation], list[int]]:
     """Claim in one statement the ledger rows of ``case_ids`` that are ``queued``, or ``running``
     under no live lease: count an attempt, take the lease. Returns what to explain, in case id
     order, and the cases now tried more than ``max_deliveries`` times: those end ``failed``.
 
-    With ``first_attempt_only``, a row attempted before without finishing is left as it is (the
+    With ``first_only``, a row attempted before without finishing is left as it is (the
     caller explains it alone: :func:`attempted_unfinished` finds it)."""
     now = utcnow()
     attempts = Explanation.attempts + 1
     dead = attempts > max_deliveries
-    status = status_among_ids(Explanation)
-    claimable = or_(
-        status == JobStatus.queued.value,
-        and_(status == JobStatus.running.value, lease_free(Explanation, now, lease.owner)),
-    )
-    if first_attempt_only:
-        claimable = and_(claimable, Explanation.attempts == 0)
+    takes = leases.claimable(Explanation, now, lease.owner)
+    if first_only:
+        takes = and_(takes, Explanation.attempts == 0)
     rows = session.execute(
         update(Explanation)
-        .where(_among(session, Explanation.case_id, case_ids), claimable)
+        .where(among(session, Explanation.case_id, case_ids), takes)
         .values(
-            **claimed_values(
+            **leases.claimed_values(
                 Explanation, dead=dead, owner=lease.owner, expires=lease.expiry(now), now=now
             ),
             attempts=attempts,
@@ -204,7 +177,7 @@ def claim_explanations(
     cases = session.execute(
         select(Case.id, Score.model_name, Score.model_version, Score.model_sha256, Case.features)
         .join(Score, Score.case_id == Case.id)
-        .where(_among(session, Score.id, list(live.values())))
+        .where(among(session, Score.id, list(live.values())))
     ).all()
     claimed = [
         ClaimedExplanation(
@@ -215,7 +188,9 @@ def claim_explanations(
     return claimed, dead_ids
 
 
-def hold_explanations(session: Session, *, case_ids: Sequence[int], lease: Lease) -> list[int]:
+def hold_explanations(
+    session: Session, *, case_ids: Sequence[int], lease: leases.Lease
+) -> list[int]:
     """Lease the rows of ``case_ids`` that wait, unclaimed, to be explained alone by this worker
     (attempted before without finishing: ``queued``, or ``running`` under a lease that ran out)
     and that no other live worker holds; return those, in the order given. Held, they are not
@@ -228,9 +203,9 @@ def hold_explanations(session: Session, *, case_ids: Sequence[int], lease: Lease
         session.scalars(
             update(Explanation)
             .where(
-                _among(session, Explanation.case_id, case_ids),
+                among(session, Explanation.case_id, case_ids),
                 status.in_((JobStatus.queued.value, JobStatus.running.value)),
-                lease_free(Explanation, now, lease.owner),
+                leases.lease_free(Explanation, now, lease.owner),
             )
             .values(lease_owner=lease.owner, lease_expires_at=lease.expiry(now))
             .returning(Explanation.case_id),
@@ -240,14 +215,16 @@ def hold_explanations(session: Session, *, case_ids: Sequence[int], lease: Lease
     return [i for i in case_ids if i in held]
 
 
-def renew_explanation_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> int:
+def renew_explanation_leases(
+    session: Session, *, case_ids: Sequence[int], lease: leases.Lease
+) -> int:
     """Extend this worker's leases on the given cases' ledger rows; returns how many it held."""
     if not case_ids:
         return 0
     result = session.execute(
         update(Explanation)
         .where(
-            _among(session, Explanation.case_id, case_ids),
+            among(session, Explanation.case_id, case_ids),
             Explanation.lease_owner == lease.owner,
             status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
         )
@@ -264,7 +241,7 @@ def hand_back_held(session: Session, *, case_ids: Sequence[int], owner: str) -> 
     session.execute(
         update(Explanation)
         .where(
-            _among(session, Explanation.case_id, case_ids),
+            among(session, Explanation.case_id, case_ids),
             Explanation.lease_owner == owner,
             status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
         )
@@ -318,7 +295,7 @@ def touch_cases(session: Session, *, case_ids: Sequence[int]) -> None:
     if case_ids:
         session.execute(
             update(Case)
-            .where(_among(session, Case.id, list(case_ids)))
+            .where(among(session, Case.id, list(case_ids)))
             .values(updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
@@ -340,7 +317,7 @@ def release_explanations(
     session.execute(
         update(Explanation)
         .where(
-            _among(session, Explanation.case_id, case_ids),
+            among(session, Explanation.case_id, case_ids),
             Explanation.lease_owner == owner,
             status_among_ids(Explanation) == JobStatus.running.value,
         )
@@ -357,7 +334,7 @@ def release_explanations(
 
 
 def take_stranded_explanations(
-    session: Session, *, rules: Stranded, quiet: bool = False, limit: int = 5_000
+    session: Session, *, rules: leases.Stranded, quiet: bool = False, limit: int = 5_000
 ) -> list[int]:
     """Mark up to ``limit`` stranded ledger rows as sent now and return their case ids, for the
     caller to send before it commits (the rules and the locking of
@@ -365,7 +342,7 @@ def take_stranded_explanations(
     chosen = (
         select(Explanation.id)
         .where(
-            stranded_clause(
+            leases.stranded_clause(
                 Explanation,
                 rules,
                 sent_at=Explanation.enqueued_at,
@@ -375,7 +352,7 @@ def take_stranded_explanations(
         .order_by(Explanation.id)
         .limit(limit)
     )
-    rows = send_stranded(
+    rows = leases.send_stranded(
         session,
         Explanation,
         chosen,
@@ -398,7 +375,7 @@ def states(session: Session, *, case_ids: Sequence[int]) -> dict[int, Explanatio
         return {}
     rows = session.execute(
         select(Explanation.case_id, Explanation.status, Explanation.error).where(
-            _among(session, Explanation.case_id, case_ids)
+            among(session, Explanation.case_id, case_ids)
         )
     ).all()
     return {r.case_id: state for r in rows if (state := state_of(r.status, r.error)) is not None}

@@ -15,26 +15,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Row,
-    Select,
-    String,
-    Table,
-    and_,
-    any_,
-    bindparam,
-    case,
-    cast,
-    func,
-    or_,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import String, and_, case, cast, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
+from db.leases import (
+    Lease,
+    Stranded,
+    claimable,
+    claimed_values,
+    send_stranded,
+    stranded_clause,
+    unfinished,
+)
+from db.sql import among, dialect_insert, status_among_ids
 from db.tables import (
     SCOPES,
     ApiClient,
@@ -51,24 +44,6 @@ from db.tables import (
 )
 
 
-def _insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:
-    """The dialect's INSERT, which knows ON CONFLICT (PostgreSQL and SQLite spell it alike)."""
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"medbatch supports PostgreSQL and SQLite, not {dialect}")
-
-
-def _among(session: Session, column: Any, ids: Iterable[int]) -> Any:
-    """``column IN ids``; on PostgreSQL as ``= ANY(array)``: one parameter, however many ids."""
-    values = list(ids)
-    if session.get_bind().dialect.name == "postgresql":
-        return column == any_(bindparam(None, values, type_=postgresql.ARRAY(BigInteger)))
-    return column.in_(values)
-
-
 def count_statuses(session: Session, *, case_ids: Sequence[int]) -> Counter[CaseStatus]:
     """How many of the given cases are in each status. In slices of 20,000 ids (each one array
     on PostgreSQL): a nightly run may name more cases than a statement may have parameters."""
@@ -76,19 +51,11 @@ def count_statuses(session: Session, *, case_ids: Sequence[int]) -> Counter[Case
     for start in range(0, len(case_ids), 20_000):
         rows = session.execute(
             select(Case.status, func.count())
-            .where(_among(session, Case.id, case_ids[start : start + 20_000]))
+            .where(among(session, Case.id, case_ids[start : start + 20_000]))
             .group_by(Case.status)
         )
         counts.update({case_status: n for case_status, n in rows})
     return counts
-
-
-def status_among_ids(table: Any) -> Any:
-    """``table.status`` for a statement that names its rows by id (with :func:`_among`): as an
-    expression no status index matches, so the ids' key drives the plan. Statistics from
-    before a bulk load make a status index look selective; the planner then read it whole and
-    hash-joined it with the ids (7,680 index entries and 1,040 heap pages to claim 128 cases)."""
-    return func.coalesce(table.status, "", type_=String)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -450,7 +417,7 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
     created: set[str] = set()
     if new_rows:
         stmt = (
-            _insert(session, Case.__table__)  # type: ignore[arg-type]
+            dialect_insert(session, Case.__table__)  # type: ignore[arg-type]
             .on_conflict_do_nothing(index_elements=["tenant_id", "external_id"])
             .returning(Case.__table__.c.external_id)
         )
@@ -482,43 +449,6 @@ class ClaimedCase:
     enqueued_at: datetime | None
 
 
-@dataclass(frozen=True)
-class Lease:
-    """Who holds a case or tile (a worker process: ``host:pid:token``) and for how long."""
-
-    owner: str
-    ttl: timedelta
-
-    def expiry(self, now: datetime) -> datetime:
-        return now + self.ttl
-
-
-def lease_free(table: Any, now: datetime, owner: str | None) -> Any:
-    """No live lease of another worker on a row of ``table`` (cases, a ledger): none taken, or
-    expired, or ``owner``'s own."""
-    return or_(
-        table.lease_owner.is_(None),
-        table.lease_expires_at.is_(None),
-        table.lease_expires_at < now,
-        *([table.lease_owner == owner] if owner is not None else []),
-    )
-
-
-def claimed_values(
-    table: Any, *, dead: Any, owner: str | None, expires: datetime | None, now: datetime
-) -> dict[str, Any]:
-    """The columns a claim sets on a row of ``table``: ``running`` under the lease, or (``dead``:
-    tried too often) ``failed`` with no lease."""
-    return {
-        "status": case((dead, "failed"), else_="running"),
-        "lease_owner": case((dead, None), else_=owner),
-        "lease_expires_at": case(
-            (dead, None), else_=bindparam(None, expires, type_=table.lease_expires_at.type)
-        ),
-        "updated_at": now,
-    }
-
-
 _UNRECORDED = "none recorded (the worker stopped mid-batch)"
 
 
@@ -528,11 +458,11 @@ def claim_cases(
     case_ids: Sequence[int],
     max_deliveries: int,
     lease: Lease | None = None,
-    first_delivery_only: bool = False,
+    first_only: bool = False,
 ) -> tuple[list[ClaimedCase], list[int]]:
     """Claim a batch in one statement: count a delivery, mark ``running``, take the lease.
 
-    With ``first_delivery_only``, a case delivered before without finishing is left as it is
+    With ``first_only``, a case delivered before without finishing is left as it is
     (the caller scores it alone: :func:`delivered_unfinished` finds it).
 
     A case is claimable when it is ``queued``, or ``running`` with no live lease of another
@@ -546,16 +476,12 @@ def claim_cases(
     expires = lease.expiry(now) if lease is not None else None
     deliveries = Case.delivery_count + 1
     dead = deliveries > max_deliveries
-    status = status_among_ids(Case)
-    claimable = or_(
-        status == CaseStatus.queued.value,
-        and_(status == CaseStatus.running.value, lease_free(Case, now, owner)),
-    )
-    if first_delivery_only:
-        claimable = and_(claimable, Case.delivery_count == 0)
+    takes = claimable(Case, now, owner)
+    if first_only:
+        takes = and_(takes, Case.delivery_count == 0)
     rows = session.execute(
         update(Case.__table__)  # type: ignore[arg-type]
-        .where(_among(session, Case.id, case_ids), claimable)
+        .where(among(session, Case.id, case_ids), takes)
         .values(
             **claimed_values(Case, dead=dead, owner=owner, expires=expires, now=now),
             delivery_count=deliveries,
@@ -605,20 +531,8 @@ def delivered_unfinished(
     holding them, or their batch failed for a reason not the database's): least delivered
     first, then in id order. A case ``running`` under a live lease of a worker other than
     ``owner`` is being scored there: no suspect (a claim of its own would only skip it)."""
-    status = status_among_ids(Case)
-    return list(
-        session.scalars(
-            select(Case.id)
-            .where(
-                _among(session, Case.id, case_ids),
-                Case.delivery_count > 0,
-                or_(
-                    status == CaseStatus.queued.value,
-                    and_(status == CaseStatus.running.value, lease_free(Case, utcnow(), owner)),
-                ),
-            )
-            .order_by(Case.delivery_count, Case.id)
-        )
+    return unfinished(
+        session, Case, key=Case.id, count=Case.delivery_count, ids=case_ids, owner=owner
     )
 
 
@@ -630,16 +544,14 @@ def hold_cases(
     ``stranded``: also those left ``running`` under no live lease of another worker (a case
     whose worker died holding it, which waits to be scored alone: :func:`claim_cases`)."""
     now = utcnow()
-    status = status_among_ids(Case)
-    holdable = status == CaseStatus.queued.value
-    if stranded:
-        holdable = or_(
-            holdable,
-            and_(status == CaseStatus.running.value, lease_free(Case, now, lease.owner)),
-        )
+    holdable = (
+        claimable(Case, now, lease.owner)
+        if stranded
+        else status_among_ids(Case) == CaseStatus.queued.value
+    )
     session.execute(
         update(Case)
-        .where(_among(session, Case.id, case_ids), holdable)
+        .where(among(session, Case.id, case_ids), holdable)
         .values(lease_owner=lease.owner, lease_expires_at=lease.expiry(now)),
         execution_options={"synchronize_session": False},
     )
@@ -652,7 +564,7 @@ def renew_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> 
     result = session.execute(
         update(Case)
         .where(
-            _among(session, Case.id, case_ids),
+            among(session, Case.id, case_ids),
             Case.lease_owner == lease.owner,
             status_among_ids(Case).in_((CaseStatus.queued.value, CaseStatus.running.value)),
         )
@@ -683,7 +595,7 @@ def release_cases(
     session.execute(
         update(Case)
         .where(
-            _among(session, Case.id, case_ids),
+            among(session, Case.id, case_ids),
             Case.lease_owner == owner,
             status_among_ids(Case).in_((CaseStatus.queued.value, CaseStatus.running.value)),
         )
@@ -704,7 +616,7 @@ def record_error(session: Session, *, case_ids: Sequence[int], error: str) -> No
     session.execute(
         update(Case)
         .where(
-            _among(session, Case.id, case_ids),
+            among(session, Case.id, case_ids),
             status_among_ids(Case) == CaseStatus.running.value,
         )
         .values(last_error=error[:2000]),
@@ -730,13 +642,13 @@ def replay_dead_letters(
     if tenant_id is not None:
         stmt = stmt.where(Case.tenant_id == tenant_id)
     if case_ids is not None:
-        stmt = stmt.where(_among(session, Case.id, case_ids))
+        stmt = stmt.where(among(session, Case.id, case_ids))
     found = [(r[0], r[1]) for r in session.execute(stmt.order_by(Case.id))]
     if found:
         now = utcnow()
         session.execute(
             update(Case)
-            .where(_among(session, Case.id, [i for i, _ in found]))
+            .where(among(session, Case.id, [i for i, _ in found]))
             .values(
                 status=CaseStatus.queued,
                 dead_letter=False,
@@ -793,7 +705,7 @@ def save_scores(session: Session, *, rows: Sequence[dict[str, Any]]) -> int:
         params = {**score_arrays(rows), "created_at": now}
         return len(session.execute(_PG_SAVE_SCORES, params).all())
     stmt = (
-        _insert(session, Score.__table__)  # type: ignore[arg-type]
+        dialect_insert(session, Score.__table__)  # type: ignore[arg-type]
         .on_conflict_do_nothing(index_elements=["case_id", "model_name", "model_version"])
         .returning(Score.__table__.c.id)
     )
@@ -842,7 +754,7 @@ def settle_rows(
     }
     session.execute(
         update(table)
-        .where(_among(session, key, ids), status_among_ids(table) != "done")
+        .where(among(session, key, ids), status_among_ids(table) != "done")
         .values(
             **{error: case(error_of, value=key)},
             status=case(status_of, value=key),
@@ -876,7 +788,7 @@ def mark_rows_unsent(session: Session, table: Any, key: Any, ids: Sequence[int])
     unreachable): the sweeper sends them as soon as the broker is back."""
     session.execute(
         update(table)
-        .where(_among(session, key, ids), status_among_ids(table) == "queued")
+        .where(among(session, key, ids), status_among_ids(table) == "queued")
         .values(enqueued_at=None),
         execution_options={"synchronize_session": False},
     )
@@ -958,45 +870,6 @@ def shadow_pairs(
     return [(r[0], r[1]) for r in rows]
 
 
-@dataclass(frozen=True)
-class Stranded:
-    """When a case (or tile) waiting for a worker is stranded and must be sent again.
-
-    Always: its lease expired (the worker holding it died or stalled), or it was never sent.
-    And while ``queued`` without a lease: it was sent before ``broker_started_at`` (the broker
-    restarted since, and may have lost it); or before ``quiet_before`` on a queue the broker
-    reports empty (``quiet_priorities``: no message of its is waiting, so it sits with a dead
-    worker or was lost); or, whatever the broker says, before ``lost_before``.
-    """
-
-    now: datetime
-    lost_before: datetime
-    broker_started_at: datetime | None = None
-    quiet_before: datetime | None = None
-    quiet_priorities: tuple[Priority, ...] = ()
-
-
-def stranded_clause(table: Any, rules: Stranded, *, sent_at: Any, quiet: Any = None) -> Any:
-    """The WHERE clause of :class:`Stranded` on ``table`` (cases or a tile ledger)."""
-    unleased_queued = and_(table.status == "queued", table.lease_owner.is_(None))
-    conditions = [
-        and_(table.lease_owner.is_not(None), table.lease_expires_at < rules.now),
-        and_(table.status == "queued", sent_at.is_(None)),
-        and_(unleased_queued, sent_at < rules.lost_before),
-        # A row left running without a lease (written before leases existed).
-        and_(
-            table.status == "running",
-            table.lease_owner.is_(None),
-            table.updated_at < rules.lost_before,
-        ),
-    ]
-    if rules.broker_started_at is not None:
-        conditions.append(and_(unleased_queued, sent_at < rules.broker_started_at))
-    if rules.quiet_before is not None and quiet is not None:
-        conditions.append(and_(unleased_queued, sent_at < rules.quiet_before, quiet))
-    return and_(table.status.in_(("queued", "running")), or_(*conditions))
-
-
 def take_stranded_cases(
     session: Session, *, rules: Stranded, limit: int = 5_000
 ) -> list[tuple[int, Priority]]:
@@ -1029,39 +902,6 @@ def take_stranded_cases(
     return sorted((r[0], r[1]) for r in rows)
 
 
-def send_stranded(
-    session: Session,
-    table: Any,
-    chosen: Select[Any],
-    *,
-    now: datetime,
-    returning: Sequence[Any],
-    sent_at: str | None = None,
-) -> Sequence[Row[Any]]:
-    """Mark the stranded rows of ``table`` that ``chosen`` selects (by id) as sent ``now``:
-    ``queued``, lease cleared, and ``now`` in the ``sent_at`` column if it has one (else its
-    ``updated_at`` says when). Returns the ``returning`` columns of each, for the caller to send
-    before it commits. On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``: another
-    sweeper takes others."""
-    if session.get_bind().dialect.name == "postgresql":
-        chosen = chosen.with_for_update(of=table, skip_locked=True)
-    values: dict[str, Any] = {
-        "status": "queued",
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "updated_at": now,
-    }
-    if sent_at is not None:
-        values[sent_at] = now
-    return session.execute(
-        update(table)
-        .where(table.id.in_(chosen.scalar_subquery()))
-        .values(**values)
-        .returning(*returning),
-        execution_options={"synchronize_session": False},
-    ).all()
-
-
 def identifier_digest(value: str) -> str:
     """How an identifier value is kept: its sha256, hex."""
     return hashlib.sha256(value.encode()).hexdigest()
@@ -1081,7 +921,7 @@ def add_patient_identifiers(
         for system, value in dict.fromkeys(identifiers)
     ]
     if rows:
-        stmt = _insert(session, PatientIdentifier.__table__).on_conflict_do_nothing(  # type: ignore[arg-type]
+        stmt = dialect_insert(session, PatientIdentifier.__table__).on_conflict_do_nothing(  # type: ignore[arg-type]
             index_elements=["tenant_id", "subject", "system", "value_sha256"]
         )
         session.execute(stmt, rows)

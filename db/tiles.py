@@ -75,6 +75,16 @@ def get_tile(session: Session, *, kind: str, job_id: int, index: int) -> JobTile
     )
 
 
+def tile_not_done(kind: str, job_id: int, index: int) -> tuple[Any, ...]:
+    """The WHERE clause of a job's tile while it is not done."""
+    return (
+        JobTile.kind == kind,
+        JobTile.job_id == job_id,
+        JobTile.index == index,
+        JobTile.status != JobStatus.done,
+    )
+
+
 def start_tile(session: Session, tile: JobTile) -> None:
     """Count an attempt at a tile, and mark its job running if it was queued."""
     job = JOB_TABLES[tile.kind]
@@ -91,13 +101,7 @@ def uncount_attempt(session: Session, *, kind: str, job_id: int, index: int) -> 
     """Take back the attempt :func:`start_tile` counted: the database, not the tile, stopped it."""
     session.execute(
         update(JobTile)
-        .where(
-            JobTile.kind == kind,
-            JobTile.job_id == job_id,
-            JobTile.index == index,
-            JobTile.status != JobStatus.done,
-            JobTile.attempts > 0,
-        )
+        .where(*tile_not_done(kind, job_id, index), JobTile.attempts > 0)
         .values(attempts=JobTile.attempts - 1)
     )
 
@@ -111,12 +115,7 @@ def finish_tile(session: Session, *, kind: str, job_id: int, index: int) -> tupl
     finishes the job, the sweeper sends it again and the job is finished then."""
     changed = session.execute(
         update(JobTile)
-        .where(
-            JobTile.kind == kind,
-            JobTile.job_id == job_id,
-            JobTile.index == index,
-            JobTile.status != JobStatus.done,
-        )
+        .where(*tile_not_done(kind, job_id, index))
         .values(status=JobStatus.done, updated_at=utcnow())
         .returning(JobTile.id)
     ).first()

@@ -23,7 +23,7 @@ from datetime import timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations as ledger
-from db import leases as tile_leases
+from db import leases as db_leases
 from db import repo
 from db.engine import session_scope
 
@@ -39,12 +39,12 @@ class LeaseKeeper:
 
     def __init__(self, sessions: sessionmaker[Session], *, ttl_s: float) -> None:
         self.sessions = sessions
-        self.lease = repo.Lease(worker_identity(), timedelta(seconds=ttl_s))
+        self.lease = db_leases.Lease(worker_identity(), timedelta(seconds=ttl_s))
         self.renew_every_s = ttl_s / 3
         self._cases: set[int] = set()
         #: Cases whose explanation (their ledger row, db/explanations.py) this process holds.
         self._explanations: set[int] = set()
-        self._tiles: set[tile_leases.TileKey] = set()
+        self._tiles: set[db_leases.TileKey] = set()
         #: The cases waiting unclaimed in the buffers of this process's current batcher (a
         #: batcher replaced after a broker reconnect holds nothing: its leases run out).
         self.waiting: Callable[[], Iterable[int]] | None = None
@@ -88,12 +88,12 @@ class LeaseKeeper:
             self._explanations.difference_update(case_ids)
 
     @contextmanager
-    def tile(self, key: tile_leases.TileKey) -> Iterator[bool]:
+    def tile(self, key: db_leases.TileKey) -> Iterator[bool]:
         """Claim a tile's lease, renew it while the block runs; yield False (and hold nothing)
         when the tile is done or another live worker holds it. If the block raises, the lease
         ends at once, so the sweeper sends the tile again at its next sweep."""
         with session_scope(self.sessions) as session:
-            claimed = tile_leases.claim_tile(session, key=key, lease=self.lease)
+            claimed = db_leases.claim_tile(session, key=key, lease=self.lease)
         if not claimed:
             yield False
             return
@@ -105,7 +105,7 @@ class LeaseKeeper:
         except BaseException:
             try:
                 with session_scope(self.sessions) as session:
-                    tile_leases.release_tile(session, key=key, owner=self.owner)
+                    db_leases.release_tile(session, key=key, owner=self.owner)
             except Exception:
                 log.warning("could not release the lease of a %s tile; it expires", key.kind)
             raise
@@ -127,7 +127,7 @@ class LeaseKeeper:
             if explained:
                 ledger.renew_explanation_leases(session, case_ids=explained, lease=self.lease)
             if tiles:
-                tile_leases.renew_tile_leases(session, keys=tiles, lease=self.lease)
+                db_leases.renew_tile_leases(session, keys=tiles, lease=self.lease)
 
     def _run(self) -> None:
         while not self._stop.wait(self.renew_every_s):

@@ -6,7 +6,7 @@ It runs apart from the scoring queues, so no backlog can delay it: as its own pr
 rows another sweeper holds (db/repo.py ``take_stranded_cases``), so every stranded case or tile is
 sent again once per sweep, by one of them.
 
-Each sweep sends again (rules in db/repo.py ``Stranded``):
+Each sweep sends again (rules in db/leases.py ``Stranded``):
 - cases and tiles whose lease expired: the worker holding them died or stalled;
 - cases never sent: accepted while the broker was down;
 - queued cases and tiles sent before the broker last started (a restart may have emptied it);
@@ -31,8 +31,7 @@ from celery import Celery
 from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import explanations, idempotency, repo
-from db import leases as tile_leases
+from db import explanations, idempotency, leases, repo
 from db.engine import session_scope
 from db.tables import Priority, utcnow
 from medbatch.settings import Settings
@@ -110,7 +109,7 @@ def sweep(
     now = now or utcnow()
     broker = broker if broker is not None else broker_state(app, now=now)
     quiet_before = now - timedelta(seconds=settings.lease_ttl_s)
-    rules = repo.Stranded(
+    rules = leases.Stranded(
         now=now,
         lost_before=now - timedelta(seconds=settings.requeue_after_s),
         broker_started_at=broker.started_at,
@@ -146,7 +145,7 @@ def sweep(
             # In slices, every one this sweep: a broker restart empties a biobank job's queue
             # of thousands of tiles at once.
             with session_scope(sessions) as session:
-                tiles = tile_leases.take_stranded_tiles(
+                tiles = leases.take_stranded_tiles(
                     session,
                     kind=kind,
                     rules=rules,

@@ -52,6 +52,18 @@ def _check_ids(field: str, path: Path, found: FilesetInfo) -> None:
             )
 
 
+def _inspect(field: str, path: Path, metric: str) -> FilesetInfo:
+    """:func:`inspect_input`, a refusal as the submission's error on ``field``; for KING, with
+    the samples' ids checked (:func:`_check_ids`)."""
+    try:
+        found = inspect_input(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SubmissionError(field, str(exc)) from None
+    if metric == "king":
+        _check_ids(field, path, found)
+    return found
+
+
 def job_dir(output_prefix: str) -> Path:
     return Path(output_prefix).parent
 
@@ -106,12 +118,7 @@ def submit(
             )
         if block and (block < 4 or block % 4):
             raise SubmissionError("block", f"must be a positive multiple of 4, got {block}")
-    try:
-        cohort = inspect_input(bfile)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SubmissionError("bfile", str(exc)) from None
-    if metric == "king":
-        _check_ids("bfile", bfile, cohort)
+    cohort = _inspect("bfile", bfile, metric)
     n_samples = len(cohort.iid)
     # X, Y and MT are left out, as PLINK leaves them out of KING, the GRM and IBS.
     n_variants = int(autosomal(cohort.chrom).sum()) if cohort.chrom else cohort.n_variants
@@ -145,12 +152,7 @@ def submit(
         raise SubmissionError("min_maf", f"must be between 0 and 0.5, got {min_maf}")
     rows = cohort
     if query is not None:
-        try:
-            rows = inspect_input(query)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SubmissionError("query", str(exc)) from None
-        if metric == "king":
-            _check_ids("query", query, rows)
+        rows = _inspect("query", query, metric)
         if rows.n_variants != cohort.n_variants:
             raise SubmissionError(
                 "query",

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import explanations as ledger
 from db.engine import session_scope
-from db.repo import Lease
+from db.leases import Lease
 from models.cases.explain import explain, explainable
 from models.cases.inference import LoadedModel, ModelInput
 from models.cases.registry import ArtifactIntegrityError, RegistryError
@@ -39,7 +40,7 @@ from worker import metrics
 from worker.context import context
 from worker.leases import LeaseKeeper
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
-from worker.tasks.scoring import model_unavailable, parse_case_ids
+from worker.tasks.scoring import claim_apart, model_unavailable, parse_case_ids
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ def _explain_chunk(
             failed[c.case_id] = problem
 
 
+def _case_id(claimed: ledger.ClaimedExplanation) -> int:
+    return claimed.case_id
+
+
 def explain_cases(
     case_ids: Sequence[int],
     *,
@@ -123,24 +128,15 @@ def explain_cases(
     if lease is None:
         raise TypeError("explain_cases needs a lease or a keeper")
     started = time.monotonic()
-    # The suspects are found by the claim itself (it leaves them): nothing more a message.
-    first_only = len(case_ids) > 1
-    suspects: list[int] = []
     with session_scope(sessions) as session:
-        claimed, dead = ledger.claim_explanations(
-            session,
-            case_ids=case_ids,
-            lease=lease,
-            max_deliveries=max_deliveries,
-            first_attempt_only=first_only,
+        claim = partial(
+            ledger.claim_explanations, session, max_deliveries=max_deliveries, lease=lease
         )
-        if first_only and len(claimed) + len(dead) < len(case_ids):
-            taken = {c.case_id for c in claimed}.union(dead)
-            left = [i for i in case_ids if i not in taken]
-            suspects = ledger.attempted_unfinished(session, case_ids=left, owner=lease.owner)
-            # Those whose worker died are still ``running`` under its lapsed lease: leased to
-            # this worker while they wait their turn, or the sweeper sends them again.
-            suspects = ledger.hold_explanations(session, case_ids=suspects, lease=lease)
+        unfinished = partial(ledger.attempted_unfinished, session, owner=lease.owner)
+        claimed, dead, _, suspects = claim_apart(case_ids, claim, unfinished, id_of=_case_id)
+        # Those whose worker died are still ``running`` under its lapsed lease: leased to this
+        # worker while they wait their turn, or the sweeper sends them again.
+        suspects = ledger.hold_explanations(session, case_ids=suspects, lease=lease)
     if keeper is not None:
         keeper.hold_explanations(suspects)
     try:

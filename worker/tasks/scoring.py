@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from celery import Task, shared_task
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[str, str], LoadedModel]
 ShadowLoader = Callable[[str, str], LoadedModel | None]
+C = TypeVar("C")
 
 
 @dataclass
@@ -107,6 +108,34 @@ def parse_case_ids(args: Sequence[object]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def claim_apart(
+    ids: Sequence[int],
+    claim: Callable[..., tuple[list[C], list[int]]],
+    unfinished: Callable[..., list[int]],
+    *,
+    id_of: Callable[[C], int],
+) -> tuple[list[C], list[int], list[int], list[int]]:
+    """Claim a message's rows (cases, explanations) with ``claim``, of first tries only when
+    there is more than one, and find the suspects apart: of the ids the claim left, those
+    ``unfinished`` says were tried before and never finished (their worker died holding them:
+    perhaps killed by them), for the caller to take one at a time after the others. Returns
+    what was claimed, the ids that became dead letters, the ids left and the suspects."""
+    # The suspects are found by the claim itself (it leaves them): nothing more on the hot path.
+    first_only = len(ids) > 1
+    claimed, dead = claim(case_ids=ids, first_only=first_only)
+    left: list[int] = []
+    suspects: list[int] = []
+    if first_only and len(claimed) + len(dead) < len(ids):
+        taken = {id_of(c) for c in claimed}.union(dead)
+        left = [i for i in ids if i not in taken]
+        suspects = unfinished(case_ids=left)
+    return claimed, dead, left, suspects
+
+
+def _id(case: repo.ClaimedCase) -> int:
+    return case.id
+
+
 def score_cases(
     case_ids: Sequence[int],
     *,
@@ -138,28 +167,16 @@ def score_cases(
     case that kills its worker then costs no other case a delivery, and ends a dead letter
     alone after ``max_deliveries``.
     """
-    # The suspects are found by the claim itself (it leaves them): nothing more on the hot path.
-    first_only = len(case_ids) > 1
     lease = keeper.lease if keeper is not None else None
-    suspects: list[int] = []
+    owner = lease.owner if lease is not None else None
     with session_scope(sessions) as session:
-        claimed, dead = repo.claim_cases(
-            session,
-            case_ids=case_ids,
-            max_deliveries=max_deliveries,
-            lease=lease,
-            first_delivery_only=first_only,
-        )
-        if first_only and len(claimed) + len(dead) < len(case_ids):
-            taken = {c.id for c in claimed}.union(dead)
-            left = [i for i in case_ids if i not in taken]
-            suspects = repo.delivered_unfinished(
-                session, case_ids=left, owner=lease.owner if lease is not None else None
-            )
-            if suspects and lease is not None:
-                # Those whose worker died are still ``running``: leased too, or the sweeper
-                # sends them again (another delivery counted) while they wait their turn.
-                repo.hold_cases(session, case_ids=suspects, lease=lease, stranded=True)
+        claim = partial(repo.claim_cases, session, max_deliveries=max_deliveries, lease=lease)
+        unfinished = partial(repo.delivered_unfinished, session, owner=owner)
+        claimed, dead, left, suspects = claim_apart(case_ids, claim, unfinished, id_of=_id)
+        if suspects and lease is not None:
+            # Those whose worker died are still ``running``: leased too, or the sweeper
+            # sends them again (another delivery counted) while they wait their turn.
+            repo.hold_cases(session, case_ids=suspects, lease=lease, stranded=True)
     common: dict[str, Any] = {
         "sessions": sessions,
         "load_model": load_model,
