@@ -98,7 +98,8 @@ class CasePublic(BaseModel):
     scores: list[ScorePublic]
     detail: str | None = Field(
         default=None,
-        description="while queued: why it may wait, e.g. that no live worker listens on its queue",
+        description="while queued, or while its explanation is pending: why it may wait, e.g. "
+        "that no live worker listens on its queue (or on the explain queue)",
     )
     explanation_status: ExplanationStatus | None = Field(
         default=None, description=_EXPLANATION_STATUS

@@ -15,12 +15,19 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import String, and_, case, cast, literal, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from db import leases
-from db.repo import PG_INSERT_SCORES, mark_rows_unsent, save_scores, score_arrays, settle_rows
+from db.repo import (
+    PG_INSERT_SCORES,
+    mark_rows_unsent,
+    results_statement,
+    save_scores,
+    score_arrays,
+    settle_rows,
+)
 from db.sql import among, dialect_insert, status_among_ids
-from db.tables import Case, Explanation, JobStatus, Score, utcnow
+from db.tables import Case, CaseStatus, Explanation, JobStatus, Score, utcnow
 
 PublicStatus = Literal["pending", "done", "failed"]
 #: What the API shows for each ledger status (queued and running are both still to come).
@@ -388,3 +395,54 @@ def state_of(status: JobStatus | str | None, error: str | None) -> ExplanationSt
         return None
     job = JobStatus(status)
     return ExplanationState(PUBLIC_STATUS[job], error if job == JobStatus.failed else None)
+
+
+# A case and its explanation's state are read in one statement (one snapshot): read apart, an
+# explanation settled between the two reads showed ``done`` beside the score read before it, with
+# no attributions, and a client following ``GET /v1/scores?since=`` never saw them (the case
+# does not change again).
+
+
+def case_with_state(
+    session: Session, *, tenant_id: int, case_id: int
+) -> tuple[Case, ExplanationState | None] | None:
+    """A tenant's case with its scores and its explanation's state (None: no such case)."""
+    row = (
+        session.execute(
+            select(Case, Explanation.status, Explanation.error)
+            .outerjoin(Explanation, Explanation.case_id == Case.id)
+            .where(Case.id == case_id, Case.tenant_id == tenant_id)
+            .options(joinedload(Case.scores))
+        )
+        .unique()
+        .first()
+    )
+    if row is None:
+        return None
+    return row[0], state_of(row[1], row[2])
+
+
+def results_with_states(
+    session: Session,
+    *,
+    tenant_id: int,
+    model: str | None = None,
+    status: CaseStatus | None = None,
+    since: datetime | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> list[tuple[Case, Score | None, ExplanationState | None]]:
+    """:func:`db.repo.list_results`, each case with its explanation's state."""
+    stmt = (
+        results_statement(
+            tenant_id=tenant_id,
+            model=model,
+            status=status,
+            since=since,
+            after_id=after_id,
+            limit=limit,
+        )
+        .add_columns(Explanation.status, Explanation.error)
+        .outerjoin(Explanation, Explanation.case_id == Case.id)
+    )
+    return [(r[0], r[1], state_of(r[2], r[3])) for r in session.execute(stmt)]

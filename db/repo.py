@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, and_, case, cast, func, or_, select, text, update
+from sqlalchemy import Select, String, and_, case, cast, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from db.leases import (
@@ -345,6 +345,10 @@ class NewCase:
     features: dict[str, float]
     subject: str | None = None
     context: dict[str, Any] | None = None
+    #: False when the sender named the model only (its default version): a case stored under
+    #: another version of it is then the same case, not a conflict (a retry sent after a new
+    #: default version was released is answered with the first case, not a 409).
+    version_pinned: bool = True
 
 
 class ExternalIdConflict(ValueError):
@@ -360,6 +364,8 @@ class AddedCase:
     id: int
     created: bool
     status: CaseStatus
+    #: The version the case is scored by (the stored case's, when it was there already).
+    model_version: str
 
 
 def _cases_by_external_id(session: Session, tenant_id: int, ids: Sequence[str]) -> dict[str, Any]:
@@ -373,13 +379,17 @@ def _cases_by_external_id(session: Session, tenant_id: int, ids: Sequence[str]) 
 
 
 def _content_conflicts(cases: Sequence[NewCase], stored: dict[str, Any]) -> list[str]:
-    """The external ids of ``cases`` stored with another model or other features."""
+    """The external ids of ``cases`` stored with another model or other features (another
+    version of the model only when the case names its version)."""
     return [
         c.external_id
         for c in cases
         if (old := stored.get(c.external_id)) is not None
-        and (old.model_name, old.model_version, old.features)
-        != (c.model_name, c.model_version, c.features)
+        and (
+            old.model_name != c.model_name
+            or (c.version_pinned and old.model_version != c.model_version)
+            or old.features != c.features
+        )
     ]
 
 
@@ -430,14 +440,17 @@ def add_cases(session: Session, *, tenant_id: int, cases: Sequence[NewCase]) -> 
         if conflicts:
             raise ExternalIdConflict(conflicts)
     stored = {
-        external_id: (case_id, case_status)
-        for external_id, case_id, case_status in session.execute(
-            select(Case.external_id, Case.id, Case.status).where(
+        row.external_id: row
+        for row in session.execute(
+            select(Case.external_id, Case.id, Case.status, Case.model_version).where(
                 Case.tenant_id == tenant_id, Case.external_id.in_(ids)
             )
-        ).tuples()
+        )
     }
-    return [AddedCase(stored[x][0], x in created, stored[x][1]) for x in ids]
+    return [
+        AddedCase(stored[x].id, x in created, stored[x].status, stored[x].model_version)
+        for x in ids
+    ]
 
 
 @dataclass(frozen=True)
@@ -822,6 +835,27 @@ def list_results(
 
     The score is the one of the version the case was submitted to; shadow scores are not results.
     """
+    stmt = results_statement(
+        tenant_id=tenant_id,
+        model=model,
+        status=status,
+        since=since,
+        after_id=after_id,
+        limit=limit,
+    )
+    return [(row[0], row[1]) for row in session.execute(stmt)]
+
+
+def results_statement(
+    *,
+    tenant_id: int,
+    model: str | None = None,
+    status: CaseStatus | None = None,
+    since: datetime | None = None,
+    after_id: int = 0,
+    limit: int = 100,
+) -> Select[Any]:
+    """The statement of :func:`list_results` (a caller may add columns to read in the same one)."""
     stmt = (
         select(Case, Score)
         .outerjoin(
@@ -845,7 +879,7 @@ def list_results(
         stmt = stmt.where(Case.status == status)
     if since is not None:
         stmt = stmt.where(Case.updated_at >= since)
-    return [(row[0], row[1]) for row in session.execute(stmt)]
+    return stmt
 
 
 def shadow_pairs(

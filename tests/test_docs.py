@@ -43,6 +43,17 @@ def test_every_relative_link_resolves() -> None:
             assert path.exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
 
 
+def test_every_doc_named_in_plain_text_exists() -> None:
+    """A doc or a module that names a doc as text (``see docs/NAME.md``, not a link) names one
+    that exists: docs/scoring-path.md sent readers to a docs/scoring-bench.md there never was."""
+    sources = [*DOCS, ROOT / "Makefile", ROOT / "docker-compose.yml"]
+    for package in ("medbatch", "api_shim", "worker", "db", "models", "bench"):
+        sources += sorted((ROOT / package).rglob("*.py"))
+    for source in sources:
+        for name in set(re.findall(r"(?<![\w/.])docs/[\w.-]+\.md", _text(source))):
+            assert (ROOT / name).exists(), f"{source.relative_to(ROOT)} names missing {name}"
+
+
 def test_every_examples_file_named_by_the_docs_and_the_cli_exists() -> None:
     from medbatch.cli import build_parser
     from tests.test_cli_first_use import _subcommands

@@ -121,6 +121,7 @@ def check_against_registry(
                 model_version=spec.version,
                 priority=case.priority,
                 features=dict(case.features),
+                version_pinned="@" in case.model,
             )
         )
     if errors:
@@ -182,7 +183,7 @@ def submit_cases(
         CaseAccepted(
             id=r.id,
             external_id=c.external_id,
-            model=f"{c.model_name}@{c.model_version}",
+            model=f"{c.model_name}@{r.model_version}",
             status=r.status,
             created=r.created,
         )

@@ -307,7 +307,13 @@ def risk_assessment(
         "resourceType": "RiskAssessment",
         "id": str(score.id),
         "status": "final",
-        "subject": {"reference": case.subject or case.external_id},
+        # A case sent as JSON names no Patient: its external id is no FHIR reference (a
+        # validator refuses "A-1001" as one), so it is told as the subject's display only.
+        "subject": (
+            {"reference": case.subject}
+            if case.subject
+            else {"display": f"case {case.external_id} (sent without a Patient)"}
+        ),
         "occurrenceDateTime": score.created_at.isoformat(),
         "method": {
             "coding": [{"system": "urn:medbatch:model", "code": ref}],

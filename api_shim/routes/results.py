@@ -19,7 +19,7 @@ from api_shim.deps import (
     to_utc,
 )
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
-from db import explanations, repo
+from db import explanations
 from db.tables import Case, CaseStatus
 
 router = APIRouter(prefix="/v1", tags=["results"])
@@ -39,16 +39,20 @@ def read_case(
     case_id: IdPath, tenant: ReaderDep, session: SessionDep, celery: CeleryDep
 ) -> CasePublic:
     """One case: its status, delivery count, last error and scores."""
-    case = repo.get_case(session, tenant_id=tenant.id, case_id=case_id)
-    if case is None:
+    found = explanations.case_with_state(session, tenant_id=tenant.id, case_id=case_id)
+    if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no case with this id for this tenant")
+    case, explained = found
+    from worker.heartbeat import waiting_detail
+    from worker.queues import EXPLAIN_QUEUE, queue_for
+
     detail = None
     if case.status == CaseStatus.queued:
-        from worker.heartbeat import waiting_detail
-        from worker.queues import queue_for
-
         detail = waiting_detail(celery, queue_for(case.priority))
-    explained = explanations.states(session, case_ids=[case.id]).get(case.id)
+    elif explained is not None and explained.status == "pending":
+        # Workers started for the scoring queues only (--queues score.stat,...) leave every
+        # explanation pending, with nothing else to say why.
+        detail = waiting_detail(celery, EXPLAIN_QUEUE)
     return CasePublic(
         id=case.id,
         **_shown(case),
@@ -98,7 +102,7 @@ def list_scores(
                 }
             ]
         )
-    rows = repo.list_results(
+    rows = explanations.results_with_states(
         session,
         tenant_id=tenant.id,
         model=model,
@@ -107,7 +111,6 @@ def list_scores(
         after_id=cursor,
         limit=limit,
     )
-    explained = explanations.states(session, case_ids=[case.id for case, _ in rows])
     items = [
         ResultPublic(
             case_id=case.id,
@@ -115,11 +118,11 @@ def list_scores(
             score=score.score if score else None,
             label=score.label if score else None,
             model_sha256=score.model_sha256 if score else None,
-            explanation_status=e.status if (e := explained.get(case.id)) else None,
+            explanation_status=e.status if e else None,
             explanation=score.explanation if score and e and e.status == "done" else None,
             explanation_error=e.error if e else None,
         )
-        for case, score in rows
+        for case, score, e in rows
     ]
     next_cursor = str(rows[-1][0].id) if len(rows) == limit else None
     return ResultsPublic(items=items, next_cursor=next_cursor)

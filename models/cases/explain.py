@@ -5,7 +5,8 @@ the attributions sum to that difference (completeness). We attribute the logit, 
 contributions add up.
 
 - tabular inputs, against an average training case (the standardization mean stored in the
-  weights file); for a linear model attribution_i = w_i * (x_i - baseline_i) exactly;
+  weights file; zeros for a registered model that keeps none, as its ``baseline`` says); for a
+  linear model attribution_i = w_i * (x_i - baseline_i) exactly;
 - series inputs, against the training mean at every step: attributions per channel (summed over
   the case's steps) and the steps that weigh most (summed over channels);
 - token inputs (the built-in Transformer), on the code embeddings against the padding embedding
@@ -53,7 +54,10 @@ def explain(
 
     module = model.module
     x = batch.values.to(model.device).float()
+    # The built-in architectures keep their training mean; a registered model may not (a
+    # hospital's own TorchScript or torch.export module): its baseline is zeros, and says so.
     mean = getattr(module, "mean", None)
+    standardized = isinstance(mean, torch.Tensor)
     width = len(model.spec.inputs)
     baseline = (mean if isinstance(mean, torch.Tensor) else torch.zeros(width)).to(x)
     baselines = baseline.expand_as(x)
@@ -78,7 +82,8 @@ def explain(
         e: dict[str, Any] = {
             "method": METHOD,
             "target": "log-odds",
-            "baseline": "training mean" + ("" if kind == "tabular" else " at every step"),
+            "baseline": ("training mean" if standardized else "zeros")
+            + ("" if kind == "tabular" else " at every step"),
             "n_steps": n_steps,
             "top": [{"feature": names[j], "attribution": float(per_input[j])} for j in order],
             "total": float(row.sum()),

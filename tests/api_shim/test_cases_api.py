@@ -599,3 +599,122 @@ def test_a_listed_result_says_why_its_explanation_failed(
         ("failed", reason),
     ]
     assert api.get(f"/v1/cases/{ids[1]}", headers=auth(key)).json()["explanation_error"] == reason
+
+
+def _scored_awaiting_explanations(
+    api: TestClient, key: str, sessions: sessionmaker[Session], n: int, prefix: str
+) -> tuple[list[int], Callable[[list[int]], object]]:
+    """``n`` cases posted and scored (their explanations pending); and a function that explains
+    some of them (committing on its own connection, as the explain stage does)."""
+    from datetime import timedelta
+
+    from models.cases.inference import LoadedModel
+    from models.cases.registry import Registry
+    from tests.helpers import score_collecting_explanations
+    from worker.tasks.explain import explain_cases
+
+    posted = api.post("/v1/cases", headers=auth(key), json=wdbc_cases(n, prefix=prefix))
+    ids = [c["id"] for c in posted.json()["cases"]]
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    score_collecting_explanations(sessions, ids, lambda n, v: model, explain_top_k=2)
+    lease = repo.Lease("test:1:explain", timedelta(seconds=30))
+
+    def explain(case_ids: list[int]) -> object:
+        return explain_cases(
+            case_ids, sessions=sessions, load_model=lambda n, v: model, lease=lease, top_k=2
+        )
+
+    return ids, explain
+
+
+def test_an_explanation_settled_during_a_read_is_never_done_without_its_attributions(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """GET /v1/cases/{id} and GET /v1/scores read the score and the explanation's state in one
+    snapshot. Read apart, an explanation settled between the two reads showed ``done`` with no
+    attributions, and a client following ``since=`` never saw them (the case changes no more)."""
+    from sqlalchemy import event
+
+    ids, explain = _scored_awaiting_explanations(api, key, pg_sessions, 2, "mid-read")
+    engine = api.app.state.engine  # type: ignore[attr-defined]
+    settle_next: list[int] = []
+
+    def settle_once_scores_are_read(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        # A real commit of the explain stage, on its own connection, at the worst moment.
+        if (
+            settle_next
+            and statement.lstrip().upper().startswith("SELECT")
+            and "scores" in statement
+        ):
+            explain([settle_next.pop()])
+
+    event.listen(engine, "after_cursor_execute", settle_once_scores_are_read)
+    try:
+        settle_next.append(ids[0])
+        case = api.get(f"/v1/cases/{ids[0]}", headers=auth(key)).json()
+        settle_next.append(ids[1])
+        (_, listed) = api.get("/v1/scores", headers=auth(key)).json()["items"]
+    finally:
+        event.remove(engine, "after_cursor_execute", settle_once_scores_are_read)
+    assert settle_next == []  # both settled in the middle of a read
+    assert (case["explanation_status"] == "done") == (case["scores"][0]["explanation"] is not None)
+    assert (listed["explanation_status"] == "done") == (listed["explanation"] is not None)
+    # Read again, both are done, with their attributions.
+    again = api.get("/v1/scores", headers=auth(key)).json()["items"]
+    assert [(i["explanation_status"], len(i["explanation"]["top"])) for i in again] == [
+        ("done", 2),
+        ("done", 2),
+    ]
+
+
+def test_a_pending_explanation_that_no_worker_listens_for_says_so(
+    api: TestClient, key: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """Workers started for the scoring queues only leave every explanation pending: the case's
+    detail names the explain queue, as it names a scoring queue no worker reads; a worker on the
+    explain queue (or the explanation settled) leaves it empty."""
+    from worker import heartbeat
+
+    ids, explain = _scored_awaiting_explanations(api, key, pg_sessions, 2, "unheard")
+    celery = api.app.state.celery  # type: ignore[attr-defined]
+
+    def detail(case_id: int) -> str | None:
+        heartbeat._cache.clear()  # the API asks the broker at most every 2 s
+        body = api.get(f"/v1/cases/{case_id}", headers=auth(key)).json()
+        return body["detail"]
+
+    scoring = ["score.stat", "score.routine", "score.bulk"]
+    heartbeat.beat(celery, hostname="scorer@h", queues=scoring)
+    said = detail(ids[0])
+    assert said is not None and "no worker is listening on queue explain" in said
+    assert "medbatch worker --queues explain" in said
+    heartbeat.beat(celery, hostname="explainer@h", queues=["explain"])
+    assert detail(ids[0]) is None
+    heartbeat.forget(celery, hostname="explainer@h")
+    explain([ids[1]])
+    assert detail(ids[1]) is None and detail(ids[0]) is not None
+
+
+def test_a_retry_after_a_new_default_version_returns_the_first_case(
+    pg_url: str, redis_url: str, tmp_path: Path, key: str, counts: Counts
+) -> None:
+    """An EHR feed re-sends a case naming the model only, after a new default version was
+    released: the same content, so the first case (scored by the version it was sent to) with
+    created false, where it was a 409. One that pins the other version is still a conflict."""
+    case = wdbc_cases(1)[0]
+    with api_client(pg_url, redis_url, tmp_path) as api:
+        first = api.post("/v1/cases", json=case, headers=auth(key)).json()["cases"][0]
+    assert first["model"] == "breast-cancer@1.0.0"
+    register_breast_cancer(tmp_path / "store", "1.1.0", status="released", default=True)
+    with api_client(pg_url, redis_url, tmp_path) as api:
+        again = api.post("/v1/cases", json=case, headers=auth(key))
+        assert again.status_code == 202, again.text
+        (answer,) = again.json()["cases"]
+        assert (answer["id"], answer["created"]) == (first["id"], False)
+        assert answer["model"] == "breast-cancer@1.0.0"
+        pinned = {**case, "model": "breast-cancer@1.1.0"}
+        assert api.post("/v1/cases", json=pinned, headers=auth(key)).status_code == 409
+        other = {**case, "external_id": "new-one"}
+        fresh = api.post("/v1/cases", json=other, headers=auth(key)).json()["cases"][0]
+        assert fresh["model"] == "breast-cancer@1.1.0" and fresh["created"] is True
+    assert counts() == (2, 2)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from db.tables import Case, PatientIdentifier
+from db.tables import Case, PatientIdentifier, Score
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
 from tests.helpers import SHARED_DIR, require_shared
@@ -495,7 +495,6 @@ def test_a_risk_assessment_tells_its_attributions_for_each_model_kind(
     Transformer's steps with their codes (it has no per-feature ones), or says why they failed."""
     from datetime import timedelta
 
-    from db.tables import Score
     from tests.helpers import score_collecting_explanations
     from worker.tasks.explain import explain_cases
 
@@ -790,3 +789,24 @@ def test_a_risk_assessment_reads_its_attributions_state_in_its_own_statement(
     on_the_ledger = [s for s in statements if "explanations" in s]
     assert len(on_the_ledger) == 2, on_the_ledger
     assert all("JOIN explanations" in s for s in on_the_ledger), on_the_ledger
+
+
+def test_a_case_sent_as_json_is_a_risk_assessment_whose_subject_is_no_false_reference(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case posted to /v1/cases names no Patient: its RiskAssessment's subject was
+    {"reference": "<external id>"}, which is no FHIR reference (R4 references.html: a literal
+    reference is Type/id, a URL or #id) and which validators refuse. Its subject is now a display
+    naming the case; a Bundle's cases keep their Patient reference."""
+    from tests.helpers import wdbc_cases
+
+    headers = _key(pg_sessions)
+    posted = api.post("/v1/cases", headers=headers, json=wdbc_cases(1, prefix="json-sent"))
+    (case_id,) = [c["id"] for c in posted.json()["cases"]]
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    score_cases([case_id], sessions=pg_sessions, load_model=lambda n, v: model)
+    with pg_sessions() as s:
+        score_id = s.scalar(select(Score.id).where(Score.case_id == case_id))
+    found = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=headers)
+    assert found.status_code == 200, found.text
+    assert found.json()["subject"] == {"display": "case json-sent-0000 (sent without a Patient)"}

@@ -48,6 +48,44 @@ def test_linear_model_attributions_are_weight_times_input_minus_baseline(tmp_pat
         assert e["total"] == pytest.approx(logit - e["baseline_logit"], abs=1e-4)
 
 
+def test_a_registered_model_without_a_training_mean_is_explained_against_zeros_saying_so(
+    tmp_path: Path,
+) -> None:
+    """A hospital's own TorchScript model keeps no training mean: its attributions are against
+    zeros (w_i * x_i for a linear one), and its explanation says so, where it said "training
+    mean". The built-in models still say "training mean"."""
+    import json
+    import warnings
+
+    from models.cases.byo import register
+    from models.cases.registry import load_registry
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(3, 1).eval()
+    path = tmp_path / "own.pt"
+    with warnings.catch_warnings():  # PyTorch deprecates making new TorchScript files
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(linear), str(path))
+    schema = tmp_path / "own.json"
+    inputs = [{"name": n, "unit": "1"} for n in "abc"]
+    schema.write_text(json.dumps({"inputs": inputs, "output": "risk of X", "status": "released"}))
+    store = tmp_path / "store"
+    register(path, name="own", version="1.0", schema_path=schema, artifact_dir=store)
+    model = LoadedModel(load_registry(store).resolve("own@1.0"), device="cpu")
+    cases = [{"a": 1.5, "b": -2.0, "c": 0.25}, {"a": 0.0, "b": 3.0, "c": -1.0}]
+    found = explain(model, model.featurize(cases), top_k=3, n_steps=8)
+    w = linear.weight[0].detach().double().numpy()
+    for case, e in zip(cases, found, strict=True):
+        assert e["baseline"] == "zeros"
+        got = {a["feature"]: a["attribution"] for a in e["top"]}
+        x = np.array([case[n] for n in "abc"])
+        np.testing.assert_allclose([got[n] for n in "abc"], w * x, rtol=1e-4, atol=1e-6)
+        assert e["baseline_logit"] == pytest.approx(float(linear.bias.detach()[0]), abs=1e-6)
+    builtin = LoadedModel(SPEC, device="cpu")
+    (e,) = explain(builtin, builtin.featurize(make_cases(SPEC, 1)), top_k=1, n_steps=4)
+    assert e["baseline"] == "training mean"
+
+
 def test_mlp_attributions_are_complete_and_ranked() -> None:
     """On the real MLP the attributions sum to the logit difference (to Captum's reported delta),
     and the top-k are the largest by magnitude."""
