@@ -52,6 +52,20 @@ def _check_ids(field: str, path: Path, found: FilesetInfo) -> None:
             )
 
 
+def _check_unique(field: str, path: Path, found: FilesetInfo) -> None:
+    """Current plink2 stops on a sample listed twice ("Duplicate sample ID"): its pairs could not be
+    told apart in a .kin0, .id or pairs listing. Refused here, the samples named by place."""
+    seen: dict[tuple[str, str], int] = {}
+    for n, sample in enumerate(zip(found.fid, found.iid, strict=True), start=1):
+        first = seen.setdefault(sample, n)
+        if first != n:
+            raise SubmissionError(
+                field,
+                f"{path}: samples {first} and {n} have the same FID and IID; give each sample "
+                "its own (current plink2 stops on it: 'Duplicate sample ID')",
+            )
+
+
 def job_dir(output_prefix: str) -> Path:
     return Path(output_prefix).parent
 
@@ -110,6 +124,7 @@ def submit(
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
+    _check_unique("bfile", bfile, cohort)
     if metric == "king":
         _check_ids("bfile", bfile, cohort)
     n_samples = len(cohort.iid)
@@ -149,6 +164,7 @@ def submit(
             rows = inspect_input(query)
         except (FileNotFoundError, ValueError) as exc:
             raise SubmissionError("query", str(exc)) from None
+        _check_unique("query", query, rows)
         if metric == "king":
             _check_ids("query", query, rows)
         if rows.n_variants != cohort.n_variants:
