@@ -124,7 +124,8 @@ def submit(
         cohort = inspect_input(bfile)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError("bfile", str(exc)) from None
-    _check_unique("bfile", bfile, cohort)
+    if keep is None:  # a keep list cannot take in both (models.genome.cohort.keep_rows)
+        _check_unique("bfile", bfile, cohort)
     if metric == "king":
         _check_ids("bfile", bfile, cohort)
     n_samples = len(cohort.iid)
