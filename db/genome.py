@@ -3,6 +3,7 @@ The tiles are counted by the shared ledger (:mod:`db.tiles`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,9 +38,11 @@ class NewPair:
     def columns(self) -> dict[str, Any]:
         nsnp, hethet, ibs0 = self.counts or (None, None, None)
         (fid1, iid1), (fid2, iid2) = self.first, self.second
+        # A NaN kinship (no heterozygous call to judge by) is stored as NULL: SQLite has no NaN.
+        kinship = None if math.isnan(self.kinship) else self.kinship
         return {
             "row": self.row, "col": self.col, "fid1": fid1, "iid1": iid1, "fid2": fid2,
-            "iid2": iid2, "kinship": self.kinship, "degree": self.degree, "nsnp": nsnp,
+            "iid2": iid2, "kinship": kinship, "degree": self.degree, "nsnp": nsnp,
             "hethet": hethet, "ibs0": ibs0,
         }  # fmt: skip
 

@@ -312,7 +312,9 @@ class RelatedPair(Base):
     iid1: Mapped[str] = mapped_column(String(100))
     fid2: Mapped[str] = mapped_column(String(100))
     iid2: Mapped[str] = mapped_column(String(100))
-    kinship: Mapped[float] = mapped_column(Float(precision=53))
+    #: NULL for a NaN kinship (no heterozygous call where both samples are called), which a
+    #: pairs-only job keeps as plink2's --king-table-filter keeps it.
+    kinship: Mapped[float | None] = mapped_column(Float(precision=53))
     degree: Mapped[str] = mapped_column(String(30))
     #: plink2's .kin0 counts (pairs-only jobs): variants called in both, both heterozygous,
     #: opposite homozygotes.

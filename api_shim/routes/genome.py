@@ -88,7 +88,8 @@ class PairPublic(BaseModel):
     iid1: str
     fid2: str
     iid2: str
-    kinship: float
+    #: None where the kinship is NaN (degree "unknown": no heterozygous call to judge by).
+    kinship: float | None
     degree: str
 
 

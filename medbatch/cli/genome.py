@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: PLINK's file of each metric's square matrix (``dot`` has none).
 _PLINK = {"grm": ".rel", "king": ".king", "ibs": ".mibs"}
 #: KING's degree names as the CLI prints them (models.genome_pairs.DEGREES).
-DEGREE_ORDER = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated")
+DEGREE_ORDER = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated", "unknown")
 
 
 def add_parsers(sub: Any) -> None:

@@ -108,7 +108,8 @@ def king_tile_pairs_gemm(
     device: str | torch.device = "cuda",
     variant_chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of a tile with kinship ≥ ``cutoff``, selected on the device, so that only they
+    """The pairs of a tile with kinship ≥ ``cutoff`` or NaN (as plink2's ``--king-table-filter``:
+    :func:`models.genome.pairs.kept`), selected on the device, so that only they
     cross back to the host (a tile of 8,192² would be 512 MB of float64).
 
     Returns
@@ -119,7 +120,7 @@ def king_tile_pairs_gemm(
     """
     with torch.inference_mode():
         kinship = _kinship(rows, cols, torch.device(device), variant_chunk)
-        keep = kinship >= cutoff
+        keep = (kinship >= cutoff) | torch.isnan(kinship)  # as plink2: NaN is not < cutoff
         if cols is None:
             keep = torch.triu(keep, diagonal=1)
         r, c = torch.nonzero(keep, as_tuple=True)

@@ -317,6 +317,17 @@ def _king_counter(rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def pair_degrees(kinship: np.ndarray) -> list[str]:
+    """Each pair's KING degree (:func:`models.genome.io.output.kinship_degree`): "unrelated"
+    below third degree, "unknown" for a NaN kinship (no heterozygous call to judge by)."""
+    k = np.asarray(kinship, np.float64)
+    names = kinship_degree(k).tolist()
+    return [
+        d or ("unknown" if nan else "unrelated")
+        for d, nan in zip(names, np.isnan(k).tolist(), strict=True)
+    ]
+
+
 @dataclass
 class PairTable:
     """Pairs of samples with their KING kinship and plink2's ``.kin0`` counts.
@@ -351,9 +362,8 @@ class PairTable:
         return len(self.row)
 
     def degrees(self) -> list[str]:
-        """Each pair's KING degree (:func:`models.genome.io.output.kinship_degree`), "unrelated"
-        below third degree."""
-        return [d or "unrelated" for d in kinship_degree(self.kinship).tolist()]
+        """Each pair's KING degree (:func:`pair_degrees`)."""
+        return pair_degrees(self.kinship)
 
     def sorted(self, *, query: bool = False) -> PairTable:
         """In plink2's ``.kin0`` order: by the later sample, then the earlier (all pairs); by
@@ -362,13 +372,18 @@ class PairTable:
         return PairTable(self.row[order], self.col[order], self.kinship[order], self.counts[order])
 
 
+def kept(kinship: np.ndarray, cutoff: float) -> np.ndarray:
+    """The pairs ``--king-table-filter cutoff`` writes: kinship ≥ the cut-off, and NaN.
+
+    A pair's KING-robust kinship is NaN (0/0) where neither sample has a heterozygous call among
+    the variants both call (no such variant at all, or no heterozygote): plink2 drops a pair only
+    when ``kinship < filter``, which a NaN never is, so it writes the pair with ``nan``."""
+    return (kinship >= cutoff) | np.isnan(kinship)
+
+
 def degree_counts(kinship: np.ndarray | Sequence[str]) -> dict[str, int]:
     """How many pairs fall in each KING degree (:data:`DEGREES`), from kinships or degree names."""
-    names = (
-        [d or "unrelated" for d in kinship_degree(np.asarray(kinship, np.float64)).tolist()]
-        if isinstance(kinship, np.ndarray)
-        else list(kinship)
-    )
+    names = pair_degrees(kinship) if isinstance(kinship, np.ndarray) else list(kinship)
     return {d: names.count(d) for d in DEGREES}
 
 
@@ -382,7 +397,8 @@ def tile_pairs(
     all_pairs: bool = True,
     device: str = "cpu",
 ) -> PairTable:
-    """The pairs of one tile with kinship ≥ ``cutoff`` (plink2's ``--king-table-filter``).
+    """The pairs of one tile with kinship ≥ ``cutoff`` or NaN (plink2's ``--king-table-filter``:
+    :func:`kept`).
 
     Parameters
     ----------
@@ -425,7 +441,7 @@ def tile_pairs(
     if block is None:  # past the 16-bit fields: int32 counters over the blocks' dosages
         q = rows.codes(np.arange(r0, r1))
         block = _king_counter(q, None if diagonal else cols.codes(np.arange(c0, c1)))
-    keep = block >= cutoff  # NaN (no heterozygous call) is never kept, as in plink2
+    keep = kept(block, cutoff)
     if diagonal:
         keep = np.triu(keep, k=1)
     r, c = np.nonzero(keep)
@@ -455,7 +471,7 @@ def king_pairs(
     block: int | None = None,
     split: Split | None = None,
 ) -> PairTable:
-    """Every pair with kinship ≥ ``cutoff``, tile by tile in this process.
+    """Every pair with kinship ≥ ``cutoff`` (or NaN: :func:`kept`), tile by tile in this process.
 
     Parameters
     ----------
@@ -538,8 +554,10 @@ __all__ = [
     "bed_samples",
     "default_block",
     "degree_counts",
+    "kept",
     "king_pairs",
     "king_tile",
+    "pair_degrees",
     "rectangle_tiles",
     "tile_pairs",
     "triangle_tiles",

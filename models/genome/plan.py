@@ -11,9 +11,10 @@ MAX_BLOCK = 2048
 MIN_BLOCK = 256
 #: Bit planes of one block at most: 2 bits a call, so 2,048 samples at 32,768 variants.
 BLOCK_PLANE_BYTES = 16 * 2**20
-#: The degree names of :func:`models.genome.io.output.kinship_degree`, closest first, and "unrelated"
-#: for pairs kept below third degree (a cut-off under 2^(-9/2)).
-DEGREES = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated")
+#: The degree names of :func:`models.genome.io.output.kinship_degree`, closest first, "unrelated"
+#: for pairs kept below third degree (a cut-off under 2^(-9/2)) and "unknown" for a NaN kinship
+#: (no heterozygous call where both samples are called: plink2's ``--king-table-filter`` keeps it).
+DEGREES = ("duplicate/MZ twin", "1st", "2nd", "3rd", "unrelated", "unknown")
 
 
 def default_block(n_variants: int) -> int:

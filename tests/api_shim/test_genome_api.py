@@ -32,6 +32,7 @@ MULTIALLELIC_VCF = (
 def genotypes(tmp_path: Path) -> Path:
     """The server's genotype folder: the real HapMap3 slice, and it with constructed relatives."""
     from tests.worker.test_genome_jobs import write_cohort_with_relatives
+    from tests.worker.test_genome_pairs_jobs import write_cohort_with_holes
 
     folder = tmp_path / "genotypes"
     folder.mkdir()
@@ -39,6 +40,7 @@ def genotypes(tmp_path: Path) -> Path:
         (folder / f"hm3_small{ext}").write_bytes((DATA / f"hm3_small{ext}").read_bytes())
         (folder / f"hm3_relatives{ext}").write_bytes((DATA / f"hm3_relatives{ext}").read_bytes())
     write_cohort_with_relatives(folder)
+    write_cohort_with_holes(folder)
     (folder / "hm3_small.vcf.gz").write_bytes((DATA / "hm3_small.vcf.gz").read_bytes())
     (folder / "multi.vcf").write_text(MULTIALLELIC_VCF)
     return folder
@@ -176,7 +178,7 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
     done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
     assert done["status"] == "done"
     assert done["degree_counts"] == {
-        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0,
+        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0, "unknown": 0,
     }  # fmt: skip
     assert done["outputs"] == [f"/v1/genome-comparisons/{job['id']}/files/king.kin0"]
     kin0 = api.get(done["outputs"][0], headers=headers)
@@ -185,6 +187,25 @@ def test_a_pairs_job_serves_plink2s_kin0_and_counts_per_degree(
         f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers, params={"min_kinship": 0.4}
     ).json()["items"]
     assert sorted(p["degree"] for p in pairs) == ["duplicate/MZ twin"] * 4
+
+
+def test_pairs_whose_kinship_is_nan_are_served_with_a_null_kinship(
+    api: TestClient, pg_sessions: sessionmaker[Session], redis_client: redis.Redis
+) -> None:
+    """A pairs job keeps plink2's "nan" pairs (no variant called in both samples): the pairs
+    page serves them with kinship null and degree "unknown" (a float field made it a 500)."""
+    headers, job = _submit(
+        api, pg_sessions, {"metric": "king", "bfile": "holes", "output": "pairs", "block": 48}
+    )
+    tasks.run_inline(pg_sessions, job_id=job["id"], device="cpu")
+    done = api.get(f"/v1/genome-comparisons/{job['id']}", headers=headers).json()
+    assert (done["status"], done["degree_counts"]["unknown"]) == ("done", 96)
+    found = api.get(
+        f"/v1/genome-comparisons/{job['id']}/pairs", headers=headers, params={"limit": 1000}
+    )
+    assert found.status_code == 200, found.text
+    unknown = [p for p in found.json()["items"] if p["degree"] == "unknown"]
+    assert len(unknown) == 96 and {p["kinship"] for p in unknown} == {None}
 
 
 def test_a_vcf_job_is_accepted_like_its_plink_fileset(

@@ -3,6 +3,8 @@ cohort with constructed relatives, and memory that does not grow with the cohort
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import tracemalloc
 from pathlib import Path
 
@@ -152,7 +154,7 @@ def test_pairs_equal_plink2_kin0_and_find_every_constructed_relative() -> None:
     }
     assert found == constructed
     assert degree_counts(table.kinship) == {
-        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0,
+        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0, "unknown": 0,
     }  # fmt: skip
 
 
@@ -164,6 +166,43 @@ def test_cut_off_keeps_a_pair_at_exactly_its_value() -> None:
     again = king_pairs(source, cutoff=exact, block=96)
     assert exact in again.kinship.tolist()
     assert len(king_pairs(source, cutoff=np.nextafter(exact, 1.0), block=96)) == len(again) - 1
+
+
+def test_pairs_without_a_heterozygous_call_to_judge_by_are_kept_with_nan_as_plink2_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """A sample whose calls are all missing, and two samples never called at the same variant:
+    their pairs' kinship is 0/0. plink2's --king-table-filter drops a pair only when kinship <
+    filter, which NaN never is, so it writes them with "nan"; medbatch dropped them."""
+    whole = genome.read_bed(RELATIVES)
+    x = whole.dosages.astype(np.float64)
+    x[x < 0] = np.nan
+    half = x.shape[1] // 2
+    x[10] = np.nan
+    x[20, :half] = np.nan
+    x[21, half:] = np.nan
+    from bed_reader import to_bed
+
+    prefix = tmp_path / "holes"
+    properties = {"fid": list(whole.fid), "iid": list(whole.iid), "sid": list(whole.variant_id)}
+    to_bed(prefix.with_suffix(".bed"), x, properties=properties)
+    source, info = bed_samples(prefix)
+    table = king_pairs(source, cutoff=0.0442, block=32)
+    nan = np.isnan(table.kinship)
+    unknown = {
+        (r, c) for r, c, z in zip(table.row.tolist(), table.col.tolist(), nan, strict=True) if z
+    }
+    assert unknown == {(min(i, 10), max(i, 10)) for i in range(96) if i != 10} | {(20, 21)}
+    assert degree_counts(table.kinship)["unknown"] == 96
+    assert set(table.counts[nan, 0].tolist()) == {0}  # NSNP 0: no variant called in both
+    if shutil.which("plink2") is None:
+        return
+    base = ["plink2", "--bfile", str(prefix), "--threads", "1", "--make-king-table"]
+    live = tmp_path / "live"
+    cmd = [*base, "--king-table-filter", "0.0442", "--out", str(live)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ids = list(zip(info.fid, info.iid, strict=True))
+    assert kin0_text(table, ids) == live.with_suffix(".kin0").read_text()
 
 
 def test_samples_with_more_missing_calls_than_16_bits_fall_back_exactly(tmp_path: Path) -> None:

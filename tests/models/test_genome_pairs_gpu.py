@@ -84,6 +84,22 @@ def test_pairs_are_selected_on_the_device(dosages: np.ndarray, device: str) -> N
     np.testing.assert_array_equal(k, square[:10, 10:][er, ec])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_pairs_with_a_nan_kinship_are_kept_as_on_the_bit_planes(device: str) -> None:
+    """A sample with every call missing: its pairs' kinship is 0/0, which plink2's
+    --king-table-filter keeps (NaN is never < the filter); the GEMM engine dropped them."""
+    rng = np.random.default_rng(5)
+    x = rng.binomial(2, 0.3, size=(12, 2000)).astype(np.int8)
+    x[4] = -1
+    r, c, k = king_tile_pairs_gemm(x, None, cutoff=0.0442, device=device)
+    unknown = {(a, b) for a, b, z in zip(r.tolist(), c.tolist(), np.isnan(k), strict=True) if z}
+    assert unknown == {(min(i, 4), max(i, 4)) for i in range(12) if i != 4}
+    r, c, k = king_tile_pairs_gemm(x[:6], x[6:], cutoff=0.0442, device=device)
+    assert sorted(zip(r[np.isnan(k)].tolist(), c[np.isnan(k)].tolist(), strict=True)) == [
+        (4, j) for j in range(6)
+    ]
+
+
 def test_blocks_over_different_variants_are_refused() -> None:
     with pytest.raises(ValueError, match="same variants"):
         king_tile_gemm(np.zeros((3, 10), np.int8), np.zeros((3, 11), np.int8), device="cpu")

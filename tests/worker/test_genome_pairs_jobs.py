@@ -3,6 +3,9 @@ from the stored pairs, degree counts, query mode, and submissions refused with t
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,7 @@ def test_pairs_job_writes_plink2s_kin0_and_counts_each_tile_once(
     assert [Path(p).name for p in summary["outputs"]] == ["king.kin0"]  # no matrix, no .npy
     assert Path(summary["outputs"][0]).read_text() == GOLDEN.read_text()
     assert summary["degree_counts"] == {
-        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0,
+        "duplicate/MZ twin": 4, "1st": 36, "2nd": 20, "3rd": 4, "unrelated": 0, "unknown": 0,
     }  # fmt: skip
     with session_scope(sessions) as s:
         n = s.scalar(
@@ -94,6 +97,46 @@ def test_pairs_below_third_degree_are_kept_as_unrelated(
             p for p in jobs.list_pairs(s, job_id=job["id"], limit=10_000) if p.kinship <= 2**-4.5
         ]
     assert low and all(p.degree == "unrelated" and p.kinship >= 0.02 for p in low)
+
+
+def write_cohort_with_holes(folder: Path) -> Path:
+    """hm3_relatives with sample 10's calls all missing and samples 20 and 21 never called at
+    the same variant: 96 pairs whose KING kinship is NaN (no variant both call), as ``holes``."""
+    whole = genome.read_bed(RELATIVES)
+    half = whole.n_variants // 2
+    holes = dataclasses.replace(whole, dosages=whole.dosages.copy())
+    holes.dosages[10] = -1
+    holes.dosages[20, :half] = -1
+    holes.dosages[21, half:] = -1
+    _write_bed(folder / "holes", holes, range(96))
+    return folder / "holes"
+
+
+def test_pairs_with_a_nan_kinship_are_kept_stored_and_counted_as_plink2_keeps_them(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """plink2's --king-table-filter writes a pair whose kinship is NaN (no variant called in
+    both: kinship 0/0) with "nan", since only kinship < filter is dropped; the job dropped
+    them. They are stored (NULL kinship: SQLite has no NaN), counted as "unknown", and written
+    as plink2 writes them."""
+    prefix = write_cohort_with_holes(tmp_path)
+    job = _submit(sessions, tmp_path, bfile=prefix, threshold=0.0442, block=32)
+    summary = _run(sessions, job)
+    assert summary["degree_counts"]["unknown"] == 96
+    assert summary["degree_counts"]["duplicate/MZ twin"] == 4
+    lines = [line.split("\t") for line in Path(summary["outputs"][0]).read_text().splitlines()]
+    unknown = [line for line in lines if line[-1] == "nan"]
+    assert len(unknown) == 96 and {tuple(line[4:7]) for line in unknown} == {("0", "nan", "nan")}
+    with session_scope(sessions) as s:
+        stored = jobs.list_pairs(s, job_id=job["id"], limit=10_000)
+        assert sum(p.kinship is None for p in stored) == 96
+        assert {p.degree for p in stored if p.kinship is None} == {"unknown"}
+    if shutil.which("plink2") is not None:
+        live = tmp_path / "live"
+        cmd = ["plink2", "--bfile", str(prefix), "--threads", "1", "--make-king-table"]
+        cmd += ["--king-table-filter", "0.0442", "--out", str(live)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        assert Path(summary["outputs"][0]).read_text() == live.with_suffix(".kin0").read_text()
 
 
 def test_query_pairs_are_the_new_samples_against_the_cohort(
@@ -378,6 +421,27 @@ def test_a_sample_id_longer_than_a_pair_stores_is_refused_at_submission(
     assert_refused(sessions, GenomeJob, submit, side, "sample 1 has an FID or IID longer than 100")
 
 
+@pytest.mark.parametrize(("side", "output"), [("bfile", "pairs"), ("query", "square")])
+def test_a_sample_listed_twice_is_refused_as_plink2_refuses_it(
+    sessions: sessionmaker[Session], tmp_path: Path, side: str, output: str
+) -> None:
+    """Two .fam lines with the same FID and IID: current plink2 stops ("Duplicate sample ID";
+    v2.00a3.5 did not); the job ran and wrote pairs that could not be told apart. Refused by
+    place, naming no id."""
+    whole = genome.read_bed(RELATIVES)
+    iid = [*whole.iid[:5], whole.iid[2], *whole.iid[6:]]
+    fid = [*whole.fid[:5], whole.fid[2], *whole.fid[6:]]
+    _write_bed(tmp_path / "twice", whole, range(96), iid=iid, fid=fid)
+    request = {"bfile": tmp_path / "twice"} if side == "bfile" else {
+        "bfile": RELATIVES, "query": tmp_path / "twice"}  # fmt: skip
+    submit = lambda: _submit(sessions, tmp_path, output=output, **request)  # noqa: E731
+    with pytest.raises(tasks.SubmissionError, match="samples 3 and 6 have the same FID") as refused:
+        submit()
+    assert refused.value.field == side and whole.iid[2] not in str(refused.value)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(GenomeJob)) == 0
+
+
 @pytest.mark.parametrize("output", ["pairs", "square"])
 @pytest.mark.parametrize(
     ("name", "fragment"),
@@ -397,12 +461,29 @@ def test_one_sample_or_no_variants_is_refused_as_plink2_refuses_it(
     assert_refused(sessions, GenomeJob, submit, "bfile", fragment)
 
 
+@pytest.mark.parametrize("output", ["pairs", "square"])
+def test_a_min_maf_that_leaves_no_variant_fails_the_job_as_plink2_stops(
+    sessions: sessionmaker[Session], tmp_path: Path, output: str
+) -> None:
+    """plink2 stops where --maf leaves no variant ("No variants remaining"). Over none, every
+    pair's kinship is 0/0, NaN, which the pairs job keeps as plink2's filter keeps it: it would
+    store N²/2 pairs of nothing. The job fails with the reason instead."""
+    from bed_reader import to_bed
+
+    x = np.zeros((6, 40))
+    x[:, ::2] = 2.0
+    to_bed(tmp_path / "flat.bed", x)
+    job = _submit(sessions, tmp_path, bfile=tmp_path / "flat", output=output, min_maf=0.01)
+    summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
+    assert summary["status"] == "failed"
+    assert "min_maf 0.01 leaves no variant" in summary["error"]
+    assert summary["outputs"] == [] and summary["degree_counts"]["unknown"] == 0
+
+
 def test_a_tile_that_cannot_read_its_blocks_fails_the_job_with_a_reason(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """A .bed truncated after submission: the job fails naming the tile; no pairs, no .kin0."""
-    import shutil
-
     for ext in (".bed", ".bim", ".fam"):
         shutil.copy(RELATIVES.with_suffix(ext), tmp_path / f"cohort{ext}")
     job = _submit(sessions, tmp_path / "store", bfile=tmp_path / "cohort", block=48)

@@ -52,13 +52,30 @@ def _check_ids(field: str, path: Path, found: FilesetInfo) -> None:
             )
 
 
-def _inspect(field: str, path: Path, metric: str) -> FilesetInfo:
-    """:func:`inspect_input`, a refusal as the submission's error on ``field``; for KING, with
-    the samples' ids checked (:func:`_check_ids`)."""
+def _check_unique(field: str, path: Path, found: FilesetInfo) -> None:
+    """Current plink2 stops on a sample listed twice ("Duplicate sample ID"): its pairs could not be
+    told apart in a .kin0, .id or pairs listing. Refused here, the samples named by place."""
+    seen: dict[tuple[str, str], int] = {}
+    for n, sample in enumerate(zip(found.fid, found.iid, strict=True), start=1):
+        first = seen.setdefault(sample, n)
+        if first != n:
+            raise SubmissionError(
+                field,
+                f"{path}: samples {first} and {n} have the same FID and IID; give each sample "
+                "its own (current plink2 stops on it: 'Duplicate sample ID')",
+            )
+
+
+def _inspect(field: str, path: Path, metric: str, *, unique: bool = True) -> FilesetInfo:
+    """:func:`inspect_input`, a refusal as the submission's error on ``field``; each sample
+    listed once (``unique``: :func:`_check_unique`); for KING, with the samples' ids checked
+    (:func:`_check_ids`)."""
     try:
         found = inspect_input(path)
     except (FileNotFoundError, ValueError) as exc:
         raise SubmissionError(field, str(exc)) from None
+    if unique:
+        _check_unique(field, path, found)
     if metric == "king":
         _check_ids(field, path, found)
     return found
@@ -118,7 +135,8 @@ def submit(
             )
         if block and (block < 4 or block % 4):
             raise SubmissionError("block", f"must be a positive multiple of 4, got {block}")
-    cohort = _inspect("bfile", bfile, metric)
+    # A keep list cannot take in both of a sample listed twice (models.genome.cohort.keep_rows).
+    cohort = _inspect("bfile", bfile, metric, unique=keep is None)
     n_samples = len(cohort.iid)
     # X, Y and MT are left out, as PLINK leaves them out of KING, the GRM and IBS.
     n_variants = int(autosomal(cohort.chrom).sum()) if cohort.chrom else cohort.n_variants

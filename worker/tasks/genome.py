@@ -14,6 +14,7 @@ is needed: the database is the ledger.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,6 +122,17 @@ def _check_founder_monomorphic(cohort: genome.Genotypes, frequencies: np.ndarray
         )
 
 
+def check_variants_left(n_variants: int, min_maf: float | None) -> None:
+    """plink2 stops where ``--maf`` leaves no variant ("No variants remaining after main
+    filters"); a job over none would give every pair a NaN kinship (0/0), which a pairs-only job
+    keeps, as plink2's --king-table-filter keeps a NaN: N²/2 pairs of nothing."""
+    if not n_variants:
+        raise ValueError(
+            f"min_maf {min_maf} leaves no variant to compare the samples over (plink2 stops "
+            "here too: 'No variants remaining after main filters')"
+        )
+
+
 #: A cohort as a job names it: its file (with mtime and size), its ``keep`` samples, ``min_maf``.
 CohortKey = tuple[tuple[str, float, int], tuple[str | tuple[str, str], ...] | None, float | None]
 
@@ -133,6 +145,7 @@ class CohortState:
         signature, keep, min_maf = key
         whole = _read(signature)
         rows, self.columns = selection(whole, keep=keep, min_maf=min_maf, autosomes=True)
+        check_variants_left(len(self.columns), min_maf)
         unchanged = len(rows) == whole.n_samples and len(self.columns) == whole.n_variants
         self.genotypes = whole if unchanged else take(whole, rows, self.columns)
         #: The file's variants (ids, A1, A2): a query is matched to them, then to ``columns``.
@@ -213,6 +226,7 @@ def _pair_inputs(
     blocks as tiles ask for them (the last few are kept: a worker's tiles share blocks)."""
     prefix = signature[0]
     cohort, info = genome_pairs.bed_samples(prefix, keep=keep, min_maf=min_maf)
+    check_variants_left(cohort.n_variants, min_maf)
     rows = range(len(info.iid)) if cohort.samples is None else cohort.samples.tolist()
     cohort_ids = [(info.fid[r], info.iid[r]) for r in rows]
     split = cohort.split()
@@ -274,7 +288,9 @@ def write_pairs_table(
                 second = [(p.fid2, p.iid2) for p in batch]
                 if not query:
                     first, second = second, first
-                kinship = np.array([p.kinship for p in batch], np.float64)
+                kinship = np.array(  # NULL: a NaN kinship (db.genome.NewPair.columns)
+                    [np.nan if p.kinship is None else p.kinship for p in batch], np.float64
+                )
                 counts = np.array([(p.nsnp, p.hethet, p.ibs0) for p in batch], np.int64)
                 sink.write("".join(genome_output.kin0_lines(first, second, kinship, counts)))
     except BaseException:
@@ -325,7 +341,12 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
     if metric == "king":
         with session_scope(sessions) as session:
             rows = jobs.list_pairs(session, job_id=job_id, limit=10**9)
-            pairs = [genome_output.RelatedPair(r.row, r.col, r.kinship, None) for r in rows]
+            pairs = [
+                genome_output.RelatedPair(
+                    r.row, r.col, math.nan if r.kinship is None else r.kinship, None
+                )
+                for r in rows
+            ]
         ids = list(zip(inputs.cohort.fid, inputs.cohort.iid, strict=True))
         dosages = inputs.cohort.dosages
         if spec.get("query"):
