@@ -875,10 +875,12 @@ def _observation_value(
             reason = "effective time is a date without a time: cannot be placed in the window"
             return Unusable(reason, obs, void=False, when=when)
         return None
-    absent = _status_code(holder.dataAbsentReason)
     quantity = holder.valueQuantity
     if quantity is None or quantity.value is None:
-        if absent is not None:
+        if holder.dataAbsentReason is not None:
+            # A reason given as text only (R4 allows it) says as much as a coded one; the text
+            # is the sender's and is not repeated.
+            absent = _status_code(holder.dataAbsentReason) or "given as text"
             return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
         kind = next(
             (k for k in _OTHER_VALUES if getattr(holder, f"value{k}", None) is not None), ""

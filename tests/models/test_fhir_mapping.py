@@ -23,6 +23,7 @@ from models.terminology.ucum import UnitError, convert
 from tests.models.test_fhir_features import (
     ADULT,
     AS_OF,
+    bp_panel,
     condition,
     encounter,
     features,
@@ -48,6 +49,12 @@ from tests.models.test_fhir_features import (
         ("http://snomed.info/sct/731000124108", SNOMED),  # US edition URI sent as the system
         ("urn:oid:2.16.840.1.113883.6.90", ICD10CM),
         ("I10C", ICD10CM),
+        # https:// for the http:// URI, as feeds send it (each was None: a near miss)
+        ("https://hl7.org/fhir/sid/icd-10-cm", ICD10CM),
+        ("https://www.loinc.org", LOINC),
+        ("https://loinc.org/", LOINC),
+        ("HTTPS://SNOMED.INFO/SCT", SNOMED),
+        ("https://hospital.example/codes", None),
         ("http://hospital.example/codes", None),
         ("", None),
     ],
@@ -104,6 +111,20 @@ def test_incompatible_or_unknown_units_are_refused_by_name(unit: str, to: str, n
     with pytest.raises(UnitError) as caught:
         convert(1.0, unit, to)
     assert named in str(caught.value)
+
+
+@pytest.mark.parametrize("annotation", ["{beats}", "{count}", "{#}", "{a}.{b}"])
+def test_an_annotation_alone_is_the_unity(annotation: str) -> None:
+    """UCUM §12: ``{count}`` alone means 1. ucumvert hands back the bare token for it, which
+    was an AttributeError in the conversion: a 500 on POST /v1/fhir for a heart rate in
+    ``{beats}``, now a refusal by name."""
+    assert convert(3.0, annotation, "1") == 3.0
+    assert convert(0.5, annotation, "%") == 50.0
+    with pytest.raises(UnitError, match=r"'\{beats\}' \(dimensionless\) cannot be converted"):
+        convert(72.0, "{beats}", "/min")
+    hr = observation("hr", "8867-4", 72, "{beats}", days_ago=1)
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert "'{beats}' (dimensionless) cannot be converted" in result.problems["heart_rate"]
 
 
 def test_a_factor_out_of_range_is_refused_through_a_molar_mass_too() -> None:
@@ -308,6 +329,31 @@ def test_a_value_absent_for_a_reason_is_imputed_and_both_are_reported() -> None:
     (imputation,) = [i for i in result.imputations if i["feature"] == "heart_rate"]
     assert imputation["value"] == 84.5 and "median" in imputation["source"]
     assert "1 sent but ignored" in imputation["why"]
+
+
+def test_a_data_absent_reason_given_as_text_only_is_still_no_value() -> None:
+    """R4 lets dataAbsentReason be a CodeableConcept with text only (a free-text reason from an
+    HL7 v2 NTE): the sender says there is no value, as a coded reason does. It was read as an
+    unreadable value, and heart_rate's 'unusable: reject' refused the case; the text (the
+    sender's words) is not repeated."""
+    hr = observation("hr", "8867-4", days_ago=1)
+    hr["dataAbsentReason"] = {"text": "pt refused, see nursing note"}
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert result.ok and result.features["heart_rate"] == 84.5
+    assert result.ignored == [
+        {
+            "feature": "heart_rate",
+            "resource": "Observation/hr",
+            "reason": "no value (dataAbsentReason given as text)",
+        }
+    ]
+    # A panel's component absent the same way: the panel's other value is still read.
+    panel = bp_panel("bp", 120, 80)
+    del panel["component"][0]["valueQuantity"]
+    panel["component"][0]["dataAbsentReason"] = {"text": "cuff too small"}
+    result = features(ADULT, encounter("adm", 2), panel)
+    assert result.ok and result.features["diastolic_bp"] == 80
+    assert "systolic_bp" in result.imputed
 
 
 def test_history_counts_resolved_conditions_and_icd10cm_codes() -> None:
