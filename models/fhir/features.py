@@ -51,7 +51,14 @@ from pydantic import ValidationError
 
 from models.cases.featurize import rule_flags, rule_problem
 from models.cases.registry import FeatureSpec, ModelSpec, source_codes
-from models.terminology.codes import UCUM, canonical_system, coding_key, normal_code, system_name
+from models.terminology.codes import (
+    UCUM,
+    canonical_system,
+    coding_key,
+    normal_code,
+    system_key,
+    system_name,
+)
 from models.terminology.ucum import UnitError, convert
 
 Severity = Literal["fatal", "error", "warning", "information"]
@@ -726,11 +733,25 @@ def _match(concept: CodeableConcept | None, mapping: FeatureMapping) -> str | bo
     return None
 
 
-def _status_code(concept: CodeableConcept | None) -> str | None:
-    for coding in (concept.coding or []) if concept is not None else []:
-        if coding.code:
+#: The HL7 code systems of Condition.clinicalStatus and verificationStatus (R4, required
+#: bindings) and of dataAbsentReason.
+CLINICAL_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+VERIFICATION_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+DATA_ABSENT_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+
+
+def _status_code(concept: CodeableConcept | None, system: str) -> str | None:
+    """The code of ``concept`` in the HL7 code system ``system``; else its first code.
+
+    Feeds send a status with the EHR's own coding beside (often before) the HL7 one
+    (``[{system: local, code: "A"}, {system: condition-clinical, code: "resolved"}]``): the first
+    code alone read a resolved or entered-in-error diagnosis as present and confirmed."""
+    codings = [c for c in (concept.coding or []) if c.code] if concept is not None else []
+    wanted = system_key(system)
+    for coding in codings:
+        if coding.system and system_key(coding.system) == wanted:
             return coding.code
-    return None
+    return codings[0].code if codings else None
 
 
 @dataclass(frozen=True)
@@ -880,7 +901,7 @@ def _observation_value(
         if holder.dataAbsentReason is not None:
             # A reason given as text only (R4 allows it) says as much as a coded one; the text
             # is the sender's and is not repeated.
-            absent = _status_code(holder.dataAbsentReason) or "given as text"
+            absent = _status_code(holder.dataAbsentReason, DATA_ABSENT_SYSTEM) or "given as text"
             return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
         kind = next(
             (k for k in _OTHER_VALUES if getattr(holder, f"value{k}", None) is not None), ""
@@ -926,7 +947,7 @@ def _condition_present(cond: Condition, as_of: datetime) -> bool:
     )
     if abated is not None:
         return abated > as_of
-    return _status_code(cond.clinicalStatus) not in INACTIVE_CLINICAL_STATUS
+    return _status_code(cond.clinicalStatus, CLINICAL_STATUS_SYSTEM) not in INACTIVE_CLINICAL_STATUS
 
 
 def classify_condition(
@@ -945,7 +966,7 @@ def classify_condition(
         return None
     if isinstance(matched, str):
         return Unusable(matched, cond, void=False, when=onset)
-    verification = _status_code(cond.verificationStatus)
+    verification = _status_code(cond.verificationStatus, VERIFICATION_STATUS_SYSTEM)
     if verification in VOID_VERIFICATION_STATUS:
         return Unusable(f"verificationStatus {verification}", cond, void=True, when=onset)
     if verification in UNCONFIRMED_VERIFICATION_STATUS:

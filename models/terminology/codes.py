@@ -70,7 +70,9 @@ CODE_SYSTEMS: tuple[CodeSystem, ...] = (
 _SNOMED_EDITION = re.compile(r"^https?://snomed\.info/sct/\d+(/version/\d+)?$", re.IGNORECASE)
 
 
-def _key(identifier: str) -> str:
+def system_key(identifier: str) -> str:
+    """A code system identifier as compared: case, a trailing slash and https:// vs http://
+    do not tell systems apart."""
     # The scheme is not part of a system's identity: feeds send https:// for the http:// URIs
     # FHIR defines (https://hl7.org/fhir/sid/icd-10-cm, https://www.loinc.org).
     key = identifier.strip().rstrip("/").lower()
@@ -87,7 +89,7 @@ def _spellings() -> dict[str, CodeSystem]:
             *system.v2,
             *system.legacy,
         ):
-            table[_key(spelling)] = system
+            table[system_key(spelling)] = system
     return table
 
 
@@ -103,7 +105,7 @@ def canonical_system(identifier: str | None) -> str | None:
     """
     if not identifier:
         return None
-    found = _BY_SPELLING.get(_key(identifier))
+    found = _BY_SPELLING.get(system_key(identifier))
     if found is not None:
         return found.uri
     if _SNOMED_EDITION.match(identifier.strip()):

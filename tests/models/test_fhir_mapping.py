@@ -390,6 +390,46 @@ def test_unconfirmed_and_refuted_diagnoses_are_reported_not_counted() -> None:
     }
 
 
+def test_a_status_is_read_from_its_hl7_coding_beside_the_ehrs_own() -> None:
+    """EHRs send Condition statuses with their own coding beside (here before) the HL7 one. The
+    first coding was read: a resolved heart failure counted as present and an entered-in-error
+    atrial fibrillation as confirmed. A status with no HL7 coding still reads its first code."""
+    hl7 = "https://terminology.hl7.org/CodeSystem/"  # https, as some feeds spell it
+
+    def statuses(clinical: str, verification: str) -> dict[str, Any]:
+        return {
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://ehr.example/status", "code": "A"},
+                    {"system": f"{hl7}condition-clinical", "code": clinical},
+                ]
+            },
+            "verificationStatus": {
+                "coding": [
+                    {"system": "http://ehr.example/verif", "code": "C"},
+                    {"system": f"{hl7}condition-ver-status", "code": verification},
+                ]
+            },
+        }
+
+    chf = condition("chf", "42343007", **statuses("resolved", "confirmed"))
+    af = condition("af", "49436004", **statuses("active", "entered-in-error"))
+    block = condition("block", "27885002", **statuses("active", "confirmed"))
+    block["clinicalStatus"]["coding"].pop()  # only the EHR's own code: read as sent
+    result = features(ADULT, chf, af, block)
+    assert result.ok
+    assert result.features["heart_failure"] == 0
+    assert result.features["atrial_fibrillation"] == 0
+    assert result.features["complete_heart_block"] == 1
+    assert result.ignored == [
+        {
+            "feature": "atrial_fibrillation",
+            "resource": "Condition/af",
+            "reason": "verificationStatus entered-in-error",
+        }
+    ]
+
+
 def test_a_value_outside_a_flag_range_is_accepted_and_flagged() -> None:
     """A heart rate of 190/min is plausible (reject bounds 20..300) but above every training
     patient's (flag bounds 35..186): scored, and flagged with the range's source."""
