@@ -370,6 +370,71 @@ def _spec(registry: Any, score: Score) -> ModelSpec | None:
         return None
 
 
+#: When the CapabilityStatement's content last changed (R4 requires a date; it is not "now").
+CAPABILITY_DATE = "2026-12-05"
+
+
+def capability_statement() -> dict[str, Any]:
+    """What this FHIR endpoint serves, as an R4 (4.0.1) CapabilityStatement."""
+    reference = "a Patient: Patient/<id> or the bare id"
+    by_identifier = "its identifier: system|value, |value or value"
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": CAPABILITY_DATE,
+        "publisher": "medbatch",
+        "kind": "instance",
+        "software": {"name": "medbatch"},
+        "implementation": {
+            "description": "medbatch: case scoring. A batch or transaction Bundle posted to the "
+            "base queues one case per Patient; each score is read back as a RiskAssessment."
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["json", FHIR_JSON],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Bundles of type batch, transaction, collection or searchset "
+                "are taken (?model=, ?as_of=, ?lookback_days=); see docs/fhir.md.",
+                "security": {
+                    "cors": False,
+                    "description": "Authorization: Bearer <API key>; scope cases:submit to "
+                    "post a Bundle, results:read to read RiskAssessments.",
+                },
+                "resource": [
+                    {
+                        "type": "RiskAssessment",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "searchParam": [
+                            {"name": "subject", "type": "reference", "documentation": reference},
+                            {"name": "patient", "type": "reference", "documentation": reference},
+                            {
+                                "name": "subject:identifier",
+                                "type": "token",
+                                "documentation": f"the subject by {by_identifier}",
+                            },
+                            {
+                                "name": "patient.identifier",
+                                "type": "token",
+                                "documentation": f"the Patient by {by_identifier}",
+                            },
+                        ],
+                    }
+                ],
+                "interaction": [{"code": "batch"}, {"code": "transaction"}],
+            }
+        ],
+    }
+
+
+@router.get("/metadata", response_model=None)
+def read_capabilities() -> JSONResponse:
+    """The capabilities interaction (R4 http.html §3.1.0.9, ``GET [base]/metadata``). FHIR
+    clients read it before their first call (HAPI FHIR's generic client does by default, and
+    stops when it is missing); it holds nothing of any tenant, so it needs no key."""
+    return SafeJSONResponse(capability_statement(), media_type=FHIR_JSON)
+
+
 #: A search's reference to a Patient: ``Patient/<id>`` or the id alone.
 _PATIENT = r"^(Patient/)?[A-Za-z0-9\-.]{1,64}$"
 

@@ -679,6 +679,36 @@ def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClien
         assert "application/fhir+json" in fmt["schema"]["enum"]
 
 
+def test_the_base_answers_the_capabilities_interaction(api: TestClient) -> None:
+    """GET [base]/metadata (R4 http.html, capabilities) is what FHIR clients read first: HAPI
+    FHIR's generic client does by default and stops when it is missing. It was a 404. It is a
+    valid R4 CapabilityStatement, readable without a key (it holds nothing of a tenant), that
+    names the batch/transaction post and the RiskAssessment read and searches."""
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    response = api.get(
+        "/v1/fhir/metadata",
+        headers={"Accept": "application/fhir+json;q=1.0, application/json+fhir;q=0.9"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    statement = CapabilityStatement.model_validate(response.json())
+    assert statement.fhirVersion == "4.0.1" and statement.kind == "instance"
+    (rest,) = statement.rest
+    assert rest.mode == "server"
+    assert {i.code for i in rest.interaction} == {"batch", "transaction"}
+    (risk,) = rest.resource
+    assert risk.type == "RiskAssessment"
+    assert {i.code for i in risk.interaction} == {"read", "search-type"}
+    assert {p.name for p in risk.searchParam} >= {"subject", "patient"}
+    refused = api.get("/v1/fhir/metadata", params={"_format": "xml"})
+    assert refused.status_code == 406
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    operation = api.get("/openapi.json").json()["paths"]["/v1/fhir/metadata"]["get"]
+    schema = operation["responses"]["200"]["content"]["application/fhir+json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/CapabilityStatement"}
+
+
 def _complete_record() -> dict:
     """A patient with every whas500 input sent and read: nothing to report."""
     loinc = "http://loinc.org"
