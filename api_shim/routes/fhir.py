@@ -307,7 +307,7 @@ def risk_assessment(
         "resourceType": "RiskAssessment",
         "id": str(score.id),
         "status": "final",
-        "subject": {"reference": case.subject or case.external_id},
+        "subject": _subject_of(case),
         "occurrenceDateTime": score.created_at.isoformat(),
         "method": {
             "coding": [{"system": "urn:medbatch:model", "code": ref}],
@@ -361,6 +361,22 @@ def risk_assessment(
     if notes:
         resource["note"] = [{"text": n} for n in notes]
     return resource
+
+
+#: The identifier system of a case's external id, for a case that came without a FHIR Patient.
+EXTERNAL_ID_SYSTEM = "urn:medbatch:external-id"
+
+
+def _subject_of(case: Case) -> dict[str, Any]:
+    """The RiskAssessment's subject: its Patient, or for a case posted to /v1/cases (no Patient)
+    the case's external id as an identifier. It was sent as ``reference``, which a FHIR client
+    resolves as a relative URL (``[base]/wdbc-0001``): a Patient that does not exist."""
+    if case.subject:
+        return {"reference": case.subject}
+    return {
+        "identifier": {"system": EXTERNAL_ID_SYSTEM, "value": case.external_id},
+        "display": "a case submitted without a FHIR Patient",
+    }
 
 
 def _spec(registry: Any, score: Score) -> ModelSpec | None:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import repo
 from db.engine import session_scope
-from db.tables import Case, PatientIdentifier
+from db.tables import Case, PatientIdentifier, Score
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry
 from tests.helpers import SHARED_DIR, require_shared
@@ -707,6 +707,32 @@ def test_the_base_answers_the_capabilities_interaction(api: TestClient) -> None:
     operation = api.get("/openapi.json").json()["paths"]["/v1/fhir/metadata"]["get"]
     schema = operation["responses"]["200"]["content"]["application/fhir+json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/CapabilityStatement"}
+
+
+def test_a_score_of_a_case_posted_without_a_patient_reads_as_a_valid_risk_assessment(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case from POST /v1/cases has no Patient: its RiskAssessment named the external id as
+    subject.reference, which FHIR clients resolve as [base]/wdbc-0000, a Patient that does not
+    exist. It is now an identifier of the case, in a Reference that still validates."""
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    from tests.helpers import wdbc_cases
+
+    headers = _key(pg_sessions)
+    assert api.post("/v1/cases", json=wdbc_cases(1), headers=headers).status_code == 202
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=0)
+    with pg_sessions() as s:
+        (score_id,) = s.scalars(select(Score.id))
+    response = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    risk = RiskAssessment.model_validate(response.json())
+    assert risk.subject.reference is None
+    assert risk.subject.identifier.system == "urn:medbatch:external-id"
+    assert risk.subject.identifier.value == "wdbc-0000"
 
 
 def _complete_record() -> dict:
