@@ -355,6 +355,38 @@ _PATIENT_REFERENCE = re.compile(
 _ABSOLUTE_REFERENCE = re.compile(
     r"^https?://.*/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/.*)?$"
 )
+#: A RESTful absolute URL ``[base]/Type/id[/_history/v]``: the server's base is group 1.
+_RESTFUL_URL = re.compile(
+    r"^https?://(.+?)/[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+
+
+def _server(url: str | None) -> str | None:
+    """The base of a RESTful absolute URL (host and path, no scheme, case folded), or None."""
+    match = _RESTFUL_URL.match(url or "")
+    return match.group(1).lower() if match else None
+
+
+def _patient_key(
+    ref: str, alias: dict[str, str], servers: dict[str, str], referrer: str | None
+) -> str | None:
+    """The key of the Patient ``ref`` reaches: an entry's fullUrl, else ``Patient/<id>`` however
+    written (absolute, versioned). R4 §2.36.4.1 (resolving references in Bundles): an absolute
+    reference names its server, a relative one the server of the referring entry's RESTful
+    fullUrl. When that server is known and the Patient's fullUrl names another, the two are
+    different patients who share an id (a Bundle assembled from two EHRs): no match."""
+    absolute = ref.startswith(("http://", "https://"))
+    if (absolute or ref.startswith("urn:")) and ref in alias:
+        return alias[ref]  # an entry's fullUrl, exactly
+    match = _PATIENT_REFERENCE.match(ref)
+    key = alias.get(match.group(1) if match else ref)
+    if key is None:
+        return None
+    named = _server(ref) if absolute else _server(referrer)
+    held = servers.get(key)
+    if named is not None and held is not None and named != held:
+        return None
+    return key
 
 
 def _contained_unread(raw: dict[str, Any], where: str) -> list[Issue]:
@@ -399,9 +431,11 @@ def parse_bundle(data: object) -> ParsedBundle:
         raise FhirInputError(issues)
 
     ignored: Counter[str] = Counter()
-    parsed: list[tuple[int, Resource, dict[str, Any], str]] = []
+    parsed: list[tuple[int, Resource, dict[str, Any], str, str | None]] = []
     #: Entries that failed validation (other than Patients): their patient is refused alone.
-    invalid: list[tuple[dict[str, Any], list[Issue]]] = []
+    invalid: list[tuple[dict[str, Any], list[Issue], str | None]] = []
+    #: A Patient's key -> the server its RESTful fullUrl names (``_server``).
+    servers: dict[str, str] = {}
     #: ``id(issue)`` -> the key of the one patient a validation error belongs to.
     blame: dict[int, str] = {}
     order: list[str] = []
@@ -455,9 +489,9 @@ def parse_bundle(data: object) -> ParsedBundle:
                 if cite == where:
                     diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"
                     warnings.append(Issue("warning", "business-rule", diag, where))
-                parsed.append((i, resource, raw, cite))
+                parsed.append((i, resource, raw, cite, full_url))
             elif problems:
-                invalid.append((raw, problems))
+                invalid.append((raw, problems, full_url))
             continue
         if not isinstance(rid, str) and full_url is None:
             diag = "a Patient needs an id or a fullUrl to be referenced"
@@ -478,6 +512,8 @@ def parse_bundle(data: object) -> ParsedBundle:
             alias[full_url] = key
             if match := _PATIENT_REFERENCE.match(full_url):
                 alias.setdefault(match.group(1), key)
+            if (server := _server(full_url)) is not None:
+                servers[key] = server
         if isinstance(resource, Patient):
             record = PatientRecord(reference=key, patient=resource, identifiers=_identifiers(raw))
             record.references[id(resource)] = key
@@ -485,7 +521,7 @@ def parse_bundle(data: object) -> ParsedBundle:
     if not alias:
         issues.append(Issue("error", "required", "the Bundle holds no Patient", "Bundle.entry"))
 
-    for i, resource, raw, cite in parsed:
+    for i, resource, raw, cite, referrer in parsed:
         where = f"Bundle.entry[{i}].resource.subject"
         identified, why = _identified_patient(raw.get("subject") or raw.get("patient"), owners)
         if identified is None:
@@ -496,9 +532,7 @@ def parse_bundle(data: object) -> ParsedBundle:
             diag = f"{resource.get_resource_type()} has no subject reference"
             issues.append(Issue("error", "required", diag, where))
             continue
-        target_key = alias.get(ref)
-        if target_key is None and (match := _PATIENT_REFERENCE.match(ref)):
-            target_key = alias.get(match.group(1))
+        target_key = _patient_key(ref, alias, servers, referrer)
         if target_key is None:
             absolute = _ABSOLUTE_REFERENCE.match(ref)
             target = types_by_url.get(ref) or (
@@ -529,8 +563,8 @@ def parse_bundle(data: object) -> ParsedBundle:
         elif isinstance(resource, Encounter):
             owner.encounters.append(resource)
 
-    for raw, problems in invalid:
-        if (owner_key := _owner_key(raw, alias, owners)) is not None:
+    for raw, problems, referrer in invalid:
+        if (owner_key := _owner_key(raw, alias, owners, servers, referrer)) is not None:
             blame.update((id(p), owner_key) for p in problems)
     refused: dict[str, list[Issue]] = {}
     for found in issues:
@@ -552,7 +586,11 @@ def parse_bundle(data: object) -> ParsedBundle:
 
 
 def _owner_key(
-    raw: dict[str, Any], alias: dict[str, str], owners: dict[tuple[str, str], set[str]]
+    raw: dict[str, Any],
+    alias: dict[str, str],
+    owners: dict[tuple[str, str], set[str]],
+    servers: dict[str, str],
+    referrer: str | None,
 ) -> str | None:
     """The key of the Patient an entry that failed validation is about, if its subject still
     reaches exactly one."""
@@ -562,10 +600,7 @@ def _owner_key(
     ref = _subject(raw)
     if not isinstance(ref, str):
         return None
-    key = alias.get(ref)
-    if key is None and (match := _PATIENT_REFERENCE.match(ref)):
-        key = alias.get(match.group(1))
-    return key
+    return _patient_key(ref, alias, servers, referrer)
 
 
 # --- units ------------------------------------------------------------------------------------

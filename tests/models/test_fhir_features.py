@@ -837,6 +837,47 @@ def test_a_versioned_or_absolute_patient_reference_reaches_the_patient(tmp_path:
     assert result.features["heart_rate"] == 72  # the first of the three, sent absolute
 
 
+def test_a_reference_to_another_servers_patient_with_the_same_id_is_not_ours() -> None:
+    """A Bundle assembled from two EHRs: our Patient p1 has the fullUrl
+    https://ehr-a.example/fhir/Patient/p1, and an Observation is about another hospital's p1,
+    named absolutely (https://ehr-b.example/...) or relatively from an entry of that server. R4
+    §2.36.4.1 resolves both against ehr-b: they were read as our patient's heart rate. Same
+    server (whatever the case of its host, http or https), a version, or a Patient with no
+    RESTful fullUrl still match, as before."""
+    ours = "https://ehr-a.example/fhir"
+
+    def sent(*entries: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
+        listed = [{"resource": r, **({"fullUrl": u} if u else {})} for r, u in entries]
+        return {"resourceType": "Bundle", "type": "searchset", "entry": listed}
+
+    hr = observation(
+        "hr", "8867-4", 120, days_ago=1, subject="https://ehr-b.example/fhir/Patient/p1"
+    )
+    with pytest.raises(FhirInputError, match="the referenced Patient is not in the Bundle"):
+        parse_bundle(sent((ADULT, f"{ours}/Patient/p1"), (hr, None)))
+    relative = observation("hr", "8867-4", 120, days_ago=1)  # Patient/p1, from ehr-b's entry
+    with pytest.raises(FhirInputError, match="the referenced Patient is not in the Bundle"):
+        parse_bundle(
+            sent(
+                (ADULT, f"{ours}/Patient/p1"),
+                (relative, "https://ehr-b.example/fhir/Observation/hr"),
+            )
+        )
+    for subject, entry_url, patient_url in [
+        ("Patient/p1", f"{ours}/Observation/hr", f"{ours}/Patient/p1"),
+        ("Patient/p1", "http://EHR-A.example/fhir/Observation/hr", f"{ours}/Patient/p1"),
+        (f"{ours}/Patient/p1/_history/3", None, f"{ours}/Patient/p1"),
+        (
+            "https://ehr-b.example/fhir/Patient/p1",
+            None,
+            "urn:uuid:0b7e4f52-8d1c-4c1e-9a35-1d2f3a4b5c6d",
+        ),
+    ]:
+        read = observation("hr", "8867-4", 120, days_ago=1, subject=subject)
+        parsed = parse_bundle(sent((ADULT, patient_url), (read, entry_url)))
+        assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr"], subject
+
+
 def test_a_contained_observation_is_named_not_silently_lost() -> None:
     """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
     send them): the heart rate in it was dropped without a word and the median imputed."""
