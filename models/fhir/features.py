@@ -1273,10 +1273,42 @@ def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
 # --- NDJSON bulk export -----------------------------------------------------------------------
 
 
+#: A Bulk Data output file's name: ``<Type>.ndjson``, its parts ``<Type>.000.ndjson`` (servers
+#: split a large type), or ``1.<Type>.ndjson``, ``2.<Type>.ndjson`` (the standard file names of
+#: the SMART bulk-data-client, option forceStandardFileNames). Group 1 is the type.
+_EXPORT_FILE = re.compile(r"^(?:\d+\.)?([A-Z][A-Za-z]+)(?:\.[^.]+)?\.ndjson$")
+
+
+def export_file_type(name: str) -> str | None:
+    """The resource type a Bulk Data file's name gives, or None."""
+    match = _EXPORT_FILE.match(name)
+    return match.group(1) if match else None
+
+
 def ndjson_files(directory: Path, rtype: str) -> list[Path]:
-    """The export's files of resource type ``rtype``: ``<Type>.ndjson`` and its parts
-    ``<Type>.000.ndjson`` …, as servers split a large type."""
-    return sorted({*directory.glob(f"{rtype}.ndjson"), *directory.glob(f"{rtype}.*.ndjson")})
+    """The export's files of resource type ``rtype`` (:data:`_EXPORT_FILE`)."""
+    if not directory.is_dir():
+        return []
+    # Not only files: a folder so named is an export that cannot be read, and says so.
+    return sorted(p for p in directory.iterdir() if export_file_type(p.name) == rtype)
+
+
+def unread_files(directory: Path) -> list[str]:
+    """Files of the folder that look like export output but are not read: an NDJSON file whose
+    name gives no FHIR resource type (``observations.ndjson``), or a compressed one
+    (``Observation.ndjson.gz``). Listed so that their resources are not missed unsaid (the
+    features they hold would otherwise be imputed)."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        if not path.is_file() or ".ndjson" not in name.lower():
+            continue
+        rtype = export_file_type(name)
+        if rtype is None or not _known_type(rtype):
+            out.append(name)
+    return out
 
 
 def _raw_codes(raw: dict[str, Any]) -> set[str] | None:
