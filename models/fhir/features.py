@@ -82,6 +82,8 @@ BUNDLE_TYPES: tuple[str, ...] = ("transaction", "batch", "collection", "searchse
 USED_TYPES = ("Patient", "Observation", "Condition", "Encounter")
 #: Observation statuses whose value counts (https://hl7.org/fhir/R4/valueset-observation-status.html).
 USABLE_OBSERVATION_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
+#: Statuses by which the record says it holds no result: reported, as if not sent.
+VOID_OBSERVATION_STATUS = frozenset({"registered", "cancelled", "entered-in-error"})
 #: Condition.clinicalStatus codes meaning "not present now" (when no abatement date says when).
 INACTIVE_CLINICAL_STATUS = frozenset({"inactive", "remission", "resolved"})
 #: Condition.verificationStatus codes meaning "never was": reported, never counted.
@@ -921,7 +923,18 @@ def _observation_value(
     if obs.status not in USABLE_OBSERVATION_STATUS:
         if when is not None and not window.start <= when <= window.end:
             return None
-        return Unusable(f"status {obs.status}: not a result", obs, void=True, when=when)
+        if obs.status in VOID_OBSERVATION_STATUS:
+            return Unusable(f"status {obs.status}: not a result", obs, void=True, when=when)
+        # "unknown" (R4: the source does not know which status applies), or a code outside
+        # R4's required value set ("F" or "FINAL" from an HL7 v2 OBX-11 copied as it came):
+        # the value may well be a final result, so it is unreadable, not void, and the
+        # feature's unusable rule decides (it was void: imputed over a value that was sent).
+        reason = (
+            "status unknown: the source does not know whether it is a result"
+            if obs.status == "unknown"
+            else "status is not an R4 Observation status code (final, amended, ...; lower case)"
+        )
+        return Unusable(reason, obs, void=False, when=when)
     if when is None:
         return Unusable("no effective time: cannot be placed in the window", obs, void=False)
     if not window.start <= when <= window.end:

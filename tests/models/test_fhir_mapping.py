@@ -331,6 +331,33 @@ def test_a_value_absent_for_a_reason_is_imputed_and_both_are_reported() -> None:
     assert "1 sent but ignored" in imputation["why"]
 
 
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        ("F", "status is not an R4 Observation status code (final, amended, ...; lower case)"),
+        ("FINAL", "status is not an R4 Observation status code (final, amended, ...; lower case)"),
+        ("unknown", "status unknown: the source does not know whether it is a result"),
+    ],
+)
+def test_a_status_that_may_be_a_result_is_unreadable_not_void(status: str, reason: str) -> None:
+    """An HL7 v2 converter copies OBX-11 "F" (final) into Observation.status; fhir.resources
+    does not check the value set. Any status but final/amended/corrected/preliminary was read
+    as "the record says it is no value": the heart rate sent was replaced by the median, with
+    only a note. Outside R4's codes, or "unknown", the value may be a final result: it is
+    unreadable, and heart_rate's 'unusable: reject' refuses the case by name. The sent code is
+    not quoted. entered-in-error, cancelled and registered stay void."""
+    hr = observation("hr", "8867-4", 131, days_ago=1, status=status)
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert "heart_rate" not in result.features
+    assert result.problems["heart_rate"].startswith(f"Observation/hr: {reason}")
+    assert result.ignored == [
+        {"feature": "heart_rate", "resource": "Observation/hr", "reason": reason}
+    ]
+    void = observation("hr", "8867-4", 131, days_ago=1, status="cancelled")
+    result = features(ADULT, encounter("adm", 2), void)
+    assert result.ok and result.features["heart_rate"] == 84.5
+
+
 def test_a_data_absent_reason_given_as_text_only_is_still_no_value() -> None:
     """R4 lets dataAbsentReason be a CodeableConcept with text only (a free-text reason from an
     HL7 v2 NTE): the sender says there is no value, as a coded reason does. It was read as an
