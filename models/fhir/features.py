@@ -86,6 +86,12 @@ USABLE_OBSERVATION_STATUS = frozenset({"final", "amended", "corrected", "prelimi
 VOID_OBSERVATION_STATUS = frozenset({"registered", "cancelled", "entered-in-error"})
 #: Condition.clinicalStatus codes meaning "not present now" (when no abatement date says when).
 INACTIVE_CLINICAL_STATUS = frozenset({"inactive", "remission", "resolved"})
+#: Every Condition.clinicalStatus and verificationStatus code of R4 (required bindings): a code
+#: outside them says nothing that can be read.
+CLINICAL_STATUS_CODES = frozenset({"active", "recurrence", "relapse"}) | INACTIVE_CLINICAL_STATUS
+VERIFICATION_STATUS_CODES = frozenset(
+    {"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"}
+)
 #: Condition.verificationStatus codes meaning "never was": reported, never counted.
 VOID_VERIFICATION_STATUS = frozenset({"refuted", "entered-in-error"})
 #: verificationStatus codes of a diagnosis not (yet) confirmed: reported, not counted.
@@ -983,11 +989,12 @@ def _condition_onset(cond: Condition) -> datetime | None:
     )
 
 
-def _condition_present(cond: Condition, as_of: datetime) -> bool:
+def _condition_present(cond: Condition, as_of: datetime) -> bool | None:
     """Whether ``cond`` held at ``as_of``: begun and not abated by then.
 
     An abatement date decides when there is one (a condition resolved after ``as_of`` was still
     present at ``as_of``); without one, ``clinicalStatus`` inactive/remission/resolved means absent.
+    None when the clinicalStatus is a code outside R4's (``Resolved``, ``A``): it cannot be read.
     """
     period = cond.abatementPeriod
     abated = _instant(cond.abatementDateTime) or (
@@ -995,7 +1002,10 @@ def _condition_present(cond: Condition, as_of: datetime) -> bool:
     )
     if abated is not None:
         return abated > as_of
-    return _status_code(cond.clinicalStatus, CLINICAL_STATUS_SYSTEM) not in INACTIVE_CLINICAL_STATUS
+    clinical = _status_code(cond.clinicalStatus, CLINICAL_STATUS_SYSTEM)
+    if clinical is not None and clinical not in CLINICAL_STATUS_CODES:
+        return None
+    return clinical not in INACTIVE_CLINICAL_STATUS
 
 
 def classify_condition(
@@ -1020,8 +1030,17 @@ def classify_condition(
     if verification in UNCONFIRMED_VERIFICATION_STATUS:
         reason = f"verificationStatus {verification}: not a confirmed diagnosis"
         return Unusable(reason, cond, void=False, when=onset)
-    if mapping.time == "present" and not _condition_present(cond, as_of):
-        return None
+    if verification is not None and verification not in VERIFICATION_STATUS_CODES:
+        # "Confirmed", "C": a code outside R4's. Not quoted; not read as confirmed either.
+        reason = "verificationStatus is not an R4 code (confirmed, provisional, ...; lower case)"
+        return Unusable(reason, cond, void=False, when=onset)
+    if mapping.time == "present":
+        present = _condition_present(cond, as_of)
+        if present is None:
+            reason = "clinicalStatus is not an R4 code (active, resolved, ...; lower case)"
+            return Unusable(reason, cond, void=False, when=onset)
+        if not present:
+            return None
     return Reading(onset or datetime.min.replace(tzinfo=UTC), 1.0, cond)
 
 

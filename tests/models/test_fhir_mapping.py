@@ -442,7 +442,8 @@ def test_a_status_is_read_from_its_hl7_coding_beside_the_ehrs_own() -> None:
     chf = condition("chf", "42343007", **statuses("resolved", "confirmed"))
     af = condition("af", "49436004", **statuses("active", "entered-in-error"))
     block = condition("block", "27885002", **statuses("active", "confirmed"))
-    block["clinicalStatus"]["coding"].pop()  # only the EHR's own code: read as sent
+    block["clinicalStatus"]["coding"][0]["code"] = "active"  # no HL7 coding: its first code
+    block["clinicalStatus"]["coding"].pop()
     result = features(ADULT, chf, af, block)
     assert result.ok
     assert result.features["heart_failure"] == 0
@@ -455,6 +456,33 @@ def test_a_status_is_read_from_its_hl7_coding_beside_the_ehrs_own() -> None:
             "reason": "verificationStatus entered-in-error",
         }
     ]
+
+
+def test_a_condition_status_outside_r4s_codes_is_unreadable_not_read_as_present() -> None:
+    """clinicalStatus "Resolved" (capitalised) or "A", verificationStatus "Confirmed": codes
+    outside R4's required value sets. "Resolved" was not among the inactive codes, so a
+    resolved heart failure counted as present, silently. Now each is reported as unreadable
+    (the sent code not quoted) and, under the conditions' 'unusable: ignore', not counted."""
+    chf = condition("chf", "42343007", status="Resolved")
+    af = condition("af", "49436004", status="A")
+    block = condition("block", "27885002", verificationStatus={"coding": [{"code": "Confirmed"}]})
+    result = features(ADULT, chf, af, block)
+    assert result.ok
+    assert (
+        result.features["heart_failure"],
+        result.features["atrial_fibrillation"],
+        result.features["complete_heart_block"],
+    ) == (0, 0, 0)
+    clinical = "clinicalStatus is not an R4 code (active, resolved, ...; lower case)"
+    verification = "verificationStatus is not an R4 code (confirmed, provisional, ...; lower case)"
+    assert {(i["resource"], i["reason"]) for i in result.ignored} == {
+        ("Condition/chf", clinical),
+        ("Condition/af", clinical),
+        ("Condition/block", verification),
+    }
+    # 'ever' does not read the clinical status: a history stays a history.
+    old_mi = condition("mi", "399211009", status="Resolved")
+    assert features(ADULT, old_mi).features["recurrent_mi"] == 1
 
 
 def test_a_value_outside_a_flag_range_is_accepted_and_flagged() -> None:
