@@ -226,6 +226,40 @@ def _validate(
         return cast(Resource, model.model_validate(raw)), []
     except ValidationError as exc:
         return None, _validation_issues(exc, prefix=prefix, file=file, line=line)
+    except (KeyError, TypeError):
+        # fhir.resources looks a nested resource's class up by its resourceType and raises
+        # KeyError ('R4.ZzzType') or TypeError (a number) past pydantic: a 500 on POST /v1/fhir
+        # and the end of a nightly run. Each such resourceType is named by its place.
+        message = "resourceType is not a FHIR R4 resource type"
+        found = [
+            Issue("error", "not-supported", message, where, file, line)
+            for where in _unknown_nested_types(raw, prefix)
+        ]
+        return None, found or [
+            Issue("error", "not-supported", f"a nested resource: {message}", prefix, file, line)
+        ]
+
+
+def _unknown_nested_types(raw: dict[str, Any], prefix: str) -> list[str]:
+    """Where a resource nested in ``raw`` (contained, a contained Bundle's entries, ...) has a
+    resourceType that is not a FHIR R4 type."""
+    out = []
+
+    # A key not shaped like an element name is shown as "*": it may be a name or an MRN.
+    def step(where: str, key: object) -> str:
+        return f"{where}.{key if _ELEMENT_NAME.fullmatch(str(key)) else '*'}"
+
+    stack: list[tuple[str, Any]] = [(step(prefix, k), v) for k, v in raw.items()]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            rtype = value.get("resourceType")
+            if "resourceType" in value and not (isinstance(rtype, str) and _known_type(rtype)):
+                out.append(f"{where}.resourceType")
+            stack += [(step(where, k), v) for k, v in value.items()]
+    return sorted(out)
 
 
 # --- records ----------------------------------------------------------------------------------

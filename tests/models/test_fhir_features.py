@@ -878,6 +878,47 @@ def test_a_reference_to_another_servers_patient_with_the_same_id_is_not_ours() -
         assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr"], subject
 
 
+def test_a_nested_resource_of_no_r4_type_is_an_issue_not_a_crash(tmp_path: Path) -> None:
+    """fhir.resources raises KeyError ('R4.observationType') or TypeError past pydantic for a
+    contained resource whose resourceType is not an R4 type: a 500 on POST /v1/fhir, and the
+    end of a nightly run at that line. It is now an issue at its place; in a batch only that
+    patient is refused, and in an export only that line is skipped."""
+    bad = observation("hr", "8867-4", 72, contained=[{"resourceType": "observation"}])
+    with pytest.raises(FhirInputError) as caught:
+        parse_bundle(bundle(ADULT, bad))
+    assert [(i.code, i.expression) for i in caught.value.issues] == [
+        ("not-supported", "Bundle.entry[1].resource.contained[0].resourceType")
+    ]
+    other = {**ADULT, "id": "p2", "contained": [{"resourceType": 5}]}
+    parsed = parse_bundle(bundle(ADULT, other, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"]
+    assert [i.expression for i in parsed.refused["Patient/p2"]] == [
+        "Bundle.entry[1].resource.contained[0].resourceType"
+    ]
+    nested = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"Smith": 1, "resourceType": "Zzz"}}],
+    }
+    deep = {
+        **ADULT,
+        "contained": [nested],
+        "extension": [{"url": "http://x", "Smith": {"resourceType": "Zzz"}}],
+    }
+    with pytest.raises(FhirInputError) as caught:
+        parse_bundle(bundle(deep))
+    assert "Smith" not in str(caught.value.to_operation_outcome())
+
+    _write(tmp_path / "Patient.ndjson", [ADULT, other])
+    _write(tmp_path / "Observation.ndjson", [bad, observation("hr-2", "8867-4", 80)])
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    assert [r.reference for r in export] == ["Patient/p1"]
+    assert sorted((i.file, i.line) for i in export.issues) == [
+        ("Observation.ndjson", 1),
+        ("Patient.ndjson", 2),
+    ]
+
+
 def test_a_contained_observation_is_named_not_silently_lost() -> None:
     """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
     send them): the heart rate in it was dropped without a word and the median imputed."""
