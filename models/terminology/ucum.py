@@ -185,6 +185,15 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
         return _convert(value, unit, to, source, target, loinc)
     except (OverflowError, ZeroDivisionError) as exc:  # a factor such as 10*999999
         raise UnitError(f"unit {_shown(unit)} has a factor out of range") from exc
+    except Exception as exc:
+        # pint's own refusals: an offset unit (Cel, [degF]) or a logarithmic one (B, Np)
+        # multiplied by a molar mass is OffsetUnitCalculusError, a 500 on POST /v1/fhir.
+        if type(exc).__module__.startswith("pint"):
+            raise UnitError(
+                f"unit {_shown(unit)} ({source.dimension}) cannot be converted to {to!r} "
+                f"({target.dimension})"
+            ) from exc
+        raise
 
 
 def _convert(

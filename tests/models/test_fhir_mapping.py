@@ -127,6 +127,14 @@ def test_an_annotation_alone_is_the_unity(annotation: str) -> None:
     assert "'{beats}' (dimensionless) cannot be converted" in result.problems["heart_rate"]
 
 
+@pytest.mark.parametrize("unit", ["Cel", "[degF]", "B", "dB", "Np"])
+def test_an_offset_or_log_unit_against_a_molar_mass_is_refused_by_name(unit: str) -> None:
+    """A glucose (LOINC 2345-7, which has a molar mass) sent in Cel, [degF], B, dB or Np: pint
+    raised OffsetUnitCalculusError multiplying it by mol/g, a 500 on POST /v1/fhir."""
+    with pytest.raises(UnitError, match=r"cannot be converted to 'mmol/L'"):
+        convert(5.0, unit, "mmol/L", loinc="2345-7")
+
+
 def test_a_factor_out_of_range_is_refused_through_a_molar_mass_too() -> None:
     with pytest.raises(UnitError, match=r"'10\*999999\.mg/dL' has a factor out of range"):
         convert(1.0, "10*999999.mg/dL", "mmol/L", loinc="2345-7")
