@@ -113,6 +113,11 @@ def issue(code: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=None)
+# The base with a trailing slash, as integration engines are often configured
+# (https://host/v1/fhir/): the same interaction, not a redirect.
+@router.post(
+    "/", status_code=status.HTTP_202_ACCEPTED, response_model=None, include_in_schema=False
+)
 async def submit_bundle(
     request: Request,
     tenant: SubmitterDep,

@@ -679,6 +679,36 @@ def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClien
         assert "application/fhir+json" in fmt["schema"]["enum"]
 
 
+def test_a_trailing_slash_is_never_a_redirect_built_from_the_host_header(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An engine configured with the base https://host/v1/fhir/ got a 307 to
+    http://<Host header>/v1/fhir (the scheme the app sees behind a TLS proxy), and re-sent the
+    patients' Bundle there. The base with a slash takes the Bundle itself; any other path with
+    a trailing slash is a 404 (an OperationOutcome under /v1/fhir), never a redirect."""
+    headers = _key(pg_sessions)
+    response = api.post(
+        "/v1/fhir/",
+        headers={**headers, "Content-Type": "application/fhir+json", "Host": "evil.example"},
+        content=json.dumps(_first_bundle()).encode(),
+        params={"as_of": AS_OF},
+        follow_redirects=False,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["entry"][0]["response"]["status"] == "202 Accepted"
+    assert _cases(pg_sessions) == 1
+    for method, path in [
+        ("GET", "/v1/fhir/RiskAssessment/"),
+        ("GET", "/v1/fhir/metadata/"),
+        ("GET", "/v1/cases/"),
+    ]:
+        answer = api.request(method, path, headers=headers, follow_redirects=False)
+        assert answer.status_code == 404, (path, answer.status_code)
+        assert "location" not in answer.headers
+        if path.startswith("/v1/fhir"):
+            assert answer.json()["resourceType"] == "OperationOutcome"
+
+
 def test_the_base_answers_the_capabilities_interaction(api: TestClient) -> None:
     """GET [base]/metadata (R4 http.html, capabilities) is what FHIR clients read first: HAPI
     FHIR's generic client does by default and stops when it is missing. It was a 404. It is a
