@@ -334,6 +334,15 @@ def risk_assessment(
             for r in context["basis"]
         ]
     notes = []
+    if context.get("as_of"):
+        # occurrenceDateTime is when the score was computed; the record was read as it stood
+        # at as_of (?as_of=, perhaps long before): without this, a backdated score reads as
+        # today's.
+        window = context.get("lookback_days")
+        notes.append(
+            f"features read from the record as it stood at {context['as_of']}"
+            + (f" (look-back {window} days)" if window else "")
+        )
     for i in context.get("imputations") or []:
         notes.append(
             f"imputed {i['feature']} = {i['value']:g} {i['unit']} ({i['source']}): {i['why']}"

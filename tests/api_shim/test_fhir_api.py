@@ -114,7 +114,10 @@ def test_every_shared_bundle_becomes_one_case_per_patient_and_is_read_back_as_ri
         assert risk.method.coding[0].code == "whas500-mortality@1.0.0"
         assert spec.sha256 in risk.method.text
         assert any(b.reference == subject for b in risk.basis)  # age and sex come from it
-        assert "imputed" in risk.note[0].text  # Synthea's bundles have no LOINC vitals
+        # A backdated score says so: occurrenceDateTime is when it was computed.
+        as_of = "features read from the record as it stood at 2020-01-01T00:00:00+00:00"
+        assert risk.note[0].text == f"{as_of} (look-back 730 days)"
+        assert "imputed" in risk.note[1].text  # Synthea's bundles have no LOINC vitals
         one = api.get(f"/v1/fhir/RiskAssessment/{risk.id}", headers=headers)
         assert RiskAssessment.model_validate(one.json()).id == risk.id
 
