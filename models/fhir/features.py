@@ -478,6 +478,8 @@ def parse_bundle(data: object) -> ParsedBundle:
     invalid: list[tuple[dict[str, Any], list[Issue], str | None]] = []
     #: A Patient's key -> the server its RESTful fullUrl names (``_server``).
     servers: dict[str, str] = {}
+    #: ``Type/id`` of every other resource read, to refuse a second version of one.
+    versions: set[tuple[str | None, str]] = set()
     #: ``id(issue)`` -> the key of the one patient a validation error belongs to.
     blame: dict[int, str] = {}
     order: list[str] = []
@@ -527,6 +529,21 @@ def parse_bundle(data: object) -> ParsedBundle:
         # basis cites the logical id where there is one, else the entry's fullUrl.
         cite = f"{rtype}/{rid}" if isinstance(rid, str) and rid else full_url or where
         if rtype != "Patient":
+            if isinstance(rid, str) and rid and resource is not None:
+                version = (_server(full_url), cite)  # two EHRs may share an id
+                if version in versions:
+                    # Two versions of one resource (a final reading and its correction, sent
+                    # as two entries): which is current, the Bundle does not say, and the
+                    # choice fell to entry order. Named by place (the id may be an MRN).
+                    diag = (
+                        f"{rtype}.id repeats an earlier entry's: two versions of one resource, "
+                        "and the Bundle does not say which is current"
+                    )
+                    twice = Issue("error", "duplicate", diag, f"{where}.resource.id")
+                    issues.append(twice)
+                    invalid.append((raw, [twice], full_url))
+                    continue
+                versions.add(version)
             if resource is not None:
                 if cite == where:
                     diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"

@@ -919,6 +919,43 @@ def test_a_nested_resource_of_no_r4_type_is_an_issue_not_a_crash(tmp_path: Path)
     ]
 
 
+def test_two_versions_of_one_observation_are_refused_not_chosen_by_entry_order() -> None:
+    """A final heart rate and its correction sent as two entries with one id: the value read
+    was whichever entry came first (72 or 140), and the basis cited Observation/hr-1 either
+    way. It is now refused at the second entry's place; in a batch, only its patient. Two
+    EHRs' resources that share an id (their fullUrls on two servers) are two resources."""
+    final = observation("hr-1", "8867-4", 72, days_ago=1)
+    corrected = observation("hr-1", "8867-4", 140, days_ago=1, status="corrected")
+    for first, second in ((final, corrected), (corrected, final)):
+        with pytest.raises(FhirInputError) as caught:
+            parse_bundle(bundle(ADULT, first, second))
+        assert [(i.code, i.expression) for i in caught.value.issues] == [
+            ("duplicate", "Bundle.entry[2].resource.id")
+        ]
+    other = {**ADULT, "id": "p2"}
+    theirs = observation("hr-2", "8867-4", 90, days_ago=1, subject="Patient/p2")
+    again = observation("hr-2", "8867-4", 95, days_ago=1, subject="Patient/p2")
+    parsed = parse_bundle(bundle(ADULT, final, other, theirs, again, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"] and list(parsed.refused) == ["Patient/p2"]
+
+    def at(server: str, resource: dict[str, Any]) -> dict[str, Any]:
+        kind = resource["resourceType"]
+        return {"fullUrl": f"https://{server}/fhir/{kind}/{resource['id']}", "resource": resource}
+
+    sent = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            at("ehr-a", ADULT),
+            at("ehr-a", final),
+            at("ehr-b", {**other, "id": "p2"}),
+            at("ehr-b", observation("hr-1", "8867-4", 90, days_ago=1, subject="Patient/p2")),
+        ],
+    }
+    parsed = parse_bundle(sent)
+    assert [len(r.observations) for r in parsed.patients.values()] == [1, 1]
+
+
 def test_a_contained_observation_is_named_not_silently_lost() -> None:
     """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
     send them): the heart rate in it was dropped without a word and the median imputed."""
