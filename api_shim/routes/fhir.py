@@ -146,7 +146,9 @@ async def submit_bundle(
         spec = registry.resolve_scorable(model)
     except RegistryError:
         return outcome(422, [issue("not-found", model_problem(registry, model), "model")])
-    when = (as_of or datetime.now(UTC)).astimezone(UTC) if _in_range(as_of) else None
+    # Kept in the offset it was sent with: an age counts birthdays in the sender's calendar
+    # (23:00-05:00 on 1 July is 2 July in UTC, a birthday early).
+    when = (as_of or datetime.now(UTC)) if _in_range(as_of) else None
     if when is None:
         return outcome(400, [issue("value", "must lie in the years 1900 to 2199", "as_of")])
 

@@ -122,6 +122,28 @@ def test_every_shared_bundle_becomes_one_case_per_patient_and_is_read_back_as_ri
         assert RiskAssessment.model_validate(one.json()).id == risk.id
 
 
+def test_an_age_counts_birthdays_at_as_of_in_its_own_offset(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """as_of=2024-07-01T23:00:00-05:00 is 1 July where it was sent and 2 July in UTC. The route
+    converted it to UTC first, so a patient born on 2 July 1941 was 83 on the eve of their
+    83rd birthday."""
+    headers = _key(pg_sessions)
+    patient = {
+        "resourceType": "Patient",
+        "id": "bday",
+        "gender": "female",
+        "birthDate": "1941-07-02",
+    }
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": patient}]}
+    response = _post(api, headers, body, as_of="2024-07-01T23:00:00-05:00")
+    assert response.status_code == 202, response.text
+    with pg_sessions() as s:
+        (case,) = s.scalars(select(Case))
+    assert case.features["age"] == 82
+    assert case.context["as_of"] == "2024-07-01T23:00:00-05:00"
+
+
 def test_resubmitting_the_same_patient_data_creates_nothing(
     api: TestClient, pg_sessions: sessionmaker[Session]
 ) -> None:
