@@ -940,12 +940,29 @@ def classify_observation(
     parts: list[tuple[CodeableConcept | None, Any]] = [(obs.code, obs)]
     parts += [(c.code, c) for c in obs.component or []]
     near: str | None = None
+    found: list[Reading | Unusable | None] = []
     for concept, holder in parts:
         matched = _match(concept, mapping)
         if matched is True:
-            return _observation_value(obs, holder, feature, window, concept)
-        if isinstance(matched, str) and near is None:
+            found.append(_observation_value(obs, holder, feature, window, concept))
+        elif isinstance(matched, str) and near is None:
             near = matched
+    readings = {r.value for r in found if isinstance(r, Reading)}
+    voids = [r for r in found if isinstance(r, Unusable) and r.void]
+    if len(found) > 1 and not (
+        (len(readings) == 1 and all(isinstance(r, Reading) for r in found))
+        or len(voids) == len(found)  # an entered-in-error panel: void in every part
+        or all(r is None for r in found)  # outside the window: every part alike
+    ):
+        # Two systolic components (both arms, two cuff readings) in one panel: the first was
+        # read, whichever it was. Which one the feature means cannot be read.
+        reason = (
+            f"{len(found)} parts of the Observation carry the feature's code, not with one "
+            "value: which is meant cannot be read"
+        )
+        return Unusable(reason, obs, void=False, when=_observation_time(obs))
+    if found:
+        return found[0]
     if near is None:
         return None
     when = _observation_time(obs)

@@ -366,6 +366,31 @@ def test_a_status_that_may_be_a_result_is_unreadable_not_void(status: str, reaso
     assert result.ok and result.features["heart_rate"] == 84.5
 
 
+def test_a_panel_with_two_values_for_one_feature_is_unreadable_not_its_first() -> None:
+    """A blood pressure panel with two systolic components (both arms): the first component was
+    read, whichever arm it was. Now it is unreadable (systolic_bp's 'unusable: reject' refuses
+    the case by name); the panel's diastolic is still read. Two parts that agree, or a panel
+    entered in error in every part, are read as before."""
+    panel = bp_panel("bp", 150, 80)
+    right_arm = {**panel["component"][0], "valueQuantity": quantity(118, "mm[Hg]")}
+    panel["component"].append(right_arm)
+    result = features(ADULT, encounter("adm", 2), panel)
+    assert "systolic_bp" not in result.features and result.features["diastolic_bp"] == 80
+    reason = (
+        "2 parts of the Observation carry the feature's code, not with one value: which is "
+        "meant cannot be read"
+    )
+    assert result.ignored == [
+        {"feature": "systolic_bp", "resource": "Observation/bp", "reason": reason}
+    ]
+    assert reason in result.problems["systolic_bp"]
+    panel["component"][-1] = {**right_arm, "valueQuantity": quantity(150, "mm[Hg]")}
+    assert features(ADULT, encounter("adm", 2), panel).features["systolic_bp"] == 150
+    panel["status"] = "entered-in-error"
+    voided = features(ADULT, encounter("adm", 2), panel)
+    assert voided.ok and "systolic_bp" in voided.imputed
+
+
 def test_a_data_absent_reason_given_as_text_only_is_still_no_value() -> None:
     """R4 lets dataAbsentReason be a CodeableConcept with text only (a free-text reason from an
     HL7 v2 NTE): the sender says there is no value, as a coded reason does. It was read as an
