@@ -693,6 +693,16 @@ def _instant(value: object) -> datetime | None:
         match = re.fullmatch(r"(\d{4})(?:-(\d{2}))?", value)
         if match:
             return datetime(int(match[1]), int(match[2] or 1), 1, tzinfo=UTC)
+        # A leap second, "23:59:60Z" (R4's dateTime and instant allow 60), which Python cannot
+        # hold: kept as a string, it read as "no effective time". Its last microsecond before.
+        leap = re.fullmatch(
+            r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}):60(?:\.\d+)?(Z|[+-]\d{2}:\d{2})", value
+        )
+        if leap:
+            try:
+                return datetime.fromisoformat(f"{leap[1]}:59.999999{leap[2]}")
+            except ValueError:
+                return None
     return None
 
 
@@ -736,6 +746,8 @@ def _day_or_more_ends(obs: Observation) -> datetime:
     start = _instant(sent) or datetime.min.replace(tzinfo=UTC)
     if isinstance(sent, datetime) or not isinstance(sent, date | str):
         return start
+    if isinstance(sent, str) and len(sent) > 7:
+        return start  # a leap second's instant, kept as a string
     if isinstance(sent, date):
         return start + timedelta(days=1)
     if len(sent) == 4:

@@ -391,6 +391,22 @@ def test_a_panel_with_two_values_for_one_feature_is_unreadable_not_its_first() -
     assert voided.ok and "systolic_bp" in voided.imputed
 
 
+def test_a_reading_at_a_leap_second_is_placed_in_time() -> None:
+    """R4 lets a dateTime's seconds be 60. fhir.resources keeps such a time as a string, which
+    read as "no effective time" and refused the case (heart_rate: unusable reject). It is read
+    as the last microsecond before, whatever the offset; a leap second just before the window
+    is outside it, not "a date without a time"."""
+    hr = observation("hr", "8867-4", 97, days_ago=1)
+    hr["effectiveDateTime"] = "2023-12-31T23:59:60Z"
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert result.ok and result.features["heart_rate"] == 97
+    hr["effectiveDateTime"] = "2023-12-30T18:59:60.5-05:00"
+    assert features(ADULT, encounter("adm", 2), hr).features["heart_rate"] == 97
+    hr["effectiveDateTime"] = "2023-12-29T23:59:60Z"  # before the admission (2 days ago)
+    before = features(ADULT, encounter("adm", 2), hr)
+    assert before.ok and before.ignored == [] and "heart_rate" in before.imputed
+
+
 def test_a_data_absent_reason_given_as_text_only_is_still_no_value() -> None:
     """R4 lets dataAbsentReason be a CodeableConcept with text only (a free-text reason from an
     HL7 v2 NTE): the sender says there is no value, as a coded reason does. It was read as an
