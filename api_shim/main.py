@@ -68,6 +68,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
     app = FastAPI(
+        # No 307 from /path/ to /path: its Location came from the Host header, with the scheme
+        # the app sees (http behind a TLS proxy), and a client following it re-sent a POSTed
+        # Bundle there. A path with a trailing slash is its own route or a 404.
+        redirect_slashes=False,
         lifespan=_lifespan,
         default_response_class=SafeJSONResponse,
         title="medbatch",

@@ -133,6 +133,19 @@ _RISK = _resource(
     ["id", "status", "subject", "prediction"],
     {"id": _STRING, "status": _STRING, "subject": {"type": "object"}, "prediction": _ARRAY},
 )
+_CAPABILITY = _resource(
+    "CapabilityStatement",
+    "CapabilityStatement",
+    ["status", "date", "kind", "fhirVersion", "format"],
+    {
+        "status": _STRING,
+        "date": _STRING,
+        "kind": _STRING,
+        "fhirVersion": _STRING,
+        "format": {"type": "array", "items": _STRING},
+        "rest": _ARRAY,
+    },
+)
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
@@ -183,7 +196,13 @@ def _complete(path: str, method: str, op: dict[str, Any], settings: Settings) ->
     if fhir:
         for code, answer in responses.items():
             if code.startswith("2"):
-                kind = "RiskAssessment" if path.endswith("{score_id}") else "BundleResponse"
+                kind = (
+                    "RiskAssessment"
+                    if path.endswith("{score_id}")
+                    else "CapabilityStatement"
+                    if path.endswith("/metadata")
+                    else "BundleResponse"
+                )
                 answer["content"] = {
                     FHIR_JSON: {"schema": {"$ref": f"#/components/schemas/{kind}"}}
                 }
@@ -214,7 +233,9 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas.update(case.pop("$defs", {}))
     schemas["CaseCreate"] = case
     schemas["Problem"] = _PROBLEM
-    schemas.update({s["title"]: s for s in (_ERROR, _OUTCOME, _BUNDLE_IN, _BUNDLE_OUT, _RISK)})
+    schemas.update(
+        {s["title"]: s for s in (_ERROR, _OUTCOME, _BUNDLE_IN, _BUNDLE_OUT, _RISK, _CAPABILITY)}
+    )
     # FastAPI's 422 schema, replaced by what the API answers (api_shim/errors.py).
     schemas["HTTPValidationError"] = _ERROR
     for path, item in doc["paths"].items():

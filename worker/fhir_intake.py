@@ -31,6 +31,7 @@ from models.fhir.features import (
     features_of,
     iter_ndjson,
     ndjson_files,
+    unread_files,
 )
 from worker.progress import progress_bar
 from worker.queues import enqueue_cases
@@ -131,6 +132,8 @@ class NightlySummary:
     imputed: Counter[str] = field(default_factory=Counter)
     ignored: Counter[str] = field(default_factory=Counter)
     bad_lines: int = 0
+    #: Files of the folder that look like export output but are not read (unread_files).
+    files_not_read: list[str] = field(default_factory=list)
     case_ids: list[int] = field(default_factory=list)
     scored: int = 0
     failed: int = 0
@@ -145,6 +148,7 @@ class NightlySummary:
             "imputed_by_feature": dict(self.imputed),
             "ignored_by_reason": dict(self.ignored),
             "bad_lines": self.bad_lines,
+            "files_not_read": self.files_not_read,
             "scored": self.scored,
             "failed": self.failed,
         }
@@ -165,7 +169,7 @@ def run_nightly(
 ) -> NightlySummary:
     """Stream a Bulk Data export into ``score.bulk`` in chunks; safe to run again after an
     interruption (what is there already is neither added nor sent again)."""
-    summary = NightlySummary()
+    summary = NightlySummary(files_not_read=unread_files(Path(directory)))
     export = iter_ndjson(directory, spec, as_of=as_of, lookback_days=lookback_days)
     pending: list[repo.NewCase] = []
     identifiers: list[tuple[str, list[tuple[str, str]]]] = []
@@ -211,6 +215,12 @@ def run_nightly(
                     flush()
             advance(1)
         flush()
+    if summary.files_not_read:
+        log.warning(
+            "nightly %s: files not read (their names give no resource type, or compressed): %s",
+            spec.ref,
+            ", ".join(summary.files_not_read),
+        )
     # Lines, not issues: one line with three unknown elements is one unreadable line.
     summary.bad_lines = len({(i.file, i.line) for i in export.issues})
     log.info(

@@ -113,6 +113,11 @@ def issue(code: str, diagnostics: str, expression: str = "") -> dict[str, Any]:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=None)
+# The base with a trailing slash, as integration engines are often configured
+# (https://host/v1/fhir/): the same interaction, not a redirect.
+@router.post(
+    "/", status_code=status.HTTP_202_ACCEPTED, response_model=None, include_in_schema=False
+)
 async def submit_bundle(
     request: Request,
     tenant: SubmitterDep,
@@ -141,7 +146,9 @@ async def submit_bundle(
         spec = registry.resolve_scorable(model)
     except RegistryError:
         return outcome(422, [issue("not-found", model_problem(registry, model), "model")])
-    when = (as_of or datetime.now(UTC)).astimezone(UTC) if _in_range(as_of) else None
+    # Kept in the offset it was sent with: an age counts birthdays in the sender's calendar
+    # (23:00-05:00 on 1 July is 2 July in UTC, a birthday early).
+    when = (as_of or datetime.now(UTC)) if _in_range(as_of) else None
     if when is None:
         return outcome(400, [issue("value", "must lie in the years 1900 to 2199", "as_of")])
 
@@ -307,13 +314,7 @@ def risk_assessment(
         "resourceType": "RiskAssessment",
         "id": str(score.id),
         "status": "final",
-        # A case sent as JSON names no Patient: its external id is no FHIR reference (a
-        # validator refuses "A-1001" as one), so it is told as the subject's display only.
-        "subject": (
-            {"reference": case.subject}
-            if case.subject
-            else {"display": f"case {case.external_id} (sent without a Patient)"}
-        ),
+        "subject": _subject_of(case),
         "occurrenceDateTime": score.created_at.isoformat(),
         "method": {
             "coding": [{"system": "urn:medbatch:model", "code": ref}],
@@ -335,6 +336,15 @@ def risk_assessment(
             for r in context["basis"]
         ]
     notes = []
+    if context.get("as_of"):
+        # occurrenceDateTime is when the score was computed; the record was read as it stood
+        # at as_of (?as_of=, perhaps long before): without this, a backdated score reads as
+        # today's.
+        window = context.get("lookback_days")
+        notes.append(
+            f"features read from the record as it stood at {context['as_of']}"
+            + (f" (look-back {window} days)" if window else "")
+        )
     for i in context.get("imputations") or []:
         notes.append(
             f"imputed {i['feature']} = {i['value']:g} {i['unit']} ({i['source']}): {i['why']}"
@@ -369,11 +379,92 @@ def risk_assessment(
     return resource
 
 
+#: The identifier system of a case's external id, for a case that came without a FHIR Patient.
+EXTERNAL_ID_SYSTEM = "urn:medbatch:external-id"
+
+
+def _subject_of(case: Case) -> dict[str, Any]:
+    """The RiskAssessment's subject: its Patient, or for a case posted to /v1/cases (no Patient)
+    the case's external id as an identifier. It was sent as ``reference``, which a FHIR client
+    resolves as a relative URL (``[base]/wdbc-0001``): a Patient that does not exist."""
+    if case.subject:
+        return {"reference": case.subject}
+    return {
+        "identifier": {"system": EXTERNAL_ID_SYSTEM, "value": case.external_id},
+        "display": "a case submitted without a FHIR Patient",
+    }
+
+
 def _spec(registry: Any, score: Score) -> ModelSpec | None:
     try:
         return registry.resolve(f"{score.model_name}@{score.model_version}")
     except RegistryError:
         return None
+
+
+#: When the CapabilityStatement's content last changed (R4 requires a date; it is not "now").
+CAPABILITY_DATE = "2026-12-05"
+
+
+def capability_statement() -> dict[str, Any]:
+    """What this FHIR endpoint serves, as an R4 (4.0.1) CapabilityStatement."""
+    reference = "a Patient: Patient/<id> or the bare id"
+    by_identifier = "its identifier: system|value, |value or value"
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": CAPABILITY_DATE,
+        "publisher": "medbatch",
+        "kind": "instance",
+        "software": {"name": "medbatch"},
+        "implementation": {
+            "description": "medbatch: case scoring. A batch or transaction Bundle posted to the "
+            "base queues one case per Patient; each score is read back as a RiskAssessment."
+        },
+        "fhirVersion": "4.0.1",
+        "format": ["json", FHIR_JSON],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Bundles of type batch, transaction, collection or searchset "
+                "are taken (?model=, ?as_of=, ?lookback_days=); see docs/fhir.md.",
+                "security": {
+                    "cors": False,
+                    "description": "Authorization: Bearer <API key>; scope cases:submit to "
+                    "post a Bundle, results:read to read RiskAssessments.",
+                },
+                "resource": [
+                    {
+                        "type": "RiskAssessment",
+                        "interaction": [{"code": "read"}, {"code": "search-type"}],
+                        "searchParam": [
+                            {"name": "subject", "type": "reference", "documentation": reference},
+                            {"name": "patient", "type": "reference", "documentation": reference},
+                            {
+                                "name": "subject:identifier",
+                                "type": "token",
+                                "documentation": f"the subject by {by_identifier}",
+                            },
+                            {
+                                "name": "patient.identifier",
+                                "type": "token",
+                                "documentation": f"the Patient by {by_identifier}",
+                            },
+                        ],
+                    }
+                ],
+                "interaction": [{"code": "batch"}, {"code": "transaction"}],
+            }
+        ],
+    }
+
+
+@router.get("/metadata", response_model=None)
+def read_capabilities() -> JSONResponse:
+    """The capabilities interaction (R4 http.html §3.1.0.9, ``GET [base]/metadata``). FHIR
+    clients read it before their first call (HAPI FHIR's generic client does by default, and
+    stops when it is missing); it holds nothing of any tenant, so it needs no key."""
+    return SafeJSONResponse(capability_statement(), media_type=FHIR_JSON)
 
 
 #: A search's reference to a Patient: ``Patient/<id>`` or the id alone.

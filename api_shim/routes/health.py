@@ -43,6 +43,7 @@ def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
+@router.get("/metrics/", include_in_schema=False)  # scrape configs written for the old mount
 def metrics() -> Response:
     """The process's Prometheus metrics, at /metrics itself (a mounted app answered it with a 307
     to /metrics/, whose Location came from the Host header)."""

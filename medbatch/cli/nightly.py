@@ -167,6 +167,8 @@ def _print_summary(d: dict[str, Any]) -> None:
         f"{d['bad_lines']} unreadable lines"
     )
     print(f"  scored {d['scored']}, failed {d['failed']}")
+    for name in d["files_not_read"]:
+        print(f"  not read: {name} (not <Type>.ndjson, <Type>.<part>.ndjson or <n>.<Type>.ndjson)")
     for reason, n in sorted(d["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
         print(f"  rejected for {reason}: {n}")
     for feature, n in sorted(d["imputed_by_feature"].items(), key=lambda kv: -kv[1])[:10]:

@@ -51,7 +51,14 @@ from pydantic import ValidationError
 
 from models.cases.featurize import rule_flags, rule_problem
 from models.cases.registry import FeatureSpec, ModelSpec, source_codes
-from models.terminology.codes import UCUM, canonical_system, coding_key, normal_code, system_name
+from models.terminology.codes import (
+    UCUM,
+    canonical_system,
+    coding_key,
+    normal_code,
+    system_key,
+    system_name,
+)
 from models.terminology.ucum import UnitError, convert
 
 Severity = Literal["fatal", "error", "warning", "information"]
@@ -75,8 +82,16 @@ BUNDLE_TYPES: tuple[str, ...] = ("transaction", "batch", "collection", "searchse
 USED_TYPES = ("Patient", "Observation", "Condition", "Encounter")
 #: Observation statuses whose value counts (https://hl7.org/fhir/R4/valueset-observation-status.html).
 USABLE_OBSERVATION_STATUS = frozenset({"final", "amended", "corrected", "preliminary"})
+#: Statuses by which the record says it holds no result: reported, as if not sent.
+VOID_OBSERVATION_STATUS = frozenset({"registered", "cancelled", "entered-in-error"})
 #: Condition.clinicalStatus codes meaning "not present now" (when no abatement date says when).
 INACTIVE_CLINICAL_STATUS = frozenset({"inactive", "remission", "resolved"})
+#: Every Condition.clinicalStatus and verificationStatus code of R4 (required bindings): a code
+#: outside them says nothing that can be read.
+CLINICAL_STATUS_CODES = frozenset({"active", "recurrence", "relapse"}) | INACTIVE_CLINICAL_STATUS
+VERIFICATION_STATUS_CODES = frozenset(
+    {"unconfirmed", "provisional", "differential", "confirmed", "refuted", "entered-in-error"}
+)
 #: Condition.verificationStatus codes meaning "never was": reported, never counted.
 VOID_VERIFICATION_STATUS = frozenset({"refuted", "entered-in-error"})
 #: verificationStatus codes of a diagnosis not (yet) confirmed: reported, not counted.
@@ -211,6 +226,40 @@ def _validate(
         return cast(Resource, model.model_validate(raw)), []
     except ValidationError as exc:
         return None, _validation_issues(exc, prefix=prefix, file=file, line=line)
+    except (KeyError, TypeError):
+        # fhir.resources looks a nested resource's class up by its resourceType and raises
+        # KeyError ('R4.ZzzType') or TypeError (a number) past pydantic: a 500 on POST /v1/fhir
+        # and the end of a nightly run. Each such resourceType is named by its place.
+        message = "resourceType is not a FHIR R4 resource type"
+        found = [
+            Issue("error", "not-supported", message, where, file, line)
+            for where in _unknown_nested_types(raw, prefix)
+        ]
+        return None, found or [
+            Issue("error", "not-supported", f"a nested resource: {message}", prefix, file, line)
+        ]
+
+
+def _unknown_nested_types(raw: dict[str, Any], prefix: str) -> list[str]:
+    """Where a resource nested in ``raw`` (contained, a contained Bundle's entries, ...) has a
+    resourceType that is not a FHIR R4 type."""
+    out = []
+
+    # A key not shaped like an element name is shown as "*": it may be a name or an MRN.
+    def step(where: str, key: object) -> str:
+        return f"{where}.{key if _ELEMENT_NAME.fullmatch(str(key)) else '*'}"
+
+    stack: list[tuple[str, Any]] = [(step(prefix, k), v) for k, v in raw.items()]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            rtype = value.get("resourceType")
+            if "resourceType" in value and not (isinstance(rtype, str) and _known_type(rtype)):
+                out.append(f"{where}.resourceType")
+            stack += [(step(where, k), v) for k, v in value.items()]
+    return sorted(out)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -348,6 +397,38 @@ _PATIENT_REFERENCE = re.compile(
 _ABSOLUTE_REFERENCE = re.compile(
     r"^https?://.*/([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(/_history/.*)?$"
 )
+#: A RESTful absolute URL ``[base]/Type/id[/_history/v]``: the server's base is group 1.
+_RESTFUL_URL = re.compile(
+    r"^https?://(.+?)/[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+
+
+def _server(url: str | None) -> str | None:
+    """The base of a RESTful absolute URL (host and path, no scheme, case folded), or None."""
+    match = _RESTFUL_URL.match(url or "")
+    return match.group(1).lower() if match else None
+
+
+def _patient_key(
+    ref: str, alias: dict[str, str], servers: dict[str, str], referrer: str | None
+) -> str | None:
+    """The key of the Patient ``ref`` reaches: an entry's fullUrl, else ``Patient/<id>`` however
+    written (absolute, versioned). R4 §2.36.4.1 (resolving references in Bundles): an absolute
+    reference names its server, a relative one the server of the referring entry's RESTful
+    fullUrl. When that server is known and the Patient's fullUrl names another, the two are
+    different patients who share an id (a Bundle assembled from two EHRs): no match."""
+    absolute = ref.startswith(("http://", "https://"))
+    if (absolute or ref.startswith("urn:")) and ref in alias:
+        return alias[ref]  # an entry's fullUrl, exactly
+    match = _PATIENT_REFERENCE.match(ref)
+    key = alias.get(match.group(1) if match else ref)
+    if key is None:
+        return None
+    named = _server(ref) if absolute else _server(referrer)
+    held = servers.get(key)
+    if named is not None and held is not None and named != held:
+        return None
+    return key
 
 
 def _contained_unread(raw: dict[str, Any], where: str) -> list[Issue]:
@@ -392,9 +473,13 @@ def parse_bundle(data: object) -> ParsedBundle:
         raise FhirInputError(issues)
 
     ignored: Counter[str] = Counter()
-    parsed: list[tuple[int, Resource, dict[str, Any], str]] = []
+    parsed: list[tuple[int, Resource, dict[str, Any], str, str | None]] = []
     #: Entries that failed validation (other than Patients): their patient is refused alone.
-    invalid: list[tuple[dict[str, Any], list[Issue]]] = []
+    invalid: list[tuple[dict[str, Any], list[Issue], str | None]] = []
+    #: A Patient's key -> the server its RESTful fullUrl names (``_server``).
+    servers: dict[str, str] = {}
+    #: ``Type/id`` of every other resource read, to refuse a second version of one.
+    versions: set[tuple[str | None, str]] = set()
     #: ``id(issue)`` -> the key of the one patient a validation error belongs to.
     blame: dict[int, str] = {}
     order: list[str] = []
@@ -444,13 +529,28 @@ def parse_bundle(data: object) -> ParsedBundle:
         # basis cites the logical id where there is one, else the entry's fullUrl.
         cite = f"{rtype}/{rid}" if isinstance(rid, str) and rid else full_url or where
         if rtype != "Patient":
+            if isinstance(rid, str) and rid and resource is not None:
+                version = (_server(full_url), cite)  # two EHRs may share an id
+                if version in versions:
+                    # Two versions of one resource (a final reading and its correction, sent
+                    # as two entries): which is current, the Bundle does not say, and the
+                    # choice fell to entry order. Named by place (the id may be an MRN).
+                    diag = (
+                        f"{rtype}.id repeats an earlier entry's: two versions of one resource, "
+                        "and the Bundle does not say which is current"
+                    )
+                    twice = Issue("error", "duplicate", diag, f"{where}.resource.id")
+                    issues.append(twice)
+                    invalid.append((raw, [twice], full_url))
+                    continue
+                versions.add(version)
             if resource is not None:
                 if cite == where:
                     diag = f"{rtype} has neither an id nor a fullUrl: cited as text only"
                     warnings.append(Issue("warning", "business-rule", diag, where))
-                parsed.append((i, resource, raw, cite))
+                parsed.append((i, resource, raw, cite, full_url))
             elif problems:
-                invalid.append((raw, problems))
+                invalid.append((raw, problems, full_url))
             continue
         if not isinstance(rid, str) and full_url is None:
             diag = "a Patient needs an id or a fullUrl to be referenced"
@@ -471,6 +571,8 @@ def parse_bundle(data: object) -> ParsedBundle:
             alias[full_url] = key
             if match := _PATIENT_REFERENCE.match(full_url):
                 alias.setdefault(match.group(1), key)
+            if (server := _server(full_url)) is not None:
+                servers[key] = server
         if isinstance(resource, Patient):
             record = PatientRecord(reference=key, patient=resource, identifiers=_identifiers(raw))
             record.references[id(resource)] = key
@@ -478,7 +580,7 @@ def parse_bundle(data: object) -> ParsedBundle:
     if not alias:
         issues.append(Issue("error", "required", "the Bundle holds no Patient", "Bundle.entry"))
 
-    for i, resource, raw, cite in parsed:
+    for i, resource, raw, cite, referrer in parsed:
         where = f"Bundle.entry[{i}].resource.subject"
         identified, why = _identified_patient(raw.get("subject") or raw.get("patient"), owners)
         if identified is None:
@@ -489,9 +591,7 @@ def parse_bundle(data: object) -> ParsedBundle:
             diag = f"{resource.get_resource_type()} has no subject reference"
             issues.append(Issue("error", "required", diag, where))
             continue
-        target_key = alias.get(ref)
-        if target_key is None and (match := _PATIENT_REFERENCE.match(ref)):
-            target_key = alias.get(match.group(1))
+        target_key = _patient_key(ref, alias, servers, referrer)
         if target_key is None:
             absolute = _ABSOLUTE_REFERENCE.match(ref)
             target = types_by_url.get(ref) or (
@@ -522,8 +622,8 @@ def parse_bundle(data: object) -> ParsedBundle:
         elif isinstance(resource, Encounter):
             owner.encounters.append(resource)
 
-    for raw, problems in invalid:
-        if (owner_key := _owner_key(raw, alias, owners)) is not None:
+    for raw, problems, referrer in invalid:
+        if (owner_key := _owner_key(raw, alias, owners, servers, referrer)) is not None:
             blame.update((id(p), owner_key) for p in problems)
     refused: dict[str, list[Issue]] = {}
     for found in issues:
@@ -545,7 +645,11 @@ def parse_bundle(data: object) -> ParsedBundle:
 
 
 def _owner_key(
-    raw: dict[str, Any], alias: dict[str, str], owners: dict[tuple[str, str], set[str]]
+    raw: dict[str, Any],
+    alias: dict[str, str],
+    owners: dict[tuple[str, str], set[str]],
+    servers: dict[str, str],
+    referrer: str | None,
 ) -> str | None:
     """The key of the Patient an entry that failed validation is about, if its subject still
     reaches exactly one."""
@@ -555,10 +659,7 @@ def _owner_key(
     ref = _subject(raw)
     if not isinstance(ref, str):
         return None
-    key = alias.get(ref)
-    if key is None and (match := _PATIENT_REFERENCE.match(ref)):
-        key = alias.get(match.group(1))
-    return key
+    return _patient_key(ref, alias, servers, referrer)
 
 
 # --- units ------------------------------------------------------------------------------------
@@ -592,6 +693,16 @@ def _instant(value: object) -> datetime | None:
         match = re.fullmatch(r"(\d{4})(?:-(\d{2}))?", value)
         if match:
             return datetime(int(match[1]), int(match[2] or 1), 1, tzinfo=UTC)
+        # A leap second, "23:59:60Z" (R4's dateTime and instant allow 60), which Python cannot
+        # hold: kept as a string, it read as "no effective time". Its last microsecond before.
+        leap = re.fullmatch(
+            r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}):60(?:\.\d+)?(Z|[+-]\d{2}:\d{2})", value
+        )
+        if leap:
+            try:
+                return datetime.fromisoformat(f"{leap[1]}:59.999999{leap[2]}")
+            except ValueError:
+                return None
     return None
 
 
@@ -635,6 +746,8 @@ def _day_or_more_ends(obs: Observation) -> datetime:
     start = _instant(sent) or datetime.min.replace(tzinfo=UTC)
     if isinstance(sent, datetime) or not isinstance(sent, date | str):
         return start
+    if isinstance(sent, str) and len(sent) > 7:
+        return start  # a leap second's instant, kept as a string
     if isinstance(sent, date):
         return start + timedelta(days=1)
     if len(sent) == 4:
@@ -726,11 +839,25 @@ def _match(concept: CodeableConcept | None, mapping: FeatureMapping) -> str | bo
     return None
 
 
-def _status_code(concept: CodeableConcept | None) -> str | None:
-    for coding in (concept.coding or []) if concept is not None else []:
-        if coding.code:
+#: The HL7 code systems of Condition.clinicalStatus and verificationStatus (R4, required
+#: bindings) and of dataAbsentReason.
+CLINICAL_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+VERIFICATION_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+DATA_ABSENT_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+
+
+def _status_code(concept: CodeableConcept | None, system: str) -> str | None:
+    """The code of ``concept`` in the HL7 code system ``system``; else its first code.
+
+    Feeds send a status with the EHR's own coding beside (often before) the HL7 one
+    (``[{system: local, code: "A"}, {system: condition-clinical, code: "resolved"}]``): the first
+    code alone read a resolved or entered-in-error diagnosis as present and confirmed."""
+    codings = [c for c in (concept.coding or []) if c.code] if concept is not None else []
+    wanted = system_key(system)
+    for coding in codings:
+        if coding.system and system_key(coding.system) == wanted:
             return coding.code
-    return None
+    return codings[0].code if codings else None
 
 
 @dataclass(frozen=True)
@@ -825,12 +952,29 @@ def classify_observation(
     parts: list[tuple[CodeableConcept | None, Any]] = [(obs.code, obs)]
     parts += [(c.code, c) for c in obs.component or []]
     near: str | None = None
+    found: list[Reading | Unusable | None] = []
     for concept, holder in parts:
         matched = _match(concept, mapping)
         if matched is True:
-            return _observation_value(obs, holder, feature, window, concept)
-        if isinstance(matched, str) and near is None:
+            found.append(_observation_value(obs, holder, feature, window, concept))
+        elif isinstance(matched, str) and near is None:
             near = matched
+    readings = {r.value for r in found if isinstance(r, Reading)}
+    voids = [r for r in found if isinstance(r, Unusable) and r.void]
+    if len(found) > 1 and not (
+        (len(readings) == 1 and all(isinstance(r, Reading) for r in found))
+        or len(voids) == len(found)  # an entered-in-error panel: void in every part
+        or all(r is None for r in found)  # outside the window: every part alike
+    ):
+        # Two systolic components (both arms, two cuff readings) in one panel: the first was
+        # read, whichever it was. Which one the feature means cannot be read.
+        reason = (
+            f"{len(found)} parts of the Observation carry the feature's code, not with one "
+            "value: which is meant cannot be read"
+        )
+        return Unusable(reason, obs, void=False, when=_observation_time(obs))
+    if found:
+        return found[0]
     if near is None:
         return None
     when = _observation_time(obs)
@@ -865,7 +1009,18 @@ def _observation_value(
     if obs.status not in USABLE_OBSERVATION_STATUS:
         if when is not None and not window.start <= when <= window.end:
             return None
-        return Unusable(f"status {obs.status}: not a result", obs, void=True, when=when)
+        if obs.status in VOID_OBSERVATION_STATUS:
+            return Unusable(f"status {obs.status}: not a result", obs, void=True, when=when)
+        # "unknown" (R4: the source does not know which status applies), or a code outside
+        # R4's required value set ("F" or "FINAL" from an HL7 v2 OBX-11 copied as it came):
+        # the value may well be a final result, so it is unreadable, not void, and the
+        # feature's unusable rule decides (it was void: imputed over a value that was sent).
+        reason = (
+            "status unknown: the source does not know whether it is a result"
+            if obs.status == "unknown"
+            else "status is not an R4 Observation status code (final, amended, ...; lower case)"
+        )
+        return Unusable(reason, obs, void=False, when=when)
     if when is None:
         return Unusable("no effective time: cannot be placed in the window", obs, void=False)
     if not window.start <= when <= window.end:
@@ -875,10 +1030,12 @@ def _observation_value(
             reason = "effective time is a date without a time: cannot be placed in the window"
             return Unusable(reason, obs, void=False, when=when)
         return None
-    absent = _status_code(holder.dataAbsentReason)
     quantity = holder.valueQuantity
     if quantity is None or quantity.value is None:
-        if absent is not None:
+        if holder.dataAbsentReason is not None:
+            # A reason given as text only (R4 allows it) says as much as a coded one; the text
+            # is the sender's and is not repeated.
+            absent = _status_code(holder.dataAbsentReason, DATA_ABSENT_SYSTEM) or "given as text"
             return Unusable(f"no value (dataAbsentReason {absent})", obs, void=True, when=when)
         kind = next(
             (k for k in _OTHER_VALUES if getattr(holder, f"value{k}", None) is not None), ""
@@ -912,11 +1069,12 @@ def _condition_onset(cond: Condition) -> datetime | None:
     )
 
 
-def _condition_present(cond: Condition, as_of: datetime) -> bool:
+def _condition_present(cond: Condition, as_of: datetime) -> bool | None:
     """Whether ``cond`` held at ``as_of``: begun and not abated by then.
 
     An abatement date decides when there is one (a condition resolved after ``as_of`` was still
     present at ``as_of``); without one, ``clinicalStatus`` inactive/remission/resolved means absent.
+    None when the clinicalStatus is a code outside R4's (``Resolved``, ``A``): it cannot be read.
     """
     period = cond.abatementPeriod
     abated = _instant(cond.abatementDateTime) or (
@@ -924,7 +1082,10 @@ def _condition_present(cond: Condition, as_of: datetime) -> bool:
     )
     if abated is not None:
         return abated > as_of
-    return _status_code(cond.clinicalStatus) not in INACTIVE_CLINICAL_STATUS
+    clinical = _status_code(cond.clinicalStatus, CLINICAL_STATUS_SYSTEM)
+    if clinical is not None and clinical not in CLINICAL_STATUS_CODES:
+        return None
+    return clinical not in INACTIVE_CLINICAL_STATUS
 
 
 def classify_condition(
@@ -943,14 +1104,23 @@ def classify_condition(
         return None
     if isinstance(matched, str):
         return Unusable(matched, cond, void=False, when=onset)
-    verification = _status_code(cond.verificationStatus)
+    verification = _status_code(cond.verificationStatus, VERIFICATION_STATUS_SYSTEM)
     if verification in VOID_VERIFICATION_STATUS:
         return Unusable(f"verificationStatus {verification}", cond, void=True, when=onset)
     if verification in UNCONFIRMED_VERIFICATION_STATUS:
         reason = f"verificationStatus {verification}: not a confirmed diagnosis"
         return Unusable(reason, cond, void=False, when=onset)
-    if mapping.time == "present" and not _condition_present(cond, as_of):
-        return None
+    if verification is not None and verification not in VERIFICATION_STATUS_CODES:
+        # "Confirmed", "C": a code outside R4's. Not quoted; not read as confirmed either.
+        reason = "verificationStatus is not an R4 code (confirmed, provisional, ...; lower case)"
+        return Unusable(reason, cond, void=False, when=onset)
+    if mapping.time == "present":
+        present = _condition_present(cond, as_of)
+        if present is None:
+            reason = "clinicalStatus is not an R4 code (active, resolved, ...; lower case)"
+            return Unusable(reason, cond, void=False, when=onset)
+        if not present:
+            return None
     return Reading(onset or datetime.min.replace(tzinfo=UTC), 1.0, cond)
 
 
@@ -1215,10 +1385,42 @@ def _rule_problem(feature: FeatureSpec, value: float) -> str | None:
 # --- NDJSON bulk export -----------------------------------------------------------------------
 
 
+#: A Bulk Data output file's name: ``<Type>.ndjson``, its parts ``<Type>.000.ndjson`` (servers
+#: split a large type), or ``1.<Type>.ndjson``, ``2.<Type>.ndjson`` (the standard file names of
+#: the SMART bulk-data-client, option forceStandardFileNames). Group 1 is the type.
+_EXPORT_FILE = re.compile(r"^(?:\d+\.)?([A-Z][A-Za-z]+)(?:\.[^.]+)?\.ndjson$")
+
+
+def export_file_type(name: str) -> str | None:
+    """The resource type a Bulk Data file's name gives, or None."""
+    match = _EXPORT_FILE.match(name)
+    return match.group(1) if match else None
+
+
 def ndjson_files(directory: Path, rtype: str) -> list[Path]:
-    """The export's files of resource type ``rtype``: ``<Type>.ndjson`` and its parts
-    ``<Type>.000.ndjson`` …, as servers split a large type."""
-    return sorted({*directory.glob(f"{rtype}.ndjson"), *directory.glob(f"{rtype}.*.ndjson")})
+    """The export's files of resource type ``rtype`` (:data:`_EXPORT_FILE`)."""
+    if not directory.is_dir():
+        return []
+    # Not only files: a folder so named is an export that cannot be read, and says so.
+    return sorted(p for p in directory.iterdir() if export_file_type(p.name) == rtype)
+
+
+def unread_files(directory: Path) -> list[str]:
+    """Files of the folder that look like export output but are not read: an NDJSON file whose
+    name gives no FHIR resource type (``observations.ndjson``), or a compressed one
+    (``Observation.ndjson.gz``). Listed so that their resources are not missed unsaid (the
+    features they hold would otherwise be imputed)."""
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.iterdir()):
+        name = path.name
+        if not path.is_file() or ".ndjson" not in name.lower():
+            continue
+        rtype = export_file_type(name)
+        if rtype is None or not _known_type(rtype):
+            out.append(name)
+    return out
 
 
 def _raw_codes(raw: dict[str, Any]) -> set[str] | None:

@@ -3,7 +3,8 @@ FHIR system URI, and how each system's codes compare.
 
 A feed may name LOINC as ``http://loinc.org`` (the FHIR URI), ``urn:oid:2.16.840.1.113883.6.1``
 (its HL7 OID, common in feeds converted from CDA or HL7 v2), ``LN`` (the HL7 v2 table 0396
-mnemonic) or a legacy spelling (``http://www.loinc.org``, a trailing slash). They all mean one code
+mnemonic) or a legacy spelling (``http://www.loinc.org``, a trailing slash, ``https://`` for
+``http://``). They all mean one code
 system, so a schema lists codes under the canonical URI and every spelling below matches them.
 
 Sources, one per column of :data:`CODE_SYSTEMS`:
@@ -44,7 +45,8 @@ class CodeSystem:
     name: str
     oid: str
     v2: tuple[str, ...]
-    #: Other spellings seen in feeds (compared case-insensitively, trailing slash ignored).
+    #: Other spellings seen in feeds (compared case-insensitively, trailing slash ignored,
+    #: https:// read as http://).
     legacy: tuple[str, ...] = ()
     #: Codes compare without dots and case (ICD); otherwise exactly.
     dotless: bool = False
@@ -53,10 +55,9 @@ class CodeSystem:
 #: The table. Each row's identifiers all normalise to ``uri``.
 CODE_SYSTEMS: tuple[CodeSystem, ...] = (
     CodeSystem(LOINC, "LOINC", "2.16.840.1.113883.6.1", ("LN",),
-               ("http://www.loinc.org", "https://loinc.org", "LOINC")),
+               ("http://www.loinc.org", "LOINC")),
     CodeSystem(SNOMED, "SNOMED CT", "2.16.840.1.113883.6.96", ("SCT", "SNM"),
-               ("http://snomed.info", "https://snomed.info/sct", "SNOMED", "SNOMEDCT",
-                "SNOMED-CT", "SNOMED CT")),
+               ("http://snomed.info", "SNOMED", "SNOMEDCT", "SNOMED-CT", "SNOMED CT")),
     CodeSystem(ICD10CM, "ICD-10-CM", "2.16.840.1.113883.6.90", ("I10C",),
                ("ICD10CM", "ICD-10-CM", "http://hl7.org/fhir/sid/icd-10-us"), dotless=True),
     CodeSystem(ICD10, "ICD-10", "2.16.840.1.113883.6.3", ("I10",),
@@ -69,8 +70,13 @@ CODE_SYSTEMS: tuple[CodeSystem, ...] = (
 _SNOMED_EDITION = re.compile(r"^https?://snomed\.info/sct/\d+(/version/\d+)?$", re.IGNORECASE)
 
 
-def _key(identifier: str) -> str:
-    return identifier.strip().rstrip("/").lower()
+def system_key(identifier: str) -> str:
+    """A code system identifier as compared: case, a trailing slash and https:// vs http://
+    do not tell systems apart."""
+    # The scheme is not part of a system's identity: feeds send https:// for the http:// URIs
+    # FHIR defines (https://hl7.org/fhir/sid/icd-10-cm, https://www.loinc.org).
+    key = identifier.strip().rstrip("/").lower()
+    return "http://" + key[len("https://") :] if key.startswith("https://") else key
 
 
 def _spellings() -> dict[str, CodeSystem]:
@@ -83,7 +89,7 @@ def _spellings() -> dict[str, CodeSystem]:
             *system.v2,
             *system.legacy,
         ):
-            table[_key(spelling)] = system
+            table[system_key(spelling)] = system
     return table
 
 
@@ -99,7 +105,7 @@ def canonical_system(identifier: str | None) -> str | None:
     """
     if not identifier:
         return None
-    found = _BY_SPELLING.get(_key(identifier))
+    found = _BY_SPELLING.get(system_key(identifier))
     if found is not None:
         return found.uri
     if _SNOMED_EDITION.match(identifier.strip()):

@@ -143,7 +143,15 @@ def _parse_ucum(code: str) -> Unit | None:
 
     try:
         registry = _registry()
-        return Unit(code, registry.ucum_transform(registry.ucum_parser.parse(code)))
+        quantity = registry.ucum_transform(registry.ucum_parser.parse(code))
+        if not isinstance(quantity, registry.Quantity):
+            # ucumvert gives back the bare token for an annotation alone ("{beats}", "{count}")
+            # and a plain int for a product of annotations ("{a}.{b}"). UCUM §12: an
+            # annotation alone stands for the unity 1, so these are dimensionless.
+            if not isinstance(quantity, str | int) or isinstance(quantity, bool):
+                return None
+            quantity = registry.Quantity(1, "dimensionless")
+        return Unit(code, quantity)
     except (InvalidUcumError, ValueError, KeyError, AttributeError, TypeError):
         return None
     except Exception as exc:  # pint's own errors (undefined unit) derive from these or not
@@ -177,6 +185,15 @@ def convert(value: float, unit: str, to: str, *, loinc: str | None = None) -> fl
         return _convert(value, unit, to, source, target, loinc)
     except (OverflowError, ZeroDivisionError) as exc:  # a factor such as 10*999999
         raise UnitError(f"unit {_shown(unit)} has a factor out of range") from exc
+    except Exception as exc:
+        # pint's own refusals: an offset unit (Cel, [degF]) or a logarithmic one (B, Np)
+        # multiplied by a molar mass is OffsetUnitCalculusError, a 500 on POST /v1/fhir.
+        if type(exc).__module__.startswith("pint"):
+            raise UnitError(
+                f"unit {_shown(unit)} ({source.dimension}) cannot be converted to {to!r} "
+                f"({target.dimension})"
+            ) from exc
+        raise
 
 
 def _convert(

@@ -114,9 +114,34 @@ def test_every_shared_bundle_becomes_one_case_per_patient_and_is_read_back_as_ri
         assert risk.method.coding[0].code == "whas500-mortality@1.0.0"
         assert spec.sha256 in risk.method.text
         assert any(b.reference == subject for b in risk.basis)  # age and sex come from it
-        assert "imputed" in risk.note[0].text  # Synthea's bundles have no LOINC vitals
+        # A backdated score says so: occurrenceDateTime is when it was computed.
+        as_of = "features read from the record as it stood at 2020-01-01T00:00:00+00:00"
+        assert risk.note[0].text == f"{as_of} (look-back 730 days)"
+        assert "imputed" in risk.note[1].text  # Synthea's bundles have no LOINC vitals
         one = api.get(f"/v1/fhir/RiskAssessment/{risk.id}", headers=headers)
         assert RiskAssessment.model_validate(one.json()).id == risk.id
+
+
+def test_an_age_counts_birthdays_at_as_of_in_its_own_offset(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """as_of=2024-07-01T23:00:00-05:00 is 1 July where it was sent and 2 July in UTC. The route
+    converted it to UTC first, so a patient born on 2 July 1941 was 83 on the eve of their
+    83rd birthday."""
+    headers = _key(pg_sessions)
+    patient = {
+        "resourceType": "Patient",
+        "id": "bday",
+        "gender": "female",
+        "birthDate": "1941-07-02",
+    }
+    body = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": patient}]}
+    response = _post(api, headers, body, as_of="2024-07-01T23:00:00-05:00")
+    assert response.status_code == 202, response.text
+    with pg_sessions() as s:
+        (case,) = s.scalars(select(Case))
+    assert case.features["age"] == 82
+    assert case.context["as_of"] == "2024-07-01T23:00:00-05:00"
 
 
 def test_resubmitting_the_same_patient_data_creates_nothing(
@@ -678,6 +703,92 @@ def test_the_openapi_document_states_the_406_and_the_json_formats(api: TestClien
         assert "application/fhir+json" in fmt["schema"]["enum"]
 
 
+def test_a_trailing_slash_is_never_a_redirect_built_from_the_host_header(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """An engine configured with the base https://host/v1/fhir/ got a 307 to
+    http://<Host header>/v1/fhir (the scheme the app sees behind a TLS proxy), and re-sent the
+    patients' Bundle there. The base with a slash takes the Bundle itself; any other path with
+    a trailing slash is a 404 (an OperationOutcome under /v1/fhir), never a redirect."""
+    headers = _key(pg_sessions)
+    response = api.post(
+        "/v1/fhir/",
+        headers={**headers, "Content-Type": "application/fhir+json", "Host": "evil.example"},
+        content=json.dumps(_first_bundle()).encode(),
+        params={"as_of": AS_OF},
+        follow_redirects=False,
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["entry"][0]["response"]["status"] == "202 Accepted"
+    assert _cases(pg_sessions) == 1
+    for method, path in [
+        ("GET", "/v1/fhir/RiskAssessment/"),
+        ("GET", "/v1/fhir/metadata/"),
+        ("GET", "/v1/cases/"),
+    ]:
+        answer = api.request(method, path, headers=headers, follow_redirects=False)
+        assert answer.status_code == 404, (path, answer.status_code)
+        assert "location" not in answer.headers
+        if path.startswith("/v1/fhir"):
+            assert answer.json()["resourceType"] == "OperationOutcome"
+
+
+def test_the_base_answers_the_capabilities_interaction(api: TestClient) -> None:
+    """GET [base]/metadata (R4 http.html, capabilities) is what FHIR clients read first: HAPI
+    FHIR's generic client does by default and stops when it is missing. It was a 404. It is a
+    valid R4 CapabilityStatement, readable without a key (it holds nothing of a tenant), that
+    names the batch/transaction post and the RiskAssessment read and searches."""
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    response = api.get(
+        "/v1/fhir/metadata",
+        headers={"Accept": "application/fhir+json;q=1.0, application/json+fhir;q=0.9"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    statement = CapabilityStatement.model_validate(response.json())
+    assert statement.fhirVersion == "4.0.1" and statement.kind == "instance"
+    (rest,) = statement.rest
+    assert rest.mode == "server"
+    assert {i.code for i in rest.interaction} == {"batch", "transaction"}
+    (risk,) = rest.resource
+    assert risk.type == "RiskAssessment"
+    assert {i.code for i in risk.interaction} == {"read", "search-type"}
+    assert {p.name for p in risk.searchParam} >= {"subject", "patient"}
+    refused = api.get("/v1/fhir/metadata", params={"_format": "xml"})
+    assert refused.status_code == 406
+    assert refused.json()["resourceType"] == "OperationOutcome"
+    operation = api.get("/openapi.json").json()["paths"]["/v1/fhir/metadata"]["get"]
+    schema = operation["responses"]["200"]["content"]["application/fhir+json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/CapabilityStatement"}
+
+
+def test_a_score_of_a_case_posted_without_a_patient_reads_as_a_valid_risk_assessment(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case from POST /v1/cases has no Patient: its RiskAssessment named the external id as
+    subject.reference, which FHIR clients resolve as [base]/wdbc-0000, a Patient that does not
+    exist. It is now an identifier of the case, in a Reference that still validates."""
+    from fhir.resources.R4B.riskassessment import RiskAssessment
+
+    from tests.helpers import wdbc_cases
+
+    headers = _key(pg_sessions)
+    assert api.post("/v1/cases", json=wdbc_cases(1), headers=headers).status_code == 202
+    with pg_sessions() as s:
+        ids = list(s.scalars(select(Case.id)))
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    score_cases(ids, sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=0)
+    with pg_sessions() as s:
+        (score_id,) = s.scalars(select(Score.id))
+    response = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    risk = RiskAssessment.model_validate(response.json())
+    assert risk.subject.reference is None
+    assert risk.subject.identifier.system == "urn:medbatch:external-id"
+    assert risk.subject.identifier.value == "wdbc-0000"
+
+
 def _complete_record() -> dict:
     """A patient with every whas500 input sent and read: nothing to report."""
     loinc = "http://loinc.org"
@@ -796,8 +907,8 @@ def test_a_case_sent_as_json_is_a_risk_assessment_whose_subject_is_no_false_refe
 ) -> None:
     """A case posted to /v1/cases names no Patient: its RiskAssessment's subject was
     {"reference": "<external id>"}, which is no FHIR reference (R4 references.html: a literal
-    reference is Type/id, a URL or #id) and which validators refuse. Its subject is now a display
-    naming the case; a Bundle's cases keep their Patient reference."""
+    reference is Type/id, a URL or #id) and which validators refuse. Its subject is now the
+    external id as an identifier, with a display; a Bundle's cases keep their Patient reference."""
     from tests.helpers import wdbc_cases
 
     headers = _key(pg_sessions)
@@ -809,4 +920,9 @@ def test_a_case_sent_as_json_is_a_risk_assessment_whose_subject_is_no_false_refe
         score_id = s.scalar(select(Score.id).where(Score.case_id == case_id))
     found = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=headers)
     assert found.status_code == 200, found.text
-    assert found.json()["subject"] == {"display": "case json-sent-0000 (sent without a Patient)"}
+    subject = found.json()["subject"]
+    assert "reference" not in subject
+    assert subject["identifier"] == {
+        "system": "urn:medbatch:external-id",
+        "value": "json-sent-0000",
+    }

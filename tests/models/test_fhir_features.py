@@ -837,6 +837,125 @@ def test_a_versioned_or_absolute_patient_reference_reaches_the_patient(tmp_path:
     assert result.features["heart_rate"] == 72  # the first of the three, sent absolute
 
 
+def test_a_reference_to_another_servers_patient_with_the_same_id_is_not_ours() -> None:
+    """A Bundle assembled from two EHRs: our Patient p1 has the fullUrl
+    https://ehr-a.example/fhir/Patient/p1, and an Observation is about another hospital's p1,
+    named absolutely (https://ehr-b.example/...) or relatively from an entry of that server. R4
+    §2.36.4.1 resolves both against ehr-b: they were read as our patient's heart rate. Same
+    server (whatever the case of its host, http or https), a version, or a Patient with no
+    RESTful fullUrl still match, as before."""
+    ours = "https://ehr-a.example/fhir"
+
+    def sent(*entries: tuple[dict[str, Any], str | None]) -> dict[str, Any]:
+        listed = [{"resource": r, **({"fullUrl": u} if u else {})} for r, u in entries]
+        return {"resourceType": "Bundle", "type": "searchset", "entry": listed}
+
+    hr = observation(
+        "hr", "8867-4", 120, days_ago=1, subject="https://ehr-b.example/fhir/Patient/p1"
+    )
+    with pytest.raises(FhirInputError, match="the referenced Patient is not in the Bundle"):
+        parse_bundle(sent((ADULT, f"{ours}/Patient/p1"), (hr, None)))
+    relative = observation("hr", "8867-4", 120, days_ago=1)  # Patient/p1, from ehr-b's entry
+    with pytest.raises(FhirInputError, match="the referenced Patient is not in the Bundle"):
+        parse_bundle(
+            sent(
+                (ADULT, f"{ours}/Patient/p1"),
+                (relative, "https://ehr-b.example/fhir/Observation/hr"),
+            )
+        )
+    for subject, entry_url, patient_url in [
+        ("Patient/p1", f"{ours}/Observation/hr", f"{ours}/Patient/p1"),
+        ("Patient/p1", "http://EHR-A.example/fhir/Observation/hr", f"{ours}/Patient/p1"),
+        (f"{ours}/Patient/p1/_history/3", None, f"{ours}/Patient/p1"),
+        (
+            "https://ehr-b.example/fhir/Patient/p1",
+            None,
+            "urn:uuid:0b7e4f52-8d1c-4c1e-9a35-1d2f3a4b5c6d",
+        ),
+    ]:
+        read = observation("hr", "8867-4", 120, days_ago=1, subject=subject)
+        parsed = parse_bundle(sent((ADULT, patient_url), (read, entry_url)))
+        assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr"], subject
+
+
+def test_a_nested_resource_of_no_r4_type_is_an_issue_not_a_crash(tmp_path: Path) -> None:
+    """fhir.resources raises KeyError ('R4.observationType') or TypeError past pydantic for a
+    contained resource whose resourceType is not an R4 type: a 500 on POST /v1/fhir, and the
+    end of a nightly run at that line. It is now an issue at its place; in a batch only that
+    patient is refused, and in an export only that line is skipped."""
+    bad = observation("hr", "8867-4", 72, contained=[{"resourceType": "observation"}])
+    with pytest.raises(FhirInputError) as caught:
+        parse_bundle(bundle(ADULT, bad))
+    assert [(i.code, i.expression) for i in caught.value.issues] == [
+        ("not-supported", "Bundle.entry[1].resource.contained[0].resourceType")
+    ]
+    other = {**ADULT, "id": "p2", "contained": [{"resourceType": 5}]}
+    parsed = parse_bundle(bundle(ADULT, other, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"]
+    assert [i.expression for i in parsed.refused["Patient/p2"]] == [
+        "Bundle.entry[1].resource.contained[0].resourceType"
+    ]
+    nested = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"Smith": 1, "resourceType": "Zzz"}}],
+    }
+    deep = {
+        **ADULT,
+        "contained": [nested],
+        "extension": [{"url": "http://x", "Smith": {"resourceType": "Zzz"}}],
+    }
+    with pytest.raises(FhirInputError) as caught:
+        parse_bundle(bundle(deep))
+    assert "Smith" not in str(caught.value.to_operation_outcome())
+
+    _write(tmp_path / "Patient.ndjson", [ADULT, other])
+    _write(tmp_path / "Observation.ndjson", [bad, observation("hr-2", "8867-4", 80)])
+    export = iter_ndjson(tmp_path, SPEC, as_of=AS_OF, lookback_days=30)
+    assert [r.reference for r in export] == ["Patient/p1"]
+    assert sorted((i.file, i.line) for i in export.issues) == [
+        ("Observation.ndjson", 1),
+        ("Patient.ndjson", 2),
+    ]
+
+
+def test_two_versions_of_one_observation_are_refused_not_chosen_by_entry_order() -> None:
+    """A final heart rate and its correction sent as two entries with one id: the value read
+    was whichever entry came first (72 or 140), and the basis cited Observation/hr-1 either
+    way. It is now refused at the second entry's place; in a batch, only its patient. Two
+    EHRs' resources that share an id (their fullUrls on two servers) are two resources."""
+    final = observation("hr-1", "8867-4", 72, days_ago=1)
+    corrected = observation("hr-1", "8867-4", 140, days_ago=1, status="corrected")
+    for first, second in ((final, corrected), (corrected, final)):
+        with pytest.raises(FhirInputError) as caught:
+            parse_bundle(bundle(ADULT, first, second))
+        assert [(i.code, i.expression) for i in caught.value.issues] == [
+            ("duplicate", "Bundle.entry[2].resource.id")
+        ]
+    other = {**ADULT, "id": "p2"}
+    theirs = observation("hr-2", "8867-4", 90, days_ago=1, subject="Patient/p2")
+    again = observation("hr-2", "8867-4", 95, days_ago=1, subject="Patient/p2")
+    parsed = parse_bundle(bundle(ADULT, final, other, theirs, again, kind="batch"))
+    assert list(parsed.patients) == ["Patient/p1"] and list(parsed.refused) == ["Patient/p2"]
+
+    def at(server: str, resource: dict[str, Any]) -> dict[str, Any]:
+        kind = resource["resourceType"]
+        return {"fullUrl": f"https://{server}/fhir/{kind}/{resource['id']}", "resource": resource}
+
+    sent = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            at("ehr-a", ADULT),
+            at("ehr-a", final),
+            at("ehr-b", {**other, "id": "p2"}),
+            at("ehr-b", observation("hr-1", "8867-4", 90, days_ago=1, subject="Patient/p2")),
+        ],
+    }
+    parsed = parse_bundle(sent)
+    assert [len(r.observations) for r in parsed.patients.values()] == [1, 1]
+
+
 def test_a_contained_observation_is_named_not_silently_lost() -> None:
     """A DiagnosticReport carrying its results as contained Observations (as v2 ORU converters
     send them): the heart rate in it was dropped without a word and the median imputed."""

@@ -23,6 +23,7 @@ from models.terminology.ucum import UnitError, convert
 from tests.models.test_fhir_features import (
     ADULT,
     AS_OF,
+    bp_panel,
     condition,
     encounter,
     features,
@@ -48,6 +49,12 @@ from tests.models.test_fhir_features import (
         ("http://snomed.info/sct/731000124108", SNOMED),  # US edition URI sent as the system
         ("urn:oid:2.16.840.1.113883.6.90", ICD10CM),
         ("I10C", ICD10CM),
+        # https:// for the http:// URI, as feeds send it (each was None: a near miss)
+        ("https://hl7.org/fhir/sid/icd-10-cm", ICD10CM),
+        ("https://www.loinc.org", LOINC),
+        ("https://loinc.org/", LOINC),
+        ("HTTPS://SNOMED.INFO/SCT", SNOMED),
+        ("https://hospital.example/codes", None),
         ("http://hospital.example/codes", None),
         ("", None),
     ],
@@ -104,6 +111,28 @@ def test_incompatible_or_unknown_units_are_refused_by_name(unit: str, to: str, n
     with pytest.raises(UnitError) as caught:
         convert(1.0, unit, to)
     assert named in str(caught.value)
+
+
+@pytest.mark.parametrize("annotation", ["{beats}", "{count}", "{#}", "{a}.{b}"])
+def test_an_annotation_alone_is_the_unity(annotation: str) -> None:
+    """UCUM §12: ``{count}`` alone means 1. ucumvert hands back the bare token for it, which
+    was an AttributeError in the conversion: a 500 on POST /v1/fhir for a heart rate in
+    ``{beats}``, now a refusal by name."""
+    assert convert(3.0, annotation, "1") == 3.0
+    assert convert(0.5, annotation, "%") == 50.0
+    with pytest.raises(UnitError, match=r"'\{beats\}' \(dimensionless\) cannot be converted"):
+        convert(72.0, "{beats}", "/min")
+    hr = observation("hr", "8867-4", 72, "{beats}", days_ago=1)
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert "'{beats}' (dimensionless) cannot be converted" in result.problems["heart_rate"]
+
+
+@pytest.mark.parametrize("unit", ["Cel", "[degF]", "B", "dB", "Np"])
+def test_an_offset_or_log_unit_against_a_molar_mass_is_refused_by_name(unit: str) -> None:
+    """A glucose (LOINC 2345-7, which has a molar mass) sent in Cel, [degF], B, dB or Np: pint
+    raised OffsetUnitCalculusError multiplying it by mol/g, a 500 on POST /v1/fhir."""
+    with pytest.raises(UnitError, match=r"cannot be converted to 'mmol/L'"):
+        convert(5.0, unit, "mmol/L", loinc="2345-7")
 
 
 def test_a_factor_out_of_range_is_refused_through_a_molar_mass_too() -> None:
@@ -310,6 +339,99 @@ def test_a_value_absent_for_a_reason_is_imputed_and_both_are_reported() -> None:
     assert "1 sent but ignored" in imputation["why"]
 
 
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        ("F", "status is not an R4 Observation status code (final, amended, ...; lower case)"),
+        ("FINAL", "status is not an R4 Observation status code (final, amended, ...; lower case)"),
+        ("unknown", "status unknown: the source does not know whether it is a result"),
+    ],
+)
+def test_a_status_that_may_be_a_result_is_unreadable_not_void(status: str, reason: str) -> None:
+    """An HL7 v2 converter copies OBX-11 "F" (final) into Observation.status; fhir.resources
+    does not check the value set. Any status but final/amended/corrected/preliminary was read
+    as "the record says it is no value": the heart rate sent was replaced by the median, with
+    only a note. Outside R4's codes, or "unknown", the value may be a final result: it is
+    unreadable, and heart_rate's 'unusable: reject' refuses the case by name. The sent code is
+    not quoted. entered-in-error, cancelled and registered stay void."""
+    hr = observation("hr", "8867-4", 131, days_ago=1, status=status)
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert "heart_rate" not in result.features
+    assert result.problems["heart_rate"].startswith(f"Observation/hr: {reason}")
+    assert result.ignored == [
+        {"feature": "heart_rate", "resource": "Observation/hr", "reason": reason}
+    ]
+    void = observation("hr", "8867-4", 131, days_ago=1, status="cancelled")
+    result = features(ADULT, encounter("adm", 2), void)
+    assert result.ok and result.features["heart_rate"] == 84.5
+
+
+def test_a_panel_with_two_values_for_one_feature_is_unreadable_not_its_first() -> None:
+    """A blood pressure panel with two systolic components (both arms): the first component was
+    read, whichever arm it was. Now it is unreadable (systolic_bp's 'unusable: reject' refuses
+    the case by name); the panel's diastolic is still read. Two parts that agree, or a panel
+    entered in error in every part, are read as before."""
+    panel = bp_panel("bp", 150, 80)
+    right_arm = {**panel["component"][0], "valueQuantity": quantity(118, "mm[Hg]")}
+    panel["component"].append(right_arm)
+    result = features(ADULT, encounter("adm", 2), panel)
+    assert "systolic_bp" not in result.features and result.features["diastolic_bp"] == 80
+    reason = (
+        "2 parts of the Observation carry the feature's code, not with one value: which is "
+        "meant cannot be read"
+    )
+    assert result.ignored == [
+        {"feature": "systolic_bp", "resource": "Observation/bp", "reason": reason}
+    ]
+    assert reason in result.problems["systolic_bp"]
+    panel["component"][-1] = {**right_arm, "valueQuantity": quantity(150, "mm[Hg]")}
+    assert features(ADULT, encounter("adm", 2), panel).features["systolic_bp"] == 150
+    panel["status"] = "entered-in-error"
+    voided = features(ADULT, encounter("adm", 2), panel)
+    assert voided.ok and "systolic_bp" in voided.imputed
+
+
+def test_a_reading_at_a_leap_second_is_placed_in_time() -> None:
+    """R4 lets a dateTime's seconds be 60. fhir.resources keeps such a time as a string, which
+    read as "no effective time" and refused the case (heart_rate: unusable reject). It is read
+    as the last microsecond before, whatever the offset; a leap second just before the window
+    is outside it, not "a date without a time"."""
+    hr = observation("hr", "8867-4", 97, days_ago=1)
+    hr["effectiveDateTime"] = "2023-12-31T23:59:60Z"
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert result.ok and result.features["heart_rate"] == 97
+    hr["effectiveDateTime"] = "2023-12-30T18:59:60.5-05:00"
+    assert features(ADULT, encounter("adm", 2), hr).features["heart_rate"] == 97
+    hr["effectiveDateTime"] = "2023-12-29T23:59:60Z"  # before the admission (2 days ago)
+    before = features(ADULT, encounter("adm", 2), hr)
+    assert before.ok and before.ignored == [] and "heart_rate" in before.imputed
+
+
+def test_a_data_absent_reason_given_as_text_only_is_still_no_value() -> None:
+    """R4 lets dataAbsentReason be a CodeableConcept with text only (a free-text reason from an
+    HL7 v2 NTE): the sender says there is no value, as a coded reason does. It was read as an
+    unreadable value, and heart_rate's 'unusable: reject' refused the case; the text (the
+    sender's words) is not repeated."""
+    hr = observation("hr", "8867-4", days_ago=1)
+    hr["dataAbsentReason"] = {"text": "pt refused, see nursing note"}
+    result = features(ADULT, encounter("adm", 2), hr)
+    assert result.ok and result.features["heart_rate"] == 84.5
+    assert result.ignored == [
+        {
+            "feature": "heart_rate",
+            "resource": "Observation/hr",
+            "reason": "no value (dataAbsentReason given as text)",
+        }
+    ]
+    # A panel's component absent the same way: the panel's other value is still read.
+    panel = bp_panel("bp", 120, 80)
+    del panel["component"][0]["valueQuantity"]
+    panel["component"][0]["dataAbsentReason"] = {"text": "cuff too small"}
+    result = features(ADULT, encounter("adm", 2), panel)
+    assert result.ok and result.features["diastolic_bp"] == 80
+    assert "systolic_bp" in result.imputed
+
+
 def test_history_counts_resolved_conditions_and_icd10cm_codes() -> None:
     """A resolved stroke is a history of cardiovascular disease ('ever'); a resolved atrial
     fibrillation is not present; ICD-10-CM codes count, with or without their dot."""
@@ -342,6 +464,74 @@ def test_unconfirmed_and_refuted_diagnoses_are_reported_not_counted() -> None:
         ("Condition/chf", "verificationStatus provisional: not a confirmed diagnosis"),
         ("Condition/af", "verificationStatus refuted"),
     }
+
+
+def test_a_status_is_read_from_its_hl7_coding_beside_the_ehrs_own() -> None:
+    """EHRs send Condition statuses with their own coding beside (here before) the HL7 one. The
+    first coding was read: a resolved heart failure counted as present and an entered-in-error
+    atrial fibrillation as confirmed. A status with no HL7 coding still reads its first code."""
+    hl7 = "https://terminology.hl7.org/CodeSystem/"  # https, as some feeds spell it
+
+    def statuses(clinical: str, verification: str) -> dict[str, Any]:
+        return {
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://ehr.example/status", "code": "A"},
+                    {"system": f"{hl7}condition-clinical", "code": clinical},
+                ]
+            },
+            "verificationStatus": {
+                "coding": [
+                    {"system": "http://ehr.example/verif", "code": "C"},
+                    {"system": f"{hl7}condition-ver-status", "code": verification},
+                ]
+            },
+        }
+
+    chf = condition("chf", "42343007", **statuses("resolved", "confirmed"))
+    af = condition("af", "49436004", **statuses("active", "entered-in-error"))
+    block = condition("block", "27885002", **statuses("active", "confirmed"))
+    block["clinicalStatus"]["coding"][0]["code"] = "active"  # no HL7 coding: its first code
+    block["clinicalStatus"]["coding"].pop()
+    result = features(ADULT, chf, af, block)
+    assert result.ok
+    assert result.features["heart_failure"] == 0
+    assert result.features["atrial_fibrillation"] == 0
+    assert result.features["complete_heart_block"] == 1
+    assert result.ignored == [
+        {
+            "feature": "atrial_fibrillation",
+            "resource": "Condition/af",
+            "reason": "verificationStatus entered-in-error",
+        }
+    ]
+
+
+def test_a_condition_status_outside_r4s_codes_is_unreadable_not_read_as_present() -> None:
+    """clinicalStatus "Resolved" (capitalised) or "A", verificationStatus "Confirmed": codes
+    outside R4's required value sets. "Resolved" was not among the inactive codes, so a
+    resolved heart failure counted as present, silently. Now each is reported as unreadable
+    (the sent code not quoted) and, under the conditions' 'unusable: ignore', not counted."""
+    chf = condition("chf", "42343007", status="Resolved")
+    af = condition("af", "49436004", status="A")
+    block = condition("block", "27885002", verificationStatus={"coding": [{"code": "Confirmed"}]})
+    result = features(ADULT, chf, af, block)
+    assert result.ok
+    assert (
+        result.features["heart_failure"],
+        result.features["atrial_fibrillation"],
+        result.features["complete_heart_block"],
+    ) == (0, 0, 0)
+    clinical = "clinicalStatus is not an R4 code (active, resolved, ...; lower case)"
+    verification = "verificationStatus is not an R4 code (confirmed, provisional, ...; lower case)"
+    assert {(i["resource"], i["reason"]) for i in result.ignored} == {
+        ("Condition/chf", clinical),
+        ("Condition/af", clinical),
+        ("Condition/block", verification),
+    }
+    # 'ever' does not read the clinical status: a history stays a history.
+    old_mi = condition("mi", "399211009", status="Resolved")
+    assert features(ADULT, old_mi).features["recurrent_mi"] == 1
 
 
 def test_a_value_outside_a_flag_range_is_accepted_and_flagged() -> None:

@@ -175,6 +175,33 @@ def test_a_line_with_an_unstorable_string_is_a_bad_line_not_the_end_of_the_run(
     assert (summary["patients_read"], summary["accepted"]) == (8, 4)
 
 
+def test_the_smart_clients_file_names_are_read_and_files_not_read_are_named(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The SMART bulk-data-client saves an export as 1.Observation.ndjson, 2.Observation.ndjson
+    (forceStandardFileNames): none was read, and every vital sign was imputed without a word.
+    They are read now; a file named for no resource type, or compressed, is not read, and the
+    summary names it."""
+    import gzip
+
+    export = _export(tmp_path)
+    lines = (export / "Observation.ndjson").read_bytes().splitlines(keepends=True)
+    (export / "Observation.ndjson").unlink()
+    (export / "1.Observation.ndjson").write_bytes(b"".join(lines[: len(lines) // 2]))
+    (export / "2.Observation.ndjson").write_bytes(b"".join(lines[len(lines) // 2 :]))
+    (export / "Condition.ndjson").rename(export / "conditions.ndjson")
+    encounters = export / "Encounter.ndjson"
+    (export / "Encounter.ndjson.gz").write_bytes(gzip.compress(encounters.read_bytes()))
+    encounters.unlink()
+    summary = _run(pg_sessions, export)
+    assert summary["files_not_read"] == ["Encounter.ndjson.gz", "conditions.ndjson"]
+    # Of the five patients alive at as_of, BMI and blood pressure are read for some (all five
+    # imputed when the observations were not read).
+    imputed = summary["imputed_by_feature"]
+    assert isinstance(imputed, dict) and summary["accepted"] == 5
+    assert imputed["bmi"] < 5 and imputed["systolic_bp"] < 5
+
+
 def test_bad_lines_counts_lines_not_their_problems(
     pg_sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
