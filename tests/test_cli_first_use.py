@@ -152,6 +152,27 @@ def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None
     assert "cannot reach the API at http://127.0.0.1:9" in lines[0]
 
 
+def test_api_on_a_port_already_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The README's `medbatch api --port 8000` with 8000 taken: it was four uvicorn log lines
+    after "Application startup complete", and exit 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("api", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"medbatch api: --port {port}: already in use")
+    assert "--port" in lines[0].split(";")[1]
+    unknown = run_cli("api", "--host", "no-such-host.invalid", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert "--host no-such-host.invalid: not an address" in unknown.stderr
+
+
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import socket
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
@@ -75,6 +77,7 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
     from api_shim.main import create_app
 
     ensure_schema(settings.database_url)
+    check_listen(args.host, args.port)
     # No uvicorn access log: it prints query strings, which may name a patient
     # (?subject=Patient/…). api_shim/audit.py logs each request by its route template instead.
     uvicorn.run(
@@ -85,6 +88,27 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
     )
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before anything starts, an address the API cannot listen on: a port already taken
+    (a second `medbatch api`, the README's 8000 in use) was four uvicorn log lines after
+    "Application startup complete", and exit 3. Bound as uvicorn binds it (SO_REUSEADDR, IPv6
+    for a host with a colon), then let go for uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                fail(
+                    f"--port {port}: already in use on {host} (another `medbatch api`?); "
+                    "stop it or pick another port with --port"
+                )
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                fail(f"--host {host}: not an address of this machine ({exc.strerror})")
+            fail(f"--host {host} --port {port}: cannot listen there ({exc.strerror})")
 
 
 def parse_queues(text: str) -> tuple[str, ...]:
