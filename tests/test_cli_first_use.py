@@ -139,6 +139,26 @@ def test_genome_query_mode_writes_a_kin0_of_query_cohort_pairs(tmp_path: Path) -
     assert any(line.split() == ["duplicate/MZ", "twin", "60"] for line in lines)
 
 
+def test_a_plink2_fileset_is_refused_saying_how_to_convert_it(tmp_path: Path) -> None:
+    """A biobank engineer's first try with a .pgen fileset: `--pfile` (plink2's option) was
+    argparse's "one of the arguments --bfile --vcf is required", and `--bfile cohort` only
+    "cohort.bed not found"; both now say to write a PLINK 1 fileset, and how."""
+    for ext in (".pgen", ".pvar", ".psam"):
+        (tmp_path / f"cohort{ext}").write_bytes(b"")
+    for args in (
+        ("--pfile", "cohort"),
+        ("--bfile", "cohort"),
+        ("--bfile", "cohort.pgen"),
+        ("--bfile", str(DATA / "hm3_small"), "--query", "cohort"),
+    ):
+        result = run_cli("genome", "compare", *args, "--metric", "king", cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "`plink2 --pfile PREFIX --make-bed --out PREFIX`" in lines[0], lines[0]
+    assert "--pfile" not in run_cli("genome", "compare", "--help", cwd=tmp_path).stdout
+
+
 def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None:
     """No traceback: one line that names the API and what to do."""
     cases = tmp_path / "cases.json"
