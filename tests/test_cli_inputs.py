@@ -27,6 +27,13 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
 ) -> None:
     assert main(["nightly", "--input", str(env)]) == 2
     assert "--input: no Patient.ndjson in" in capsys.readouterr().err
+    # A FHIR Bundle given as the export, and a folder that is not there, are named as such.
+    bundle = env / "patient-bundle.json"
+    bundle.write_text('{"resourceType": "Bundle"}')
+    assert main(["nightly", "--input", str(bundle)]) == 2
+    assert f"--input: {bundle} is a file; give the folder" in capsys.readouterr().err
+    assert main(["nightly", "--input", str(env / "nothere")]) == 2
+    assert f"--input: no folder {env / 'nothere'}" in capsys.readouterr().err
     (env / "Patient.ndjson").write_text("")
     assert main(["nightly", "--input", str(env), "--as-of", "2020-01-01T00:00:00"]) == 2
     assert "--as-of needs a time zone" in capsys.readouterr().err

@@ -131,6 +131,9 @@ class NightlySummary:
     imputed: Counter[str] = field(default_factory=Counter)
     ignored: Counter[str] = field(default_factory=Counter)
     bad_lines: int = 0
+    #: The first few unreadable lines, as ``Observation.ndjson:12: error structure: …``: where
+    #: and why, never a value (issues quote none). A bare count told a newcomer nothing to fix.
+    bad_line_examples: list[str] = field(default_factory=list)
     case_ids: list[int] = field(default_factory=list)
     scored: int = 0
     failed: int = 0
@@ -145,9 +148,14 @@ class NightlySummary:
             "imputed_by_feature": dict(self.imputed),
             "ignored_by_reason": dict(self.ignored),
             "bad_lines": self.bad_lines,
+            "bad_line_examples": list(self.bad_line_examples),
             "scored": self.scored,
             "failed": self.failed,
         }
+
+
+#: Unreadable lines a nightly summary names (the count covers them all).
+BAD_LINE_EXAMPLES = 5
 
 
 def run_nightly(
@@ -212,7 +220,11 @@ def run_nightly(
             advance(1)
         flush()
     # Lines, not issues: one line with three unknown elements is one unreadable line.
-    summary.bad_lines = len({(i.file, i.line) for i in export.issues})
+    first_issue = {(i.file, i.line): i for i in reversed(export.issues)}
+    summary.bad_lines = len(first_issue)
+    summary.bad_line_examples = [
+        str(i) for i in export.issues if first_issue[(i.file, i.line)] is i
+    ][:BAD_LINE_EXAMPLES]
     log.info(
         "nightly %s: %d patients, %d new cases, %d already there, %d rejected",
         spec.ref,
