@@ -193,6 +193,19 @@ def test_api_on_a_port_already_taken_is_one_line_and_exit_2(tmp_path: Path) -> N
     assert "--host no-such-host.invalid: not an address" in unknown.stderr
 
 
+def test_submit_of_a_fhir_bundle_says_where_a_bundle_goes(tmp_path: Path) -> None:
+    """examples/patient-bundle.json given to `submit`: it was six pydantic lines from the API
+    (external_id, model, features required; resourceType, type, entry not permitted)."""
+    bundle = Path(__file__).resolve().parents[1] / "examples" / "patient-bundle.json"
+    result = run_cli(
+        "submit", str(bundle), "--api", "http://127.0.0.1:9", "--api-key", "k", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a FHIR resource, not cases" in lines[0], lines
+    assert "POST /v1/fhir" in lines[0] and "medbatch nightly" in lines[0]
+
+
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2
