@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Variables read by the test suite, and those docker-compose.yml reads (host folders to mount),
 #: not by medbatch.
-TEST_ONLY = {"MEDBATCH_TEST_REDIS"}
+TEST_ONLY = set(
+    re.findall(r"\"(MEDBATCH_TEST_\w+)\"", (ROOT / "tests" / "conftest.py").read_text())
+)
 COMPOSE_ONLY = set(
     re.findall(r"\$\{(MEDBATCH_\w+?)[:}]", (ROOT / "docker-compose.yml").read_text())
 )
@@ -72,6 +74,9 @@ def test_named_variables_are_settings_and_every_setting_is_documented() -> None:
             assert var in fields | TEST_ONLY | COMPOSE_ONLY, (
                 f"{doc.relative_to(ROOT)} names unknown {var}"
             )
+    # `make test` empties a Redis database and makes a PostgreSQL one: the README says where.
+    for var in TEST_ONLY:
+        assert var in _text(ROOT / "README.md"), f"{var} (tests/conftest.py) is not in the README"
     config = _text(ROOT / "docs" / "configuration.md")
     for var in fields:
         # A row may group variables: `MEDBATCH_STAT_MAX_BATCH_SIZE` / `_MAX_DELAY_MS`.
