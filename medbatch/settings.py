@@ -169,6 +169,10 @@ class Settings(BaseSettings):
         # The schema and its migrations are written for these two, and psycopg 3 is the one
         # PostgreSQL driver installed (db/engine.py reads plain postgresql:// as it): any other
         # dialect or driver was a traceback (NoSuchModuleError, no module named 'MySQLdb').
+        if url.drivername.split("+", 1)[0] == "postgres":
+            # Heroku's, libpq tools' and many .env files' spelling; SQLAlchemy has no such
+            # dialect, and "runs on SQLite or on PostgreSQL" told a PostgreSQL user nothing.
+            raise ValueError("write postgresql://…, not postgres:// (SQLAlchemy's dialect name)")
         if url.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg"):
             raise ValueError(
                 "medbatch runs on SQLite or on PostgreSQL with psycopg 3 "

@@ -232,6 +232,7 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
         ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
         ("MEDBATCH_DATABASE_URL", "mysql://u:secret@host/db", "SQLite or on PostgreSQL"),
         ("MEDBATCH_DATABASE_URL", "postgresql+asyncpg://u:secret@h/db", "with psycopg 3"),
+        ("MEDBATCH_DATABASE_URL", "postgres://u:secret@h/db", "write postgresql://…, not postgres"),
         ("MEDBATCH_DATABASE_URL", "secretdb://u@h/db", "SQLite or on PostgreSQL"),
         ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
