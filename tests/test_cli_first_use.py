@@ -206,6 +206,27 @@ def test_submit_of_a_fhir_bundle_says_where_a_bundle_goes(tmp_path: Path) -> Non
     assert "POST /v1/fhir" in lines[0] and "medbatch nightly" in lines[0]
 
 
+def test_a_medbatch_variable_that_is_no_setting_is_named_not_ignored_in_silence(
+    tmp_path: Path,
+) -> None:
+    """MEDBATCH_DB_URL or MEDBATCH_REDIS_URL (a typo, another tool's name) were ignored without
+    a word, and the command ran on the SQLite file and the embedded broker instead."""
+    result = run_cli(
+        "models", "list", cwd=tmp_path,
+        MEDBATCH_DB_URL="postgresql://secret@h/db", MEDBATCH_REDIS_URL="redis://h:6379/0",
+        MEDBATCH_TEST_REDIS="redis://127.0.0.1:6379/11", MEDBATCH_HOST_GENOTYPES="/data",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("medbatch: ")]
+    assert warnings == [
+        "medbatch: warning: MEDBATCH_DB_URL is not a setting and is ignored "
+        "(MEDBATCH_DATABASE_URL?)",
+        "medbatch: warning: MEDBATCH_REDIS_URL is not a setting and is ignored "
+        "(MEDBATCH_BROKER_URL?)",
+    ]
+    assert "secret" not in result.stderr
+
+
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2
