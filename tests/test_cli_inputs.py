@@ -3,6 +3,7 @@ messages are rejected (not retried) before they touch anything."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -416,6 +417,58 @@ def test_an_unmigrated_postgresql_database_says_to_run_db_upgrade(
             "medbatch db create-tenant: the database has no medbatch schema, or an older one: "
             "run `medbatch db upgrade`\n"
         )
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "sweeper"])
+def test_a_service_on_a_postgresql_database_it_cannot_use_refuses_to_start(
+    command: str, tmp_path: Path
+) -> None:
+    """A wrong MEDBATCH_DATABASE_URL (a server that does not answer), a database never
+    migrated, or one at an older revision: `api`, `worker` and `sweeper` started anyway, and
+    then answered 503s, logged a traceback a task or "sweep failed: OperationalError" every
+    interval. Each now stops before it starts, in one line that says what to do."""
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+
+    from db.migrate import upgrade
+    from tests.conftest import PG_ADMIN_URL, REDIS_TEST_URL, _pg_url
+
+    def start(url: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ, "MEDBATCH_DATABASE_URL": url, "MEDBATCH_BROKER_URL": REDIS_TEST_URL,
+            "MEDBATCH_WORKER_METRICS_PORT": "0",
+        }  # fmt: skip
+        args = [sys.executable, "-m", "medbatch.cli", command]
+        # Without the check a service runs until it is stopped: the timeout fails the test.
+        return subprocess.run(
+            args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+        )
+
+    down = start("postgresql://medbatch@127.0.0.1:9/medbatch")
+    assert down.returncode == 1, down.stderr
+    assert down.stderr.strip().splitlines() == [
+        f"medbatch {command}: cannot use the database (MEDBATCH_DATABASE_URL): connection failed: "
+        + down.stderr.split("connection failed: ", 1)[1].strip()
+    ]
+    name = f"medbatch_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        for revision in (None, "0005"):
+            if revision:
+                upgrade(_pg_url(name), revision)
+            result = start(_pg_url(name))
+            assert result.returncode == 1, (revision, result.stderr)
+            assert result.stderr == (
+                f"medbatch {command}: the database has no medbatch schema, or an older one: "
+                "run `medbatch db upgrade`\n"
+            ), revision
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
