@@ -157,6 +157,13 @@ def test_a_plink2_fileset_is_refused_saying_how_to_convert_it(tmp_path: Path) ->
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert "`plink2 --pfile PREFIX --make-bed --out PREFIX`" in lines[0], lines[0]
     assert "--pfile" not in run_cli("genome", "compare", "--help", cwd=tmp_path).stdout
+    # A PLINK prefix (or any other file) given to --vcf was read as a PLINK prefix.
+    vcf = run_cli("genome", "compare", "--vcf", str(DATA / "hm3_small"), "--metric", "king",
+                  cwd=tmp_path)  # fmt: skip
+    assert vcf.returncode == 2 and len(vcf.stderr.strip().splitlines()) == 1, vcf.stderr
+    assert "is not a .vcf, .vcf.gz, .vcf.bgz or .bcf file (a PLINK fileset goes to --bfile)" in (
+        vcf.stderr
+    )
 
 
 def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None:

@@ -174,6 +174,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from models.genome.io.plink import PGEN_HINT
 
         fail(f"--pfile: {PGEN_HINT}; then give --bfile PREFIX")
+    if args.vcf is not None:
+        from models.genome.io.vcf import VCF_SUFFIXES, is_vcf
+
+        if not is_vcf(args.vcf):
+            # It was read as a PLINK prefix: "PLINK fileset x.txt: x.txt.bed not found".
+            kinds = f"{', '.join(VCF_SUFFIXES[:-1])} or {VCF_SUFFIXES[-1]}"
+            fail(f"--vcf: {args.vcf} is not a {kinds} file (a PLINK fileset goes to --bfile)")
     if args.out:
         planned = expected_outputs(args.metric, query=args.query is not None, table=args.table)
         refuse_overwrite(

@@ -120,6 +120,8 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
             "(MEDBATCH_GENOTYPE_DIR)",
         ),
         ({"metric": "king", "bfile": "plink2"}, ["body", "bfile"], "`plink2 --pfile PREFIX"),
+        # A PLINK prefix given as vcf was read as one: "<vcf>.bed not found".
+        ({"metric": "king", "vcf": "hm3_small"}, ["body", "vcf"], "must name a .vcf, .vcf.gz"),
         ({"metric": "king", "bfile": "plink2.pgen"}, ["body", "bfile"], "--make-bed --out"),
         ({"metric": "grm", "bfile": "hm3_small", "query": "nope"}, ["body", "query"], "not found"),
         ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
