@@ -109,14 +109,15 @@ def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> d
     if (body.bfile is None) == (body.vcf is None):
         raise tiled.refused(("body",), "give exactly one of bfile and vcf")
     field = "bfile" if body.bfile is not None else "vcf"
+    given = {field: body.bfile or body.vcf or "", "query": body.query}
+    paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
     if body.vcf is not None and not is_vcf(body.vcf):
-        # It was read as a PLINK prefix: "<vcf>.bed not found".
+        # Checked after the path (a name outside the folder is refused as such). It was read
+        # as a PLINK prefix: "<vcf>.bed not found".
         kinds = f"{', '.join(VCF_SUFFIXES[:-1])} or {VCF_SUFFIXES[-1]}"
         raise tiled.refused(
             ("body", "vcf"), f"must name a {kinds} file (a PLINK fileset goes to bfile)"
         )
-    given = {field: body.bfile or body.vcf or "", "query": body.query}
-    paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
     return _public(
         job.submitter.submit(
             submit,
