@@ -234,6 +234,25 @@ def test_a_medbatch_variable_that_is_no_setting_is_named_not_ignored_in_silence(
     assert "secret" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["worker", "sweeper"])
+def test_a_broker_that_does_not_answer_stops_a_worker_or_sweeper_in_one_line(
+    command: str, tmp_path: Path
+) -> None:
+    """MEDBATCH_BROKER_URL set and Redis not running: the worker retried a hundred times, a
+    log line and a blank one each, the sweeper logged "broker state unknown" every interval."""
+    env = {**os.environ, "MEDBATCH_BROKER_URL": "redis://127.0.0.1:9/0"}
+    # Without the check the process keeps trying: the timeout fails the test.
+    result = subprocess.run(
+        [sys.executable, "-m", "medbatch.cli", command], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"medbatch {command}: cannot reach the broker (MEDBATCH_BROKER_URL)")
+    assert lines[0].endswith("start it, or unset MEDBATCH_BROKER_URL for the embedded one")
+
+
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2

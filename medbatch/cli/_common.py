@@ -180,6 +180,29 @@ def ensure_schema(database_url: str) -> None:
             logging.getLogger("alembic").setLevel(level)
 
 
+def require_broker(settings: Settings) -> None:
+    """A worker or sweeper configured with a broker that does not answer (Redis not started, a
+    wrong MEDBATCH_BROKER_URL) stops in one line: the worker retried a hundred times, logging
+    "Cannot connect to worker.transport:Transport://…" each time, and the sweeper "broker state
+    unknown: OperationalError" every interval. The embedded broker is started by whoever
+    needs it first."""
+    if settings.embedded_broker:
+        return
+    from kombu import Connection
+    from kombu.exceptions import OperationalError
+
+    with Connection(settings.broker_url, connect_timeout=5) as connection:
+        try:
+            connection.ensure_connection(max_retries=1, timeout=5)
+        except OperationalError as exc:
+            # kombu's message names the host and port, never a password.
+            fail(
+                f"cannot reach the broker (MEDBATCH_BROKER_URL): {str(exc).rstrip('.')}; start "
+                "it, or unset MEDBATCH_BROKER_URL for the embedded one",
+                1,
+            )
+
+
 def require_schema(database_url: str) -> None:
     """Refuse, before anything starts, a PostgreSQL database that cannot be used: one that does
     not answer (a wrong MEDBATCH_DATABASE_URL, a server that is down) or was never migrated.

@@ -14,6 +14,7 @@ from medbatch.cli._common import (
     ensure_schema,
     fail,
     number,
+    require_broker,
     require_chem_engine,
     require_device,
 )
@@ -129,6 +130,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.beat and settings.nightly_dir is not None:
         require_nightly_model(settings)
     ensure_schema(settings.database_url)
+    require_broker(settings)
     from worker.app import create_app, run_worker, worker_argv
     from worker.context import context
 
@@ -173,4 +175,5 @@ def run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     from worker.sweeper import run_sweeper as sweeper
 
     ensure_schema(settings.database_url)
+    require_broker(settings)
     return sweeper(settings)
