@@ -10,6 +10,7 @@ never a server path.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
@@ -22,7 +23,14 @@ if TYPE_CHECKING:
 
 Kind = Literal["genotypes", "molecules"]
 _PLINK = (".bed", ".bim", ".fam")
+#: A PLINK 2 fileset's suffixes, taken off a prefix as the reader does (models.genome.io.plink),
+#: so that its refusal says how to convert it.
+_PLINK2 = (".pgen", ".pvar", ".psam")
 _FOLDER = {"genotypes": "genotype folder", "molecules": "compound folder"}
+#: The setting behind each folder, named (never its value) when a file is not found in it.
+_SETTING = {"genotypes": "MEDBATCH_GENOTYPE_DIR", "molecules": "MEDBATCH_COMPOUND_DIR"}
+#: A file a field named and the server did not find: ``<bfile>.bed not found``.
+_NOT_FOUND = re.compile(r"<\w+>(\.\w+)? not found")
 
 
 def _refuse(field: str, kind: Kind, why: str) -> RequestValidationError:
@@ -41,7 +49,7 @@ def files_read(name: str, kind: Kind) -> tuple[str, list[str]]:
     """``(what to pass on, the files that will be opened)``, both relative to the folder."""
     if kind == "molecules" or is_vcf(name):
         return name, [name]
-    prefix = name[: -len(".bed")] if name.endswith(_PLINK) else name
+    prefix = name.rsplit(".", 1)[0] if name.endswith(_PLINK + _PLINK2) else name
     return prefix, [prefix + ext for ext in _PLINK]
 
 
@@ -83,7 +91,12 @@ def public_message(
             text = text.replace(f"{base}/{files_read(name, kind)[0]}", f"<{field}>")
     for field, value in (values or {}).items():
         text = text.replace(repr(value), f"<{field}>")
-    return text.replace(base, f"<{_FOLDER[kind]}>")
+    text = text.replace(base, f"<{_FOLDER[kind]}>")
+    if _NOT_FOUND.search(text):
+        # A path relative to the caller's own folder (examples/genotypes/cohort), or a server
+        # started without the folder set, was only "<bfile>.bed not found".
+        text += f"; names are relative to the server's {_FOLDER[kind]} ({_SETTING[kind]})"
+    return text
 
 
 def without_server_paths(text: str, settings: Settings) -> str:

@@ -6,6 +6,8 @@ environment.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -169,6 +171,10 @@ class Settings(BaseSettings):
         # The schema and its migrations are written for these two, and psycopg 3 is the one
         # PostgreSQL driver installed (db/engine.py reads plain postgresql:// as it): any other
         # dialect or driver was a traceback (NoSuchModuleError, no module named 'MySQLdb').
+        if url.drivername.split("+", 1)[0] == "postgres":
+            # Heroku's, libpq tools' and many .env files' spelling; SQLAlchemy has no such
+            # dialect, and "runs on SQLite or on PostgreSQL" told a PostgreSQL user nothing.
+            raise ValueError("write postgresql://…, not postgres:// (SQLAlchemy's dialect name)")
         if url.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg"):
             raise ValueError(
                 "medbatch runs on SQLite or on PostgreSQL with psycopg 3 "
@@ -235,6 +241,35 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+#: MEDBATCH_* variables that are not settings: the test suite's (tests/conftest.py), the
+#: benchmarks' (bench/) and the host folders docker-compose.yml mounts.
+OTHER_PREFIXES = ("MEDBATCH_TEST_", "MEDBATCH_BENCH_", "MEDBATCH_HOST_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each ``MEDBATCH_*`` variable that is no setting, with the setting it may have
+    meant. pydantic-settings ignores them (extra="ignore"), so a typo passed in silence:
+    MEDBATCH_DB_URL or MEDBATCH_REDIS_URL left the SQLite file and the embedded broker in use."""
+    prefix = str(Settings.model_config.get("env_prefix", ""))
+    fields = sorted(Settings.model_fields)
+    known = {f"{prefix}{name}".upper() for name in fields}
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper in known or upper.startswith(OTHER_PREFIXES):
+            continue
+        # Compared without the prefix, which every name shares.
+        rest = upper.removeprefix(prefix)
+        near = [n.upper() for n in difflib.get_close_matches(rest.lower(), fields, n=1, cutoff=0.6)]
+        if "REDIS" in rest:
+            near = ["BROKER_URL"]
+        elif "POSTGRES" in rest or rest == "DB" or rest.startswith("DB_"):
+            near = ["DATABASE_URL"]
+        meant = f" ({prefix}{near[0]}?)" if near else " (docs/configuration.md lists the settings)"
+        lines.append(f"{name} is not a setting and is ignored{meant}")
+    return lines
 
 
 def setting_problems(exc: ValidationError) -> list[str]:

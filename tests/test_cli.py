@@ -30,8 +30,11 @@ def test_db_upgrade_then_create_tenant_prints_a_key_once(tmp_path: Path) -> None
     assert again.returncode == 1
     assert (
         again.stderr.strip().splitlines()[-1]
-        == "medbatch db create-tenant: tenant 'hospital-a' already exists"
+        == "medbatch db create-tenant: tenant 'hospital-a' already exists; a new key for it "
+        "(printed the same way): medbatch db rotate-key hospital-a"
     )
+    rotated = run_cli("db", "rotate-key", "hospital-a", cwd=tmp_path, **env)
+    assert json.loads(rotated.stdout)["api_key"].startswith("mbk_")
     assert printed["api_key"] not in again.stderr
 
 

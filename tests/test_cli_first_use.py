@@ -139,6 +139,33 @@ def test_genome_query_mode_writes_a_kin0_of_query_cohort_pairs(tmp_path: Path) -
     assert any(line.split() == ["duplicate/MZ", "twin", "60"] for line in lines)
 
 
+def test_a_plink2_fileset_is_refused_saying_how_to_convert_it(tmp_path: Path) -> None:
+    """A biobank engineer's first try with a .pgen fileset: `--pfile` (plink2's option) was
+    argparse's "one of the arguments --bfile --vcf is required", and `--bfile cohort` only
+    "cohort.bed not found"; both now say to write a PLINK 1 fileset, and how."""
+    for ext in (".pgen", ".pvar", ".psam"):
+        (tmp_path / f"cohort{ext}").write_bytes(b"")
+    for args in (
+        ("--pfile", "cohort"),
+        ("--bfile", "cohort"),
+        ("--bfile", "cohort.pgen"),
+        ("--bfile", str(DATA / "hm3_small"), "--query", "cohort"),
+    ):
+        result = run_cli("genome", "compare", *args, "--metric", "king", cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "`plink2 --pfile PREFIX --make-bed --out PREFIX`" in lines[0], lines[0]
+    assert "--pfile" not in run_cli("genome", "compare", "--help", cwd=tmp_path).stdout
+    # A PLINK prefix (or any other file) given to --vcf was read as a PLINK prefix.
+    vcf = run_cli("genome", "compare", "--vcf", str(DATA / "hm3_small"), "--metric", "king",
+                  cwd=tmp_path)  # fmt: skip
+    assert vcf.returncode == 2 and len(vcf.stderr.strip().splitlines()) == 1, vcf.stderr
+    assert "is not a .vcf, .vcf.gz, .vcf.bgz or .bcf file (a PLINK fileset goes to --bfile)" in (
+        vcf.stderr
+    )
+
+
 def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None:
     """No traceback: one line that names the API and what to do."""
     cases = tmp_path / "cases.json"
@@ -150,6 +177,80 @@ def test_submit_with_the_api_down_is_one_line_and_exit_1(tmp_path: Path) -> None
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "cannot reach the API at http://127.0.0.1:9" in lines[0]
+
+
+def test_api_on_a_port_already_taken_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """The README's `medbatch api --port 8000` with 8000 taken: it was four uvicorn log lines
+    after "Application startup complete", and exit 3."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("api", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"medbatch api: --port {port}: already in use")
+    assert "--port" in lines[0].split(";")[1]
+    unknown = run_cli("api", "--host", "no-such-host.invalid", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+    assert "--host no-such-host.invalid: not an address" in unknown.stderr
+
+
+def test_submit_of_a_fhir_bundle_says_where_a_bundle_goes(tmp_path: Path) -> None:
+    """examples/patient-bundle.json given to `submit`: it was six pydantic lines from the API
+    (external_id, model, features required; resourceType, type, entry not permitted)."""
+    bundle = Path(__file__).resolve().parents[1] / "examples" / "patient-bundle.json"
+    result = run_cli(
+        "submit", str(bundle), "--api", "http://127.0.0.1:9", "--api-key", "k", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is a FHIR resource, not cases" in lines[0], lines
+    assert "POST /v1/fhir" in lines[0] and "medbatch nightly" in lines[0]
+
+
+def test_a_medbatch_variable_that_is_no_setting_is_named_not_ignored_in_silence(
+    tmp_path: Path,
+) -> None:
+    """MEDBATCH_DB_URL or MEDBATCH_REDIS_URL (a typo, another tool's name) were ignored without
+    a word, and the command ran on the SQLite file and the embedded broker instead."""
+    result = run_cli(
+        "models", "list", cwd=tmp_path,
+        MEDBATCH_DB_URL="postgresql://secret@h/db", MEDBATCH_REDIS_URL="redis://h:6379/0",
+        MEDBATCH_TEST_REDIS="redis://127.0.0.1:6379/11", MEDBATCH_HOST_GENOTYPES="/data",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("medbatch: ")]
+    assert warnings == [
+        "medbatch: warning: MEDBATCH_DB_URL is not a setting and is ignored "
+        "(MEDBATCH_DATABASE_URL?)",
+        "medbatch: warning: MEDBATCH_REDIS_URL is not a setting and is ignored "
+        "(MEDBATCH_BROKER_URL?)",
+    ]
+    assert "secret" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["worker", "sweeper"])
+def test_a_broker_that_does_not_answer_stops_a_worker_or_sweeper_in_one_line(
+    command: str, tmp_path: Path
+) -> None:
+    """MEDBATCH_BROKER_URL set and Redis not running: the worker retried a hundred times, a
+    log line and a blank one each, the sweeper logged "broker state unknown" every interval."""
+    env = {**os.environ, "MEDBATCH_BROKER_URL": "redis://127.0.0.1:9/0"}
+    # Without the check the process keeps trying: the timeout fails the test.
+    result = subprocess.run(
+        [sys.executable, "-m", "medbatch.cli", command], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"medbatch {command}: cannot reach the broker (MEDBATCH_BROKER_URL)")
+    assert lines[0].endswith("start it, or unset MEDBATCH_BROKER_URL for the embedded one")
 
 
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:

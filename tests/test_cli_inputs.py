@@ -3,6 +3,7 @@ messages are rejected (not retried) before they touch anything."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def test_nightly_refuses_a_folder_without_patients_and_a_naive_time(
 ) -> None:
     assert main(["nightly", "--input", str(env)]) == 2
     assert "--input: no Patient.ndjson in" in capsys.readouterr().err
+    # A FHIR Bundle given as the export, and a folder that is not there, are named as such.
+    bundle = env / "patient-bundle.json"
+    bundle.write_text('{"resourceType": "Bundle"}')
+    assert main(["nightly", "--input", str(bundle)]) == 2
+    assert f"--input: {bundle} is a file; give the folder" in capsys.readouterr().err
+    assert main(["nightly", "--input", str(env / "nothere")]) == 2
+    assert f"--input: no folder {env / 'nothere'}" in capsys.readouterr().err
     (env / "Patient.ndjson").write_text("")
     assert main(["nightly", "--input", str(env), "--as-of", "2020-01-01T00:00:00"]) == 2
     assert "--as-of needs a time zone" in capsys.readouterr().err
@@ -225,6 +233,7 @@ def test_db_upgrade_to_an_unknown_revision_is_one_line(
         ("MEDBATCH_DATABASE_URL", "not-a-url-secret", "not a SQLAlchemy URL"),
         ("MEDBATCH_DATABASE_URL", "mysql://u:secret@host/db", "SQLite or on PostgreSQL"),
         ("MEDBATCH_DATABASE_URL", "postgresql+asyncpg://u:secret@h/db", "with psycopg 3"),
+        ("MEDBATCH_DATABASE_URL", "postgres://u:secret@h/db", "write postgresql://…, not postgres"),
         ("MEDBATCH_DATABASE_URL", "secretdb://u@h/db", "SQLite or on PostgreSQL"),
         ("MEDBATCH_BROKER_URL", "rdis://:secret@host:6379/0", "not a broker URL"),
         ("MEDBATCH_BROKER_URL", "secret-host:6379", "not a broker URL"),
@@ -408,6 +417,58 @@ def test_an_unmigrated_postgresql_database_says_to_run_db_upgrade(
             "medbatch db create-tenant: the database has no medbatch schema, or an older one: "
             "run `medbatch db upgrade`\n"
         )
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("command", ["api", "worker", "sweeper"])
+def test_a_service_on_a_postgresql_database_it_cannot_use_refuses_to_start(
+    command: str, tmp_path: Path
+) -> None:
+    """A wrong MEDBATCH_DATABASE_URL (a server that does not answer), a database never
+    migrated, or one at an older revision: `api`, `worker` and `sweeper` started anyway, and
+    then answered 503s, logged a traceback a task or "sweep failed: OperationalError" every
+    interval. Each now stops before it starts, in one line that says what to do."""
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+
+    from db.migrate import upgrade
+    from tests.conftest import PG_ADMIN_URL, REDIS_TEST_URL, _pg_url
+
+    def start(url: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ, "MEDBATCH_DATABASE_URL": url, "MEDBATCH_BROKER_URL": REDIS_TEST_URL,
+            "MEDBATCH_WORKER_METRICS_PORT": "0",
+        }  # fmt: skip
+        args = [sys.executable, "-m", "medbatch.cli", command]
+        # Without the check a service runs until it is stopped: the timeout fails the test.
+        return subprocess.run(
+            args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+        )
+
+    down = start("postgresql://medbatch@127.0.0.1:9/medbatch")
+    assert down.returncode == 1, down.stderr
+    assert down.stderr.strip().splitlines() == [
+        f"medbatch {command}: cannot use the database (MEDBATCH_DATABASE_URL): connection failed: "
+        + down.stderr.split("connection failed: ", 1)[1].strip()
+    ]
+    name = f"medbatch_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        for revision in (None, "0005"):
+            if revision:
+                upgrade(_pg_url(name), revision)
+            result = start(_pg_url(name))
+            assert result.returncode == 1, (revision, result.stderr)
+            assert result.stderr == (
+                f"medbatch {command}: the database has no medbatch schema, or an older one: "
+                "run `medbatch db upgrade`\n"
+            ), revision
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 #: Variables read by the test suite, and those docker-compose.yml reads (host folders to mount),
 #: not by medbatch.
-TEST_ONLY = {"MEDBATCH_TEST_REDIS"}
+TEST_ONLY = set(
+    re.findall(r"\"(MEDBATCH_TEST_\w+)\"", (ROOT / "tests" / "conftest.py").read_text())
+)
 COMPOSE_ONLY = set(
     re.findall(r"\$\{(MEDBATCH_\w+?)[:}]", (ROOT / "docker-compose.yml").read_text())
 )
@@ -34,13 +36,22 @@ def test_the_readme_is_short_and_starts_with_the_two_commands() -> None:
     assert first_code < 40
 
 
+def _anchors(doc: Path) -> set[str]:
+    """GitHub's ids of a page's headings: lower case, punctuation out, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", _text(doc), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_relative_link_resolves() -> None:
     for doc in DOCS:
         for target in re.findall(r"\]\(([^)\s]+)\)", _text(doc)):
-            if target.startswith(("http://", "https://", "#", "mailto:")):
+            if target.startswith(("http://", "https://", "mailto:")):
                 continue
-            path = (doc.parent / target.split("#", 1)[0]).resolve()
+            file, _, anchor = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
             assert path.exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in _anchors(path), f"{doc.relative_to(ROOT)}: no heading {target}"
 
 
 def test_every_doc_named_in_plain_text_exists() -> None:
@@ -74,6 +85,9 @@ def test_named_variables_are_settings_and_every_setting_is_documented() -> None:
             assert var in fields | TEST_ONLY | COMPOSE_ONLY, (
                 f"{doc.relative_to(ROOT)} names unknown {var}"
             )
+    # `make test` empties a Redis database and makes a PostgreSQL one: the README says where.
+    for var in TEST_ONLY:
+        assert var in _text(ROOT / "README.md"), f"{var} (tests/conftest.py) is not in the README"
     config = _text(ROOT / "docs" / "configuration.md")
     for var in fields:
         # A row may group variables: `MEDBATCH_STAT_MAX_BATCH_SIZE` / `_MAX_DELAY_MS`.
@@ -141,3 +155,92 @@ def test_every_documented_default_is_the_setting_s_default() -> None:
                 assert documented == str(default), name
             checked.add(name)
     assert len(checked) >= len(fields) - 2
+
+
+def _doc_commands(text: str) -> tuple[list[str], list[str]]:
+    """``(commands in shell blocks, inline `medbatch …` spans)``: a block's command is run as
+    written (continuations joined, comments and redirections off); a span may be a sketch
+    (``[--client NAME]``)."""
+    blocks = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|;|\|", line):
+                found = re.search(r"(?:^|\$\()\s*(medbatch\s+[a-z].*)", part.strip())
+                if found:
+                    command = re.sub(r"\s#.*$", "", found.group(1))
+                    blocks.append(re.sub(r"\s*\d?>.*$", "", command).rstrip(" &)"))
+    return blocks, re.findall(r"`(medbatch [a-z][^`]*)`", text)
+
+
+def test_every_medbatch_command_in_the_docs_parses_and_names_real_options() -> None:
+    """A newcomer copies these: every command in a shell block parses as written, and every
+    `--option` a span names is one of that command's."""
+    import argparse
+    import contextlib
+    import io
+    import shlex
+
+    from medbatch.cli import build_parser
+
+    def command_parser(argv: list[str]) -> argparse.ArgumentParser:
+        parser = build_parser()
+        for token in argv:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            if not subs or token not in subs[0].choices:
+                break
+            parser = subs[0].choices[token]
+        return parser
+
+    seen = 0
+    for doc in DOCS:
+        blocks, spans = _doc_commands(_text(doc))
+        for command in blocks:
+            argv = shlex.split(command)[1:]
+            errors = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(errors):
+                    build_parser().parse_args(argv)
+            except SystemExit:
+                raise AssertionError(
+                    f"{doc.relative_to(ROOT)}: `{command}`: {errors.getvalue().strip()}"
+                ) from None
+            seen += 1
+        for span in spans:
+            argv = shlex.split(span.replace("\n", " "))[1:]
+            parser = command_parser(argv)
+            for option in (t.split("=", 1)[0].strip("[]") for t in argv if "--" in t):
+                assert option in parser._option_string_actions, (
+                    f"{doc.relative_to(ROOT)}: `{span}` names {option}, which "
+                    f"`{parser.prog}` does not take"
+                )
+            seen += 1
+    assert seen >= 60
+
+
+#: Modules the history table of docs/architecture.md names as they were before they were split.
+_HISTORY = {"models/genome.py", "models/genome_gemm.py"}
+
+
+def test_every_repository_file_the_docs_name_exists() -> None:
+    """`models/cases/registry.json`, `worker/tiled.py`…: a file named in backticks under one of
+    the project's folders is there (a brace list names each of its files)."""
+    tops = ("api_shim", "worker", "models", "db", "medbatch", "tests", "bench", "examples", "docs")
+    seen = 0
+    for doc in DOCS:
+        for name in re.findall(rf"`((?:{'|'.join(tops)})/[\w./{{}},-]*\w)`", _text(doc)):
+            braces = re.search(r"\{([^}]*)\}", name)
+            names = (
+                [
+                    name[: braces.start()] + part + name[braces.end() :]
+                    for part in braces[1].split(",")
+                ]
+                if braces
+                else [name]
+            )
+            for path in names:
+                if path in _HISTORY:
+                    continue
+                # A PLINK prefix names .bed/.bim/.fam.
+                assert list(ROOT.glob(path + "*")), f"{doc.relative_to(ROOT)} names missing {path}"
+                seen += 1
+    assert seen >= 50

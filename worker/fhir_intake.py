@@ -134,6 +134,9 @@ class NightlySummary:
     bad_lines: int = 0
     #: Files of the folder that look like export output but are not read (unread_files).
     files_not_read: list[str] = field(default_factory=list)
+    #: The first few unreadable lines, as ``Observation.ndjson:12: error structure: …``: where
+    #: and why, never a value (issues quote none). A bare count told a newcomer nothing to fix.
+    bad_line_examples: list[str] = field(default_factory=list)
     case_ids: list[int] = field(default_factory=list)
     scored: int = 0
     failed: int = 0
@@ -149,9 +152,14 @@ class NightlySummary:
             "ignored_by_reason": dict(self.ignored),
             "bad_lines": self.bad_lines,
             "files_not_read": self.files_not_read,
+            "bad_line_examples": list(self.bad_line_examples),
             "scored": self.scored,
             "failed": self.failed,
         }
+
+
+#: Unreadable lines a nightly summary names (the count covers them all).
+BAD_LINE_EXAMPLES = 5
 
 
 def run_nightly(
@@ -222,7 +230,11 @@ def run_nightly(
             ", ".join(summary.files_not_read),
         )
     # Lines, not issues: one line with three unknown elements is one unreadable line.
-    summary.bad_lines = len({(i.file, i.line) for i in export.issues})
+    first_issue = {(i.file, i.line): i for i in reversed(export.issues)}
+    summary.bad_lines = len(first_issue)
+    summary.bad_line_examples = [
+        str(i) for i in export.issues if first_issue[(i.file, i.line)] is i
+    ][:BAD_LINE_EXAMPLES]
     log.info(
         "nightly %s: %d patients, %d new cases, %d already there, %d rejected",
         spec.ref,

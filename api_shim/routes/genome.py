@@ -104,6 +104,7 @@ _PAIRS = tiled.Results(GenomeJob, _WHAT, jobs.list_pairs, PairPublic)
 @tiled.submit_route(router, "/genome-comparisons", GenomeComparisonPublic)
 def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> dict[str, Any]:
     """Check the filesets, record the job with its tiles, and queue one task per tile."""
+    from models.genome.io.vcf import VCF_SUFFIXES, is_vcf
     from worker.jobs.genome import submit
 
     if (body.bfile is None) == (body.vcf is None):
@@ -111,6 +112,13 @@ def create_genome_comparison(body: GenomeComparisonCreate, job: Submission) -> d
     field = "bfile" if body.bfile is not None else "vcf"
     given = {field: body.bfile or body.vcf or "", "query": body.query}
     paths = tiled.confine_inputs(job.settings.genotype_dir, given, kind="genotypes")
+    if body.vcf is not None and not is_vcf(body.vcf):
+        # Checked after the path (a name outside the folder is refused as such). It was read
+        # as a PLINK prefix: "<vcf>.bed not found".
+        kinds = f"{', '.join(VCF_SUFFIXES[:-1])} or {VCF_SUFFIXES[-1]}"
+        raise tiled.refused(
+            ("body", "vcf"), f"must name a {kinds} file (a PLINK fileset goes to bfile)"
+        )
     return _public(
         job.submitter.submit(
             submit,

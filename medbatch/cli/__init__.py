@@ -8,6 +8,7 @@ needs only when it runs, so ``medbatch --help`` stays fast (no torch, Celery or 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from medbatch.cli import _common, cases, compounds, db, genome, models, nightly, service, submit
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
 
-    from medbatch.settings import get_settings, setting_problems
+    from medbatch.settings import get_settings, setting_problems, unknown_variables
 
     try:
         settings = get_settings()
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in setting_problems(exc):
             print(f"medbatch: {problem}", file=sys.stderr)
         return 2
+    for line in unknown_variables(os.environ):
+        print(f"medbatch: warning: {line}", file=sys.stderr)
     _common.setup_logging(settings)
     try:
         return int(args.func(args, settings))

@@ -157,7 +157,10 @@ def ensure_schema(database_url: str) -> None:
     from sqlalchemy.engine import make_url
 
     parsed = make_url(database_url)
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    if parsed.get_backend_name() != "sqlite":
+        require_schema(database_url)
+        return
+    if parsed.database in (None, "", ":memory:"):
         return
     import fcntl
     import logging
@@ -175,6 +178,61 @@ def ensure_schema(database_url: str) -> None:
             upgrade(database_url)
         finally:
             logging.getLogger("alembic").setLevel(level)
+
+
+def require_broker(settings: Settings) -> None:
+    """A worker or sweeper configured with a broker that does not answer (Redis not started, a
+    wrong MEDBATCH_BROKER_URL) stops in one line: the worker retried a hundred times, logging
+    "Cannot connect to worker.transport:Transport://…" each time, and the sweeper "broker state
+    unknown: OperationalError" every interval. The embedded broker is started by whoever
+    needs it first."""
+    if settings.embedded_broker:
+        return
+    from kombu import Connection
+    from kombu.exceptions import OperationalError
+
+    with Connection(settings.broker_url, connect_timeout=5) as connection:
+        try:
+            connection.ensure_connection(max_retries=1, timeout=5)
+        except OperationalError as exc:
+            # kombu's message names the host and port, never a password.
+            fail(
+                f"cannot reach the broker (MEDBATCH_BROKER_URL): {str(exc).rstrip('.')}; start "
+                "it, or unset MEDBATCH_BROKER_URL for the embedded one",
+                1,
+            )
+
+
+def require_schema(database_url: str) -> None:
+    """Refuse, before anything starts, a PostgreSQL database that cannot be used: one that does
+    not answer (a wrong MEDBATCH_DATABASE_URL, a server that is down) or was never migrated.
+    `medbatch api`, `worker` and `sweeper` started on one anyway: the API answered 503s, the
+    worker logged a traceback at its first sweep and failed every task, the sweeper logged
+    "sweep failed: OperationalError" every interval. The connection error reaches the user as
+    one line (medbatch.cli._environment_problem). A schema newer than this code (a revision it
+    does not know: another deployment migrated first) is left alone."""
+    import logging
+
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from db.engine import make_engine
+    from db.migrate import alembic_config
+
+    engine = make_engine(database_url)
+    alembic_log = logging.getLogger("alembic")
+    level = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)  # "Context impl PostgresqlImpl." on every command
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        alembic_log.setLevel(level)
+        engine.dispose()
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    known = {revision.revision for revision in script.walk_revisions()}
+    if not current or (current <= known and current != set(script.get_heads())):
+        fail("the database has no medbatch schema, or an older one: run `medbatch db upgrade`", 1)
 
 
 @contextmanager

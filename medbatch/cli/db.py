@@ -110,7 +110,12 @@ def _create_tenant(args: argparse.Namespace, settings: Settings) -> int:
             expires = _expiry(session, key)
             print(json.dumps({"tenant": tenant.name, "id": tenant.id, "api_key": key, **expires}))
     except IntegrityError:
-        fail(f"tenant {args.name!r} already exists", code=1)
+        # The README's quickstart run a second time in the same folder: say how to get a key.
+        fail(
+            f"tenant {args.name!r} already exists; a new key for it (printed the same way): "
+            f"medbatch db rotate-key {args.name}",
+            code=1,
+        )
     return 0
 
 

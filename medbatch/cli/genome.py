@@ -38,6 +38,8 @@ def add_parsers(sub: Any) -> None:
     source = compare.add_mutually_exclusive_group(required=True)
     source.add_argument("--bfile", type=Path, help="PLINK 1 fileset prefix (.bed/.bim/.fam)")
     source.add_argument("--vcf", type=Path, help="VCF or BCF file (biallelic, diploid)")
+    # plink2's own option, for a PLINK 2 user's first try: refused with how to convert.
+    source.add_argument("--pfile", type=Path, help=argparse.SUPPRESS)
     compare.add_argument(
         "--query",
         type=Path,
@@ -168,6 +170,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 fail(f"no job {args.job_id}")
             print_json(tasks.describe(found))
         return 0
+    if args.pfile is not None:
+        from models.genome.io.plink import PGEN_HINT
+
+        fail(f"--pfile: {PGEN_HINT}; then give --bfile PREFIX")
+    if args.vcf is not None:
+        from models.genome.io.vcf import VCF_SUFFIXES, is_vcf
+
+        if not is_vcf(args.vcf):
+            # It was read as a PLINK prefix: "PLINK fileset x.txt: x.txt.bed not found".
+            kinds = f"{', '.join(VCF_SUFFIXES[:-1])} or {VCF_SUFFIXES[-1]}"
+            fail(f"--vcf: {args.vcf} is not a {kinds} file (a PLINK fileset goes to --bfile)")
     if args.out:
         planned = expected_outputs(args.metric, query=args.query is not None, table=args.table)
         refuse_overwrite(

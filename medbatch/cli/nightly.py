@@ -72,6 +72,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from models.cases.registry import RegistryError, load_registry
     from worker.fhir_intake import has_patients, run_nightly, settle_counts
 
+    # A FHIR user's first try is often the Bundle they POST, or a path typed wrong: "no
+    # Patient.ndjson in patient-bundle.json" told them neither.
+    if args.input.is_file():
+        fail(
+            f"--input: {args.input} is a file; give the folder of a FHIR Bulk Data export "
+            "(Patient.ndjson, Observation.ndjson …); a Bundle is sent with POST /v1/fhir"
+        )
+    if not args.input.is_dir():
+        fail(f"--input: no folder {args.input}")
     if not has_patients(args.input):
         fail(f"--input: no Patient.ndjson in {args.input}")
     try:
@@ -169,6 +178,8 @@ def _print_summary(d: dict[str, Any]) -> None:
     print(f"  scored {d['scored']}, failed {d['failed']}")
     for name in d["files_not_read"]:
         print(f"  not read: {name} (not <Type>.ndjson, <Type>.<part>.ndjson or <n>.<Type>.ndjson)")
+    for example in d.get("bad_line_examples", []):
+        print(f"  unreadable {example}")
     for reason, n in sorted(d["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:10]:
         print(f"  rejected for {reason}: {n}")
     for feature, n in sorted(d["imputed_by_feature"].items(), key=lambda kv: -kv[1])[:10]:

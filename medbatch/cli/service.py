@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import socket
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
@@ -12,6 +14,7 @@ from medbatch.cli._common import (
     ensure_schema,
     fail,
     number,
+    require_broker,
     require_chem_engine,
     require_device,
 )
@@ -75,6 +78,7 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
     from api_shim.main import create_app
 
     ensure_schema(settings.database_url)
+    check_listen(args.host, args.port)
     # No uvicorn access log: it prints query strings, which may name a patient
     # (?subject=Patient/…). api_shim/audit.py logs each request by its route template instead.
     uvicorn.run(
@@ -85,6 +89,27 @@ def run_api(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
     )
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before anything starts, an address the API cannot listen on: a port already taken
+    (a second `medbatch api`, the README's 8000 in use) was four uvicorn log lines after
+    "Application startup complete", and exit 3. Bound as uvicorn binds it (SO_REUSEADDR, IPv6
+    for a host with a colon), then let go for uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                fail(
+                    f"--port {port}: already in use on {host} (another `medbatch api`?); "
+                    "stop it or pick another port with --port"
+                )
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                fail(f"--host {host}: not an address of this machine ({exc.strerror})")
+            fail(f"--host {host} --port {port}: cannot listen there ({exc.strerror})")
 
 
 def parse_queues(text: str) -> tuple[str, ...]:
@@ -105,6 +130,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.beat and settings.nightly_dir is not None:
         require_nightly_model(settings)
     ensure_schema(settings.database_url)
+    require_broker(settings)
     from worker.app import create_app, run_worker, worker_argv
     from worker.context import context
 
@@ -149,4 +175,5 @@ def run_sweeper(args: argparse.Namespace, settings: Settings) -> int:
     from worker.sweeper import run_sweeper as sweeper
 
     ensure_schema(settings.database_url)
+    require_broker(settings)
     return sweeper(settings)

@@ -45,6 +45,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         body = json.loads(Path(args.file).read_bytes())
     except (OSError, ValueError) as exc:
         fail(f"cannot read {args.file}: {exc}")
+    if isinstance(body, dict) and "resourceType" in body:
+        # A FHIR user's first try: the Bundle was six "Field required" / "Extra inputs" lines.
+        fail(
+            f"{args.file} is a FHIR resource, not cases (examples/cases.json); send a Bundle to "
+            "POST /v1/fhir (Content-Type: application/fhir+json), an NDJSON export to "
+            "`medbatch nightly --input FOLDER`"
+        )
     chunks = (
         [body[i : i + CHUNK] for i in range(0, max(len(body), 1), CHUNK)]
         if isinstance(body, list)

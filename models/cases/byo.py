@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, get_args
 
@@ -131,10 +132,28 @@ def _load_any(path: Path) -> tuple[str, torch.nn.Module]:
         errors.append(f"torch.export: {type(exc).__name__}")
     finally:
         quiet.setLevel(level)
+    hint = ""
+    if _is_torch_save(path):
+        # TorchServe's and most training scripts' artifact; a pickle runs code when loaded.
+        hint = (
+            "; it is a torch.save() pickle, which is never loaded (it can run code): save the "
+            "model with torch.jit.script(model).save(), torch.export.save(), or its state_dict "
+            "with safetensors.torch.save_file() and --architecture"
+        )
     raise RegistrationError(
         f"{path} is not a TorchScript archive, a torch.export program or a safetensors file "
-        f"({'; '.join(errors)})"
+        f"({'; '.join(errors)}){hint}"
     )
+
+
+def _is_torch_save(path: Path) -> bool:
+    """Whether ``path`` is ``torch.save``'s zip: a ``data.pkl`` with no TorchScript code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/data.pkl") for n in names) and not any("/code/" in n for n in names)
 
 
 def load_torchscript(path: Path, device: torch.device | str) -> torch.nn.Module:

@@ -269,17 +269,20 @@ class Registry:
     def resolve(self, ref: str) -> ModelSpec:
         """Look up ``name`` (its default version) or ``name@version``."""
         name, _, version = ref.partition("@")
+        unknown = RegistryError(
+            f"unknown model {name!r} (known models: {', '.join(self.names()) or 'none'})"
+        )
         if version:
             spec = self._specs.get((name, version))
-            if spec is None:
-                known = ", ".join(s.ref for s in self if s.name == name) or "none"
-                raise RegistryError(f"unknown model version {ref!r} (known versions: {known})")
-            return spec
+            if spec is not None:
+                return spec
+            known = ", ".join(s.ref for s in self if s.name == name)
+            if not known:  # was "known versions: none", naming no model
+                raise unknown
+            raise RegistryError(f"unknown model version {ref!r} (known versions: {known})")
         candidates = [s for s in self if s.name == name and s.status != "retired"]
         if not candidates:
-            raise RegistryError(
-                f"unknown model {name!r} (known models: {', '.join(self.names()) or 'none'})"
-            )
+            raise unknown
         # The version marked default, else the newest released one: a candidate registered
         # beside a released version is there to be shadowed, not to take that version's cases.
         return max(

@@ -94,7 +94,12 @@ def test_an_unreadable_stereo_smiles_is_reported_with_its_file_and_line(
         ({"library": "library.smi", "top_k": 3, "threshold": 0.5}, ["body"], "exactly one"),
         ({"library": "library.smi"}, ["body"], "exactly one"),
         ({"library": "../../etc/passwd", "top_k": 3}, ["body", "library"], "inside the server"),
-        ({"library": "nope.smi", "top_k": 3}, ["body", "library"], "<library> not found"),
+        (
+            {"library": "nope.smi", "top_k": 3},
+            ["body", "library"],
+            "<library> not found; names are relative to the server's compound folder "
+            "(MEDBATCH_COMPOUND_DIR)",
+        ),
         ({"library": "library.smi", "top_k": 0}, ["body", "top_k"], "greater"),
         ({"library": "library.smi", "threshold": 2}, ["body", "threshold"], "less"),
         (

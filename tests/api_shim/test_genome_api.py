@@ -43,6 +43,8 @@ def genotypes(tmp_path: Path) -> Path:
     write_cohort_with_holes(folder)
     (folder / "hm3_small.vcf.gz").write_bytes((DATA / "hm3_small.vcf.gz").read_bytes())
     (folder / "multi.vcf").write_text(MULTIALLELIC_VCF)
+    for ext in (".pgen", ".pvar", ".psam"):  # a PLINK 2 fileset, which is not read
+        (folder / f"plink2{ext}").write_bytes(b"")
     return folder
 
 
@@ -113,7 +115,16 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
         ({"metric": "kinship", "bfile": "hm3_small"}, ["body", "metric"], "Input should be"),
         ({"metric": "grm", "bfile": "../../../etc/passwd"}, ["body", "bfile"], "inside the server"),
         ({"metric": "grm", "bfile": "/etc/hosts"}, ["body", "bfile"], "inside the server"),
-        ({"metric": "grm", "bfile": "nope"}, ["body", "bfile"], "<bfile>.bed not found"),
+        (
+            {"metric": "grm", "bfile": "nope"},
+            ["body", "bfile"],
+            "<bfile>.bed not found; names are relative to the server's genotype folder "
+            "(MEDBATCH_GENOTYPE_DIR)",
+        ),
+        ({"metric": "king", "bfile": "plink2"}, ["body", "bfile"], "`plink2 --pfile PREFIX"),
+        # A PLINK prefix given as vcf was read as one: "<vcf>.bed not found".
+        ({"metric": "king", "vcf": "hm3_small"}, ["body", "vcf"], "must name a .vcf, .vcf.gz"),
+        ({"metric": "king", "bfile": "plink2.pgen"}, ["body", "bfile"], "--make-bed --out"),
         ({"metric": "grm", "bfile": "hm3_small", "query": "nope"}, ["body", "query"], "not found"),
         ({"metric": "grm", "bfile": "hm3_small", "tile_rows": 0}, ["body", "tile_rows"], "greater"),
         ({"metric": "grm", "bfile": "hm3_small", "extra": 1}, ["body", "extra"], "Extra inputs"),

@@ -96,6 +96,12 @@ def _script(tmp_path: Path, module: torch.nn.Module, name: str) -> Path:
     return path
 
 
+def _saved(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(3, 1).state_dict(), path)
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
@@ -110,6 +116,9 @@ def _script(tmp_path: Path, module: torch.nn.Module, name: str) -> Path:
         (lambda d: _script(d, _Nan(), "n.pt"), "NaN or infinite"),
         (lambda d: _script(d, _Wide(), "o.pt"), "one logit per case"),
         (lambda d: d / "missing.pt", "no such file"),
+        # torch.save() of a module or a state_dict, what a TorchServe user holds: it was only
+        # "not a TorchScript archive …", with nothing to do about it.
+        (_saved, "it is a torch.save() pickle, which is never loaded"),
     ],
 )
 def test_bad_artifacts_are_refused_with_the_reason(

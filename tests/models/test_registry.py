@@ -29,6 +29,10 @@ def test_unknown_model_and_version_say_what_exists(registry: Registry) -> None:
         registry.resolve("nope")
     with pytest.raises(RegistryError, match=r"unknown model version 'breast-cancer@9\.9'.*1\.0\.0"):
         registry.resolve("breast-cancer@9.9")
+    # An unknown name with a version (`models shadow sepsis@1.0` before registering it) was
+    # "known versions: none", naming no model.
+    with pytest.raises(RegistryError, match=r"^unknown model 'nope' \(known models: breast-"):
+        registry.resolve("nope@1.0")
 
 
 def test_packaged_artifact_matches_its_recorded_sha256(registry: Registry) -> None:

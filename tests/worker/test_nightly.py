@@ -215,6 +215,10 @@ def test_bad_lines_counts_lines_not_their_problems(
     observations.write_bytes(b"\n".join(lines) + b"\n")
     summary = _run(pg_sessions, export)
     assert (summary["patients_read"], summary["bad_lines"]) == (9, 1)
+    # The summary says where and why (a bare count left nothing to look for), once a line.
+    (example,) = summary["bad_line_examples"]
+    assert example.startswith(f"Observation.ndjson:{n + 1}: error ")
+    assert "colour" in example or "Extra" in example, example
 
 
 def test_an_unreadable_export_does_not_hold_back_the_newer_ones(

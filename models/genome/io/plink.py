@@ -49,15 +49,26 @@ class Genotypes:
 # --- reading ----------------------------------------------------------------------------------
 
 
+#: What a PLINK 2 user converts a .pgen fileset with; the message names it (PLINK 2 filesets
+#: are not read: a .pgen user was told only that the .bed was not found).
+PGEN_HINT = (
+    "a PLINK 2 .pgen/.pvar/.psam fileset is not read: write a PLINK 1 fileset with "
+    "`plink2 --pfile PREFIX --make-bed --out PREFIX`"
+)
+
+
 def _plink_paths(prefix: str | Path) -> tuple[Path, Path, Path]:
     prefix = Path(prefix)
-    if prefix.suffix in (".bed", ".bim", ".fam"):
+    if prefix.suffix in (".bed", ".bim", ".fam", ".pgen", ".pvar", ".psam"):
         prefix = prefix.with_suffix("")
     # Not with_suffix: names such as "1kg.ref.phase1_release_v3.20101123_..." hold dots.
     bed, bim, fam = (prefix.with_name(prefix.name + ext) for ext in (".bed", ".bim", ".fam"))
     for path in (bed, bim, fam):
         if not path.is_file():
-            raise FileNotFoundError(f"PLINK fileset {prefix}: {path} not found")
+            hint = ""
+            if prefix.with_name(prefix.name + ".pgen").is_file():
+                hint = f" ({PGEN_HINT})"
+            raise FileNotFoundError(f"PLINK fileset {prefix}: {path} not found{hint}")
     return bed, bim, fam
 
 
