@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from api_shim.audit import record_resource
 from api_shim.deps import (
@@ -408,8 +408,9 @@ CAPABILITY_DATE = "2026-12-05"
 
 def capability_statement() -> dict[str, Any]:
     """What this FHIR endpoint serves, as an R4 (4.0.1) CapabilityStatement."""
-    reference = "a Patient: Patient/<id> or the bare id"
-    by_identifier = "its identifier: system|value, |value or value"
+    # searchParam.name is a SearchParameter's code: the :identifier modifier and the
+    # .identifier chain are told with the parameter they apply to, not as parameters.
+    token = "system|value, |value or value"
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -438,17 +439,19 @@ def capability_statement() -> dict[str, Any]:
                         "type": "RiskAssessment",
                         "interaction": [{"code": "read"}, {"code": "search-type"}],
                         "searchParam": [
-                            {"name": "subject", "type": "reference", "documentation": reference},
-                            {"name": "patient", "type": "reference", "documentation": reference},
                             {
-                                "name": "subject:identifier",
-                                "type": "token",
-                                "documentation": f"the subject by {by_identifier}",
+                                "name": "subject",
+                                "type": "reference",
+                                "documentation": "a Patient: Patient/<id> or the bare id; "
+                                f"subject:identifier={token}: the subject by its identifier "
+                                "(a Patient's, or a case's posted without one: system "
+                                f"{EXTERNAL_ID_SYSTEM}, value its external id)",
                             },
                             {
-                                "name": "patient.identifier",
-                                "type": "token",
-                                "documentation": f"the Patient by {by_identifier}",
+                                "name": "patient",
+                                "type": "reference",
+                                "documentation": "a Patient: Patient/<id> or the bare id; "
+                                f"patient.identifier={token}: the Patient by its identifier",
                             },
                         ],
                     }
@@ -488,8 +491,11 @@ def search_risk_assessments(
 ) -> JSONResponse:
     """A searchset Bundle of the patient's scores (this tenant's only), by ``subject`` or
     ``patient`` (``Patient/<id>`` or ``<id>``) or by the patient's identifier
-    (``subject:identifier`` / ``patient.identifier``, ``system|value``, ``|value`` or ``value``)."""
+    (``subject:identifier`` / ``patient.identifier``, ``system|value``, ``|value`` or ``value``);
+    ``subject:identifier`` also finds a case posted without a Patient by the identifier its
+    RiskAssessment's subject names (``urn:medbatch:external-id|<external id>``)."""
     criteria = (subject, patient, subject_identifier, patient_identifier)
+    case_ids: list[int] = []
     given = [p for p in criteria if p is not None]
     if len(given) != 1:
         diag = "give exactly one of subject, patient, subject:identifier, patient.identifier"
@@ -507,8 +513,18 @@ def search_risk_assessments(
         subjects = repo.subjects_with_identifier(
             session, tenant_id=tenant.id, system=system if bar else None, value=value
         )
-    # The audit row names the patients this answer is about (api_shim/audit.py).
+        if subject_identifier is not None and (not bar or system == EXTERNAL_ID_SYSTEM):
+            # R4's :identifier tests the Reference's own identifier: a case posted without a
+            # Patient names its external id there (_subject_of), and is found by it.
+            unattached = select(Case.id).where(
+                Case.tenant_id == tenant.id, Case.subject.is_(None), Case.external_id == value
+            )
+            case_ids = list(session.scalars(unattached))
+    # The audit row names the patients (and the cases, by id) this answer is about
+    # (api_shim/audit.py); never the identifier sent, the caller's text.
     record_resource(request.state, subject=",".join(subjects))
+    if case_ids:
+        record_resource(request.state, case=",".join(map(str, case_ids)))
     # The attributions' state in the same statement (an outer join): no extra one a search.
     rows = session.execute(
         select(Case, Score, Explanation.status, Explanation.error)
@@ -516,7 +532,7 @@ def search_risk_assessments(
         .outerjoin(Explanation, Explanation.case_id == Case.id)
         .where(
             Case.tenant_id == tenant.id,
-            Case.subject.in_(subjects),
+            or_(Case.subject.in_(subjects), Case.id.in_(case_ids)),
             Score.shadow.is_(False),
             Score.model_version == Case.model_version,
         )

@@ -926,3 +926,70 @@ def test_a_case_sent_as_json_is_a_risk_assessment_whose_subject_is_no_false_refe
         "system": "urn:medbatch:external-id",
         "value": "json-sent-0000",
     }
+
+
+def test_a_case_posted_without_a_patient_is_found_by_the_identifier_its_subject_names(
+    api: TestClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A case from POST /v1/cases reads back with subject.identifier = its external id (system
+    urn:medbatch:external-id). R4's :identifier modifier searches that Reference.identifier,
+    and the CapabilityStatement offers subject:identifier, but the search looked at Patient
+    identifiers only: a client searching by the identifier it was given found nothing. It now
+    finds the case (system|value or the value alone; |value means no system, which it has
+    not); patient.identifier, a Patient's, still does not; another tenant does not; the audit
+    row names the case by its id, not by the caller's text."""
+    from db.tables import AuditEvent
+    from tests.helpers import wdbc_cases
+
+    headers = _key(pg_sessions)
+    item = {**wdbc_cases(1)[0], "external_id": "MRN-CANARY-5512"}
+    assert api.post("/v1/cases", json=[item], headers=headers).status_code == 202
+    with pg_sessions() as s:
+        (case_id,) = s.scalars(select(Case.id))
+    model = LoadedModel(Registry.load().resolve("breast-cancer"), device="cpu")
+    score_cases([case_id], sessions=pg_sessions, load_model=lambda n, v: model, explain_top_k=0)
+    with pg_sessions() as s:
+        (score_id,) = s.scalars(select(Score.id))
+    read = api.get(f"/v1/fhir/RiskAssessment/{score_id}", headers=headers).json()
+    named = read["subject"]["identifier"]
+    token = f"{named['system']}|{named['value']}"
+
+    def found(headers: dict, **params: str) -> list[str]:
+        response = api.get("/v1/fhir/RiskAssessment", headers=headers, params=params)
+        assert response.status_code == 200, response.text
+        return [e["resource"]["id"] for e in response.json().get("entry", [])]
+
+    assert found(headers, **{"subject:identifier": token}) == [str(score_id)]
+    assert found(headers, **{"subject:identifier": named["value"]}) == [str(score_id)]
+    assert found(headers, **{"subject:identifier": f"|{named['value']}"}) == []
+    assert found(headers, **{"subject:identifier": f"urn:other|{named['value']}"}) == []
+    assert found(headers, **{"patient.identifier": token}) == []
+    other = _key(pg_sessions, "hospital-b")
+    assert found(other, **{"subject:identifier": token}) == []
+    with pg_sessions() as s:
+        rows = [
+            e.resource
+            for e in s.scalars(
+                select(AuditEvent)
+                .where(AuditEvent.action == "GET /v1/fhir/RiskAssessment")
+                .order_by(AuditEvent.id)
+            )
+        ]
+    assert rows[0] == f"case={case_id},subject=" and rows[1] == rows[0]
+    assert not any("CANARY" in r for r in rows)
+
+
+def test_the_capability_statement_names_search_parameters_by_their_codes(api: TestClient) -> None:
+    """R4 CapabilityStatement.rest.resource.searchParam.name is a SearchParameter's code
+    (subject, patient): "subject:identifier" (a modifier) and "patient.identifier" (a chain)
+    were listed as parameters of their own, which a validator or a client building its search
+    form from the statement reads as unknown parameters. They are told in the documentation of
+    the parameter they modify."""
+    statement = api.get("/v1/fhir/metadata").json()
+    (risk,) = statement["rest"][0]["resource"]
+    params = {p["name"]: p for p in risk["searchParam"]}
+    assert set(params) == {"subject", "patient"}
+    assert all(p["type"] == "reference" for p in params.values())
+    assert "subject:identifier" in params["subject"]["documentation"]
+    assert "urn:medbatch:external-id" in params["subject"]["documentation"]
+    assert "patient.identifier" in params["patient"]["documentation"]
