@@ -291,6 +291,30 @@ def test_the_nightly_drop_folder_is_mounted_where_the_setting_points() -> None:
         assert str(folder) in mounts, name
 
 
+def test_the_nightly_drop_folder_is_writable_where_beat_marks_each_export_done() -> None:
+    """beat marks each export it scored with a .medbatch-done.json in the export's folder
+    (worker/tasks/nightly.py), so that it is run once. The folder was mounted read-only: the
+    marker's write failed (read-only file system) after the first export was scored, the task
+    stopped there, and every night after read that export again and never reached the newer
+    ones."""
+    import inspect
+
+    from worker.tasks.nightly import run_drop
+
+    assert "(export / MARKER).write_text" in inspect.getsource(run_drop)
+    for name in LONG_RUNNING_APPS:
+        folder = _settings(name).nightly_dir
+        if folder is None:
+            continue
+        (mount,) = [
+            v
+            for v in SERVICES[name]["volumes"]
+            if isinstance(v, str) and v.split(":")[1] == str(folder)
+        ]
+        options = ",".join(mount.split(":")[2:]).split(",")
+        assert "ro" not in options, f"{name} mounts the nightly drop folder read-only"
+
+
 def test_worker_metrics_are_exposed_on_the_compose_network() -> None:
     default = Settings().worker_metrics_port
     for name in LONG_RUNNING_APPS:
