@@ -164,6 +164,15 @@ _FORMATS = {
         "not an R4 instant: YYYY-MM-DDThh:mm:ss[.sss] with its time zone (Z or +hh:mm)"
     ),
     "Time value string does not match spec regex.": "not an R4 time: hh:mm:ss[.sss]",
+    # Regular expressions, the first with a raw carriage return, newline and tab: printed in a
+    # nightly summary it broke the line and overwrote its start.
+    "String should match pattern '[ \r\n\t\\S]+'": (
+        "an empty string: an R4 string holds at least one character that is not whitespace "
+        "(leave the element out instead)"
+    ),
+    "String should match pattern '^[^\\s]+(\\s[^\\s]+)*$'": (
+        "not an R4 code: empty, or whitespace at either end or twice in a row"
+    ),
 }
 
 #: What a FHIR element name looks like (camelCase; "_" before a primitive's extensions).
@@ -185,6 +194,8 @@ def _validation_issues(
             code = "value"
         message = re.sub(r"^(Value|Assertion) error, ", "", str(err["msg"]))
         message = _FORMATS.get(message, message)
+        # Any other control character of a message (a pattern) as an escape: one line each.
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         loc = err["loc"]
         if kind == "extra_forbidden" and loc:
             message = "not an element of this FHIR R4 type"

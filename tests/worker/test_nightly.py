@@ -264,3 +264,31 @@ def test_beat_finds_an_export_whose_patients_come_in_parts(tmp_path: Path) -> No
     (tmp_path / "none" / "Observation.000.ndjson").write_text("")
     assert [p.name for p in exports_in(tmp_path)] == ["split", "whole"]
     assert exports_in(tmp_path / "split") == [tmp_path / "split"]
+
+
+def test_an_unreadable_line_is_told_in_one_printable_line(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """An empty string (code.text "", frequent in real feeds) was told with pydantic's pattern
+    '[ \\r\\n\\t\\S]+', its carriage return, newline and tab raw: the summary's "unreadable"
+    line printed by `medbatch nightly` broke in two, its start overwritten in a terminal. A code
+    with a stray space was told by its regular expression. Both now say what is wrong."""
+    export = _export(tmp_path)
+    observations = export / "Observation.ndjson"
+    lines = observations.read_bytes().splitlines()
+    n, m = [i for i, line in enumerate(lines) if b'"39156-5"' in line][:2]
+    empty = json.loads(lines[n])
+    empty["code"]["text"] = ""
+    lines[n] = json.dumps(empty).encode()
+    spaced = json.loads(lines[m])
+    spaced["code"]["coding"][0]["code"] = "39156-5 "
+    lines[m] = json.dumps(spaced).encode()
+    observations.write_bytes(b"\n".join(lines) + b"\n")
+    summary = _run(pg_sessions, export)
+    examples = summary["bad_line_examples"]
+    assert isinstance(examples, list) and len(examples) == 2, examples
+    assert all(e.isprintable() for e in examples), examples
+    assert not any("should match pattern" in e for e in examples), examples
+    told = dict(e.split(": error value: ", 1) for e in examples)
+    assert told[f"Observation.ndjson:{n + 1}"].startswith("an empty string")
+    assert told[f"Observation.ndjson:{m + 1}"].startswith("not an R4 code")
