@@ -602,7 +602,8 @@ def parse_bundle(data: object) -> ParsedBundle:
             diag = f"{resource.get_resource_type()} has no subject reference"
             issues.append(Issue("error", "required", diag, where))
             continue
-        target_key = _patient_key(ref, alias, servers, referrer)
+        # By identifier (logical or conditional): no server to compare, the identifier decides.
+        target_key = identified or _patient_key(ref, alias, servers, referrer)
         if target_key is None:
             absolute = _ABSOLUTE_REFERENCE.match(ref)
             target = types_by_url.get(ref) or (

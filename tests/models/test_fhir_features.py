@@ -878,6 +878,31 @@ def test_a_reference_to_another_servers_patient_with_the_same_id_is_not_ours() -
         assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr"], subject
 
 
+def test_a_subject_named_by_identifier_reaches_its_patient_from_any_servers_entry() -> None:
+    """A logical reference (a Reference with only an identifier) and a conditional one
+    (Patient?identifier=…) name no server: R4 resolves them by the identifier, which is how a
+    Bundle assembled from two EHRs links one's readings to the other's Patient. The server
+    check of literal references (ehr-b's entry, ehr-a's Patient) refused both as "the
+    referenced Patient is not in the Bundle"."""
+    mrn = {"system": "urn:hospital:mrn", "value": "MRN-4471"}
+    ours = {**ADULT, "identifier": [mrn]}
+    for subject in (
+        {"identifier": mrn},
+        {"reference": f"Patient?identifier={mrn['system']}|{mrn['value']}"},
+    ):
+        hr = {**observation("hr", "8867-4", 120, days_ago=1), "subject": subject}
+        sent = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {"fullUrl": "https://ehr-a.example/fhir/Patient/p1", "resource": ours},
+                {"fullUrl": "https://ehr-b.example/fhir/Observation/hr", "resource": hr},
+            ],
+        }
+        parsed = parse_bundle(sent)
+        assert [o.id for o in parsed.patients["Patient/p1"].observations] == ["hr"], subject
+
+
 def test_a_nested_resource_of_no_r4_type_is_an_issue_not_a_crash(tmp_path: Path) -> None:
     """fhir.resources raises KeyError ('R4.observationType') or TypeError past pydantic for a
     contained resource whose resourceType is not an R4 type: a 500 on POST /v1/fhir, and the
