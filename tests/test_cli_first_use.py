@@ -253,6 +253,20 @@ def test_a_broker_that_does_not_answer_stops_a_worker_or_sweeper_in_one_line(
     assert lines[0].endswith("start it, or unset MEDBATCH_BROKER_URL for the embedded one")
 
 
+def test_a_failover_broker_url_is_refused_only_when_no_broker_of_it_answers() -> None:
+    """Celery takes failover brokers joined by ';' and connects to the first that answers. The
+    start check tried two connections in all: with the first two down and the third up, a
+    worker or sweeper that Celery would have run stopped ("cannot reach the broker"). Each is
+    tried now; the check refuses only when none answers."""
+    from medbatch.settings import Settings
+    from tests.conftest import REDIS_TEST_URL
+
+    down = "redis://127.0.0.1:9/0;redis://127.0.0.1:10/0;redis://127.0.0.1:11/0"
+    _common.require_broker(Settings(broker_url=f"{down};{REDIS_TEST_URL}"))
+    with pytest.raises(_common.CliError, match="cannot reach the broker"):
+        _common.require_broker(Settings(broker_url=down))
+
+
 def test_worker_refuses_an_unknown_queue(tmp_path: Path) -> None:
     result = run_cli("worker", "--queues", "score.stat,gnome", cwd=tmp_path)
     assert result.returncode == 2

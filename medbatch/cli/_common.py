@@ -192,8 +192,12 @@ def require_broker(settings: Settings) -> None:
     from kombu.exceptions import OperationalError
 
     with Connection(settings.broker_url, connect_timeout=5) as connection:
+        # Failover brokers (URLs joined by ';'): each in turn, then the first once more after a
+        # pause (kombu waits only between rounds). Two tries in all stopped a worker whose third
+        # broker answered.
+        tries = max(1, len(connection.alt))
         try:
-            connection.ensure_connection(max_retries=1, timeout=5)
+            connection.ensure_connection(max_retries=tries, timeout=5 * (tries + 1))
         except OperationalError as exc:
             # kombu's message names the host and port, never a password.
             fail(
