@@ -58,9 +58,10 @@ class ExplainOutcome:
 
 
 #: Cases per attribution pass: a recurrence's backward pass per path step makes a sequence case
-#: ~50x a tabular one (bench/scoring.py), so sequences go in small chunks.
-TABULAR_CHUNK = 64
-SEQUENCE_CHUNK = 8
+#: ~50x a tabular one (bench/scoring.py), so sequences go in small chunks. A chunk is what a
+#: STAT case may wait for beyond ``explain_yield_ms``: about 20 ms either way on a 2-core VM.
+TABULAR_CHUNK = 32
+SEQUENCE_CHUNK = 4
 
 
 def chunk_size(model: LoadedModel) -> int:
