@@ -226,41 +226,13 @@ def renew_explanation_leases(
     session: Session, *, case_ids: Sequence[int], lease: leases.Lease
 ) -> int:
     """Extend this worker's leases on the given cases' ledger rows; returns how many it held."""
-    if not case_ids:
-        return 0
-    result = session.execute(
-        update(Explanation)
-        .where(
-            among(session, Explanation.case_id, case_ids),
-            Explanation.lease_owner == lease.owner,
-            status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
-        )
-        .values(lease_expires_at=lease.expiry(utcnow())),
-        execution_options={"synchronize_session": False},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return leases.renew_rows(session, Explanation, Explanation.case_id, case_ids, lease)
 
 
 def hand_back_held(session: Session, *, case_ids: Sequence[int], owner: str) -> None:
     """Give back rows this worker held unclaimed (:func:`hold_explanations`), their attempts as
     they were: ``queued``, no lease, marked sent now, for the caller to send after the commit."""
-    now = utcnow()
-    session.execute(
-        update(Explanation)
-        .where(
-            among(session, Explanation.case_id, case_ids),
-            Explanation.lease_owner == owner,
-            status_among_ids(Explanation).in_((JobStatus.queued.value, JobStatus.running.value)),
-        )
-        .values(
-            status=JobStatus.queued,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=now,
-            updated_at=now,
-        ),
-        execution_options={"synchronize_session": False},
-    )
+    _give_back(session, case_ids, owner, held=True, resend=True)
 
 
 def settle_explanations(
@@ -320,22 +292,35 @@ def release_explanations(
 ) -> None:
     """Give back rows this worker holds, the attempt uncounted: ``queued`` again, marked unsent
     for the sweeper, or (``resend``) marked sent now, for the caller to send after the commit."""
+    _give_back(session, case_ids, owner, held=False, resend=resend)
+
+
+def _give_back(
+    session: Session, case_ids: Sequence[int], owner: str, *, held: bool, resend: bool
+) -> None:
+    """``queued`` again and no lease: rows ``owner`` held unclaimed (``held``: their attempts as
+    they were) or claimed (``running``: the claim's attempt taken back)."""
     now = utcnow()
+    status = status_among_ids(Explanation)
+    values: dict[str, Any] = {
+        "status": JobStatus.queued,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "enqueued_at": now if resend else None,
+        "updated_at": now,
+    }
+    if not held:
+        values["attempts"] = Explanation.attempts - 1
     session.execute(
         update(Explanation)
         .where(
             among(session, Explanation.case_id, case_ids),
             Explanation.lease_owner == owner,
-            status_among_ids(Explanation) == JobStatus.running.value,
+            status.in_((JobStatus.queued.value, JobStatus.running.value))
+            if held
+            else status == JobStatus.running.value,
         )
-        .values(
-            status=JobStatus.queued,
-            attempts=Explanation.attempts - 1,
-            lease_owner=None,
-            lease_expires_at=None,
-            enqueued_at=now if resend else None,
-            updated_at=now,
-        ),
+        .values(**values),
         execution_options={"synchronize_session": False},
     )
 

@@ -101,6 +101,24 @@ class Stranded:
     quiet_priorities: tuple[Priority, ...] = ()
 
 
+def renew_rows(session: Session, table: Any, key: Any, ids: Sequence[int], lease: Lease) -> int:
+    """Extend ``lease``'s hold on the open (``queued`` or ``running``) rows of ``table`` (cases, a
+    ledger) whose ``key`` is among ``ids``; returns how many it still held."""
+    if not ids:
+        return 0
+    result = session.execute(
+        update(table)
+        .where(
+            among(session, key, ids),
+            table.lease_owner == lease.owner,
+            status_among_ids(table).in_(("queued", "running")),
+        )
+        .values(lease_expires_at=lease.expiry(utcnow())),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def stranded_clause(table: Any, rules: Stranded, *, sent_at: Any, quiet: Any = None) -> Any:
     """The WHERE clause of :class:`Stranded` on ``table`` (cases or a tile ledger)."""
     unleased_queued = and_(table.status == "queued", table.lease_owner.is_(None))

@@ -23,6 +23,7 @@ from db.leases import (
     Stranded,
     claimable,
     claimed_values,
+    renew_rows,
     send_stranded,
     stranded_clause,
     unfinished,
@@ -572,19 +573,7 @@ def hold_cases(
 
 def renew_leases(session: Session, *, case_ids: Sequence[int], lease: Lease) -> int:
     """Extend this worker's leases on the given cases; returns how many it still held."""
-    if not case_ids:
-        return 0
-    result = session.execute(
-        update(Case)
-        .where(
-            among(session, Case.id, case_ids),
-            Case.lease_owner == lease.owner,
-            status_among_ids(Case).in_((CaseStatus.queued.value, CaseStatus.running.value)),
-        )
-        .values(lease_expires_at=lease.expiry(utcnow())),
-        execution_options={"synchronize_session": False},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return renew_rows(session, Case, Case.id, case_ids, lease)
 
 
 def release_cases(
