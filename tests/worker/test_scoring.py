@@ -609,6 +609,7 @@ def test_a_long_explain_message_hands_the_rest_back_in_chunks(
     """Past its time, an explain message stores the chunk it finished and hands the rest back
     (queued, attempt uncounted, for a new message); explaining those finishes the job."""
     from bench.workloads import vitals_series
+    from worker.tasks.explain import SEQUENCE_CHUNK as chunk
 
     ids = _add_series(pg_sessions, vitals_series(20, seed=2, min_length=2), tenant="icu-yield")
     _, sent = score_collecting_explanations(pg_sessions, ids, _loader(gru), explain_top_k=2)
@@ -623,18 +624,18 @@ def test_a_long_explain_message_hands_the_rest_back_in_chunks(
         yield_after_s=0.0,
         send_rest=rest.append,
     )
-    assert len(first.done) == 8 and first.handed_back == ids[8:] and rest == [ids[8:]]
+    assert len(first.done) == chunk and first.handed_back == ids[chunk:] and rest == [ids[chunk:]]
     with pg_sessions() as s:
         states = explanations.states(s, case_ids=ids)
         attempts = set(
-            s.scalars(select(Explanation.attempts).where(Explanation.case_id.in_(ids[8:])))
+            s.scalars(select(Explanation.attempts).where(Explanation.case_id.in_(ids[chunk:])))
         )
-    assert {states[i].status for i in ids[:8]} == {"done"}
-    assert {states[i].status for i in ids[8:]} == {"pending"} and attempts == {0}
+    assert {states[i].status for i in ids[:chunk]} == {"done"}
+    assert {states[i].status for i in ids[chunk:]} == {"pending"} and attempts == {0}
     second = explain_cases(
         rest[0], sessions=pg_sessions, load_model=lambda n, v: gru, lease=lease, top_k=2
     )
-    assert second.done == ids[8:] and second.handed_back == []
+    assert second.done == ids[chunk:] and second.handed_back == []
 
 
 _WARM_UP = """
