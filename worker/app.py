@@ -63,9 +63,10 @@ def create_app(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # The batcher holds messages unacknowledged until their batch is committed, so the
-        # prefetch limit is what bounds a batch: the sum of the per-queue batch sizes (a message
-        # carries at least one case). Never "the whole queue" (Celery's optimizing guide).
-        worker_prefetch_multiplier=sum(settings.batching(q)[0] for q in SCORE_QUEUES),
+        # prefetch limit is what bounds a batch: twice the sum of the per-queue batch sizes (a
+        # message carries at least one case; one batch is written while the next gathers).
+        # Never "the whole queue" (Celery's optimizing guide).
+        worker_prefetch_multiplier=2 * sum(settings.batching(q)[0] for q in SCORE_QUEUES),
         worker_hijack_root_logger=False,
         beat_schedule=beat_schedule(settings),
     )

@@ -31,6 +31,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,9 @@ PROBE_EVERY_S = 0.5
 #: Pause before handing back a batch that failed for a reason that is neither a case's nor an
 #: outage (a defect): each delivery counts, so such cases end as dead letters, not in a loop.
 DEFECT_PAUSE_S = 1.0
+#: How often the event loop looks whether the batch being written has committed, when no next
+#: batch comes to wait for it (its messages are acknowledged then).
+WRITE_POLL_S = 0.002
 
 
 @dataclass
@@ -59,6 +63,17 @@ class _Message:
     case_ids: list[int]
     ack: Callable[[], None]
     reject: Callable[[bool], None]
+
+
+@dataclass
+class _Writing:
+    """A batch scored and being written by the writer thread; its messages wait for the commit."""
+
+    queue: str
+    messages: list[_Message]
+    case_ids: set[int]
+    scored: Any  # worker.tasks.scoring.Scored
+    future: Future[None] | None = None
 
 
 @dataclass
@@ -89,6 +104,9 @@ class Batcher:
         self.timer = consumer.timer
         self.connection_errors = consumer.connection_errors
         self.failures = 0
+        #: The batch being written (at most one), and the thread that writes it.
+        self.writing: _Writing | None = None
+        self.writer: ThreadPoolExecutor | None = None
         #: Cases an outage stopped and the database could not take back yet.
         self.to_release: set[int] = set()
         settings = self.ctx.settings
@@ -172,30 +190,73 @@ class Batcher:
             log.warning("could not lease %d waiting cases: %s", len(waiting), type(exc).__name__)
 
     def _score(self, buffer: _Buffer) -> None:
+        """Claim and score a buffer's cases, then write them in the writer thread while this
+        thread goes on to the next batch; the previous batch's write is waited for first (one
+        write at a time), and its messages acknowledged once it committed."""
         messages = buffer.take()
         case_ids = list(dict.fromkeys(i for m in messages for i in m.case_ids))
-        keeper = self.ctx.leases
+        if self.writing is not None and not self.writing.case_ids.isdisjoint(case_ids):
+            self._settle_write()  # a case in both batches: its first write goes first
         if self.to_release:
             self._release(sorted(self.to_release))
         try:
-            outcome = self.task.score_batch(
+            scored = self.task.start_batch(
                 case_ids, queue=buffer.queue, max_batch_size=buffer.max_cases
             )
         except Exception as exc:
-            self._hand_back(buffer, messages, case_ids, exc)
+            self.ctx.leases.drop(case_ids)
+            self._settle_write()
+            self._hand_back(buffer.queue, messages, case_ids, exc)
+            return
+        self._settle_write()
+        writing = _Writing(buffer.queue, messages, set(case_ids), scored)
+        if scored.to_write and self.timer is not None:
+            writing.future = self._writer().submit(scored.write)
+            self.writing = writing
+            self.timer.call_after(WRITE_POLL_S, self._check_write, (writing,))
+        else:
+            self.writing = writing
+            self._settle_write()
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self.writer is None:
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medbatch-write")
+        return self.writer
+
+    def _check_write(self, writing: _Writing) -> None:
+        """The event loop's look at the batch being written: settled once its commit is in."""
+        if self.writing is not writing:
+            return  # settled meanwhile, by the next batch
+        if writing.future is None or writing.future.done():
+            self._settle_write()
+        elif self.timer is not None:
+            self.timer.call_after(WRITE_POLL_S, self._check_write, (writing,))
+
+    def _settle_write(self) -> None:
+        """Wait for the batch being written; acknowledge its messages once committed, or hand
+        them back if its write failed."""
+        writing, self.writing = self.writing, None
+        if writing is None:
+            return
+        try:
+            if writing.future is not None:
+                writing.future.result()
+            outcome = writing.scored.finish()
+        except Exception as exc:
+            self._hand_back(writing.queue, writing.messages, sorted(writing.case_ids), exc)
             return
         finally:
-            keeper.drop(case_ids)
+            self.ctx.leases.drop(writing.case_ids)
         self.failures = 0
-        for m in messages:
+        for m in writing.messages:
             m.ack()
         # Counts and internal ids only: no external ids (they may be MRNs), no feature values.
         log.info(
             "%s: %d messages, %d cases, %d scored in %d forward passes, %d failed, "
             "%d dead letters, %d settled as they were",
-            buffer.queue,
-            len(messages),
-            len(case_ids),
+            writing.queue,
+            len(writing.messages),
+            len(writing.case_ids),
             len(outcome.scored),
             outcome.forward_passes,
             len(outcome.failed),
@@ -204,7 +265,7 @@ class Batcher:
         )
 
     def _hand_back(
-        self, buffer: _Buffer, messages: list[_Message], case_ids: list[int], exc: Exception
+        self, queue: str, messages: list[_Message], case_ids: list[int], exc: Exception
     ) -> None:
         """Return a failed batch's messages to their queue: after the database is back, with
         the deliveries uncounted, if it was an outage; after a short pause otherwise."""
@@ -216,7 +277,7 @@ class Batcher:
                 "database unreachable (%s): %d cases from %s wait for it (up to %.1f s)",
                 type(exc).__name__,
                 len(case_ids),
-                buffer.queue,
+                queue,
                 cap,
             )
             self._wait_for_database(cap)
@@ -227,7 +288,7 @@ class Batcher:
             log.error(
                 "batch of %d cases from %s failed: %s at %s; returning %d messages",
                 len(case_ids),
-                buffer.queue,
+                queue,
                 type(exc).__name__,
                 _raised_at(exc),
                 len(messages),

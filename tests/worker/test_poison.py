@@ -280,7 +280,7 @@ def test_a_failed_batch_tells_each_case_the_error_class_only(
     class Defective:
         """Claims the batch, then meets a data error naming a patient in its parameters."""
 
-        def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> None:
+        def start_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> None:
             with session_scope(ctx.sessions) as s:
                 repo.claim_cases(s, case_ids=case_ids, max_deliveries=5, lease=ctx.leases.lease)
             with ctx.sessions() as s:

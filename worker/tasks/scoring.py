@@ -136,7 +136,15 @@ def _id(case: repo.ClaimedCase) -> int:
     return case.id
 
 
-def score_cases(
+def score_cases(case_ids: Sequence[int], **options: Any) -> Outcome:
+    """Score the given cases and persist the outcome; safe to run twice for the same ids.
+
+    :func:`start_cases` (claim, forward passes), then the write and the rest, in this thread.
+    """
+    return start_cases(case_ids, **options).finish()
+
+
+def start_cases(
     case_ids: Sequence[int],
     *,
     sessions: sessionmaker[Session],
@@ -149,23 +157,24 @@ def score_cases(
     load_shadow: ShadowLoader | None = None,
     keeper: LeaseKeeper | None = None,
     send_explanations: Callable[[list[int]], object] | None = None,
-) -> Outcome:
-    """Score the given cases and persist the outcome; safe to run twice for the same ids.
+) -> Scored:
+    """Claim the given cases and run their forward passes; the returned :class:`Scored` writes
+    them. Safe to run twice for the same ids.
 
-    One statement claims the batch (with ``keeper``'s lease, renewed while the batch runs) and
-    one settles it. Cases are grouped by model version and cut into forward passes of at most
-    ``max_batch_size``. Where ``load_shadow`` gives a candidate for a version, it scores the
-    same batch too; its rows are stored as shadow scores, and its failures cost nothing but its
-    own rows.
+    One statement claims the batch (with ``keeper``'s lease, renewed until the batch is
+    written) and one settles it. Cases are grouped by model version and cut into forward passes
+    of at most ``max_batch_size``. Where ``load_shadow`` gives a candidate for a version, it
+    scores the same batch too; its rows are stored as shadow scores, and its failures cost
+    nothing but its own rows.
 
-    With ``explain_top_k`` > 0, the same transaction asks for the attributions of each scored
-    case of an explainable model; after the commit ``send_explanations`` gets their ids (if it
-    fails, or there is none, they wait for the sweeper).
+    With ``explain_top_k`` > 0, the write's transaction asks for the attributions of each
+    scored case of an explainable model; after the commit ``send_explanations`` gets their ids
+    (if it fails, or there is none, they wait for the sweeper).
 
     A case delivered before without finishing (its worker died holding it: perhaps killed by
     that very case) is claimed and scored alone, after the others, each leased meanwhile: a
     case that kills its worker then costs no other case a delivery, and ends a dead letter
-    alone after ``max_deliveries``.
+    alone after ``max_deliveries``. Such a batch is written whole before this returns.
     """
     lease = keeper.lease if keeper is not None else None
     owner = lease.owner if lease is not None else None
@@ -190,17 +199,74 @@ def score_cases(
     }
     if suspects:
         rest = Outcome(dead_letters=dead, skipped=len(left) - len(suspects))
-        return _alone_after_the_rest(
-            lambda: _score_claimed(claimed, rest, **common),
+        outcome = _alone_after_the_rest(
+            lambda: _begin(claimed, rest, **common).finish(),
             partial(score_cases, max_deliveries=max_deliveries, **common),
             suspects,
             keeper,
         )
+        return Scored(outcome, queue=queue, observed=True)
     outcome = Outcome(dead_letters=dead, skipped=len(case_ids) - len(claimed) - len(dead))
-    return _score_claimed(claimed, outcome, **common)
+    return _begin(claimed, outcome, **common)
 
 
-def _score_claimed(
+@dataclass
+class Scored:
+    """A batch claimed and through its forward passes, not yet written.
+
+    :meth:`write` inserts the score rows and settles every case in one transaction; it touches
+    the database only, so another thread may run it (the batcher writes one batch while the
+    worker's thread claims and scores the next: docs/scoring-path.md). :meth:`finish` then
+    sends the explain messages and counts the batch, in the worker's thread."""
+
+    outcome: Outcome
+    claimed: list[repo.ClaimedCase] = field(default_factory=list)
+    passes: list[_Pass] = field(default_factory=list)
+    sessions: sessionmaker[Session] | None = None
+    queue: str = "score.routine"
+    keeper: LeaseKeeper | None = None
+    send_explanations: Callable[[list[int]], object] | None = None
+    #: Already sent and counted (a batch scored whole by :func:`start_cases`).
+    observed: bool = False
+    written: bool = False
+
+    @property
+    def to_write(self) -> bool:
+        return bool(self.claimed) and not self.written
+
+    def write(self) -> None:
+        """Store the batch (once). If it raises, its cases' leases are no longer renewed."""
+        if not self.to_write:
+            return
+        assert self.sessions is not None
+        try:
+            _write(self.sessions, self.passes, self.outcome, queue=self.queue)
+        except BaseException:
+            self._drop_leases()
+            raise
+        self.written = True
+
+    def finish(self) -> Outcome:
+        """Write (if not yet written), then send the explain messages and count the batch."""
+        try:
+            self.write()
+        finally:
+            self._drop_leases()
+        if self.observed:
+            return self.outcome
+        self.observed = True
+        if self.send_explanations is not None and self.outcome.to_explain:
+            assert self.sessions is not None
+            _send_explanations(self.sessions, self.send_explanations, self.outcome.to_explain)
+        _observe(self.queue, self.passes, self.outcome, self.claimed)
+        return self.outcome
+
+    def _drop_leases(self) -> None:
+        if self.keeper is not None and self.claimed:
+            self.keeper.drop([c.id for c in self.claimed])
+
+
+def _begin(
     claimed: list[repo.ClaimedCase],
     outcome: Outcome,
     *,
@@ -213,11 +279,10 @@ def _score_claimed(
     load_shadow: ShadowLoader | None,
     keeper: LeaseKeeper | None,
     send_explanations: Callable[[list[int]], object] | None,
-) -> Outcome:
-    """The forward passes, the write and the explain messages of the cases a claim took."""
+) -> Scored:
+    """The forward passes of the cases a claim took, their leases renewed until written."""
     if not claimed:
-        _observe(queue, [], outcome, claimed)
-        return outcome
+        return Scored(outcome, queue=queue)
     held = [c.id for c in claimed]
     if keeper is not None:
         keeper.hold(held)
@@ -231,14 +296,11 @@ def _score_claimed(
             explain_sequences=explain_sequences,
             load_shadow=load_shadow,
         )
-        _write(sessions, passes, outcome, queue=queue)
-    finally:
+    except BaseException:
         if keeper is not None:
             keeper.drop(held)
-    if send_explanations is not None and outcome.to_explain:
-        _send_explanations(sessions, send_explanations, outcome.to_explain)
-    _observe(queue, passes, outcome, claimed)
-    return outcome
+        raise
+    return Scored(outcome, claimed, passes, sessions, queue, keeper, send_explanations)
 
 
 def _alone_after_the_rest(
@@ -590,11 +652,12 @@ class ScoringTask(Task):
     def parse_ids(args: Sequence[object]) -> list[int]:
         return parse_case_ids(args)
 
-    def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> Outcome:
-        """One batch of cases with this process's models, leases and settings."""
+    def start_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> Scored:
+        """Claim and score one batch with this process's models, leases and settings; the
+        returned :class:`Scored` writes it."""
         ctx = context(self.app)
         with torch_threads(ctx.settings.torch_threads):
-            return score_cases(
+            return start_cases(
                 case_ids,
                 sessions=ctx.sessions,
                 load_model=ctx.model,
@@ -607,6 +670,10 @@ class ScoringTask(Task):
                 keeper=ctx.leases,
                 send_explanations=explain_sender(self.app),
             )
+
+    def score_batch(self, case_ids: list[int], *, queue: str, max_batch_size: int) -> Outcome:
+        """One batch, written before this returns."""
+        return self.start_batch(case_ids, queue=queue, max_batch_size=max_batch_size).finish()
 
 
 @shared_task(bind=True, base=ScoringTask, name=SCORE_TASK)
