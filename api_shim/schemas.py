@@ -140,3 +140,8 @@ class ResultPublic(BaseModel):
 class ResultsPublic(BaseModel):
     items: list[ResultPublic]
     next_cursor: str | None
+    next_since: datetime = Field(
+        description="`since` of the next poll, once the last page is read (and `until` of the "
+        "next page): every change stamped before it is committed and was listed by this poll "
+        "or an earlier one; changes stamped at or after it may be listed again"
+    )

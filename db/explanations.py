@@ -414,6 +414,7 @@ def results_with_states(
     model: str | None = None,
     status: CaseStatus | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     after_id: int = 0,
     limit: int = 100,
 ) -> list[tuple[Case, Score | None, ExplanationState | None]]:
@@ -424,6 +425,7 @@ def results_with_states(
             model=model,
             status=status,
             since=since,
+            until=until,
             after_id=after_id,
             limit=limit,
         )

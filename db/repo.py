@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Select, String, and_, case, cast, func, or_, select, text, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
+from db.engine import SQLITE_BUSY_TIMEOUT_S
 from db.leases import (
     Lease,
     Stranded,
@@ -817,6 +818,7 @@ def list_results(
     model: str | None = None,
     status: CaseStatus | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     after_id: int = 0,
     limit: int = 100,
 ) -> list[tuple[Case, Score | None]]:
@@ -829,6 +831,7 @@ def list_results(
         model=model,
         status=status,
         since=since,
+        until=until,
         after_id=after_id,
         limit=limit,
     )
@@ -841,6 +844,7 @@ def results_statement(
     model: str | None = None,
     status: CaseStatus | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     after_id: int = 0,
     limit: int = 100,
 ) -> Select[Any]:
@@ -868,7 +872,44 @@ def results_statement(
         stmt = stmt.where(Case.status == status)
     if since is not None:
         stmt = stmt.where(Case.updated_at >= since)
+    if until is not None:
+        stmt = stmt.where(Case.updated_at < until)
     return stmt
+
+
+# Every other transaction open on this database, whatever it has done so far: an xid is given
+# only at a transaction's first write, and a case's stamp is taken (on the app server's clock)
+# before the statement that writes it, so one that has stamped a case but not yet written, or
+# waits on a row lock to write it, has no backend_xid yet. Sessions of other roles that this one
+# may not see (pg_stat_activity shows them with no backend_type) are counted apart.
+_PG_OLDEST_OPEN = text(
+    "SELECT now(), "
+    "min(xact_start) FILTER (WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()), "
+    "count(*) FILTER (WHERE backend_type IS NULL) "
+    "FROM pg_stat_activity WHERE datname = current_database()"
+)
+
+
+def poll_watermark(session: Session, *, margin: timedelta) -> datetime | None:
+    """A moment before which every change to a case is committed: a statement run after this one
+    sees every case whose ``updated_at`` is before it (in its latest version, or a later one).
+
+    On PostgreSQL: the earlier of the database's now and the start of the oldest other
+    transaction still open on this database, less ``margin`` (the most an app server's clock,
+    which stamps ``updated_at``, may be behind the database's, plus the time between a stamp and
+    its transaction's first statement). On SQLite writes take turns, but a writer may stamp a
+    case and then wait for the write lock: now, less the lock timeout and ``margin``.
+
+    None when some session on this database is hidden from this role (so the oldest open
+    transaction is unknown): run the API as the role that writes, or grant it
+    ``pg_read_all_stats``.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return utcnow() - timedelta(seconds=SQLITE_BUSY_TIMEOUT_S) - margin
+    now, oldest, hidden = session.execute(_PG_OLDEST_OPEN).one()
+    if hidden:
+        return None
+    return (now if oldest is None else min(now, oldest)) - margin
 
 
 def shadow_pairs(

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     cases_per_message: int = Field(default=64, ge=1)
     #: Page size limit of GET /v1/scores.
     max_page_size: int = Field(default=500, ge=1)
+    #: GET /v1/scores's ``next_since`` stays this far behind the oldest transaction still open
+    #: on the database: the most an app server's clock (which stamps ``updated_at``) may run
+    #: behind the database's, with the moments between a stamp and its transaction's start.
+    poll_clock_margin_s: float = Field(default=2.0, ge=0, le=_DAY_S)
     #: Dynamic batching, per queue: a forward pass starts when ``max_batch_size`` cases are
     #: waiting or ``max_delay_ms`` after the first of them arrived, whichever comes first.
     #: STAT: small and at once (latency first); routine: tens of ms buy full batches at a cost a

@@ -601,13 +601,18 @@ def test_cases_replay_says_why_a_named_case_was_not_re_queued(
         assert exit_.value.code == 2
         assert "argument case_ids: not a case id" in capsys.readouterr().err
 
-    assert main(["cases", "replay", str(dead), str(done), str(failed), str(queued), "999"]) == 0
+    assert main(["cases", "replay", str(dead), str(done), str(failed), str(queued), "999"]) == 1
     out, err = capsys.readouterr()
     assert out == "re-queued 1 dead-lettered cases\n"
     assert err == (
         f"not re-queued (not dead letters): {done} (done), {failed} (failed), {queued} (queued)"
         "; no such case: 999\n"
     )
+    # Cases that exist but are not dead letters are no error; a case that does not exist is.
+    assert main(["cases", "replay", str(done)]) == 0
+    capsys.readouterr()
+    assert main(["cases", "replay", "12345"]) == 1
+    assert capsys.readouterr() == ("re-queued 0 dead-lettered cases\n", "no such case: 12345\n")
 
 
 def test_models_evaluate_ecg_cnn_reads_the_record_where_the_settings_say(

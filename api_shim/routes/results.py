@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -19,10 +21,11 @@ from api_shim.deps import (
     to_utc,
 )
 from api_shim.schemas import CasePublic, ResultPublic, ResultsPublic, ScorePublic
-from db import explanations
+from db import explanations, repo
 from db.tables import Case, CaseStatus
 
 router = APIRouter(prefix="/v1", tags=["results"])
+log = logging.getLogger(__name__)
 
 
 #: The columns of a case that a case and a result both show as they are.
@@ -82,7 +85,17 @@ def list_scores(
     ] = None,
     status_: Annotated[CaseStatus | None, Query(alias="status")] = None,
     since: Annotated[
-        Moment | None, Query(description="cases updated at or after (RFC 3339, with offset)")
+        Moment | None,
+        Query(
+            description="cases updated at or after (RFC 3339, with offset): a poll's `next_since`"
+        ),
+    ] = None,
+    until: Annotated[
+        Moment | None,
+        Query(
+            description="cases updated before (RFC 3339, with offset): the last page's "
+            "`next_since`, when following `next_cursor`"
+        ),
     ] = None,
     limit: Annotated[
         int, Query(ge=1, description="page size, at most MEDBATCH_MAX_PAGE_SIZE (500)")
@@ -91,7 +104,8 @@ def list_scores(
     # fits a 64-bit id is a valid cursor now, so the schema can say which cursors are accepted).
     cursor: CursorQuery = 0,
 ) -> ResultsPublic:
-    """Results of this tenant's cases in case id order; follow `next_cursor` for the next page."""
+    """Results of this tenant's cases in case id order; follow `next_cursor` for the next page,
+    then poll again with `since` set to the last page's `next_since`."""
     if limit > settings.max_page_size:
         raise RequestValidationError(
             [
@@ -102,12 +116,23 @@ def list_scores(
                 }
             ]
         )
+    since_utc = None if since is None else to_utc(since)
+    until_utc = None if until is None else to_utc(until)
+    # Taken before the rows are read (PostgreSQL's read committed: each statement sees every
+    # commit made before it started), so every case stamped before it is among them.
+    watermark = repo.poll_watermark(session, margin=timedelta(seconds=settings.poll_clock_margin_s))
+    if watermark is None:
+        log.warning(
+            "GET /v1/scores: next_since does not advance: sessions of other database roles are "
+            "hidden from this one in pg_stat_activity (grant it pg_read_all_stats)"
+        )
     rows = explanations.results_with_states(
         session,
         tenant_id=tenant.id,
         model=model,
         status=status_,
-        since=None if since is None else to_utc(since),
+        since=since_utc,
+        until=until_utc,
         after_id=cursor,
         limit=limit,
     )
@@ -125,4 +150,20 @@ def list_scores(
         for case, score, e in rows
     ]
     next_cursor = str(rows[-1][0].id) if len(rows) == limit else None
-    return ResultsPublic(items=items, next_cursor=next_cursor)
+    return ResultsPublic(
+        items=items,
+        next_cursor=next_cursor,
+        next_since=_next_since(watermark, since=since_utc, until=until_utc),
+    )
+
+
+def _next_since(
+    watermark: datetime | None, *, since: datetime | None, until: datetime | None
+) -> datetime:
+    """The watermark, no later than ``until`` (this poll's earlier pages were read before it) and
+    no earlier than ``since`` (a client's cursor never moves back); the client's own ``since``
+    (nothing read is given up) when the watermark is unknown."""
+    floor = since or datetime.min.replace(tzinfo=UTC)
+    if watermark is None:
+        return floor
+    return max(floor, watermark if until is None else min(watermark, until))

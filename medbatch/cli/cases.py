@@ -41,14 +41,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     ]
     with database(settings) as sessions:
         owner = tenant_id(sessions, args.tenant, create=False) if args.tenant else None
-        skipped = None
+        skipped, missing = None, False
         with session_scope(sessions) as session:
             replayed = repo.replay_dead_letters(
                 session, tenant_id=owner, case_ids=args.case_ids or None, retired=retired
             )
             if args.case_ids:
                 left = sorted(set(args.case_ids) - {i for i, _ in replayed})
-                skipped = _why_not(session, left, owner) if left else None
+                if left:
+                    skipped, missing = _why_not(session, left, owner)
             elif retired:
                 skipped = _retired_left(session, owner, retired)
         if replayed:
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"re-queued {len(replayed)} dead-lettered cases")
     if skipped:
         err(skipped)
-    return 0
+    # A named case that does not exist is a typo or the wrong database: a script must see it.
+    return 1 if missing else 0
 
 
 def _retired_left(
@@ -83,8 +85,9 @@ def _retired_left(
     return f"not re-queued (model version retired): {', '.join(left)}" if left else None
 
 
-def _why_not(session: Session, ids: list[int], owner: int | None) -> str:
-    """Why the named cases ``ids`` were not re-queued: their status, or that there is none."""
+def _why_not(session: Session, ids: list[int], owner: int | None) -> tuple[str, bool]:
+    """Why the named cases ``ids`` were not re-queued: their status, or that there is none; and
+    whether some of them do not exist (for this tenant)."""
     from sqlalchemy import select
 
     from db.tables import Case
@@ -103,4 +106,4 @@ def _why_not(session: Session, ids: list[int], owner: int | None) -> str:
     if missing:
         where = " of this tenant" if owner is not None else ""
         parts.append(f"no such case{where}: {', '.join(missing)}")
-    return "; ".join(parts)
+    return "; ".join(parts), bool(missing)
