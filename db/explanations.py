@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import String, and_, case, cast, literal, select, text, update
+from sqlalchemy import String, and_, case, cast, literal, or_, select, text, update
 from sqlalchemy.orm import Session, joinedload
 
 from db import leases
@@ -118,6 +118,8 @@ class ClaimedExplanation:
     features: dict[str, Any]
     #: The sha256 of the artifact that made the score: its attributions must come from the same.
     model_sha256: str
+    #: Claims counted so far, this one included.
+    attempts: int = 1
 
 
 def attempted_unfinished(
@@ -126,7 +128,8 @@ def attempted_unfinished(
     """Of ``case_ids``, those whose explanation a claim counted before and that never finished
     (their worker died explaining them): least attempted first, then in case id order. One
     ``running`` under a live lease of a worker other than ``owner`` is being explained there:
-    no suspect (a claim of its own would only skip it)."""
+    no suspect (a claim of its own would only skip it); nor is one given back by
+    :func:`defer_explanations` (its ``error`` says how its attempt ended)."""
     return leases.unfinished(
         session,
         Explanation,
@@ -134,6 +137,7 @@ def attempted_unfinished(
         count=Explanation.attempts,
         ids=case_ids,
         owner=owner,
+        also=Explanation.error.is_(None),
     )
 
 
@@ -150,13 +154,15 @@ def claim_explanations(
     order, and the cases now tried more than ``max_deliveries`` times: those end ``failed``.
 
     With ``first_only``, a row attempted before without finishing is left as it is (the
-    caller explains it alone: :func:`attempted_unfinished` finds it)."""
+    caller explains it alone: :func:`attempted_unfinished` finds it). A row given back by
+    :func:`defer_explanations` finished its attempt (its ``error`` says how): it is no suspect.
+    A claim clears that ``error``, so a worker dying on the row makes it one."""
     now = utcnow()
     attempts = Explanation.attempts + 1
     dead = attempts > max_deliveries
     takes = leases.claimable(Explanation, now, lease.owner)
     if first_only:
-        takes = and_(takes, Explanation.attempts == 0)
+        takes = and_(takes, or_(Explanation.attempts == 0, Explanation.error.is_not(None)))
     rows = session.execute(
         update(Explanation)
         .where(among(session, Explanation.case_id, case_ids), takes)
@@ -170,15 +176,18 @@ def claim_explanations(
                     dead,
                     "explanation attempted " + cast(attempts, String) + " times without finishing",
                 ),
-                else_=Explanation.error,
+                else_=None,
             ),
         )
-        .returning(Explanation.case_id, Explanation.score_id, Explanation.status),
+        .returning(
+            Explanation.case_id, Explanation.score_id, Explanation.status, Explanation.attempts
+        ),
         execution_options={"synchronize_session": False},
     ).all()
     dead_ids = sorted(r.case_id for r in rows if r.status == JobStatus.failed)
     touch_cases(session, case_ids=dead_ids)
     live = {r.case_id: r.score_id for r in rows if r.status != JobStatus.failed}
+    tries = {r.case_id: r.attempts for r in rows}
     if not live:
         return [], dead_ids
     cases = session.execute(
@@ -188,7 +197,7 @@ def claim_explanations(
     ).all()
     claimed = [
         ClaimedExplanation(
-            c.id, live[c.id], c.model_name, c.model_version, c.features, c.model_sha256
+            c.id, live[c.id], c.model_name, c.model_version, c.features, c.model_sha256, tries[c.id]
         )
         for c in sorted(cases, key=lambda c: c.id)
     ]
@@ -295,11 +304,29 @@ def release_explanations(
     _give_back(session, case_ids, owner, held=False, resend=resend)
 
 
+def defer_explanations(session: Session, *, reasons: dict[int, str], owner: str) -> None:
+    """Give back claimed rows whose model could not be loaded for a reason that may pass (an
+    artifact unreadable while a deploy copies it): ``queued``, no lease, the attempt still
+    counted (the tries end at ``max_deliveries``), and unsent, so that the sweeper sends them at
+    its next sweep: a pause before the next try, not a loop. ``reasons`` (case id -> why) stay
+    in ``error`` meanwhile (the API shows an error only once failed); the next claim takes them
+    as first tries, not as suspects."""
+    if reasons:
+        _give_back(session, list(reasons), owner, held=False, resend=False, errors=reasons)
+
+
 def _give_back(
-    session: Session, case_ids: Sequence[int], owner: str, *, held: bool, resend: bool
+    session: Session,
+    case_ids: Sequence[int],
+    owner: str,
+    *,
+    held: bool,
+    resend: bool,
+    errors: dict[int, str] | None = None,
 ) -> None:
     """``queued`` again and no lease: rows ``owner`` held unclaimed (``held``: their attempts as
-    they were) or claimed (``running``: the claim's attempt taken back)."""
+    they were) or claimed (``running``: the claim's attempt taken back, unless ``errors`` says
+    how it ended, which then goes into ``error``)."""
     now = utcnow()
     status = status_among_ids(Explanation)
     values: dict[str, Any] = {
@@ -309,7 +336,9 @@ def _give_back(
         "enqueued_at": now if resend else None,
         "updated_at": now,
     }
-    if not held:
+    if errors is not None:
+        values["error"] = case({i: r[:2000] for i, r in errors.items()}, value=Explanation.case_id)
+    elif not held:
         values["attempts"] = Explanation.attempts - 1
     session.execute(
         update(Explanation)

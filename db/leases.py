@@ -69,18 +69,22 @@ def claimable(table: Any, now: datetime, owner: str | None) -> Any:
 
 
 def unfinished(
-    session: Session, table: Any, *, key: Any, count: Any, ids: Sequence[int], owner: str | None
+    session: Session,
+    table: Any,
+    *,
+    key: Any,
+    count: Any,
+    ids: Sequence[int],
+    owner: str | None,
+    also: Any = None,
 ) -> list[int]:
     """Of ``ids`` (values of ``key``), the rows of ``table`` a claim counted before (``count``
-    above 0) that never finished and are :func:`claimable` still: least counted first, then in
-    ``key`` order."""
-    return list(
-        session.scalars(
-            select(key)
-            .where(among(session, key, ids), count > 0, claimable(table, utcnow(), owner))
-            .order_by(count, key)
-        )
-    )
+    above 0) that never finished and are :func:`claimable` still (and meet ``also``, if given):
+    least counted first, then in ``key`` order."""
+    where = [among(session, key, ids), count > 0, claimable(table, utcnow(), owner)]
+    if also is not None:
+        where.append(also)
+    return list(session.scalars(select(key).where(*where).order_by(count, key)))
 
 
 @dataclass(frozen=True)

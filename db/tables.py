@@ -201,6 +201,8 @@ class Explanation(Base):
     ``status`` is ``queued`` (a message was sent at ``enqueued_at``; None: not yet sent),
     ``running`` (a worker holds the lease), ``done`` or ``failed`` (``error`` says why). The API
     shows queued and running as ``pending``. The sweeper re-sends stranded rows as it does cases.
+    A ``queued`` row with an ``error`` was given back because its model could not be loaded for
+    now (db/explanations.py ``defer_explanations``); the API shows that error only once failed.
     """
 
     __tablename__ = "explanations"

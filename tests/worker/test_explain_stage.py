@@ -5,6 +5,8 @@ the lease tests (``sessions``) on SQLite too."""
 from __future__ import annotations
 
 import contextlib
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,12 +18,18 @@ from db import explanations, repo
 from db.engine import session_scope
 from db.tables import Case, Explanation, Priority, Score, utcnow
 from medbatch.settings import Settings
+from models.cases import registry as registry_module
 from models.cases.inference import LoadedModel
-from models.cases.registry import Registry
-from tests.helpers import register_breast_cancer, score_collecting_explanations, wdbc_cases
+from models.cases.registry import Registry, sha256_file, user_registry_path
+from tests.helpers import (
+    register_breast_cancer,
+    save_mlp,
+    score_collecting_explanations,
+    wdbc_cases,
+)
 from worker.context import WorkerContext
 from worker.leases import LeaseKeeper
-from worker.tasks.explain import explain_cases
+from worker.tasks.explain import ExplainOutcome, explain_cases
 
 pytestmark = pytest.mark.integration
 
@@ -248,7 +256,14 @@ def test_an_artifact_gone_before_the_explanation_fails_it_once_with_the_reason(
     fresh = WorkerContext(settings)  # a worker started after the artifact went
     lease = repo.Lease("test:1:gone", timedelta(seconds=60))
     for _ in range(2):
-        explain_cases(ids, sessions=pg_sessions, load_model=fresh.loaded, lease=lease, top_k=2)
+        explain_cases(
+            ids,
+            sessions=pg_sessions,
+            load_model=fresh.loaded,
+            reload_model=fresh.reloaded,
+            lease=lease,
+            top_k=2,
+        )
     with pg_sessions() as s:
         states = explanations.states(s, case_ids=ids)
     rows = _ledger(pg_sessions, ids)
@@ -330,4 +345,256 @@ def test_a_model_that_cannot_be_loaded_fails_its_explanations_with_the_reason(
     assert {(r.status, r.attempts) for r in rows.values()} == {("failed", 1)}
     assert {r.error for r in rows.values()} == {
         "model breast-cancer@1.0.0 could not be loaded: RuntimeError"
+    }
+
+
+def _store(tmp_path: Path) -> Settings:
+    """Settings of workers sharing an artifact store where breast-cancer@2.0.0 is registered."""
+    store = tmp_path / "store"
+    register_breast_cancer(store, "2.0.0")
+    return Settings(database_url="sqlite:///unused.sqlite", artifact_dir=store, device="cpu")
+
+
+def _republish(settings: Settings) -> str:
+    """breast-cancer@2.0.0 re-published in place, as an operator would: other weights written
+    over its artifact, and its sha256 in the store's registry file; returns that sha256."""
+    assert settings.artifact_dir is not None
+    path = user_registry_path(settings.artifact_dir)
+    raw = json.loads(path.read_text())
+    (entry,) = [m for m in raw["models"] if m["version"] == "2.0.0"]
+    artifact = settings.artifact_dir / entry["artifact"]
+    save_mlp(artifact, len(SPEC.inputs), hidden=(4,))
+    entry["sha256"] = sha256_file(artifact)
+    path.write_text(json.dumps(raw))
+    return str(entry["sha256"])
+
+
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The artifacts hashed from now on (each sha256 check of a load)."""
+    hashed: list[Path] = []
+    real = registry_module.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(registry_module, "sha256_file", counting)
+    return hashed
+
+
+def test_a_worker_whose_model_was_republished_since_it_loaded_explains_the_new_scores(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker loaded breast-cancer@2.0.0; its artifact was then re-published in place (same
+    version, other bytes, the registry's sha256 with them) and a worker started since scored
+    with it. The first worker failed those explanations as 'changed since the score', its own
+    copy being the stale one. It looks at the files again (a stat; it hashes only what
+    changed): the scores of its old copy are explained with it, the new ones with the new
+    artifact, which it keeps. A score of weights no longer on disk still fails, re-hashing
+    nothing."""
+    settings = _store(tmp_path)
+    stale = WorkerContext(settings)
+    old = stale.loaded("breast-cancer", "2.0.0")
+    old_ids = _scored(pg_sessions, old, 2, prefix="xrepub-old")
+    new_sha = _republish(settings)
+    new = WorkerContext(settings).loaded("breast-cancer", "2.0.0")
+    assert new.sha256 == new_sha != old.sha256
+    new_ids = _scored(pg_sessions, new, 2, prefix="xrepub-new")
+    lease = repo.Lease("test:1:repub", timedelta(seconds=60))
+    outcome = explain_cases(
+        [new_ids[0], old_ids[0], new_ids[1], old_ids[1]],
+        sessions=pg_sessions,
+        load_model=stale.loaded,
+        reload_model=stale.reloaded,
+        lease=lease,
+        top_k=2,
+    )
+    assert outcome.failed == {} and outcome.deferred == {}
+    assert outcome.done == sorted(old_ids + new_ids)
+    assert stale.loaded("breast-cancer", "2.0.0").sha256 == new_sha
+
+    hashed = _counting_hashes(monkeypatch)
+    late = _scored(pg_sessions, old, 1, prefix="xrepub-late")  # the old weights, gone from disk
+    outcome = explain_cases(
+        late,
+        sessions=pg_sessions,
+        load_model=stale.loaded,
+        reload_model=stale.reloaded,
+        lease=lease,
+        top_k=2,
+    )
+    assert outcome.failed == {
+        late[0]: "model breast-cancer@2.0.0 changed since the score: "
+        "its artifact's sha256 is not the score's, and attributions of "
+        "other weights would not explain this score"
+    }
+    assert hashed == []
+
+
+def test_a_worker_that_read_the_registry_before_a_version_was_added_explains_its_scores(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """The worker read the store's registry before breast-cancer@2.0.0 was registered; another
+    worker scored with it. 'Unknown model version' would fail the explanations for good: the
+    registry's file changed since, so it is read again."""
+    store = tmp_path / "store"
+    settings = Settings(database_url="sqlite:///unused.sqlite", artifact_dir=store, device="cpu")
+    early = WorkerContext(settings)
+    assert "breast-cancer@2.0.0" not in {s.ref for s in early.registry}
+    register_breast_cancer(store, "2.0.0")
+    ids = _scored(
+        pg_sessions, WorkerContext(settings).loaded("breast-cancer", "2.0.0"), 2, prefix="xadded"
+    )
+    outcome = explain_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=early.loaded,
+        reload_model=early.reloaded,
+        lease=repo.Lease("test:1:added", timedelta(seconds=60)),
+        top_k=2,
+    )
+    assert outcome.done == ids and outcome.failed == {}
+
+
+def test_an_unknown_version_still_fails_its_explanation_at_once(
+    pg_sessions: sessionmaker[Session], model: LoadedModel, tmp_path: Path
+) -> None:
+    """No file changed and the store's registry is there: the version is gone for good (its
+    entry removed), so the explanation fails at its first attempt with the registry's reason."""
+    settings = _store(tmp_path)
+    worker = WorkerContext(settings)
+    ids = _scored(pg_sessions, model, 2, prefix="xunknown")
+    with session_scope(pg_sessions) as s:
+        s.execute(update(Score).where(Score.case_id == ids[1]).values(model_version="9.9.9"))
+    outcome = explain_cases(
+        ids,
+        sessions=pg_sessions,
+        load_model=worker.loaded,
+        reload_model=worker.reloaded,
+        lease=repo.Lease("test:1:unknown", timedelta(seconds=60)),
+        top_k=2,
+    )
+    assert outcome.done == [ids[0]] and outcome.deferred == {}
+    assert "unknown model version 'breast-cancer@9.9.9'" in outcome.failed[ids[1]]
+    rows = _ledger(pg_sessions, ids)
+    assert (rows[ids[1]].status, rows[ids[1]].attempts) == ("failed", 1)
+
+
+def test_a_registry_file_missing_for_a_moment_defers_the_explanations_until_it_is_back(
+    pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A worker started while a deploy replaced the store's registry file knew no
+    breast-cancer@2.0.0: its explanations failed for good as 'unknown model version'. They are
+    given back instead, an attempt counted, pending for the API, unsent (the sweeper sends them
+    at its next sweep, a pause rather than a loop) and no suspects; once the file is back they
+    are explained, as first tries of one message."""
+    settings = _store(tmp_path)
+    assert settings.artifact_dir is not None
+    ids = _scored(
+        pg_sessions,
+        WorkerContext(settings).loaded("breast-cancer", "2.0.0"),
+        3,
+        prefix="xregmissing",
+    )
+    path = user_registry_path(settings.artifact_dir)
+    aside = path.rename(path.with_name("registry.json.deploying"))
+    worker = WorkerContext(settings)
+    lease = repo.Lease("test:1:regmissing", timedelta(seconds=60))
+    explain = _explainer(pg_sessions, worker, lease)
+    first = explain(ids)
+    assert first.done == [] and first.failed == {} and sorted(first.deferred) == ids
+    assert "the artifact store's registry file is missing" in first.deferred[ids[0]]
+    rows = _ledger(pg_sessions, ids)
+    assert {(r.status, r.attempts, r.lease_owner, r.enqueued_at) for r in rows.values()} == {
+        ("queued", 1, None, None)
+    }
+    with pg_sessions() as s:
+        assert {e.status for e in explanations.states(s, case_ids=ids).values()} == {"pending"}
+        assert explanations.attempted_unfinished(s, case_ids=ids) == []
+    assert _sweep(pg_sessions) == ids
+
+    aside.rename(path)
+    again = explain(ids)
+    assert again.done == ids and again.failed == {} and again.deferred == {}
+    rows = _ledger(pg_sessions, ids)
+    assert {(r.status, r.attempts, r.error) for r in rows.values()} == {("done", 2, None)}
+
+
+def _explainer(
+    sessions: sessionmaker[Session], worker: WorkerContext, lease: repo.Lease
+) -> Callable[[list[int]], ExplainOutcome]:
+    """One explain message of ``worker`` (its ``loaded`` and ``reloaded``), 3 attempts at most."""
+    return lambda ids: explain_cases(
+        ids,
+        sessions=sessions,
+        load_model=worker.loaded,
+        reload_model=worker.reloaded,
+        lease=lease,
+        top_k=2,
+        max_deliveries=3,
+    )
+
+
+def test_an_artifact_being_copied_while_it_is_checked_defers_its_explanations(
+    pg_sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deploy was writing the artifact while the worker hashed it: the sha256 did not match,
+    and the explanations failed for good with 'its artifact has sha256 …'. The file changed
+    while it was checked, so they are given back; the copy done, they are explained."""
+    settings = _store(tmp_path)
+    ids = _scored(
+        pg_sessions, WorkerContext(settings).loaded("breast-cancer", "2.0.0"), 2, prefix="xcopying"
+    )
+    artifact = WorkerContext(settings).registry.resolve("breast-cancer@2.0.0").artifact
+    whole = artifact.read_bytes()
+    real = registry_module.sha256_file
+
+    def copying(path: Path) -> str:  # the deploy's next block lands while it is read
+        with path.open("ab") as fh:
+            fh.write(b"\0" * 64)
+        return real(path)
+
+    monkeypatch.setattr(registry_module, "sha256_file", copying)
+    worker = WorkerContext(settings)
+    lease = repo.Lease("test:1:copying", timedelta(seconds=60))
+    explain = _explainer(pg_sessions, worker, lease)
+    first = explain(ids)
+    assert first.failed == {} and sorted(first.deferred) == ids
+    assert first.deferred[ids[0]] == (
+        "model breast-cancer@2.0.0 could not be loaded: "
+        "breast-cancer@2.0.0: its artifact changed while it was checked"
+    )
+    monkeypatch.setattr(registry_module, "sha256_file", real)
+    artifact.write_bytes(whole)  # the copy is done
+    assert _sweep(pg_sessions) == ids
+    again = explain(ids)
+    assert again.done == ids and again.failed == {}
+
+
+def test_a_model_that_keeps_failing_to_load_fails_its_explanations_at_the_last_attempt(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """An artifact unreadable (PermissionError) at each try: the explanations are given back
+    and sent again by the sweeper, then, at their ``max_deliveries``-th attempt, fail with the
+    reason (the error's name, never the file's path), not 'attempted too often'. No loop."""
+    ids = _scored(pg_sessions, model, 3, prefix="xperm")
+    tries: list[int] = []
+
+    def load(name: str, version: str) -> LoadedModel:
+        tries.append(1)
+        raise PermissionError(13, "Permission denied", "/srv/store/models/secret.safetensors")
+
+    message, rounds = ids, 0
+    lease = repo.Lease("test:1:perm", timedelta(seconds=60))
+    while message and rounds < 10:
+        rounds += 1
+        explain_cases(
+            message, sessions=pg_sessions, load_model=load, lease=lease, top_k=2, max_deliveries=3
+        )
+        message = _sweep(pg_sessions)
+    assert rounds == 3 and len(tries) == 3  # one load a round: the message's cases together
+    rows = _ledger(pg_sessions, ids)
+    assert {(r.status, r.attempts) for r in rows.values()} == {("failed", 3)}
+    assert {r.error for r in rows.values()} == {
+        "model breast-cancer@1.0.0 could not be loaded: PermissionError (at each of 3 attempts)"
     }

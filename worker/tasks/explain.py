@@ -10,6 +10,12 @@ One bad case never costs another: a case whose features no longer featurize, who
 raises, or whose attributions hold a NaN or an infinity has its explanation ``failed`` with its
 reason; its score is untouched. A worker that dies mid-batch leaves its lease to expire, and the
 sweeper sends the cases again (worker/sweeper.py); an attempt counter ends a poison case as failed.
+
+A model that cannot be loaded for a reason that may pass (its artifact unreadable or being
+copied, the store's registry file missing for a moment) costs its cases an attempt each and no
+more: they are given back for the sweeper to send at its next sweep, and fail with the reason
+only at their last attempt. One that cannot be loaded for good (an unknown version, an artifact
+that steadily fails its check) fails them at once.
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from db.engine import session_scope
 from db.leases import Lease
 from models.cases.explain import explain, explainable
 from models.cases.inference import LoadedModel, ModelInput
-from models.cases.registry import ArtifactIntegrityError, RegistryError
+from models.cases.registry import ArtifactIntegrityError, RegistryError, RegistryFileError
 from models.device import torch_threads
 from worker import metrics
-from worker.context import context
+from worker.context import ModelFilesChanging, context
 from worker.leases import LeaseKeeper
 from worker.queues import EXPLAIN_TASK, enqueue_explanations
 from worker.tasks.scoring import claim_apart, model_unavailable, parse_case_ids
@@ -55,6 +61,9 @@ class ExplainOutcome:
     skipped: int = 0
     #: Cases left for a new message, the time given to this one being spent.
     handed_back: list[int] = field(default_factory=list)
+    #: Cases given back because their model could not be loaded for now (case id -> why), for
+    #: the sweeper to send again.
+    deferred: dict[int, str] = field(default_factory=dict)
 
 
 #: Cases per attribution pass: a recurrence's backward pass per path step makes a sequence case
@@ -62,6 +71,11 @@ class ExplainOutcome:
 #: STAT case may wait for beyond ``explain_yield_ms``: about 20 ms either way on a 2-core VM.
 TABULAR_CHUNK = 32
 SEQUENCE_CHUNK = 4
+
+#: Errors loading a model that may pass: the artifact or the registry file unreadable for a
+#: moment (OSError: PermissionError, FileNotFoundError, ... while a deploy copies files), a
+#: registry file read half-written, an artifact written to while it was hashed.
+PASSING_LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, RegistryFileError, ModelFilesChanging)
 
 
 def chunk_size(model: LoadedModel) -> int:
@@ -105,6 +119,7 @@ def explain_cases(
     *,
     sessions: sessionmaker[Session],
     load_model: ModelLoader,
+    reload_model: ModelLoader | None = None,
     lease: Lease | None = None,
     keeper: LeaseKeeper | None = None,
     top_k: int = 5,
@@ -119,6 +134,13 @@ def explain_cases(
     ``lease``, not renewed). Cases are explained in chunks (:func:`chunk_size`); once
     ``yield_after_s`` has passed, the cases left are handed back and given to ``send_rest`` (a
     new explain message) instead.
+
+    ``reload_model`` (the worker context's ``reloaded``) gives a model as its files are now: it
+    is asked when a score's sha256 is not the loaded model's, or when ``load_model`` found the
+    version unknown or its artifact broken, before the explanation fails for that (this
+    worker's copy may be older than the score). A model that cannot be loaded for now
+    (:data:`PASSING_LOAD_ERRORS`) has its cases given back, until their ``max_deliveries``-th
+    attempt fails them with the reason.
 
     A case attempted before without finishing (its worker died explaining it: perhaps killed by
     that very case) is claimed and explained alone, after the others, leased meanwhile (or the
@@ -148,6 +170,7 @@ def explain_cases(
         common: dict[str, Any] = {
             "sessions": sessions,
             "load_model": load_model,
+            "reload_model": reload_model,
             "lease": lease,
             "keeper": keeper,
             "top_k": top_k,
@@ -156,7 +179,7 @@ def explain_cases(
             "send_rest": send_rest,
         }
         if claimed:
-            _explain_claimed(claimed, dead, outcome, **common)
+            _explain_claimed(claimed, dead, outcome, max_deliveries=max_deliveries, **common)
         for n, case_id in enumerate(suspects):
             worked = bool(claimed) or n > 0
             spent = yield_after_s is not None and time.monotonic() - started > yield_after_s
@@ -171,6 +194,7 @@ def explain_cases(
             outcome.failed.update(part.failed)
             outcome.skipped += part.skipped
             outcome.handed_back += part.handed_back
+            outcome.deferred.update(part.deferred)
     finally:
         if keeper is not None:
             keeper.drop_explanations(suspects)
@@ -207,6 +231,16 @@ def model_changed(name: str, version: str) -> str:
     )
 
 
+def passing_load_error(name: str, version: str, exc: Exception) -> str:
+    """Why ``name@version`` could not be loaded for now, naming no server path (an OSError's
+    message and a registry file's error name the file: they go to the log only)."""
+    if isinstance(exc, ModelFilesChanging):
+        return f"model {name}@{version} could not be loaded: {exc.reason}"
+    if isinstance(exc, RegistryFileError):
+        return f"model {name}@{version} could not be loaded: the model registry could not be read"
+    return f"model {name}@{version} could not be loaded: {type(exc).__name__}"
+
+
 def _explain_claimed(
     claimed: list[ledger.ClaimedExplanation],
     dead: list[int],
@@ -214,10 +248,12 @@ def _explain_claimed(
     *,
     sessions: sessionmaker[Session],
     load_model: ModelLoader,
+    reload_model: ModelLoader | None,
     lease: Lease,
     keeper: LeaseKeeper | None,
     top_k: int,
     steps: int,
+    max_deliveries: int,
     yield_after_s: float | None,
     send_rest: Callable[[list[int]], object] | None,
 ) -> None:
@@ -227,7 +263,8 @@ def _explain_claimed(
     if keeper is not None:
         keeper.hold_explanations(held)
     try:
-        found = _compute(claimed, outcome, load_model, top_k, steps, yield_after_s)
+        loaders = _Loaders(load_model, reload_model)
+        found = _compute(claimed, outcome, loaders, top_k, steps, max_deliveries, yield_after_s)
         with session_scope(sessions) as session:
             # The dead are settled by the claim already; settling them again changes nothing.
             ledger.settle_explanations(
@@ -239,6 +276,7 @@ def _explain_claimed(
                 ledger.release_explanations(
                     session, case_ids=outcome.handed_back, owner=lease.owner, resend=True
                 )
+            ledger.defer_explanations(session, reasons=outcome.deferred, owner=lease.owner)
     finally:
         if keeper is not None:
             keeper.drop_explanations(held)
@@ -254,26 +292,60 @@ def _explain_claimed(
     metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
 
 
+@dataclass(frozen=True)
+class _Loaders:
+    load: ModelLoader
+    #: The model as its files are now (None: ``load``'s copy is taken as current).
+    reload: ModelLoader | None
+
+    def model(self, name: str, version: str, *, fresh: bool) -> LoadedModel:
+        """``name@version``: as loaded before, unless ``fresh``; asked again as its files are
+        now when the copy loaded before does not know the version or failed its check (this
+        worker may have read the registry or the artifact before they were re-published)."""
+        if fresh and self.reload is not None:
+            return self.reload(name, version)
+        try:
+            return self.load(name, version)
+        except ModelFilesChanging:
+            raise
+        except (RegistryError, ArtifactIntegrityError):
+            if self.reload is None:
+                raise
+            return self.reload(name, version)
+
+
 def _compute(
     claimed: list[ledger.ClaimedExplanation],
     outcome: ExplainOutcome,
-    load_model: ModelLoader,
+    loaders: _Loaders,
     top_k: int,
     steps: int,
+    max_deliveries: int,
     yield_after_s: float | None,
 ) -> dict[int, tuple[int, dict]]:
     """The attributions of the claimed cases, per model in chunks, until the time is spent
-    (what is left goes to ``outcome.handed_back``); each case's failure goes to ``outcome``."""
+    (what is left goes to ``outcome.handed_back``); each case's failure goes to ``outcome``,
+    and those whose model could not be loaded for now to ``outcome.deferred``."""
     found: dict[int, tuple[int, dict]] = {}
     groups: dict[tuple[str, str], list[ledger.ClaimedExplanation]] = defaultdict(list)
     for c in claimed:
         groups[(c.model_name, c.model_version)].append(c)
     started = time.monotonic()
-    todo = [(key, cases) for key, cases in groups.items()]
+    # (model, its cases, whether the model is to be taken as its files are now)
+    todo = [(key, cases, False) for key, cases in groups.items()]
     while todo:
-        (name, version), cases = todo.pop(0)
+        (name, version), cases, fresh = todo.pop(0)
         try:
-            model = load_model(name, version)
+            model = loaders.model(name, version, fresh=fresh)
+        except PASSING_LOAD_ERRORS as exc:
+            log.warning("model %s@%s not loaded for explanations, for now: %r", name, version, exc)
+            reason = passing_load_error(name, version, exc)
+            for c in cases:
+                if c.attempts >= max_deliveries:
+                    outcome.failed[c.case_id] = f"{reason} (at each of {c.attempts} attempts)"
+                else:
+                    outcome.deferred[c.case_id] = reason
+            continue
         except (RegistryError, ArtifactIntegrityError) as exc:
             reason = model_unavailable(name, version, exc)
             outcome.failed.update({c.case_id: reason for c in cases})
@@ -291,23 +363,29 @@ def _compute(
                 {c.case_id: f"{model.spec.ref} has no attributions" for c in cases}
             )
             continue
-        # Scored by other weights than these (the artifact was replaced and the registry's
-        # sha256 with it): their attributions would explain another model's score.
+        # Scored by other weights than these. This worker's copy may be the stale one (the
+        # artifact was re-published in place and another worker scored with the new one): the
+        # model is asked for again as its files are now, once the cases of this copy are done
+        # (it may replace the copy). Failed only when the files now are not the score's either:
+        # attributions of other weights would explain another model's score.
         changed = [c for c in cases if c.model_sha256 != model.sha256]
         if changed:
-            outcome.failed.update({c.case_id: model_changed(name, version) for c in changed})
+            if fresh or loaders.reload is None:
+                outcome.failed.update({c.case_id: model_changed(name, version) for c in changed})
+            else:
+                todo.append(((name, version), changed, True))
             cases = [c for c in cases if c.model_sha256 == model.sha256]
             if not cases:
                 continue
         size = chunk_size(model)
         chunk, rest = cases[:size], cases[size:]
         if rest:
-            todo.insert(0, ((name, version), rest))
+            todo.insert(0, ((name, version), rest, fresh))
         _explain_chunk(model, chunk, top_k, steps, found, outcome.failed)
         if todo and yield_after_s is not None and time.monotonic() - started > yield_after_s:
             # Long enough: hand the rest back (as a new message, at the back of the explain
             # queue), so a scoring message never waits behind more than one such stretch.
-            outcome.handed_back = [c.case_id for _, left in todo for c in left]
+            outcome.handed_back = [c.case_id for _, left, _ in todo for c in left]
             break
     return found
 
@@ -399,6 +477,7 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
                 sessions=ctx.sessions,
                 # A retired version's scores stand: their attributions are still computed.
                 load_model=ctx.loaded,
+                reload_model=ctx.reloaded,
                 keeper=ctx.leases,
                 top_k=max(1, ctx.settings.explain_top_k),
                 steps=ctx.settings.explain_steps,
@@ -415,11 +494,13 @@ def explain_cases_task(self: Task, *args: object) -> dict[str, int]:
         log.warning("explain batch of %d cases failed: %s", len(case_ids), type(exc).__name__)
         return {"done": 0, "failed": 0}
     log.info(
-        "explain: %d cases, %d explained, %d failed, %d settled as they were, %d handed back",
+        "explain: %d cases, %d explained, %d failed, %d settled as they were, %d handed back, "
+        "%d given back until their model loads",
         len(case_ids),
         len(outcome.done),
         len(outcome.failed),
         outcome.skipped,
         len(outcome.handed_back),
+        len(outcome.deferred),
     )
     return {"done": len(outcome.done), "failed": len(outcome.failed)}
