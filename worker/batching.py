@@ -192,7 +192,9 @@ class Batcher:
     def _score(self, buffer: _Buffer) -> None:
         """Claim and score a buffer's cases, then write them in the writer thread while this
         thread goes on to the next batch; the previous batch's write is waited for first (one
-        write at a time), and its messages acknowledged once it committed."""
+        write at a time), and its messages acknowledged once it committed. A STAT batch is
+        written here and now, beside the write in progress: it does not wait for a bulk
+        batch's commit."""
         messages = buffer.take()
         case_ids = list(dict.fromkeys(i for m in messages for i in m.case_ids))
         if self.writing is not None and not self.writing.case_ids.isdisjoint(case_ids):
@@ -205,18 +207,17 @@ class Batcher:
             )
         except Exception as exc:
             self.ctx.leases.drop(case_ids)
-            self._settle_write()
             self._hand_back(buffer.queue, messages, case_ids, exc)
             return
-        self._settle_write()
         writing = _Writing(buffer.queue, messages, set(case_ids), scored)
-        if scored.to_write and self.timer is not None:
-            writing.future = self._writer().submit(scored.write)
-            self.writing = writing
-            self.timer.call_after(WRITE_POLL_S, self._check_write, (writing,))
-        else:
-            self.writing = writing
-            self._settle_write()
+        latency_first = buffer.queue == SCORE_QUEUES[0]
+        if latency_first or not scored.to_write or self.timer is None:
+            self._finish(writing)
+            return
+        self._settle_write()
+        writing.future = self._writer().submit(scored.write)
+        self.writing = writing
+        self.timer.call_after(WRITE_POLL_S, self._check_write, (writing,))
 
     def _writer(self) -> ThreadPoolExecutor:
         if self.writer is None:
@@ -233,11 +234,14 @@ class Batcher:
             self.timer.call_after(WRITE_POLL_S, self._check_write, (writing,))
 
     def _settle_write(self) -> None:
-        """Wait for the batch being written; acknowledge its messages once committed, or hand
-        them back if its write failed."""
+        """Wait for the batch being written, then :meth:`_finish` it."""
         writing, self.writing = self.writing, None
-        if writing is None:
-            return
+        if writing is not None:
+            self._finish(writing)
+
+    def _finish(self, writing: _Writing) -> None:
+        """Write the batch if it is not written yet (or wait for the writer thread's write);
+        acknowledge its messages once committed, or hand them back if its write failed."""
         try:
             if writing.future is not None:
                 writing.future.result()

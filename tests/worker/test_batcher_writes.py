@@ -79,8 +79,10 @@ def batcher(pg_url: str, redis_url: str) -> Iterator[Batcher]:
     app.close()
 
 
-def _buffer(name: str, ids: list[int], acked: list[str], rejected: list[str]) -> _Buffer:
-    buffer = _Buffer("score.bulk", 128, 0.1)
+def _buffer(
+    name: str, ids: list[int], acked: list[str], rejected: list[str], queue: str = "score.bulk"
+) -> _Buffer:
+    buffer = _Buffer(queue, 128, 0.1)
     buffer.messages.append(
         _Message(
             name, ids, ack=lambda: acked.append(name), reject=lambda _requeue: rejected.append(name)
@@ -180,3 +182,35 @@ def test_a_write_the_database_refuses_hands_its_messages_back(
     batcher._check_write(writing)
     assert acked == [] and rejected == ["m1"]
     assert _statuses(pg_sessions, ids) == {CaseStatus.queued}
+
+
+def test_a_stat_batch_is_written_at_once_beside_a_bulk_write_in_progress(
+    batcher: Batcher, pg_url: str, pg_sessions: sessionmaker[Session]
+) -> None:
+    """A STAT batch does not wait for the commit of the bulk batch being written: it is written
+    by the worker's thread beside it, and its messages acknowledged, while that write waits."""
+    bulk, stat = _add(pg_sessions, "bulk"), _add(pg_sessions, "stat")
+    acked: list[str] = []
+    rejected: list[str] = []
+    task: _Task = batcher.task
+    with psycopg.connect(pg_url) as blocker:
+
+        def hold_the_bulk_cases() -> None:
+            # After the claim, before the write: the write's settle (and its score rows'
+            # foreign-key checks) wait for these row locks.
+            blocker.execute("SELECT id FROM cases WHERE id = ANY(%s) FOR UPDATE", (bulk,))
+            task.after_start = None
+
+        task.after_start = hold_the_bulk_cases
+        batcher._score(_buffer("bulk", bulk, acked, rejected))
+        writing = batcher.writing
+        assert writing is not None and writing.future is not None
+        batcher._score(_buffer("stat", stat, acked, rejected, queue="score.stat"))
+        assert acked == ["stat"] and _statuses(pg_sessions, stat) == {CaseStatus.done}
+        assert not writing.future.done() and batcher.writing is writing
+        assert _statuses(pg_sessions, bulk) == {CaseStatus.running}
+        blocker.rollback()
+    writing.future.result(timeout=60)
+    batcher._check_write(writing)
+    assert acked == ["stat", "bulk"] and rejected == []
+    assert _statuses(pg_sessions, bulk) == {CaseStatus.done}
