@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from functools import partial
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -21,6 +21,7 @@ from api_shim.guard import InputGuard
 from api_shim.idempotency import Idempotency
 from api_shim.openapi import openapi_document
 from api_shim.outage import OutageAs503
+from api_shim.query import known_query_only
 from api_shim.routes import cases, compounds, fhir, genome, health, models, plots, results
 from db.engine import make_engine, make_sessionmaker
 from medbatch.settings import Settings
@@ -77,6 +78,8 @@ def create_app(settings: Settings, *, broker_url: str | None = None) -> FastAPI:
         title="medbatch",
         version="0.1.0",
         summary="Batch scoring of patient cases by PyTorch models, through Celery and SQL.",
+        # A query parameter the route does not take is refused, not ignored (api_shim/query.py).
+        dependencies=[Depends(known_query_only)],
     )
     engine = make_engine(settings.database_url)
     app.state.settings = settings
