@@ -2,14 +2,17 @@
 
 A Celery task *strategy* decides what a worker does with each message it receives. Celery's
 default runs the task once per message. :class:`Batcher` instead keeps each message unacknowledged
-in a buffer per queue and runs one :func:`~worker.tasks.scoring.score_cases` over every case id in
-the buffer when it holds ``max_batch_size`` cases or ``max_delay_ms`` after its first message came,
-whichever is first; then it acknowledges the messages, after the database commit. (The pattern is
+in a buffer per queue and scores every case id in the buffer as one batch when it holds
+``max_batch_size`` cases or ``max_delay_ms`` after its first message came, whichever is first:
+:func:`~worker.tasks.scoring.start_cases` claims and scores it, and its write (one transaction)
+runs in a writer thread while this thread goes on to the next batch (a STAT batch is written at
+once, here); the messages are acknowledged after their batch's commit. (The pattern is
 celery-batches'; that package pins Celery < 5.7 and counts messages, where a batch here is counted
 in cases, because one bulk message may carry many.)
 
-Bounded: Celery's prefetch limit (set to the sum of the per-queue batch sizes, each message holding
-at least one case) caps the unacknowledged messages a worker holds. Priority: the transport reads
+Bounded: Celery's prefetch limit (twice the sum of the per-queue batch sizes, each message holding
+at least one case: one batch is written while the next gathers) caps the unacknowledged messages
+a worker holds. Priority: the transport reads
 queues in the order given to ``--queues`` (kombu's ``priority`` queue order), and a flush runs the
 STAT buffer first, so STAT cases never wait behind a bulk backlog for more than one batch.
 
