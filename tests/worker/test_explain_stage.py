@@ -256,14 +256,7 @@ def test_an_artifact_gone_before_the_explanation_fails_it_once_with_the_reason(
     fresh = WorkerContext(settings)  # a worker started after the artifact went
     lease = repo.Lease("test:1:gone", timedelta(seconds=60))
     for _ in range(2):
-        explain_cases(
-            ids,
-            sessions=pg_sessions,
-            load_model=fresh.loaded,
-            reload_model=fresh.reloaded,
-            lease=lease,
-            top_k=2,
-        )
+        _explainer(pg_sessions, fresh, lease, max_deliveries=5)(ids)
     with pg_sessions() as s:
         states = explanations.states(s, case_ids=ids)
     rows = _ledger(pg_sessions, ids)
@@ -401,13 +394,8 @@ def test_a_worker_whose_model_was_republished_since_it_loaded_explains_the_new_s
     assert new.sha256 == new_sha != old.sha256
     new_ids = _scored(pg_sessions, new, 2, prefix="xrepub-new")
     lease = repo.Lease("test:1:repub", timedelta(seconds=60))
-    outcome = explain_cases(
-        [new_ids[0], old_ids[0], new_ids[1], old_ids[1]],
-        sessions=pg_sessions,
-        load_model=stale.loaded,
-        reload_model=stale.reloaded,
-        lease=lease,
-        top_k=2,
+    outcome = _explainer(pg_sessions, stale, lease, max_deliveries=5)(
+        [new_ids[0], old_ids[0], new_ids[1], old_ids[1]]
     )
     assert outcome.failed == {} and outcome.deferred == {}
     assert outcome.done == sorted(old_ids + new_ids)
@@ -415,14 +403,7 @@ def test_a_worker_whose_model_was_republished_since_it_loaded_explains_the_new_s
 
     hashed = _counting_hashes(monkeypatch)
     late = _scored(pg_sessions, old, 1, prefix="xrepub-late")  # the old weights, gone from disk
-    outcome = explain_cases(
-        late,
-        sessions=pg_sessions,
-        load_model=stale.loaded,
-        reload_model=stale.reloaded,
-        lease=lease,
-        top_k=2,
-    )
+    outcome = _explainer(pg_sessions, stale, lease, max_deliveries=5)(late)
     assert outcome.failed == {
         late[0]: "model breast-cancer@2.0.0 changed since the score: "
         "its artifact's sha256 is not the score's, and attributions of "
@@ -445,14 +426,9 @@ def test_a_worker_that_read_the_registry_before_a_version_was_added_explains_its
     ids = _scored(
         pg_sessions, WorkerContext(settings).loaded("breast-cancer", "2.0.0"), 2, prefix="xadded"
     )
-    outcome = explain_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=early.loaded,
-        reload_model=early.reloaded,
-        lease=repo.Lease("test:1:added", timedelta(seconds=60)),
-        top_k=2,
-    )
+    outcome = _explainer(
+        pg_sessions, early, repo.Lease("test:1:added", timedelta(seconds=60)), max_deliveries=5
+    )(ids)
     assert outcome.done == ids and outcome.failed == {}
 
 
@@ -466,14 +442,9 @@ def test_an_unknown_version_still_fails_its_explanation_at_once(
     ids = _scored(pg_sessions, model, 2, prefix="xunknown")
     with session_scope(pg_sessions) as s:
         s.execute(update(Score).where(Score.case_id == ids[1]).values(model_version="9.9.9"))
-    outcome = explain_cases(
-        ids,
-        sessions=pg_sessions,
-        load_model=worker.loaded,
-        reload_model=worker.reloaded,
-        lease=repo.Lease("test:1:unknown", timedelta(seconds=60)),
-        top_k=2,
-    )
+    outcome = _explainer(
+        pg_sessions, worker, repo.Lease("test:1:unknown", timedelta(seconds=60)), max_deliveries=5
+    )(ids)
     assert outcome.done == [ids[0]] and outcome.deferred == {}
     assert "unknown model version 'breast-cancer@9.9.9'" in outcome.failed[ids[1]]
     rows = _ledger(pg_sessions, ids)
@@ -521,9 +492,13 @@ def test_a_registry_file_missing_for_a_moment_defers_the_explanations_until_it_i
 
 
 def _explainer(
-    sessions: sessionmaker[Session], worker: WorkerContext, lease: repo.Lease
+    sessions: sessionmaker[Session],
+    worker: WorkerContext,
+    lease: repo.Lease,
+    max_deliveries: int = 3,
 ) -> Callable[[list[int]], ExplainOutcome]:
-    """One explain message of ``worker`` (its ``loaded`` and ``reloaded``), 3 attempts at most."""
+    """One explain message of ``worker`` (its ``loaded`` and ``reloaded``), ``max_deliveries``
+    attempts at most."""
     return lambda ids: explain_cases(
         ids,
         sessions=sessions,
@@ -531,7 +506,7 @@ def _explainer(
         reload_model=worker.reloaded,
         lease=lease,
         top_k=2,
-        max_deliveries=3,
+        max_deliveries=max_deliveries,
     )
 
 
