@@ -276,3 +276,18 @@ def assert_retrained_is_packaged(
     assert_same_tensors(report.artifact, spec.artifact, atol=1e-4)
     for ours, recorded in metrics.items():
         assert report.metrics[ours] == pytest.approx(spec.training[recorded], abs=1e-3), ours
+
+
+def counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The artifacts hashed from now on (each sha256 check of a model load), in order."""
+    from models.cases import registry as registry_module
+
+    hashed: list[Path] = []
+    real = registry_module.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(registry_module, "sha256_file", counting)
+    return hashed

@@ -22,6 +22,7 @@ from models.cases import registry as registry_module
 from models.cases.inference import LoadedModel
 from models.cases.registry import Registry, sha256_file, user_registry_path
 from tests.helpers import (
+    counting_hashes,
     register_breast_cancer,
     save_mlp,
     score_collecting_explanations,
@@ -362,19 +363,6 @@ def _republish(settings: Settings) -> str:
     return str(entry["sha256"])
 
 
-def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The artifacts hashed from now on (each sha256 check of a load)."""
-    hashed: list[Path] = []
-    real = registry_module.sha256_file
-
-    def counting(path: Path) -> str:
-        hashed.append(path)
-        return real(path)
-
-    monkeypatch.setattr(registry_module, "sha256_file", counting)
-    return hashed
-
-
 def test_a_worker_whose_model_was_republished_since_it_loaded_explains_the_new_scores(
     pg_sessions: sessionmaker[Session], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -401,7 +389,7 @@ def test_a_worker_whose_model_was_republished_since_it_loaded_explains_the_new_s
     assert outcome.done == sorted(old_ids + new_ids)
     assert stale.loaded("breast-cancer", "2.0.0").sha256 == new_sha
 
-    hashed = _counting_hashes(monkeypatch)
+    hashed = counting_hashes(monkeypatch)
     late = _scored(pg_sessions, old, 1, prefix="xrepub-late")  # the old weights, gone from disk
     outcome = _explainer(pg_sessions, stale, lease, max_deliveries=5)(late)
     assert outcome.failed == {

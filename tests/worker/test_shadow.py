@@ -25,7 +25,13 @@ from models.cases.registry import Registry, load_registry
 from models.cases.shadow import ShadowError, drift, set_shadow
 from models.device import torch_threads
 from models.reference import breast_cancer
-from tests.helpers import register_breast_cancer, register_mlp, save_mlp, wdbc_cases
+from tests.helpers import (
+    counting_hashes,
+    register_breast_cancer,
+    register_mlp,
+    save_mlp,
+    wdbc_cases,
+)
 from worker.context import WorkerContext
 from worker.tasks.scoring import score_cases
 
@@ -216,14 +222,7 @@ def test_a_released_model_with_a_broken_artifact_is_not_hashed_at_every_batch(
     artifact = load_registry(store).resolve("own@1").artifact
     good = artifact.read_bytes()
     artifact.write_bytes(good + b"\0")
-    hashed: list[Path] = []
-    real_sha256 = registry_module.sha256_file
-
-    def counting_sha256(path: Path) -> str:
-        hashed.append(path)
-        return real_sha256(path)
-
-    monkeypatch.setattr(registry_module, "sha256_file", counting_sha256)
+    hashed = counting_hashes(monkeypatch)
     with session_scope(pg_sessions) as s:
         tenant, _ = repo.create_tenant(s, name="broken")
         new = [
