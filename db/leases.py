@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import Row, Select, and_, bindparam, case, or_, select, true, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
 
 from db.sql import among, status_among_ids
 from db.tables import JobStatus, JobTile, Priority, utcnow
@@ -34,7 +35,7 @@ class Lease:
         return now + self.ttl
 
 
-def lease_free(table: Any, now: datetime, owner: str | None) -> Any:
+def lease_free(table: Any, now: Any, owner: Any) -> Any:
     """No live lease of another worker on a row of ``table`` (cases, a ledger): none taken, or
     expired, or ``owner``'s own."""
     return or_(
@@ -45,22 +46,21 @@ def lease_free(table: Any, now: datetime, owner: str | None) -> Any:
     )
 
 
-def claimed_values(
-    table: Any, *, dead: Any, owner: str | None, expires: datetime | None, now: datetime
-) -> dict[str, Any]:
+def claimed_values(table: Any, *, dead: Any, owner: Any, expires: Any, now: Any) -> dict[str, Any]:
     """The columns a claim sets on a row of ``table``: ``running`` under the lease, or (``dead``:
-    tried too often) ``failed`` with no lease."""
+    tried too often) ``failed`` with no lease. ``owner``, ``expires`` and ``now`` are values, or
+    bound parameters of a statement built once."""
+    if not isinstance(expires, BindParameter):
+        expires = bindparam(None, expires, type_=table.lease_expires_at.type)
     return {
         "status": case((dead, "failed"), else_="running"),
         "lease_owner": case((dead, None), else_=owner),
-        "lease_expires_at": case(
-            (dead, None), else_=bindparam(None, expires, type_=table.lease_expires_at.type)
-        ),
+        "lease_expires_at": case((dead, None), else_=expires),
         "updated_at": now,
     }
 
 
-def claimable(table: Any, now: datetime, owner: str | None) -> Any:
+def claimable(table: Any, now: Any, owner: Any) -> Any:
     """A row of ``table`` (cases, a ledger) that a claim may take: ``queued``, or ``running``
     under no live lease of a worker other than ``owner`` (its worker died holding it). For a
     statement that names its rows by id: the status is :func:`db.sql.status_among_ids`."""

@@ -6,6 +6,7 @@ message, a retried request) never adds a second row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -15,7 +16,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, String, and_, case, cast, func, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from db.engine import SQLITE_BUSY_TIMEOUT_S
@@ -29,7 +43,7 @@ from db.leases import (
     stranded_clause,
     unfinished,
 )
-from db.sql import among, dialect_insert, status_among_ids
+from db.sql import among, among_param, dialect_insert, status_among_ids
 from db.tables import (
     SCOPES,
     ApiClient,
@@ -467,36 +481,23 @@ class ClaimedCase:
 _UNRECORDED = "none recorded (the worker stopped mid-batch)"
 
 
-def claim_cases(
-    session: Session,
-    *,
-    case_ids: Sequence[int],
-    max_deliveries: int,
-    lease: Lease | None = None,
-    first_only: bool = False,
-) -> tuple[list[ClaimedCase], list[int]]:
-    """Claim a batch in one statement: count a delivery, mark ``running``, take the lease.
-
-    With ``first_only``, a case delivered before without finishing is left as it is
-    (the caller scores it alone: :func:`delivered_unfinished` finds it).
-
-    A case is claimable when it is ``queued``, or ``running`` with no live lease of another
-    worker. Cases ``done`` or ``failed``, and cases another worker holds, are left as they are: a
-    redelivered message for them is settled without a forward pass. Returns the cases to score,
-    in id order, and the ids of cases now delivered more than ``max_deliveries`` times without
-    finishing: those end ``failed`` as dead letters, with their last error, instead of looping.
-    """
-    now = utcnow()
-    owner = lease.owner if lease is not None else None
-    expires = lease.expiry(now) if lease is not None else None
+@functools.cache
+def _claim_statement(dialect: str, *, first_only: bool, owned: bool) -> Any:
+    """The claim's statement, built once per shape (a worker claims a batch every few ms; building
+    it anew cost as much Python as the rest of the claim). Parameters: ``ids``, ``now``,
+    ``expires``, ``max_deliveries`` and, where ``owned``, ``owner``."""
+    at = Case.lease_expires_at.type
+    now = bindparam("now", type_=at)
+    owner = bindparam("owner", type_=String) if owned else None
     deliveries = Case.delivery_count + 1
-    dead = deliveries > max_deliveries
+    dead = deliveries > bindparam("max_deliveries", type_=Integer)
     takes = claimable(Case, now, owner)
     if first_only:
         takes = and_(takes, Case.delivery_count == 0)
-    rows = session.execute(
+    expires = bindparam("expires", type_=at)
+    return (
         update(Case.__table__)  # type: ignore[arg-type]
-        .where(among(session, Case.id, case_ids), takes)
+        .where(among_param(dialect, Case.id), takes)
         .values(
             **claimed_values(Case, dead=dead, owner=owner, expires=expires, now=now),
             delivery_count=deliveries,
@@ -523,9 +524,42 @@ def claim_cases(
             Case.features,
             Case.enqueued_at,
             Case.status,
-        ),
-        execution_options={"synchronize_session": False},
-    ).all()
+        )
+    )
+
+
+def claim_cases(
+    session: Session,
+    *,
+    case_ids: Sequence[int],
+    max_deliveries: int,
+    lease: Lease | None = None,
+    first_only: bool = False,
+) -> tuple[list[ClaimedCase], list[int]]:
+    """Claim a batch in one statement: count a delivery, mark ``running``, take the lease.
+
+    With ``first_only``, a case delivered before without finishing is left as it is
+    (the caller scores it alone: :func:`delivered_unfinished` finds it).
+
+    A case is claimable when it is ``queued``, or ``running`` with no live lease of another
+    worker. Cases ``done`` or ``failed``, and cases another worker holds, are left as they are: a
+    redelivered message for them is settled without a forward pass. Returns the cases to score,
+    in id order, and the ids of cases now delivered more than ``max_deliveries`` times without
+    finishing: those end ``failed`` as dead letters, with their last error, instead of looping.
+    """
+    now = utcnow()
+    owner = lease.owner if lease is not None else None
+    dialect = session.get_bind().dialect.name
+    stmt = _claim_statement(dialect, first_only=first_only, owned=owner is not None)
+    params = {
+        "ids": list(case_ids),
+        "now": now,
+        "expires": lease.expiry(now) if lease is not None else None,
+        "max_deliveries": max_deliveries,
+    }
+    if owner is not None:
+        params["owner"] = owner
+    rows = session.execute(stmt, params, execution_options={"synchronize_session": False}).all()
     claimed, dead_ids = [], []
     for row in sorted(rows, key=lambda r: r.id):
         if row.status == CaseStatus.failed:

@@ -29,6 +29,14 @@ def among(session: Session, column: Any, ids: Iterable[int]) -> Any:
     return column.in_(values)
 
 
+def among_param(dialect: str, column: Any, name: str = "ids") -> Any:
+    """:func:`among` with the ids left to a named parameter, for a statement built once and
+    executed many times (a list of ids under ``name``)."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(BigInteger)))
+    return column.in_(bindparam(name, expanding=True))
+
+
 def status_among_ids(table: Any) -> Any:
     """``table.status`` for a statement that names its rows by id (with :func:`among`): as an
     expression no status index matches, so the ids' key drives the plan. Statistics from
