@@ -561,3 +561,37 @@ def test_a_model_that_keeps_failing_to_load_fails_its_explanations_at_the_last_a
     assert {r.error for r in rows.values()} == {
         "model breast-cancer@1.0.0 could not be loaded: PermissionError (at each of 3 attempts)"
     }
+
+
+def _explanations_counted(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("medbatch_explanations_total", {"outcome": outcome}) or 0.0
+
+
+def test_an_explanation_failed_at_its_last_attempt_is_counted_once_in_the_metrics(
+    pg_sessions: sessionmaker[Session], model: LoadedModel
+) -> None:
+    """medbatch_explanations_total{outcome="failed"} counts an explanation that its claim ends
+    failed (tried too often), alone in its message or beside one explained, once each."""
+    ids = _scored(pg_sessions, model, 3, prefix="xmetric")
+    _died_explaining(pg_sessions, ids[:2])
+    with session_scope(pg_sessions) as s:  # each at its last attempt
+        s.execute(update(Explanation).where(Explanation.case_id.in_(ids[:2])).values(attempts=2))
+        # given back by a model that could not load (no suspect): claimed beside a first try
+        s.execute(
+            update(Explanation)
+            .where(Explanation.case_id == ids[1])
+            .values(status="queued", lease_owner=None, error="could not be loaded: OSError")
+        )
+    failed, done = _explanations_counted("failed"), _explanations_counted("done")
+    lease = repo.Lease("test:1:metric", timedelta(seconds=60))
+    common = {"sessions": pg_sessions, "load_model": lambda n, v: model, "lease": lease}
+    alone = explain_cases([ids[0]], top_k=2, max_deliveries=2, **common)
+    assert list(alone.failed) == [ids[0]] and alone.done == []
+    assert _explanations_counted("failed") == failed + 1
+    beside = explain_cases(ids[1:], top_k=2, max_deliveries=2, **common)
+    assert list(beside.failed) == [ids[1]] and beside.done == [ids[2]]
+    assert _explanations_counted("failed") == failed + 2
+    assert _explanations_counted("done") == done + 1
+    assert {r.status for r in _ledger(pg_sessions, ids[:2]).values()} == {"failed"}

@@ -167,6 +167,9 @@ def explain_cases(
         outcome.failed.update(
             {i: "explanation attempted too often without finishing" for i in dead}
         )
+        # Counted here, not with the claimed (a message whose every case its claim ended
+        # failed computes nothing): a poison explanation, tried alone at the end, is one.
+        metrics.EXPLANATIONS.labels("failed").inc(len(dead))
         common: dict[str, Any] = {
             "sessions": sessions,
             "load_model": load_model,
@@ -289,7 +292,8 @@ def _explain_claimed(
                 ledger.mark_unsent(session, case_ids=outcome.handed_back)
     outcome.done = sorted(found)
     metrics.EXPLANATIONS.labels("done").inc(len(found))
-    metrics.EXPLANATIONS.labels("failed").inc(len(outcome.failed))
+    # Those the claim ended failed are counted by explain_cases.
+    metrics.EXPLANATIONS.labels("failed").inc(len(set(outcome.failed).difference(dead)))
 
 
 @dataclass(frozen=True)
