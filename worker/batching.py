@@ -297,7 +297,7 @@ class Batcher:
                 len(case_ids),
                 queue,
                 type(exc).__name__,
-                _raised_at(exc),
+                raised_at(exc),
                 len(messages),
             )
             self._note_error(case_ids, exc)
@@ -337,7 +337,7 @@ class Batcher:
             log.warning("could not record the error on the cases (database unreachable?)")
 
 
-def _raised_at(exc: BaseException) -> str:
+def raised_at(exc: BaseException) -> str:
     """``file:line in function`` of the innermost frame that ``exc`` was raised through."""
     frames = traceback.extract_tb(exc.__traceback__)
     if not frames:

@@ -87,7 +87,7 @@ def _explain_patch(step: str) -> Callable:
 
 REASONS = {
     "featurize": "features could not be prepared for the model (featurize raised)",
-    "forward-raises": "model raised RuntimeError: poisoned input",
+    "forward-raises": "model raised RuntimeError",
     "forward-nan": "model produced a non-finite score",
     "write": "the database refused its score row: StringDataRightTruncation",
 }

@@ -40,6 +40,7 @@ from models.cases.inference import LoadedModel, ModelInput, ScoreRow
 from models.cases.registry import ArtifactIntegrityError, RegistryError
 from models.device import torch_threads
 from worker import metrics
+from worker.batching import raised_at
 from worker.context import context
 from worker.leases import LeaseKeeper
 from worker.queues import SCORE_TASK, enqueue_explanations, send_or_leave
@@ -606,7 +607,12 @@ def _predict_isolating(
         rows = model.to_rows(model.predict(batch))
     except Exception as exc:
         if len(ids) == 1:
-            return {}, {ids[0]: f"model raised {type(exc).__name__}: {exc}"}
+            # The class, not the text: an exception's text may quote the values it choked on,
+            # and the case's error is what the API shows (the log says where it was raised).
+            log.warning(
+                "%s raised %s on one case at %s", model.spec.ref, type(exc).__name__, raised_at(exc)
+            )
+            return {}, {ids[0]: f"model raised {type(exc).__name__}"}
         mid = len(ids) // 2
         left_rows, left_err = _predict_isolating(model, ids[:mid], batch[:mid], counter)
         right_rows, right_err = _predict_isolating(model, ids[mid:], batch[mid:], counter)
