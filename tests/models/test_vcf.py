@@ -33,6 +33,20 @@ def test_calls_and_missing_alleles(tmp_path: Path) -> None:
     assert read_vcf(path).dosages.tolist() == [[0], [1], [MISSING_INT8]]
 
 
+def test_a_monomorphic_record_with_alt_dot_reads_as_plink2_reads_it(tmp_path: Path) -> None:
+    """ALT '.' (what plink2 --export vcf writes for a .bim's A1 '.' or '0'): it was refused as
+    "not biallelic (ALT none)", so plink2's own VCF of a fileset with a monomorphic variant could
+    not be a query. plink2 --vcf reads it as A1 '.', every called sample with 0 copies."""
+    path = tmp_path / "mono.vcf"
+    path.write_text(HEADER + "1\t5\trs5\tT\t.\t.\t.\t.\tGT\t0/0\t./.\t0|0\n")
+    found = read_vcf(path)
+    assert found.dosages.tolist() == [[0], [MISSING_INT8], [0]]
+    assert (found.a1, found.a2) == ((".",), ("T",))
+    path.write_text(HEADER + "1\t5\trs5\tT\t.\t.\t.\t.\tGT\t0/0\t0/1\t0|0\n")
+    with pytest.raises(ValueError, match=r"1:5 \(rs5\): a call of ALT allele 1, but its ALT is"):
+        read_vcf(path)
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [

@@ -284,6 +284,46 @@ def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
         )  # fmt: skip
 
 
+def test_a_query_vcf_with_monomorphic_records_as_plink2_exports_them_runs(
+    sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """No sample of hm3_relatives carries A1 of 10+ variants; with A1 '.' in the .bim (as plink2
+    writes an allele nobody has), plink2 --export vcf writes those records with ALT '.', and the
+    query was refused ("not biallelic (ALT none)"). Its pairs are plink2's (the golden's)."""
+    whole = genome.read_bed(RELATIVES)
+    calls = np.where(whole.dosages < 0, 0, whole.dosages)
+    absent = calls.max(axis=0) == 0
+    a1 = ["." if gone else a for gone, a in zip(absent, whole.a1, strict=True)]
+    assert absent.sum() >= 10
+    _write_bed(tmp_path / "founders", whole, range(76), allele_1=a1)
+    gt = {0: "0/0", 1: "0/1", 2: "1/1"}
+    records = [
+        f"1\t{j + 1}\t{v}\t{whole.a2[j]}\t{a1[j]}\t.\t.\t.\tGT\t"
+        + "\t".join(gt.get(int(d), "./.") for d in whole.dosages[76:, j])
+        for j, v in enumerate(whole.variant_id)
+    ]
+    header = "##fileformat=VCFv4.2\n##contig=<ID=1>\n"
+    header += '##FORMAT=<ID=GT,Number=1,Type=String,Description="Genotype">\n'
+    header += "#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\t"
+    (tmp_path / "new.vcf").write_text(
+        header + "\t".join(whole.iid[76:]) + "\n" + "\n".join(records) + "\n"
+    )
+    job = _submit(
+        sessions, tmp_path / "store", bfile=tmp_path / "founders", query=tmp_path / "new.vcf"
+    )
+    got = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
+    founders = set(whole.iid[:76])
+    expected = [
+        line for line in GOLDEN.read_text().splitlines()[1:]
+        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
+    ]  # fmt: skip
+    # A VCF's sample has no FID (its IID stands in): compare from IID1 on.
+    assert sorted(line.split("\t", 1)[1] for line in got) == sorted(
+        line.split("\t", 1)[1] for line in expected
+    )
+    assert len(got) == 40
+
+
 @pytest.mark.parametrize("output", ["pairs", "square"])
 def test_a_query_with_dot_ids_against_a_cohort_with_x_variants_runs(
     sessions: sessionmaker[Session], tmp_path: Path, output: str

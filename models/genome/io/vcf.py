@@ -1,8 +1,8 @@
 """VCF/BCF genotypes (read with cyvcf2, htslib underneath) as :class:`models.genome.api.Genotypes`.
 
-Each record must be biallelic with diploid GT calls; the dosage counts the ALT allele (what
-PLINK 2 counts when it imports a VCF, and what it writes as A1 when it exports one). A call with
-a missing allele (``./.``, ``./1``) is missing. Sample ids become FID = IID, as
+Each record must be biallelic (or monomorphic, ALT ``.``) with diploid GT calls; the dosage counts
+the ALT allele (what PLINK 2 counts when it imports a VCF, and what it writes as A1 when it exports
+one). A call with a missing allele (``./.``, ``./1``) is missing. Sample ids become FID = IID, as
 ``plink2 --vcf`` does by default.
 """
 
@@ -54,8 +54,11 @@ def read_vcf(path: str | Path) -> Genotypes:
     try:
         for record in reader:
             where = f"{path}: record {record.CHROM}:{record.POS} ({record.ID or '.'})"
-            if len(record.ALT) != 1:
-                alleles = ",".join(record.ALT) or "none"
+            # ALT '.' is a monomorphic record: plink2 --export vcf writes one for a variant whose
+            # A1 is missing ('.' or '0' in the .bim), and plink2 --vcf reads it back as A1 '.'.
+            monomorphic = not record.ALT
+            if len(record.ALT) > 1:
+                alleles = ",".join(record.ALT)
                 raise ValueError(
                     f"{where} is not biallelic (ALT {alleles}); split or drop it first, "
                     "e.g. bcftools norm -m- or bcftools view -m2 -M2"
@@ -63,10 +66,12 @@ def read_vcf(path: str | Path) -> Genotypes:
             if record.ploidy != 2:
                 raise ValueError(f"{where}: calls of ploidy {record.ploidy}, expected diploid")
             codes = np.asarray(record.gt_types, dtype=np.int8)
+            if monomorphic and np.isin(codes, (1, 2)).any():
+                raise ValueError(f"{where}: a call of ALT allele 1, but its ALT is '.'")
             columns.append(np.where(codes == _UNKNOWN, MISSING_INT8, codes).astype(np.int8))
             ids.append(record.ID or ".")  # as plink2 --vcf imports a missing ID
             ref.append(record.REF)
-            alt.append(record.ALT[0])
+            alt.append("." if monomorphic else record.ALT[0])
             chrom.append(record.CHROM)
     finally:
         reader.close()
