@@ -347,6 +347,31 @@ def test_nightly_wait_on_the_embedded_broker_really_scores(tmp_path: Path) -> No
     assert not (tmp_path / "var" / "broker.sock").exists()
 
 
+def test_compounds_search_wait_and_status_on_the_embedded_defaults(tmp_path: Path) -> None:
+    """`compounds search --wait` in an empty folder computes here with the tiles' progress and
+    prints the output; `compounds status` shows the job; a job that is not there, or an id that
+    is no id, is one line and exit 2."""
+    search = run_cli(
+        "compounds", "search", "--library", str(EXAMPLES / "library.sdf"), "--query",
+        str(EXAMPLES / "hits.smi"), "--top-k", "2", "--tile-rows", "2", "--wait", cwd=tmp_path,
+    )  # fmt: skip
+    assert search.returncode == 0, search.stderr
+    assert "compound search 1: 5 queries x 40 library molecules" in search.stdout
+    assert "tiles" in search.stdout and "3/3" in search.stdout
+    output = Path(search.stdout.splitlines()[-1].strip())
+    assert output.name == "neighbours.csv"
+    assert len(output.read_text().splitlines()) == 1 + 5 * 2
+    status = run_cli("compounds", "status", "1", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert (shown["status"], shown["tiles_done"], shown["output"]) == ("done", 3, str(output))
+    for job_id, message in (("2", "no job 2"), ("0", "not a job id: 0"), ("x", "not a job id")):
+        missing = run_cli("compounds", "status", job_id, cwd=tmp_path)
+        assert missing.returncode == 2, missing.stderr
+        assert message in missing.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in missing.stderr and not missing.stdout
+
+
 def test_a_setting_that_does_not_validate_is_named_in_one_line_without_its_value(
     tmp_path: Path,
 ) -> None:

@@ -349,6 +349,32 @@ def follow(describe: Any, *, app: Celery | None, queue: str) -> dict[str, Any]:
     return follow_tiles(watched, progress=True)
 
 
+def add_follow(submit: argparse.ArgumentParser, sub: Any) -> None:
+    """A tiled job's ``--wait`` and ``--inline`` on its ``submit`` command, and the group's
+    ``status`` command (``sub``): ``medbatch genome compare`` and ``genome status``,
+    ``compounds search`` and ``compounds status``."""
+    submit.add_argument("--wait", action="store_true", help="show progress until it is done")
+    submit.add_argument(
+        "--inline",
+        action="store_true",
+        help="run the tiles in this process, no worker (always so with the embedded broker)",
+    )
+    status = command(sub, "status", "a job's progress and outputs")
+    status.add_argument("job_id", type=row_id("job id"), help="the job's id")
+
+
+def print_job(settings: Settings, kind: JobKind, job_id: int) -> int:
+    """``medbatch <group> status ID``: the job as the API describes it, or a refusal."""
+    from db.tiles import get_job
+
+    with transaction(settings) as session:
+        found = get_job(session, kind.kind.table, job_id=job_id)
+        if found is None:
+            fail(f"no job {job_id}")
+        print_json(kind.kind.describe(found))
+    return 0
+
+
 @dataclass(frozen=True)
 class TiledRun:
     """A tiled job (genome, compounds) the CLI submits for ``owner``: its tiles computed in this
@@ -357,6 +383,8 @@ class TiledRun:
     settings: Settings
     #: The submitter's ``app`` is where the tiles are sent; None: computed here.
     submitter: Submitter
+    #: The command group, whose ``status`` command follows the job (``genome``, ``compounds``).
+    group: str
 
     @property
     def sessions(self) -> sessionmaker[Session]:
@@ -382,6 +410,14 @@ class TiledRun:
         return self.submitter.submit(
             submit, lambda exc: CliError(f"--{option(exc.field)}: {exc}"), **arguments
         )
+
+    def finish_if(self, kind: JobKind, job_id: int, *, wait: bool) -> dict[str, Any] | None:
+        """:meth:`finish` when computed here or when the user waits; else None, after saying
+        how to follow the job (``medbatch <group> status ID``, :func:`add_follow`)."""
+        if not (self.inline or wait):
+            print(f"  follow it: medbatch {self.group} status {job_id}")
+            return None
+        return self.finish(kind, job_id)
 
     def finish(self, kind: JobKind, job_id: int) -> dict[str, Any]:
         """Compute the job's tiles here, or follow the workers; fail unless it ends done."""
@@ -434,4 +470,5 @@ def tiled_run(args: argparse.Namespace, settings: Settings) -> Iterator[TiledRun
     app = None if inline else celery(settings)
     with database(settings) as sessions:
         owner = tenant_id(sessions, args.tenant, create=True)
-        yield TiledRun(settings, Submitter(owner, sessions, app, settings.artifact_dir))
+        submitter = Submitter(owner, sessions, app, settings.artifact_dir)
+        yield TiledRun(settings, submitter, args.command)

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
+    add_follow,
     add_tenant,
     command,
     copy_out,
     fail,
     group,
     number,
+    print_job,
     refuse_overwrite,
     require_chem_engine,
     tiled_run,
@@ -64,19 +66,19 @@ def add_parsers(sub: Any) -> None:
         help="query rows per tile task (0: automatic, about 200 million pairs a tile)",
     )
     add_tenant(search)
-    search.add_argument("--out", type=Path, help="copy the neighbours CSV here (default: none)")
-    search.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     search.add_argument(
-        "--inline",
-        action="store_true",
-        help="compute in this process, no worker (always so with the embedded broker)",
+        "--out", type=Path, help="copy the neighbours CSV here, and wait (default: none)"
     )
+    search.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_follow(search, csub)
     compounds.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from worker.tasks import compounds as tasks
 
+    if args.compounds_command == "status":
+        return print_job(settings, tasks.TILES, args.job_id)
     if args.all_pairs == (args.query is not None):
         fail("give --query FILE or --all-pairs")
     if args.out:
@@ -101,7 +103,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for which, n in job["repeated_ids"].items():
             if n:
                 print(f"  {which}: {n} molecules share an id with one before them")
-        summary = run.finish(tasks.TILES, job["id"])
+        summary = run.finish_if(tasks.TILES, job["id"], wait=args.wait or args.out is not None)
+        if summary is None:
+            return 0
     if args.out:
         copy_out(summary["output"], args.out)
     print(f"  {args.out or summary['output']}")

@@ -8,17 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medbatch.cli._common import (
+    add_follow,
     add_tenant,
     command,
     copy_out,
     fail,
     group,
     number,
-    print_json,
+    print_job,
     refuse_overwrite,
-    row_id,
     tiled_run,
-    transaction,
 )
 
 if TYPE_CHECKING:
@@ -97,14 +96,7 @@ def add_parsers(sub: Any) -> None:
         help="with --table: samples per side of a tile (0: auto)",
     )
     add_tenant(compare)
-    compare.add_argument("--wait", action="store_true", help="show progress until it is done")
-    compare.add_argument(
-        "--inline",
-        action="store_true",
-        help="run the tiles in this process (always so with the embedded broker)",
-    )
-    gstatus = command(gsub, "status", "a job's progress and outputs")
-    gstatus.add_argument("job_id", type=row_id("job id"), help="the job's id")
+    add_follow(compare, gsub)
     genome.set_defaults(func=run)
 
 
@@ -160,16 +152,10 @@ def _option(field: str, *, vcf: bool) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from db import genome as jobs
     from worker.tasks import genome as tasks
 
     if args.genome_command == "status":
-        with transaction(settings) as session:
-            found = jobs.get_job(session, job_id=args.job_id)
-            if found is None:
-                fail(f"no job {args.job_id}")
-            print_json(tasks.describe(found))
-        return 0
+        return print_job(settings, tasks.TILES, args.job_id)
     if args.pfile is not None:
         from models.genome.io.plink import PGEN_HINT
 
@@ -219,10 +205,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             f"{job['n_samples']} samples, {job['n_variants']} variants, {job['tiles_total']} "
             f"tiles {where}"
         )
-        if not (run.inline or args.wait or args.out):
-            print(f"  follow it: medbatch genome status {job['id']}")
+        summary = run.finish_if(tasks.TILES, job["id"], wait=args.wait or args.out is not None)
+        if summary is None:
             return 0
-        summary = run.finish(tasks.TILES, job["id"])
     for path in summary["outputs"]:
         target = Path(path)
         if args.out:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import uuid
@@ -11,11 +13,12 @@ import pytest
 from rdkit import DataStructs, RDConfig
 from rdkit.Chem import MolFromSmiles, rdFingerprintGenerator
 
-from tests.e2e.support import Processes
+from tests.e2e.support import Processes, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 NCI = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "compounds"
 
 
 def test_cli_search_runs_on_chem_workers_and_equals_rdkit(
@@ -54,3 +57,44 @@ def test_cli_search_runs_on_chem_workers_and_equals_rdkit(
         mine = rows[qi * 4 : qi * 4 + 4]
         assert [r[1] for r in mine] == [ids[j] for j in best]
         assert [float(r[2]) for r in mine] == [sims[j] for j in best]
+
+
+def test_cli_search_leaves_the_job_to_the_workers_unless_told_to_wait(
+    processes: Processes, tmp_path: Path
+) -> None:
+    """As `genome compare`: without --wait (or --out) the search is submitted and the command
+    says how to follow it; `compounds status` shows it done once a chem worker ran it; --wait
+    shows the tiles' progress until the job is done, then its output."""
+    processes.env["MEDBATCH_ARTIFACT_DIR"] = str(tmp_path / "store")
+    search = (
+        "compounds", "search", "--library", str(EXAMPLES / "library.sdf"),
+        "--query", str(EXAMPLES / "hits.smi"), "--top-k", "2", "--tile-rows", "2",
+    )  # fmt: skip
+
+    def status(job_id: int) -> dict:  # type: ignore[type-arg]
+        shown = processes.run_cli("compounds", "status", str(job_id))
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)  # type: ignore[no-any-return]
+
+    submitted = processes.run_cli(*search)  # no worker listens yet: it must not wait for one
+    assert submitted.returncode == 0, submitted.stderr
+    found = re.search(r"compound search (\d+): .* 3 tiles", submitted.stdout)
+    assert found, submitted.stdout
+    job_id = int(found.group(1))
+    assert f"follow it: medbatch compounds status {job_id}" in submitted.stdout
+    assert status(job_id)["status"] == "queued"
+    worker = processes.start(
+        "worker", "worker", "--queues", "chem", "--hostname", f"c-{uuid.uuid4().hex[:6]}@%h"
+    )
+    wait_for(lambda: status(job_id)["status"] == "done", worker=worker, processes=processes)
+    done = status(job_id)
+    assert done["tiles_done"] == 3
+    assert len(Path(done["output"]).read_text().splitlines()) == 1 + 5 * 2
+
+    waited = processes.run_cli(*search, "--wait")
+    assert waited.returncode == 0, waited.stderr + processes.log("worker")[-2000:]
+    assert "follow it" not in waited.stdout
+    assert re.search(r"tiles .* 3/3", waited.stdout), waited.stdout
+    output = waited.stdout.splitlines()[-1].strip()
+    assert output.endswith("neighbours.csv")
+    assert Path(output).read_text() == Path(done["output"]).read_text()
