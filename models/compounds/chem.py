@@ -94,6 +94,7 @@ _INT_MM_MIN_K = 8
 _CUT_SLACK = 1e-6
 _NO_INDEX = np.iinfo(np.int64).max
 _TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ?", re.MULTILINE)
+_POSITION = re.compile(r"check for mistakes around position (\d+)")
 log = logging.getLogger(__name__)
 
 
@@ -134,8 +135,16 @@ class Molecules:
 
 
 def _reason(messages: str, fallback: str) -> str:
-    text = _TIMESTAMP.sub("", messages).strip()
-    return text or fallback
+    """RDKit's messages as one line: a failure is one line of a report (the CLI's refusal, its
+    "skipped:" lines). RDKit explains a SMILES syntax error in five lines (the error, "check for
+    mistakes around position N:", the SMILES again, a caret under it, "Failed parsing SMILES
+    …"): the first, with the position."""
+    lines = [line.strip() for line in _TIMESTAMP.sub("", messages).splitlines() if line.strip()]
+    if not lines:
+        return fallback
+    if found := _POSITION.search(messages):
+        return f"{lines[0]} (around position {found.group(1)})"
+    return "; ".join(lines)
 
 
 def _from_smiles(smiles: str) -> tuple[Chem.Mol | None, str]:

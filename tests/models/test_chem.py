@@ -284,6 +284,10 @@ def test_bad_smiles_are_reported_and_skipped(tmp_path: Path) -> None:
     assert lines == [2, 5, 6]
     syntax, valence, kekule = mols.failures
     assert "syntax error" in syntax.reason and syntax.text == "C1CC("
+    # One line, with the position (RDKit says it in five: the CLI printed them all).
+    assert (
+        syntax.reason == "SMILES Parse Error: syntax error while parsing: C1CC( (around position 5)"
+    )
     assert "Explicit valence for atom # 0 N, 5" in valence.reason
     assert "kekulize" in kekule.reason
     assert "line 5" in str(valence)
