@@ -520,6 +520,43 @@ def test_compounds_tile_rows_counts_query_rows_as_its_help_says(
     assert "query rows per tile task" in " ".join(capsys.readouterr().out.split())
 
 
+def test_compounds_search_refuses_unreadable_files_and_folders_in_one_line(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A library of no molecule was refused in five lines (RDKit's own explanation of the
+    SMILES error); a folder given as the library was "not found"; a folder as --out was "exists;
+    add --force", and with --force the job ran, then could not be copied over it."""
+    junk = env / "junk.smi"
+    junk.write_text("hello world\n")
+    good = env / "library.smi"
+    good.write_text("CCO ethanol\nc1ccccc1 benzene\n")
+    search = ["compounds", "search", "--all-pairs", "--top-k", "1"]
+    assert main([*search, "--library", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"medbatch compounds search: --library: {junk}: no molecule")
+    assert "line 1 ('hello'): SMILES Parse Error: syntax error while parsing: hello" in err
+    assert err.rstrip().endswith("(around position 1)")
+    folder = env / "molecules"
+    folder.mkdir()
+    assert main([*search, "--library", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"medbatch compounds search: --library: {folder} is a folder: give a .smi, .sdf or .csv\n"
+    )
+    for force in ([], ["--force"]):
+        assert main([*search, "--library", str(good), "--out", str(folder), *force]) == 2
+        captured = capsys.readouterr()
+        assert (
+            captured.err
+            == f"medbatch compounds search: --out: {folder} is a folder; give a file's name (it may be in that folder)\n"
+        )
+        assert not captured.out  # refused before a job was made
+    assert main([*search, "--library", str(good), "--out", str(folder / "n.csv")]) == 0
+    assert (folder / "n.csv").read_text().startswith("query_id,")
+
+
 def test_a_broker_that_does_not_answer_is_one_line_and_the_job_is_kept(
     env: Path, cli_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
 ) -> None:

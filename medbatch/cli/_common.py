@@ -292,7 +292,10 @@ def celery(settings: Settings) -> Celery:
 
 
 def refuse_overwrite(paths: list[Path], *, force: bool, option: str = "--out") -> None:
-    """Refuse to replace existing outputs unless ``--force``."""
+    """Refuse to replace existing outputs unless ``--force``, and a folder where an output
+    goes even so (``--force`` computed the whole job, then could not write over it)."""
+    if folder := next((p for p in paths if p.is_dir()), None):
+        fail(f"{option}: {folder} is a folder; give a file's name (it may be in that folder)")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         shown = ", ".join(existing[:3]) + (" …" if len(existing) > 3 else "")

@@ -175,6 +175,8 @@ def submit(
     for which in ("library", "query"):
         if spec[which] is None:
             continue
+        if Path(spec[which]).is_dir():  # it was "not found", though it is there
+            raise SubmissionError(which, f"{spec[which]} is a folder: give a .smi, .sdf or .csv")
         if not Path(spec[which]).is_file():
             raise SubmissionError(which, f"{spec[which]} not found")
         try:
