@@ -554,6 +554,12 @@ def test_compounds_search_refuses_unreadable_files_and_folders_in_one_line(
         )
         assert not captured.out  # refused before a job was made
     assert main([*search, "--library", str(good), "--out", str(folder / "n.csv")]) == 0
+    capsys.readouterr()
+    # Both was "give --query FILE or --all-pairs", as if neither had been given.
+    assert main([*search, "--library", str(good), "--query", str(good)]) == 2
+    assert capsys.readouterr().err.endswith(": give --query FILE or --all-pairs, not both\n")
+    assert main([*search[:2], "--top-k", "1", "--library", str(good)]) == 2
+    assert capsys.readouterr().err.endswith(": give --query FILE or --all-pairs\n")
     assert (folder / "n.csv").read_text().startswith("query_id,")
 
 

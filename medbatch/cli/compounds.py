@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.compounds_command == "status":
         return print_job(settings, tasks.TILES, args.job_id)
     if args.all_pairs == (args.query is not None):
-        fail("give --query FILE or --all-pairs")
+        fail("give --query FILE or --all-pairs" + (", not both" if args.all_pairs else ""))
     if args.out:
         refuse_overwrite([args.out], force=args.force)
     if args.inline or settings.embedded_broker:
