@@ -18,7 +18,9 @@ of the engine ``auto`` chose; the others are listed beside them.
 Other contenders: RDKit's ``DataStructs.BulkTanimotoSimilarity`` one query at a time on one
 thread (with numpy selecting the top 10 or the hits, equal scores by lower index), and FPSim2's
 in-memory engine with ``n_workers=T`` (its ``top_k`` and ``similarity``) in a process of its own
-that never imports torch (bench/fpsim2_child.py); if that process dies, the tasks it had not
+that never imports torch (bench/fpsim2_child.py), each search call given array views of its own
+(FPSim2 0.7.4 changes its arrays' reference counts without the GIL, which with two threads freed
+its database under it: see that file); if that process dies, the tasks it had not
 finished are reported with FPSim2 absent, and every other figure stands. medbatch's engines and
 FPSim2 run each task ``--repeat`` times (the median is reported; each engine first runs each search on 8
 queries, a warm-up); RDKit, whose runs take seconds, once. medbatch uses ``T`` threads
@@ -234,10 +236,19 @@ def run_fpsim2(args: argparse.Namespace, sets: Sets) -> tuple[dict[str, dict[str
                 else f"exit status {done.returncode}"
             )
             status = f"FPSim2's process failed ({how})"
-            print(f"  {status}; its stderr ends:\n{done.stderr[-2000:]}", flush=True)
+            # Without faulthandler's list of extension modules (1,700 characters), which
+            # crowded the Python frames out of the tail printed.
+            stderr = "".join(
+                line
+                for line in done.stderr.splitlines(keepends=True)
+                if not line.startswith("Extension modules:")
+            )
+            print(f"  {status}; its stderr ends:\n{stderr[-3000:]}", flush=True)
         if (folder / "modules.json").is_file():
             imported = json.loads((folder / "modules.json").read_text())
             status += f"; it imported torch: {imported['torch']}"
+            drift = imported["refcount_drift"]
+            status += f"; its arrays' refcount drift: {drift['library']}, {drift['allpairs']}"
         results = {}
         for task, name in FPSIM2_FILES.items():
             path = folder / f"{name}.npz"

@@ -1,10 +1,19 @@
 """FPSim2's side of ``make bench-compounds``, in a process of its own that never imports torch.
 
 FPSim2's threaded C++ search crashed the benchmark's process twice in seven runs (heap corruption
-seen later in numpy calls), and once with SIGSEGV after the other contenders had finished. Here
-it runs apart from torch, numba and medbatch: RDKit, numpy and FPSim2 only. Each task's results
-go to their own file as soon as the task ends, so a crash loses only the tasks after it; the
-parent reports what is missing as absent.
+seen later in numpy calls), and this process, with SIGSEGV, in some full runs. The cause is in
+FPSim2 0.7.4, not in the CPU: its search functions (``GenericSearch``, bound with
+``py::call_guard<py::gil_scoped_release>``) take their numpy arrays by value and copy them on,
+so they change the arrays' reference counts without holding the GIL. With ``n_workers`` >= 2
+every worker thread passes the same database array (and query), and an increment or decrement
+is lost now and then: the count of the engine's fingerprint array drifts (+3 over 100,000 top-k
+searches of 2,000 molecules at ``n_workers=2``; never at ``n_workers=1``), and a lost increment
+frees the array while the engine still reads it. :func:`guard_refcounts` gives each search call
+views of its own (same memory, no copy), so the unlocked counting touches objects no other
+thread holds; FPSim2's own ``top_k`` and ``similarity``, chunking, thread pool and sorting run
+unchanged. The process still runs apart from torch, numba and medbatch (RDKit, numpy and
+FPSim2 only), and each task's results go to their own file as soon as the task ends, so a crash
+loses only the tasks after it; the parent reports what is missing as absent.
 
 Usage (the parent, bench/compounds.py, writes the plan): python bench/fpsim2_child.py PLAN OUT_DIR
 """
@@ -12,6 +21,7 @@ Usage (the parent, bench/compounds.py, writes the plan): python bench/fpsim2_chi
 from __future__ import annotations
 
 import faulthandler
+import functools
 import json
 import os
 import signal
@@ -36,6 +46,28 @@ def timed(fn: Callable[[], T], repeat: int = 1) -> tuple[float, T]:
         out = fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), out
+
+
+def guard_refcounts() -> None:
+    """Make FPSim2's search calls hand its C++ arrays no other thread holds (module docstring).
+
+    FPSim2 looks ``GenericSearch`` up in its module each search, for the threaded and the
+    single-thread path alike; the wrapper runs in the worker thread, under the GIL, and passes
+    fresh views of the query and of the database rows (``ndarray.view``: no copy, a few
+    microseconds per chunk, against milliseconds of search).
+    """
+    import FPSim2.FPSim2 as engine_module
+
+    search = engine_module.GenericSearch
+    if getattr(search, "_own_views", False):
+        return
+
+    @functools.wraps(search)
+    def own_views(query: np.ndarray, db: np.ndarray, *args: Any) -> Any:
+        return search(query.view(), db.view(), *args)
+
+    own_views._own_views = True  # type: ignore[attr-defined]
+    engine_module.GenericSearch = own_views
 
 
 def build_engine(mols: list[Any], rows: range, directory: Path) -> Any:
@@ -90,6 +122,7 @@ def threshold(engine: Any, query_bvs: list[Any], t: float, threads: int) -> np.n
 
 def main() -> None:
     faulthandler.enable()  # a crash inside RDKit or FPSim2 says where
+    guard_refcounts()
     plan = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     from rdkit import Chem
@@ -114,6 +147,12 @@ def main() -> None:
         engine_lib = build_engine(mols, lib_rows, Path(tmp))
         engine_ap = build_engine(mols, ap_rows, Path(tmp))
         print(f"FPSim2 databases built in {time.perf_counter() - start:.1f} s", flush=True)
+        # The fingerprint arrays' reference counts before and after the searches: equal unless
+        # some search changed them without the GIL (guard_refcounts).
+        counts = {
+            name: sys.getrefcount(e.fps)
+            for name, e in (("library", engine_lib), ("allpairs", engine_ap))
+        }
         seconds, (ids, coeff) = timed(lambda: top_k(engine_lib, q_bvs, k, threads), repeat)
         np.savez(out / "top10.npz", seconds=seconds, ids=ids, coeff=coeff)
         done("top10")
@@ -125,10 +164,14 @@ def main() -> None:
         )
         np.savez(out / "allpairs.npz", seconds=seconds, ids=ids, coeff=coeff)
         done("allpairs")
+        drift = {
+            name: sys.getrefcount(e.fps) - counts[name]
+            for name, e in (("library", engine_lib), ("allpairs", engine_ap))
+        }
     # What this process is for: FPSim2 apart from torch (and numba, and medbatch).
     apart = {name: name in sys.modules for name in ("torch", "numba", "models")}
-    (out / "modules.json").write_text(json.dumps(apart))
-    print(f"FPSim2's process imported: {apart}", flush=True)
+    (out / "modules.json").write_text(json.dumps({**apart, "refcount_drift": drift}))
+    print(f"FPSim2's process imported: {apart}; its arrays' refcount drift: {drift}", flush=True)
 
 
 if __name__ == "__main__":
