@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db import tiles
@@ -69,6 +69,13 @@ def create_job(
     job.output_prefix = f"{artifact_root}/genome/{job.id}/{metric}"
     session.flush()
     return job
+
+
+def set_variants_used(session: Session, *, job_id: int, n_variants: int) -> None:
+    """The variants a job's tiles compared the samples over, once ``min_maf`` dropped some (at
+    submission only the fileset's autosomal variants are counted: the frequencies are counted
+    by the tiles, in one pass over the .bed)."""
+    session.execute(update(GenomeJob).where(GenomeJob.id == job_id).values(n_variants=n_variants))
 
 
 #: ``get_job(session, job_id=..., tenant_id=None)``: a job, or None (db.tiles.get_job).

@@ -202,7 +202,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         shape = "pairs only, " if args.table else ""
         print(
             f"genome comparison {job['id']}: {job['metric']}, {shape}{job['n_rows']} x "
-            f"{job['n_samples']} samples, {job['n_variants']} variants, {job['tiles_total']} "
+            f"{job['n_samples']} samples, {job['n_variants']} variants"
+            f"{' before --min-maf' if args.min_maf is not None else ''}, {job['tiles_total']} "
             f"tiles {where}"
         )
         summary = run.finish_if(tasks.TILES, job["id"], wait=args.wait or args.out is not None)

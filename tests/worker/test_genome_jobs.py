@@ -239,6 +239,9 @@ def test_keep_and_min_maf_select_like_plink(
     assert summary["status"] == "done", summary["error"]
     expected_input = genome.read_bed(SMALL, keep=keep, min_maf=0.2)
     assert 0 < expected_input.n_variants < 2000
+    # Submitted over the fileset's 2,000; done, over the variants used.
+    assert job["n_variants"] == 2000
+    assert summary["n_variants"] == expected_input.n_variants
     x = expected_input.dosages
     expected = genome.pairwise(x, metric="grm", frequencies=genome.allele_frequencies(x))
     npy = next(p for p in summary["outputs"] if p.endswith(".npy"))

@@ -227,6 +227,7 @@ def test_min_maf_counts_the_founders_as_plink2_maf_does(
         summary = _run(sessions, job)
         (path,) = [p for p in summary["outputs"] if p.endswith(f".{kind}")]
         texts.append(Path(path).read_text())
+        assert summary["n_variants"] == len(kept)  # the variants used, as the docs say
     assert texts[0] == texts[1] and len(texts[0].splitlines()) > 60
 
 

@@ -328,12 +328,16 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         assert job is not None
         spec, metric, prefix, tiles = dict(job.spec), job.metric, job.output_prefix, job.tiles_total
     if spec.get("output") == "pairs":
+        if spec.get("min_maf") is not None:
+            _record_variants_used(sessions, job_id, pair_inputs(spec).cohort.n_variants)
         job_dir(prefix).mkdir(parents=True, exist_ok=True)
         write_pairs_table(
             sessions, job_id=job_id, path=Path(prefix + ".kin0"), query=bool(spec.get("query"))
         )
         return
     inputs = load_inputs(spec, metric)
+    if spec.get("min_maf") is not None:
+        _record_variants_used(sessions, job_id, inputs.cohort.n_variants)
     write_outputs(
         prefix, metric, tiles, inputs, query=bool(spec.get("query")),
         with_fid=not vcf.is_vcf(str(spec["bfile"])),
@@ -362,6 +366,12 @@ def finish_job(sessions: sessionmaker[Session], job_id: int) -> None:
         genome_output.write_kin0(
             Path(prefix + ".kin0"), pairs, ids, counts=counts, with_fid=with_fid
         )
+
+
+def _record_variants_used(sessions: sessionmaker[Session], job_id: int, n_variants: int) -> None:
+    """The job's ``n_variants`` as its tiles used them (``min_maf`` dropped some)."""
+    with session_scope(sessions) as session:
+        jobs.set_variants_used(session, job_id=job_id, n_variants=n_variants)
 
 
 #: PLINK's file kind of each metric's square matrix (``dot`` has none: .npy only).
