@@ -354,6 +354,42 @@ def _give_back(
     )
 
 
+def retry_failed(
+    session: Session, *, tenant_id: int | None = None, case_ids: Sequence[int] | None = None
+) -> list[int]:
+    """Put ``failed`` explanations (of one tenant's cases, or of ``case_ids``, or all) back to
+    ``queued`` with a fresh count: no attempts, no error, no lease. Returns their case ids, in
+    order, to send after the commit (unsent, the sweeper sends them)."""
+    stmt = select(Explanation.case_id).where(
+        status_among_ids(Explanation) == JobStatus.failed.value
+    )
+    if tenant_id is not None:
+        stmt = stmt.join(Case, Case.id == Explanation.case_id).where(Case.tenant_id == tenant_id)
+    if case_ids is not None:
+        stmt = stmt.where(among(session, Explanation.case_id, case_ids))
+    found = list(session.scalars(stmt.order_by(Explanation.case_id)))
+    if found:
+        now = utcnow()
+        session.execute(
+            update(Explanation)
+            .where(
+                among(session, Explanation.case_id, found),
+                status_among_ids(Explanation) == JobStatus.failed.value,
+            )
+            .values(
+                status=JobStatus.queued,
+                attempts=0,
+                error=None,
+                lease_owner=None,
+                lease_expires_at=None,
+                enqueued_at=now,
+                updated_at=now,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+    return found
+
+
 def take_stranded_explanations(
     session: Session, *, rules: leases.Stranded, quiet: bool = False, limit: int = 5_000
 ) -> list[int]:

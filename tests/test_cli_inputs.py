@@ -658,6 +658,84 @@ def test_cases_replay_says_why_a_named_case_was_not_re_queued(
     assert capsys.readouterr() == ("re-queued 0 dead-lettered cases\n", "no such case: 12345\n")
 
 
+def test_cases_explain_again_re_queues_failed_explanations_with_a_fresh_count(
+    env: Path,
+    cli_env: Callable[..., None],
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An explanation that failed (its model could not be loaded through every attempt) had no
+    way back: ``cases replay`` takes cases without a score. ``explain-again`` puts it back to
+    queued with no attempts and no error, and sends its explain message; the score stands."""
+    import redis
+    from sqlalchemy import select, update
+
+    from db import explanations, repo
+    from db.engine import make_engine, make_sessionmaker, session_scope
+    from db.tables import Explanation, JobStatus, Priority
+    from medbatch.settings import get_settings
+    from worker.queues import EXPLAIN_QUEUE
+
+    cli_env(MEDBATCH_BROKER_URL=redis_url)
+    engine = make_engine(get_settings().database_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as s:
+        tenant = repo.create_tenant(s, name="t")[0].id
+        other = repo.create_tenant(s, name="u")[0].id
+        new = [repo.NewCase(f"c{i}", "m", "1", Priority.bulk, {"x": 1.0}) for i in range(3)]
+        failed, done = (a.id for a in repo.add_cases(s, tenant_id=tenant, cases=new[:2]))
+        (theirs,) = (a.id for a in repo.add_cases(s, tenant_id=other, cases=new[2:]))
+        ids = [failed, done, theirs]
+        rows = [
+            {"case_id": i, "model_name": "m", "model_version": "1", "model_sha256": "0" * 64,
+             "score": 0.5, "label": "x", "position": 0, "queue_wait_ms": 1.0}
+            for i in ids
+        ]  # fmt: skip
+        explanations.save_scores_asking(s, rows=rows, case_ids=ids)
+        repo.settle_cases(s, done=ids)
+        s.execute(
+            update(Explanation)
+            .where(Explanation.case_id.in_([failed, theirs]))
+            .values(status=JobStatus.failed, attempts=5, error="model m@1 unavailable: gone")
+        )
+        s.execute(
+            update(Explanation).where(Explanation.case_id == done).values(status=JobStatus.done)
+        )
+    broker = redis.Redis.from_url(redis_url)
+    broker.delete(EXPLAIN_QUEUE)
+
+    assert main(["cases", "explain-again"]) == 2
+    assert "say which" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["cases", "explain-again", "--", "-3"])
+    assert exit_.value.code == 2
+    assert "argument case_ids: not a case id" in capsys.readouterr().err
+
+    # Named: the failed one is re-queued, the done one is not (and says so, exit 1).
+    assert main(["cases", "explain-again", "--tenant", "t", str(failed), str(done)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "re-queued 1 failed explanations\n"
+    assert err.startswith("not re-queued (no failed explanation") and f": {done}\n" in err
+    with sessions() as s:
+        got = {
+            r.case_id: (r.status, r.attempts, r.error)
+            for r in s.execute(select(Explanation).where(Explanation.case_id.in_(ids))).scalars()
+        }
+    assert got[failed] == (JobStatus.queued, 0, None)
+    assert got[done][0] == JobStatus.done
+    assert got[theirs] == (JobStatus.failed, 5, "model m@1 unavailable: gone")  # other tenant
+    assert broker.llen(EXPLAIN_QUEUE) == 1
+    # --all takes the rest; a second run finds nothing left (no error: none was named).
+    assert main(["cases", "explain-again", "--all"]) == 0
+    assert capsys.readouterr().out == "re-queued 1 failed explanations\n"
+    assert main(["cases", "explain-again", "--all"]) == 0
+    assert capsys.readouterr().out == "re-queued 0 failed explanations\n"
+    assert broker.llen(EXPLAIN_QUEUE) == 2
+    broker.delete(EXPLAIN_QUEUE)
+    broker.close()
+    engine.dispose()
+
+
 def test_models_evaluate_ecg_cnn_reads_the_record_where_the_settings_say(
     env: Path,
     cli_env: Callable[..., None],

@@ -23,6 +23,12 @@ def add_parsers(sub: Any) -> None:
     replay.add_argument("case_ids", nargs="*", type=case_id, help="only these case ids")
     replay.add_argument("--tenant", help="only this tenant's cases (default: every tenant)")
     replay.add_argument("--all", action="store_true", help="every dead-lettered case")
+    again = command(
+        csub, "explain-again", "re-queue failed explanations of scored cases with a fresh count"
+    )
+    again.add_argument("case_ids", nargs="*", type=case_id, help="only these cases")
+    again.add_argument("--tenant", help="only this tenant's cases (default: every tenant)")
+    again.add_argument("--all", action="store_true", help="every failed explanation")
     cases.set_defaults(func=run)
 
 
@@ -34,6 +40,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if not (args.all or args.tenant or args.case_ids):
         fail("say which: --all, --tenant NAME or case ids")
+    if args.cases_command == "explain-again":
+        return explain_again(args, settings)
     # A retired version scores no case: replayed, its cases would only fail again, no longer
     # dead letters. They stay dead letters, to replay if the version is released again.
     retired = [
@@ -63,6 +71,46 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         err(skipped)
     # A named case that does not exist is a typo or the wrong database: a script must see it.
     return 1 if missing else 0
+
+
+def explain_again(args: argparse.Namespace, settings: Settings) -> int:
+    """``medbatch cases explain-again``: failed explanations (a model that could not be loaded
+    through every attempt, a deploy that lasted longer) computed once more by the explain
+    stage; the scores stand as they are."""
+    from db import explanations
+    from db.engine import session_scope
+    from worker.queues import enqueue_explanations, send_or_leave
+
+    with database(settings) as sessions:
+        owner = tenant_id(sessions, args.tenant, create=False) if args.tenant else None
+        with session_scope(sessions) as session:
+            again = explanations.retry_failed(
+                session, tenant_id=owner, case_ids=args.case_ids or None
+            )
+        if again:
+            app = celery(settings)
+            per_message = settings.explain_max_batch_size
+            try:
+                # Committed already: if the broker is away, the sweeper sends them.
+                send_or_leave(
+                    lambda: enqueue_explanations(app, again, per_message=per_message),
+                    sessions,
+                    explanations.mark_unsent,
+                    again,
+                    what="explain messages",
+                )
+            finally:
+                app.close()
+    print(f"re-queued {len(again)} failed explanations")
+    left = sorted(set(args.case_ids) - set(again))
+    if left:
+        # Internal ids only; a script must see that a named case was not re-queued.
+        err(
+            f"not re-queued (no failed explanation: none asked, pending, done, or another "
+            f"tenant's): {', '.join(map(str, left[:20]))}{' …' if len(left) > 20 else ''}"
+        )
+        return 1
+    return 0
 
 
 def _retired_left(
