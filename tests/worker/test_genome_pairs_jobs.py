@@ -34,6 +34,15 @@ def _submit(sessions: sessionmaker[Session], artifact_dir: Path, **options: obje
     return tasks.submit(sessions, None, tenant_id=tenant_id, artifact_dir=artifact_dir, **request)
 
 
+def _golden_across(founders: set[str]) -> list[str]:
+    """The golden .kin0's lines of the pairs with one sample in ``founders`` and one outside
+    (what a query job of the others against ``founders`` reports)."""
+    return [
+        line for line in GOLDEN.read_text().splitlines()[1:]
+        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
+    ]  # fmt: skip
+
+
 def _run(sessions: sessionmaker[Session], job: dict) -> dict:
     """Run the job's tiles here; it must finish. Returns its summary."""
     summary = tasks.run_inline(sessions, job_id=job["id"], device="cpu")
@@ -248,11 +257,7 @@ def test_a_query_with_dot_ids_in_the_cohorts_order_is_matched_by_place(
         query=tmp_path / "new", **request,
     )  # fmt: skip
     got = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
-    founders = set(whole.iid[:76])
-    expected = [
-        line for line in GOLDEN.read_text().splitlines()[1:]
-        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
-    ]  # fmt: skip
+    expected = _golden_across(set(whole.iid[:76]))
     assert sorted(got) == sorted(expected) and len(got) == 40
     # The same query as plink2 --export vcf writes it: ID '.' where the .bim had '.'; it was
     # named CHROM:POS and refused ("variants of the cohort are absent, e.g. .").
@@ -313,11 +318,7 @@ def test_a_query_vcf_with_monomorphic_records_as_plink2_exports_them_runs(
         sessions, tmp_path / "store", bfile=tmp_path / "founders", query=tmp_path / "new.vcf"
     )
     got = Path(_run(sessions, job)["outputs"][0]).read_text().splitlines()[1:]
-    founders = set(whole.iid[:76])
-    expected = [
-        line for line in GOLDEN.read_text().splitlines()[1:]
-        if (line.split("\t")[1] in founders) != (line.split("\t")[3] in founders)
-    ]  # fmt: skip
+    expected = _golden_across(set(whole.iid[:76]))
     # A VCF's sample has no FID (its IID stands in): compare from IID1 on.
     assert sorted(line.split("\t", 1)[1] for line in got) == sorted(
         line.split("\t", 1)[1] for line in expected
