@@ -149,6 +149,11 @@ def test_pairs_are_served_with_their_degree_once_the_tiles_ran(
             ["body", "block"],
             "multiple of 4",
         ),
+        (
+            {"metric": "king", "bfile": "hm3_small", "block": 8},
+            ["body", "block"],
+            "is for pairs output",
+        ),
     ],
 )
 def test_bad_submissions_are_422_naming_the_field_and_write_nothing(

@@ -435,6 +435,7 @@ def test_a_query_with_other_variants_is_refused_and_records_nothing(
         ({"threshold": 0.6}, "threshold", "at most 0.5"),
         ({"metric": "grm"}, "output", "metric must be 'king'"),
         ({"metric": "king", "block": 6}, "block", "multiple of 4"),
+        ({"metric": "king", "output": "square", "block": 8}, "block", "is for pairs output"),
         ({"metric": "king", "output": "matrix"}, "output", "unknown output"),
         ({"metric": "king", "bfile": DATA / "hm3_small.vcf.gz"}, "bfile", "PLINK 1 .bed"),
         ({"keep": ["NA06989"]}, "keep", "1 sample: comparing pairs needs at least 2"),

@@ -122,6 +122,12 @@ def submit(
         raise SubmissionError("metric", f"unknown metric {metric!r} (one of {METRICS})")
     if output not in OUTPUTS:
         raise SubmissionError("output", f"unknown output {output!r} (one of {OUTPUTS})")
+    if block and output != "pairs":
+        raise SubmissionError(
+            "block",
+            'a tile\'s block of samples is for pairs output (--table, "output": "pairs"); '
+            "a square job is cut into rows (tile_rows)",
+        )
     if output == "pairs":
         if metric != "king":
             raise SubmissionError(
