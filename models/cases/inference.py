@@ -20,6 +20,11 @@ Autocast = Literal["off", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class ModelOutputError(ValueError):
+    """A model answered something other than one logit per case. Its message is medbatch's own
+    (shapes and the model's name, never an input value), so a failed case may show it."""
+
+
 @dataclass(frozen=True)
 class ScoreRow:
     score: float
@@ -126,7 +131,7 @@ class LoadedModel:
         if tuple(logits.shape) != (len(batch),):
             # Said here, where a caller isolates a failing pass: a registered model that passed
             # its dry run on 4 cases may still answer another shape for another batch size.
-            raise ValueError(
+            raise ModelOutputError(
                 f"{self.spec.ref} answered shape {tuple(logits.shape)} for a batch of "
                 f"{len(batch)}; expected one logit per case"
             )

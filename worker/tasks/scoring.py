@@ -36,7 +36,7 @@ from db.engine import is_outage, session_scope
 from db.tables import Batch, utcnow
 from models.cases.explain import explainable
 from models.cases.featurize import case_length, check_features
-from models.cases.inference import LoadedModel, ModelInput, ScoreRow
+from models.cases.inference import LoadedModel, ModelInput, ModelOutputError, ScoreRow
 from models.cases.registry import ArtifactIntegrityError, RegistryError
 from models.device import torch_threads
 from worker import metrics
@@ -607,12 +607,7 @@ def _predict_isolating(
         rows = model.to_rows(model.predict(batch))
     except Exception as exc:
         if len(ids) == 1:
-            # The class, not the text: an exception's text may quote the values it choked on,
-            # and the case's error is what the API shows (the log says where it was raised).
-            log.warning(
-                "%s raised %s on one case at %s", model.spec.ref, type(exc).__name__, raised_at(exc)
-            )
-            return {}, {ids[0]: f"model raised {type(exc).__name__}"}
+            return {}, {ids[0]: _model_failure(model, exc)}
         mid = len(ids) // 2
         left_rows, left_err = _predict_isolating(model, ids[:mid], batch[:mid], counter)
         right_rows, right_err = _predict_isolating(model, ids[mid:], batch[mid:], counter)
@@ -624,6 +619,18 @@ def _predict_isolating(
         else:
             errors[case_id] = "model produced a non-finite score"
     return scored, errors
+
+
+def _model_failure(model: LoadedModel, exc: Exception) -> str:
+    """A case's error when its forward pass raised, as the API shows it: medbatch's own check of
+    the answer says what it found; a model's exception is named by its class, not its text,
+    which may quote the values it choked on (the log says where it was raised)."""
+    if isinstance(exc, ModelOutputError):
+        return f"model raised {type(exc).__name__}: {exc}"
+    log.warning(
+        "%s raised %s on one case at %s", model.spec.ref, type(exc).__name__, raised_at(exc)
+    )
+    return f"model raised {type(exc).__name__}"
 
 
 def _observe(
